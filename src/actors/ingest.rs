@@ -1,0 +1,116 @@
+//! `IngestActor`: one per bus partition. Takes event batches off its partition's queue, splits
+//! them by user (keeping each user's order), hands each user's events to that user's session and
+//! waits until every session has applied and persisted them before taking the next batch. That
+//! wait is the backpressure: when sessions fall behind, the partition queue fills and producers
+//! are told to retry (503) instead of memory growing without bound.
+//!
+//! Mailbox: the partition queue itself (`bus.queue_capacity` batches). Restart policy: the actor
+//! has no state of its own; if it stops, the queue's sender side sees it closed and publishing
+//! fails with `BusError::Closed`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::messages::ApplyEvents;
+use super::registry::SessionRegistry;
+use crate::bus::EventBatch;
+use crate::event::{Event, UserId};
+
+pub struct IngestActor {
+    pub partition: usize,
+    registry: Arc<SessionRegistry>,
+    queue: Option<mpsc::Receiver<EventBatch>>,
+}
+
+impl IngestActor {
+    pub fn new(partition: usize, registry: Arc<SessionRegistry>, queue: mpsc::Receiver<EventBatch>) -> Self {
+        Self { partition, registry, queue: Some(queue) }
+    }
+}
+
+impl Actor for IngestActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(queue) = self.queue.take() {
+            ctx.add_stream(ReceiverStream::new(queue));
+        }
+    }
+}
+
+/// Groups events by user, keeping first-seen user order and each user's event order.
+fn by_user(events: Vec<Event>) -> Vec<(UserId, Vec<Event>)> {
+    let mut groups: Vec<(UserId, Vec<Event>)> = Vec::new();
+    let mut position: HashMap<UserId, usize> = HashMap::new();
+    for event in events {
+        match position.get(&event.user_id) {
+            Some(&i) => groups[i].1.push(event),
+            None => {
+                position.insert(event.user_id.clone(), groups.len());
+                groups.push((event.user_id.clone(), vec![event]));
+            }
+        }
+    }
+    groups
+}
+
+impl StreamHandler<EventBatch> for IngestActor {
+    fn handle(&mut self, batch: EventBatch, ctx: &mut Self::Context) {
+        let received = batch.received;
+        let sends: Vec<_> = by_user(batch.events)
+            .into_iter()
+            .map(|(user, events)| {
+                let (_, session) = self.registry.session(&user);
+                session.send(ApplyEvents { events, received })
+            })
+            .collect();
+        let partition = self.partition;
+        // Wait (blocking this actor's stream, not the thread) until every session has the events.
+        ctx.wait(join_all(sends).into_actor(self).map(move |results, _, _| {
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            if failed > 0 {
+                tracing::error!(partition, failed, "sessions stopped before applying events");
+            }
+        }));
+    }
+
+    fn finished(&mut self, _ctx: &mut Self::Context) {
+        tracing::debug!(partition = self.partition, "ingest queue closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventIn, EventLimits, EventType};
+
+    #[test]
+    fn groups_keep_order() {
+        let limits = EventLimits { max_id_len: 8, max_context_attributes: 0, max_context_key_len: 1, max_context_value_len: 1 };
+        let ev = |u: &str, i: &str| {
+            EventIn {
+                user_id: u.into(),
+                item_id: i.into(),
+                event_type: EventType::View,
+                value: None,
+                timestamp: None,
+                event_id: None,
+                rec_id: None,
+                context: None,
+            }
+            .validate(&limits, 1)
+            .expect("valid")
+        };
+        let groups = by_user(vec![ev("b", "1"), ev("a", "2"), ev("b", "3")]);
+        let shape: Vec<(String, Vec<String>)> = groups
+            .iter()
+            .map(|(u, es)| (u.to_string(), es.iter().map(|e| e.item_id.to_string()).collect()))
+            .collect();
+        assert_eq!(shape, vec![("b".into(), vec!["1".into(), "3".into()]), ("a".into(), vec!["2".into()])]);
+    }
+}

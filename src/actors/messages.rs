@@ -1,0 +1,79 @@
+//! Messages exchanged by several actors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::Message;
+
+use crate::event::{Device, Event, ItemId};
+use crate::recs::RecUpdate;
+use crate::store::Profile;
+
+/// Why a session could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    #[error("the recommendation model is unavailable")]
+    ModelUnavailable,
+    #[error("the session stopped")]
+    Stopped,
+}
+
+/// Events for one user, applied in order. Answers once they are applied and persisted.
+#[derive(Message, Debug)]
+#[rtype(result = "ApplyOutcome")]
+pub struct ApplyEvents {
+    pub events: Vec<Event>,
+    /// When the server received the events (for event-to-push latency).
+    pub received: Instant,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub applied: usize,
+    pub duplicates: usize,
+}
+
+/// Filters a client may put on a recommendation request.
+#[derive(Debug, Clone, Default)]
+pub struct RecFilters {
+    pub exclude: Vec<ItemId>,
+    pub categories: Vec<String>,
+    pub device: Option<Device>,
+}
+
+impl RecFilters {
+    pub fn is_empty(&self) -> bool {
+        self.exclude.is_empty() && self.categories.is_empty() && self.device.is_none()
+    }
+}
+
+/// A list for the user, computed now with `filters`. Unfiltered requests of the default length
+/// also become the user's pushed list when they have none yet.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Arc<RecUpdate>, SessionError>")]
+pub struct GetRecommendations {
+    pub k: usize,
+    pub filters: RecFilters,
+}
+
+/// A subscriber attached: make sure the user has a current list to show.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct EnsureList;
+
+/// Everything the session holds, as stored.
+#[derive(Message, Debug)]
+#[rtype(result = "Profile")]
+pub struct Snapshot;
+
+/// Hands over the whole history and forgets it (the anonymous side of a merge). The session stops.
+#[derive(Message, Debug)]
+#[rtype(result = "Profile")]
+pub struct TakeHistory;
+
+/// Folds another profile's history into this user's (the known side of a merge), then pushes.
+#[derive(Message, Debug)]
+#[rtype(result = "ApplyOutcome")]
+pub struct MergeHistory {
+    pub from: Profile,
+}

@@ -1,0 +1,26 @@
+//! The actors: one session per active user, the model actor that batches scoring, and the ingest
+//! actors that move events from the bus to sessions. Nothing here knows HTTP types.
+
+pub mod ingest;
+pub mod messages;
+pub mod model;
+pub mod registry;
+pub mod session;
+
+use std::sync::Arc;
+
+use actix::Addr;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::store::ProfileStore;
+use crate::telemetry::Metrics;
+
+/// What every session needs, shared by `Arc`.
+pub struct SessionDeps {
+    pub config: Arc<Config>,
+    pub catalog: Arc<Catalog>,
+    pub store: Arc<dyn ProfileStore>,
+    pub model: Addr<model::ModelActor>,
+    pub metrics: Arc<Metrics>,
+}

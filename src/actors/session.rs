@@ -1,0 +1,459 @@
+//! `SessionActor`: one per active user. Holds the user's recent interactions (a ring buffer of
+//! `session.history_len`), the event ids it has applied, suppressed items and the latest context;
+//! applies events in order, persists them, and publishes a fresh list after every change.
+//!
+//! Coalescing: at most one scoring request per user is in flight. Events that arrive meanwhile
+//! mark the session dirty; when the answer comes back it is discarded (it no longer reflects the
+//! latest state) and one new request covers all of them. So a burst yields one push of the latest
+//! state, never a stale one.
+//!
+//! Mailbox: `session.mailbox_capacity`; producers `send` and wait when it is full. Lifetime: the
+//! session stops after `session.idle_ttl_ms` without events or requests and is rebuilt from the
+//! profile store on next use. Restart policy: none; a stopped session is simply started again.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::messages::{
+    ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, SessionError, Snapshot,
+    TakeHistory,
+};
+use super::model::{Observe, Recommend, ScoredList};
+use super::registry::{SessionRegistry, UserHub};
+use super::SessionDeps;
+use crate::catalog::ItemIdx;
+use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
+use crate::models::{HistoryItem, Observation, ScoreRequest};
+use crate::recs::{RecItem, RecList, RecUpdate};
+use crate::store::{Interaction, Profile, ProfileUpdate};
+
+pub struct SessionActor {
+    hub: Arc<UserHub>,
+    registry: Arc<SessionRegistry>,
+    deps: Arc<SessionDeps>,
+    /// Recent interactions, oldest first, with their catalogue index.
+    history: VecDeque<(Interaction, ItemIdx)>,
+    context: Option<EventContext>,
+    /// Applied event ids: the set for lookups, the queue for eviction order.
+    event_ids: HashSet<EventId>,
+    event_order: VecDeque<EventId>,
+    suppressed: VecDeque<ItemId>,
+    /// A scoring request for the pushed list is in flight.
+    inflight: bool,
+    /// State changed since the in-flight request was built.
+    dirty: bool,
+    /// Receive time of the oldest event not yet reflected in a pushed list.
+    pending_since: Option<Instant>,
+    last_active: Instant,
+}
+
+impl SessionActor {
+    pub fn new(hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> Self {
+        let deps = registry.deps.clone();
+        Self {
+            hub,
+            registry,
+            deps,
+            history: VecDeque::new(),
+            context: None,
+            event_ids: HashSet::new(),
+            event_order: VecDeque::new(),
+            suppressed: VecDeque::new(),
+            inflight: false,
+            dirty: false,
+            pending_since: None,
+            last_active: Instant::now(),
+        }
+    }
+
+    fn restore(&mut self, profile: Profile) {
+        for id in profile.event_ids {
+            self.remember_id(id);
+        }
+        for interaction in profile.interactions {
+            let idx = self.deps.catalog.intern(&interaction.item_id);
+            self.push_history(interaction, idx);
+        }
+        self.suppressed = profile.suppressed.into();
+        self.context = profile.context;
+        if let Some(recs) = profile.last_recs {
+            self.hub.bump_seq(recs.seq);
+            if self.hub.latest().is_none() {
+                self.hub.publish(RecUpdate::new(recs));
+            }
+        }
+    }
+
+    /// Records an event id; false if it was already applied.
+    fn remember_id(&mut self, id: EventId) -> bool {
+        if !self.event_ids.insert(id.clone()) {
+            return false;
+        }
+        self.event_order.push_back(id);
+        while self.event_order.len() > self.deps.config.session.dedupe_window {
+            if let Some(old) = self.event_order.pop_front() {
+                self.event_ids.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
+        self.history.push_back((interaction, idx));
+        while self.history.len() > self.deps.config.session.history_len {
+            self.history.pop_front();
+        }
+    }
+
+    fn history_items(&self) -> Arc<[HistoryItem]> {
+        self.history
+            .iter()
+            .map(|(i, idx)| HistoryItem {
+                item: *idx,
+                event_type: i.event_type,
+                value: i.value.map(|v| v as f32),
+                timestamp: i.timestamp,
+            })
+            .collect()
+    }
+
+    /// Applies events in order, skipping repeated ids. Returns what the store must append.
+    fn apply(&mut self, events: Vec<Event>, ctx: &mut Context<Self>) -> (ApplyOutcome, ProfileUpdate) {
+        let mut outcome = ApplyOutcome::default();
+        let previous = self.history_items();
+        let mut update = ProfileUpdate {
+            user_id: self.hub.user.clone(),
+            interactions: Vec::new(),
+            context: None,
+            suppressed: Vec::new(),
+        };
+        let mut new_items = Vec::new();
+        for event in events {
+            if !self.remember_id(event.event_id.clone()) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            outcome.applied += 1;
+            let idx = self.deps.catalog.intern(&event.item_id);
+            if event.event_type.is_negative() {
+                self.suppressed.retain(|s| *s != event.item_id);
+                self.suppressed.push_back(event.item_id.clone());
+                while self.suppressed.len() > self.deps.config.session.suppressed_len {
+                    self.suppressed.pop_front();
+                }
+                update.suppressed.push(event.item_id.clone());
+            }
+            let interaction = Interaction {
+                event_id: event.event_id,
+                item_id: event.item_id,
+                event_type: event.event_type,
+                value: event.value,
+                timestamp: event.timestamp,
+                rec_id: event.rec_id,
+            };
+            new_items.push(HistoryItem {
+                item: idx,
+                event_type: interaction.event_type,
+                value: interaction.value.map(|v| v as f32),
+                timestamp: interaction.timestamp,
+            });
+            update.interactions.push(interaction.clone());
+            self.push_history(interaction, idx);
+            self.context = Some(event.context);
+        }
+        update.context = self.context.clone();
+        self.deps.metrics.session_applied.add(outcome.applied as u64);
+        self.deps.metrics.session_duplicates.add(outcome.duplicates as u64);
+        if outcome.applied > 0 {
+            let observation = Observation { previous, new: new_items, segment: self.segment(None) };
+            if self.deps.model.try_send(Observe { observation }).is_err() {
+                self.deps.metrics.model_refused.inc();
+            }
+            self.refresh(ctx);
+        }
+        (outcome, update)
+    }
+
+    fn segment(&self, device: Option<crate::event::Device>) -> usize {
+        match (&self.context, device) {
+            (Some(c), None) => c.segment(),
+            (Some(c), Some(d)) => EventContext { device: d, ..c.clone() }.segment(),
+            (None, d) => EventContext::at_time(now_ms(), d.unwrap_or_default()).segment(),
+        }
+    }
+
+    fn score_request(&self, k: usize, filters: &RecFilters) -> ScoreRequest {
+        let excluded_types = &self.deps.config.session.exclude_event_types;
+        let mut exclude: Vec<ItemIdx> = self
+            .history
+            .iter()
+            .filter(|(i, _)| excluded_types.contains(&i.event_type))
+            .map(|(_, idx)| *idx)
+            .collect();
+        exclude.extend(filters.exclude.iter().filter_map(|id| self.deps.catalog.lookup(id)));
+        let negatives = self.suppressed.iter().filter_map(|id| self.deps.catalog.lookup(id)).collect();
+        let categories = if filters.categories.is_empty() {
+            None
+        } else {
+            // An unknown category matches no item, which is the honest answer.
+            Some(filters.categories.iter().filter_map(|c| self.deps.catalog.category_idx(c)).collect())
+        };
+        ScoreRequest { history: self.history_items(), segment: self.segment(filters.device), exclude, negatives, categories, k }
+    }
+
+    /// Asks for a new pushed list, or marks the in-flight one stale.
+    fn refresh(&mut self, ctx: &mut Context<Self>) {
+        if self.inflight {
+            self.dirty = true;
+            return;
+        }
+        self.inflight = true;
+        self.dirty = false;
+        let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
+        self.deps
+            .model
+            .send(Recommend { request })
+            .into_actor(self)
+            .map(|result, act, ctx| {
+                act.inflight = false;
+                if act.dirty {
+                    act.refresh(ctx);
+                    return;
+                }
+                match result {
+                    Ok(Ok(scored)) => act.publish(scored),
+                    Ok(Err(error)) => tracing::warn!(error = %error, user = %act.hub.user, "no list computed"),
+                    Err(error) => tracing::warn!(error = %error, user = %act.hub.user, "model mailbox closed"),
+                }
+            })
+            .spawn(ctx);
+    }
+
+    fn to_list(&self, scored: &ScoredList, seq: u64) -> RecList {
+        let indices: Vec<ItemIdx> = scored.items.iter().map(|s| s.item).collect();
+        let items = self
+            .deps
+            .catalog
+            .ids_of(&indices)
+            .into_iter()
+            .zip(&scored.items)
+            .map(|(item_id, s)| RecItem { item_id, score: s.score })
+            .collect();
+        RecList {
+            rec_id: uuid::Uuid::now_v7().to_string(),
+            user_id: self.hub.user.clone(),
+            model_version: scored.version.to_string(),
+            generated_at: now_ms(),
+            seq,
+            items,
+        }
+    }
+
+    fn publish(&mut self, scored: ScoredList) {
+        let list = self.to_list(&scored, self.hub.next_seq());
+        let update = RecUpdate::new(list);
+        self.hub.publish(update.clone());
+        self.deps.metrics.push_updates.inc();
+        if let Some(since) = self.pending_since.take() {
+            self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
+        }
+        let store = self.deps.store.clone();
+        let metrics = self.deps.metrics.clone();
+        let user = self.hub.user.clone();
+        actix::spawn(async move {
+            if let Err(error) = store.save_recs(&user, &update.list).await {
+                metrics.store_errors.inc();
+                tracing::warn!(error = %error, "could not store the last list");
+            }
+        });
+    }
+
+    fn profile(&self) -> Profile {
+        Profile {
+            interactions: self.history.iter().map(|(i, _)| i.clone()).collect(),
+            context: self.context.clone(),
+            event_ids: self.event_order.iter().cloned().collect(),
+            suppressed: self.suppressed.iter().cloned().collect(),
+            last_recs: self.hub.latest().map(|u| u.list.clone()),
+        }
+    }
+
+    fn persist(&self, update: ProfileUpdate) -> impl std::future::Future<Output = ()> + 'static {
+        let store = self.deps.store.clone();
+        let metrics = self.deps.metrics.clone();
+        async move {
+            if update.interactions.is_empty() && update.suppressed.is_empty() {
+                return;
+            }
+            if let Err(error) = store.append(update).await {
+                metrics.store_errors.inc();
+                tracing::warn!(error = %error, "could not persist events");
+            }
+        }
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.deps.config.session.mailbox_capacity);
+        self.deps.metrics.sessions_active.inc();
+        self.deps.metrics.sessions_started.inc();
+        let store = self.deps.store.clone();
+        let user = self.hub.user.clone();
+        // Block the mailbox until the profile is loaded, so no event is applied to a half-built state.
+        ctx.wait(async move { store.load(&user).await }.into_actor(self).map(|result, act, ctx| {
+            match result {
+                Ok(Some(profile)) => act.restore(profile),
+                Ok(None) => {}
+                Err(error) => {
+                    act.deps.metrics.store_errors.inc();
+                    tracing::warn!(error = %error, user = %act.hub.user, "profile not loaded; starting empty");
+                }
+            }
+            if act.hub.latest().is_none() {
+                act.refresh(ctx);
+            }
+        }));
+        let ttl = Duration::from_millis(self.deps.config.session.idle_ttl_ms.max(1));
+        let check = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_secs(10));
+        ctx.run_interval(check, move |act, ctx| {
+            if act.last_active.elapsed() >= ttl && !act.inflight {
+                act.deps.metrics.sessions_evicted.inc();
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.deps.metrics.sessions_active.dec();
+        self.registry.session_stopped(&self.hub, &ctx.address());
+    }
+}
+
+impl Handler<ApplyEvents> for SessionActor {
+    type Result = AtomicResponse<Self, ApplyOutcome>;
+
+    fn handle(&mut self, msg: ApplyEvents, ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        let (outcome, update) = self.apply(msg.events, ctx);
+        if outcome.applied > 0 && self.pending_since.is_none() {
+            self.pending_since = Some(msg.received);
+        }
+        // Atomic: the next message waits until these events are persisted, keeping store order.
+        AtomicResponse::new(Box::pin(self.persist(update).into_actor(self).map(move |(), _, _| outcome)))
+    }
+}
+
+impl Handler<GetRecommendations> for SessionActor {
+    type Result = ResponseActFuture<Self, Result<Arc<RecUpdate>, SessionError>>;
+
+    fn handle(&mut self, msg: GetRecommendations, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        let request = self.score_request(msg.k, &msg.filters);
+        let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
+        Box::pin(self.deps.model.send(Recommend { request }).into_actor(self).map(move |result, act, _| {
+            let scored = match result {
+                Ok(Ok(scored)) => scored,
+                _ => return Err(SessionError::ModelUnavailable),
+            };
+            if becomes_pushed && act.hub.latest().is_none() {
+                act.publish(scored);
+                return act.hub.latest().ok_or(SessionError::Stopped);
+            }
+            Ok(RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq))))
+        }))
+    }
+}
+
+impl Handler<EnsureList> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: EnsureList, ctx: &mut Self::Context) {
+        self.last_active = Instant::now();
+        if self.hub.latest().is_none() {
+            self.refresh(ctx);
+        }
+    }
+}
+
+impl Handler<Snapshot> for SessionActor {
+    type Result = MessageResult<Snapshot>;
+
+    fn handle(&mut self, _msg: Snapshot, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        MessageResult(self.profile())
+    }
+}
+
+impl Handler<TakeHistory> for SessionActor {
+    type Result = AtomicResponse<Self, Profile>;
+
+    fn handle(&mut self, _msg: TakeHistory, ctx: &mut Self::Context) -> Self::Result {
+        let profile = self.profile();
+        self.history.clear();
+        self.event_ids.clear();
+        self.event_order.clear();
+        self.suppressed.clear();
+        ctx.stop();
+        let store = self.deps.store.clone();
+        let user = self.hub.user.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                let _ = store.remove(&user).await;
+            }
+            .into_actor(self)
+            .map(move |(), _, _| profile),
+        ))
+    }
+}
+
+impl Handler<MergeHistory> for SessionActor {
+    type Result = AtomicResponse<Self, ApplyOutcome>;
+
+    fn handle(&mut self, msg: MergeHistory, ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        // The anonymous history happened before or around this user's own: interleave by time,
+        // so the ring buffer keeps the most recent interactions of both.
+        let mut merged: Vec<Interaction> = self.history.drain(..).map(|(i, _)| i).collect();
+        let own: HashSet<EventId> = merged.iter().map(|i| i.event_id.clone()).collect();
+        let mut outcome = ApplyOutcome::default();
+        let mut update = ProfileUpdate {
+            user_id: self.hub.user.clone(),
+            interactions: Vec::new(),
+            context: None,
+            suppressed: msg.from.suppressed.clone(),
+        };
+        for interaction in msg.from.interactions {
+            if own.contains(&interaction.event_id) || !self.remember_id(interaction.event_id.clone()) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            outcome.applied += 1;
+            update.interactions.push(interaction.clone());
+            merged.push(interaction);
+        }
+        merged.sort_by_key(|i| i.timestamp);
+        for interaction in merged {
+            let idx = self.deps.catalog.intern(&interaction.item_id);
+            self.push_history(interaction, idx);
+        }
+        for item in msg.from.suppressed {
+            if !self.suppressed.contains(&item) {
+                self.suppressed.push_back(item);
+            }
+        }
+        if self.context.is_none() {
+            self.context = msg.from.context;
+        }
+        update.context = self.context.clone();
+        if outcome.applied > 0 || !update.suppressed.is_empty() {
+            self.refresh(ctx);
+        }
+        AtomicResponse::new(Box::pin(self.persist(update).into_actor(self).map(move |(), _, _| outcome)))
+    }
+}

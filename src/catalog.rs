@@ -1,0 +1,234 @@
+//! The item catalogue: interns item ids to dense indices (what the models score over) and keeps
+//! each item's attributes. Items appear either through `PUT /v1/items/{id}` or the first time an
+//! event names them; the latter have no attributes until someone puts them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::event::ItemId;
+
+/// Dense index of an item in the catalogue, stable for the life of the process.
+pub type ItemIdx = u32;
+/// Dense index of a category name.
+pub type CategoryIdx = u16;
+
+/// Catalogue attributes of an item, as clients put and get them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ItemAttributes {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub categories: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub created_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidItem {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Bounds on attributes, so that one client cannot make the catalogue grow without limit.
+pub const MAX_TITLE_LEN: usize = 1024;
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_LEN: usize = 128;
+
+impl ItemAttributes {
+    pub fn validate(&self) -> Result<(), InvalidItem> {
+        let bad = |field, message: String| Err(InvalidItem { field, message });
+        if let Some(title) = &self.title {
+            if title.chars().count() > MAX_TITLE_LEN {
+                return bad("title", format!("must be at most {MAX_TITLE_LEN} characters"));
+            }
+        }
+        for (field, labels) in [("categories", &self.categories), ("tags", &self.tags)] {
+            if labels.len() > MAX_LABELS {
+                return bad(field, format!("has {} entries; the limit is {MAX_LABELS}", labels.len()));
+            }
+            if labels
+                .iter()
+                .any(|l| l.is_empty() || l.chars().count() > MAX_LABEL_LEN || l.chars().any(char::is_control))
+            {
+                return bad(
+                    field,
+                    format!("entries must be 1 to {MAX_LABEL_LEN} characters without control characters"),
+                );
+            }
+        }
+        if matches!(self.created_at, Some(t) if t < 0) {
+            return bad("created_at", "must be milliseconds since the Unix epoch".to_owned());
+        }
+        Ok(())
+    }
+}
+
+struct Entry {
+    id: ItemId,
+    attributes: Option<Arc<ItemAttributes>>,
+    categories: Vec<CategoryIdx>,
+}
+
+#[derive(Default)]
+struct Inner {
+    index: HashMap<ItemId, ItemIdx>,
+    items: Vec<Entry>,
+    category_index: HashMap<Arc<str>, CategoryIdx>,
+    category_names: Vec<Arc<str>>,
+}
+
+impl Inner {
+    fn category(&mut self, name: &str) -> CategoryIdx {
+        if let Some(&idx) = self.category_index.get(name) {
+            return idx;
+        }
+        let idx = CategoryIdx::try_from(self.category_names.len()).unwrap_or(CategoryIdx::MAX);
+        let name: Arc<str> = Arc::from(name);
+        self.category_index.insert(name.clone(), idx);
+        self.category_names.push(name);
+        idx
+    }
+}
+
+/// The shared catalogue. Reads take a short read lock; inserting a new item takes the write lock
+/// once per item for the life of the process.
+#[derive(Default)]
+pub struct Catalog {
+    inner: RwLock<Inner>,
+}
+
+/// What `GET /v1/items/{id}` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct ItemView {
+    pub item_id: ItemId,
+    #[serde(flatten)]
+    pub attributes: ItemAttributes,
+    /// False for an item known only from events, never put into the catalogue.
+    pub in_catalog: bool,
+}
+
+impl Catalog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The index of `id`, adding the item (without attributes) on first sight.
+    pub fn intern(&self, id: &ItemId) -> ItemIdx {
+        if let Some(&idx) = self.inner.read().index.get(id) {
+            return idx;
+        }
+        let mut inner = self.inner.write();
+        if let Some(&idx) = inner.index.get(id) {
+            return idx;
+        }
+        let idx = ItemIdx::try_from(inner.items.len()).expect("fewer than 2^32 items");
+        inner.items.push(Entry { id: id.clone(), attributes: None, categories: Vec::new() });
+        inner.index.insert(id.clone(), idx);
+        idx
+    }
+
+    /// The index of `id` if the catalogue knows it.
+    pub fn lookup(&self, id: &ItemId) -> Option<ItemIdx> {
+        self.inner.read().index.get(id).copied()
+    }
+
+    /// Sets the attributes of an item. Returns its index and whether it was new to the catalogue.
+    pub fn put(&self, id: &ItemId, attributes: ItemAttributes) -> (ItemIdx, bool) {
+        let idx = self.intern(id);
+        let mut inner = self.inner.write();
+        let categories = attributes.categories.iter().map(|c| inner.category(c)).collect();
+        let entry = &mut inner.items[idx as usize];
+        let created = entry.attributes.is_none();
+        entry.attributes = Some(Arc::new(attributes));
+        entry.categories = categories;
+        (idx, created)
+    }
+
+    pub fn get(&self, id: &ItemId) -> Option<ItemView> {
+        let inner = self.inner.read();
+        let idx = *inner.index.get(id)?;
+        let entry = &inner.items[idx as usize];
+        Some(ItemView {
+            item_id: entry.id.clone(),
+            attributes: entry.attributes.as_deref().cloned().unwrap_or_default(),
+            in_catalog: entry.attributes.is_some(),
+        })
+    }
+
+    /// The item id at `idx`.
+    pub fn id_of(&self, idx: ItemIdx) -> Option<ItemId> {
+        self.inner.read().items.get(idx as usize).map(|e| e.id.clone())
+    }
+
+    /// Item ids for many indices under one lock.
+    pub fn ids_of(&self, indices: &[ItemIdx]) -> Vec<ItemId> {
+        let inner = self.inner.read();
+        indices.iter().map(|&i| inner.items[i as usize].id.clone()).collect()
+    }
+
+    pub fn category_idx(&self, name: &str) -> Option<CategoryIdx> {
+        self.inner.read().category_index.get(name).copied()
+    }
+
+    /// A read view of every item's categories; holds the read lock while alive, so keep it short.
+    pub fn categories(&self) -> Categories<'_> {
+        Categories { inner: self.inner.read() }
+    }
+}
+
+/// Category lookups under one read lock.
+pub struct Categories<'a> {
+    inner: parking_lot::RwLockReadGuard<'a, Inner>,
+}
+
+impl Categories<'_> {
+    /// The categories of `idx` (empty for an unknown item or one without attributes).
+    pub fn of(&self, idx: ItemIdx) -> &[CategoryIdx] {
+        self.inner.items.get(idx as usize).map_or(&[][..], |e| e.categories.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interns_once_and_keeps_attributes() {
+        let catalog = Catalog::new();
+        let a = ItemId::from("a");
+        let idx = catalog.intern(&a);
+        assert_eq!(catalog.intern(&a), idx);
+        assert!(!catalog.get(&a).expect("known").in_catalog);
+        let attrs = ItemAttributes { categories: vec!["jazz".into()], ..Default::default() };
+        assert_eq!(catalog.put(&a, attrs.clone()), (idx, true));
+        assert_eq!(catalog.put(&a, attrs), (idx, false));
+        let jazz = catalog.category_idx("jazz").expect("category");
+        assert_eq!(catalog.categories().of(idx), &[jazz]);
+        assert_eq!(catalog.id_of(idx), Some(a));
+    }
+
+    #[test]
+    fn rejects_oversized_attributes() {
+        let attrs = ItemAttributes { tags: vec![String::new()], ..Default::default() };
+        assert_eq!(attrs.validate().expect_err("empty tag").field, "tags");
+        let attrs = ItemAttributes { title: Some("x".repeat(MAX_TITLE_LEN + 1)), ..Default::default() };
+        assert_eq!(attrs.validate().expect_err("long title").field, "title");
+    }
+}

@@ -1,0 +1,334 @@
+//! Configuration: `config/default.toml` (built in), then an optional file, then `LIVEREC_…`
+//! environment variables, then command-line flags. Every struct denies unknown keys so that a
+//! typo is an error at start-up rather than a silently ignored setting.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{EventLimits, EventType};
+
+/// The built-in defaults; the same text as `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "LIVEREC_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Value(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub events: EventsConfig,
+    pub bus: BusConfig,
+    pub store: StoreConfig,
+    pub session: SessionConfig,
+    pub recs: RecsConfig,
+    pub model: ModelConfig,
+    pub stream: StreamConfig,
+    pub demo: DemoConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds to.
+    pub listen: SocketAddr,
+    /// HTTP worker threads; 0 = one per core.
+    pub workers: usize,
+    /// Seconds to wait for open connections on shutdown.
+    pub shutdown_timeout_secs: u64,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Most events in one batch.
+    pub max_batch: usize,
+    /// Longest id, in characters.
+    pub max_id_len: usize,
+    pub max_context_attributes: usize,
+    pub max_context_key_len: usize,
+    pub max_context_value_len: usize,
+}
+
+impl EventsConfig {
+    pub fn limits(&self) -> EventLimits {
+        EventLimits {
+            max_id_len: self.max_id_len,
+            max_context_attributes: self.max_context_attributes,
+            max_context_key_len: self.max_context_key_len,
+            max_context_value_len: self.max_context_value_len,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusKind {
+    Memory,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    pub kind: BusKind,
+    /// Partitions of the in-process bus (one ingest actor each).
+    pub partitions: usize,
+    /// Batches queued per partition before producers are told to retry.
+    pub queue_capacity: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    Memory,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Interactions kept per user.
+    pub history_len: usize,
+    /// Recent event ids remembered per user for de-duplication.
+    pub dedupe_window: usize,
+    /// Negative-feedback items remembered per user.
+    pub suppressed_len: usize,
+    /// Idle time after which a session stops.
+    pub idle_ttl_ms: u64,
+    /// Mailbox capacity of each session actor.
+    pub mailbox_capacity: usize,
+    /// Arbiter threads for sessions and ingest; 0 = one per core.
+    pub arbiters: usize,
+    /// Event types whose items are not recommended again.
+    pub exclude_event_types: Vec<EventType>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecsConfig {
+    pub default_k: usize,
+    pub max_k: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Cooccurrence,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    pub max_batch: usize,
+    pub mailbox_capacity: usize,
+    pub cooccurrence: crate::models::cooccurrence::CoocConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub heartbeat_secs: u64,
+    pub client_timeout_secs: u64,
+    pub ws_max_frame_bytes: usize,
+    pub ws_max_message_bytes: usize,
+    pub ws_max_subscriptions: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoConfig {
+    pub enabled: bool,
+    pub items: usize,
+    pub users: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Config {
+    /// The built-in defaults, with no file and no environment.
+    fn default() -> Self {
+        Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("config/default.toml matches the Config struct (checked by a unit test)")
+    }
+}
+
+/// Command-line overrides, applied last.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Loads the layered configuration from defaults, `file`, the process environment and
+    /// `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_from(file, std::env::vars(), overrides)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // LIVEREC_TEST_* is reserved for the test suite (service addresses), not settings.
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !k.starts_with("LIVEREC_TEST_"))
+            .collect();
+        for (key, value) in env {
+            let path = key[ENV_PREFIX.len()..].to_ascii_lowercase();
+            let path = if path == "listen" {
+                "server.listen".to_owned()
+            } else {
+                path.replace("__", ".")
+            };
+            // Parsed the way figment parses environment values: numbers, booleans, [arrays].
+            let value: figment::value::Value = value.parse().unwrap_or_else(|never| match never {});
+            figment = figment.merge(Serialized::default(&path, value));
+        }
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks relations between values that serde cannot express.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let fail = |msg: &str| Err(ConfigError::Value(msg.to_owned()));
+        if self.recs.default_k == 0 || self.recs.default_k > self.recs.max_k {
+            return fail("recs.default_k must be between 1 and recs.max_k");
+        }
+        if self.session.history_len == 0 {
+            return fail("session.history_len must be at least 1");
+        }
+        if self.session.mailbox_capacity == 0 || self.model.mailbox_capacity == 0 {
+            return fail("mailbox capacities must be at least 1");
+        }
+        if self.bus.partitions == 0 || self.bus.queue_capacity == 0 {
+            return fail("bus.partitions and bus.queue_capacity must be at least 1");
+        }
+        if self.events.max_batch == 0 || self.events.max_id_len == 0 {
+            return fail("events.max_batch and events.max_id_len must be at least 1");
+        }
+        if self.model.max_batch == 0 {
+            return fail("model.max_batch must be at least 1");
+        }
+        if self.stream.heartbeat_secs == 0 || self.stream.client_timeout_secs <= self.stream.heartbeat_secs {
+            return fail("stream.heartbeat_secs must be at least 1 and below stream.client_timeout_secs");
+        }
+        Ok(())
+    }
+
+    /// Threads to use where a setting says 0 ("one per core").
+    pub fn cores() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let config = Config::load_from(None, env(&[]), &Overrides::default()).expect("defaults");
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.session.history_len, 50);
+    }
+
+    #[test]
+    fn env_and_flags_override_in_order() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("LIVEREC_LISTEN", "127.0.0.1:9000"),
+                ("LIVEREC_SESSION__IDLE_TTL_MS", "1234"),
+                ("LIVEREC_TEST_REDIS_URL", "redis://ignored"),
+                ("OTHER", "x"),
+            ]),
+            &Overrides::default(),
+        )
+        .expect("env");
+        assert_eq!(config.server.listen.port(), 9000);
+        assert_eq!(config.session.idle_ttl_ms, 1234);
+        let flags = Overrides { listen: Some("127.0.0.1:9100".parse().expect("addr")) };
+        let config = Config::load_from(None, env(&[("LIVEREC_LISTEN", "127.0.0.1:9000")]), &flags).expect("flags");
+        assert_eq!(config.server.listen.port(), 9100);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::load_from(None, env(&[("LIVEREC_SESSION__NO_SUCH_KEY", "1")]), &Overrides::default())
+            .expect_err("unknown env key");
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("liverec-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "[session]\nhistory_lenght = 3\n").expect("write");
+        let err = Config::load_from(Some(&file), env(&[]), &Overrides::default()).expect_err("unknown file key");
+        assert!(err.to_string().contains("history_lenght"), "{err}");
+        let err = Config::load_from(Some(&dir.join("missing.toml")), env(&[]), &Overrides::default())
+            .expect_err("missing file");
+        assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let err = Config::load_from(None, env(&[("LIVEREC_RECS__DEFAULT_K", "0")]), &Overrides::default())
+            .expect_err("k = 0");
+        assert!(err.to_string().contains("default_k"), "{err}");
+    }
+}

@@ -1,0 +1,464 @@
+//! Interaction events: the wire shape, validation, and the enriched form the actors work with.
+//!
+//! The wire type [`EventIn`] is what producers send (REST, WebSocket, later Kafka). It is checked
+//! once by [`EventIn::validate`] against the limits in [`EventLimits`], which turns it into an
+//! [`Event`]: ids are non-empty and bounded, the timestamp and event id are filled in, and the
+//! enrichment (hour and weekday buckets, device class) is computed once, at ingest.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A user id as the producer sent it (or its anonymous visitor id).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UserId(pub Arc<str>);
+
+/// An item id as the producer sent it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ItemId(pub Arc<str>);
+
+/// An event id: given by the producer, or a UUID v7 assigned by the server.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(pub Arc<str>);
+
+macro_rules! id_impls {
+    ($($ty:ident),*) => {$(
+        impl $ty {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl From<&str> for $ty {
+            fn from(value: &str) -> Self {
+                Self(Arc::from(value))
+            }
+        }
+    )*};
+}
+id_impls!(UserId, ItemId, EventId);
+
+/// What the user did. `dislike` and `hide` are negative feedback: they suppress the item and lower
+/// items similar to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    View,
+    Click,
+    AddToCart,
+    Purchase,
+    Rating,
+    Dwell,
+    Dislike,
+    Hide,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 8] = [
+        EventType::View,
+        EventType::Click,
+        EventType::AddToCart,
+        EventType::Purchase,
+        EventType::Rating,
+        EventType::Dwell,
+        EventType::Dislike,
+        EventType::Hide,
+    ];
+
+    pub fn is_negative(self) -> bool {
+        matches!(self, EventType::Dislike | EventType::Hide)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::View => "view",
+            EventType::Click => "click",
+            EventType::AddToCart => "add_to_cart",
+            EventType::Purchase => "purchase",
+            EventType::Rating => "rating",
+            EventType::Dwell => "dwell",
+            EventType::Dislike => "dislike",
+            EventType::Hide => "hide",
+        }
+    }
+}
+
+/// Device class of the client that produced the event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    Mobile,
+    Desktop,
+    Tablet,
+    Tv,
+    #[default]
+    Other,
+}
+
+impl Device {
+    pub const COUNT: usize = 5;
+
+    pub fn index(self) -> usize {
+        match self {
+            Device::Mobile => 0,
+            Device::Desktop => 1,
+            Device::Tablet => 2,
+            Device::Tv => 3,
+            Device::Other => 4,
+        }
+    }
+}
+
+/// Request context sent with an event.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContextIn {
+    /// Device class; `other` when absent.
+    #[serde(default)]
+    pub device: Option<Device>,
+    /// Country code (ISO 3166-1 alpha-2 or alpha-3, letters only).
+    #[serde(default)]
+    pub country: Option<String>,
+    /// A small free-form map (bounded number of entries and lengths).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// One interaction event as producers send it. This type is the published JSON Schema
+/// (`schemas/event.schema.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventIn {
+    /// The user (or anonymous visitor) id. 1 to `events.max_id_len` characters.
+    pub user_id: String,
+    /// The item id. 1 to `events.max_id_len` characters.
+    pub item_id: String,
+    pub event_type: EventType,
+    /// Rating, dwell seconds or purchase amount; finite.
+    #[serde(default)]
+    pub value: Option<f64>,
+    /// Milliseconds since the Unix epoch; server time when absent.
+    #[serde(default)]
+    pub timestamp: Option<i64>,
+    /// Idempotency key: an event id seen before for the same user is applied once.
+    /// The server assigns a UUID v7 when absent.
+    #[serde(default)]
+    pub event_id: Option<String>,
+    /// The recommendation list (`rec_id`) this event responds to.
+    #[serde(default)]
+    pub rec_id: Option<String>,
+    #[serde(default)]
+    pub context: Option<ContextIn>,
+}
+
+/// Limits applied by [`EventIn::validate`], from the `[events]` config section.
+#[derive(Clone, Debug)]
+pub struct EventLimits {
+    pub max_id_len: usize,
+    pub max_context_attributes: usize,
+    pub max_context_key_len: usize,
+    pub max_context_value_len: usize,
+}
+
+/// A validation failure naming the offending field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidEvent {
+    pub field: String,
+    pub message: String,
+}
+
+impl InvalidEvent {
+    fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// Prefixes the field with the event's position in a batch, e.g. `[3].item_id`.
+    pub fn at(mut self, prefix: &str) -> Self {
+        self.field = format!("{prefix}.{}", self.field);
+        self
+    }
+}
+
+/// Context after validation and enrichment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Context {
+    pub device: Device,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<Arc<str>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+    /// Hour of day (UTC) of the event, 0..=23.
+    pub hour: u8,
+    /// Day of week (UTC) of the event, 0 = Monday.
+    pub weekday: u8,
+}
+
+impl Context {
+    /// Number of hour-of-day buckets used for context segments.
+    pub const HOUR_BUCKETS: usize = 4;
+
+    /// Night (0-5), morning (6-11), afternoon (12-17), evening (18-23).
+    pub fn hour_bucket(&self) -> usize {
+        usize::from(self.hour / 6).min(Self::HOUR_BUCKETS - 1)
+    }
+
+    /// A small dense segment index (device x hour bucket) used by popularity-by-context.
+    pub fn segment(&self) -> usize {
+        self.device.index() * Self::HOUR_BUCKETS + self.hour_bucket()
+    }
+
+    pub const SEGMENTS: usize = Device::COUNT * Self::HOUR_BUCKETS;
+
+    /// Context of a request made now with no other information.
+    pub fn at_time(timestamp_ms: i64, device: Device) -> Self {
+        let (hour, weekday) = hour_and_weekday(timestamp_ms);
+        Self {
+            device,
+            hour,
+            weekday,
+            ..Self::default()
+        }
+    }
+}
+
+/// A validated, enriched event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: EventId,
+    pub user_id: UserId,
+    pub item_id: ItemId,
+    pub event_type: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rec_id: Option<Arc<str>>,
+    pub context: Context,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Hour of day and day of week (0 = Monday), in UTC.
+pub fn hour_and_weekday(timestamp_ms: i64) -> (u8, u8) {
+    let secs = timestamp_ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let hour = (secs.rem_euclid(86_400) / 3600) as u8;
+    // 1970-01-01 was a Thursday (index 3 with Monday = 0).
+    let weekday = (days + 3).rem_euclid(7) as u8;
+    (hour, weekday)
+}
+
+/// Latest timestamp accepted: events from more than a day in the future are refused.
+const MAX_FUTURE_MS: i64 = 86_400_000;
+
+/// Checks one id field: non-empty, bounded, no control characters.
+pub fn check_id(field: &str, value: &str, max_len: usize) -> Result<(), InvalidEvent> {
+    if value.is_empty() {
+        return Err(InvalidEvent::new(field, "must not be empty"));
+    }
+    let len = value.chars().count();
+    if len > max_len {
+        return Err(InvalidEvent::new(
+            field,
+            format!("is {len} characters long; the limit is {max_len}"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(InvalidEvent::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+impl EventIn {
+    /// Validates and enriches the event. `now` is the server time in ms (the default timestamp).
+    pub fn validate(self, limits: &EventLimits, now: i64) -> Result<Event, InvalidEvent> {
+        check_id("user_id", &self.user_id, limits.max_id_len)?;
+        check_id("item_id", &self.item_id, limits.max_id_len)?;
+        if let Some(value) = self.value {
+            if !value.is_finite() {
+                return Err(InvalidEvent::new("value", "must be a finite number"));
+            }
+        }
+        let timestamp = match self.timestamp {
+            None => now,
+            Some(ts) if ts < 0 => {
+                return Err(InvalidEvent::new("timestamp", "must be milliseconds since the Unix epoch, not negative"))
+            }
+            Some(ts) if ts > now.saturating_add(MAX_FUTURE_MS) => {
+                return Err(InvalidEvent::new("timestamp", "is more than a day in the future (timestamps are in milliseconds)"))
+            }
+            Some(ts) => ts,
+        };
+        let event_id = match self.event_id {
+            Some(id) => {
+                check_id("event_id", &id, limits.max_id_len)?;
+                EventId(Arc::from(id))
+            }
+            None => EventId(Arc::from(uuid::Uuid::now_v7().to_string())),
+        };
+        let rec_id = match self.rec_id {
+            Some(id) => {
+                check_id("rec_id", &id, limits.max_id_len)?;
+                Some(Arc::from(id))
+            }
+            None => None,
+        };
+        let context_in = self.context.unwrap_or_default();
+        if let Some(country) = &context_in.country {
+            let letters = country.chars().all(|c| c.is_ascii_alphabetic());
+            if !letters || !(2..=3).contains(&country.len()) {
+                return Err(InvalidEvent::new(
+                    "context.country",
+                    "must be an ISO 3166-1 alpha-2 or alpha-3 code",
+                ));
+            }
+        }
+        if context_in.attributes.len() > limits.max_context_attributes {
+            return Err(InvalidEvent::new(
+                "context.attributes",
+                format!(
+                    "has {} entries; the limit is {}",
+                    context_in.attributes.len(),
+                    limits.max_context_attributes
+                ),
+            ));
+        }
+        for (key, value) in &context_in.attributes {
+            check_id("context.attributes", key, limits.max_context_key_len)?;
+            if value.chars().count() > limits.max_context_value_len || value.chars().any(char::is_control) {
+                return Err(InvalidEvent::new(
+                    &format!("context.attributes.{key}"),
+                    format!(
+                        "must be at most {} characters without control characters",
+                        limits.max_context_value_len
+                    ),
+                ));
+            }
+        }
+        let (hour, weekday) = hour_and_weekday(timestamp);
+        Ok(Event {
+            event_id,
+            user_id: UserId(Arc::from(self.user_id)),
+            item_id: ItemId(Arc::from(self.item_id)),
+            event_type: self.event_type,
+            value: self.value,
+            timestamp,
+            rec_id,
+            context: Context {
+                device: context_in.device.unwrap_or_default(),
+                country: context_in.country.map(|c| Arc::from(c.to_ascii_uppercase())),
+                attributes: context_in.attributes,
+                hour,
+                weekday,
+            },
+        })
+    }
+}
+
+/// The JSON Schema of one event, as published in `schemas/event.schema.json`.
+pub fn event_json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(EventIn)).expect("a schema is always valid JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> EventLimits {
+        EventLimits {
+            max_id_len: 16,
+            max_context_attributes: 2,
+            max_context_key_len: 8,
+            max_context_value_len: 8,
+        }
+    }
+
+    fn event(user: &str, item: &str) -> EventIn {
+        EventIn {
+            user_id: user.into(),
+            item_id: item.into(),
+            event_type: EventType::Click,
+            value: None,
+            timestamp: None,
+            event_id: None,
+            rec_id: None,
+            context: None,
+        }
+    }
+
+    #[test]
+    fn fills_in_time_id_and_enrichment() {
+        // 2024-01-01T13:00:00Z was a Monday.
+        let now = 1_704_114_000_000;
+        let e = event("u", "i").validate(&limits(), now).expect("valid");
+        assert_eq!(e.timestamp, now);
+        assert_eq!(e.context.hour, 13);
+        assert_eq!(e.context.weekday, 0);
+        assert_eq!(e.context.hour_bucket(), 2);
+        assert_eq!(e.context.device, Device::Other);
+        assert_eq!(uuid::Uuid::parse_str(e.event_id.as_str()).map(|u| u.get_version_num()), Ok(7));
+    }
+
+    #[test]
+    fn rejects_bad_ids_and_values() {
+        let now = 1_704_114_000_000;
+        let cases = [
+            (event("", "i"), "user_id"),
+            (event("u", &"x".repeat(17)), "item_id"),
+            (event("u\n", "i"), "user_id"),
+            (EventIn { value: Some(f64::NAN), ..event("u", "i") }, "value"),
+            (EventIn { timestamp: Some(-1), ..event("u", "i") }, "timestamp"),
+            (EventIn { timestamp: Some(now * 1000), ..event("u", "i") }, "timestamp"),
+            (
+                EventIn {
+                    context: Some(ContextIn { country: Some("F1".into()), ..ContextIn::default() }),
+                    ..event("u", "i")
+                },
+                "context.country",
+            ),
+            (
+                EventIn {
+                    context: Some(ContextIn {
+                        attributes: [("a", "1"), ("b", "2"), ("c", "3")]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                        ..ContextIn::default()
+                    }),
+                    ..event("u", "i")
+                },
+                "context.attributes",
+            ),
+        ];
+        for (input, field) in cases {
+            let err = input.validate(&limits(), now).expect_err(field);
+            assert_eq!(err.field, field);
+        }
+    }
+
+    #[test]
+    fn weekday_of_epoch_is_thursday() {
+        assert_eq!(hour_and_weekday(0), (0, 3));
+        assert_eq!(hour_and_weekday(-1), (23, 2));
+    }
+}

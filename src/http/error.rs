@@ -1,0 +1,149 @@
+//! The one error type of the HTTP API and its single mapping to responses:
+//! `{"error": {"code": "...", "message": "...", "field": "..."}}` with the right status.
+//! Extractor failures (path, query, JSON) are routed through the same shape.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::actors::messages::SessionError;
+use crate::bus::BusError;
+use crate::catalog::InvalidItem;
+use crate::event::InvalidEvent;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Stable, machine-readable code.
+    pub code: &'static str,
+    pub message: String,
+    /// The offending field, when one is to blame (`[3].item_id` in a batch).
+    pub field: Option<String>,
+    /// Seconds, sent as `Retry-After` with 429 and 503.
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), field: None, retry_after: None }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
+    }
+
+    /// The JSON body, also used for WebSocket error messages.
+    pub fn body_json(&self) -> String {
+        serde_json::to_string(&Body {
+            error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() },
+        })
+        .expect("error bodies always serialise")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(seconds) = self.retry_after {
+            response.insert_header((header::RETRY_AFTER, seconds.to_string()));
+        }
+        response.content_type("application/json").body(self.body_json())
+    }
+}
+
+impl From<InvalidEvent> for ApiError {
+    fn from(e: InvalidEvent) -> Self {
+        ApiError::unprocessable("invalid_event", e.message).with_field(e.field)
+    }
+}
+
+impl From<InvalidItem> for ApiError {
+    fn from(e: InvalidItem) -> Self {
+        ApiError::unprocessable("invalid_item", e.message).with_field(e.field)
+    }
+}
+
+impl From<BusError> for ApiError {
+    fn from(e: BusError) -> Self {
+        match e {
+            BusError::Saturated => {
+                ApiError::unavailable("overloaded", "the event pipeline is full; retry shortly", 1)
+            }
+            BusError::Closed => ApiError::unavailable("shutting_down", "the server is shutting down", 5),
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        tracing::warn!(error = %e, "session could not answer");
+        ApiError::unavailable("unavailable", "recommendations are temporarily unavailable", 1)
+    }
+}
+
+impl From<actix::MailboxError> for ApiError {
+    fn from(e: actix::MailboxError) -> Self {
+        tracing::warn!(error = %e, "actor mailbox error");
+        ApiError::unavailable("unavailable", "the service is temporarily unavailable", 1)
+    }
+}
+
+/// Turns a serde_json error on a request body into 400 (not JSON) or 422 (JSON of the wrong
+/// shape), naming the field when serde knows it.
+pub fn json_error(error: serde_path_to_error::Error<serde_json::Error>, what: &'static str) -> ApiError {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    match inner.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof | serde_json::error::Category::Io => {
+            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {inner}"))
+        }
+        serde_json::error::Category::Data => {
+            let err = ApiError::unprocessable(what, inner.to_string());
+            if path.is_empty() || path == "." {
+                err
+            } else {
+                err.with_field(path)
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! `POST /v1/events`: one event or an array of them. The whole batch is decoded and validated
+//! before anything is published, so an invalid batch applies nothing; then it is handed to the
+//! event bus, and `202` means the bus accepted all of it.
+
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Serialize;
+
+use super::error::{json_error, ApiError};
+use super::{read_json_body, AppState};
+use crate::bus::EventBatch;
+use crate::event::{now_ms, Event, EventId, EventIn};
+use crate::telemetry::Counter;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/events").route(web::post().to(post_events)));
+}
+
+#[derive(Serialize)]
+pub struct Accepted {
+    pub accepted: usize,
+    pub event_ids: Vec<EventId>,
+}
+
+async fn post_events(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let received = Instant::now();
+    let body = read_json_body(&req, payload, state.config.server.max_body_bytes).await?;
+    let events = match decode_bytes(&body, &state) {
+        Ok(events) => events,
+        Err(error) => {
+            state.metrics.ingest_invalid.inc();
+            return Err(error);
+        }
+    };
+    let accepted = publish(&state, events, received, &state.metrics.ingest_events_http).await?;
+    Ok(HttpResponse::Accepted().json(accepted))
+}
+
+/// Decodes and validates a JSON body holding one event or an array of events.
+pub fn decode_bytes(body: &[u8], state: &AppState) -> Result<Vec<Event>, ApiError> {
+    let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let raw = if is_array {
+        let events: Vec<EventIn> = serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_event"))?;
+        Raw::Many(events)
+    } else {
+        Raw::One(serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_event"))?)
+    };
+    de.end().map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON value: {e}")))?;
+    validate(raw, state)
+}
+
+/// Decodes and validates events already parsed as JSON (WebSocket messages).
+pub fn decode_value(value: serde_json::Value, many: bool, state: &AppState) -> Result<Vec<Event>, ApiError> {
+    let raw = if many {
+        Raw::Many(serde_path_to_error::deserialize(value).map_err(|e| json_error(e, "invalid_event"))?)
+    } else {
+        Raw::One(serde_path_to_error::deserialize(value).map_err(|e| json_error(e, "invalid_event"))?)
+    };
+    validate(raw, state)
+}
+
+enum Raw {
+    One(EventIn),
+    Many(Vec<EventIn>),
+}
+
+fn validate(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {
+    let limits = state.config.events.limits();
+    let now = now_ms();
+    match raw {
+        Raw::One(event) => Ok(vec![event.validate(&limits, now)?]),
+        Raw::Many(events) => {
+            let max = state.config.events.max_batch;
+            if events.is_empty() {
+                return Err(ApiError::unprocessable("empty_batch", "the batch holds no event"));
+            }
+            if events.len() > max {
+                return Err(ApiError::new(
+                    actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "batch_too_large",
+                    format!("the batch holds {} events; the limit is {max}", events.len()),
+                ));
+            }
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| e.validate(&limits, now).map_err(|err| ApiError::from(err.at(&format!("[{i}]")))))
+                .collect()
+        }
+    }
+}
+
+/// Publishes validated events; on success every one of them is accepted.
+pub async fn publish(state: &AppState, events: Vec<Event>, received: Instant, counter: &Counter) -> Result<Accepted, ApiError> {
+    let event_ids: Vec<EventId> = events.iter().map(|e| e.event_id.clone()).collect();
+    let count = events.len();
+    if let Err(error) = state.bus.publish(EventBatch { events, received }).await {
+        state.metrics.ingest_shed.inc();
+        return Err(error.into());
+    }
+    counter.add(count as u64);
+    Ok(Accepted { accepted: count, event_ids })
+}

@@ -1,0 +1,58 @@
+//! Liveness, readiness, metrics, and the root index.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/", web::get().to(index));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// Ready while not shutting down. Reports which bus and store are in use, and says plainly when
+/// state is kept in memory only.
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let shutting_down = *state.shutdown.borrow();
+    let durable = state.store.kind() != "memory";
+    let body = json!({
+        "status": if shutting_down { "shutting_down" } else { "ready" },
+        "store": state.store.kind(),
+        "bus": format!("{:?}", state.config.bus.kind).to_lowercase(),
+        "durable": durable,
+        "catalog_items": state.catalog.len(),
+        "users": state.registry.len(),
+    });
+    if shutting_down {
+        HttpResponse::ServiceUnavailable().json(body)
+    } else {
+        HttpResponse::Ok().json(body)
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}
+
+async fn index() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "name": "liverec",
+        "version": env!("CARGO_PKG_VERSION"),
+        "endpoints": [
+            "POST /v1/events",
+            "GET /v1/users/{user_id}/recommendations?k=10",
+            "GET /v1/users/{user_id}/recommendations/stream",
+            "GET /v1/ws",
+            "GET|PUT /v1/items/{item_id}",
+            "POST /v1/users/{user_id}/merge",
+            "GET /v1/users/{user_id}/export",
+            "GET /healthz", "GET /readyz", "GET /metrics"
+        ]
+    }))
+}

@@ -1,0 +1,48 @@
+//! `GET` and `PUT /v1/items/{item_id}`: catalogue attributes.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::error::{json_error, ApiError};
+use super::{read_json_body, AppState};
+use crate::catalog::ItemAttributes;
+use crate::event::{check_id, ItemId};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/items/{item_id}")
+            .route(web::get().to(get_item))
+            .route(web::put().to(put_item)),
+    );
+}
+
+fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
+    check_id("item_id", raw, state.config.events.max_id_len)
+        .map_err(|e| ApiError::bad_request("invalid_item_id", e.message).with_field(e.field))?;
+    Ok(ItemId::from(raw))
+}
+
+async fn get_item(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let id = item_id(&path, &state)?;
+    let view = state
+        .catalog
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("item_not_found", format!("no item {id}")))?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+async fn put_item(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = item_id(&path, &state)?;
+    let body = read_json_body(&req, payload, state.config.server.max_body_bytes).await?;
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let attributes: ItemAttributes =
+        serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_item"))?;
+    attributes.validate()?;
+    let (_, created) = state.catalog.put(&id, attributes);
+    let view = state.catalog.get(&id).expect("just put");
+    Ok(if created { HttpResponse::Created().json(view) } else { HttpResponse::Ok().json(view) })
+}

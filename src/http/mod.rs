@@ -1,0 +1,113 @@
+//! The HTTP API: one file per resource, each with a `configure(cfg)`, sharing [`AppState`] and the
+//! single error mapping in [`error`].
+
+pub mod error;
+pub mod events;
+pub mod health;
+pub mod items;
+pub mod recommendations;
+pub mod stream;
+pub mod users;
+
+use std::sync::Arc;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use tokio::sync::watch;
+
+use crate::actors::registry::SessionRegistry;
+use crate::bus::EventBus;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::event::{check_id, UserId};
+use crate::store::ProfileStore;
+use crate::telemetry::Metrics;
+use error::ApiError;
+
+/// Everything handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub registry: Arc<SessionRegistry>,
+    pub bus: Arc<dyn EventBus>,
+    pub store: Arc<dyn ProfileStore>,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<Metrics>,
+    /// Becomes true when the server starts shutting down; streams close on it.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl AppState {
+    /// Validates a user id taken from a path or a message.
+    pub fn user_id(&self, raw: &str, field: &str) -> Result<UserId, ApiError> {
+        check_id(field, raw, self.config.events.max_id_len)
+            .map_err(|e| ApiError::bad_request("invalid_user_id", e.message).with_field(e.field))?;
+        Ok(UserId::from(raw))
+    }
+}
+
+/// Registers every route and the JSON error handlers for extractors.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::PathConfig::default().error_handler(|err, _| {
+        ApiError::bad_request("invalid_path", err.to_string()).into()
+    }))
+    .app_data(web::QueryConfig::default().error_handler(|err, _| {
+        ApiError::bad_request("invalid_query", err.to_string()).into()
+    }))
+    .configure(events::configure)
+    .configure(recommendations::configure)
+    .configure(stream::configure)
+    .configure(items::configure)
+    .configure(users::configure)
+    .configure(health::configure);
+}
+
+/// JSON 404 for every unknown route.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::not_found(
+        "not_found",
+        format!("no route for {} {}", req.method(), req.path()),
+    ))
+}
+
+/// Reads a request body up to `limit` bytes, answering 413 past it and 415 for a body that does
+/// not declare itself JSON.
+pub async fn read_json_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt as _;
+    let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let is_json = content_type
+        .map(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
+        .unwrap_or(false);
+    if !is_json {
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as application/json",
+        ));
+    }
+    let too_large = || {
+        ApiError::new(
+            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    if let Some(length) = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if length > limit {
+            return Err(too_large());
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}

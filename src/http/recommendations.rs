@@ -1,0 +1,75 @@
+//! `GET /v1/users/{user_id}/recommendations`: the user's current list.
+//!
+//! Without filters and with `k` no larger than the pushed list, the answer is the list last
+//! pushed to the user's streams, served from the hub without touching an actor (the same bytes
+//! when `k` is the default). Filters or a larger `k` ask the session to score anew.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::actors::messages::{GetRecommendations, RecFilters};
+use crate::event::{Device, ItemId};
+use crate::recs::RecList;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/users/{user_id}/recommendations").route(web::get().to(get_recommendations)));
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecQuery {
+    k: Option<usize>,
+    /// Comma-separated item ids to leave out.
+    exclude: Option<String>,
+    /// Comma-separated categories; only items in one of them are returned.
+    categories: Option<String>,
+    /// Device class to rank for, instead of the user's latest context.
+    device: Option<Device>,
+}
+
+fn split(list: &Option<String>) -> Vec<String> {
+    list.as_deref()
+        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+async fn get_recommendations(
+    path: web::Path<String>,
+    query: web::Query<RecQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let user = state.user_id(&path, "user_id")?;
+    let recs = &state.config.recs;
+    let k = query.k.unwrap_or(recs.default_k);
+    if k == 0 || k > recs.max_k {
+        return Err(ApiError::bad_request("invalid_query", format!("k must be between 1 and {}", recs.max_k)).with_field("k"));
+    }
+    let exclude = split(&query.exclude);
+    if exclude.len() > recs.max_k {
+        return Err(ApiError::bad_request("invalid_query", "too many items to exclude").with_field("exclude"));
+    }
+    let filters = RecFilters {
+        exclude: exclude.iter().map(|s| ItemId::from(s.as_str())).collect(),
+        categories: split(&query.categories),
+        device: query.device,
+    };
+    if filters.is_empty() && k <= recs.default_k {
+        if let Some(latest) = state.registry.hub(&user).and_then(|h| h.latest()) {
+            return Ok(respond(&latest.list, &latest.json, k));
+        }
+    }
+    let (_, session) = state.registry.session(&user);
+    let update = session.send(GetRecommendations { k, filters }).await??;
+    Ok(respond(&update.list, &update.json, k))
+}
+
+fn respond(list: &RecList, json: &web::Bytes, k: usize) -> HttpResponse {
+    if k >= list.items.len() {
+        return HttpResponse::Ok().content_type("application/json").body(json.clone());
+    }
+    let mut shorter = list.clone();
+    shorter.items.truncate(k);
+    HttpResponse::Ok().json(shorter)
+}

@@ -1,0 +1,379 @@
+//! Live recommendation streams: Server-Sent Events per user, and a WebSocket that may subscribe to
+//! several users and send events.
+//!
+//! Both read a user's hub through a watch channel, which holds only the newest list: a client that
+//! cannot keep up skips stale lists (counted in `liverec_push_dropped_stale_total`) instead of
+//! making the server buffer them. Every list is serialised once, when published, and the same bytes
+//! go to every subscriber.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamMap;
+
+use super::error::ApiError;
+use super::events::{decode_value, publish};
+use super::AppState;
+use crate::actors::messages::EnsureList;
+use crate::actors::registry::Subscription;
+use crate::event::UserId;
+use crate::recs::RecUpdate;
+use crate::telemetry::{Gauge, Metrics};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/users/{user_id}/recommendations/stream").route(web::get().to(sse)))
+        .service(web::resource("/v1/ws").route(web::get().to(websocket)));
+}
+
+/// Counts a subscriber in a gauge for as long as it lives.
+struct GaugeGuard {
+    metrics: Arc<Metrics>,
+    gauge: fn(&Metrics) -> &Gauge,
+}
+
+impl GaugeGuard {
+    fn new(metrics: Arc<Metrics>, gauge: fn(&Metrics) -> &Gauge) -> Self {
+        gauge(&metrics).inc();
+        Self { metrics, gauge }
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        (self.gauge)(&self.metrics).dec();
+    }
+}
+
+/// Tracks the last sequence number a subscriber got, counting lists it skipped.
+#[derive(Default)]
+struct SeqTracker {
+    last: Option<u64>,
+}
+
+impl SeqTracker {
+    /// Whether `update` should be sent; counts skipped lists since the previous one sent.
+    fn accept(&mut self, update: &RecUpdate, metrics: &Metrics) -> bool {
+        let seq = update.list.seq;
+        match self.last {
+            Some(last) if seq == last => false,
+            Some(last) => {
+                if seq > last + 1 {
+                    metrics.push_dropped_stale.add(seq - last - 1);
+                }
+                self.last = Some(seq);
+                true
+            }
+            None => {
+                self.last = Some(seq);
+                true
+            }
+        }
+    }
+}
+
+fn subscribe(state: &AppState, user: &UserId) -> Subscription {
+    let (subscription, session) = state.registry.subscribe(user);
+    // The session produces a first list if the user has none yet; a full mailbox means it is
+    // busy producing one anyway.
+    let _ = session.try_send(EnsureList);
+    subscription
+}
+
+struct SseState {
+    subscription: Subscription,
+    seq: SeqTracker,
+    /// The client's `Last-Event-ID`: the list it already has is not sent again.
+    resume_from: Option<u64>,
+    heartbeat: tokio::time::Interval,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    closing: bool,
+    _guard: GaugeGuard,
+}
+
+async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let user = state.user_id(&path, "user_id")?;
+    let resume_from = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut subscription = subscribe(&state, &user);
+    // Deliver the current list (if any) at once.
+    subscription.receiver().mark_changed();
+    let period = Duration::from_secs(state.config.stream.heartbeat_secs);
+    let initial = SseState {
+        subscription,
+        seq: SeqTracker::default(),
+        resume_from,
+        heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + period, period),
+        shutdown: state.shutdown.clone(),
+        metrics: state.metrics.clone(),
+        closing: false,
+        _guard: GaugeGuard::new(state.metrics.clone(), |m| &m.subscribers_sse),
+    };
+    let retry = Bytes::from_static(b"retry: 2000\n\n");
+    let updates = futures_util::stream::unfold(initial, |mut st| async move {
+        if st.closing {
+            return None;
+        }
+        loop {
+            enum Next {
+                Changed(bool),
+                Heartbeat,
+                Shutdown,
+            }
+            let next = tokio::select! {
+                changed = st.subscription.receiver().changed() => Next::Changed(changed.is_ok()),
+                _ = st.heartbeat.tick() => Next::Heartbeat,
+                _ = st.shutdown.wait_for(|stopping| *stopping) => Next::Shutdown,
+            };
+            match next {
+                Next::Changed(false) => return None,
+                Next::Changed(true) => {
+                    let Some(update) = st.subscription.receiver().borrow_and_update().clone() else { continue };
+                    if st.resume_from.take() == Some(update.list.seq) {
+                        st.seq.last = Some(update.list.seq);
+                        continue;
+                    }
+                    if st.seq.accept(&update, &st.metrics) {
+                        st.metrics.push_sent_sse.inc();
+                        return Some((Ok::<_, actix_web::Error>(update.sse.clone()), st));
+                    }
+                }
+                Next::Heartbeat => return Some((Ok(Bytes::from_static(b": heartbeat\n\n")), st)),
+                Next::Shutdown => {
+                    st.closing = true;
+                    return Some((Ok(Bytes::from_static(b"event: shutdown\ndata: {}\n\n")), st));
+                }
+            }
+        }
+    });
+    let body = futures_util::stream::once(async move { Ok(retry) }).chain(updates);
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("x-accel-buffering", "no"))
+        .streaming(body))
+}
+
+/// A WebSocket: `{"subscribe": "<user>"}`, `{"unsubscribe": "<user>"}`, `{"event": {...}}`,
+/// `{"events": [...]}` in; lists, acknowledgements and errors out.
+async fn websocket(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, actix_web::Error> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream
+        .max_frame_size(state.config.stream.ws_max_frame_bytes)
+        .aggregate_continuations()
+        .max_continuation_size(state.config.stream.ws_max_message_bytes);
+    actix_web::rt::spawn(run_socket(state.into_inner(), session, stream));
+    Ok(response)
+}
+
+struct Socket {
+    state: Arc<AppState>,
+    session: actix_ws::Session,
+    subscriptions: StreamMap<UserId, WatchStream<Option<Arc<RecUpdate>>>>,
+    holds: Vec<Subscription>,
+    seqs: std::collections::HashMap<UserId, SeqTracker>,
+}
+
+enum Flow {
+    Continue,
+    Close(Option<CloseReason>),
+}
+
+async fn run_socket(state: Arc<AppState>, session: actix_ws::Session, mut stream: actix_ws::AggregatedMessageStream) {
+    let _guard = GaugeGuard::new(state.metrics.clone(), |m| &m.subscribers_ws);
+    let period = Duration::from_secs(state.config.stream.heartbeat_secs);
+    let timeout = Duration::from_secs(state.config.stream.client_timeout_secs);
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut shutdown = state.shutdown.clone();
+    let mut last_heard = Instant::now();
+    let mut socket = Socket {
+        state,
+        session,
+        subscriptions: StreamMap::new(),
+        holds: Vec::new(),
+        seqs: std::collections::HashMap::new(),
+    };
+    let reason = loop {
+        let flow = tokio::select! {
+            message = stream.recv() => {
+                last_heard = Instant::now();
+                match message {
+                    None => break None,
+                    Some(Ok(message)) => socket.on_message(message).await,
+                    Some(Err(error)) => {
+                        socket.state.metrics.ws_invalid_messages.inc();
+                        let code = match error {
+                            actix_ws::ProtocolError::Overflow => CloseCode::Size,
+                            _ => CloseCode::Protocol,
+                        };
+                        Flow::Close(Some(CloseReason { code, description: Some(error.to_string()) }))
+                    }
+                }
+            }
+            Some((user, update)) = socket.subscriptions.next(), if !socket.subscriptions.is_empty() => {
+                socket.on_update(user, update).await
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > timeout {
+                    Flow::Close(Some(CloseReason { code: CloseCode::Away, description: Some("ping timeout".into()) }))
+                } else if socket.session.ping(b"").await.is_err() {
+                    break None;
+                } else {
+                    Flow::Continue
+                }
+            }
+            _ = shutdown.wait_for(|stopping| *stopping) => {
+                Flow::Close(Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }))
+            }
+        };
+        match flow {
+            Flow::Continue => {}
+            Flow::Close(reason) => break reason,
+        }
+    };
+    let _ = socket.session.close(reason).await;
+}
+
+impl Socket {
+    async fn send(&mut self, text: impl Into<bytestring::ByteString>) -> Flow {
+        match self.session.text(text).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close(None),
+        }
+    }
+
+    async fn send_error(&mut self, error: ApiError) -> Flow {
+        self.state.metrics.ws_invalid_messages.inc();
+        let text = format!("{{\"type\":\"error\",{}", &error.body_json()[1..]);
+        self.send(text).await
+    }
+
+    async fn on_update(&mut self, user: UserId, update: Option<Arc<RecUpdate>>) -> Flow {
+        let Some(update) = update else { return Flow::Continue };
+        let metrics = self.state.metrics.clone();
+        if !self.seqs.entry(user).or_default().accept(&update, &metrics) {
+            return Flow::Continue;
+        }
+        metrics.push_sent_ws.inc();
+        self.send(update.ws.clone()).await
+    }
+
+    async fn on_message(&mut self, message: AggregatedMessage) -> Flow {
+        match message {
+            AggregatedMessage::Text(text) => self.on_text(&text).await,
+            AggregatedMessage::Binary(_) => {
+                self.send_error(ApiError::bad_request("unsupported_frame", "send JSON text frames, not binary")).await
+            }
+            AggregatedMessage::Ping(bytes) => match self.session.pong(&bytes).await {
+                Ok(()) => Flow::Continue,
+                Err(_) => Flow::Close(None),
+            },
+            AggregatedMessage::Pong(_) => Flow::Continue,
+            AggregatedMessage::Close(_) => Flow::Close(None),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Flow {
+        let value: Value = match serde_json::from_str(text) {
+            Ok(value) => value,
+            Err(error) => {
+                return self.send_error(ApiError::bad_request("malformed_json", format!("the message is not valid JSON: {error}"))).await
+            }
+        };
+        let Value::Object(mut object) = value else {
+            return self.send_error(ApiError::bad_request("invalid_message", "a message is a JSON object")).await;
+        };
+        if object.len() != 1 {
+            return self
+                .send_error(ApiError::bad_request(
+                    "invalid_message",
+                    "a message has exactly one of the keys subscribe, unsubscribe, event, events",
+                ))
+                .await;
+        }
+        let (key, value) = object.iter_mut().next().map(|(k, v)| (k.clone(), v.take())).expect("one entry");
+        match key.as_str() {
+            "subscribe" => self.subscribe(value).await,
+            "unsubscribe" => self.unsubscribe(value).await,
+            "event" | "events" => self.events(value, key == "events").await,
+            other => {
+                self.send_error(
+                    ApiError::bad_request("invalid_message", format!("unknown message key {other:?}")).with_field(other.to_owned()),
+                )
+                .await
+            }
+        }
+    }
+
+    fn user_of(&self, value: &Value, field: &str) -> Result<UserId, ApiError> {
+        let Value::String(raw) = value else {
+            return Err(ApiError::bad_request("invalid_user_id", "the user id must be a string").with_field(field.to_owned()));
+        };
+        self.state.user_id(raw, field)
+    }
+
+    async fn subscribe(&mut self, value: Value) -> Flow {
+        let user = match self.user_of(&value, "subscribe") {
+            Ok(user) => user,
+            Err(error) => return self.send_error(error).await,
+        };
+        if !self.subscriptions.contains_key(&user) {
+            let max = self.state.config.stream.ws_max_subscriptions;
+            if self.subscriptions.len() >= max {
+                return self
+                    .send_error(
+                        ApiError::bad_request("too_many_subscriptions", format!("a socket may subscribe to at most {max} users"))
+                            .with_field("subscribe"),
+                    )
+                    .await;
+            }
+            let mut hold = subscribe(&self.state, &user);
+            let rx = hold.receiver().clone();
+            self.holds.push(hold);
+            // WatchStream yields the current list first, then every change.
+            self.subscriptions.insert(user.clone(), WatchStream::new(rx));
+            self.seqs.insert(user.clone(), SeqTracker::default());
+        }
+        self.send(json!({ "type": "subscribed", "user_id": user }).to_string()).await
+    }
+
+    async fn unsubscribe(&mut self, value: Value) -> Flow {
+        let user = match self.user_of(&value, "unsubscribe") {
+            Ok(user) => user,
+            Err(error) => return self.send_error(error).await,
+        };
+        self.subscriptions.remove(&user);
+        self.seqs.remove(&user);
+        self.holds.retain(|h| h.user() != &user);
+        self.send(json!({ "type": "unsubscribed", "user_id": user }).to_string()).await
+    }
+
+    async fn events(&mut self, value: Value, many: bool) -> Flow {
+        let received = Instant::now();
+        let state = self.state.clone();
+        let events = match decode_value(value, many, &state) {
+            Ok(events) => events,
+            Err(error) => {
+                state.metrics.ingest_invalid.inc();
+                return self.send_error(error).await;
+            }
+        };
+        match publish(&state, events, received, &state.metrics.ingest_events_ws).await {
+            Ok(accepted) => {
+                let ack = json!({ "type": "ack", "accepted": accepted.accepted, "event_ids": accepted.event_ids });
+                self.send(ack.to_string()).await
+            }
+            Err(error) => self.send_error(error).await,
+        }
+    }
+}

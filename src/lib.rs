@@ -1,0 +1,178 @@
+//! liverec: a real-time recommendation server. Events come in, the user's session changes at
+//! once, and a fresh list is pushed to the user's open streams.
+//!
+//! [`Server::start`] builds and runs the whole server; `main.rs` and the integration tests both
+//! use it.
+
+pub mod actors;
+pub mod bus;
+pub mod catalog;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod http;
+pub mod models;
+pub mod recs;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Arbiter};
+use actix_web::{web, App, HttpServer};
+use tokio::sync::watch;
+
+use crate::actors::ingest::IngestActor;
+use crate::actors::model::{ModelActor, ModelFactory};
+use crate::actors::registry::SessionRegistry;
+use crate::actors::SessionDeps;
+use crate::bus::memory::MemoryBus;
+use crate::bus::EventBus;
+use crate::catalog::Catalog;
+use crate::config::{BusKind, Config, ModelKind, StoreKind};
+use crate::http::AppState;
+use crate::models::cooccurrence::CoocModel;
+use crate::models::Recommender;
+use crate::store::memory::MemoryStore;
+use crate::store::{ProfileLimits, ProfileStore};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running liverec server.
+pub struct Server {
+    /// The address the HTTP server listens on (useful with port 0).
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    handle: actix_web::dev::ServerHandle,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    arbiters: Vec<Arbiter>,
+}
+
+fn model_factory(config: &Config) -> ModelFactory {
+    let kind = config.model.kind;
+    let cooc = config.model.cooccurrence.clone();
+    Arc::new(move || -> Box<dyn Recommender> {
+        match kind {
+            ModelKind::Cooccurrence => Box::new(CoocModel::new(cooc.clone())),
+        }
+    })
+}
+
+impl Server {
+    /// Builds every part and starts serving. Must run inside an actix system (`#[actix_web::main]`
+    /// or `#[actix_rt::test]`).
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let catalog = Arc::new(Catalog::new());
+        let factory = model_factory(&config);
+        let mut model = factory();
+        if config.demo.enabled {
+            demo::load_catalog(&catalog, config.demo.items, config.demo.seed);
+            let observations = demo::warmup_observations(&catalog, config.demo.items, config.demo.users, config.demo.seed);
+            model.observe(&observations);
+            tracing::info!(items = catalog.len(), sessions = observations.len(), "demo catalogue loaded and model warmed");
+        }
+
+        let arbiter_count = match config.session.arbiters {
+            0 => Config::cores(),
+            n => n,
+        };
+        let arbiters: Vec<Arbiter> = (0..arbiter_count).map(|_| Arbiter::new()).collect();
+        let handles: Vec<_> = arbiters.iter().map(Arbiter::handle).collect();
+        let model_addr = ModelActor::start_with(
+            model,
+            factory,
+            catalog.clone(),
+            metrics.clone(),
+            config.model.max_batch,
+            config.model.mailbox_capacity,
+            &handles[0],
+        );
+        let store: Arc<dyn ProfileStore> = match config.store.kind {
+            StoreKind::Memory => Arc::new(MemoryStore::new(ProfileLimits {
+                history_len: config.session.history_len,
+                dedupe_window: config.session.dedupe_window,
+                suppressed_len: config.session.suppressed_len,
+            })),
+        };
+        let deps = Arc::new(SessionDeps {
+            config: config.clone(),
+            catalog: catalog.clone(),
+            store: store.clone(),
+            model: model_addr,
+            metrics: metrics.clone(),
+        });
+        let registry = SessionRegistry::new(deps, handles.clone());
+        let bus: Arc<dyn EventBus> = match config.bus.kind {
+            BusKind::Memory => {
+                let (bus, queues) = MemoryBus::new(config.bus.partitions, config.bus.queue_capacity);
+                for (partition, queue) in queues.into_iter().enumerate() {
+                    let registry = registry.clone();
+                    let arbiter = &handles[partition % handles.len()];
+                    IngestActor::start_in_arbiter(arbiter, move |_| IngestActor::new(partition, registry, queue));
+                }
+                Arc::new(bus)
+            }
+        };
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let state = AppState {
+            config: config.clone(),
+            registry,
+            bus,
+            store,
+            catalog,
+            metrics: metrics.clone(),
+            shutdown: shutdown_rx,
+        };
+        let workers = match config.server.workers {
+            0 => Config::cores(),
+            n => n,
+        };
+        let addr = config.server.listen;
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(state.clone()))
+                .configure(http::configure)
+                .default_service(web::to(http::not_found))
+        })
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(config.server.shutdown_timeout_secs)
+        .bind(addr)
+        .map_err(|source| StartError::Bind { addr, source })?;
+        let bound = server.addrs().first().copied().unwrap_or(addr);
+        let server = server.run();
+        let handle = server.handle();
+        let task = tokio::spawn(server);
+        tracing::info!(addr = %bound, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
+        Ok(Server { addr: bound, metrics, handle, shutdown: shutdown_tx, task, arbiters })
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful stop: streams get a close frame (WebSocket) or a `shutdown` event (SSE), then the
+    /// server stops accepting and waits for open requests up to the shutdown timeout.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        // Give stream tasks a moment to write their close frames before connections are dropped.
+        tokio::task::yield_now().await;
+        self.handle.stop(true).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        for arbiter in self.arbiters {
+            arbiter.stop();
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Recommendation lists as clients see them, and the pre-serialised update pushed to streams.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{ItemId, UserId};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecItem {
+    pub item_id: ItemId,
+    pub score: f32,
+}
+
+/// One recommendation list. `rec_id` identifies it for click attribution (`rec_id` on events).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecList {
+    pub rec_id: String,
+    pub user_id: UserId,
+    pub model_version: String,
+    /// Milliseconds since the Unix epoch.
+    pub generated_at: i64,
+    /// Per-user sequence number of pushed lists; the SSE event id.
+    pub seq: u64,
+    pub items: Vec<RecItem>,
+}
+
+/// A published list, serialised once and shared by every subscriber of the user.
+#[derive(Debug)]
+pub struct RecUpdate {
+    pub list: RecList,
+    /// The list as JSON (the body of `GET .../recommendations` with the default k).
+    pub json: Bytes,
+    /// The whole SSE frame: `id`, `event` and `data` lines.
+    pub sse: Bytes,
+    /// The WebSocket text message: `{"type":"recommendations","data":<list>}`.
+    pub ws: ByteString,
+}
+
+impl RecUpdate {
+    pub fn new(list: RecList) -> Arc<Self> {
+        let json = serde_json::to_string(&list).expect("a list always serialises");
+        let sse = format!("id: {}\nevent: recommendations\ndata: {json}\n\n", list.seq);
+        let ws = format!("{{\"type\":\"recommendations\",\"data\":{json}}}");
+        Arc::new(Self { list, json: Bytes::from(json), sse: Bytes::from(sse), ws: ByteString::from(ws) })
+    }
+}

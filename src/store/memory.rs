@@ -1,0 +1,93 @@
+//! The in-memory profile store: the embedded default. Profiles live in this process only and are
+//! lost when it stops.
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::{Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
+use crate::event::UserId;
+use crate::recs::RecList;
+
+pub struct MemoryStore {
+    profiles: DashMap<UserId, Profile>,
+    limits: ProfileLimits,
+}
+
+impl MemoryStore {
+    pub fn new(limits: ProfileLimits) -> Self {
+        Self { profiles: DashMap::new(), limits }
+    }
+
+    pub fn len(&self) -> usize {
+        self.profiles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.profiles.is_empty()
+    }
+}
+
+#[async_trait]
+impl ProfileStore for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn load(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
+        Ok(self.profiles.get(user).map(|p| p.clone()))
+    }
+
+    async fn append(&self, update: ProfileUpdate) -> Result<(), StoreError> {
+        let limits = self.limits;
+        self.profiles.entry(update.user_id.clone()).or_default().apply(update, limits);
+        Ok(())
+    }
+
+    async fn save_recs(&self, user: &UserId, recs: &RecList) -> Result<(), StoreError> {
+        self.profiles.entry(user.clone()).or_default().last_recs = Some(recs.clone());
+        Ok(())
+    }
+
+    async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
+        Ok(self.profiles.remove(user).map(|(_, p)| p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventId, EventType, ItemId};
+    use crate::store::Interaction;
+
+    fn interaction(id: &str, item: &str) -> Interaction {
+        Interaction {
+            event_id: EventId::from(id),
+            item_id: ItemId::from(item),
+            event_type: EventType::View,
+            value: None,
+            timestamp: 0,
+            rec_id: None,
+        }
+    }
+
+    #[actix_rt::test]
+    async fn appends_dedupes_and_trims() {
+        let store = MemoryStore::new(ProfileLimits { history_len: 2, dedupe_window: 3, suppressed_len: 1 });
+        let user = UserId::from("u");
+        let update = |ids: &[&str]| ProfileUpdate {
+            user_id: user.clone(),
+            interactions: ids.iter().map(|id| interaction(id, &format!("item-{id}"))).collect(),
+            context: None,
+            suppressed: vec![ItemId::from("x"), ItemId::from("y")],
+        };
+        store.append(update(&["a", "b"])).await.expect("append");
+        store.append(update(&["b", "c"])).await.expect("append");
+        let profile = store.load(&user).await.expect("load").expect("present");
+        let ids: Vec<_> = profile.interactions.iter().map(|i| i.event_id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+        assert_eq!(profile.event_ids.len(), 3);
+        assert_eq!(profile.suppressed, vec![ItemId::from("y")]);
+        assert!(store.remove(&user).await.expect("remove").is_some());
+        assert!(store.load(&user).await.expect("load").is_none());
+    }
+}

@@ -1,0 +1,105 @@
+//! User profile storage behind one small trait. The in-memory store is the embedded default;
+//! durable stores (Redis) implement the same trait.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Context, EventId, EventType, ItemId, UserId};
+use crate::recs::RecList;
+
+/// One stored interaction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Interaction {
+    pub event_id: EventId,
+    pub item_id: ItemId,
+    pub event_type: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rec_id: Option<Arc<str>>,
+}
+
+/// Everything kept about a user.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The last `session.history_len` interactions, oldest first.
+    pub interactions: Vec<Interaction>,
+    /// The latest request context.
+    pub context: Option<Context>,
+    /// Recent event ids, oldest first, used to apply a repeated event once.
+    pub event_ids: Vec<EventId>,
+    /// Items the user disliked or hid, oldest first.
+    pub suppressed: Vec<ItemId>,
+    /// The last list pushed to the user.
+    pub last_recs: Option<RecList>,
+}
+
+/// New state for one user, already de-duplicated by the session.
+#[derive(Clone, Debug)]
+pub struct ProfileUpdate {
+    pub user_id: UserId,
+    pub interactions: Vec<Interaction>,
+    pub context: Option<Context>,
+    pub suppressed: Vec<ItemId>,
+}
+
+/// Bounds every store applies when appending.
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileLimits {
+    pub history_len: usize,
+    pub dedupe_window: usize,
+    pub suppressed_len: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("profile store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait ProfileStore: Send + Sync + 'static {
+    /// A short name for logs and `/readyz` ("memory", "redis").
+    fn kind(&self) -> &'static str;
+    async fn load(&self, user: &UserId) -> Result<Option<Profile>, StoreError>;
+    /// Appends interactions, skipping event ids the profile already holds, and trims to the limits.
+    async fn append(&self, update: ProfileUpdate) -> Result<(), StoreError>;
+    async fn save_recs(&self, user: &UserId, recs: &RecList) -> Result<(), StoreError>;
+    /// Removes the profile, returning what it held.
+    async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError>;
+}
+
+impl Profile {
+    /// Applies an update in place with the same rules every store follows: skip known event ids,
+    /// keep the newest `limits` entries of each list.
+    pub fn apply(&mut self, update: ProfileUpdate, limits: ProfileLimits) {
+        for interaction in update.interactions {
+            if self.event_ids.contains(&interaction.event_id) {
+                continue;
+            }
+            self.event_ids.push(interaction.event_id.clone());
+            self.interactions.push(interaction);
+        }
+        for item in update.suppressed {
+            self.suppressed.retain(|s| *s != item);
+            self.suppressed.push(item);
+        }
+        if update.context.is_some() {
+            self.context = update.context;
+        }
+        trim_front(&mut self.interactions, limits.history_len);
+        trim_front(&mut self.event_ids, limits.dedupe_window);
+        trim_front(&mut self.suppressed, limits.suppressed_len);
+    }
+}
+
+fn trim_front<T>(list: &mut Vec<T>, keep: usize) {
+    if list.len() > keep {
+        list.drain(..list.len() - keep);
+    }
+}
