@@ -284,7 +284,10 @@ pub fn check_id(field: &str, value: &str, max_len: usize) -> Result<(), InvalidE
         ));
     }
     if value.chars().any(char::is_control) {
-        return Err(InvalidEvent::new(field, "must not contain control characters"));
+        return Err(InvalidEvent::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -302,10 +305,16 @@ impl EventIn {
         let timestamp = match self.timestamp {
             None => now,
             Some(ts) if ts < 0 => {
-                return Err(InvalidEvent::new("timestamp", "must be milliseconds since the Unix epoch, not negative"))
+                return Err(InvalidEvent::new(
+                    "timestamp",
+                    "must be milliseconds since the Unix epoch, not negative",
+                ))
             }
             Some(ts) if ts > now.saturating_add(MAX_FUTURE_MS) => {
-                return Err(InvalidEvent::new("timestamp", "is more than a day in the future (timestamps are in milliseconds)"))
+                return Err(InvalidEvent::new(
+                    "timestamp",
+                    "is more than a day in the future (timestamps are in milliseconds)",
+                ))
             }
             Some(ts) => ts,
         };
@@ -345,7 +354,9 @@ impl EventIn {
         }
         for (key, value) in &context_in.attributes {
             check_id("context.attributes", key, limits.max_context_key_len)?;
-            if value.chars().count() > limits.max_context_value_len || value.chars().any(char::is_control) {
+            if value.chars().count() > limits.max_context_value_len
+                || value.chars().any(char::is_control)
+            {
                 return Err(InvalidEvent::new(
                     &format!("context.attributes.{key}"),
                     format!(
@@ -366,7 +377,9 @@ impl EventIn {
             rec_id,
             context: Context {
                 device: context_in.device.unwrap_or_default(),
-                country: context_in.country.map(|c| Arc::from(c.to_ascii_uppercase())),
+                country: context_in
+                    .country
+                    .map(|c| Arc::from(c.to_ascii_uppercase())),
                 attributes: context_in.attributes,
                 hour,
                 weekday,
@@ -416,7 +429,10 @@ mod tests {
         assert_eq!(e.context.weekday, 0);
         assert_eq!(e.context.hour_bucket(), 2);
         assert_eq!(e.context.device, Device::Other);
-        assert_eq!(uuid::Uuid::parse_str(e.event_id.as_str()).map(|u| u.get_version_num()), Ok(7));
+        assert_eq!(
+            uuid::Uuid::parse_str(e.event_id.as_str()).map(|u| u.get_version_num()),
+            Ok(7)
+        );
     }
 
     #[test]
@@ -426,12 +442,33 @@ mod tests {
             (event("", "i"), "user_id"),
             (event("u", &"x".repeat(17)), "item_id"),
             (event("u\n", "i"), "user_id"),
-            (EventIn { value: Some(f64::NAN), ..event("u", "i") }, "value"),
-            (EventIn { timestamp: Some(-1), ..event("u", "i") }, "timestamp"),
-            (EventIn { timestamp: Some(now * 1000), ..event("u", "i") }, "timestamp"),
             (
                 EventIn {
-                    context: Some(ContextIn { country: Some("F1".into()), ..ContextIn::default() }),
+                    value: Some(f64::NAN),
+                    ..event("u", "i")
+                },
+                "value",
+            ),
+            (
+                EventIn {
+                    timestamp: Some(-1),
+                    ..event("u", "i")
+                },
+                "timestamp",
+            ),
+            (
+                EventIn {
+                    timestamp: Some(now * 1000),
+                    ..event("u", "i")
+                },
+                "timestamp",
+            ),
+            (
+                EventIn {
+                    context: Some(ContextIn {
+                        country: Some("F1".into()),
+                        ..ContextIn::default()
+                    }),
                     ..event("u", "i")
                 },
                 "context.country",

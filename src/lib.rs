@@ -42,7 +42,10 @@ use crate::telemetry::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running liverec server.
@@ -77,9 +80,18 @@ impl Server {
         let mut model = factory();
         if config.demo.enabled {
             demo::load_catalog(&catalog, config.demo.items, config.demo.seed);
-            let observations = demo::warmup_observations(&catalog, config.demo.items, config.demo.users, config.demo.seed);
+            let observations = demo::warmup_observations(
+                &catalog,
+                config.demo.items,
+                config.demo.users,
+                config.demo.seed,
+            );
             model.observe(&observations);
-            tracing::info!(items = catalog.len(), sessions = observations.len(), "demo catalogue loaded and model warmed");
+            tracing::info!(
+                items = catalog.len(),
+                sessions = observations.len(),
+                "demo catalogue loaded and model warmed"
+            );
         }
 
         let arbiter_count = match config.session.arbiters {
@@ -114,11 +126,14 @@ impl Server {
         let registry = SessionRegistry::new(deps, handles.clone());
         let bus: Arc<dyn EventBus> = match config.bus.kind {
             BusKind::Memory => {
-                let (bus, queues) = MemoryBus::new(config.bus.partitions, config.bus.queue_capacity);
+                let (bus, queues) =
+                    MemoryBus::new(config.bus.partitions, config.bus.queue_capacity);
                 for (partition, queue) in queues.into_iter().enumerate() {
                     let registry = registry.clone();
                     let arbiter = &handles[partition % handles.len()];
-                    IngestActor::start_in_arbiter(arbiter, move |_| IngestActor::new(partition, registry, queue));
+                    IngestActor::start_in_arbiter(arbiter, move |_| {
+                        IngestActor::new(partition, registry, queue)
+                    });
                 }
                 Arc::new(bus)
             }
@@ -155,7 +170,14 @@ impl Server {
         let handle = server.handle();
         let task = tokio::spawn(server);
         tracing::info!(addr = %bound, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
-        Ok(Server { addr: bound, metrics, handle, shutdown: shutdown_tx, task, arbiters })
+        Ok(Server {
+            addr: bound,
+            metrics,
+            handle,
+            shutdown: shutdown_tx,
+            task,
+            arbiters,
+        })
     }
 
     /// `http://<addr>`.

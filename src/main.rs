@@ -8,7 +8,11 @@ use liverec::config::{Config, Overrides};
 use liverec::Server;
 
 #[derive(Parser)]
-#[command(name = "liverec", version, about = "A real-time recommendation server that pushes fresh lists the moment a user acts")]
+#[command(
+    name = "liverec",
+    version,
+    about = "A real-time recommendation server that pushes fresh lists the moment a user acts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,10 +40,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&liverec::event::event_json_schema()).expect("schema serialises"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&liverec::event::event_json_schema())
+                    .expect("schema serialises")
+            );
             ExitCode::SUCCESS
         }
-        Command::Serve { config, listen, print_config } => {
+        Command::Serve {
+            config,
+            listen,
+            print_config,
+        } => {
             let config = match Config::load(config.as_deref(), &Overrides { listen }) {
                 Ok(config) => config,
                 Err(error) => {

@@ -28,8 +28,16 @@ pub struct IngestActor {
 }
 
 impl IngestActor {
-    pub fn new(partition: usize, registry: Arc<SessionRegistry>, queue: mpsc::Receiver<EventBatch>) -> Self {
-        Self { partition, registry, queue: Some(queue) }
+    pub fn new(
+        partition: usize,
+        registry: Arc<SessionRegistry>,
+        queue: mpsc::Receiver<EventBatch>,
+    ) -> Self {
+        Self {
+            partition,
+            registry,
+            queue: Some(queue),
+        }
     }
 }
 
@@ -91,7 +99,12 @@ mod tests {
 
     #[test]
     fn groups_keep_order() {
-        let limits = EventLimits { max_id_len: 8, max_context_attributes: 0, max_context_key_len: 1, max_context_value_len: 1 };
+        let limits = EventLimits {
+            max_id_len: 8,
+            max_context_attributes: 0,
+            max_context_key_len: 1,
+            max_context_value_len: 1,
+        };
         let ev = |u: &str, i: &str| {
             EventIn {
                 user_id: u.into(),
@@ -109,8 +122,19 @@ mod tests {
         let groups = by_user(vec![ev("b", "1"), ev("a", "2"), ev("b", "3")]);
         let shape: Vec<(String, Vec<String>)> = groups
             .iter()
-            .map(|(u, es)| (u.to_string(), es.iter().map(|e| e.item_id.to_string()).collect()))
+            .map(|(u, es)| {
+                (
+                    u.to_string(),
+                    es.iter().map(|e| e.item_id.to_string()).collect(),
+                )
+            })
             .collect();
-        assert_eq!(shape, vec![("b".into(), vec!["1".into(), "3".into()]), ("a".into(), vec!["2".into()])]);
+        assert_eq!(
+            shape,
+            vec![
+                ("b".into(), vec!["1".into(), "3".into()]),
+                ("a".into(), vec!["2".into()])
+            ]
+        );
     }
 }

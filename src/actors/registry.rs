@@ -33,7 +33,12 @@ pub struct UserHub {
 impl UserHub {
     fn new(user: UserId) -> Self {
         let (updates, _) = watch::channel(None);
-        Self { user, updates, session: Mutex::new(None), seq: AtomicU64::new(0) }
+        Self {
+            user,
+            updates,
+            session: Mutex::new(None),
+            seq: AtomicU64::new(0),
+        }
     }
 
     /// The list most recently published, if any.
@@ -93,7 +98,11 @@ pub struct SessionRegistry {
 impl SessionRegistry {
     pub fn new(deps: Arc<SessionDeps>, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
         assert!(!arbiters.is_empty(), "at least one session arbiter");
-        Arc::new(Self { hubs: DashMap::new(), arbiters, deps })
+        Arc::new(Self {
+            hubs: DashMap::new(),
+            arbiters,
+            deps,
+        })
     }
 
     /// The user's hub, if the registry holds one.
@@ -104,7 +113,10 @@ impl SessionRegistry {
     /// The user's session, started (and rebuilt from the store) if it is not running. Starting
     /// happens under the map's shard lock, so two callers never start two sessions for one user.
     pub fn session(self: &Arc<Self>, user: &UserId) -> (Arc<UserHub>, Addr<SessionActor>) {
-        let entry = self.hubs.entry(user.clone()).or_insert_with(|| Arc::new(UserHub::new(user.clone())));
+        let entry = self
+            .hubs
+            .entry(user.clone())
+            .or_insert_with(|| Arc::new(UserHub::new(user.clone())));
         let hub = entry.value().clone();
         let mut slot = hub.session.lock();
         if let Some(addr) = slot.as_ref().filter(|a| a.connected()) {
@@ -113,7 +125,9 @@ impl SessionRegistry {
         let arbiter = &self.arbiters[partition_of(user.as_str(), self.arbiters.len())];
         let registry = self.clone();
         let session_hub = hub.clone();
-        let addr = SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(session_hub, registry));
+        let addr = SessionActor::start_in_arbiter(arbiter, move |_| {
+            SessionActor::new(session_hub, registry)
+        });
         *slot = Some(addr.clone());
         drop(slot);
         drop(entry);
@@ -124,7 +138,14 @@ impl SessionRegistry {
     pub fn subscribe(self: &Arc<Self>, user: &UserId) -> (Subscription, Addr<SessionActor>) {
         let (hub, addr) = self.session(user);
         let rx = hub.updates.subscribe();
-        (Subscription { rx: Some(rx), hub, registry: self.clone() }, addr)
+        (
+            Subscription {
+                rx: Some(rx),
+                hub,
+                registry: self.clone(),
+            },
+            addr,
+        )
     }
 
     /// Called by a session as it stops.
@@ -141,7 +162,9 @@ impl SessionRegistry {
     /// Drops the hub if it has neither a session nor a subscriber left.
     fn release(&self, hub: &Arc<UserHub>) {
         self.hubs.remove_if(&hub.user, |_, h| {
-            Arc::ptr_eq(h, hub) && h.subscriber_count() == 0 && h.session.lock().as_ref().is_none_or(|a| !a.connected())
+            Arc::ptr_eq(h, hub)
+                && h.subscriber_count() == 0
+                && h.session.lock().as_ref().is_none_or(|a| !a.connected())
         });
     }
 

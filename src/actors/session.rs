@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::messages::{
-    ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, SessionError, Snapshot,
-    TakeHistory,
+    ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters,
+    SessionError, Snapshot, TakeHistory,
 };
 use super::model::{Observe, Recommend, ScoredList};
 use super::registry::{SessionRegistry, UserHub};
@@ -121,7 +121,11 @@ impl SessionActor {
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.
-    fn apply(&mut self, events: Vec<Event>, ctx: &mut Context<Self>) -> (ApplyOutcome, ProfileUpdate) {
+    fn apply(
+        &mut self,
+        events: Vec<Event>,
+        ctx: &mut Context<Self>,
+    ) -> (ApplyOutcome, ProfileUpdate) {
         let mut outcome = ApplyOutcome::default();
         let previous = self.history_items();
         let mut update = ProfileUpdate {
@@ -165,10 +169,20 @@ impl SessionActor {
             self.context = Some(event.context);
         }
         update.context = self.context.clone();
-        self.deps.metrics.session_applied.add(outcome.applied as u64);
-        self.deps.metrics.session_duplicates.add(outcome.duplicates as u64);
+        self.deps
+            .metrics
+            .session_applied
+            .add(outcome.applied as u64);
+        self.deps
+            .metrics
+            .session_duplicates
+            .add(outcome.duplicates as u64);
         if outcome.applied > 0 {
-            let observation = Observation { previous, new: new_items, segment: self.segment(None) };
+            let observation = Observation {
+                previous,
+                new: new_items,
+                segment: self.segment(None),
+            };
             if self.deps.model.try_send(Observe { observation }).is_err() {
                 self.deps.metrics.model_refused.inc();
             }
@@ -180,7 +194,11 @@ impl SessionActor {
     fn segment(&self, device: Option<crate::event::Device>) -> usize {
         match (&self.context, device) {
             (Some(c), None) => c.segment(),
-            (Some(c), Some(d)) => EventContext { device: d, ..c.clone() }.segment(),
+            (Some(c), Some(d)) => EventContext {
+                device: d,
+                ..c.clone()
+            }
+            .segment(),
             (None, d) => EventContext::at_time(now_ms(), d.unwrap_or_default()).segment(),
         }
     }
@@ -193,15 +211,37 @@ impl SessionActor {
             .filter(|(i, _)| excluded_types.contains(&i.event_type))
             .map(|(_, idx)| *idx)
             .collect();
-        exclude.extend(filters.exclude.iter().filter_map(|id| self.deps.catalog.lookup(id)));
-        let negatives = self.suppressed.iter().filter_map(|id| self.deps.catalog.lookup(id)).collect();
+        exclude.extend(
+            filters
+                .exclude
+                .iter()
+                .filter_map(|id| self.deps.catalog.lookup(id)),
+        );
+        let negatives = self
+            .suppressed
+            .iter()
+            .filter_map(|id| self.deps.catalog.lookup(id))
+            .collect();
         let categories = if filters.categories.is_empty() {
             None
         } else {
             // An unknown category matches no item, which is the honest answer.
-            Some(filters.categories.iter().filter_map(|c| self.deps.catalog.category_idx(c)).collect())
+            Some(
+                filters
+                    .categories
+                    .iter()
+                    .filter_map(|c| self.deps.catalog.category_idx(c))
+                    .collect(),
+            )
         };
-        ScoreRequest { history: self.history_items(), segment: self.segment(filters.device), exclude, negatives, categories, k }
+        ScoreRequest {
+            history: self.history_items(),
+            segment: self.segment(filters.device),
+            exclude,
+            negatives,
+            categories,
+            k,
+        }
     }
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
@@ -225,8 +265,12 @@ impl SessionActor {
                 }
                 match result {
                     Ok(Ok(scored)) => act.publish(scored),
-                    Ok(Err(error)) => tracing::warn!(error = %error, user = %act.hub.user, "no list computed"),
-                    Err(error) => tracing::warn!(error = %error, user = %act.hub.user, "model mailbox closed"),
+                    Ok(Err(error)) => {
+                        tracing::warn!(error = %error, user = %act.hub.user, "no list computed")
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error, user = %act.hub.user, "model mailbox closed")
+                    }
                 }
             })
             .spawn(ctx);
@@ -240,7 +284,10 @@ impl SessionActor {
             .ids_of(&indices)
             .into_iter()
             .zip(&scored.items)
-            .map(|(item_id, s)| RecItem { item_id, score: s.score })
+            .map(|(item_id, s)| RecItem {
+                item_id,
+                score: s.score,
+            })
             .collect();
         RecList {
             rec_id: uuid::Uuid::now_v7().to_string(),
@@ -258,7 +305,10 @@ impl SessionActor {
         self.hub.publish(update.clone());
         self.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {
-            self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
+            self.deps
+                .metrics
+                .event_to_push_seconds
+                .observe_duration(since.elapsed());
         }
         let store = self.deps.store.clone();
         let metrics = self.deps.metrics.clone();
@@ -345,7 +395,11 @@ impl Handler<ApplyEvents> for SessionActor {
             self.pending_since = Some(msg.received);
         }
         // Atomic: the next message waits until these events are persisted, keeping store order.
-        AtomicResponse::new(Box::pin(self.persist(update).into_actor(self).map(move |(), _, _| outcome)))
+        AtomicResponse::new(Box::pin(
+            self.persist(update)
+                .into_actor(self)
+                .map(move |(), _, _| outcome),
+        ))
     }
 }
 
@@ -356,17 +410,26 @@ impl Handler<GetRecommendations> for SessionActor {
         self.last_active = Instant::now();
         let request = self.score_request(msg.k, &msg.filters);
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
-        Box::pin(self.deps.model.send(Recommend { request }).into_actor(self).map(move |result, act, _| {
-            let scored = match result {
-                Ok(Ok(scored)) => scored,
-                _ => return Err(SessionError::ModelUnavailable),
-            };
-            if becomes_pushed && act.hub.latest().is_none() {
-                act.publish(scored);
-                return act.hub.latest().ok_or(SessionError::Stopped);
-            }
-            Ok(RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq))))
-        }))
+        Box::pin(
+            self.deps
+                .model
+                .send(Recommend { request })
+                .into_actor(self)
+                .map(move |result, act, _| {
+                    let scored = match result {
+                        Ok(Ok(scored)) => scored,
+                        _ => return Err(SessionError::ModelUnavailable),
+                    };
+                    if becomes_pushed && act.hub.latest().is_none() {
+                        act.publish(scored);
+                        return act.hub.latest().ok_or(SessionError::Stopped);
+                    }
+                    Ok(RecUpdate::new(act.to_list(
+                        &scored,
+                        act.hub.latest().map_or(0, |u| u.list.seq),
+                    )))
+                }),
+        )
     }
 }
 
@@ -393,13 +456,12 @@ impl Handler<Snapshot> for SessionActor {
 impl Handler<TakeHistory> for SessionActor {
     type Result = AtomicResponse<Self, Profile>;
 
-    fn handle(&mut self, _msg: TakeHistory, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _msg: TakeHistory, _ctx: &mut Self::Context) -> Self::Result {
         let profile = self.profile();
         self.history.clear();
         self.event_ids.clear();
         self.event_order.clear();
         self.suppressed.clear();
-        ctx.stop();
         let store = self.deps.store.clone();
         let user = self.hub.user.clone();
         AtomicResponse::new(Box::pin(
@@ -407,7 +469,11 @@ impl Handler<TakeHistory> for SessionActor {
                 let _ = store.remove(&user).await;
             }
             .into_actor(self)
-            .map(move |(), _, _| profile),
+            .map(move |(), _, ctx| {
+                // Stop only once the reply is on its way; stopping earlier would drop it.
+                ctx.stop();
+                profile
+            }),
         ))
     }
 }
@@ -429,7 +495,9 @@ impl Handler<MergeHistory> for SessionActor {
             suppressed: msg.from.suppressed.clone(),
         };
         for interaction in msg.from.interactions {
-            if own.contains(&interaction.event_id) || !self.remember_id(interaction.event_id.clone()) {
+            if own.contains(&interaction.event_id)
+                || !self.remember_id(interaction.event_id.clone())
+            {
                 outcome.duplicates += 1;
                 continue;
             }
@@ -454,6 +522,10 @@ impl Handler<MergeHistory> for SessionActor {
         if outcome.applied > 0 || !update.suppressed.is_empty() {
             self.refresh(ctx);
         }
-        AtomicResponse::new(Box::pin(self.persist(update).into_actor(self).map(move |(), _, _| outcome)))
+        AtomicResponse::new(Box::pin(
+            self.persist(update)
+                .into_actor(self)
+                .map(move |(), _, _| outcome),
+        ))
     }
 }

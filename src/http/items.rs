@@ -21,7 +21,10 @@ fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
     Ok(ItemId::from(raw))
 }
 
-async fn get_item(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn get_item(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let id = item_id(&path, &state)?;
     let view = state
         .catalog
@@ -44,5 +47,9 @@ async fn put_item(
     attributes.validate()?;
     let (_, created) = state.catalog.put(&id, attributes);
     let view = state.catalog.get(&id).expect("just put");
-    Ok(if created { HttpResponse::Created().json(view) } else { HttpResponse::Ok().json(view) })
+    Ok(if created {
+        HttpResponse::Created().json(view)
+    } else {
+        HttpResponse::Ok().json(view)
+    })
 }

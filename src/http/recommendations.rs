@@ -14,7 +14,10 @@ use crate::event::{Device, ItemId};
 use crate::recs::RecList;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/v1/users/{user_id}/recommendations").route(web::get().to(get_recommendations)));
+    cfg.service(
+        web::resource("/v1/users/{user_id}/recommendations")
+            .route(web::get().to(get_recommendations)),
+    );
 }
 
 #[derive(Debug, Deserialize)]
@@ -31,7 +34,13 @@ struct RecQuery {
 
 fn split(list: &Option<String>) -> Vec<String> {
     list.as_deref()
-        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -44,11 +53,18 @@ async fn get_recommendations(
     let recs = &state.config.recs;
     let k = query.k.unwrap_or(recs.default_k);
     if k == 0 || k > recs.max_k {
-        return Err(ApiError::bad_request("invalid_query", format!("k must be between 1 and {}", recs.max_k)).with_field("k"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("k must be between 1 and {}", recs.max_k),
+        )
+        .with_field("k"));
     }
     let exclude = split(&query.exclude);
     if exclude.len() > recs.max_k {
-        return Err(ApiError::bad_request("invalid_query", "too many items to exclude").with_field("exclude"));
+        return Err(
+            ApiError::bad_request("invalid_query", "too many items to exclude")
+                .with_field("exclude"),
+        );
     }
     let filters = RecFilters {
         exclude: exclude.iter().map(|s| ItemId::from(s.as_str())).collect(),
@@ -67,7 +83,9 @@ async fn get_recommendations(
 
 fn respond(list: &RecList, json: &web::Bytes, k: usize) -> HttpResponse {
     if k >= list.items.len() {
-        return HttpResponse::Ok().content_type("application/json").body(json.clone());
+        return HttpResponse::Ok()
+            .content_type("application/json")
+            .body(json.clone());
     }
     let mut shorter = list.clone();
     shorter.items.truncate(k);

@@ -28,8 +28,10 @@ use crate::recs::RecUpdate;
 use crate::telemetry::{Gauge, Metrics};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/v1/users/{user_id}/recommendations/stream").route(web::get().to(sse)))
-        .service(web::resource("/v1/ws").route(web::get().to(websocket)));
+    cfg.service(
+        web::resource("/v1/users/{user_id}/recommendations/stream").route(web::get().to(sse)),
+    )
+    .service(web::resource("/v1/ws").route(web::get().to(websocket)));
 }
 
 /// Counts a subscriber in a gauge for as long as it lives.
@@ -98,7 +100,11 @@ struct SseState {
     _guard: GaugeGuard,
 }
 
-async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn sse(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
     let resume_from = req
         .headers()
@@ -138,7 +144,10 @@ async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppStat
             match next {
                 Next::Changed(false) => return None,
                 Next::Changed(true) => {
-                    let Some(update) = st.subscription.receiver().borrow_and_update().clone() else { continue };
+                    let Some(update) = st.subscription.receiver().borrow_and_update().clone()
+                    else {
+                        continue;
+                    };
                     if st.resume_from.take() == Some(update.list.seq) {
                         st.seq.last = Some(update.list.seq);
                         continue;
@@ -166,7 +175,11 @@ async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppStat
 
 /// A WebSocket: `{"subscribe": "<user>"}`, `{"unsubscribe": "<user>"}`, `{"event": {...}}`,
 /// `{"events": [...]}` in; lists, acknowledgements and errors out.
-async fn websocket(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, actix_web::Error> {
+async fn websocket(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let stream = stream
         .max_frame_size(state.config.stream.ws_max_frame_bytes)
@@ -189,7 +202,11 @@ enum Flow {
     Close(Option<CloseReason>),
 }
 
-async fn run_socket(state: Arc<AppState>, session: actix_ws::Session, mut stream: actix_ws::AggregatedMessageStream) {
+async fn run_socket(
+    state: Arc<AppState>,
+    session: actix_ws::Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+) {
     let _guard = GaugeGuard::new(state.metrics.clone(), |m| &m.subscribers_ws);
     let period = Duration::from_secs(state.config.stream.heartbeat_secs);
     let timeout = Duration::from_secs(state.config.stream.client_timeout_secs);
@@ -259,7 +276,9 @@ impl Socket {
     }
 
     async fn on_update(&mut self, user: UserId, update: Option<Arc<RecUpdate>>) -> Flow {
-        let Some(update) = update else { return Flow::Continue };
+        let Some(update) = update else {
+            return Flow::Continue;
+        };
         let metrics = self.state.metrics.clone();
         if !self.seqs.entry(user).or_default().accept(&update, &metrics) {
             return Flow::Continue;
@@ -272,7 +291,11 @@ impl Socket {
         match message {
             AggregatedMessage::Text(text) => self.on_text(&text).await,
             AggregatedMessage::Binary(_) => {
-                self.send_error(ApiError::bad_request("unsupported_frame", "send JSON text frames, not binary")).await
+                self.send_error(ApiError::bad_request(
+                    "unsupported_frame",
+                    "send JSON text frames, not binary",
+                ))
+                .await
             }
             AggregatedMessage::Ping(bytes) => match self.session.pong(&bytes).await {
                 Ok(()) => Flow::Continue,
@@ -287,11 +310,21 @@ impl Socket {
         let value: Value = match serde_json::from_str(text) {
             Ok(value) => value,
             Err(error) => {
-                return self.send_error(ApiError::bad_request("malformed_json", format!("the message is not valid JSON: {error}"))).await
+                return self
+                    .send_error(ApiError::bad_request(
+                        "malformed_json",
+                        format!("the message is not valid JSON: {error}"),
+                    ))
+                    .await
             }
         };
         let Value::Object(mut object) = value else {
-            return self.send_error(ApiError::bad_request("invalid_message", "a message is a JSON object")).await;
+            return self
+                .send_error(ApiError::bad_request(
+                    "invalid_message",
+                    "a message is a JSON object",
+                ))
+                .await;
         };
         if object.len() != 1 {
             return self
@@ -301,14 +334,22 @@ impl Socket {
                 ))
                 .await;
         }
-        let (key, value) = object.iter_mut().next().map(|(k, v)| (k.clone(), v.take())).expect("one entry");
+        let (key, value) = object
+            .iter_mut()
+            .next()
+            .map(|(k, v)| (k.clone(), v.take()))
+            .expect("one entry");
         match key.as_str() {
             "subscribe" => self.subscribe(value).await,
             "unsubscribe" => self.unsubscribe(value).await,
             "event" | "events" => self.events(value, key == "events").await,
             other => {
                 self.send_error(
-                    ApiError::bad_request("invalid_message", format!("unknown message key {other:?}")).with_field(other.to_owned()),
+                    ApiError::bad_request(
+                        "invalid_message",
+                        format!("unknown message key {other:?}"),
+                    )
+                    .with_field(other.to_owned()),
                 )
                 .await
             }
@@ -317,7 +358,10 @@ impl Socket {
 
     fn user_of(&self, value: &Value, field: &str) -> Result<UserId, ApiError> {
         let Value::String(raw) = value else {
-            return Err(ApiError::bad_request("invalid_user_id", "the user id must be a string").with_field(field.to_owned()));
+            return Err(
+                ApiError::bad_request("invalid_user_id", "the user id must be a string")
+                    .with_field(field.to_owned()),
+            );
         };
         self.state.user_id(raw, field)
     }
@@ -332,8 +376,11 @@ impl Socket {
             if self.subscriptions.len() >= max {
                 return self
                     .send_error(
-                        ApiError::bad_request("too_many_subscriptions", format!("a socket may subscribe to at most {max} users"))
-                            .with_field("subscribe"),
+                        ApiError::bad_request(
+                            "too_many_subscriptions",
+                            format!("a socket may subscribe to at most {max} users"),
+                        )
+                        .with_field("subscribe"),
                     )
                     .await;
             }
@@ -341,10 +388,12 @@ impl Socket {
             let rx = hold.receiver().clone();
             self.holds.push(hold);
             // WatchStream yields the current list first, then every change.
-            self.subscriptions.insert(user.clone(), WatchStream::new(rx));
+            self.subscriptions
+                .insert(user.clone(), WatchStream::new(rx));
             self.seqs.insert(user.clone(), SeqTracker::default());
         }
-        self.send(json!({ "type": "subscribed", "user_id": user }).to_string()).await
+        self.send(json!({ "type": "subscribed", "user_id": user }).to_string())
+            .await
     }
 
     async fn unsubscribe(&mut self, value: Value) -> Flow {
@@ -355,7 +404,8 @@ impl Socket {
         self.subscriptions.remove(&user);
         self.seqs.remove(&user);
         self.holds.retain(|h| h.user() != &user);
-        self.send(json!({ "type": "unsubscribed", "user_id": user }).to_string()).await
+        self.send(json!({ "type": "unsubscribed", "user_id": user }).to_string())
+            .await
     }
 
     async fn events(&mut self, value: Value, many: bool) -> Flow {

@@ -31,9 +31,16 @@ async fn merge(
     let mut de = serde_json::Deserializer::from_slice(&body);
     let request: MergeRequest =
         serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_merge"))?;
-    let from = state.user_id(&request.from, "from").map_err(|e| ApiError { status: actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
+    let from = state.user_id(&request.from, "from").map_err(|e| ApiError {
+        status: actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+        ..e
+    })?;
     if from == user {
-        return Err(ApiError::unprocessable("invalid_merge", "a user cannot be merged into itself").with_field("from"));
+        return Err(ApiError::unprocessable(
+            "invalid_merge",
+            "a user cannot be merged into itself",
+        )
+        .with_field("from"));
     }
     let (_, anonymous) = state.registry.session(&from);
     let history = anonymous.send(TakeHistory).await?;
@@ -49,7 +56,10 @@ async fn merge(
     })))
 }
 
-async fn export(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn export(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
     let (_, session) = state.registry.session(&user);
     let profile = session.send(Snapshot).await?;

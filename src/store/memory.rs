@@ -15,7 +15,10 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(limits: ProfileLimits) -> Self {
-        Self { profiles: DashMap::new(), limits }
+        Self {
+            profiles: DashMap::new(),
+            limits,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -39,7 +42,10 @@ impl ProfileStore for MemoryStore {
 
     async fn append(&self, update: ProfileUpdate) -> Result<(), StoreError> {
         let limits = self.limits;
-        self.profiles.entry(update.user_id.clone()).or_default().apply(update, limits);
+        self.profiles
+            .entry(update.user_id.clone())
+            .or_default()
+            .apply(update, limits);
         Ok(())
     }
 
@@ -72,18 +78,29 @@ mod tests {
 
     #[actix_rt::test]
     async fn appends_dedupes_and_trims() {
-        let store = MemoryStore::new(ProfileLimits { history_len: 2, dedupe_window: 3, suppressed_len: 1 });
+        let store = MemoryStore::new(ProfileLimits {
+            history_len: 2,
+            dedupe_window: 3,
+            suppressed_len: 1,
+        });
         let user = UserId::from("u");
         let update = |ids: &[&str]| ProfileUpdate {
             user_id: user.clone(),
-            interactions: ids.iter().map(|id| interaction(id, &format!("item-{id}"))).collect(),
+            interactions: ids
+                .iter()
+                .map(|id| interaction(id, &format!("item-{id}")))
+                .collect(),
             context: None,
             suppressed: vec![ItemId::from("x"), ItemId::from("y")],
         };
         store.append(update(&["a", "b"])).await.expect("append");
         store.append(update(&["b", "c"])).await.expect("append");
         let profile = store.load(&user).await.expect("load").expect("present");
-        let ids: Vec<_> = profile.interactions.iter().map(|i| i.event_id.as_str()).collect();
+        let ids: Vec<_> = profile
+            .interactions
+            .iter()
+            .map(|i| i.event_id.as_str())
+            .collect();
         assert_eq!(ids, ["b", "c"]);
         assert_eq!(profile.event_ids.len(), 3);
         assert_eq!(profile.suppressed, vec![ItemId::from("y")]);

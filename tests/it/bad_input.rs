@@ -1,0 +1,225 @@
+//! Bad input gets a clear error, changes nothing, and the server keeps serving.
+
+use awc::ws;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+async fn applied(server: &liverec::Server) -> f64 {
+    metric(server, "liverec_session_applied_events_total").await
+}
+
+fn assert_error(response: &Response, status: u16, code: &str, field: Option<&str>) {
+    assert_eq!(response.status, status, "{}", response.body);
+    assert_eq!(response.body["error"]["code"], code, "{}", response.body);
+    assert!(response.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    if let Some(field) = field {
+        assert_eq!(response.body["error"]["field"], field, "{}", response.body);
+    }
+}
+
+#[actix_rt::test]
+async fn bad_rest_input_is_refused_and_applies_nothing() {
+    let mut config = test_config();
+    config.server.max_body_bytes = 64 * 1024;
+    config.events.max_batch = 50;
+    let server = start(config).await;
+    let long_id = "x".repeat(10_000);
+    let good = event("victim", "item-0001", "view");
+
+    let cases: Vec<(&str, String, u16, &str, Option<&str>)> = vec![
+        ("malformed JSON", "{\"user_id\": \"victim\",".into(), 400, "malformed_json", None),
+        ("not JSON at all", "hello".into(), 400, "malformed_json", None),
+        ("trailing garbage", format!("{good} x"), 400, "malformed_json", None),
+        ("wrong type", json!({ "user_id": 7, "item_id": "i", "event_type": "view" }).to_string(), 422, "invalid_event", Some("user_id")),
+        ("missing field", json!({ "user_id": "victim", "event_type": "view" }).to_string(), 422, "invalid_event", None),
+        ("unknown event type", json!({ "user_id": "victim", "item_id": "i", "event_type": "teleport" }).to_string(), 422, "invalid_event", Some("event_type")),
+        ("unknown field", json!({ "user_id": "victim", "item_id": "i", "event_type": "view", "colour": "red" }).to_string(), 422, "invalid_event", None),
+        ("empty user id", json!({ "user_id": "", "item_id": "i", "event_type": "view" }).to_string(), 422, "invalid_event", Some("user_id")),
+        ("10,000-char item id", json!({ "user_id": "victim", "item_id": long_id, "event_type": "view" }).to_string(), 422, "invalid_event", Some("item_id")),
+        ("bad device", json!({ "user_id": "victim", "item_id": "i", "event_type": "view", "context": { "device": "toaster" } }).to_string(), 422, "invalid_event", Some("context.device")),
+        ("one bad event in a batch", json!([good, good, { "user_id": "victim", "item_id": "", "event_type": "view" }]).to_string(), 422, "invalid_event", Some("[2].item_id")),
+        ("empty batch", "[]".into(), 422, "empty_batch", None),
+        ("batch over the limit", json!(vec![good.clone(); 51]).to_string(), 413, "batch_too_large", None),
+        ("body over the limit", json!({ "user_id": "victim", "item_id": "x".repeat(70_000), "event_type": "view" }).to_string(), 413, "payload_too_large", None),
+    ];
+    for (what, body, status, code, field) in cases {
+        let response = post_raw(&server, "/v1/events", "application/json", body).await;
+        assert_eq!(response.status, status, "{what}: {}", response.body);
+        assert_error(&response, status, code, field);
+    }
+    let wrong_type = post_raw(&server, "/v1/events", "text/plain", good.to_string()).await;
+    assert_error(&wrong_type, 415, "unsupported_media_type", None);
+
+    // Bad paths and queries.
+    assert_error(
+        &get(
+            &server,
+            &format!("/v1/users/{}/recommendations", "y".repeat(10_000)),
+        )
+        .await,
+        400,
+        "invalid_user_id",
+        None,
+    );
+    assert_error(
+        &get(&server, "/v1/users/victim/recommendations?k=0").await,
+        400,
+        "invalid_query",
+        Some("k"),
+    );
+    assert_error(
+        &get(&server, "/v1/users/victim/recommendations?k=abc").await,
+        400,
+        "invalid_query",
+        None,
+    );
+    assert_error(
+        &get(&server, "/v1/users/victim/recommendations?device=fridge").await,
+        400,
+        "invalid_query",
+        None,
+    );
+    assert_error(
+        &get(&server, "/v1/items/nothing-here").await,
+        404,
+        "item_not_found",
+        None,
+    );
+    assert_error(
+        &put_json(
+            &server,
+            "/v1/items/i1",
+            &json!({ "categories": "not a list" }),
+        )
+        .await,
+        422,
+        "invalid_item",
+        Some("categories"),
+    );
+    assert_error(
+        &put_json(&server, "/v1/items/i1", &json!({ "tags": [""] })).await,
+        422,
+        "invalid_item",
+        Some("tags"),
+    );
+    assert_error(&get(&server, "/v1/nothing").await, 404, "not_found", None);
+    assert_error(
+        &post_json(
+            &server,
+            "/v1/users/victim/merge",
+            &json!({ "from": "victim" }),
+        )
+        .await,
+        422,
+        "invalid_merge",
+        Some("from"),
+    );
+
+    // Nothing was applied and the victim has no history.
+    assert_eq!(applied(&server).await, 0.0);
+    assert_eq!(
+        metric(&server, "liverec_ingest_events_total{source=\"http\"}").await,
+        0.0
+    );
+    let export = get(&server, "/v1/users/victim/export").await;
+    assert_eq!(export.body["profile"]["interactions"], json!([]));
+
+    // And the server still serves.
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+    post_events(&server, good).await;
+    eventually("a good event applied after the bad ones", || async {
+        (applied(&server).await == 1.0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn bad_websocket_messages_get_errors_and_the_socket_keeps_working() {
+    let mut config = test_config();
+    config.stream.ws_max_subscriptions = 3;
+    config.stream.ws_max_frame_bytes = 4096;
+    config.stream.ws_max_message_bytes = 8192;
+    let server = start(config).await;
+    let mut ws = WsClient::connect(&server).await;
+
+    let garbage: Vec<(ws::Message, &str)> = vec![
+        (ws::Message::Text("not json".into()), "malformed_json"),
+        (ws::Message::Text("[1,2]".into()), "invalid_message"),
+        (ws::Message::Text("{}".into()), "invalid_message"),
+        (
+            ws::Message::Text(r#"{"subscribe":"a","unsubscribe":"b"}"#.into()),
+            "invalid_message",
+        ),
+        (
+            ws::Message::Text(r#"{"launch":"rockets"}"#.into()),
+            "invalid_message",
+        ),
+        (
+            ws::Message::Text(r#"{"subscribe":42}"#.into()),
+            "invalid_user_id",
+        ),
+        (
+            ws::Message::Text(json!({ "subscribe": "z".repeat(3000) }).to_string().into()),
+            "invalid_user_id",
+        ),
+        (
+            ws::Message::Text(
+                r#"{"event":{"user_id":"w","item_id":"i","event_type":"nope"}}"#.into(),
+            ),
+            "invalid_event",
+        ),
+        (ws::Message::Text(r#"{"events":[]}"#.into()), "empty_batch"),
+        (
+            ws::Message::Binary(vec![0u8, 159, 146, 150].into()),
+            "unsupported_frame",
+        ),
+    ];
+    for (message, code) in garbage {
+        ws.send(message).await;
+        let reply = ws.next_json().await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["error"]["code"], code, "{reply}");
+    }
+
+    for user in ["w1", "w2", "w3"] {
+        ws.send_json(&json!({ "subscribe": user })).await;
+        ws.next_of_type("subscribed").await;
+    }
+    ws.send_json(&json!({ "subscribe": "w4" })).await;
+    let refused = ws.next_of_type("error").await;
+    assert_eq!(refused["error"]["code"], "too_many_subscriptions");
+    // Re-subscribing to a user already held does not count against the limit.
+    ws.send_json(&json!({ "subscribe": "w1" })).await;
+    ws.next_of_type("subscribed").await;
+    ws.send_json(&json!({ "unsubscribe": "w3" })).await;
+    ws.next_of_type("unsubscribed").await;
+    ws.send_json(&json!({ "subscribe": "w4" })).await;
+    ws.next_of_type("subscribed").await;
+    assert_eq!(
+        metric(&server, "liverec_session_applied_events_total").await,
+        0.0
+    );
+
+    // A frame over the limit closes this socket with "message too big"; others are unaffected.
+    let mut other = WsClient::connect(&server).await;
+    ws.send_text("x".repeat(10_000)).await;
+    let close = loop {
+        match ws.next_frame().await {
+            Some(ws::Frame::Close(reason)) => break reason,
+            Some(_) => continue,
+            None => panic!("socket ended without a close frame"),
+        }
+    };
+    assert_eq!(close.map(|r| r.code), Some(ws::CloseCode::Size));
+    other.send_json(&json!({ "subscribe": "still-here" })).await;
+    assert_eq!(
+        other.next_of_type("subscribed").await["user_id"],
+        Value::from("still-here")
+    );
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+    server.stop().await;
+}

@@ -1,0 +1,9 @@
+//! Integration tests: one binary, real server, real clients.
+
+mod support;
+
+mod bad_input;
+mod cli;
+mod fanout;
+mod lifecycle;
+mod streams;
