@@ -48,22 +48,17 @@ impl ItemAttributes {
         let bad = |field, message: String| Err(InvalidItem { field, message });
         if let Some(title) = &self.title {
             if title.chars().count() > MAX_TITLE_LEN {
-                return bad(
-                    "title",
-                    format!("must be at most {MAX_TITLE_LEN} characters"),
-                );
+                return bad("title", format!("must be at most {MAX_TITLE_LEN} characters"));
             }
         }
         for (field, labels) in [("categories", &self.categories), ("tags", &self.tags)] {
             if labels.len() > MAX_LABELS {
-                return bad(
-                    field,
-                    format!("has {} entries; the limit is {MAX_LABELS}", labels.len()),
-                );
+                return bad(field, format!("has {} entries; the limit is {MAX_LABELS}", labels.len()));
             }
-            if labels.iter().any(|l| {
-                l.is_empty() || l.chars().count() > MAX_LABEL_LEN || l.chars().any(char::is_control)
-            }) {
+            if labels
+                .iter()
+                .any(|l| l.is_empty() || l.chars().count() > MAX_LABEL_LEN || l.chars().any(char::is_control))
+            {
                 return bad(
                     field,
                     format!("entries must be 1 to {MAX_LABEL_LEN} characters without control characters"),
@@ -71,10 +66,7 @@ impl ItemAttributes {
             }
         }
         if matches!(self.created_at, Some(t) if t < 0) {
-            return bad(
-                "created_at",
-                "must be milliseconds since the Unix epoch".to_owned(),
-            );
+            return bad("created_at", "must be milliseconds since the Unix epoch".to_owned());
         }
         Ok(())
     }
@@ -147,11 +139,7 @@ impl Catalog {
             return idx;
         }
         let idx = ItemIdx::try_from(inner.items.len()).expect("fewer than 2^32 items");
-        inner.items.push(Entry {
-            id: id.clone(),
-            attributes: None,
-            categories: Vec::new(),
-        });
+        inner.items.push(Entry { id: id.clone(), attributes: None, categories: Vec::new() });
         inner.index.insert(id.clone(), idx);
         idx
     }
@@ -165,11 +153,7 @@ impl Catalog {
     pub fn put(&self, id: &ItemId, attributes: ItemAttributes) -> (ItemIdx, bool) {
         let idx = self.intern(id);
         let mut inner = self.inner.write();
-        let categories = attributes
-            .categories
-            .iter()
-            .map(|c| inner.category(c))
-            .collect();
+        let categories = attributes.categories.iter().map(|c| inner.category(c)).collect();
         let entry = &mut inner.items[idx as usize];
         let created = entry.attributes.is_none();
         entry.attributes = Some(Arc::new(attributes));
@@ -190,20 +174,13 @@ impl Catalog {
 
     /// The item id at `idx`.
     pub fn id_of(&self, idx: ItemIdx) -> Option<ItemId> {
-        self.inner
-            .read()
-            .items
-            .get(idx as usize)
-            .map(|e| e.id.clone())
+        self.inner.read().items.get(idx as usize).map(|e| e.id.clone())
     }
 
     /// Item ids for many indices under one lock.
     pub fn ids_of(&self, indices: &[ItemIdx]) -> Vec<ItemId> {
         let inner = self.inner.read();
-        indices
-            .iter()
-            .map(|&i| inner.items[i as usize].id.clone())
-            .collect()
+        indices.iter().map(|&i| inner.items[i as usize].id.clone()).collect()
     }
 
     pub fn category_idx(&self, name: &str) -> Option<CategoryIdx> {
@@ -212,9 +189,7 @@ impl Catalog {
 
     /// A read view of every item's categories; holds the read lock while alive, so keep it short.
     pub fn categories(&self) -> Categories<'_> {
-        Categories {
-            inner: self.inner.read(),
-        }
+        Categories { inner: self.inner.read() }
     }
 }
 
@@ -226,10 +201,7 @@ pub struct Categories<'a> {
 impl Categories<'_> {
     /// The categories of `idx` (empty for an unknown item or one without attributes).
     pub fn of(&self, idx: ItemIdx) -> &[CategoryIdx] {
-        self.inner
-            .items
-            .get(idx as usize)
-            .map_or(&[][..], |e| e.categories.as_slice())
+        self.inner.items.get(idx as usize).map_or(&[][..], |e| e.categories.as_slice())
     }
 }
 
@@ -244,10 +216,7 @@ mod tests {
         let idx = catalog.intern(&a);
         assert_eq!(catalog.intern(&a), idx);
         assert!(!catalog.get(&a).expect("known").in_catalog);
-        let attrs = ItemAttributes {
-            categories: vec!["jazz".into()],
-            ..Default::default()
-        };
+        let attrs = ItemAttributes { categories: vec!["jazz".into()], ..Default::default() };
         assert_eq!(catalog.put(&a, attrs.clone()), (idx, true));
         assert_eq!(catalog.put(&a, attrs), (idx, false));
         let jazz = catalog.category_idx("jazz").expect("category");
@@ -257,15 +226,9 @@ mod tests {
 
     #[test]
     fn rejects_oversized_attributes() {
-        let attrs = ItemAttributes {
-            tags: vec![String::new()],
-            ..Default::default()
-        };
+        let attrs = ItemAttributes { tags: vec![String::new()], ..Default::default() };
         assert_eq!(attrs.validate().expect_err("empty tag").field, "tags");
-        let attrs = ItemAttributes {
-            title: Some("x".repeat(MAX_TITLE_LEN + 1)),
-            ..Default::default()
-        };
+        let attrs = ItemAttributes { title: Some("x".repeat(MAX_TITLE_LEN + 1)), ..Default::default() };
         assert_eq!(attrs.validate().expect_err("long title").field, "title");
     }
 }

@@ -33,7 +33,9 @@ pub struct Config {
     pub server: ServerConfig,
     pub events: EventsConfig,
     pub bus: BusConfig,
+    pub kafka: crate::bus::kafka::KafkaConfig,
     pub store: StoreConfig,
+    pub redis: crate::store::redis::RedisConfig,
     pub session: SessionConfig,
     pub recs: RecsConfig,
     pub model: ModelConfig,
@@ -82,6 +84,7 @@ impl EventsConfig {
 #[serde(rename_all = "snake_case")]
 pub enum BusKind {
     Memory,
+    Kafka,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,6 +101,7 @@ pub struct BusConfig {
 #[serde(rename_all = "snake_case")]
 pub enum StoreKind {
     Memory,
+    Redis,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -217,17 +221,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         // LIVEREC_TEST_* is reserved for the test suite (service addresses), not settings.
-        let env: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !k.starts_with("LIVEREC_TEST_"))
-            .collect();
+        let env: Vec<(String, String)> =
+            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !k.starts_with("LIVEREC_TEST_")).collect();
         for (key, value) in env {
             let path = key[ENV_PREFIX.len()..].to_ascii_lowercase();
-            let path = if path == "listen" {
-                "server.listen".to_owned()
-            } else {
-                path.replace("__", ".")
-            };
+            let path = if path == "listen" { "server.listen".to_owned() } else { path.replace("__", ".") };
             // Parsed the way figment parses environment values: numbers, booleans, [arrays].
             let value: figment::value::Value = value.parse().unwrap_or_else(|never| match never {});
             figment = figment.merge(Serialized::default(&path, value));
@@ -258,15 +256,14 @@ impl Config {
         if self.events.max_batch == 0 || self.events.max_id_len == 0 {
             return fail("events.max_batch and events.max_id_len must be at least 1");
         }
+        if self.bus.kind == BusKind::Kafka && self.store.kind == StoreKind::Memory {
+            return fail("bus.kind = \"kafka\" needs store.kind = \"redis\": instances share profiles through Redis");
+        }
         if self.model.max_batch == 0 {
             return fail("model.max_batch must be at least 1");
         }
-        if self.stream.heartbeat_secs == 0
-            || self.stream.client_timeout_secs <= self.stream.heartbeat_secs
-        {
-            return fail(
-                "stream.heartbeat_secs must be at least 1 and below stream.client_timeout_secs",
-            );
+        if self.stream.heartbeat_secs == 0 || self.stream.client_timeout_secs <= self.stream.heartbeat_secs {
+            return fail("stream.heartbeat_secs must be at least 1 and below stream.client_timeout_secs");
         }
         Ok(())
     }
@@ -282,10 +279,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -310,48 +304,32 @@ mod tests {
         .expect("env");
         assert_eq!(config.server.listen.port(), 9000);
         assert_eq!(config.session.idle_ttl_ms, 1234);
-        let flags = Overrides {
-            listen: Some("127.0.0.1:9100".parse().expect("addr")),
-        };
-        let config = Config::load_from(None, env(&[("LIVEREC_LISTEN", "127.0.0.1:9000")]), &flags)
-            .expect("flags");
+        let flags = Overrides { listen: Some("127.0.0.1:9100".parse().expect("addr")) };
+        let config = Config::load_from(None, env(&[("LIVEREC_LISTEN", "127.0.0.1:9000")]), &flags).expect("flags");
         assert_eq!(config.server.listen.port(), 9100);
     }
 
     #[test]
     fn unknown_keys_are_errors() {
-        let err = Config::load_from(
-            None,
-            env(&[("LIVEREC_SESSION__NO_SUCH_KEY", "1")]),
-            &Overrides::default(),
-        )
-        .expect_err("unknown env key");
+        let err = Config::load_from(None, env(&[("LIVEREC_SESSION__NO_SUCH_KEY", "1")]), &Overrides::default())
+            .expect_err("unknown env key");
         assert!(err.to_string().contains("no_such_key"), "{err}");
 
         let dir = std::env::temp_dir().join(format!("liverec-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("bad.toml");
         std::fs::write(&file, "[session]\nhistory_lenght = 3\n").expect("write");
-        let err = Config::load_from(Some(&file), env(&[]), &Overrides::default())
-            .expect_err("unknown file key");
+        let err = Config::load_from(Some(&file), env(&[]), &Overrides::default()).expect_err("unknown file key");
         assert!(err.to_string().contains("history_lenght"), "{err}");
-        let err = Config::load_from(
-            Some(&dir.join("missing.toml")),
-            env(&[]),
-            &Overrides::default(),
-        )
-        .expect_err("missing file");
+        let err = Config::load_from(Some(&dir.join("missing.toml")), env(&[]), &Overrides::default())
+            .expect_err("missing file");
         assert!(matches!(err, ConfigError::MissingFile(_)));
     }
 
     #[test]
     fn bad_values_are_errors() {
-        let err = Config::load_from(
-            None,
-            env(&[("LIVEREC_RECS__DEFAULT_K", "0")]),
-            &Overrides::default(),
-        )
-        .expect_err("k = 0");
+        let err = Config::load_from(None, env(&[("LIVEREC_RECS__DEFAULT_K", "0")]), &Overrides::default())
+            .expect_err("k = 0");
         assert!(err.to_string().contains("default_k"), "{err}");
     }
 }

@@ -13,25 +13,14 @@ use crate::catalog::{Catalog, ItemAttributes};
 use crate::event::{Context, Device, EventType, ItemId};
 use crate::models::{HistoryItem, Observation};
 
-pub const GENRES: [&str; 10] = [
-    "action",
-    "comedy",
-    "drama",
-    "sci-fi",
-    "horror",
-    "romance",
-    "documentary",
-    "animation",
-    "thriller",
-    "family",
-];
+pub const GENRES: [&str; 10] =
+    ["action", "comedy", "drama", "sci-fi", "horror", "romance", "documentary", "animation", "thriller", "family"];
 const ADJECTIVES: [&str; 12] = [
-    "Silent", "Golden", "Broken", "Hidden", "Electric", "Lost", "Crimson", "Endless", "Quiet",
-    "Wild", "Frozen", "Last",
+    "Silent", "Golden", "Broken", "Hidden", "Electric", "Lost", "Crimson", "Endless", "Quiet", "Wild", "Frozen", "Last",
 ];
 const NOUNS: [&str; 12] = [
-    "River", "Empire", "Garden", "Signal", "Harbor", "Machine", "Summer", "Forest", "Station",
-    "Letter", "Voyage", "Island",
+    "River", "Empire", "Garden", "Signal", "Harbor", "Machine", "Summer", "Forest", "Station", "Letter", "Voyage",
+    "Island",
 ];
 
 /// Genres that users of a device lean towards, so context matters in the demo.
@@ -78,21 +67,10 @@ pub fn load_catalog(catalog: &Catalog, items: usize, seed: u64) {
 }
 
 /// Synthetic browsing sessions over the demo catalogue, for `Recommender::observe`.
-pub fn warmup_observations(
-    catalog: &Catalog,
-    items: usize,
-    users: usize,
-    seed: u64,
-) -> Vec<Observation> {
+pub fn warmup_observations(catalog: &Catalog, items: usize, users: usize, seed: u64) -> Vec<Observation> {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
     let per_genre = items.div_ceil(GENRES.len()).max(1);
-    let devices = [
-        Device::Mobile,
-        Device::Desktop,
-        Device::Tablet,
-        Device::Tv,
-        Device::Other,
-    ];
+    let devices = [Device::Mobile, Device::Desktop, Device::Tablet, Device::Tv, Device::Other];
     let mut observations = Vec::with_capacity(users);
     for _ in 0..users {
         let device = devices[rng.random_range(0..devices.len())];
@@ -114,28 +92,11 @@ pub fn warmup_observations(
             let Some(item) = catalog.lookup(&item_id(index)) else {
                 continue;
             };
-            let event_type = if rng.random_bool(0.3) {
-                EventType::Click
-            } else {
-                EventType::View
-            };
-            new.push(HistoryItem {
-                item,
-                event_type,
-                value: None,
-                timestamp: step as i64,
-            });
+            let event_type = if rng.random_bool(0.3) { EventType::Click } else { EventType::View };
+            new.push(HistoryItem { item, event_type, value: None, timestamp: step as i64 });
         }
-        let context = Context {
-            device,
-            hour,
-            ..Context::default()
-        };
-        observations.push(Observation {
-            previous: Arc::from(Vec::new()),
-            new,
-            segment: context.segment(),
-        });
+        let context = Context { device, hour, ..Context::default() };
+        observations.push(Observation { previous: Arc::from(Vec::new()), new, segment: context.segment() });
     }
     observations
 }

@@ -180,10 +180,7 @@ pub struct InvalidEvent {
 
 impl InvalidEvent {
     fn new(field: &str, message: impl Into<String>) -> Self {
-        Self {
-            field: field.to_owned(),
-            message: message.into(),
-        }
+        Self { field: field.to_owned(), message: message.into() }
     }
 
     /// Prefixes the field with the event's position in a batch, e.g. `[3].item_id`.
@@ -226,12 +223,7 @@ impl Context {
     /// Context of a request made now with no other information.
     pub fn at_time(timestamp_ms: i64, device: Device) -> Self {
         let (hour, weekday) = hour_and_weekday(timestamp_ms);
-        Self {
-            device,
-            hour,
-            weekday,
-            ..Self::default()
-        }
+        Self { device, hour, weekday, ..Self::default() }
     }
 }
 
@@ -252,9 +244,7 @@ pub struct Event {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -278,16 +268,10 @@ pub fn check_id(field: &str, value: &str, max_len: usize) -> Result<(), InvalidE
     }
     let len = value.chars().count();
     if len > max_len {
-        return Err(InvalidEvent::new(
-            field,
-            format!("is {len} characters long; the limit is {max_len}"),
-        ));
+        return Err(InvalidEvent::new(field, format!("is {len} characters long; the limit is {max_len}")));
     }
     if value.chars().any(char::is_control) {
-        return Err(InvalidEvent::new(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(InvalidEvent::new(field, "must not contain control characters"));
     }
     Ok(())
 }
@@ -305,10 +289,7 @@ impl EventIn {
         let timestamp = match self.timestamp {
             None => now,
             Some(ts) if ts < 0 => {
-                return Err(InvalidEvent::new(
-                    "timestamp",
-                    "must be milliseconds since the Unix epoch, not negative",
-                ))
+                return Err(InvalidEvent::new("timestamp", "must be milliseconds since the Unix epoch, not negative"))
             }
             Some(ts) if ts > now.saturating_add(MAX_FUTURE_MS) => {
                 return Err(InvalidEvent::new(
@@ -336,33 +317,21 @@ impl EventIn {
         if let Some(country) = &context_in.country {
             let letters = country.chars().all(|c| c.is_ascii_alphabetic());
             if !letters || !(2..=3).contains(&country.len()) {
-                return Err(InvalidEvent::new(
-                    "context.country",
-                    "must be an ISO 3166-1 alpha-2 or alpha-3 code",
-                ));
+                return Err(InvalidEvent::new("context.country", "must be an ISO 3166-1 alpha-2 or alpha-3 code"));
             }
         }
         if context_in.attributes.len() > limits.max_context_attributes {
             return Err(InvalidEvent::new(
                 "context.attributes",
-                format!(
-                    "has {} entries; the limit is {}",
-                    context_in.attributes.len(),
-                    limits.max_context_attributes
-                ),
+                format!("has {} entries; the limit is {}", context_in.attributes.len(), limits.max_context_attributes),
             ));
         }
         for (key, value) in &context_in.attributes {
             check_id("context.attributes", key, limits.max_context_key_len)?;
-            if value.chars().count() > limits.max_context_value_len
-                || value.chars().any(char::is_control)
-            {
+            if value.chars().count() > limits.max_context_value_len || value.chars().any(char::is_control) {
                 return Err(InvalidEvent::new(
                     &format!("context.attributes.{key}"),
-                    format!(
-                        "must be at most {} characters without control characters",
-                        limits.max_context_value_len
-                    ),
+                    format!("must be at most {} characters without control characters", limits.max_context_value_len),
                 ));
             }
         }
@@ -377,9 +346,7 @@ impl EventIn {
             rec_id,
             context: Context {
                 device: context_in.device.unwrap_or_default(),
-                country: context_in
-                    .country
-                    .map(|c| Arc::from(c.to_ascii_uppercase())),
+                country: context_in.country.map(|c| Arc::from(c.to_ascii_uppercase())),
                 attributes: context_in.attributes,
                 hour,
                 weekday,
@@ -398,12 +365,7 @@ mod tests {
     use super::*;
 
     fn limits() -> EventLimits {
-        EventLimits {
-            max_id_len: 16,
-            max_context_attributes: 2,
-            max_context_key_len: 8,
-            max_context_value_len: 8,
-        }
+        EventLimits { max_id_len: 16, max_context_attributes: 2, max_context_key_len: 8, max_context_value_len: 8 }
     }
 
     fn event(user: &str, item: &str) -> EventIn {
@@ -429,10 +391,7 @@ mod tests {
         assert_eq!(e.context.weekday, 0);
         assert_eq!(e.context.hour_bucket(), 2);
         assert_eq!(e.context.device, Device::Other);
-        assert_eq!(
-            uuid::Uuid::parse_str(e.event_id.as_str()).map(|u| u.get_version_num()),
-            Ok(7)
-        );
+        assert_eq!(uuid::Uuid::parse_str(e.event_id.as_str()).map(|u| u.get_version_num()), Ok(7));
     }
 
     #[test]
@@ -442,33 +401,12 @@ mod tests {
             (event("", "i"), "user_id"),
             (event("u", &"x".repeat(17)), "item_id"),
             (event("u\n", "i"), "user_id"),
+            (EventIn { value: Some(f64::NAN), ..event("u", "i") }, "value"),
+            (EventIn { timestamp: Some(-1), ..event("u", "i") }, "timestamp"),
+            (EventIn { timestamp: Some(now * 1000), ..event("u", "i") }, "timestamp"),
             (
                 EventIn {
-                    value: Some(f64::NAN),
-                    ..event("u", "i")
-                },
-                "value",
-            ),
-            (
-                EventIn {
-                    timestamp: Some(-1),
-                    ..event("u", "i")
-                },
-                "timestamp",
-            ),
-            (
-                EventIn {
-                    timestamp: Some(now * 1000),
-                    ..event("u", "i")
-                },
-                "timestamp",
-            ),
-            (
-                EventIn {
-                    context: Some(ContextIn {
-                        country: Some("F1".into()),
-                        ..ContextIn::default()
-                    }),
+                    context: Some(ContextIn { country: Some("F1".into()), ..ContextIn::default() }),
                     ..event("u", "i")
                 },
                 "context.country",

@@ -20,14 +20,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Arbiter};
+use actix::{Actor, Arbiter, Supervisor};
 use actix_web::{web, App, HttpServer};
 use tokio::sync::watch;
 
 use crate::actors::ingest::IngestActor;
+use crate::actors::kafka_ingest::KafkaIngestActor;
 use crate::actors::model::{ModelActor, ModelFactory};
 use crate::actors::registry::SessionRegistry;
 use crate::actors::SessionDeps;
+use crate::bus::kafka::{self, KafkaBus};
 use crate::bus::memory::MemoryBus;
 use crate::bus::EventBus;
 use crate::catalog::Catalog;
@@ -36,16 +38,18 @@ use crate::http::AppState;
 use crate::models::cooccurrence::CoocModel;
 use crate::models::Recommender;
 use crate::store::memory::MemoryStore;
+use crate::store::redis::{RedisFanout, RedisStore};
 use crate::store::{ProfileLimits, ProfileStore};
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("redis: {0}")]
+    Redis(String),
 }
 
 /// A running liverec server.
@@ -80,12 +84,8 @@ impl Server {
         let mut model = factory();
         if config.demo.enabled {
             demo::load_catalog(&catalog, config.demo.items, config.demo.seed);
-            let observations = demo::warmup_observations(
-                &catalog,
-                config.demo.items,
-                config.demo.users,
-                config.demo.seed,
-            );
+            let observations =
+                demo::warmup_observations(&catalog, config.demo.items, config.demo.users, config.demo.seed);
             model.observe(&observations);
             tracing::info!(
                 items = catalog.len(),
@@ -109,12 +109,20 @@ impl Server {
             config.model.mailbox_capacity,
             &handles[0],
         );
+        // A thread of its own for I/O that must never wait behind sessions: the store writer,
+        // the update fan-out and the Kafka consumer.
+        let io = Arbiter::new();
+        let limits = ProfileLimits {
+            history_len: config.session.history_len,
+            dedupe_window: config.session.dedupe_window,
+            suppressed_len: config.session.suppressed_len,
+        };
         let store: Arc<dyn ProfileStore> = match config.store.kind {
-            StoreKind::Memory => Arc::new(MemoryStore::new(ProfileLimits {
-                history_len: config.session.history_len,
-                dedupe_window: config.session.dedupe_window,
-                suppressed_len: config.session.suppressed_len,
-            })),
+            StoreKind::Memory => Arc::new(MemoryStore::new(limits)),
+            StoreKind::Redis => Arc::new(
+                RedisStore::start(&config.redis, limits, metrics.clone(), &io.handle())
+                    .map_err(|e| StartError::Redis(e.to_string()))?,
+            ),
         };
         let deps = Arc::new(SessionDeps {
             config: config.clone(),
@@ -123,21 +131,46 @@ impl Server {
             model: model_addr,
             metrics: metrics.clone(),
         });
-        let registry = SessionRegistry::new(deps, handles.clone());
-        let bus: Arc<dyn EventBus> = match config.bus.kind {
+        let bus: Arc<dyn EventBus>;
+        let registry;
+        match config.bus.kind {
             BusKind::Memory => {
-                let (bus, queues) =
-                    MemoryBus::new(config.bus.partitions, config.bus.queue_capacity);
+                registry = SessionRegistry::new(deps, handles.clone());
+                let (memory, queues) = MemoryBus::new(config.bus.partitions, config.bus.queue_capacity);
                 for (partition, queue) in queues.into_iter().enumerate() {
                     let registry = registry.clone();
                     let arbiter = &handles[partition % handles.len()];
-                    IngestActor::start_in_arbiter(arbiter, move |_| {
-                        IngestActor::new(partition, registry, queue)
-                    });
+                    IngestActor::start_in_arbiter(arbiter, move |_| IngestActor::new(partition, registry, queue));
                 }
-                Arc::new(bus)
+                bus = Arc::new(memory);
             }
-        };
+            BusKind::Kafka => {
+                let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
+                registry = SessionRegistry::with_mode(deps, handles.clone(), true, Some(fanout_tx));
+                let delivering = registry.clone();
+                io.spawn(RedisFanout::run(
+                    config.redis.url.clone(),
+                    config.redis.key_prefix.clone(),
+                    fanout_rx,
+                    move |list| delivering.deliver_remote(list),
+                    metrics.clone(),
+                ));
+                if config.kafka.create_topics {
+                    kafka::ensure_topics(&config.kafka).await.map_err(|e| StartError::Kafka(e.to_string()))?;
+                }
+                let kafka_bus = KafkaBus::new(&config.kafka).map_err(|e| StartError::Kafka(e.to_string()))?;
+                let producer = kafka_bus.producer().clone();
+                let (kafka_config, ingest_registry, ingest_metrics) =
+                    (config.kafka.clone(), registry.clone(), metrics.clone());
+                let limits = config.events.limits();
+                Supervisor::start_in_arbiter(&io.handle(), move |_| {
+                    KafkaIngestActor::new(kafka_config, ingest_registry, producer, ingest_metrics, limits)
+                });
+                bus = Arc::new(kafka_bus);
+            }
+        }
+        let mut arbiters = arbiters;
+        arbiters.push(io);
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AppState {
@@ -170,14 +203,7 @@ impl Server {
         let handle = server.handle();
         let task = tokio::spawn(server);
         tracing::info!(addr = %bound, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
-        Ok(Server {
-            addr: bound,
-            metrics,
-            handle,
-            shutdown: shutdown_tx,
-            task,
-            arbiters,
-        })
+        Ok(Server { addr: bound, metrics, handle, shutdown: shutdown_tx, task, arbiters })
     }
 
     /// `http://<addr>`.

@@ -42,16 +42,11 @@ fn main() -> ExitCode {
         Command::Schema => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&liverec::event::event_json_schema())
-                    .expect("schema serialises")
+                serde_json::to_string_pretty(&liverec::event::event_json_schema()).expect("schema serialises")
             );
             ExitCode::SUCCESS
         }
-        Command::Serve {
-            config,
-            listen,
-            print_config,
-        } => {
+        Command::Serve { config, listen, print_config } => {
             let config = match Config::load(config.as_deref(), &Overrides { listen }) {
                 Ok(config) => config,
                 Err(error) => {
@@ -86,7 +81,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let memory_only = config.store.kind == liverec::config::StoreKind::Memory;
     let server = Server::start(config).await?;
     if memory_only {
-        tracing::warn!("embedded mode: events and profiles are kept in memory only and are lost when the process stops");
+        tracing::warn!(
+            "embedded mode: events and profiles are kept in memory only and are lost when the process stops"
+        );
     }
     wait_for_signal().await;
     tracing::info!("shutting down");

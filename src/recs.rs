@@ -44,11 +44,6 @@ impl RecUpdate {
         let json = serde_json::to_string(&list).expect("a list always serialises");
         let sse = format!("id: {}\nevent: recommendations\ndata: {json}\n\n", list.seq);
         let ws = format!("{{\"type\":\"recommendations\",\"data\":{json}}}");
-        Arc::new(Self {
-            list,
-            json: Bytes::from(json),
-            sse: Bytes::from(sse),
-            ws: ByteString::from(ws),
-        })
+        Arc::new(Self { list, json: Bytes::from(json), sse: Bytes::from(sse), ws: ByteString::from(ws) })
     }
 }

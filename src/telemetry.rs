@@ -13,11 +13,8 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global tracing subscriber. `RUST_LOG` wins over the configured level.
 pub fn init_logging(config: &LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
     let result = match config.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -67,14 +64,10 @@ pub struct Histogram {
 }
 
 /// Latency buckets, 100 µs to 10 s.
-pub const LATENCY_BOUNDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    10.0,
-];
+pub const LATENCY_BOUNDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 /// Batch-size buckets.
-pub const SIZE_BOUNDS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-];
+pub const SIZE_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
@@ -90,8 +83,7 @@ impl Histogram {
         if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.sum_micro
-            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
+        self.sum_micro.fetch_add((value * 1e6) as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -140,6 +132,14 @@ pub struct Metrics {
     pub model_inference_seconds: Histogram,
     /// From the moment an event was received to the push that reflects it.
     pub event_to_push_seconds: Histogram,
+    /// Kafka records consumed, sent to the dead-letter topic, rebalances, pauses and restarts.
+    pub kafka_records: Counter,
+    pub kafka_dead_letters: Counter,
+    pub kafka_rebalances: Counter,
+    pub kafka_paused: Counter,
+    pub kafka_restarts: Counter,
+    /// Lists received from other instances and forwarded to local subscribers.
+    pub fanout_received: Counter,
 }
 
 impl Default for Metrics {
@@ -168,6 +168,12 @@ impl Default for Metrics {
             model_batch_size: Histogram::new(SIZE_BOUNDS),
             model_inference_seconds: Histogram::new(LATENCY_BOUNDS),
             event_to_push_seconds: Histogram::new(LATENCY_BOUNDS),
+            kafka_records: Counter::default(),
+            kafka_dead_letters: Counter::default(),
+            kafka_rebalances: Counter::default(),
+            kafka_paused: Counter::default(),
+            kafka_restarts: Counter::default(),
+            fanout_received: Counter::default(),
         }
     }
 }
@@ -206,19 +212,11 @@ impl Exposition {
         let mut cumulative = 0;
         for (bound, bucket) in h.bounds.iter().zip(&h.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            self.sample(
-                &format!("{name}_bucket"),
-                &format!("le=\"{bound}\""),
-                cumulative,
-            );
+            self.sample(&format!("{name}_bucket"), &format!("le=\"{bound}\""), cumulative);
         }
         let count = h.count.load(Ordering::Relaxed);
         self.sample(&format!("{name}_bucket"), "le=\"+Inf\"", count);
-        self.sample(
-            &format!("{name}_sum"),
-            "",
-            h.sum_micro.load(Ordering::Relaxed) as f64 / 1e6,
-        );
+        self.sample(&format!("{name}_sum"), "", h.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
         self.sample(&format!("{name}_count"), "", count);
     }
 }
@@ -230,16 +228,9 @@ impl Metrics {
         out.counter(
             "liverec_ingest_events_total",
             "Events accepted, by source.",
-            &[
-                ("source=\"http\"", &self.ingest_events_http),
-                ("source=\"websocket\"", &self.ingest_events_ws),
-            ],
+            &[("source=\"http\"", &self.ingest_events_http), ("source=\"websocket\"", &self.ingest_events_ws)],
         );
-        out.counter(
-            "liverec_ingest_invalid_events_total",
-            "Events refused as invalid.",
-            &[("", &self.ingest_invalid)],
-        );
+        out.counter("liverec_ingest_invalid_events_total", "Events refused as invalid.", &[("", &self.ingest_invalid)]);
         out.counter(
             "liverec_ingest_shed_batches_total",
             "Event batches refused with 503 because the pipeline was full.",
@@ -255,11 +246,7 @@ impl Metrics {
             "Events skipped because their event_id was already applied.",
             &[("", &self.session_duplicates)],
         );
-        out.gauge(
-            "liverec_sessions_active",
-            "Session actors alive.",
-            &[("", self.sessions_active.get())],
-        );
+        out.gauge("liverec_sessions_active", "Session actors alive.", &[("", self.sessions_active.get())]);
         out.counter(
             "liverec_sessions_started_total",
             "Session actors started (new or rebuilt).",
@@ -270,11 +257,7 @@ impl Metrics {
             "Session actors stopped after their idle TTL.",
             &[("", &self.sessions_evicted)],
         );
-        out.counter(
-            "liverec_store_errors_total",
-            "Profile store operations that failed.",
-            &[("", &self.store_errors)],
-        );
+        out.counter("liverec_store_errors_total", "Profile store operations that failed.", &[("", &self.store_errors)]);
         out.counter(
             "liverec_push_updates_total",
             "Recommendation lists published to subscribers.",
@@ -283,10 +266,7 @@ impl Metrics {
         out.counter(
             "liverec_push_sent_total",
             "Recommendation lists written to a subscriber, by stream kind.",
-            &[
-                ("kind=\"sse\"", &self.push_sent_sse),
-                ("kind=\"websocket\"", &self.push_sent_ws),
-            ],
+            &[("kind=\"sse\"", &self.push_sent_sse), ("kind=\"websocket\"", &self.push_sent_ws)],
         );
         out.counter(
             "liverec_push_dropped_stale_total",
@@ -296,45 +276,52 @@ impl Metrics {
         out.gauge(
             "liverec_stream_subscribers",
             "Open subscriptions, by stream kind.",
-            &[
-                ("kind=\"sse\"", self.subscribers_sse.get()),
-                ("kind=\"websocket\"", self.subscribers_ws.get()),
-            ],
+            &[("kind=\"sse\"", self.subscribers_sse.get()), ("kind=\"websocket\"", self.subscribers_ws.get())],
         );
         out.counter(
             "liverec_stream_invalid_messages_total",
             "WebSocket messages refused.",
             &[("", &self.ws_invalid_messages)],
         );
-        out.counter(
-            "liverec_model_requests_total",
-            "Recommendation requests scored.",
-            &[("", &self.model_requests)],
-        );
+        out.counter("liverec_model_requests_total", "Recommendation requests scored.", &[("", &self.model_requests)]);
         out.counter(
             "liverec_model_refused_total",
             "Requests refused because the model mailbox was full.",
             &[("", &self.model_refused)],
         );
-        out.counter(
-            "liverec_model_batches_total",
-            "Batches run by the model.",
-            &[("", &self.model_batches)],
-        );
-        out.histogram(
-            "liverec_model_batch_size",
-            "Requests per model batch.",
-            &self.model_batch_size,
-        );
-        out.histogram(
-            "liverec_model_inference_seconds",
-            "Time to run one model batch.",
-            &self.model_inference_seconds,
-        );
+        out.counter("liverec_model_batches_total", "Batches run by the model.", &[("", &self.model_batches)]);
+        out.histogram("liverec_model_batch_size", "Requests per model batch.", &self.model_batch_size);
+        out.histogram("liverec_model_inference_seconds", "Time to run one model batch.", &self.model_inference_seconds);
         out.histogram(
             "liverec_event_to_push_seconds",
             "From receiving an event to publishing the list that reflects it.",
             &self.event_to_push_seconds,
+        );
+        out.counter("liverec_kafka_records_total", "Kafka records consumed.", &[("", &self.kafka_records)]);
+        out.counter(
+            "liverec_kafka_dead_letters_total",
+            "Records sent to the dead-letter topic.",
+            &[("", &self.kafka_dead_letters)],
+        );
+        out.counter(
+            "liverec_kafka_rebalances_total",
+            "Partition revocations handled.",
+            &[("", &self.kafka_rebalances)],
+        );
+        out.counter(
+            "liverec_kafka_pauses_total",
+            "Times the consumer paused its partitions because sessions fell behind.",
+            &[("", &self.kafka_paused)],
+        );
+        out.counter(
+            "liverec_kafka_consumer_restarts_total",
+            "Restarts of a failed Kafka consumer by its supervisor.",
+            &[("", &self.kafka_restarts)],
+        );
+        out.counter(
+            "liverec_fanout_received_total",
+            "Lists received from other instances for local subscribers.",
+            &[("", &self.fanout_received)],
         );
         out.0
     }
@@ -351,10 +338,7 @@ mod tests {
         m.event_to_push_seconds.observe(0.003);
         m.event_to_push_seconds.observe(100.0);
         let text = m.render();
-        assert!(
-            text.contains("liverec_event_to_push_seconds_bucket{le=\"0.00025\"} 1\n"),
-            "{text}"
-        );
+        assert!(text.contains("liverec_event_to_push_seconds_bucket{le=\"0.00025\"} 1\n"), "{text}");
         assert!(text.contains("liverec_event_to_push_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("liverec_event_to_push_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("liverec_event_to_push_seconds_count 3\n"));

@@ -28,16 +28,8 @@ pub struct IngestActor {
 }
 
 impl IngestActor {
-    pub fn new(
-        partition: usize,
-        registry: Arc<SessionRegistry>,
-        queue: mpsc::Receiver<EventBatch>,
-    ) -> Self {
-        Self {
-            partition,
-            registry,
-            queue: Some(queue),
-        }
+    pub fn new(partition: usize, registry: Arc<SessionRegistry>, queue: mpsc::Receiver<EventBatch>) -> Self {
+        Self { partition, registry, queue: Some(queue) }
     }
 }
 
@@ -79,12 +71,21 @@ impl StreamHandler<EventBatch> for IngestActor {
             .collect();
         let partition = self.partition;
         // Wait (blocking this actor's stream, not the thread) until every session has the events.
-        ctx.wait(join_all(sends).into_actor(self).map(move |results, _, _| {
-            let failed = results.iter().filter(|r| r.is_err()).count();
+        let applied = async move {
+            let mut persisted = Vec::with_capacity(sends.len());
+            let mut failed = 0;
+            for result in join_all(sends).await {
+                match result {
+                    Ok(applied) => persisted.push(applied.persisted),
+                    Err(_) => failed += 1,
+                }
+            }
             if failed > 0 {
                 tracing::error!(partition, failed, "sessions stopped before applying events");
             }
-        }));
+            join_all(persisted).await;
+        };
+        ctx.wait(applied.into_actor(self));
     }
 
     fn finished(&mut self, _ctx: &mut Self::Context) {
@@ -99,12 +100,8 @@ mod tests {
 
     #[test]
     fn groups_keep_order() {
-        let limits = EventLimits {
-            max_id_len: 8,
-            max_context_attributes: 0,
-            max_context_key_len: 1,
-            max_context_value_len: 1,
-        };
+        let limits =
+            EventLimits { max_id_len: 8, max_context_attributes: 0, max_context_key_len: 1, max_context_value_len: 1 };
         let ev = |u: &str, i: &str| {
             EventIn {
                 user_id: u.into(),
@@ -120,21 +117,8 @@ mod tests {
             .expect("valid")
         };
         let groups = by_user(vec![ev("b", "1"), ev("a", "2"), ev("b", "3")]);
-        let shape: Vec<(String, Vec<String>)> = groups
-            .iter()
-            .map(|(u, es)| {
-                (
-                    u.to_string(),
-                    es.iter().map(|e| e.item_id.to_string()).collect(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            shape,
-            vec![
-                ("b".into(), vec!["1".into(), "3".into()]),
-                ("a".into(), vec!["2".into()])
-            ]
-        );
+        let shape: Vec<(String, Vec<String>)> =
+            groups.iter().map(|(u, es)| (u.to_string(), es.iter().map(|e| e.item_id.to_string()).collect())).collect();
+        assert_eq!(shape, vec![("b".into(), vec!["1".into(), "3".into()]), ("a".into(), vec!["2".into()])]);
     }
 }

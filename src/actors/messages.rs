@@ -7,7 +7,7 @@ use actix::Message;
 
 use crate::event::{Device, Event, ItemId};
 use crate::recs::RecUpdate;
-use crate::store::Profile;
+use crate::store::{Persisted, Profile};
 
 /// Why a session could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -18,9 +18,10 @@ pub enum SessionError {
     Stopped,
 }
 
-/// Events for one user, applied in order. Answers once they are applied and persisted.
+/// Events for one user, applied in order. Answers once they are applied in memory, with a
+/// future that resolves when they are durable in the profile store.
 #[derive(Message, Debug)]
-#[rtype(result = "ApplyOutcome")]
+#[rtype(result = "Applied")]
 pub struct ApplyEvents {
     pub events: Vec<Event>,
     /// When the server received the events (for event-to-push latency).
@@ -31,6 +32,18 @@ pub struct ApplyEvents {
 pub struct ApplyOutcome {
     pub applied: usize,
     pub duplicates: usize,
+}
+
+/// What a session answers to events: what it applied, and when that is durable.
+pub struct Applied {
+    pub outcome: ApplyOutcome,
+    pub persisted: Persisted,
+}
+
+impl std::fmt::Debug for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applied").field("outcome", &self.outcome).finish_non_exhaustive()
+    }
 }
 
 /// Filters a client may put on a recommendation request.
@@ -73,7 +86,17 @@ pub struct TakeHistory;
 
 /// Folds another profile's history into this user's (the known side of a merge), then pushes.
 #[derive(Message, Debug)]
-#[rtype(result = "ApplyOutcome")]
+#[rtype(result = "Applied")]
 pub struct MergeHistory {
     pub from: Profile,
 }
+
+/// Stop now (the user's partition moved to another instance); pending writes are already queued.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Release;
+
+/// Rebuild from the store and push: the stored profile changed elsewhere (a merge).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Reload;

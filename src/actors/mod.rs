@@ -2,6 +2,7 @@
 //! actors that move events from the bus to sessions. Nothing here knows HTTP types.
 
 pub mod ingest;
+pub mod kafka_ingest;
 pub mod messages;
 pub mod model;
 pub mod registry;

@@ -115,20 +115,14 @@ impl ModelActor {
         let observations = std::mem::take(&mut self.observations);
         self.inflight = true;
         self.worker
-            .send(RunBatch {
-                observations,
-                requests,
-            })
+            .send(RunBatch { observations, requests })
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.inflight = false;
                 match result {
                     Ok(output) => {
                         for (reply, items) in replies.into_iter().zip(output.results) {
-                            let _ = reply.send(Ok(ScoredList {
-                                items,
-                                version: output.version.clone(),
-                            }));
+                            let _ = reply.send(Ok(ScoredList { items, version: output.version.clone() }));
                         }
                     }
                     Err(error) => {
@@ -219,19 +213,12 @@ impl Handler<RunBatch> for InferenceWorker {
         } else {
             let started = Instant::now();
             let results = self.model.score(&msg.requests, &self.catalog);
-            self.metrics
-                .model_inference_seconds
-                .observe_duration(started.elapsed());
+            self.metrics.model_inference_seconds.observe_duration(started.elapsed());
             self.metrics.model_batches.inc();
-            self.metrics
-                .model_batch_size
-                .observe(msg.requests.len() as f64);
+            self.metrics.model_batch_size.observe(msg.requests.len() as f64);
             self.metrics.model_requests.add(msg.requests.len() as u64);
             results
         };
-        BatchOutput {
-            results,
-            version: Arc::from(self.model.version()),
-        }
+        BatchOutput { results, version: Arc::from(self.model.version()) }
     }
 }

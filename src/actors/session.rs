@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::messages::{
-    ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters,
+    Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
     SessionError, Snapshot, TakeHistory,
 };
 use super::model::{Observe, Recommend, ScoredList};
@@ -28,7 +28,7 @@ use crate::catalog::ItemIdx;
 use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
 use crate::models::{HistoryItem, Observation, ScoreRequest};
 use crate::recs::{RecItem, RecList, RecUpdate};
-use crate::store::{Interaction, Profile, ProfileUpdate};
+use crate::store::{persisted_now, Interaction, Persisted, Profile, ProfileUpdate};
 
 pub struct SessionActor {
     hub: Arc<UserHub>,
@@ -67,6 +67,46 @@ impl SessionActor {
             pending_since: None,
             last_active: Instant::now(),
         }
+    }
+
+    /// Loads the stored profile, blocking the mailbox until it is in, so no event is applied to a
+    /// half-built state. A store that is down is retried with backoff: starting empty would lose
+    /// the history and the ids that make replays idempotent.
+    fn load_profile(&mut self, ctx: &mut Context<Self>) {
+        let store = self.deps.store.clone();
+        let metrics = self.deps.metrics.clone();
+        let user = self.hub.user.clone();
+        let load = async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match store.load(&user).await {
+                    Ok(profile) => return profile,
+                    Err(error) => {
+                        metrics.store_errors.inc();
+                        tracing::warn!(error = %error, user = %user, "profile not loaded; retrying");
+                        actix_rt::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        };
+        ctx.wait(load.into_actor(self).map(|profile, act, ctx| {
+            if let Some(profile) = profile {
+                act.restore(profile);
+            }
+            if act.hub.latest().is_none() {
+                act.refresh(ctx);
+            }
+        }));
+    }
+
+    /// Forgets the in-memory state (before reloading it from the store).
+    fn reset(&mut self) {
+        self.history.clear();
+        self.event_ids.clear();
+        self.event_order.clear();
+        self.suppressed.clear();
+        self.context = None;
     }
 
     fn restore(&mut self, profile: Profile) {
@@ -121,11 +161,7 @@ impl SessionActor {
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.
-    fn apply(
-        &mut self,
-        events: Vec<Event>,
-        ctx: &mut Context<Self>,
-    ) -> (ApplyOutcome, ProfileUpdate) {
+    fn apply(&mut self, events: Vec<Event>, ctx: &mut Context<Self>) -> (ApplyOutcome, ProfileUpdate) {
         let mut outcome = ApplyOutcome::default();
         let previous = self.history_items();
         let mut update = ProfileUpdate {
@@ -169,20 +205,10 @@ impl SessionActor {
             self.context = Some(event.context);
         }
         update.context = self.context.clone();
-        self.deps
-            .metrics
-            .session_applied
-            .add(outcome.applied as u64);
-        self.deps
-            .metrics
-            .session_duplicates
-            .add(outcome.duplicates as u64);
+        self.deps.metrics.session_applied.add(outcome.applied as u64);
+        self.deps.metrics.session_duplicates.add(outcome.duplicates as u64);
         if outcome.applied > 0 {
-            let observation = Observation {
-                previous,
-                new: new_items,
-                segment: self.segment(None),
-            };
+            let observation = Observation { previous, new: new_items, segment: self.segment(None) };
             if self.deps.model.try_send(Observe { observation }).is_err() {
                 self.deps.metrics.model_refused.inc();
             }
@@ -192,56 +218,11 @@ impl SessionActor {
     }
 
     fn segment(&self, device: Option<crate::event::Device>) -> usize {
-        match (&self.context, device) {
-            (Some(c), None) => c.segment(),
-            (Some(c), Some(d)) => EventContext {
-                device: d,
-                ..c.clone()
-            }
-            .segment(),
-            (None, d) => EventContext::at_time(now_ms(), d.unwrap_or_default()).segment(),
-        }
+        segment_of(self.context.as_ref(), device)
     }
 
     fn score_request(&self, k: usize, filters: &RecFilters) -> ScoreRequest {
-        let excluded_types = &self.deps.config.session.exclude_event_types;
-        let mut exclude: Vec<ItemIdx> = self
-            .history
-            .iter()
-            .filter(|(i, _)| excluded_types.contains(&i.event_type))
-            .map(|(_, idx)| *idx)
-            .collect();
-        exclude.extend(
-            filters
-                .exclude
-                .iter()
-                .filter_map(|id| self.deps.catalog.lookup(id)),
-        );
-        let negatives = self
-            .suppressed
-            .iter()
-            .filter_map(|id| self.deps.catalog.lookup(id))
-            .collect();
-        let categories = if filters.categories.is_empty() {
-            None
-        } else {
-            // An unknown category matches no item, which is the honest answer.
-            Some(
-                filters
-                    .categories
-                    .iter()
-                    .filter_map(|c| self.deps.catalog.category_idx(c))
-                    .collect(),
-            )
-        };
-        ScoreRequest {
-            history: self.history_items(),
-            segment: self.segment(filters.device),
-            exclude,
-            negatives,
-            categories,
-            k,
-        }
+        build_request(&self.deps, self.history_items(), self.suppressed.iter(), self.context.as_ref(), k, filters)
     }
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
@@ -277,26 +258,7 @@ impl SessionActor {
     }
 
     fn to_list(&self, scored: &ScoredList, seq: u64) -> RecList {
-        let indices: Vec<ItemIdx> = scored.items.iter().map(|s| s.item).collect();
-        let items = self
-            .deps
-            .catalog
-            .ids_of(&indices)
-            .into_iter()
-            .zip(&scored.items)
-            .map(|(item_id, s)| RecItem {
-                item_id,
-                score: s.score,
-            })
-            .collect();
-        RecList {
-            rec_id: uuid::Uuid::now_v7().to_string(),
-            user_id: self.hub.user.clone(),
-            model_version: scored.version.to_string(),
-            generated_at: now_ms(),
-            seq,
-            items,
-        }
+        make_list(&self.deps, &self.hub.user, scored, seq)
     }
 
     fn publish(&mut self, scored: ScoredList) {
@@ -305,20 +267,9 @@ impl SessionActor {
         self.hub.publish(update.clone());
         self.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {
-            self.deps
-                .metrics
-                .event_to_push_seconds
-                .observe_duration(since.elapsed());
+            self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
         }
-        let store = self.deps.store.clone();
-        let metrics = self.deps.metrics.clone();
-        let user = self.hub.user.clone();
-        actix::spawn(async move {
-            if let Err(error) = store.save_recs(&user, &update.list).await {
-                metrics.store_errors.inc();
-                tracing::warn!(error = %error, "could not store the last list");
-            }
-        });
+        self.deps.store.save_recs(&update.list);
     }
 
     fn profile(&self) -> Profile {
@@ -331,18 +282,12 @@ impl SessionActor {
         }
     }
 
-    fn persist(&self, update: ProfileUpdate) -> impl std::future::Future<Output = ()> + 'static {
-        let store = self.deps.store.clone();
-        let metrics = self.deps.metrics.clone();
-        async move {
-            if update.interactions.is_empty() && update.suppressed.is_empty() {
-                return;
-            }
-            if let Err(error) = store.append(update).await {
-                metrics.store_errors.inc();
-                tracing::warn!(error = %error, "could not persist events");
-            }
+    /// Queues the update in the store; the returned future resolves when it is durable.
+    fn persist(&self, update: ProfileUpdate) -> Persisted {
+        if update.interactions.is_empty() && update.suppressed.is_empty() {
+            return persisted_now();
         }
+        self.deps.store.append(update)
     }
 }
 
@@ -353,22 +298,7 @@ impl Actor for SessionActor {
         ctx.set_mailbox_capacity(self.deps.config.session.mailbox_capacity);
         self.deps.metrics.sessions_active.inc();
         self.deps.metrics.sessions_started.inc();
-        let store = self.deps.store.clone();
-        let user = self.hub.user.clone();
-        // Block the mailbox until the profile is loaded, so no event is applied to a half-built state.
-        ctx.wait(async move { store.load(&user).await }.into_actor(self).map(|result, act, ctx| {
-            match result {
-                Ok(Some(profile)) => act.restore(profile),
-                Ok(None) => {}
-                Err(error) => {
-                    act.deps.metrics.store_errors.inc();
-                    tracing::warn!(error = %error, user = %act.hub.user, "profile not loaded; starting empty");
-                }
-            }
-            if act.hub.latest().is_none() {
-                act.refresh(ctx);
-            }
-        }));
+        self.load_profile(ctx);
         let ttl = Duration::from_millis(self.deps.config.session.idle_ttl_ms.max(1));
         let check = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_secs(10));
         ctx.run_interval(check, move |act, ctx| {
@@ -386,7 +316,7 @@ impl Actor for SessionActor {
 }
 
 impl Handler<ApplyEvents> for SessionActor {
-    type Result = AtomicResponse<Self, ApplyOutcome>;
+    type Result = MessageResult<ApplyEvents>;
 
     fn handle(&mut self, msg: ApplyEvents, ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
@@ -394,12 +324,28 @@ impl Handler<ApplyEvents> for SessionActor {
         if outcome.applied > 0 && self.pending_since.is_none() {
             self.pending_since = Some(msg.received);
         }
-        // Atomic: the next message waits until these events are persisted, keeping store order.
-        AtomicResponse::new(Box::pin(
-            self.persist(update)
-                .into_actor(self)
-                .map(move |(), _, _| outcome),
-        ))
+        // The store queues appends in call order, so the next message need not wait for this one.
+        MessageResult(Applied { outcome, persisted: self.persist(update) })
+    }
+}
+
+impl Handler<Reload> for SessionActor {
+    type Result = ();
+
+    /// The stored profile changed behind this session's back (a merge on another instance):
+    /// rebuild from it and push a fresh list.
+    fn handle(&mut self, _msg: Reload, ctx: &mut Self::Context) {
+        self.reset();
+        self.load_profile(ctx);
+        ctx.wait(fut::ready(()).map(|(), act: &mut Self, ctx| act.refresh(ctx)));
+    }
+}
+
+impl Handler<Release> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Release, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -410,26 +356,17 @@ impl Handler<GetRecommendations> for SessionActor {
         self.last_active = Instant::now();
         let request = self.score_request(msg.k, &msg.filters);
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
-        Box::pin(
-            self.deps
-                .model
-                .send(Recommend { request })
-                .into_actor(self)
-                .map(move |result, act, _| {
-                    let scored = match result {
-                        Ok(Ok(scored)) => scored,
-                        _ => return Err(SessionError::ModelUnavailable),
-                    };
-                    if becomes_pushed && act.hub.latest().is_none() {
-                        act.publish(scored);
-                        return act.hub.latest().ok_or(SessionError::Stopped);
-                    }
-                    Ok(RecUpdate::new(act.to_list(
-                        &scored,
-                        act.hub.latest().map_or(0, |u| u.list.seq),
-                    )))
-                }),
-        )
+        Box::pin(self.deps.model.send(Recommend { request }).into_actor(self).map(move |result, act, _| {
+            let scored = match result {
+                Ok(Ok(scored)) => scored,
+                _ => return Err(SessionError::ModelUnavailable),
+            };
+            if becomes_pushed && act.hub.latest().is_none() {
+                act.publish(scored);
+                return act.hub.latest().ok_or(SessionError::Stopped);
+            }
+            Ok(RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq))))
+        }))
     }
 }
 
@@ -479,7 +416,7 @@ impl Handler<TakeHistory> for SessionActor {
 }
 
 impl Handler<MergeHistory> for SessionActor {
-    type Result = AtomicResponse<Self, ApplyOutcome>;
+    type Result = MessageResult<MergeHistory>;
 
     fn handle(&mut self, msg: MergeHistory, ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
@@ -495,9 +432,7 @@ impl Handler<MergeHistory> for SessionActor {
             suppressed: msg.from.suppressed.clone(),
         };
         for interaction in msg.from.interactions {
-            if own.contains(&interaction.event_id)
-                || !self.remember_id(interaction.event_id.clone())
-            {
+            if own.contains(&interaction.event_id) || !self.remember_id(interaction.event_id.clone()) {
                 outcome.duplicates += 1;
                 continue;
             }
@@ -522,10 +457,107 @@ impl Handler<MergeHistory> for SessionActor {
         if outcome.applied > 0 || !update.suppressed.is_empty() {
             self.refresh(ctx);
         }
-        AtomicResponse::new(Box::pin(
-            self.persist(update)
-                .into_actor(self)
-                .map(move |(), _, _| outcome),
-        ))
+        MessageResult(Applied { outcome, persisted: self.persist(update) })
     }
+}
+
+/// The context segment of a request: the user's latest context, with the device overridden if
+/// the request names one; without context, the current hour and the given (or `other`) device.
+pub fn segment_of(context: Option<&EventContext>, device: Option<crate::event::Device>) -> usize {
+    match (context, device) {
+        (Some(c), None) => c.segment(),
+        (Some(c), Some(d)) => EventContext { device: d, ..c.clone() }.segment(),
+        (None, d) => EventContext::at_time(now_ms(), d.unwrap_or_default()).segment(),
+    }
+}
+
+/// A scoring request from a user's state: consumed items (by the configured event types),
+/// suppressed items and the caller's filters become exclusions.
+pub fn build_request<'a>(
+    deps: &SessionDeps,
+    history: Arc<[HistoryItem]>,
+    suppressed: impl Iterator<Item = &'a ItemId>,
+    context: Option<&EventContext>,
+    k: usize,
+    filters: &RecFilters,
+) -> ScoreRequest {
+    let excluded_types = &deps.config.session.exclude_event_types;
+    let mut exclude: Vec<ItemIdx> =
+        history.iter().filter(|h| excluded_types.contains(&h.event_type)).map(|h| h.item).collect();
+    exclude.extend(filters.exclude.iter().filter_map(|id| deps.catalog.lookup(id)));
+    let negatives = suppressed.filter_map(|id| deps.catalog.lookup(id)).collect();
+    let categories = if filters.categories.is_empty() {
+        None
+    } else {
+        // An unknown category matches no item, which is the honest answer.
+        Some(filters.categories.iter().filter_map(|c| deps.catalog.category_idx(c)).collect())
+    };
+    ScoreRequest { history, segment: segment_of(context, filters.device), exclude, negatives, categories, k }
+}
+
+/// A client-facing list from scored items.
+pub fn make_list(deps: &SessionDeps, user: &crate::event::UserId, scored: &ScoredList, seq: u64) -> RecList {
+    let indices: Vec<ItemIdx> = scored.items.iter().map(|s| s.item).collect();
+    let items = deps
+        .catalog
+        .ids_of(&indices)
+        .into_iter()
+        .zip(&scored.items)
+        .map(|(item_id, s)| RecItem { item_id, score: s.score })
+        .collect();
+    RecList {
+        rec_id: uuid::Uuid::now_v7().to_string(),
+        user_id: user.clone(),
+        model_version: scored.version.to_string(),
+        generated_at: now_ms(),
+        seq,
+        items,
+    }
+}
+
+/// A list for a user whose session does not run here (production mode, where another instance
+/// may own the user): the stored last list when it fits the request, else scored from the stored
+/// profile. Store failures degrade to a list from no history rather than an error.
+pub async fn list_from_store(
+    deps: &SessionDeps,
+    user: &crate::event::UserId,
+    k: usize,
+    filters: &RecFilters,
+) -> Result<Arc<RecUpdate>, SessionError> {
+    let profile = match deps.store.load(user).await {
+        Ok(profile) => profile,
+        Err(error) => {
+            deps.metrics.store_errors.inc();
+            tracing::warn!(error = %error, "profile unavailable; answering from no history");
+            None
+        }
+    };
+    let last = profile.as_ref().and_then(|p| p.last_recs.clone());
+    if filters.is_empty() && k <= deps.config.recs.default_k {
+        if let Some(recs) = last.clone() {
+            return Ok(RecUpdate::new(recs));
+        }
+    }
+    let (history, suppressed, context) = match &profile {
+        Some(p) => (
+            p.interactions
+                .iter()
+                .map(|i| HistoryItem {
+                    item: deps.catalog.intern(&i.item_id),
+                    event_type: i.event_type,
+                    value: i.value.map(|v| v as f32),
+                    timestamp: i.timestamp,
+                })
+                .collect::<Arc<[HistoryItem]>>(),
+            p.suppressed.clone(),
+            p.context.clone(),
+        ),
+        None => (Arc::from(Vec::new()), Vec::new(), None),
+    };
+    let request = build_request(deps, history, suppressed.iter(), context.as_ref(), k, filters);
+    let scored = match deps.model.send(Recommend { request }).await {
+        Ok(Ok(scored)) => scored,
+        _ => return Err(SessionError::ModelUnavailable),
+    };
+    Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq))))
 }

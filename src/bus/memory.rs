@@ -15,15 +15,8 @@ impl MemoryBus {
     /// A bus with `partitions` queues of `capacity` batches, and the receiving ends for the
     /// ingest actors (index = partition).
     pub fn new(partitions: usize, capacity: usize) -> (Self, Vec<mpsc::Receiver<EventBatch>>) {
-        let (senders, receivers) = (0..partitions.max(1))
-            .map(|_| mpsc::channel(capacity.max(1)))
-            .unzip();
-        (
-            Self {
-                partitions: senders,
-            },
-            receivers,
-        )
+        let (senders, receivers) = (0..partitions.max(1)).map(|_| mpsc::channel(capacity.max(1))).unzip();
+        (Self { partitions: senders }, receivers)
     }
 }
 
@@ -47,10 +40,7 @@ impl EventBus for MemoryBus {
             permits.push((permit, events));
         }
         for (permit, events) in permits {
-            permit.send(EventBatch {
-                events,
-                received: batch.received,
-            });
+            permit.send(EventBatch { events, received: batch.received });
         }
         Ok(())
     }
@@ -63,12 +53,8 @@ mod tests {
     use std::time::Instant;
 
     fn batch(users: &[&str]) -> EventBatch {
-        let limits = EventLimits {
-            max_id_len: 64,
-            max_context_attributes: 1,
-            max_context_key_len: 8,
-            max_context_value_len: 8,
-        };
+        let limits =
+            EventLimits { max_id_len: 64, max_context_attributes: 1, max_context_key_len: 8, max_context_value_len: 8 };
         let events = users
             .iter()
             .map(|u| {
@@ -86,10 +72,7 @@ mod tests {
                 .expect("valid")
             })
             .collect();
-        EventBatch {
-            events,
-            received: Instant::now(),
-        }
+        EventBatch { events, received: Instant::now() }
     }
 
     #[actix_rt::test]
@@ -97,16 +80,10 @@ mod tests {
         let (bus, mut receivers) = MemoryBus::new(2, 1);
         // Find two users on different partitions.
         let a = "a";
-        let b = (0..100)
-            .map(|i| format!("b{i}"))
-            .find(|u| partition_of(u, 2) != partition_of(a, 2))
-            .expect("user");
+        let b = (0..100).map(|i| format!("b{i}")).find(|u| partition_of(u, 2) != partition_of(a, 2)).expect("user");
         bus.publish(batch(&[a])).await.expect("room");
         // a's partition is now full: a batch touching both partitions must put nothing on b's.
-        assert!(matches!(
-            bus.publish(batch(&[&b, a])).await,
-            Err(BusError::Saturated)
-        ));
+        assert!(matches!(bus.publish(batch(&[&b, a])).await, Err(BusError::Saturated)));
         let b_rx = &mut receivers[partition_of(&b, 2)];
         assert!(b_rx.try_recv().is_err());
         let a_rx = &mut receivers[partition_of(a, 2)];
@@ -116,9 +93,7 @@ mod tests {
     #[test]
     fn partitions_are_stable() {
         assert_eq!(partition_of("user-1", 16), partition_of("user-1", 16));
-        let spread: std::collections::HashSet<_> = (0..200)
-            .map(|i| partition_of(&format!("u{i}"), 8))
-            .collect();
+        let spread: std::collections::HashSet<_> = (0..200).map(|i| partition_of(&format!("u{i}"), 8)).collect();
         assert_eq!(spread.len(), 8);
     }
 }

@@ -1,13 +1,15 @@
 //! The event bus between producers (REST, WebSocket) and the ingest actors, behind one small
 //! trait. The in-process bus is the embedded default; the Kafka bus implements the same trait.
 
+pub mod codec;
+pub mod kafka;
 pub mod memory;
 
 use std::time::Instant;
 
 use async_trait::async_trait;
 
-use crate::event::Event;
+use crate::event::{Event, UserId};
 
 /// Events travelling together, with the moment the server received them.
 #[derive(Debug)]
@@ -24,12 +26,21 @@ pub enum BusError {
     /// The bus is shutting down or its consumers are gone.
     #[error("the event bus is closed")]
     Closed,
+    /// The broker did not acknowledge the events in time.
+    #[error("the event bus is unavailable: {0}")]
+    Unavailable(String),
 }
 
 #[async_trait]
 pub trait EventBus: Send + Sync + 'static {
     /// Accepts a batch. Returns once the batch is safely queued: all of it, or none of it.
     async fn publish(&self, batch: EventBatch) -> Result<(), BusError>;
+
+    /// Tells whichever instance owns `user` that the stored profile changed and its session must
+    /// reload. A single process has nothing to tell.
+    async fn notify_reload(&self, _user: &UserId) -> Result<(), BusError> {
+        Ok(())
+    }
 }
 
 /// Stable partition of a user id (the same in every process and run).

@@ -38,13 +38,7 @@ struct Inner<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            field: None,
-            retry_after: None,
-        }
+        Self { status, code, message: message.into(), field: None, retry_after: None }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -65,20 +59,13 @@ impl ApiError {
     }
 
     pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
-        Self {
-            retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
-        }
+        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
     }
 
     /// The JSON body, also used for WebSocket error messages.
     pub fn body_json(&self) -> String {
         serde_json::to_string(&Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
-                field: self.field.as_deref(),
-            },
+            error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() },
         })
         .expect("error bodies always serialise")
     }
@@ -100,9 +87,7 @@ impl ResponseError for ApiError {
         if let Some(seconds) = self.retry_after {
             response.insert_header((header::RETRY_AFTER, seconds.to_string()));
         }
-        response
-            .content_type("application/json")
-            .body(self.body_json())
+        response.content_type("application/json").body(self.body_json())
     }
 }
 
@@ -121,12 +106,13 @@ impl From<InvalidItem> for ApiError {
 impl From<BusError> for ApiError {
     fn from(e: BusError) -> Self {
         match e {
-            BusError::Saturated => {
-                ApiError::unavailable("overloaded", "the event pipeline is full; retry shortly", 1)
-            }
-            BusError::Closed => {
-                ApiError::unavailable("shutting_down", "the server is shutting down", 5)
-            }
+            BusError::Saturated => ApiError::unavailable("overloaded", "the event pipeline is full; retry shortly", 1),
+            BusError::Closed => ApiError::unavailable("shutting_down", "the server is shutting down", 5),
+            BusError::Unavailable(_) => ApiError::unavailable(
+                "bus_unavailable",
+                "the event log did not acknowledge the events; retry with the same event ids",
+                2,
+            ),
         }
     }
 }
@@ -134,11 +120,7 @@ impl From<BusError> for ApiError {
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         tracing::warn!(error = %e, "session could not answer");
-        ApiError::unavailable(
-            "unavailable",
-            "recommendations are temporarily unavailable",
-            1,
-        )
+        ApiError::unavailable("unavailable", "recommendations are temporarily unavailable", 1)
     }
 }
 
@@ -151,19 +133,13 @@ impl From<actix::MailboxError> for ApiError {
 
 /// Turns a serde_json error on a request body into 400 (not JSON) or 422 (JSON of the wrong
 /// shape), naming the field when serde knows it.
-pub fn json_error(
-    error: serde_path_to_error::Error<serde_json::Error>,
-    what: &'static str,
-) -> ApiError {
+pub fn json_error(error: serde_path_to_error::Error<serde_json::Error>, what: &'static str) -> ApiError {
     let path = error.path().to_string();
     let inner = error.into_inner();
     match inner.classify() {
-        serde_json::error::Category::Syntax
-        | serde_json::error::Category::Eof
-        | serde_json::error::Category::Io => ApiError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {inner}"),
-        ),
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof | serde_json::error::Category::Io => {
+            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {inner}"))
+        }
         serde_json::error::Category::Data => {
             let err = ApiError::unprocessable(what, inner.to_string());
             if path.is_empty() || path == "." {

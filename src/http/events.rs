@@ -46,38 +46,23 @@ pub fn decode_bytes(body: &[u8], state: &AppState) -> Result<Vec<Event>, ApiErro
     let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
     let mut de = serde_json::Deserializer::from_slice(body);
     let raw = if is_array {
-        let events: Vec<EventIn> = serde_path_to_error::deserialize(&mut de)
-            .map_err(|e| json_error(e, "invalid_event"))?;
+        let events: Vec<EventIn> =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_event"))?;
         Raw::Many(events)
     } else {
-        Raw::One(
-            serde_path_to_error::deserialize(&mut de)
-                .map_err(|e| json_error(e, "invalid_event"))?,
-        )
+        Raw::One(serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_event"))?)
     };
-    de.end().map_err(|e| {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("trailing data after the JSON value: {e}"),
-        )
-    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON value: {e}")))?;
     validate(raw, state)
 }
 
 /// Decodes and validates events already parsed as JSON (WebSocket messages).
-pub fn decode_value(
-    value: serde_json::Value,
-    many: bool,
-    state: &AppState,
-) -> Result<Vec<Event>, ApiError> {
+pub fn decode_value(value: serde_json::Value, many: bool, state: &AppState) -> Result<Vec<Event>, ApiError> {
     let raw = if many {
-        Raw::Many(
-            serde_path_to_error::deserialize(value).map_err(|e| json_error(e, "invalid_event"))?,
-        )
+        Raw::Many(serde_path_to_error::deserialize(value).map_err(|e| json_error(e, "invalid_event"))?)
     } else {
-        Raw::One(
-            serde_path_to_error::deserialize(value).map_err(|e| json_error(e, "invalid_event"))?,
-        )
+        Raw::One(serde_path_to_error::deserialize(value).map_err(|e| json_error(e, "invalid_event"))?)
     };
     validate(raw, state)
 }
@@ -95,28 +80,19 @@ fn validate(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {
         Raw::Many(events) => {
             let max = state.config.events.max_batch;
             if events.is_empty() {
-                return Err(ApiError::unprocessable(
-                    "empty_batch",
-                    "the batch holds no event",
-                ));
+                return Err(ApiError::unprocessable("empty_batch", "the batch holds no event"));
             }
             if events.len() > max {
                 return Err(ApiError::new(
                     actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
                     "batch_too_large",
-                    format!(
-                        "the batch holds {} events; the limit is {max}",
-                        events.len()
-                    ),
+                    format!("the batch holds {} events; the limit is {max}", events.len()),
                 ));
             }
             events
                 .into_iter()
                 .enumerate()
-                .map(|(i, e)| {
-                    e.validate(&limits, now)
-                        .map_err(|err| ApiError::from(err.at(&format!("[{i}]"))))
-                })
+                .map(|(i, e)| e.validate(&limits, now).map_err(|err| ApiError::from(err.at(&format!("[{i}]")))))
                 .collect()
         }
     }
@@ -136,8 +112,5 @@ pub async fn publish(
         return Err(error.into());
     }
     counter.add(count as u64);
-    Ok(Accepted {
-        accepted: count,
-        event_ids,
-    })
+    Ok(Accepted { accepted: count, event_ids })
 }

@@ -26,8 +26,10 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         "store": state.store.kind(),
         "bus": format!("{:?}", state.config.bus.kind).to_lowercase(),
         "durable": durable,
+        "degraded": state.store.degraded(),
         "catalog_items": state.catalog.len(),
         "users": state.registry.len(),
+        "kafka_partitions": state.registry.assigned(),
     });
     if shutting_down {
         HttpResponse::ServiceUnavailable().json(body)
@@ -37,9 +39,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 
 async fn index() -> HttpResponse {

@@ -8,11 +8,7 @@ use crate::catalog::ItemAttributes;
 use crate::event::{check_id, ItemId};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/items/{item_id}")
-            .route(web::get().to(get_item))
-            .route(web::put().to(put_item)),
-    );
+    cfg.service(web::resource("/v1/items/{item_id}").route(web::get().to(get_item)).route(web::put().to(put_item)));
 }
 
 fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
@@ -21,15 +17,9 @@ fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
     Ok(ItemId::from(raw))
 }
 
-async fn get_item(
-    path: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+async fn get_item(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let id = item_id(&path, &state)?;
-    let view = state
-        .catalog
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found("item_not_found", format!("no item {id}")))?;
+    let view = state.catalog.get(&id).ok_or_else(|| ApiError::not_found("item_not_found", format!("no item {id}")))?;
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -47,9 +37,5 @@ async fn put_item(
     attributes.validate()?;
     let (_, created) = state.catalog.put(&id, attributes);
     let view = state.catalog.get(&id).expect("just put");
-    Ok(if created {
-        HttpResponse::Created().json(view)
-    } else {
-        HttpResponse::Ok().json(view)
-    })
+    Ok(if created { HttpResponse::Created().json(view) } else { HttpResponse::Ok().json(view) })
 }

@@ -10,14 +10,12 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::messages::{GetRecommendations, RecFilters};
+use crate::actors::session::list_from_store;
 use crate::event::{Device, ItemId};
 use crate::recs::RecList;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/users/{user_id}/recommendations")
-            .route(web::get().to(get_recommendations)),
-    );
+    cfg.service(web::resource("/v1/users/{user_id}/recommendations").route(web::get().to(get_recommendations)));
 }
 
 #[derive(Debug, Deserialize)]
@@ -34,13 +32,7 @@ struct RecQuery {
 
 fn split(list: &Option<String>) -> Vec<String> {
     list.as_deref()
-        .map(|s| {
-            s.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
+        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
         .unwrap_or_default()
 }
 
@@ -53,18 +45,13 @@ async fn get_recommendations(
     let recs = &state.config.recs;
     let k = query.k.unwrap_or(recs.default_k);
     if k == 0 || k > recs.max_k {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("k must be between 1 and {}", recs.max_k),
-        )
-        .with_field("k"));
+        return Err(
+            ApiError::bad_request("invalid_query", format!("k must be between 1 and {}", recs.max_k)).with_field("k")
+        );
     }
     let exclude = split(&query.exclude);
     if exclude.len() > recs.max_k {
-        return Err(
-            ApiError::bad_request("invalid_query", "too many items to exclude")
-                .with_field("exclude"),
-        );
+        return Err(ApiError::bad_request("invalid_query", "too many items to exclude").with_field("exclude"));
     }
     let filters = RecFilters {
         exclude: exclude.iter().map(|s| ItemId::from(s.as_str())).collect(),
@@ -76,16 +63,22 @@ async fn get_recommendations(
             return Ok(respond(&latest.list, &latest.json, k));
         }
     }
-    let (_, session) = state.registry.session(&user);
-    let update = session.send(GetRecommendations { k, filters }).await??;
+    let session = if state.registry.owned_by_ingest() {
+        // Production mode: only the owner of the user's partition runs its session.
+        state.registry.hub(&user).and_then(|h| h.session())
+    } else {
+        Some(state.registry.session(&user).1)
+    };
+    let update = match session {
+        Some(session) => session.send(GetRecommendations { k, filters }).await??,
+        None => list_from_store(&state.registry.deps, &user, k, &filters).await?,
+    };
     Ok(respond(&update.list, &update.json, k))
 }
 
 fn respond(list: &RecList, json: &web::Bytes, k: usize) -> HttpResponse {
     if k >= list.items.len() {
-        return HttpResponse::Ok()
-            .content_type("application/json")
-            .body(json.clone());
+        return HttpResponse::Ok().content_type("application/json").body(json.clone());
     }
     let mut shorter = list.clone();
     shorter.items.truncate(k);

@@ -21,17 +21,16 @@ use tokio_stream::StreamMap;
 use super::error::ApiError;
 use super::events::{decode_value, publish};
 use super::AppState;
-use crate::actors::messages::EnsureList;
+use crate::actors::messages::{EnsureList, RecFilters};
 use crate::actors::registry::Subscription;
+use crate::actors::session::list_from_store;
 use crate::event::UserId;
 use crate::recs::RecUpdate;
 use crate::telemetry::{Gauge, Metrics};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/users/{user_id}/recommendations/stream").route(web::get().to(sse)),
-    )
-    .service(web::resource("/v1/ws").route(web::get().to(websocket)));
+    cfg.service(web::resource("/v1/users/{user_id}/recommendations/stream").route(web::get().to(sse)))
+        .service(web::resource("/v1/ws").route(web::get().to(websocket)));
 }
 
 /// Counts a subscriber in a gauge for as long as it lives.
@@ -82,9 +81,27 @@ impl SeqTracker {
 
 fn subscribe(state: &AppState, user: &UserId) -> Subscription {
     let (subscription, session) = state.registry.subscribe(user);
-    // The session produces a first list if the user has none yet; a full mailbox means it is
-    // busy producing one anyway.
-    let _ = session.try_send(EnsureList);
+    match session {
+        // The session produces a first list if the user has none yet; a full mailbox means it is
+        // busy producing one anyway.
+        Some(session) => {
+            let _ = session.try_send(EnsureList);
+        }
+        // Production mode, user owned elsewhere (or idle): show the stored list, or one scored
+        // from the stored profile, until the owner publishes a newer one.
+        None if subscription.latest().is_none() => {
+            let registry = state.registry.clone();
+            let user = user.clone();
+            let default_k = state.config.recs.default_k;
+            actix_web::rt::spawn(async move {
+                match list_from_store(&registry.deps, &user, default_k, &RecFilters::default()).await {
+                    Ok(update) => registry.deliver_remote(update.list.clone()),
+                    Err(error) => tracing::warn!(error = %error, "no first list for a subscriber"),
+                }
+            });
+        }
+        None => {}
+    }
     subscription
 }
 
@@ -100,17 +117,10 @@ struct SseState {
     _guard: GaugeGuard,
 }
 
-async fn sse(
-    req: HttpRequest,
-    path: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
-    let resume_from = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let resume_from =
+        req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     let mut subscription = subscribe(&state, &user);
     // Deliver the current list (if any) at once.
     subscription.receiver().mark_changed();
@@ -144,8 +154,7 @@ async fn sse(
             match next {
                 Next::Changed(false) => return None,
                 Next::Changed(true) => {
-                    let Some(update) = st.subscription.receiver().borrow_and_update().clone()
-                    else {
+                    let Some(update) = st.subscription.receiver().borrow_and_update().clone() else {
                         continue;
                     };
                     if st.resume_from.take() == Some(update.list.seq) {
@@ -202,11 +211,7 @@ enum Flow {
     Close(Option<CloseReason>),
 }
 
-async fn run_socket(
-    state: Arc<AppState>,
-    session: actix_ws::Session,
-    mut stream: actix_ws::AggregatedMessageStream,
-) {
+async fn run_socket(state: Arc<AppState>, session: actix_ws::Session, mut stream: actix_ws::AggregatedMessageStream) {
     let _guard = GaugeGuard::new(state.metrics.clone(), |m| &m.subscribers_ws);
     let period = Duration::from_secs(state.config.stream.heartbeat_secs);
     let timeout = Duration::from_secs(state.config.stream.client_timeout_secs);
@@ -291,11 +296,7 @@ impl Socket {
         match message {
             AggregatedMessage::Text(text) => self.on_text(&text).await,
             AggregatedMessage::Binary(_) => {
-                self.send_error(ApiError::bad_request(
-                    "unsupported_frame",
-                    "send JSON text frames, not binary",
-                ))
-                .await
+                self.send_error(ApiError::bad_request("unsupported_frame", "send JSON text frames, not binary")).await
             }
             AggregatedMessage::Ping(bytes) => match self.session.pong(&bytes).await {
                 Ok(()) => Flow::Continue,
@@ -319,12 +320,7 @@ impl Socket {
             }
         };
         let Value::Object(mut object) = value else {
-            return self
-                .send_error(ApiError::bad_request(
-                    "invalid_message",
-                    "a message is a JSON object",
-                ))
-                .await;
+            return self.send_error(ApiError::bad_request("invalid_message", "a message is a JSON object")).await;
         };
         if object.len() != 1 {
             return self
@@ -334,22 +330,15 @@ impl Socket {
                 ))
                 .await;
         }
-        let (key, value) = object
-            .iter_mut()
-            .next()
-            .map(|(k, v)| (k.clone(), v.take()))
-            .expect("one entry");
+        let (key, value) = object.iter_mut().next().map(|(k, v)| (k.clone(), v.take())).expect("one entry");
         match key.as_str() {
             "subscribe" => self.subscribe(value).await,
             "unsubscribe" => self.unsubscribe(value).await,
             "event" | "events" => self.events(value, key == "events").await,
             other => {
                 self.send_error(
-                    ApiError::bad_request(
-                        "invalid_message",
-                        format!("unknown message key {other:?}"),
-                    )
-                    .with_field(other.to_owned()),
+                    ApiError::bad_request("invalid_message", format!("unknown message key {other:?}"))
+                        .with_field(other.to_owned()),
                 )
                 .await
             }
@@ -359,8 +348,7 @@ impl Socket {
     fn user_of(&self, value: &Value, field: &str) -> Result<UserId, ApiError> {
         let Value::String(raw) = value else {
             return Err(
-                ApiError::bad_request("invalid_user_id", "the user id must be a string")
-                    .with_field(field.to_owned()),
+                ApiError::bad_request("invalid_user_id", "the user id must be a string").with_field(field.to_owned())
             );
         };
         self.state.user_id(raw, field)
@@ -388,12 +376,10 @@ impl Socket {
             let rx = hold.receiver().clone();
             self.holds.push(hold);
             // WatchStream yields the current list first, then every change.
-            self.subscriptions
-                .insert(user.clone(), WatchStream::new(rx));
+            self.subscriptions.insert(user.clone(), WatchStream::new(rx));
             self.seqs.insert(user.clone(), SeqTracker::default());
         }
-        self.send(json!({ "type": "subscribed", "user_id": user }).to_string())
-            .await
+        self.send(json!({ "type": "subscribed", "user_id": user }).to_string()).await
     }
 
     async fn unsubscribe(&mut self, value: Value) -> Flow {
@@ -404,8 +390,7 @@ impl Socket {
         self.subscriptions.remove(&user);
         self.seqs.remove(&user);
         self.holds.retain(|h| h.user() != &user);
-        self.send(json!({ "type": "unsubscribed", "user_id": user }).to_string())
-            .await
+        self.send(json!({ "type": "unsubscribed", "user_id": user }).to_string()).await
     }
 
     async fn events(&mut self, value: Value, many: bool) -> Flow {

@@ -8,6 +8,8 @@ use serde_json::json;
 use super::error::{json_error, ApiError};
 use super::{read_json_body, AppState};
 use crate::actors::messages::{MergeHistory, Snapshot, TakeHistory};
+use crate::event::UserId;
+use crate::store::{ProfileUpdate, StoreError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/users/{user_id}/merge").route(web::post().to(merge)))
@@ -31,22 +33,23 @@ async fn merge(
     let mut de = serde_json::Deserializer::from_slice(&body);
     let request: MergeRequest =
         serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_merge"))?;
-    let from = state.user_id(&request.from, "from").map_err(|e| ApiError {
-        status: actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
-        ..e
-    })?;
+    let from = state
+        .user_id(&request.from, "from")
+        .map_err(|e| ApiError { status: actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
     if from == user {
-        return Err(ApiError::unprocessable(
-            "invalid_merge",
-            "a user cannot be merged into itself",
-        )
-        .with_field("from"));
+        return Err(ApiError::unprocessable("invalid_merge", "a user cannot be merged into itself").with_field("from"));
     }
-    let (_, anonymous) = state.registry.session(&from);
+    let registry = &state.registry;
+    if registry.owned_by_ingest() {
+        return merge_through_store(&state, user, from).await;
+    }
+    let (_, anonymous) = registry.session(&from);
     let history = anonymous.send(TakeHistory).await?;
     let moved = history.interactions.len();
-    let (_, session) = state.registry.session(&user);
-    let outcome = session.send(MergeHistory { from: history }).await?;
+    let (_, session) = registry.session(&user);
+    let applied = session.send(MergeHistory { from: history }).await?;
+    applied.persisted.await;
+    let outcome = applied.outcome;
     Ok(HttpResponse::Ok().json(json!({
         "user_id": user,
         "from": from,
@@ -56,12 +59,39 @@ async fn merge(
     })))
 }
 
-async fn export(
-    path: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+/// Production mode: the two users may be owned by other instances. Move the history in the
+/// store (the append skips ids the user already has), then tell both owners to reload.
+async fn merge_through_store(state: &AppState, user: UserId, from: UserId) -> Result<HttpResponse, ApiError> {
+    let store = &state.store;
+    let history = store.remove(&from).await.map_err(store_unavailable)?.unwrap_or_default();
+    let moved = history.interactions.len();
+    let update = ProfileUpdate {
+        user_id: user.clone(),
+        interactions: history.interactions,
+        context: history.context,
+        suppressed: history.suppressed,
+    };
+    store.append(update).await;
+    state.bus.notify_reload(&user).await?;
+    state.bus.notify_reload(&from).await?;
+    Ok(HttpResponse::Ok().json(json!({ "user_id": user, "from": from, "moved": moved })))
+}
+
+fn store_unavailable(error: StoreError) -> ApiError {
+    tracing::warn!(error = %error, "profile store unavailable");
+    ApiError::unavailable("store_unavailable", "user profiles are temporarily unavailable", 2)
+}
+
+async fn export(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
-    let (_, session) = state.registry.session(&user);
-    let profile = session.send(Snapshot).await?;
+    let session = if state.registry.owned_by_ingest() {
+        state.registry.hub(&user).and_then(|h| h.session())
+    } else {
+        Some(state.registry.session(&user).1)
+    };
+    let profile = match session {
+        Some(session) => session.send(Snapshot).await?,
+        None => state.store.load(&user).await.map_err(store_unavailable)?.unwrap_or_default(),
+    };
     Ok(HttpResponse::Ok().json(json!({ "user_id": user, "profile": profile })))
 }

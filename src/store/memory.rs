@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
+use super::{persisted_now, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
 use crate::event::UserId;
 use crate::recs::RecList;
 
@@ -15,10 +15,7 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(limits: ProfileLimits) -> Self {
-        Self {
-            profiles: DashMap::new(),
-            limits,
-        }
+        Self { profiles: DashMap::new(), limits }
     }
 
     pub fn len(&self) -> usize {
@@ -40,18 +37,14 @@ impl ProfileStore for MemoryStore {
         Ok(self.profiles.get(user).map(|p| p.clone()))
     }
 
-    async fn append(&self, update: ProfileUpdate) -> Result<(), StoreError> {
+    fn append(&self, update: ProfileUpdate) -> Persisted {
         let limits = self.limits;
-        self.profiles
-            .entry(update.user_id.clone())
-            .or_default()
-            .apply(update, limits);
-        Ok(())
+        self.profiles.entry(update.user_id.clone()).or_default().apply(update, limits);
+        persisted_now()
     }
 
-    async fn save_recs(&self, user: &UserId, recs: &RecList) -> Result<(), StoreError> {
-        self.profiles.entry(user.clone()).or_default().last_recs = Some(recs.clone());
-        Ok(())
+    fn save_recs(&self, recs: &RecList) {
+        self.profiles.entry(recs.user_id.clone()).or_default().last_recs = Some(recs.clone());
     }
 
     async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
@@ -78,29 +71,18 @@ mod tests {
 
     #[actix_rt::test]
     async fn appends_dedupes_and_trims() {
-        let store = MemoryStore::new(ProfileLimits {
-            history_len: 2,
-            dedupe_window: 3,
-            suppressed_len: 1,
-        });
+        let store = MemoryStore::new(ProfileLimits { history_len: 2, dedupe_window: 3, suppressed_len: 1 });
         let user = UserId::from("u");
         let update = |ids: &[&str]| ProfileUpdate {
             user_id: user.clone(),
-            interactions: ids
-                .iter()
-                .map(|id| interaction(id, &format!("item-{id}")))
-                .collect(),
+            interactions: ids.iter().map(|id| interaction(id, &format!("item-{id}"))).collect(),
             context: None,
             suppressed: vec![ItemId::from("x"), ItemId::from("y")],
         };
-        store.append(update(&["a", "b"])).await.expect("append");
-        store.append(update(&["b", "c"])).await.expect("append");
+        store.append(update(&["a", "b"])).await;
+        store.append(update(&["b", "c"])).await;
         let profile = store.load(&user).await.expect("load").expect("present");
-        let ids: Vec<_> = profile
-            .interactions
-            .iter()
-            .map(|i| i.event_id.as_str())
-            .collect();
+        let ids: Vec<_> = profile.interactions.iter().map(|i| i.event_id.as_str()).collect();
         assert_eq!(ids, ["b", "c"]);
         assert_eq!(profile.event_ids.len(), 3);
         assert_eq!(profile.suppressed, vec![ItemId::from("y")]);

@@ -2,6 +2,7 @@
 //! durable stores (Redis) implement the same trait.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -60,16 +61,35 @@ pub struct ProfileLimits {
 pub enum StoreError {
     #[error("profile store unavailable: {0}")]
     Unavailable(String),
+    #[error("stored profile is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Resolves once an append is durable. Stores retry failed writes until they succeed, so this
+/// resolves late rather than wrongly; if the process stops first it never resolves, and whatever
+/// waited on it (a Kafka offset) is never acknowledged.
+pub type Persisted = futures_util::future::BoxFuture<'static, ()>;
+
+/// A persisted future that is already complete (stores that write synchronously).
+pub fn persisted_now() -> Persisted {
+    Box::pin(std::future::ready(()))
 }
 
 #[async_trait]
 pub trait ProfileStore: Send + Sync + 'static {
     /// A short name for logs and `/readyz` ("memory", "redis").
     fn kind(&self) -> &'static str;
+    /// Whether writes are currently failing (and being retried).
+    fn degraded(&self) -> bool {
+        false
+    }
     async fn load(&self, user: &UserId) -> Result<Option<Profile>, StoreError>;
-    /// Appends interactions, skipping event ids the profile already holds, and trims to the limits.
-    async fn append(&self, update: ProfileUpdate) -> Result<(), StoreError>;
-    async fn save_recs(&self, user: &UserId, recs: &RecList) -> Result<(), StoreError>;
+    /// Queues an append (skipping event ids the profile already holds, trimming to the limits).
+    /// Appends for one user are applied in the order of the calls.
+    fn append(&self, update: ProfileUpdate) -> Persisted;
+    /// Stores the last list pushed to a user (best effort, ordered with appends), and tells other
+    /// instances about it where the store carries updates between instances.
+    fn save_recs(&self, recs: &RecList);
     /// Removes the profile, returning what it held.
     async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError>;
 }

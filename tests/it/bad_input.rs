@@ -12,9 +12,7 @@ async fn applied(server: &liverec::Server) -> f64 {
 fn assert_error(response: &Response, status: u16, code: &str, field: Option<&str>) {
     assert_eq!(response.status, status, "{}", response.body);
     assert_eq!(response.body["error"]["code"], code, "{}", response.body);
-    assert!(response.body["error"]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
+    assert!(response.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     if let Some(field) = field {
         assert_eq!(response.body["error"]["field"], field, "{}", response.body);
     }
@@ -33,17 +31,66 @@ async fn bad_rest_input_is_refused_and_applies_nothing() {
         ("malformed JSON", "{\"user_id\": \"victim\",".into(), 400, "malformed_json", None),
         ("not JSON at all", "hello".into(), 400, "malformed_json", None),
         ("trailing garbage", format!("{good} x"), 400, "malformed_json", None),
-        ("wrong type", json!({ "user_id": 7, "item_id": "i", "event_type": "view" }).to_string(), 422, "invalid_event", Some("user_id")),
+        (
+            "wrong type",
+            json!({ "user_id": 7, "item_id": "i", "event_type": "view" }).to_string(),
+            422,
+            "invalid_event",
+            Some("user_id"),
+        ),
         ("missing field", json!({ "user_id": "victim", "event_type": "view" }).to_string(), 422, "invalid_event", None),
-        ("unknown event type", json!({ "user_id": "victim", "item_id": "i", "event_type": "teleport" }).to_string(), 422, "invalid_event", Some("event_type")),
-        ("unknown field", json!({ "user_id": "victim", "item_id": "i", "event_type": "view", "colour": "red" }).to_string(), 422, "invalid_event", None),
-        ("empty user id", json!({ "user_id": "", "item_id": "i", "event_type": "view" }).to_string(), 422, "invalid_event", Some("user_id")),
-        ("10,000-char item id", json!({ "user_id": "victim", "item_id": long_id, "event_type": "view" }).to_string(), 422, "invalid_event", Some("item_id")),
-        ("bad device", json!({ "user_id": "victim", "item_id": "i", "event_type": "view", "context": { "device": "toaster" } }).to_string(), 422, "invalid_event", Some("context.device")),
-        ("one bad event in a batch", json!([good, good, { "user_id": "victim", "item_id": "", "event_type": "view" }]).to_string(), 422, "invalid_event", Some("[2].item_id")),
+        (
+            "unknown event type",
+            json!({ "user_id": "victim", "item_id": "i", "event_type": "teleport" }).to_string(),
+            422,
+            "invalid_event",
+            Some("event_type"),
+        ),
+        (
+            "unknown field",
+            json!({ "user_id": "victim", "item_id": "i", "event_type": "view", "colour": "red" }).to_string(),
+            422,
+            "invalid_event",
+            None,
+        ),
+        (
+            "empty user id",
+            json!({ "user_id": "", "item_id": "i", "event_type": "view" }).to_string(),
+            422,
+            "invalid_event",
+            Some("user_id"),
+        ),
+        (
+            "10,000-char item id",
+            json!({ "user_id": "victim", "item_id": long_id, "event_type": "view" }).to_string(),
+            422,
+            "invalid_event",
+            Some("item_id"),
+        ),
+        (
+            "bad device",
+            json!({ "user_id": "victim", "item_id": "i", "event_type": "view", "context": { "device": "toaster" } })
+                .to_string(),
+            422,
+            "invalid_event",
+            Some("context.device"),
+        ),
+        (
+            "one bad event in a batch",
+            json!([good, good, { "user_id": "victim", "item_id": "", "event_type": "view" }]).to_string(),
+            422,
+            "invalid_event",
+            Some("[2].item_id"),
+        ),
         ("empty batch", "[]".into(), 422, "empty_batch", None),
         ("batch over the limit", json!(vec![good.clone(); 51]).to_string(), 413, "batch_too_large", None),
-        ("body over the limit", json!({ "user_id": "victim", "item_id": "x".repeat(70_000), "event_type": "view" }).to_string(), 413, "payload_too_large", None),
+        (
+            "body over the limit",
+            json!({ "user_id": "victim", "item_id": "x".repeat(70_000), "event_type": "view" }).to_string(),
+            413,
+            "payload_too_large",
+            None,
+        ),
     ];
     for (what, body, status, code, field) in cases {
         let response = post_raw(&server, "/v1/events", "application/json", body).await;
@@ -55,64 +102,25 @@ async fn bad_rest_input_is_refused_and_applies_nothing() {
 
     // Bad paths and queries.
     assert_error(
-        &get(
-            &server,
-            &format!("/v1/users/{}/recommendations", "y".repeat(10_000)),
-        )
-        .await,
+        &get(&server, &format!("/v1/users/{}/recommendations", "y".repeat(10_000))).await,
         400,
         "invalid_user_id",
         None,
     );
+    assert_error(&get(&server, "/v1/users/victim/recommendations?k=0").await, 400, "invalid_query", Some("k"));
+    assert_error(&get(&server, "/v1/users/victim/recommendations?k=abc").await, 400, "invalid_query", None);
+    assert_error(&get(&server, "/v1/users/victim/recommendations?device=fridge").await, 400, "invalid_query", None);
+    assert_error(&get(&server, "/v1/items/nothing-here").await, 404, "item_not_found", None);
     assert_error(
-        &get(&server, "/v1/users/victim/recommendations?k=0").await,
-        400,
-        "invalid_query",
-        Some("k"),
-    );
-    assert_error(
-        &get(&server, "/v1/users/victim/recommendations?k=abc").await,
-        400,
-        "invalid_query",
-        None,
-    );
-    assert_error(
-        &get(&server, "/v1/users/victim/recommendations?device=fridge").await,
-        400,
-        "invalid_query",
-        None,
-    );
-    assert_error(
-        &get(&server, "/v1/items/nothing-here").await,
-        404,
-        "item_not_found",
-        None,
-    );
-    assert_error(
-        &put_json(
-            &server,
-            "/v1/items/i1",
-            &json!({ "categories": "not a list" }),
-        )
-        .await,
+        &put_json(&server, "/v1/items/i1", &json!({ "categories": "not a list" })).await,
         422,
         "invalid_item",
         Some("categories"),
     );
-    assert_error(
-        &put_json(&server, "/v1/items/i1", &json!({ "tags": [""] })).await,
-        422,
-        "invalid_item",
-        Some("tags"),
-    );
+    assert_error(&put_json(&server, "/v1/items/i1", &json!({ "tags": [""] })).await, 422, "invalid_item", Some("tags"));
     assert_error(&get(&server, "/v1/nothing").await, 404, "not_found", None);
     assert_error(
-        &post_json(
-            &server,
-            "/v1/users/victim/merge",
-            &json!({ "from": "victim" }),
-        )
-        .await,
+        &post_json(&server, "/v1/users/victim/merge", &json!({ "from": "victim" })).await,
         422,
         "invalid_merge",
         Some("from"),
@@ -120,20 +128,15 @@ async fn bad_rest_input_is_refused_and_applies_nothing() {
 
     // Nothing was applied and the victim has no history.
     assert_eq!(applied(&server).await, 0.0);
-    assert_eq!(
-        metric(&server, "liverec_ingest_events_total{source=\"http\"}").await,
-        0.0
-    );
+    assert_eq!(metric(&server, "liverec_ingest_events_total{source=\"http\"}").await, 0.0);
     let export = get(&server, "/v1/users/victim/export").await;
     assert_eq!(export.body["profile"]["interactions"], json!([]));
 
     // And the server still serves.
     assert_eq!(get(&server, "/healthz").await.status, 200);
     post_events(&server, good).await;
-    eventually("a good event applied after the bad ones", || async {
-        (applied(&server).await == 1.0).then_some(())
-    })
-    .await;
+    eventually("a good event applied after the bad ones", || async { (applied(&server).await == 1.0).then_some(()) })
+        .await;
     server.stop().await;
 }
 
@@ -150,33 +153,13 @@ async fn bad_websocket_messages_get_errors_and_the_socket_keeps_working() {
         (ws::Message::Text("not json".into()), "malformed_json"),
         (ws::Message::Text("[1,2]".into()), "invalid_message"),
         (ws::Message::Text("{}".into()), "invalid_message"),
-        (
-            ws::Message::Text(r#"{"subscribe":"a","unsubscribe":"b"}"#.into()),
-            "invalid_message",
-        ),
-        (
-            ws::Message::Text(r#"{"launch":"rockets"}"#.into()),
-            "invalid_message",
-        ),
-        (
-            ws::Message::Text(r#"{"subscribe":42}"#.into()),
-            "invalid_user_id",
-        ),
-        (
-            ws::Message::Text(json!({ "subscribe": "z".repeat(3000) }).to_string().into()),
-            "invalid_user_id",
-        ),
-        (
-            ws::Message::Text(
-                r#"{"event":{"user_id":"w","item_id":"i","event_type":"nope"}}"#.into(),
-            ),
-            "invalid_event",
-        ),
+        (ws::Message::Text(r#"{"subscribe":"a","unsubscribe":"b"}"#.into()), "invalid_message"),
+        (ws::Message::Text(r#"{"launch":"rockets"}"#.into()), "invalid_message"),
+        (ws::Message::Text(r#"{"subscribe":42}"#.into()), "invalid_user_id"),
+        (ws::Message::Text(json!({ "subscribe": "z".repeat(3000) }).to_string().into()), "invalid_user_id"),
+        (ws::Message::Text(r#"{"event":{"user_id":"w","item_id":"i","event_type":"nope"}}"#.into()), "invalid_event"),
         (ws::Message::Text(r#"{"events":[]}"#.into()), "empty_batch"),
-        (
-            ws::Message::Binary(vec![0u8, 159, 146, 150].into()),
-            "unsupported_frame",
-        ),
+        (ws::Message::Binary(vec![0u8, 159, 146, 150].into()), "unsupported_frame"),
     ];
     for (message, code) in garbage {
         ws.send(message).await;
@@ -199,10 +182,7 @@ async fn bad_websocket_messages_get_errors_and_the_socket_keeps_working() {
     ws.next_of_type("unsubscribed").await;
     ws.send_json(&json!({ "subscribe": "w4" })).await;
     ws.next_of_type("subscribed").await;
-    assert_eq!(
-        metric(&server, "liverec_session_applied_events_total").await,
-        0.0
-    );
+    assert_eq!(metric(&server, "liverec_session_applied_events_total").await, 0.0);
 
     // A frame over the limit closes this socket with "message too big"; others are unaffected.
     let mut other = WsClient::connect(&server).await;
@@ -216,10 +196,7 @@ async fn bad_websocket_messages_get_errors_and_the_socket_keeps_working() {
     };
     assert_eq!(close.map(|r| r.code), Some(ws::CloseCode::Size));
     other.send_json(&json!({ "subscribe": "still-here" })).await;
-    assert_eq!(
-        other.next_of_type("subscribed").await["user_id"],
-        Value::from("still-here")
-    );
+    assert_eq!(other.next_of_type("subscribed").await["user_id"], Value::from("still-here"));
     assert_eq!(get(&server, "/healthz").await.status, 200);
     server.stop().await;
 }

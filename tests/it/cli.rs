@@ -11,20 +11,12 @@ fn unknown_config_keys_stop_start_up_with_a_clear_message() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("typo.toml");
     std::fs::write(&file, "[session]\nidle_ttl = 5\n").expect("write");
-    let out = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&file)
-        .output()
-        .expect("run");
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&file).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("idle_ttl"), "{stderr}");
 
-    let out = Command::new(BIN)
-        .args(["serve"])
-        .env("LIVEREC_SESION__IDLE_TTL_MS", "5")
-        .output()
-        .expect("run");
+    let out = Command::new(BIN).args(["serve"]).env("LIVEREC_SESION__IDLE_TTL_MS", "5").output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sesion"));
 }
@@ -47,23 +39,16 @@ fn serve_starts_with_no_configuration_and_stops_on_sigterm() {
         .map_while(Result::ok)
         .find_map(|line| {
             let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-            (v["fields"]["message"] == "liverec listening")
-                .then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
+            (v["fields"]["message"] == "liverec listening").then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
         })
         .expect("listening line");
     let body = http_get(&addr, "/readyz");
     assert!(body.contains("\"status\":\"ready\""), "{body}");
     assert!(body.contains("\"durable\":false"), "{body}");
     let recs = http_get(&addr, "/v1/users/newcomer/recommendations");
-    assert!(
-        recs.contains("\"items\":[{"),
-        "the demo model answers at once: {recs}"
-    );
+    assert!(recs.contains("\"items\":[{"), "the demo model answers at once: {recs}");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "graceful exit: {exit:?}");
@@ -73,11 +58,7 @@ fn serve_starts_with_no_configuration_and_stops_on_sigterm() {
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("write");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
     response

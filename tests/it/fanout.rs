@@ -53,44 +53,28 @@ async fn a_thousand_subscribers_get_only_their_own_users_updates() {
     .await;
 
     // One event per user, each on a different item.
-    let batch: Vec<_> = users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| event(u, &format!("item-{:04}", i % 200), "click"))
-        .collect();
+    let batch: Vec<_> =
+        users.iter().enumerate().map(|(i, u)| event(u, &format!("item-{:04}", i % 200), "click")).collect();
     post_events(&server, json!(batch)).await;
-    let consumed: HashMap<&str, String> = users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| (u.as_str(), format!("item-{:04}", i % 200)))
-        .collect();
+    let consumed: HashMap<&str, String> =
+        users.iter().enumerate().map(|(i, u)| (u.as_str(), format!("item-{:04}", i % 200))).collect();
 
     // Every subscriber then gets a newer list of its own user, without the consumed item, and
     // nothing addressed to another user.
     let consumed = &consumed;
-    join_all(
-        sse_clients
-            .iter_mut()
-            .zip(first_sse)
-            .map(|((user, sse), seq0)| async move {
-                let list = sse.next_list().await;
-                assert_eq!(list["user_id"].as_str(), Some(user.as_str()));
-                assert!(list["seq"].as_u64().expect("seq") > seq0);
-                assert!(!items(&list).contains(&consumed[user.as_str()]));
-            }),
-    )
+    join_all(sse_clients.iter_mut().zip(first_sse).map(|((user, sse), seq0)| async move {
+        let list = sse.next_list().await;
+        assert_eq!(list["user_id"].as_str(), Some(user.as_str()));
+        assert!(list["seq"].as_u64().expect("seq") > seq0);
+        assert!(!items(&list).contains(&consumed[user.as_str()]));
+    }))
     .await;
-    join_all(
-        ws_clients
-            .iter_mut()
-            .zip(first_ws)
-            .map(|((user, ws), seq0)| async move {
-                let list = ws.next_of_type("recommendations").await;
-                assert_eq!(list["data"]["user_id"].as_str(), Some(user.as_str()));
-                assert!(list["data"]["seq"].as_u64().expect("seq") > seq0);
-                assert!(!items(&list["data"]).contains(&consumed[user.as_str()]));
-            }),
-    )
+    join_all(ws_clients.iter_mut().zip(first_ws).map(|((user, ws), seq0)| async move {
+        let list = ws.next_of_type("recommendations").await;
+        assert_eq!(list["data"]["user_id"].as_str(), Some(user.as_str()));
+        assert!(list["data"]["seq"].as_u64().expect("seq") > seq0);
+        assert!(!items(&list["data"]).contains(&consumed[user.as_str()]));
+    }))
     .await;
     server.stop().await;
 }

@@ -21,21 +21,19 @@ async fn a_repeated_event_id_is_applied_once() {
     let e = json!({ "user_id": "dup", "item_id": "item-0001", "event_type": "click", "event_id": "e-1" });
     post_events(&server, e.clone()).await;
     post_events(&server, e.clone()).await;
-    post_events(&server, json!([e.clone(), { "user_id": "dup", "item_id": "item-0002", "event_type": "view", "event_id": "e-2" }, e])).await;
+    post_events(
+        &server,
+        json!([e.clone(), { "user_id": "dup", "item_id": "item-0002", "event_type": "view", "event_id": "e-2" }, e]),
+    )
+    .await;
     eventually("all five events processed", || async {
         let applied = metric(&server, "liverec_session_applied_events_total").await;
         let duplicates = metric(&server, "liverec_session_duplicate_events_total").await;
         (applied + duplicates == 5.0).then_some(())
     })
     .await;
-    assert_eq!(
-        metric(&server, "liverec_session_applied_events_total").await,
-        2.0
-    );
-    assert_eq!(
-        history(&get(&server, "/v1/users/dup/export").await),
-        vec!["e-1", "e-2"]
-    );
+    assert_eq!(metric(&server, "liverec_session_applied_events_total").await, 2.0);
+    assert_eq!(history(&get(&server, "/v1/users/dup/export").await), vec!["e-1", "e-2"]);
     server.stop().await;
 }
 
@@ -64,28 +62,23 @@ async fn idle_sessions_stop_and_rebuild_with_their_history() {
     let recs = get(&server, "/v1/users/sleepy/recommendations?k=50&device=tv").await;
     assert_eq!(recs.status, 200);
     let ids = items(&recs.body);
-    assert!(
-        !ids.contains(&"item-0005".to_owned()) && !ids.contains(&"item-0006".to_owned()),
-        "{ids:?}"
-    );
-    assert_eq!(
-        metric(&server, "liverec_sessions_started_total").await,
-        started + 1.0
-    );
+    assert!(!ids.contains(&"item-0005".to_owned()) && !ids.contains(&"item-0006".to_owned()), "{ids:?}");
+    assert_eq!(metric(&server, "liverec_sessions_started_total").await, started + 1.0);
     let export = get(&server, "/v1/users/sleepy/export").await;
     assert_eq!(history(&export), vec!["s-1", "s-2"]);
     assert_eq!(export.body["profile"]["suppressed"], json!(["item-0006"]));
 
     // A replayed event id after the rebuild is still recognised.
-    post_events(&server, json!({ "user_id": "sleepy", "item_id": "item-0005", "event_type": "purchase", "event_id": "s-1" })).await;
+    post_events(
+        &server,
+        json!({ "user_id": "sleepy", "item_id": "item-0005", "event_type": "purchase", "event_id": "s-1" }),
+    )
+    .await;
     eventually("the replay is seen as a duplicate", || async {
         (metric(&server, "liverec_session_duplicate_events_total").await == 1.0).then_some(())
     })
     .await;
-    assert_eq!(
-        history(&get(&server, "/v1/users/sleepy/export").await),
-        vec!["s-1", "s-2"]
-    );
+    assert_eq!(history(&get(&server, "/v1/users/sleepy/export").await), vec!["s-1", "s-2"]);
     server.stop().await;
 }
 
@@ -108,26 +101,15 @@ async fn an_anonymous_history_merges_into_the_user_at_login() {
     let mut sse = SseStream::connect(&server, "known", None).await;
     let before = sse.next_list().await;
 
-    let merged = post_json(
-        &server,
-        "/v1/users/known/merge",
-        &json!({ "from": "anon-42" }),
-    )
-    .await;
+    let merged = post_json(&server, "/v1/users/known/merge", &json!({ "from": "anon-42" })).await;
     assert_eq!(merged.status, 200, "{}", merged.body);
     assert_eq!(merged.body["merged"], 2);
 
     let after = sse.next_list().await;
     assert!(after["seq"].as_u64() > before["seq"].as_u64());
     let ids = items(&after);
-    assert!(
-        !ids.contains(&"item-0010".to_owned()) && !ids.contains(&"item-0011".to_owned()),
-        "{ids:?}"
-    );
-    assert_eq!(
-        history(&get(&server, "/v1/users/known/export").await),
-        vec!["a-1", "k-1", "a-2"]
-    );
+    assert!(!ids.contains(&"item-0010".to_owned()) && !ids.contains(&"item-0011".to_owned()), "{ids:?}");
+    assert_eq!(history(&get(&server, "/v1/users/known/export").await), vec!["a-1", "k-1", "a-2"]);
     assert!(history(&get(&server, "/v1/users/anon-42/export").await).is_empty());
     server.stop().await;
 }
@@ -135,7 +117,8 @@ async fn an_anonymous_history_merges_into_the_user_at_login() {
 #[actix_rt::test]
 async fn catalogue_items_can_be_put_and_read() {
     let server = start(test_config()).await;
-    let body = json!({ "title": "Blue Train", "categories": ["jazz"], "tags": ["1957"], "created_at": 1_700_000_000_000i64 });
+    let body =
+        json!({ "title": "Blue Train", "categories": ["jazz"], "tags": ["1957"], "created_at": 1_700_000_000_000i64 });
     let created = put_json(&server, "/v1/items/blue-train", &body).await;
     assert_eq!(created.status, 201);
     assert_eq!(created.body["title"], "Blue Train");
@@ -205,11 +188,6 @@ async fn sse_resumes_from_last_event_id_and_shutdown_closes_streams() {
 #[test]
 fn the_published_event_schema_matches_the_code() {
     let published: serde_json::Value =
-        serde_json::from_str(include_str!("../../schemas/event.schema.json"))
-            .expect("schema file is JSON");
-    assert_eq!(
-        published,
-        liverec::event::event_json_schema(),
-        "run `liverec schema > schemas/event.schema.json`"
-    );
+        serde_json::from_str(include_str!("../../schemas/event.schema.json")).expect("schema file is JSON");
+    assert_eq!(published, liverec::event::event_json_schema(), "run `liverec schema > schemas/event.schema.json`");
 }

@@ -28,25 +28,15 @@ async fn rest_event_updates_sse_and_websocket_subscribers() {
     let mut sse = SseStream::connect(&server, "reader", None).await;
     let mut ws = WsClient::connect(&server).await;
     ws.send_json(&json!({ "subscribe": "reader" })).await;
-    assert_eq!(
-        ws.next_json().await,
-        json!({ "type": "subscribed", "user_id": "reader" })
-    );
+    assert_eq!(ws.next_json().await, json!({ "type": "subscribed", "user_id": "reader" }));
 
     let first_sse = sse.next_list().await;
     let first_ws = ws.next_of_type("recommendations").await["data"].clone();
     assert_eq!(first_sse["user_id"], "reader");
     assert_eq!(first_sse, first_ws, "both streams show the same list");
-    assert!(
-        !items(&first_sse).contains(&"it-y".to_owned()),
-        "y is not popular on its own"
-    );
+    assert!(!items(&first_sse).contains(&"it-y".to_owned()), "y is not popular on its own");
 
-    let accepted = post_events(
-        &server,
-        json!({ "user_id": "reader", "item_id": "it-x", "event_type": "click" }),
-    )
-    .await;
+    let accepted = post_events(&server, json!({ "user_id": "reader", "item_id": "it-x", "event_type": "click" })).await;
     assert_eq!(accepted["accepted"], 1);
 
     let seq0 = first_sse["seq"].as_u64().expect("seq");
@@ -56,15 +46,8 @@ async fn rest_event_updates_sse_and_websocket_subscribers() {
         assert_eq!(list["user_id"], "reader");
         assert!(list["seq"].as_u64().expect("seq") > seq0);
         let ids = items(list);
-        assert!(
-            !ids.contains(&"it-x".to_owned()),
-            "the consumed item is excluded: {ids:?}"
-        );
-        assert_eq!(
-            ids.first().map(String::as_str),
-            Some("it-y"),
-            "the co-occurring item rises to the top: {ids:?}"
-        );
+        assert!(!ids.contains(&"it-x".to_owned()), "the consumed item is excluded: {ids:?}");
+        assert_eq!(ids.first().map(String::as_str), Some("it-y"), "the co-occurring item rises to the top: {ids:?}");
     }
 
     // GET returns the same current list.
@@ -89,7 +72,10 @@ async fn websocket_clients_may_send_events_and_filter_requests_work() {
     ws.next_of_type("subscribed").await;
     let first = ws.next_of_type("recommendations").await;
 
-    ws.send_json(&json!({ "event": { "user_id": "ws-user", "item_id": "ws-x", "event_type": "view", "event_id": "ws-e1" } })).await;
+    ws.send_json(
+        &json!({ "event": { "user_id": "ws-user", "item_id": "ws-x", "event_type": "view", "event_id": "ws-e1" } }),
+    )
+    .await;
     let ack = ws.next_of_type("ack").await;
     assert_eq!(ack["accepted"], 1);
     assert_eq!(ack["event_ids"], json!(["ws-e1"]));
@@ -98,26 +84,15 @@ async fn websocket_clients_may_send_events_and_filter_requests_work() {
     assert_eq!(items(&next["data"])[0], "ws-y");
 
     // Filters: exclude an item, restrict to a category, ask for more than the pushed list.
-    let excluded = get(
-        &server,
-        "/v1/users/ws-user/recommendations?exclude=ws-y&k=20",
-    )
-    .await;
+    let excluded = get(&server, "/v1/users/ws-user/recommendations?exclude=ws-y&k=20").await;
     assert_eq!(excluded.status, 200);
     assert_eq!(items(&excluded.body).len(), 20);
     assert!(!items(&excluded.body).contains(&"ws-y".to_owned()));
-    let comedy = get(
-        &server,
-        "/v1/users/ws-user/recommendations?categories=comedy&k=5",
-    )
-    .await;
+    let comedy = get(&server, "/v1/users/ws-user/recommendations?categories=comedy&k=5").await;
     for id in items(&comedy.body) {
         let item = get(&server, &format!("/v1/items/{id}")).await;
         assert!(
-            item.body["categories"]
-                .as_array()
-                .expect("categories")
-                .contains(&json!("comedy")),
+            item.body["categories"].as_array().expect("categories").contains(&json!("comedy")),
             "{id} is not comedy"
         );
     }
@@ -129,12 +104,8 @@ async fn dislike_suppresses_the_item_and_lowers_similar_ones() {
     let server = start(test_config()).await;
     // Put three items in one category and teach that they go together.
     for id in ["neg-a", "neg-b", "neg-c"] {
-        let put = put_json(
-            &server,
-            &format!("/v1/items/{id}"),
-            &json!({ "title": id, "categories": ["negcat"] }),
-        )
-        .await;
+        let put =
+            put_json(&server, &format!("/v1/items/{id}"), &json!({ "title": id, "categories": ["negcat"] })).await;
         assert_eq!(put.status, 201);
     }
     let mut batch = Vec::new();
@@ -154,18 +125,12 @@ async fn dislike_suppresses_the_item_and_lowers_similar_ones() {
     post_events(&server, json!(event("picky", "neg-a", "click"))).await;
     let liked = sse.next_list().await;
     let liked_items = items(&liked);
-    assert!(
-        liked_items.contains(&"neg-b".to_owned()) && liked_items.contains(&"neg-c".to_owned()),
-        "{liked_items:?}"
-    );
+    assert!(liked_items.contains(&"neg-b".to_owned()) && liked_items.contains(&"neg-c".to_owned()), "{liked_items:?}");
 
     post_events(&server, json!(event("picky", "neg-b", "dislike"))).await;
     let after = sse.next_list().await;
     let after_items = items(&after);
-    assert!(
-        !after_items.contains(&"neg-b".to_owned()),
-        "the disliked item is suppressed: {after_items:?}"
-    );
+    assert!(!after_items.contains(&"neg-b".to_owned()), "the disliked item is suppressed: {after_items:?}");
     let score = |list: &serde_json::Value, id: &str| {
         list["items"]
             .as_array()
@@ -176,9 +141,6 @@ async fn dislike_suppresses_the_item_and_lowers_similar_ones() {
     };
     let before_c = score(&liked, "neg-c").expect("c was listed");
     let after_c = score(&after, "neg-c").unwrap_or(f64::NEG_INFINITY);
-    assert!(
-        after_c < before_c,
-        "a similar item is lowered: {before_c} -> {after_c}"
-    );
+    assert!(after_c < before_c, "a similar item is lowered: {before_c} -> {after_c}");
     server.stop().await;
 }

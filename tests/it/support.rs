@@ -49,10 +49,7 @@ where
 }
 
 pub fn client() -> awc::Client {
-    awc::Client::builder()
-        .connector(awc::Connector::new().limit(0))
-        .timeout(Duration::from_secs(10))
-        .finish()
+    awc::Client::builder().connector(awc::Connector::new().limit(0)).timeout(Duration::from_secs(10)).finish()
 }
 
 pub struct Response {
@@ -73,22 +70,13 @@ async fn finish(
     let body = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
     };
-    Response {
-        status,
-        headers,
-        body,
-    }
+    Response { status, headers, body }
 }
 
 pub async fn get(server: &Server, path: &str) -> Response {
-    let response = client()
-        .get(format!("{}{path}", server.url()))
-        .send()
-        .await
-        .expect("GET");
+    let response = client().get(format!("{}{path}", server.url())).send().await.expect("GET");
     finish(response).await
 }
 
@@ -96,12 +84,7 @@ pub async fn post_json(server: &Server, path: &str, body: &Value) -> Response {
     post_raw(server, path, "application/json", body.to_string()).await
 }
 
-pub async fn post_raw(
-    server: &Server,
-    path: &str,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response {
+pub async fn post_raw(server: &Server, path: &str, content_type: &str, body: impl Into<Bytes>) -> Response {
     let response = client()
         .post(format!("{}{path}", server.url()))
         .insert_header(("content-type", content_type))
@@ -134,11 +117,7 @@ pub fn event(user: &str, item: &str, event_type: &str) -> Value {
 
 /// Reads one metric sample (`name` or `name{labels}`) from `/metrics`.
 pub async fn metric(server: &Server, sample: &str) -> f64 {
-    let response = client()
-        .get(format!("{}/metrics", server.url()))
-        .send()
-        .await
-        .expect("metrics");
+    let response = client().get(format!("{}/metrics", server.url())).send().await.expect("metrics");
     let text = String::from_utf8(finish_bytes(response).await.to_vec()).expect("utf-8");
     parse_metric(&text, sample).unwrap_or_else(|| panic!("no metric {sample} in:\n{text}"))
 }
@@ -153,9 +132,7 @@ async fn finish_bytes(
 
 pub fn parse_metric(text: &str, sample: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(sample)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
+        l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
     })
 }
 
@@ -179,34 +156,20 @@ pub struct SseEvent {
 
 /// An SSE client reading `text/event-stream` over a real HTTP connection.
 pub struct SseStream {
-    body: std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>>>,
-    >,
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>>>>,
     buffer: String,
 }
 
 impl SseStream {
     pub async fn connect(server: &Server, user: &str, last_event_id: Option<u64>) -> SseStream {
-        let mut request = client().get(format!(
-            "{}/v1/users/{user}/recommendations/stream",
-            server.url()
-        ));
+        let mut request = client().get(format!("{}/v1/users/{user}/recommendations/stream", server.url()));
         if let Some(id) = last_event_id {
             request = request.insert_header(("last-event-id", id.to_string()));
         }
         let response = request.send().await.expect("SSE connect");
         assert_eq!(response.status().as_u16(), 200);
-        assert_eq!(
-            response
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok()),
-            Some("text/event-stream")
-        );
-        SseStream {
-            body: Box::pin(response),
-            buffer: String::new(),
-        }
+        assert_eq!(response.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+        SseStream { body: Box::pin(response), buffer: String::new() }
     }
 
     /// The next event (heartbeat comments skipped), or `None` when the stream ends.
@@ -214,11 +177,7 @@ impl SseStream {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let frame: String = self.buffer.drain(..end + 2).collect();
-                let mut event = SseEvent {
-                    id: None,
-                    event: "message".into(),
-                    data: String::new(),
-                };
+                let mut event = SseEvent { id: None, event: "message".into(), data: String::new() };
                 let mut any = false;
                 for line in frame.lines() {
                     if let Some(v) = line.strip_prefix("id: ") {
@@ -275,10 +234,7 @@ impl WsClient {
     }
 
     pub async fn send_text(&mut self, text: impl Into<String>) {
-        self.framed
-            .send(ws::Message::Text(text.into().into()))
-            .await
-            .expect("send");
+        self.framed.send(ws::Message::Text(text.into().into())).await.expect("send");
     }
 
     pub async fn send_json(&mut self, value: &Value) {

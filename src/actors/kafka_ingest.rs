@@ -1,0 +1,411 @@
+//! `KafkaIngestActor`: consumes the events topic in the instance's consumer group and hands events
+//! to sessions, committing nothing before it is safe.
+//!
+//! Delivery: at least once, applied exactly once. A record's offset is stored for commit only
+//! after every event of its batch has been applied by its session and the profile store has made
+//! the result durable (or, for a bad record, after the dead-letter topic acknowledged it). Offsets
+//! are stored strictly in batch order, so a committed offset never passes an event that is not yet
+//! durable. After a crash the uncommitted tail is consumed again; sessions and the Redis script
+//! skip event ids the profile already holds, so a replay is applied once.
+//!
+//! Backpressure: at most `kafka.max_inflight_batches` batches wait for durability; past that the
+//! consumer pauses its partitions (it keeps polling, so it stays in the group) and resumes once
+//! half of them are done.
+//!
+//! Rebalances: before partitions are revoked, the actor waits for every in-flight batch to become
+//! durable, stores and commits its offsets, and stops the sessions of users on those partitions,
+//! so the next owner rebuilds them from Redis. Newly assigned partitions are rebuilt lazily.
+//!
+//! Supervision: the actor runs under an actix `Supervisor`. If the consumer fails (it cannot be
+//! created, or the loop ends with an error) the actor stops and is restarted after a capped
+//! exponential backoff; restarts are counted in `liverec_kafka_consumer_restarts_total`.
+//! Mailbox: the actor takes no messages; its input is the Kafka consumer itself.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::future::{join_all, JoinAll};
+use futures_util::FutureExt as _;
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::messages::{ApplyEvents, Reload};
+use super::registry::SessionRegistry;
+use crate::bus::codec;
+use crate::bus::kafka::{wall_micros, KafkaConfig, CONTROL_HEADER, CONTROL_RELOAD, RECEIVED_HEADER};
+use crate::event::{now_ms, Event, UserId};
+use crate::store::Persisted;
+use crate::telemetry::Metrics;
+
+/// A batch applied by sessions, waiting to be durable before its offsets are stored.
+struct InFlight {
+    /// Next offset to consume, per partition, once this batch is durable.
+    offsets: Vec<(i32, i64)>,
+    done: JoinAll<Persisted>,
+    finished: bool,
+}
+
+impl InFlight {
+    fn poll_done(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.finished {
+            return Poll::Ready(());
+        }
+        match self.done.poll_unpin(cx) {
+            Poll::Ready(_) => {
+                self.finished = true;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+type Queue = Arc<Mutex<VecDeque<InFlight>>>;
+
+/// Consumer context: reacts to rebalances.
+struct IngestContext {
+    topic: String,
+    queue: Queue,
+    registry: Arc<SessionRegistry>,
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else { return };
+        // Wait until everything handed to sessions is durable, then commit it, so the next owner
+        // starts exactly after it. Persistence completes on other threads (sessions, the store
+        // writer), so blocking this one briefly cannot deadlock.
+        let pending: Vec<InFlight> = self.queue.lock().drain(..).collect();
+        let started = Instant::now();
+        for mut batch in pending {
+            futures_executor::block_on(std::future::poll_fn(|cx| batch.poll_done(cx)));
+            store_offsets(consumer, &self.topic, &batch.offsets);
+        }
+        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit is also a "failure" (no offset); harmless.
+            tracing::debug!(error = %error, "commit on revoke");
+        }
+        let partitions: HashSet<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
+        let released = self.registry.release_partitions(&partitions);
+        self.metrics.kafka_rebalances.inc();
+        tracing::info!(
+            partitions = ?partitions,
+            sessions = released,
+            waited_ms = started.elapsed().as_millis() as u64,
+            "partitions revoked: in-flight events committed, sessions released"
+        );
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
+            self.registry.set_assigned(partitions.clone());
+            tracing::info!(partitions = ?partitions, "partitions assigned");
+        }
+    }
+}
+
+fn store_offsets<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, offsets: &[(i32, i64)]) {
+    let mut list = TopicPartitionList::new();
+    for &(partition, next) in offsets {
+        if let Err(error) = list.add_partition_offset(topic, partition, Offset::Offset(next)) {
+            tracing::error!(error = %error, "cannot build offset list");
+        }
+    }
+    if let Err(error) = consumer.store_offsets(&list) {
+        // A partition revoked meanwhile refuses the store; its next owner replays the tail.
+        tracing::debug!(error = %error, "offsets not stored");
+    }
+}
+
+pub struct KafkaIngestActor {
+    config: KafkaConfig,
+    registry: Arc<SessionRegistry>,
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+    limits: crate::event::EventLimits,
+    restarts: u32,
+    started_at: Instant,
+}
+
+impl KafkaIngestActor {
+    pub fn new(
+        config: KafkaConfig,
+        registry: Arc<SessionRegistry>,
+        producer: FutureProducer,
+        metrics: Arc<Metrics>,
+        limits: crate::event::EventLimits,
+    ) -> Self {
+        Self { config, registry, producer, metrics, limits, restarts: 0, started_at: Instant::now() }
+    }
+
+    fn backoff(&self) -> Duration {
+        if self.restarts == 0 {
+            return Duration::ZERO;
+        }
+        let initial = self.config.restart_backoff_initial_ms.max(1);
+        let ms =
+            initial.saturating_mul(1 << self.restarts.min(20)).min(self.config.restart_backoff_max_ms.max(initial));
+        Duration::from_millis(ms)
+    }
+}
+
+impl Actor for KafkaIngestActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let delay = self.backoff();
+        self.started_at = Instant::now() + delay;
+        ctx.run_later(delay, |act, ctx| {
+            let run = Consume {
+                config: act.config.clone(),
+                registry: act.registry.clone(),
+                producer: act.producer.clone(),
+                metrics: act.metrics.clone(),
+                limits: act.limits.clone(),
+            }
+            .run();
+            ctx.spawn(run.into_actor(act).map(|result, _act, ctx| {
+                if let Err(error) = result {
+                    tracing::error!(error = %error, "kafka consumer failed; restarting");
+                }
+                ctx.stop();
+            }));
+        });
+    }
+}
+
+impl Supervised for KafkaIngestActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.metrics.kafka_restarts.inc();
+        // A consumer that ran for a good while before failing starts over from a short backoff.
+        if self.started_at.elapsed() > Duration::from_secs(60) {
+            self.restarts = 0;
+        }
+        self.restarts = self.restarts.saturating_add(1);
+    }
+}
+
+/// One run of the consume loop, from consumer creation to failure.
+struct Consume {
+    config: KafkaConfig,
+    registry: Arc<SessionRegistry>,
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+    limits: crate::event::EventLimits,
+}
+
+/// A record that could not be decoded, on its way to the dead-letter topic.
+struct DeadLetter {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    partition: i32,
+    offset: i64,
+    code: &'static str,
+    reason: String,
+}
+
+impl Consume {
+    async fn run(self) -> Result<(), KafkaError> {
+        let queue: Queue = Arc::new(Mutex::new(VecDeque::new()));
+        let context = IngestContext {
+            topic: self.config.events_topic.clone(),
+            queue: queue.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let consumer: StreamConsumer<IngestContext> = self.config.consumer_config().create_with_context(context)?;
+        consumer.subscribe(&[&self.config.events_topic])?;
+        tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "kafka consumer started");
+        let max_inflight = self.config.max_inflight_batches.max(1);
+        let mut paused = false;
+        loop {
+            self.store_finished(&consumer, &queue);
+            let inflight = queue.lock().len();
+            if !paused && inflight >= max_inflight {
+                consumer.pause(&consumer.assignment()?)?;
+                paused = true;
+                self.metrics.kafka_paused.inc();
+                tracing::debug!(inflight, "sessions behind: partitions paused");
+            } else if paused && inflight <= max_inflight / 2 {
+                consumer.resume(&consumer.assignment()?)?;
+                paused = false;
+                tracing::debug!(inflight, "partitions resumed");
+            }
+            let head_done = std::future::poll_fn(|cx| match queue.lock().front_mut() {
+                Some(batch) => batch.poll_done(cx),
+                None => Poll::Pending,
+            });
+            tokio::select! {
+                message = consumer.recv() => {
+                    let first = message?;
+                    let mut records = vec![first];
+                    // Take whatever else is already fetched, up to the batch size, without waiting.
+                    while records.len() < self.config.max_batch {
+                        match consumer.recv().now_or_never() {
+                            Some(Ok(message)) => records.push(message),
+                            Some(Err(error)) => return Err(error),
+                            None => break,
+                        }
+                    }
+                    let batch = self.dispatch(records).await;
+                    queue.lock().push_back(batch);
+                }
+                () = head_done => {}
+            }
+        }
+    }
+
+    /// Stores the offsets of every finished batch at the head of the queue, in order.
+    fn store_finished(&self, consumer: &StreamConsumer<IngestContext>, queue: &Queue) {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut queue = queue.lock();
+        while let Some(batch) = queue.front_mut() {
+            if batch.poll_done(&mut cx).is_pending() {
+                break;
+            }
+            let batch = queue.pop_front().expect("front exists");
+            store_offsets(consumer, &self.config.events_topic, &batch.offsets);
+        }
+    }
+
+    /// Decodes records, sends bad ones to the dead-letter topic and good ones to their sessions.
+    /// Returns once sessions have applied the events in memory; durability is in the result.
+    async fn dispatch(&self, records: Vec<BorrowedMessage<'_>>) -> InFlight {
+        let now = now_ms();
+        let wall_now = wall_micros();
+        let mut offsets: HashMap<i32, i64> = HashMap::new();
+        let mut by_user: Vec<(UserId, i32, Vec<Event>, Instant)> = Vec::new();
+        let mut index: HashMap<UserId, usize> = HashMap::new();
+        let mut dead = Vec::new();
+        let mut reloads = Vec::new();
+        for record in &records {
+            let next = offsets.entry(record.partition()).or_insert(0);
+            *next = (*next).max(record.offset() + 1);
+            if is_reload(record) {
+                if let Some(user) = record.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                    reloads.push((UserId::from(user), record.partition()));
+                }
+                continue;
+            }
+            match codec::decode(record.payload().unwrap_or_default(), &self.limits, now) {
+                Ok(event) => {
+                    let received = received_at(record, wall_now);
+                    match index.get(&event.user_id) {
+                        Some(&i) => by_user[i].2.push(event),
+                        None => {
+                            index.insert(event.user_id.clone(), by_user.len());
+                            by_user.push((event.user_id.clone(), record.partition(), vec![event], received));
+                        }
+                    }
+                }
+                Err(error) => dead.push(DeadLetter {
+                    key: record.key().map(<[u8]>::to_vec),
+                    payload: record.payload().map(<[u8]>::to_vec),
+                    partition: record.partition(),
+                    offset: record.offset(),
+                    code: error.code(),
+                    reason: error.to_string(),
+                }),
+            }
+        }
+        self.metrics.kafka_records.add(records.len() as u64);
+        drop(records);
+        let mut persisted: Vec<Persisted> = Vec::with_capacity(by_user.len() + dead.len());
+        for letter in dead {
+            persisted.push(self.dead_letter(letter));
+        }
+        let sends: Vec<_> = by_user
+            .into_iter()
+            .map(|(user, partition, events, received)| {
+                let (_, session) = self.registry.session_on_partition(&user, partition);
+                session.send(ApplyEvents { events, received })
+            })
+            .collect();
+        for result in join_all(sends).await {
+            match result {
+                Ok(applied) => persisted.push(applied.persisted),
+                // The session stopped before applying (it was released): never acknowledge.
+                Err(_) => persisted.push(Box::pin(std::future::pending())),
+            }
+        }
+        for (user, partition) in reloads {
+            let (_, session) = self.registry.session_on_partition(&user, partition);
+            if session.send(Reload).await.is_err() {
+                persisted.push(Box::pin(std::future::pending()));
+            }
+        }
+        InFlight { offsets: offsets.into_iter().collect(), done: join_all(persisted), finished: false }
+    }
+
+    /// Produces a bad record to the dead-letter topic; resolves once the broker has it.
+    fn dead_letter(&self, letter: DeadLetter) -> Persisted {
+        self.metrics.kafka_dead_letters.inc();
+        tracing::warn!(partition = letter.partition, offset = letter.offset, code = letter.code, reason = %letter.reason, "record sent to the dead-letter topic");
+        let producer = self.producer.clone();
+        let topic = self.config.dead_letter_topic.clone();
+        let source = self.config.events_topic.clone();
+        Box::pin(async move {
+            let partition = letter.partition.to_string();
+            let offset = letter.offset.to_string();
+            loop {
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "liverec-error-code", value: Some(letter.code) })
+                    .insert(Header { key: "liverec-error-reason", value: Some(letter.reason.as_str()) })
+                    .insert(Header { key: "liverec-source-topic", value: Some(source.as_str()) })
+                    .insert(Header { key: "liverec-source-partition", value: Some(partition.as_str()) })
+                    .insert(Header { key: "liverec-source-offset", value: Some(offset.as_str()) });
+                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+                if let Some(key) = &letter.key {
+                    record = record.key(key.as_slice());
+                }
+                if let Some(payload) = &letter.payload {
+                    record = record.payload(payload.as_slice());
+                }
+                match producer.send(record, Duration::from_secs(10)).await {
+                    Ok(_) => return,
+                    Err((error, _)) => {
+                        tracing::warn!(error = %error, "dead-letter produce failed; retrying");
+                        actix_rt::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn is_reload(record: &BorrowedMessage<'_>) -> bool {
+    record.headers().is_some_and(|headers| {
+        headers.iter().any(|h| h.key == CONTROL_HEADER && h.value == Some(CONTROL_RELOAD.as_bytes()))
+    })
+}
+
+/// When liverec first received the event: the REST header if present, else now.
+fn received_at(record: &BorrowedMessage<'_>, wall_now: i64) -> Instant {
+    let header = record.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == RECEIVED_HEADER)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<i64>().ok())
+    });
+    let now = Instant::now();
+    match header {
+        Some(micros) if micros <= wall_now => {
+            now.checked_sub(Duration::from_micros((wall_now - micros) as u64)).unwrap_or(now)
+        }
+        _ => now,
+    }
+}

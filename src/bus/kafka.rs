@@ -1,0 +1,227 @@
+//! The Kafka event bus (rdkafka): `POST /v1/events` produces here, and the ingest actors of every
+//! instance consume the topic in one consumer group.
+//!
+//! The producer is idempotent with `acks=all`, so a `202` means the broker has the events. Records
+//! are keyed by user id and partitioned with murmur2, as Java clients do, so one user's events stay
+//! in order on one partition whichever client produced them.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
+
+use super::{codec, BusError, EventBatch, EventBus};
+use crate::event::UserId;
+
+/// Settings of the `[kafka]` config section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub events_topic: String,
+    pub dead_letter_topic: String,
+    pub group_id: String,
+    pub client_id: String,
+    pub create_topics: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub max_batch: usize,
+    pub max_inflight_batches: usize,
+    pub produce_timeout_ms: u64,
+    pub compression: String,
+    pub linger_ms: u64,
+    pub session_timeout_ms: u64,
+    pub commit_interval_ms: u64,
+    pub restart_backoff_initial_ms: u64,
+    pub restart_backoff_max_ms: u64,
+    /// Extra librdkafka properties for producer and consumer.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Header carrying the wall-clock time (µs since the epoch) at which liverec received the event,
+/// so event-to-push latency can be measured across processes.
+pub const RECEIVED_HEADER: &str = "liverec-received-us";
+
+impl KafkaConfig {
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers).set("client.id", &self.client_id);
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &self.compression)
+            .set("linger.ms", self.linger_ms.to_string())
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", self.produce_timeout_ms.to_string());
+        config
+    }
+
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", &self.group_id)
+            // Offsets are stored by liverec only once events are applied and durable, then
+            // committed in the background; see actors::kafka_ingest.
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", self.commit_interval_ms.to_string())
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set("partition.assignment.strategy", "roundrobin");
+        config
+    }
+}
+
+/// Creates the events and dead-letter topics if they do not exist.
+pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), rdkafka::error::KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.base().create()?;
+    let topics = [
+        NewTopic::new(&config.events_topic, config.partitions, TopicReplication::Fixed(config.replication_factor)),
+        NewTopic::new(&config.dead_letter_topic, config.partitions, TopicReplication::Fixed(config.replication_factor)),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(rdkafka::error::KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic = %topic, code = ?code, "cannot create topic");
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn wall_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+pub struct KafkaBus {
+    producer: FutureProducer,
+    topic: String,
+    timeout: Duration,
+}
+
+impl KafkaBus {
+    pub fn new(config: &KafkaConfig) -> Result<Self, rdkafka::error::KafkaError> {
+        Ok(Self {
+            producer: config.producer_config().create()?,
+            topic: config.events_topic.clone(),
+            timeout: Duration::from_millis(config.produce_timeout_ms),
+        })
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+}
+
+#[async_trait]
+impl EventBus for KafkaBus {
+    async fn publish(&self, batch: EventBatch) -> Result<(), BusError> {
+        let received = (wall_micros() - batch.received.elapsed().as_micros() as i64).to_string();
+        let payloads: Vec<Vec<u8>> = batch.events.iter().map(codec::encode_json).collect();
+        let sends = batch.events.iter().zip(&payloads).map(|(event, payload)| {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "content-type", value: Some("application/json") })
+                .insert(Header { key: RECEIVED_HEADER, value: Some(received.as_str()) });
+            let record = FutureRecord::to(&self.topic).key(event.user_id.as_str()).payload(payload).headers(headers);
+            // send() copies the record into librdkafka before it returns its future.
+            self.producer.send(record, self.timeout)
+        });
+        let results = join_all(sends).await;
+        let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+        if let Some((error, _)) = failed.first() {
+            tracing::warn!(error = %error, failed = failed.len(), "events not acknowledged by kafka");
+            return Err(BusError::Unavailable(error.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn notify_reload(&self, user: &UserId) -> Result<(), BusError> {
+        let headers = OwnedHeaders::new().insert(Header { key: CONTROL_HEADER, value: Some(CONTROL_RELOAD) });
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic).key(user.as_str()).headers(headers);
+        self.producer
+            .send(record, self.timeout)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| BusError::Unavailable(e.to_string()))
+    }
+}
+
+/// Header marking a control record (no event payload); its value says what to do.
+pub const CONTROL_HEADER: &str = "liverec-control";
+/// Control value: the owner of the record's key (a user id) reloads that user from the store.
+pub const CONTROL_RELOAD: &str = "reload";
+
+/// Kafka's murmur2 (as in the Java client), used to find a key's partition.
+pub fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// The partition a user's events go to, among `partitions`.
+pub fn partition_for(user: &str, partitions: i32) -> i32 {
+    ((murmur2(user.as_bytes()) & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Reference values from Kafka's own Utils.murmur2 tests.
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
+        assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+}
