@@ -220,9 +220,12 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        // LIVEREC_TEST_* is reserved for the test suite (service addresses), not settings.
-        let env: Vec<(String, String)> =
-            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !k.starts_with("LIVEREC_TEST_")).collect();
+        // Settings are LIVEREC_<SECTION>__<KEY> (and the LIVEREC_LISTEN shorthand). Other LIVEREC_*
+        // variables (LIVEREC_SERVICES_DIR, LIVEREC_TEST_*) belong to the scripts, not the server.
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && (k.contains("__") || k == "LIVEREC_LISTEN"))
+            .collect();
         for (key, value) in env {
             let path = key[ENV_PREFIX.len()..].to_ascii_lowercase();
             let path = if path == "listen" { "server.listen".to_owned() } else { path.replace("__", ".") };
@@ -297,6 +300,7 @@ mod tests {
                 ("LIVEREC_LISTEN", "127.0.0.1:9000"),
                 ("LIVEREC_SESSION__IDLE_TTL_MS", "1234"),
                 ("LIVEREC_TEST_REDIS_URL", "redis://ignored"),
+                ("LIVEREC_SERVICES_DIR", "/tmp/ignored"),
                 ("OTHER", "x"),
             ]),
             &Overrides::default(),

@@ -36,8 +36,10 @@ pub const LATEST_SCHEMA_ID: u32 = 2;
 pub enum DecodeError {
     #[error("empty record")]
     Empty,
-    #[error("not valid JSON for an event: {0}")]
+    #[error("not valid JSON: {0}")]
     Json(String),
+    #[error("JSON of the wrong shape for an event: {0}")]
+    Shape(String),
     #[error("unknown Avro schema id {0}")]
     UnknownSchema(u32),
     #[error("not a valid Avro event: {0}")]
@@ -52,6 +54,7 @@ impl DecodeError {
         match self {
             DecodeError::Empty => "empty",
             DecodeError::Json(_) => "malformed_json",
+            DecodeError::Shape(_) => "invalid_event",
             DecodeError::UnknownSchema(_) => "unknown_schema",
             DecodeError::Avro(_) => "malformed_avro",
             DecodeError::Invalid(_) => "invalid_event",
@@ -64,7 +67,10 @@ pub fn decode(payload: &[u8], limits: &EventLimits, now: i64) -> Result<Event, D
     let event = match payload.first() {
         None => return Err(DecodeError::Empty),
         Some(0) => decode_avro(payload)?,
-        Some(_) => serde_json::from_slice::<EventIn>(payload).map_err(|e| DecodeError::Json(e.to_string()))?,
+        Some(_) => serde_json::from_slice::<EventIn>(payload).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => DecodeError::Shape(e.to_string()),
+            _ => DecodeError::Json(e.to_string()),
+        })?,
     };
     Ok(event.validate(limits, now)?)
 }
@@ -254,7 +260,7 @@ mod tests {
     #[test]
     fn json_round_trips() {
         let event = wire().validate(&limits(), 1_700_000_000_000).expect("valid");
-        let decoded = decode(&encode_json(&event), &limits(), 0).expect("decodes");
+        let decoded = decode(&encode_json(&event), &limits(), 1_700_000_000_000).expect("decodes");
         assert_eq!(decoded, event);
     }
 

@@ -6,4 +6,5 @@ mod bad_input;
 mod cli;
 mod fanout;
 mod lifecycle;
+mod production;
 mod streams;

@@ -1,0 +1,424 @@
+//! Production mode against the real Apache Kafka broker and Redis server that the test command
+//! starts (`scripts/services up`): ingestion from external producers, Avro evolution, the
+//! dead-letter topic, two instances in one consumer group surviving a SIGKILL, and a Redis restart.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::redis::{self, AsyncCommands as _};
+use liverec::bus::codec;
+use liverec::bus::kafka::partition_for;
+use liverec::config::{BusKind, Config, StoreKind};
+use liverec::event::EventIn;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// Tests that restart a service take this lock for writing; every other test that uses the
+/// services holds it for reading, so a restart never pulls Redis from under another test.
+static SERVICES: RwLock<()> = RwLock::new(());
+
+const PARTITIONS: i32 = 4;
+
+/// The broker and Redis started by the test command. Missing services fail the test loudly.
+pub struct Services {
+    pub brokers: String,
+    pub redis_url: String,
+}
+
+pub fn services() -> Services {
+    let get = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run the tests with scripts/test, which starts Kafka and Redis (scripts/services up)")
+        })
+    };
+    Services { brokers: get("LIVEREC_TEST_KAFKA_BROKERS"), redis_url: get("LIVEREC_TEST_REDIS_URL") }
+}
+
+/// A name no other test run uses: topics, consumer group and key prefix are per test.
+fn unique(name: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos();
+    format!("it-{name}-{}-{nanos}", std::process::id())
+}
+
+fn production_config(name: &str) -> Config {
+    let services = services();
+    let id = unique(name);
+    let mut config = test_config();
+    config.bus.kind = BusKind::Kafka;
+    config.store.kind = StoreKind::Redis;
+    config.kafka.brokers = services.brokers;
+    config.kafka.events_topic = format!("{id}.events");
+    config.kafka.dead_letter_topic = format!("{id}.dlq");
+    config.kafka.group_id = id.clone();
+    config.kafka.partitions = PARTITIONS;
+    config.kafka.commit_interval_ms = 200;
+    config.kafka.session_timeout_ms = 6000;
+    config.redis.url = services.redis_url;
+    config.redis.key_prefix = id;
+    config.redis.retry_max_ms = 500;
+    config
+}
+
+async fn redis_conn(config: &Config) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(config.redis.url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
+/// Event ids in the user's Redis history, in stored order.
+async fn stored_ids(mut conn: redis::aio::MultiplexedConnection, config: &Config, user: &str) -> Vec<String> {
+    let key = format!("{}:{{{user}}}:h", config.redis.key_prefix);
+    let entries: Vec<String> = conn.lrange(&key, 0, -1).await.unwrap_or_default();
+    drop(conn);
+    entries
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).expect("stored JSON")["event_id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+fn producer(config: &Config) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("partitioner", "murmur2_random")
+        .set("acks", "all")
+        .create()
+        .expect("producer")
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
+    producer
+        .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("broker acknowledges");
+}
+
+/// Produces one line with kcat, the external Kafka client.
+fn kcat_produce(config: &Config, key: &str, value: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("kcat")
+        .args(["-P", "-b", &config.kafka.brokers, "-t", &config.kafka.events_topic, "-K", "\t"])
+        .args(["-X", "partitioner=murmur2_random"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat is installed by scripts/services");
+    writeln!(child.stdin.take().expect("stdin"), "{key}\t{value}").expect("write to kcat");
+    assert!(child.wait().expect("kcat").success(), "kcat failed to produce");
+}
+
+fn wire(user: &str, item: &str, id: &str) -> EventIn {
+    serde_json::from_value(json!({ "user_id": user, "item_id": item, "event_type": "view", "event_id": id }))
+        .expect("event")
+}
+
+#[actix_rt::test]
+async fn events_from_external_producers_reach_sessions_and_subscribers() {
+    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let config = production_config("external");
+    let server = start(config.clone()).await;
+    let redis = redis_conn(&config).await;
+
+    let mut ws = WsClient::connect(&server).await;
+    ws.send_json(&json!({ "subscribe": "kc-user" })).await;
+    ws.next_of_type("subscribed").await;
+    let first = ws.next_of_type("recommendations").await;
+
+    // JSON from kcat.
+    let event = json!({ "user_id": "kc-user", "item_id": "item-0007", "event_type": "click", "event_id": "kc-1" });
+    kcat_produce(&config, "kc-user", &event.to_string());
+    let next = ws.next_of_type("recommendations").await;
+    assert!(next["data"]["seq"].as_u64() > first["data"]["seq"].as_u64());
+    assert!(!items(&next["data"]).contains(&"item-0007".to_owned()));
+
+    // Avro from an old (v1) and a new (v2) writer.
+    let kafka = producer(&config);
+    let old = codec::encode_avro(&wire("kc-user", "item-0008", "kc-2"), 1, None).expect("v1");
+    let new = codec::encode_avro(&wire("kc-user", "item-0009", "kc-3"), 2, Some("browser-7")).expect("v2");
+    produce(&kafka, &config.kafka.events_topic, "kc-user", &old).await;
+    produce(&kafka, &config.kafka.events_topic, "kc-user", &new).await;
+    let ids = eventually("all three events stored in redis", || {
+        let config = &config;
+        let redis = redis.clone();
+        async move {
+            let ids = stored_ids(redis, config, "kc-user").await;
+            (ids.len() == 3).then_some(ids)
+        }
+    })
+    .await;
+    assert_eq!(ids, vec!["kc-1", "kc-2", "kc-3"]);
+    let export = get(&server, "/v1/users/kc-user/export").await;
+    let interactions = export.body["profile"]["interactions"].as_array().expect("interactions").clone();
+    assert_eq!(interactions.len(), 3);
+    assert_eq!(export.body["profile"]["context"]["attributes"]["session_id"], "browser-7");
+
+    // REST in Kafka mode answers 202 only once the broker has the events, and they apply too.
+    post_events(
+        &server,
+        json!({ "user_id": "kc-user", "item_id": "item-0010", "event_type": "view", "event_id": "kc-4" }),
+    )
+    .await;
+    eventually("the REST event stored", || {
+        let config = &config;
+        let redis = redis.clone();
+        async move { (stored_ids(redis, config, "kc-user").await.len() == 4).then_some(()) }
+    })
+    .await;
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn poison_records_go_to_the_dead_letter_topic_and_the_partition_moves_on() {
+    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let config = production_config("poison");
+    let server = start(config.clone()).await;
+    let kafka = producer(&config);
+    let topic = &config.kafka.events_topic;
+    // All on one key, so they share a partition: the good event after them must not be stuck.
+    produce(&kafka, topic, "victim", b"\xff\xfe not json").await;
+    produce(&kafka, topic, "victim", br#"{"user_id":"victim","item_id":"x","event_type":"teleport"}"#).await;
+    produce(&kafka, topic, "victim", &[0, 0, 0, 0, 42, 1, 2, 3]).await;
+    produce(
+        &kafka,
+        topic,
+        "victim",
+        br#"{"user_id":"victim","item_id":"item-0001","event_type":"view","event_id":"ok-1"}"#,
+    )
+    .await;
+    eventually("the good event applied after the poison", || async {
+        (metric(&server, "liverec_session_applied_events_total").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&server, "liverec_kafka_dead_letters_total").await, 3.0);
+
+    // The dead-letter topic holds the three records with their reasons, read with kcat.
+    let out = Command::new("kcat")
+        .args(["-C", "-b", &config.kafka.brokers, "-t", &config.kafka.dead_letter_topic, "-c", "3", "-e", "-q"])
+        .args(["-o", "beginning", "-f", "%h\\n"])
+        .output()
+        .expect("kcat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for code in ["malformed_json", "invalid_event", "unknown_schema"] {
+        assert!(text.contains(&format!("liverec-error-code={code}")), "{code} missing in:\n{text}");
+    }
+    assert!(text.contains(&format!("liverec-source-topic={topic}")), "{text}");
+    server.stop().await;
+}
+
+/// A liverec process, as a user runs it.
+struct Instance {
+    child: Child,
+    url: String,
+}
+
+impl Instance {
+    fn spawn(config: &Config, port: u16) -> Instance {
+        let child = Command::new(env!("CARGO_BIN_EXE_liverec"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("LIVEREC_BUS__KIND", "kafka")
+            .env("LIVEREC_STORE__KIND", "redis")
+            .env("LIVEREC_KAFKA__BROKERS", &config.kafka.brokers)
+            .env("LIVEREC_KAFKA__EVENTS_TOPIC", &config.kafka.events_topic)
+            .env("LIVEREC_KAFKA__DEAD_LETTER_TOPIC", &config.kafka.dead_letter_topic)
+            .env("LIVEREC_KAFKA__GROUP_ID", &config.kafka.group_id)
+            .env("LIVEREC_KAFKA__PARTITIONS", PARTITIONS.to_string())
+            .env("LIVEREC_KAFKA__SESSION_TIMEOUT_MS", "6000")
+            .env("LIVEREC_KAFKA__COMMIT_INTERVAL_MS", "200")
+            .env("LIVEREC_REDIS__URL", &config.redis.url)
+            .env("LIVEREC_REDIS__KEY_PREFIX", &config.redis.key_prefix)
+            .env("LIVEREC_DEMO__ITEMS", "200")
+            .env("LIVEREC_DEMO__USERS", "300")
+            .env("LIVEREC_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn liverec");
+        Instance { child, url: format!("http://127.0.0.1:{port}") }
+    }
+
+    async fn partitions(&self) -> Option<Vec<i32>> {
+        let mut response = client().get(format!("{}/readyz", self.url)).send().await.ok()?;
+        let body: Value = response.json().await.ok()?;
+        serde_json::from_value(body["kafka_partitions"].clone()).ok()
+    }
+
+    fn kill(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+#[actix_rt::test]
+async fn two_instances_share_users_and_a_sigkill_loses_nothing_and_applies_nothing_twice() {
+    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let config = production_config("group");
+    let a = Instance::spawn(&config, free_port());
+    let mut b = Instance::spawn(&config, free_port());
+    let (parts_a, parts_b) = eventually("both instances own partitions", || async {
+        let (pa, pb) = (a.partitions().await?, b.partitions().await?);
+        let all: HashSet<i32> = pa.iter().chain(&pb).copied().collect();
+        (!pa.is_empty() && !pb.is_empty() && all.len() == PARTITIONS as usize).then_some((pa, pb))
+    })
+    .await;
+    assert!(parts_a.iter().all(|p| !parts_b.contains(p)), "{parts_a:?} / {parts_b:?}");
+
+    // A user whose events B consumes, watched by a client connected to A.
+    let watched =
+        (0..).map(|i| format!("g-user-{i}")).find(|u| parts_b.contains(&partition_for(u, PARTITIONS))).expect("user");
+    let (_, mut ws) = awc::Client::new().ws(format!("{}/v1/ws", a.url)).connect().await.expect("ws to A");
+    use futures_util::{SinkExt as _, StreamExt as _};
+    ws.send(awc::ws::Message::Text(json!({ "subscribe": watched }).to_string().into())).await.expect("send");
+    let post = |url: String, body: Value| async move {
+        let response = client()
+            .post(format!("{url}/v1/events"))
+            .insert_header(("content-type", "application/json"))
+            .send_body(body.to_string())
+            .await
+            .expect("POST");
+        response.status().as_u16()
+    };
+    assert_eq!(
+        post(
+            a.url.clone(),
+            json!({ "user_id": watched, "item_id": "item-0042", "event_type": "click", "event_id": "w-1" })
+        )
+        .await,
+        202
+    );
+    let pushed = actix_rt::time::timeout(DEADLINE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(awc::ws::Frame::Text(bytes))) => {
+                    let message: Value = serde_json::from_slice(&bytes).expect("json");
+                    if message["type"] == "recommendations"
+                        && !items(&message["data"]).contains(&"item-0042".to_owned())
+                    {
+                        // The list that reflects the click, computed on B, pushed by A.
+                        if message["data"]["seq"].as_u64() >= Some(1) {
+                            return message;
+                        }
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("A pushes B's list");
+    assert_eq!(pushed["data"]["user_id"], Value::from(watched.clone()));
+    let mut got = client().get(format!("{}/v1/users/{watched}/recommendations", a.url)).send().await.expect("GET on A");
+    assert_eq!(got.status().as_u16(), 200);
+    let listed: Value = got.json().await.expect("json");
+    assert!(!items(&listed).contains(&"item-0042".to_owned()), "A serves B's current list: {listed}");
+
+    // A stream of events over 20 users; B is killed half way.
+    let users: Vec<String> = (0..20).map(|u| format!("g-stream-{u}")).collect();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for round in 0..30 {
+        if round == 15 {
+            b.kill();
+        }
+        let batch: Vec<Value> = users
+            .iter()
+            .map(|u| {
+                let id = format!("{u}-e{round}");
+                expected.entry(u.clone()).or_default().push(id.clone());
+                json!({ "user_id": u, "item_id": format!("item-{:04}", round), "event_type": "view", "event_id": id })
+            })
+            .collect();
+        // Acknowledged means the broker has them; A keeps answering throughout.
+        assert_eq!(post(a.url.clone(), json!(batch)).await, 202);
+    }
+    eventually("A owns every partition after B died", || async {
+        (a.partitions().await?.len() == PARTITIONS as usize).then_some(())
+    })
+    .await;
+    let redis = redis_conn(&config).await;
+    for (user, ids) in &expected {
+        let stored = eventually(&format!("every event of {user} in redis"), || {
+            let redis = redis.clone();
+            let config = &config;
+            async move {
+                let stored = stored_ids(redis, config, user).await;
+                (stored.len() >= ids.len()).then_some(stored)
+            }
+        })
+        .await;
+        assert_eq!(&stored, ids, "{user}: each acknowledged event exactly once, in order");
+    }
+}
+
+#[actix_rt::test]
+async fn a_redis_restart_keeps_serving_and_loses_no_accepted_event() {
+    let _services = SERVICES.write().unwrap_or_else(|e| e.into_inner());
+    let config = production_config("redis-restart");
+    let server = start(config.clone()).await;
+    let services_script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let run = |action: &str| {
+        let status = Command::new("bash").arg(services_script).arg(action).status().expect("scripts/services");
+        assert!(status.success(), "scripts/services {action} failed");
+    };
+    let event = |round: usize| json!({ "user_id": "steady", "item_id": format!("item-{round:04}"), "event_type": "view", "event_id": format!("r-{round}") });
+    for round in 0..5 {
+        post_events(&server, event(round)).await;
+    }
+    eventually("first events applied", || async {
+        (metric(&server, "liverec_session_applied_events_total").await == 5.0).then_some(())
+    })
+    .await;
+
+    run("stop-redis");
+    for round in 5..10 {
+        post_events(&server, event(round)).await;
+    }
+    eventually("the server reports the store degraded", || async {
+        let ready = get(&server, "/readyz").await;
+        (ready.status == 200 && ready.body["degraded"] == true).then_some(())
+    })
+    .await;
+    // Sessions keep applying and serving from memory while writes wait.
+    eventually("events applied while redis is down", || async {
+        (metric(&server, "liverec_session_applied_events_total").await == 10.0).then_some(())
+    })
+    .await;
+    let recs = get(&server, "/v1/users/steady/recommendations").await;
+    assert_eq!(recs.status, 200);
+    assert!(!items(&recs.body).contains(&"item-0009".to_owned()));
+
+    run("start-redis");
+    let redis = redis_conn(&config).await;
+    let stored = eventually("every accepted event in redis", || {
+        let redis = redis.clone();
+        let config = &config;
+        async move {
+            let stored = stored_ids(redis, config, "steady").await;
+            (stored.len() >= 10).then_some(stored)
+        }
+    })
+    .await;
+    let expected: Vec<String> = (0..10).map(|r| format!("r-{r}")).collect();
+    assert_eq!(stored, expected);
+    eventually("no longer degraded", || async {
+        (get(&server, "/readyz").await.body["degraded"] == false).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
