@@ -6,7 +6,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{ItemId, UserId};
+use crate::event::{EventId, ItemId, UserId};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RecItem {
@@ -24,6 +24,10 @@ pub struct RecList {
     pub generated_at: i64,
     /// Per-user sequence number of pushed lists; the SSE event id.
     pub seq: u64,
+    /// The newest event of the user this list reflects (none for a user without history), so a
+    /// client can tell which of its actions a pushed list already takes into account.
+    #[serde(default)]
+    pub last_event_id: Option<EventId>,
     pub items: Vec<RecItem>,
 }
 

@@ -258,7 +258,8 @@ impl SessionActor {
     }
 
     fn to_list(&self, scored: &ScoredList, seq: u64) -> RecList {
-        make_list(&self.deps, &self.hub.user, scored, seq)
+        let last_event = self.history.back().map(|(i, _)| i.event_id.clone());
+        make_list(&self.deps, &self.hub.user, scored, seq, last_event)
     }
 
     fn publish(&mut self, scored: ScoredList) {
@@ -496,7 +497,13 @@ pub fn build_request<'a>(
 }
 
 /// A client-facing list from scored items.
-pub fn make_list(deps: &SessionDeps, user: &crate::event::UserId, scored: &ScoredList, seq: u64) -> RecList {
+pub fn make_list(
+    deps: &SessionDeps,
+    user: &crate::event::UserId,
+    scored: &ScoredList,
+    seq: u64,
+    last_event_id: Option<EventId>,
+) -> RecList {
     let indices: Vec<ItemIdx> = scored.items.iter().map(|s| s.item).collect();
     let items = deps
         .catalog
@@ -511,6 +518,7 @@ pub fn make_list(deps: &SessionDeps, user: &crate::event::UserId, scored: &Score
         model_version: scored.version.to_string(),
         generated_at: now_ms(),
         seq,
+        last_event_id,
         items,
     }
 }
@@ -559,5 +567,6 @@ pub async fn list_from_store(
         Ok(Ok(scored)) => scored,
         _ => return Err(SessionError::ModelUnavailable),
     };
-    Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq))))
+    let last_event = profile.as_ref().and_then(|p| p.interactions.last()).map(|i| i.event_id.clone());
+    Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq), last_event)))
 }
