@@ -133,6 +133,8 @@ impl Server {
         });
         let bus: Arc<dyn EventBus>;
         let registry;
+        let io_handle = io.handle();
+        let mut extra_arbiters = vec![io];
         match config.bus.kind {
             BusKind::Memory => {
                 registry = SessionRegistry::new(deps, handles.clone());
@@ -148,7 +150,7 @@ impl Server {
                 let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
                 registry = SessionRegistry::with_mode(deps, handles.clone(), true, Some(fanout_tx));
                 let delivering = registry.clone();
-                io.spawn(RedisFanout::run(
+                io_handle.spawn(RedisFanout::run(
                     config.redis.url.clone(),
                     config.redis.key_prefix.clone(),
                     fanout_rx,
@@ -163,14 +165,18 @@ impl Server {
                 let (kafka_config, ingest_registry, ingest_metrics) =
                     (config.kafka.clone(), registry.clone(), metrics.clone());
                 let limits = config.events.limits();
-                Supervisor::start_in_arbiter(&io.handle(), move |_| {
+                // Its own thread: on a revoke the consumer blocks until in-flight events are
+                // durable, which needs the store writer on the io thread to keep running.
+                let ingest = Arbiter::new();
+                Supervisor::start_in_arbiter(&ingest.handle(), move |_| {
                     KafkaIngestActor::new(kafka_config, ingest_registry, producer, ingest_metrics, limits)
                 });
+                extra_arbiters.push(ingest);
                 bus = Arc::new(kafka_bus);
             }
         }
         let mut arbiters = arbiters;
-        arbiters.push(io);
+        arbiters.extend(extra_arbiters);
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AppState {

@@ -15,7 +15,7 @@
 //! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
 //! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,6 +125,14 @@ pub fn updates_channel(prefix: &str, user: &UserId) -> String {
     format!("{prefix}:updates:{{{user}}}")
 }
 
+/// The raw parts of one stored profile: history, ids, suppressed, (context, last list).
+type RawProfile = (Vec<String>, Vec<String>, Vec<String>, (Option<String>, Option<String>));
+
+struct Load {
+    user: UserId,
+    reply: oneshot::Sender<Result<RawProfile, String>>,
+}
+
 enum Write {
     Append { update: ProfileUpdate, done: oneshot::Sender<()> },
     Recs { user: UserId, seq: u64, json: String },
@@ -134,6 +142,7 @@ pub struct RedisStore {
     pool: Pool,
     prefix: String,
     writes: mpsc::UnboundedSender<Write>,
+    loads: mpsc::UnboundedSender<Load>,
     pending_lists: Arc<AtomicUsize>,
     max_pending_lists: usize,
     degraded: Arc<AtomicBool>,
@@ -176,10 +185,13 @@ impl RedisStore {
             metrics: metrics.clone(),
         };
         arbiter.spawn(writer.run(queue));
+        let (loads, load_queue) = mpsc::unbounded_channel();
+        arbiter.spawn(run_loader(pool.clone(), config.key_prefix.clone(), config.write_batch.max(1), load_queue));
         Ok(Self {
             pool,
             prefix: config.key_prefix.clone(),
             writes,
+            loads,
             pending_lists,
             max_pending_lists: config.max_pending_lists,
             degraded,
@@ -215,24 +227,14 @@ impl ProfileStore for RedisStore {
     }
 
     async fn load(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
-        let k = keys(&self.prefix, user);
-        let mut conn = self.connection().await?;
-        let (history, ids, suppressed, fields): (
-            Vec<String>,
-            Vec<String>,
-            Vec<String>,
-            (Option<String>, Option<String>),
-        ) = redis::pipe()
-            .lrange(&k.history, 0, -1)
-            .zrange(&k.ids, 0, -1)
-            .lrange(&k.suppressed, 0, -1)
-            .cmd("HMGET")
-            .arg(&k.profile)
-            .arg("context")
-            .arg("recs")
-            .query_async(&mut conn)
+        let (reply, rx) = oneshot::channel();
+        self.loads
+            .send(Load { user: user.clone(), reply })
+            .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?;
+        let (history, ids, suppressed, fields) = rx
             .await
-            .map_err(unavailable)?;
+            .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?
+            .map_err(StoreError::Unavailable)?;
         if history.is_empty() && ids.is_empty() && suppressed.is_empty() && fields.0.is_none() && fields.1.is_none() {
             return Ok(None);
         }
@@ -288,6 +290,61 @@ impl ProfileStore for RedisStore {
     }
 }
 
+/// Loads profiles in batches: every load queued while one pipeline runs goes in the next, so a
+/// burst of new sessions (a rebalance, a wave of new users) costs a few round trips, not one each.
+async fn run_loader(pool: Pool, prefix: String, batch: usize, mut queue: mpsc::UnboundedReceiver<Load>) {
+    let mut pending = Vec::with_capacity(batch);
+    while let Some(first) = queue.recv().await {
+        pending.push(first);
+        while pending.len() < batch {
+            match queue.try_recv() {
+                Ok(load) => pending.push(load),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        for load in &pending {
+            let k = keys(&prefix, &load.user);
+            pipe.lrange(&k.history, 0, -1)
+                .zrange(&k.ids, 0, -1)
+                .lrange(&k.suppressed, 0, -1)
+                .cmd("HMGET")
+                .arg(&k.profile)
+                .arg("context")
+                .arg("recs");
+        }
+        let result: Result<Vec<redis::Value>, String> = async {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            pipe.query_async(&mut conn).await.map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(values) => {
+                let mut values = values.into_iter();
+                for load in pending.drain(..) {
+                    let mut part = || values.next().ok_or_else(|| "short pipeline reply".to_owned());
+                    let raw = (|| -> Result<RawProfile, String> {
+                        let conv = |v: redis::Value| -> Result<Vec<String>, String> {
+                            redis::from_redis_value(v).map_err(|e| e.to_string())
+                        };
+                        let history = conv(part()?)?;
+                        let ids = conv(part()?)?;
+                        let suppressed = conv(part()?)?;
+                        let fields = redis::from_redis_value(part()?).map_err(|e| e.to_string())?;
+                        Ok((history, ids, suppressed, fields))
+                    })();
+                    let _ = load.reply.send(raw);
+                }
+            }
+            Err(error) => {
+                for load in pending.drain(..) {
+                    let _ = load.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
 struct Writer {
     pool: Pool,
     prefix: String,
@@ -329,6 +386,15 @@ impl Writer {
 
     fn pipeline(&self, batch: &[Write]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
+        // Only the newest list of each user in the batch is stored and published: the older ones
+        // are already stale, as they would be for a slow subscriber.
+        let mut newest: HashMap<&UserId, u64> = HashMap::new();
+        for write in batch {
+            if let Write::Recs { user, seq, .. } = write {
+                let entry = newest.entry(user).or_insert(*seq);
+                *entry = (*entry).max(*seq);
+            }
+        }
         for write in batch {
             match write {
                 Write::Append { update, .. } => {
@@ -358,6 +424,7 @@ impl Writer {
                     }
                     cmd.ignore();
                 }
+                Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
                 Write::Recs { user, seq, json } => {
                     let k = keys(&self.prefix, user);
                     pipe.hset_multiple(&k.profile, &[("recs", json.as_str()), ("recs_seq", &seq.to_string())]).ignore();
