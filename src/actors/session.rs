@@ -270,7 +270,7 @@ impl SessionActor {
         if let Some(since) = self.pending_since.take() {
             self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
         }
-        self.deps.store.save_recs(&update.list);
+        self.deps.store.save_recs(&update);
     }
 
     fn profile(&self) -> Profile {

@@ -6,7 +6,7 @@ use dashmap::DashMap;
 
 use super::{persisted_now, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
 use crate::event::UserId;
-use crate::recs::RecList;
+use crate::recs::RecUpdate;
 
 pub struct MemoryStore {
     profiles: DashMap<UserId, Profile>,
@@ -43,7 +43,8 @@ impl ProfileStore for MemoryStore {
         persisted_now()
     }
 
-    fn save_recs(&self, recs: &RecList) {
+    fn save_recs(&self, update: &RecUpdate) {
+        let recs = &update.list;
         self.profiles.entry(recs.user_id.clone()).or_default().last_recs = Some(recs.clone());
     }
 

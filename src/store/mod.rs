@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Context, EventId, EventType, ItemId, UserId};
-use crate::recs::RecList;
+use crate::recs::{RecList, RecUpdate};
 
 /// One stored interaction.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,7 +89,7 @@ pub trait ProfileStore: Send + Sync + 'static {
     fn append(&self, update: ProfileUpdate) -> Persisted;
     /// Stores the last list pushed to a user (best effort, ordered with appends), and tells other
     /// instances about it where the store carries updates between instances.
-    fn save_recs(&self, recs: &RecList);
+    fn save_recs(&self, update: &RecUpdate);
     /// Removes the profile, returning what it held.
     async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError>;
 }

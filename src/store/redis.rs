@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
 use crate::event::{Context, EventId, ItemId, UserId};
-use crate::recs::RecList;
+use crate::recs::{RecList, RecUpdate};
 use crate::telemetry::Metrics;
 
 /// Settings of the `[redis]` config section.
@@ -135,7 +135,7 @@ struct Load {
 
 enum Write {
     Append { update: ProfileUpdate, done: oneshot::Sender<()> },
-    Recs { user: UserId, seq: u64, json: String },
+    Recs { user: UserId, seq: u64, json: bytes::Bytes },
 }
 
 pub struct RedisStore {
@@ -271,14 +271,15 @@ impl ProfileStore for RedisStore {
         })
     }
 
-    fn save_recs(&self, recs: &RecList) {
+    fn save_recs(&self, update: &RecUpdate) {
         if self.pending_lists.load(Ordering::Relaxed) >= self.max_pending_lists {
             self.metrics.store_errors.inc();
             return;
         }
-        let Ok(json) = serde_json::to_string(recs) else { return };
         self.pending_lists.fetch_add(1, Ordering::Relaxed);
-        let _ = self.writes.send(Write::Recs { user: recs.user_id.clone(), seq: recs.seq, json });
+        // The list was serialised once when published; the same bytes are stored and broadcast.
+        let (user, seq, json) = (update.list.user_id.clone(), update.list.seq, update.json.clone());
+        let _ = self.writes.send(Write::Recs { user, seq, json });
     }
 
     async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
@@ -427,11 +428,11 @@ impl Writer {
                 Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
                 Write::Recs { user, seq, json } => {
                     let k = keys(&self.prefix, user);
-                    pipe.hset_multiple(&k.profile, &[("recs", json.as_str()), ("recs_seq", &seq.to_string())]).ignore();
+                    pipe.cmd("HSET").arg(&k.profile).arg("recs").arg(json.as_ref()).arg("recs_seq").arg(*seq).ignore();
                     if self.ttl > 0 {
                         pipe.expire(&k.profile, self.ttl as i64).ignore();
                     }
-                    pipe.publish(updates_channel(&self.prefix, user), json.as_str()).ignore();
+                    pipe.publish(updates_channel(&self.prefix, user), json.as_ref()).ignore();
                 }
             }
         }
