@@ -684,6 +684,20 @@ fn prometheus_scrapes_both_replicas_and_loads_the_rules() {
         let path = docker().join("prometheus").join(rule_file.as_str().expect("rule file"));
         assert!(!alert_rules(&path).is_empty(), "{} has no rules", path.display());
     }
+
+    // Every alert has a promtool unit test (`promtool test rules docker/prometheus/alerts.test.yml`).
+    let unit_tests = yaml(&docker().join("prometheus/alerts.test.yml"));
+    let tested: BTreeSet<String> = unit_tests["tests"]
+        .as_array()
+        .expect("promtool tests")
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+        .map(|case| str_at(case, "/alertname").to_owned())
+        .collect();
+    for rule in alert_rules(&docker().join("prometheus/alerts.yml")) {
+        let name = rule["alert"].as_str().expect("alert name");
+        assert!(tested.contains(name), "alert {name} has no case in docker/prometheus/alerts.test.yml");
+    }
 }
 
 #[test]
