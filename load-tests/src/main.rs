@@ -116,10 +116,7 @@ fn write_report(out: &Option<PathBuf>, report: &Value) -> anyhow::Result<()> {
 }
 
 fn client() -> awc::Client {
-    awc::Client::builder()
-        .connector(awc::Connector::new().limit(0))
-        .timeout(Duration::from_secs(30))
-        .finish()
+    awc::Client::builder().connector(awc::Connector::new().limit(0)).timeout(Duration::from_secs(30)).finish()
 }
 
 /// Quantiles in milliseconds from a microsecond histogram.
@@ -181,8 +178,9 @@ async fn rest(args: RestArgs) -> anyhow::Result<Value> {
             .connect()
             .await
             .map_err(|e| anyhow::anyhow!("websocket {socket}: {e}"))?;
-        let mine: Vec<String> =
-            (0..args.subs_per_socket).map(|i| users[(socket * args.subs_per_socket + i) % users.len()].clone()).collect();
+        let mine: Vec<String> = (0..args.subs_per_socket)
+            .map(|i| users[(socket * args.subs_per_socket + i) % users.len()].clone())
+            .collect();
         for user in &mine {
             framed.send(awc::ws::Message::Text(json!({ "subscribe": user }).to_string().into())).await?;
             subscribed += 1;
@@ -242,7 +240,12 @@ async fn rest(args: RestArgs) -> anyhow::Result<Value> {
     // Open loop: every millisecond, send what the rate says is due. Event ids are unique per run,
     // so a second run against the same server is not taken for replays.
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
-    let http = client();
+    // A bounded pool for requests: an overloaded server then shows up as request latency rather
+    // than as thousands of new connections that make it worse.
+    let http = awc::Client::builder()
+        .connector(awc::Connector::new().limit(256))
+        .timeout(Duration::from_secs(30))
+        .finish();
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
     let mut sent: u64 = 0;
@@ -269,7 +272,9 @@ async fn rest(args: RestArgs) -> anyhow::Result<Value> {
                     p.poll(Duration::ZERO);
                 }
                 None => {
-                    let request = http.post(format!("{}/v1/events", args.target)).insert_header(("content-type", "application/json"));
+                    let request = http
+                        .post(format!("{}/v1/events", args.target))
+                        .insert_header(("content-type", "application/json"));
                     let body = event.to_string();
                     let (errors, latency, outstanding) = (errors.clone(), request_latency.clone(), outstanding.clone());
                     *outstanding.borrow_mut() += 1;
