@@ -114,6 +114,10 @@ pub struct Metrics {
     pub sessions_evicted: Counter,
     /// Profile store failures (loads and writes).
     pub store_errors: Counter,
+    /// Time of one store round trip (a write pipeline, a batch of loads), and writes per pipeline.
+    pub store_write_seconds: Histogram,
+    pub store_load_seconds: Histogram,
+    pub store_write_batch_size: Histogram,
     /// Lists published to a user's subscribers.
     pub push_updates: Counter,
     /// Lists written to a subscriber, by stream kind.
@@ -155,6 +159,9 @@ impl Default for Metrics {
             sessions_started: Counter::default(),
             sessions_evicted: Counter::default(),
             store_errors: Counter::default(),
+            store_write_seconds: Histogram::new(LATENCY_BOUNDS),
+            store_load_seconds: Histogram::new(LATENCY_BOUNDS),
+            store_write_batch_size: Histogram::new(SIZE_BOUNDS),
             push_updates: Counter::default(),
             push_sent_sse: Counter::default(),
             push_sent_ws: Counter::default(),
@@ -258,6 +265,9 @@ impl Metrics {
             &[("", &self.sessions_evicted)],
         );
         out.counter("liverec_store_errors_total", "Profile store operations that failed.", &[("", &self.store_errors)]);
+        out.histogram("liverec_store_write_seconds", "Time of one store write pipeline.", &self.store_write_seconds);
+        out.histogram("liverec_store_load_seconds", "Time of one batch of profile loads.", &self.store_load_seconds);
+        out.histogram("liverec_store_write_batch_size", "Writes per store pipeline.", &self.store_write_batch_size);
         out.counter(
             "liverec_push_updates_total",
             "Recommendation lists published to subscribers.",

@@ -37,6 +37,8 @@ pub struct SessionActor {
     /// Recent interactions, oldest first, with their catalogue index.
     history: VecDeque<(Interaction, ItemIdx)>,
     context: Option<EventContext>,
+    /// The context last sent to the store.
+    persisted_context: Option<EventContext>,
     /// Applied event ids: the set for lookups, the queue for eviction order.
     event_ids: HashSet<EventId>,
     event_order: VecDeque<EventId>,
@@ -59,6 +61,7 @@ impl SessionActor {
             deps,
             history: VecDeque::new(),
             context: None,
+            persisted_context: None,
             event_ids: HashSet::new(),
             event_order: VecDeque::new(),
             suppressed: VecDeque::new(),
@@ -107,6 +110,7 @@ impl SessionActor {
         self.event_order.clear();
         self.suppressed.clear();
         self.context = None;
+        self.persisted_context = None;
     }
 
     fn restore(&mut self, profile: Profile) {
@@ -118,6 +122,7 @@ impl SessionActor {
             self.push_history(interaction, idx);
         }
         self.suppressed = profile.suppressed.into();
+        self.persisted_context = profile.context.clone();
         self.context = profile.context;
         if let Some(recs) = profile.last_recs {
             self.hub.bump_seq(recs.seq);
@@ -204,7 +209,11 @@ impl SessionActor {
             self.push_history(interaction, idx);
             self.context = Some(event.context);
         }
-        update.context = self.context.clone();
+        // The store keeps the latest context; send it only when it changed.
+        if self.context != self.persisted_context {
+            update.context = self.context.clone();
+            self.persisted_context = self.context.clone();
+        }
         self.deps.metrics.session_applied.add(outcome.applied as u64);
         self.deps.metrics.session_duplicates.add(outcome.duplicates as u64);
         if outcome.applied > 0 {

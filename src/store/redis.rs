@@ -71,33 +71,38 @@ impl Default for RedisConfig {
 
 const APPEND_SCRIPT: &str = r#"
 -- KEYS: history list, ids zset, suppressed list, profile hash
--- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, context_json ('' keeps it),
---       n, then n pairs (event_id, interaction_json), then suppressed item ids
+-- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, context_json ('' = unchanged),
+--       n, score_base, then n pairs (event_id, interaction_json), then suppressed item ids
 local hlen, wlen, slen, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = tonumber(ARGV[6])
-local seq = tonumber(redis.call('HGET', KEYS[4], 'id_seq') or '0')
+local n, base = tonumber(ARGV[6]), tonumber(ARGV[7])
 local applied = 0
 for i = 0, n - 1 do
-  local id = ARGV[7 + 2 * i]
-  if not redis.call('ZSCORE', KEYS[2], id) then
-    seq = seq + 1
-    redis.call('ZADD', KEYS[2], seq, id)
-    redis.call('RPUSH', KEYS[1], ARGV[8 + 2 * i])
+  -- ZADD NX adds the id only if it is new: the de-duplication and the insert in one call.
+  if redis.call('ZADD', KEYS[2], 'NX', base + i, ARGV[8 + 2 * i]) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[9 + 2 * i])
     applied = applied + 1
   end
 end
-redis.call('HSET', KEYS[4], 'id_seq', seq)
-for j = 7 + 2 * n, #ARGV do
-  redis.call('LREM', KEYS[3], 0, ARGV[j])
-  redis.call('RPUSH', KEYS[3], ARGV[j])
+if applied > 0 then
+  redis.call('LTRIM', KEYS[1], -hlen, -1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(wlen + 1))
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
 end
-redis.call('LTRIM', KEYS[1], -hlen, -1)
-redis.call('LTRIM', KEYS[3], -slen, -1)
-local extra = redis.call('ZCARD', KEYS[2]) - wlen
-if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1) end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[4], 'context', ARGV[5]) end
-if ttl > 0 then
-  for k = 1, 4 do redis.call('EXPIRE', KEYS[k], ttl) end
+local first = 8 + 2 * n
+if #ARGV >= first then
+  for j = first, #ARGV do
+    redis.call('LREM', KEYS[3], 0, ARGV[j])
+    redis.call('RPUSH', KEYS[3], ARGV[j])
+  end
+  redis.call('LTRIM', KEYS[3], -slen, -1)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[4], 'context', ARGV[5])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 end
 return applied
 "#;
@@ -118,6 +123,11 @@ fn keys(prefix: &str, user: &UserId) -> Keys {
         suppressed: format!("{base}:s"),
         profile: format!("{base}:p"),
     }
+}
+
+/// A score that grows with time (microseconds since the epoch), for ordering event ids.
+fn score_base() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The pub/sub channel carrying a user's pushed lists.
@@ -186,7 +196,13 @@ impl RedisStore {
         };
         arbiter.spawn(writer.run(queue));
         let (loads, load_queue) = mpsc::unbounded_channel();
-        arbiter.spawn(run_loader(pool.clone(), config.key_prefix.clone(), config.write_batch.max(1), load_queue));
+        arbiter.spawn(run_loader(
+            pool.clone(),
+            config.key_prefix.clone(),
+            config.write_batch.max(1),
+            load_queue,
+            metrics.clone(),
+        ));
         Ok(Self {
             pool,
             prefix: config.key_prefix.clone(),
@@ -293,7 +309,13 @@ impl ProfileStore for RedisStore {
 
 /// Loads profiles in batches: every load queued while one pipeline runs goes in the next, so a
 /// burst of new sessions (a rebalance, a wave of new users) costs a few round trips, not one each.
-async fn run_loader(pool: Pool, prefix: String, batch: usize, mut queue: mpsc::UnboundedReceiver<Load>) {
+async fn run_loader(
+    pool: Pool,
+    prefix: String,
+    batch: usize,
+    mut queue: mpsc::UnboundedReceiver<Load>,
+    metrics: Arc<Metrics>,
+) {
     let mut pending = Vec::with_capacity(batch);
     while let Some(first) = queue.recv().await {
         pending.push(first);
@@ -314,11 +336,13 @@ async fn run_loader(pool: Pool, prefix: String, batch: usize, mut queue: mpsc::U
                 .arg("context")
                 .arg("recs");
         }
+        let started = std::time::Instant::now();
         let result: Result<Vec<redis::Value>, String> = async {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
             pipe.query_async(&mut conn).await.map_err(|e| e.to_string())
         }
         .await;
+        metrics.store_load_seconds.observe_duration(started.elapsed());
         match result {
             Ok(values) => {
                 let mut values = values.into_iter();
@@ -371,7 +395,10 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let started = std::time::Instant::now();
             self.write_until_done(&batch).await;
+            self.metrics.store_write_seconds.observe_duration(started.elapsed());
+            self.metrics.store_write_batch_size.observe(batch.len() as f64);
             for write in batch.drain(..) {
                 match write {
                     Write::Append { done, .. } => {
@@ -415,7 +442,9 @@ impl Writer {
                         .arg(self.limits.suppressed_len)
                         .arg(self.ttl)
                         .arg(context)
-                        .arg(update.interactions.len());
+                        .arg(update.interactions.len())
+                        // Scores order the ids by arrival; only their order matters (trimming).
+                        .arg(score_base());
                     for interaction in &update.interactions {
                         let json = serde_json::to_string(interaction).expect("interactions serialise");
                         cmd.arg(interaction.event_id.as_str()).arg(json);
