@@ -527,18 +527,18 @@ fn dockerfile_builds_in_two_stages_and_runs_as_non_root() {
     assert!(!docker_ignores(&patterns, "src/models/mod.rs"), ".dockerignore's `models` must not reach src/models");
 
     // Runtime: the binary from the builder, an unprivileged user, port 8080, /healthz.
-    let find = |keyword: &'static str| runtime.instructions.iter().filter(move |i| i.keyword == keyword);
-    let copy = find("COPY").find(|i| i.args.contains("--from=builder")).expect("COPY --from=builder");
+    let each = |keyword: &'static str| runtime.instructions.iter().filter(move |i| i.keyword == keyword);
+    let copy = each("COPY").find(|i| i.args.contains("--from=builder")).expect("COPY --from=builder");
     assert!(copy.args.contains("liverec"), "the runtime copies the liverec binary: {}", copy.args);
-    let user = find("USER").last().expect("a USER in the runtime stage").args.clone();
+    let user = each("USER").next_back().expect("a USER in the runtime stage").args.clone();
     let uid = user.split(':').next().expect("uid");
     assert!(uid != "root" && uid != "0", "the runtime must not run as root (USER {user})");
-    assert!(find("EXPOSE").any(|i| i.args.split_whitespace().any(|p| p == "8080" || p == "8080/tcp")));
-    assert!(find("ENV").any(|i| i.args.contains("LIVEREC_LISTEN=0.0.0.0:8080")), "LIVEREC_LISTEN=0.0.0.0:8080");
-    let healthcheck = find("HEALTHCHECK").last().expect("HEALTHCHECK").args.clone();
+    assert!(each("EXPOSE").any(|i| i.args.split_whitespace().any(|p| p == "8080" || p == "8080/tcp")));
+    assert!(each("ENV").any(|i| i.args.contains("LIVEREC_LISTEN=0.0.0.0:8080")), "LIVEREC_LISTEN=0.0.0.0:8080");
+    let healthcheck = each("HEALTHCHECK").next_back().expect("HEALTHCHECK").args.clone();
     assert!(healthcheck.contains("127.0.0.1:8080/healthz"), "HEALTHCHECK should probe /healthz: {healthcheck}");
-    let entrypoint = exec_form(&find("ENTRYPOINT").last().expect("ENTRYPOINT").args);
-    let cmd = find("CMD").last().map(|i| exec_form(&i.args)).unwrap_or_default();
+    let entrypoint = exec_form(&each("ENTRYPOINT").next_back().expect("ENTRYPOINT").args);
+    let cmd = each("CMD").next_back().map(|i| exec_form(&i.args)).unwrap_or_default();
     assert!(entrypoint[0].ends_with("liverec"), "ENTRYPOINT runs liverec: {entrypoint:?}");
     assert_eq!([&entrypoint[1..], &cmd[..]].concat(), ["serve"], "the image runs `liverec serve` by default");
 }
