@@ -61,6 +61,9 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     arbiters: Vec<Arbiter>,
+    /// Held so the supervisor restarts a failed consumer: actix restarts a supervised actor only
+    /// while some address of it is alive.
+    _kafka_ingest: Option<actix::Addr<KafkaIngestActor>>,
 }
 
 fn model_factory(config: &Config) -> ModelFactory {
@@ -135,6 +138,7 @@ impl Server {
         let registry;
         let io_handle = io.handle();
         let mut extra_arbiters = vec![io];
+        let mut kafka_ingest = None;
         match config.bus.kind {
             BusKind::Memory => {
                 registry = SessionRegistry::new(deps, handles.clone());
@@ -168,9 +172,9 @@ impl Server {
                 // Its own thread: on a revoke the consumer blocks until in-flight events are
                 // durable, which needs the store writer on the io thread to keep running.
                 let ingest = Arbiter::new();
-                Supervisor::start_in_arbiter(&ingest.handle(), move |_| {
+                kafka_ingest = Some(Supervisor::start_in_arbiter(&ingest.handle(), move |_| {
                     KafkaIngestActor::new(kafka_config, ingest_registry, producer, ingest_metrics, limits)
-                });
+                }));
                 extra_arbiters.push(ingest);
                 bus = Arc::new(kafka_bus);
             }
@@ -209,7 +213,7 @@ impl Server {
         let handle = server.handle();
         let task = tokio::spawn(server);
         tracing::info!(addr = %bound, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
-        Ok(Server { addr: bound, metrics, handle, shutdown: shutdown_tx, task, arbiters })
+        Ok(Server { addr: bound, metrics, handle, shutdown: shutdown_tx, task, arbiters, _kafka_ingest: kafka_ingest })
     }
 
     /// `http://<addr>`.

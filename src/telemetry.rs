@@ -142,6 +142,8 @@ pub struct Metrics {
     pub kafka_rebalances: Counter,
     pub kafka_paused: Counter,
     pub kafka_restarts: Counter,
+    /// Transient consumption errors the consumer carried on after.
+    pub kafka_errors: Counter,
     /// Lists received from other instances and forwarded to local subscribers.
     pub fanout_received: Counter,
 }
@@ -180,6 +182,7 @@ impl Default for Metrics {
             kafka_rebalances: Counter::default(),
             kafka_paused: Counter::default(),
             kafka_restarts: Counter::default(),
+            kafka_errors: Counter::default(),
             fanout_received: Counter::default(),
         }
     }
@@ -327,6 +330,11 @@ impl Metrics {
             "liverec_kafka_consumer_restarts_total",
             "Restarts of a failed Kafka consumer by its supervisor.",
             &[("", &self.kafka_restarts)],
+        );
+        out.counter(
+            "liverec_kafka_consumer_errors_total",
+            "Transient Kafka consumption errors the consumer carried on after.",
+            &[("", &self.kafka_errors)],
         );
         out.counter(
             "liverec_fanout_received_total",

@@ -248,14 +248,26 @@ impl Consume {
             });
             tokio::select! {
                 message = consumer.recv() => {
-                    let first = message?;
+                    let first = match message {
+                        Ok(message) => message,
+                        // Most consumption errors are transient (a topic not yet propagated, a
+                        // broker restarting) and librdkafka recovers by itself; only a fatal
+                        // error ends this consumer, for the supervisor to restart it.
+                        Err(error) if consumer.client().fatal_error().is_none() => {
+                            self.metrics.kafka_errors.inc();
+                            tracing::warn!(error = %error, "kafka consumption error; continuing");
+                            actix_rt::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        Err(error) => return Err(error),
+                    };
                     let mut records = vec![first];
                     // Take whatever else is already fetched, up to the batch size, without waiting.
                     while records.len() < self.config.max_batch {
                         match consumer.recv().now_or_never() {
                             Some(Ok(message)) => records.push(message),
-                            Some(Err(error)) => return Err(error),
-                            None => break,
+                            // Handled on the next turn of the loop.
+                            Some(Err(_)) | None => break,
                         }
                     }
                     let batch = self.dispatch(records).await;

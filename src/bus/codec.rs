@@ -187,8 +187,7 @@ pub fn encode_avro(event: &EventIn, schema_id: u32, session_id: Option<&str>) ->
         )
     };
     let context = event.context.clone().unwrap_or_default();
-    let device =
-        context.device.and_then(|d| serde_json::to_value(d).ok().and_then(|v| v.as_str().map(str::to_owned)));
+    let device = context.device.and_then(|d| serde_json::to_value(d).ok().and_then(|v| v.as_str().map(str::to_owned)));
     let event_type = event.event_type.as_str().to_owned();
     let symbol_index = EventType::ALL.iter().position(|t| *t == event.event_type).unwrap_or(0) as u32;
     let mut fields = vec![

@@ -422,3 +422,24 @@ async fn a_redis_restart_keeps_serving_and_loses_no_accepted_event() {
     .await;
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_failing_consumer_is_restarted_with_backoff_and_counted() {
+    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let mut config = production_config("supervised");
+    // librdkafka refuses to create a consumer whose session timeout exceeds max.poll.interval.ms
+    // (300 s by default); the producer is unaffected, so the server starts and only the consumer
+    // fails, again and again.
+    config.kafka.session_timeout_ms = 400_000;
+    config.kafka.restart_backoff_initial_ms = 10;
+    config.kafka.restart_backoff_max_ms = 40;
+    let server = start(config).await;
+    eventually("several restarts counted", || async {
+        (metric(&server, "liverec_kafka_consumer_restarts_total").await >= 3.0).then_some(())
+    })
+    .await;
+    // The rest of the server keeps serving meanwhile.
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+    assert_eq!(get(&server, "/v1/users/anyone/recommendations").await.status, 200);
+    server.stop().await;
+}
