@@ -786,6 +786,8 @@ fn dashboards_and_alerts_use_only_metrics_liverec_exports() {
         "liverec_push_sent_total",
         "liverec_push_dropped_stale_total",
         "liverec_store_errors_total",
+        "liverec_store_write_seconds",
+        "liverec_store_load_seconds",
         "liverec_kafka_records_total",
         "liverec_kafka_dead_letters_total",
         "liverec_kafka_rebalances_total",
