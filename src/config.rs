@@ -147,6 +147,8 @@ pub enum ModelKind {
 pub struct ModelConfig {
     pub kind: ModelKind,
     pub max_batch: usize,
+    /// Longest a scoring request waits for a fuller batch, in microseconds (0: none).
+    pub max_wait_us: u64,
     pub mailbox_capacity: usize,
     pub cooccurrence: crate::models::cooccurrence::CoocConfig,
 }

@@ -109,6 +109,7 @@ impl Server {
             catalog.clone(),
             metrics.clone(),
             config.model.max_batch,
+            Duration::from_micros(config.model.max_wait_us),
             config.model.mailbox_capacity,
             &handles[0],
         );

@@ -54,6 +54,8 @@ type Reply = oneshot::Sender<Result<ScoredList, ModelError>>;
 pub struct ModelActor {
     worker: Addr<InferenceWorker>,
     max_batch: usize,
+    /// How long a lone request may wait for company (0: flush as soon as the mailbox is drained).
+    max_wait: std::time::Duration,
     mailbox_capacity: usize,
     pending: VecDeque<(ScoreRequest, Reply)>,
     observations: Vec<Observation>,
@@ -73,6 +75,7 @@ impl ModelActor {
         catalog: Arc<Catalog>,
         metrics: Arc<Metrics>,
         max_batch: usize,
+        max_wait: std::time::Duration,
         mailbox_capacity: usize,
         arbiter: &ArbiterHandle,
     ) -> Addr<ModelActor> {
@@ -85,6 +88,7 @@ impl ModelActor {
         ModelActor::start_in_arbiter(arbiter, move |_| ModelActor {
             worker,
             max_batch,
+            max_wait,
             mailbox_capacity,
             pending: VecDeque::new(),
             observations: Vec::new(),
@@ -98,12 +102,20 @@ impl ModelActor {
             return;
         }
         self.flush_scheduled = true;
-        // A ready future runs after the context has drained its mailbox, so everything that
-        // arrived together goes in one batch.
-        ctx.spawn(fut::ready(()).map(|(), act: &mut Self, ctx| {
-            act.flush_scheduled = false;
-            act.flush(ctx);
-        }));
+        if self.max_wait.is_zero() || self.pending.len() >= self.max_batch {
+            // A ready future runs after the context has drained its mailbox, so everything that
+            // arrived together goes in one batch, with no added wait.
+            ctx.spawn(fut::ready(()).map(|(), act: &mut Self, ctx| {
+                act.flush_scheduled = false;
+                act.flush(ctx);
+            }));
+        } else {
+            // Trade up to max_wait of latency for fuller batches (worth it for heavy models).
+            ctx.run_later(self.max_wait, |act, ctx| {
+                act.flush_scheduled = false;
+                act.flush(ctx);
+            });
+        }
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
@@ -166,6 +178,46 @@ impl Handler<Observe> for ModelActor {
     }
 }
 
+/// Replace the serving model. Batches already sent finish on the old model; every later batch
+/// uses the new one, so no request is dropped or answered by a half-swapped model.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SwapModel {
+    pub model: Box<dyn Recommender>,
+}
+
+impl std::fmt::Debug for SwapModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwapModel").field("version", &self.model.version()).finish()
+    }
+}
+
+impl Handler<SwapModel> for ModelActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: SwapModel, _ctx: &mut Self::Context) -> Self::Result {
+        // The worker's mailbox is ordered: the swap lands between two batches.
+        let worker = self.worker.clone();
+        Box::pin(async move {
+            let _ = worker.send(msg).await;
+        })
+    }
+}
+
+/// The version of the model now serving.
+#[derive(Message, Debug)]
+#[rtype(result = "String")]
+pub struct CurrentVersion;
+
+impl Handler<CurrentVersion> for ModelActor {
+    type Result = ResponseFuture<String>;
+
+    fn handle(&mut self, _msg: CurrentVersion, _ctx: &mut Self::Context) -> Self::Result {
+        let worker = self.worker.clone();
+        Box::pin(async move { worker.send(CurrentVersion).await.unwrap_or_default() })
+    }
+}
+
 /// The inference thread: owns the model and runs whole batches.
 pub struct InferenceWorker {
     model: Box<dyn Recommender>,
@@ -220,5 +272,86 @@ impl Handler<RunBatch> for InferenceWorker {
             results
         };
         BatchOutput { results, version: Arc::from(self.model.version()) }
+    }
+}
+
+impl Handler<SwapModel> for InferenceWorker {
+    type Result = ();
+
+    fn handle(&mut self, msg: SwapModel, _ctx: &mut Self::Context) {
+        tracing::info!(from = self.model.version(), to = msg.model.version(), "serving model swapped");
+        self.model = msg.model;
+    }
+}
+
+impl Handler<CurrentVersion> for InferenceWorker {
+    type Result = String;
+
+    fn handle(&mut self, _msg: CurrentVersion, _ctx: &mut Self::Context) -> String {
+        self.model.version().to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ItemId;
+
+    /// A model that ranks item 0 first and reports a fixed version.
+    struct Fixed(&'static str);
+
+    impl Recommender for Fixed {
+        fn version(&self) -> &str {
+            self.0
+        }
+        fn observe(&mut self, _observations: &[Observation]) {}
+        fn score(&mut self, requests: &[ScoreRequest], _catalog: &Catalog) -> Vec<Vec<Scored>> {
+            requests.iter().map(|_| vec![Scored { item: 0, score: 1.0 }]).collect()
+        }
+    }
+
+    fn request() -> ScoreRequest {
+        ScoreRequest {
+            history: Arc::from(Vec::new()),
+            segment: 0,
+            exclude: vec![],
+            negatives: vec![],
+            categories: None,
+            k: 1,
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_swap_drops_no_request_and_never_goes_back() {
+        let catalog = Arc::new(Catalog::new());
+        catalog.intern(&ItemId::from("i0"));
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let arbiter = Arbiter::current();
+        let model = ModelActor::start_with(
+            Box::new(Fixed("a")),
+            factory,
+            catalog,
+            Arc::new(Metrics::default()),
+            4,
+            std::time::Duration::ZERO,
+            1024,
+            &arbiter,
+        );
+        let before: Vec<_> = (0..200).map(|_| model.send(Recommend { request: request() })).collect();
+        let swap = model.send(SwapModel { model: Box::new(Fixed("b")) });
+        let after: Vec<_> = (0..200).map(|_| model.send(Recommend { request: request() })).collect();
+        let mut versions = Vec::new();
+        for reply in futures_util::future::join_all(before).await {
+            versions.push(reply.expect("delivered").expect("scored").version.to_string());
+        }
+        swap.await.expect("swapped");
+        for reply in futures_util::future::join_all(after).await {
+            versions.push(reply.expect("delivered").expect("scored").version.to_string());
+        }
+        assert_eq!(versions.len(), 400, "every request answered");
+        let first_b = versions.iter().position(|v| v == "b").expect("the new model serves");
+        assert!(versions[first_b..].iter().all(|v| v == "b"), "no answer from the old model after the swap");
+        assert!(versions[200..].iter().all(|v| v == "b"), "requests sent after the swap use the new model");
+        assert_eq!(model.send(CurrentVersion).await.expect("version"), "b");
     }
 }
