@@ -242,10 +242,8 @@ async fn rest(args: RestArgs) -> anyhow::Result<Value> {
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
     // A bounded pool for requests: an overloaded server then shows up as request latency rather
     // than as thousands of new connections that make it worse.
-    let http = awc::Client::builder()
-        .connector(awc::Connector::new().limit(256))
-        .timeout(Duration::from_secs(30))
-        .finish();
+    let http =
+        awc::Client::builder().connector(awc::Connector::new().limit(256)).timeout(Duration::from_secs(30)).finish();
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
     let mut sent: u64 = 0;

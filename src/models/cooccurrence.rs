@@ -1,0 +1,383 @@
+//! The online baseline: item-to-item co-occurrence over recent sessions, blended with popularity
+//! by context segment, learned from the event stream as it arrives.
+//!
+//! Counts fade with a half-life measured in events, using the usual growing-increment trick: each
+//! new observation adds `boost` (which doubles every `half_life_events`) instead of decaying every
+//! count; when `boost` gets large, everything is rescaled at once. Neighbour lists are pruned to the
+//! strongest `neighbours` entries whenever they grow past twice that, so scoring costs at most
+//! `query_window * 2 * neighbours` additions plus one pass over the catalogue.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use crate::catalog::{Catalog, Categories, CategoryIdx, ItemIdx};
+use crate::event::Context;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoocConfig {
+    /// Neighbours kept per item.
+    pub neighbours: usize,
+    /// Previous items paired with each new interaction.
+    pub pair_window: usize,
+    /// Most recent items that drive scoring.
+    pub query_window: usize,
+    /// Weight of popularity for users with history.
+    pub popularity_weight: f32,
+    /// Share of cold-start popularity taken from the request's context segment.
+    pub segment_weight: f32,
+    /// Half-life of all counts, in observed interactions.
+    pub half_life_events: f64,
+    /// How strongly negative feedback lowers similar items.
+    pub negative_weight: f32,
+}
+
+impl Default for CoocConfig {
+    fn default() -> Self {
+        Self {
+            neighbours: 100,
+            pair_window: 10,
+            query_window: 20,
+            popularity_weight: 0.05,
+            segment_weight: 0.7,
+            half_life_events: 200_000.0,
+            negative_weight: 1.0,
+        }
+    }
+}
+
+/// Rescale all counts once the increment passes this, to stay far from f32 overflow.
+const RESCALE_AT: f32 = 1e12;
+/// Recency discount per step back in the user's history.
+const RECENCY: f32 = 0.85;
+
+pub struct CoocModel {
+    config: CoocConfig,
+    version: String,
+    /// Current increment; grows so that older counts weigh less.
+    boost: f32,
+    /// Per-event growth factor of `boost`.
+    growth: f32,
+    /// Global popularity (weighted, faded counts) by item.
+    popularity: Vec<f32>,
+    /// Popularity by context segment, `[segment][item]`.
+    segment_popularity: Vec<Vec<f32>>,
+    /// Co-occurrence weights: `neighbours[i][j]`.
+    neighbours: Vec<HashMap<ItemIdx, f32>>,
+    /// Reused per request: dense scores and mask over the catalogue.
+    scratch_scores: Vec<f32>,
+    scratch_mask: Vec<bool>,
+}
+
+impl CoocModel {
+    pub fn new(config: CoocConfig) -> Self {
+        let growth = (std::f64::consts::LN_2 / config.half_life_events.max(1.0)).exp() as f32;
+        Self {
+            config,
+            version: "cooccurrence-online-1".to_owned(),
+            boost: 1.0,
+            growth,
+            popularity: Vec::new(),
+            segment_popularity: vec![Vec::new(); Context::SEGMENTS],
+            neighbours: Vec::new(),
+            scratch_scores: Vec::new(),
+            scratch_mask: Vec::new(),
+        }
+    }
+
+    fn grow_to(&mut self, n: usize) {
+        if self.popularity.len() < n {
+            self.popularity.resize(n, 0.0);
+            self.neighbours.resize_with(n, HashMap::new);
+            for seg in &mut self.segment_popularity {
+                seg.resize(n, 0.0);
+            }
+        }
+    }
+
+    fn rescale(&mut self) {
+        let factor = 1.0 / self.boost;
+        self.popularity.iter_mut().for_each(|p| *p *= factor);
+        for seg in &mut self.segment_popularity {
+            seg.iter_mut().for_each(|p| *p *= factor);
+        }
+        for list in &mut self.neighbours {
+            list.values_mut().for_each(|w| *w *= factor);
+        }
+        self.boost = 1.0;
+    }
+
+    fn add_pair(&mut self, a: ItemIdx, b: ItemIdx, weight: f32) {
+        let limit = self.config.neighbours.max(1);
+        for (from, to) in [(a, b), (b, a)] {
+            let list = &mut self.neighbours[from as usize];
+            *list.entry(to).or_insert(0.0) += weight;
+            if list.len() > 2 * limit {
+                let mut entries: Vec<(ItemIdx, f32)> = list.drain().collect();
+                entries.sort_unstable_by(|x, y| y.1.total_cmp(&x.1));
+                entries.truncate(limit);
+                list.extend(entries);
+            }
+        }
+    }
+
+    fn observe_one(&mut self, previous: &[HistoryItem], new: &HistoryItem, segment: usize) {
+        let weight = new.weight();
+        if weight <= 0.0 {
+            return;
+        }
+        let boost = self.boost;
+        self.popularity[new.item as usize] += boost * weight;
+        if let Some(seg) = self.segment_popularity.get_mut(segment) {
+            seg[new.item as usize] += boost * weight;
+        }
+        let partners: Vec<(usize, ItemIdx)> = previous
+            .iter()
+            .rev()
+            .filter(|h| h.weight() > 0.0 && h.item != new.item)
+            .take(self.config.pair_window)
+            .map(|h| h.item)
+            .enumerate()
+            .collect();
+        for (distance, partner) in partners {
+            self.add_pair(partner, new.item, boost / (1.0 + distance as f32).sqrt());
+        }
+        self.boost *= self.growth;
+        if self.boost > RESCALE_AT {
+            self.rescale();
+        }
+    }
+
+    /// Similarity of `a` and `b` from co-occurrence, cosine-normalised by popularity.
+    fn similarity(&self, a: ItemIdx, weight: f32, b: ItemIdx) -> f32 {
+        let norm = (self.popularity[a as usize] * self.popularity[b as usize]).sqrt();
+        if norm > 0.0 {
+            weight / norm
+        } else {
+            0.0
+        }
+    }
+
+    fn score_one(&mut self, request: &ScoreRequest, categories: &Categories<'_>) -> Vec<Scored> {
+        let n = self.popularity.len();
+        let mut scores = std::mem::take(&mut self.scratch_scores);
+        let mut mask = std::mem::take(&mut self.scratch_mask);
+        scores.clear();
+        scores.resize(n, 0.0);
+        mask.clear();
+        mask.resize(n, false);
+
+        // Co-occurrence with the most recent distinct positive items, newest weighing most.
+        let mut seen_query: Vec<ItemIdx> = Vec::with_capacity(self.config.query_window);
+        let mut recency = 1.0f32;
+        for h in request.history.iter().rev() {
+            if seen_query.len() >= self.config.query_window {
+                break;
+            }
+            let w = h.weight();
+            if w <= 0.0 || seen_query.contains(&h.item) || h.item as usize >= n {
+                continue;
+            }
+            seen_query.push(h.item);
+            for (&j, &c) in &self.neighbours[h.item as usize] {
+                scores[j as usize] += recency * w * self.similarity(h.item, c, j);
+            }
+            recency *= RECENCY;
+        }
+        let max_co = scores.iter().copied().fold(0.0f32, f32::max);
+        if max_co > 0.0 {
+            scores.iter_mut().for_each(|s| *s /= max_co);
+        }
+
+        // Popularity: the request's context segment blended with the global counts.
+        let global_max = self.popularity.iter().copied().fold(0.0f32, f32::max);
+        let segment = self.segment_popularity.get(request.segment);
+        let segment_max = segment.map_or(0.0, |s| s.iter().copied().fold(0.0f32, f32::max));
+        let sw = if segment_max > 0.0 { self.config.segment_weight } else { 0.0 };
+        let pop_weight = if seen_query.is_empty() { 1.0 } else { self.config.popularity_weight };
+        if global_max > 0.0 {
+            for (j, s) in scores.iter_mut().enumerate() {
+                let seg = segment.map_or(0.0, |seg| seg[j] / segment_max.max(f32::MIN_POSITIVE));
+                let pop = sw * seg + (1.0 - sw) * self.popularity[j] / global_max;
+                *s += pop_weight * pop;
+            }
+        }
+
+        // Negative feedback lowers co-occurring items and items of the same categories.
+        if !request.negatives.is_empty() {
+            let mut negative_categories: Vec<CategoryIdx> = Vec::new();
+            for &neg in &request.negatives {
+                if (neg as usize) < n {
+                    for (&j, &c) in &self.neighbours[neg as usize] {
+                        scores[j as usize] -= self.config.negative_weight * self.similarity(neg, c, j);
+                    }
+                }
+                negative_categories.extend_from_slice(categories.of(neg));
+            }
+            if !negative_categories.is_empty() {
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let cats = categories.of(j as ItemIdx);
+                    if cats.is_empty() {
+                        continue;
+                    }
+                    let overlap = cats.iter().filter(|c| negative_categories.contains(c)).count();
+                    if overlap > 0 {
+                        let share = overlap as f32 / cats.len() as f32;
+                        *s -= self.config.negative_weight * 0.5 * share * s.abs().max(0.1);
+                    }
+                }
+            }
+        }
+
+        for &i in request.exclude.iter().chain(&request.negatives) {
+            if let Some(m) = mask.get_mut(i as usize) {
+                *m = true;
+            }
+        }
+        if let Some(wanted) = &request.categories {
+            for (j, m) in mask.iter_mut().enumerate() {
+                if !categories.of(j as ItemIdx).iter().any(|c| wanted.contains(c)) {
+                    *m = true;
+                }
+            }
+        }
+        let result = top_k(&scores, &mask, request.k);
+        self.scratch_scores = scores;
+        self.scratch_mask = mask;
+        result
+    }
+}
+
+impl Recommender for CoocModel {
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn observe(&mut self, observations: &[Observation]) {
+        let max_item = observations
+            .iter()
+            .flat_map(|o| o.previous.iter().chain(&o.new))
+            .map(|h| h.item as usize + 1)
+            .max()
+            .unwrap_or(0);
+        self.grow_to(max_item);
+        for obs in observations {
+            let mut previous: Vec<HistoryItem> = obs.previous.to_vec();
+            for new in &obs.new {
+                self.observe_one(&previous, new, obs.segment);
+                previous.push(*new);
+            }
+        }
+    }
+
+    fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
+        self.grow_to(catalog.len());
+        let categories = catalog.categories();
+        requests.iter().map(|r| self.score_one(r, &categories)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventType, ItemId};
+    use std::sync::Arc;
+
+    fn h(item: ItemIdx, event_type: EventType) -> HistoryItem {
+        HistoryItem { item, event_type, value: None, timestamp: 0 }
+    }
+
+    fn catalog(n: usize) -> Catalog {
+        let catalog = Catalog::new();
+        for i in 0..n {
+            catalog.intern(&ItemId::from(format!("i{i}").as_str()));
+        }
+        catalog
+    }
+
+    fn request(history: Vec<HistoryItem>, k: usize) -> ScoreRequest {
+        let exclude = history.iter().map(|h| h.item).collect();
+        ScoreRequest { history: history.into(), segment: 0, exclude, negatives: vec![], categories: None, k }
+    }
+
+    /// Many users view 0 then 1; item 2 is popular on its own.
+    fn trained(catalog: &Catalog) -> CoocModel {
+        let mut model = CoocModel::new(CoocConfig::default());
+        let mut observations = Vec::new();
+        for _ in 0..20 {
+            observations.push(Observation {
+                previous: Arc::from(vec![]),
+                new: vec![h(0, EventType::View), h(1, EventType::View)],
+                segment: 0,
+            });
+        }
+        for _ in 0..50 {
+            observations.push(Observation {
+                previous: Arc::from(vec![]),
+                new: vec![h(2, EventType::View)],
+                segment: 0,
+            });
+        }
+        model.observe(&observations);
+        model.grow_to(catalog.len());
+        model
+    }
+
+    #[test]
+    fn co_occurring_items_beat_popular_ones() {
+        let catalog = catalog(4);
+        let mut model = trained(&catalog);
+        let out = model.score(&[request(vec![h(0, EventType::Click)], 2)], &catalog);
+        assert_eq!(out[0][0].item, 1);
+        assert_eq!(out[0][1].item, 2);
+        assert!(out[0].iter().all(|s| s.item != 0), "consumed item excluded");
+    }
+
+    #[test]
+    fn new_users_get_popularity_and_negatives_lower_neighbours() {
+        let catalog = catalog(4);
+        let mut model = trained(&catalog);
+        let cold = model.score(&[request(vec![], 1)], &catalog);
+        assert_eq!(cold[0][0].item, 2);
+
+        let mut req = request(vec![h(0, EventType::Click)], 3);
+        let before = model.score(&[req.clone()], &catalog)[0].clone();
+        let score_of = |list: &[Scored], item| list.iter().find(|s| s.item == item).map(|s| s.score);
+        req.negatives = vec![1];
+        let after = model.score(&[req], &catalog)[0].clone();
+        assert!(score_of(&after, 1).is_none(), "disliked item suppressed");
+        assert!(score_of(&before, 1).is_some());
+    }
+
+    #[test]
+    fn counts_fade_and_rescale_without_losing_order() {
+        let catalog = catalog(3);
+        let mut model = CoocModel::new(CoocConfig { half_life_events: 1.0, ..CoocConfig::default() });
+        let obs = |item| Observation { previous: Arc::from(vec![]), new: vec![h(item, EventType::View)], segment: 0 };
+        // Item 0 was popular long ago; item 1 recently. 60 half-lives force several rescales.
+        let mut batch: Vec<Observation> = (0..30).map(|_| obs(0)).collect();
+        batch.extend((0..30).map(|_| obs(1)));
+        model.observe(&batch);
+        assert!(model.boost <= RESCALE_AT);
+        let out = model.score(&[request(vec![], 1)], &catalog);
+        assert_eq!(out[0][0].item, 1);
+    }
+
+    #[test]
+    fn neighbour_lists_stay_bounded() {
+        let catalog = catalog(50);
+        let mut model = CoocModel::new(CoocConfig { neighbours: 4, ..CoocConfig::default() });
+        let batch: Vec<Observation> = (1..50)
+            .map(|i| Observation {
+                previous: Arc::from(vec![]),
+                new: vec![h(0, EventType::View), h(i, EventType::View)],
+                segment: 0,
+            })
+            .collect();
+        model.observe(&batch);
+        assert!(model.neighbours[0].len() <= 8);
+        assert_eq!(model.score(&[request(vec![], 5)], &catalog)[0].len(), 5);
+    }
+}

@@ -1,0 +1,120 @@
+//! Recommendation models. Nothing here knows about actors or HTTP: a model takes batches of
+//! requests and observations and returns scored items, on whatever thread calls it.
+
+pub mod cooccurrence;
+pub mod data;
+pub mod metrics;
+pub mod sasrec;
+
+use std::sync::Arc;
+
+use crate::catalog::{Catalog, CategoryIdx, ItemIdx};
+use crate::event::EventType;
+
+/// One past interaction, as models see it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HistoryItem {
+    pub item: ItemIdx,
+    pub event_type: EventType,
+    pub value: Option<f32>,
+    pub timestamp: i64,
+}
+
+impl HistoryItem {
+    /// How much an interaction says about the user's taste; 0 or less for negative feedback.
+    pub fn weight(&self) -> f32 {
+        match self.event_type {
+            EventType::View => 1.0,
+            EventType::Click => 2.0,
+            EventType::AddToCart => 3.0,
+            EventType::Purchase => 4.0,
+            // Ratings on a 1..5 scale: 3 and above is a liking, below a weak signal.
+            EventType::Rating => match self.value {
+                Some(v) if v >= 3.0 => v / 1.5,
+                Some(_) => 0.3,
+                None => 1.0,
+            },
+            EventType::Dwell => 1.0 + (1.0 + self.value.unwrap_or(0.0).max(0.0)).ln() / 3.0,
+            EventType::Dislike | EventType::Hide => 0.0,
+        }
+    }
+}
+
+/// What a model needs to rank items for one user.
+#[derive(Clone, Debug)]
+pub struct ScoreRequest {
+    /// The user's recent interactions, oldest first (negative feedback included).
+    pub history: Arc<[HistoryItem]>,
+    /// Context segment of the request (see [`crate::event::Context::segment`]).
+    pub segment: usize,
+    /// Items that must not be returned (consumed, suppressed, or excluded by the caller).
+    pub exclude: Vec<ItemIdx>,
+    /// Items the user disliked or hid: excluded, and items similar to them are lowered.
+    pub negatives: Vec<ItemIdx>,
+    /// When set, only items in at least one of these categories are returned.
+    pub categories: Option<Vec<CategoryIdx>>,
+    /// Length of the list to return.
+    pub k: usize,
+}
+
+/// An item and its score, best first in a result list.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    pub item: ItemIdx,
+    pub score: f32,
+}
+
+/// New interactions of one user, for models that learn from the stream.
+#[derive(Clone, Debug)]
+pub struct Observation {
+    /// The user's interactions before the new ones, oldest first.
+    pub previous: Arc<[HistoryItem]>,
+    /// The new interactions, oldest first.
+    pub new: Vec<HistoryItem>,
+    pub segment: usize,
+}
+
+/// A recommender as the model actor drives it: one thread at a time, whole batches.
+pub trait Recommender: Send + 'static {
+    /// Version reported with every list this model produced.
+    fn version(&self) -> &str;
+    /// Learns from new interactions (a no-op for models trained offline).
+    fn observe(&mut self, observations: &[Observation]);
+    /// Ranks items for each request, best first, at most `k` each.
+    fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>>;
+}
+
+/// The `k` best entries of `scores` whose mask is false, best first. Ties go to the lower index
+/// so results are deterministic.
+pub fn top_k(scores: &[f32], masked: &[bool], k: usize) -> Vec<Scored> {
+    let mut candidates: Vec<Scored> = scores
+        .iter()
+        .zip(masked)
+        .enumerate()
+        .filter(|(_, (s, m))| !**m && s.is_finite())
+        .map(|(i, (&score, _))| Scored { item: i as ItemIdx, score })
+        .collect();
+    let better = |a: &Scored, b: &Scored| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item));
+    if candidates.len() > k && k > 0 {
+        candidates.select_nth_unstable_by(k - 1, better);
+        candidates.truncate(k);
+    }
+    candidates.sort_unstable_by(better);
+    candidates.truncate(k);
+    candidates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_skips_masked_and_orders_ties_by_index() {
+        let scores = [0.5, 0.9, 0.9, 0.1, 0.7];
+        let masked = [false, false, false, false, true];
+        let top: Vec<_> = top_k(&scores, &masked, 3).iter().map(|s| s.item).collect();
+        assert_eq!(top, vec![1, 2, 0]);
+        assert!(top_k(&scores, &masked, 0).is_empty());
+        assert_eq!(top_k(&scores, &masked, 10).len(), 4);
+    }
+}

@@ -1,0 +1,737 @@
+//! A SASRec-family sequential recommender in candle (CPU).
+//!
+//! The network reads a user's last `max_len` items, oldest first and left-padded with index 0,
+//! through causal self-attention blocks and predicts the next item at every position; scores
+//! are dot products with the same item table that embeds the input (tied weights).
+//!
+//! Besides the item id, each part of the input can carry side information (each can be turned
+//! off in [`Features`]):
+//! - item attributes, in the item table itself: the mean of the item's genre embeddings and an
+//!   embedding of its release-year bucket. Because they are part of the output table too, an
+//!   item the model never saw still gets a score from its attributes alone (content similarity);
+//! - per history event: the hour-of-day bucket and the feedback (rating value, or "implicit");
+//! - per prediction: the request's context segment (device class x hour bucket, as
+//!   [`crate::event::Context::segment`]) and, when known, the user's demographic segment
+//!   (gender, age bucket, occupation), added to the sequence representation before scoring;
+//! - a per-item output bias (a learned popularity prior).
+//!
+//! Blocks are pre-LayerNorm (LN, attention, residual; LN, GELU feed-forward, residual) with a
+//! final LayerNorm. Positions are learned and counted from the end of the sequence, so the most
+//! recent item always has the same position embedding whatever the history length.
+//!
+//! Training differs from inference in two ways that matter for candle: candle-nn's fused
+//! LayerNorm and `softmax_last_dim` have no backward pass, so the training path uses composite
+//! ops; and dropout draws from the caller's seeded RNG (candle's CPU RNG cannot be seeded), which
+//! keeps training reproducible.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{hour_and_weekday, Context, Device as DeviceClass};
+
+/// Buckets of release year (see [`year_bucket`]).
+pub const YEAR_BUCKETS: usize = 50;
+/// Buckets of user age (see [`age_bucket`]).
+pub const AGE_BUCKETS: usize = 8;
+/// Unknown, male, female.
+pub const GENDERS: usize = 3;
+/// Padding, rating 1..=5, any other positive interaction.
+pub const FEEDBACK: usize = 7;
+/// Additive attention mask for keys that must not be attended to. Finite, so that a row with no
+/// visible key (a padding query) gives a uniform softmax rather than NaN.
+const MASKED: f32 = -1e9;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SasRecError {
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, SasRecError>;
+
+/// Which side information the network uses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Features {
+    /// Item genres (categories) in the item table.
+    pub genres: bool,
+    /// Item release-year bucket in the item table.
+    pub year: bool,
+    /// Hour-of-day bucket of each history event.
+    pub hour: bool,
+    /// Rating value (or "implicit") of each history event.
+    pub feedback: bool,
+    /// The request's context segment, added to the query.
+    pub context: bool,
+    /// The user's demographic segment, added to the query.
+    pub user: bool,
+    /// A learned per-item output bias.
+    pub item_bias: bool,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self { genres: true, year: true, hour: true, feedback: true, context: true, user: true, item_bias: true }
+    }
+}
+
+/// Shape of the network. `items`, `genres` and `occupations` are filled in from the training
+/// data; the rest come from the config file (or these defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Items in the vocabulary (index 0 is padding, items are 1..=items).
+    pub items: usize,
+    /// Genre (category) names known to the item table.
+    pub genres: usize,
+    /// Occupation names known to the user embedding (index 0 is unknown).
+    pub occupations: usize,
+    /// Width of every embedding and hidden state.
+    pub hidden: usize,
+    /// Self-attention blocks.
+    pub layers: usize,
+    /// Attention heads per block (must divide `hidden`).
+    pub heads: usize,
+    /// Width of the feed-forward layer.
+    pub inner: usize,
+    /// Most recent history items the network reads.
+    pub max_len: usize,
+    /// Dropout on embeddings, attention weights and residual branches during training.
+    pub dropout: f32,
+    pub features: Features,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            items: 0,
+            genres: 0,
+            occupations: 0,
+            hidden: 64,
+            layers: 2,
+            heads: 2,
+            inner: 256,
+            max_len: 50,
+            dropout: 0.2,
+            features: Features::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(SasRecError::Config(m.to_owned()));
+        if self.hidden == 0 || self.heads == 0 || self.hidden % self.heads != 0 {
+            return bad("hidden must be a positive multiple of heads");
+        }
+        if self.layers == 0 || self.max_len == 0 || self.inner == 0 {
+            return bad("layers, max_len and inner must be positive");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout must be in [0, 1)");
+        }
+        Ok(())
+    }
+}
+
+/// Bucket of a release year: unknown, decades before 1980, half-decades in the 1980s, then one
+/// bucket per year from 1990 (where MovieLens has most of its items) to 2030.
+pub fn year_bucket(year: Option<u16>) -> u32 {
+    match year {
+        None => 0,
+        Some(y) if y < 1940 => 1,
+        Some(y) if y < 1980 => 2 + u32::from((y - 1940) / 10),
+        Some(y) if y < 1990 => 6 + u32::from((y - 1980) / 5),
+        Some(y) => (8 + u32::from(y.min(2030) - 1990)).min(YEAR_BUCKETS as u32 - 1),
+    }
+}
+
+/// Bucket of an age, as MovieLens-1M groups them: unknown, <18, 18-24, 25-34, 35-44, 45-49,
+/// 50-55, 56+.
+pub fn age_bucket(age: Option<u16>) -> u32 {
+    match age {
+        None => 0,
+        Some(a) if a < 18 => 1,
+        Some(a) if a < 25 => 2,
+        Some(a) if a < 35 => 3,
+        Some(a) if a < 45 => 4,
+        Some(a) if a < 50 => 5,
+        Some(a) if a < 56 => 6,
+        Some(_) => 7,
+    }
+}
+
+pub fn gender_index(gender: Option<&str>) -> u32 {
+    match gender.map(|g| g.trim().to_ascii_lowercase()) {
+        Some(g) if g == "m" || g == "male" => 1,
+        Some(g) if g == "f" || g == "female" => 2,
+        _ => 0,
+    }
+}
+
+/// Feedback index of a history event: its rating rounded to 1..=5, or 6 for anything else.
+pub fn feedback_index(rating: Option<f32>) -> u32 {
+    match rating {
+        Some(r) if r.is_finite() => r.round().clamp(1.0, 5.0) as u32,
+        _ => 6,
+    }
+}
+
+/// Hour-of-day bucket (as [`Context::hour_bucket`]) of a time in ms since the epoch.
+pub fn hour_bucket(timestamp_ms: i64) -> u32 {
+    Context::at_time(timestamp_ms, DeviceClass::Other).hour_bucket() as u32
+}
+
+/// Context segment (as [`Context::segment`]) of a request at `timestamp_ms` from `device`.
+pub fn segment_at(timestamp_ms: i64, device: DeviceClass) -> u32 {
+    Context::at_time(timestamp_ms, device).segment() as u32
+}
+
+/// Weekday of a time in ms (0 = Monday); not a model input, used in reports.
+pub fn weekday(timestamp_ms: i64) -> u8 {
+    hour_and_weekday(timestamp_ms).1
+}
+
+/// Training or inference. Training applies dropout with masks drawn from the given RNG.
+pub enum Mode<'a> {
+    Eval,
+    Train(&'a mut SmallRng),
+}
+
+impl Mode<'_> {
+    fn training(&self) -> bool {
+        matches!(self, Mode::Train(_))
+    }
+
+    fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
+        match self {
+            Mode::Train(rng) if p > 0.0 => {
+                let scale = 1.0 / (1.0 - p);
+                let mask: Vec<f32> =
+                    (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
+                Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+            }
+            _ => Ok(x.clone()),
+        }
+    }
+}
+
+/// Softmax over the last dimension: differentiable when training, fused otherwise.
+fn softmax(x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
+    Ok(if mode.training() { candle_nn::ops::softmax(x, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(x)? })
+}
+
+/// LayerNorm whose training path is differentiable (candle-nn's fused one is not).
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    const EPS: f32 = 1e-6;
+
+    pub fn load(vb: VarBuilder, size: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
+        if mode.training() {
+            Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, Self::EPS)?)
+        } else {
+            Ok(self.forward(x)?)
+        }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, Self::EPS)
+    }
+}
+
+/// Multi-head causal self-attention.
+pub struct SelfAttention {
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+    dropout: f32,
+}
+
+impl SelfAttention {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            qkv: candle_nn::linear(cfg.hidden, 3 * cfg.hidden, vb.pp("qkv"))?,
+            out: candle_nn::linear(cfg.hidden, cfg.hidden, vb.pp("out"))?,
+            heads: cfg.heads,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `x`: `[B, L, H]`; `mask`: additive, `[B, 1, Lq, L]`. With `last_only`, only the last
+    /// position is a query (`Lq` = 1), which is all inference needs from the last block.
+    fn forward_t(&self, x: &Tensor, mask: &Tensor, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let head = h / self.heads;
+        let qkv = self.qkv.forward(x)?;
+        let q = qkv.narrow(2, 0, h)?;
+        let q = if last_only { q.narrow(1, l - 1, 1)? } else { q };
+        let lq = q.dim(1)?;
+        let split = |t: Tensor, len: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, len, self.heads, head))?.transpose(1, 2)?.contiguous()
+        };
+        let q = (split(q, lq)? * (1.0 / (head as f64).sqrt()))?;
+        let k = split(qkv.narrow(2, h, h)?, l)?;
+        let v = split(qkv.narrow(2, 2 * h, h)?, l)?;
+        let att = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let att = mode.dropout(&softmax(&att, mode)?, self.dropout)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, h))?;
+        Ok(self.out.forward(&y)?)
+    }
+}
+
+/// A pre-LayerNorm transformer block.
+pub struct Block {
+    ln1: LayerNorm,
+    attention: SelfAttention,
+    ln2: LayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+    dropout: f32,
+}
+
+impl Block {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            ln1: LayerNorm::load(vb.pp("ln1"), cfg.hidden)?,
+            attention: SelfAttention::load(vb.pp("attention"), cfg)?,
+            ln2: LayerNorm::load(vb.pp("ln2"), cfg.hidden)?,
+            ff1: candle_nn::linear(cfg.hidden, cfg.inner, vb.pp("ff1"))?,
+            ff2: candle_nn::linear(cfg.inner, cfg.hidden, vb.pp("ff2"))?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, mask: &Tensor, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let attended = self.attention.forward_t(&self.ln1.forward_t(x, mode)?, mask, last_only, mode)?;
+        let residual = if last_only { x.narrow(1, x.dim(1)? - 1, 1)? } else { x.clone() };
+        let x = (residual + mode.dropout(&attended, self.dropout)?)?;
+        let h = self.ff1.forward(&self.ln2.forward_t(&x, mode)?)?.gelu_erf()?;
+        let h = self.ff2.forward(&mode.dropout(&h, self.dropout)?)?;
+        Ok((x + mode.dropout(&h, self.dropout)?)?)
+    }
+}
+
+/// Per-item attribute inputs of the item table (data, not weights).
+#[derive(Clone, Debug)]
+pub struct ItemFeatures {
+    /// `[items + 1, genres]`: each row the item's genres, normalised to sum to 1.
+    pub genres: Tensor,
+    /// `[items + 1]` u32: year bucket of each item.
+    pub years: Tensor,
+}
+
+impl ItemFeatures {
+    /// `genres[i]` and `years[i]` describe item `i + 1` (row 0 is padding).
+    pub fn new(genres: &[Vec<u16>], years: &[Option<u16>], n_genres: usize) -> Result<Self> {
+        let rows = genres.len() + 1;
+        let width = n_genres.max(1);
+        let mut multi_hot = vec![0f32; rows * width];
+        for (i, gs) in genres.iter().enumerate() {
+            let known: Vec<usize> = gs.iter().map(|&g| usize::from(g)).filter(|&g| g < n_genres).collect();
+            for &g in &known {
+                multi_hot[(i + 1) * width + g] = 1.0 / known.len() as f32;
+            }
+        }
+        let mut buckets = vec![0u32];
+        buckets.extend(years.iter().map(|&y| year_bucket(y)));
+        Ok(Self {
+            genres: Tensor::from_vec(multi_hot, (rows, width), &Device::Cpu)?,
+            years: Tensor::from_vec(buckets, rows, &Device::Cpu)?,
+        })
+    }
+}
+
+/// The item table: id embedding plus attribute embeddings, and the output bias.
+pub struct ItemTable {
+    id: Embedding,
+    genre: Option<Linear>,
+    year: Option<Embedding>,
+    bias: Option<Tensor>,
+    hidden: usize,
+}
+
+impl ItemTable {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let f = &cfg.features;
+        Ok(Self {
+            id: candle_nn::embedding(cfg.items + 1, cfg.hidden, vb.pp("id"))?,
+            genre: if f.genres {
+                Some(candle_nn::linear_no_bias(cfg.genres.max(1), cfg.hidden, vb.pp("genre"))?)
+            } else {
+                None
+            },
+            year: if f.year { Some(candle_nn::embedding(YEAR_BUCKETS, cfg.hidden, vb.pp("year"))?) } else { None },
+            bias: if f.item_bias {
+                Some(vb.get_with_hints(cfg.items + 1, "bias", candle_nn::Init::Const(0.0))?)
+            } else {
+                None
+            },
+            hidden: cfg.hidden,
+        })
+    }
+
+    /// Attribute part of item vectors: `[rows, H]` for the given features (zeros when off).
+    pub fn content(&self, features: &ItemFeatures) -> Result<Tensor> {
+        let rows = features.years.dim(0)?;
+        let mut x = Tensor::zeros((rows, self.hidden), DType::F32, &Device::Cpu)?;
+        if let Some(genre) = &self.genre {
+            x = (x + genre.forward(&features.genres)?)?;
+        }
+        if let Some(year) = &self.year {
+            x = (x + year.forward(&features.years)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Every item's vector, `[items + 1, H]`.
+    pub fn forward(&self, features: &ItemFeatures) -> Result<Tensor> {
+        Ok((self.id.embeddings() + self.content(features)?)?)
+    }
+
+    /// The mean id embedding over real items (what an unseen item gets in its place).
+    pub fn mean_id(&self) -> Result<Tensor> {
+        let e = self.id.embeddings();
+        Ok(e.narrow(0, 1, e.dim(0)? - 1)?.mean(0)?)
+    }
+
+    /// Output bias of real items, `[items]` (zeros when off).
+    pub fn bias(&self, items: usize) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => b.narrow(0, 1, items)?,
+            None => Tensor::zeros(items, DType::F32, &Device::Cpu)?,
+        })
+    }
+}
+
+/// Demographic segment embedding: gender + age bucket + occupation.
+pub struct UserEmbedding {
+    gender: Embedding,
+    age: Embedding,
+    occupation: Embedding,
+}
+
+impl UserEmbedding {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            gender: candle_nn::embedding(GENDERS, cfg.hidden, vb.pp("gender"))?,
+            age: candle_nn::embedding(AGE_BUCKETS, cfg.hidden, vb.pp("age"))?,
+            occupation: candle_nn::embedding(cfg.occupations + 1, cfg.hidden, vb.pp("occupation"))?,
+        })
+    }
+}
+
+impl Module for UserEmbedding {
+    /// `users`: `[B, 3]` u32 (gender, age bucket, occupation); returns `[B, 1, H]`.
+    fn forward(&self, users: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gender.forward(&users.narrow(1, 0, 1)?)?;
+        let a = self.age.forward(&users.narrow(1, 1, 1)?)?;
+        let o = self.occupation.forward(&users.narrow(1, 2, 1)?)?;
+        (g + a)? + o
+    }
+}
+
+/// One batch of left-padded sequences as tensors.
+pub struct SeqBatch {
+    /// `[B, L]` u32 item indices (0 = padding).
+    pub items: Tensor,
+    /// `[B, L]` u32 hour bucket of each history event.
+    pub hours: Tensor,
+    /// `[B, L]` u32 feedback index of each history event.
+    pub feedback: Tensor,
+    /// `[B, Lq]` u32 context segment of the event each query position predicts (`Lq` is `L`
+    /// when training, 1 at inference).
+    pub context: Tensor,
+    /// `[B, 3]` u32 demographic segment (zeros when unknown).
+    pub users: Tensor,
+    /// `[B, 1, Lq, L]` additive attention mask (causal and padding).
+    pub mask: Tensor,
+}
+
+/// One sequence before padding: history tokens and, per query position, the context.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeqInput {
+    pub items: Vec<u32>,
+    pub hours: Vec<u32>,
+    pub feedback: Vec<u32>,
+    /// One per query position: all positions when training, the last one at inference.
+    pub context: Vec<u32>,
+    pub user: [u32; 3],
+}
+
+impl SeqBatch {
+    /// Left-pads every input to `len` (inputs longer than `len` keep their last `len` tokens).
+    /// With `last_only`, each input has one context value and the mask covers the last row.
+    pub fn new(inputs: &[SeqInput], len: usize, last_only: bool) -> Result<Self> {
+        let b = inputs.len();
+        let lq = if last_only { 1 } else { len };
+        let mut items = vec![0u32; b * len];
+        let mut hours = vec![0u32; b * len];
+        let mut feedback = vec![0u32; b * len];
+        let mut context = vec![0u32; b * lq];
+        let mut users = vec![0u32; b * 3];
+        let mut mask = vec![MASKED; b * lq * len];
+        for (r, input) in inputs.iter().enumerate() {
+            let n = input.items.len().min(len);
+            let skip = input.items.len() - n;
+            let pad = len - n;
+            let row = r * len + pad;
+            items[row..row + n].copy_from_slice(&input.items[skip..]);
+            hours[row..row + n].copy_from_slice(&input.hours[input.hours.len() - n..]);
+            feedback[row..row + n].copy_from_slice(&input.feedback[input.feedback.len() - n..]);
+            let nc = input.context.len().min(lq);
+            let crow = r * lq + (lq - nc);
+            context[crow..crow + nc].copy_from_slice(&input.context[input.context.len() - nc..]);
+            users[r * 3..r * 3 + 3].copy_from_slice(&input.user);
+            for qi in 0..lq {
+                let q = if last_only { len - 1 } else { qi };
+                let base = (r * lq + qi) * len;
+                // Visible keys: real tokens at or before the query (none for a padding query).
+                for k in pad..=q {
+                    mask[base + k] = 0.0;
+                }
+            }
+        }
+        let dev = Device::Cpu;
+        Ok(Self {
+            items: Tensor::from_vec(items, (b, len), &dev)?,
+            hours: Tensor::from_vec(hours, (b, len), &dev)?,
+            feedback: Tensor::from_vec(feedback, (b, len), &dev)?,
+            context: Tensor::from_vec(context, (b, lq), &dev)?,
+            users: Tensor::from_vec(users, (b, 3), &dev)?,
+            mask: Tensor::from_vec(mask, (b, 1, lq, len), &dev)?,
+        })
+    }
+}
+
+/// The whole network.
+pub struct SasRec {
+    cfg: Config,
+    items: ItemTable,
+    positions: Embedding,
+    hours: Option<Embedding>,
+    feedback: Option<Embedding>,
+    context: Option<Embedding>,
+    users: Option<UserEmbedding>,
+    ln_in: LayerNorm,
+    blocks: Vec<Block>,
+    ln_out: LayerNorm,
+}
+
+impl SasRec {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.validate()?;
+        let f = &cfg.features;
+        let opt = |on: bool, n: usize, name: &str| -> Result<Option<Embedding>> {
+            Ok(if on { Some(candle_nn::embedding(n, cfg.hidden, vb.pp(name))?) } else { None })
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            items: ItemTable::load(vb.pp("items"), cfg)?,
+            positions: candle_nn::embedding(cfg.max_len, cfg.hidden, vb.pp("positions"))?,
+            hours: opt(f.hour, Context::HOUR_BUCKETS, "hours")?,
+            feedback: opt(f.feedback, FEEDBACK, "feedback")?,
+            context: opt(f.context, Context::SEGMENTS, "context")?,
+            users: if f.user { Some(UserEmbedding::load(vb.pp("users"), cfg)?) } else { None },
+            ln_in: LayerNorm::load(vb.pp("ln_in"), cfg.hidden)?,
+            blocks: (0..cfg.layers).map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?,
+            ln_out: LayerNorm::load(vb.pp("ln_out"), cfg.hidden)?,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn item_table(&self) -> &ItemTable {
+        &self.items
+    }
+
+    /// Query vectors: `[B, Lq, H]` (`Lq` = `L`, or 1 with `last_only`). `table` is the output
+    /// of [`ItemTable::forward`].
+    pub fn encode(&self, batch: &SeqBatch, table: &Tensor, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let (b, l) = batch.items.dims2()?;
+        let h = self.cfg.hidden;
+        if l > self.cfg.max_len {
+            return Err(SasRecError::Config(format!("sequence length {l} exceeds max_len {}", self.cfg.max_len)));
+        }
+        let mut x = table.index_select(&batch.items.flatten_all()?, 0)?.reshape((b, l, h))?;
+        let positions = self.positions.embeddings().narrow(0, self.cfg.max_len - l, l)?;
+        x = x.broadcast_add(&positions)?;
+        if let Some(hours) = &self.hours {
+            x = (x + hours.forward(&batch.hours)?)?;
+        }
+        if let Some(feedback) = &self.feedback {
+            x = (x + feedback.forward(&batch.feedback)?)?;
+        }
+        x = self.ln_in.forward_t(&x, mode)?;
+        x = mode.dropout(&x, self.cfg.dropout)?;
+        let last = self.blocks.len() - 1;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward_t(&x, &batch.mask, last_only && i == last, mode)?;
+        }
+        let mut q = self.ln_out.forward_t(&x, mode)?;
+        if let Some(context) = &self.context {
+            q = (q + context.forward(&batch.context)?)?;
+        }
+        if let Some(users) = &self.users {
+            q = q.broadcast_add(&users.forward(&batch.users)?)?;
+        }
+        Ok(q)
+    }
+}
+
+/// Draws standard normal values (Box-Muller) from a seeded RNG.
+fn normal(rng: &mut SmallRng, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+            let u2: f32 = rng.random();
+            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+/// Re-initialises every variable from `seed`: LayerNorm weights 1, biases 0, other weights
+/// N(0, 0.02). Candle's CPU RNG cannot be seeded, so this is what makes training reproducible.
+pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let data = varmap.data().lock().expect("varmap lock not poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let shape = var.shape().clone();
+        let n = shape.elem_count();
+        let is_norm = name.split('.').any(|p| p.starts_with("ln"));
+        let values = if name.ends_with("bias") {
+            vec![0.0; n]
+        } else if is_norm {
+            vec![1.0; n]
+        } else {
+            normal(&mut rng, n, 0.02)
+        };
+        var.set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Config {
+        Config {
+            items: 6,
+            genres: 2,
+            occupations: 1,
+            hidden: 8,
+            layers: 2,
+            heads: 2,
+            inner: 16,
+            max_len: 4,
+            dropout: 0.0,
+            features: Features::default(),
+        }
+    }
+
+    #[test]
+    fn buckets_cover_their_ranges() {
+        assert_eq!(year_bucket(None), 0);
+        assert_eq!(year_bucket(Some(1930)), 1);
+        assert_eq!(year_bucket(Some(1975)), 5);
+        assert_eq!(year_bucket(Some(1987)), 7);
+        assert_eq!(year_bucket(Some(1998)), 16);
+        assert_eq!(year_bucket(Some(3000)), YEAR_BUCKETS as u32 - 1);
+        assert_eq!(age_bucket(Some(24)), 2);
+        assert_eq!(age_bucket(Some(70)), 7);
+        assert_eq!(feedback_index(Some(4.4)), 4);
+        assert_eq!(feedback_index(None), 6);
+        assert_eq!(gender_index(Some("F")), 2);
+    }
+
+    #[test]
+    fn batch_pads_left_and_masks_causally() {
+        let input = SeqInput {
+            items: vec![3, 5],
+            hours: vec![1, 2],
+            feedback: vec![4, 5],
+            context: vec![7, 8],
+            user: [1, 2, 0],
+        };
+        let batch = SeqBatch::new(&[input.clone()], 4, false).expect("batch");
+        assert_eq!(batch.items.to_vec2::<u32>().expect("items"), vec![vec![0, 0, 3, 5]]);
+        assert_eq!(batch.context.to_vec2::<u32>().expect("ctx"), vec![vec![0, 0, 7, 8]]);
+        let mask = batch.mask.squeeze(0).and_then(|m| m.squeeze(0)).and_then(|m| m.to_vec2::<f32>()).expect("mask");
+        assert_eq!(mask[3], vec![MASKED, MASKED, 0.0, 0.0]);
+        assert_eq!(mask[2], vec![MASKED, MASKED, 0.0, MASKED]);
+        let last = SeqBatch::new(&[input], 4, true).expect("batch");
+        assert_eq!(last.context.to_vec2::<u32>().expect("ctx"), vec![vec![8]]);
+        assert_eq!(last.mask.dims(), &[1, 1, 1, 4]);
+    }
+
+    #[test]
+    fn last_only_matches_the_full_forward_and_init_is_seeded() {
+        let cfg = tiny();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = SasRec::load(vb, &cfg).expect("model");
+        seeded_init(&varmap, 7).expect("init");
+        let features =
+            ItemFeatures::new(&[vec![0], vec![1], vec![0, 1], vec![], vec![1], vec![0]], &[Some(1995); 6], 2)
+                .expect("features");
+        let table = net.item_table().forward(&features).expect("table");
+        let input = SeqInput {
+            items: vec![1, 2, 3],
+            hours: vec![0, 1, 2],
+            feedback: vec![3, 4, 5],
+            context: vec![1, 2, 3],
+            user: [1, 1, 1],
+        };
+        let full = SeqBatch::new(&[input.clone()], 4, false).expect("batch");
+        let q_full = net
+            .encode(&full, &table, false, &mut Mode::Eval)
+            .and_then(|q| Ok(q.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?))
+            .expect("full");
+        let last_input = SeqInput { context: vec![3], ..input };
+        let last = SeqBatch::new(&[last_input], 4, true).expect("batch");
+        let q_last = net
+            .encode(&last, &table, true, &mut Mode::Eval)
+            .and_then(|q| Ok(q.flatten_all()?.to_vec1::<f32>()?))
+            .expect("last");
+        for (a, b) in q_full.iter().zip(&q_last) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+
+        let again = VarMap::new();
+        let vb = VarBuilder::from_varmap(&again, DType::F32, &Device::Cpu);
+        let _ = SasRec::load(vb, &cfg).expect("model");
+        seeded_init(&again, 7).expect("init");
+        let a = varmap.data().lock().expect("lock")["positions.weight"]
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("weights");
+        let b = again.data().lock().expect("lock")["positions.weight"]
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("weights");
+        assert_eq!(a, b);
+    }
+}
