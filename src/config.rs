@@ -40,6 +40,7 @@ pub struct Config {
     pub recs: RecsConfig,
     pub model: ModelConfig,
     pub stream: StreamConfig,
+    pub monitor: crate::actors::monitor::MonitorConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
 }
@@ -263,6 +264,9 @@ impl Config {
         }
         if self.bus.kind == BusKind::Kafka && self.store.kind == StoreKind::Memory {
             return fail("bus.kind = \"kafka\" needs store.kind = \"redis\": instances share profiles through Redis");
+        }
+        if self.monitor.bucket_secs == 0 || self.monitor.window_secs < self.monitor.bucket_secs {
+            return fail("monitor.bucket_secs must be at least 1 and at most monitor.window_secs");
         }
         if self.model.max_batch == 0 {
             return fail("model.max_batch must be at least 1");

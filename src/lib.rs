@@ -12,6 +12,7 @@ pub mod demo;
 pub mod event;
 pub mod http;
 pub mod models;
+pub mod monitor;
 pub mod recs;
 pub mod store;
 pub mod telemetry;
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 use crate::actors::ingest::IngestActor;
 use crate::actors::kafka_ingest::KafkaIngestActor;
 use crate::actors::model::{ModelActor, ModelFactory};
+use crate::actors::monitor::MonitorActor;
 use crate::actors::registry::SessionRegistry;
 use crate::actors::SessionDeps;
 use crate::bus::kafka::{self, KafkaBus};
@@ -128,11 +130,16 @@ impl Server {
                     .map_err(|e| StartError::Redis(e.to_string()))?,
             ),
         };
+        let monitor = {
+            let (monitor_config, catalog, metrics) = (config.monitor.clone(), catalog.clone(), metrics.clone());
+            MonitorActor::start_in_arbiter(&io.handle(), move |_| MonitorActor::new(monitor_config, catalog, metrics))
+        };
         let deps = Arc::new(SessionDeps {
             config: config.clone(),
             catalog: catalog.clone(),
             store: store.clone(),
             model: model_addr,
+            monitor: monitor.clone(),
             metrics: metrics.clone(),
         });
         let bus: Arc<dyn EventBus>;
@@ -185,6 +192,7 @@ impl Server {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AppState {
+            monitor,
             config: config.clone(),
             registry,
             bus,

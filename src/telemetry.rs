@@ -146,6 +146,15 @@ pub struct Metrics {
     pub kafka_errors: Counter,
     /// Lists received from other instances and forwarded to local subscribers.
     pub fanout_received: Counter,
+    /// Served lists, attributed clicks and conversions, monitor breaches, reports refused.
+    pub monitor_impressions: Counter,
+    pub monitor_clicks: Counter,
+    pub monitor_conversions: Counter,
+    pub monitor_breaches: Counter,
+    pub monitor_refused: Counter,
+    /// Latest drift scores (PSI), as f64 bits.
+    drift_popularity: AtomicU64,
+    drift_context: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -184,6 +193,13 @@ impl Default for Metrics {
             kafka_restarts: Counter::default(),
             kafka_errors: Counter::default(),
             fanout_received: Counter::default(),
+            monitor_impressions: Counter::default(),
+            monitor_clicks: Counter::default(),
+            monitor_conversions: Counter::default(),
+            monitor_breaches: Counter::default(),
+            monitor_refused: Counter::default(),
+            drift_popularity: AtomicU64::new(0),
+            drift_context: AtomicU64::new(0),
         }
     }
 }
@@ -232,6 +248,12 @@ impl Exposition {
 }
 
 impl Metrics {
+    /// Records the latest input-drift scores.
+    pub fn set_drift(&self, popularity_psi: f64, context_psi: f64) {
+        self.drift_popularity.store(popularity_psi.to_bits(), Ordering::Relaxed);
+        self.drift_context.store(context_psi.to_bits(), Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Exposition(String::with_capacity(8192));
@@ -335,6 +357,42 @@ impl Metrics {
             "liverec_kafka_consumer_errors_total",
             "Transient Kafka consumption errors the consumer carried on after.",
             &[("", &self.kafka_errors)],
+        );
+        out.counter(
+            "liverec_monitor_impressions_total",
+            "Recommendation lists served.",
+            &[("", &self.monitor_impressions)],
+        );
+        out.counter(
+            "liverec_monitor_clicks_total",
+            "Clicks attributed to a served list.",
+            &[("", &self.monitor_clicks)],
+        );
+        out.counter(
+            "liverec_monitor_conversions_total",
+            "Conversions attributed to a served list.",
+            &[("", &self.monitor_conversions)],
+        );
+        out.counter(
+            "liverec_monitor_breaches_total",
+            "Drift or CTR breaches that asked for retraining.",
+            &[("", &self.monitor_breaches)],
+        );
+        out.counter(
+            "liverec_monitor_refused_total",
+            "Reports to the monitor refused because its mailbox was full.",
+            &[("", &self.monitor_refused)],
+        );
+        out.family("liverec_monitor_drift_psi", "gauge", "Latest population stability index, by input.");
+        out.sample(
+            "liverec_monitor_drift_psi",
+            "input=\"popularity\"",
+            f64::from_bits(self.drift_popularity.load(Ordering::Relaxed)),
+        );
+        out.sample(
+            "liverec_monitor_drift_psi",
+            "input=\"context\"",
+            f64::from_bits(self.drift_context.load(Ordering::Relaxed)),
         );
         out.counter(
             "liverec_fanout_received_total",

@@ -5,6 +5,7 @@ pub mod ingest;
 pub mod kafka_ingest;
 pub mod messages;
 pub mod model;
+pub mod monitor;
 pub mod registry;
 pub mod session;
 
@@ -23,5 +24,6 @@ pub struct SessionDeps {
     pub catalog: Arc<Catalog>,
     pub store: Arc<dyn ProfileStore>,
     pub model: Addr<model::ModelActor>,
+    pub monitor: Addr<monitor::MonitorActor>,
     pub metrics: Arc<Metrics>,
 }

@@ -22,10 +22,11 @@ use super::messages::{
     SessionError, Snapshot, TakeHistory,
 };
 use super::model::{Observe, Recommend, ScoredList};
+use super::monitor::{Activity, Impression, Outcome, OutcomeKind};
 use super::registry::{SessionRegistry, UserHub};
 use super::SessionDeps;
 use crate::catalog::ItemIdx;
-use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
+use crate::event::{now_ms, Context as EventContext, Event, EventId, EventType, ItemId, UserId};
 use crate::models::{HistoryItem, Observation, ScoreRequest};
 use crate::recs::{RecItem, RecList, RecUpdate};
 use crate::store::{persisted_now, Interaction, Persisted, Profile, ProfileUpdate};
@@ -50,7 +51,25 @@ pub struct SessionActor {
     /// Receive time of the oldest event not yet reflected in a pushed list.
     pending_since: Option<Instant>,
     last_active: Instant,
+    /// The last lists served to the user, newest last, for click attribution.
+    served: VecDeque<Served>,
 }
+
+/// A list served to the user, remembered to attribute clicks and conversions to it.
+struct Served {
+    rec_id: String,
+    items: Vec<ItemId>,
+    version: Arc<str>,
+    at: Instant,
+    clicked: bool,
+    converted: bool,
+}
+
+/// Lists remembered per user for attribution.
+const SERVED_KEPT: usize = 8;
+
+/// The experiment variant of lists served outside any experiment.
+pub const CONTROL: &str = "control";
 
 impl SessionActor {
     pub fn new(hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> Self {
@@ -69,6 +88,7 @@ impl SessionActor {
             dirty: false,
             pending_since: None,
             last_active: Instant::now(),
+            served: VecDeque::new(),
         }
     }
 
@@ -183,6 +203,7 @@ impl SessionActor {
             }
             outcome.applied += 1;
             let idx = self.deps.catalog.intern(&event.item_id);
+            self.attribute(&event, idx);
             if event.event_type.is_negative() {
                 self.suppressed.retain(|s| *s != event.item_id);
                 self.suppressed.push_back(event.item_id.clone());
@@ -275,11 +296,87 @@ impl SessionActor {
         let list = self.to_list(&scored, self.hub.next_seq());
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
+        self.record_served(&update.list);
         self.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {
             self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
         }
         self.deps.store.save_recs(&update);
+    }
+
+    /// Remembers a served list and reports the impression to the monitor.
+    fn record_served(&mut self, list: &RecList) {
+        let version: Arc<str> = Arc::from(list.model_version.as_str());
+        let items: Vec<ItemId> = list.items.iter().map(|i| i.item_id.clone()).collect();
+        let indices = items.iter().filter_map(|id| self.deps.catalog.lookup(id)).collect();
+        let impression = Impression { version: version.clone(), variant: Arc::from(CONTROL), items: indices };
+        if self.deps.monitor.try_send(impression).is_err() {
+            self.deps.metrics.monitor_refused.inc();
+        }
+        self.served.push_back(Served {
+            rec_id: list.rec_id.clone(),
+            items,
+            version,
+            at: Instant::now(),
+            clicked: false,
+            converted: false,
+        });
+        while self.served.len() > SERVED_KEPT {
+            self.served.pop_front();
+        }
+    }
+
+    /// Reports an applied event to the monitor, attributing it to a served list: the one it names
+    /// by `rec_id`, else the newest recent list that showed the item. Each list counts at most
+    /// one click and one conversion.
+    fn attribute(&mut self, event: &Event, idx: ItemIdx) {
+        let monitor = &self.deps.monitor;
+        let activity = Activity {
+            user: user_hash(&self.hub.user),
+            item: idx,
+            segment: event.context.segment(),
+            event_type: event.event_type,
+            value: event.value,
+        };
+        if monitor.try_send(activity).is_err() {
+            self.deps.metrics.monitor_refused.inc();
+        }
+        if event.event_type.is_negative() {
+            return;
+        }
+        let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
+        let named = event.rec_id.as_deref();
+        let served = match named.and_then(|id| self.served.iter().position(|s| s.rec_id == id)) {
+            Some(i) => self.served.get_mut(i),
+            None => self.served.iter_mut().rev().find(|s| s.at.elapsed() <= window && s.items.contains(&event.item_id)),
+        };
+        let Some(served) = served else { return };
+        let position = served.items.iter().position(|i| *i == event.item_id);
+        if position.is_none() {
+            return;
+        }
+        let mut outcomes = Vec::new();
+        if !served.clicked {
+            served.clicked = true;
+            outcomes.push(OutcomeKind::Click);
+        }
+        let converts = matches!(event.event_type, EventType::Purchase | EventType::AddToCart);
+        if converts && !served.converted {
+            served.converted = true;
+            outcomes.push(OutcomeKind::Conversion);
+        }
+        for kind in outcomes {
+            let outcome = Outcome {
+                version: served.version.clone(),
+                variant: Arc::from(CONTROL),
+                kind,
+                position,
+                value: if kind == OutcomeKind::Conversion { event.value } else { None },
+            };
+            if monitor.try_send(outcome).is_err() {
+                self.deps.metrics.monitor_refused.inc();
+            }
+        }
     }
 
     fn profile(&self) -> Profile {
@@ -375,7 +472,9 @@ impl Handler<GetRecommendations> for SessionActor {
                 act.publish(scored);
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
-            Ok(RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq))))
+            let update = RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq)));
+            act.record_served(&update.list);
+            Ok(update)
         }))
     }
 }
@@ -578,4 +677,12 @@ pub async fn list_from_store(
     };
     let last_event = profile.as_ref().and_then(|p| p.interactions.last()).map(|i| i.event_id.clone());
     Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq), last_event)))
+}
+
+/// A stable hash of a user id, so the monitor can count distinct users without holding ids.
+fn user_hash(user: &UserId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    user.hash(&mut hasher);
+    hasher.finish()
 }

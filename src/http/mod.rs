@@ -5,6 +5,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod items;
+pub mod monitor;
 pub mod recommendations;
 pub mod stream;
 pub mod users;
@@ -26,6 +27,7 @@ use error::ApiError;
 /// Everything handlers share.
 #[derive(Clone)]
 pub struct AppState {
+    pub monitor: actix::Addr<crate::actors::monitor::MonitorActor>,
     pub config: Arc<Config>,
     pub registry: Arc<SessionRegistry>,
     pub bus: Arc<dyn EventBus>,
@@ -59,6 +61,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(recommendations::configure)
     .configure(stream::configure)
     .configure(items::configure)
+    .configure(monitor::configure)
     .configure(users::configure)
     .configure(health::configure);
 }

@@ -7,5 +7,6 @@ mod cli;
 mod deploy_files;
 mod fanout;
 mod lifecycle;
+mod monitor;
 mod production;
 mod streams;

@@ -1,0 +1,564 @@
+//! `MonitorActor`: watches what liverec serves and what users do with it.
+//!
+//! Sessions report every list they serve (an impression), every attributed click or conversion,
+//! and every interaction. Over a sliding window (`monitor.window_secs`, in buckets of
+//! `monitor.bucket_secs`) the actor keeps, per model version and experiment variant: impressions,
+//! click-through rate, conversion rate, revenue; and for the whole stream: catalogue coverage,
+//! intra-list diversity, novelty, active users, events per user, repeat visits, revenue per user.
+//!
+//! Drift, checked at every bucket boundary:
+//! - input drift: population stability index of item popularity and of the context mix (device
+//!   x hour bucket) against a reference (the model's training window when the trainer sets one,
+//!   else the first full window the monitor saw);
+//! - concept drift: the serving version's CTR against its own baseline (its first full window),
+//!   fired only when the drop is both large (`ctr_drop`) and significant (two-proportion z-test
+//!   above `z_threshold`), so noise alone does not fire it.
+//!
+//! A breach is recorded, counted, and sent as `Retrain { reason }` to the trainer when one is
+//! attached, at most once per `cooldown_secs`.
+//!
+//! Mailbox: `monitor.mailbox_capacity`; sessions `try_send` and count refusals, so a slow monitor
+//! never slows serving. Restart policy: none; the state is statistics that rebuild from traffic.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, ItemIdx};
+use crate::event::{Context as EventContext, EventType};
+use crate::monitor::{psi, two_proportion_z, wilson, Rate, Window};
+use crate::telemetry::Metrics;
+
+/// Settings of the `[monitor]` config section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorConfig {
+    pub window_secs: u64,
+    pub bucket_secs: u64,
+    /// An event on an item of a list served this recently counts as a click on it.
+    pub attribution_window_secs: u64,
+    /// Input drift fires above this PSI.
+    pub psi_threshold: f64,
+    /// Most popular reference items used as PSI bins (the rest form one bin).
+    pub psi_bins: usize,
+    /// Concept drift fires when CTR falls by at least this share of the baseline...
+    pub ctr_drop: f64,
+    /// ...and the drop is significant at this z.
+    pub z_threshold: f64,
+    /// Fewer impressions (or events) than this in a window: no drift verdict.
+    pub min_samples: u64,
+    /// Least time between two retraining requests.
+    pub cooldown_secs: u64,
+    pub mailbox_capacity: usize,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            window_secs: 300,
+            bucket_secs: 10,
+            attribution_window_secs: 1800,
+            psi_threshold: 0.25,
+            psi_bins: 50,
+            ctr_drop: 0.2,
+            z_threshold: 3.0,
+            min_samples: 500,
+            cooldown_secs: 600,
+            mailbox_capacity: 65536,
+        }
+    }
+}
+
+/// A list served to a user.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Impression {
+    pub version: Arc<str>,
+    pub variant: Arc<str>,
+    pub items: Vec<ItemIdx>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    Click,
+    Conversion,
+}
+
+/// A click or conversion attributed to a served list.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Outcome {
+    pub version: Arc<str>,
+    pub variant: Arc<str>,
+    pub kind: OutcomeKind,
+    /// Position of the item in the list, when the item was in it.
+    pub position: Option<usize>,
+    /// Purchase amount, for conversions.
+    pub value: Option<f64>,
+}
+
+/// One applied interaction (for popularity, context mix and business figures).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Activity {
+    /// A hash of the user id: the monitor never needs the id itself.
+    pub user: u64,
+    pub item: ItemIdx,
+    pub segment: usize,
+    pub event_type: EventType,
+    pub value: Option<f64>,
+}
+
+/// A retraining request, sent to the trainer.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Retrain {
+    pub reason: String,
+}
+
+/// The report behind `GET /v1/monitor`.
+#[derive(Message, Debug)]
+#[rtype(result = "MonitorReport")]
+pub struct GetReport;
+
+/// Where retraining requests go.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachTrainer(pub Recipient<Retrain>);
+
+#[derive(Clone, Debug, Default)]
+struct VariantBucket {
+    impressions: u64,
+    clicks: u64,
+    conversions: u64,
+    revenue: f64,
+    diversity_sum: f64,
+    novelty_sum: f64,
+    novelty_items: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct StreamBucket {
+    popularity: HashMap<ItemIdx, u64>,
+    context: Vec<u64>,
+    impressed: HashSet<ItemIdx>,
+    /// Per user (hash): events and revenue in this bucket.
+    users: HashMap<u64, (u64, f64)>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct VariantReport {
+    pub version: String,
+    pub variant: String,
+    pub impressions: u64,
+    pub clicks: u64,
+    pub conversions: u64,
+    pub ctr: Rate,
+    pub conversion_rate: Rate,
+    pub revenue: f64,
+    pub intra_list_diversity: f64,
+    pub novelty: f64,
+    /// The version's baseline CTR (its first full window), if taken.
+    pub baseline_ctr: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct Breach {
+    pub at_ms: u64,
+    pub kind: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct MonitorReport {
+    pub window_secs: u64,
+    pub variants: Vec<VariantReport>,
+    pub coverage: f64,
+    pub active_users: usize,
+    pub events: u64,
+    pub events_per_user: f64,
+    pub repeat_visit_share: f64,
+    pub revenue_per_user: f64,
+    pub drift: DriftReport,
+    pub breaches: Vec<Breach>,
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct DriftReport {
+    pub popularity_psi: Option<f64>,
+    pub context_psi: Option<f64>,
+    pub ctr_z: Option<f64>,
+    pub reference: Option<String>,
+    pub psi_threshold: f64,
+    pub z_threshold: f64,
+}
+
+pub struct MonitorActor {
+    config: MonitorConfig,
+    catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
+    variants: HashMap<(Arc<str>, Arc<str>), Window<VariantBucket>>,
+    stream: Window<StreamBucket>,
+    /// Reference distributions for input drift, and where they came from.
+    reference: Option<(HashMap<ItemIdx, f64>, Vec<f64>, String)>,
+    /// Per version: baseline (clicks, impressions) from its first full window.
+    baselines: HashMap<Arc<str>, (u64, u64)>,
+    /// When each version was first seen (its first full window ends a window later).
+    first_seen: HashMap<Arc<str>, u64>,
+    started_tick: u64,
+    breaches: VecDeque<Breach>,
+    last_retrain: Option<u64>,
+    trainer: Option<Recipient<Retrain>>,
+    drift: DriftReport,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl MonitorActor {
+    pub fn new(config: MonitorConfig, catalog: Arc<Catalog>, metrics: Arc<Metrics>) -> Self {
+        let buckets = (config.window_secs / config.bucket_secs.max(1)).max(1) as usize;
+        let tick = now_ms() / (config.bucket_secs.max(1) * 1000);
+        let drift =
+            DriftReport { psi_threshold: config.psi_threshold, z_threshold: config.z_threshold, ..Default::default() };
+        Self {
+            variants: HashMap::new(),
+            stream: Window::new(buckets),
+            reference: None,
+            baselines: HashMap::new(),
+            first_seen: HashMap::new(),
+            started_tick: tick,
+            breaches: VecDeque::new(),
+            last_retrain: None,
+            trainer: None,
+            drift,
+            config,
+            catalog,
+            metrics,
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        now_ms() / (self.config.bucket_secs.max(1) * 1000)
+    }
+
+    fn buckets(&self) -> u64 {
+        (self.config.window_secs / self.config.bucket_secs.max(1)).max(1)
+    }
+
+    fn variant(&mut self, version: &Arc<str>, variant: &Arc<str>) -> &mut VariantBucket {
+        let tick = self.tick();
+        let buckets = self.buckets() as usize;
+        self.first_seen.entry(version.clone()).or_insert(tick);
+        self.variants.entry((version.clone(), variant.clone())).or_insert_with(|| Window::new(buckets)).at(tick)
+    }
+
+    fn stream_bucket(&mut self) -> &mut StreamBucket {
+        let tick = self.tick();
+        let bucket = self.stream.at(tick);
+        if bucket.context.is_empty() {
+            bucket.context = vec![0; EventContext::SEGMENTS];
+        }
+        bucket
+    }
+
+    /// Item popularity and context mix over the window.
+    fn stream_totals(&self) -> (HashMap<ItemIdx, f64>, Vec<f64>, u64) {
+        let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
+        let mut context = vec![0.0; EventContext::SEGMENTS];
+        let mut events = 0;
+        for bucket in self.stream.buckets() {
+            for (&item, &n) in &bucket.popularity {
+                *popularity.entry(item).or_default() += n as f64;
+                events += n;
+            }
+            for (slot, &n) in context.iter_mut().zip(&bucket.context) {
+                *slot += n as f64;
+            }
+        }
+        (popularity, context, events)
+    }
+
+    fn totals(window: &Window<VariantBucket>) -> VariantBucket {
+        window.buckets().fold(VariantBucket::default(), |mut acc, b| {
+            acc.impressions += b.impressions;
+            acc.clicks += b.clicks;
+            acc.conversions += b.conversions;
+            acc.revenue += b.revenue;
+            acc.diversity_sum += b.diversity_sum;
+            acc.novelty_sum += b.novelty_sum;
+            acc.novelty_items += b.novelty_items;
+            acc
+        })
+    }
+
+    /// Runs at every bucket boundary: references, baselines, drift verdicts.
+    fn check(&mut self, ctx: &mut Context<Self>) {
+        let tick = self.tick();
+        for window in self.variants.values_mut() {
+            window.advance(tick);
+        }
+        self.stream.advance(tick);
+        let full_window = tick >= self.started_tick + self.buckets();
+        let (popularity, context, events) = self.stream_totals();
+
+        if self.reference.is_none() && full_window && events >= self.config.min_samples {
+            self.reference = Some((popularity.clone(), context.clone(), "first full window".into()));
+        }
+        if let Some((reference_pop, reference_ctx, source)) = &self.reference {
+            self.drift.reference = Some(source.clone());
+            if events >= self.config.min_samples {
+                let mut bins: Vec<(ItemIdx, f64)> = reference_pop.iter().map(|(&i, &n)| (i, n)).collect();
+                bins.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                bins.truncate(self.config.psi_bins);
+                let in_bins: HashSet<ItemIdx> = bins.iter().map(|(i, _)| *i).collect();
+                let mut expected: Vec<f64> = bins.iter().map(|(_, n)| *n).collect();
+                let mut actual: Vec<f64> =
+                    bins.iter().map(|(i, _)| popularity.get(i).copied().unwrap_or(0.0)).collect();
+                expected.push(reference_pop.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
+                actual.push(popularity.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
+                let popularity_psi = psi(&expected, &actual);
+                let context_psi = psi(reference_ctx, &context);
+                self.drift.popularity_psi = Some(popularity_psi);
+                self.drift.context_psi = Some(context_psi);
+                self.metrics.set_drift(popularity_psi, context_psi);
+                if popularity_psi > self.config.psi_threshold {
+                    self.breach(
+                        ctx,
+                        "input_drift",
+                        format!("item popularity PSI {popularity_psi:.3} > {}", self.config.psi_threshold),
+                    );
+                } else if context_psi > self.config.psi_threshold {
+                    self.breach(
+                        ctx,
+                        "input_drift",
+                        format!("context mix PSI {context_psi:.3} > {}", self.config.psi_threshold),
+                    );
+                }
+            }
+        }
+
+        // Concept drift: each version against its own first full window.
+        let buckets = self.buckets();
+        let mut verdicts = Vec::new();
+        for ((version, _variant), window) in &self.variants {
+            let totals = Self::totals(window);
+            let Some(&first) = self.first_seen.get(version) else { continue };
+            if !self.baselines.contains_key(version) {
+                if tick >= first + buckets && totals.impressions >= self.config.min_samples {
+                    verdicts.push((version.clone(), None, totals));
+                }
+                continue;
+            }
+            verdicts.push((version.clone(), self.baselines.get(version).copied(), totals));
+        }
+        for (version, baseline, totals) in verdicts {
+            match baseline {
+                None => {
+                    self.baselines.insert(version, (totals.clicks, totals.impressions));
+                }
+                Some((base_clicks, base_impressions)) => {
+                    if totals.impressions < self.config.min_samples || base_impressions == 0 {
+                        continue;
+                    }
+                    let base = base_clicks as f64 / base_impressions as f64;
+                    let now = totals.clicks as f64 / totals.impressions as f64;
+                    let z = two_proportion_z(base_clicks, base_impressions, totals.clicks, totals.impressions);
+                    self.drift.ctr_z = Some(z);
+                    if now < base * (1.0 - self.config.ctr_drop) && z > self.config.z_threshold {
+                        self.breach(
+                            ctx,
+                            "concept_drift",
+                            format!("CTR of {version} fell from {base:.4} to {now:.4} (z = {z:.2})"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn breach(&mut self, _ctx: &mut Context<Self>, kind: &str, reason: String) {
+        let at_ms = now_ms();
+        let cooling = self.last_retrain.is_some_and(|t| at_ms < t + self.config.cooldown_secs * 1000);
+        if cooling {
+            return;
+        }
+        self.last_retrain = Some(at_ms);
+        self.metrics.monitor_breaches.inc();
+        tracing::warn!(kind, reason = %reason, "monitor breach");
+        self.breaches.push_back(Breach { at_ms, kind: kind.to_owned(), reason: reason.clone() });
+        while self.breaches.len() > 20 {
+            self.breaches.pop_front();
+        }
+        if let Some(trainer) = &self.trainer {
+            trainer.do_send(Retrain { reason });
+        }
+    }
+
+    fn report(&self) -> MonitorReport {
+        let mut variants: Vec<VariantReport> = self
+            .variants
+            .iter()
+            .map(|((version, variant), window)| {
+                let t = Self::totals(window);
+                VariantReport {
+                    version: version.to_string(),
+                    variant: variant.to_string(),
+                    impressions: t.impressions,
+                    clicks: t.clicks,
+                    conversions: t.conversions,
+                    ctr: wilson(t.clicks, t.impressions),
+                    conversion_rate: wilson(t.conversions, t.impressions),
+                    revenue: t.revenue,
+                    intra_list_diversity: if t.impressions > 0 { t.diversity_sum / t.impressions as f64 } else { 0.0 },
+                    novelty: if t.novelty_items > 0 { t.novelty_sum / t.novelty_items as f64 } else { 0.0 },
+                    baseline_ctr: self
+                        .baselines
+                        .get(version)
+                        .map(|(c, n)| if *n > 0 { *c as f64 / *n as f64 } else { 0.0 }),
+                }
+            })
+            .filter(|v| v.impressions > 0 || v.clicks > 0)
+            .collect();
+        variants.sort_by(|a, b| a.version.cmp(&b.version).then(a.variant.cmp(&b.variant)));
+        let mut impressed: HashSet<ItemIdx> = HashSet::new();
+        let mut users: HashMap<u64, (u64, f64, u32)> = HashMap::new();
+        for bucket in self.stream.buckets() {
+            impressed.extend(bucket.impressed.iter().copied());
+            for (&user, &(events, revenue)) in &bucket.users {
+                let entry = users.entry(user).or_default();
+                entry.0 += events;
+                entry.1 += revenue;
+                entry.2 += 1;
+            }
+        }
+        let active = users.len();
+        let events: u64 = users.values().map(|u| u.0).sum();
+        let revenue: f64 = users.values().map(|u| u.1).sum();
+        let repeat = users.values().filter(|u| u.2 > 1).count();
+        let per = |x: f64| if active > 0 { x / active as f64 } else { 0.0 };
+        let catalog = self.catalog.len().max(1);
+        MonitorReport {
+            window_secs: self.config.window_secs,
+            variants,
+            coverage: impressed.len() as f64 / catalog as f64,
+            active_users: active,
+            events,
+            events_per_user: per(events as f64),
+            repeat_visit_share: per(repeat as f64),
+            revenue_per_user: per(revenue),
+            drift: self.drift.clone(),
+            breaches: self.breaches.iter().cloned().collect(),
+        }
+    }
+}
+
+impl Actor for MonitorActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.config.mailbox_capacity);
+        ctx.run_interval(Duration::from_secs(self.config.bucket_secs.max(1)), |act, ctx| act.check(ctx));
+    }
+}
+
+impl Handler<Impression> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Impression, _ctx: &mut Self::Context) {
+        let categories = self.catalog.categories();
+        // Intra-list diversity: mean pairwise Jaccard distance of the items' categories.
+        let (mut pairs, mut distance) = (0u64, 0.0f64);
+        for (i, &a) in msg.items.iter().enumerate() {
+            for &b in &msg.items[i + 1..] {
+                let (ca, cb) = (categories.of(a), categories.of(b));
+                if ca.is_empty() && cb.is_empty() {
+                    continue;
+                }
+                let common = ca.iter().filter(|c| cb.contains(c)).count() as f64;
+                let union = (ca.len() + cb.len()) as f64 - common;
+                distance += 1.0 - common / union.max(1.0);
+                pairs += 1;
+            }
+        }
+        drop(categories);
+        let diversity = if pairs > 0 { distance / pairs as f64 } else { 0.0 };
+        // Novelty: mean self-information of the items under the window's popularity.
+        let (popularity, _, events) = self.stream_totals();
+        let total = (events as f64).max(1.0);
+        let novelty: f64 =
+            msg.items.iter().map(|i| -((popularity.get(i).copied().unwrap_or(0.0) + 1.0) / (total + 1.0)).log2()).sum();
+        let items = msg.items.len() as u64;
+        let bucket = self.variant(&msg.version, &msg.variant);
+        bucket.impressions += 1;
+        bucket.diversity_sum += diversity;
+        bucket.novelty_sum += novelty;
+        bucket.novelty_items += items;
+        self.stream_bucket().impressed.extend(msg.items);
+        self.metrics.monitor_impressions.inc();
+    }
+}
+
+impl Handler<Outcome> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
+        let bucket = self.variant(&msg.version, &msg.variant);
+        match msg.kind {
+            OutcomeKind::Click => bucket.clicks += 1,
+            OutcomeKind::Conversion => {
+                bucket.conversions += 1;
+                bucket.revenue += msg.value.unwrap_or(0.0);
+            }
+        }
+        match msg.kind {
+            OutcomeKind::Click => self.metrics.monitor_clicks.inc(),
+            OutcomeKind::Conversion => self.metrics.monitor_conversions.inc(),
+        }
+    }
+}
+
+impl Handler<Activity> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
+        let bucket = self.stream_bucket();
+        if !msg.event_type.is_negative() {
+            *bucket.popularity.entry(msg.item).or_default() += 1;
+        }
+        if let Some(slot) = bucket.context.get_mut(msg.segment) {
+            *slot += 1;
+        }
+        let user = bucket.users.entry(msg.user).or_default();
+        user.0 += 1;
+        if msg.event_type == EventType::Purchase {
+            user.1 += msg.value.unwrap_or(0.0);
+        }
+    }
+}
+
+impl Handler<GetReport> for MonitorActor {
+    type Result = MessageResult<GetReport>;
+
+    fn handle(&mut self, _msg: GetReport, _ctx: &mut Self::Context) -> Self::Result {
+        let tick = self.tick();
+        self.stream.advance(tick);
+        for window in self.variants.values_mut() {
+            window.advance(tick);
+        }
+        MessageResult(self.report())
+    }
+}
+
+impl Handler<AttachTrainer> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachTrainer, _ctx: &mut Self::Context) {
+        self.trainer = Some(msg.0);
+    }
+}

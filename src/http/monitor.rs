@@ -1,0 +1,17 @@
+//! `GET /v1/monitor`: what the monitor sees over its window (CTR and conversion by model version
+//! and variant, coverage, diversity, novelty, business figures, drift scores, breaches).
+
+use actix_web::{web, HttpResponse};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::actors::monitor::GetReport;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/monitor").route(web::get().to(report)));
+}
+
+async fn report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let report = state.monitor.send(GetReport).await?;
+    Ok(HttpResponse::Ok().json(report))
+}

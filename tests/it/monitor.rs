@@ -1,0 +1,102 @@
+//! The monitor: impressions, attributed clicks and conversions, and input drift, over real HTTP.
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn monitored_config() -> liverec::config::Config {
+    let mut config = test_config();
+    config.monitor.bucket_secs = 1;
+    config.monitor.window_secs = 2;
+    config.monitor.min_samples = 40;
+    config.monitor.cooldown_secs = 3600;
+    config
+}
+
+async fn report(server: &liverec::Server) -> Value {
+    let response = get(server, "/v1/monitor").await;
+    assert_eq!(response.status, 200);
+    response.body
+}
+
+#[actix_rt::test]
+async fn clicks_and_conversions_are_attributed_to_served_lists() {
+    let server = start(monitored_config()).await;
+    let mut sse = SseStream::connect(&server, "shopper", None).await;
+    let list = sse.next_list().await;
+    let shown = items(&list);
+    let rec_id = list["rec_id"].as_str().expect("rec_id");
+
+    // A click that names the list, and a view of an item never shown (not attributed).
+    post_events(
+        &server,
+        json!([
+            { "user_id": "shopper", "item_id": shown[0], "event_type": "click", "rec_id": rec_id },
+            { "user_id": "shopper", "item_id": "never-shown", "event_type": "view" }
+        ]),
+    )
+    .await;
+    // The purchase names no list: it is attributed to the newest list that showed the item.
+    let next = sse.next_list().await;
+    let bought = items(&next)[0].clone();
+    post_events(&server, json!({ "user_id": "shopper", "item_id": bought, "event_type": "purchase", "value": 20.0 }))
+        .await;
+    let variant = eventually("the conversion reaches the monitor", || async {
+        let report = report(&server).await;
+        let variant = report["variants"].as_array()?.first()?.clone();
+        (variant["conversions"] == 1).then_some(variant)
+    })
+    .await;
+    assert_eq!(variant["version"], "cooccurrence-online-1");
+    assert_eq!(variant["variant"], "control");
+    assert_eq!(variant["clicks"], 2, "the first list's click and the second list's purchase: {variant}");
+    assert_eq!(variant["revenue"], 20.0);
+    assert!(variant["impressions"].as_u64() >= Some(2));
+    let ctr = &variant["ctr"];
+    assert!(ctr["low"].as_f64() <= ctr["value"].as_f64() && ctr["value"].as_f64() <= ctr["high"].as_f64());
+    assert_eq!(metric(&server, "liverec_monitor_conversions_total").await, 1.0);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_shift_in_what_users_interact_with_is_detected_as_input_drift() {
+    let server = start(monitored_config()).await;
+    let send = |items: &'static [&'static str], round: usize| {
+        let batch: Vec<Value> = (0..60)
+            .map(|i| json!({ "user_id": format!("drift-{}", i % 20), "item_id": items[i % items.len()], "event_type": "view", "event_id": format!("d-{round}-{i}") }))
+            .collect();
+        json!(batch)
+    };
+    const BEFORE: &[&str] = &["item-0001", "item-0002", "item-0003"];
+    const AFTER: &[&str] = &["item-0101", "item-0102", "item-0103"];
+    // The same mix, bucket after bucket, until the reference is taken.
+    let mut round = 0;
+    eventually("a reference distribution", || {
+        round += 1;
+        let batch = send(BEFORE, round);
+        let server = &server;
+        async move {
+            post_events(server, batch).await;
+            let report = report(server).await;
+            report["drift"]["reference"].as_str().map(str::to_owned)
+        }
+    })
+    .await;
+    assert!(report(&server).await["breaches"].as_array().expect("breaches").is_empty(), "no alarm while stationary");
+    // Then users turn to other items.
+    let breach = eventually("input drift detected", || {
+        round += 1;
+        let batch = send(AFTER, round);
+        let server = &server;
+        async move {
+            post_events(server, batch).await;
+            let report = report(server).await;
+            report["breaches"].as_array()?.first().cloned()
+        }
+    })
+    .await;
+    assert_eq!(breach["kind"], "input_drift", "{breach}");
+    assert!(report(&server).await["drift"]["popularity_psi"].as_f64() > Some(0.25));
+    assert_eq!(metric(&server, "liverec_monitor_breaches_total").await, 1.0);
+    server.stop().await;
+}
