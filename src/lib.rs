@@ -14,6 +14,7 @@ pub mod http;
 pub mod models;
 pub mod monitor;
 pub mod recs;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
 

@@ -34,11 +34,77 @@ enum Command {
     },
     /// Print the JSON Schema of an event.
     Schema,
+    /// Simulate users with latent tastes against a running server (loopback only) and report
+    /// the click-through rate they saw over time, as JSON.
+    Simulate {
+        /// The server, e.g. http://127.0.0.1:8080.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        target: String,
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        #[arg(long, default_value_t = 400)]
+        items: usize,
+        #[arg(long, default_value_t = 8)]
+        categories: usize,
+        /// Steps (list fetch + one event) per second, over all users.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Shift every user's taste after this many seconds (concept drift).
+        #[arg(long)]
+        shift_at: Option<u64>,
+        /// Change the device mix after this many seconds (input drift).
+        #[arg(long)]
+        context_shift_at: Option<u64>,
+        /// Seconds per reported CTR bucket.
+        #[arg(long, default_value_t = 5)]
+        bucket: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Simulate {
+            target,
+            users,
+            items,
+            categories,
+            rate,
+            duration,
+            shift_at,
+            context_shift_at,
+            bucket,
+            seed,
+        } => {
+            let config = liverec::sim::SimConfig {
+                target,
+                users,
+                items,
+                categories,
+                rate,
+                duration: std::time::Duration::from_secs(duration),
+                shift_at: shift_at.map(std::time::Duration::from_secs),
+                context_shift_at: context_shift_at.map(std::time::Duration::from_secs),
+                bucket: std::time::Duration::from_secs(bucket.max(1)),
+                seed,
+                ..liverec::sim::SimConfig::default()
+            };
+            match actix_web::rt::System::new().block_on(liverec::sim::run(config)) {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string_pretty(&report).expect("reports serialise"));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("liverec: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Schema => {
             println!(
                 "{}",
