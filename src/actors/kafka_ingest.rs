@@ -8,9 +8,10 @@
 //! durable. After a crash the uncommitted tail is consumed again; sessions and the Redis script
 //! skip event ids the profile already holds, so a replay is applied once.
 //!
-//! Backpressure: at most `kafka.max_inflight_batches` batches wait for durability; past that the
+//! Backpressure: at most `kafka.max_inflight_events` records wait for durability; past that the
 //! consumer pauses its partitions (it keeps polling, so it stays in the group) and resumes once
-//! half of them are done.
+//! half of them are done. Counting records, not batches, keeps light traffic (many tiny batches)
+//! from pausing the consumer for nothing.
 //!
 //! Rebalances: before partitions are revoked, the actor waits for every in-flight batch to become
 //! durable, stores and commits its offsets, and stops the sessions of users on those partitions,
@@ -48,6 +49,8 @@ use crate::telemetry::Metrics;
 struct InFlight {
     /// Next offset to consume, per partition, once this batch is durable.
     offsets: Vec<(i32, i64)>,
+    /// Records in the batch.
+    records: usize,
     done: JoinAll<Persisted>,
     finished: bool,
 }
@@ -227,11 +230,11 @@ impl Consume {
         let consumer: StreamConsumer<IngestContext> = self.config.consumer_config().create_with_context(context)?;
         consumer.subscribe(&[&self.config.events_topic])?;
         tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "kafka consumer started");
-        let max_inflight = self.config.max_inflight_batches.max(1);
+        let max_inflight = self.config.max_inflight_events.max(1);
         let mut paused = false;
         loop {
             self.store_finished(&consumer, &queue);
-            let inflight = queue.lock().len();
+            let inflight: usize = queue.lock().iter().map(|b| b.records).sum();
             if !paused && inflight >= max_inflight {
                 consumer.pause(&consumer.assignment()?)?;
                 paused = true;
@@ -332,7 +335,8 @@ impl Consume {
                 }),
             }
         }
-        self.metrics.kafka_records.add(records.len() as u64);
+        let count = records.len();
+        self.metrics.kafka_records.add(count as u64);
         drop(records);
         let mut persisted: Vec<Persisted> = Vec::with_capacity(by_user.len() + dead.len());
         for letter in dead {
@@ -358,7 +362,7 @@ impl Consume {
                 persisted.push(Box::pin(std::future::pending()));
             }
         }
-        InFlight { offsets: offsets.into_iter().collect(), done: join_all(persisted), finished: false }
+        InFlight { offsets: offsets.into_iter().collect(), records: count, done: join_all(persisted), finished: false }
     }
 
     /// Produces a bad record to the dead-letter topic; resolves once the broker has it.

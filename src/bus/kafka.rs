@@ -34,7 +34,7 @@ pub struct KafkaConfig {
     pub partitions: i32,
     pub replication_factor: i32,
     pub max_batch: usize,
-    pub max_inflight_batches: usize,
+    pub max_inflight_events: usize,
     pub produce_timeout_ms: u64,
     pub compression: String,
     pub linger_ms: u64,
