@@ -214,6 +214,9 @@ pub struct MonitorActor {
     last_retrain: Option<u64>,
     trainer: Option<Recipient<Retrain>>,
     drift: DriftReport,
+    /// Item popularity over the window as of the last bucket boundary, and its total: novelty
+    /// uses it, so an impression costs a few lookups, not a pass over the window.
+    popularity_cache: (HashMap<ItemIdx, f64>, f64),
 }
 
 fn now_ms() -> u64 {
@@ -237,6 +240,7 @@ impl MonitorActor {
             last_retrain: None,
             trainer: None,
             drift,
+            popularity_cache: (HashMap::new(), 0.0),
             config,
             catalog,
             metrics,
@@ -306,6 +310,7 @@ impl MonitorActor {
         self.stream.advance(tick);
         let full_window = tick >= self.started_tick + self.buckets();
         let (popularity, context, events) = self.stream_totals();
+        self.popularity_cache = (popularity.clone(), events as f64);
 
         if self.reference.is_none() && full_window && events >= self.config.min_samples {
             self.reference = Some((popularity.clone(), context.clone(), "first full window".into()));
