@@ -15,16 +15,18 @@
 //!   (gender, age bucket, occupation), added to the sequence representation before scoring;
 //! - a per-item output bias (a learned popularity prior).
 //!
-//! Blocks are pre-LayerNorm (LN, attention, residual; LN, GELU feed-forward, residual) with a
+//! Blocks are pre-LayerNorm (LN, attention, residual; LN, ReLU feed-forward, residual) with a
 //! final LayerNorm. Positions are learned and counted from the end of the sequence, so the most
 //! recent item always has the same position embedding whatever the history length.
 //!
-//! Training differs from inference in two ways that matter for candle: candle-nn's fused
-//! LayerNorm and `softmax_last_dim` have no backward pass, so the training path uses composite
-//! ops; and dropout draws from the caller's seeded RNG (candle's CPU RNG cannot be seeded), which
-//! keeps training reproducible.
+//! LayerNorm (when training), the masked attention softmax and dropout are fused ops with
+//! hand-written backward passes ([`super::ops`]): candle-nn's fused LayerNorm has no backward
+//! pass, and the composite versions made training several times slower. Dropout draws from the
+//! caller's seeded RNG (candle's CPU RNG cannot be seeded), which keeps training reproducible.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -101,8 +103,10 @@ pub struct Config {
     pub inner: usize,
     /// Most recent history items the network reads.
     pub max_len: usize,
-    /// Dropout on embeddings, attention weights and residual branches during training.
+    /// Dropout on embeddings and residual branches during training.
     pub dropout: f32,
+    /// Dropout on attention weights during training.
+    pub attention_dropout: f32,
     pub features: Features,
 }
 
@@ -113,11 +117,12 @@ impl Default for Config {
             genres: 0,
             occupations: 0,
             hidden: 64,
-            layers: 2,
+            layers: 1,
             heads: 2,
             inner: 256,
             max_len: 50,
             dropout: 0.2,
+            attention_dropout: 0.0,
             features: Features::default(),
         }
     }
@@ -132,15 +137,16 @@ impl Config {
         if self.layers == 0 || self.max_len == 0 || self.inner == 0 {
             return bad("layers, max_len and inner must be positive");
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return bad("dropout must be in [0, 1)");
+        if !(0.0..1.0).contains(&self.dropout) || !(0.0..1.0).contains(&self.attention_dropout) {
+            return bad("dropout and attention_dropout must be in [0, 1)");
         }
         Ok(())
     }
 }
 
-/// Bucket of a release year: unknown, decades before 1980, half-decades in the 1980s, then one
-/// bucket per year from 1990 (where MovieLens has most of its items) to 2030.
+/// Bucket of a release year: unknown, before 1940, decades to 1979, half-decades in the 1980s,
+/// then one bucket per year from 1990 (where MovieLens has most of its items) to 2030; later
+/// years share the 2030 bucket.
 pub fn year_bucket(year: Option<u16>) -> u32 {
     match year {
         None => 0,
@@ -214,16 +220,11 @@ impl Mode<'_> {
                 let scale = 1.0 / (1.0 - p);
                 let mask: Vec<f32> =
                     (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
-                Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
+                Ok(super::ops::scale_by(x, Arc::new(mask))?)
             }
             _ => Ok(x.clone()),
         }
     }
-}
-
-/// Softmax over the last dimension: differentiable when training, fused otherwise.
-fn softmax(x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
-    Ok(if mode.training() { candle_nn::ops::softmax(x, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(x)? })
 }
 
 /// LayerNorm whose training path is differentiable (candle-nn's fused one is not).
@@ -244,7 +245,7 @@ impl LayerNorm {
 
     fn forward_t(&self, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
         if mode.training() {
-            Ok(candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, Self::EPS)?)
+            Ok(super::ops::layer_norm(x, &self.weight, &self.bias, Self::EPS)?)
         } else {
             Ok(self.forward(x)?)
         }
@@ -271,15 +272,28 @@ impl SelfAttention {
             qkv: candle_nn::linear(cfg.hidden, 3 * cfg.hidden, vb.pp("qkv"))?,
             out: candle_nn::linear(cfg.hidden, cfg.hidden, vb.pp("out"))?,
             heads: cfg.heads,
-            dropout: cfg.dropout,
+            dropout: cfg.attention_dropout,
         })
     }
 
-    /// `x`: `[B, L, H]`; `mask`: additive, `[B, 1, Lq, L]`. With `last_only`, only the last
-    /// position is a query (`Lq` = 1), which is all inference needs from the last block.
-    fn forward_t(&self, x: &Tensor, mask: &Tensor, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
+    /// `x`: `[B, L, H]`; `mask`: additive, `[B, 1, Lq, L]` values. With `last_only`, only the
+    /// last position is a query (`Lq` = 1), which is all inference needs from the last block.
+    fn forward_t(&self, x: &Tensor, mask: &Arc<Vec<f32>>, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
         let (b, l, h) = x.dims3()?;
         let head = h / self.heads;
+        if last_only && !mode.training() {
+            // Inference: one query per user, so project only the last position to a query and
+            // every position to keys and values; and attend with a direct loop (candle would
+            // run two tiny matrix products per user and head).
+            let w = self.qkv.weight();
+            let bias = self.qkv.bias().ok_or_else(|| SasRecError::Config("qkv has no bias".into()))?;
+            let flat = x.reshape((b * l, h))?;
+            let kv = flat.matmul(&w.narrow(0, h, 2 * h)?.t()?)?.broadcast_add(&bias.narrow(0, h, 2 * h)?)?;
+            let last = x.narrow(1, l - 1, 1)?.reshape((b, h))?;
+            let q = last.matmul(&w.narrow(0, 0, h)?.t()?)?.broadcast_add(&bias.narrow(0, 0, h)?)?;
+            let y = super::ops::attend_last(&q, &kv.reshape((b, l, 2 * h))?, mask, self.heads)?;
+            return Ok(self.out.forward(&y)?);
+        }
         let qkv = self.qkv.forward(x)?;
         let q = qkv.narrow(2, 0, h)?;
         let q = if last_only { q.narrow(1, l - 1, 1)? } else { q };
@@ -287,11 +301,12 @@ impl SelfAttention {
         let split = |t: Tensor, len: usize| -> candle_core::Result<Tensor> {
             t.reshape((b, len, self.heads, head))?.transpose(1, 2)?.contiguous()
         };
-        let q = (split(q, lq)? * (1.0 / (head as f64).sqrt()))?;
+        let q = split(q, lq)?;
         let k = split(qkv.narrow(2, h, h)?, l)?;
         let v = split(qkv.narrow(2, 2 * h, h)?, l)?;
-        let att = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let att = mode.dropout(&softmax(&att, mode)?, self.dropout)?;
+        let scale = 1.0 / (head as f32).sqrt();
+        let att = super::ops::masked_softmax(&q.matmul(&k.t()?)?, mask.clone(), scale)?;
+        let att = mode.dropout(&att, self.dropout)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, h))?;
         Ok(self.out.forward(&y)?)
     }
@@ -319,11 +334,11 @@ impl Block {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, mask: &Tensor, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, mask: &Arc<Vec<f32>>, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
         let attended = self.attention.forward_t(&self.ln1.forward_t(x, mode)?, mask, last_only, mode)?;
         let residual = if last_only { x.narrow(1, x.dim(1)? - 1, 1)? } else { x.clone() };
         let x = (residual + mode.dropout(&attended, self.dropout)?)?;
-        let h = self.ff1.forward(&self.ln2.forward_t(&x, mode)?)?.gelu_erf()?;
+        let h = super::ops::relu(&self.ff1.forward(&self.ln2.forward_t(&x, mode)?)?)?;
         let h = self.ff2.forward(&mode.dropout(&h, self.dropout)?)?;
         Ok((x + mode.dropout(&h, self.dropout)?)?)
     }
@@ -461,8 +476,11 @@ pub struct SeqBatch {
     pub context: Tensor,
     /// `[B, 3]` u32 demographic segment (zeros when unknown).
     pub users: Tensor,
-    /// `[B, 1, Lq, L]` additive attention mask (causal and padding).
-    pub mask: Tensor,
+    /// `[B, 1, L, L]` additive attention mask (causal and padding), as values; empty for an
+    /// inference batch of a one-block network.
+    pub mask: Arc<Vec<f32>>,
+    /// The last query row of `mask`, `[B, 1, 1, L]`: the last block's mask at inference.
+    pub mask_last: Arc<Vec<f32>>,
 }
 
 /// One sequence before padding: history tokens and, per query position, the context.
@@ -480,6 +498,16 @@ impl SeqBatch {
     /// Left-pads every input to `len` (inputs longer than `len` keep their last `len` tokens).
     /// With `last_only`, each input has one context value and the mask covers the last row.
     pub fn new(inputs: &[SeqInput], len: usize, last_only: bool) -> Result<Self> {
+        Self::build(inputs, len, last_only, true)
+    }
+
+    /// A last-position batch for a network of `layers` blocks: the full `[B, 1, L, L]` mask is
+    /// only built when a block before the last needs it (it is most of the batch's size).
+    pub fn for_inference(inputs: &[SeqInput], len: usize, layers: usize) -> Result<Self> {
+        Self::build(inputs, len, true, layers > 1)
+    }
+
+    fn build(inputs: &[SeqInput], len: usize, last_only: bool, full_mask: bool) -> Result<Self> {
         let b = inputs.len();
         let lq = if last_only { 1 } else { len };
         let mut items = vec![0u32; b * len];
@@ -487,7 +515,8 @@ impl SeqBatch {
         let mut feedback = vec![0u32; b * len];
         let mut context = vec![0u32; b * lq];
         let mut users = vec![0u32; b * 3];
-        let mut mask = vec![MASKED; b * lq * len];
+        let mut mask = if full_mask { vec![MASKED; b * len * len] } else { Vec::new() };
+        let mut mask_last = vec![MASKED; b * len];
         for (r, input) in inputs.iter().enumerate() {
             let n = input.items.len().min(len);
             let skip = input.items.len() - n;
@@ -500,14 +529,16 @@ impl SeqBatch {
             let crow = r * lq + (lq - nc);
             context[crow..crow + nc].copy_from_slice(&input.context[input.context.len() - nc..]);
             users[r * 3..r * 3 + 3].copy_from_slice(&input.user);
-            for qi in 0..lq {
-                let q = if last_only { len - 1 } else { qi };
-                let base = (r * lq + qi) * len;
-                // Visible keys: real tokens at or before the query (none for a padding query).
-                for k in pad..=q {
-                    mask[base + k] = 0.0;
+            if full_mask {
+                for q in 0..len {
+                    let base = (r * len + q) * len;
+                    // Visible keys: real tokens at or before the query (none for a padding query).
+                    for k in pad..=q {
+                        mask[base + k] = 0.0;
+                    }
                 }
             }
+            mask_last[r * len + pad..(r + 1) * len].iter_mut().for_each(|m| *m = 0.0);
         }
         let dev = Device::Cpu;
         Ok(Self {
@@ -516,7 +547,8 @@ impl SeqBatch {
             feedback: Tensor::from_vec(feedback, (b, len), &dev)?,
             context: Tensor::from_vec(context, (b, lq), &dev)?,
             users: Tensor::from_vec(users, (b, 3), &dev)?,
-            mask: Tensor::from_vec(mask, (b, 1, lq, len), &dev)?,
+            mask: Arc::new(mask),
+            mask_last: Arc::new(mask_last),
         })
     }
 }
@@ -564,6 +596,44 @@ impl SasRec {
         &self.items
     }
 
+    /// The summed input embeddings `[B, L, H]` in one pass over plain slices: at inference the
+    /// four gathers and adds of the training path cost more than the attention itself.
+    fn embed_inference(&self, batch: &SeqBatch, table: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, l) = batch.items.dims2()?;
+        let h = self.cfg.hidden;
+        let items = batch.items.flatten_all()?.to_vec1::<u32>()?;
+        let hours = batch.hours.flatten_all()?.to_vec1::<u32>()?;
+        let feedback = batch.feedback.flatten_all()?.to_vec1::<u32>()?;
+        let rows = |e: &Option<Embedding>| -> Result<Option<Vec<f32>>> {
+            Ok(match e {
+                Some(e) => Some(e.embeddings().flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            })
+        };
+        let (hour_rows, feedback_rows) = (rows(&self.hours)?, rows(&self.feedback)?);
+        let positions = positions.flatten_all()?.to_vec1::<f32>()?;
+        let table = table.contiguous()?;
+        let (storage, layout) = table.storage_and_layout();
+        let table_rows = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((start, end))) => &cpu.as_slice::<f32>()?[start..end],
+            _ => return Err(SasRecError::Config("item table must be a contiguous CPU tensor".into())),
+        };
+        let mut x = vec![0f32; b * l * h];
+        for (r, out) in x.chunks_mut(h).enumerate() {
+            let t = r % l;
+            let add = |out: &mut [f32], src: &[f32]| out.iter_mut().zip(src).for_each(|(o, s)| *o += s);
+            out.copy_from_slice(&table_rows[items[r] as usize * h..][..h]);
+            add(out, &positions[t * h..][..h]);
+            if let Some(hr) = &hour_rows {
+                add(out, &hr[hours[r] as usize * h..][..h]);
+            }
+            if let Some(fr) = &feedback_rows {
+                add(out, &fr[feedback[r] as usize * h..][..h]);
+            }
+        }
+        Ok(Tensor::from_vec(x, (b, l, h), &Device::Cpu)?)
+    }
+
     /// Query vectors: `[B, Lq, H]` (`Lq` = `L`, or 1 with `last_only`). `table` is the output
     /// of [`ItemTable::forward`].
     pub fn encode(&self, batch: &SeqBatch, table: &Tensor, last_only: bool, mode: &mut Mode<'_>) -> Result<Tensor> {
@@ -572,20 +642,29 @@ impl SasRec {
         if l > self.cfg.max_len {
             return Err(SasRecError::Config(format!("sequence length {l} exceeds max_len {}", self.cfg.max_len)));
         }
-        let mut x = table.index_select(&batch.items.flatten_all()?, 0)?.reshape((b, l, h))?;
         let positions = self.positions.embeddings().narrow(0, self.cfg.max_len - l, l)?;
-        x = x.broadcast_add(&positions)?;
-        if let Some(hours) = &self.hours {
-            x = (x + hours.forward(&batch.hours)?)?;
-        }
-        if let Some(feedback) = &self.feedback {
-            x = (x + feedback.forward(&batch.feedback)?)?;
-        }
+        let mut x = if mode.training() {
+            let mut x = table.index_select(&batch.items.flatten_all()?, 0)?.reshape((b, l, h))?;
+            x = x.broadcast_add(&positions)?;
+            if let Some(hours) = &self.hours {
+                x = (x + hours.forward(&batch.hours)?)?;
+            }
+            if let Some(feedback) = &self.feedback {
+                x = (x + feedback.forward(&batch.feedback)?)?;
+            }
+            x
+        } else {
+            self.embed_inference(batch, table, &positions)?
+        };
         x = self.ln_in.forward_t(&x, mode)?;
         x = mode.dropout(&x, self.cfg.dropout)?;
         let last = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward_t(&x, &batch.mask, last_only && i == last, mode)?;
+            x = if last_only && i == last {
+                block.forward_t(&x, &batch.mask_last, true, mode)?
+            } else {
+                block.forward_t(&x, &batch.mask, false, mode)?
+            };
         }
         let mut q = self.ln_out.forward_t(&x, mode)?;
         if let Some(context) = &self.context {
@@ -612,6 +691,11 @@ fn normal(rng: &mut SmallRng, n: usize, std: f32) -> Vec<f32> {
 /// Re-initialises every variable from `seed`: LayerNorm weights 1, biases 0, other weights
 /// N(0, 0.02). Candle's CPU RNG cannot be seeded, so this is what makes training reproducible.
 pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
+    seeded_init_with(varmap, seed, 0.02)
+}
+
+/// [`seeded_init`] with another standard deviation for the weights.
+pub fn seeded_init_with(varmap: &VarMap, seed: u64, std: f32) -> Result<()> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let data = varmap.data().lock().expect("varmap lock not poisoned");
     let mut names: Vec<&String> = data.keys().collect();
@@ -626,7 +710,7 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
         } else if is_norm {
             vec![1.0; n]
         } else {
-            normal(&mut rng, n, 0.02)
+            normal(&mut rng, n, std)
         };
         var.set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
     }
@@ -648,6 +732,7 @@ mod tests {
             inner: 16,
             max_len: 4,
             dropout: 0.0,
+            attention_dropout: 0.0,
             features: Features::default(),
         }
     }
@@ -659,7 +744,8 @@ mod tests {
         assert_eq!(year_bucket(Some(1975)), 5);
         assert_eq!(year_bucket(Some(1987)), 7);
         assert_eq!(year_bucket(Some(1998)), 16);
-        assert_eq!(year_bucket(Some(3000)), YEAR_BUCKETS as u32 - 1);
+        assert_eq!(year_bucket(Some(2030)), 48);
+        assert_eq!(year_bucket(Some(3000)), 48);
         assert_eq!(age_bucket(Some(24)), 2);
         assert_eq!(age_bucket(Some(70)), 7);
         assert_eq!(feedback_index(Some(4.4)), 4);
@@ -679,12 +765,12 @@ mod tests {
         let batch = SeqBatch::new(&[input.clone()], 4, false).expect("batch");
         assert_eq!(batch.items.to_vec2::<u32>().expect("items"), vec![vec![0, 0, 3, 5]]);
         assert_eq!(batch.context.to_vec2::<u32>().expect("ctx"), vec![vec![0, 0, 7, 8]]);
-        let mask = batch.mask.squeeze(0).and_then(|m| m.squeeze(0)).and_then(|m| m.to_vec2::<f32>()).expect("mask");
-        assert_eq!(mask[3], vec![MASKED, MASKED, 0.0, 0.0]);
-        assert_eq!(mask[2], vec![MASKED, MASKED, 0.0, MASKED]);
+        let mask: Vec<&[f32]> = batch.mask.chunks(4).collect();
+        assert_eq!(mask[3], &[MASKED, MASKED, 0.0, 0.0]);
+        assert_eq!(mask[2], &[MASKED, MASKED, 0.0, MASKED]);
         let last = SeqBatch::new(&[input], 4, true).expect("batch");
         assert_eq!(last.context.to_vec2::<u32>().expect("ctx"), vec![vec![8]]);
-        assert_eq!(last.mask.dims(), &[1, 1, 1, 4]);
+        assert_eq!(last.mask_last.as_slice(), &[MASKED, MASKED, 0.0, 0.0]);
     }
 
     #[test]
@@ -693,7 +779,8 @@ mod tests {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let net = SasRec::load(vb, &cfg).expect("model");
-        seeded_init(&varmap, 7).expect("init");
+        // Large weights, so that attending to a wrong key would show.
+        seeded_init_with(&varmap, 7, 0.5).expect("init");
         let features =
             ItemFeatures::new(&[vec![0], vec![1], vec![0, 1], vec![], vec![1], vec![0]], &[Some(1995); 6], 2)
                 .expect("features");
@@ -723,7 +810,7 @@ mod tests {
         let again = VarMap::new();
         let vb = VarBuilder::from_varmap(&again, DType::F32, &Device::Cpu);
         let _ = SasRec::load(vb, &cfg).expect("model");
-        seeded_init(&again, 7).expect("init");
+        seeded_init_with(&again, 7, 0.5).expect("init");
         let a = varmap.data().lock().expect("lock")["positions.weight"]
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())

@@ -1,0 +1,923 @@
+//! The trained sequential model as a whole: the [`SasRec`] network with its item vocabulary,
+//! cold-start priors, saved form (safetensors weights + JSON manifest + vocabulary), and the
+//! [`Recommender`] implementation that the model actor drives.
+//!
+//! ## Scoring, and the cold-start blend
+//! For one request, history events with negative feedback are dropped, items the model knows
+//! are mapped to its vocabulary, and the last `max_len` of them go through one batched forward
+//! pass (only the last position is a query). The result is turned into probabilities over the
+//! whole catalogue and blended with popularity in the request's context segment:
+//!
+//! `score(i) = w * p_model(i) + (1 - w) * p_popular(i | segment)`, with `w = n / (n + blend_history)`
+//!
+//! where `n` is the number of known history items: a user with no history gets popularity by
+//! segment, one with a single item is already mostly model (`w` = 0.5 with the default 1.0),
+//! and with 20 items popularity is a tie-breaker. `p_popular` is smoothed towards global
+//! popularity with `segment_prior` pseudo-counts, so rare segments fall back gracefully.
+//!
+//! Items in the catalogue that the model never saw (new items) have no id embedding: their
+//! vector is the attribute part of the item table (genres mapped by name from the catalogue's
+//! categories, year from `created_at`) plus the mean id embedding, and their bias is the mean
+//! bias. That is content similarity to what the user's sequence predicts. Negative feedback
+//! lowers items whose vectors are similar (cosine) to the disliked ones.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::data::{hex, Dataset, Interaction, Layout};
+use super::metrics::Metrics;
+use super::sasrec::{
+    age_bucket, feedback_index, gender_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec,
+    SasRecError, SeqBatch, SeqInput,
+};
+use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use crate::catalog::{Catalog, ItemIdx};
+use crate::event::{Context, Device as DeviceClass, ItemId};
+
+/// File names inside a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const VOCAB_FILE: &str = "vocab.json";
+/// Format tag in the manifest; bumped when the saved form changes incompatibly.
+pub const FORMAT: &str = "liverec-sasrec/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFileError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: unsupported model format {found:?} (expected {FORMAT:?})")]
+    Format { path: PathBuf, found: String },
+    #[error("weights digest {found} does not match the manifest's {expected}")]
+    Digest { expected: String, found: String },
+    #[error(transparent)]
+    Model(#[from] SasRecError),
+}
+
+impl From<candle_core::Error> for ModelFileError {
+    fn from(error: candle_core::Error) -> Self {
+        Self::Model(SasRecError::Candle(error))
+    }
+}
+
+/// The three files of a model directory, in memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedModel {
+    /// `model.safetensors`
+    pub weights: Vec<u8>,
+    /// `vocab.json`
+    pub vocab: String,
+    /// `manifest.json`
+    pub manifest: String,
+}
+
+/// How the model is served: the cold-start blend and negative feedback.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// History length at which model and popularity weigh the same (see the module docs).
+    pub blend_history: f32,
+    /// Pseudo-counts of global popularity added to each context segment's counts.
+    pub segment_prior: f32,
+    /// How strongly items similar to disliked ones are lowered (0 turns it off).
+    pub negative_weight: f32,
+    /// How often unseen catalogue items' attribute vectors are refreshed.
+    pub cold_refresh_secs: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self { blend_history: 1.0, segment_prior: 50.0, negative_weight: 0.5, cold_refresh_secs: 10 }
+    }
+}
+
+/// Item popularity in the training data, for cold start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Popularity {
+    /// Interactions per model item (index 0 is item 1).
+    pub global: Vec<f32>,
+    /// `[segment][item]` interactions per context segment.
+    pub by_segment: Vec<Vec<f32>>,
+}
+
+/// The model's vocabulary and priors: everything derived from data rather than learned.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Vocab {
+    /// Raw item ids; model item `i + 1` is `items[i]`.
+    pub items: Vec<String>,
+    /// Genre indices per item (parallel to `items`).
+    pub item_genres: Vec<Vec<u16>>,
+    /// Release year per item (parallel to `items`).
+    pub item_years: Vec<Option<u16>>,
+    pub genres: Vec<String>,
+    /// Occupation names; occupation index `i + 1` is `occupations[i]`, 0 is unknown.
+    pub occupations: Vec<String>,
+    pub popularity: Popularity,
+}
+
+impl Vocab {
+    /// The vocabulary of a dataset, with popularity counted over `train` (per user, as the
+    /// split holds it).
+    pub fn from_dataset(dataset: &Dataset, train: &[Vec<Interaction>]) -> Vocab {
+        let mut occupations: Vec<String> = dataset.users.iter().filter_map(|u| u.occupation.clone()).collect();
+        occupations.sort();
+        occupations.dedup();
+        let n = dataset.items.len();
+        let mut global = vec![0f32; n];
+        let mut by_segment = vec![vec![0f32; n]; Context::SEGMENTS];
+        for i in train.iter().flatten() {
+            global[i.item as usize] += 1.0;
+            let seg = super::sasrec::segment_at(i.timestamp * 1000, DeviceClass::Other);
+            by_segment[seg as usize][i.item as usize] += 1.0;
+        }
+        Vocab {
+            items: dataset.items.iter().map(|i| i.id.clone()).collect(),
+            item_genres: dataset.items.iter().map(|i| i.genres.clone()).collect(),
+            item_years: dataset.items.iter().map(|i| i.year).collect(),
+            genres: dataset.genres.clone(),
+            occupations,
+            popularity: Popularity { global, by_segment },
+        }
+    }
+
+    /// Demographic features `[gender, age bucket, occupation]` of a dataset user.
+    pub fn user_features(&self, user: &super::data::UserInfo) -> [u32; 3] {
+        let occupation =
+            user.occupation.as_ref().and_then(|o| self.occupations.binary_search(o).ok()).map_or(0, |i| i as u32 + 1);
+        [gender_index(user.gender.as_deref()), age_bucket(user.age), occupation]
+    }
+}
+
+/// Where the training data came from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataWindow {
+    pub source: String,
+    pub layout: Option<Layout>,
+    pub users: usize,
+    pub items: usize,
+    pub interactions: usize,
+    pub train_interactions: usize,
+    /// First and last interaction time (seconds since the epoch).
+    pub first_timestamp: Option<i64>,
+    pub last_timestamp: Option<i64>,
+    pub split: String,
+}
+
+/// Validation and test metrics at save time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavedMetrics {
+    pub valid: Option<Metrics>,
+    pub test: Option<Metrics>,
+}
+
+/// How training went.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    pub seed: u64,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub seconds: f64,
+    /// Candle's AdamW state is not saved; a warm start from these weights restarts the moments.
+    pub optimizer_state_saved: bool,
+    /// The training settings, as given (a `TrainConfig` serialised).
+    pub settings: serde_json::Value,
+}
+
+/// `manifest.json`: what a model directory holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    /// Reported with every list the model produces: `sasrec-<created>-<weights digest>`.
+    pub version: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub config: Config,
+    pub serve: ServeConfig,
+    pub data: DataWindow,
+    pub metrics: SavedMetrics,
+    pub training: TrainingSummary,
+    /// SHA-256 of the weights file.
+    pub weights_sha256: String,
+}
+
+/// RFC 3339 (UTC, seconds) of a time in seconds since the epoch.
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// One history token as the network reads it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Token {
+    /// Model item index (1-based).
+    pub item: u32,
+    pub hour: u32,
+    pub feedback: u32,
+}
+
+/// One user to score: history (oldest first), the request's segment and demographics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    pub history: Vec<Token>,
+    pub segment: u32,
+    pub user: [u32; 3],
+}
+
+/// Tensors derived from the weights that inference reuses until the weights change.
+struct InferenceCache {
+    /// `[items + 1, H]` input table.
+    table: Tensor,
+    /// `[H, items]` output table, transposed once.
+    out_t: Tensor,
+    /// `[items]` output bias.
+    bias: Tensor,
+    /// Row-major copy of the output table, for negative feedback.
+    vectors: Vec<f32>,
+    /// Attribute-free part of an unseen item's vector, and its bias.
+    mean_id: Vec<f32>,
+    mean_bias: f32,
+    /// `p_popular(item | segment)` per context segment, and globally (model items).
+    segment_popularity: Vec<Vec<f32>>,
+    global_popularity: Vec<f32>,
+}
+
+/// The output side of the model in catalogue order, rebuilt when the catalogue grows (and
+/// every `cold_refresh_secs` while it has items the model does not know), so that one matrix
+/// product gives every catalogue item's score, unseen items included, in catalogue order.
+#[derive(Default)]
+struct CatalogMap {
+    /// Model item (1-based) of each catalogue index; 0 when the model does not know it.
+    model_item: Vec<u32>,
+    /// Whether some catalogue items are unknown to the model.
+    has_cold: bool,
+    /// `[H, n]` item vectors in catalogue order (unseen items: attributes + mean id embedding).
+    out_t: Option<Tensor>,
+    /// `[n]` output bias in catalogue order (unseen items: the mean bias).
+    bias: Option<Tensor>,
+    /// Row-major `[n, H]` copy of the vectors, for negative feedback.
+    vectors: Vec<f32>,
+    /// `p_popular(item | segment)` in catalogue order, one row per segment, then the global row.
+    popularity: Vec<Vec<f32>>,
+    refreshed: Option<Instant>,
+}
+
+/// A trained (or freshly initialised) sequential model with everything needed to serve it.
+pub struct SequentialModel {
+    pub config: Config,
+    pub serve: ServeConfig,
+    pub vocab: Vocab,
+    pub varmap: VarMap,
+    net: SasRec,
+    features: ItemFeatures,
+    item_index: HashMap<String, u32>,
+    genre_index: HashMap<String, u16>,
+    version: String,
+    cache: Option<InferenceCache>,
+    catalog_map: CatalogMap,
+}
+
+impl SequentialModel {
+    /// A model with weights initialised from `seed`. `config.items`, `genres` and
+    /// `occupations` are taken from the vocabulary.
+    pub fn new(mut config: Config, serve: ServeConfig, vocab: Vocab, seed: u64) -> Result<Self, SasRecError> {
+        config.items = vocab.items.len();
+        config.genres = vocab.genres.len();
+        config.occupations = vocab.occupations.len();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = SasRec::load(vb, &config)?;
+        seeded_init(&varmap, seed)?;
+        let features = ItemFeatures::new(&vocab.item_genres, &vocab.item_years, config.genres)?;
+        let item_index = vocab.items.iter().enumerate().map(|(i, id)| (id.clone(), i as u32 + 1)).collect();
+        let genre_index = vocab.genres.iter().enumerate().map(|(i, g)| (g.clone(), i as u16)).collect();
+        Ok(Self {
+            config,
+            serve,
+            vocab,
+            varmap,
+            net,
+            features,
+            item_index,
+            genre_index,
+            version: "sasrec-untrained".to_owned(),
+            cache: None,
+            catalog_map: CatalogMap::default(),
+        })
+    }
+
+    pub fn net(&self) -> &SasRec {
+        &self.net
+    }
+
+    pub fn item_features(&self) -> &ItemFeatures {
+        &self.features
+    }
+
+    /// The model item (1-based) of a raw item id.
+    pub fn model_item(&self, id: &str) -> Option<u32> {
+        self.item_index.get(id).copied()
+    }
+
+    pub fn set_version(&mut self, version: String) {
+        self.version = version;
+    }
+
+    /// Drops tensors derived from the weights; call after changing them.
+    pub fn weights_changed(&mut self) {
+        self.cache = None;
+        self.catalog_map = CatalogMap::default();
+    }
+
+    fn cache(&mut self) -> Result<&InferenceCache, SasRecError> {
+        if self.cache.is_none() {
+            let items = self.config.items;
+            let table_layer = self.net.item_table();
+            let table = table_layer.forward(&self.features)?;
+            let out = table.narrow(0, 1, items)?;
+            let out_t = out.t()?.contiguous()?;
+            let bias = table_layer.bias(items)?;
+            let vectors = out.flatten_all()?.to_vec1::<f32>()?;
+            let mean_id = table_layer.mean_id()?.to_vec1::<f32>()?;
+            let mean_bias = bias.mean_all()?.to_scalar::<f32>()?;
+            let pop = &self.vocab.popularity;
+            let global_total = pop.global.iter().sum::<f32>().max(1.0);
+            let global_popularity: Vec<f32> = pop.global.iter().map(|c| c / global_total).collect();
+            let prior = self.serve.segment_prior;
+            let segment_popularity = pop
+                .by_segment
+                .iter()
+                .map(|counts| {
+                    let total: f32 = counts.iter().sum();
+                    counts.iter().zip(&global_popularity).map(|(c, g)| (c + prior * g) / (total + prior)).collect()
+                })
+                .collect();
+            self.cache = Some(InferenceCache {
+                table,
+                out_t,
+                bias,
+                vectors,
+                mean_id,
+                mean_bias,
+                segment_popularity,
+                global_popularity,
+            });
+        }
+        Ok(self.cache.as_ref().expect("cache was just filled"))
+    }
+
+    /// Query vectors `[B, H]` of a batch of queries.
+    fn encode(&mut self, queries: &[Query]) -> Result<Tensor, SasRecError> {
+        let len = self.config.max_len;
+        let inputs: Vec<SeqInput> = queries
+            .iter()
+            .map(|q| {
+                let h = &q.history[q.history.len().saturating_sub(len)..];
+                SeqInput {
+                    items: h.iter().map(|t| t.item).collect(),
+                    hours: h.iter().map(|t| t.hour).collect(),
+                    feedback: h.iter().map(|t| t.feedback).collect(),
+                    context: vec![q.segment],
+                    user: q.user,
+                }
+            })
+            .collect();
+        // Pad only to the longest history in the batch: attention cost follows the real length.
+        let longest = inputs.iter().map(|i| i.items.len()).max().unwrap_or(1).max(1);
+        let batch = SeqBatch::for_inference(&inputs, longest, self.config.layers)?;
+        self.cache()?;
+        let cache = self.cache.as_ref().expect("cache filled above");
+        Ok(self.net.encode(&batch, &cache.table, true, &mut Mode::Eval)?.squeeze(1)?)
+    }
+
+    /// Query vectors (`[B, H]`) and scores of every model item (`[B, items]` logits, in model
+    /// order), both row-major, for a batch of queries.
+    pub fn forward(&mut self, queries: &[Query]) -> Result<(Vec<f32>, Vec<f32>), SasRecError> {
+        if queries.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let q = self.encode(queries)?;
+        let cache = self.cache.as_ref().expect("encode fills the cache");
+        let logits = q.matmul(&cache.out_t)?.broadcast_add(&cache.bias)?;
+        Ok((q.flatten_all()?.to_vec1::<f32>()?, logits.flatten_all()?.to_vec1::<f32>()?))
+    }
+
+    /// The saved form: safetensors weights, vocabulary and manifest. Fills in the manifest's
+    /// format, weights digest, version (`sasrec-<created_at digits>-<digest prefix>`), config
+    /// and serving settings, and adopts the version.
+    pub fn to_saved(&mut self, manifest: &mut Manifest) -> Result<SavedModel, ModelFileError> {
+        let weights = {
+            let data = self.varmap.data().lock().expect("varmap lock not poisoned");
+            let mut tensors: Vec<(String, Tensor)> =
+                data.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+            safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+                .map_err(|e| SasRecError::Config(format!("serialising weights: {e}")))?
+        };
+        manifest.format = FORMAT.to_owned();
+        manifest.weights_sha256 = hex(&Sha256::digest(&weights));
+        let stamp: String = manifest.created_at.chars().filter(|c| c.is_ascii_digit()).collect();
+        manifest.version = format!("sasrec-{stamp}-{}", &manifest.weights_sha256[..8]);
+        manifest.config = self.config.clone();
+        manifest.serve = self.serve.clone();
+        self.version = manifest.version.clone();
+        let json = |value: &dyn erased::Json, name: &str| {
+            value.to_json().map_err(|source| ModelFileError::Json { path: PathBuf::from(name), source })
+        };
+        Ok(SavedModel { weights, vocab: json(&self.vocab, VOCAB_FILE)?, manifest: json(manifest, MANIFEST_FILE)? })
+    }
+
+    /// A model from its saved form, checking the format and the weights digest.
+    pub fn from_saved(saved: &SavedModel) -> Result<(Self, Manifest), ModelFileError> {
+        let manifest: Manifest = serde_json::from_str(&saved.manifest)
+            .map_err(|source| ModelFileError::Json { path: PathBuf::from(MANIFEST_FILE), source })?;
+        if manifest.format != FORMAT {
+            return Err(ModelFileError::Format { path: PathBuf::from(MANIFEST_FILE), found: manifest.format });
+        }
+        let digest = hex(&Sha256::digest(&saved.weights));
+        if digest != manifest.weights_sha256 {
+            return Err(ModelFileError::Digest { expected: manifest.weights_sha256, found: digest });
+        }
+        let vocab: Vocab = serde_json::from_str(&saved.vocab)
+            .map_err(|source| ModelFileError::Json { path: PathBuf::from(VOCAB_FILE), source })?;
+        let mut model = Self::new(manifest.config.clone(), manifest.serve.clone(), vocab, 0)?;
+        let weights = candle_core::safetensors::load_buffer(&saved.weights, &Device::Cpu)?;
+        {
+            let data = model.varmap.data().lock().expect("varmap lock not poisoned");
+            for (name, var) in data.iter() {
+                let tensor =
+                    weights.get(name).ok_or_else(|| SasRecError::Config(format!("weights have no tensor {name}")))?;
+                var.set(tensor)?;
+            }
+        }
+        model.version = manifest.version.clone();
+        model.weights_changed();
+        Ok((model, manifest))
+    }
+
+    /// Writes [`SequentialModel::to_saved`] into `dir` (created if needed).
+    pub fn save(&mut self, dir: &Path, manifest: &mut Manifest) -> Result<(), ModelFileError> {
+        let saved = self.to_saved(manifest)?;
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).map_err(|source| ModelFileError::Io { path, source })
+        };
+        std::fs::create_dir_all(dir).map_err(|source| ModelFileError::Io { path: dir.to_owned(), source })?;
+        write(WEIGHTS_FILE, &saved.weights)?;
+        write(VOCAB_FILE, saved.vocab.as_bytes())?;
+        // The manifest last: a directory with a manifest is complete.
+        write(MANIFEST_FILE, saved.manifest.as_bytes())
+    }
+
+    /// Loads a model directory written by [`SequentialModel::save`].
+    pub fn load(dir: &Path) -> Result<(Self, Manifest), ModelFileError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| ModelFileError::Io { path, source })
+        };
+        let text =
+            |name: &str| -> Result<String, ModelFileError> { Ok(String::from_utf8_lossy(&read(name)?).into_owned()) };
+        Self::from_saved(&SavedModel {
+            weights: read(WEIGHTS_FILE)?,
+            vocab: text(VOCAB_FILE)?,
+            manifest: text(MANIFEST_FILE)?,
+        })
+    }
+
+    /// Attribute vector of a catalogue item unknown to the model (see the module docs).
+    fn cold_vector(&self, attrs: &crate::catalog::ItemAttributes) -> Result<Vec<f32>, SasRecError> {
+        let genres: Vec<u16> =
+            attrs.categories.iter().chain(&attrs.tags).filter_map(|c| self.genre_index.get(c).copied()).collect();
+        let year = attrs.created_at.map(|ms| u16::try_from(1970 + ms.div_euclid(31_556_952_000)).unwrap_or(u16::MAX));
+        let features = ItemFeatures::new(&[genres], &[year], self.config.genres)?;
+        let content = self.net.item_table().content(&features)?.narrow(0, 1, 1)?;
+        Ok(content.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Brings the catalogue-ordered tables up to date (see [`CatalogMap`]).
+    fn sync_catalog(&mut self, catalog: &Catalog) -> Result<(), SasRecError> {
+        let n = catalog.len();
+        let map = &self.catalog_map;
+        let grown = map.out_t.is_none() || n != map.model_item.len();
+        let stale = map.has_cold
+            && map.refreshed.is_none_or(|t| t.elapsed() >= Duration::from_secs(self.serve.cold_refresh_secs));
+        if !grown && !stale {
+            return Ok(());
+        }
+        self.cache()?;
+        let cache = self.cache.as_ref().expect("cache filled above");
+        let h = self.config.hidden;
+        let indices: Vec<ItemIdx> = (0..n as ItemIdx).collect();
+        let model_item: Vec<u32> =
+            catalog.ids_of(&indices).iter().map(|id| self.item_index.get(id.as_str()).copied().unwrap_or(0)).collect();
+        let mut vectors = vec![0f32; n * h];
+        let mut bias = vec![cache.mean_bias; n];
+        let bias_model = cache.bias.to_vec1::<f32>()?;
+        let mut has_cold = false;
+        for (c, &m) in model_item.iter().enumerate() {
+            let row = &mut vectors[c * h..(c + 1) * h];
+            if m > 0 {
+                row.copy_from_slice(&cache.vectors[(m as usize - 1) * h..m as usize * h]);
+                bias[c] = bias_model[m as usize - 1];
+            } else {
+                has_cold = true;
+                let attrs = catalog.get(&catalog.ids_of(&[c as ItemIdx])[0]).map(|v| v.attributes).unwrap_or_default();
+                let content = self.cold_vector(&attrs)?;
+                row.iter_mut().zip(content.iter().zip(&cache.mean_id)).for_each(|(r, (a, b))| *r = a + b);
+            }
+        }
+        let popularity = cache
+            .segment_popularity
+            .iter()
+            .chain(std::iter::once(&cache.global_popularity))
+            .map(|p| model_item.iter().map(|&m| if m > 0 { p[m as usize - 1] } else { 0.0 }).collect())
+            .collect();
+        let out_t = Tensor::from_vec(vectors.clone(), (n, h), &Device::Cpu)?.t()?.contiguous()?;
+        self.catalog_map = CatalogMap {
+            model_item,
+            has_cold,
+            out_t: Some(out_t),
+            bias: Some(Tensor::from_vec(bias, n, &Device::Cpu)?),
+            vectors,
+            popularity,
+            refreshed: Some(Instant::now()),
+        };
+        Ok(())
+    }
+
+    /// Tokens of a serving history: positive events of items the model knows.
+    fn tokens(&self, history: &[HistoryItem]) -> Vec<Token> {
+        history
+            .iter()
+            .filter(|h| h.weight() > 0.0 && !h.event_type.is_negative())
+            .filter_map(|h| {
+                let m = *self.catalog_map.model_item.get(h.item as usize)?;
+                (m > 0).then(|| Token {
+                    item: m,
+                    hour: hour_bucket(h.timestamp),
+                    feedback: feedback_index(match h.event_type {
+                        crate::event::EventType::Rating => h.value,
+                        _ => None,
+                    }),
+                })
+            })
+            .collect()
+    }
+
+    fn score_all(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Result<Vec<Vec<Scored>>, SasRecError> {
+        self.sync_catalog(catalog)?;
+        let n = self.catalog_map.model_item.len();
+        let h = self.config.hidden;
+        let tokens: Vec<Vec<Token>> = requests.iter().map(|r| self.tokens(&r.history)).collect();
+        let warm: Vec<usize> = (0..requests.len()).filter(|&i| !tokens[i].is_empty()).collect();
+        let mut row_of = vec![None; requests.len()];
+        for (row, &i) in warm.iter().enumerate() {
+            row_of[i] = Some(row);
+        }
+        let queries: Vec<Query> = warm
+            .iter()
+            .map(|&i| Query { history: tokens[i].clone(), segment: requests[i].segment as u32, user: [0, 0, 0] })
+            .collect();
+        // Scores of every catalogue item, in catalogue order, from one matrix product.
+        let logits = if queries.is_empty() {
+            Vec::new()
+        } else {
+            let q = self.encode(&queries)?;
+            let map = &self.catalog_map;
+            let (out_t, bias) = map.out_t.as_ref().zip(map.bias.as_ref()).expect("sync_catalog built the tables");
+            q.matmul(out_t)?.broadcast_add(bias)?.flatten_all()?.to_vec1::<f32>()?
+        };
+        let map = &self.catalog_map;
+        let categories = catalog.categories();
+        let global = map.popularity.len() - 1;
+
+        let mut out = Vec::with_capacity(requests.len());
+        let mut scores = vec![0f32; n];
+        let mut mask = vec![false; n];
+        for (ri, request) in requests.iter().enumerate() {
+            let popular = &map.popularity[request.segment.min(global)];
+            if let Some(row) = row_of[ri] {
+                // w * softmax(logits) + (1 - w) * popularity, in one pass after the max.
+                let n_hist = tokens[ri].len() as f32;
+                let w = n_hist / (n_hist + self.serve.blend_history.max(f32::MIN_POSITIVE));
+                let logit_row = &logits[row * n..(row + 1) * n];
+                let max = max_of(logit_row);
+                for (s, &l) in scores.iter_mut().zip(logit_row) {
+                    *s = fast_exp(l - max);
+                }
+                let scale = w / sum_of(&scores).max(f32::MIN_POSITIVE);
+                for (s, &p) in scores.iter_mut().zip(popular) {
+                    *s = *s * scale + (1.0 - w) * p;
+                }
+            } else {
+                // No usable history: popularity in the request's segment alone.
+                scores.copy_from_slice(popular);
+            }
+            // Negative feedback: lower items similar to the disliked ones.
+            if self.serve.negative_weight > 0.0 && !request.negatives.is_empty() {
+                let vector_of = |c: usize| map.vectors.get(c * h..(c + 1) * h);
+                let negs: Vec<&[f32]> = request.negatives.iter().filter_map(|&i| vector_of(i as usize)).collect();
+                if !negs.is_empty() {
+                    for (c, s) in scores.iter_mut().enumerate() {
+                        if let Some(v) = vector_of(c) {
+                            let sim = negs.iter().map(|n| cosine(n, v)).fold(0.0f32, f32::max);
+                            *s *= 1.0 - (self.serve.negative_weight * sim).clamp(0.0, 1.0);
+                        }
+                    }
+                }
+            }
+            mask.iter_mut().for_each(|m| *m = false);
+            for &i in request.exclude.iter().chain(&request.negatives) {
+                if let Some(m) = mask.get_mut(i as usize) {
+                    *m = true;
+                }
+            }
+            if let Some(wanted) = &request.categories {
+                for (j, m) in mask.iter_mut().enumerate() {
+                    if !categories.of(j as ItemIdx).iter().any(|c| wanted.contains(c)) {
+                        *m = true;
+                    }
+                }
+            }
+            out.push(top_k(&scores, &mask, request.k));
+        }
+        Ok(out)
+    }
+}
+
+/// `e^x` to about 1e-7 relative error, without branches or float-to-int casts so that loops
+/// over the catalogue vectorise (libm's `expf` was a quarter of the scoring time). Inputs below
+/// about -87 give tiny positive values instead of 0.
+#[inline]
+fn fast_exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    let t = (x * std::f32::consts::LOG2_E).max(-126.0).min(126.0);
+    let r = t + MAGIC;
+    let n_bits = r.to_bits().wrapping_sub(MAGIC.to_bits()); // the integer n, two's complement
+    let f = t - (r - MAGIC); // in [-0.5, 0.5]
+                             // 2^f, Taylor polynomial of degree 6 (relative error about 1e-7 on [-0.5, 0.5]).
+    let p = 1.0
+        + f * (0.693_147_2
+            + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
+    f32::from_bits(p.to_bits().wrapping_add(n_bits << 23))
+}
+
+/// Largest value of a slice, in lanes so that it vectorises.
+fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    rest.iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Sum of a slice, in lanes so that it vectorises.
+fn sum_of(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if na > 0.0 && nb > 0.0 {
+        dot / (na * nb)
+    } else {
+        0.0
+    }
+}
+
+/// Serialising the two JSON files through one closure.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> Result<String, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Result<String, serde_json::Error> {
+            serde_json::to_string_pretty(self)
+        }
+    }
+}
+
+impl Recommender for SequentialModel {
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Trained offline: the stream does not change the weights.
+    fn observe(&mut self, _observations: &[Observation]) {}
+
+    fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
+        match self.score_all(requests, catalog) {
+            Ok(lists) => lists,
+            Err(error) => {
+                tracing::error!(error = %error, "sequential model failed to score a batch");
+                vec![Vec::new(); requests.len()]
+            }
+        }
+    }
+}
+
+/// Interns every vocabulary item into `catalog` (with its genres as categories), so a server
+/// or benchmark serves the model's items. Returns the catalogue index of each model item.
+pub fn intern_vocab(vocab: &Vocab, catalog: &Catalog) -> Vec<ItemIdx> {
+    vocab
+        .items
+        .iter()
+        .zip(&vocab.item_genres)
+        .map(|(id, genres)| {
+            let attrs = crate::catalog::ItemAttributes {
+                categories: genres.iter().filter_map(|&g| vocab.genres.get(usize::from(g)).cloned()).collect(),
+                ..Default::default()
+            };
+            catalog.put(&ItemId::from(id.as_str()), attrs).0
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ItemAttributes;
+    use crate::event::EventType;
+    use std::sync::Arc;
+
+    fn vocab() -> Vocab {
+        let n = 6;
+        let mut by_segment = vec![vec![0.0; n]; Context::SEGMENTS];
+        by_segment[5][4] = 100.0; // item "4" is the favourite of segment 5
+        Vocab {
+            items: (0..n).map(|i| i.to_string()).collect(),
+            item_genres: (0..n).map(|i| vec![(i % 2) as u16]).collect(),
+            item_years: vec![Some(1995); n],
+            genres: vec!["drama".into(), "comedy".into()],
+            occupations: vec!["artist".into()],
+            popularity: Popularity {
+                // Item "0" is the most popular overall.
+                global: vec![100.0, 10.0, 10.0, 10.0, 10.0, 10.0],
+                by_segment,
+            },
+        }
+    }
+
+    fn tiny() -> SequentialModel {
+        let config = Config { hidden: 8, layers: 1, heads: 2, inner: 16, max_len: 4, ..Config::default() };
+        SequentialModel::new(config, ServeConfig::default(), vocab(), 3).expect("model")
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format: String::new(),
+            version: String::new(),
+            created_at: rfc3339(1_700_000_000),
+            config: Config::default(),
+            serve: ServeConfig::default(),
+            data: DataWindow::default(),
+            metrics: SavedMetrics::default(),
+            training: TrainingSummary::default(),
+            weights_sha256: String::new(),
+        }
+    }
+
+    fn query() -> Query {
+        Query {
+            history: vec![Token { item: 2, hour: 1, feedback: 4 }, Token { item: 3, hour: 1, feedback: 5 }],
+            segment: 3,
+            user: [1, 2, 1],
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        for i in -1700..=800 {
+            let x = i as f32 / 20.0;
+            let (fast, exact) = (fast_exp(x), x.exp());
+            assert!((fast - exact).abs() <= 5e-6 * exact.max(1e-30), "{x}: {fast} vs {exact}");
+        }
+        let v: Vec<f32> = (0..37).map(|i| ((i * 13) % 17) as f32 - 8.0).collect();
+        assert_eq!(max_of(&v), 8.0);
+        assert_eq!(sum_of(&v), v.iter().sum::<f32>());
+    }
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn saved_model_round_trips_weights_vocab_and_manifest() {
+        let mut model = tiny();
+        let mut m = manifest();
+        let saved = model.to_saved(&mut m).expect("saved");
+        assert!(m.version.starts_with("sasrec-20231114221320-"));
+        assert_eq!(model.version(), m.version);
+        let (mut loaded, loaded_manifest) = SequentialModel::from_saved(&saved).expect("loads");
+        assert_eq!(loaded_manifest, m);
+        assert_eq!(loaded.vocab, model.vocab);
+        assert_eq!(loaded.version(), m.version);
+        let before = model.forward(&[query()]).expect("forward");
+        let after = loaded.forward(&[query()]).expect("forward");
+        assert_eq!(before, after);
+        // Saving again gives the same bytes (and so the same version).
+        let again = loaded.to_saved(&mut m.clone()).expect("saved");
+        assert_eq!(again.weights, saved.weights);
+
+        let mut tampered = saved.clone();
+        let last = tampered.weights.len() - 1;
+        tampered.weights[last] ^= 1;
+        assert!(matches!(SequentialModel::from_saved(&tampered), Err(ModelFileError::Digest { .. })));
+    }
+
+    fn history(items: &[ItemIdx]) -> Arc<[HistoryItem]> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(t, &item)| HistoryItem {
+                item,
+                event_type: EventType::Rating,
+                value: Some(4.0),
+                timestamp: 1_700_000_000_000 + t as i64 * 1000,
+            })
+            .collect()
+    }
+
+    fn request(items: &[ItemIdx], segment: usize, k: usize) -> ScoreRequest {
+        ScoreRequest {
+            history: history(items),
+            segment,
+            exclude: items.to_vec(),
+            negatives: vec![],
+            categories: None,
+            k,
+        }
+    }
+
+    #[test]
+    fn cold_users_get_popularity_by_segment() {
+        let mut model = tiny();
+        let catalog = Catalog::new();
+        intern_vocab(&model.vocab, &catalog);
+        let lists = model.score(&[request(&[], 5, 1), request(&[], 0, 1)], &catalog);
+        let id = |list: &[Scored]| catalog.id_of(list[0].item).map(|i| i.to_string());
+        assert_eq!(id(&lists[0]).as_deref(), Some("4"), "segment 5's favourite");
+        assert_eq!(id(&lists[1]).as_deref(), Some("0"), "global favourite");
+    }
+
+    #[test]
+    fn serving_respects_exclusions_filters_negatives_and_scores_new_items() {
+        let mut model = tiny();
+        let catalog = Catalog::new();
+        let idx = intern_vocab(&model.vocab, &catalog);
+        // A new item the model never saw, with a known genre: scored from its attributes.
+        let (new_item, _) = catalog.put(
+            &ItemId::from("new"),
+            ItemAttributes { categories: vec!["comedy".into()], ..ItemAttributes::default() },
+        );
+        let seen = [idx[1], idx[2]];
+        let all = model.score(&[request(&seen, 0, 10)], &catalog);
+        assert_eq!(all[0].len(), 5, "7 items, 2 seen");
+        assert!(all[0].iter().all(|s| !seen.contains(&s.item)));
+        assert!(all[0].iter().any(|s| s.item == new_item && s.score.is_finite()));
+
+        let comedy = catalog.category_idx("comedy").expect("category");
+        let mut filtered = request(&seen, 0, 10);
+        filtered.categories = Some(vec![comedy]);
+        filtered.negatives = vec![idx[3]];
+        let out = model.score(&[filtered], &catalog);
+        let cats = catalog.categories();
+        assert!(!out[0].is_empty());
+        assert!(out[0].iter().all(|s| cats.of(s.item).contains(&comedy)));
+        assert!(out[0].iter().all(|s| s.item != idx[3]), "disliked item suppressed");
+    }
+}
