@@ -64,6 +64,37 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Train the sequential model on a MovieLens-style dataset (see docs/model.md).
+    Train {
+        /// Dataset directory: RecBole atomic files or GroupLens u.data/u.item/u.user.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Where to write model.safetensors, manifest.json, vocab.json and training.md.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A TOML file with optional [model], [train] and [serve] sections.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Evaluate under the leave-one-out protocol: popularity, and the model if given.
+    Eval {
+        /// Dataset directory: RecBole atomic files or GroupLens u.data/u.item/u.user.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// A model directory written by `liverec train`.
+        #[arg(long, value_name = "DIR")]
+        model: Option<PathBuf>,
+        /// Print one JSON object of metrics (digests and notes go to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Markdown report path (default: report.md in the model directory, else
+        /// reports/eval.md).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +136,10 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Train { data, out, config, quiet } => exit_code(offline::train(&data, &out, config.as_deref(), quiet)),
+        Command::Eval { data, model, json, report } => {
+            exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref()))
+        }
         Command::Schema => {
             println!(
                 "{}",
@@ -136,6 +171,200 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("liverec: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `train` and `eval`: offline work on a dataset, no server.
+mod offline {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use anyhow::Context as _;
+    use liverec::models::data::{Dataset, Layout, Split, ML100K_DIGESTS};
+    use liverec::models::eval::{
+        evaluate, evaluate_all, markdown_report, PartMetrics, PopularityRanker, Ranker, SequentialRanker,
+    };
+    use liverec::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, SequentialModel};
+    use liverec::models::train::{train as train_model, TrainFile};
+
+    fn load(data: &Path) -> anyhow::Result<(Dataset, Layout, Split)> {
+        let (dataset, layout) = Dataset::load(data)?;
+        let split = Split::leave_one_out(&dataset.sequences);
+        eprintln!(
+            "data: {} ({layout:?} layout): {} users, {} items, {} interactions",
+            data.display(),
+            dataset.users.len(),
+            dataset.items.len(),
+            dataset.interactions()
+        );
+        Ok((dataset, layout, split))
+    }
+
+    /// Prints the split's digests and whether they are MovieLens-100K's reference ones.
+    fn digest_notes(dataset: &Dataset, split: &Split) -> Vec<String> {
+        let digests = split.digests(dataset);
+        let matches = digests.iter().zip(ML100K_DIGESTS).all(|((_, n, d), (_, rn, rd))| *n == rn && d == rd);
+        let mut notes: Vec<String> =
+            digests.iter().map(|(part, n, d)| format!("split {part}: {n} lines, sha256 {d}")).collect();
+        notes.push(if matches {
+            "split digests match the MovieLens-100K reference split".to_owned()
+        } else {
+            "split digests differ from the MovieLens-100K reference (expected for other data)".to_owned()
+        });
+        for note in &notes {
+            eprintln!("{note}");
+        }
+        notes
+    }
+
+    fn write_report(path: &Path, text: &str) -> anyhow::Result<()> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("report: {}", path.display());
+        Ok(())
+    }
+
+    fn print_table(results: &BTreeMap<String, PartMetrics>) {
+        println!(
+            "{:<12} {:<6} {:>7} {:>8} {:>7} {:>7} {:>8}",
+            "model", "part", "HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20"
+        );
+        for (name, m) in results {
+            for (part, m) in [("test", m.test), ("valid", m.valid)] {
+                println!(
+                    "{name:<12} {part:<6} {:>7.4} {:>8.4} {:>7.4} {:>7.4} {:>8.4}",
+                    m.hr10, m.ndcg10, m.mrr10, m.hr20, m.ndcg20
+                );
+            }
+        }
+    }
+
+    pub fn train(data: &Path, out: &Path, config: Option<&Path>, quiet: bool) -> anyhow::Result<()> {
+        liverec::models::keep_freed_memory();
+        let file: TrainFile = match config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => TrainFile::default(),
+        };
+        let (dataset, layout, split) = load(data)?;
+        let mut notes = digest_notes(&dataset, &split);
+        let mut trained = train_model(&dataset, &split, &file, !quiet)?;
+        let seconds = trained.summary.seconds;
+        eprintln!(
+            "trained in {seconds:.1} s: {} epochs, best epoch {} (valid ndcg@10 {:.4})",
+            trained.summary.epochs_run, trained.summary.best_epoch, trained.valid.ndcg10
+        );
+
+        // Test metrics are computed after model selection, for the record only.
+        let test = {
+            let mut ranker = SequentialRanker::new(&mut trained.model, &dataset, "sasrec");
+            evaluate(&dataset, &split, liverec::models::data::Part::Test, &mut ranker, 512)?
+        };
+        let (first, last) = dataset.time_window().unzip();
+        let now = liverec::event::now_ms() / 1000;
+        let mut manifest = Manifest {
+            format: String::new(),
+            version: String::new(),
+            created_at: rfc3339(now),
+            config: trained.model.config.clone(),
+            serve: trained.model.serve.clone(),
+            data: DataWindow {
+                source: data.display().to_string(),
+                layout: Some(layout),
+                users: dataset.users.len(),
+                items: dataset.items.len(),
+                interactions: dataset.interactions(),
+                train_interactions: split.train_interactions(),
+                first_timestamp: first,
+                last_timestamp: last,
+                split: "leave-one-out by user: last = test, second-to-last = valid".to_owned(),
+            },
+            metrics: SavedMetrics { valid: Some(trained.valid), test: Some(test) },
+            training: trained.summary.clone(),
+            weights_sha256: String::new(),
+        };
+        trained.model.save(out, &mut manifest)?;
+        eprintln!("saved {} to {}", manifest.version, out.display());
+
+        let mut pop = PopularityRanker::new(&dataset, &split);
+        let mut results = evaluate_all(&dataset, &split, &mut [&mut pop], 512)?;
+        results.insert("sasrec".to_owned(), PartMetrics { test, valid: trained.valid });
+        print_table(&results);
+        notes.push(format!(
+            "model {}: trained in {seconds:.1} s, {} epochs, best epoch {}",
+            manifest.version, trained.summary.epochs_run, trained.summary.best_epoch
+        ));
+        let mut report = markdown_report("liverec train: evaluation", &results, &notes);
+        report.push_str(
+            "
+## Training log
+
+| epoch | loss | valid NDCG@10 | seconds |
+|---|---|---|---|
+",
+        );
+        for e in &trained.log {
+            report.push_str(&format!(
+                "| {} | {:.4} | {} | {:.1} |
+",
+                e.epoch,
+                e.loss,
+                e.valid_ndcg10.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}")),
+                e.seconds
+            ));
+        }
+        write_report(&out.join("training.md"), &report)
+    }
+
+    pub fn eval(data: &Path, model_dir: Option<&Path>, json: bool, report: Option<&Path>) -> anyhow::Result<()> {
+        liverec::models::keep_freed_memory();
+        let (dataset, _, split) = load(data)?;
+        let mut notes = digest_notes(&dataset, &split);
+        let mut pop = PopularityRanker::new(&dataset, &split);
+        let mut loaded = match model_dir {
+            Some(dir) => {
+                let (model, manifest) =
+                    SequentialModel::load(dir).with_context(|| format!("loading model from {}", dir.display()))?;
+                notes.push(format!("model: {} ({})", manifest.version, dir.display()));
+                Some(model)
+            }
+            None => None,
+        };
+        let started = std::time::Instant::now();
+        let results = match loaded.as_mut() {
+            Some(model) => {
+                let mut ranker = SequentialRanker::new(model, &dataset, "sasrec");
+                let rankers: &mut [&mut dyn Ranker] = &mut [&mut pop, &mut ranker];
+                evaluate_all(&dataset, &split, rankers, 512)?
+            }
+            None => evaluate_all(&dataset, &split, &mut [&mut pop], 512)?,
+        };
+        notes.push(format!("evaluated in {:.2} s", started.elapsed().as_secs_f64()));
+        if json {
+            println!("{}", serde_json::to_string(&results)?);
+        } else {
+            print_table(&results);
+        }
+        let path: PathBuf = match (report, model_dir) {
+            (Some(path), _) => path.to_owned(),
+            (None, Some(dir)) => dir.join("report.md"),
+            (None, None) => PathBuf::from("reports/eval.md"),
+        };
+        write_report(&path, &markdown_report("liverec eval", &results, &notes))
     }
 }
 
