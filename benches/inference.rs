@@ -1,1 +1,114 @@
-fn main() {}
+//! Batched inference of the sequential model: users scored per second against the full
+//! MovieLens-100K-sized catalogue (1,682 items), each with a history of 50 items, K = 10.
+//!
+//! The model has the default shape with seeded random weights (throughput does not depend on
+//! what the weights learned) so the benchmark needs no download. Two paths, by batch size:
+//! - `forward`: the network alone, `[B, 50]` histories to `[B, 1682]` scores;
+//! - `score`: the serving path of the `Recommender` trait: the forward pass plus the
+//!   popularity blend, seen-item exclusion and top-10 selection per user.
+//!
+//! The process keeps freed memory (`models::keep_freed_memory`), as a server running the model
+//! should. Run: `cargo bench --bench inference` (criterion reports `elements/s`, i.e. users/s).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use liverec::catalog::Catalog;
+use liverec::event::EventType;
+use liverec::models::sasrec::Config;
+use liverec::models::sequential::{intern_vocab, Popularity, Query, SequentialModel, ServeConfig, Token, Vocab};
+use liverec::models::{HistoryItem, Recommender, ScoreRequest};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const ITEMS: usize = 1682;
+const GENRES: usize = 19;
+const HISTORY: usize = 50;
+const K: usize = 10;
+const BATCHES: [usize; 5] = [1, 16, 64, 256, 1024];
+
+fn model() -> SequentialModel {
+    let mut rng = SmallRng::seed_from_u64(1);
+    let vocab = Vocab {
+        items: (1..=ITEMS).map(|i| i.to_string()).collect(),
+        item_genres: (0..ITEMS).map(|_| vec![rng.random_range(0..GENRES as u16)]).collect(),
+        item_years: (0..ITEMS).map(|_| Some(rng.random_range(1930..1999))).collect(),
+        genres: (0..GENRES).map(|g| format!("genre{g}")).collect(),
+        occupations: vec!["other".to_owned()],
+        popularity: Popularity {
+            global: (0..ITEMS).map(|_| rng.random_range(1.0..500.0)).collect(),
+            by_segment: vec![vec![1.0; ITEMS]; liverec::event::Context::SEGMENTS],
+        },
+    };
+    SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid")
+}
+
+fn histories(n: usize, rng: &mut SmallRng) -> Vec<Vec<u32>> {
+    (0..n).map(|_| (0..HISTORY).map(|_| rng.random_range(0..ITEMS as u32)).collect()).collect()
+}
+
+fn bench_inference(c: &mut Criterion) {
+    liverec::models::keep_freed_memory();
+    let mut model = model();
+    let catalog = Catalog::new();
+    let catalog_idx = intern_vocab(&model.vocab, &catalog);
+    let mut rng = SmallRng::seed_from_u64(2);
+    let largest = BATCHES.iter().copied().max().unwrap_or(1);
+    let users = histories(largest, &mut rng);
+
+    let mut group = c.benchmark_group("inference");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(4));
+    for batch in BATCHES {
+        group.throughput(Throughput::Elements(batch as u64));
+
+        let queries: Vec<Query> = users[..batch]
+            .iter()
+            .map(|h| Query {
+                history: h.iter().map(|&i| Token { item: i + 1, hour: 2, feedback: 4 }).collect(),
+                segment: 18,
+                user: [0, 0, 0],
+            })
+            .collect();
+        group.bench_with_input(BenchmarkId::new("forward", batch), &queries, |b, q| {
+            b.iter(|| black_box(model.forward(q).expect("forward")))
+        });
+
+        let requests: Vec<ScoreRequest> = users[..batch]
+            .iter()
+            .map(|h| {
+                let history: Vec<HistoryItem> = h
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &i)| HistoryItem {
+                        item: catalog_idx[i as usize],
+                        event_type: EventType::Rating,
+                        value: Some(4.0),
+                        timestamp: 1_700_000_000_000 + t as i64 * 60_000,
+                    })
+                    .collect();
+                ScoreRequest {
+                    exclude: history.iter().map(|h| h.item).collect(),
+                    history: Arc::from(history),
+                    segment: 18,
+                    negatives: Vec::new(),
+                    categories: None,
+                    k: K,
+                }
+            })
+            .collect();
+        group.bench_with_input(BenchmarkId::new("score", batch), &requests, |b, r| {
+            b.iter(|| {
+                let lists = model.score(r, &catalog);
+                assert_eq!(lists.len(), r.len());
+                black_box(lists)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_inference);
+criterion_main!(benches);
