@@ -242,7 +242,7 @@ impl Atomic {
     }
 }
 
-fn field<'a>(row: &'a [String], col: Option<usize>) -> Option<&'a str> {
+fn field(row: &[String], col: Option<usize>) -> Option<&str> {
     col.and_then(|c| row.get(c)).map(|s| s.trim()).filter(|s| !s.is_empty())
 }
 

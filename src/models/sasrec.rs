@@ -131,7 +131,7 @@ impl Default for Config {
 impl Config {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(SasRecError::Config(m.to_owned()));
-        if self.hidden == 0 || self.heads == 0 || self.hidden % self.heads != 0 {
+        if self.hidden == 0 || self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             return bad("hidden must be a positive multiple of heads");
         }
         if self.layers == 0 || self.max_len == 0 || self.inner == 0 {
@@ -762,7 +762,7 @@ mod tests {
             context: vec![7, 8],
             user: [1, 2, 0],
         };
-        let batch = SeqBatch::new(&[input.clone()], 4, false).expect("batch");
+        let batch = SeqBatch::new(std::slice::from_ref(&input), 4, false).expect("batch");
         assert_eq!(batch.items.to_vec2::<u32>().expect("items"), vec![vec![0, 0, 3, 5]]);
         assert_eq!(batch.context.to_vec2::<u32>().expect("ctx"), vec![vec![0, 0, 7, 8]]);
         let mask: Vec<&[f32]> = batch.mask.chunks(4).collect();
@@ -792,7 +792,7 @@ mod tests {
             context: vec![1, 2, 3],
             user: [1, 1, 1],
         };
-        let full = SeqBatch::new(&[input.clone()], 4, false).expect("batch");
+        let full = SeqBatch::new(std::slice::from_ref(&input), 4, false).expect("batch");
         let q_full = net
             .encode(&full, &table, false, &mut Mode::Eval)
             .and_then(|q| Ok(q.narrow(1, 3, 1)?.flatten_all()?.to_vec1::<f32>()?))

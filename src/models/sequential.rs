@@ -668,13 +668,13 @@ impl SequentialModel {
 #[inline]
 fn fast_exp(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
-    let t = (x * std::f32::consts::LOG2_E).max(-126.0).min(126.0);
+    let t = (x * std::f32::consts::LOG2_E).clamp(-126.0, 126.0);
     let r = t + MAGIC;
     let n_bits = r.to_bits().wrapping_sub(MAGIC.to_bits()); // the integer n, two's complement
     let f = t - (r - MAGIC); // in [-0.5, 0.5]
                              // 2^f, Taylor polynomial of degree 6 (relative error about 1e-7 on [-0.5, 0.5]).
     let p = 1.0
-        + f * (0.693_147_2
+        + f * (std::f32::consts::LN_2
             + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
     f32::from_bits(p.to_bits().wrapping_add(n_bits << 23))
 }

@@ -287,7 +287,7 @@ pub fn train(dataset: &Dataset, split: &Split, file: &TrainFile, show_progress: 
     let vocab = Vocab::from_dataset(dataset, &split.train);
     let mut model = SequentialModel::new(file.model.clone(), file.serve.clone(), vocab, cfg.seed)?;
     let len = model.config.max_len;
-    let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5eed_0f_da7a);
+    let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5EED_DA7A);
 
     let seqs: Vec<UserSeq> = split
         .train
