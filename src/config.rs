@@ -141,12 +141,17 @@ pub struct RecsConfig {
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
     Cooccurrence,
+    Sequential,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub kind: ModelKind,
+    /// Folder of trained versions (one sub-directory each).
+    pub registry_dir: std::path::PathBuf,
+    /// Version served at start-up with `kind = "sequential"`: a sub-directory name, or "latest".
+    pub version: String,
     pub max_batch: usize,
     /// Longest a scoring request waits for a fuller batch, in microseconds (0: none).
     pub max_wait_us: u64,

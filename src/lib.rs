@@ -53,6 +53,8 @@ pub enum StartError {
     Kafka(String),
     #[error("redis: {0}")]
     Redis(String),
+    #[error("model: {0}")]
+    Model(String),
 }
 
 /// A running liverec server.
@@ -69,13 +71,19 @@ pub struct Server {
     _kafka_ingest: Option<actix::Addr<KafkaIngestActor>>,
 }
 
-fn model_factory(config: &Config) -> ModelFactory {
-    let kind = config.model.kind;
+/// Builds the serving model again if the inference thread has to start over: a fresh online
+/// model, or the same registry version reloaded.
+fn model_factory(config: &Config, catalog: &Arc<Catalog>, path: Option<std::path::PathBuf>) -> ModelFactory {
     let cooc = config.model.cooccurrence.clone();
+    let catalog = catalog.clone();
     Arc::new(move || -> Box<dyn Recommender> {
-        match kind {
-            ModelKind::Cooccurrence => Box::new(CoocModel::new(cooc.clone())),
+        if let Some(path) = &path {
+            match models::registry::load(path, &catalog) {
+                Ok(model) => return Box::new(model),
+                Err(error) => tracing::error!(error = %error, "cannot reload the model; serving the online baseline"),
+            }
         }
+        Box::new(CoocModel::new(cooc.clone()))
     })
 }
 
@@ -86,19 +94,33 @@ impl Server {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let catalog = Arc::new(Catalog::new());
-        let factory = model_factory(&config);
-        let mut model = factory();
         if config.demo.enabled {
             demo::load_catalog(&catalog, config.demo.items, config.demo.seed);
-            let observations =
-                demo::warmup_observations(&catalog, config.demo.items, config.demo.users, config.demo.seed);
-            model.observe(&observations);
-            tracing::info!(
-                items = catalog.len(),
-                sessions = observations.len(),
-                "demo catalogue loaded and model warmed"
-            );
         }
+        let (model, factory): (Box<dyn Recommender>, ModelFactory) = match config.model.kind {
+            ModelKind::Cooccurrence => {
+                let mut model = CoocModel::new(config.model.cooccurrence.clone());
+                if config.demo.enabled {
+                    let observations =
+                        demo::warmup_observations(&catalog, config.demo.items, config.demo.users, config.demo.seed);
+                    model.observe(&observations);
+                    tracing::info!(
+                        items = catalog.len(),
+                        sessions = observations.len(),
+                        "demo catalogue loaded and model warmed"
+                    );
+                }
+                (Box::new(model), model_factory(&config, &catalog, None))
+            }
+            ModelKind::Sequential => {
+                models::keep_freed_memory();
+                let path = models::registry::resolve(&config.model.registry_dir, &config.model.version)
+                    .map_err(|e| StartError::Model(e.to_string()))?;
+                let model = models::registry::load(&path, &catalog).map_err(|e| StartError::Model(e.to_string()))?;
+                tracing::info!(version = model.version(), path = %path.display(), "sequential model loaded");
+                (Box::new(model), model_factory(&config, &catalog, Some(path)))
+            }
+        };
 
         let arbiter_count = match config.session.arbiters {
             0 => Config::cores(),

@@ -1,6 +1,7 @@
 //! The HTTP API: one file per resource, each with a `configure(cfg)`, sharing [`AppState`] and the
 //! single error mapping in [`error`].
 
+pub mod admin;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -63,6 +64,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(items::configure)
     .configure(monitor::configure)
     .configure(users::configure)
+    .configure(admin::configure)
     .configure(health::configure);
 }
 

@@ -6,6 +6,7 @@ pub mod data;
 pub mod eval;
 pub mod metrics;
 pub mod ops;
+pub mod registry;
 pub mod sasrec;
 pub mod sequential;
 pub mod train;

@@ -7,6 +7,7 @@ mod cli;
 mod deploy_files;
 mod fanout;
 mod lifecycle;
+mod models;
 mod monitor;
 mod production;
 mod streams;

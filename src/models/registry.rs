@@ -1,0 +1,105 @@
+//! The model registry: a folder with one sub-directory per trained version (weights, vocabulary
+//! and a manifest written last, so a sub-directory with a manifest is complete). The server loads
+//! the version named in `model.version` (or the newest) at start-up, and can switch to another
+//! one while serving (`POST /v1/admin/models/{name}/activate`).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::sequential::{intern_vocab, Manifest, ModelFileError, SequentialModel, MANIFEST_FILE};
+use crate::catalog::Catalog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("model registry {0} cannot be read: {1}")]
+    Unreadable(PathBuf, std::io::Error),
+    #[error("no model version in {0}; train one with `liverec train --data DIR --out {0}/<name>`")]
+    Empty(PathBuf),
+    #[error("no model version named {name:?} in {dir}")]
+    NotFound { dir: PathBuf, name: String },
+    #[error("model version names are plain directory names, not {0:?}")]
+    BadName(String),
+    #[error(transparent)]
+    File(#[from] ModelFileError),
+}
+
+/// One version in the registry.
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionInfo {
+    /// Directory name inside the registry.
+    pub name: String,
+    /// The version reported with every list (`sasrec-<created>-<digest>`).
+    pub version: String,
+    pub created_at: String,
+    /// Offline metrics recorded at training time (test and validation NDCG@10 and others).
+    pub metrics: serde_json::Value,
+}
+
+fn manifest_of(path: &Path) -> Option<Manifest> {
+    let text = std::fs::read_to_string(path.join(MANIFEST_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Every complete version in `dir`, oldest first. A missing directory is an empty registry.
+pub fn list(dir: &Path) -> Result<Vec<VersionInfo>, RegistryError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(RegistryError::Unreadable(dir.to_owned(), e)),
+    };
+    let mut versions: Vec<VersionInfo> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let manifest = manifest_of(&e.path())?;
+            Some(VersionInfo {
+                name: e.file_name().to_string_lossy().into_owned(),
+                version: manifest.version,
+                created_at: manifest.created_at,
+                metrics: serde_json::to_value(&manifest.metrics).unwrap_or_default(),
+            })
+        })
+        .collect();
+    versions.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+    Ok(versions)
+}
+
+/// The directory of version `wanted` ("latest": the newest).
+pub fn resolve(dir: &Path, wanted: &str) -> Result<PathBuf, RegistryError> {
+    if wanted == "latest" {
+        let newest = list(dir)?.pop().ok_or_else(|| RegistryError::Empty(dir.to_owned()))?;
+        return Ok(dir.join(newest.name));
+    }
+    if wanted.is_empty() || wanted.contains(['/', '\\']) || wanted.starts_with('.') {
+        return Err(RegistryError::BadName(wanted.to_owned()));
+    }
+    let path = dir.join(wanted);
+    if manifest_of(&path).is_none() {
+        return Err(RegistryError::NotFound { dir: dir.to_owned(), name: wanted.to_owned() });
+    }
+    Ok(path)
+}
+
+/// Loads a version and puts the items it knows into the catalogue (with their genres), so that
+/// its lists name real catalogue items. Runs off the inference thread: loading takes a moment.
+pub fn load(path: &Path, catalog: &Catalog) -> Result<SequentialModel, RegistryError> {
+    let (model, _manifest) = SequentialModel::load(path)?;
+    intern_vocab(&model.vocab, catalog);
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_or_missing_registry_says_how_to_fill_it() {
+        let dir = std::env::temp_dir().join(format!("liverec-registry-{}", std::process::id()));
+        assert!(list(&dir).expect("missing is empty").is_empty());
+        let err = resolve(&dir, "latest").expect_err("empty");
+        assert!(err.to_string().contains("liverec train"), "{err}");
+        assert!(matches!(resolve(&dir, "../etc"), Err(RegistryError::BadName(_))));
+        assert!(matches!(resolve(&dir, "v1"), Err(RegistryError::NotFound { .. })));
+    }
+}

@@ -1,0 +1,100 @@
+//! Serving a trained sequential model from the registry, and switching versions while serving.
+
+use std::path::Path;
+
+use liverec::config::ModelKind;
+use liverec::models::data::{DatasetBuilder, Split};
+use liverec::models::sasrec::Config as NetConfig;
+use liverec::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
+use liverec::models::train::{train, TrainConfig, TrainFile};
+use serde_json::json;
+
+use crate::support::*;
+
+/// Trains a tiny model on users walking a cycle of 20 items and saves it as `dir/name`.
+fn train_version(dir: &Path, name: &str, seed: u64, created_secs: i64) -> String {
+    let mut builder = DatasetBuilder::new();
+    for item in 0..20 {
+        builder.item(&format!("seq-{item}"));
+    }
+    for user in 0..30usize {
+        for t in 0..8usize {
+            builder.interaction(&format!("u{user}"), &format!("seq-{}", (user * 7 + t) % 20), t as i64 * 60, Some(4.0));
+        }
+    }
+    let dataset = builder.build();
+    let split = Split::leave_one_out(&dataset.sequences);
+    let file = TrainFile {
+        model: NetConfig {
+            hidden: 16,
+            layers: 1,
+            heads: 2,
+            inner: 32,
+            max_len: 8,
+            dropout: 0.0,
+            ..NetConfig::default()
+        },
+        train: TrainConfig { seed, epochs: 3, patience: 0, batch_size: 16, eval_every: 3, ..TrainConfig::default() },
+        serve: ServeConfig::default(),
+    };
+    let mut trained = train(&dataset, &split, &file, false).expect("trains");
+    let mut manifest = Manifest {
+        format: String::new(),
+        version: String::new(),
+        created_at: rfc3339(created_secs),
+        config: trained.model.config.clone(),
+        serve: trained.model.serve.clone(),
+        data: DataWindow::default(),
+        metrics: SavedMetrics { valid: Some(trained.valid), test: None },
+        training: trained.summary.clone(),
+        weights_sha256: String::new(),
+    };
+    trained.model.save(&dir.join(name), &mut manifest).expect("saves");
+    manifest.version
+}
+
+#[actix_rt::test]
+async fn a_trained_version_serves_and_another_replaces_it_while_serving() {
+    let dir = std::env::temp_dir().join(format!("liverec-registry-it-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let v1 = train_version(&dir, "v1", 1, 1_700_000_000);
+    let v2 = train_version(&dir, "v2", 2, 1_700_000_100);
+    assert_ne!(v1, v2);
+
+    let mut config = test_config();
+    config.model.kind = ModelKind::Sequential;
+    config.model.registry_dir = dir.clone();
+    config.model.version = "v1".into();
+    let server = start(config).await;
+
+    let listed = get(&server, "/v1/admin/models").await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.body["serving"], json!(v1));
+    let names: Vec<&str> = listed.body["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| v["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["v1", "v2"]);
+
+    let mut sse = SseStream::connect(&server, "walker", None).await;
+    let first = sse.next_list().await;
+    assert_eq!(first["model_version"], json!(v1));
+    assert_eq!(get(&server, "/v1/items/seq-3").await.status, 200, "the model's items are in the catalogue");
+
+    let activated = post_json(&server, "/v1/admin/models/v2/activate", &json!({})).await;
+    assert_eq!(activated.status, 200, "{}", activated.body);
+    assert_eq!(activated.body["serving"], json!(v2));
+    post_events(&server, json!({ "user_id": "walker", "item_id": "seq-3", "event_type": "click" })).await;
+    let next = sse.next_list().await;
+    assert_eq!(next["model_version"], json!(v2), "lists after the swap come from the new version");
+    assert!(!items(&next).contains(&"seq-3".to_owned()));
+
+    let missing = post_json(&server, "/v1/admin/models/v9/activate", &json!({})).await;
+    assert_eq!((missing.status, missing.body["error"]["code"].clone()), (404, json!("model_not_found")));
+    let sneaky = post_json(&server, "/v1/admin/models/..hidden/activate", &json!({})).await;
+    assert_eq!((sneaky.status, sneaky.body["error"]["code"].clone()), (400, json!("invalid_model_name")));
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
