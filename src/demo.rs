@@ -100,3 +100,70 @@ pub fn warmup_observations(catalog: &Catalog, items: usize, users: usize, seed: 
     }
     observations
 }
+
+/// The demo browsing sessions as a training dataset for the sequential model (views rate 3,
+/// clicks 4; one step a minute), with the demo items' genres and release years.
+pub fn training_dataset(catalog: &Catalog, items: usize, users: usize, seed: u64) -> crate::models::data::Dataset {
+    let mut builder = crate::models::data::DatasetBuilder::new();
+    for i in 0..items {
+        let id = item_id(i);
+        if let Some(view) = catalog.get(&id) {
+            let genres: Vec<&str> = view.attributes.categories.iter().map(String::as_str).collect();
+            let year = view.attributes.tags.iter().find_map(|t| t.strip_prefix("year-")).and_then(|y| y.parse().ok());
+            builder.item_attributes(id.as_str(), view.attributes.title.clone(), &genres, year);
+        }
+    }
+    for (u, observation) in warmup_observations(catalog, items, users, seed).into_iter().enumerate() {
+        let indices: Vec<_> = observation.new.iter().map(|h| h.item).collect();
+        for (h, id) in observation.new.iter().zip(catalog.ids_of(&indices)) {
+            let rating = if h.event_type == EventType::Click { 4.0 } else { 3.0 };
+            builder.interaction(&format!("demo-user-{u}"), id.as_str(), h.timestamp * 60, Some(rating));
+        }
+    }
+    builder.build()
+}
+
+/// Trains a small sequential model on the demo sessions and saves it as `registry/demo`, so that
+/// `model.kind = "sequential"` works out of the box without a download. Takes a few seconds on
+/// two cores; the server serves the online model meanwhile.
+pub fn train_sequential(
+    catalog: &Catalog,
+    items: usize,
+    users: usize,
+    seed: u64,
+    registry: &std::path::Path,
+) -> Result<std::path::PathBuf, String> {
+    use crate::models::data::Split;
+    use crate::models::sasrec::Config as NetConfig;
+    use crate::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
+    use crate::models::train::{train, TrainConfig, TrainFile};
+
+    let dataset = training_dataset(catalog, items, users.min(800), seed);
+    let split = Split::leave_one_out(&dataset.sequences);
+    let file = TrainFile {
+        model: NetConfig { hidden: 32, layers: 1, heads: 2, inner: 64, max_len: 20, ..NetConfig::default() },
+        train: TrainConfig { seed, epochs: 4, patience: 0, eval_every: 4, ..TrainConfig::default() },
+        serve: ServeConfig::default(),
+    };
+    let mut trained = train(&dataset, &split, &file, false).map_err(|e| e.to_string())?;
+    let mut manifest = Manifest {
+        format: String::new(),
+        version: String::new(),
+        created_at: rfc3339(crate::event::now_ms() / 1000),
+        config: trained.model.config.clone(),
+        serve: trained.model.serve.clone(),
+        data: DataWindow {
+            source: "demo sessions (generated)".into(),
+            users: dataset.users.len(),
+            items: dataset.items.len(),
+            interactions: dataset.interactions(),
+            ..DataWindow::default()
+        },
+        metrics: SavedMetrics { valid: Some(trained.valid), test: None },
+        training: trained.summary.clone(),
+        weights_sha256: String::new(),
+    };
+    let dir = registry.join("demo");
+    trained.model.save(&dir, &mut manifest).map_err(|e| e.to_string())?;
+    Ok(dir)
+}

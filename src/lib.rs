@@ -97,6 +97,7 @@ impl Server {
         if config.demo.enabled {
             demo::load_catalog(&catalog, config.demo.items, config.demo.seed);
         }
+        let mut train_demo = false;
         let (model, factory): (Box<dyn Recommender>, ModelFactory) = match config.model.kind {
             ModelKind::Cooccurrence => {
                 let mut model = CoocModel::new(config.model.cooccurrence.clone());
@@ -114,11 +115,28 @@ impl Server {
             }
             ModelKind::Sequential => {
                 models::keep_freed_memory();
-                let path = models::registry::resolve(&config.model.registry_dir, &config.model.version)
-                    .map_err(|e| StartError::Model(e.to_string()))?;
-                let model = models::registry::load(&path, &catalog).map_err(|e| StartError::Model(e.to_string()))?;
-                tracing::info!(version = model.version(), path = %path.display(), "sequential model loaded");
-                (Box::new(model), model_factory(&config, &catalog, Some(path)))
+                match models::registry::resolve(&config.model.registry_dir, &config.model.version) {
+                    Ok(path) => {
+                        let model =
+                            models::registry::load(&path, &catalog).map_err(|e| StartError::Model(e.to_string()))?;
+                        tracing::info!(version = model.version(), path = %path.display(), "sequential model loaded");
+                        (Box::new(model), model_factory(&config, &catalog, Some(path)))
+                    }
+                    // An empty registry in the embedded demo: serve the online model at once, and
+                    // train a small sequential one on the demo sessions in the background.
+                    Err(models::registry::RegistryError::Empty(_)) if config.demo.enabled => {
+                        train_demo = true;
+                        let mut model = CoocModel::new(config.model.cooccurrence.clone());
+                        model.observe(&demo::warmup_observations(
+                            &catalog,
+                            config.demo.items,
+                            config.demo.users,
+                            config.demo.seed,
+                        ));
+                        (Box::new(model), model_factory(&config, &catalog, None))
+                    }
+                    Err(error) => return Err(StartError::Model(error.to_string())),
+                }
             }
         };
 
@@ -138,6 +156,31 @@ impl Server {
             config.model.mailbox_capacity,
             &handles[0],
         );
+        if train_demo {
+            let (catalog, model, config) = (catalog.clone(), model_addr.clone(), config.clone());
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let trained = demo::train_sequential(
+                    &catalog,
+                    config.demo.items,
+                    config.demo.users,
+                    config.demo.seed,
+                    &config.model.registry_dir,
+                )
+                .and_then(|path| models::registry::load(&path, &catalog).map_err(|e| e.to_string()));
+                match trained {
+                    Ok(sequential) => {
+                        tracing::info!(
+                            version = sequential.version(),
+                            seconds = started.elapsed().as_secs_f64(),
+                            "demo sequential model trained; swapping it in"
+                        );
+                        model.do_send(actors::model::SwapModel { model: Box::new(sequential) });
+                    }
+                    Err(error) => tracing::error!(error = %error, "demo sequential model not trained"),
+                }
+            });
+        }
         // A thread of its own for I/O that must never wait behind sessions: the store writer,
         // the update fan-out and the Kafka consumer.
         let io = Arbiter::new();

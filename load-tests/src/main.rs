@@ -62,6 +62,16 @@ struct RestArgs {
     kafka_brokers: Option<String>,
     #[arg(long, default_value = "liverec.events")]
     kafka_topic: String,
+    /// Item ids are `<prefix><n>`, n in 0..items, zero-padded to `--item-pad` digits
+    /// (MovieLens ids: `--item-prefix '' --item-pad 0 --items 1682 --item-base 1`).
+    #[arg(long, default_value = "item-")]
+    item_prefix: String,
+    #[arg(long, default_value_t = 4)]
+    item_pad: usize,
+    #[arg(long, default_value_t = 500)]
+    items: u64,
+    #[arg(long, default_value_t = 0)]
+    item_base: u64,
     /// Write report.json here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -257,7 +267,8 @@ async fn rest(args: RestArgs) -> anyhow::Result<Value> {
         while sent < due {
             let user = &users[(sent as usize * 7919) % users.len()];
             let id = format!("{user}-{run}-{sent}");
-            let item = format!("item-{:04}", (sent * 31) % 500);
+            let n = args.item_base + (sent * 31) % args.items.max(1);
+            let item = format!("{}{:0width$}", args.item_prefix, n, width = args.item_pad);
             let event = json!({ "user_id": user, "item_id": item, "event_type": "view", "event_id": id });
             pending.borrow_mut().entry(user.clone()).or_default().push_back((id, Instant::now()));
             sent += 1;
