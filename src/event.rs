@@ -277,6 +277,20 @@ pub fn check_id(field: &str, value: &str, max_len: usize) -> Result<(), InvalidE
 }
 
 impl EventIn {
+    /// An event with only the required fields set.
+    pub fn new(user_id: impl Into<String>, item_id: impl Into<String>, event_type: EventType) -> Self {
+        Self {
+            user_id: user_id.into(),
+            item_id: item_id.into(),
+            event_type,
+            value: None,
+            timestamp: None,
+            event_id: None,
+            rec_id: None,
+            context: None,
+        }
+    }
+
     /// Validates and enriches the event. `now` is the server time in ms (the default timestamp).
     pub fn validate(self, limits: &EventLimits, now: i64) -> Result<Event, InvalidEvent> {
         check_id("user_id", &self.user_id, limits.max_id_len)?;
@@ -369,16 +383,7 @@ mod tests {
     }
 
     fn event(user: &str, item: &str) -> EventIn {
-        EventIn {
-            user_id: user.into(),
-            item_id: item.into(),
-            event_type: EventType::Click,
-            value: None,
-            timestamp: None,
-            event_id: None,
-            rec_id: None,
-            context: None,
-        }
+        EventIn::new(user, item, EventType::Click)
     }
 
     #[test]

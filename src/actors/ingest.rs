@@ -102,20 +102,7 @@ mod tests {
     fn groups_keep_order() {
         let limits =
             EventLimits { max_id_len: 8, max_context_attributes: 0, max_context_key_len: 1, max_context_value_len: 1 };
-        let ev = |u: &str, i: &str| {
-            EventIn {
-                user_id: u.into(),
-                item_id: i.into(),
-                event_type: EventType::View,
-                value: None,
-                timestamp: None,
-                event_id: None,
-                rec_id: None,
-                context: None,
-            }
-            .validate(&limits, 1)
-            .expect("valid")
-        };
+        let ev = |u: &str, i: &str| EventIn::new(u, i, EventType::View).validate(&limits, 1).expect("valid");
         let groups = by_user(vec![ev("b", "1"), ev("a", "2"), ev("b", "3")]);
         let shape: Vec<(String, Vec<String>)> =
             groups.iter().map(|(u, es)| (u.to_string(), es.iter().map(|e| e.item_id.to_string()).collect())).collect();

@@ -126,16 +126,7 @@ fn from_avro(value: AvroValue) -> Result<EventIn, DecodeError> {
         return Err(DecodeError::Avro("not a record".into()));
     };
     let bad = |field: &str| DecodeError::Avro(format!("field {field} has an unexpected type"));
-    let mut event = EventIn {
-        user_id: String::new(),
-        item_id: String::new(),
-        event_type: EventType::View,
-        value: None,
-        timestamp: None,
-        event_id: None,
-        rec_id: None,
-        context: None,
-    };
+    let mut event = EventIn::new(String::new(), String::new(), EventType::View);
     let mut context = ContextIn::default();
     for (name, value) in fields {
         let value = match value {

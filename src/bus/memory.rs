@@ -55,23 +55,8 @@ mod tests {
     fn batch(users: &[&str]) -> EventBatch {
         let limits =
             EventLimits { max_id_len: 64, max_context_attributes: 1, max_context_key_len: 8, max_context_value_len: 8 };
-        let events = users
-            .iter()
-            .map(|u| {
-                EventIn {
-                    user_id: (*u).into(),
-                    item_id: "i".into(),
-                    event_type: EventType::View,
-                    value: None,
-                    timestamp: None,
-                    event_id: None,
-                    rec_id: None,
-                    context: None,
-                }
-                .validate(&limits, 1)
-                .expect("valid")
-            })
-            .collect();
+        let events =
+            users.iter().map(|u| EventIn::new(*u, "i", EventType::View).validate(&limits, 1).expect("valid")).collect();
         EventBatch { events, received: Instant::now() }
     }
 

@@ -2,8 +2,8 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::error::{json_error, ApiError};
-use super::{read_json_body, AppState};
+use super::error::ApiError;
+use super::{decode_json_body, AppState};
 use crate::catalog::ItemAttributes;
 use crate::event::{check_id, ItemId};
 
@@ -30,10 +30,8 @@ async fn put_item(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = item_id(&path, &state)?;
-    let body = read_json_body(&req, payload, state.config.server.max_body_bytes).await?;
-    let mut de = serde_json::Deserializer::from_slice(&body);
     let attributes: ItemAttributes =
-        serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_item"))?;
+        decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_item").await?;
     attributes.validate()?;
     let (_, created) = state.catalog.put(&id, attributes);
     let view = state.catalog.get(&id).expect("just put");

@@ -122,3 +122,19 @@ pub async fn read_json_body(
     }
     Ok(body.freeze())
 }
+
+/// Reads and decodes a JSON request body into `T`: 415/413 as [`read_json_body`], 400 for bytes
+/// that are not JSON, 422 with the `invalid` code and the field for JSON of the wrong shape.
+pub async fn decode_json_body<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+    invalid: &'static str,
+) -> Result<T, ApiError> {
+    let body = read_json_body(req, payload, limit).await?;
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| error::json_error(e, invalid))?;
+    de.end()
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON value: {e}")))?;
+    Ok(value)
+}

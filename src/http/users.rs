@@ -5,8 +5,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::error::{json_error, ApiError};
-use super::{read_json_body, AppState};
+use super::error::ApiError;
+use super::{decode_json_body, AppState};
 use crate::actors::messages::{MergeHistory, Snapshot, TakeHistory};
 use crate::event::UserId;
 use crate::store::{ProfileUpdate, StoreError};
@@ -29,10 +29,8 @@ async fn merge(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
-    let body = read_json_body(&req, payload, state.config.server.max_body_bytes).await?;
-    let mut de = serde_json::Deserializer::from_slice(&body);
     let request: MergeRequest =
-        serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_merge"))?;
+        decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_merge").await?;
     let from = state
         .user_id(&request.from, "from")
         .map_err(|e| ApiError { status: actix_web::http::StatusCode::UNPROCESSABLE_ENTITY, ..e })?;
