@@ -42,6 +42,9 @@ impl Counter {
 pub struct Gauge(AtomicI64);
 
 impl Gauge {
+    pub fn set(&self, value: i64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
@@ -144,6 +147,8 @@ pub struct Metrics {
     pub kafka_restarts: Counter,
     /// Transient consumption errors the consumer carried on after.
     pub kafka_errors: Counter,
+    /// Records behind the end of the partitions this instance consumes (from librdkafka statistics).
+    pub kafka_lag: Gauge,
     /// Lists received from other instances and forwarded to local subscribers.
     pub fanout_received: Counter,
     /// Served lists, attributed clicks and conversions, monitor breaches, reports refused.
@@ -192,6 +197,7 @@ impl Default for Metrics {
             kafka_paused: Counter::default(),
             kafka_restarts: Counter::default(),
             kafka_errors: Counter::default(),
+            kafka_lag: Gauge::default(),
             fanout_received: Counter::default(),
             monitor_impressions: Counter::default(),
             monitor_clicks: Counter::default(),
@@ -352,6 +358,11 @@ impl Metrics {
             "liverec_kafka_consumer_restarts_total",
             "Restarts of a failed Kafka consumer by its supervisor.",
             &[("", &self.kafka_restarts)],
+        );
+        out.gauge(
+            "liverec_kafka_consumer_lag_records",
+            "Records behind the end of the partitions this instance consumes.",
+            &[("", self.kafka_lag.get())],
         );
         out.counter(
             "liverec_kafka_consumer_errors_total",

@@ -80,7 +80,17 @@ struct IngestContext {
     metrics: Arc<Metrics>,
 }
 
-impl ClientContext for IngestContext {}
+impl ClientContext for IngestContext {
+    /// librdkafka's periodic statistics: the consumer lag of the partitions this instance owns.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .get(&self.topic)
+            .map(|topic| topic.partitions.values().filter(|p| p.partition >= 0).map(|p| p.consumer_lag.max(0)).sum())
+            .unwrap_or(0);
+        self.metrics.kafka_lag.set(lag);
+    }
+}
 
 impl ConsumerContext for IngestContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -9,5 +9,6 @@ mod fanout;
 mod lifecycle;
 mod models;
 mod monitor;
+mod observability;
 mod production;
 mod streams;
