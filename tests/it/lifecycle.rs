@@ -162,14 +162,8 @@ async fn sse_resumes_from_last_event_id_and_shutdown_closes_streams() {
     ws.next_of_type("recommendations").await;
 
     let stopping = actix_rt::spawn(server.stop());
-    let close = loop {
-        match ws.next_frame().await {
-            Some(ws::Frame::Close(reason)) => break reason,
-            Some(_) => continue,
-            None => panic!("socket ended without a close frame"),
-        }
-    };
-    assert_eq!(close.map(|r| r.code), Some(ws::CloseCode::Away));
+    let close = ws.next_close_code().await;
+    assert_eq!(close, Some(ws::CloseCode::Away));
     let shutdown = actix_rt::time::timeout(DEADLINE, async {
         loop {
             match resumed.next_event().await {

@@ -264,6 +264,18 @@ impl WsClient {
         .expect("timed out waiting for a WebSocket frame")
     }
 
+    /// Reads until the server's close frame and returns its code; fails if the socket ends
+    /// without one.
+    pub async fn next_close_code(&mut self) -> Option<ws::CloseCode> {
+        loop {
+            match self.next_frame().await {
+                Some(ws::Frame::Close(reason)) => return reason.map(|r| r.code),
+                Some(_) => continue,
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
     /// The next JSON text message.
     pub async fn next_json(&mut self) -> Value {
         match self.next_frame().await {
