@@ -41,6 +41,8 @@ pub struct RecUpdate {
     pub sse: Bytes,
     /// The WebSocket text message: `{"type":"recommendations","data":<list>}`.
     pub ws: ByteString,
+    /// When this process published it (for the push-stage latency).
+    pub published: std::time::Instant,
 }
 
 impl RecUpdate {
@@ -48,6 +50,12 @@ impl RecUpdate {
         let json = serde_json::to_string(&list).expect("a list always serialises");
         let sse = format!("id: {}\nevent: recommendations\ndata: {json}\n\n", list.seq);
         let ws = format!("{{\"type\":\"recommendations\",\"data\":{json}}}");
-        Arc::new(Self { list, json: Bytes::from(json), sse: Bytes::from(sse), ws: ByteString::from(ws) })
+        Arc::new(Self {
+            list,
+            json: Bytes::from(json),
+            sse: Bytes::from(sse),
+            ws: ByteString::from(ws),
+            published: std::time::Instant::now(),
+        })
     }
 }

@@ -139,6 +139,13 @@ pub struct Metrics {
     pub model_inference_seconds: Histogram,
     /// From the moment an event was received to the push that reflects it.
     pub event_to_push_seconds: Histogram,
+    /// Per stage of the event path: receive (request start to accepted by the bus), apply (bus to
+    /// applied by the session), model (a session's scoring request, queue and batch included),
+    /// push (list published to written to a subscriber).
+    pub stage_receive_seconds: Histogram,
+    pub stage_apply_seconds: Histogram,
+    pub stage_model_seconds: Histogram,
+    pub stage_push_seconds: Histogram,
     /// Kafka records consumed, sent to the dead-letter topic, rebalances, pauses and restarts.
     pub kafka_records: Counter,
     pub kafka_dead_letters: Counter,
@@ -191,6 +198,10 @@ impl Default for Metrics {
             model_batch_size: Histogram::new(SIZE_BOUNDS),
             model_inference_seconds: Histogram::new(LATENCY_BOUNDS),
             event_to_push_seconds: Histogram::new(LATENCY_BOUNDS),
+            stage_receive_seconds: Histogram::new(LATENCY_BOUNDS),
+            stage_apply_seconds: Histogram::new(LATENCY_BOUNDS),
+            stage_model_seconds: Histogram::new(LATENCY_BOUNDS),
+            stage_push_seconds: Histogram::new(LATENCY_BOUNDS),
             kafka_records: Counter::default(),
             kafka_dead_letters: Counter::default(),
             kafka_rebalances: Counter::default(),
@@ -241,15 +252,21 @@ impl Exposition {
 
     fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
         self.family(name, "histogram", help);
+        self.histogram_samples(name, "", h);
+    }
+
+    /// Samples of one histogram series; `labels` (e.g. `stage="push",`) precede `le`.
+    fn histogram_samples(&mut self, name: &str, labels: &str, h: &Histogram) {
         let mut cumulative = 0;
         for (bound, bucket) in h.bounds.iter().zip(&h.buckets) {
             cumulative += bucket.load(Ordering::Relaxed);
-            self.sample(&format!("{name}_bucket"), &format!("le=\"{bound}\""), cumulative);
+            self.sample(&format!("{name}_bucket"), &format!("{labels}le=\"{bound}\""), cumulative);
         }
         let count = h.count.load(Ordering::Relaxed);
-        self.sample(&format!("{name}_bucket"), "le=\"+Inf\"", count);
-        self.sample(&format!("{name}_sum"), "", h.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
-        self.sample(&format!("{name}_count"), "", count);
+        let plain = labels.trim_end_matches(',');
+        self.sample(&format!("{name}_bucket"), &format!("{labels}le=\"+Inf\""), count);
+        self.sample(&format!("{name}_sum"), plain, h.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
+        self.sample(&format!("{name}_count"), plain, count);
     }
 }
 
@@ -338,6 +355,15 @@ impl Metrics {
             "From receiving an event to publishing the list that reflects it.",
             &self.event_to_push_seconds,
         );
+        out.family("liverec_stage_seconds", "histogram", "Latency of each stage of the event path.");
+        for (stage, h) in [
+            ("receive", &self.stage_receive_seconds),
+            ("apply", &self.stage_apply_seconds),
+            ("model", &self.stage_model_seconds),
+            ("push", &self.stage_push_seconds),
+        ] {
+            out.histogram_samples("liverec_stage_seconds", &format!("stage=\"{stage}\","), h);
+        }
         out.counter("liverec_kafka_records_total", "Kafka records consumed.", &[("", &self.kafka_records)]);
         out.counter(
             "liverec_kafka_dead_letters_total",
@@ -429,5 +455,10 @@ mod tests {
         assert!(text.contains("liverec_event_to_push_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("liverec_event_to_push_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("liverec_event_to_push_seconds_count 3\n"));
+        m.stage_push_seconds.observe(0.001);
+        let text = m.render();
+        assert!(text.contains("liverec_stage_seconds_bucket{stage=\"push\",le=\"0.001\"} 1\n"), "{text}");
+        assert!(text.contains("liverec_stage_seconds_count{stage=\"push\"} 1\n"));
+        assert!(text.contains("liverec_stage_seconds_count{stage=\"model\"} 0\n"));
     }
 }

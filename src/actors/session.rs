@@ -264,11 +264,13 @@ impl SessionActor {
         self.inflight = true;
         self.dirty = false;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
+        let asked = Instant::now();
         self.deps
             .model
             .send(Recommend { request })
             .into_actor(self)
-            .map(|result, act, ctx| {
+            .map(move |result, act, ctx| {
+                act.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
                 act.inflight = false;
                 if act.dirty {
                     act.refresh(ctx);
@@ -427,6 +429,7 @@ impl Handler<ApplyEvents> for SessionActor {
 
     fn handle(&mut self, msg: ApplyEvents, ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
+        self.deps.metrics.stage_apply_seconds.observe_duration(msg.received.elapsed());
         let (outcome, update) = self.apply(msg.events, ctx);
         if outcome.applied > 0 && self.pending_since.is_none() {
             self.pending_since = Some(msg.received);

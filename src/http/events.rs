@@ -112,5 +112,6 @@ pub async fn publish(
         return Err(error.into());
     }
     counter.add(count as u64);
+    state.metrics.stage_receive_seconds.observe_duration(received.elapsed());
     Ok(Accepted { accepted: count, event_ids })
 }

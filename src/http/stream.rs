@@ -163,6 +163,7 @@ async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppStat
                     }
                     if st.seq.accept(&update, &st.metrics) {
                         st.metrics.push_sent_sse.inc();
+                        st.metrics.stage_push_seconds.observe_duration(update.published.elapsed());
                         return Some((Ok::<_, actix_web::Error>(update.sse.clone()), st));
                     }
                 }
@@ -289,6 +290,7 @@ impl Socket {
             return Flow::Continue;
         }
         metrics.push_sent_ws.inc();
+        metrics.stage_push_seconds.observe_duration(update.published.elapsed());
         self.send(update.ws.clone()).await
     }
 

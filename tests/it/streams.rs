@@ -60,6 +60,10 @@ async fn rest_event_updates_sse_and_websocket_subscribers() {
     assert!(metric(&server, "liverec_push_sent_total{kind=\"sse\"}").await >= 2.0);
     assert!(metric(&server, "liverec_push_sent_total{kind=\"websocket\"}").await >= 2.0);
     assert!(metric(&server, "liverec_event_to_push_seconds_count").await >= 1.0);
+    for stage in ["receive", "apply", "model", "push"] {
+        let count = metric(&server, &format!("liverec_stage_seconds_count{{stage=\"{stage}\"}}")).await;
+        assert!(count >= 1.0, "stage {stage} measured");
+    }
     server.stop().await;
 }
 
