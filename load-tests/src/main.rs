@@ -368,7 +368,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<Value> {
             }
             Err((e, _)) => bail!("produce failed: {e}"),
         }
-        if produced % 1000 == 0 {
+        if produced.is_multiple_of(1000) {
             producer.poll(Duration::ZERO);
         }
     }

@@ -69,6 +69,7 @@ pub type ModelFactory = Arc<dyn Fn() -> Box<dyn Recommender> + Send + Sync>;
 impl ModelActor {
     /// Starts the inference thread with `model` (or the factory's, on restart) and the batching
     /// actor on `arbiter`.
+    #[allow(clippy::too_many_arguments)] // each is a distinct setting; a struct would only rename them
     pub fn start_with(
         model: Box<dyn Recommender>,
         factory: ModelFactory,

@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
-use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::redis::{self, AsyncCommands as _};
@@ -20,7 +19,7 @@ use crate::support::*;
 
 /// Tests that restart a service take this lock for writing; every other test that uses the
 /// services holds it for reading, so a restart never pulls Redis from under another test.
-static SERVICES: RwLock<()> = RwLock::new(());
+static SERVICES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 const PARTITIONS: i32 = 4;
 
@@ -120,7 +119,7 @@ fn wire(user: &str, item: &str, id: &str) -> EventIn {
 
 #[actix_rt::test]
 async fn events_from_external_producers_reach_sessions_and_subscribers() {
-    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let _services = SERVICES.read().await;
     let config = production_config("external");
     let server = start(config.clone()).await;
     let redis = redis_conn(&config).await;
@@ -175,7 +174,7 @@ async fn events_from_external_producers_reach_sessions_and_subscribers() {
 
 #[actix_rt::test]
 async fn poison_records_go_to_the_dead_letter_topic_and_the_partition_moves_on() {
-    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let _services = SERVICES.read().await;
     let config = production_config("poison");
     let server = start(config.clone()).await;
     let kafka = producer(&config);
@@ -267,7 +266,7 @@ fn free_port() -> u16 {
 
 #[actix_rt::test]
 async fn two_instances_share_users_and_a_sigkill_loses_nothing_and_applies_nothing_twice() {
-    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let _services = SERVICES.read().await;
     let config = production_config("group");
     let a = Instance::spawn(&config, free_port());
     let mut b = Instance::spawn(&config, free_port());
@@ -368,7 +367,7 @@ async fn two_instances_share_users_and_a_sigkill_loses_nothing_and_applies_nothi
 
 #[actix_rt::test]
 async fn a_redis_restart_keeps_serving_and_loses_no_accepted_event() {
-    let _services = SERVICES.write().unwrap_or_else(|e| e.into_inner());
+    let _services = SERVICES.write().await;
     let config = production_config("redis-restart");
     let server = start(config.clone()).await;
     let services_script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
@@ -425,7 +424,7 @@ async fn a_redis_restart_keeps_serving_and_loses_no_accepted_event() {
 
 #[actix_rt::test]
 async fn a_failing_consumer_is_restarted_with_backoff_and_counted() {
-    let _services = SERVICES.read().unwrap_or_else(|e| e.into_inner());
+    let _services = SERVICES.read().await;
     let mut config = production_config("supervised");
     // librdkafka refuses to create a consumer whose session timeout exceeds max.poll.interval.ms
     // (300 s by default); the producer is unaffected, so the server starts and only the consumer
