@@ -196,9 +196,13 @@ impl Server {
                     .map_err(|e| StartError::Redis(e.to_string()))?,
             ),
         };
+        // The monitor on a thread of its own: its window arithmetic must not delay store writes.
+        let monitor_arbiter = Arbiter::new();
         let monitor = {
             let (monitor_config, catalog, metrics) = (config.monitor.clone(), catalog.clone(), metrics.clone());
-            MonitorActor::start_in_arbiter(&io.handle(), move |_| MonitorActor::new(monitor_config, catalog, metrics))
+            MonitorActor::start_in_arbiter(&monitor_arbiter.handle(), move |_| {
+                MonitorActor::new(monitor_config, catalog, metrics)
+            })
         };
         let deps = Arc::new(SessionDeps {
             config: config.clone(),
@@ -211,7 +215,7 @@ impl Server {
         let bus: Arc<dyn EventBus>;
         let registry;
         let io_handle = io.handle();
-        let mut extra_arbiters = vec![io];
+        let mut extra_arbiters = vec![io, monitor_arbiter];
         let mut kafka_ingest = None;
         match config.bus.kind {
             BusKind::Memory => {
