@@ -310,7 +310,6 @@ impl MonitorActor {
         self.stream.advance(tick);
         let full_window = tick >= self.started_tick + self.buckets();
         let (popularity, context, events) = self.stream_totals();
-        self.popularity_cache = (popularity.clone(), events as f64);
 
         if self.reference.is_none() && full_window && events >= self.config.min_samples {
             self.reference = Some((popularity.clone(), context.clone(), "first full window".into()));
@@ -347,6 +346,8 @@ impl MonitorActor {
                 }
             }
         }
+
+        self.popularity_cache = (popularity, events as f64);
 
         // Concept drift: each version against its own first full window.
         let buckets = self.buckets();

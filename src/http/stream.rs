@@ -275,8 +275,14 @@ impl Socket {
         }
     }
 
+    /// Refuses a message the client got wrong (counted as invalid).
     async fn send_error(&mut self, error: ApiError) -> Flow {
         self.state.metrics.ws_invalid_messages.inc();
+        self.send_failure(error).await
+    }
+
+    /// Reports a failure that is not the client's fault (a full pipeline, an unavailable bus).
+    async fn send_failure(&mut self, error: ApiError) -> Flow {
         let text = format!("{{\"type\":\"error\",{}", &error.body_json()[1..]);
         self.send(text).await
     }
@@ -410,7 +416,7 @@ impl Socket {
                 let ack = json!({ "type": "ack", "accepted": accepted.accepted, "event_ids": accepted.event_ids });
                 self.send(ack.to_string()).await
             }
-            Err(error) => self.send_error(error).await,
+            Err(error) => self.send_failure(error).await,
         }
     }
 }

@@ -61,42 +61,45 @@ async fn clicks_and_conversions_are_attributed_to_served_lists() {
 #[actix_rt::test]
 async fn a_shift_in_what_users_interact_with_is_detected_as_input_drift() {
     let server = start(monitored_config()).await;
-    let send = |items: &'static [&'static str], round: usize| {
-        let batch: Vec<Value> = (0..60)
-            .map(|i| json!({ "user_id": format!("drift-{}", i % 20), "item_id": items[i % items.len()], "event_type": "view", "event_id": format!("d-{round}-{i}") }))
-            .collect();
-        json!(batch)
-    };
     const BEFORE: &[&str] = &["item-0001", "item-0002", "item-0003"];
     const AFTER: &[&str] = &["item-0101", "item-0102", "item-0103"];
-    // The same mix, bucket after bucket, until the reference is taken.
     let mut round = 0;
-    eventually("a reference distribution", || {
-        round += 1;
-        let batch = send(BEFORE, round);
-        let server = &server;
-        async move {
-            post_events(server, batch).await;
-            let report = report(server).await;
-            report["drift"]["reference"].as_str().map(str::to_owned)
-        }
+    // The same mix, bucket after bucket, until the reference is taken.
+    keep_sending(&server, BEFORE, &mut round, "a reference distribution", |report| {
+        report["drift"]["reference"].as_str().map(str::to_owned)
     })
     .await;
     assert!(report(&server).await["breaches"].as_array().expect("breaches").is_empty(), "no alarm while stationary");
     // Then users turn to other items.
-    let breach = eventually("input drift detected", || {
-        round += 1;
-        let batch = send(AFTER, round);
-        let server = &server;
-        async move {
-            post_events(server, batch).await;
-            let report = report(server).await;
-            report["breaches"].as_array()?.first().cloned()
-        }
+    let breach = keep_sending(&server, AFTER, &mut round, "input drift detected", |report| {
+        report["breaches"].as_array()?.first().cloned()
     })
     .await;
     assert_eq!(breach["kind"], "input_drift", "{breach}");
     assert!(report(&server).await["drift"]["popularity_psi"].as_f64() > Some(0.25));
     assert_eq!(metric(&server, "liverec_monitor_breaches_total").await, 1.0);
     server.stop().await;
+}
+
+/// Posts a batch of 60 views spread over `items`, again and again, until `check` finds what it
+/// waits for in the monitor report.
+async fn keep_sending<T>(
+    server: &liverec::Server,
+    items: &[&str],
+    round: &mut usize,
+    what: &str,
+    check: impl Fn(&Value) -> Option<T>,
+) -> T {
+    eventually(what, || {
+        *round += 1;
+        let batch: Vec<Value> = (0..60)
+            .map(|i| json!({ "user_id": format!("drift-{}", i % 20), "item_id": items[i % items.len()], "event_type": "view", "event_id": format!("d-{round}-{i}") }))
+            .collect();
+        let check = &check;
+        async move {
+            post_events(server, json!(batch)).await;
+            check(&report(server).await)
+        }
+    })
+    .await
 }
