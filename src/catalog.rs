@@ -203,6 +203,11 @@ impl Categories<'_> {
     pub fn of(&self, idx: ItemIdx) -> &[CategoryIdx] {
         self.inner.items.get(idx as usize).map_or(&[][..], |e| e.categories.as_slice())
     }
+
+    /// The name of category `idx`.
+    pub fn name(&self, idx: CategoryIdx) -> Option<&str> {
+        self.inner.category_names.get(usize::from(idx)).map(|n| &**n)
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ pub struct Config {
     pub model: ModelConfig,
     pub stream: StreamConfig,
     pub monitor: crate::actors::monitor::MonitorConfig,
+    pub trainer: crate::actors::trainer::TrainerConfig,
+    pub rollout: crate::actors::trainer::RolloutConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
 }
@@ -275,6 +277,13 @@ impl Config {
         }
         if self.model.max_batch == 0 {
             return fail("model.max_batch must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.rollout.canary_share) || self.rollout.canary_share == 0.0 {
+            return fail("rollout.canary_share must be above 0 and below 1");
+        }
+        let t = &self.trainer;
+        if t.epochs == 0 || t.batch_size == 0 || t.max_len == 0 || t.heads == 0 || t.hidden % t.heads != 0 {
+            return fail("trainer.epochs, batch_size and max_len must be at least 1, and hidden a multiple of heads");
         }
         if self.stream.heartbeat_secs == 0 || self.stream.client_timeout_secs <= self.stream.heartbeat_secs {
             return fail("stream.heartbeat_secs must be at least 1 and below stream.client_timeout_secs");

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod eventlog;
 pub mod http;
 pub mod models;
 pub mod monitor;
@@ -31,12 +32,14 @@ use crate::actors::kafka_ingest::KafkaIngestActor;
 use crate::actors::model::{ModelActor, ModelFactory};
 use crate::actors::monitor::MonitorActor;
 use crate::actors::registry::SessionRegistry;
+use crate::actors::trainer::TrainerActor;
 use crate::actors::SessionDeps;
 use crate::bus::kafka::{self, KafkaBus};
 use crate::bus::memory::MemoryBus;
 use crate::bus::EventBus;
 use crate::catalog::Catalog;
 use crate::config::{BusKind, Config, ModelKind, StoreKind};
+use crate::eventlog::EventLog;
 use crate::http::AppState;
 use crate::models::cooccurrence::CoocModel;
 use crate::models::Recommender;
@@ -98,6 +101,7 @@ impl Server {
             demo::load_catalog(&catalog, config.demo.items, config.demo.seed);
         }
         let mut train_demo = false;
+        let mut serving_name = None;
         let (model, factory): (Box<dyn Recommender>, ModelFactory) = match config.model.kind {
             ModelKind::Cooccurrence => {
                 let mut model = CoocModel::new(config.model.cooccurrence.clone());
@@ -120,19 +124,28 @@ impl Server {
                         let model =
                             models::registry::load(&path, &catalog).map_err(|e| StartError::Model(e.to_string()))?;
                         tracing::info!(version = model.version(), path = %path.display(), "sequential model loaded");
+                        serving_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
                         (Box::new(model), model_factory(&config, &catalog, Some(path)))
                     }
-                    // An empty registry in the embedded demo: serve the online model at once, and
-                    // train a small sequential one on the demo sessions in the background.
-                    Err(models::registry::RegistryError::Empty(_)) if config.demo.enabled => {
-                        train_demo = true;
+                    // An empty registry: serve the online model at once. In the embedded demo, train
+                    // a small sequential model on the demo sessions in the background; otherwise
+                    // the trainer learns a first version from live traffic (the gate and the
+                    // canary judge it against the online model).
+                    Err(models::registry::RegistryError::Empty(_)) if config.demo.enabled || config.trainer.enabled => {
+                        train_demo = config.demo.enabled;
                         let mut model = CoocModel::new(config.model.cooccurrence.clone());
-                        model.observe(&demo::warmup_observations(
-                            &catalog,
-                            config.demo.items,
-                            config.demo.users,
-                            config.demo.seed,
-                        ));
+                        if config.demo.enabled {
+                            model.observe(&demo::warmup_observations(
+                                &catalog,
+                                config.demo.items,
+                                config.demo.users,
+                                config.demo.seed,
+                            ));
+                        } else {
+                            tracing::info!(
+                                "model registry empty: serving the online model until a trained version is promoted"
+                            );
+                        }
                         (Box::new(model), model_factory(&config, &catalog, None))
                     }
                     Err(error) => return Err(StartError::Model(error.to_string())),
@@ -156,31 +169,6 @@ impl Server {
             config.model.mailbox_capacity,
             &handles[0],
         );
-        if train_demo {
-            let (catalog, model, config) = (catalog.clone(), model_addr.clone(), config.clone());
-            std::thread::spawn(move || {
-                let started = std::time::Instant::now();
-                let trained = demo::train_sequential(
-                    &catalog,
-                    config.demo.items,
-                    config.demo.users,
-                    config.demo.seed,
-                    &config.model.registry_dir,
-                )
-                .and_then(|path| models::registry::load(&path, &catalog).map_err(|e| e.to_string()));
-                match trained {
-                    Ok(sequential) => {
-                        tracing::info!(
-                            version = sequential.version(),
-                            seconds = started.elapsed().as_secs_f64(),
-                            "demo sequential model trained; swapping it in"
-                        );
-                        model.do_send(actors::model::SwapModel { model: Box::new(sequential) });
-                    }
-                    Err(error) => tracing::error!(error = %error, "demo sequential model not trained"),
-                }
-            });
-        }
         // A thread of its own for I/O that must never wait behind sessions: the store writer,
         // the update fan-out and the Kafka consumer.
         let io = Arbiter::new();
@@ -204,6 +192,47 @@ impl Server {
                 MonitorActor::new(monitor_config, catalog, metrics)
             })
         };
+        let event_log = EventLog::new(config.trainer.window_secs, config.trainer.max_events);
+        let trainer = {
+            let trainer = TrainerActor::new(
+                &config,
+                catalog.clone(),
+                event_log.clone(),
+                model_addr.clone(),
+                monitor.clone(),
+                metrics.clone(),
+                serving_name,
+            );
+            TrainerActor::start_in_arbiter(&monitor_arbiter.handle(), move |_| trainer)
+        };
+        monitor.do_send(actors::monitor::AttachTrainer(trainer.clone().recipient()));
+        if train_demo {
+            let (catalog, trainer, config) = (catalog.clone(), trainer.clone(), config.clone());
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let trained = demo::train_sequential(
+                    &catalog,
+                    config.demo.items,
+                    config.demo.users,
+                    config.demo.seed,
+                    &config.model.registry_dir,
+                );
+                match trained {
+                    Ok(path) => {
+                        tracing::info!(
+                            path = %path.display(),
+                            seconds = started.elapsed().as_secs_f64(),
+                            "demo sequential model trained; swapping it in"
+                        );
+                        trainer.do_send(actors::trainer::Promote {
+                            name: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                            reason: "demo model trained at start-up".into(),
+                        });
+                    }
+                    Err(error) => tracing::error!(error = %error, "demo sequential model not trained"),
+                }
+            });
+        }
         let deps = Arc::new(SessionDeps {
             config: config.clone(),
             catalog: catalog.clone(),
@@ -211,6 +240,7 @@ impl Server {
             model: model_addr,
             monitor: monitor.clone(),
             metrics: metrics.clone(),
+            event_log,
         });
         let bus: Arc<dyn EventBus>;
         let registry;
@@ -263,6 +293,7 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AppState {
             monitor,
+            trainer,
             config: config.clone(),
             registry,
             bus,

@@ -63,6 +63,9 @@ enum Command {
         bucket: u64,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Concurrent simulated clients.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
     },
     /// Train the sequential model on a MovieLens-style dataset (see docs/model.md).
     Train {
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
             context_shift_at,
             bucket,
             seed,
+            workers,
         } => {
             let config = liverec::sim::SimConfig {
                 target,
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
                 context_shift_at: context_shift_at.map(std::time::Duration::from_secs),
                 bucket: std::time::Duration::from_secs(bucket.max(1)),
                 seed,
+                workers,
                 ..liverec::sim::SimConfig::default()
             };
             match actix_web::rt::System::new().block_on(liverec::sim::run(config)) {

@@ -20,6 +20,9 @@ pub struct RecList {
     pub rec_id: String,
     pub user_id: UserId,
     pub model_version: String,
+    /// The experiment variant the user was in: `control` outside canaries and experiments.
+    #[serde(default = "control")]
+    pub variant: String,
     /// Milliseconds since the Unix epoch.
     pub generated_at: i64,
     /// Per-user sequence number of pushed lists; the SSE event id.
@@ -29,6 +32,10 @@ pub struct RecList {
     #[serde(default)]
     pub last_event_id: Option<EventId>,
     pub items: Vec<RecItem>,
+}
+
+fn control() -> String {
+    crate::actors::model::CONTROL.to_owned()
 }
 
 /// A published list, serialised once and shared by every subscriber of the user.

@@ -70,6 +70,8 @@ pub struct Histogram {
 pub const LATENCY_BOUNDS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 /// Batch-size buckets.
+/// Bounds for training runs, in seconds.
+pub const TRAINING_BOUNDS: &[f64] = &[1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 pub const SIZE_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
 impl Histogram {
@@ -164,8 +166,25 @@ pub struct Metrics {
     pub monitor_conversions: Counter,
     pub monitor_breaches: Counter,
     pub monitor_refused: Counter,
+    /// Retraining requests, by source; requests folded into a run already going.
+    pub trainer_triggers_monitor: Counter,
+    pub trainer_triggers_schedule: Counter,
+    pub trainer_triggers_admin: Counter,
+    pub trainer_coalesced: Counter,
+    /// Training runs, by outcome.
+    pub trainer_runs_rejected: Counter,
+    pub trainer_runs_passed: Counter,
+    pub trainer_runs_failed: Counter,
+    pub trainer_training_seconds: Histogram,
+    /// Canaries started, promoted and rolled back (automatic and manual).
+    pub rollout_canaries: Counter,
+    pub rollout_promotions: Counter,
+    pub rollout_rollbacks: Counter,
+    /// Share of users served by a canary or experiment challenger, as f64 bits.
+    rollout_share: AtomicU64,
     /// Latest drift scores (PSI), as f64 bits.
     drift_popularity: AtomicU64,
+    drift_category: AtomicU64,
     drift_context: AtomicU64,
 }
 
@@ -215,7 +234,20 @@ impl Default for Metrics {
             monitor_conversions: Counter::default(),
             monitor_breaches: Counter::default(),
             monitor_refused: Counter::default(),
+            trainer_triggers_monitor: Counter::default(),
+            trainer_triggers_schedule: Counter::default(),
+            trainer_triggers_admin: Counter::default(),
+            trainer_coalesced: Counter::default(),
+            trainer_runs_rejected: Counter::default(),
+            trainer_runs_passed: Counter::default(),
+            trainer_runs_failed: Counter::default(),
+            trainer_training_seconds: Histogram::new(TRAINING_BOUNDS),
+            rollout_canaries: Counter::default(),
+            rollout_promotions: Counter::default(),
+            rollout_rollbacks: Counter::default(),
+            rollout_share: AtomicU64::new(0),
             drift_popularity: AtomicU64::new(0),
+            drift_category: AtomicU64::new(0),
             drift_context: AtomicU64::new(0),
         }
     }
@@ -272,9 +304,15 @@ impl Exposition {
 
 impl Metrics {
     /// Records the latest input-drift scores.
-    pub fn set_drift(&self, popularity_psi: f64, context_psi: f64) {
+    pub fn set_drift(&self, popularity_psi: f64, category_psi: f64, context_psi: f64) {
         self.drift_popularity.store(popularity_psi.to_bits(), Ordering::Relaxed);
+        self.drift_category.store(category_psi.to_bits(), Ordering::Relaxed);
         self.drift_context.store(context_psi.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Records the share of users a challenger serves (0 when none).
+    pub fn set_challenger_share(&self, share: f64) {
+        self.rollout_share.store(share.to_bits(), Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -428,8 +466,58 @@ impl Metrics {
         );
         out.sample(
             "liverec_monitor_drift_psi",
+            "input=\"category\"",
+            f64::from_bits(self.drift_category.load(Ordering::Relaxed)),
+        );
+        out.sample(
+            "liverec_monitor_drift_psi",
             "input=\"context\"",
             f64::from_bits(self.drift_context.load(Ordering::Relaxed)),
+        );
+        out.counter(
+            "liverec_trainer_triggers_total",
+            "Retraining requests, by source.",
+            &[
+                ("source=\"monitor\"", &self.trainer_triggers_monitor),
+                ("source=\"schedule\"", &self.trainer_triggers_schedule),
+                ("source=\"admin\"", &self.trainer_triggers_admin),
+            ],
+        );
+        out.counter(
+            "liverec_trainer_coalesced_total",
+            "Retraining requests folded into a run already in progress.",
+            &[("", &self.trainer_coalesced)],
+        );
+        out.counter(
+            "liverec_trainer_runs_total",
+            "Training runs, by outcome of the validation gate.",
+            &[
+                ("outcome=\"passed\"", &self.trainer_runs_passed),
+                ("outcome=\"rejected\"", &self.trainer_runs_rejected),
+                ("outcome=\"failed\"", &self.trainer_runs_failed),
+            ],
+        );
+        out.histogram("liverec_trainer_training_seconds", "Duration of training runs.", &self.trainer_training_seconds);
+        out.counter("liverec_rollout_canaries_total", "Canaries started.", &[("", &self.rollout_canaries)]);
+        out.counter(
+            "liverec_rollout_promotions_total",
+            "Versions promoted to serve everyone (canary or manual).",
+            &[("", &self.rollout_promotions)],
+        );
+        out.counter(
+            "liverec_rollout_rollbacks_total",
+            "Canaries or versions rolled back.",
+            &[("", &self.rollout_rollbacks)],
+        );
+        out.family(
+            "liverec_rollout_challenger_share_ratio",
+            "gauge",
+            "Share of users served by a canary or experiment.",
+        );
+        out.sample(
+            "liverec_rollout_challenger_share_ratio",
+            "",
+            f64::from_bits(self.rollout_share.load(Ordering::Relaxed)),
         );
         out.counter(
             "liverec_fanout_received_total",

@@ -8,6 +8,7 @@ pub mod model;
 pub mod monitor;
 pub mod registry;
 pub mod session;
+pub mod trainer;
 
 use std::sync::Arc;
 
@@ -26,4 +27,6 @@ pub struct SessionDeps {
     pub model: Addr<model::ModelActor>,
     pub monitor: Addr<monitor::MonitorActor>,
     pub metrics: Arc<Metrics>,
+    /// Recent applied events, for the trainer.
+    pub event_log: Arc<crate::eventlog::EventLog>,
 }

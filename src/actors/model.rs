@@ -28,11 +28,13 @@ pub enum ModelError {
     Stopped,
 }
 
-/// Scored items for one request, with the version of the model that produced them.
+/// Scored items for one request, with the version of the model that produced them and the
+/// experiment variant the user was in.
 #[derive(Debug, Clone)]
 pub struct ScoredList {
     pub items: Vec<Scored>,
     pub version: Arc<str>,
+    pub variant: Arc<str>,
 }
 
 /// Rank items for one user.
@@ -40,6 +42,29 @@ pub struct ScoredList {
 #[rtype(result = "Result<ScoredList, ModelError>")]
 pub struct Recommend {
     pub request: ScoreRequest,
+    /// [`user_hash`] of the user: decides which variant serves them while a canary or an
+    /// experiment runs.
+    pub user: u64,
+}
+
+/// The experiment variant of lists served outside any canary or experiment.
+pub const CONTROL: &str = "control";
+
+/// A hash of a user id that is the same in every process and every release (FNV-1a), so that
+/// traffic splits are stable across restarts and instances.
+pub fn user_hash(user: &str) -> u64 {
+    user.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Where a user falls in `[0, 1)` for the split salted with `salt` (a new salt reshuffles who
+/// is in which variant, so consecutive canaries do not always hit the same users).
+pub fn traffic_bucket(user: u64, salt: u64) -> f64 {
+    // splitmix64 finaliser: spreads FNV's low-entropy high bits.
+    let mut z = user ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// New interactions for models that learn online.
@@ -51,13 +76,16 @@ pub struct Observe {
 
 type Reply = oneshot::Sender<Result<ScoredList, ModelError>>;
 
+/// Pending scoring requests: the request, the user's hash, and where the answer goes.
+type Pending = (ScoreRequest, u64, Reply);
+
 pub struct ModelActor {
     worker: Addr<InferenceWorker>,
     max_batch: usize,
     /// How long a lone request may wait for company (0: flush as soon as the mailbox is drained).
     max_wait: std::time::Duration,
     mailbox_capacity: usize,
-    pending: VecDeque<(ScoreRequest, Reply)>,
+    pending: VecDeque<Pending>,
     observations: Vec<Observation>,
     flush_scheduled: bool,
     inflight: bool,
@@ -82,7 +110,9 @@ impl ModelActor {
     ) -> Addr<ModelActor> {
         let first = Arc::new(Mutex::new(Some(model)));
         let worker = SyncArbiter::start(1, move || InferenceWorker {
-            model: first.lock().take().unwrap_or_else(|| factory()),
+            control: first.lock().take().unwrap_or_else(|| factory()),
+            control_variant: Arc::from(CONTROL),
+            challenger: None,
             catalog: catalog.clone(),
             metrics: metrics.clone(),
         });
@@ -124,7 +154,7 @@ impl ModelActor {
             return;
         }
         let n = self.pending.len().min(self.max_batch);
-        let (requests, replies): (Vec<_>, Vec<_>) = self.pending.drain(..n).unzip();
+        let (requests, replies): (Vec<_>, Vec<_>) = self.pending.drain(..n).map(|(r, u, tx)| ((r, u), tx)).unzip();
         let observations = std::mem::take(&mut self.observations);
         self.inflight = true;
         self.worker
@@ -134,8 +164,8 @@ impl ModelActor {
                 act.inflight = false;
                 match result {
                     Ok(output) => {
-                        for (reply, items) in replies.into_iter().zip(output.results) {
-                            let _ = reply.send(Ok(ScoredList { items, version: output.version.clone() }));
+                        for (reply, list) in replies.into_iter().zip(output.results) {
+                            let _ = reply.send(Ok(list));
                         }
                     }
                     Err(error) => {
@@ -164,7 +194,7 @@ impl Handler<Recommend> for ModelActor {
 
     fn handle(&mut self, msg: Recommend, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        self.pending.push_back((msg.request, tx));
+        self.pending.push_back((msg.request, msg.user, tx));
         self.schedule(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(ModelError::Stopped)) })
     }
@@ -179,10 +209,11 @@ impl Handler<Observe> for ModelActor {
     }
 }
 
-/// Replace the serving model. Batches already sent finish on the old model; every later batch
-/// uses the new one, so no request is dropped or answered by a half-swapped model.
+/// Replace the serving (control) model. Batches already sent finish on the old model; every
+/// later batch uses the new one, so no request is dropped or answered by a half-swapped model.
+/// Answers with the model it replaced. A running challenger keeps running.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Option<Box<dyn Recommender>>")]
 pub struct SwapModel {
     pub model: Box<dyn Recommender>,
 }
@@ -193,35 +224,105 @@ impl std::fmt::Debug for SwapModel {
     }
 }
 
-impl Handler<SwapModel> for ModelActor {
-    type Result = ResponseFuture<()>;
+/// Serve `model` to a `share` of users (by [`traffic_bucket`] with `salt`) as `variant`, and
+/// label the rest `control_variant`. Replaces any running challenger.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StartChallenger {
+    pub model: Box<dyn Recommender>,
+    pub variant: Arc<str>,
+    pub control_variant: Arc<str>,
+    pub share: f64,
+    pub salt: u64,
+}
 
-    fn handle(&mut self, msg: SwapModel, _ctx: &mut Self::Context) -> Self::Result {
-        // The worker's mailbox is ordered: the swap lands between two batches.
+/// Stop the challenger: `promote` makes it the control model for everyone, otherwise the
+/// control model serves everyone again. Answers with the model taken out of service.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<Box<dyn Recommender>>")]
+pub struct EndChallenger {
+    pub promote: bool,
+}
+
+/// Scores with the control model alone (the validation gate compares candidates with it).
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<Vec<Scored>>")]
+pub struct ScoreControl {
+    pub requests: Vec<ScoreRequest>,
+}
+
+/// Which versions serve whom.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Traffic {
+    pub control: ArmInfo,
+    pub challenger: Option<ArmInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ArmInfo {
+    pub version: String,
+    pub variant: String,
+    /// Share of users this arm serves.
+    pub share: f64,
+}
+
+impl Traffic {
+    /// The version serving users outside any canary or experiment.
+    pub fn serving(&self) -> &str {
+        &self.control.version
+    }
+}
+
+/// The traffic split now.
+#[derive(Message, Debug)]
+#[rtype(result = "Traffic")]
+pub struct CurrentVersion;
+
+macro_rules! forward_to_worker {
+    ($msg:ty, $result:ty) => {
+        impl Handler<$msg> for ModelActor {
+            type Result = ResponseFuture<$result>;
+
+            fn handle(&mut self, msg: $msg, _ctx: &mut Self::Context) -> Self::Result {
+                // The worker's mailbox is ordered: the change lands between two batches.
+                let worker = self.worker.clone();
+                Box::pin(async move { worker.send(msg).await.unwrap_or_default() })
+            }
+        }
+    };
+}
+
+forward_to_worker!(SwapModel, Option<Box<dyn Recommender>>);
+forward_to_worker!(StartChallenger, ());
+forward_to_worker!(EndChallenger, Option<Box<dyn Recommender>>);
+forward_to_worker!(ScoreControl, Vec<Vec<Scored>>);
+
+impl Handler<CurrentVersion> for ModelActor {
+    type Result = ResponseFuture<Traffic>;
+
+    fn handle(&mut self, msg: CurrentVersion, _ctx: &mut Self::Context) -> Self::Result {
         let worker = self.worker.clone();
         Box::pin(async move {
-            let _ = worker.send(msg).await;
+            worker.send(msg).await.unwrap_or_else(|_| Traffic {
+                control: ArmInfo { version: String::new(), variant: CONTROL.to_owned(), share: 1.0 },
+                challenger: None,
+            })
         })
     }
 }
 
-/// The version of the model now serving.
-#[derive(Message, Debug)]
-#[rtype(result = "String")]
-pub struct CurrentVersion;
-
-impl Handler<CurrentVersion> for ModelActor {
-    type Result = ResponseFuture<String>;
-
-    fn handle(&mut self, _msg: CurrentVersion, _ctx: &mut Self::Context) -> Self::Result {
-        let worker = self.worker.clone();
-        Box::pin(async move { worker.send(CurrentVersion).await.unwrap_or_default() })
-    }
+struct Challenger {
+    model: Box<dyn Recommender>,
+    variant: Arc<str>,
+    share: f64,
+    salt: u64,
 }
 
-/// The inference thread: owns the model and runs whole batches.
+/// The inference thread: owns the models and runs whole batches.
 pub struct InferenceWorker {
-    model: Box<dyn Recommender>,
+    control: Box<dyn Recommender>,
+    control_variant: Arc<str>,
+    challenger: Option<Challenger>,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
 }
@@ -234,12 +335,11 @@ impl Actor for InferenceWorker {
 #[rtype(result = "BatchOutput")]
 struct RunBatch {
     observations: Vec<Observation>,
-    requests: Vec<ScoreRequest>,
+    requests: Vec<(ScoreRequest, u64)>,
 }
 
 struct BatchOutput {
-    results: Vec<Vec<Scored>>,
-    version: Arc<str>,
+    results: Vec<ScoredList>,
 }
 
 impl<A, M> actix::dev::MessageResponse<A, M> for BatchOutput
@@ -254,42 +354,138 @@ where
     }
 }
 
+impl InferenceWorker {
+    fn score_timed(
+        model: &mut dyn Recommender,
+        requests: &[ScoreRequest],
+        catalog: &Catalog,
+        metrics: &Metrics,
+    ) -> Vec<Vec<Scored>> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let results = model.score(requests, catalog);
+        metrics.model_inference_seconds.observe_duration(started.elapsed());
+        metrics.model_batches.inc();
+        metrics.model_batch_size.observe(requests.len() as f64);
+        metrics.model_requests.add(requests.len() as u64);
+        results
+    }
+}
+
 impl Handler<RunBatch> for InferenceWorker {
     type Result = BatchOutput;
 
     fn handle(&mut self, msg: RunBatch, _ctx: &mut Self::Context) -> BatchOutput {
         if !msg.observations.is_empty() {
-            self.model.observe(&msg.observations);
+            self.control.observe(&msg.observations);
+            if let Some(challenger) = &mut self.challenger {
+                challenger.model.observe(&msg.observations);
+            }
         }
-        let results = if msg.requests.is_empty() {
-            Vec::new()
-        } else {
-            let started = Instant::now();
-            let results = self.model.score(&msg.requests, &self.catalog);
-            self.metrics.model_inference_seconds.observe_duration(started.elapsed());
-            self.metrics.model_batches.inc();
-            self.metrics.model_batch_size.observe(msg.requests.len() as f64);
-            self.metrics.model_requests.add(msg.requests.len() as u64);
-            results
+        // Which requests the challenger answers.
+        let to_challenger: Vec<bool> = match &self.challenger {
+            Some(c) => msg.requests.iter().map(|(_, user)| traffic_bucket(*user, c.salt) < c.share).collect(),
+            None => vec![false; msg.requests.len()],
         };
-        BatchOutput { results, version: Arc::from(self.model.version()) }
+        let (mut control, mut challenger) = (Vec::new(), Vec::new());
+        for ((request, _), &to) in msg.requests.into_iter().zip(&to_challenger) {
+            if to {
+                challenger.push(request)
+            } else {
+                control.push(request)
+            }
+        }
+        let control_version: Arc<str> = Arc::from(self.control.version());
+        let mut control_lists =
+            Self::score_timed(self.control.as_mut(), &control, &self.catalog, &self.metrics).into_iter();
+        let (mut challenger_lists, challenger_arm) = match &mut self.challenger {
+            Some(c) => (
+                Self::score_timed(c.model.as_mut(), &challenger, &self.catalog, &self.metrics).into_iter(),
+                Some((Arc::<str>::from(c.model.version()), c.variant.clone())),
+            ),
+            None => (Vec::new().into_iter(), None),
+        };
+        let results = to_challenger
+            .iter()
+            .map(|&to| match (to, &challenger_arm) {
+                (true, Some((version, variant))) => ScoredList {
+                    items: challenger_lists.next().unwrap_or_default(),
+                    version: version.clone(),
+                    variant: variant.clone(),
+                },
+                _ => ScoredList {
+                    items: control_lists.next().unwrap_or_default(),
+                    version: control_version.clone(),
+                    variant: self.control_variant.clone(),
+                },
+            })
+            .collect();
+        BatchOutput { results }
     }
 }
 
 impl Handler<SwapModel> for InferenceWorker {
+    type Result = Option<Box<dyn Recommender>>;
+
+    fn handle(&mut self, msg: SwapModel, _ctx: &mut Self::Context) -> Self::Result {
+        tracing::info!(from = self.control.version(), to = msg.model.version(), "serving model swapped");
+        Some(std::mem::replace(&mut self.control, msg.model))
+    }
+}
+
+impl Handler<StartChallenger> for InferenceWorker {
     type Result = ();
 
-    fn handle(&mut self, msg: SwapModel, _ctx: &mut Self::Context) {
-        tracing::info!(from = self.model.version(), to = msg.model.version(), "serving model swapped");
-        self.model = msg.model;
+    fn handle(&mut self, msg: StartChallenger, _ctx: &mut Self::Context) {
+        tracing::info!(version = msg.model.version(), variant = %msg.variant, share = msg.share, "challenger serving");
+        self.control_variant = msg.control_variant;
+        self.challenger = Some(Challenger { model: msg.model, variant: msg.variant, share: msg.share, salt: msg.salt });
+    }
+}
+
+impl Handler<EndChallenger> for InferenceWorker {
+    type Result = Option<Box<dyn Recommender>>;
+
+    fn handle(&mut self, msg: EndChallenger, _ctx: &mut Self::Context) -> Self::Result {
+        let challenger = self.challenger.take()?;
+        self.control_variant = Arc::from(CONTROL);
+        if msg.promote {
+            tracing::info!(from = self.control.version(), to = challenger.model.version(), "challenger promoted");
+            Some(std::mem::replace(&mut self.control, challenger.model))
+        } else {
+            tracing::info!(version = challenger.model.version(), "challenger stopped");
+            Some(challenger.model)
+        }
+    }
+}
+
+impl Handler<ScoreControl> for InferenceWorker {
+    type Result = Vec<Vec<Scored>>;
+
+    fn handle(&mut self, msg: ScoreControl, _ctx: &mut Self::Context) -> Self::Result {
+        self.control.score(&msg.requests, &self.catalog)
     }
 }
 
 impl Handler<CurrentVersion> for InferenceWorker {
-    type Result = String;
+    type Result = MessageResult<CurrentVersion>;
 
-    fn handle(&mut self, _msg: CurrentVersion, _ctx: &mut Self::Context) -> String {
-        self.model.version().to_owned()
+    fn handle(&mut self, _msg: CurrentVersion, _ctx: &mut Self::Context) -> Self::Result {
+        let share = self.challenger.as_ref().map_or(0.0, |c| c.share);
+        MessageResult(Traffic {
+            control: ArmInfo {
+                version: self.control.version().to_owned(),
+                variant: self.control_variant.to_string(),
+                share: 1.0 - share,
+            },
+            challenger: self.challenger.as_ref().map(|c| ArmInfo {
+                version: c.model.version().to_owned(),
+                variant: c.variant.to_string(),
+                share: c.share,
+            }),
+        })
     }
 }
 
@@ -338,14 +534,15 @@ mod tests {
             1024,
             &arbiter,
         );
-        let before: Vec<_> = (0..200).map(|_| model.send(Recommend { request: request() })).collect();
+        let before: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u })).collect();
         let swap = model.send(SwapModel { model: Box::new(Fixed("b")) });
-        let after: Vec<_> = (0..200).map(|_| model.send(Recommend { request: request() })).collect();
+        let after: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u })).collect();
         let mut versions = Vec::new();
         for reply in futures_util::future::join_all(before).await {
             versions.push(reply.expect("delivered").expect("scored").version.to_string());
         }
-        swap.await.expect("swapped");
+        let displaced = swap.await.expect("swapped").expect("the old model comes back");
+        assert_eq!(displaced.version(), "a");
         for reply in futures_util::future::join_all(after).await {
             versions.push(reply.expect("delivered").expect("scored").version.to_string());
         }
@@ -353,6 +550,56 @@ mod tests {
         let first_b = versions.iter().position(|v| v == "b").expect("the new model serves");
         assert!(versions[first_b..].iter().all(|v| v == "b"), "no answer from the old model after the swap");
         assert!(versions[200..].iter().all(|v| v == "b"), "requests sent after the swap use the new model");
-        assert_eq!(model.send(CurrentVersion).await.expect("version"), "b");
+        assert_eq!(model.send(CurrentVersion).await.expect("version").serving(), "b");
+    }
+
+    #[actix_rt::test]
+    async fn a_challenger_serves_its_share_by_stable_hash_and_can_be_promoted() {
+        let catalog = Arc::new(Catalog::new());
+        catalog.intern(&ItemId::from("i0"));
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let model = ModelActor::start_with(
+            Box::new(Fixed("a")),
+            factory,
+            catalog,
+            Arc::new(Metrics::default()),
+            8,
+            std::time::Duration::ZERO,
+            1024,
+            &Arbiter::current(),
+        );
+        model
+            .send(StartChallenger {
+                model: Box::new(Fixed("b")),
+                variant: Arc::from("canary"),
+                control_variant: Arc::from(CONTROL),
+                share: 0.25,
+                salt: 9,
+            })
+            .await
+            .expect("started");
+        let users: Vec<u64> = (0..2000).map(|u| user_hash(&format!("user-{u}"))).collect();
+        let first = futures_util::future::join_all(
+            users.iter().map(|&user| model.send(Recommend { request: request(), user })),
+        )
+        .await;
+        let again = futures_util::future::join_all(
+            users.iter().map(|&user| model.send(Recommend { request: request(), user })),
+        )
+        .await;
+        let arm = |r: &Result<Result<ScoredList, ModelError>, MailboxError>| {
+            let list = r.as_ref().expect("delivered").as_ref().expect("scored");
+            (list.version.to_string(), list.variant.to_string())
+        };
+        let canary = first.iter().filter(|r| arm(r) == ("b".into(), "canary".into())).count();
+        assert!((400..600).contains(&canary), "about a quarter of users get the canary: {canary}");
+        assert!(first.iter().zip(&again).all(|(a, b)| arm(a) == arm(b)), "a user stays in their variant");
+        let traffic = model.send(CurrentVersion).await.expect("traffic");
+        assert_eq!(traffic.challenger.as_ref().map(|c| c.share), Some(0.25));
+        let old = model.send(EndChallenger { promote: true }).await.expect("ended").expect("displaced");
+        assert_eq!(old.version(), "a");
+        let after =
+            model.send(Recommend { request: request(), user: users[0] }).await.expect("delivered").expect("scored");
+        assert_eq!((&*after.version, &*after.variant), ("b", CONTROL));
     }
 }

@@ -7,8 +7,9 @@
 //! intra-list diversity, novelty, active users, events per user, repeat visits, revenue per user.
 //!
 //! Drift, checked at every bucket boundary:
-//! - input drift: population stability index of item popularity and of the context mix (device
-//!   x hour bucket) against a reference (the model's training window when the trainer sets one,
+//! - input drift: population stability index of item popularity (organic events only: clicks on
+//!   served lists follow the model, not the users) and of the context mix (device x hour
+//!   bucket) against a reference (the model's training window when the trainer sets one,
 //!   else the first full window the monitor saw);
 //! - concept drift: the serving version's CTR against its own baseline (its first full window),
 //!   fired only when the drop is both large (`ctr_drop`) and significant (two-proportion z-test
@@ -111,6 +112,10 @@ pub struct Activity {
     pub segment: usize,
     pub event_type: EventType,
     pub value: Option<f64>,
+    /// Not a click on a list liverec served: what the user sought out on their own. Only these
+    /// count towards the item-popularity drift, which must measure what users want, not what
+    /// the model happened to show them.
+    pub organic: bool,
 }
 
 /// A retraining request, sent to the trainer.
@@ -124,6 +129,25 @@ pub struct Retrain {
 #[derive(Message, Debug)]
 #[rtype(result = "MonitorReport")]
 pub struct GetReport;
+
+/// Impressions and clicks per (version, variant) since the monitor started, for canary and
+/// experiment verdicts (which diff two readings).
+#[derive(Message, Debug)]
+#[rtype(result = "ArmCounts")]
+pub struct GetCounts;
+
+/// (version, variant) -> (impressions, clicks).
+pub type ArmCounts = HashMap<(String, String), (u64, u64)>;
+
+/// The input-drift reference of a newly promoted version: item popularity and context mix of
+/// the recent part of its training window.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SetReference {
+    pub popularity: HashMap<ItemIdx, f64>,
+    pub context: Vec<f64>,
+    pub source: String,
+}
 
 /// Where retraining requests go.
 #[derive(Message)]
@@ -190,6 +214,7 @@ pub struct MonitorReport {
 #[derive(Debug, Serialize, Clone, Default)]
 pub struct DriftReport {
     pub popularity_psi: Option<f64>,
+    pub category_psi: Option<f64>,
     pub context_psi: Option<f64>,
     pub ctr_z: Option<f64>,
     pub reference: Option<String>,
@@ -217,6 +242,51 @@ pub struct MonitorActor {
     /// Item popularity over the window as of the last bucket boundary, and its total: novelty
     /// uses it, so an impression costs a few lookups, not a pass over the window.
     popularity_cache: (HashMap<ItemIdx, f64>, f64),
+    /// Impressions and clicks per (version, variant) since start.
+    totals: HashMap<(Arc<str>, Arc<str>), (u64, u64)>,
+}
+
+/// Items with fewer reference events than this share the "rest" bin: single-item counts that
+/// small are mostly noise, and picking the top items of a noisy sample inflates the index.
+const MIN_BIN_EVENTS: f64 = 10.0;
+
+/// PSI of item popularity: one bin per popular reference item (at most `bins`, each with at
+/// least [`MIN_BIN_EVENTS`] reference events), one bin for everything else.
+fn item_psi(reference: &HashMap<ItemIdx, f64>, now: &HashMap<ItemIdx, f64>, bins: usize) -> f64 {
+    let mut top: Vec<(ItemIdx, f64)> =
+        reference.iter().filter(|(_, &n)| n >= MIN_BIN_EVENTS).map(|(&i, &n)| (i, n)).collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top.truncate(bins);
+    let in_bins: HashSet<ItemIdx> = top.iter().map(|(i, _)| *i).collect();
+    let mut expected: Vec<f64> = top.iter().map(|(_, n)| *n).collect();
+    let mut actual: Vec<f64> = top.iter().map(|(i, _)| now.get(i).copied().unwrap_or(0.0)).collect();
+    expected.push(reference.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
+    actual.push(now.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
+    psi(&expected, &actual)
+}
+
+/// Events per category (an item in several categories counts a share in each; items without
+/// one count under `u32::MAX`).
+fn category_mix(popularity: &HashMap<ItemIdx, f64>, categories: &crate::catalog::Categories<'_>) -> HashMap<u32, f64> {
+    let mut mix: HashMap<u32, f64> = HashMap::new();
+    for (&item, &n) in popularity {
+        let of = categories.of(item);
+        if of.is_empty() {
+            *mix.entry(u32::MAX).or_default() += n;
+        }
+        for &c in of {
+            *mix.entry(u32::from(c)).or_default() += n / of.len() as f64;
+        }
+    }
+    mix
+}
+
+/// Two sparse distributions as dense vectors over the union of their keys.
+fn aligned(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> (Vec<f64>, Vec<f64>) {
+    let mut keys: Vec<u32> = a.keys().chain(b.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.iter().map(|k| (a.get(k).copied().unwrap_or(0.0), b.get(k).copied().unwrap_or(0.0))).unzip()
 }
 
 fn now_ms() -> u64 {
@@ -241,6 +311,7 @@ impl MonitorActor {
             trainer: None,
             drift,
             popularity_cache: (HashMap::new(), 0.0),
+            totals: HashMap::new(),
             config,
             catalog,
             metrics,
@@ -317,25 +388,28 @@ impl MonitorActor {
         if let Some((reference_pop, reference_ctx, source)) = &self.reference {
             self.drift.reference = Some(source.clone());
             if events >= self.config.min_samples {
-                let mut bins: Vec<(ItemIdx, f64)> = reference_pop.iter().map(|(&i, &n)| (i, n)).collect();
-                bins.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                bins.truncate(self.config.psi_bins);
-                let in_bins: HashSet<ItemIdx> = bins.iter().map(|(i, _)| *i).collect();
-                let mut expected: Vec<f64> = bins.iter().map(|(_, n)| *n).collect();
-                let mut actual: Vec<f64> =
-                    bins.iter().map(|(i, _)| popularity.get(i).copied().unwrap_or(0.0)).collect();
-                expected.push(reference_pop.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
-                actual.push(popularity.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
-                let popularity_psi = psi(&expected, &actual);
+                let popularity_psi = item_psi(reference_pop, &popularity, self.config.psi_bins);
+                let (expected, actual) = {
+                    let categories = self.catalog.categories();
+                    aligned(&category_mix(reference_pop, &categories), &category_mix(&popularity, &categories))
+                };
+                let category_psi = psi(&expected, &actual);
                 let context_psi = psi(reference_ctx, &context);
                 self.drift.popularity_psi = Some(popularity_psi);
+                self.drift.category_psi = Some(category_psi);
                 self.drift.context_psi = Some(context_psi);
-                self.metrics.set_drift(popularity_psi, context_psi);
+                self.metrics.set_drift(popularity_psi, category_psi, context_psi);
                 if popularity_psi > self.config.psi_threshold {
                     self.breach(
                         ctx,
                         "input_drift",
                         format!("item popularity PSI {popularity_psi:.3} > {}", self.config.psi_threshold),
+                    );
+                } else if category_psi > self.config.psi_threshold {
+                    self.breach(
+                        ctx,
+                        "input_drift",
+                        format!("category mix PSI {category_psi:.3} > {}", self.config.psi_threshold),
                     );
                 } else if context_psi > self.config.psi_threshold {
                     self.breach(
@@ -500,6 +574,7 @@ impl Handler<Impression> for MonitorActor {
         let novelty: f64 =
             msg.items.iter().map(|i| -((popularity.get(i).copied().unwrap_or(0.0) + 1.0) / (total + 1.0)).log2()).sum();
         let items = msg.items.len() as u64;
+        self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().0 += 1;
         let bucket = self.variant(&msg.version, &msg.variant);
         bucket.impressions += 1;
         bucket.diversity_sum += diversity;
@@ -514,6 +589,9 @@ impl Handler<Outcome> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
+        if msg.kind == OutcomeKind::Click {
+            self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().1 += 1;
+        }
         let bucket = self.variant(&msg.version, &msg.variant);
         match msg.kind {
             OutcomeKind::Click => bucket.clicks += 1,
@@ -534,7 +612,7 @@ impl Handler<Activity> for MonitorActor {
 
     fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
         let bucket = self.stream_bucket();
-        if !msg.event_type.is_negative() {
+        if msg.organic && !msg.event_type.is_negative() {
             *bucket.popularity.entry(msg.item).or_default() += 1;
         }
         if let Some(slot) = bucket.context.get_mut(msg.segment) {
@@ -558,6 +636,31 @@ impl Handler<GetReport> for MonitorActor {
             window.advance(tick);
         }
         MessageResult(self.report())
+    }
+}
+
+impl Handler<GetCounts> for MonitorActor {
+    type Result = MessageResult<GetCounts>;
+
+    fn handle(&mut self, _msg: GetCounts, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.totals.iter().map(|((v, a), &n)| ((v.to_string(), a.to_string()), n)).collect())
+    }
+}
+
+impl Handler<SetReference> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetReference, _ctx: &mut Self::Context) {
+        let events: f64 = msg.popularity.values().sum();
+        if events < self.config.min_samples as f64 || msg.context.len() != EventContext::SEGMENTS {
+            // Too little to compare with: the next full window becomes the reference instead.
+            tracing::info!(events, "training reference too small; the next full window becomes the reference");
+            self.reference = None;
+            self.started_tick = self.tick();
+            return;
+        }
+        tracing::info!(source = %msg.source, events, "input-drift reference replaced");
+        self.reference = Some((msg.popularity, msg.context, msg.source));
     }
 }
 

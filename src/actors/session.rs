@@ -21,12 +21,13 @@ use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
     SessionError, Snapshot, TakeHistory,
 };
-use super::model::{Observe, Recommend, ScoredList};
+use super::model::{user_hash, Observe, Recommend, ScoredList};
 use super::monitor::{Activity, Impression, Outcome, OutcomeKind};
 use super::registry::{SessionRegistry, UserHub};
 use super::SessionDeps;
 use crate::catalog::ItemIdx;
-use crate::event::{now_ms, Context as EventContext, Event, EventId, EventType, ItemId, UserId};
+use crate::event::{now_ms, Context as EventContext, Event, EventId, EventType, ItemId};
+use crate::eventlog::LoggedEvent;
 use crate::models::{HistoryItem, Observation, ScoreRequest};
 use crate::recs::{RecItem, RecList, RecUpdate};
 use crate::store::{persisted_now, Interaction, Persisted, Profile, ProfileUpdate};
@@ -60,6 +61,7 @@ struct Served {
     rec_id: String,
     items: Vec<ItemId>,
     version: Arc<str>,
+    variant: Arc<str>,
     at: Instant,
     clicked: bool,
     converted: bool,
@@ -67,9 +69,6 @@ struct Served {
 
 /// Lists remembered per user for attribution.
 const SERVED_KEPT: usize = 8;
-
-/// The experiment variant of lists served outside any experiment.
-pub const CONTROL: &str = "control";
 
 impl SessionActor {
     pub fn new(hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> Self {
@@ -203,7 +202,17 @@ impl SessionActor {
             }
             outcome.applied += 1;
             let idx = self.deps.catalog.intern(&event.item_id);
-            self.attribute(&event, idx);
+            let attributed = self.attribute(&event, idx);
+            self.deps.event_log.append(LoggedEvent {
+                user: self.hub.user.clone(),
+                item: idx,
+                event_type: event.event_type,
+                value: event.value.map(|v| v as f32),
+                timestamp: event.timestamp,
+                segment: event.context.segment(),
+                organic: !attributed,
+                logged_at: now_ms(),
+            });
             if event.event_type.is_negative() {
                 self.suppressed.retain(|s| *s != event.item_id);
                 self.suppressed.push_back(event.item_id.clone());
@@ -267,7 +276,7 @@ impl SessionActor {
         let asked = Instant::now();
         self.deps
             .model
-            .send(Recommend { request })
+            .send(Recommend { request, user: user_hash(self.hub.user.as_str()) })
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
@@ -309,9 +318,10 @@ impl SessionActor {
     /// Remembers a served list and reports the impression to the monitor.
     fn record_served(&mut self, list: &RecList) {
         let version: Arc<str> = Arc::from(list.model_version.as_str());
+        let variant: Arc<str> = Arc::from(list.variant.as_str());
         let items: Vec<ItemId> = list.items.iter().map(|i| i.item_id.clone()).collect();
         let indices = items.iter().filter_map(|id| self.deps.catalog.lookup(id)).collect();
-        let impression = Impression { version: version.clone(), variant: Arc::from(CONTROL), items: indices };
+        let impression = Impression { version: version.clone(), variant: variant.clone(), items: indices };
         if self.deps.monitor.try_send(impression).is_err() {
             self.deps.metrics.monitor_refused.inc();
         }
@@ -319,6 +329,7 @@ impl SessionActor {
             rec_id: list.rec_id.clone(),
             items,
             version,
+            variant,
             at: Instant::now(),
             clicked: false,
             converted: false,
@@ -328,34 +339,39 @@ impl SessionActor {
         }
     }
 
-    /// Reports an applied event to the monitor, attributing it to a served list: the one it names
-    /// by `rec_id`, else the newest recent list that showed the item. Each list counts at most
-    /// one click and one conversion.
-    fn attribute(&mut self, event: &Event, idx: ItemIdx) {
-        let monitor = &self.deps.monitor;
+    /// Reports an applied event to the monitor, attributed to a served list (the one it names by
+    /// `rec_id`, else the newest recent list that showed the item) or organic. Each list counts
+    /// at most one click and one conversion. True when attributed.
+    fn attribute(&mut self, event: &Event, idx: ItemIdx) -> bool {
+        let attributed = !event.event_type.is_negative() && self.attribute_outcome(event);
         let activity = Activity {
-            user: user_hash(&self.hub.user),
+            user: user_hash(self.hub.user.as_str()),
             item: idx,
             segment: event.context.segment(),
             event_type: event.event_type,
             value: event.value,
+            organic: !attributed,
         };
-        if monitor.try_send(activity).is_err() {
+        if self.deps.monitor.try_send(activity).is_err() {
             self.deps.metrics.monitor_refused.inc();
         }
-        if event.event_type.is_negative() {
-            return;
-        }
+        attributed
+    }
+
+    /// Reports the click or conversion `event` makes on a served list; false when it is on no
+    /// recent list (an organic event).
+    fn attribute_outcome(&mut self, event: &Event) -> bool {
+        let monitor = &self.deps.monitor;
         let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
         let named = event.rec_id.as_deref();
         let served = match named.and_then(|id| self.served.iter().position(|s| s.rec_id == id)) {
             Some(i) => self.served.get_mut(i),
             None => self.served.iter_mut().rev().find(|s| s.at.elapsed() <= window && s.items.contains(&event.item_id)),
         };
-        let Some(served) = served else { return };
+        let Some(served) = served else { return false };
         let position = served.items.iter().position(|i| *i == event.item_id);
         if position.is_none() {
-            return;
+            return false;
         }
         let mut outcomes = Vec::new();
         if !served.clicked {
@@ -370,7 +386,7 @@ impl SessionActor {
         for kind in outcomes {
             let outcome = Outcome {
                 version: served.version.clone(),
-                variant: Arc::from(CONTROL),
+                variant: served.variant.clone(),
                 kind,
                 position,
                 value: if kind == OutcomeKind::Conversion { event.value } else { None },
@@ -379,6 +395,7 @@ impl SessionActor {
                 self.deps.metrics.monitor_refused.inc();
             }
         }
+        true
     }
 
     fn profile(&self) -> Profile {
@@ -466,7 +483,8 @@ impl Handler<GetRecommendations> for SessionActor {
         self.last_active = Instant::now();
         let request = self.score_request(msg.k, &msg.filters);
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
-        Box::pin(self.deps.model.send(Recommend { request }).into_actor(self).map(move |result, act, _| {
+        let user = user_hash(self.hub.user.as_str());
+        Box::pin(self.deps.model.send(Recommend { request, user }).into_actor(self).map(move |result, act, _| {
             let scored = match result {
                 Ok(Ok(scored)) => scored,
                 _ => return Err(SessionError::ModelUnavailable),
@@ -627,6 +645,7 @@ pub fn make_list(
         rec_id: uuid::Uuid::now_v7().to_string(),
         user_id: user.clone(),
         model_version: scored.version.to_string(),
+        variant: scored.variant.to_string(),
         generated_at: now_ms(),
         seq,
         last_event_id,
@@ -674,18 +693,10 @@ pub async fn list_from_store(
         None => (Arc::from(Vec::new()), Vec::new(), None),
     };
     let request = build_request(deps, history, suppressed.iter(), context.as_ref(), k, filters);
-    let scored = match deps.model.send(Recommend { request }).await {
+    let scored = match deps.model.send(Recommend { request, user: user_hash(user.as_str()) }).await {
         Ok(Ok(scored)) => scored,
         _ => return Err(SessionError::ModelUnavailable),
     };
     let last_event = profile.as_ref().and_then(|p| p.interactions.last()).map(|i| i.event_id.clone());
     Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq), last_event)))
-}
-
-/// A stable hash of a user id, so the monitor can count distinct users without holding ids.
-fn user_hash(user: &UserId) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    user.hash(&mut hasher);
-    hasher.finish()
 }

@@ -29,6 +29,7 @@ use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub monitor: actix::Addr<crate::actors::monitor::MonitorActor>,
+    pub trainer: actix::Addr<crate::actors::trainer::TrainerActor>,
     pub config: Arc<Config>,
     pub registry: Arc<SessionRegistry>,
     pub bus: Arc<dyn EventBus>,

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod metrics;
 pub mod ops;
 pub mod registry;
+pub mod retrain;
 pub mod sasrec;
 pub mod sequential;
 pub mod train;

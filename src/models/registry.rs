@@ -68,6 +68,9 @@ pub fn list(dir: &Path) -> Result<Vec<VersionInfo>, RegistryError> {
 /// The directory of version `wanted` ("latest": the newest).
 pub fn resolve(dir: &Path, wanted: &str) -> Result<PathBuf, RegistryError> {
     if wanted == "latest" {
+        if let Some(name) = serving(dir) {
+            return Ok(dir.join(name));
+        }
         let newest = list(dir)?.pop().ok_or_else(|| RegistryError::Empty(dir.to_owned()))?;
         return Ok(dir.join(newest.name));
     }
@@ -79,6 +82,29 @@ pub fn resolve(dir: &Path, wanted: &str) -> Result<PathBuf, RegistryError> {
         return Err(RegistryError::NotFound { dir: dir.to_owned(), name: wanted.to_owned() });
     }
     Ok(path)
+}
+
+/// The file naming the version that serves (written on every promotion and rollback), so a
+/// restart with `model.version = "latest"` comes back with what was serving, not with the
+/// newest directory (which may be a canary that was rolled back).
+pub const SERVING_FILE: &str = "serving.json";
+
+/// The version recorded as serving, if any (and if it still exists).
+pub fn serving(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(SERVING_FILE)).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let name = value.get("name")?.as_str()?.to_owned();
+    manifest_of(&dir.join(&name)).is_some().then_some(name)
+}
+
+/// Records `name` as the serving version (write to a temporary file, then rename).
+pub fn set_serving(dir: &Path, name: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{SERVING_FILE}.tmp"));
+    let body =
+        serde_json::json!({ "name": name, "since": crate::models::sequential::rfc3339(crate::event::now_ms() / 1000) });
+    std::fs::write(&tmp, body.to_string())?;
+    std::fs::rename(tmp, dir.join(SERVING_FILE))
 }
 
 /// Loads a version and puts the items it knows into the catalogue (with their genres), so that
@@ -101,5 +127,6 @@ mod tests {
         assert!(err.to_string().contains("liverec train"), "{err}");
         assert!(matches!(resolve(&dir, "../etc"), Err(RegistryError::BadName(_))));
         assert!(matches!(resolve(&dir, "v1"), Err(RegistryError::NotFound { .. })));
+        assert_eq!(serving(&dir), None);
     }
 }

@@ -275,6 +275,64 @@ fn softmax_cross_entropy(
     ))
 }
 
+/// Copies the weights of `from` into `model` where they fit: every tensor of the same name and
+/// shape; item rows (id embedding, bias) matched by item id, so items both vocabularies know
+/// keep what they learned and new items start from the fresh initialisation; genre columns
+/// matched by genre name. Returns how many tensors were (at least partly) copied.
+pub fn warm_start(model: &mut SequentialModel, from: &SequentialModel) -> Result<usize, TrainError> {
+    let target = model.varmap.data().lock().expect("varmap lock not poisoned").clone();
+    let source = from.varmap.data().lock().expect("varmap lock not poisoned").clone();
+    // Row (1-based, 0 is padding) of each new item in the old model.
+    let rows: Vec<Option<usize>> = std::iter::once(Some(0))
+        .chain(model.vocab.items.iter().map(|id| from.model_item(id).map(|m| m as usize)))
+        .collect();
+    let columns: Vec<Option<usize>> =
+        model.vocab.genres.iter().map(|g| from.vocab.genres.iter().position(|o| o == g)).collect();
+    let mut copied = 0;
+    for (name, var) in &target {
+        let Some(old) = source.get(name) else { continue };
+        let (old, new) = (old.as_tensor(), var.as_tensor());
+        let value = if name == "items.id.weight" || name == "items.bias" {
+            let old_rows = old.dims()[0];
+            let width = old.elem_count() / old_rows.max(1);
+            if new.elem_count() / new.dims()[0].max(1) != width {
+                continue;
+            }
+            let (old_v, mut new_v) = (old.flatten_all()?.to_vec1::<f32>()?, new.flatten_all()?.to_vec1::<f32>()?);
+            for (r, from_row) in rows.iter().enumerate() {
+                if let Some(f) = from_row.filter(|&f| f < old_rows) {
+                    new_v[r * width..(r + 1) * width].copy_from_slice(&old_v[f * width..(f + 1) * width]);
+                }
+            }
+            Tensor::from_vec(new_v, new.dims(), &Device::Cpu)?
+        } else if name == "items.genre.weight" {
+            // [hidden, genres]
+            let (h, old_g) = old.dims2()?;
+            let (new_h, new_g) = new.dims2()?;
+            if h != new_h {
+                continue;
+            }
+            let (old_v, mut new_v) = (old.flatten_all()?.to_vec1::<f32>()?, new.flatten_all()?.to_vec1::<f32>()?);
+            for (c, from_col) in columns.iter().enumerate() {
+                if let Some(f) = from_col.filter(|&f| f < old_g) {
+                    for row in 0..h {
+                        new_v[row * new_g + c] = old_v[row * old_g + f];
+                    }
+                }
+            }
+            Tensor::from_vec(new_v, new.dims(), &Device::Cpu)?
+        } else if old.dims() == new.dims() {
+            old.copy()?
+        } else {
+            continue;
+        };
+        var.set(&value)?;
+        copied += 1;
+    }
+    model.weights_changed();
+    Ok(copied)
+}
+
 /// Snapshot of every variable, to restore the best epoch's weights.
 fn snapshot(vars: &HashMap<String, Var>) -> Result<HashMap<String, Tensor>, SasRecError> {
     vars.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
@@ -282,10 +340,25 @@ fn snapshot(vars: &HashMap<String, Var>) -> Result<HashMap<String, Tensor>, SasR
 
 /// Trains a model on the split's training part, early-stopping on its validation part.
 pub fn train(dataset: &Dataset, split: &Split, file: &TrainFile, show_progress: bool) -> Result<Trained, TrainError> {
+    train_from(dataset, split, file, show_progress, None)
+}
+
+/// [`train`], starting from the weights of `warm` where they fit (see [`warm_start`]).
+pub fn train_from(
+    dataset: &Dataset,
+    split: &Split,
+    file: &TrainFile,
+    show_progress: bool,
+    warm: Option<&SequentialModel>,
+) -> Result<Trained, TrainError> {
     let cfg = &file.train;
     let started = Instant::now();
     let vocab = Vocab::from_dataset(dataset, &split.train);
     let mut model = SequentialModel::new(file.model.clone(), file.serve.clone(), vocab, cfg.seed)?;
+    if let Some(warm) = warm {
+        let copied = warm_start(&mut model, warm)?;
+        tracing::debug!(copied, "warm start");
+    }
     let len = model.config.max_len;
     let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5EED_DA7A);
 

@@ -4,6 +4,7 @@ mod support;
 
 mod bad_input;
 mod cli;
+mod closed_loop;
 mod deploy_files;
 mod fanout;
 mod lifecycle;

@@ -1,0 +1,125 @@
+//! The retained event log: the recent window of applied interactions that the trainer learns
+//! from. Sessions append every event they apply (after de-duplication, so a replayed event is
+//! logged once); the log forgets events older than `trainer.window_secs` and keeps at most
+//! `trainer.max_events`.
+//!
+//! It lives in memory, in every mode: in production each instance logs the events of the
+//! partitions it owns (Kafka keeps the full log; see docs/loop.md).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::catalog::ItemIdx;
+use crate::event::{EventType, UserId};
+
+/// One applied interaction, as the trainer needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedEvent {
+    pub user: UserId,
+    pub item: ItemIdx,
+    pub event_type: EventType,
+    pub value: Option<f32>,
+    /// Milliseconds since the Unix epoch (the event's own time).
+    pub timestamp: i64,
+    /// Context segment (device x hour bucket), for the drift reference.
+    pub segment: usize,
+    /// Not a click on a served list (see the monitor's input drift).
+    pub organic: bool,
+    /// When the log received it (milliseconds since the Unix epoch), for the window.
+    pub logged_at: i64,
+}
+
+pub struct EventLog {
+    events: Mutex<VecDeque<LoggedEvent>>,
+    window_ms: i64,
+    max_events: usize,
+    appended: AtomicU64,
+}
+
+impl EventLog {
+    pub fn new(window_secs: u64, max_events: usize) -> Arc<Self> {
+        Arc::new(Self {
+            events: Mutex::new(VecDeque::new()),
+            window_ms: (window_secs as i64).saturating_mul(1000),
+            max_events: max_events.max(1),
+            appended: AtomicU64::new(0),
+        })
+    }
+
+    /// Events appended since start (including those since dropped).
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
+    }
+
+    pub fn append(&self, event: LoggedEvent) {
+        self.appended.fetch_add(1, Ordering::Relaxed);
+        let mut events = self.events.lock();
+        let oldest = event.logged_at - self.window_ms;
+        events.push_back(event);
+        while events.len() > self.max_events || events.front().is_some_and(|e| e.logged_at < oldest) {
+            events.pop_front();
+        }
+    }
+
+    /// The events still in the window, oldest first.
+    pub fn snapshot(&self, now_ms: i64) -> Vec<LoggedEvent> {
+        let oldest = now_ms - self.window_ms;
+        let mut events = self.events.lock();
+        while events.front().is_some_and(|e| e.logged_at < oldest) {
+            events.pop_front();
+        }
+        events.iter().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every event of `user`; returns how many there were.
+    pub fn remove_user(&self, user: &UserId) -> usize {
+        let mut events = self.events.lock();
+        let before = events.len();
+        events.retain(|e| &e.user != user);
+        before - events.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(user: &str, at: i64) -> LoggedEvent {
+        LoggedEvent {
+            user: UserId::from(user),
+            item: 1,
+            event_type: EventType::View,
+            value: None,
+            timestamp: at,
+            segment: 0,
+            organic: true,
+            logged_at: at,
+        }
+    }
+
+    #[test]
+    fn keeps_the_window_and_the_cap() {
+        let log = EventLog::new(10, 3);
+        for at in [0, 1_000, 2_000, 3_000] {
+            log.append(event("a", at));
+        }
+        assert_eq!(log.len(), 3, "capped");
+        assert_eq!(log.snapshot(3_000).first().map(|e| e.logged_at), Some(1_000));
+        assert_eq!(log.snapshot(12_500).len(), 1, "older than ten seconds are gone");
+        log.append(event("b", 12_600));
+        assert_eq!(log.remove_user(&UserId::from("a")), 1);
+        assert_eq!(log.snapshot(12_600).len(), 1);
+    }
+}

@@ -1,0 +1,273 @@
+//! Retraining on the recent event log, and the validation gate.
+//!
+//! The window of logged events becomes a dataset (positive interactions, in the order they were
+//! applied); each user's last interaction is held out (leave-one-out on the recent window), the
+//! one before it validates early stopping, the rest trains. The gate ranks the whole catalogue
+//! through the same [`Recommender`] interface serving uses, for the candidate and for the
+//! incumbent, and compares their NDCG@10 on the held-out interactions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::data::{Dataset, DatasetBuilder, Split};
+use super::{HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use crate::catalog::{Catalog, ItemIdx};
+use crate::event::{Context as EventContext, EventType, ItemId};
+use crate::eventlog::LoggedEvent;
+
+/// How strongly an event type says "liked", on the 1..5 scale the sequential model reads.
+fn rating_of(event: &LoggedEvent) -> Option<f32> {
+    match event.event_type {
+        EventType::View | EventType::Dwell => Some(3.0),
+        EventType::Click => Some(4.0),
+        EventType::AddToCart | EventType::Purchase => Some(5.0),
+        EventType::Rating => event.value,
+        EventType::Dislike | EventType::Hide => None,
+    }
+}
+
+/// The logged window as a dataset, plus the catalogue index of each dataset item and the
+/// context segment of each user's last event.
+pub struct WindowData {
+    pub dataset: Dataset,
+    pub split: Split,
+    /// Catalogue index of dataset item `i`.
+    pub catalog_items: Vec<ItemIdx>,
+    /// Context segment of each user's latest event.
+    pub segments: Vec<usize>,
+}
+
+impl WindowData {
+    /// Builds the dataset from positive events (negative feedback is not a next item to
+    /// predict). Items carry their catalogue categories as genres.
+    pub fn from_log(events: &[LoggedEvent], catalog: &Catalog) -> WindowData {
+        let mut builder = DatasetBuilder::new();
+        let mut seen: HashMap<ItemIdx, ()> = HashMap::new();
+        let positives: Vec<&LoggedEvent> = events.iter().filter(|e| rating_of(e).is_some()).collect();
+        let distinct: Vec<ItemIdx> =
+            positives.iter().filter_map(|e| seen.insert(e.item, ()).is_none().then_some(e.item)).collect();
+        let ids = catalog.ids_of(&distinct);
+        let categories = catalog.categories();
+        for (&idx, id) in distinct.iter().zip(&ids) {
+            let genres: Vec<&str> = categories.of(idx).iter().filter_map(|&c| categories.name(c)).collect();
+            builder.item_attributes(id.as_str(), None, &genres, None);
+        }
+        drop(categories);
+        let id_of: HashMap<ItemIdx, &ItemId> = distinct.iter().copied().zip(&ids).collect();
+        let mut last_segment: HashMap<&str, usize> = HashMap::new();
+        for e in &positives {
+            let item = id_of[&e.item];
+            builder.interaction(e.user.as_str(), item.as_str(), e.timestamp.div_euclid(1000), rating_of(e));
+            last_segment.insert(e.user.as_str(), e.segment);
+        }
+        let dataset = builder.build();
+        let catalog_items = dataset
+            .items
+            .iter()
+            .map(|i| catalog.lookup(&ItemId::from(i.id.as_str())).unwrap_or(ItemIdx::MAX))
+            .collect();
+        let segments =
+            dataset.users.iter().map(|u| last_segment.get(u.id.as_str()).copied().unwrap_or_default()).collect();
+        let split = Split::leave_one_out(&dataset.sequences);
+        WindowData { dataset, split, catalog_items, segments }
+    }
+
+    /// Users with a held-out interaction.
+    pub fn cases(&self) -> usize {
+        self.split.test.iter().filter(|t| t.is_some()).count()
+    }
+
+    /// The drill behind `"drill": "shuffle_items"`: the training and validation parts get their
+    /// items permuted at random, so the model learns nothing true (the held-out part stays true;
+    /// take [`WindowData::gate_requests`] before, as they read the histories).
+    pub fn shuffle_training_items(&mut self, seed: u64) {
+        let mut permutation: Vec<u32> = (0..self.dataset.items.len() as u32).collect();
+        permutation.shuffle(&mut SmallRng::seed_from_u64(seed));
+        for i in self.split.train.iter_mut().flatten() {
+            i.item = permutation[i.item as usize];
+        }
+        for i in self.split.valid.iter_mut().flatten() {
+            i.item = permutation[i.item as usize];
+        }
+    }
+
+    fn history(&self, user: usize) -> Vec<HistoryItem> {
+        let (history, _) = self.split.case(user, super::data::Part::Test).expect("evaluated user");
+        history
+            .iter()
+            .map(|i| HistoryItem {
+                item: self.catalog_items[i.item as usize],
+                event_type: EventType::View,
+                value: None,
+                timestamp: i.timestamp * 1000,
+            })
+            .collect()
+    }
+
+    /// One ranking request per held-out interaction (the user's history excluded, as serving
+    /// excludes consumed items) and the catalogue index of the held-out item.
+    pub fn gate_requests(&self, k: usize) -> (Vec<ScoreRequest>, Vec<ItemIdx>) {
+        let mut requests = Vec::new();
+        let mut targets = Vec::new();
+        for (user, test) in self.split.test.iter().enumerate() {
+            let Some(test) = test else { continue };
+            let history = self.history(user);
+            let exclude = history.iter().map(|h| h.item).collect();
+            requests.push(ScoreRequest {
+                history: Arc::from(history),
+                segment: self.segments[user],
+                exclude,
+                negatives: Vec::new(),
+                categories: None,
+                k,
+            });
+            targets.push(self.catalog_items[test.item as usize]);
+        }
+        (requests, targets)
+    }
+
+    /// Item popularity (organic events, as the monitor counts it) and context mix of events
+    /// logged in the last `secs` of the window: the input-drift reference of a version trained
+    /// on it.
+    pub fn reference(events: &[LoggedEvent], secs: u64) -> (HashMap<ItemIdx, f64>, Vec<f64>) {
+        let newest = events.iter().map(|e| e.logged_at).max().unwrap_or(0);
+        let from = newest - (secs as i64) * 1000;
+        let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
+        let mut context = vec![0.0; EventContext::SEGMENTS];
+        for e in events.iter().filter(|e| e.logged_at >= from) {
+            if e.organic && !e.event_type.is_negative() {
+                *popularity.entry(e.item).or_default() += 1.0;
+            }
+            if let Some(slot) = context.get_mut(e.segment) {
+                *slot += 1.0;
+            }
+        }
+        (popularity, context)
+    }
+}
+
+/// NDCG@k of ranked lists against one relevant item each (rank r, from 0: `1 / log2(r + 2)`).
+pub fn ndcg(lists: &[Vec<Scored>], targets: &[ItemIdx], k: usize) -> f64 {
+    if targets.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = lists
+        .iter()
+        .zip(targets)
+        .filter_map(|(list, target)| list.iter().take(k).position(|s| s.item == *target))
+        .fold(0.0, |sum, rank| sum + 1.0 / ((rank + 2) as f64).log2());
+    total / targets.len() as f64
+}
+
+/// Scores in batches, as the inference thread would.
+pub fn score_all(model: &mut dyn Recommender, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
+    requests.chunks(256).flat_map(|chunk| model.score(chunk, catalog)).collect()
+}
+
+/// Most popular items of the training part first: the yardstick of the gate when the serving
+/// model learns online (it has already seen the held-out interactions, so comparing with it
+/// would favour it unfairly).
+pub struct WindowPopularity {
+    counts: Vec<f32>,
+}
+
+impl WindowPopularity {
+    pub fn new(data: &WindowData, catalog: &Catalog) -> Self {
+        let mut counts = vec![0f32; catalog.len()];
+        for i in data.split.train.iter().flatten() {
+            if let Some(c) = counts.get_mut(data.catalog_items[i.item as usize] as usize) {
+                *c += 1.0;
+            }
+        }
+        Self { counts }
+    }
+}
+
+impl Recommender for WindowPopularity {
+    fn version(&self) -> &str {
+        "window-popularity"
+    }
+
+    fn observe(&mut self, _observations: &[Observation]) {}
+
+    fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
+        let n = catalog.len().min(self.counts.len());
+        requests
+            .iter()
+            .map(|r| {
+                let mut mask = vec![false; n];
+                for &i in &r.exclude {
+                    if let Some(m) = mask.get_mut(i as usize) {
+                        *m = true;
+                    }
+                }
+                super::top_k(&self.counts[..n], &mask, r.k)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::UserId;
+
+    fn log(catalog: &Catalog) -> Vec<LoggedEvent> {
+        let mut events = Vec::new();
+        for u in 0..20 {
+            for step in 0..6 {
+                let item = catalog.intern(&ItemId::from(format!("i{}", (u + step) % 10).as_str()));
+                events.push(LoggedEvent {
+                    user: UserId::from(format!("u{u}").as_str()),
+                    item,
+                    event_type: if step == 2 { EventType::Dislike } else { EventType::View },
+                    value: None,
+                    timestamp: 1_000_000 + step as i64 * 1000,
+                    segment: 3,
+                    organic: true,
+                    logged_at: 1_000_000 + step as i64 * 1000,
+                });
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn the_window_holds_out_each_users_last_positive_event() {
+        let catalog = Catalog::new();
+        let data = WindowData::from_log(&log(&catalog), &catalog);
+        assert_eq!(data.dataset.users.len(), 20);
+        assert_eq!(data.dataset.interactions(), 100, "dislikes are left out");
+        assert_eq!(data.cases(), 20);
+        let (requests, targets) = data.gate_requests(10);
+        assert_eq!(requests.len(), 20);
+        // User 0 walked i0 i1 (i2 disliked) i3 i4 i5: i5 is held out, the rest excluded.
+        let i5 = catalog.lookup(&ItemId::from("i5")).expect("known");
+        assert_eq!(targets[0], i5);
+        assert_eq!(requests[0].exclude.len(), 4);
+        assert_eq!(requests[0].segment, 3);
+    }
+
+    #[test]
+    fn ndcg_rewards_higher_ranks() {
+        let list = |items: &[ItemIdx]| items.iter().map(|&item| Scored { item, score: 1.0 }).collect::<Vec<_>>();
+        assert_eq!(ndcg(&[list(&[7, 1])], &[7], 10), 1.0);
+        assert!((ndcg(&[list(&[1, 7])], &[7], 10) - 1.0 / 3f64.log2()).abs() < 1e-12);
+        assert_eq!(ndcg(&[list(&[1, 2])], &[7], 10), 0.0);
+        assert_eq!(ndcg(&[list(&[1, 7])], &[7], 1), 0.0, "beyond k counts nothing");
+    }
+
+    #[test]
+    fn shuffling_changes_training_items_but_not_the_held_out_ones() {
+        let catalog = Catalog::new();
+        let mut data = WindowData::from_log(&log(&catalog), &catalog);
+        let (before_test, before_train) = (data.split.test.clone(), data.split.train.clone());
+        data.shuffle_training_items(1);
+        assert_eq!(data.split.test, before_test);
+        assert_ne!(data.split.train, before_train);
+    }
+}
