@@ -91,6 +91,49 @@ async fn a_trained_version_serves_and_another_replaces_it_while_serving() {
     assert_eq!(next["model_version"], json!(v2), "lists after the swap come from the new version");
     assert!(!items(&next).contains(&"seq-3".to_owned()));
 
+    // Back to the version that served before, kept in memory for an instant rollback.
+    let rolled = post_json(&server, "/v1/admin/rollback", &json!({ "reason": "checking" })).await;
+    assert_eq!((rolled.status, rolled.body["serving"].clone()), (200, json!(v1)), "{}", rolled.body);
+    let state = get(&server, "/v1/admin/models").await.body;
+    assert_eq!(state["serving"], json!(v1));
+    let steps: Vec<&str> =
+        state["history"].as_array().expect("history").iter().filter_map(|h| h["step"].as_str()).collect();
+    assert_eq!(&steps[..2], ["rolled_back", "promoted"], "newest first: {steps:?}");
+    let nothing = post_json(&server, "/v1/admin/promote", &json!({})).await;
+    assert_eq!((nothing.status, nothing.body["error"]["code"].clone()), (409, json!("conflict")));
+
+    // An A/B experiment: v1 for some users, v2 for the others, by stable hash.
+    let bad_share = post_json(&server, "/v1/admin/experiments", &json!({ "a": "v1", "b": "v2", "share": 1.5 })).await;
+    assert_eq!(bad_share.status, 400, "{}", bad_share.body);
+    let started = post_json(&server, "/v1/admin/experiments", &json!({ "a": "v1", "b": "v2", "share": 0.5 })).await;
+    assert_eq!(started.status, 201, "{}", started.body);
+    let mut seen = std::collections::HashMap::new();
+    for u in 0..40 {
+        let user = format!("ab-{u}");
+        post_events(&server, json!({ "user_id": user, "item_id": "seq-1", "event_type": "click" })).await;
+        let list = eventually("the user's list after the event", || async {
+            let list = get(&server, &format!("/v1/users/{user}/recommendations")).await.body;
+            list["last_event_id"].is_string().then_some(list)
+        })
+        .await;
+        let version = list["model_version"].as_str().expect("version").to_owned();
+        seen.insert(list["variant"].as_str().expect("variant").to_owned(), version);
+    }
+    assert_eq!(seen.get("a"), Some(&v1), "{seen:?}");
+    assert_eq!(seen.get("b"), Some(&v2), "{seen:?}");
+    let experiment = get(&server, "/v1/admin/experiments").await.body;
+    let variants = experiment["experiment"]["variants"].as_array().expect("variants").clone();
+    assert_eq!(variants.len(), 2, "{experiment}");
+    let impressions: u64 = variants.iter().map(|v| v["impressions"].as_u64().expect("impressions")).sum();
+    assert!(impressions >= 40, "{experiment}");
+    assert!(variants.iter().all(|v| v["ctr"]["low"].as_f64() <= v["ctr"]["high"].as_f64()));
+    let busy = post_json(&server, "/v1/admin/retrain", &json!({})).await;
+    assert_eq!(busy.status, 409, "no retraining during an experiment: {}", busy.body);
+    let stopped = client().delete(format!("{}/v1/admin/experiments", server.url())).send().await.expect("stop");
+    assert_eq!(stopped.status(), 200);
+    let state = get(&server, "/v1/admin/models").await.body;
+    assert_eq!((state["serving"].clone(), state["traffic"]["challenger"].clone()), (json!(v1), json!(null)));
+
     let missing = post_json(&server, "/v1/admin/models/v9/activate", &json!({})).await;
     assert_eq!((missing.status, missing.body["error"]["code"].clone()), (404, json!("model_not_found")));
     let sneaky = post_json(&server, "/v1/admin/models/..hidden/activate", &json!({})).await;
