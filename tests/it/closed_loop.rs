@@ -27,7 +27,7 @@ fn loop_config(registry: &std::path::Path) -> Config {
     config.model.kind = ModelKind::Sequential;
     config.model.registry_dir = registry.to_owned();
     config.monitor.bucket_secs = 1;
-    config.monitor.window_secs = 4;
+    config.monitor.window_secs = 10;
     config.monitor.min_samples = 200;
     config.monitor.cooldown_secs = 3600;
     config.trainer.window_secs = 15;
@@ -241,6 +241,10 @@ async fn a_stationary_stream_raises_no_alarm() {
     let lp = Loop::start("steady", |_| {}).await;
     let v1 = lp.bootstrap().await;
     lp.steady_ctr(&v1).await;
+    eventually("the drift reference in place", || async {
+        get(&lp.server, "/v1/monitor").await.body["drift"]["popularity_psi"].as_f64()
+    })
+    .await;
     // As much traffic as the shift test needs from its shift to a recovered CTR, and more.
     lp.traffic(9000).await;
     let report = get(&lp.server, "/v1/monitor").await.body;
