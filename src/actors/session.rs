@@ -286,7 +286,7 @@ impl SessionActor {
                     return;
                 }
                 match result {
-                    Ok(Ok(scored)) => act.publish(scored),
+                    Ok(Ok(scored)) => act.publish(scored, false),
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error, user = %act.hub.user, "no list computed")
                     }
@@ -303,11 +303,14 @@ impl SessionActor {
         make_list(&self.deps, &self.hub.user, scored, seq, last_event)
     }
 
-    fn publish(&mut self, scored: ScoredList) {
+    /// Publishes a new list to the user's streams. It counts as an impression when someone
+    /// receives it: a live subscriber, or the `GET` it answers (`answering`).
+    fn publish(&mut self, scored: ScoredList, answering: bool) {
         let list = self.to_list(&scored, self.hub.next_seq());
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
-        self.record_served(&update.list);
+        let delivered = answering || self.hub.subscriber_count() > 0;
+        self.record_served(&update.list, delivered);
         self.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {
             self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
@@ -315,15 +318,15 @@ impl SessionActor {
         self.deps.store.save_recs(&update);
     }
 
-    /// Remembers a served list and reports the impression to the monitor.
-    fn record_served(&mut self, list: &RecList) {
+    /// Remembers a list for click attribution, and reports it to the monitor as an impression
+    /// when it reached someone (a list published to no subscriber is not an impression; a `GET`
+    /// that later serves it from the hub reports it then).
+    fn record_served(&mut self, list: &RecList, delivered: bool) {
         let version: Arc<str> = Arc::from(list.model_version.as_str());
         let variant: Arc<str> = Arc::from(list.variant.as_str());
         let items: Vec<ItemId> = list.items.iter().map(|i| i.item_id.clone()).collect();
-        let indices = items.iter().filter_map(|id| self.deps.catalog.lookup(id)).collect();
-        let impression = Impression { version: version.clone(), variant: variant.clone(), items: indices };
-        if self.deps.monitor.try_send(impression).is_err() {
-            self.deps.metrics.monitor_refused.inc();
+        if delivered {
+            report_impression(&self.deps, list, list.items.len());
         }
         self.served.push_back(Served {
             rec_id: list.rec_id.clone(),
@@ -490,11 +493,11 @@ impl Handler<GetRecommendations> for SessionActor {
                 _ => return Err(SessionError::ModelUnavailable),
             };
             if becomes_pushed && act.hub.latest().is_none() {
-                act.publish(scored);
+                act.publish(scored, true);
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
             let update = RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq)));
-            act.record_served(&update.list);
+            act.record_served(&update.list, true);
             Ok(update)
         }))
     }
@@ -598,6 +601,19 @@ pub fn segment_of(context: Option<&EventContext>, device: Option<crate::event::D
         (Some(c), None) => c.segment(),
         (Some(c), Some(d)) => EventContext { device: d, ..c.clone() }.segment(),
         (None, d) => EventContext::at_time(now_ms(), d.unwrap_or_default()).segment(),
+    }
+}
+
+/// Reports the first `k` items of `list` to the monitor as an impression.
+pub fn report_impression(deps: &SessionDeps, list: &RecList, k: usize) {
+    let items = list.items.iter().take(k).filter_map(|i| deps.catalog.lookup(&i.item_id)).collect();
+    let impression = Impression {
+        version: Arc::from(list.model_version.as_str()),
+        variant: Arc::from(list.variant.as_str()),
+        items,
+    };
+    if deps.monitor.try_send(impression).is_err() {
+        deps.metrics.monitor_refused.inc();
     }
 }
 

@@ -60,6 +60,7 @@ async fn get_recommendations(
     };
     if filters.is_empty() && k <= recs.default_k {
         if let Some(latest) = state.registry.hub(&user).and_then(|h| h.latest()) {
+            crate::actors::session::report_impression(&state.registry.deps, &latest.list, k);
             return Ok(respond(&latest.list, &latest.json, k));
         }
     }

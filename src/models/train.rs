@@ -537,6 +537,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn warm_start_keeps_what_known_items_learned() {
+        let vocab = |ids: &[&str]| {
+            let mut builder = DatasetBuilder::new();
+            for id in ids {
+                builder.item_attributes(id, None, &["drama"], None);
+            }
+            for (t, id) in ids.iter().enumerate() {
+                builder.interaction("u", id, t as i64, Some(4.0));
+            }
+            let dataset = builder.build();
+            Vocab::from_dataset(&dataset, &dataset.sequences)
+        };
+        let config = Config { hidden: 8, layers: 1, heads: 2, inner: 16, max_len: 4, ..Config::default() };
+        let old =
+            SequentialModel::new(config.clone(), ServeConfig::default(), vocab(&["a", "b", "c"]), 1).expect("old");
+        let mut new = SequentialModel::new(config, ServeConfig::default(), vocab(&["b", "c", "d"]), 2).expect("new");
+        let tensor = |m: &SequentialModel, name: &str| {
+            m.varmap.data().lock().expect("varmap").get(name).expect("variable").as_tensor().clone()
+        };
+        let row = |m: &SequentialModel, id: &str| {
+            let r = m.model_item(id).expect("known item") as usize;
+            tensor(m, "items.id.weight").get(r).and_then(|t| t.to_vec1::<f32>()).expect("row")
+        };
+        let fresh = row(&new, "d");
+        assert_ne!(row(&new, "b"), row(&old, "b"), "different seeds start apart");
+        assert!(warm_start(&mut new, &old).expect("warm start") > 5);
+        assert_eq!(row(&new, "b"), row(&old, "b"), "a known item keeps its embedding");
+        assert_eq!(row(&new, "c"), row(&old, "c"));
+        assert_eq!(row(&new, "d"), fresh, "a new item keeps its fresh initialisation");
+        let positions =
+            |m: &SequentialModel| tensor(m, "positions.weight").flatten_all().and_then(|t| t.to_vec1::<f32>());
+        assert_eq!(positions(&new).expect("new"), positions(&old).expect("old"), "same-shape weights are copied");
+    }
+
     /// Users who all walk the cycle 1 -> 2 -> ... -> 20 -> 1 from different starting points:
     /// a tiny model must learn to rank the next item first among the unseen ones.
     #[test]
