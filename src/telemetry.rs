@@ -1,12 +1,20 @@
 //! Logging set-up and every metric liverec exports, declared in one place.
 //!
-//! Metrics are plain atomics (no locks on hot paths) rendered in the Prometheus text format at
-//! `GET /metrics`. Names follow `liverec_<subsystem>_<name>_<unit>[_total]`; labels are low
-//! cardinality (a source or a stream kind), never a user or item id.
+//! Metrics go through OpenTelemetry: one `SdkMeterProvider` per server whose reader is the
+//! Prometheus exporter, rendered in the Prometheus text format at `GET /metrics`. Counters and
+//! gauges are plain atomics on the hot paths, observed by OpenTelemetry instruments (observable
+//! counters and gauges) when a scrape collects them, so counting costs one relaxed atomic add;
+//! histograms are OpenTelemetry histograms with explicit buckets. Names follow
+//! `liverec_<subsystem>_<name>_<unit>[_total]`, given whole (the exporter adds no suffix); labels
+//! are low cardinality (a source, a stream kind, a stage), never a user or item id.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -23,8 +31,9 @@ pub fn init_logging(config: &LogConfig) {
     let _ = result;
 }
 
-#[derive(Default, Debug)]
-pub struct Counter(AtomicU64);
+/// A monotonic count, observed by an OpenTelemetry observable counter at collection.
+#[derive(Default, Debug, Clone)]
+pub struct Counter(Arc<AtomicU64>);
 
 impl Counter {
     pub fn inc(&self) {
@@ -38,8 +47,9 @@ impl Counter {
     }
 }
 
-#[derive(Default, Debug)]
-pub struct Gauge(AtomicI64);
+/// A level that goes up and down, observed by an OpenTelemetry observable gauge.
+#[derive(Default, Debug, Clone)]
+pub struct Gauge(Arc<AtomicI64>);
 
 impl Gauge {
     pub fn set(&self, value: i64) {
@@ -56,61 +66,63 @@ impl Gauge {
     }
 }
 
-/// A fixed-bucket histogram. Bucket bounds are in the metric's unit (seconds, or a count).
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    /// Sum in millionths of the unit, to stay an integer atomic.
-    sum_micro: AtomicU64,
-    count: AtomicU64,
+/// A floating-point level (stored as bits), observed by an OpenTelemetry observable gauge.
+#[derive(Default, Debug, Clone)]
+pub struct FloatGauge(Arc<AtomicU64>);
+
+impl FloatGauge {
+    pub fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::Relaxed);
+    }
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
 }
 
-/// Latency buckets, 100 µs to 10 s.
-pub const LATENCY_BOUNDS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-/// Batch-size buckets.
-/// Bounds for training runs, in seconds.
-pub const TRAINING_BOUNDS: &[f64] = &[1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
-pub const SIZE_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+/// An OpenTelemetry histogram with explicit buckets (in the metric's unit), and the labels of
+/// this series.
+#[derive(Clone)]
+pub struct Histogram {
+    instrument: opentelemetry::metrics::Histogram<f64>,
+    labels: Arc<[KeyValue]>,
+}
+
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Histogram").field("labels", &self.labels).finish()
+    }
+}
 
 impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micro: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
     pub fn observe(&self, value: f64) {
-        if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_micro.fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.instrument.record(value, &self.labels);
     }
 
     pub fn observe_duration(&self, d: Duration) {
         self.observe(d.as_secs_f64());
     }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
 }
 
+/// Latency buckets, 100 µs to 10 s.
+pub const LATENCY_BOUNDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Bounds for training runs, in seconds.
+pub const TRAINING_BOUNDS: &[f64] = &[1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+/// Batch-size buckets.
+pub const SIZE_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
 /// Every metric of one server. Shared by `Arc`; each test server has its own.
-#[derive(Debug)]
 pub struct Metrics {
-    /// Events accepted, by source.
+    /// Events accepted, by source (Kafka records count under `kafka_records`).
     pub ingest_events_http: Counter,
     pub ingest_events_ws: Counter,
     /// Events refused as invalid (the whole batch counts).
     pub ingest_invalid: Counter,
     /// Batches refused because the pipeline was full (503).
     pub ingest_shed: Counter,
+    /// Event batches waiting in the in-process bus queues (the ingest actors' mailboxes), as of
+    /// the last scrape.
+    pub ingest_queued: Gauge,
     /// Events applied to a session, and repeats of an event id skipped.
     pub session_applied: Counter,
     pub session_duplicates: Counter,
@@ -139,6 +151,8 @@ pub struct Metrics {
     pub model_batches: Counter,
     pub model_batch_size: Histogram,
     pub model_inference_seconds: Histogram,
+    /// Scoring requests waiting in the model actor for the next batch (its mailbox depth).
+    pub model_queued: Gauge,
     /// From the moment an event was received to the push that reflects it.
     pub event_to_push_seconds: Histogram,
     /// Per stage of the event path: receive (request start to accepted by the bus), apply (bus to
@@ -166,6 +180,8 @@ pub struct Metrics {
     pub monitor_conversions: Counter,
     pub monitor_breaches: Counter,
     pub monitor_refused: Counter,
+    /// Reports sent to the monitor and not yet handled (its mailbox depth).
+    pub monitor_queued: Gauge,
     /// Retraining requests, by source; requests folded into a run already going.
     pub trainer_triggers_monitor: Counter,
     pub trainer_triggers_schedule: Counter,
@@ -180,30 +196,139 @@ pub struct Metrics {
     pub rollout_canaries: Counter,
     pub rollout_promotions: Counter,
     pub rollout_rollbacks: Counter,
-    /// Share of users served by a canary or experiment challenger, as f64 bits.
-    rollout_share: AtomicU64,
-    /// Latest drift scores (PSI), as f64 bits.
-    drift_popularity: AtomicU64,
-    drift_category: AtomicU64,
-    drift_context: AtomicU64,
+    /// Share of users served by a canary or experiment challenger.
+    rollout_share: FloatGauge,
+    /// Latest drift scores (PSI), and click-through of the serving version over the window.
+    drift_popularity: FloatGauge,
+    drift_category: FloatGauge,
+    drift_context: FloatGauge,
+    ctr_serving: FloatGauge,
+    /// Kept alive: the provider collects the instruments; the registry renders them.
+    _provider: SdkMeterProvider,
+    registry: prometheus::Registry,
+    /// Every family declared: (name, Prometheus type).
+    families: Vec<(&'static str, &'static str)>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Registers instruments on one meter, and remembers each family's name and Prometheus type.
+struct Registrar(Meter, std::cell::RefCell<Vec<(&'static str, &'static str)>>);
+
+type Labels = &'static [(&'static str, &'static str)];
+
+fn key_values(labels: Labels) -> Vec<KeyValue> {
+    labels.iter().map(|(k, v)| KeyValue::new(*k, *v)).collect()
+}
+
+impl Registrar {
+    fn declare(&self, name: &'static str, kind: &'static str) {
+        let mut families = self.1.borrow_mut();
+        if !families.iter().any(|(n, _)| *n == name) {
+            families.push((name, kind));
+        }
+    }
+
+    fn counter(&self, name: &'static str, help: &'static str, series: &[(Labels, &Counter)]) {
+        self.declare(name, "counter");
+        let series: Vec<(Vec<KeyValue>, Counter)> = series.iter().map(|(l, c)| (key_values(l), (*c).clone())).collect();
+        self.0
+            .u64_observable_counter(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                for (labels, counter) in &series {
+                    observer.observe(counter.get(), labels);
+                }
+            })
+            .build();
+    }
+
+    fn gauge(&self, name: &'static str, help: &'static str, series: &[(Labels, &Gauge)]) {
+        self.declare(name, "gauge");
+        let series: Vec<(Vec<KeyValue>, Gauge)> = series.iter().map(|(l, g)| (key_values(l), (*g).clone())).collect();
+        self.0
+            .i64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                for (labels, gauge) in &series {
+                    observer.observe(gauge.get(), labels);
+                }
+            })
+            .build();
+    }
+
+    fn float_gauge(&self, name: &'static str, help: &'static str, series: &[(Labels, &FloatGauge)]) {
+        self.declare(name, "gauge");
+        let series: Vec<(Vec<KeyValue>, FloatGauge)> =
+            series.iter().map(|(l, g)| (key_values(l), (*g).clone())).collect();
+        self.0
+            .f64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                for (labels, gauge) in &series {
+                    observer.observe(gauge.get(), labels);
+                }
+            })
+            .build();
+    }
+
+    fn histogram(&self, name: &'static str, help: &'static str, bounds: &[f64], labels: Labels) -> Histogram {
+        self.declare(name, "histogram");
+        let instrument = self.0.f64_histogram(name).with_description(help).with_boundaries(bounds.to_vec()).build();
+        Histogram { instrument, labels: key_values(labels).into() }
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_units()
+            .without_counter_suffixes()
+            .scope_info_enabled(false)
+            .without_target_info()
+            .build()
+            .expect("a fresh registry accepts the exporter's collector");
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let r = Registrar(provider.meter("liverec"), Default::default());
+        let stage = |stage: &'static [(&'static str, &'static str)]| {
+            r.histogram("liverec_stage_seconds", "Latency of each stage of the event path.", LATENCY_BOUNDS, stage)
+        };
+        let m = Metrics {
             ingest_events_http: Counter::default(),
             ingest_events_ws: Counter::default(),
             ingest_invalid: Counter::default(),
             ingest_shed: Counter::default(),
+            ingest_queued: Gauge::default(),
             session_applied: Counter::default(),
             session_duplicates: Counter::default(),
             sessions_active: Gauge::default(),
             sessions_started: Counter::default(),
             sessions_evicted: Counter::default(),
             store_errors: Counter::default(),
-            store_write_seconds: Histogram::new(LATENCY_BOUNDS),
-            store_load_seconds: Histogram::new(LATENCY_BOUNDS),
-            store_write_batch_size: Histogram::new(SIZE_BOUNDS),
+            store_write_seconds: r.histogram(
+                "liverec_store_write_seconds",
+                "Time of one store write pipeline.",
+                LATENCY_BOUNDS,
+                &[],
+            ),
+            store_load_seconds: r.histogram(
+                "liverec_store_load_seconds",
+                "Time of one batch of profile loads.",
+                LATENCY_BOUNDS,
+                &[],
+            ),
+            store_write_batch_size: r.histogram(
+                "liverec_store_write_batch_size",
+                "Writes per store pipeline.",
+                SIZE_BOUNDS,
+                &[],
+            ),
             push_updates: Counter::default(),
             push_sent_sse: Counter::default(),
             push_sent_ws: Counter::default(),
@@ -214,13 +339,24 @@ impl Default for Metrics {
             model_requests: Counter::default(),
             model_refused: Counter::default(),
             model_batches: Counter::default(),
-            model_batch_size: Histogram::new(SIZE_BOUNDS),
-            model_inference_seconds: Histogram::new(LATENCY_BOUNDS),
-            event_to_push_seconds: Histogram::new(LATENCY_BOUNDS),
-            stage_receive_seconds: Histogram::new(LATENCY_BOUNDS),
-            stage_apply_seconds: Histogram::new(LATENCY_BOUNDS),
-            stage_model_seconds: Histogram::new(LATENCY_BOUNDS),
-            stage_push_seconds: Histogram::new(LATENCY_BOUNDS),
+            model_batch_size: r.histogram("liverec_model_batch_size", "Requests per model batch.", SIZE_BOUNDS, &[]),
+            model_inference_seconds: r.histogram(
+                "liverec_model_inference_seconds",
+                "Time to run one model batch.",
+                LATENCY_BOUNDS,
+                &[],
+            ),
+            model_queued: Gauge::default(),
+            event_to_push_seconds: r.histogram(
+                "liverec_event_to_push_seconds",
+                "From receiving an event to publishing the list that reflects it.",
+                LATENCY_BOUNDS,
+                &[],
+            ),
+            stage_receive_seconds: stage(&[("stage", "receive")]),
+            stage_apply_seconds: stage(&[("stage", "apply")]),
+            stage_model_seconds: stage(&[("stage", "model")]),
+            stage_push_seconds: stage(&[("stage", "push")]),
             kafka_records: Counter::default(),
             kafka_dead_letters: Counter::default(),
             kafka_rebalances: Counter::default(),
@@ -234,6 +370,7 @@ impl Default for Metrics {
             monitor_conversions: Counter::default(),
             monitor_breaches: Counter::default(),
             monitor_refused: Counter::default(),
+            monitor_queued: Gauge::default(),
             trainer_triggers_monitor: Counter::default(),
             trainer_triggers_schedule: Counter::default(),
             trainer_triggers_admin: Counter::default(),
@@ -241,290 +378,259 @@ impl Default for Metrics {
             trainer_runs_rejected: Counter::default(),
             trainer_runs_passed: Counter::default(),
             trainer_runs_failed: Counter::default(),
-            trainer_training_seconds: Histogram::new(TRAINING_BOUNDS),
+            trainer_training_seconds: r.histogram(
+                "liverec_trainer_training_seconds",
+                "Duration of training runs.",
+                TRAINING_BOUNDS,
+                &[],
+            ),
             rollout_canaries: Counter::default(),
             rollout_promotions: Counter::default(),
             rollout_rollbacks: Counter::default(),
-            rollout_share: AtomicU64::new(0),
-            drift_popularity: AtomicU64::new(0),
-            drift_category: AtomicU64::new(0),
-            drift_context: AtomicU64::new(0),
-        }
-    }
-}
-
-struct Exposition(String);
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
-        if labels.is_empty() {
-            let _ = writeln!(self.0, "{name} {value}");
-        } else {
-            let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
-        }
-    }
-
-    fn counter(&mut self, name: &str, help: &str, samples: &[(&str, &Counter)]) {
-        self.family(name, "counter", help);
-        for (labels, c) in samples {
-            self.sample(name, labels, c.get());
-        }
-    }
-
-    fn gauge(&mut self, name: &str, help: &str, samples: &[(&str, i64)]) {
-        self.family(name, "gauge", help);
-        for (labels, v) in samples {
-            self.sample(name, labels, v);
-        }
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
-        self.family(name, "histogram", help);
-        self.histogram_samples(name, "", h);
-    }
-
-    /// Samples of one histogram series; `labels` (e.g. `stage="push",`) precede `le`.
-    fn histogram_samples(&mut self, name: &str, labels: &str, h: &Histogram) {
-        let mut cumulative = 0;
-        for (bound, bucket) in h.bounds.iter().zip(&h.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            self.sample(&format!("{name}_bucket"), &format!("{labels}le=\"{bound}\""), cumulative);
-        }
-        let count = h.count.load(Ordering::Relaxed);
-        let plain = labels.trim_end_matches(',');
-        self.sample(&format!("{name}_bucket"), &format!("{labels}le=\"+Inf\""), count);
-        self.sample(&format!("{name}_sum"), plain, h.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
-        self.sample(&format!("{name}_count"), plain, count);
+            rollout_share: FloatGauge::default(),
+            drift_popularity: FloatGauge::default(),
+            drift_category: FloatGauge::default(),
+            drift_context: FloatGauge::default(),
+            ctr_serving: FloatGauge::default(),
+            _provider: provider.clone(),
+            registry,
+            families: Vec::new(),
+        };
+        m.register(&r);
+        Metrics { families: r.1.into_inner(), ..m }
     }
 }
 
 impl Metrics {
+    /// Declares every counter and gauge to OpenTelemetry (histograms are declared where built).
+    fn register(&self, r: &Registrar) {
+        r.counter(
+            "liverec_ingest_events_total",
+            "Events accepted, by source.",
+            &[
+                (&[("source", "http")], &self.ingest_events_http),
+                (&[("source", "websocket")], &self.ingest_events_ws),
+                (&[("source", "kafka")], &self.kafka_records),
+            ],
+        );
+        r.counter("liverec_ingest_invalid_events_total", "Events refused as invalid.", &[(&[], &self.ingest_invalid)]);
+        r.counter(
+            "liverec_ingest_shed_batches_total",
+            "Event batches refused with 503 because the pipeline was full.",
+            &[(&[], &self.ingest_shed)],
+        );
+        r.gauge(
+            "liverec_ingest_queued_batches",
+            "Event batches waiting in the in-process bus queues.",
+            &[(&[], &self.ingest_queued)],
+        );
+        r.counter(
+            "liverec_session_applied_events_total",
+            "Events applied to a user session.",
+            &[(&[], &self.session_applied)],
+        );
+        r.counter(
+            "liverec_session_duplicate_events_total",
+            "Events skipped because their event_id was already applied.",
+            &[(&[], &self.session_duplicates)],
+        );
+        r.gauge("liverec_sessions_active", "Session actors alive.", &[(&[], &self.sessions_active)]);
+        r.counter(
+            "liverec_sessions_started_total",
+            "Session actors started (new or rebuilt).",
+            &[(&[], &self.sessions_started)],
+        );
+        r.counter(
+            "liverec_sessions_evicted_total",
+            "Session actors stopped after their idle TTL.",
+            &[(&[], &self.sessions_evicted)],
+        );
+        r.counter("liverec_store_errors_total", "Profile store operations that failed.", &[(&[], &self.store_errors)]);
+        r.counter(
+            "liverec_push_updates_total",
+            "Recommendation lists published to subscribers.",
+            &[(&[], &self.push_updates)],
+        );
+        r.counter(
+            "liverec_push_sent_total",
+            "Recommendation lists written to a subscriber, by stream kind.",
+            &[(&[("kind", "sse")], &self.push_sent_sse), (&[("kind", "websocket")], &self.push_sent_ws)],
+        );
+        r.counter(
+            "liverec_push_dropped_stale_total",
+            "Lists a slow subscriber skipped because a newer list replaced them.",
+            &[(&[], &self.push_dropped_stale)],
+        );
+        r.gauge(
+            "liverec_stream_subscribers",
+            "Open subscriptions, by stream kind.",
+            &[(&[("kind", "sse")], &self.subscribers_sse), (&[("kind", "websocket")], &self.subscribers_ws)],
+        );
+        r.counter(
+            "liverec_stream_invalid_messages_total",
+            "WebSocket messages refused.",
+            &[(&[], &self.ws_invalid_messages)],
+        );
+        r.counter("liverec_model_requests_total", "Recommendation requests scored.", &[(&[], &self.model_requests)]);
+        r.counter(
+            "liverec_model_refused_total",
+            "Requests refused because the model mailbox was full.",
+            &[(&[], &self.model_refused)],
+        );
+        r.counter("liverec_model_batches_total", "Batches run by the model.", &[(&[], &self.model_batches)]);
+        r.gauge(
+            "liverec_model_queued_requests",
+            "Scoring requests waiting for the next model batch.",
+            &[(&[], &self.model_queued)],
+        );
+        r.counter("liverec_kafka_records_total", "Kafka records consumed.", &[(&[], &self.kafka_records)]);
+        r.counter(
+            "liverec_kafka_dead_letters_total",
+            "Records sent to the dead-letter topic.",
+            &[(&[], &self.kafka_dead_letters)],
+        );
+        r.counter("liverec_kafka_rebalances_total", "Partition revocations handled.", &[(&[], &self.kafka_rebalances)]);
+        r.counter(
+            "liverec_kafka_pauses_total",
+            "Times the consumer paused its partitions because sessions fell behind.",
+            &[(&[], &self.kafka_paused)],
+        );
+        r.counter(
+            "liverec_kafka_consumer_restarts_total",
+            "Restarts of a failed Kafka consumer by its supervisor.",
+            &[(&[], &self.kafka_restarts)],
+        );
+        r.gauge(
+            "liverec_kafka_consumer_lag_records",
+            "Records behind the end of the partitions this instance consumes.",
+            &[(&[], &self.kafka_lag)],
+        );
+        r.counter(
+            "liverec_kafka_consumer_errors_total",
+            "Transient Kafka consumption errors the consumer carried on after.",
+            &[(&[], &self.kafka_errors)],
+        );
+        r.counter(
+            "liverec_monitor_impressions_total",
+            "Recommendation lists served.",
+            &[(&[], &self.monitor_impressions)],
+        );
+        r.counter(
+            "liverec_monitor_clicks_total",
+            "Clicks attributed to a served list.",
+            &[(&[], &self.monitor_clicks)],
+        );
+        r.counter(
+            "liverec_monitor_conversions_total",
+            "Conversions attributed to a served list.",
+            &[(&[], &self.monitor_conversions)],
+        );
+        r.counter(
+            "liverec_monitor_breaches_total",
+            "Drift or CTR breaches that asked for retraining.",
+            &[(&[], &self.monitor_breaches)],
+        );
+        r.counter(
+            "liverec_monitor_refused_total",
+            "Reports to the monitor refused because its mailbox was full.",
+            &[(&[], &self.monitor_refused)],
+        );
+        r.gauge(
+            "liverec_monitor_queued_reports",
+            "Reports sent to the monitor and not yet handled.",
+            &[(&[], &self.monitor_queued)],
+        );
+        r.float_gauge(
+            "liverec_monitor_drift_psi",
+            "Latest population stability index, by input.",
+            &[
+                (&[("input", "popularity")], &self.drift_popularity),
+                (&[("input", "category")], &self.drift_category),
+                (&[("input", "context")], &self.drift_context),
+            ],
+        );
+        r.float_gauge(
+            "liverec_monitor_ctr_ratio",
+            "Click-through rate of the serving version over the monitor window.",
+            &[(&[], &self.ctr_serving)],
+        );
+        r.counter(
+            "liverec_trainer_triggers_total",
+            "Retraining requests, by source.",
+            &[
+                (&[("source", "monitor")], &self.trainer_triggers_monitor),
+                (&[("source", "schedule")], &self.trainer_triggers_schedule),
+                (&[("source", "admin")], &self.trainer_triggers_admin),
+            ],
+        );
+        r.counter(
+            "liverec_trainer_coalesced_total",
+            "Retraining requests folded into a run already in progress.",
+            &[(&[], &self.trainer_coalesced)],
+        );
+        r.counter(
+            "liverec_trainer_runs_total",
+            "Training runs, by outcome of the validation gate.",
+            &[
+                (&[("outcome", "passed")], &self.trainer_runs_passed),
+                (&[("outcome", "rejected")], &self.trainer_runs_rejected),
+                (&[("outcome", "failed")], &self.trainer_runs_failed),
+            ],
+        );
+        r.counter("liverec_rollout_canaries_total", "Canaries started.", &[(&[], &self.rollout_canaries)]);
+        r.counter(
+            "liverec_rollout_promotions_total",
+            "Versions promoted to serve everyone (canary or manual).",
+            &[(&[], &self.rollout_promotions)],
+        );
+        r.counter(
+            "liverec_rollout_rollbacks_total",
+            "Canaries or versions rolled back.",
+            &[(&[], &self.rollout_rollbacks)],
+        );
+        r.float_gauge(
+            "liverec_rollout_challenger_share_ratio",
+            "Share of users served by a canary or experiment.",
+            &[(&[], &self.rollout_share)],
+        );
+        r.counter(
+            "liverec_fanout_received_total",
+            "Lists received from other instances for local subscribers.",
+            &[(&[], &self.fanout_received)],
+        );
+    }
+
     /// Records the latest input-drift scores.
     pub fn set_drift(&self, popularity_psi: f64, category_psi: f64, context_psi: f64) {
-        self.drift_popularity.store(popularity_psi.to_bits(), Ordering::Relaxed);
-        self.drift_category.store(category_psi.to_bits(), Ordering::Relaxed);
-        self.drift_context.store(context_psi.to_bits(), Ordering::Relaxed);
+        self.drift_popularity.set(popularity_psi);
+        self.drift_category.set(category_psi);
+        self.drift_context.set(context_psi);
+    }
+
+    /// Records the serving version's click-through over the monitor window.
+    pub fn set_serving_ctr(&self, ctr: f64) {
+        self.ctr_serving.set(ctr);
     }
 
     /// Records the share of users a challenger serves (0 when none).
     pub fn set_challenger_share(&self, share: f64) {
-        self.rollout_share.store(share.to_bits(), Ordering::Relaxed);
+        self.rollout_share.set(share);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Every metric family liverec declares, with its Prometheus type. A family shows in
+    /// [`Metrics::render`] once it has a value: counters and gauges at once, a histogram (or a
+    /// histogram's labelled series) from its first observation.
+    pub fn families(&self) -> &[(&'static str, &'static str)] {
+        &self.families
+    }
+
+    /// The Prometheus text exposition of every metric (an OpenTelemetry collection).
     pub fn render(&self) -> String {
-        let mut out = Exposition(String::with_capacity(8192));
-        out.counter(
-            "liverec_ingest_events_total",
-            "Events accepted, by source.",
-            &[("source=\"http\"", &self.ingest_events_http), ("source=\"websocket\"", &self.ingest_events_ws)],
-        );
-        out.counter("liverec_ingest_invalid_events_total", "Events refused as invalid.", &[("", &self.ingest_invalid)]);
-        out.counter(
-            "liverec_ingest_shed_batches_total",
-            "Event batches refused with 503 because the pipeline was full.",
-            &[("", &self.ingest_shed)],
-        );
-        out.counter(
-            "liverec_session_applied_events_total",
-            "Events applied to a user session.",
-            &[("", &self.session_applied)],
-        );
-        out.counter(
-            "liverec_session_duplicate_events_total",
-            "Events skipped because their event_id was already applied.",
-            &[("", &self.session_duplicates)],
-        );
-        out.gauge("liverec_sessions_active", "Session actors alive.", &[("", self.sessions_active.get())]);
-        out.counter(
-            "liverec_sessions_started_total",
-            "Session actors started (new or rebuilt).",
-            &[("", &self.sessions_started)],
-        );
-        out.counter(
-            "liverec_sessions_evicted_total",
-            "Session actors stopped after their idle TTL.",
-            &[("", &self.sessions_evicted)],
-        );
-        out.counter("liverec_store_errors_total", "Profile store operations that failed.", &[("", &self.store_errors)]);
-        out.histogram("liverec_store_write_seconds", "Time of one store write pipeline.", &self.store_write_seconds);
-        out.histogram("liverec_store_load_seconds", "Time of one batch of profile loads.", &self.store_load_seconds);
-        out.histogram("liverec_store_write_batch_size", "Writes per store pipeline.", &self.store_write_batch_size);
-        out.counter(
-            "liverec_push_updates_total",
-            "Recommendation lists published to subscribers.",
-            &[("", &self.push_updates)],
-        );
-        out.counter(
-            "liverec_push_sent_total",
-            "Recommendation lists written to a subscriber, by stream kind.",
-            &[("kind=\"sse\"", &self.push_sent_sse), ("kind=\"websocket\"", &self.push_sent_ws)],
-        );
-        out.counter(
-            "liverec_push_dropped_stale_total",
-            "Lists a slow subscriber skipped because a newer list replaced them.",
-            &[("", &self.push_dropped_stale)],
-        );
-        out.gauge(
-            "liverec_stream_subscribers",
-            "Open subscriptions, by stream kind.",
-            &[("kind=\"sse\"", self.subscribers_sse.get()), ("kind=\"websocket\"", self.subscribers_ws.get())],
-        );
-        out.counter(
-            "liverec_stream_invalid_messages_total",
-            "WebSocket messages refused.",
-            &[("", &self.ws_invalid_messages)],
-        );
-        out.counter("liverec_model_requests_total", "Recommendation requests scored.", &[("", &self.model_requests)]);
-        out.counter(
-            "liverec_model_refused_total",
-            "Requests refused because the model mailbox was full.",
-            &[("", &self.model_refused)],
-        );
-        out.counter("liverec_model_batches_total", "Batches run by the model.", &[("", &self.model_batches)]);
-        out.histogram("liverec_model_batch_size", "Requests per model batch.", &self.model_batch_size);
-        out.histogram("liverec_model_inference_seconds", "Time to run one model batch.", &self.model_inference_seconds);
-        out.histogram(
-            "liverec_event_to_push_seconds",
-            "From receiving an event to publishing the list that reflects it.",
-            &self.event_to_push_seconds,
-        );
-        out.family("liverec_stage_seconds", "histogram", "Latency of each stage of the event path.");
-        for (stage, h) in [
-            ("receive", &self.stage_receive_seconds),
-            ("apply", &self.stage_apply_seconds),
-            ("model", &self.stage_model_seconds),
-            ("push", &self.stage_push_seconds),
-        ] {
-            out.histogram_samples("liverec_stage_seconds", &format!("stage=\"{stage}\","), h);
-        }
-        out.counter("liverec_kafka_records_total", "Kafka records consumed.", &[("", &self.kafka_records)]);
-        out.counter(
-            "liverec_kafka_dead_letters_total",
-            "Records sent to the dead-letter topic.",
-            &[("", &self.kafka_dead_letters)],
-        );
-        out.counter(
-            "liverec_kafka_rebalances_total",
-            "Partition revocations handled.",
-            &[("", &self.kafka_rebalances)],
-        );
-        out.counter(
-            "liverec_kafka_pauses_total",
-            "Times the consumer paused its partitions because sessions fell behind.",
-            &[("", &self.kafka_paused)],
-        );
-        out.counter(
-            "liverec_kafka_consumer_restarts_total",
-            "Restarts of a failed Kafka consumer by its supervisor.",
-            &[("", &self.kafka_restarts)],
-        );
-        out.gauge(
-            "liverec_kafka_consumer_lag_records",
-            "Records behind the end of the partitions this instance consumes.",
-            &[("", self.kafka_lag.get())],
-        );
-        out.counter(
-            "liverec_kafka_consumer_errors_total",
-            "Transient Kafka consumption errors the consumer carried on after.",
-            &[("", &self.kafka_errors)],
-        );
-        out.counter(
-            "liverec_monitor_impressions_total",
-            "Recommendation lists served.",
-            &[("", &self.monitor_impressions)],
-        );
-        out.counter(
-            "liverec_monitor_clicks_total",
-            "Clicks attributed to a served list.",
-            &[("", &self.monitor_clicks)],
-        );
-        out.counter(
-            "liverec_monitor_conversions_total",
-            "Conversions attributed to a served list.",
-            &[("", &self.monitor_conversions)],
-        );
-        out.counter(
-            "liverec_monitor_breaches_total",
-            "Drift or CTR breaches that asked for retraining.",
-            &[("", &self.monitor_breaches)],
-        );
-        out.counter(
-            "liverec_monitor_refused_total",
-            "Reports to the monitor refused because its mailbox was full.",
-            &[("", &self.monitor_refused)],
-        );
-        out.family("liverec_monitor_drift_psi", "gauge", "Latest population stability index, by input.");
-        out.sample(
-            "liverec_monitor_drift_psi",
-            "input=\"popularity\"",
-            f64::from_bits(self.drift_popularity.load(Ordering::Relaxed)),
-        );
-        out.sample(
-            "liverec_monitor_drift_psi",
-            "input=\"category\"",
-            f64::from_bits(self.drift_category.load(Ordering::Relaxed)),
-        );
-        out.sample(
-            "liverec_monitor_drift_psi",
-            "input=\"context\"",
-            f64::from_bits(self.drift_context.load(Ordering::Relaxed)),
-        );
-        out.counter(
-            "liverec_trainer_triggers_total",
-            "Retraining requests, by source.",
-            &[
-                ("source=\"monitor\"", &self.trainer_triggers_monitor),
-                ("source=\"schedule\"", &self.trainer_triggers_schedule),
-                ("source=\"admin\"", &self.trainer_triggers_admin),
-            ],
-        );
-        out.counter(
-            "liverec_trainer_coalesced_total",
-            "Retraining requests folded into a run already in progress.",
-            &[("", &self.trainer_coalesced)],
-        );
-        out.counter(
-            "liverec_trainer_runs_total",
-            "Training runs, by outcome of the validation gate.",
-            &[
-                ("outcome=\"passed\"", &self.trainer_runs_passed),
-                ("outcome=\"rejected\"", &self.trainer_runs_rejected),
-                ("outcome=\"failed\"", &self.trainer_runs_failed),
-            ],
-        );
-        out.histogram("liverec_trainer_training_seconds", "Duration of training runs.", &self.trainer_training_seconds);
-        out.counter("liverec_rollout_canaries_total", "Canaries started.", &[("", &self.rollout_canaries)]);
-        out.counter(
-            "liverec_rollout_promotions_total",
-            "Versions promoted to serve everyone (canary or manual).",
-            &[("", &self.rollout_promotions)],
-        );
-        out.counter(
-            "liverec_rollout_rollbacks_total",
-            "Canaries or versions rolled back.",
-            &[("", &self.rollout_rollbacks)],
-        );
-        out.family(
-            "liverec_rollout_challenger_share_ratio",
-            "gauge",
-            "Share of users served by a canary or experiment.",
-        );
-        out.sample(
-            "liverec_rollout_challenger_share_ratio",
-            "",
-            f64::from_bits(self.rollout_share.load(Ordering::Relaxed)),
-        );
-        out.counter(
-            "liverec_fanout_received_total",
-            "Lists received from other instances for local subscribers.",
-            &[("", &self.fanout_received)],
-        );
-        out.0
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_else(|error| {
+            tracing::error!(error = %error, "metrics not rendered");
+            String::new()
+        })
     }
 }
 
@@ -547,6 +653,8 @@ mod tests {
         let text = m.render();
         assert!(text.contains("liverec_stage_seconds_bucket{stage=\"push\",le=\"0.001\"} 1\n"), "{text}");
         assert!(text.contains("liverec_stage_seconds_count{stage=\"push\"} 1\n"));
-        assert!(text.contains("liverec_stage_seconds_count{stage=\"model\"} 0\n"));
+        assert!(!text.contains("stage=\"model\""), "a series shows from its first observation");
+        assert!(m.families().contains(&("liverec_stage_seconds", "histogram")));
+        assert!(m.families().contains(&("liverec_ingest_events_total", "counter")));
     }
 }

@@ -81,6 +81,7 @@ type Pending = (ScoreRequest, u64, Reply);
 
 pub struct ModelActor {
     worker: Addr<InferenceWorker>,
+    metrics: Arc<Metrics>,
     max_batch: usize,
     /// How long a lone request may wait for company (0: flush as soon as the mailbox is drained).
     max_wait: std::time::Duration,
@@ -109,6 +110,7 @@ impl ModelActor {
         arbiter: &ArbiterHandle,
     ) -> Addr<ModelActor> {
         let first = Arc::new(Mutex::new(Some(model)));
+        let actor_metrics = metrics.clone();
         let worker = SyncArbiter::start(1, move || InferenceWorker {
             control: first.lock().take().unwrap_or_else(|| factory()),
             control_variant: Arc::from(CONTROL),
@@ -118,6 +120,7 @@ impl ModelActor {
         });
         ModelActor::start_in_arbiter(arbiter, move |_| ModelActor {
             worker,
+            metrics: actor_metrics,
             max_batch,
             max_wait,
             mailbox_capacity,
@@ -155,6 +158,7 @@ impl ModelActor {
         }
         let n = self.pending.len().min(self.max_batch);
         let (requests, replies): (Vec<_>, Vec<_>) = self.pending.drain(..n).map(|(r, u, tx)| ((r, u), tx)).unzip();
+        self.metrics.model_queued.set(self.pending.len() as i64);
         let observations = std::mem::take(&mut self.observations);
         self.inflight = true;
         self.worker
@@ -195,6 +199,7 @@ impl Handler<Recommend> for ModelActor {
     fn handle(&mut self, msg: Recommend, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         self.pending.push_back((msg.request, msg.user, tx));
+        self.metrics.model_queued.set(self.pending.len() as i64);
         self.schedule(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(ModelError::Stopped)) })
     }

@@ -423,6 +423,17 @@ impl MonitorActor {
 
         self.popularity_cache = (popularity, events as f64);
 
+        // The CTR users outside any canary or experiment see now (the busiest control arm).
+        if let Some(t) = self
+            .variants
+            .iter()
+            .filter(|((_, variant), _)| &**variant == crate::actors::model::CONTROL)
+            .map(|(_, window)| Self::totals(window))
+            .max_by_key(|t| t.impressions)
+        {
+            self.metrics.set_serving_ctr(if t.impressions > 0 { t.clicks as f64 / t.impressions as f64 } else { 0.0 });
+        }
+
         // Concept drift: each version against its own first full window.
         let buckets = self.buckets();
         let mut verdicts = Vec::new();
@@ -551,6 +562,7 @@ impl Handler<Impression> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: Impression, _ctx: &mut Self::Context) {
+        self.metrics.monitor_queued.dec();
         let categories = self.catalog.categories();
         // Intra-list diversity: mean pairwise Jaccard distance of the items' categories.
         let (mut pairs, mut distance) = (0u64, 0.0f64);
@@ -589,6 +601,7 @@ impl Handler<Outcome> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
+        self.metrics.monitor_queued.dec();
         if msg.kind == OutcomeKind::Click {
             self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().1 += 1;
         }
@@ -611,6 +624,7 @@ impl Handler<Activity> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
+        self.metrics.monitor_queued.dec();
         let bucket = self.stream_bucket();
         if msg.organic && !msg.event_type.is_negative() {
             *bucket.popularity.entry(msg.item).or_default() += 1;

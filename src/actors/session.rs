@@ -355,16 +355,13 @@ impl SessionActor {
             value: event.value,
             organic: !attributed,
         };
-        if self.deps.monitor.try_send(activity).is_err() {
-            self.deps.metrics.monitor_refused.inc();
-        }
+        tell_monitor(&self.deps, activity);
         attributed
     }
 
     /// Reports the click or conversion `event` makes on a served list; false when it is on no
     /// recent list (an organic event).
     fn attribute_outcome(&mut self, event: &Event) -> bool {
-        let monitor = &self.deps.monitor;
         let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
         let named = event.rec_id.as_deref();
         let served = match named.and_then(|id| self.served.iter().position(|s| s.rec_id == id)) {
@@ -394,9 +391,7 @@ impl SessionActor {
                 position,
                 value: if kind == OutcomeKind::Conversion { event.value } else { None },
             };
-            if monitor.try_send(outcome).is_err() {
-                self.deps.metrics.monitor_refused.inc();
-            }
+            tell_monitor(&self.deps, outcome);
         }
         true
     }
@@ -612,8 +607,19 @@ pub fn report_impression(deps: &SessionDeps, list: &RecList, k: usize) {
         variant: Arc::from(list.variant.as_str()),
         items,
     };
-    if deps.monitor.try_send(impression).is_err() {
-        deps.metrics.monitor_refused.inc();
+    tell_monitor(deps, impression);
+}
+
+/// Sends a report to the monitor without waiting: counted as queued, or as refused when its
+/// mailbox is full (serving never waits for the monitor).
+fn tell_monitor<M>(deps: &SessionDeps, report: M)
+where
+    M: Message<Result = ()> + Send + 'static,
+    super::monitor::MonitorActor: Handler<M>,
+{
+    match deps.monitor.try_send(report) {
+        Ok(()) => deps.metrics.monitor_queued.inc(),
+        Err(_) => deps.metrics.monitor_refused.inc(),
     }
 }
 

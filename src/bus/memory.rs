@@ -44,6 +44,10 @@ impl EventBus for MemoryBus {
         }
         Ok(())
     }
+
+    fn queued_batches(&self) -> Option<u64> {
+        Some(self.partitions.iter().map(|p| (p.max_capacity() - p.capacity()) as u64).sum())
+    }
 }
 
 #[cfg(test)]

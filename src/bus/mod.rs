@@ -41,6 +41,12 @@ pub trait EventBus: Send + Sync + 'static {
     async fn notify_reload(&self, _user: &UserId) -> Result<(), BusError> {
         Ok(())
     }
+
+    /// Batches accepted and not yet taken by an ingest actor, when the bus queues in process
+    /// (Kafka's backlog is the consumer lag instead).
+    fn queued_batches(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Stable partition of a user id (the same in every process and run).

@@ -39,6 +39,9 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(queued) = state.bus.queued_batches() {
+        state.metrics.ingest_queued.set(queued as i64);
+    }
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
 

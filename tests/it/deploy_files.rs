@@ -120,20 +120,20 @@ fn port_of(addr: &str) -> u16 {
 
 // ---------------------------------------------------------------------------------- metrics
 
-/// Metric families liverec exports, by name, with their Prometheus type.
+/// Metric families liverec exports, by name, with their Prometheus type (as declared to
+/// OpenTelemetry; each one shows in `/metrics` from its first value).
 fn exported_families() -> BTreeMap<String, String> {
-    let text = liverec::telemetry::Metrics::default().render();
-    let families: BTreeMap<String, String> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .map(|rest| {
-            let mut parts = rest.split_whitespace();
-            let name = parts.next().expect("TYPE name").to_owned();
-            let kind = parts.next().expect("TYPE kind").to_owned();
-            (name, kind)
-        })
-        .collect();
-    assert!(families.len() > 10, "Metrics::render() exported too little:\n{text}");
+    let metrics = liverec::telemetry::Metrics::default();
+    let families: BTreeMap<String, String> =
+        metrics.families().iter().map(|(name, kind)| (name.to_string(), kind.to_string())).collect();
+    assert!(families.len() > 10, "too few metric families declared: {families:?}");
+    // The exposition agrees with the declarations for what it shows.
+    let text = metrics.render();
+    for line in text.lines().filter_map(|line| line.strip_prefix("# TYPE ")) {
+        let mut parts = line.split_whitespace();
+        let (name, kind) = (parts.next().expect("TYPE name"), parts.next().expect("TYPE kind"));
+        assert_eq!(families.get(name).map(String::as_str), Some(kind), "{name} rendered but not declared as {kind}");
+    }
     families
 }
 
