@@ -45,6 +45,7 @@ pub struct Config {
     pub rollout: crate::actors::trainer::RolloutConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -192,6 +193,18 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+}
+
+/// OpenTelemetry traces: spans of the event path, exported over OTLP/HTTP when an endpoint is
+/// set (off by default).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; empty: no export.
+    pub otlp_endpoint: String,
+    pub service_name: String,
+    /// Share of traces kept (a new trace's sampling decision; children follow their parent).
+    pub sample_ratio: f64,
 }
 
 impl Default for Config {

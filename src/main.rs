@@ -167,7 +167,13 @@ fn main() -> ExitCode {
                 }
                 return ExitCode::SUCCESS;
             }
-            liverec::telemetry::init_logging(&config.log);
+            let _telemetry = match liverec::telemetry::init(&config.log, &config.tracing) {
+                Ok(guard) => guard,
+                Err(error) => {
+                    eprintln!("liverec: {error}");
+                    return ExitCode::from(2);
+                }
+            };
             match actix_web::rt::System::new().block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

@@ -61,12 +61,12 @@ fn by_user(events: Vec<Event>) -> Vec<(UserId, Vec<Event>)> {
 
 impl StreamHandler<EventBatch> for IngestActor {
     fn handle(&mut self, batch: EventBatch, ctx: &mut Self::Context) {
-        let received = batch.received;
+        let (received, span) = (batch.received, batch.span);
         let sends: Vec<_> = by_user(batch.events)
             .into_iter()
             .map(|(user, events)| {
                 let (_, session) = self.registry.session(&user);
-                session.send(ApplyEvents { events, received })
+                session.send(ApplyEvents { events, received, span: span.clone() })
             })
             .collect();
         let partition = self.partition;

@@ -347,6 +347,12 @@ impl Consume {
         }
         let count = records.len();
         self.metrics.kafka_records.add(count as u64);
+        // One span per consumed batch, continuing the trace of its first traced record.
+        let span = tracing::info_span!("kafka_receive", records = count, trace_id = tracing::field::Empty);
+        if let Some(parent) = records.iter().find_map(traceparent) {
+            crate::telemetry::continue_trace(&span, &parent);
+        }
+        crate::telemetry::record_trace_id(&span);
         drop(records);
         let mut persisted: Vec<Persisted> = Vec::with_capacity(by_user.len() + dead.len());
         for letter in dead {
@@ -356,7 +362,7 @@ impl Consume {
             .into_iter()
             .map(|(user, partition, events, received)| {
                 let (_, session) = self.registry.session_on_partition(&user, partition);
-                session.send(ApplyEvents { events, received })
+                session.send(ApplyEvents { events, received, span: span.clone() })
             })
             .collect();
         for result in join_all(sends).await {
@@ -418,6 +424,17 @@ fn is_reload(record: &BorrowedMessage<'_>) -> bool {
 }
 
 /// When liverec first received the event: the REST header if present, else now.
+/// The W3C `traceparent` header of a record, if it has one.
+fn traceparent(record: &BorrowedMessage<'_>) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = record.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == "traceparent")
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 fn received_at(record: &BorrowedMessage<'_>, wall_now: i64) -> Instant {
     let header = record.headers().and_then(|headers| {
         headers

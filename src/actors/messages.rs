@@ -26,6 +26,8 @@ pub struct ApplyEvents {
     pub events: Vec<Event>,
     /// When the server received the events (for event-to-push latency).
     pub received: Instant,
+    /// The span that received them (HTTP or Kafka): applying continues its trace.
+    pub span: tracing::Span,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -274,11 +274,14 @@ impl SessionActor {
         self.dirty = false;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
         let asked = Instant::now();
+        // A child of the applying span when an event caused the refresh.
+        let scoring = tracing::info_span!("model_score");
         self.deps
             .model
             .send(Recommend { request, user: user_hash(self.hub.user.as_str()) })
             .into_actor(self)
             .map(move |result, act, ctx| {
+                let _entered = scoring.enter();
                 act.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
                 act.inflight = false;
                 if act.dirty {
@@ -306,6 +309,7 @@ impl SessionActor {
     /// Publishes a new list to the user's streams. It counts as an impression when someone
     /// receives it: a live subscriber, or the `GET` it answers (`answering`).
     fn publish(&mut self, scored: ScoredList, answering: bool) {
+        let _span = tracing::info_span!("push").entered();
         let list = self.to_list(&scored, self.hub.next_seq());
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
@@ -443,6 +447,8 @@ impl Handler<ApplyEvents> for SessionActor {
     type Result = MessageResult<ApplyEvents>;
 
     fn handle(&mut self, msg: ApplyEvents, ctx: &mut Self::Context) -> Self::Result {
+        let span = tracing::info_span!(parent: &msg.span, "session_apply", events = msg.events.len());
+        let _entered = span.enter();
         self.last_active = Instant::now();
         self.deps.metrics.stage_apply_seconds.observe_duration(msg.received.elapsed());
         let (outcome, update) = self.apply(msg.events, ctx);

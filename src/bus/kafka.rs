@@ -142,10 +142,15 @@ impl EventBus for KafkaBus {
     async fn publish(&self, batch: EventBatch) -> Result<(), BusError> {
         let received = (wall_micros() - batch.received.elapsed().as_micros() as i64).to_string();
         let payloads: Vec<Vec<u8>> = batch.events.iter().map(codec::encode_json).collect();
+        // The consumer continues the receiving request's trace from these headers.
+        let trace = crate::telemetry::trace_headers(&batch.span);
         let sends = batch.events.iter().zip(&payloads).map(|(event, payload)| {
-            let headers = OwnedHeaders::new()
+            let mut headers = OwnedHeaders::new()
                 .insert(Header { key: "content-type", value: Some("application/json") })
                 .insert(Header { key: RECEIVED_HEADER, value: Some(received.as_str()) });
+            for (key, value) in &trace {
+                headers = headers.insert(Header { key: key.as_str(), value: Some(value.as_str()) });
+            }
             let record = FutureRecord::to(&self.topic).key(event.user_id.as_str()).payload(payload).headers(headers);
             // send() copies the record into librdkafka before it returns its future.
             self.producer.send(record, self.timeout)

@@ -40,7 +40,7 @@ impl EventBus for MemoryBus {
             permits.push((permit, events));
         }
         for (permit, events) in permits {
-            permit.send(EventBatch { events, received: batch.received });
+            permit.send(EventBatch { events, received: batch.received, span: batch.span.clone() });
         }
         Ok(())
     }
@@ -61,7 +61,7 @@ mod tests {
             EventLimits { max_id_len: 64, max_context_attributes: 1, max_context_key_len: 8, max_context_value_len: 8 };
         let events =
             users.iter().map(|u| EventIn::new(*u, "i", EventType::View).validate(&limits, 1).expect("valid")).collect();
-        EventBatch { events, received: Instant::now() }
+        EventBatch { events, received: Instant::now(), span: tracing::Span::none() }
     }
 
     #[actix_rt::test]

@@ -16,6 +16,8 @@ use crate::event::{Event, UserId};
 pub struct EventBatch {
     pub events: Vec<Event>,
     pub received: Instant,
+    /// The span that received the batch: the trace continues through the bus.
+    pub span: tracing::Span,
 }
 
 #[derive(Debug, thiserror::Error)]

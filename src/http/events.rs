@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
+use tracing::Instrument as _;
 
 use super::error::{json_error, ApiError};
 use super::{read_json_body, AppState};
@@ -107,11 +108,15 @@ pub async fn publish(
 ) -> Result<Accepted, ApiError> {
     let event_ids: Vec<EventId> = events.iter().map(|e| e.event_id.clone()).collect();
     let count = events.len();
-    if let Err(error) = state.bus.publish(EventBatch { events, received }).await {
+    let span = tracing::info_span!("receive", events = count, trace_id = tracing::field::Empty);
+    crate::telemetry::record_trace_id(&span);
+    let batch = EventBatch { events, received, span: span.clone() };
+    if let Err(error) = state.bus.publish(batch).instrument(span.clone()).await {
         state.metrics.ingest_shed.inc();
         return Err(error.into());
     }
     counter.add(count as u64);
     state.metrics.stage_receive_seconds.observe_duration(received.elapsed());
+    span.in_scope(|| tracing::debug!(events = count, "events accepted"));
     Ok(Accepted { accepted: count, event_ids })
 }
