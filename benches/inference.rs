@@ -7,6 +7,10 @@
 //! - `score`: the serving path of the `Recommender` trait: the forward pass plus the
 //!   popularity blend, seen-item exclusion and top-10 selection per user.
 //!
+//! A third, `online/score`, is the embedded default's model (`model.kind = "cooccurrence"`) on the
+//! demo catalogue (2,000 items, warmed on 3,000 demo sessions) with a 20-item history per user,
+//! by the same batch sizes: the model actor hands it batches exactly like the sequential one.
+//!
 //! The process keeps freed memory (`models::keep_freed_memory`), as a server running the model
 //! should. Run: `cargo bench --bench inference` (criterion reports `elements/s`, i.e. users/s).
 
@@ -16,6 +20,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use liverec::catalog::Catalog;
 use liverec::event::EventType;
+use liverec::models::cooccurrence::CoocModel;
 use liverec::models::sasrec::Config;
 use liverec::models::sequential::{intern_vocab, Popularity, Query, SequentialModel, ServeConfig, Token, Vocab};
 use liverec::models::{HistoryItem, Recommender, ScoreRequest};
@@ -110,5 +115,52 @@ fn bench_inference(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_inference);
+/// The online co-occurrence model, by batch size.
+fn bench_online(c: &mut Criterion) {
+    const DEMO_ITEMS: usize = 2000;
+    let config = liverec::config::Config::default();
+    let catalog = Catalog::new();
+    liverec::demo::load_catalog(&catalog, DEMO_ITEMS, config.demo.seed);
+    let mut model = CoocModel::new(config.model.cooccurrence.clone());
+    model.observe(&liverec::demo::warmup_observations(&catalog, DEMO_ITEMS, 3000, config.demo.seed));
+    let mut rng = SmallRng::seed_from_u64(3);
+    let largest = BATCHES.iter().copied().max().unwrap_or(1);
+    let requests: Vec<ScoreRequest> = (0..largest)
+        .map(|_| {
+            let history: Vec<HistoryItem> = (0..20)
+                .map(|t| HistoryItem {
+                    item: catalog.intern(&liverec::demo::item_id(rng.random_range(0..DEMO_ITEMS))),
+                    event_type: EventType::View,
+                    value: None,
+                    timestamp: 1_700_000_000_000 + t * 60_000,
+                })
+                .collect();
+            ScoreRequest {
+                exclude: history.iter().map(|h| h.item).collect(),
+                history: Arc::from(history),
+                segment: rng.random_range(0..liverec::event::Context::SEGMENTS),
+                negatives: Vec::new(),
+                categories: None,
+                k: K,
+            }
+        })
+        .collect();
+    let mut group = c.benchmark_group("online");
+    group.sample_size(20);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(3));
+    for batch in BATCHES {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::new("score", batch), &requests[..batch], |b, r| {
+            b.iter(|| {
+                let lists = model.score(r, &catalog);
+                assert_eq!(lists.len(), r.len());
+                black_box(lists)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_inference, bench_online);
 criterion_main!(benches);

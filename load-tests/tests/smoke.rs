@@ -85,8 +85,7 @@ async fn a_short_scenario_writes_a_complete_report() {
 #[actix_rt::test]
 async fn non_loopback_targets_are_refused() {
     let scenario = Scenario::parse(SCENARIO, &[]).expect("valid scenario");
-    let options =
-        RunOptions { target: "http://192.0.2.1:8080".into(), out: None, server_pid: None, progress: false };
+    let options = RunOptions { target: "http://192.0.2.1:8080".into(), out: None, server_pid: None, progress: false };
     let error = run(&scenario, &options).await.expect_err("refused").to_string();
     assert!(error.contains("loopback"), "{error}");
 }
