@@ -295,7 +295,7 @@ impl Config {
             return fail("rollout.canary_share must be above 0 and below 1");
         }
         let t = &self.trainer;
-        if t.epochs == 0 || t.batch_size == 0 || t.max_len == 0 || t.heads == 0 || t.hidden % t.heads != 0 {
+        if t.epochs == 0 || t.batch_size == 0 || t.max_len == 0 || t.heads == 0 || !t.hidden.is_multiple_of(t.heads) {
             return fail("trainer.epochs, batch_size and max_len must be at least 1, and hidden a multiple of heads");
         }
         if self.stream.heartbeat_secs == 0 || self.stream.client_timeout_secs <= self.stream.heartbeat_secs {

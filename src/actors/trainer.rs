@@ -674,7 +674,7 @@ impl TrainerActor {
         if let Err(error) = registry::set_serving(&self.registry_dir, &name) {
             tracing::error!(error = %error, "cannot record the serving version; a restart may serve another");
         }
-        let old = std::mem::replace(&mut self.serving_name, Some(name));
+        let old = self.serving_name.replace(name);
         if let Some(model) = displaced {
             self.previous = Some((model, old));
         }
