@@ -2,6 +2,7 @@
 //! single error mapping in [`error`].
 
 pub mod admin;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -66,6 +67,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(monitor::configure)
     .configure(users::configure)
     .configure(admin::configure)
+    .configure(dashboard::configure)
     .configure(health::configure);
 }
 

@@ -5,6 +5,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod closed_loop;
+mod dashboard;
 mod deploy_files;
 mod fanout;
 mod lifecycle;
