@@ -46,6 +46,7 @@ pub struct Config {
     pub demo: DemoConfig,
     pub log: LogConfig,
     pub tracing: TracingConfig,
+    pub auth: crate::auth::AuthConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 //! use it.
 
 pub mod actors;
+pub mod auth;
 pub mod bus;
 pub mod catalog;
 pub mod config;
@@ -58,6 +59,8 @@ pub enum StartError {
     Redis(String),
     #[error("model: {0}")]
     Model(String),
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::AuthConfigError),
 }
 
 /// A running liverec server.
@@ -291,9 +294,14 @@ impl Server {
         arbiters.extend(extra_arbiters);
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let auth = Arc::new(crate::auth::Auth::new(&config.auth, config.demo.enabled)?);
+        if !auth.enabled() && !config.demo.enabled {
+            tracing::warn!("auth is off (auth.mode = \"off\"): anyone who reaches the port may read and write");
+        }
         let state = AppState {
             monitor,
             trainer,
+            auth,
             config: config.clone(),
             registry,
             bus,

@@ -34,6 +34,28 @@ enum Command {
     },
     /// Print the JSON Schema of an event.
     Schema,
+    /// Make a new API key: prints the key (once; give it to the client) and the entry to add
+    /// under [[auth.api_keys]] (a salted hash, not the key).
+    Key {
+        /// A name for the key (shown in logs, used to find it when rotating).
+        #[arg(long)]
+        id: String,
+        /// producer, reader or admin.
+        #[arg(long, value_parser = ["producer", "reader", "admin"])]
+        role: String,
+    },
+    /// Mint a stream token for one user offline, with the configured auth.token_secret.
+    Token {
+        /// The user the token is for.
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds (default auth.token_ttl_secs).
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// The configuration file holding (or the environment holding) auth.token_secret.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Simulate users with latent tastes against a running server (loopback only) and report
     /// the click-through rate they saw over time, as JSON.
     Simulate {
@@ -144,6 +166,48 @@ fn main() -> ExitCode {
         Command::Train { data, out, config, quiet } => exit_code(offline::train(&data, &out, config.as_deref(), quiet)),
         Command::Eval { data, model, json, report } => {
             exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref()))
+        }
+        Command::Key { id, role } => {
+            let role = match role.as_str() {
+                "producer" => liverec::auth::Role::Producer,
+                "reader" => liverec::auth::Role::Reader,
+                _ => liverec::auth::Role::Admin,
+            };
+            match liverec::auth::new_key(&id, role) {
+                Ok((key, entry)) => {
+                    eprintln!("# The key, shown once: give it to the client (Authorization: Bearer <key>).");
+                    println!("{key}");
+                    eprintln!("# Add this entry to the configuration (it holds only a salted hash):");
+                    let entry = toml::to_string(&serde_json::json!({ "auth": { "api_keys": [entry] } }))
+                        .expect("key entries serialise");
+                    eprintln!("{entry}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("liverec: no random bytes from the system: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Token { user, ttl, config } => {
+            let config = match Config::load(config.as_deref(), &Overrides::default()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("liverec: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            let on = liverec::auth::AuthConfig { mode: liverec::auth::AuthMode::On, ..config.auth.clone() };
+            match liverec::auth::Auth::new(&on, false) {
+                Ok(auth) => {
+                    println!("{}", auth.mint(&user, ttl.unwrap_or(config.auth.token_ttl_secs)));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("liverec: {error}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Schema => {
             println!(

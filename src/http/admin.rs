@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::{decode_json_body, AppState};
 use crate::actors::model::CurrentVersion;
@@ -15,6 +16,7 @@ use crate::actors::trainer::{
     Drill, GetLoopState, Promote, RequestRetrain, Rollback, StartExperiment, StopExperiment, TrainerError,
     TriggerSource,
 };
+use crate::auth::Role;
 use crate::models::registry::{self, RegistryError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -24,6 +26,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/v1/admin/promote").route(web::post().to(promote)))
         .service(web::resource("/v1/admin/rollback").route(web::post().to(rollback)))
         .service(web::resource("/v1/admin/retrain").route(web::post().to(retrain)))
+        .service(web::resource("/v1/admin/tokens").route(web::post().to(mint_token)))
         .service(
             web::resource("/v1/admin/experiments")
                 .route(web::get().to(experiment))
@@ -80,7 +83,8 @@ async fn optional_body<T: serde::de::DeserializeOwned + Default>(
     decode_json_body(req, payload, state.config.server.max_body_bytes, invalid).await
 }
 
-async fn models(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let traffic = state.registry.deps.model.send(CurrentVersion).await?;
     let mut loop_state = state.trainer.send(GetLoopState).await?;
     let dir = state.config.model.registry_dir.clone();
@@ -139,7 +143,9 @@ async fn promote_version(
     path: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let name = path.into_inner();
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(registry_error(RegistryError::BadName(name)));
@@ -203,7 +209,8 @@ async fn retrain(
     Ok(HttpResponse::Accepted().json(ack))
 }
 
-async fn experiment(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let loop_state = state.trainer.send(GetLoopState).await?;
     Ok(HttpResponse::Ok().json(json!({ "experiment": loop_state["experiment"] })))
 }
@@ -226,7 +233,9 @@ async fn start_experiment(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let body: ExperimentBody =
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_request").await?;
     let started = state
@@ -237,7 +246,42 @@ async fn start_experiment(
     Ok(HttpResponse::Created().json(started))
 }
 
-async fn stop_experiment(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn stop_experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let stopped = state.trainer.send(StopExperiment).await?.map_err(trainer_error)?;
     Ok(HttpResponse::Ok().json(stopped))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    user_id: String,
+    /// Lifetime in seconds (default `auth.token_ttl_secs`, at most `auth.max_token_ttl_secs`).
+    ttl_secs: Option<u64>,
+}
+
+/// A stream token for one user, for that user's page or app (see `crate::auth`).
+async fn mint_token(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
+    let body: TokenRequest =
+        decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_request").await?;
+    let user = state.user_id(&body.user_id, "user_id")?;
+    let ttl = body.ttl_secs.unwrap_or(state.auth.token_ttl_secs);
+    if ttl == 0 || ttl > state.auth.max_token_ttl_secs {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("ttl_secs must be between 1 and {}", state.auth.max_token_ttl_secs),
+        )
+        .with_field("ttl_secs"));
+    }
+    if !state.auth.enabled() {
+        return Err(ApiError::new(StatusCode::CONFLICT, "auth_off", "auth is off (auth.mode); no token is needed"));
+    }
+    let token = state.auth.mint(user.as_str(), ttl);
+    Ok(HttpResponse::Created().json(json!({ "token": token, "user_id": user, "expires_in": ttl })))
 }

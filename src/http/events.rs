@@ -8,6 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use tracing::Instrument as _;
 
+use super::auth::Caller;
 use super::error::{json_error, ApiError};
 use super::{read_json_body, AppState};
 use crate::bus::EventBatch;
@@ -28,6 +29,7 @@ async fn post_events(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     let received = Instant::now();
     let body = read_json_body(&req, payload, state.config.server.max_body_bytes).await?;
@@ -38,6 +40,7 @@ async fn post_events(
             return Err(error);
         }
     };
+    caller.produce(&events)?;
     let accepted = publish(&state, events, received, &state.metrics.ingest_events_http).await?;
     Ok(HttpResponse::Accepted().json(accepted))
 }

@@ -1,4 +1,4 @@
-//! Liveness, readiness, metrics, and the root index.
+//! Liveness, readiness and metrics (the root path serves the dashboard).
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -8,8 +8,7 @@ use super::AppState;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/", web::get().to(index));
+        .route("/metrics", web::get().to(metrics));
 }
 
 async fn healthz() -> HttpResponse {
@@ -43,21 +42,4 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         state.metrics.ingest_queued.set(queued as i64);
     }
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
-}
-
-async fn index() -> HttpResponse {
-    HttpResponse::Ok().json(json!({
-        "name": "liverec",
-        "version": env!("CARGO_PKG_VERSION"),
-        "endpoints": [
-            "POST /v1/events",
-            "GET /v1/users/{user_id}/recommendations?k=10",
-            "GET /v1/users/{user_id}/recommendations/stream",
-            "GET /v1/ws",
-            "GET|PUT /v1/items/{item_id}",
-            "POST /v1/users/{user_id}/merge",
-            "GET /v1/users/{user_id}/export",
-            "GET /healthz", "GET /readyz", "GET /metrics"
-        ]
-    }))
 }

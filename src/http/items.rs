@@ -2,8 +2,10 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::{decode_json_body, AppState};
+use crate::auth::Role;
 use crate::catalog::ItemAttributes;
 use crate::event::{check_id, ItemId};
 
@@ -17,7 +19,12 @@ fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
     Ok(ItemId::from(raw))
 }
 
-async fn get_item(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn get_item(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    _caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    // The catalogue is not user data: any caller with valid credentials may read it.
     let id = item_id(&path, &state)?;
     let view = state.catalog.get(&id).ok_or_else(|| ApiError::not_found("item_not_found", format!("no item {id}")))?;
     Ok(HttpResponse::Ok().json(view))
@@ -28,7 +35,9 @@ async fn put_item(
     path: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Producer)?;
     let id = item_id(&path, &state)?;
     let attributes: ItemAttributes =
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_item").await?;

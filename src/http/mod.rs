@@ -2,6 +2,7 @@
 //! single error mapping in [`error`].
 
 pub mod admin;
+pub mod auth;
 pub mod dashboard;
 pub mod error;
 pub mod events;
@@ -31,6 +32,8 @@ use error::ApiError;
 pub struct AppState {
     pub monitor: actix::Addr<crate::actors::monitor::MonitorActor>,
     pub trainer: actix::Addr<crate::actors::trainer::TrainerActor>,
+    /// Checks credentials (see `crate::auth`).
+    pub auth: Arc<crate::auth::Auth>,
     pub config: Arc<Config>,
     pub registry: Arc<SessionRegistry>,
     pub bus: Arc<dyn EventBus>,

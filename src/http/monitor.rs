@@ -3,15 +3,18 @@
 
 use actix_web::{web, HttpResponse};
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::monitor::GetReport;
+use crate::auth::Role;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/monitor").route(web::get().to(report)));
 }
 
-async fn report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn report(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let report = state.monitor.send(GetReport).await?;
     Ok(HttpResponse::Ok().json(report))
 }

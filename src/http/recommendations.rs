@@ -7,6 +7,7 @@
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::messages::{GetRecommendations, RecFilters};
@@ -21,6 +22,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RecQuery {
+    /// Credentials for clients that cannot set headers (read by the `Caller` extractor).
+    #[allow(dead_code)]
+    access_token: Option<String>,
     k: Option<usize>,
     /// Comma-separated item ids to leave out.
     exclude: Option<String>,
@@ -40,8 +44,10 @@ async fn get_recommendations(
     path: web::Path<String>,
     query: web::Query<RecQuery>,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
+    caller.read(&user)?;
     let recs = &state.config.recs;
     let k = query.k.unwrap_or(recs.default_k);
     if k == 0 || k > recs.max_k {

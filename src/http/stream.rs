@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamMap;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::events::{decode_value, publish};
 use super::AppState;
@@ -122,8 +123,14 @@ struct SseState {
     _guard: GaugeGuard,
 }
 
-async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn sse(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
+    caller.read(&user)?;
     let resume_from =
         req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     let mut subscription = subscribe(&state, &user);
@@ -166,9 +173,13 @@ async fn sse(req: HttpRequest, path: web::Path<String>, state: web::Data<AppStat
                         st.seq.last = Some(update.list.seq);
                         continue;
                     }
+                    // The list current at subscription time is not a push: its age is not latency.
+                    let first = st.seq.last.is_none();
                     if st.seq.accept(&update, &st.metrics) {
                         st.metrics.push_sent_sse.inc();
-                        st.metrics.stage_push_seconds.observe_duration(update.published.elapsed());
+                        if !first {
+                            st.metrics.stage_push_seconds.observe_duration(update.published.elapsed());
+                        }
                         return Some((Ok::<_, actix_web::Error>(update.sse.clone()), st));
                     }
                 }
@@ -194,18 +205,43 @@ async fn websocket(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, actix_web::Error> {
+    check_origin(&req, &state)?;
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let stream = stream
         .max_frame_size(state.config.stream.ws_max_frame_bytes)
         .aggregate_continuations()
         .max_continuation_size(state.config.stream.ws_max_message_bytes);
-    actix_web::rt::spawn(run_socket(state.into_inner(), session, stream));
+    actix_web::rt::spawn(run_socket(state.into_inner(), caller, session, stream));
     Ok(response)
+}
+
+/// Refuses a WebSocket handshake from a browser page of another origin unless
+/// `auth.allowed_origins` lists it (`"*"`: any). Clients that send no `Origin` (not browsers)
+/// pass; with an empty list only the server's own origin does.
+fn check_origin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let allowed = &state.config.auth.allowed_origins;
+    let host = req.connection_info().host().to_owned();
+    let same_origin = origin.split_once("://").is_some_and(|(_, rest)| rest == host);
+    if allowed.iter().any(|a| a == "*" || a == origin) || (allowed.is_empty() && same_origin) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            format!("WebSocket connections from {origin} are not allowed (auth.allowed_origins)"),
+        ))
+    }
 }
 
 struct Socket {
     state: Arc<AppState>,
+    /// Who opened the socket: what it may subscribe to and post.
+    caller: Caller,
     session: actix_ws::Session,
     subscriptions: StreamMap<UserId, WatchStream<Option<Arc<RecUpdate>>>>,
     holds: Vec<Subscription>,
@@ -217,7 +253,12 @@ enum Flow {
     Close(Option<CloseReason>),
 }
 
-async fn run_socket(state: Arc<AppState>, session: actix_ws::Session, mut stream: actix_ws::AggregatedMessageStream) {
+async fn run_socket(
+    state: Arc<AppState>,
+    caller: Caller,
+    session: actix_ws::Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+) {
     let _guard = GaugeGuard::new(state.metrics.clone(), |m| &m.subscribers_ws);
     let period = Duration::from_secs(state.config.stream.heartbeat_secs);
     let timeout = Duration::from_secs(state.config.stream.client_timeout_secs);
@@ -225,6 +266,7 @@ async fn run_socket(state: Arc<AppState>, session: actix_ws::Session, mut stream
     let mut shutdown = state.shutdown.clone();
     let mut last_heard = Instant::now();
     let mut socket = Socket {
+        caller,
         state,
         session,
         subscriptions: StreamMap::new(),
@@ -297,11 +339,15 @@ impl Socket {
             return Flow::Continue;
         };
         let metrics = self.state.metrics.clone();
-        if !self.seqs.entry(user).or_default().accept(&update, &metrics) {
+        let tracker = self.seqs.entry(user).or_default();
+        let first = tracker.last.is_none();
+        if !tracker.accept(&update, &metrics) {
             return Flow::Continue;
         }
         metrics.push_sent_ws.inc();
-        metrics.stage_push_seconds.observe_duration(update.published.elapsed());
+        if !first {
+            metrics.stage_push_seconds.observe_duration(update.published.elapsed());
+        }
         self.send(update.ws.clone()).await
     }
 
@@ -372,6 +418,9 @@ impl Socket {
             Ok(user) => user,
             Err(error) => return self.send_error(error).await,
         };
+        if let Err(error) = self.caller.read(&user) {
+            return self.send_error(error.with_field("subscribe")).await;
+        }
         if !self.subscriptions.contains_key(&user) {
             let max = self.state.config.stream.ws_max_subscriptions;
             if self.subscriptions.len() >= max {
@@ -416,6 +465,9 @@ impl Socket {
                 return self.send_error(error).await;
             }
         };
+        if let Err(error) = self.caller.produce(&events) {
+            return self.send_error(error).await;
+        }
         match publish(&state, events, received, &state.metrics.ingest_events_ws).await {
             Ok(accepted) => {
                 let ack = json!({ "type": "ack", "accepted": accepted.accepted, "event_ids": accepted.event_ids });

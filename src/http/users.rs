@@ -5,9 +5,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::{decode_json_body, AppState};
 use crate::actors::messages::{MergeHistory, Snapshot, TakeHistory};
+use crate::auth::Role;
 use crate::event::UserId;
 use crate::store::{ProfileUpdate, StoreError};
 
@@ -27,7 +29,9 @@ async fn merge(
     path: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let user = state.user_id(&path, "user_id")?;
     let request: MergeRequest =
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_merge").await?;
@@ -80,7 +84,8 @@ fn store_unavailable(error: StoreError) -> ApiError {
     ApiError::unavailable("store_unavailable", "user profiles are temporarily unavailable", 2)
 }
 
-async fn export(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn export(path: web::Path<String>, state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let user = state.user_id(&path, "user_id")?;
     let session = if state.registry.owned_by_ingest() {
         state.registry.hub(&user).and_then(|h| h.session())

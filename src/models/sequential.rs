@@ -748,7 +748,8 @@ impl Recommender for SequentialModel {
 }
 
 /// Interns every vocabulary item into `catalog` (with its genres as categories), so a server
-/// or benchmark serves the model's items. Returns the catalogue index of each model item.
+/// or benchmark serves the model's items. Items the catalogue already describes keep their
+/// attributes (titles, tags). Returns the catalogue index of each model item.
 pub fn intern_vocab(vocab: &Vocab, catalog: &Catalog) -> Vec<ItemIdx> {
     vocab
         .items
@@ -759,7 +760,11 @@ pub fn intern_vocab(vocab: &Vocab, catalog: &Catalog) -> Vec<ItemIdx> {
                 categories: genres.iter().filter_map(|&g| vocab.genres.get(usize::from(g)).cloned()).collect(),
                 ..Default::default()
             };
-            catalog.put(&ItemId::from(id.as_str()), attrs).0
+            let id = ItemId::from(id.as_str());
+            match catalog.get(&id) {
+                Some(view) if view.in_catalog => catalog.intern(&id),
+                _ => catalog.put(&id, attrs).0,
+            }
         })
         .collect()
 }

@@ -24,6 +24,8 @@ struct Loop {
 fn loop_config(registry: &std::path::Path) -> Config {
     let mut config = test_config();
     config.demo.enabled = false;
+    // Auth is on outside the demo by default; these tests are about the loop (auth has its own).
+    config.auth.mode = liverec::auth::AuthMode::Off;
     config.model.kind = ModelKind::Sequential;
     config.model.registry_dir = registry.to_owned();
     config.monitor.bucket_secs = 1;

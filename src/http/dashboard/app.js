@@ -14,6 +14,30 @@
 
   const $ = (selector) => document.querySelector(selector);
 
+  // With auth on, the operator pastes an admin API key (or a user's stream token) once; it stays
+  // in this tab's sessionStorage and goes with every request (EventSource cannot set headers, so
+  // the stream takes it as access_token).
+  const CREDENTIAL_KEY = "liverec.credential";
+  const credential = () => sessionStorage.getItem(CREDENTIAL_KEY) || "";
+  function authFetch(url, init = {}) {
+    const headers = new Headers(init.headers || {});
+    if (credential()) headers.set("authorization", `Bearer ${credential()}`);
+    return fetch(url, { ...init, headers });
+  }
+  function withToken(url) {
+    return credential() ? `${url}${url.includes("?") ? "&" : "?"}access_token=${encodeURIComponent(credential())}` : url;
+  }
+  document.addEventListener("DOMContentLoaded", () => {
+    const input = document.querySelector("#credential");
+    if (!input) return;
+    input.value = credential();
+    input.addEventListener("change", () => {
+      if (input.value) sessionStorage.setItem(CREDENTIAL_KEY, input.value.trim());
+      else sessionStorage.removeItem(CREDENTIAL_KEY);
+      location.reload();
+    });
+  });
+
   /** A new element with attributes and children (strings become text, never HTML). */
   function h(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -112,7 +136,7 @@
   window.addEventListener("unhandledrejection", (event) => reportFailure("script", event.reason));
 
   async function getJson(url) {
-    const response = await fetch(url, { headers: { accept: "application/json" }, cache: "no-store" });
+    const response = await authFetch(url, { headers: { accept: "application/json" }, cache: "no-store" });
     if (!response.ok) throw new Error(`${url} answered ${response.status}`);
     return response.json();
   }
@@ -220,7 +244,7 @@
   const sparks = { events: [], pushes: [] };
 
   async function pollMetrics() {
-    const response = await fetch("metrics", { cache: "no-store" });
+    const response = await authFetch("metrics", { cache: "no-store" });
     if (!response.ok) throw new Error(`metrics answered ${response.status}`);
     const now = snapshot(parseExposition(await response.text()));
     const previous = snapshots[snapshots.length - 1];
@@ -485,7 +509,7 @@
     if (!itemCache.has(id)) {
       itemCache.set(
         id,
-        fetch(`v1/items/${encodeURIComponent(id)}`, { headers: { accept: "application/json" } })
+        authFetch(`v1/items/${encodeURIComponent(id)}`, { headers: { accept: "application/json" } })
           .then((r) => (r.ok ? r.json() : null))
           .catch(() => null),
       );
@@ -516,7 +540,7 @@
     url.searchParams.set("user", user);
     history.replaceState(null, "", url);
     streamState("connecting", "connecting");
-    const stream = new EventSource(`v1/users/${encodeURIComponent(user)}/recommendations/stream`);
+    const stream = new EventSource(withToken(`v1/users/${encodeURIComponent(user)}/recommendations/stream`));
     source = stream;
     stream.addEventListener("open", () => streamState("live", "live"));
     stream.addEventListener("recommendations", (event) => {
@@ -589,7 +613,7 @@
     li.classList.add("pending");
     const at = performance.now();
     try {
-      const response = await fetch("v1/events", {
+      const response = await authFetch("v1/events", {
         method: "POST",
         headers: { "content-type": "application/json" },
         body: JSON.stringify({ user_id: list.user_id, item_id: itemId, event_type: "click", rec_id: list.rec_id }),

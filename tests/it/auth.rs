@@ -1,0 +1,155 @@
+//! Authentication and authorisation with auth on: API keys by role, per-user stream tokens on
+//! GET, SSE and WebSocket, and WebSocket origins.
+
+use liverec::auth::{new_key, AuthMode, Role};
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+struct Keys {
+    producer: String,
+    reader: String,
+    admin: String,
+}
+
+async fn secured() -> (liverec::Server, Keys) {
+    let mut config = test_config();
+    config.auth.mode = AuthMode::On;
+    config.auth.token_secret = "a test secret that is long enough to sign".into();
+    let mut keys = Vec::new();
+    for (id, role) in [("ingest", Role::Producer), ("web", Role::Reader), ("ops", Role::Admin)] {
+        let (key, entry) = new_key(id, role).expect("random key");
+        config.auth.api_keys.push(entry);
+        keys.push(key);
+    }
+    let server = start(config).await;
+    let [producer, reader, admin]: [String; 3] = keys.try_into().expect("three keys");
+    (server, Keys { producer, reader, admin })
+}
+
+async fn call(
+    server: &liverec::Server,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("{}{path}", server.url());
+    let mut request = match method {
+        "POST" => client().post(url),
+        _ => client().get(url),
+    };
+    if let Some(key) = key {
+        request = request.insert_header(("authorization", format!("Bearer {key}")));
+    }
+    let mut response = match body {
+        Some(body) => request.insert_header(("content-type", "application/json")).send_body(body.to_string()).await,
+        None => request.send().await,
+    }
+    .expect("request");
+    let status = response.status().as_u16();
+    let bytes = response.body().await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[actix_rt::test]
+async fn api_keys_grant_what_their_role_allows() {
+    let (server, keys) = secured().await;
+    let click = json!({ "user_id": "alice", "item_id": "item-0003", "event_type": "click" });
+
+    let (status, body) = call(&server, "POST", "/v1/events", None, Some(click.clone())).await;
+    assert_eq!((status, body["error"]["code"].clone()), (401, json!("unauthorized")), "{body}");
+    let (status, _) = call(&server, "POST", "/v1/events", Some("lrk_not_a_key"), Some(click.clone())).await;
+    assert_eq!(status, 401);
+    let (status, body) = call(&server, "POST", "/v1/events", Some(&keys.reader), Some(click.clone())).await;
+    assert_eq!((status, body["error"]["code"].clone()), (403, json!("forbidden")), "readers do not write: {body}");
+    let (status, _) = call(&server, "POST", "/v1/events", Some(&keys.producer), Some(click.clone())).await;
+    assert_eq!(status, 202);
+
+    let recs = "/v1/users/alice/recommendations";
+    assert_eq!(call(&server, "GET", recs, Some(&keys.producer), None).await.0, 403, "producers do not read");
+    let (status, list) = call(&server, "GET", recs, Some(&keys.reader), None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(call(&server, "GET", "/v1/admin/models", Some(&keys.reader), None).await.0, 403);
+    assert_eq!(call(&server, "GET", "/v1/monitor", Some(&keys.producer), None).await.0, 403);
+    assert_eq!(call(&server, "GET", "/v1/admin/models", Some(&keys.admin), None).await.0, 200);
+    assert_eq!(call(&server, "GET", recs, Some(&keys.admin), None).await.0, 200, "admin may do everything");
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+    assert_eq!(get(&server, "/metrics").await.status, 200);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_stream_token_reads_and_writes_only_its_own_user() {
+    let (server, keys) = secured().await;
+    let (status, minted) = call(
+        &server,
+        "POST",
+        "/v1/admin/tokens",
+        Some(&keys.admin),
+        Some(json!({ "user_id": "alice", "ttl_secs": 600 })),
+    )
+    .await;
+    assert_eq!(status, 201, "{minted}");
+    let token = minted["token"].as_str().expect("token").to_owned();
+    let (status, _) =
+        call(&server, "POST", "/v1/admin/tokens", Some(&keys.reader), Some(json!({ "user_id": "alice" }))).await;
+    assert_eq!(status, 403, "only admins mint tokens");
+
+    assert_eq!(call(&server, "GET", "/v1/users/alice/recommendations", Some(&token), None).await.0, 200);
+    assert_eq!(call(&server, "GET", "/v1/users/bob/recommendations", Some(&token), None).await.0, 403);
+    let own = json!({ "user_id": "alice", "item_id": "item-0007", "event_type": "view" });
+    let other = json!([own.clone(), { "user_id": "bob", "item_id": "item-0007", "event_type": "view" }]);
+    assert_eq!(call(&server, "POST", "/v1/events", Some(&token), Some(own)).await.0, 202);
+    let (status, body) = call(&server, "POST", "/v1/events", Some(&token), Some(other)).await;
+    assert_eq!((status, body["error"]["field"].clone()), (403, json!("[1].user_id")), "{body}");
+    assert_eq!(call(&server, "GET", "/v1/admin/models", Some(&token), None).await.0, 403);
+
+    // SSE from a browser: the token in the query string.
+    let sse = |user: &str, token: &str| {
+        client().get(format!("{}/v1/users/{user}/recommendations/stream?access_token={token}", server.url())).send()
+    };
+    assert_eq!(sse("alice", &token).await.expect("sse").status(), 200);
+    assert_eq!(sse("bob", &token).await.expect("sse").status(), 403);
+    // A tampered token is refused.
+    let tampered = format!("{}x", &token[..token.len() - 1]);
+    assert_eq!(call(&server, "GET", "/v1/users/alice/recommendations", Some(&tampered), None).await.0, 401);
+
+    // WebSocket: subscribing to another user is refused, to one's own accepted.
+    let (_, mut connection) = client()
+        .ws(format!("{}/v1/ws?access_token={token}", server.url()))
+        .connect()
+        .await
+        .expect("websocket with a token");
+    use futures_util::{SinkExt as _, StreamExt as _};
+    connection.send(awc::ws::Message::Text(json!({ "subscribe": "bob" }).to_string().into())).await.expect("send");
+    let refused = next_json(&mut connection).await;
+    assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+    connection.send(awc::ws::Message::Text(json!({ "subscribe": "alice" }).to_string().into())).await.expect("send");
+    let accepted = next_json(&mut connection).await;
+    assert_eq!(accepted["type"], "subscribed", "{accepted}");
+    let _ = connection.next().await;
+
+    // Without credentials the handshake itself is refused.
+    let refused = client().ws(format!("{}/v1/ws", server.url())).connect().await;
+    assert!(matches!(refused, Err(awc::error::WsClientError::InvalidResponseStatus(s)) if s.as_u16() == 401));
+    // A page of another origin may not open a socket.
+    let foreign = client()
+        .ws(format!("{}/v1/ws?access_token={token}", server.url()))
+        .origin("https://evil.example")
+        .connect()
+        .await;
+    assert!(matches!(foreign, Err(awc::error::WsClientError::InvalidResponseStatus(s)) if s.as_u16() == 403));
+    server.stop().await;
+}
+
+async fn next_json(connection: &mut actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>) -> Value {
+    use futures_util::StreamExt as _;
+    loop {
+        match connection.next().await.expect("frame").expect("frame ok") {
+            awc::ws::Frame::Text(text) => return serde_json::from_slice(&text).expect("json"),
+            _ => continue,
+        }
+    }
+}
