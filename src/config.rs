@@ -47,6 +47,7 @@ pub struct Config {
     pub log: LogConfig,
     pub tracing: TracingConfig,
     pub auth: crate::auth::AuthConfig,
+    pub limits: crate::http::limits::LimitsConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

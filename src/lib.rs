@@ -302,6 +302,7 @@ impl Server {
             monitor,
             trainer,
             auth,
+            limiters: Arc::new(http::limits::Limiters::new(&config.limits)),
             config: config.clone(),
             registry,
             bus,
@@ -318,6 +319,7 @@ impl Server {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(state.clone()))
+                .wrap(actix_web::middleware::from_fn(http::limits::limit))
                 .configure(http::configure)
                 .default_service(web::to(http::not_found))
         })

@@ -211,6 +211,8 @@ pub struct Metrics {
     pub ingest_invalid: Counter,
     /// Batches refused because the pipeline was full (503).
     pub ingest_shed: Counter,
+    /// Requests refused with 429 by a rate limit.
+    pub http_rate_limited: Counter,
     /// Event batches waiting in the in-process bus queues (the ingest actors' mailboxes), as of
     /// the last scrape.
     pub ingest_queued: Gauge,
@@ -395,6 +397,7 @@ impl Default for Metrics {
             ingest_events_ws: Counter::default(),
             ingest_invalid: Counter::default(),
             ingest_shed: Counter::default(),
+            http_rate_limited: Counter::default(),
             ingest_queued: Gauge::default(),
             session_applied: Counter::default(),
             session_duplicates: Counter::default(),
@@ -509,6 +512,11 @@ impl Metrics {
             "liverec_ingest_shed_batches_total",
             "Event batches refused with 503 because the pipeline was full.",
             &[(&[], &self.ingest_shed)],
+        );
+        r.counter(
+            "liverec_http_rate_limited_total",
+            "Requests refused with 429 by a per-IP or per-credential rate limit.",
+            &[(&[], &self.http_rate_limited)],
         );
         r.gauge(
             "liverec_ingest_queued_batches",

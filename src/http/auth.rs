@@ -16,7 +16,8 @@ use crate::event::{Event, UserId};
 #[derive(Debug, Clone)]
 pub struct Caller(pub Principal);
 
-fn credential(req: &HttpRequest) -> Option<String> {
+/// The credential a request presents, if any.
+pub fn credential(req: &HttpRequest) -> Option<String> {
     let headers = req.headers();
     if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         return Some(value.strip_prefix("Bearer ").unwrap_or(value).to_owned());

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod items;
+pub mod limits;
 pub mod monitor;
 pub mod recommendations;
 pub mod stream;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub trainer: actix::Addr<crate::actors::trainer::TrainerActor>,
     /// Checks credentials (see `crate::auth`).
     pub auth: Arc<crate::auth::Auth>,
+    /// Rate limits per IP and per credential.
+    pub limiters: Arc<limits::Limiters>,
     pub config: Arc<Config>,
     pub registry: Arc<SessionRegistry>,
     pub bus: Arc<dyn EventBus>,

@@ -1,0 +1,92 @@
+//! Rate limits: a token bucket per client IP and one per credential (API key or stream token),
+//! both optional (`limits.per_ip_per_sec`, `limits.per_key_per_sec`; 0 turns one off). A request
+//! over either answers `429` with `Retry-After` and a JSON error; probes and scrapes
+//! (`/healthz`, `/readyz`, `/metrics`) are never limited.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
+use actix_web::{web, ResponseError};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::AppState;
+
+/// Settings of the `[limits]` config section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per second per client IP, and the burst allowed above it (0: no limit).
+    pub per_ip_per_sec: u32,
+    pub per_ip_burst: u32,
+    /// Requests per second per credential, and its burst (0: no limit).
+    pub per_key_per_sec: u32,
+    pub per_key_burst: u32,
+}
+
+/// The buckets, shared by every worker.
+pub struct Limiters {
+    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Keyed by a digest of the credential, so no secret sits in memory as a map key.
+    per_key: Option<DefaultKeyedRateLimiter<[u8; 16]>>,
+}
+
+fn quota(per_sec: u32, burst: u32) -> Option<Quota> {
+    let rate = NonZeroU32::new(per_sec)?;
+    Some(Quota::per_second(rate).allow_burst(NonZeroU32::new(burst.max(per_sec)).unwrap_or(rate)))
+}
+
+impl Limiters {
+    pub fn new(config: &LimitsConfig) -> Limiters {
+        Limiters {
+            per_ip: quota(config.per_ip_per_sec, config.per_ip_burst).map(RateLimiter::keyed),
+            per_key: quota(config.per_key_per_sec, config.per_key_burst).map(RateLimiter::keyed),
+        }
+    }
+
+    /// `Err(seconds to wait)` when the request is over a limit.
+    fn check(&self, ip: Option<IpAddr>, credential: Option<&str>) -> Result<(), u64> {
+        let wait = |not_until: governor::NotUntil<governor::clock::QuantaInstant>| {
+            not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil().max(1.0) as u64
+        };
+        if let (Some(limiter), Some(ip)) = (&self.per_ip, ip) {
+            limiter.check_key(&ip).map_err(wait)?;
+        }
+        if let (Some(limiter), Some(credential)) = (&self.per_key, credential) {
+            let digest: [u8; 32] = Sha256::digest(credential.as_bytes()).into();
+            let key: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
+            limiter.check_key(&key).map_err(wait)?;
+        }
+        Ok(())
+    }
+}
+
+/// The middleware: refuses requests over a limit before any handler runs.
+pub async fn limit(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let path = req.path();
+    let exempt = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if !exempt {
+        if let Some(state) = req.app_data::<web::Data<AppState>>() {
+            let credential = super::auth::credential(req.request());
+            if let Err(seconds) = state.limiters.check(req.peer_addr().map(|a| a.ip()), credential.as_deref()) {
+                state.metrics.http_rate_limited.inc();
+                let error = ApiError {
+                    retry_after: Some(seconds),
+                    ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; slow down")
+                };
+                return Ok(req.into_response(error.error_response()).map_into_right_body());
+            }
+        }
+    }
+    next.call(req).await.map(ServiceResponse::map_into_left_body)
+}
