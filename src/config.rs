@@ -321,6 +321,22 @@ mod tests {
     }
 
     #[test]
+    fn api_keys_and_the_token_secret_come_from_the_environment() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("LIVEREC_AUTH__TOKEN_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("LIVEREC_AUTH__API_KEYS", r#"[{id="ingest",role="producer",salt="00ff",hash="ab"}]"#),
+            ]),
+            &Overrides::default(),
+        )
+        .expect("loads");
+        assert_eq!(config.auth.api_keys.len(), 1);
+        assert_eq!(config.auth.api_keys[0].role, crate::auth::Role::Producer);
+        assert_eq!(config.auth.token_secret.len(), 32);
+    }
+
+    #[test]
     fn defaults_parse() {
         let config = Config::load_from(None, env(&[]), &Overrides::default()).expect("defaults");
         assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
