@@ -102,7 +102,8 @@ pub struct ServerSide {
     pub model_requests_refused: f64,
     /// Training runs the closed loop started during the run (they take a core).
     pub trainer_runs: f64,
-    /// `liverec_stream_subscribers` at the end of the load.
+    /// The server's gauge `liverec_stream_subscribers{kind="websocket"}` and `{kind="sse"}` at
+    /// the end of the load (it counts WebSocket connections, not their subscriptions).
     pub websocket_subscriptions: Option<f64>,
     pub sse_subscriptions: Option<f64>,
     /// Server resident memory before the subscribers opened and at the end of the load.
@@ -295,7 +296,7 @@ pub fn markdown(r: &Report) -> String {
     let rss = |v: Option<u64>| v.map_or("n/a".to_owned(), |v| format!("{:.0} MiB", v as f64 / 1024.0));
     let _ = writeln!(
         out,
-        "| server | {} WebSocket and {} SSE subscriptions open at the end of the load; {:.0} stale lists skipped; {:.0} model requests refused; {:.0} training runs; RSS {} before, {} loaded |",
+        "| server | liverec_stream_subscribers at the end of the load: {} websocket, {} sse; {:.0} stale lists skipped; {:.0} model requests refused; {:.0} training runs; RSS {} before, {} loaded |",
         opt(sv.websocket_subscriptions), opt(sv.sse_subscriptions), sv.stale_lists_skipped, sv.model_requests_refused, sv.trainer_runs, rss(sv.rss_kib_before), rss(sv.rss_kib_loaded)
     );
     if let Some(sim) = &r.sim {

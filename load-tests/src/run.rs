@@ -90,6 +90,8 @@ struct Subscriber {
 struct State {
     start: Instant,
     run_prefix: String,
+    /// The last whole second of the load (events and requests of its final tick count in it).
+    last_second: usize,
     /// Per active user, the send time of each of their events (µs since `start`, or `FAILED`).
     sent: Vec<Vec<u64>>,
     /// Per active user, how far the first push to any subscriber has reflected.
@@ -139,6 +141,11 @@ impl State {
         self.start.elapsed().as_micros() as u64
     }
 
+    /// The second of the load a time falls in; the last tick may run a hair past the end.
+    fn second(&self, at_us: u64) -> usize {
+        ((at_us / 1_000_000) as usize).min(self.last_second)
+    }
+
     /// A pushed list reached subscriber `sub`.
     fn on_push(&mut self, sub: usize, user_id: &str, last_event_id: Option<&str>) {
         let now = self.micros();
@@ -169,7 +176,8 @@ impl State {
             }
             let latency = now.saturating_sub(at);
             let _ = self.e2p.record(latency);
-            let _ = hist_slot(&mut self.e2p_by_second, (at / 1_000_000) as usize).record(latency);
+            let second = self.second(at);
+            let _ = hist_slot(&mut self.e2p_by_second, second).record(latency);
             if latency > self.late_us {
                 self.late += 1;
             }
@@ -206,7 +214,8 @@ impl State {
     fn record_request(&mut self, started_us: u64, latency_us: u64, post: bool) {
         let _ = self.requests.record(latency_us);
         let _ = if post { self.posts.record(latency_us) } else { self.gets.record(latency_us) };
-        let _ = hist_slot(&mut self.requests_by_second, (started_us / 1_000_000) as usize).record(latency_us);
+        let second = self.second(started_us);
+        let _ = hist_slot(&mut self.requests_by_second, second).record(latency_us);
     }
 }
 
@@ -427,6 +436,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let state: Shared = Rc::new(RefCell::new(State {
         start: Instant::now(),
         run_prefix: format!("lt{started_at_ms}-"),
+        last_second: (scenario.duration_secs.ceil() as usize).saturating_sub(1),
         sent: vec![Vec::new(); scenario.users],
         first_acked: vec![0; scenario.users],
         subscribers: Vec::new(),
@@ -580,7 +590,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             let id = format!("{run_prefix}{user}-{n}");
             let name = user_name(user);
             let body = json!({ "user_id": name, "item_id": item, "event_type": "view", "event_id": id }).to_string();
-            *slot(&mut sent_by_second, (at / 1_000_000) as usize) += 1;
+            *slot(&mut sent_by_second, state.borrow().second(at)) += 1;
             events_sent += 1;
             match &producer {
                 Some(producer) => {
@@ -703,7 +713,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     }
     let accepted = s.sent.iter().flatten().filter(|&&at| at != FAILED).count() as u64;
     let requests = s.requests.len();
-    let seconds = (scenario.duration_secs.ceil() as usize).max(sent_by_second.len());
+    let seconds = (scenario.duration_secs.ceil() as usize).max(1);
     let timeline: Vec<TimelineSecond> = (0..seconds)
         .map(|t| {
             let e2p = s.e2p_by_second.get(t).filter(|h| !h.is_empty());
@@ -795,6 +805,7 @@ mod tests {
         State {
             start: Instant::now(),
             run_prefix: "lt1-".into(),
+            last_second: 9,
             sent: vec![Vec::new(); users],
             first_acked: vec![0; users],
             subscribers: Vec::new(),
