@@ -213,6 +213,9 @@ pub struct Metrics {
     pub ingest_shed: Counter,
     /// Requests refused with 429 by a rate limit.
     pub http_rate_limited: Counter,
+    /// Users erased, and events of erased users skipped (replays from before the erasure).
+    pub privacy_erased: Counter,
+    pub privacy_skipped: Counter,
     /// Event batches waiting in the in-process bus queues (the ingest actors' mailboxes), as of
     /// the last scrape.
     pub ingest_queued: Gauge,
@@ -398,6 +401,8 @@ impl Default for Metrics {
             ingest_invalid: Counter::default(),
             ingest_shed: Counter::default(),
             http_rate_limited: Counter::default(),
+            privacy_erased: Counter::default(),
+            privacy_skipped: Counter::default(),
             ingest_queued: Gauge::default(),
             session_applied: Counter::default(),
             session_duplicates: Counter::default(),
@@ -517,6 +522,16 @@ impl Metrics {
             "liverec_http_rate_limited_total",
             "Requests refused with 429 by a per-IP or per-credential rate limit.",
             &[(&[], &self.http_rate_limited)],
+        );
+        r.counter(
+            "liverec_privacy_erased_users_total",
+            "Users erased (DELETE /v1/users/{id}).",
+            &[(&[], &self.privacy_erased)],
+        );
+        r.counter(
+            "liverec_privacy_skipped_events_total",
+            "Events of erased users skipped because they predate the erasure (replays).",
+            &[(&[], &self.privacy_skipped)],
         );
         r.gauge(
             "liverec_ingest_queued_batches",

@@ -7,7 +7,7 @@
 //! rebuilds from the profile store. A hub is dropped once it has neither a session nor a
 //! subscriber.
 
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -32,12 +32,21 @@ pub struct UserHub {
     seq: AtomicU64,
     /// Kafka partition the user's events arrive on (-1: not from Kafka).
     partition: AtomicI32,
+    /// The user was erased: nothing more is published or stored through this hub.
+    erased: AtomicBool,
 }
 
 impl UserHub {
     fn new(user: UserId) -> Self {
         let (updates, _) = watch::channel(None);
-        Self { user, updates, session: Mutex::new(None), seq: AtomicU64::new(0), partition: AtomicI32::new(-1) }
+        Self {
+            user,
+            updates,
+            session: Mutex::new(None),
+            seq: AtomicU64::new(0),
+            partition: AtomicI32::new(-1),
+            erased: AtomicBool::new(false),
+        }
     }
 
     /// The running session, if any.
@@ -67,6 +76,10 @@ impl UserHub {
     pub fn subscriber_count(&self) -> usize {
         self.updates.receiver_count()
     }
+
+    pub fn is_erased(&self) -> bool {
+        self.erased.load(Ordering::Relaxed)
+    }
 }
 
 /// A subscriber's hold on a user's updates. Dropping it may free the hub.
@@ -81,6 +94,11 @@ impl Subscription {
         self.rx.as_mut().expect("present until drop")
     }
 
+    /// Moves the receiver out (for a stream adapter), so the hub counts one subscriber, not two.
+    pub fn take_receiver(&mut self) -> watch::Receiver<Option<Arc<RecUpdate>>> {
+        self.rx.take().expect("taken once")
+    }
+
     pub fn user(&self) -> &UserId {
         &self.hub.user
     }
@@ -88,6 +106,11 @@ impl Subscription {
     /// The list most recently published for the user.
     pub fn latest(&self) -> Option<Arc<RecUpdate>> {
         self.hub.latest()
+    }
+
+    /// The user was erased: the stream must end.
+    pub fn erased(&self) -> bool {
+        self.hub.is_erased()
     }
 }
 
@@ -247,6 +270,23 @@ impl SessionRegistry {
                 let _ = fanout.send(FanoutCommand::Unwatch(hub.user.clone()));
             }
         }
+    }
+
+    /// Erases the user on this instance: the session stops, every subscriber's stream ends, and
+    /// the hub is dropped so that a later event starts afresh. Returns the subscriptions closed.
+    pub async fn erase(&self, user: &UserId) -> usize {
+        let Some(hub) = self.hub(user) else { return 0 };
+        hub.erased.store(true, Ordering::Relaxed);
+        if let Some(session) = hub.session() {
+            let _ = session.send(super::messages::Release).await;
+        }
+        let closed = hub.subscriber_count();
+        hub.updates.send_replace(None);
+        self.hubs.remove_if(user, |_, h| Arc::ptr_eq(h, &hub));
+        if let Some(fanout) = &self.fanout {
+            let _ = fanout.send(FanoutCommand::Unwatch(user.clone()));
+        }
+        closed
     }
 
     /// Users the registry holds a hub for.

@@ -54,6 +54,8 @@ pub struct SessionActor {
     last_active: Instant,
     /// The last lists served to the user, newest last, for click attribution.
     served: VecDeque<Served>,
+    /// When the user was erased, if ever: events from before then are never applied (replays).
+    erased_at: Option<i64>,
 }
 
 /// A list served to the user, remembered to attribute clicks and conversions to it.
@@ -88,6 +90,7 @@ impl SessionActor {
             pending_since: None,
             last_active: Instant::now(),
             served: VecDeque::new(),
+            erased_at: None,
         }
     }
 
@@ -101,8 +104,12 @@ impl SessionActor {
         let load = async move {
             let mut delay = Duration::from_millis(50);
             loop {
-                match store.load(&user).await {
-                    Ok(profile) => return profile,
+                let loaded = match store.load(&user).await {
+                    Ok(profile) => store.tombstone(&user).await.map(|erased| (profile, erased)),
+                    Err(error) => Err(error),
+                };
+                match loaded {
+                    Ok(loaded) => return loaded,
                     Err(error) => {
                         metrics.store_errors.inc();
                         tracing::warn!(error = %error, user = %user, "profile not loaded; retrying");
@@ -112,7 +119,8 @@ impl SessionActor {
                 }
             }
         };
-        ctx.wait(load.into_actor(self).map(|profile, act, ctx| {
+        ctx.wait(load.into_actor(self).map(|(profile, erased_at), act, ctx| {
+            act.erased_at = erased_at;
             if let Some(profile) = profile {
                 act.restore(profile);
             }
@@ -196,6 +204,10 @@ impl SessionActor {
         };
         let mut new_items = Vec::new();
         for event in events {
+            if self.erased_at.is_some_and(|at| event.timestamp <= at) {
+                self.deps.metrics.privacy_skipped.inc();
+                continue;
+            }
             if !self.remember_id(event.event_id.clone()) {
                 outcome.duplicates += 1;
                 continue;
@@ -309,6 +321,9 @@ impl SessionActor {
     /// Publishes a new list to the user's streams. It counts as an impression when someone
     /// receives it: a live subscriber, or the `GET` it answers (`answering`).
     fn publish(&mut self, scored: ScoredList, answering: bool) {
+        if self.hub.is_erased() {
+            return;
+        }
         let _span = tracing::info_span!("push").entered();
         let list = self.to_list(&scored, self.hub.next_seq());
         let update = RecUpdate::new(list);

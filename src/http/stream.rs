@@ -167,6 +167,10 @@ async fn sse(
                 Next::Changed(false) => return None,
                 Next::Changed(true) => {
                     let Some(update) = st.subscription.receiver().borrow_and_update().clone() else {
+                        if st.subscription.erased() {
+                            st.closing = true;
+                            return Some((Ok(Bytes::from_static(b"event: erased\ndata: {}\n\n")), st));
+                        }
                         continue;
                     };
                     if st.resume_from.take() == Some(update.list.seq) {
@@ -336,6 +340,12 @@ impl Socket {
 
     async fn on_update(&mut self, user: UserId, update: Option<Arc<RecUpdate>>) -> Flow {
         let Some(update) = update else {
+            if self.holds.iter().any(|h| h.user() == &user && h.erased()) {
+                self.subscriptions.remove(&user);
+                self.seqs.remove(&user);
+                self.holds.retain(|h| h.user() != &user);
+                return self.send(json!({ "type": "erased", "user_id": user }).to_string()).await;
+            }
             return Flow::Continue;
         };
         let metrics = self.state.metrics.clone();
@@ -435,7 +445,7 @@ impl Socket {
                     .await;
             }
             let mut hold = subscribe(&self.state, &user);
-            let rx = hold.receiver().clone();
+            let rx = hold.take_receiver();
             self.holds.push(hold);
             // WatchStream yields the current list first, then every change.
             self.subscriptions.insert(user.clone(), WatchStream::new(rx));

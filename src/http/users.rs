@@ -15,7 +15,8 @@ use crate::store::{ProfileUpdate, StoreError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/users/{user_id}/merge").route(web::post().to(merge)))
-        .service(web::resource("/v1/users/{user_id}/export").route(web::get().to(export)));
+        .service(web::resource("/v1/users/{user_id}/export").route(web::get().to(export)))
+        .service(web::resource("/v1/users/{user_id}").route(web::delete().to(erase)));
 }
 
 #[derive(Deserialize)]
@@ -82,6 +83,33 @@ async fn merge_through_store(state: &AppState, user: UserId, from: UserId) -> Re
 fn store_unavailable(error: StoreError) -> ApiError {
     tracing::warn!(error = %error, "profile store unavailable");
     ApiError::unavailable("store_unavailable", "user profiles are temporarily unavailable", 2)
+}
+
+/// Erases the user everywhere this instance keeps them: the session and its memory, every open
+/// stream of the user (SSE gets `event: erased`, WebSocket `{"type": "erased"}`), the stored
+/// profile and last list (after any write already queued), and the retained event log; and
+/// records a tombstone so that replayed events from before the erasure are never applied again
+/// and the trainer never sees them. In production mode the owning instance reloads the (now
+/// empty) profile.
+async fn erase(path: web::Path<String>, state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
+    let user = state.user_id(&path, "user_id")?;
+    let at = crate::event::now_ms();
+    let mut closed = state.registry.erase(&user).await;
+    state.registry.deps.store.erase(&user, at).await.map_err(store_unavailable)?;
+    // A session that started in between (an event raced the erasure) holds the old history.
+    closed += state.registry.erase(&user).await;
+    let events = state.registry.deps.event_log.remove_user(&user);
+    if let Err(error) = state.bus.notify_reload(&user).await {
+        tracing::warn!(error = %error, "the owning instance was not told to drop the erased user");
+    }
+    state.metrics.privacy_erased.inc();
+    Ok(HttpResponse::Ok().json(json!({
+        "user_id": user,
+        "erased_at": at,
+        "subscriptions_closed": closed,
+        "events_removed_from_log": events,
+    })))
 }
 
 async fn export(path: web::Path<String>, state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {

@@ -10,12 +10,14 @@ use crate::recs::RecUpdate;
 
 pub struct MemoryStore {
     profiles: DashMap<UserId, Profile>,
+    /// Erased users and when.
+    tombstones: DashMap<UserId, i64>,
     limits: ProfileLimits,
 }
 
 impl MemoryStore {
     pub fn new(limits: ProfileLimits) -> Self {
-        Self { profiles: DashMap::new(), limits }
+        Self { profiles: DashMap::new(), tombstones: DashMap::new(), limits }
     }
 
     pub fn len(&self) -> usize {
@@ -50,6 +52,16 @@ impl ProfileStore for MemoryStore {
 
     async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
         Ok(self.profiles.remove(user).map(|(_, p)| p))
+    }
+
+    async fn erase(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        self.tombstones.insert(user.clone(), at_ms);
+        self.profiles.remove(user);
+        Ok(())
+    }
+
+    async fn tombstone(&self, user: &UserId) -> Result<Option<i64>, StoreError> {
+        Ok(self.tombstones.get(user).map(|t| *t))
     }
 }
 

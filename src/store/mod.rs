@@ -92,6 +92,13 @@ pub trait ProfileStore: Send + Sync + 'static {
     fn save_recs(&self, update: &RecUpdate);
     /// Removes the profile, returning what it held.
     async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError>;
+
+    /// Erases everything stored about `user` (after every write queued before it) and records a
+    /// tombstone at `at_ms`: events of the user from before it are never applied again (replays).
+    async fn erase(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError>;
+
+    /// When `user` was erased, if ever.
+    async fn tombstone(&self, user: &UserId) -> Result<Option<i64>, StoreError>;
 }
 
 impl Profile {

@@ -125,6 +125,11 @@ fn keys(prefix: &str, user: &UserId) -> Keys {
     }
 }
 
+/// When the user was erased (a tombstone outlives the profile, so replays skip the user).
+fn tombstone_key(prefix: &str, user: &UserId) -> String {
+    format!("{prefix}:{{{user}}}:erased")
+}
+
 /// A score that grows with time (microseconds since the epoch), for ordering event ids.
 fn score_base() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
@@ -144,8 +149,20 @@ struct Load {
 }
 
 enum Write {
-    Append { update: ProfileUpdate, done: oneshot::Sender<()> },
-    Recs { user: UserId, seq: u64, json: bytes::Bytes },
+    Append {
+        update: ProfileUpdate,
+        done: oneshot::Sender<()>,
+    },
+    Recs {
+        user: UserId,
+        seq: u64,
+        json: bytes::Bytes,
+    },
+    /// Deletes the user's keys, in order after every write queued before it.
+    Erase {
+        user: UserId,
+        done: oneshot::Sender<()>,
+    },
 }
 
 pub struct RedisStore {
@@ -298,6 +315,21 @@ impl ProfileStore for RedisStore {
         let _ = self.writes.send(Write::Recs { user, seq, json });
     }
 
+    async fn erase(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.connection().await?;
+        let _: () = conn.set(tombstone_key(&self.prefix, user), at_ms).await.map_err(unavailable)?;
+        let (done, rx) = oneshot::channel();
+        self.writes
+            .send(Write::Erase { user: user.clone(), done })
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the store writer stopped".into()))
+    }
+
+    async fn tombstone(&self, user: &UserId) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.connection().await?;
+        conn.get(tombstone_key(&self.prefix, user)).await.map_err(unavailable)
+    }
+
     async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
         let profile = self.load(user).await?;
         let k = keys(&self.prefix, user);
@@ -401,7 +433,7 @@ impl Writer {
             self.metrics.store_write_batch_size.observe(batch.len() as f64);
             for write in batch.drain(..) {
                 match write {
-                    Write::Append { done, .. } => {
+                    Write::Append { done, .. } | Write::Erase { done, .. } => {
                         let _ = done.send(());
                     }
                     Write::Recs { .. } => {
@@ -453,6 +485,10 @@ impl Writer {
                         cmd.arg(item.as_str());
                     }
                     cmd.ignore();
+                }
+                Write::Erase { user, .. } => {
+                    let k = keys(&self.prefix, user);
+                    pipe.del(&[&k.history, &k.ids, &k.suppressed, &k.profile]).ignore();
                 }
                 Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
                 Write::Recs { user, seq, json } => {

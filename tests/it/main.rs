@@ -13,5 +13,6 @@ mod lifecycle;
 mod models;
 mod monitor;
 mod observability;
+mod privacy;
 mod production;
 mod streams;
