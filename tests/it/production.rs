@@ -273,7 +273,9 @@ async fn two_instances_share_users_and_a_sigkill_loses_nothing_and_applies_nothi
     let (parts_a, parts_b) = eventually("both instances own partitions", || async {
         let (pa, pb) = (a.partitions().await?, b.partitions().await?);
         let all: HashSet<i32> = pa.iter().chain(&pb).copied().collect();
-        (!pa.is_empty() && !pb.is_empty() && all.len() == PARTITIONS as usize).then_some((pa, pb))
+        // Settled: every partition owned, by exactly one of them (mid-rebalance, both may claim some).
+        let settled = all.len() == PARTITIONS as usize && pa.len() + pb.len() == PARTITIONS as usize;
+        (!pa.is_empty() && !pb.is_empty() && settled).then_some((pa, pb))
     })
     .await;
     assert!(parts_a.iter().all(|p| !parts_b.contains(p)), "{parts_a:?} / {parts_b:?}");
