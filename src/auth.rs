@@ -34,7 +34,8 @@ pub struct AuthConfig {
     /// Lifetime of minted stream tokens, and the longest one may ask for.
     pub token_ttl_secs: u64,
     pub max_token_ttl_secs: u64,
-    /// Browser origins allowed to open WebSockets (`"*"`: any; empty: the server's own only).
+    /// Browser origins allowed to open WebSockets and to call the API cross-origin (CORS):
+    /// `"*"`: any; empty: the server's own pages only.
     pub allowed_origins: Vec<String>,
 }
 

@@ -316,10 +316,12 @@ impl Server {
             n => n,
         };
         let addr = config.server.listen;
+        let cors_origins = config.auth.allowed_origins.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(state.clone()))
                 .wrap(actix_web::middleware::from_fn(http::limits::limit))
+                .wrap(http::cors(&cors_origins))
                 .configure(http::configure)
                 .default_service(web::to(http::not_found))
         })

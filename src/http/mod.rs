@@ -9,6 +9,32 @@ pub mod events;
 pub mod health;
 pub mod items;
 pub mod limits;
+
+/// CORS for pages served elsewhere (a dashboard, a shop front) that call the API: only the
+/// origins in `auth.allowed_origins` (`"*"`: any), with the credential headers liverec reads.
+pub fn cors(origins: &[String]) -> actix_cors::Cors {
+    let cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST", "PUT", "DELETE"])
+        .allowed_headers([
+            actix_web::http::header::AUTHORIZATION,
+            actix_web::http::header::CONTENT_TYPE,
+            actix_web::http::header::HeaderName::from_static("x-api-key"),
+            actix_web::http::header::HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([actix_web::http::header::RETRY_AFTER])
+        .max_age(3600)
+        // The server's own pages (the dashboard): browsers send Origin on same-origin POSTs and
+        // WebSocket handshakes too.
+        .allowed_origin_fn(|origin, head| {
+            let host = head.headers().get(actix_web::http::header::HOST).and_then(|h| h.to_str().ok());
+            let origin = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, rest)| rest);
+            host.is_some() && origin == host
+        });
+    if origins.iter().any(|o| o == "*") {
+        return cors.allow_any_origin();
+    }
+    origins.iter().fold(cors, |cors, origin| cors.allowed_origin(origin))
+}
 pub mod monitor;
 pub mod recommendations;
 pub mod stream;

@@ -206,3 +206,37 @@ async fn rate_limits_answer_429_with_retry_after_per_ip_and_per_key() {
     assert_eq!(call(&server, "GET", "/v1/users/u/recommendations", Some(&keys[1]), None).await.0, 200);
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn cors_allows_the_configured_origins_and_the_servers_own_pages() {
+    let mut config = test_config();
+    config.auth.allowed_origins = vec!["https://shop.example".into()];
+    let server = start(config).await;
+    let preflight = |origin: &'static str| {
+        client()
+            .request(awc::http::Method::OPTIONS, format!("{}/v1/events", server.url()))
+            .insert_header(("origin", origin))
+            .insert_header(("access-control-request-method", "POST"))
+            .insert_header(("access-control-request-headers", "content-type, authorization"))
+            .send()
+    };
+    let allowed = preflight("https://shop.example").await.expect("preflight");
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(
+        allowed.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()),
+        Some("https://shop.example")
+    );
+    let refused = preflight("https://evil.example").await.expect("preflight");
+    assert!(refused.headers().get("access-control-allow-origin").is_none(), "no CORS grant for other origins");
+    // The server's own pages post with their Origin and pass.
+    let own = format!("http://{}", server.addr);
+    let posted = client()
+        .post(format!("{}/v1/events", server.url()))
+        .insert_header(("origin", own.as_str()))
+        .insert_header(("content-type", "application/json"))
+        .send_body(json!({ "user_id": "o", "item_id": "item-0001", "event_type": "view" }).to_string())
+        .await
+        .expect("post");
+    assert_eq!(posted.status(), 202);
+    server.stop().await;
+}
