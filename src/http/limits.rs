@@ -29,10 +29,15 @@ pub struct LimitsConfig {
     /// Requests per second per credential, and its burst (0: no limit).
     pub per_key_per_sec: u32,
     pub per_key_burst: u32,
+    /// Open streams (SSE and WebSocket) per client IP (0: no limit).
+    pub streams_per_ip: usize,
 }
 
 /// The buckets, shared by every worker.
 pub struct Limiters {
+    /// Open streams per client IP, and the most allowed (0: any number).
+    streams: std::sync::Arc<dashmap::DashMap<IpAddr, usize>>,
+    max_streams: usize,
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     /// Keyed by a digest of the credential, so no secret sits in memory as a map key.
     per_key: Option<DefaultKeyedRateLimiter<[u8; 16]>>,
@@ -46,6 +51,8 @@ fn quota(per_sec: u32, burst: u32) -> Option<Quota> {
 impl Limiters {
     pub fn new(config: &LimitsConfig) -> Limiters {
         Limiters {
+            streams: Default::default(),
+            max_streams: config.streams_per_ip,
             per_ip: quota(config.per_ip_per_sec, config.per_ip_burst).map(RateLimiter::keyed),
             per_key: quota(config.per_key_per_sec, config.per_key_burst).map(RateLimiter::keyed),
         }
@@ -65,6 +72,45 @@ impl Limiters {
             limiter.check_key(&key).map_err(wait)?;
         }
         Ok(())
+    }
+}
+
+/// An open stream counted against its client IP; released when dropped.
+pub struct StreamSlot {
+    streams: std::sync::Arc<dashmap::DashMap<IpAddr, usize>>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            self.streams.remove_if_mut(&ip, |_, open| {
+                *open = open.saturating_sub(1);
+                *open == 0
+            });
+        }
+    }
+}
+
+impl Limiters {
+    /// A slot for one more stream from `ip`, or `429` when it holds `limits.streams_per_ip`.
+    pub fn open_stream(&self, ip: Option<IpAddr>) -> Result<StreamSlot, ApiError> {
+        let Some(ip) = ip.filter(|_| self.max_streams > 0) else {
+            return Ok(StreamSlot { streams: self.streams.clone(), ip: None });
+        };
+        let mut open = self.streams.entry(ip).or_insert(0);
+        if *open >= self.max_streams {
+            return Err(ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    format!("this address already holds {} open streams (limits.streams_per_ip)", self.max_streams),
+                )
+            });
+        }
+        *open += 1;
+        Ok(StreamSlot { streams: self.streams.clone(), ip: Some(ip) })
     }
 }
 

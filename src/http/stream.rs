@@ -121,6 +121,7 @@ struct SseState {
     metrics: Arc<Metrics>,
     closing: bool,
     _guard: GaugeGuard,
+    _slot: super::limits::StreamSlot,
 }
 
 async fn sse(
@@ -131,6 +132,7 @@ async fn sse(
 ) -> Result<HttpResponse, ApiError> {
     let user = state.user_id(&path, "user_id")?;
     caller.read(&user)?;
+    let slot = state.limiters.open_stream(req.peer_addr().map(|a| a.ip()))?;
     let resume_from =
         req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     let mut subscription = subscribe(&state, &user);
@@ -146,6 +148,7 @@ async fn sse(
         metrics: state.metrics.clone(),
         closing: false,
         _guard: GaugeGuard::new(state.metrics.clone(), |m| &m.subscribers_sse),
+        _slot: slot,
     };
     let retry = Bytes::from_static(b"retry: 2000\n\n");
     let updates = futures_util::stream::unfold(initial, |mut st| async move {
@@ -212,12 +215,13 @@ async fn websocket(
     caller: Caller,
 ) -> Result<HttpResponse, actix_web::Error> {
     check_origin(&req, &state)?;
+    let slot = state.limiters.open_stream(req.peer_addr().map(|a| a.ip()))?;
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let stream = stream
         .max_frame_size(state.config.stream.ws_max_frame_bytes)
         .aggregate_continuations()
         .max_continuation_size(state.config.stream.ws_max_message_bytes);
-    actix_web::rt::spawn(run_socket(state.into_inner(), caller, session, stream));
+    actix_web::rt::spawn(run_socket(state.into_inner(), caller, slot, session, stream));
     Ok(response)
 }
 
@@ -260,6 +264,7 @@ enum Flow {
 async fn run_socket(
     state: Arc<AppState>,
     caller: Caller,
+    _slot: super::limits::StreamSlot,
     session: actix_ws::Session,
     mut stream: actix_ws::AggregatedMessageStream,
 ) {

@@ -240,3 +240,21 @@ async fn cors_allows_the_configured_origins_and_the_servers_own_pages() {
     assert_eq!(posted.status(), 202);
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn streams_per_ip_are_limited_and_freed_when_closed() {
+    let mut config = test_config();
+    config.limits.streams_per_ip = 2;
+    let server = start(config).await;
+    let first = SseStream::connect(&server, "s1", None).await;
+    let _second = WsClient::connect(&server).await;
+    let third = client().get(format!("{}/v1/users/s3/recommendations/stream", server.url())).send().await.expect("sse");
+    assert_eq!(third.status(), 429, "a third stream from the same address is refused");
+    drop(first);
+    eventually("a closed stream frees its slot", || async {
+        let again = client().get(format!("{}/v1/users/s3/recommendations/stream", server.url())).send().await.ok()?;
+        (again.status() == 200).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
