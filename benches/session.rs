@@ -88,6 +88,7 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         model,
         monitor,
         metrics,
+        pseudonyms: Default::default(),
     });
     SessionRegistry::new(deps, vec![session_arbiter.handle()])
 }

@@ -48,6 +48,7 @@ pub struct Config {
     pub tracing: TracingConfig,
     pub auth: crate::auth::AuthConfig,
     pub limits: crate::http::limits::LimitsConfig,
+    pub privacy: crate::privacy::PrivacyConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

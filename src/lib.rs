@@ -15,6 +15,7 @@ pub mod eventlog;
 pub mod http;
 pub mod models;
 pub mod monitor;
+pub mod privacy;
 pub mod recs;
 pub mod sim;
 pub mod store;
@@ -59,6 +60,8 @@ pub enum StartError {
     Redis(String),
     #[error("model: {0}")]
     Model(String),
+    #[error("privacy: {0}")]
+    Privacy(String),
     #[error("auth: {0}")]
     Auth(#[from] crate::auth::AuthConfigError),
 }
@@ -244,6 +247,9 @@ impl Server {
             monitor: monitor.clone(),
             metrics: metrics.clone(),
             event_log,
+            pseudonyms: Arc::new(
+                crate::privacy::Pseudonyms::new(&config.privacy).map_err(|e| StartError::Privacy(e.to_string()))?,
+            ),
         });
         let bus: Arc<dyn EventBus>;
         let registry;

@@ -325,7 +325,8 @@ impl Consume {
                 continue;
             }
             match codec::decode(record.payload().unwrap_or_default(), &self.limits, now) {
-                Ok(event) => {
+                Ok(mut event) => {
+                    event.user_id = self.registry.deps.pseudonyms.user(event.user_id.as_str());
                     let received = received_at(record, wall_now);
                     match index.get(&event.user_id) {
                         Some(&i) => by_user[i].2.push(event),

@@ -29,4 +29,6 @@ pub struct SessionDeps {
     pub metrics: Arc<Metrics>,
     /// Recent applied events, for the trainer.
     pub event_log: Arc<crate::eventlog::EventLog>,
+    /// User ids as liverec keeps them (pseudonyms when `privacy.pseudonymize` is on).
+    pub pseudonyms: Arc<crate::privacy::Pseudonyms>,
 }

@@ -42,7 +42,12 @@ impl FromRequest for Caller {
         let Some(state) = req.app_data::<web::Data<AppState>>() else {
             return ready(Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "server state missing")));
         };
-        ready(state.auth.identify(credential(req).as_deref()).map(Caller).map_err(ApiError::from))
+        let principal = state.auth.identify(credential(req).as_deref()).map(|who| match who {
+            // The token names the user as the client knows them; liverec may keep a pseudonym.
+            Principal::User(sub) => Principal::User(state.registry.deps.pseudonyms.user(&sub).to_string()),
+            other => other,
+        });
+        ready(principal.map(Caller).map_err(ApiError::from))
     }
 }
 

@@ -77,6 +77,14 @@ enum Raw {
 }
 
 fn validate(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {
+    let mut events = validate_ids(raw, state)?;
+    for event in &mut events {
+        event.user_id = state.registry.deps.pseudonyms.user(event.user_id.as_str());
+    }
+    Ok(events)
+}
+
+fn validate_ids(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {
     let limits = state.config.events.limits();
     let now = now_ms();
     match raw {

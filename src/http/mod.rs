@@ -78,7 +78,7 @@ impl AppState {
     pub fn user_id(&self, raw: &str, field: &str) -> Result<UserId, ApiError> {
         check_id(field, raw, self.config.events.max_id_len)
             .map_err(|e| ApiError::bad_request("invalid_user_id", e.message).with_field(e.field))?;
-        Ok(UserId::from(raw))
+        Ok(self.registry.deps.pseudonyms.user(raw))
     }
 }
 

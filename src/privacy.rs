@@ -1,0 +1,88 @@
+//! Optional pseudonymisation: with `privacy.pseudonymize = true`, every user id is replaced, as
+//! it enters (REST and WebSocket bodies, paths, Kafka records, stream tokens), by
+//! `u_` + the first 32 hex digits of HMAC-SHA-256(`privacy.salt`, id). Only pseudonyms reach the
+//! session, the profile store, the event log, the monitor and the logs; the same id always maps
+//! to the same pseudonym, so clients keep using their own ids. An id that already has the
+//! pseudonym's shape (`u_` and 32 lowercase hex digits) is taken as one, so producers that
+//! pseudonymise upstream (with the same salt) and liverec agree.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::event::UserId;
+
+/// Settings of the `[privacy]` config section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    pub pseudonymize: bool,
+    /// The secret key of the pseudonyms (at least 32 characters when on). Changing it changes
+    /// every pseudonym: stored profiles no longer match their users.
+    pub salt: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("privacy.salt must be at least 32 characters when privacy.pseudonymize is on")]
+pub struct WeakSalt;
+
+/// Maps user ids to what liverec stores.
+#[derive(Clone, Default)]
+pub struct Pseudonyms {
+    key: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Pseudonyms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pseudonyms").field("on", &self.key.is_some()).finish()
+    }
+}
+
+fn is_pseudonym(id: &str) -> bool {
+    id.len() == 34 && id.starts_with("u_") && id[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Pseudonyms {
+    pub fn new(config: &PrivacyConfig) -> Result<Pseudonyms, WeakSalt> {
+        if !config.pseudonymize {
+            return Ok(Pseudonyms { key: None });
+        }
+        if config.salt.chars().count() < 32 {
+            return Err(WeakSalt);
+        }
+        Ok(Pseudonyms { key: Some(config.salt.as_bytes().to_vec()) })
+    }
+
+    /// The id liverec keeps for `raw`.
+    pub fn user(&self, raw: &str) -> UserId {
+        match &self.key {
+            Some(key) if !is_pseudonym(raw) => {
+                let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+                mac.update(raw.as_bytes());
+                let digest = mac.finalize().into_bytes();
+                let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+                UserId::from(format!("u_{hex}").as_str())
+            }
+            _ => UserId::from(raw),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudonyms_are_stable_keyed_and_idempotent() {
+        let on = |salt: &str| Pseudonyms::new(&PrivacyConfig { pseudonymize: true, salt: salt.into() }).expect("on");
+        let (a, b) = (on("a secret salt of thirty-two chars"), on("another salt, also 32 characters"));
+        let p = a.user("alice@example.com");
+        assert!(is_pseudonym(p.as_str()) && !p.as_str().contains("alice"), "{p:?}");
+        assert_eq!(a.user("alice@example.com"), p, "stable");
+        assert_ne!(b.user("alice@example.com"), p, "keyed by the salt");
+        assert_eq!(a.user(p.as_str()), p, "a pseudonym maps to itself");
+        let off = Pseudonyms::new(&PrivacyConfig { pseudonymize: false, salt: String::new() }).expect("off");
+        assert_eq!(off.user("alice").as_str(), "alice");
+        assert!(Pseudonyms::new(&PrivacyConfig { pseudonymize: true, salt: "short".into() }).is_err());
+    }
+}
