@@ -79,6 +79,7 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         history_len: config.session.history_len,
         dedupe_window: config.session.dedupe_window,
         suppressed_len: config.session.suppressed_len,
+        tombstone_ttl_secs: 0,
     };
     let deps = Arc::new(SessionDeps {
         event_log: EventLog::new(config.trainer.window_secs, config.trainer.max_events),

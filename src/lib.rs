@@ -182,6 +182,7 @@ impl Server {
             history_len: config.session.history_len,
             dedupe_window: config.session.dedupe_window,
             suppressed_len: config.session.suppressed_len,
+            tombstone_ttl_secs: config.privacy.tombstone_ttl_secs,
         };
         let store: Arc<dyn ProfileStore> = match config.store.kind {
             StoreKind::Memory => Arc::new(MemoryStore::new(limits)),

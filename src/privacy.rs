@@ -20,6 +20,8 @@ pub struct PrivacyConfig {
     /// The secret key of the pseudonyms (at least 32 characters when on). Changing it changes
     /// every pseudonym: stored profiles no longer match their users.
     pub salt: String,
+    /// How long an erased user's tombstone is kept (0: forever).
+    pub tombstone_ttl_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,15 +76,17 @@ mod tests {
 
     #[test]
     fn pseudonyms_are_stable_keyed_and_idempotent() {
-        let on = |salt: &str| Pseudonyms::new(&PrivacyConfig { pseudonymize: true, salt: salt.into() }).expect("on");
+        let config =
+            |on: bool, salt: &str| PrivacyConfig { pseudonymize: on, salt: salt.into(), tombstone_ttl_secs: 0 };
+        let on = |salt: &str| Pseudonyms::new(&config(true, salt)).expect("on");
         let (a, b) = (on("a secret salt of thirty-two chars"), on("another salt, also 32 characters"));
         let p = a.user("alice@example.com");
         assert!(is_pseudonym(p.as_str()) && !p.as_str().contains("alice"), "{p:?}");
         assert_eq!(a.user("alice@example.com"), p, "stable");
         assert_ne!(b.user("alice@example.com"), p, "keyed by the salt");
         assert_eq!(a.user(p.as_str()), p, "a pseudonym maps to itself");
-        let off = Pseudonyms::new(&PrivacyConfig { pseudonymize: false, salt: String::new() }).expect("off");
+        let off = Pseudonyms::new(&config(false, "")).expect("off");
         assert_eq!(off.user("alice").as_str(), "alice");
-        assert!(Pseudonyms::new(&PrivacyConfig { pseudonymize: true, salt: "short".into() }).is_err());
+        assert!(Pseudonyms::new(&config(true, "short")).is_err());
     }
 }

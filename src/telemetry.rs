@@ -213,6 +213,8 @@ pub struct Metrics {
     pub ingest_shed: Counter,
     /// Requests refused with 429 by a rate limit.
     pub http_rate_limited: Counter,
+    /// Resident memory of the process, read from /proc at each scrape (0 where unavailable).
+    pub process_resident_bytes: Gauge,
     /// Users erased, and events of erased users skipped (replays from before the erasure).
     pub privacy_erased: Counter,
     pub privacy_skipped: Counter,
@@ -401,6 +403,7 @@ impl Default for Metrics {
             ingest_invalid: Counter::default(),
             ingest_shed: Counter::default(),
             http_rate_limited: Counter::default(),
+            process_resident_bytes: Gauge::default(),
             privacy_erased: Counter::default(),
             privacy_skipped: Counter::default(),
             ingest_queued: Gauge::default(),
@@ -522,6 +525,11 @@ impl Metrics {
             "liverec_http_rate_limited_total",
             "Requests refused with 429 by a per-IP or per-credential rate limit.",
             &[(&[], &self.http_rate_limited)],
+        );
+        r.gauge(
+            "liverec_process_resident_memory_bytes",
+            "Resident memory of the liverec process.",
+            &[(&[], &self.process_resident_bytes)],
         );
         r.counter(
             "liverec_privacy_erased_users_total",
@@ -740,12 +748,24 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric (an OpenTelemetry collection).
     pub fn render(&self) -> String {
+        self.process_resident_bytes.set(resident_bytes());
         let families = self.registry.gather();
         prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_else(|error| {
             tracing::error!(error = %error, "metrics not rendered");
             String::new()
         })
     }
+}
+
+/// Resident set size of this process in bytes (Linux `/proc/self/statm`; 0 elsewhere).
+fn resident_bytes() -> i64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<i64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as i64
 }
 
 #[cfg(test)]

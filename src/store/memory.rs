@@ -61,7 +61,9 @@ impl ProfileStore for MemoryStore {
     }
 
     async fn tombstone(&self, user: &UserId) -> Result<Option<i64>, StoreError> {
-        Ok(self.tombstones.get(user).map(|t| *t))
+        let ttl_ms = (self.limits.tombstone_ttl_secs as i64).saturating_mul(1000);
+        let expired = |at: i64| ttl_ms > 0 && at.saturating_add(ttl_ms) < crate::event::now_ms();
+        Ok(self.tombstones.get(user).map(|t| *t).filter(|&at| !expired(at)))
     }
 }
 
@@ -84,7 +86,12 @@ mod tests {
 
     #[actix_rt::test]
     async fn appends_dedupes_and_trims() {
-        let store = MemoryStore::new(ProfileLimits { history_len: 2, dedupe_window: 3, suppressed_len: 1 });
+        let store = MemoryStore::new(ProfileLimits {
+            history_len: 2,
+            dedupe_window: 3,
+            suppressed_len: 1,
+            tombstone_ttl_secs: 0,
+        });
         let user = UserId::from("u");
         let update = |ids: &[&str]| ProfileUpdate {
             user_id: user.clone(),

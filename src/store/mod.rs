@@ -55,6 +55,9 @@ pub struct ProfileLimits {
     pub history_len: usize,
     pub dedupe_window: usize,
     pub suppressed_len: usize,
+    /// How long an erasure's tombstone is kept (0: forever); replays older than that are no
+    /// longer recognised as belonging to an erased user.
+    pub tombstone_ttl_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -174,6 +174,7 @@ pub struct RedisStore {
     max_pending_lists: usize,
     degraded: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    tombstone_ttl_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +230,7 @@ impl RedisStore {
             max_pending_lists: config.max_pending_lists,
             degraded,
             metrics,
+            tombstone_ttl_secs: limits.tombstone_ttl_secs,
         })
     }
 
@@ -317,7 +319,12 @@ impl ProfileStore for RedisStore {
 
     async fn erase(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
         let mut conn = self.connection().await?;
-        let _: () = conn.set(tombstone_key(&self.prefix, user), at_ms).await.map_err(unavailable)?;
+        let key = tombstone_key(&self.prefix, user);
+        let _: () = if self.tombstone_ttl_secs > 0 {
+            conn.set_ex(key, at_ms, self.tombstone_ttl_secs).await.map_err(unavailable)?
+        } else {
+            conn.set(key, at_ms).await.map_err(unavailable)?
+        };
         let (done, rx) = oneshot::channel();
         self.writes
             .send(Write::Erase { user: user.clone(), done })
