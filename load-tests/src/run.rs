@@ -408,7 +408,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
             limits::check_loopback(&kafka.brokers)?;
         }
     }
-    let needed = scenario.connections() as u64 + scenario.http_connections as u64 + SPARE_FDS;
+    // The simulator's client keeps up to 64 connections of its own.
+    let sim_connections = if scenario.sim.is_some() { 64 } else { 0 };
+    let needed = scenario.connections() as u64 + scenario.http_connections as u64 + sim_connections + SPARE_FDS;
     let nofile: NofileLimit = limits::ensure_nofile(needed)?;
     let say = |line: String| {
         if options.progress {
