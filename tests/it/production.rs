@@ -1,6 +1,7 @@
 //! Production mode against the real Apache Kafka broker and Redis server that the test command
 //! starts (`scripts/services up`): ingestion from external producers, Avro evolution, the
-//! dead-letter topic, two instances in one consumer group surviving a SIGKILL, and a Redis restart.
+//! dead-letter topic, two instances in one consumer group surviving a SIGKILL, a Redis restart,
+//! and a Kafka broker restart while clients post.
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -443,4 +444,260 @@ async fn a_failing_consumer_is_restarted_with_backoff_and_counted() {
     assert_eq!(get(&server, "/healthz").await.status, 200);
     assert_eq!(get(&server, "/v1/users/anyone/recommendations").await.status, 200);
     server.stop().await;
+}
+
+/// Runs `scripts/services ACTION` (stop-kafka, start-kafka, ...) and tells whether it succeeded.
+fn services_script(action: &str) -> bool {
+    Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services"))
+        .arg(action)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Runs `scripts/services ACTION` off the test's runtime, so the clients posting meanwhile keep
+/// going while the script waits for the broker to stop or start.
+async fn services_script_off_runtime(action: &'static str) {
+    let started = std::time::Instant::now();
+    let ok = actix_rt::task::spawn_blocking(move || services_script(action)).await.expect("scripts/services thread");
+    assert!(ok, "scripts/services {action} failed");
+    eprintln!("scripts/services {action} took {:?}", started.elapsed());
+}
+
+/// Starts the broker again when dropped (a no-op if it runs), so a test that stopped it never
+/// leaves it down for the tests after it, even when it fails half way.
+struct BrokerBack;
+
+impl Drop for BrokerBack {
+    fn drop(&mut self) {
+        if !services_script("start-kafka") {
+            eprintln!("scripts/services start-kafka failed: the broker may still be down");
+        }
+    }
+}
+
+/// The broker's state, as the restart test moves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Broker {
+    Up,
+    /// `scripts/services stop-kafka` is running.
+    Stopping,
+    Down,
+    /// `scripts/services start-kafka` is running.
+    Starting,
+    Restarted,
+}
+
+/// One `POST /v1/events` as a client saw it.
+#[derive(Debug)]
+struct Attempt {
+    batch: usize,
+    /// The broker when the request was sent, and when its answer came.
+    broker: Broker,
+    ended: Broker,
+    status: u16,
+    code: Option<String>,
+    retry_after: Option<String>,
+    /// Printed for the record, never asserted on.
+    took: Duration,
+}
+
+/// Users get at most this many events each (plus one at the end), below `session.history_len`
+/// (50), so the stored history holds every one of them.
+const BATCHES_PER_USER: usize = 40;
+
+/// Batch `batch` of the restart test: one event for each of four users, each with its own id.
+fn restart_batch(batch: usize) -> Vec<(String, String)> {
+    (0..4).map(|j| (format!("kr-{}-{j}", batch / BATCHES_PER_USER), format!("kr-{batch}-{j}"))).collect()
+}
+
+/// A client posting batches one after another until `stop`: a batch refused is retried, with
+/// the same event ids, until it is accepted, as the `503` tells clients to.
+async fn post_until_stopped(
+    url: String,
+    broker: std::rc::Rc<std::cell::Cell<Broker>>,
+    attempts: std::rc::Rc<std::cell::RefCell<Vec<Attempt>>>,
+    stop: std::rc::Rc<std::cell::Cell<bool>>,
+) {
+    // The pace of the clients (20 requests a second), not a wait for anything: it keeps the
+    // number of events, and of users, small whatever the outage lasts.
+    let mut pace = actix_rt::time::interval(Duration::from_millis(50));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let client = client();
+    for batch in 0.. {
+        if stop.get() {
+            return;
+        }
+        let body: Vec<Value> = restart_batch(batch)
+            .into_iter()
+            .map(|(user, id)| {
+                json!({ "user_id": user, "item_id": format!("item-{:04}", batch % 200), "event_type": "view", "event_id": id })
+            })
+            .collect();
+        let body = Value::from(body).to_string();
+        loop {
+            pace.tick().await;
+            let at = broker.get();
+            let started = std::time::Instant::now();
+            let mut response = client
+                .post(format!("{url}/v1/events"))
+                .insert_header(("content-type", "application/json"))
+                .send_body(body.clone())
+                .await
+                .expect("POST /v1/events");
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let json: Value = response.json().await.unwrap_or(Value::Null);
+            let code = json["error"]["code"].as_str().map(str::to_owned);
+            attempts.borrow_mut().push(Attempt {
+                batch,
+                broker: at,
+                ended: broker.get(),
+                status,
+                code,
+                retry_after,
+                took: started.elapsed(),
+            });
+            if status == 202 {
+                break;
+            }
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_kafka_broker_restart_refuses_with_503_meanwhile_and_applies_every_accepted_event_once() {
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
+    let _services = SERVICES.write().await;
+    let config = production_config("kafka-restart");
+    let server = start(config.clone()).await;
+    let broker = Rc::new(Cell::new(Broker::Up));
+    let attempts: Rc<RefCell<Vec<Attempt>>> = Rc::default();
+    let stop = Rc::new(Cell::new(false));
+    let client_task = actix_rt::spawn(post_until_stopped(server.url(), broker.clone(), attempts.clone(), stop.clone()));
+    let accepted_while = |at: Broker| attempts.borrow().iter().filter(|a| a.broker == at && a.status == 202).count();
+
+    eventually("events accepted before the outage", || async { (accepted_while(Broker::Up) >= 10).then_some(()) })
+        .await;
+    let _broker_back = BrokerBack;
+    broker.set(Broker::Stopping);
+    services_script_off_runtime("stop-kafka").await;
+    broker.set(Broker::Down);
+    // A request waits for the broker up to kafka.produce_timeout_ms (librdkafka's
+    // message.timeout.ms; the default 5 s is kept) before it is refused: librdkafka keeps the
+    // records queued and retries the missing broker until then, so each 503 takes that long.
+    eventually("a request refused while the broker is down", || async {
+        attempts.borrow().iter().any(|a| a.broker == Broker::Down && a.status != 202).then_some(())
+    })
+    .await;
+    broker.set(Broker::Starting);
+    services_script_off_runtime("start-kafka").await;
+    broker.set(Broker::Restarted);
+    eventually("events accepted again after the restart", || async {
+        (accepted_while(Broker::Restarted) >= 10).then_some(())
+    })
+    .await;
+    stop.set(true);
+    actix_rt::time::timeout(DEADLINE, client_task).await.expect("the client stops").expect("the client task");
+
+    let attempts = attempts.take();
+    for a in summarise(&attempts) {
+        eprintln!("{a}");
+    }
+    // What clients saw: 202, or 503 bus_unavailable with a Retry-After; nothing else.
+    for a in &attempts {
+        if a.status != 202 {
+            assert_eq!(a.status, 503, "{a:?}");
+            assert_eq!(a.code.as_deref(), Some("bus_unavailable"), "{a:?}");
+            let seconds: u64 = a.retry_after.as_deref().and_then(|s| s.parse().ok()).expect("Retry-After in seconds");
+            assert!(seconds > 0, "{a:?}");
+        }
+    }
+    // A request sent while the broker is down waits for it, and is accepted if the broker is back
+    // in time: only those that began and ended during the outage must be refused.
+    let during = |at: Broker| attempts.iter().filter(move |a| a.broker == at && a.ended == at);
+    assert!(during(Broker::Up).all(|a| a.status == 202));
+    assert!(during(Broker::Down).all(|a| a.status == 503));
+    let refused = attempts.iter().filter(|a| a.status == 503).count();
+    assert_eq!(metric(&server, "liverec_ingest_shed_batches_total").await, refused as f64);
+    // The client moves on only after a 202, so every batch it made was accepted in the end,
+    // among them those refused first and retried with the same ids.
+    let batches = attempts.last().expect("attempts").batch + 1;
+    assert!((0..batches).all(|b| attempts.iter().any(|a| a.batch == b && a.status == 202)));
+    let retried: HashSet<usize> = attempts.iter().filter(|a| a.status == 503).map(|a| a.batch).collect();
+    assert!(!retried.is_empty());
+
+    let mut expected: Vec<(String, Vec<String>)> = Vec::new();
+    for batch in 0..batches {
+        for (user, id) in restart_batch(batch) {
+            match expected.iter_mut().find(|(u, _)| *u == user) {
+                Some((_, ids)) => ids.push(id),
+                None => expected.push((user, vec![id])),
+            }
+        }
+    }
+    // One more event per user, posted with the broker up: once it is stored, every earlier
+    // record of that user (the replayed ones too) has been consumed and applied or skipped,
+    // since a user's records are applied in order.
+    for (user, ids) in &mut expected {
+        let last = format!("kr-last-{user}");
+        post_events(
+            &server,
+            json!({ "user_id": user, "item_id": "item-0199", "event_type": "view", "event_id": last }),
+        )
+        .await;
+        ids.push(last);
+    }
+    let redis = redis_conn(&config).await;
+    for (user, ids) in &expected {
+        let stored = eventually(&format!("the last event of {user} in redis"), || {
+            let redis = redis.clone();
+            let config = &config;
+            async move {
+                let stored = stored_ids(redis, config, user).await;
+                (stored.last() == ids.last()).then_some(stored)
+            }
+        })
+        .await;
+        assert_eq!(&stored, ids, "{user}: every event that got a 202 exactly once and in order");
+    }
+    let total: usize = expected.iter().map(|(_, ids)| ids.len()).sum();
+    assert_eq!(metric(&server, "liverec_session_applied_events_total").await, total as f64);
+    eprintln!(
+        "{batches} batches, {total} events, {refused} refused requests over {} retried batches; duplicates skipped: {}; \
+         consumer errors: {}, consumer restarts: {}",
+        retried.len(),
+        metric(&server, "liverec_session_duplicate_events_total").await,
+        metric(&server, "liverec_kafka_consumer_errors_total").await,
+        metric(&server, "liverec_kafka_consumer_restarts_total").await,
+    );
+    server.stop().await;
+}
+
+/// Consecutive attempts with the same broker state and status, as lines for the test's output.
+fn summarise(attempts: &[Attempt]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut rest = attempts;
+    while let Some(first) = rest.first() {
+        let run = rest
+            .iter()
+            .take_while(|a| a.broker == first.broker && a.ended == first.ended && a.status == first.status)
+            .count();
+        let (group, tail) = rest.split_at(run);
+        let slowest = group.iter().map(|a| a.took).max().unwrap_or_default();
+        let fastest = group.iter().map(|a| a.took).min().unwrap_or_default();
+        lines.push(format!(
+            "broker {:?} -> {:?}: {run} x {} {} (batches {}..={}, {fastest:?}..{slowest:?} each)",
+            first.broker,
+            first.ended,
+            first.status,
+            first.code.as_deref().unwrap_or(""),
+            first.batch,
+            group.last().map_or(first.batch, |a| a.batch),
+        ));
+        rest = tail;
+    }
+    lines
 }
