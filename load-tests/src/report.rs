@@ -164,6 +164,9 @@ pub struct TimelineSecond {
     /// Latency quantiles of the requests started in this second.
     pub request_p50_ms: Option<f64>,
     pub request_p99_ms: Option<f64>,
+    /// Server resident memory sampled in this second (with `--server-pid`).
+    #[serde(default)]
+    pub server_rss_kib: Option<u64>,
 }
 
 /// Everything a run measured. The field definitions are also in `definitions`.
@@ -319,6 +322,32 @@ pub fn markdown(r: &Report) -> String {
     row(&mut out, "POST /v1/events", &r.post_events_ms);
     row(&mut out, "GET recommendations", &r.get_recommendations_ms);
     let _ = writeln!(out, "\n![latency over time](latency.svg)\n");
+    // Long runs (soak): memory and latency minute by minute, so leaks and slow drift show.
+    if r.timeline.len() >= 120 {
+        let _ = writeln!(out, "## Over time (one row per minute)\n");
+        let _ = writeln!(
+            out,
+            "| minute | server memory (MiB) | event to push p50 / p99 (ms) | requests p50 / p99 (ms) | pushes |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        for minute in r.timeline.chunks(60) {
+            let last = minute.last().expect("chunks are not empty");
+            let rss = minute.iter().rev().find_map(|s| s.server_rss_kib);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} / {} | {} / {} | {} |",
+                last.t / 60,
+                rss.map_or("-".to_owned(), |k| format!("{:.0}", k as f64 / 1024.0)),
+                ms(last.event_to_push_p50_ms),
+                ms(last.event_to_push_p99_ms),
+                ms(last.request_p50_ms),
+                ms(last.request_p99_ms),
+                minute.iter().map(|s| s.pushes).sum::<u64>()
+            );
+        }
+        let _ = writeln!(out);
+    }
     let _ = writeln!(out, "## Definitions\n");
     for (key, text) in &r.definitions {
         let _ = writeln!(out, "- `{key}`: {text}");

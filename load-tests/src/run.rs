@@ -569,6 +569,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let run_prefix = state.borrow().run_prefix.clone();
     let (mut events_sent, mut gets_sent) = (0u64, 0u64);
     let mut sent_by_second: Vec<u64> = Vec::new();
+    // Server memory, once a second (for soak runs).
+    let mut rss_by_second: Vec<Option<u64>> = Vec::new();
     let mut tick = actix_rt::time::interval(Duration::from_millis(1));
     let mut next_progress = 5u64;
     let mut user_cursor = 0usize;
@@ -576,6 +578,13 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     while load_start.elapsed() < duration {
         tick.tick().await;
         let t = load_start.elapsed().as_secs_f64();
+        if let Some(pid) = options.server_pid {
+            let second = t as usize;
+            if rss_by_second.len() <= second {
+                rss_by_second.resize(second + 1, None);
+                rss_by_second[second] = rss_kib(pid);
+            }
+        }
         let due = scenario.events_due(t);
         while events_sent < due {
             // A stride coprime with typical user counts spreads consecutive events over users.
@@ -731,6 +740,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
                 event_to_push_p99_ms: q(e2p, 0.99),
                 request_p50_ms: q(req, 0.5),
                 request_p99_ms: q(req, 0.99),
+                server_rss_kib: rss_by_second.get(t).copied().flatten(),
             }
         })
         .collect();
