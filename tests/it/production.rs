@@ -1,7 +1,8 @@
 //! Production mode against the real Apache Kafka broker and Redis server that the test command
 //! starts (`scripts/services up`): ingestion from external producers, Avro evolution, the
 //! dead-letter topic, two instances in one consumer group surviving a SIGKILL, a Redis restart,
-//! and a Kafka broker restart while clients post.
+//! a Kafka broker restart while clients post, and an instance SIGKILLed and restarted while a
+//! client posts to it.
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -506,9 +507,10 @@ struct Attempt {
 /// (50), so the stored history holds every one of them.
 const BATCHES_PER_USER: usize = 40;
 
-/// Batch `batch` of the restart test: one event for each of four users, each with its own id.
-fn restart_batch(batch: usize) -> Vec<(String, String)> {
-    (0..4).map(|j| (format!("kr-{}-{j}", batch / BATCHES_PER_USER), format!("kr-{batch}-{j}"))).collect()
+/// Batch `batch` of a restart test: one event for each of four users, each with its own id; the
+/// ids and user names start with `prefix`.
+fn restart_batch(prefix: &str, batch: usize) -> Vec<(String, String)> {
+    (0..4).map(|j| (format!("{prefix}-{}-{j}", batch / BATCHES_PER_USER), format!("{prefix}-{batch}-{j}"))).collect()
 }
 
 /// A client posting batches one after another until `stop`: a batch refused is retried, with
@@ -528,7 +530,7 @@ async fn post_until_stopped(
         if stop.get() {
             return;
         }
-        let body: Vec<Value> = restart_batch(batch)
+        let body: Vec<Value> = restart_batch("kr", batch)
             .into_iter()
             .map(|(user, id)| {
                 json!({ "user_id": user, "item_id": format!("item-{:04}", batch % 200), "event_type": "view", "event_id": id })
@@ -631,7 +633,7 @@ async fn a_kafka_broker_restart_refuses_with_503_meanwhile_and_applies_every_acc
 
     let mut expected: Vec<(String, Vec<String>)> = Vec::new();
     for batch in 0..batches {
-        for (user, id) in restart_batch(batch) {
+        for (user, id) in restart_batch("kr", batch) {
             match expected.iter_mut().find(|(u, _)| *u == user) {
                 Some((_, ids)) => ids.push(id),
                 None => expected.push((user, vec![id])),
@@ -696,6 +698,287 @@ fn summarise(attempts: &[Attempt]) -> Vec<String> {
             first.code.as_deref().unwrap_or(""),
             first.batch,
             group.last().map_or(first.batch, |a| a.batch),
+        ));
+        rest = tail;
+    }
+    lines
+}
+
+/// The liverec process of the SIGKILL test, as the test moves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Process {
+    First,
+    /// SIGKILLed; no process listens on the port.
+    Killed,
+    /// Started again with the same configuration and port; it may not listen yet.
+    Second,
+}
+
+/// One `POST /v1/events` as the client of the SIGKILL test saw it.
+#[derive(Debug)]
+struct Post {
+    /// The batch the client was posting; a retry keeps its number and its event ids.
+    batch: usize,
+    /// The process when the request was sent, and when its answer (or error) came.
+    process: Process,
+    ended: Process,
+    /// The status, or the client's error when no answer came.
+    outcome: Result<u16, String>,
+    /// Printed for the record, never asserted on.
+    took: Duration,
+}
+
+/// A client posting batches to `url` one after another until `stop`: a batch that did not get a
+/// `202` (no answer at all, when the process is gone) is retried, with the same event ids, until
+/// it does.
+async fn post_across_restarts(
+    url: String,
+    process: std::rc::Rc<std::cell::Cell<Process>>,
+    posts: std::rc::Rc<std::cell::RefCell<Vec<Post>>>,
+    in_flight: std::rc::Rc<std::cell::Cell<bool>>,
+    stop: std::rc::Rc<std::cell::Cell<bool>>,
+) {
+    // The pace of the client (20 requests a second), not a wait for anything: it keeps the
+    // number of events small however long the process takes to come back.
+    let mut pace = actix_rt::time::interval(Duration::from_millis(50));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let client = client();
+    for batch in 0.. {
+        if stop.get() {
+            return;
+        }
+        let body: Vec<Value> = restart_batch("ks", batch)
+            .into_iter()
+            .map(|(user, id)| {
+                json!({ "user_id": user, "item_id": format!("item-{:04}", batch % 200), "event_type": "view", "event_id": id })
+            })
+            .collect();
+        let body = Value::from(body).to_string();
+        loop {
+            pace.tick().await;
+            let at = process.get();
+            let started = std::time::Instant::now();
+            in_flight.set(true);
+            let sent = client
+                .post(format!("{url}/v1/events"))
+                .insert_header(("content-type", "application/json"))
+                .send_body(body.clone())
+                .await;
+            let outcome = match sent {
+                Ok(mut response) => {
+                    // Read the body so the connection can be reused; its loss changes nothing.
+                    let _ = response.body().await;
+                    Ok(response.status().as_u16())
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            in_flight.set(false);
+            let accepted = outcome == Ok(202);
+            posts.borrow_mut().push(Post {
+                batch,
+                process: at,
+                ended: process.get(),
+                outcome,
+                took: started.elapsed(),
+            });
+            if accepted {
+                break;
+            }
+        }
+    }
+}
+
+/// One metric sample of a liverec process, if it answers and has it.
+async fn instance_metric(instance: &Instance, sample: &str) -> Option<f64> {
+    let mut response = client().get(format!("{}/metrics", instance.url)).send().await.ok()?;
+    let bytes = response.body().limit(16 * 1024 * 1024).await.ok()?;
+    parse_metric(&String::from_utf8_lossy(&bytes), sample)
+}
+
+#[actix_rt::test]
+async fn a_sigkilled_instance_restarted_under_rest_load_applies_every_accepted_event_once() {
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
+    let _services = SERVICES.read().await;
+    let config = production_config("sigkill-restart");
+    // The same port for both processes, as a supervisor restarting a service uses: the client
+    // keeps posting to one address.
+    let port = free_port();
+    let mut first = Instance::spawn(&config, port);
+    eventually("the first process owns every partition", || async {
+        (first.partitions().await?.len() == PARTITIONS as usize).then_some(())
+    })
+    .await;
+    let process = Rc::new(Cell::new(Process::First));
+    let posts: Rc<RefCell<Vec<Post>>> = Rc::default();
+    let in_flight = Rc::new(Cell::new(false));
+    let stop = Rc::new(Cell::new(false));
+    let client_task = actix_rt::spawn(post_across_restarts(
+        first.url.clone(),
+        process.clone(),
+        posts.clone(),
+        in_flight.clone(),
+        stop.clone(),
+    ));
+    let accepted_from = |at: Process| posts.borrow().iter().filter(|p| p.process == at && p.outcome == Ok(202)).count();
+
+    // Killed once it has applied (and, every 200 ms, committed) part of the stream, while a
+    // request of the client is on its way: the process may be producing that batch, or have
+    // answered it, when it dies.
+    eventually("events accepted and applied by the first process", || async {
+        let applied = instance_metric(&first, "liverec_session_applied_events_total").await?;
+        (accepted_from(Process::First) >= 20 && applied >= 40.0).then_some(())
+    })
+    .await;
+    eventually("a request on its way", || async { in_flight.get().then_some(()) }).await;
+    process.set(Process::Killed);
+    first.kill();
+    let killed_at = std::time::Instant::now();
+    eventually("a request failed while no process listens", || async {
+        posts.borrow().iter().any(|p| p.process == Process::Killed && p.outcome.is_err()).then_some(())
+    })
+    .await;
+
+    // The same configuration, so the same consumer group: it resumes from the committed offsets.
+    let mut second = Instance::spawn(&config, port);
+    process.set(Process::Second);
+    eventually("events accepted by the second process", || {
+        let exited = second.child.try_wait().ok().flatten();
+        async move {
+            assert!(exited.is_none(), "the second process exited: {exited:?}");
+            (accepted_from(Process::Second) >= 20).then_some(())
+        }
+    })
+    .await;
+    // It takes the partitions over once the group has dropped the killed member.
+    eventually("the second process owns every partition", || async {
+        (second.partitions().await?.len() == PARTITIONS as usize).then_some(())
+    })
+    .await;
+    let owned_after = killed_at.elapsed();
+    stop.set(true);
+    actix_rt::time::timeout(DEADLINE, client_task).await.expect("the client stops").expect("the client task");
+
+    let posts = posts.take();
+    eprintln!("the second process owned every partition {owned_after:?} after the kill (printed, not asserted)");
+    for line in summarise_posts(&posts) {
+        eprintln!("{line}");
+    }
+    // What the client saw: a 202, or no answer at all (its connection refused or dropped);
+    // never an error status, and every request to the live first process was accepted.
+    for p in &posts {
+        assert!(matches!(p.outcome, Ok(202) | Err(_)), "{p:?}");
+    }
+    let during = |at: Process| posts.iter().filter(move |p| p.process == at && p.ended == at);
+    assert!(during(Process::First).all(|p| p.outcome == Ok(202)));
+    assert!(during(Process::Killed).all(|p| p.outcome.is_err()));
+    // The client moves on only after a 202, so every batch it made was accepted in the end,
+    // among them those that got no answer and were retried with the same ids.
+    let batches = posts.last().expect("posts").batch + 1;
+    assert!((0..batches).all(|b| posts.iter().any(|p| p.batch == b && p.outcome == Ok(202))));
+    let retried: HashSet<usize> = posts.iter().filter(|p| p.outcome.is_err()).map(|p| p.batch).collect();
+    assert!(!retried.is_empty());
+
+    let mut expected: Vec<(String, Vec<String>)> = Vec::new();
+    for batch in 0..batches {
+        for (user, id) in restart_batch("ks", batch) {
+            match expected.iter_mut().find(|(u, _)| *u == user) {
+                Some((_, ids)) => ids.push(id),
+                None => expected.push((user, vec![id])),
+            }
+        }
+    }
+    // One more event per user: once it is stored, every earlier record of that user (the
+    // replayed tail too) has been consumed by the second process and applied or skipped, since a
+    // user's records are applied in order.
+    for (user, ids) in &mut expected {
+        let last = format!("ks-last-{user}");
+        let response = client()
+            .post(format!("{}/v1/events", second.url))
+            .insert_header(("content-type", "application/json"))
+            .send_body(
+                json!({ "user_id": user, "item_id": "item-0199", "event_type": "view", "event_id": last }).to_string(),
+            )
+            .await
+            .expect("POST to the second process");
+        assert_eq!(response.status().as_u16(), 202);
+        ids.push(last);
+    }
+    let redis = redis_conn(&config).await;
+    for (user, ids) in &expected {
+        let stored = eventually(&format!("the last event of {user} in redis"), || {
+            let redis = redis.clone();
+            let config = &config;
+            async move {
+                let stored = stored_ids(redis, config, user).await;
+                (stored.last() == ids.last()).then_some(stored)
+            }
+        })
+        .await;
+        assert_eq!(&stored, ids, "{user}: every event that got a 202 exactly once and in order, none missing");
+    }
+    let total: usize = expected.iter().map(|(_, ids)| ids.len()).sum();
+    let refused = posts.iter().filter(|p| p.outcome.is_err()).count();
+    // For the record: how often the retried batches' ids are in the topic (twice for each event
+    // the killed process had produced, all or part of a batch, before dying without an answer).
+    let in_log = records_per_event_id(&config);
+    let mut retried_in_log: Vec<(usize, Vec<usize>)> = retried
+        .iter()
+        .map(|&b| (b, restart_batch("ks", b).iter().map(|(_, id)| in_log.get(id).copied().unwrap_or(0)).collect()))
+        .collect();
+    retried_in_log.sort();
+    eprintln!(
+        "{batches} batches, {total} events, {refused} requests without an answer over {} retried batches \
+         (records per id in the topic, by batch: {retried_in_log:?}); the topic holds {} records; \
+         the second process applied {:?} and skipped {:?} duplicates",
+        retried.len(),
+        in_log.values().sum::<usize>(),
+        instance_metric(&second, "liverec_session_applied_events_total").await,
+        instance_metric(&second, "liverec_session_duplicate_events_total").await,
+    );
+}
+
+/// How many records of the events topic carry each event id, read with kcat.
+fn records_per_event_id(config: &Config) -> HashMap<String, usize> {
+    let out = Command::new("kcat")
+        .args(["-C", "-b", &config.kafka.brokers, "-t", &config.kafka.events_topic, "-e", "-q"])
+        .args(["-o", "beginning", "-f", "%s\\n"])
+        .output()
+        .expect("kcat");
+    let mut counts = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(id) =
+            serde_json::from_str::<Value>(line).ok().and_then(|v| v["event_id"].as_str().map(str::to_owned))
+        {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// Consecutive posts with the same processes and outcome, as lines for the test's output.
+fn summarise_posts(posts: &[Post]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut rest = posts;
+    while let Some(first) = rest.first() {
+        let run = rest
+            .iter()
+            .take_while(|p| p.process == first.process && p.ended == first.ended && p.outcome == first.outcome)
+            .count();
+        let (group, tail) = rest.split_at(run);
+        let slowest = group.iter().map(|p| p.took).max().unwrap_or_default();
+        let fastest = group.iter().map(|p| p.took).min().unwrap_or_default();
+        let outcome = match &first.outcome {
+            Ok(status) => status.to_string(),
+            Err(error) => format!("error: {error}"),
+        };
+        lines.push(format!(
+            "process {:?} -> {:?}: {run} x {outcome} (batches {}..={}, {fastest:?}..{slowest:?} each)",
+            first.process,
+            first.ended,
+            first.batch,
+            group.last().map_or(first.batch, |p| p.batch),
         ));
         rest = tail;
     }
