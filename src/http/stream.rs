@@ -25,7 +25,7 @@ use super::AppState;
 use crate::actors::messages::{EnsureList, RecFilters};
 use crate::actors::registry::Subscription;
 use crate::actors::session::list_from_store;
-use crate::event::UserId;
+use crate::event::{check_id, UserId};
 use crate::recs::RecUpdate;
 use crate::telemetry::{Gauge, Metrics};
 
@@ -246,6 +246,53 @@ fn check_origin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// One WebSocket text message, parsed: what the client asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// `{"subscribe": "<user>"}`: the user id as sent (not yet pseudonymised), already checked
+    /// (non-empty, at most `events.max_id_len` characters, no control characters).
+    Subscribe(String),
+    /// `{"unsubscribe": "<user>"}`: the user id as sent, checked like [`Command::Subscribe`]'s.
+    Unsubscribe(String),
+    /// `{"event": {...}}` (`many: false`) or `{"events": [...]}` (`many: true`): the JSON as sent;
+    /// [`decode_value`] decodes and validates it, as it needs the server's limits and pseudonyms.
+    Events { value: Value, many: bool },
+}
+
+/// Parses a WebSocket text message into a [`Command`], or the error the client gets back. Pure:
+/// no state but the id length limit (`events.max_id_len`), so it can be fuzzed on its own.
+pub fn parse_message(text: &str, max_id_len: usize) -> Result<Command, ApiError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|error| ApiError::bad_request("malformed_json", format!("the message is not valid JSON: {error}")))?;
+    let Value::Object(mut object) = value else {
+        return Err(ApiError::bad_request("invalid_message", "a message is a JSON object"));
+    };
+    if object.len() != 1 {
+        return Err(ApiError::bad_request(
+            "invalid_message",
+            "a message has exactly one of the keys subscribe, unsubscribe, event, events",
+        ));
+    }
+    let (key, value) = object.iter_mut().next().map(|(k, v)| (k.clone(), v.take())).expect("one entry");
+    let user_of = |value: Value, field: &str| -> Result<String, ApiError> {
+        let Value::String(raw) = value else {
+            return Err(
+                ApiError::bad_request("invalid_user_id", "the user id must be a string").with_field(field.to_owned())
+            );
+        };
+        check_id(field, &raw, max_id_len)
+            .map_err(|e| ApiError::bad_request("invalid_user_id", e.message).with_field(e.field))?;
+        Ok(raw)
+    };
+    match key.as_str() {
+        "subscribe" => user_of(value, "subscribe").map(Command::Subscribe),
+        "unsubscribe" => user_of(value, "unsubscribe").map(Command::Unsubscribe),
+        "event" | "events" => Ok(Command::Events { value, many: key == "events" }),
+        other => Err(ApiError::bad_request("invalid_message", format!("unknown message key {other:?}"))
+            .with_field(other.to_owned())),
+    }
+}
+
 struct Socket {
     state: Arc<AppState>,
     /// Who opened the socket: what it may subscribe to and post.
@@ -382,57 +429,16 @@ impl Socket {
     }
 
     async fn on_text(&mut self, text: &str) -> Flow {
-        let value: Value = match serde_json::from_str(text) {
-            Ok(value) => value,
-            Err(error) => {
-                return self
-                    .send_error(ApiError::bad_request(
-                        "malformed_json",
-                        format!("the message is not valid JSON: {error}"),
-                    ))
-                    .await
-            }
-        };
-        let Value::Object(mut object) = value else {
-            return self.send_error(ApiError::bad_request("invalid_message", "a message is a JSON object")).await;
-        };
-        if object.len() != 1 {
-            return self
-                .send_error(ApiError::bad_request(
-                    "invalid_message",
-                    "a message has exactly one of the keys subscribe, unsubscribe, event, events",
-                ))
-                .await;
-        }
-        let (key, value) = object.iter_mut().next().map(|(k, v)| (k.clone(), v.take())).expect("one entry");
-        match key.as_str() {
-            "subscribe" => self.subscribe(value).await,
-            "unsubscribe" => self.unsubscribe(value).await,
-            "event" | "events" => self.events(value, key == "events").await,
-            other => {
-                self.send_error(
-                    ApiError::bad_request("invalid_message", format!("unknown message key {other:?}"))
-                        .with_field(other.to_owned()),
-                )
-                .await
-            }
+        match parse_message(text, self.state.config.events.max_id_len) {
+            Ok(Command::Subscribe(raw)) => self.subscribe(&raw).await,
+            Ok(Command::Unsubscribe(raw)) => self.unsubscribe(&raw).await,
+            Ok(Command::Events { value, many }) => self.events(value, many).await,
+            Err(error) => self.send_error(error).await,
         }
     }
 
-    fn user_of(&self, value: &Value, field: &str) -> Result<UserId, ApiError> {
-        let Value::String(raw) = value else {
-            return Err(
-                ApiError::bad_request("invalid_user_id", "the user id must be a string").with_field(field.to_owned())
-            );
-        };
-        self.state.user_id(raw, field)
-    }
-
-    async fn subscribe(&mut self, value: Value) -> Flow {
-        let user = match self.user_of(&value, "subscribe") {
-            Ok(user) => user,
-            Err(error) => return self.send_error(error).await,
-        };
+    async fn subscribe(&mut self, raw: &str) -> Flow {
+        let user = self.state.registry.deps.pseudonyms.user(raw);
         if let Err(error) = self.caller.read(&user) {
             return self.send_error(error.with_field("subscribe")).await;
         }
@@ -459,11 +465,8 @@ impl Socket {
         self.send(json!({ "type": "subscribed", "user_id": user }).to_string()).await
     }
 
-    async fn unsubscribe(&mut self, value: Value) -> Flow {
-        let user = match self.user_of(&value, "unsubscribe") {
-            Ok(user) => user,
-            Err(error) => return self.send_error(error).await,
-        };
+    async fn unsubscribe(&mut self, raw: &str) -> Flow {
+        let user = self.state.registry.deps.pseudonyms.user(raw);
         self.subscriptions.remove(&user);
         self.seqs.remove(&user);
         self.holds.retain(|h| h.user() != &user);
