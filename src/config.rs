@@ -282,8 +282,13 @@ impl Config {
         if self.bus.partitions == 0 || self.bus.queue_capacity == 0 {
             return fail("bus.partitions and bus.queue_capacity must be at least 1");
         }
-        if self.events.max_batch == 0 || self.events.max_id_len == 0 {
-            return fail("events.max_batch and events.max_id_len must be at least 1");
+        if self.events.max_batch == 0 {
+            return fail("events.max_batch must be at least 1");
+        }
+        // The server gives events without an id a 36-character UUID, which must pass the limit
+        // again when read back from Kafka; Avro v2's session_id context key is 10 characters.
+        if self.events.max_id_len < 36 || self.events.max_context_key_len < 10 {
+            return fail("events.max_id_len must be at least 36 and events.max_context_key_len at least 10");
         }
         if self.bus.kind == BusKind::Kafka && self.store.kind == StoreKind::Memory {
             return fail("bus.kind = \"kafka\" needs store.kind = \"redis\": instances share profiles through Redis");
