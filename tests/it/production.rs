@@ -541,12 +541,25 @@ async fn post_until_stopped(
             pace.tick().await;
             let at = broker.get();
             let started = std::time::Instant::now();
-            let mut response = client
+            let sent = client
                 .post(format!("{url}/v1/events"))
                 .insert_header(("content-type", "application/json"))
                 .send_body(body.clone())
-                .await
-                .expect("POST /v1/events");
+                .await;
+            // On a loaded machine the client's own timeout can run out before the server's
+            // produce timeout: no answer, which a client retries with the same ids like a 503.
+            let Ok(mut response) = sent else {
+                attempts.borrow_mut().push(Attempt {
+                    batch,
+                    broker: at,
+                    ended: broker.get(),
+                    status: 0,
+                    code: Some("no_answer".into()),
+                    retry_after: None,
+                    took: started.elapsed(),
+                });
+                continue;
+            };
             let status = response.status().as_u16();
             let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
             let json: Value = response.json().await.unwrap_or(Value::Null);
@@ -610,7 +623,7 @@ async fn a_kafka_broker_restart_refuses_with_503_meanwhile_and_applies_every_acc
     }
     // What clients saw: 202, or 503 bus_unavailable with a Retry-After; nothing else.
     for a in &attempts {
-        if a.status != 202 {
+        if a.status != 202 && a.status != 0 {
             assert_eq!(a.status, 503, "{a:?}");
             assert_eq!(a.code.as_deref(), Some("bus_unavailable"), "{a:?}");
             let seconds: u64 = a.retry_after.as_deref().and_then(|s| s.parse().ok()).expect("Retry-After in seconds");
@@ -621,14 +634,18 @@ async fn a_kafka_broker_restart_refuses_with_503_meanwhile_and_applies_every_acc
     // in time: only those that began and ended during the outage must be refused.
     let during = |at: Broker| attempts.iter().filter(move |a| a.broker == at && a.ended == at);
     assert!(during(Broker::Up).all(|a| a.status == 202));
-    assert!(during(Broker::Down).all(|a| a.status == 503));
+    assert!(during(Broker::Down).all(|a| a.status == 503 || a.status == 0));
+    assert!(during(Broker::Up).all(|a| a.status != 0), "no timeouts while the broker is up");
     let refused = attempts.iter().filter(|a| a.status == 503).count();
-    assert_eq!(metric(&server, "liverec_ingest_shed_batches_total").await, refused as f64);
+    let unanswered = attempts.iter().filter(|a| a.status == 0).count();
+    // The server counts each refusal, also those whose client had stopped waiting.
+    let shed = metric(&server, "liverec_ingest_shed_batches_total").await;
+    assert!(shed >= refused as f64 && shed <= (refused + unanswered) as f64, "{shed} vs {refused} + {unanswered}");
     // The client moves on only after a 202, so every batch it made was accepted in the end,
     // among them those refused first and retried with the same ids.
     let batches = attempts.last().expect("attempts").batch + 1;
     assert!((0..batches).all(|b| attempts.iter().any(|a| a.batch == b && a.status == 202)));
-    let retried: HashSet<usize> = attempts.iter().filter(|a| a.status == 503).map(|a| a.batch).collect();
+    let retried: HashSet<usize> = attempts.iter().filter(|a| a.status != 202).map(|a| a.batch).collect();
     assert!(!retried.is_empty());
 
     let mut expected: Vec<(String, Vec<String>)> = Vec::new();
