@@ -265,6 +265,18 @@ fn item_psi(reference: &HashMap<ItemIdx, f64>, now: &HashMap<ItemIdx, f64>, bins
     psi(&expected, &actual)
 }
 
+/// PSI of the context mix (device x hour bucket), over the hour buckets the reference saw only.
+/// Time of day is a cycle, not drift: a reference shorter than a day misses most hour buckets,
+/// and without this the mix would "drift" completely each time the clock enters a new bucket.
+fn context_psi(reference: &[f64], now: &[f64]) -> f64 {
+    let buckets = EventContext::HOUR_BUCKETS;
+    let seen: Vec<bool> = (0..buckets).map(|b| reference.iter().skip(b).step_by(buckets).sum::<f64>() > 0.0).collect();
+    let keep = |(i, _): &(usize, &f64)| seen[i % buckets];
+    let expected: Vec<f64> = reference.iter().enumerate().filter(keep).map(|(_, &v)| v).collect();
+    let actual: Vec<f64> = now.iter().enumerate().filter(keep).map(|(_, &v)| v).collect();
+    psi(&expected, &actual)
+}
+
 /// Events per category (an item in several categories counts a share in each; items without
 /// one count under `u32::MAX`).
 fn category_mix(popularity: &HashMap<ItemIdx, f64>, categories: &crate::catalog::Categories<'_>) -> HashMap<u32, f64> {
@@ -394,7 +406,7 @@ impl MonitorActor {
                     aligned(&category_mix(reference_pop, &categories), &category_mix(&popularity, &categories))
                 };
                 let category_psi = psi(&expected, &actual);
-                let context_psi = psi(reference_ctx, &context);
+                let context_psi = context_psi(reference_ctx, &context);
                 self.drift.popularity_psi = Some(popularity_psi);
                 self.drift.category_psi = Some(category_psi);
                 self.drift.context_psi = Some(context_psi);
@@ -683,5 +695,28 @@ impl Handler<AttachTrainer> for MonitorActor {
 
     fn handle(&mut self, msg: AttachTrainer, _ctx: &mut Self::Context) {
         self.trainer = Some(msg.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_hour_of_the_day_is_not_context_drift_but_a_new_device_mix_is() {
+        let buckets = EventContext::HOUR_BUCKETS;
+        let mut reference = vec![0.0; EventContext::SEGMENTS];
+        reference[0] = 50.0; // device 0, hour bucket 0
+        reference[buckets] = 50.0; // device 1, hour bucket 0
+        let mut next_hour = vec![0.0; EventContext::SEGMENTS];
+        next_hour[1] = 50.0; // the same devices, the next hour bucket
+        next_hour[buckets + 1] = 50.0;
+        next_hour[0] = 1.0;
+        next_hour[buckets] = 1.0;
+        assert!(context_psi(&reference, &next_hour) < 0.01, "{}", context_psi(&reference, &next_hour));
+        let mut other_devices = vec![0.0; EventContext::SEGMENTS];
+        other_devices[2 * buckets] = 50.0; // devices the reference never had, same hour bucket
+        other_devices[3 * buckets] = 50.0;
+        assert!(context_psi(&reference, &other_devices) > 0.25);
     }
 }
