@@ -138,6 +138,12 @@ struct Reason {
     reason: Option<String>,
 }
 
+/// The optional `{"reason": "…"}` of an operator's action, with its default.
+async fn reason(req: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<String, ApiError> {
+    let body: Reason = optional_body(req, payload, state, "invalid_request").await?;
+    Ok(body.reason.unwrap_or_else(|| "requested by an operator".into()))
+}
+
 async fn promote_version(
     req: HttpRequest,
     path: web::Path<String>,
@@ -150,8 +156,7 @@ async fn promote_version(
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(registry_error(RegistryError::BadName(name)));
     }
-    let body: Reason = optional_body(&req, payload, &state, "invalid_request").await?;
-    let reason = body.reason.unwrap_or_else(|| "requested by an operator".into());
+    let reason = reason(&req, payload, &state).await?;
     let done = state.trainer.send(Promote { name: Some(name), reason }).await?.map_err(trainer_error)?;
     Ok(HttpResponse::Ok().json(done))
 }
@@ -160,9 +165,10 @@ async fn promote(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
-    let body: Reason = optional_body(&req, payload, &state, "invalid_request").await?;
-    let reason = body.reason.unwrap_or_else(|| "requested by an operator".into());
+    caller.require(Role::Admin)?;
+    let reason = reason(&req, payload, &state).await?;
     let done = state.trainer.send(Promote { name: None, reason }).await?.map_err(trainer_error)?;
     Ok(HttpResponse::Ok().json(done))
 }
@@ -171,9 +177,10 @@ async fn rollback(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
-    let body: Reason = optional_body(&req, payload, &state, "invalid_request").await?;
-    let reason = body.reason.unwrap_or_else(|| "requested by an operator".into());
+    caller.require(Role::Admin)?;
+    let reason = reason(&req, payload, &state).await?;
     let done = state.trainer.send(Rollback { reason }).await?.map_err(trainer_error)?;
     Ok(HttpResponse::Ok().json(done))
 }
@@ -190,7 +197,9 @@ async fn retrain(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
+    caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
     let body: RetrainBody = optional_body(&req, payload, &state, "invalid_request").await?;
     if body.skip_gate && body.drill == Drill::None {
         return Err(ApiError::bad_request(

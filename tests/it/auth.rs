@@ -73,6 +73,11 @@ async fn api_keys_grant_what_their_role_allows() {
     assert_eq!(call(&server, "GET", "/v1/admin/models", Some(&keys.reader), None).await.0, 403);
     assert_eq!(call(&server, "GET", "/v1/monitor", Some(&keys.producer), None).await.0, 403);
     assert_eq!(call(&server, "GET", "/v1/admin/models", Some(&keys.admin), None).await.0, 200);
+    // Every action on the model loop needs the admin role.
+    for path in ["/v1/admin/promote", "/v1/admin/rollback", "/v1/admin/retrain", "/v1/admin/models/v1/promote"] {
+        assert_eq!(call(&server, "POST", path, Some(&keys.reader), Some(json!({}))).await.0, 403, "{path}");
+        assert_eq!(call(&server, "POST", path, None, Some(json!({}))).await.0, 401, "{path}");
+    }
     assert_eq!(call(&server, "GET", recs, Some(&keys.admin), None).await.0, 200, "admin may do everything");
     // Health and metrics stay open for probes and scrapers.
     assert_eq!(get(&server, "/healthz").await.status, 200);
