@@ -512,6 +512,23 @@ mod tests {
         }
     }
 
+    /// A model actor serving `Fixed(version)` on this arbiter, in batches of up to `max_batch`.
+    fn start_fixed(version: &'static str, max_batch: usize) -> Addr<ModelActor> {
+        let catalog = Arc::new(Catalog::new());
+        catalog.intern(&ItemId::from("i0"));
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        ModelActor::start_with(
+            Box::new(Fixed(version)),
+            factory,
+            catalog,
+            Arc::new(Metrics::default()),
+            max_batch,
+            std::time::Duration::ZERO,
+            1024,
+            &Arbiter::current(),
+        )
+    }
+
     fn request() -> ScoreRequest {
         ScoreRequest {
             history: Arc::from(Vec::new()),
@@ -525,20 +542,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_swap_drops_no_request_and_never_goes_back() {
-        let catalog = Arc::new(Catalog::new());
-        catalog.intern(&ItemId::from("i0"));
-        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
-        let arbiter = Arbiter::current();
-        let model = ModelActor::start_with(
-            Box::new(Fixed("a")),
-            factory,
-            catalog,
-            Arc::new(Metrics::default()),
-            4,
-            std::time::Duration::ZERO,
-            1024,
-            &arbiter,
-        );
+        let model = start_fixed("a", 4);
         let before: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u })).collect();
         let swap = model.send(SwapModel { model: Box::new(Fixed("b")) });
         let after: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u })).collect();
@@ -560,19 +564,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_challenger_serves_its_share_by_stable_hash_and_can_be_promoted() {
-        let catalog = Arc::new(Catalog::new());
-        catalog.intern(&ItemId::from("i0"));
-        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
-        let model = ModelActor::start_with(
-            Box::new(Fixed("a")),
-            factory,
-            catalog,
-            Arc::new(Metrics::default()),
-            8,
-            std::time::Duration::ZERO,
-            1024,
-            &Arbiter::current(),
-        );
+        let model = start_fixed("a", 8);
         model
             .send(StartChallenger {
                 model: Box::new(Fixed("b")),
