@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::event::ItemId;
 
@@ -17,17 +18,24 @@ pub type ItemIdx = u32;
 pub type CategoryIdx = u16;
 
 /// Catalogue attributes of an item, as clients put and get them.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemAttributes {
+    /// At most 1,024 characters.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub title: Option<String>,
+    /// At most 64 labels of 1 to 128 characters.
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub categories: Vec<String>,
+    /// At most 64 labels of 1 to 128 characters.
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub tags: Vec<String>,
     /// Milliseconds since the Unix epoch.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub created_at: Option<i64>,
 }
 
@@ -106,14 +114,25 @@ pub struct Catalog {
     inner: RwLock<Inner>,
 }
 
-/// What `GET /v1/items/{id}` shows.
-#[derive(Clone, Debug, Serialize)]
+/// What `GET /v1/items/{id}` shows: the id, the attributes, and whether it is in the catalogue.
+/// (The attributes are spelt out rather than flattened so that the OpenAPI schema of
+/// [`ItemAttributes`], which allows no unknown fields, is not combined with these.)
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ItemView {
+    #[schema(value_type = String)]
     pub item_id: ItemId,
-    #[serde(flatten)]
-    pub attributes: ItemAttributes,
+    pub title: Option<String>,
+    pub categories: Vec<String>,
+    pub tags: Vec<String>,
+    pub created_at: Option<i64>,
     /// False for an item known only from events, never put into the catalogue.
     pub in_catalog: bool,
+}
+
+impl From<ItemView> for ItemAttributes {
+    fn from(view: ItemView) -> Self {
+        ItemAttributes { title: view.title, categories: view.categories, tags: view.tags, created_at: view.created_at }
+    }
 }
 
 impl Catalog {
@@ -165,9 +184,14 @@ impl Catalog {
         let inner = self.inner.read();
         let idx = *inner.index.get(id)?;
         let entry = &inner.items[idx as usize];
+        let ItemAttributes { title, categories, tags, created_at } =
+            entry.attributes.as_deref().cloned().unwrap_or_default();
         Some(ItemView {
             item_id: entry.id.clone(),
-            attributes: entry.attributes.as_deref().cloned().unwrap_or_default(),
+            title,
+            categories,
+            tags,
+            created_at,
             in_catalog: entry.attributes.is_some(),
         })
     }

@@ -108,9 +108,9 @@ pub fn training_dataset(catalog: &Catalog, items: usize, users: usize, seed: u64
     for i in 0..items {
         let id = item_id(i);
         if let Some(view) = catalog.get(&id) {
-            let genres: Vec<&str> = view.attributes.categories.iter().map(String::as_str).collect();
-            let year = view.attributes.tags.iter().find_map(|t| t.strip_prefix("year-")).and_then(|y| y.parse().ok());
-            builder.item_attributes(id.as_str(), view.attributes.title.clone(), &genres, year);
+            let genres: Vec<&str> = view.categories.iter().map(String::as_str).collect();
+            let year = view.tags.iter().find_map(|t| t.strip_prefix("year-")).and_then(|y| y.parse().ok());
+            builder.item_attributes(id.as_str(), view.title.clone(), &genres, year);
         }
     }
     for (u, observation) in warmup_observations(catalog, items, users, seed).into_iter().enumerate() {

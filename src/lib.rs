@@ -10,7 +10,8 @@ pub mod bus;
 pub mod catalog;
 pub mod config;
 pub mod demo;
-pub mod event;
+/// Events on the wire and their validation (the `liverec-wire` crate).
+pub use liverec_wire::event;
 pub mod eventlog;
 pub mod http;
 pub mod models;
@@ -327,6 +328,10 @@ impl Server {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(state.clone()))
+                .wrap(
+                    actix_web::middleware::ErrorHandlers::new()
+                        .handler(actix_web::http::StatusCode::METHOD_NOT_ALLOWED, http::method_not_allowed),
+                )
                 .wrap(actix_web::middleware::from_fn(http::limits::limit))
                 .wrap(http::cors(&cors_origins))
                 .configure(http::configure)

@@ -5,19 +5,22 @@ use std::sync::Arc;
 use bytes::Bytes;
 use bytestring::ByteString;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::event::{EventId, ItemId, UserId};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RecItem {
+    #[schema(value_type = String)]
     pub item_id: ItemId,
     pub score: f32,
 }
 
 /// One recommendation list. `rec_id` identifies it for click attribution (`rec_id` on events).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RecList {
     pub rec_id: String,
+    #[schema(value_type = String)]
     pub user_id: UserId,
     pub model_version: String,
     /// The experiment variant the user was in: `control` outside canaries and experiments.
@@ -30,6 +33,7 @@ pub struct RecList {
     /// The newest event of the user this list reflects (none for a user without history), so a
     /// client can tell which of its actions a pushed list already takes into account.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub last_event_id: Option<EventId>,
     pub items: Vec<RecItem>,
 }

@@ -139,7 +139,7 @@ pub enum TriggerSource {
 }
 
 /// Deliberate faults for drills: check that the gate and the canary catch a bad model.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Drill {
     #[default]

@@ -1,7 +1,8 @@
 //! The event bus between producers (REST, WebSocket) and the ingest actors, behind one small
 //! trait. The in-process bus is the embedded default; the Kafka bus implements the same trait.
 
-pub mod codec;
+/// The Kafka event codec (the `liverec-wire` crate).
+pub use liverec_wire::codec;
 pub mod kafka;
 pub mod memory;
 

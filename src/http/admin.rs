@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::{decode_json_body, AppState};
 use crate::actors::model::CurrentVersion;
 use crate::actors::trainer::{
@@ -64,7 +64,8 @@ fn trainer_error(error: TrainerError) -> ApiError {
     }
 }
 
-/// A JSON body that may be left out entirely (no body, no content type): then the defaults.
+/// A JSON body that may be left out entirely (no body, no content type), or be `null`: then the
+/// defaults.
 async fn optional_body<T: serde::de::DeserializeOwned + Default>(
     req: &HttpRequest,
     payload: web::Payload,
@@ -80,10 +81,26 @@ async fn optional_body<T: serde::de::DeserializeOwned + Default>(
     if empty {
         return Ok(T::default());
     }
-    decode_json_body(req, payload, state.config.server.max_body_bytes, invalid).await
+    let body: Option<T> = decode_json_body(req, payload, state.config.server.max_body_bytes, invalid).await?;
+    Ok(body.unwrap_or_default())
 }
 
-async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+/// Models and the loop
+///
+/// Versions in the registry with their status, the traffic split, the state of training,
+/// canary and experiment, recent runs with their gate figures, and the history of every step
+/// (see docs/monitoring.md). Needs the `admin` role.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/models",
+    tag = "admin",
+    responses(
+        (status = 200, description = "The registry and the loop (fields in docs/monitoring.md)", body = Object),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 500, description = "The model registry could not be read", body = ErrorBody),
+    )
+)]
+pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let traffic = state.registry.deps.model.send(CurrentVersion).await?;
     let mut loop_state = state.trainer.send(GetLoopState).await?;
@@ -132,9 +149,11 @@ async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpRespon
     Ok(HttpResponse::Ok().json(body))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The optional body of an operator's action.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
-struct Reason {
+pub struct Reason {
+    /// Why, for the history (default "requested by an operator").
     reason: Option<String>,
 }
 
@@ -144,7 +163,28 @@ async fn reason(req: &HttpRequest, payload: web::Payload, state: &AppState) -> R
     Ok(body.reason.unwrap_or_else(|| "requested by an operator".into()))
 }
 
-async fn promote_version(
+/// Promote a version
+///
+/// Serves the named registry version to everyone, now (between two inference batches); the
+/// displaced version is kept for rollback. `/activate` is an alias. Needs the `admin` role.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/models/{name}/promote",
+    tag = "admin",
+    params(("name" = String, Path, description = "A version in the registry")),
+    request_body(content = Option<Reason>, content_type = "application/json", description = "Optional; `null` or no body: the defaults"),
+    responses(
+        (status = 200, description = "Promoted", body = Object),
+        (status = 400, description = "An invalid version name or body", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 404, description = "No such version", body = ErrorBody),
+        (status = 409, description = "A step of the loop is in progress", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
+    )
+)]
+pub async fn promote_version(
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
@@ -161,7 +201,27 @@ async fn promote_version(
     Ok(HttpResponse::Ok().json(done))
 }
 
-async fn promote(
+/// Promote the canary
+///
+/// Ends the running canary or experiment early by promoting its challenger. Needs the `admin`
+/// role.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/promote",
+    tag = "admin",
+    request_body(content = Option<Reason>, content_type = "application/json", description = "Optional; `null` or no body: the defaults"),
+    responses(
+        (status = 200, description = "Promoted", body = Object),
+        (status = 400, description = "A body that is not JSON", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 404, description = "No version to promote", body = ErrorBody),
+        (status = 409, description = "Nothing to promote, or a step in progress", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
+    )
+)]
+pub async fn promote(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -173,7 +233,27 @@ async fn promote(
     Ok(HttpResponse::Ok().json(done))
 }
 
-async fn rollback(
+/// Roll back
+///
+/// Stops a canary or experiment, or returns to the version served before the last promotion.
+/// Needs the `admin` role.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/rollback",
+    tag = "admin",
+    request_body(content = Option<Reason>, content_type = "application/json", description = "Optional; `null` or no body: the defaults"),
+    responses(
+        (status = 200, description = "Rolled back", body = Object),
+        (status = 400, description = "A body that is not JSON", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 404, description = "No version to return to", body = ErrorBody),
+        (status = 409, description = "Nothing to roll back, or a step in progress", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
+    )
+)]
+pub async fn rollback(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -185,15 +265,38 @@ async fn rollback(
     Ok(HttpResponse::Ok().json(done))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The optional body of a retraining request.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
-struct RetrainBody {
+pub struct RetrainBody {
+    /// Why, for the history (default "requested by an operator").
     reason: Option<String>,
+    /// A deliberate fault, to check that the gate and the canary catch a bad model.
     drill: Drill,
+    /// Skip the gate (drills only): the bad model goes straight to canary.
     skip_gate: bool,
 }
 
-async fn retrain(
+/// Retrain
+///
+/// Starts a training run on the retained window (or joins the one in progress). Needs the
+/// `admin` role.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/retrain",
+    tag = "admin",
+    request_body(content = Option<RetrainBody>, content_type = "application/json", description = "Optional; `null` or no body: the defaults"),
+    responses(
+        (status = 202, description = "The run was started or joined", body = Object),
+        (status = 400, description = "A body that is not JSON, or `skip_gate` without a drill", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 409, description = "Retraining is not possible now", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
+    )
+)]
+pub async fn retrain(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -218,19 +321,38 @@ async fn retrain(
     Ok(HttpResponse::Accepted().json(ack))
 }
 
-async fn experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+/// The experiment
+///
+/// The running A/B experiment with per-variant CTR, Wilson intervals and z, or null. Needs the
+/// `admin` role.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/experiments",
+    tag = "admin",
+    responses(
+        (status = 200, description = "`{\"experiment\": …}`", body = Object),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+    )
+)]
+pub async fn experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let loop_state = state.trainer.send(GetLoopState).await?;
     Ok(HttpResponse::Ok().json(json!({ "experiment": loop_state["experiment"] })))
 }
 
-#[derive(Debug, Deserialize)]
+/// An A/B experiment between two registry versions.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExperimentBody {
+pub struct ExperimentBody {
+    /// Version serving arm A.
+    #[schema(min_length = 1)]
     a: String,
+    /// Version serving arm B (another version than `a`).
+    #[schema(min_length = 1)]
     b: String,
-    /// Share of users served by `b`.
+    /// Share of users served by `b`, strictly between 0 and 1 (default 0.5).
     #[serde(default = "half")]
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     share: f64,
 }
 
@@ -238,7 +360,26 @@ fn half() -> f64 {
     0.5
 }
 
-async fn start_experiment(
+/// Start an experiment
+///
+/// Splits users between two versions by a stable hash of the user id. Needs the `admin` role.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/experiments",
+    tag = "admin",
+    request_body(content = ExperimentBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Started", body = Object),
+        (status = 400, description = "A body that is not JSON, or invalid arms or share", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 404, description = "No such version", body = ErrorBody),
+        (status = 409, description = "A canary or experiment is already running", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
+    )
+)]
+pub async fn start_experiment(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -255,22 +396,68 @@ async fn start_experiment(
     Ok(HttpResponse::Created().json(started))
 }
 
-async fn stop_experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+/// Stop the experiment
+///
+/// Ends it with its figures; arm A serves everyone. Needs the `admin` role.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/experiments",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Stopped, with the final figures", body = Object),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 409, description = "No experiment is running", body = ErrorBody),
+    )
+)]
+pub async fn stop_experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let stopped = state.trainer.send(StopExperiment).await?.map_err(trainer_error)?;
     Ok(HttpResponse::Ok().json(stopped))
 }
 
-#[derive(Debug, Deserialize)]
+/// A request for a stream token.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenRequest {
+pub struct TokenRequest {
+    /// The one user the token may read and post for.
+    #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
     user_id: String,
     /// Lifetime in seconds (default `auth.token_ttl_secs`, at most `auth.max_token_ttl_secs`).
+    #[schema(minimum = 1)]
     ttl_secs: Option<u64>,
 }
 
-/// A stream token for one user, for that user's page or app (see `crate::auth`).
-async fn mint_token(
+/// A minted stream token.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct MintedToken {
+    /// HS256-signed; send as `Authorization: Bearer` or `?access_token=`.
+    token: String,
+    #[schema(value_type = String)]
+    user_id: crate::event::UserId,
+    /// Seconds until it expires.
+    expires_in: u64,
+}
+
+/// Mint a stream token
+///
+/// A short-lived token for one user, for that user's page or app: it opens that user's streams
+/// and reads and posts for that user only (see SECURITY.md). Needs the `admin` role.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/tokens",
+    tag = "admin",
+    request_body(content = TokenRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The token", body = MintedToken),
+        (status = 400, description = "A body that is not JSON, an invalid user id or lifetime", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 409, description = "Auth is off; no token is needed", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
+    )
+)]
+pub async fn mint_token(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -292,5 +479,5 @@ async fn mint_token(
         return Err(ApiError::new(StatusCode::CONFLICT, "auth_off", "auth is off (auth.mode); no token is needed"));
     }
     let token = state.auth.mint(user.as_str(), ttl);
-    Ok(HttpResponse::Created().json(json!({ "token": token, "user_id": user, "expires_in": ttl })))
+    Ok(HttpResponse::Created().json(MintedToken { token, user_id: user, expires_in: ttl }))
 }

@@ -23,17 +23,21 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
+/// The body of every error response (and of WebSocket error messages).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
 }
 
-#[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code, e.g. `invalid_event`, `unauthorized`, `rate_limited`.
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+    /// The offending field, when one is to blame (`[3].item_id` in a batch).
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -64,8 +68,8 @@ impl ApiError {
 
     /// The JSON body, also used for WebSocket error messages.
     pub fn body_json(&self) -> String {
-        serde_json::to_string(&Body {
-            error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() },
+        serde_json::to_string(&ErrorBody {
+            error: ErrorDetail { code: self.code, message: self.message.clone(), field: self.field.clone() },
         })
         .expect("error bodies always serialise")
     }
@@ -97,6 +101,12 @@ impl ResponseError for ApiError {
 impl From<InvalidEvent> for ApiError {
     fn from(e: InvalidEvent) -> Self {
         ApiError::unprocessable("invalid_event", e.message).with_field(e.field)
+    }
+}
+
+impl From<liverec_wire::ws::MessageError> for ApiError {
+    fn from(e: liverec_wire::ws::MessageError) -> Self {
+        ApiError { field: e.field, ..ApiError::bad_request(e.code, e.message) }
     }
 }
 

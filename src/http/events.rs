@@ -9,7 +9,7 @@ use serde::Serialize;
 use tracing::Instrument as _;
 
 use super::auth::Caller;
-use super::error::{json_error, ApiError};
+use super::error::{json_error, ApiError, ErrorBody};
 use super::{read_json_body, AppState};
 use crate::bus::EventBatch;
 use crate::event::{now_ms, Event, EventId, EventIn};
@@ -19,13 +19,49 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/events").route(web::post().to(post_events)));
 }
 
-#[derive(Serialize)]
+/// The answer to an accepted batch.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Accepted {
+    /// How many events were accepted (all of the batch).
     pub accepted: usize,
+    /// Their ids, in order (assigned by the server where the event had none).
+    #[schema(value_type = Vec<String>)]
     pub event_ids: Vec<EventId>,
 }
 
-async fn post_events(
+/// The request body of `POST /v1/events`, for the OpenAPI document only: the handler decodes
+/// the two forms itself (see [`decode_bytes`]) for precise error paths.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum EventsBody {
+    One(EventIn),
+    /// 1 to `events.max_batch` events, validated as a whole: one invalid event rejects all.
+    Many(Vec<EventIn>),
+}
+
+/// Post events
+///
+/// One event, or an array of events applied in order. The whole batch is validated before
+/// anything is published, so an invalid batch applies nothing; `202` means the event bus took
+/// all of it (in production mode: Kafka acknowledged it). Repeating an `event_id` is harmless:
+/// each id is applied once per user. Needs the `producer` role, or a stream token for the
+/// events' user.
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    tag = "events",
+    request_body(content = EventsBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Every event of the batch was accepted", body = Accepted),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 403, description = "The credential may not post events (of this user)", body = ErrorBody),
+        (status = 413, description = "The body or the batch is larger than the limit", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "An event is invalid; `field` names it, e.g. `[3].item_id`", body = ErrorBody),
+    )
+)]
+pub async fn post_events(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,

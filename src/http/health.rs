@@ -1,35 +1,81 @@
 //! Liveness, readiness and metrics (the root path serves the dashboard).
 
 use actix_web::{web, HttpResponse};
-use serde_json::json;
+use serde::Serialize;
 
 use super::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+    cfg.service(web::resource("/healthz").route(web::get().to(healthz)))
+        .service(web::resource("/readyz").route(web::get().to(readyz)))
+        .service(web::resource("/metrics").route(web::get().to(metrics)));
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    status: &'static str,
 }
 
+/// Liveness
+///
+/// The process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "Alive", body = Health))
+)]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready`, or `shutting_down` (with 503).
+    status: &'static str,
+    /// The profile store: `memory` or `redis`.
+    store: &'static str,
+    /// The event bus: `memory` or `kafka`.
+    bus: String,
+    /// False when state lives in this process's memory only (the embedded default).
+    durable: bool,
+    /// True while the store is unreachable and writes are being retried.
+    degraded: bool,
+    catalog_items: usize,
+    /// Users with a session on this instance.
+    users: usize,
+    /// Kafka partitions assigned to this instance (production mode).
+    kafka_partitions: Vec<i32>,
+}
+
+/// Readiness
+///
 /// Ready while not shutting down. Reports which bus and store are in use, and says plainly when
 /// state is kept in memory only.
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Shutting down", body = Readiness),
+    )
+)]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let shutting_down = *state.shutdown.borrow();
-    let durable = state.store.kind() != "memory";
-    let body = json!({
-        "status": if shutting_down { "shutting_down" } else { "ready" },
-        "store": state.store.kind(),
-        "bus": format!("{:?}", state.config.bus.kind).to_lowercase(),
-        "durable": durable,
-        "degraded": state.store.degraded(),
-        "catalog_items": state.catalog.len(),
-        "users": state.registry.len(),
-        "kafka_partitions": state.registry.assigned(),
-    });
+    let body = Readiness {
+        status: if shutting_down { "shutting_down" } else { "ready" },
+        store: state.store.kind(),
+        bus: format!("{:?}", state.config.bus.kind).to_lowercase(),
+        durable: state.store.kind() != "memory",
+        degraded: state.store.degraded(),
+        catalog_items: state.catalog.len(),
+        users: state.registry.len(),
+        kafka_partitions: state.registry.assigned(),
+    };
     if shutting_down {
         HttpResponse::ServiceUnavailable().json(body)
     } else {
@@ -37,7 +83,17 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// Metrics
+///
+/// Every metric in the Prometheus text format (docs/observability.md lists them).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"))
+)]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     if let Some(queued) = state.bus.queued_batches() {
         state.metrics.ingest_queued.set(queued as i64);
     }

@@ -3,10 +3,10 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::{decode_json_body, AppState};
 use crate::auth::Role;
-use crate::catalog::ItemAttributes;
+use crate::catalog::{ItemAttributes, ItemView};
 use crate::event::{check_id, ItemId};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -19,7 +19,21 @@ fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
     Ok(ItemId::from(raw))
 }
 
-async fn get_item(
+/// An item
+///
+/// Its catalogue attributes; any valid credential may read the catalogue.
+#[utoipa::path(
+    get,
+    path = "/v1/items/{item_id}",
+    tag = "items",
+    params(("item_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The item (1 to `events.max_id_len` characters)")),
+    responses(
+        (status = 200, description = "The item", body = ItemView),
+        (status = 400, description = "An invalid item id", body = ErrorBody),
+        (status = 404, description = "No such item", body = ErrorBody),
+    )
+)]
+pub async fn get_item(
     path: web::Path<String>,
     state: web::Data<AppState>,
     _caller: Caller,
@@ -30,7 +44,27 @@ async fn get_item(
     Ok(HttpResponse::Ok().json(view))
 }
 
-async fn put_item(
+/// Put an item
+///
+/// Creates the item or replaces its attributes (categories feed diversity and cold-start
+/// scoring). Needs the `producer` role.
+#[utoipa::path(
+    put,
+    path = "/v1/items/{item_id}",
+    tag = "items",
+    params(("item_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The item (1 to `events.max_id_len` characters)")),
+    request_body(content = ItemAttributes, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The item's attributes were replaced", body = ItemView),
+        (status = 201, description = "The item was created", body = ItemView),
+        (status = 400, description = "An invalid item id, or a body that is not JSON", body = ErrorBody),
+        (status = 403, description = "The credential may not change the catalogue", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "Invalid attributes; `field` names the one", body = ErrorBody),
+    )
+)]
+pub async fn put_item(
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,

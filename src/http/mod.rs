@@ -36,6 +36,7 @@ pub fn cors(origins: &[String]) -> actix_cors::Cors {
     origins.iter().fold(cors, |cors, origin| cors.allowed_origin(origin))
 }
 pub mod monitor;
+pub mod openapi;
 pub mod recommendations;
 pub mod stream;
 pub mod users;
@@ -100,7 +101,28 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(users::configure)
     .configure(admin::configure)
     .configure(dashboard::configure)
-    .configure(health::configure);
+    .configure(health::configure)
+    .configure(openapi::configure);
+}
+
+/// A JSON body for the `405` actix-web answers (with `Allow`) when a route exists but not for the
+/// request's method.
+pub fn method_not_allowed<B>(
+    response: actix_web::dev::ServiceResponse<B>,
+) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    let (req, res) = response.into_parts();
+    let allow = res.headers().get(actix_web::http::header::ALLOW).cloned();
+    let error = ApiError::new(
+        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.path()),
+    );
+    let mut res = actix_web::ResponseError::error_response(&error);
+    if let Some(allow) = allow {
+        res.headers_mut().insert(actix_web::http::header::ALLOW, allow);
+    }
+    let response = actix_web::dev::ServiceResponse::new(req, res).map_into_right_body();
+    Ok(actix_web::middleware::ErrorHandlerResponse::Response(response))
 }
 
 /// JSON 404 for every unknown route.

@@ -4,7 +4,7 @@
 use actix_web::{web, HttpResponse};
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::actors::monitor::GetReport;
 use crate::auth::Role;
@@ -13,7 +13,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/monitor").route(web::get().to(report)));
 }
 
-async fn report(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+/// The monitor's report
+///
+/// What the monitor sees over its window: CTR and conversion by model version and variant,
+/// coverage, diversity, novelty, business figures, drift scores and breaches (see
+/// docs/monitoring.md). Needs the `admin` role.
+#[utoipa::path(
+    get,
+    path = "/v1/monitor",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The report (fields in docs/monitoring.md)", body = Object),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+    )
+)]
+pub async fn report(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let report = state.monitor.send(GetReport).await?;
     Ok(HttpResponse::Ok().json(report))

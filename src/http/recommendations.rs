@@ -8,7 +8,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::actors::messages::{GetRecommendations, RecFilters};
 use crate::actors::session::list_from_store;
@@ -19,12 +19,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/users/{user_id}/recommendations").route(web::get().to(get_recommendations)));
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct RecQuery {
+#[into_params(parameter_in = Query)]
+pub struct RecQuery {
     /// Credentials for clients that cannot set headers (read by the `Caller` extractor).
     #[allow(dead_code)]
     access_token: Option<String>,
+    /// How many items (default `recs.default_k`, at most `recs.max_k`).
+    #[param(minimum = 1)]
     k: Option<usize>,
     /// Comma-separated item ids to leave out.
     exclude: Option<String>,
@@ -40,7 +43,23 @@ fn split(list: &Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn get_recommendations(
+/// A user's recommendations
+///
+/// The user's current list. Without filters and with `k` no larger than the pushed list, this is
+/// the list last pushed to the user's streams; filters or a larger `k` score anew. Needs the
+/// `reader` role, or a stream token for this user.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/recommendations",
+    tag = "recommendations",
+    params(("user_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The user (1 to `events.max_id_len` characters)"), RecQuery),
+    responses(
+        (status = 200, description = "The list", body = RecList),
+        (status = 400, description = "An invalid user id or query parameter", body = ErrorBody),
+        (status = 403, description = "The credential may not read this user", body = ErrorBody),
+    )
+)]
+pub async fn get_recommendations(
     path: web::Path<String>,
     query: web::Query<RecQuery>,
     state: web::Data<AppState>,

@@ -19,15 +19,16 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamMap;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::events::{decode_value, publish};
 use super::AppState;
 use crate::actors::messages::{EnsureList, RecFilters};
 use crate::actors::registry::Subscription;
 use crate::actors::session::list_from_store;
-use crate::event::{check_id, UserId};
+use crate::event::UserId;
 use crate::recs::RecUpdate;
 use crate::telemetry::{Gauge, Metrics};
+pub use liverec_wire::ws::{parse_message, Command, MessageError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/users/{user_id}/recommendations/stream").route(web::get().to(sse)))
@@ -124,7 +125,28 @@ struct SseState {
     _slot: super::limits::StreamSlot,
 }
 
-async fn sse(
+/// Live recommendations (SSE)
+///
+/// A Server-Sent Events stream of the user's lists: `event: recommendations` with the list as
+/// `data` and its `seq` as `id` (send `Last-Event-ID` to resume without a repeat), a comment
+/// line as heartbeat, and `event: erased` when the user is erased. A client that falls behind
+/// skips stale lists. Needs the `reader` role, or a stream token for this user (as
+/// `?access_token=` from browsers).
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/recommendations/stream",
+    tag = "recommendations",
+    params(
+        ("user_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The user"),
+        ("access_token" = Option<String>, Query, description = "Credential, for clients that cannot set headers"),
+    ),
+    responses(
+        (status = 200, description = "The stream; each `data` line is a RecList", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "An invalid user id", body = ErrorBody),
+        (status = 403, description = "The credential may not read this user", body = ErrorBody),
+    )
+)]
+pub async fn sse(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
@@ -208,7 +230,24 @@ async fn sse(
 
 /// A WebSocket: `{"subscribe": "<user>"}`, `{"unsubscribe": "<user>"}`, `{"event": {...}}`,
 /// `{"events": [...]}` in; lists, acknowledgements and errors out.
-async fn websocket(
+/// Live recommendations (WebSocket)
+///
+/// One socket for several users: send `{"type": "subscribe", "user_id": …}` (up to
+/// `stream.ws_max_subscriptions`), `unsubscribe`, or `event`/`events` to post; receive
+/// `{"type": "recommendations", "data": RecList}`, `erased`, and JSON errors (docs/api.md).
+/// Browsers must come from an origin in `auth.allowed_origins`.
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "recommendations",
+    params(("access_token" = Option<String>, Query, description = "Credential, for clients that cannot set headers")),
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket handshake", body = ErrorBody),
+        (status = 403, description = "The page's origin is not allowed", body = ErrorBody),
+    )
+)]
+pub async fn websocket(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<AppState>,
@@ -216,7 +255,8 @@ async fn websocket(
 ) -> Result<HttpResponse, actix_web::Error> {
     check_origin(&req, &state)?;
     let slot = state.limiters.open_stream(req.peer_addr().map(|a| a.ip()))?;
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let (response, session, stream) =
+        actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request("not_a_websocket", e.to_string()))?;
     let stream = stream
         .max_frame_size(state.config.stream.ws_max_frame_bytes)
         .aggregate_continuations()
@@ -243,53 +283,6 @@ fn check_origin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
             "origin_not_allowed",
             format!("WebSocket connections from {origin} are not allowed (auth.allowed_origins)"),
         ))
-    }
-}
-
-/// One WebSocket text message, parsed: what the client asks for.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Command {
-    /// `{"subscribe": "<user>"}`: the user id as sent (not yet pseudonymised), already checked
-    /// (non-empty, at most `events.max_id_len` characters, no control characters).
-    Subscribe(String),
-    /// `{"unsubscribe": "<user>"}`: the user id as sent, checked like [`Command::Subscribe`]'s.
-    Unsubscribe(String),
-    /// `{"event": {...}}` (`many: false`) or `{"events": [...]}` (`many: true`): the JSON as sent;
-    /// [`decode_value`] decodes and validates it, as it needs the server's limits and pseudonyms.
-    Events { value: Value, many: bool },
-}
-
-/// Parses a WebSocket text message into a [`Command`], or the error the client gets back. Pure:
-/// no state but the id length limit (`events.max_id_len`), so it can be fuzzed on its own.
-pub fn parse_message(text: &str, max_id_len: usize) -> Result<Command, ApiError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|error| ApiError::bad_request("malformed_json", format!("the message is not valid JSON: {error}")))?;
-    let Value::Object(mut object) = value else {
-        return Err(ApiError::bad_request("invalid_message", "a message is a JSON object"));
-    };
-    if object.len() != 1 {
-        return Err(ApiError::bad_request(
-            "invalid_message",
-            "a message has exactly one of the keys subscribe, unsubscribe, event, events",
-        ));
-    }
-    let (key, value) = object.iter_mut().next().map(|(k, v)| (k.clone(), v.take())).expect("one entry");
-    let user_of = |value: Value, field: &str| -> Result<String, ApiError> {
-        let Value::String(raw) = value else {
-            return Err(
-                ApiError::bad_request("invalid_user_id", "the user id must be a string").with_field(field.to_owned())
-            );
-        };
-        check_id(field, &raw, max_id_len)
-            .map_err(|e| ApiError::bad_request("invalid_user_id", e.message).with_field(e.field))?;
-        Ok(raw)
-    };
-    match key.as_str() {
-        "subscribe" => user_of(value, "subscribe").map(Command::Subscribe),
-        "unsubscribe" => user_of(value, "unsubscribe").map(Command::Unsubscribe),
-        "event" | "events" => Ok(Command::Events { value, many: key == "events" }),
-        other => Err(ApiError::bad_request("invalid_message", format!("unknown message key {other:?}"))
-            .with_field(other.to_owned())),
     }
 }
 
@@ -433,7 +426,7 @@ impl Socket {
             Ok(Command::Subscribe(raw)) => self.subscribe(&raw).await,
             Ok(Command::Unsubscribe(raw)) => self.unsubscribe(&raw).await,
             Ok(Command::Events { value, many }) => self.events(value, many).await,
-            Err(error) => self.send_error(error).await,
+            Err(error) => self.send_error(error.into()).await,
         }
     }
 

@@ -2,11 +2,10 @@
 //! login) and `GET /v1/users/{user_id}/export` (everything stored about the user).
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::{decode_json_body, AppState};
 use crate::actors::messages::{MergeHistory, Snapshot, TakeHistory};
 use crate::auth::Role;
@@ -19,13 +18,75 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/v1/users/{user_id}").route(web::delete().to(erase)));
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MergeRequest {
+pub struct MergeRequest {
+    /// The user (typically an anonymous visitor id) whose history moves into the path's user.
+    #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
     from: String,
 }
 
-async fn merge(
+/// The answer to a merge.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Merged {
+    #[schema(value_type = String)]
+    user_id: UserId,
+    #[schema(value_type = String)]
+    from: UserId,
+    /// Interactions moved out of `from`.
+    moved: usize,
+    /// Of those, how many were new to the user (embedded mode only; in production mode the
+    /// owning instance applies them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merged: Option<usize>,
+    /// Of those, how many the user already had (embedded mode only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicates: Option<usize>,
+}
+
+/// The answer to an erasure.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Erased {
+    #[schema(value_type = String)]
+    user_id: UserId,
+    /// Milliseconds since the Unix epoch; the tombstone's time.
+    erased_at: i64,
+    /// Open streams of the user on this instance that were closed.
+    subscriptions_closed: usize,
+    /// Events of the user removed from the retained event log.
+    events_removed_from_log: usize,
+}
+
+/// Everything liverec stores about a user.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Export {
+    #[schema(value_type = String)]
+    user_id: UserId,
+    /// The stored profile: recent interactions, context, suppressed items, last list.
+    #[schema(value_type = Object)]
+    profile: crate::store::Profile,
+}
+
+/// Merge a visitor into a user
+///
+/// Folds an anonymous visitor's history into a user, as at login; the visitor is left empty.
+/// Needs the `admin` role.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user_id}/merge",
+    tag = "users",
+    params(("user_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The user that receives the history")),
+    request_body(content = MergeRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The history was moved", body = Merged),
+        (status = 400, description = "An invalid user id, or a body that is not JSON", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "An invalid `from`, or a user merged into itself", body = ErrorBody),
+    )
+)]
+pub async fn merge(
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
@@ -53,13 +114,13 @@ async fn merge(
     let applied = session.send(MergeHistory { from: history }).await?;
     applied.persisted.await;
     let outcome = applied.outcome;
-    Ok(HttpResponse::Ok().json(json!({
-        "user_id": user,
-        "from": from,
-        "moved": moved,
-        "merged": outcome.applied,
-        "duplicates": outcome.duplicates,
-    })))
+    Ok(HttpResponse::Ok().json(Merged {
+        user_id: user,
+        from,
+        moved,
+        merged: Some(outcome.applied),
+        duplicates: Some(outcome.duplicates),
+    }))
 }
 
 /// Production mode: the two users may be owned by other instances. Move the history in the
@@ -77,7 +138,7 @@ async fn merge_through_store(state: &AppState, user: UserId, from: UserId) -> Re
     store.append(update).await;
     state.bus.notify_reload(&user).await?;
     state.bus.notify_reload(&from).await?;
-    Ok(HttpResponse::Ok().json(json!({ "user_id": user, "from": from, "moved": moved })))
+    Ok(HttpResponse::Ok().json(Merged { user_id: user, from, moved, merged: None, duplicates: None }))
 }
 
 fn store_unavailable(error: StoreError) -> ApiError {
@@ -91,7 +152,22 @@ fn store_unavailable(error: StoreError) -> ApiError {
 /// records a tombstone so that replayed events from before the erasure are never applied again
 /// and the trainer never sees them. In production mode the owning instance reloads the (now
 /// empty) profile.
-async fn erase(path: web::Path<String>, state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{user_id}",
+    tag = "users",
+    params(("user_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The user to erase")),
+    responses(
+        (status = 200, description = "The user was erased", body = Erased),
+        (status = 400, description = "An invalid user id", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+    )
+)]
+pub async fn erase(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let user = state.user_id(&path, "user_id")?;
     let at = crate::event::now_ms();
@@ -104,15 +180,33 @@ async fn erase(path: web::Path<String>, state: web::Data<AppState>, caller: Call
         tracing::warn!(error = %error, "the owning instance was not told to drop the erased user");
     }
     state.metrics.privacy_erased.inc();
-    Ok(HttpResponse::Ok().json(json!({
-        "user_id": user,
-        "erased_at": at,
-        "subscriptions_closed": closed,
-        "events_removed_from_log": events,
-    })))
+    Ok(HttpResponse::Ok().json(Erased {
+        user_id: user,
+        erased_at: at,
+        subscriptions_closed: closed,
+        events_removed_from_log: events,
+    }))
 }
 
-async fn export(path: web::Path<String>, state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
+/// Export a user's data
+///
+/// Everything liverec stores about the user (the right of access). Needs the `admin` role.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/export",
+    tag = "users",
+    params(("user_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The user")),
+    responses(
+        (status = 200, description = "The stored data", body = Export),
+        (status = 400, description = "An invalid user id", body = ErrorBody),
+        (status = 403, description = "The credential is not an admin", body = ErrorBody),
+    )
+)]
+pub async fn export(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    caller: Caller,
+) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let user = state.user_id(&path, "user_id")?;
     let session = if state.registry.owned_by_ingest() {
@@ -124,5 +218,5 @@ async fn export(path: web::Path<String>, state: web::Data<AppState>, caller: Cal
         Some(session) => session.send(Snapshot).await?,
         None => state.store.load(&user).await.map_err(store_unavailable)?.unwrap_or_default(),
     };
-    Ok(HttpResponse::Ok().json(json!({ "user_id": user, "profile": profile })))
+    Ok(HttpResponse::Ok().json(Export { user_id: user, profile }))
 }

@@ -37,7 +37,7 @@ use super::sasrec::{
     SasRecError, SeqBatch, SeqInput,
 };
 use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
-use crate::catalog::{Catalog, ItemIdx};
+use crate::catalog::{Catalog, ItemAttributes, ItemIdx};
 use crate::event::{Context, Device as DeviceClass, ItemId};
 
 /// File names inside a model directory.
@@ -538,7 +538,8 @@ impl SequentialModel {
                 bias[c] = bias_model[m as usize - 1];
             } else {
                 has_cold = true;
-                let attrs = catalog.get(&catalog.ids_of(&[c as ItemIdx])[0]).map(|v| v.attributes).unwrap_or_default();
+                let attrs =
+                    catalog.get(&catalog.ids_of(&[c as ItemIdx])[0]).map(ItemAttributes::from).unwrap_or_default();
                 let content = self.cold_vector(&attrs)?;
                 row.iter_mut().zip(content.iter().zip(&cache.mean_id)).for_each(|(r, (a, b))| *r = a + b);
             }

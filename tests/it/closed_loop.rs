@@ -77,9 +77,11 @@ impl Loop {
     }
 
     /// The run with this number, once its outcome is one of `wanted`; any other final outcome
-    /// fails the test with the whole loop state.
+    /// fails the test with the whole loop state. A run waits for fresh traffic, trains and
+    /// canaries, all slower while the rest of the suite shares the cores: three deadlines.
     async fn run_outcome(&self, run: u64, wanted: &[&str]) -> Value {
-        eventually(&format!("run {run} to end as one of {wanted:?}"), || async move {
+        let what = format!("run {run} to end as one of {wanted:?}");
+        eventually_within(3 * DEADLINE, &what, || async move {
             let models = self.models().await;
             let record = models["runs"].as_array()?.iter().find(|r| r["run"] == run)?.clone();
             let outcome = record["outcome"].as_str()?.to_owned();

@@ -13,6 +13,7 @@ mod lifecycle;
 mod models;
 mod monitor;
 mod observability;
+mod openapi;
 mod privacy;
 mod production;
 mod streams;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A user id as the producer sent it (or its anonymous visitor id).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -50,7 +51,7 @@ id_impls!(UserId, ItemId, EventId);
 
 /// What the user did. `dislike` and `hide` are negative feedback: they suppress the item and lower
 /// items similar to it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventType {
     View,
@@ -94,7 +95,7 @@ impl EventType {
 }
 
 /// Device class of the client that produced the event.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
     Mobile,
@@ -120,7 +121,7 @@ impl Device {
 }
 
 /// Request context sent with an event.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContextIn {
     /// Device class; `other` when absent.
@@ -128,6 +129,7 @@ pub struct ContextIn {
     pub device: Option<Device>,
     /// Country code (ISO 3166-1 alpha-2 or alpha-3, letters only).
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z]{2,3}$")]
     pub country: Option<String>,
     /// A small free-form map (bounded number of entries and lengths).
     #[serde(default)]
@@ -136,26 +138,32 @@ pub struct ContextIn {
 
 /// One interaction event as producers send it. This type is the published JSON Schema
 /// (`schemas/event.schema.json`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventIn {
     /// The user (or anonymous visitor) id. 1 to `events.max_id_len` characters.
+    #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
     pub user_id: String,
     /// The item id. 1 to `events.max_id_len` characters.
+    #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
     pub item_id: String,
     pub event_type: EventType,
     /// Rating, dwell seconds or purchase amount; finite.
     #[serde(default)]
     pub value: Option<f64>,
-    /// Milliseconds since the Unix epoch; server time when absent.
+    /// Milliseconds since the Unix epoch; server time when absent. At most a day ahead of the
+    /// server's clock.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub timestamp: Option<i64>,
     /// Idempotency key: an event id seen before for the same user is applied once.
     /// The server assigns a UUID v7 when absent.
     #[serde(default)]
+    #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
     pub event_id: Option<String>,
     /// The recommendation list (`rec_id`) this event responds to.
     #[serde(default)]
+    #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
     pub rec_id: Option<String>,
     #[serde(default)]
     pub context: Option<ContextIn>,
