@@ -1,8 +1,8 @@
 //! What every fuzz target checks about a decoded event: the limits hold, and the event survives
 //! a round trip through each wire encoding (JSON, Avro with schema 1 and 2) unchanged.
 
-use liverec::bus::codec;
-use liverec::event::{hour_and_weekday, Event, EventLimits};
+use liverec_wire::codec;
+use liverec_wire::event::{hour_and_weekday, Event, EventLimits};
 
 /// The server time the targets decode at (2025-06-15), fixed so runs are reproducible.
 pub const NOW: i64 = 1_750_000_000_000;
