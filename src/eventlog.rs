@@ -83,11 +83,12 @@ impl EventLog {
         self.len() == 0
     }
 
-    /// Forgets every event of `user`; returns how many there were.
-    pub fn remove_user(&self, user: &UserId) -> usize {
+    /// Forgets every event of `user` logged up to `until_ms` (the user's erasure); returns how
+    /// many there were.
+    pub fn remove_user(&self, user: &UserId, until_ms: i64) -> usize {
         let mut events = self.events.lock();
         let before = events.len();
-        events.retain(|e| &e.user != user);
+        events.retain(|e| &e.user != user || e.logged_at > until_ms);
         before - events.len()
     }
 }
@@ -119,7 +120,12 @@ mod tests {
         assert_eq!(log.snapshot(3_000).first().map(|e| e.logged_at), Some(1_000));
         assert_eq!(log.snapshot(12_500).len(), 1, "older than ten seconds are gone");
         log.append(event("b", 12_600));
-        assert_eq!(log.remove_user(&UserId::from("a")), 1);
+        assert_eq!(log.remove_user(&UserId::from("a"), i64::MAX), 1);
         assert_eq!(log.snapshot(12_600).len(), 1);
+        // An erasure at 13,500 takes what was logged before it, not what came after.
+        log.append(event("a", 13_000));
+        log.append(event("a", 14_000));
+        assert_eq!(log.remove_user(&UserId::from("a"), 13_500), 1);
+        assert_eq!(log.snapshot(14_000).iter().filter(|e| e.user.as_str() == "a").count(), 1);
     }
 }

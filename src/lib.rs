@@ -47,7 +47,7 @@ use crate::http::AppState;
 use crate::models::cooccurrence::CoocModel;
 use crate::models::Recommender;
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{RedisFanout, RedisStore};
+use crate::store::redis::{FanoutMessage, RedisFanout, RedisStore};
 use crate::store::{ProfileLimits, ProfileStore};
 use crate::telemetry::Metrics;
 
@@ -277,7 +277,13 @@ impl Server {
                     config.redis.url.clone(),
                     config.redis.key_prefix.clone(),
                     fanout_rx,
-                    move |list| delivering.deliver_remote(list),
+                    move |message| match message {
+                        FanoutMessage::List(list) => delivering.deliver_remote(list),
+                        FanoutMessage::Erased(user) => {
+                            let registry = delivering.clone();
+                            tokio::spawn(async move { registry.erase(&user).await });
+                        }
+                    },
                     metrics.clone(),
                 ));
                 if config.kafka.create_topics {

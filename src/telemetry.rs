@@ -221,6 +221,8 @@ pub struct Metrics {
     /// Event batches waiting in the in-process bus queues (the ingest actors' mailboxes), as of
     /// the last scrape.
     pub ingest_queued: Gauge,
+    /// Events in the retained event log (the training window), as of the last scrape.
+    pub eventlog_events: Gauge,
     /// Events applied to a session, and repeats of an event id skipped.
     pub session_applied: Counter,
     pub session_duplicates: Counter,
@@ -407,6 +409,7 @@ impl Default for Metrics {
             privacy_erased: Counter::default(),
             privacy_skipped: Counter::default(),
             ingest_queued: Gauge::default(),
+            eventlog_events: Gauge::default(),
             session_applied: Counter::default(),
             session_duplicates: Counter::default(),
             sessions_active: Gauge::default(),
@@ -545,6 +548,11 @@ impl Metrics {
             "liverec_ingest_queued_batches",
             "Event batches waiting in the in-process bus queues.",
             &[(&[], &self.ingest_queued)],
+        );
+        r.gauge(
+            "liverec_eventlog_events",
+            "Events in the retained event log (the training window) of this instance.",
+            &[(&[], &self.eventlog_events)],
         );
         r.counter(
             "liverec_session_applied_events_total",

@@ -121,6 +121,12 @@ impl SessionActor {
         };
         ctx.wait(load.into_actor(self).map(|(profile, erased_at), act, ctx| {
             act.erased_at = erased_at;
+            // Production mode: the user was erased through another instance, which could purge
+            // only its own retained event log; this one (the owner of the user's partition)
+            // purges what it logged before the erasure.
+            if let Some(at) = erased_at {
+                act.deps.event_log.remove_user(&act.hub.user, at);
+            }
             if let Some(profile) = profile {
                 act.restore(profile);
             }

@@ -175,7 +175,7 @@ pub async fn erase(
     state.registry.deps.store.erase(&user, at).await.map_err(store_unavailable)?;
     // A session that started in between (an event raced the erasure) holds the old history.
     closed += state.registry.erase(&user).await;
-    let events = state.registry.deps.event_log.remove_user(&user);
+    let events = state.registry.deps.event_log.remove_user(&user, at);
     if let Err(error) = state.bus.notify_reload(&user).await {
         tracing::warn!(error = %error, "the owning instance was not told to drop the erased user");
     }

@@ -496,6 +496,8 @@ impl Writer {
                 Write::Erase { user, .. } => {
                     let k = keys(&self.prefix, user);
                     pipe.del(&[&k.history, &k.ids, &k.suppressed, &k.profile]).ignore();
+                    // Every instance with a stream of the user closes it (see RedisFanout).
+                    pipe.publish(updates_channel(&self.prefix, user), erased_notice(user)).ignore();
                 }
                 Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
                 Write::Recs { user, seq, json } => {
@@ -554,8 +556,35 @@ impl Writer {
 }
 
 /// Forwards lists published by other instances to local subscribers: subscribes to the channel of
-/// every user this instance has a hub for, and re-subscribes after Redis comes back.
+/// every user this instance has a hub for, and re-subscribes after Redis comes back. An erasure
+/// travels the same channel, so every instance closes the erased user's streams.
 pub struct RedisFanout;
+
+/// What arrives on a user's update channel.
+#[derive(Debug)]
+pub enum FanoutMessage {
+    /// A list another instance published.
+    List(RecList),
+    /// The user was erased (on any instance).
+    Erased(UserId),
+}
+
+/// The message published on a user's update channel when the user is erased. Lists are JSON
+/// objects that start with `{"rec_id"`, so the two never mix.
+fn erased_notice(user: &UserId) -> String {
+    serde_json::json!({ "erased": user }).to_string()
+}
+
+fn parse_update(payload: &str) -> Result<FanoutMessage, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Erased {
+        erased: UserId,
+    }
+    if payload.starts_with("{\"erased\"") {
+        return serde_json::from_str::<Erased>(payload).map(|e| FanoutMessage::Erased(e.erased));
+    }
+    serde_json::from_str(payload).map(FanoutMessage::List)
+}
 
 /// What the registry asks of the fan-out.
 #[derive(Debug)]
@@ -565,12 +594,13 @@ pub enum FanoutCommand {
 }
 
 impl RedisFanout {
-    /// Runs until `commands` closes. `deliver` gets every list published for a watched user.
+    /// Runs until `commands` closes. `deliver` gets every list published for a watched user, and
+    /// every erasure of one.
     pub async fn run(
         url: String,
         prefix: String,
         mut commands: mpsc::UnboundedReceiver<FanoutCommand>,
-        deliver: impl Fn(RecList) + 'static,
+        deliver: impl Fn(FanoutMessage) + 'static,
         metrics: Arc<Metrics>,
     ) {
         let mut watched: HashSet<UserId> = HashSet::new();
@@ -620,8 +650,8 @@ impl RedisFanout {
                     message = stream.next() => {
                         let Some(message) = message else { break };
                         let Ok(payload) = message.get_payload::<String>() else { continue };
-                        match serde_json::from_str::<RecList>(&payload) {
-                            Ok(list) => deliver(list),
+                        match parse_update(&payload) {
+                            Ok(message) => deliver(message),
                             Err(error) => tracing::warn!(error = %error, "unreadable list on an update channel"),
                         }
                     }
@@ -641,5 +671,29 @@ fn apply(watched: &mut HashSet<UserId>, command: FanoutCommand) {
         FanoutCommand::Unwatch(user) => {
             watched.remove(&user);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_channels_carry_lists_and_erasures_apart() {
+        let erased = parse_update(&erased_notice(&UserId::from("erin"))).expect("notice");
+        assert!(matches!(erased, FanoutMessage::Erased(user) if user.as_str() == "erin"));
+        let list = RecList {
+            rec_id: "r1".into(),
+            user_id: UserId::from("erin"),
+            model_version: "v1".into(),
+            variant: "control".into(),
+            generated_at: 1,
+            seq: 3,
+            last_event_id: None,
+            items: vec![],
+        };
+        let parsed = parse_update(&serde_json::to_string(&list).expect("list")).expect("list");
+        assert!(matches!(parsed, FanoutMessage::List(l) if l == list));
+        assert!(parse_update("{\"erased\": 5}").is_err());
     }
 }

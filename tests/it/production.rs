@@ -426,6 +426,61 @@ async fn a_redis_restart_keeps_serving_and_loses_no_accepted_event() {
     server.stop().await;
 }
 
+/// `DELETE /v1/users/{id}` on one instance reaches the others: the erasure travels the user's
+/// update channel in Redis, so an instance with a stream of the user closes it, and the owner of
+/// the user's partition (told through Kafka to reload the user) purges its retained event log.
+#[actix_rt::test]
+async fn an_erasure_reaches_the_streams_and_the_event_log_of_every_instance() {
+    let _services = SERVICES.read().await;
+    let config = production_config("erase");
+    let a = start(config.clone()).await;
+    let b = start(config).await;
+    let owned_by_a = eventually("both instances own partitions", || async {
+        let parts = |server: &liverec::Server| {
+            let url = format!("{}/readyz", server.url());
+            async move {
+                let ready: Value = client().get(url).send().await.ok()?.json().await.ok()?;
+                serde_json::from_value::<Vec<i32>>(ready["kafka_partitions"].clone()).ok()
+            }
+        };
+        let (pa, pb) = (parts(&a).await?, parts(&b).await?);
+        (!pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == PARTITIONS as usize).then_some(pa)
+    })
+    .await;
+    // A user A consumes and streams; the erasure goes to B.
+    let user = (0..)
+        .map(|i| format!("e-user-{i}"))
+        .find(|u| owned_by_a.contains(&partition_for(u, PARTITIONS)))
+        .expect("user");
+    let mut stream = SseStream::connect(&a, &user, None).await;
+    post_events(&b, event(&user, "item-0007", "click")).await;
+    // The first list may predate the click; the one after it names the click's event.
+    while !stream.next_list().await["last_event_id"].is_string() {}
+    assert_eq!(metric(&a, "liverec_eventlog_events").await, 1.0, "A logged the click for training");
+
+    let mut response = client().delete(format!("{}/v1/users/{user}", b.url())).send().await.expect("DELETE");
+    assert_eq!(response.status().as_u16(), 200);
+    let erased: Value = response.json().await.expect("json");
+    assert_eq!(erased["user_id"], json!(user));
+    let last = actix_rt::time::timeout(DEADLINE, async {
+        let mut last = None;
+        while let Some(event) = stream.next_event().await {
+            last = Some(event);
+        }
+        last
+    })
+    .await
+    .expect("A's stream ends after the erasure")
+    .expect("A's stream says why it ends");
+    assert_eq!(last.event, "erased", "{last:?}");
+    eventually("A's event log forgets the user", || async {
+        (metric(&a, "liverec_eventlog_events").await == 0.0).then_some(())
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
 #[actix_rt::test]
 async fn a_failing_consumer_is_restarted_with_backoff_and_counted() {
     let _services = SERVICES.read().await;
