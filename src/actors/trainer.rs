@@ -1202,7 +1202,12 @@ impl Job {
                 training: trained.summary,
                 weights_sha256: String::new(),
             };
-            candidate.save(&self.registry_dir.join(&name), &mut manifest).map_err(|e| e.to_string())?;
+            let dir = self.registry_dir.join(&name);
+            if let Err(error) = candidate.save(&dir, &mut manifest) {
+                // A full disk, say: leave no half-written version behind for a restart to trip on.
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error.to_string());
+            }
             result.version = Some(candidate.version().to_owned());
             result.name = Some(name);
             result.model = Some(candidate);
