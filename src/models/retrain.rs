@@ -271,3 +271,64 @@ mod tests {
         assert_ne!(data.split.train, before_train);
     }
 }
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use crate::event::UserId;
+    use crate::models::sasrec::Config as NetConfig;
+    use crate::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
+    use crate::models::train::{train_from, TrainConfig, TrainFile};
+
+    /// The gate scores the serving version as loaded from the registry: it must rank the held-out
+    /// slice as the model did when it was trained.
+    #[test]
+    fn a_saved_and_reloaded_model_ranks_the_gate_as_the_trained_one() {
+        let catalog = Catalog::new();
+        let mut events = Vec::new();
+        for u in 0..120 {
+            for step in 0..8 {
+                let item = catalog.intern(&ItemId::from(format!("i{}", (u + step) % 30).as_str()));
+                let at = 1_000_000 + step as i64 * 1000;
+                events.push(LoggedEvent {
+                    user: UserId::from(format!("u{u}").as_str()),
+                    item,
+                    event_type: EventType::View,
+                    value: None,
+                    timestamp: at,
+                    segment: 3,
+                    organic: true,
+                    logged_at: at,
+                });
+            }
+        }
+        let data = WindowData::from_log(&events, &catalog);
+        let (requests, targets) = data.gate_requests(10);
+        let file = TrainFile {
+            model: NetConfig { hidden: 16, layers: 1, heads: 2, inner: 32, max_len: 8, ..NetConfig::default() },
+            train: TrainConfig { epochs: 8, batch_size: 32, ..TrainConfig::default() },
+            serve: ServeConfig::default(),
+        };
+        let trained = train_from(&data.dataset, &data.split, &file, false, None).expect("trains");
+        let mut model = trained.model;
+        let before = ndcg(&score_all(&mut model, &requests, &catalog), &targets, 10);
+        let dir = std::env::temp_dir().join(format!("liverec-gate-reload-{}", std::process::id()));
+        let mut manifest = Manifest {
+            format: String::new(),
+            version: String::new(),
+            created_at: rfc3339(0),
+            config: model.config.clone(),
+            serve: model.serve.clone(),
+            data: DataWindow::default(),
+            metrics: SavedMetrics { valid: None, test: None },
+            training: trained.summary,
+            weights_sha256: String::new(),
+        };
+        model.save(&dir, &mut manifest).expect("saves");
+        let mut loaded = crate::models::registry::load(&dir, &catalog).expect("loads");
+        let after = ndcg(&score_all(&mut loaded, &requests, &catalog), &targets, 10);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(before > 0.3, "the trained model learned the walk: NDCG@10 {before}");
+        assert!((before - after).abs() < 1e-6, "trained {before} vs reloaded {after}");
+    }
+}
