@@ -179,9 +179,6 @@ async fn reason(req: &HttpRequest, payload: web::Payload, state: &AppState) -> R
         (status = 403, description = "The credential is not an admin", body = ErrorBody),
         (status = 404, description = "No such version", body = ErrorBody),
         (status = 409, description = "A step of the loop is in progress", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
-        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
     )
 )]
 pub async fn promote_version(
@@ -216,9 +213,6 @@ pub async fn promote_version(
         (status = 403, description = "The credential is not an admin", body = ErrorBody),
         (status = 404, description = "No version to promote", body = ErrorBody),
         (status = 409, description = "Nothing to promote, or a step in progress", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
-        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
     )
 )]
 pub async fn promote(
@@ -248,9 +242,6 @@ pub async fn promote(
         (status = 403, description = "The credential is not an admin", body = ErrorBody),
         (status = 404, description = "No version to return to", body = ErrorBody),
         (status = 409, description = "Nothing to roll back, or a step in progress", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
-        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
     )
 )]
 pub async fn rollback(
@@ -291,9 +282,6 @@ pub struct RetrainBody {
         (status = 400, description = "A body that is not JSON, or `skip_gate` without a drill", body = ErrorBody),
         (status = 403, description = "The credential is not an admin", body = ErrorBody),
         (status = 409, description = "Retraining is not possible now", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
-        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
     )
 )]
 pub async fn retrain(
@@ -374,9 +362,6 @@ fn half() -> f64 {
         (status = 403, description = "The credential is not an admin", body = ErrorBody),
         (status = 404, description = "No such version", body = ErrorBody),
         (status = 409, description = "A canary or experiment is already running", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
-        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
     )
 )]
 pub async fn start_experiment(
@@ -452,9 +437,6 @@ pub struct MintedToken {
         (status = 400, description = "A body that is not JSON, an invalid user id or lifetime", body = ErrorBody),
         (status = 403, description = "The credential is not an admin", body = ErrorBody),
         (status = 409, description = "Auth is off; no token is needed", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
-        (status = 422, description = "A body of the wrong shape", body = ErrorBody),
     )
 )]
 pub async fn mint_token(

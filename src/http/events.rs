@@ -57,7 +57,6 @@ pub enum EventsBody {
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 403, description = "The credential may not post events (of this user)", body = ErrorBody),
         (status = 413, description = "The body or the batch is larger than the limit", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
         (status = 422, description = "An event is invalid; `field` names it, e.g. `[3].item_id`", body = ErrorBody),
     )
 )]

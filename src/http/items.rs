@@ -59,8 +59,6 @@ pub async fn get_item(
         (status = 201, description = "The item was created", body = ItemView),
         (status = 400, description = "An invalid item id, or a body that is not JSON", body = ErrorBody),
         (status = 403, description = "The credential may not change the catalogue", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
         (status = 422, description = "Invalid attributes; `field` names the one", body = ErrorBody),
     )
 )]

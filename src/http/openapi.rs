@@ -1,7 +1,8 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document of the HTTP API, generated from the handlers'
 //! `#[utoipa::path]` attributes and the request and response types, so it cannot drift from
 //! the code. The answers every route shares (401 without a valid credential, 429 over a rate
-//! limit, 503 under load shedding or shutdown) are added here once, by [`SharedResponses`].
+//! limit, 503 under load shedding or shutdown; 413, 415 and 422 where a JSON body is read) are
+//! added here once, by [`SharedResponses`].
 
 use std::sync::OnceLock;
 
@@ -132,7 +133,17 @@ impl Modify for SharedResponses {
                     .build(),
             ),
         ];
-        for (_, name, response) in &shared {
+        // What reading any JSON body can answer (`read_json_body`, `decode_json_body`); an
+        // operation that says more about one of them keeps its own description.
+        let body = [
+            ("413", "PayloadTooLarge", "The body is larger than `server.max_body_bytes`"),
+            ("415", "UnsupportedMediaType", "The body is not declared as application/json"),
+            ("422", "InvalidBody", "A body of the wrong shape; `field` names where"),
+        ]
+        .map(|(status, name, description)| {
+            (status, name, ResponseBuilder::new().description(description).content("application/json", error()).build())
+        });
+        for (_, name, response) in shared.iter().chain(&body) {
             components.responses.insert((*name).to_owned(), RefOr::T(response.clone()));
         }
         for (path, item) in openapi.paths.paths.iter_mut() {
@@ -145,10 +156,13 @@ impl Modify for SharedResponses {
                     .security
                     .as_ref()
                     .is_some_and(|requirements| requirements.iter().all(|r| r == &Default::default()));
-                for (status, name, _) in &shared {
-                    if *status == "401" && public {
-                        continue;
-                    }
+                let reads_body = operation.request_body.is_some();
+                let applies = |status: &str| match status {
+                    "401" => !public,
+                    "413" | "415" | "422" => reads_body,
+                    _ => true,
+                };
+                for (status, name, _) in shared.iter().chain(&body).filter(|(status, ..)| applies(status)) {
                     operation
                         .responses
                         .responses
@@ -198,6 +212,11 @@ mod tests {
                 if path.starts_with("/v1/") {
                     for status in ["401", "429", "503"] {
                         assert!(operation["responses"][status].is_object(), "{method} {path} lacks {status}");
+                    }
+                    if operation.get("requestBody").is_some() {
+                        for status in ["413", "415", "422"] {
+                            assert!(operation["responses"][status].is_object(), "{method} {path} lacks {status}");
+                        }
                     }
                 }
             }

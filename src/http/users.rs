@@ -81,8 +81,6 @@ pub struct Export {
         (status = 200, description = "The history was moved", body = Merged),
         (status = 400, description = "An invalid user id, or a body that is not JSON", body = ErrorBody),
         (status = 403, description = "The credential is not an admin", body = ErrorBody),
-        (status = 413, description = "The body is larger than `server.max_body_bytes`", body = ErrorBody),
-        (status = 415, description = "The body is not declared as application/json", body = ErrorBody),
         (status = 422, description = "An invalid `from`, or a user merged into itself", body = ErrorBody),
     )
 )]
