@@ -568,6 +568,24 @@ fn restart_batch(prefix: &str, batch: usize) -> Vec<(String, String)> {
     (0..4).map(|j| (format!("{prefix}-{}-{j}", batch / BATCHES_PER_USER), format!("{prefix}-{batch}-{j}"))).collect()
 }
 
+/// The JSON body of [`restart_batch`]: a `view` of one item per user.
+fn restart_body(prefix: &str, batch: usize) -> String {
+    let events: Vec<Value> = restart_batch(prefix, batch)
+        .into_iter()
+        .map(|(user, id)| {
+            json!({ "user_id": user, "item_id": format!("item-{:04}", batch % 200), "event_type": "view", "event_id": id })
+        })
+        .collect();
+    Value::from(events).to_string()
+}
+
+/// The restart tests' clients send 20 requests a second: a pace, not a wait for anything.
+fn client_pace() -> actix_rt::time::Interval {
+    let mut pace = actix_rt::time::interval(Duration::from_millis(50));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pace
+}
+
 /// A client posting batches one after another until `stop`: a batch refused is retried, with
 /// the same event ids, until it is accepted, as the `503` tells clients to.
 async fn post_until_stopped(
@@ -578,20 +596,13 @@ async fn post_until_stopped(
 ) {
     // The pace of the clients (20 requests a second), not a wait for anything: it keeps the
     // number of events, and of users, small whatever the outage lasts.
-    let mut pace = actix_rt::time::interval(Duration::from_millis(50));
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pace = client_pace();
     let client = client();
     for batch in 0.. {
         if stop.get() {
             return;
         }
-        let body: Vec<Value> = restart_batch("kr", batch)
-            .into_iter()
-            .map(|(user, id)| {
-                json!({ "user_id": user, "item_id": format!("item-{:04}", batch % 200), "event_type": "view", "event_id": id })
-            })
-            .collect();
-        let body = Value::from(body).to_string();
+        let body = restart_body("kr", batch);
         loop {
             pace.tick().await;
             let at = broker.get();
@@ -812,20 +823,13 @@ async fn post_across_restarts(
 ) {
     // The pace of the client (20 requests a second), not a wait for anything: it keeps the
     // number of events small however long the process takes to come back.
-    let mut pace = actix_rt::time::interval(Duration::from_millis(50));
-    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pace = client_pace();
     let client = client();
     for batch in 0.. {
         if stop.get() {
             return;
         }
-        let body: Vec<Value> = restart_batch("ks", batch)
-            .into_iter()
-            .map(|(user, id)| {
-                json!({ "user_id": user, "item_id": format!("item-{:04}", batch % 200), "event_type": "view", "event_id": id })
-            })
-            .collect();
-        let body = Value::from(body).to_string();
+        let body = restart_body("ks", batch);
         loop {
             pace.tick().await;
             let at = process.get();
