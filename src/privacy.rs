@@ -7,22 +7,10 @@
 //! pseudonymise upstream (with the same salt) and liverec agree.
 
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::event::UserId;
-
-/// Settings of the `[privacy]` config section.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrivacyConfig {
-    pub pseudonymize: bool,
-    /// The secret key of the pseudonyms (at least 32 characters when on). Changing it changes
-    /// every pseudonym: stored profiles no longer match their users.
-    pub salt: String,
-    /// How long an erased user's tombstone is kept (0: forever).
-    pub tombstone_ttl_secs: u64,
-}
+use crate::config::PrivacyConfig;
 
 #[derive(Debug, thiserror::Error)]
 #[error("privacy.salt must be at least 32 characters when privacy.pseudonymize is on")]

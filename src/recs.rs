@@ -38,8 +38,11 @@ pub struct RecList {
     pub items: Vec<RecItem>,
 }
 
+/// The variant of a list served outside canaries and experiments.
+pub const CONTROL: &str = "control";
+
 fn control() -> String {
-    crate::actors::model::CONTROL.to_owned()
+    CONTROL.to_owned()
 }
 
 /// A published list, serialised once and shared by every subscriber of the user.

@@ -47,8 +47,7 @@ pub struct Recommend {
     pub user: u64,
 }
 
-/// The experiment variant of lists served outside any canary or experiment.
-pub const CONTROL: &str = "control";
+pub use crate::recs::CONTROL;
 
 /// A hash of a user id that is the same in every process and every release (FNV-1a), so that
 /// traffic splits are stable across restarts and instances.

@@ -26,52 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::catalog::{Catalog, ItemIdx};
+use crate::config::MonitorConfig;
 use crate::event::{Context as EventContext, EventType};
 use crate::monitor::{psi, two_proportion_z, wilson, Rate, Window};
 use crate::telemetry::Metrics;
-
-/// Settings of the `[monitor]` config section.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MonitorConfig {
-    pub window_secs: u64,
-    pub bucket_secs: u64,
-    /// An event on an item of a list served this recently counts as a click on it.
-    pub attribution_window_secs: u64,
-    /// Input drift fires above this PSI.
-    pub psi_threshold: f64,
-    /// Most popular reference items used as PSI bins (the rest form one bin).
-    pub psi_bins: usize,
-    /// Concept drift fires when CTR falls by at least this share of the baseline...
-    pub ctr_drop: f64,
-    /// ...and the drop is significant at this z.
-    pub z_threshold: f64,
-    /// Fewer impressions (or events) than this in a window: no drift verdict.
-    pub min_samples: u64,
-    /// Least time between two retraining requests.
-    pub cooldown_secs: u64,
-    pub mailbox_capacity: usize,
-}
-
-impl Default for MonitorConfig {
-    fn default() -> Self {
-        Self {
-            window_secs: 300,
-            bucket_secs: 10,
-            attribution_window_secs: 1800,
-            psi_threshold: 0.25,
-            psi_bins: 50,
-            ctr_drop: 0.2,
-            z_threshold: 3.0,
-            min_samples: 500,
-            cooldown_secs: 600,
-            mailbox_capacity: 65536,
-        }
-    }
-}
 
 /// A list served to a user.
 #[derive(Message, Debug)]

@@ -5,7 +5,6 @@
 //! are keyed by user id and partitioned with murmur2, as Java clients do, so one user's events stay
 //! in order on one partition whichever client produced them.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -16,36 +15,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use serde::{Deserialize, Serialize};
 
 use super::{codec, BusError, EventBatch, EventBus};
+use crate::config::KafkaConfig;
 use crate::event::UserId;
-
-/// Settings of the `[kafka]` config section.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    pub brokers: String,
-    pub events_topic: String,
-    pub dead_letter_topic: String,
-    pub group_id: String,
-    pub client_id: String,
-    pub create_topics: bool,
-    pub partitions: i32,
-    pub replication_factor: i32,
-    pub max_batch: usize,
-    pub max_inflight_events: usize,
-    pub produce_timeout_ms: u64,
-    pub compression: String,
-    pub linger_ms: u64,
-    pub session_timeout_ms: u64,
-    pub commit_interval_ms: u64,
-    pub restart_backoff_initial_ms: u64,
-    pub restart_backoff_max_ms: u64,
-    /// Extra librdkafka properties for producer and consumer.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
 
 /// Header carrying the wall-clock time (µs since the epoch) at which liverec received the event,
 /// so event-to-push latency can be measured across processes.

@@ -13,25 +13,11 @@ use actix_web::middleware::Next;
 use actix_web::{web, ResponseError};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::AppState;
-
-/// Settings of the `[limits]` config section.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Requests per second per client IP, and the burst allowed above it (0: no limit).
-    pub per_ip_per_sec: u32,
-    pub per_ip_burst: u32,
-    /// Requests per second per credential, and its burst (0: no limit).
-    pub per_key_per_sec: u32,
-    pub per_key_burst: u32,
-    /// Open streams (SSE and WebSocket) per client IP (0: no limit).
-    pub streams_per_ip: usize,
-}
+use crate::config::LimitsConfig;
 
 /// The buckets, shared by every worker.
 pub struct Limiters {

@@ -9,44 +9,11 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
 
 use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, Categories, CategoryIdx, ItemIdx};
+use crate::config::CoocConfig;
 use crate::event::Context;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CoocConfig {
-    /// Neighbours kept per item.
-    pub neighbours: usize,
-    /// Previous items paired with each new interaction.
-    pub pair_window: usize,
-    /// Most recent items that drive scoring.
-    pub query_window: usize,
-    /// Weight of popularity for users with history.
-    pub popularity_weight: f32,
-    /// Share of cold-start popularity taken from the request's context segment.
-    pub segment_weight: f32,
-    /// Half-life of all counts, in observed interactions.
-    pub half_life_events: f64,
-    /// How strongly negative feedback lowers similar items.
-    pub negative_weight: f32,
-}
-
-impl Default for CoocConfig {
-    fn default() -> Self {
-        Self {
-            neighbours: 100,
-            pair_window: 10,
-            query_window: 20,
-            popularity_weight: 0.05,
-            segment_weight: 0.7,
-            half_life_events: 200_000.0,
-            negative_weight: 1.0,
-        }
-    }
-}
 
 /// Rescale all counts once the increment passes this, to stay far from f32 overflow.
 const RESCALE_AT: f32 = 1e12;

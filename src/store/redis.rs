@@ -24,50 +24,13 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncCommands as _};
 use deadpool_redis::{Pool, Runtime};
 use futures_util::StreamExt as _;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
 use crate::event::{Context, EventId, ItemId, UserId};
+use crate::config::RedisConfig;
 use crate::recs::{RecList, RecUpdate};
 use crate::telemetry::Metrics;
-
-/// Settings of the `[redis]` config section.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    /// `redis://host:port/db` (or `rediss://` for TLS).
-    pub url: String,
-    /// Prefix of every key and channel.
-    pub key_prefix: String,
-    /// Connections in the pool.
-    pub pool_size: usize,
-    /// Profiles expire this long after their last write (0 = never).
-    pub profile_ttl_secs: u64,
-    /// Most writes sent in one pipeline.
-    pub write_batch: usize,
-    /// First and longest pause between retries of a failed write.
-    pub retry_initial_ms: u64,
-    pub retry_max_ms: u64,
-    /// Last-list writes kept waiting while Redis is away before the oldest are skipped (the
-    /// interactions themselves are never skipped).
-    pub max_pending_lists: usize,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            key_prefix: "liverec".into(),
-            pool_size: 8,
-            profile_ttl_secs: 30 * 24 * 3600,
-            write_batch: 512,
-            retry_initial_ms: 50,
-            retry_max_ms: 5000,
-            max_pending_lists: 100_000,
-        }
-    }
-}
 
 const APPEND_SCRIPT: &str = r#"
 -- KEYS: history list, ids zset, suppressed list, profile hash

@@ -2,6 +2,20 @@
 //! environment variables, then command-line flags. Every struct denies unknown keys so that a
 //! typo is an error at start-up rather than a silently ignored setting.
 
+//!
+//! Every section's struct lives in this folder, one file per group of sections, so that the
+//! modules that use a section import it from here and `config` imports nothing of theirs.
+
+mod bus;
+mod closed_loop;
+mod demo;
+mod model;
+mod observability;
+mod security;
+mod server;
+mod session;
+mod store;
+
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -9,10 +23,18 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{EventLimits, EventType};
+pub use bus::{BusConfig, BusKind, KafkaConfig};
+pub use closed_loop::{MonitorConfig, RolloutConfig, TrainerConfig};
+pub use demo::DemoConfig;
+pub use model::{CoocConfig, ModelConfig, ModelKind};
+pub use observability::{LogConfig, LogFormat, TracingConfig};
+pub use security::{ApiKeyEntry, AuthConfig, AuthMode, PrivacyConfig, Role};
+pub use server::{EventsConfig, LimitsConfig, RecsConfig, ServerConfig, StreamConfig};
+pub use session::SessionConfig;
+pub use store::{RedisConfig, StoreConfig, StoreKind};
 
 /// The built-in defaults; the same text as `config/default.toml`.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "LIVEREC_";
@@ -33,181 +55,22 @@ pub struct Config {
     pub server: ServerConfig,
     pub events: EventsConfig,
     pub bus: BusConfig,
-    pub kafka: crate::bus::kafka::KafkaConfig,
+    pub kafka: KafkaConfig,
     pub store: StoreConfig,
-    pub redis: crate::store::redis::RedisConfig,
+    pub redis: RedisConfig,
     pub session: SessionConfig,
     pub recs: RecsConfig,
     pub model: ModelConfig,
     pub stream: StreamConfig,
-    pub monitor: crate::actors::monitor::MonitorConfig,
-    pub trainer: crate::actors::trainer::TrainerConfig,
-    pub rollout: crate::actors::trainer::RolloutConfig,
+    pub monitor: MonitorConfig,
+    pub trainer: TrainerConfig,
+    pub rollout: RolloutConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
     pub tracing: TracingConfig,
-    pub auth: crate::auth::AuthConfig,
-    pub limits: crate::http::limits::LimitsConfig,
-    pub privacy: crate::privacy::PrivacyConfig,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Address the HTTP server binds to.
-    pub listen: SocketAddr,
-    /// HTTP worker threads; 0 = one per core.
-    pub workers: usize,
-    /// Seconds to wait for open connections on shutdown.
-    pub shutdown_timeout_secs: u64,
-    /// Largest request body accepted.
-    pub max_body_bytes: usize,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsConfig {
-    /// Most events in one batch.
-    pub max_batch: usize,
-    /// Longest id, in characters.
-    pub max_id_len: usize,
-    pub max_context_attributes: usize,
-    pub max_context_key_len: usize,
-    pub max_context_value_len: usize,
-}
-
-impl EventsConfig {
-    pub fn limits(&self) -> EventLimits {
-        EventLimits {
-            max_id_len: self.max_id_len,
-            max_context_attributes: self.max_context_attributes,
-            max_context_key_len: self.max_context_key_len,
-            max_context_value_len: self.max_context_value_len,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BusKind {
-    Memory,
-    Kafka,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BusConfig {
-    pub kind: BusKind,
-    /// Partitions of the in-process bus (one ingest actor each).
-    pub partitions: usize,
-    /// Batches queued per partition before producers are told to retry.
-    pub queue_capacity: usize,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StoreKind {
-    Memory,
-    Redis,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    pub kind: StoreKind,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SessionConfig {
-    /// Interactions kept per user.
-    pub history_len: usize,
-    /// Recent event ids remembered per user for de-duplication.
-    pub dedupe_window: usize,
-    /// Negative-feedback items remembered per user.
-    pub suppressed_len: usize,
-    /// Idle time after which a session stops.
-    pub idle_ttl_ms: u64,
-    /// Mailbox capacity of each session actor.
-    pub mailbox_capacity: usize,
-    /// Arbiter threads for sessions and ingest; 0 = one per core.
-    pub arbiters: usize,
-    /// Event types whose items are not recommended again.
-    pub exclude_event_types: Vec<EventType>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RecsConfig {
-    pub default_k: usize,
-    pub max_k: usize,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelKind {
-    Cooccurrence,
-    Sequential,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub kind: ModelKind,
-    /// Folder of trained versions (one sub-directory each).
-    pub registry_dir: std::path::PathBuf,
-    /// Version served at start-up with `kind = "sequential"`: a sub-directory name, or "latest".
-    pub version: String,
-    pub max_batch: usize,
-    /// Longest a scoring request waits for a fuller batch, in microseconds (0: none).
-    pub max_wait_us: u64,
-    pub mailbox_capacity: usize,
-    pub cooccurrence: crate::models::cooccurrence::CoocConfig,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StreamConfig {
-    pub heartbeat_secs: u64,
-    pub client_timeout_secs: u64,
-    pub ws_max_frame_bytes: usize,
-    pub ws_max_message_bytes: usize,
-    pub ws_max_subscriptions: usize,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DemoConfig {
-    pub enabled: bool,
-    pub items: usize,
-    pub users: usize,
-    pub seed: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    pub level: String,
-    pub format: LogFormat,
-}
-
-/// OpenTelemetry traces: spans of the event path, exported over OTLP/HTTP when an endpoint is
-/// set (off by default).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TracingConfig {
-    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; empty: no export.
-    pub otlp_endpoint: String,
-    pub service_name: String,
-    /// Share of traces kept (a new trace's sampling decision; children follow their parent).
-    pub sample_ratio: f64,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub privacy: PrivacyConfig,
 }
 
 impl Default for Config {
@@ -338,7 +201,7 @@ mod tests {
         )
         .expect("loads");
         assert_eq!(config.auth.api_keys.len(), 1);
-        assert_eq!(config.auth.api_keys[0].role, crate::auth::Role::Producer);
+        assert_eq!(config.auth.api_keys[0].role, Role::Producer);
         assert_eq!(config.auth.token_secret.len(), 32);
     }
 

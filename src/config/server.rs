@@ -1,0 +1,75 @@
+//! The `[server]`, `[events]`, `[recs]`, `[stream]` and `[limits]` sections: the HTTP server,
+//! what it accepts, and how much of it.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::EventLimits;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds to.
+    pub listen: SocketAddr,
+    /// HTTP worker threads; 0 = one per core.
+    pub workers: usize,
+    /// Seconds to wait for open connections on shutdown.
+    pub shutdown_timeout_secs: u64,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Most events in one batch.
+    pub max_batch: usize,
+    /// Longest id, in characters.
+    pub max_id_len: usize,
+    pub max_context_attributes: usize,
+    pub max_context_key_len: usize,
+    pub max_context_value_len: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecsConfig {
+    pub default_k: usize,
+    pub max_k: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub heartbeat_secs: u64,
+    pub client_timeout_secs: u64,
+    pub ws_max_frame_bytes: usize,
+    pub ws_max_message_bytes: usize,
+    pub ws_max_subscriptions: usize,
+}
+
+impl EventsConfig {
+    pub fn limits(&self) -> EventLimits {
+        EventLimits {
+            max_id_len: self.max_id_len,
+            max_context_attributes: self.max_context_attributes,
+            max_context_key_len: self.max_context_key_len,
+            max_context_value_len: self.max_context_value_len,
+        }
+    }
+}
+
+/// Settings of the `[limits]` config section.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per second per client IP, and the burst allowed above it (0: no limit).
+    pub per_ip_per_sec: u32,
+    pub per_ip_burst: u32,
+    /// Requests per second per credential, and its burst (0: no limit).
+    pub per_key_per_sec: u32,
+    pub per_key_burst: u32,
+    /// Open streams (SSE and WebSocket) per client IP (0: no limit).
+    pub streams_per_ip: usize,
+}

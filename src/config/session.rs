@@ -1,0 +1,24 @@
+//! The `[session]` section: what each user's session keeps.
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::EventType;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Interactions kept per user.
+    pub history_len: usize,
+    /// Recent event ids remembered per user for de-duplication.
+    pub dedupe_window: usize,
+    /// Negative-feedback items remembered per user.
+    pub suppressed_len: usize,
+    /// Idle time after which a session stops.
+    pub idle_ttl_ms: u64,
+    /// Mailbox capacity of each session actor.
+    pub mailbox_capacity: usize,
+    /// Arbiter threads for sessions and ingest; 0 = one per core.
+    pub arbiters: usize,
+    /// Event types whose items are not recommended again.
+    pub exclude_event_types: Vec<EventType>,
+}
