@@ -3,13 +3,12 @@
 mod support;
 
 mod auth;
-mod bad_input;
 mod cli;
 mod closed_loop;
 mod dashboard;
 mod deploy_files;
+mod events;
 mod fanout;
-mod lifecycle;
 mod models;
 mod monitor;
 mod observability;
@@ -17,3 +16,4 @@ mod openapi;
 mod privacy;
 mod production;
 mod streams;
+mod users;
