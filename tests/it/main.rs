@@ -3,17 +3,19 @@
 mod support;
 
 mod auth;
+mod catalogue;
 mod cli;
 mod closed_loop;
 mod dashboard;
 mod deploy_files;
 mod events;
-mod fanout;
+mod limits;
 mod models;
 mod monitor;
 mod observability;
 mod openapi;
 mod privacy;
 mod production;
+mod recommendations;
 mod streams;
 mod users;

@@ -1,41 +1,10 @@
-//! Idempotent apply, session eviction and rebuild, anonymous merge, the catalogue, resuming a
-//! stream, and graceful shutdown.
+//! Users: idle sessions stop and rebuild with their history, an anonymous history merges into the
+//! user at login, and erasure (`DELETE /v1/users/{id}`) removes the user everywhere, closes their
+//! streams, and a tombstone keeps replays of their old events out.
 
-use awc::ws;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::*;
-
-fn history(export: &Response) -> Vec<String> {
-    export.body["profile"]["interactions"]
-        .as_array()
-        .expect("interactions")
-        .iter()
-        .map(|i| i["event_id"].as_str().expect("event id").to_owned())
-        .collect()
-}
-
-#[actix_rt::test]
-async fn a_repeated_event_id_is_applied_once() {
-    let server = start(test_config()).await;
-    let e = json!({ "user_id": "dup", "item_id": "item-0001", "event_type": "click", "event_id": "e-1" });
-    post_events(&server, e.clone()).await;
-    post_events(&server, e.clone()).await;
-    post_events(
-        &server,
-        json!([e.clone(), { "user_id": "dup", "item_id": "item-0002", "event_type": "view", "event_id": "e-2" }, e]),
-    )
-    .await;
-    eventually("all five events processed", || async {
-        let applied = metric(&server, "liverec_session_applied_events_total").await;
-        let duplicates = metric(&server, "liverec_session_duplicate_events_total").await;
-        (applied + duplicates == 5.0).then_some(())
-    })
-    .await;
-    assert_eq!(metric(&server, "liverec_session_applied_events_total").await, 2.0);
-    assert_eq!(history(&get(&server, "/v1/users/dup/export").await), vec!["e-1", "e-2"]);
-    server.stop().await;
-}
 
 #[actix_rt::test]
 async fn idle_sessions_stop_and_rebuild_with_their_history() {
@@ -114,74 +83,72 @@ async fn an_anonymous_history_merges_into_the_user_at_login() {
     server.stop().await;
 }
 
-#[actix_rt::test]
-async fn catalogue_items_can_be_put_and_read() {
-    let server = start(test_config()).await;
-    let body =
-        json!({ "title": "Blue Train", "categories": ["jazz"], "tags": ["1957"], "created_at": 1_700_000_000_000i64 });
-    let created = put_json(&server, "/v1/items/blue-train", &body).await;
-    assert_eq!(created.status, 201);
-    assert_eq!(created.body["title"], "Blue Train");
-    let updated = put_json(
-        &server,
-        "/v1/items/blue-train",
-        &json!({ "title": "Blue Train (remastered)", "categories": ["jazz"] }),
-    )
-    .await;
-    assert_eq!(updated.status, 200);
-    let read = get(&server, "/v1/items/blue-train").await;
-    assert_eq!(read.body["title"], "Blue Train (remastered)");
-    assert_eq!(read.body["in_catalog"], true);
-    // Items first seen in events are known but have no attributes.
-    post_events(&server, event("someone", "seen-only", "view")).await;
-    let seen = eventually("item interned", || async {
-        let r = get(&server, "/v1/items/seen-only").await;
-        (r.status == 200).then_some(r)
-    })
-    .await;
-    assert_eq!(seen.body["in_catalog"], false);
-    server.stop().await;
+fn old_event(id: &str, item: &str, at: i64) -> Value {
+    json!({ "event_id": id, "user_id": "erin", "item_id": item, "event_type": "view", "timestamp": at })
+}
+
+async fn export(server: &liverec::Server) -> Value {
+    let response = get(server, "/v1/users/erin/export").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.body
+}
+
+fn interactions(export: &Value) -> usize {
+    export["profile"]["interactions"].as_array().map_or(0, Vec::len)
 }
 
 #[actix_rt::test]
-async fn sse_resumes_from_last_event_id_and_shutdown_closes_streams() {
+async fn an_erased_user_is_gone_streams_close_and_replays_are_skipped() {
     let server = start(test_config()).await;
-    let mut first = SseStream::connect(&server, "resumer", None).await;
-    let list = first.next_list().await;
-    let seq = list["seq"].as_u64().expect("seq");
-
-    // A client that already has the current list does not get it again; it gets the next one.
-    let mut resumed = SseStream::connect(&server, "resumer", Some(seq)).await;
-    post_events(&server, event("resumer", "item-0020", "click")).await;
-    let next = resumed.next_list().await;
-    assert_eq!(next["seq"].as_u64(), Some(seq + 1));
-
+    let before = liverec::event::now_ms() - 60_000;
+    let history = json!([
+        old_event("e1", "item-0001", before),
+        old_event("e2", "item-0002", before + 1),
+        old_event("e3", "item-0003", before + 2)
+    ]);
+    post_events(&server, history.clone()).await;
+    eventually("the history stored", || async { (interactions(&export(&server).await) == 3).then_some(()) }).await;
+    let mut sse = SseStream::connect(&server, "erin", None).await;
+    sse.next_list().await;
     let mut ws = WsClient::connect(&server).await;
-    ws.send_json(&json!({ "subscribe": "resumer" })).await;
+    ws.send_json(&json!({ "subscribe": "erin" })).await;
     ws.next_of_type("subscribed").await;
-    ws.next_of_type("recommendations").await;
 
-    let stopping = actix_rt::spawn(server.stop());
-    let close = ws.next_close_code().await;
-    assert_eq!(close, Some(ws::CloseCode::Away));
-    let shutdown = actix_rt::time::timeout(DEADLINE, async {
-        loop {
-            match resumed.next_event().await {
-                Some(e) if e.event == "shutdown" => return true,
-                Some(_) => continue,
-                None => return false,
-            }
+    let response = client().delete(format!("{}/v1/users/erin", server.url())).send().await.expect("delete");
+    assert_eq!(response.status(), 200);
+    let mut response = response;
+    let erased: Value = serde_json::from_slice(&response.body().await.expect("body")).expect("json");
+    assert_eq!(erased["subscriptions_closed"], 2, "{erased}");
+    assert_eq!(erased["events_removed_from_log"], 3, "{erased}");
+
+    // Both streams are told and end.
+    let last = loop {
+        match sse.next_event().await {
+            Some(event) if event.event == "erased" => break Some(event),
+            Some(_) => continue,
+            None => break None,
         }
-    })
-    .await
-    .expect("SSE shutdown event in time");
-    assert!(shutdown, "the SSE stream announces the shutdown");
-    stopping.await.expect("server stopped");
-}
+    };
+    assert!(last.is_some(), "the SSE stream says the user was erased");
+    assert!(sse.next_event().await.is_none(), "and ends");
+    assert_eq!(ws.next_of_type("erased").await["user_id"], "erin");
 
-#[test]
-fn the_published_event_schema_matches_the_code() {
-    let published: serde_json::Value =
-        serde_json::from_str(include_str!("../../schemas/event.schema.json")).expect("schema file is JSON");
-    assert_eq!(published, liverec::event::event_json_schema(), "run `liverec schema > schemas/event.schema.json`");
+    // Nothing is left, and a replay of the old events applies nothing.
+    let gone = export(&server).await;
+    assert_eq!(interactions(&gone), 0, "{gone}");
+    post_events(&server, history).await;
+    eventually("the replayed events skipped", || async {
+        (metric(&server, "liverec_privacy_skipped_events_total").await == 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(interactions(&export(&server).await), 0);
+
+    // The user may come back: new events count from scratch.
+    post_events(&server, json!({ "user_id": "erin", "item_id": "item-0009", "event_type": "click" })).await;
+    eventually("the new event stored", || async { (interactions(&export(&server).await) == 1).then_some(()) }).await;
+    assert_eq!(metric(&server, "liverec_privacy_erased_users_total").await, 1.0);
+    let unknown =
+        client().delete(format!("{}/v1/users/{}", server.url(), "x".repeat(10_000))).send().await.expect("delete");
+    assert_eq!(unknown.status(), 400, "ids are validated");
+    server.stop().await;
 }

@@ -104,3 +104,40 @@ pub fn items(list: &Value) -> Vec<String> {
         .map(|i| i["item_id"].as_str().expect("item id").to_owned())
         .collect()
 }
+
+/// The event ids of a user's history, from the answer of `GET /v1/users/{id}/export`.
+pub fn history(export: &Response) -> Vec<String> {
+    export.body["profile"]["interactions"]
+        .as_array()
+        .expect("interactions")
+        .iter()
+        .map(|i| i["event_id"].as_str().expect("event id").to_owned())
+        .collect()
+}
+
+/// A GET or POST with an optional API key (as a bearer token): the status and the JSON body
+/// (`null` when the body is not JSON).
+pub async fn call(
+    server: &liverec::Server,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let url = format!("{}{path}", server.url());
+    let mut request = match method {
+        "POST" => client().post(url),
+        _ => client().get(url),
+    };
+    if let Some(key) = key {
+        request = request.insert_header(("authorization", format!("Bearer {key}")));
+    }
+    let mut response = match body {
+        Some(body) => request.insert_header(("content-type", "application/json")).send_body(body.to_string()).await,
+        None => request.send().await,
+    }
+    .expect("request");
+    let status = response.status().as_u16();
+    let bytes = response.body().await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
