@@ -4,11 +4,15 @@
 //! Every test module takes them all with `use crate::support::*;`.
 
 mod http;
+mod restart;
 mod server;
+mod services;
 mod sse;
 mod ws;
 
 pub use http::*;
+pub use restart::*;
 pub use server::*;
+pub use services::*;
 pub use sse::*;
 pub use ws::*;
