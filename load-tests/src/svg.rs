@@ -291,4 +291,25 @@ mod tests {
         assert_eq!(d.matches('L').count(), 1);
         assert_eq!(escape("a<b&"), "a&lt;b&amp;");
     }
+
+    #[test]
+    fn the_picture_has_a_title_three_panels_and_a_line_per_series() {
+        let second = |t: u64| Second {
+            t,
+            event_to_push_p50_ms: Some(2.0),
+            event_to_push_p99_ms: Some(9.0),
+            request_p50_ms: Some(1.0),
+            request_p99_ms: None,
+            target_events_per_s: 100.0,
+            events_sent: 98,
+            pushes: 120,
+        };
+        let plot = Plot { title: "a<b".into(), late_threshold_ms: 250.0, seconds: (0..3).map(second).collect() };
+        let svg = latency(&plot);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("liverec-load: a&lt;b (3 s"), "the title is escaped");
+        assert_eq!(svg.matches(r##"fill="none" stroke="#444""##).count(), 3, "three panels");
+        // p50 and p99 event to push, p50 requests (its p99 is missing), target, sent, pushes.
+        assert_eq!(svg.matches("stroke-width=\"1.8\"").count(), 6);
+    }
 }
