@@ -34,6 +34,7 @@ use summary::Measured;
 /// runtime, Kafka, /metrics scrapes.
 const SPARE_FDS: u64 = 64;
 
+/// Why a run could not start, or could not write its report.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
