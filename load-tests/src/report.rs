@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::Scenario;
+use crate::svg;
 
 /// Latency quantiles in milliseconds (from microsecond histograms, 3 significant figures).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -231,8 +232,30 @@ pub fn write(dir: &Path, report: &Report) -> std::io::Result<()> {
     let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
     std::fs::write(dir.join("report.json"), json)?;
     std::fs::write(dir.join("report.md"), markdown(report))?;
-    std::fs::write(dir.join("latency.svg"), crate::svg::latency(report))?;
+    std::fs::write(dir.join("latency.svg"), svg::latency(&plot(report)))?;
     Ok(())
+}
+
+/// The data `latency.svg` draws, taken from the report's timeline.
+pub fn plot(report: &Report) -> svg::Plot {
+    svg::Plot {
+        title: report.scenario.name.clone(),
+        late_threshold_ms: report.late_threshold_ms,
+        seconds: report
+            .timeline
+            .iter()
+            .map(|s| svg::Second {
+                t: s.t,
+                event_to_push_p50_ms: s.event_to_push_p50_ms,
+                event_to_push_p99_ms: s.event_to_push_p99_ms,
+                request_p50_ms: s.request_p50_ms,
+                request_p99_ms: s.request_p99_ms,
+                target_events_per_s: s.target_events_per_s,
+                events_sent: s.events_sent,
+                pushes: s.pushes,
+            })
+            .collect(),
+    }
 }
 
 fn row(out: &mut String, what: &str, q: &Quantiles) {

@@ -4,10 +4,11 @@
 //! second (log scale, with the `late_ms` threshold dashed), request p50 and p99 of the requests
 //! started in each second (log scale), and the event rate (target dashed, sent) with the pushes
 //! received per second (linear).
+//!
+//! The plot takes plain data ([`Plot`]): it knows nothing of the report it is drawn for, so the
+//! report calls the plot and not the other way round.
 
 use std::fmt::Write as _;
-
-use crate::report::Report;
 
 const WIDTH: f64 = 960.0;
 const LEFT: f64 = 70.0;
@@ -171,9 +172,38 @@ fn legend(out: &mut String, top: f64, entries: &[(&str, &str, bool)]) {
     }
 }
 
-/// The whole picture for one report.
-pub fn latency(r: &Report) -> String {
-    let tl = &r.timeline;
+/// What the picture shows: one run, second by second.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plot {
+    /// The run's name, in the title.
+    pub title: String,
+    /// Event-to-push latency above which a delivery counts as late (the dashed line).
+    pub late_threshold_ms: f64,
+    /// The seconds of the load, in order.
+    pub seconds: Vec<Second>,
+}
+
+/// One second of the plot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Second {
+    /// Seconds since the load started.
+    pub t: u64,
+    /// Event-to-push quantiles of the events sent in this second.
+    pub event_to_push_p50_ms: Option<f64>,
+    pub event_to_push_p99_ms: Option<f64>,
+    /// Latency quantiles of the requests started in this second.
+    pub request_p50_ms: Option<f64>,
+    pub request_p99_ms: Option<f64>,
+    /// The scenario's event rate at this second.
+    pub target_events_per_s: f64,
+    pub events_sent: u64,
+    /// Pushes received in this second.
+    pub pushes: u64,
+}
+
+/// The whole picture for one run.
+pub fn latency(plot: &Plot) -> String {
+    let tl = &plot.seconds;
     let seconds = (tl.len() as f64).max(1.0);
     let x = |t: f64| LEFT + (WIDTH - RIGHT - LEFT) * (t / seconds);
     // Each second's value is drawn at its middle.
@@ -188,16 +218,19 @@ pub fn latency(r: &Report) -> String {
     let _ = writeln!(
         out,
         r#"<text x="{LEFT}" y="20" font-size="15" font-weight="bold">liverec-load: {} ({} s, time axis in seconds)</text>"#,
-        escape(&r.scenario.name),
+        escape(&plot.title),
         tl.len()
     );
 
     let e2p = Scale::log(
-        tl.iter().flat_map(|s| [s.event_to_push_p50_ms, s.event_to_push_p99_ms]).flatten().chain([r.late_threshold_ms]),
+        tl.iter()
+            .flat_map(|s| [s.event_to_push_p50_ms, s.event_to_push_p99_ms])
+            .flatten()
+            .chain([plot.late_threshold_ms]),
         TOP + 10.0,
     );
     axes(&mut out, &e2p, "event to push, by second the event was sent", "ms (log)", seconds, &x);
-    let late = e2p.y(r.late_threshold_ms);
+    let late = e2p.y(plot.late_threshold_ms);
     let _ = writeln!(
         out,
         r##"<line x1="{LEFT}" y1="{late:.1}" x2="{}" y2="{late:.1}" stroke="#ff7f0e" stroke-dasharray="3 3"/>"##,
@@ -205,7 +238,7 @@ pub fn latency(r: &Report) -> String {
     );
     line(&mut out, &path(tl.iter().map(|s| (mid(s.t), s.event_to_push_p50_ms)), &e2p, &x), P50, false);
     line(&mut out, &path(tl.iter().map(|s| (mid(s.t), s.event_to_push_p99_ms)), &e2p, &x), P99, false);
-    let late_name = format!("late: {} ms", r.late_threshold_ms);
+    let late_name = format!("late: {} ms", plot.late_threshold_ms);
     legend(&mut out, e2p.top, &[("p50", P50, false), ("p99", P99, false), (late_name.as_str(), "#ff7f0e", true)]);
 
     let req =
@@ -257,5 +290,26 @@ mod tests {
         assert_eq!(d.matches('M').count(), 2);
         assert_eq!(d.matches('L').count(), 1);
         assert_eq!(escape("a<b&"), "a&lt;b&amp;");
+    }
+
+    #[test]
+    fn the_picture_has_a_title_three_panels_and_a_line_per_series() {
+        let second = |t: u64| Second {
+            t,
+            event_to_push_p50_ms: Some(2.0),
+            event_to_push_p99_ms: Some(9.0),
+            request_p50_ms: Some(1.0),
+            request_p99_ms: None,
+            target_events_per_s: 100.0,
+            events_sent: 98,
+            pushes: 120,
+        };
+        let plot = Plot { title: "a<b".into(), late_threshold_ms: 250.0, seconds: (0..3).map(second).collect() };
+        let svg = latency(&plot);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("liverec-load: a&lt;b (3 s"), "the title is escaped");
+        assert_eq!(svg.matches(r##"fill="none" stroke="#444""##).count(), 3, "three panels");
+        // p50 and p99 event to push, p50 requests (its p99 is missing), target, sent, pushes.
+        assert_eq!(svg.matches("stroke-width=\"1.8\"").count(), 6);
     }
 }

@@ -1,19 +1,38 @@
 //! Integration tests: one binary, real server, real clients.
+//!
+//! Each module is named after the resource or behaviour it checks:
+//!
+//! - `events`: `POST /v1/events` applies an event id once; bad REST input is refused
+//! - `recommendations`: what a list holds (likes, dislikes)
+//! - `streams`: SSE and WebSocket subscribers, fan-out, resuming, bad WebSocket messages
+//! - `catalogue`: items put and read
+//! - `users`: sessions stopping and rebuilding, anonymous merge, erasure
+//! - `privacy`: pseudonymised ids
+//! - `models`: serving and switching trained versions
+//! - `closed_loop` and `monitor`: drift, retraining, canary, promotion; attribution
+//! - `auth` and `limits`: keys, tokens, origins, CORS; rate and stream limits
+//! - `production::kafka` and `production::failover`: against the real Kafka and Redis
+//! - `deploy_files`, `cli`, `observability`, `openapi`, `dashboard`: what ships around the server
+//!
+//! Shared clients and helpers (server, HTTP, SSE, WebSocket, services, the restart client) are
+//! in `support`.
 
 mod support;
 
 mod auth;
-mod bad_input;
+mod catalogue;
 mod cli;
 mod closed_loop;
 mod dashboard;
 mod deploy_files;
-mod fanout;
-mod lifecycle;
+mod events;
+mod limits;
 mod models;
 mod monitor;
 mod observability;
 mod openapi;
 mod privacy;
 mod production;
+mod recommendations;
 mod streams;
+mod users;

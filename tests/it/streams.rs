@@ -1,7 +1,13 @@
-//! Events posted over REST reach the user's SSE and WebSocket subscribers, and the pushed list
-//! reflects them.
+//! Streams: events posted over REST reach the user's SSE and WebSocket subscribers and the pushed
+//! list reflects them; many subscribers each get only their own user's updates; SSE resumes from
+//! `Last-Event-ID` and shutdown closes streams; bad WebSocket messages get errors and the socket
+//! keeps working.
 
-use serde_json::json;
+use std::collections::HashMap;
+
+use awc::ws;
+use futures_util::future::join_all;
+use serde_json::{json, Value};
 
 use crate::support::*;
 
@@ -104,47 +110,165 @@ async fn websocket_clients_may_send_events_and_filter_requests_work() {
 }
 
 #[actix_rt::test]
-async fn dislike_suppresses_the_item_and_lowers_similar_ones() {
+async fn sse_resumes_from_last_event_id_and_shutdown_closes_streams() {
     let server = start(test_config()).await;
-    // Put three items in one category and teach that they go together.
-    for id in ["neg-a", "neg-b", "neg-c"] {
-        let put =
-            put_json(&server, &format!("/v1/items/{id}"), &json!({ "title": id, "categories": ["negcat"] })).await;
-        assert_eq!(put.status, 201);
+    let mut first = SseStream::connect(&server, "resumer", None).await;
+    let list = first.next_list().await;
+    let seq = list["seq"].as_u64().expect("seq");
+
+    // A client that already has the current list does not get it again; it gets the next one.
+    let mut resumed = SseStream::connect(&server, "resumer", Some(seq)).await;
+    post_events(&server, event("resumer", "item-0020", "click")).await;
+    let next = resumed.next_list().await;
+    assert_eq!(next["seq"].as_u64(), Some(seq + 1));
+
+    let mut ws = WsClient::connect(&server).await;
+    ws.send_json(&json!({ "subscribe": "resumer" })).await;
+    ws.next_of_type("subscribed").await;
+    ws.next_of_type("recommendations").await;
+
+    let stopping = actix_rt::spawn(server.stop());
+    let close = ws.next_close_code().await;
+    assert_eq!(close, Some(ws::CloseCode::Away));
+    let shutdown = actix_rt::time::timeout(DEADLINE, async {
+        loop {
+            match resumed.next_event().await {
+                Some(e) if e.event == "shutdown" => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
+    })
+    .await
+    .expect("SSE shutdown event in time");
+    assert!(shutdown, "the SSE stream announces the shutdown");
+    stopping.await.expect("server stopped");
+}
+
+#[actix_rt::test]
+async fn bad_websocket_messages_get_errors_and_the_socket_keeps_working() {
+    let mut config = test_config();
+    config.stream.ws_max_subscriptions = 3;
+    config.stream.ws_max_frame_bytes = 4096;
+    config.stream.ws_max_message_bytes = 8192;
+    let server = start(config).await;
+    let mut ws = WsClient::connect(&server).await;
+
+    let garbage: Vec<(ws::Message, &str)> = vec![
+        (ws::Message::Text("not json".into()), "malformed_json"),
+        (ws::Message::Text("[1,2]".into()), "invalid_message"),
+        (ws::Message::Text("{}".into()), "invalid_message"),
+        (ws::Message::Text(r#"{"subscribe":"a","unsubscribe":"b"}"#.into()), "invalid_message"),
+        (ws::Message::Text(r#"{"launch":"rockets"}"#.into()), "invalid_message"),
+        (ws::Message::Text(r#"{"subscribe":42}"#.into()), "invalid_user_id"),
+        (ws::Message::Text(json!({ "subscribe": "z".repeat(3000) }).to_string().into()), "invalid_user_id"),
+        (ws::Message::Text(r#"{"event":{"user_id":"w","item_id":"i","event_type":"nope"}}"#.into()), "invalid_event"),
+        (ws::Message::Text(r#"{"events":[]}"#.into()), "empty_batch"),
+        (ws::Message::Binary(vec![0u8, 159, 146, 150].into()), "unsupported_frame"),
+    ];
+    for (message, code) in garbage {
+        ws.send(message).await;
+        let reply = ws.next_json().await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["error"]["code"], code, "{reply}");
     }
-    let mut batch = Vec::new();
-    for u in 0..6 {
-        for id in ["neg-a", "neg-b", "neg-c"] {
-            batch.push(event(&format!("neg-teacher-{u}"), id, "view"));
+
+    for user in ["w1", "w2", "w3"] {
+        ws.send_json(&json!({ "subscribe": user })).await;
+        ws.next_of_type("subscribed").await;
+    }
+    ws.send_json(&json!({ "subscribe": "w4" })).await;
+    let refused = ws.next_of_type("error").await;
+    assert_eq!(refused["error"]["code"], "too_many_subscriptions");
+    // Re-subscribing to a user already held does not count against the limit.
+    ws.send_json(&json!({ "subscribe": "w1" })).await;
+    ws.next_of_type("subscribed").await;
+    ws.send_json(&json!({ "unsubscribe": "w3" })).await;
+    ws.next_of_type("unsubscribed").await;
+    ws.send_json(&json!({ "subscribe": "w4" })).await;
+    ws.next_of_type("subscribed").await;
+    assert_eq!(metric(&server, "liverec_session_applied_events_total").await, 0.0);
+
+    // A frame over the limit closes this socket with "message too big"; others are unaffected.
+    let mut other = WsClient::connect(&server).await;
+    ws.send_text("x".repeat(10_000)).await;
+    let close = ws.next_close_code().await;
+    assert_eq!(close, Some(ws::CloseCode::Size));
+    other.send_json(&json!({ "subscribe": "still-here" })).await;
+    assert_eq!(other.next_of_type("subscribed").await["user_id"], Value::from("still-here"));
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+    server.stop().await;
+}
+
+const USERS: usize = 100;
+
+const PER_USER: usize = 10;
+
+#[actix_rt::test]
+async fn a_thousand_subscribers_get_only_their_own_users_updates() {
+    let server = start(test_config()).await;
+    let users: Vec<String> = (0..USERS).map(|u| format!("fan-{u}")).collect();
+
+    // Half of each user's subscribers on SSE, half on WebSocket (one socket per subscriber).
+    let mut sse_clients = Vec::new();
+    let mut ws_clients = Vec::new();
+    for user in &users {
+        for i in 0..PER_USER {
+            if i % 2 == 0 {
+                sse_clients.push((user.clone(), SseStream::connect(&server, user, None).await));
+            } else {
+                let mut ws = WsClient::connect(&server).await;
+                ws.send_json(&json!({ "subscribe": user })).await;
+                ws_clients.push((user.clone(), ws));
+            }
         }
     }
-    post_events(&server, json!(batch)).await;
-    eventually("teaching applied", || async {
-        (metric(&server, "liverec_session_applied_events_total").await >= 18.0).then_some(())
+    assert_eq!(sse_clients.len() + ws_clients.len(), USERS * PER_USER);
+    eventually("every subscriber counted", || async {
+        let sse = metric(&server, "liverec_stream_subscribers{kind=\"sse\"}").await;
+        let ws = metric(&server, "liverec_stream_subscribers{kind=\"websocket\"}").await;
+        (sse + ws == (USERS * PER_USER) as f64).then_some(())
     })
     .await;
 
-    let mut sse = SseStream::connect(&server, "picky", None).await;
-    sse.next_list().await;
-    post_events(&server, json!(event("picky", "neg-a", "click"))).await;
-    let liked = sse.next_list().await;
-    let liked_items = items(&liked);
-    assert!(liked_items.contains(&"neg-b".to_owned()) && liked_items.contains(&"neg-c".to_owned()), "{liked_items:?}");
+    // Every subscriber first sees its user's initial list.
+    let first_sse = join_all(sse_clients.iter_mut().map(|(user, sse)| async move {
+        let list = sse.next_list().await;
+        assert_eq!(list["user_id"].as_str(), Some(user.as_str()));
+        list["seq"].as_u64().expect("seq")
+    }))
+    .await;
+    let first_ws = join_all(ws_clients.iter_mut().map(|(user, ws)| async move {
+        ws.next_of_type("subscribed").await;
+        let list = ws.next_of_type("recommendations").await;
+        assert_eq!(list["data"]["user_id"].as_str(), Some(user.as_str()));
+        list["data"]["seq"].as_u64().expect("seq")
+    }))
+    .await;
 
-    post_events(&server, json!(event("picky", "neg-b", "dislike"))).await;
-    let after = sse.next_list().await;
-    let after_items = items(&after);
-    assert!(!after_items.contains(&"neg-b".to_owned()), "the disliked item is suppressed: {after_items:?}");
-    let score = |list: &serde_json::Value, id: &str| {
-        list["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .find(|i| i["item_id"] == id)
-            .map(|i| i["score"].as_f64().expect("score"))
-    };
-    let before_c = score(&liked, "neg-c").expect("c was listed");
-    let after_c = score(&after, "neg-c").unwrap_or(f64::NEG_INFINITY);
-    assert!(after_c < before_c, "a similar item is lowered: {before_c} -> {after_c}");
+    // One event per user, each on a different item.
+    let batch: Vec<_> =
+        users.iter().enumerate().map(|(i, u)| event(u, &format!("item-{:04}", i % 200), "click")).collect();
+    post_events(&server, json!(batch)).await;
+    let consumed: HashMap<&str, String> =
+        users.iter().enumerate().map(|(i, u)| (u.as_str(), format!("item-{:04}", i % 200))).collect();
+
+    // Every subscriber then gets a newer list of its own user, without the consumed item, and
+    // nothing addressed to another user.
+    let consumed = &consumed;
+    join_all(sse_clients.iter_mut().zip(first_sse).map(|((user, sse), seq0)| async move {
+        let list = sse.next_list().await;
+        assert_eq!(list["user_id"].as_str(), Some(user.as_str()));
+        assert!(list["seq"].as_u64().expect("seq") > seq0);
+        assert!(!items(&list).contains(&consumed[user.as_str()]));
+    }))
+    .await;
+    join_all(ws_clients.iter_mut().zip(first_ws).map(|((user, ws), seq0)| async move {
+        let list = ws.next_of_type("recommendations").await;
+        assert_eq!(list["data"]["user_id"].as_str(), Some(user.as_str()));
+        assert!(list["data"]["seq"].as_u64().expect("seq") > seq0);
+        assert!(!items(&list["data"]).contains(&consumed[user.as_str()]));
+    }))
+    .await;
     server.stop().await;
 }

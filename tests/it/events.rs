@@ -1,7 +1,8 @@
-//! Bad input gets a clear error, changes nothing, and the server keeps serving.
+//! Events: `POST /v1/events` applies an event id once, the published event schema matches the
+//! code, and bad input (to events and every other REST resource) gets a clear error, changes
+//! nothing, and the server keeps serving.
 
-use awc::ws;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::support::*;
 
@@ -141,56 +142,30 @@ async fn bad_rest_input_is_refused_and_applies_nothing() {
 }
 
 #[actix_rt::test]
-async fn bad_websocket_messages_get_errors_and_the_socket_keeps_working() {
-    let mut config = test_config();
-    config.stream.ws_max_subscriptions = 3;
-    config.stream.ws_max_frame_bytes = 4096;
-    config.stream.ws_max_message_bytes = 8192;
-    let server = start(config).await;
-    let mut ws = WsClient::connect(&server).await;
-
-    let garbage: Vec<(ws::Message, &str)> = vec![
-        (ws::Message::Text("not json".into()), "malformed_json"),
-        (ws::Message::Text("[1,2]".into()), "invalid_message"),
-        (ws::Message::Text("{}".into()), "invalid_message"),
-        (ws::Message::Text(r#"{"subscribe":"a","unsubscribe":"b"}"#.into()), "invalid_message"),
-        (ws::Message::Text(r#"{"launch":"rockets"}"#.into()), "invalid_message"),
-        (ws::Message::Text(r#"{"subscribe":42}"#.into()), "invalid_user_id"),
-        (ws::Message::Text(json!({ "subscribe": "z".repeat(3000) }).to_string().into()), "invalid_user_id"),
-        (ws::Message::Text(r#"{"event":{"user_id":"w","item_id":"i","event_type":"nope"}}"#.into()), "invalid_event"),
-        (ws::Message::Text(r#"{"events":[]}"#.into()), "empty_batch"),
-        (ws::Message::Binary(vec![0u8, 159, 146, 150].into()), "unsupported_frame"),
-    ];
-    for (message, code) in garbage {
-        ws.send(message).await;
-        let reply = ws.next_json().await;
-        assert_eq!(reply["type"], "error", "{reply}");
-        assert_eq!(reply["error"]["code"], code, "{reply}");
-    }
-
-    for user in ["w1", "w2", "w3"] {
-        ws.send_json(&json!({ "subscribe": user })).await;
-        ws.next_of_type("subscribed").await;
-    }
-    ws.send_json(&json!({ "subscribe": "w4" })).await;
-    let refused = ws.next_of_type("error").await;
-    assert_eq!(refused["error"]["code"], "too_many_subscriptions");
-    // Re-subscribing to a user already held does not count against the limit.
-    ws.send_json(&json!({ "subscribe": "w1" })).await;
-    ws.next_of_type("subscribed").await;
-    ws.send_json(&json!({ "unsubscribe": "w3" })).await;
-    ws.next_of_type("unsubscribed").await;
-    ws.send_json(&json!({ "subscribe": "w4" })).await;
-    ws.next_of_type("subscribed").await;
-    assert_eq!(metric(&server, "liverec_session_applied_events_total").await, 0.0);
-
-    // A frame over the limit closes this socket with "message too big"; others are unaffected.
-    let mut other = WsClient::connect(&server).await;
-    ws.send_text("x".repeat(10_000)).await;
-    let close = ws.next_close_code().await;
-    assert_eq!(close, Some(ws::CloseCode::Size));
-    other.send_json(&json!({ "subscribe": "still-here" })).await;
-    assert_eq!(other.next_of_type("subscribed").await["user_id"], Value::from("still-here"));
-    assert_eq!(get(&server, "/healthz").await.status, 200);
+async fn a_repeated_event_id_is_applied_once() {
+    let server = start(test_config()).await;
+    let e = json!({ "user_id": "dup", "item_id": "item-0001", "event_type": "click", "event_id": "e-1" });
+    post_events(&server, e.clone()).await;
+    post_events(&server, e.clone()).await;
+    post_events(
+        &server,
+        json!([e.clone(), { "user_id": "dup", "item_id": "item-0002", "event_type": "view", "event_id": "e-2" }, e]),
+    )
+    .await;
+    eventually("all five events processed", || async {
+        let applied = metric(&server, "liverec_session_applied_events_total").await;
+        let duplicates = metric(&server, "liverec_session_duplicate_events_total").await;
+        (applied + duplicates == 5.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&server, "liverec_session_applied_events_total").await, 2.0);
+    assert_eq!(history(&get(&server, "/v1/users/dup/export").await), vec!["e-1", "e-2"]);
     server.stop().await;
+}
+
+#[test]
+fn the_published_event_schema_matches_the_code() {
+    let published: serde_json::Value =
+        serde_json::from_str(include_str!("../../schemas/event.schema.json")).expect("schema file is JSON");
+    assert_eq!(published, liverec::event::event_json_schema(), "run `liverec schema > schemas/event.schema.json`");
 }

@@ -1,0 +1,121 @@
+//! The report of a run, assembled from the shared state and what each step measured.
+
+use hdrhistogram::Histogram;
+
+use super::load::Load;
+use super::server::{loadavg, Counters, UnderLoad};
+use super::state::{State, SubKind, FAILED};
+use super::subscribers::Setup;
+use crate::limits::NofileLimit;
+use crate::report::{self, Quantiles, Report, ServerSide, SimSummary, SubscriberSummary, TimelineSecond};
+use crate::scenario::Scenario;
+
+/// What the steps of a run measured outside the shared state.
+pub(super) struct Measured {
+    pub(super) target: String,
+    pub(super) started_at_ms: u64,
+    pub(super) nofile: NofileLimit,
+    /// The host's load average before the run.
+    pub(super) loadavg_start: String,
+    /// The server's counters before the subscribers opened, and after the run.
+    pub(super) before: Counters,
+    pub(super) after: Counters,
+    /// The server's resident memory before the subscribers opened.
+    pub(super) rss_before: Option<u64>,
+    pub(super) under_load: UnderLoad,
+    pub(super) setup: Setup,
+    pub(super) load: Load,
+    pub(super) sim: Option<SimSummary>,
+}
+
+/// The report of the run.
+pub(super) fn report(scenario: &Scenario, s: &mut State, m: Measured) -> Report {
+    if let Some(sim) = &m.sim {
+        s.errors.sim = sim.errors;
+    }
+    let accepted = s.sent.iter().flatten().filter(|&&at| at != FAILED).count() as u64;
+    let requests = s.requests.len();
+    let Load { load_secs, events_sent, .. } = m.load;
+    Report {
+        scenario: scenario.clone(),
+        target: m.target,
+        started_at_unix_ms: m.started_at_ms,
+        load_secs,
+        events_sent,
+        events_accepted: accepted,
+        events_per_s: events_sent as f64 / load_secs,
+        requests,
+        requests_per_s: requests as f64 / load_secs,
+        request_ms: Quantiles::of(&s.requests),
+        post_events_ms: Quantiles::of(&s.posts),
+        get_recommendations_ms: Quantiles::of(&s.gets),
+        errors: s.errors.total(),
+        errors_by_kind: s.errors.clone(),
+        event_to_push_ms: Quantiles::of(&s.e2p),
+        event_to_first_push_ms: Quantiles::of(&s.e2p_first),
+        deliveries_expected: s.expected_deliveries(),
+        pushes_received: s.pushes.iter().sum(),
+        pushes_received_ws: s.pushes[SubKind::Ws as usize],
+        pushes_received_sse: s.pushes[SubKind::Sse as usize],
+        pushes_received_idle: s.pushes[SubKind::Idle as usize],
+        pushes_unexpected: s.pushes_unexpected,
+        pushes_dropped: s.unreflected(),
+        pushes_late: s.late,
+        late_threshold_ms: scenario.late_ms,
+        subscribers: SubscriberSummary {
+            ws_sockets: scenario.ws_sockets,
+            ws_subscriptions: scenario.ws_sockets * scenario.ws_subs_per_socket,
+            sse_streams: scenario.sse_subscribers,
+            idle_ws_sockets: scenario.idle_ws_sockets,
+            opened: m.setup.opened,
+            confirmed: s.confirmed,
+            expected: m.setup.expected_confirmations,
+            closed_early: s.subscribers.iter().filter(|sub| sub.closed).count(),
+            setup_secs: m.setup.connect_secs,
+            source_addresses: m.setup.source_addresses,
+        },
+        server: ServerSide {
+            stale_lists_skipped: m.after.stale_lists_skipped - m.before.stale_lists_skipped,
+            model_requests_refused: m.after.model_refused - m.before.model_refused,
+            trainer_runs: m.after.trainer_runs - m.before.trainer_runs,
+            websocket_subscriptions: m.under_load.websocket_subscriptions,
+            sse_subscriptions: m.under_load.sse_subscriptions,
+            rss_kib_before: m.rss_before,
+            rss_kib_loaded: m.under_load.rss_kib,
+        },
+        sim: m.sim,
+        host: report::Host {
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            loadavg_start: m.loadavg_start,
+            loadavg_end: loadavg(),
+            nofile_soft: m.nofile.soft,
+            nofile_hard: m.nofile.hard,
+        },
+        timeline: timeline(scenario, s, &m.load),
+        definitions: report::definitions(scenario.late_ms, scenario.settle_secs),
+    }
+}
+
+/// One row per second of the load (the last partial second included).
+fn timeline(scenario: &Scenario, s: &State, load: &Load) -> Vec<TimelineSecond> {
+    let seconds = (scenario.duration_secs.ceil() as usize).max(1);
+    (0..seconds)
+        .map(|t| {
+            let e2p = s.e2p_by_second.get(t).filter(|h| !h.is_empty());
+            let req = s.requests_by_second.get(t).filter(|h| !h.is_empty());
+            let q = |h: Option<&Histogram<u64>>, p: f64| h.map(|h| h.value_at_quantile(p) as f64 / 1000.0);
+            TimelineSecond {
+                t: t as u64,
+                target_events_per_s: scenario.rate_at(t as f64 + 0.5),
+                events_sent: load.sent_by_second.get(t).copied().unwrap_or(0),
+                requests: req.map_or(0, |h| h.len()),
+                pushes: s.pushes_by_second.get(t).copied().unwrap_or(0),
+                event_to_push_p50_ms: q(e2p, 0.5),
+                event_to_push_p99_ms: q(e2p, 0.99),
+                request_p50_ms: q(req, 0.5),
+                request_p99_ms: q(req, 0.99),
+                server_rss_kib: load.rss_by_second.get(t).copied().flatten(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,6 @@
+//! Production mode against the real Apache Kafka broker and Redis server that the test command
+//! starts (`scripts/services up`); the helpers they share are in `support::services` and
+//! `support::restart`.
+
+mod failover;
+mod kafka;

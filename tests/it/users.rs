@@ -1,0 +1,154 @@
+//! Users: idle sessions stop and rebuild with their history, an anonymous history merges into the
+//! user at login, and erasure (`DELETE /v1/users/{id}`) removes the user everywhere, closes their
+//! streams, and a tombstone keeps replays of their old events out.
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+#[actix_rt::test]
+async fn idle_sessions_stop_and_rebuild_with_their_history() {
+    let mut config = test_config();
+    config.session.idle_ttl_ms = 100;
+    let server = start(config).await;
+    post_events(
+        &server,
+        json!([
+            { "user_id": "sleepy", "item_id": "item-0005", "event_type": "purchase", "event_id": "s-1" },
+            { "user_id": "sleepy", "item_id": "item-0006", "event_type": "hide", "event_id": "s-2" }
+        ]),
+    )
+    .await;
+    eventually("the idle session is evicted", || async {
+        let evicted = metric(&server, "liverec_sessions_evicted_total").await;
+        let active = metric(&server, "liverec_sessions_active").await;
+        (evicted >= 1.0 && active == 0.0).then_some(())
+    })
+    .await;
+    let started = metric(&server, "liverec_sessions_started_total").await;
+
+    // A new request rebuilds the session from the store: the history and suppression are back.
+    let recs = get(&server, "/v1/users/sleepy/recommendations?k=50&device=tv").await;
+    assert_eq!(recs.status, 200);
+    let ids = items(&recs.body);
+    assert!(!ids.contains(&"item-0005".to_owned()) && !ids.contains(&"item-0006".to_owned()), "{ids:?}");
+    assert_eq!(metric(&server, "liverec_sessions_started_total").await, started + 1.0);
+    let export = get(&server, "/v1/users/sleepy/export").await;
+    assert_eq!(history(&export), vec!["s-1", "s-2"]);
+    assert_eq!(export.body["profile"]["suppressed"], json!(["item-0006"]));
+
+    // A replayed event id after the rebuild is still recognised.
+    post_events(
+        &server,
+        json!({ "user_id": "sleepy", "item_id": "item-0005", "event_type": "purchase", "event_id": "s-1" }),
+    )
+    .await;
+    eventually("the replay is seen as a duplicate", || async {
+        (metric(&server, "liverec_session_duplicate_events_total").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(history(&get(&server, "/v1/users/sleepy/export").await), vec!["s-1", "s-2"]);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_anonymous_history_merges_into_the_user_at_login() {
+    let server = start(test_config()).await;
+    post_events(
+        &server,
+        json!([
+            { "user_id": "anon-42", "item_id": "item-0010", "event_type": "view", "event_id": "a-1", "timestamp": 1_000 },
+            { "user_id": "anon-42", "item_id": "item-0011", "event_type": "click", "event_id": "a-2", "timestamp": 3_000 },
+            { "user_id": "known", "item_id": "item-0012", "event_type": "view", "event_id": "k-1", "timestamp": 2_000 }
+        ]),
+    )
+    .await;
+    eventually("events applied", || async {
+        (metric(&server, "liverec_session_applied_events_total").await == 3.0).then_some(())
+    })
+    .await;
+    let mut sse = SseStream::connect(&server, "known", None).await;
+    let before = sse.next_list().await;
+
+    let merged = post_json(&server, "/v1/users/known/merge", &json!({ "from": "anon-42" })).await;
+    assert_eq!(merged.status, 200, "{}", merged.body);
+    assert_eq!(merged.body["merged"], 2);
+
+    let after = sse.next_list().await;
+    assert!(after["seq"].as_u64() > before["seq"].as_u64());
+    let ids = items(&after);
+    assert!(!ids.contains(&"item-0010".to_owned()) && !ids.contains(&"item-0011".to_owned()), "{ids:?}");
+    assert_eq!(history(&get(&server, "/v1/users/known/export").await), vec!["a-1", "k-1", "a-2"]);
+    assert!(history(&get(&server, "/v1/users/anon-42/export").await).is_empty());
+    server.stop().await;
+}
+
+fn old_event(id: &str, item: &str, at: i64) -> Value {
+    json!({ "event_id": id, "user_id": "erin", "item_id": item, "event_type": "view", "timestamp": at })
+}
+
+async fn export(server: &liverec::Server) -> Value {
+    let response = get(server, "/v1/users/erin/export").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.body
+}
+
+fn interactions(export: &Value) -> usize {
+    export["profile"]["interactions"].as_array().map_or(0, Vec::len)
+}
+
+#[actix_rt::test]
+async fn an_erased_user_is_gone_streams_close_and_replays_are_skipped() {
+    let server = start(test_config()).await;
+    let before = liverec::event::now_ms() - 60_000;
+    let history = json!([
+        old_event("e1", "item-0001", before),
+        old_event("e2", "item-0002", before + 1),
+        old_event("e3", "item-0003", before + 2)
+    ]);
+    post_events(&server, history.clone()).await;
+    eventually("the history stored", || async { (interactions(&export(&server).await) == 3).then_some(()) }).await;
+    let mut sse = SseStream::connect(&server, "erin", None).await;
+    sse.next_list().await;
+    let mut ws = WsClient::connect(&server).await;
+    ws.send_json(&json!({ "subscribe": "erin" })).await;
+    ws.next_of_type("subscribed").await;
+
+    let response = client().delete(format!("{}/v1/users/erin", server.url())).send().await.expect("delete");
+    assert_eq!(response.status(), 200);
+    let mut response = response;
+    let erased: Value = serde_json::from_slice(&response.body().await.expect("body")).expect("json");
+    assert_eq!(erased["subscriptions_closed"], 2, "{erased}");
+    assert_eq!(erased["events_removed_from_log"], 3, "{erased}");
+
+    // Both streams are told and end.
+    let last = loop {
+        match sse.next_event().await {
+            Some(event) if event.event == "erased" => break Some(event),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    assert!(last.is_some(), "the SSE stream says the user was erased");
+    assert!(sse.next_event().await.is_none(), "and ends");
+    assert_eq!(ws.next_of_type("erased").await["user_id"], "erin");
+
+    // Nothing is left, and a replay of the old events applies nothing.
+    let gone = export(&server).await;
+    assert_eq!(interactions(&gone), 0, "{gone}");
+    post_events(&server, history).await;
+    eventually("the replayed events skipped", || async {
+        (metric(&server, "liverec_privacy_skipped_events_total").await == 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(interactions(&export(&server).await), 0);
+
+    // The user may come back: new events count from scratch.
+    post_events(&server, json!({ "user_id": "erin", "item_id": "item-0009", "event_type": "click" })).await;
+    eventually("the new event stored", || async { (interactions(&export(&server).await) == 1).then_some(()) }).await;
+    assert_eq!(metric(&server, "liverec_privacy_erased_users_total").await, 1.0);
+    let unknown =
+        client().delete(format!("{}/v1/users/{}", server.url(), "x".repeat(10_000))).send().await.expect("delete");
+    assert_eq!(unknown.status(), 400, "ids are validated");
+    server.stop().await;
+}
