@@ -11,7 +11,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::actors::messages::{GetRecommendations, RecFilters};
-use crate::actors::session::list_from_store;
+use crate::actors::lists::list_from_store;
 use crate::event::{Device, ItemId};
 use crate::recs::RecList;
 
@@ -85,7 +85,7 @@ pub async fn get_recommendations(
     };
     if filters.is_empty() && k <= recs.default_k {
         if let Some(latest) = state.registry.hub(&user).and_then(|h| h.latest()) {
-            crate::actors::session::report_impression(&state.registry.deps, &latest.list, k);
+            crate::actors::lists::report_impression(&state.registry.deps, &latest.list, k);
             return Ok(respond(&latest.list, &latest.json, k));
         }
     }
