@@ -24,7 +24,7 @@ use super::messages::{
 use super::lists::{build_request, make_list, report_impression, segment_of, tell_monitor};
 use super::model::{user_hash, Observe, Recommend, ScoredList};
 use super::monitor::{Activity, Outcome, OutcomeKind};
-use super::registry::{SessionRegistry, UserHub};
+use super::registry::{SessionHandle, SessionRegistry, UserHub};
 use super::SessionDeps;
 use crate::catalog::ItemIdx;
 use crate::event::{now_ms, Context as EventContext, Event, EventId, EventType, ItemId};
@@ -441,6 +441,21 @@ impl SessionActor {
     }
 }
 
+/// Starts `hub`'s session on `arbiter`: the registry's `StartSession`, handed to it by the wiring.
+pub fn start(arbiter: &ArbiterHandle, hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> SessionHandle {
+    let addr = SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(hub, registry));
+    SessionHandle {
+        apply: addr.clone().recipient(),
+        recommend: addr.clone().recipient(),
+        ensure_list: addr.clone().recipient(),
+        snapshot: addr.clone().recipient(),
+        take_history: addr.clone().recipient(),
+        merge: addr.clone().recipient(),
+        reload: addr.clone().recipient(),
+        release: addr.recipient(),
+    }
+}
+
 impl Actor for SessionActor {
     type Context = Context<Self>;
 
@@ -461,7 +476,7 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
         self.deps.metrics.sessions_active.dec();
-        self.registry.session_stopped(&self.hub, &ctx.address());
+        self.registry.session_stopped(&self.hub, &ctx.address().recipient());
     }
 }
 

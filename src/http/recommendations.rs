@@ -96,7 +96,7 @@ pub async fn get_recommendations(
         Some(state.registry.session(&user).1)
     };
     let update = match session {
-        Some(session) => session.send(GetRecommendations { k, filters }).await??,
+        Some(session) => session.recommend.send(GetRecommendations { k, filters }).await??,
         None => list_from_store(&state.registry.deps, &user, k, &filters).await?,
     };
     Ok(respond(&update.list, &update.json, k))
