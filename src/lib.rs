@@ -272,7 +272,7 @@ impl Server {
             }
             BusKind::Kafka => {
                 let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
-                registry = SessionRegistry::with_mode(deps, handles.clone(), Arc::new(session::start), true, Some(fanout_tx));
+                registry = SessionRegistry::with_mode(deps, handles.clone(), Arc::new(session::start), true, Some(Arc::new(fanout_tx)));
                 let delivering = registry.clone();
                 io_handle.spawn(RedisFanout::run(
                     config.redis.url.clone(),

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use actix::prelude::*;
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::messages::{ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, Snapshot, TakeHistory};
 use super::SessionDeps;
 use crate::bus::partition_of;
 use crate::event::UserId;
 use crate::recs::{RecList, RecUpdate};
-use crate::store::redis::FanoutCommand;
+use crate::store::UpdateFanout;
 
 /// A running session as the registry and its callers reach it: one `Recipient` per message a
 /// session takes. The registry holds these, never the session actor's own type, the way the
@@ -163,7 +163,7 @@ pub struct SessionRegistry {
     /// (from ingest); readers elsewhere get lists from the store and the update fan-out.
     owned_by_ingest: bool,
     /// Asks the fan-out to follow (or stop following) a user's updates from other instances.
-    fanout: Option<mpsc::UnboundedSender<FanoutCommand>>,
+    fanout: Option<Arc<dyn UpdateFanout>>,
     /// Kafka partitions assigned to this instance.
     assigned: Mutex<Vec<i32>>,
 }
@@ -179,7 +179,7 @@ impl SessionRegistry {
         arbiters: Vec<ArbiterHandle>,
         start: StartSession,
         owned_by_ingest: bool,
-        fanout: Option<mpsc::UnboundedSender<FanoutCommand>>,
+        fanout: Option<Arc<dyn UpdateFanout>>,
     ) -> Arc<Self> {
         assert!(!arbiters.is_empty(), "at least one session arbiter");
         Arc::new(Self {
@@ -199,7 +199,7 @@ impl SessionRegistry {
 
     fn new_hub(&self, user: &UserId) -> Arc<UserHub> {
         if let Some(fanout) = &self.fanout {
-            let _ = fanout.send(FanoutCommand::Watch(user.clone()));
+            fanout.watch(user);
         }
         Arc::new(UserHub::new(user.clone()))
     }
@@ -302,7 +302,7 @@ impl SessionRegistry {
         });
         if removed.is_some() {
             if let Some(fanout) = &self.fanout {
-                let _ = fanout.send(FanoutCommand::Unwatch(hub.user.clone()));
+                fanout.unwatch(&hub.user);
             }
         }
     }
@@ -319,7 +319,7 @@ impl SessionRegistry {
         hub.updates.send_replace(None);
         self.hubs.remove_if(user, |_, h| Arc::ptr_eq(h, &hub));
         if let Some(fanout) = &self.fanout {
-            let _ = fanout.send(FanoutCommand::Unwatch(user.clone()));
+            fanout.unwatch(user);
         }
         closed
     }

@@ -133,3 +133,13 @@ fn trim_front<T>(list: &mut Vec<T>, keep: usize) {
         list.drain(..list.len() - keep);
     }
 }
+
+/// The cross-instance fan-out of published lists (production mode), as the session registry asks
+/// for it: follow a user's lists from other instances while this instance holds the user's hub.
+/// Redis pub/sub implements it (`redis::FanoutCommand` senders); the embedded mode has none.
+pub trait UpdateFanout: Send + Sync {
+    /// Start delivering lists other instances publish for `user`.
+    fn watch(&self, user: &UserId);
+    /// Stop delivering them.
+    fn unwatch(&self, user: &UserId);
+}

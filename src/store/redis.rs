@@ -556,6 +556,18 @@ pub enum FanoutCommand {
     Unwatch(UserId),
 }
 
+/// The registry's side of the fan-out: commands queue for `RedisFanout::run`. A closed channel
+/// (the fan-out ended with the server) drops them.
+impl super::UpdateFanout for mpsc::UnboundedSender<FanoutCommand> {
+    fn watch(&self, user: &UserId) {
+        let _ = self.send(FanoutCommand::Watch(user.clone()));
+    }
+
+    fn unwatch(&self, user: &UserId) {
+        let _ = self.send(FanoutCommand::Unwatch(user.clone()));
+    }
+}
+
 impl RedisFanout {
     /// Runs until `commands` closes. `deliver` gets every list published for a watched user, and
     /// every erasure of one.
