@@ -15,7 +15,9 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::messages::{ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, Snapshot, TakeHistory};
+use super::messages::{
+    ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, Snapshot, TakeHistory,
+};
 use super::SessionDeps;
 use crate::bus::partition_of;
 use crate::event::UserId;
@@ -434,7 +436,8 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let catalog = Arc::new(Catalog::new());
         let cooc = config.model.cooccurrence.clone();
-        let factory: ModelFactory = Arc::new(move || -> Box<dyn Recommender> { Box::new(CoocModel::new(cooc.clone())) });
+        let factory: ModelFactory =
+            Arc::new(move || -> Box<dyn Recommender> { Box::new(CoocModel::new(cooc.clone())) });
         let model = ModelActor::start_with(
             Box::new(CoocModel::new(config.model.cooccurrence.clone())),
             factory,

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::lists::{build_request, make_list, report_impression, segment_of, tell_monitor};
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
     SessionError, Snapshot, TakeHistory,
 };
-use super::lists::{build_request, make_list, report_impression, segment_of, tell_monitor};
 use super::model::{user_hash, Observe, Recommend, ScoredList};
 use super::monitor::{Activity, Outcome, OutcomeKind};
 use super::registry::{SessionHandle, SessionRegistry, UserHub};

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::actors::messages::{GetRecommendations, RecFilters};
 use crate::actors::lists::list_from_store;
+use crate::actors::messages::{GetRecommendations, RecFilters};
 use crate::event::{Device, ItemId};
 use crate::recs::RecList;
 
