@@ -9,7 +9,7 @@ use deadpool_redis::redis;
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 
-use super::updates_channel;
+use super::keys::updates_channel;
 use crate::event::UserId;
 use crate::recs::RecList;
 use crate::telemetry::Metrics;

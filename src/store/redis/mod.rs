@@ -15,6 +15,7 @@
 //! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
 //! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
 mod fanout;
+mod keys;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -27,39 +28,14 @@ use deadpool_redis::{Pool, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::fanout::{FanoutCommand, FanoutMessage, RedisFanout};
+pub use self::keys::updates_channel;
+use self::keys::{keys, tombstone_key};
 use self::writer::{Write, Writer, APPEND_SCRIPT};
 use super::{Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
 use crate::config::RedisConfig;
 use crate::event::{Context, EventId, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 use crate::telemetry::Metrics;
-
-/// Key names of one user.
-struct Keys {
-    history: String,
-    ids: String,
-    suppressed: String,
-    profile: String,
-}
-
-fn keys(prefix: &str, user: &UserId) -> Keys {
-    let base = format!("{prefix}:{{{user}}}");
-    Keys {
-        history: format!("{base}:h"),
-        ids: format!("{base}:ids"),
-        suppressed: format!("{base}:s"),
-        profile: format!("{base}:p"),
-    }
-}
-
-/// When the user was erased (a tombstone outlives the profile, so replays skip the user).
-fn tombstone_key(prefix: &str, user: &UserId) -> String {
-    format!("{prefix}:{{{user}}}:erased")
-}
-/// The pub/sub channel carrying a user's pushed lists.
-pub fn updates_channel(prefix: &str, user: &UserId) -> String {
-    format!("{prefix}:updates:{{{user}}}")
-}
 
 /// The raw parts of one stored profile: history, ids, suppressed, (context, last list).
 type RawProfile = (Vec<String>, Vec<String>, Vec<String>, (Option<String>, Option<String>));

@@ -12,7 +12,7 @@ use deadpool_redis::Pool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::fanout::erased_notice;
-use super::{keys, updates_channel};
+use super::keys::{keys, updates_channel};
 use crate::event::UserId;
 use crate::store::{ProfileLimits, ProfileUpdate};
 use crate::telemetry::Metrics;
