@@ -11,23 +11,28 @@
 //! session stops after `session.idle_ttl_ms` without events or requests and is rebuilt from the
 //! profile store on next use. Restart policy: none; a stopped session is simply started again.
 
+mod attribution;
+mod coalesce;
+
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use self::attribution::{Interacted, ServedLists};
+use self::coalesce::{Answer, Coalescer};
 use super::lists::{build_request, make_list, report_impression, segment_of, tell_monitor};
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
     SessionError, Snapshot, TakeHistory,
 };
 use super::model::{user_hash, Observe, Recommend, ScoredList};
-use super::monitor::{Activity, Outcome, OutcomeKind};
+use super::monitor::Activity;
 use super::registry::{SessionHandle, SessionRegistry, UserHub};
 use super::SessionDeps;
 use crate::catalog::ItemIdx;
-use crate::event::{now_ms, Context as EventContext, Event, EventId, EventType, ItemId};
+use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
 use crate::eventlog::LoggedEvent;
 use crate::models::{HistoryItem, Observation, ScoreRequest};
 use crate::recs::{RecList, RecUpdate};
@@ -46,32 +51,16 @@ pub struct SessionActor {
     event_ids: HashSet<EventId>,
     event_order: VecDeque<EventId>,
     suppressed: VecDeque<ItemId>,
-    /// A scoring request for the pushed list is in flight.
-    inflight: bool,
-    /// State changed since the in-flight request was built.
-    dirty: bool,
+    /// The pushed-list request in flight, if any (see the module docs on coalescing).
+    coalescer: Coalescer,
     /// Receive time of the oldest event not yet reflected in a pushed list.
     pending_since: Option<Instant>,
     last_active: Instant,
     /// The last lists served to the user, newest last, for click attribution.
-    served: VecDeque<Served>,
+    served: ServedLists,
     /// When the user was erased, if ever: events from before then are never applied (replays).
     erased_at: Option<i64>,
 }
-
-/// A list served to the user, remembered to attribute clicks and conversions to it.
-struct Served {
-    rec_id: String,
-    items: Vec<ItemId>,
-    version: Arc<str>,
-    variant: Arc<str>,
-    at: Instant,
-    clicked: bool,
-    converted: bool,
-}
-
-/// Lists remembered per user for attribution.
-const SERVED_KEPT: usize = 8;
 
 impl SessionActor {
     pub fn new(hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> Self {
@@ -86,11 +75,10 @@ impl SessionActor {
             event_ids: HashSet::new(),
             event_order: VecDeque::new(),
             suppressed: VecDeque::new(),
-            inflight: false,
-            dirty: false,
+            coalescer: Coalescer::default(),
             pending_since: None,
             last_active: Instant::now(),
-            served: VecDeque::new(),
+            served: ServedLists::default(),
             erased_at: None,
         }
     }
@@ -285,12 +273,9 @@ impl SessionActor {
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
     fn refresh(&mut self, ctx: &mut Context<Self>) {
-        if self.inflight {
-            self.dirty = true;
+        if !self.coalescer.want() {
             return;
         }
-        self.inflight = true;
-        self.dirty = false;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
         let asked = Instant::now();
         // A child of the applying span when an event caused the refresh.
@@ -302,8 +287,7 @@ impl SessionActor {
             .map(move |result, act, ctx| {
                 let _entered = scoring.enter();
                 act.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
-                act.inflight = false;
-                if act.dirty {
+                if act.coalescer.answered() == Answer::Stale {
                     act.refresh(ctx);
                     return;
                 }
@@ -348,24 +332,10 @@ impl SessionActor {
     /// when it reached someone (a list published to no subscriber is not an impression; a `GET`
     /// that later serves it from the hub reports it then).
     fn record_served(&mut self, list: &RecList, delivered: bool) {
-        let version: Arc<str> = Arc::from(list.model_version.as_str());
-        let variant: Arc<str> = Arc::from(list.variant.as_str());
-        let items: Vec<ItemId> = list.items.iter().map(|i| i.item_id.clone()).collect();
         if delivered {
             report_impression(&self.deps, list, list.items.len());
         }
-        self.served.push_back(Served {
-            rec_id: list.rec_id.clone(),
-            items,
-            version,
-            variant,
-            at: Instant::now(),
-            clicked: false,
-            converted: false,
-        });
-        while self.served.len() > SERVED_KEPT {
-            self.served.pop_front();
-        }
+        self.served.remember(list, Instant::now());
     }
 
     /// Reports an applied event to the monitor, attributed to a served list (the one it names by
@@ -389,34 +359,14 @@ impl SessionActor {
     /// recent list (an organic event).
     fn attribute_outcome(&mut self, event: &Event) -> bool {
         let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
-        let named = event.rec_id.as_deref();
-        let served = match named.and_then(|id| self.served.iter().position(|s| s.rec_id == id)) {
-            Some(i) => self.served.get_mut(i),
-            None => self.served.iter_mut().rev().find(|s| s.at.elapsed() <= window && s.items.contains(&event.item_id)),
+        let interacted = Interacted {
+            rec_id: event.rec_id.as_deref(),
+            item: &event.item_id,
+            event_type: event.event_type,
+            value: event.value,
         };
-        let Some(served) = served else { return false };
-        let position = served.items.iter().position(|i| *i == event.item_id);
-        if position.is_none() {
-            return false;
-        }
-        let mut outcomes = Vec::new();
-        if !served.clicked {
-            served.clicked = true;
-            outcomes.push(OutcomeKind::Click);
-        }
-        let converts = matches!(event.event_type, EventType::Purchase | EventType::AddToCart);
-        if converts && !served.converted {
-            served.converted = true;
-            outcomes.push(OutcomeKind::Conversion);
-        }
-        for kind in outcomes {
-            let outcome = Outcome {
-                version: served.version.clone(),
-                variant: served.variant.clone(),
-                kind,
-                position,
-                value: if kind == OutcomeKind::Conversion { event.value } else { None },
-            };
+        let Some(outcomes) = self.served.attribute(&interacted, Instant::now(), window) else { return false };
+        for outcome in outcomes {
             tell_monitor(&self.deps, outcome);
         }
         true
@@ -467,7 +417,7 @@ impl Actor for SessionActor {
         let ttl = Duration::from_millis(self.deps.config.session.idle_ttl_ms.max(1));
         let check = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_secs(10));
         ctx.run_interval(check, move |act, ctx| {
-            if act.last_active.elapsed() >= ttl && !act.inflight {
+            if act.last_active.elapsed() >= ttl && !act.coalescer.in_flight() {
                 act.deps.metrics.sessions_evicted.inc();
                 ctx.stop();
             }
