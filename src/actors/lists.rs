@@ -132,12 +132,7 @@ pub async fn list_from_store(
         Some(p) => (
             p.interactions
                 .iter()
-                .map(|i| HistoryItem {
-                    item: deps.catalog.intern(&i.item_id),
-                    event_type: i.event_type,
-                    value: i.value.map(|v| v as f32),
-                    timestamp: i.timestamp,
-                })
+                .map(|i| HistoryItem::of(i, deps.catalog.intern(&i.item_id)))
                 .collect::<Arc<[HistoryItem]>>(),
             p.suppressed.clone(),
             p.context.clone(),

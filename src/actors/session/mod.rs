@@ -176,15 +176,7 @@ impl SessionActor {
     }
 
     fn history_items(&self) -> Arc<[HistoryItem]> {
-        self.history
-            .iter()
-            .map(|(i, idx)| HistoryItem {
-                item: *idx,
-                event_type: i.event_type,
-                value: i.value.map(|v| v as f32),
-                timestamp: i.timestamp,
-            })
-            .collect()
+        self.history.iter().map(|(i, idx)| HistoryItem::of(i, *idx)).collect()
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.
@@ -209,25 +201,8 @@ impl SessionActor {
             }
             outcome.applied += 1;
             let idx = self.deps.catalog.intern(&event.item_id);
-            let attributed = self.attribute(&event, idx);
-            self.deps.event_log.append(LoggedEvent {
-                user: self.hub.user.clone(),
-                item: idx,
-                event_type: event.event_type,
-                value: event.value.map(|v| v as f32),
-                timestamp: event.timestamp,
-                segment: event.context.segment(),
-                organic: !attributed,
-                logged_at: now_ms(),
-            });
-            if event.event_type.is_negative() {
-                self.suppressed.retain(|s| *s != event.item_id);
-                self.suppressed.push_back(event.item_id.clone());
-                while self.suppressed.len() > self.deps.config.session.suppressed_len {
-                    self.suppressed.pop_front();
-                }
-                update.suppressed.push(event.item_id.clone());
-            }
+            let segment = event.context.segment();
+            // The one copy off the wire type: from here on, every step reads this interaction.
             let interaction = Interaction {
                 event_id: event.event_id,
                 item_id: event.item_id,
@@ -236,12 +211,18 @@ impl SessionActor {
                 timestamp: event.timestamp,
                 rec_id: event.rec_id,
             };
-            new_items.push(HistoryItem {
-                item: idx,
-                event_type: interaction.event_type,
-                value: interaction.value.map(|v| v as f32),
-                timestamp: interaction.timestamp,
-            });
+            let logged = self.attribute(interaction, idx, segment);
+            let interaction = logged.interaction.clone();
+            self.deps.event_log.append(logged);
+            if interaction.event_type.is_negative() {
+                self.suppressed.retain(|s| *s != interaction.item_id);
+                self.suppressed.push_back(interaction.item_id.clone());
+                while self.suppressed.len() > self.deps.config.session.suppressed_len {
+                    self.suppressed.pop_front();
+                }
+                update.suppressed.push(interaction.item_id.clone());
+            }
+            new_items.push(HistoryItem::of(&interaction, idx));
             update.interactions.push(interaction.clone());
             self.push_history(interaction, idx);
             self.context = Some(event.context);
@@ -338,26 +319,34 @@ impl SessionActor {
         self.served.remember(list, Instant::now());
     }
 
-    /// Reports an applied event to the monitor, attributed to a served list (the one it names by
-    /// `rec_id`, else the newest recent list that showed the item) or organic. Each list counts
-    /// at most one click and one conversion. True when attributed.
-    fn attribute(&mut self, event: &Event, idx: ItemIdx) -> bool {
-        let attributed = !event.event_type.is_negative() && self.attribute_outcome(event);
+    /// Reports an applied interaction to the monitor, attributed to a served list (the one it
+    /// names by `rec_id`, else the newest recent list that showed the item) or organic. Each list
+    /// counts at most one click and one conversion. Returns the event log's record of it.
+    fn attribute(&mut self, interaction: Interaction, item: ItemIdx, segment: usize) -> LoggedEvent {
+        let attributed = !interaction.event_type.is_negative() && self.attribute_outcome(&interaction);
+        let logged = LoggedEvent {
+            user: self.hub.user.clone(),
+            interaction,
+            item,
+            segment,
+            organic: !attributed,
+            logged_at: now_ms(),
+        };
         let activity = Activity {
             user: user_hash(self.hub.user.as_str()),
-            item: idx,
-            segment: event.context.segment(),
-            event_type: event.event_type,
-            value: event.value,
-            organic: !attributed,
+            item: logged.item,
+            segment: logged.segment,
+            event_type: logged.event_type,
+            value: logged.value,
+            organic: logged.organic,
         };
         tell_monitor(&self.deps, activity);
-        attributed
+        logged
     }
 
     /// Reports the click or conversion `event` makes on a served list; false when it is on no
     /// recent list (an organic event).
-    fn attribute_outcome(&mut self, event: &Event) -> bool {
+    fn attribute_outcome(&mut self, event: &Interaction) -> bool {
         let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
         let interacted = Interacted {
             rec_id: event.rec_id.as_deref(),
