@@ -91,7 +91,7 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         metrics,
         pseudonyms: Default::default(),
     });
-    SessionRegistry::new(deps, vec![session_arbiter.handle()])
+    SessionRegistry::new(deps, vec![session_arbiter.handle()], Arc::new(liverec::actors::session::start))
 }
 
 fn bench_session(c: &mut Criterion) {
@@ -108,6 +108,7 @@ fn bench_session(c: &mut Criterion) {
             let (_, session) = registry.session(user);
             let events = (0..5).map(|_| event(user, &limits)).collect();
             let applied = session
+                .apply
                 .send(ApplyEvents { events, received: Instant::now(), span: tracing::Span::none() })
                 .await
                 .expect("applied");
@@ -133,6 +134,7 @@ fn bench_session(c: &mut Criterion) {
                         let started = Instant::now();
                         let (_, session) = registry.session(user);
                         let applied = session
+                            .apply
                             .send(ApplyEvents { events, received: started, span: tracing::Span::none() })
                             .await
                             .expect("applied");
@@ -159,6 +161,7 @@ fn bench_session(c: &mut Criterion) {
                     let id = event.event_id.clone();
                     let started = Instant::now();
                     let _ = session
+                        .apply
                         .send(ApplyEvents { events: vec![event], received: started, span: tracing::Span::none() })
                         .await
                         .expect("applied");

@@ -7,30 +7,55 @@
 //! partitions it owns (Kafka keeps the full log; see docs/loop.md).
 
 use std::collections::VecDeque;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::ItemIdx;
-use crate::event::{EventType, UserId};
+use crate::event::{EventId, EventType, ItemId, UserId};
 
-/// One applied interaction, as the trainer needs it.
+/// One interaction a session applied: the record of it from the session onward. The session's
+/// history holds it (with the item's catalogue index), the profile store persists it (its JSON
+/// is the stored format: profiles written before must still load), the event log retains it in
+/// a `LoggedEvent`, and the model reads it through its `HistoryItem` view.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Interaction {
+    pub event_id: EventId,
+    pub item_id: ItemId,
+    pub event_type: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rec_id: Option<Arc<str>>,
+}
+
+/// One applied interaction as the log retains it for the trainer: the interaction itself, and
+/// what the session knew when it applied it. It reads as the interaction (`Deref`), so
+/// `event.event_type` and `event.timestamp` are the interaction's own fields.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoggedEvent {
     pub user: UserId,
+    pub interaction: Interaction,
+    /// The item's catalogue index.
     pub item: ItemIdx,
-    pub event_type: EventType,
-    pub value: Option<f32>,
-    /// Milliseconds since the Unix epoch (the event's own time).
-    pub timestamp: i64,
     /// Context segment (device x hour bucket), for the drift reference.
     pub segment: usize,
     /// Not a click on a served list (see the monitor's input drift).
     pub organic: bool,
     /// When the log received it (milliseconds since the Unix epoch), for the window.
     pub logged_at: i64,
+}
+
+impl Deref for LoggedEvent {
+    type Target = Interaction;
+
+    fn deref(&self) -> &Interaction {
+        &self.interaction
+    }
 }
 
 pub struct EventLog {
@@ -100,10 +125,15 @@ mod tests {
     fn event(user: &str, at: i64) -> LoggedEvent {
         LoggedEvent {
             user: UserId::from(user),
+            interaction: Interaction {
+                event_id: EventId::from(format!("{user}-{at}").as_str()),
+                item_id: ItemId::from("i1"),
+                event_type: EventType::View,
+                value: None,
+                timestamp: at,
+                rec_id: None,
+            },
             item: 1,
-            event_type: EventType::View,
-            value: None,
-            timestamp: at,
             segment: 0,
             organic: true,
             logged_at: at,

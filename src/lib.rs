@@ -35,6 +35,7 @@ use crate::actors::kafka_ingest::KafkaIngestActor;
 use crate::actors::model::{ModelActor, ModelFactory};
 use crate::actors::monitor::MonitorActor;
 use crate::actors::registry::SessionRegistry;
+use crate::actors::session;
 use crate::actors::trainer::TrainerActor;
 use crate::actors::SessionDeps;
 use crate::bus::kafka::{self, KafkaBus};
@@ -260,7 +261,7 @@ impl Server {
         let mut kafka_ingest = None;
         match config.bus.kind {
             BusKind::Memory => {
-                registry = SessionRegistry::new(deps, handles.clone());
+                registry = SessionRegistry::new(deps, handles.clone(), Arc::new(session::start));
                 let (memory, queues) = MemoryBus::new(config.bus.partitions, config.bus.queue_capacity);
                 for (partition, queue) in queues.into_iter().enumerate() {
                     let registry = registry.clone();
@@ -271,7 +272,7 @@ impl Server {
             }
             BusKind::Kafka => {
                 let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
-                registry = SessionRegistry::with_mode(deps, handles.clone(), true, Some(fanout_tx));
+                registry = SessionRegistry::with_mode(deps, handles.clone(), Arc::new(session::start), true, Some(Arc::new(fanout_tx)));
                 let delivering = registry.clone();
                 io_handle.spawn(RedisFanout::run(
                     config.redis.url.clone(),

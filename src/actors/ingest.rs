@@ -66,7 +66,7 @@ impl StreamHandler<EventBatch> for IngestActor {
             .into_iter()
             .map(|(user, events)| {
                 let (_, session) = self.registry.session(&user);
-                session.send(ApplyEvents { events, received, span: span.clone() })
+                session.apply.send(ApplyEvents { events, received, span: span.clone() })
             })
             .collect();
         let partition = self.partition;

@@ -364,7 +364,7 @@ impl Consume {
             .into_iter()
             .map(|(user, partition, events, received)| {
                 let (_, session) = self.registry.session_on_partition(&user, partition);
-                session.send(ApplyEvents { events, received, span: span.clone() })
+                session.apply.send(ApplyEvents { events, received, span: span.clone() })
             })
             .collect();
         for result in join_all(sends).await {
@@ -376,7 +376,7 @@ impl Consume {
         }
         for (user, partition) in reloads {
             let (_, session) = self.registry.session_on_partition(&user, partition);
-            if session.send(Reload).await.is_err() {
+            if session.reload.send(Reload).await.is_err() {
                 persisted.push(Box::pin(std::future::pending()));
             }
         }

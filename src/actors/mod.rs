@@ -3,6 +3,7 @@
 
 pub mod ingest;
 pub mod kafka_ingest;
+pub mod lists;
 pub mod messages;
 pub mod model;
 pub mod monitor;

@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use actix::prelude::*;
 use serde::Serialize;
@@ -262,8 +262,9 @@ fn aligned(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> (Vec<f64>, Vec<f64>)
     keys.iter().map(|k| (a.get(k).copied().unwrap_or(0.0), b.get(k).copied().unwrap_or(0.0))).unzip()
 }
 
+/// The one clock (`event::now_ms`), in the unsigned milliseconds the monitor's buckets count in.
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(crate::event::now_ms()).unwrap_or(0)
 }
 
 impl MonitorActor {

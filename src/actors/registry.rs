@@ -13,22 +13,57 @@ use std::sync::Arc;
 use actix::prelude::*;
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::messages::Release;
-use super::session::SessionActor;
+use super::messages::{
+    ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, Snapshot, TakeHistory,
+};
 use super::SessionDeps;
 use crate::bus::partition_of;
 use crate::event::UserId;
 use crate::recs::{RecList, RecUpdate};
-use crate::store::redis::FanoutCommand;
+use crate::store::UpdateFanout;
+
+/// A running session as the registry and its callers reach it: one `Recipient` per message a
+/// session takes. The registry holds these, never the session actor's own type, the way the
+/// monitor reaches the trainer through a `Recipient`; so the session may call back into the
+/// registry without an import cycle.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub apply: Recipient<ApplyEvents>,
+    pub recommend: Recipient<GetRecommendations>,
+    pub ensure_list: Recipient<EnsureList>,
+    pub snapshot: Recipient<Snapshot>,
+    pub take_history: Recipient<TakeHistory>,
+    pub merge: Recipient<MergeHistory>,
+    pub reload: Recipient<Reload>,
+    /// Also identifies the session: two handles of one session have equal `release` recipients.
+    pub release: Recipient<Release>,
+}
+
+impl SessionHandle {
+    /// The session is still running.
+    pub fn connected(&self) -> bool {
+        self.release.connected()
+    }
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle").field("connected", &self.connected()).finish_non_exhaustive()
+    }
+}
+
+/// Starts a user's session on an arbiter and hands back its handle. The wiring passes the session
+/// module's start function in, so the registry does not depend on the session.
+pub type StartSession = Arc<dyn Fn(&ArbiterHandle, Arc<UserHub>, Arc<SessionRegistry>) -> SessionHandle + Send + Sync>;
 
 /// The latest list of one user and the channel its subscribers watch. A watch channel keeps only
 /// the newest value: a slow subscriber skips stale lists instead of queueing them.
 pub struct UserHub {
     pub user: UserId,
     updates: watch::Sender<Option<Arc<RecUpdate>>>,
-    session: Mutex<Option<Addr<SessionActor>>>,
+    session: Mutex<Option<SessionHandle>>,
     seq: AtomicU64,
     /// Kafka partition the user's events arrive on (-1: not from Kafka).
     partition: AtomicI32,
@@ -50,7 +85,7 @@ impl UserHub {
     }
 
     /// The running session, if any.
-    pub fn session(&self) -> Option<Addr<SessionActor>> {
+    pub fn session(&self) -> Option<SessionHandle> {
         self.session.lock().as_ref().filter(|a| a.connected()).cloned()
     }
 
@@ -124,32 +159,35 @@ impl Drop for Subscription {
 pub struct SessionRegistry {
     hubs: DashMap<UserId, Arc<UserHub>>,
     arbiters: Vec<ArbiterHandle>,
+    start: StartSession,
     pub deps: Arc<SessionDeps>,
     /// Production mode: sessions start only for users whose Kafka partition this instance owns
     /// (from ingest); readers elsewhere get lists from the store and the update fan-out.
     owned_by_ingest: bool,
     /// Asks the fan-out to follow (or stop following) a user's updates from other instances.
-    fanout: Option<mpsc::UnboundedSender<FanoutCommand>>,
+    fanout: Option<Arc<dyn UpdateFanout>>,
     /// Kafka partitions assigned to this instance.
     assigned: Mutex<Vec<i32>>,
 }
 
 impl SessionRegistry {
-    pub fn new(deps: Arc<SessionDeps>, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
-        Self::with_mode(deps, arbiters, false, None)
+    pub fn new(deps: Arc<SessionDeps>, arbiters: Vec<ArbiterHandle>, start: StartSession) -> Arc<Self> {
+        Self::with_mode(deps, arbiters, start, false, None)
     }
 
     /// A registry for production mode (see `owned_by_ingest`).
     pub fn with_mode(
         deps: Arc<SessionDeps>,
         arbiters: Vec<ArbiterHandle>,
+        start: StartSession,
         owned_by_ingest: bool,
-        fanout: Option<mpsc::UnboundedSender<FanoutCommand>>,
+        fanout: Option<Arc<dyn UpdateFanout>>,
     ) -> Arc<Self> {
         assert!(!arbiters.is_empty(), "at least one session arbiter");
         Arc::new(Self {
             hubs: DashMap::new(),
             arbiters,
+            start,
             deps,
             owned_by_ingest,
             fanout,
@@ -163,13 +201,13 @@ impl SessionRegistry {
 
     fn new_hub(&self, user: &UserId) -> Arc<UserHub> {
         if let Some(fanout) = &self.fanout {
-            let _ = fanout.send(FanoutCommand::Watch(user.clone()));
+            fanout.watch(user);
         }
         Arc::new(UserHub::new(user.clone()))
     }
 
     /// The session of a user whose events arrive on Kafka `partition`.
-    pub fn session_on_partition(self: &Arc<Self>, user: &UserId, partition: i32) -> (Arc<UserHub>, Addr<SessionActor>) {
+    pub fn session_on_partition(self: &Arc<Self>, user: &UserId, partition: i32) -> (Arc<UserHub>, SessionHandle) {
         let (hub, addr) = self.session(user);
         hub.partition.store(partition, Ordering::Relaxed);
         (hub, addr)
@@ -182,7 +220,7 @@ impl SessionRegistry {
             if partitions.contains(&hub.partition.load(Ordering::Relaxed)) {
                 if let Some(session) = hub.session() {
                     // Not on a hot path; the message must arrive even if the mailbox is full.
-                    session.do_send(Release);
+                    session.release.do_send(Release);
                     released += 1;
                 }
             }
@@ -216,7 +254,7 @@ impl SessionRegistry {
 
     /// The user's session, started (and rebuilt from the store) if it is not running. Starting
     /// happens under the map's shard lock, so two callers never start two sessions for one user.
-    pub fn session(self: &Arc<Self>, user: &UserId) -> (Arc<UserHub>, Addr<SessionActor>) {
+    pub fn session(self: &Arc<Self>, user: &UserId) -> (Arc<UserHub>, SessionHandle) {
         let entry = self.hubs.entry(user.clone()).or_insert_with(|| self.new_hub(user));
         let hub = entry.value().clone();
         let mut slot = hub.session.lock();
@@ -224,9 +262,7 @@ impl SessionRegistry {
             return (hub.clone(), addr.clone());
         }
         let arbiter = &self.arbiters[partition_of(user.as_str(), self.arbiters.len())];
-        let registry = self.clone();
-        let session_hub = hub.clone();
-        let addr = SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(session_hub, registry));
+        let addr = (self.start)(arbiter, hub.clone(), self.clone());
         *slot = Some(addr.clone());
         drop(slot);
         drop(entry);
@@ -236,7 +272,7 @@ impl SessionRegistry {
     /// Subscribes to the user's updates. In the embedded mode this starts the user's session (which
     /// produces a first list); in production mode only the owner runs sessions, so the session is
     /// returned only if it already runs here.
-    pub fn subscribe(self: &Arc<Self>, user: &UserId) -> (Subscription, Option<Addr<SessionActor>>) {
+    pub fn subscribe(self: &Arc<Self>, user: &UserId) -> (Subscription, Option<SessionHandle>) {
         let (hub, addr) = if self.owned_by_ingest {
             let hub = self.hubs.entry(user.clone()).or_insert_with(|| self.new_hub(user)).value().clone();
             let addr = hub.session();
@@ -249,11 +285,12 @@ impl SessionRegistry {
         (Subscription { rx: Some(rx), hub, registry: self.clone() }, addr)
     }
 
-    /// Called by a session as it stops.
-    pub(super) fn session_stopped(&self, hub: &Arc<UserHub>, addr: &Addr<SessionActor>) {
+    /// Called by a session as it stops; `release` is its own recipient, which tells it from a
+    /// newer session of the same user.
+    pub fn session_stopped(&self, hub: &Arc<UserHub>, release: &Recipient<Release>) {
         {
             let mut slot = hub.session.lock();
-            if slot.as_ref() == Some(addr) {
+            if slot.as_ref().is_some_and(|s| s.release == *release) {
                 *slot = None;
             }
         }
@@ -267,7 +304,7 @@ impl SessionRegistry {
         });
         if removed.is_some() {
             if let Some(fanout) = &self.fanout {
-                let _ = fanout.send(FanoutCommand::Unwatch(hub.user.clone()));
+                fanout.unwatch(&hub.user);
             }
         }
     }
@@ -278,13 +315,13 @@ impl SessionRegistry {
         let Some(hub) = self.hub(user) else { return 0 };
         hub.erased.store(true, Ordering::Relaxed);
         if let Some(session) = hub.session() {
-            let _ = session.send(super::messages::Release).await;
+            let _ = session.release.send(Release).await;
         }
         let closed = hub.subscriber_count();
         hub.updates.send_replace(None);
         self.hubs.remove_if(user, |_, h| Arc::ptr_eq(h, &hub));
         if let Some(fanout) = &self.fanout {
-            let _ = fanout.send(FanoutCommand::Unwatch(user.clone()));
+            fanout.unwatch(user);
         }
         closed
     }
@@ -296,5 +333,182 @@ impl SessionRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.hubs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Barrier;
+
+    use super::*;
+    use crate::actors::messages::{Applied, SessionError};
+    use crate::actors::model::{ModelActor, ModelFactory};
+    use crate::actors::monitor::MonitorActor;
+    use crate::catalog::Catalog;
+    use crate::config::Config;
+    use crate::eventlog::EventLog;
+    use crate::models::cooccurrence::CoocModel;
+    use crate::models::Recommender;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{persisted_now, Profile, ProfileLimits};
+    use crate::telemetry::Metrics;
+
+    /// A session that answers every message with nothing: the registry only starts and tracks it.
+    struct Idle;
+
+    impl Actor for Idle {
+        type Context = Context<Self>;
+    }
+
+    fn nothing_applied() -> Applied {
+        Applied { outcome: Default::default(), persisted: persisted_now() }
+    }
+
+    impl Handler<ApplyEvents> for Idle {
+        type Result = MessageResult<ApplyEvents>;
+        fn handle(&mut self, _msg: ApplyEvents, _ctx: &mut Context<Self>) -> Self::Result {
+            MessageResult(nothing_applied())
+        }
+    }
+
+    impl Handler<GetRecommendations> for Idle {
+        type Result = Result<Arc<RecUpdate>, SessionError>;
+        fn handle(&mut self, _msg: GetRecommendations, _ctx: &mut Context<Self>) -> Self::Result {
+            Err(SessionError::Stopped)
+        }
+    }
+
+    impl Handler<EnsureList> for Idle {
+        type Result = ();
+        fn handle(&mut self, _msg: EnsureList, _ctx: &mut Context<Self>) {}
+    }
+
+    impl Handler<Snapshot> for Idle {
+        type Result = MessageResult<Snapshot>;
+        fn handle(&mut self, _msg: Snapshot, _ctx: &mut Context<Self>) -> Self::Result {
+            MessageResult(Profile::default())
+        }
+    }
+
+    impl Handler<TakeHistory> for Idle {
+        type Result = MessageResult<TakeHistory>;
+        fn handle(&mut self, _msg: TakeHistory, _ctx: &mut Context<Self>) -> Self::Result {
+            MessageResult(Profile::default())
+        }
+    }
+
+    impl Handler<MergeHistory> for Idle {
+        type Result = MessageResult<MergeHistory>;
+        fn handle(&mut self, _msg: MergeHistory, _ctx: &mut Context<Self>) -> Self::Result {
+            MessageResult(nothing_applied())
+        }
+    }
+
+    impl Handler<Reload> for Idle {
+        type Result = ();
+        fn handle(&mut self, _msg: Reload, _ctx: &mut Context<Self>) {}
+    }
+
+    impl Handler<Release> for Idle {
+        type Result = ();
+        fn handle(&mut self, _msg: Release, ctx: &mut Context<Self>) {
+            ctx.stop();
+        }
+    }
+
+    fn idle_handle(addr: Addr<Idle>) -> SessionHandle {
+        SessionHandle {
+            apply: addr.clone().recipient(),
+            recommend: addr.clone().recipient(),
+            ensure_list: addr.clone().recipient(),
+            snapshot: addr.clone().recipient(),
+            take_history: addr.clone().recipient(),
+            merge: addr.clone().recipient(),
+            reload: addr.clone().recipient(),
+            release: addr.recipient(),
+        }
+    }
+
+    /// The embedded default's session dependencies, on the current arbiter.
+    fn deps() -> Arc<SessionDeps> {
+        let config = Arc::new(Config::default());
+        let metrics = Arc::new(Metrics::default());
+        let catalog = Arc::new(Catalog::new());
+        let cooc = config.model.cooccurrence.clone();
+        let factory: ModelFactory =
+            Arc::new(move || -> Box<dyn Recommender> { Box::new(CoocModel::new(cooc.clone())) });
+        let model = ModelActor::start_with(
+            Box::new(CoocModel::new(config.model.cooccurrence.clone())),
+            factory,
+            catalog.clone(),
+            metrics.clone(),
+            1,
+            std::time::Duration::ZERO,
+            16,
+            &Arbiter::current(),
+        );
+        let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone()).start();
+        let limits = ProfileLimits { history_len: 8, dedupe_window: 8, suppressed_len: 8, tombstone_ttl_secs: 0 };
+        Arc::new(SessionDeps {
+            event_log: EventLog::new(60, 100),
+            store: Arc::new(MemoryStore::new(limits)),
+            config,
+            catalog,
+            model,
+            monitor,
+            metrics,
+            pseudonyms: Default::default(),
+        })
+    }
+
+    #[actix_rt::test]
+    async fn concurrent_starts_for_one_user_start_one_session() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let counting = started.clone();
+        let start: StartSession = Arc::new(move |arbiter, _hub, _registry| {
+            counting.fetch_add(1, Ordering::SeqCst);
+            idle_handle(Idle::start_in_arbiter(arbiter, |_| Idle))
+        });
+        let registry = SessionRegistry::new(deps(), vec![Arbiter::current()], start);
+        let user = UserId::from("u1");
+        const CALLERS: usize = 8;
+        let barrier = Barrier::new(CALLERS);
+        let handles: Vec<SessionHandle> = std::thread::scope(|scope| {
+            let callers: Vec<_> = (0..CALLERS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        registry.session(&user).1
+                    })
+                })
+                .collect();
+            callers.into_iter().map(|c| c.join().expect("a caller thread")).collect()
+        });
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        assert!(handles.iter().all(|h| h.release == handles[0].release));
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[actix_rt::test]
+    async fn a_stopped_session_is_replaced_on_next_use() {
+        let start: StartSession =
+            Arc::new(|arbiter, _hub, _registry| idle_handle(Idle::start_in_arbiter(arbiter, |_| Idle)));
+        let registry = SessionRegistry::new(deps(), vec![Arbiter::current()], start);
+        let user = UserId::from("u1");
+        let (hub, first) = registry.session(&user);
+        // A stale stop (of a session that is not the hub's) leaves the running one in place.
+        let other = idle_handle(Idle.start());
+        registry.session_stopped(&hub, &other.release);
+        assert!(hub.session().is_some_and(|s| s.release == first.release));
+        first.release.send(Release).await.expect("delivered");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while first.connected() {
+            assert!(std::time::Instant::now() < deadline, "the session did not stop");
+            actix_rt::task::yield_now().await;
+        }
+        registry.session_stopped(&hub, &first.release);
+        let (_, second) = registry.session(&user);
+        assert!(second.release != first.release);
     }
 }

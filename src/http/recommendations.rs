@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
+use crate::actors::lists::list_from_store;
 use crate::actors::messages::{GetRecommendations, RecFilters};
-use crate::actors::session::list_from_store;
 use crate::event::{Device, ItemId};
 use crate::recs::RecList;
 
@@ -85,7 +85,7 @@ pub async fn get_recommendations(
     };
     if filters.is_empty() && k <= recs.default_k {
         if let Some(latest) = state.registry.hub(&user).and_then(|h| h.latest()) {
-            crate::actors::session::report_impression(&state.registry.deps, &latest.list, k);
+            crate::actors::lists::report_impression(&state.registry.deps, &latest.list, k);
             return Ok(respond(&latest.list, &latest.json, k));
         }
     }
@@ -96,7 +96,7 @@ pub async fn get_recommendations(
         Some(state.registry.session(&user).1)
     };
     let update = match session {
-        Some(session) => session.send(GetRecommendations { k, filters }).await??,
+        Some(session) => session.recommend.send(GetRecommendations { k, filters }).await??,
         None => list_from_store(&state.registry.deps, &user, k, &filters).await?,
     };
     Ok(respond(&update.list, &update.json, k))

@@ -22,9 +22,9 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::events::{decode_value, publish};
 use super::AppState;
+use crate::actors::lists::list_from_store;
 use crate::actors::messages::{EnsureList, RecFilters};
 use crate::actors::registry::Subscription;
-use crate::actors::session::list_from_store;
 use crate::event::UserId;
 use crate::recs::RecUpdate;
 use crate::telemetry::{Gauge, Metrics};
@@ -86,13 +86,13 @@ fn subscribe(state: &AppState, user: &UserId) -> Subscription {
     // The current list goes to the new subscriber at once: an impression the session did not
     // count if it published it to nobody.
     if let Some(current) = subscription.latest() {
-        crate::actors::session::report_impression(&state.registry.deps, &current.list, current.list.items.len());
+        crate::actors::lists::report_impression(&state.registry.deps, &current.list, current.list.items.len());
     }
     match session {
         // The session produces a first list if the user has none yet; a full mailbox means it is
         // busy producing one anyway.
         Some(session) => {
-            let _ = session.try_send(EnsureList);
+            let _ = session.ensure_list.try_send(EnsureList);
         }
         // Production mode, user owned elsewhere (or idle): show the stored list, or one scored
         // from the stored profile, until the owner publishes a newer one.

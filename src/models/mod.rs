@@ -16,8 +16,10 @@ use std::sync::Arc;
 
 use crate::catalog::{Catalog, CategoryIdx, ItemIdx};
 use crate::event::EventType;
+use crate::eventlog::Interaction;
 
-/// One past interaction, as models see it.
+/// One past interaction, as models see it: a compact view of an applied `Interaction` (the
+/// item by catalogue index, the value as the networks' `f32`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HistoryItem {
     pub item: ItemIdx,
@@ -27,6 +29,16 @@ pub struct HistoryItem {
 }
 
 impl HistoryItem {
+    /// The model's view of `interaction`, whose item has catalogue index `item`.
+    pub fn of(interaction: &Interaction, item: ItemIdx) -> Self {
+        Self {
+            item,
+            event_type: interaction.event_type,
+            value: interaction.value.map(|v| v as f32),
+            timestamp: interaction.timestamp,
+        }
+    }
+
     /// How much an interaction says about the user's taste; 0 or less for negative feedback.
     pub fn weight(&self) -> f32 {
         match self.event_type {

@@ -25,7 +25,7 @@ fn rating_of(event: &LoggedEvent) -> Option<f32> {
         EventType::View | EventType::Dwell => Some(3.0),
         EventType::Click => Some(4.0),
         EventType::AddToCart | EventType::Purchase => Some(5.0),
-        EventType::Rating => event.value,
+        EventType::Rating => event.value.map(|v| v as f32),
         EventType::Dislike | EventType::Hide => None,
     }
 }
@@ -214,7 +214,8 @@ impl Recommender for WindowPopularity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::UserId;
+    use crate::event::{EventId, UserId};
+    use crate::eventlog::Interaction;
 
     fn log(catalog: &Catalog) -> Vec<LoggedEvent> {
         let mut events = Vec::new();
@@ -223,10 +224,15 @@ mod tests {
                 let item = catalog.intern(&ItemId::from(format!("i{}", (u + step) % 10).as_str()));
                 events.push(LoggedEvent {
                     user: UserId::from(format!("u{u}").as_str()),
+                    interaction: Interaction {
+                        event_id: EventId::from(format!("u{u}-{step}").as_str()),
+                        item_id: ItemId::from(format!("i{}", (u + step) % 10).as_str()),
+                        event_type: if step == 2 { EventType::Dislike } else { EventType::View },
+                        value: None,
+                        timestamp: 1_000_000 + step as i64 * 1000,
+                        rec_id: None,
+                    },
                     item,
-                    event_type: if step == 2 { EventType::Dislike } else { EventType::View },
-                    value: None,
-                    timestamp: 1_000_000 + step as i64 * 1000,
                     segment: 3,
                     organic: true,
                     logged_at: 1_000_000 + step as i64 * 1000,
@@ -275,7 +281,8 @@ mod tests {
 #[cfg(test)]
 mod gate_tests {
     use super::*;
-    use crate::event::UserId;
+    use crate::event::{EventId, UserId};
+    use crate::eventlog::Interaction;
     use crate::models::sasrec::Config as NetConfig;
     use crate::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
     use crate::models::train::{train_from, TrainConfig, TrainFile};
@@ -292,10 +299,15 @@ mod gate_tests {
                 let at = 1_000_000 + step as i64 * 1000;
                 events.push(LoggedEvent {
                     user: UserId::from(format!("u{u}").as_str()),
+                    interaction: Interaction {
+                        event_id: EventId::from(format!("u{u}-{step}").as_str()),
+                        item_id: ItemId::from(format!("i{}", (u + step) % 30).as_str()),
+                        event_type: EventType::View,
+                        value: None,
+                        timestamp: at,
+                        rec_id: None,
+                    },
                     item,
-                    event_type: EventType::View,
-                    value: None,
-                    timestamp: at,
                     segment: 3,
                     organic: true,
                     logged_at: at,

@@ -4,26 +4,15 @@
 pub mod memory;
 pub mod redis;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Context, EventId, EventType, ItemId, UserId};
+use crate::event::{Context, EventId, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 
-/// One stored interaction.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Interaction {
-    pub event_id: EventId,
-    pub item_id: ItemId,
-    pub event_type: EventType,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<f64>,
-    pub timestamp: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rec_id: Option<Arc<str>>,
-}
+/// One applied interaction, as the profile stores it (the type lives with the event log, which
+/// owns the applied-interaction record; its JSON here is the stored format).
+pub use crate::eventlog::Interaction;
 
 /// Everything kept about a user.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -132,4 +121,14 @@ fn trim_front<T>(list: &mut Vec<T>, keep: usize) {
     if list.len() > keep {
         list.drain(..list.len() - keep);
     }
+}
+
+/// The cross-instance fan-out of published lists (production mode), as the session registry asks
+/// for it: follow a user's lists from other instances while this instance holds the user's hub.
+/// Redis pub/sub implements it (`redis::FanoutCommand` senders); the embedded mode has none.
+pub trait UpdateFanout: Send + Sync {
+    /// Start delivering lists other instances publish for `user`.
+    fn watch(&self, user: &UserId);
+    /// Stop delivering them.
+    fn unwatch(&self, user: &UserId);
 }

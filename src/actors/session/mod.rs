@@ -11,25 +11,31 @@
 //! session stops after `session.idle_ttl_ms` without events or requests and is rebuilt from the
 //! profile store on next use. Restart policy: none; a stopped session is simply started again.
 
+mod attribution;
+mod coalesce;
+
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use self::attribution::{Interacted, ServedLists};
+use self::coalesce::{Answer, Coalescer};
+use super::lists::{build_request, make_list, report_impression, segment_of, tell_monitor};
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
     SessionError, Snapshot, TakeHistory,
 };
 use super::model::{user_hash, Observe, Recommend, ScoredList};
-use super::monitor::{Activity, Impression, Outcome, OutcomeKind};
-use super::registry::{SessionRegistry, UserHub};
+use super::monitor::Activity;
+use super::registry::{SessionHandle, SessionRegistry, UserHub};
 use super::SessionDeps;
 use crate::catalog::ItemIdx;
-use crate::event::{now_ms, Context as EventContext, Event, EventId, EventType, ItemId};
+use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
 use crate::eventlog::LoggedEvent;
 use crate::models::{HistoryItem, Observation, ScoreRequest};
-use crate::recs::{RecItem, RecList, RecUpdate};
+use crate::recs::{RecList, RecUpdate};
 use crate::store::{persisted_now, Interaction, Persisted, Profile, ProfileUpdate};
 
 pub struct SessionActor {
@@ -45,32 +51,16 @@ pub struct SessionActor {
     event_ids: HashSet<EventId>,
     event_order: VecDeque<EventId>,
     suppressed: VecDeque<ItemId>,
-    /// A scoring request for the pushed list is in flight.
-    inflight: bool,
-    /// State changed since the in-flight request was built.
-    dirty: bool,
+    /// The pushed-list request in flight, if any (see the module docs on coalescing).
+    coalescer: Coalescer,
     /// Receive time of the oldest event not yet reflected in a pushed list.
     pending_since: Option<Instant>,
     last_active: Instant,
     /// The last lists served to the user, newest last, for click attribution.
-    served: VecDeque<Served>,
+    served: ServedLists,
     /// When the user was erased, if ever: events from before then are never applied (replays).
     erased_at: Option<i64>,
 }
-
-/// A list served to the user, remembered to attribute clicks and conversions to it.
-struct Served {
-    rec_id: String,
-    items: Vec<ItemId>,
-    version: Arc<str>,
-    variant: Arc<str>,
-    at: Instant,
-    clicked: bool,
-    converted: bool,
-}
-
-/// Lists remembered per user for attribution.
-const SERVED_KEPT: usize = 8;
 
 impl SessionActor {
     pub fn new(hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> Self {
@@ -85,11 +75,10 @@ impl SessionActor {
             event_ids: HashSet::new(),
             event_order: VecDeque::new(),
             suppressed: VecDeque::new(),
-            inflight: false,
-            dirty: false,
+            coalescer: Coalescer::default(),
             pending_since: None,
             last_active: Instant::now(),
-            served: VecDeque::new(),
+            served: ServedLists::default(),
             erased_at: None,
         }
     }
@@ -187,15 +176,7 @@ impl SessionActor {
     }
 
     fn history_items(&self) -> Arc<[HistoryItem]> {
-        self.history
-            .iter()
-            .map(|(i, idx)| HistoryItem {
-                item: *idx,
-                event_type: i.event_type,
-                value: i.value.map(|v| v as f32),
-                timestamp: i.timestamp,
-            })
-            .collect()
+        self.history.iter().map(|(i, idx)| HistoryItem::of(i, *idx)).collect()
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.
@@ -220,25 +201,8 @@ impl SessionActor {
             }
             outcome.applied += 1;
             let idx = self.deps.catalog.intern(&event.item_id);
-            let attributed = self.attribute(&event, idx);
-            self.deps.event_log.append(LoggedEvent {
-                user: self.hub.user.clone(),
-                item: idx,
-                event_type: event.event_type,
-                value: event.value.map(|v| v as f32),
-                timestamp: event.timestamp,
-                segment: event.context.segment(),
-                organic: !attributed,
-                logged_at: now_ms(),
-            });
-            if event.event_type.is_negative() {
-                self.suppressed.retain(|s| *s != event.item_id);
-                self.suppressed.push_back(event.item_id.clone());
-                while self.suppressed.len() > self.deps.config.session.suppressed_len {
-                    self.suppressed.pop_front();
-                }
-                update.suppressed.push(event.item_id.clone());
-            }
+            let segment = event.context.segment();
+            // The one copy off the wire type: from here on, every step reads this interaction.
             let interaction = Interaction {
                 event_id: event.event_id,
                 item_id: event.item_id,
@@ -247,12 +211,18 @@ impl SessionActor {
                 timestamp: event.timestamp,
                 rec_id: event.rec_id,
             };
-            new_items.push(HistoryItem {
-                item: idx,
-                event_type: interaction.event_type,
-                value: interaction.value.map(|v| v as f32),
-                timestamp: interaction.timestamp,
-            });
+            let logged = self.attribute(interaction, idx, segment);
+            let interaction = logged.interaction.clone();
+            self.deps.event_log.append(logged);
+            if interaction.event_type.is_negative() {
+                self.suppressed.retain(|s| *s != interaction.item_id);
+                self.suppressed.push_back(interaction.item_id.clone());
+                while self.suppressed.len() > self.deps.config.session.suppressed_len {
+                    self.suppressed.pop_front();
+                }
+                update.suppressed.push(interaction.item_id.clone());
+            }
+            new_items.push(HistoryItem::of(&interaction, idx));
             update.interactions.push(interaction.clone());
             self.push_history(interaction, idx);
             self.context = Some(event.context);
@@ -284,12 +254,9 @@ impl SessionActor {
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
     fn refresh(&mut self, ctx: &mut Context<Self>) {
-        if self.inflight {
-            self.dirty = true;
+        if !self.coalescer.want() {
             return;
         }
-        self.inflight = true;
-        self.dirty = false;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
         let asked = Instant::now();
         // A child of the applying span when an event caused the refresh.
@@ -301,8 +268,7 @@ impl SessionActor {
             .map(move |result, act, ctx| {
                 let _entered = scoring.enter();
                 act.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
-                act.inflight = false;
-                if act.dirty {
+                if act.coalescer.answered() == Answer::Stale {
                     act.refresh(ctx);
                     return;
                 }
@@ -347,75 +313,49 @@ impl SessionActor {
     /// when it reached someone (a list published to no subscriber is not an impression; a `GET`
     /// that later serves it from the hub reports it then).
     fn record_served(&mut self, list: &RecList, delivered: bool) {
-        let version: Arc<str> = Arc::from(list.model_version.as_str());
-        let variant: Arc<str> = Arc::from(list.variant.as_str());
-        let items: Vec<ItemId> = list.items.iter().map(|i| i.item_id.clone()).collect();
         if delivered {
             report_impression(&self.deps, list, list.items.len());
         }
-        self.served.push_back(Served {
-            rec_id: list.rec_id.clone(),
-            items,
-            version,
-            variant,
-            at: Instant::now(),
-            clicked: false,
-            converted: false,
-        });
-        while self.served.len() > SERVED_KEPT {
-            self.served.pop_front();
-        }
+        self.served.remember(list, Instant::now());
     }
 
-    /// Reports an applied event to the monitor, attributed to a served list (the one it names by
-    /// `rec_id`, else the newest recent list that showed the item) or organic. Each list counts
-    /// at most one click and one conversion. True when attributed.
-    fn attribute(&mut self, event: &Event, idx: ItemIdx) -> bool {
-        let attributed = !event.event_type.is_negative() && self.attribute_outcome(event);
+    /// Reports an applied interaction to the monitor, attributed to a served list (the one it
+    /// names by `rec_id`, else the newest recent list that showed the item) or organic. Each list
+    /// counts at most one click and one conversion. Returns the event log's record of it.
+    fn attribute(&mut self, interaction: Interaction, item: ItemIdx, segment: usize) -> LoggedEvent {
+        let attributed = !interaction.event_type.is_negative() && self.attribute_outcome(&interaction);
+        let logged = LoggedEvent {
+            user: self.hub.user.clone(),
+            interaction,
+            item,
+            segment,
+            organic: !attributed,
+            logged_at: now_ms(),
+        };
         let activity = Activity {
             user: user_hash(self.hub.user.as_str()),
-            item: idx,
-            segment: event.context.segment(),
-            event_type: event.event_type,
-            value: event.value,
-            organic: !attributed,
+            item: logged.item,
+            segment: logged.segment,
+            event_type: logged.event_type,
+            value: logged.value,
+            organic: logged.organic,
         };
         tell_monitor(&self.deps, activity);
-        attributed
+        logged
     }
 
     /// Reports the click or conversion `event` makes on a served list; false when it is on no
     /// recent list (an organic event).
-    fn attribute_outcome(&mut self, event: &Event) -> bool {
+    fn attribute_outcome(&mut self, event: &Interaction) -> bool {
         let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
-        let named = event.rec_id.as_deref();
-        let served = match named.and_then(|id| self.served.iter().position(|s| s.rec_id == id)) {
-            Some(i) => self.served.get_mut(i),
-            None => self.served.iter_mut().rev().find(|s| s.at.elapsed() <= window && s.items.contains(&event.item_id)),
+        let interacted = Interacted {
+            rec_id: event.rec_id.as_deref(),
+            item: &event.item_id,
+            event_type: event.event_type,
+            value: event.value,
         };
-        let Some(served) = served else { return false };
-        let position = served.items.iter().position(|i| *i == event.item_id);
-        if position.is_none() {
-            return false;
-        }
-        let mut outcomes = Vec::new();
-        if !served.clicked {
-            served.clicked = true;
-            outcomes.push(OutcomeKind::Click);
-        }
-        let converts = matches!(event.event_type, EventType::Purchase | EventType::AddToCart);
-        if converts && !served.converted {
-            served.converted = true;
-            outcomes.push(OutcomeKind::Conversion);
-        }
-        for kind in outcomes {
-            let outcome = Outcome {
-                version: served.version.clone(),
-                variant: served.variant.clone(),
-                kind,
-                position,
-                value: if kind == OutcomeKind::Conversion { event.value } else { None },
-            };
+        let Some(outcomes) = self.served.attribute(&interacted, Instant::now(), window) else { return false };
+        for outcome in outcomes {
             tell_monitor(&self.deps, outcome);
         }
         true
@@ -440,6 +380,21 @@ impl SessionActor {
     }
 }
 
+/// Starts `hub`'s session on `arbiter`: the registry's `StartSession`, handed to it by the wiring.
+pub fn start(arbiter: &ArbiterHandle, hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> SessionHandle {
+    let addr = SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(hub, registry));
+    SessionHandle {
+        apply: addr.clone().recipient(),
+        recommend: addr.clone().recipient(),
+        ensure_list: addr.clone().recipient(),
+        snapshot: addr.clone().recipient(),
+        take_history: addr.clone().recipient(),
+        merge: addr.clone().recipient(),
+        reload: addr.clone().recipient(),
+        release: addr.recipient(),
+    }
+}
+
 impl Actor for SessionActor {
     type Context = Context<Self>;
 
@@ -451,7 +406,7 @@ impl Actor for SessionActor {
         let ttl = Duration::from_millis(self.deps.config.session.idle_ttl_ms.max(1));
         let check = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_secs(10));
         ctx.run_interval(check, move |act, ctx| {
-            if act.last_active.elapsed() >= ttl && !act.inflight {
+            if act.last_active.elapsed() >= ttl && !act.coalescer.in_flight() {
                 act.deps.metrics.sessions_evicted.inc();
                 ctx.stop();
             }
@@ -460,7 +415,7 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
         self.deps.metrics.sessions_active.dec();
-        self.registry.session_stopped(&self.hub, &ctx.address());
+        self.registry.session_stopped(&self.hub, &ctx.address().recipient());
     }
 }
 
@@ -614,138 +569,4 @@ impl Handler<MergeHistory> for SessionActor {
         }
         MessageResult(Applied { outcome, persisted: self.persist(update) })
     }
-}
-
-/// The context segment of a request: the user's latest context, with the device overridden if
-/// the request names one; without context, the current hour and the given (or `other`) device.
-pub fn segment_of(context: Option<&EventContext>, device: Option<crate::event::Device>) -> usize {
-    match (context, device) {
-        (Some(c), None) => c.segment(),
-        (Some(c), Some(d)) => EventContext { device: d, ..c.clone() }.segment(),
-        (None, d) => EventContext::at_time(now_ms(), d.unwrap_or_default()).segment(),
-    }
-}
-
-/// Reports the first `k` items of `list` to the monitor as an impression.
-pub fn report_impression(deps: &SessionDeps, list: &RecList, k: usize) {
-    let items = list.items.iter().take(k).filter_map(|i| deps.catalog.lookup(&i.item_id)).collect();
-    let impression = Impression {
-        version: Arc::from(list.model_version.as_str()),
-        variant: Arc::from(list.variant.as_str()),
-        items,
-    };
-    tell_monitor(deps, impression);
-}
-
-/// Sends a report to the monitor without waiting: counted as queued, or as refused when its
-/// mailbox is full (serving never waits for the monitor).
-fn tell_monitor<M>(deps: &SessionDeps, report: M)
-where
-    M: Message<Result = ()> + Send + 'static,
-    super::monitor::MonitorActor: Handler<M>,
-{
-    match deps.monitor.try_send(report) {
-        Ok(()) => deps.metrics.monitor_queued.inc(),
-        Err(_) => deps.metrics.monitor_refused.inc(),
-    }
-}
-
-/// A scoring request from a user's state: consumed items (by the configured event types),
-/// suppressed items and the caller's filters become exclusions.
-pub fn build_request<'a>(
-    deps: &SessionDeps,
-    history: Arc<[HistoryItem]>,
-    suppressed: impl Iterator<Item = &'a ItemId>,
-    context: Option<&EventContext>,
-    k: usize,
-    filters: &RecFilters,
-) -> ScoreRequest {
-    let excluded_types = &deps.config.session.exclude_event_types;
-    let mut exclude: Vec<ItemIdx> =
-        history.iter().filter(|h| excluded_types.contains(&h.event_type)).map(|h| h.item).collect();
-    exclude.extend(filters.exclude.iter().filter_map(|id| deps.catalog.lookup(id)));
-    let negatives = suppressed.filter_map(|id| deps.catalog.lookup(id)).collect();
-    let categories = if filters.categories.is_empty() {
-        None
-    } else {
-        // An unknown category matches no item, which is the honest answer.
-        Some(filters.categories.iter().filter_map(|c| deps.catalog.category_idx(c)).collect())
-    };
-    ScoreRequest { history, segment: segment_of(context, filters.device), exclude, negatives, categories, k }
-}
-
-/// A client-facing list from scored items.
-pub fn make_list(
-    deps: &SessionDeps,
-    user: &crate::event::UserId,
-    scored: &ScoredList,
-    seq: u64,
-    last_event_id: Option<EventId>,
-) -> RecList {
-    let indices: Vec<ItemIdx> = scored.items.iter().map(|s| s.item).collect();
-    let items = deps
-        .catalog
-        .ids_of(&indices)
-        .into_iter()
-        .zip(&scored.items)
-        .map(|(item_id, s)| RecItem { item_id, score: s.score })
-        .collect();
-    RecList {
-        rec_id: uuid::Uuid::now_v7().to_string(),
-        user_id: user.clone(),
-        model_version: scored.version.to_string(),
-        variant: scored.variant.to_string(),
-        generated_at: now_ms(),
-        seq,
-        last_event_id,
-        items,
-    }
-}
-
-/// A list for a user whose session does not run here (production mode, where another instance
-/// may own the user): the stored last list when it fits the request, else scored from the stored
-/// profile. Store failures degrade to a list from no history rather than an error.
-pub async fn list_from_store(
-    deps: &SessionDeps,
-    user: &crate::event::UserId,
-    k: usize,
-    filters: &RecFilters,
-) -> Result<Arc<RecUpdate>, SessionError> {
-    let profile = match deps.store.load(user).await {
-        Ok(profile) => profile,
-        Err(error) => {
-            deps.metrics.store_errors.inc();
-            tracing::warn!(error = %error, "profile unavailable; answering from no history");
-            None
-        }
-    };
-    let last = profile.as_ref().and_then(|p| p.last_recs.clone());
-    if filters.is_empty() && k <= deps.config.recs.default_k {
-        if let Some(recs) = last.clone() {
-            return Ok(RecUpdate::new(recs));
-        }
-    }
-    let (history, suppressed, context) = match &profile {
-        Some(p) => (
-            p.interactions
-                .iter()
-                .map(|i| HistoryItem {
-                    item: deps.catalog.intern(&i.item_id),
-                    event_type: i.event_type,
-                    value: i.value.map(|v| v as f32),
-                    timestamp: i.timestamp,
-                })
-                .collect::<Arc<[HistoryItem]>>(),
-            p.suppressed.clone(),
-            p.context.clone(),
-        ),
-        None => (Arc::from(Vec::new()), Vec::new(), None),
-    };
-    let request = build_request(deps, history, suppressed.iter(), context.as_ref(), k, filters);
-    let scored = match deps.model.send(Recommend { request, user: user_hash(user.as_str()) }).await {
-        Ok(Ok(scored)) => scored,
-        _ => return Err(SessionError::ModelUnavailable),
-    };
-    let last_event = profile.as_ref().and_then(|p| p.interactions.last()).map(|i| i.event_id.clone());
-    Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq), last_event)))
 }

@@ -1,0 +1,149 @@
+//! Building recommendation lists for a user: the scoring request from a user's state, the
+//! client-facing `RecList` from scored items, the list from the stored profile for a user whose
+//! session does not run here, and impressions reported to the monitor. Shared by the session
+//! actor and the HTTP handlers, so HTTP never reaches into a session.
+//!
+//! It sits beside the actors rather than in `recs` because it talks to the model and monitor
+//! actors (their message types live with them).
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::messages::{RecFilters, SessionError};
+use super::model::{user_hash, Recommend, ScoredList};
+use super::monitor::Impression;
+use super::SessionDeps;
+use crate::catalog::ItemIdx;
+use crate::event::{now_ms, Context as EventContext, EventId, ItemId};
+use crate::models::{HistoryItem, ScoreRequest};
+use crate::recs::{RecItem, RecList, RecUpdate};
+
+/// The context segment of a request: the user's latest context, with the device overridden if
+/// the request names one; without context, the current hour and the given (or `other`) device.
+pub fn segment_of(context: Option<&EventContext>, device: Option<crate::event::Device>) -> usize {
+    match (context, device) {
+        (Some(c), None) => c.segment(),
+        (Some(c), Some(d)) => EventContext { device: d, ..c.clone() }.segment(),
+        (None, d) => EventContext::at_time(now_ms(), d.unwrap_or_default()).segment(),
+    }
+}
+
+/// Reports the first `k` items of `list` to the monitor as an impression.
+pub fn report_impression(deps: &SessionDeps, list: &RecList, k: usize) {
+    let items = list.items.iter().take(k).filter_map(|i| deps.catalog.lookup(&i.item_id)).collect();
+    let impression = Impression {
+        version: Arc::from(list.model_version.as_str()),
+        variant: Arc::from(list.variant.as_str()),
+        items,
+    };
+    tell_monitor(deps, impression);
+}
+
+/// Sends a report to the monitor without waiting: counted as queued, or as refused when its
+/// mailbox is full (serving never waits for the monitor).
+pub fn tell_monitor<M>(deps: &SessionDeps, report: M)
+where
+    M: Message<Result = ()> + Send + 'static,
+    super::monitor::MonitorActor: Handler<M>,
+{
+    match deps.monitor.try_send(report) {
+        Ok(()) => deps.metrics.monitor_queued.inc(),
+        Err(_) => deps.metrics.monitor_refused.inc(),
+    }
+}
+
+/// A scoring request from a user's state: consumed items (by the configured event types),
+/// suppressed items and the caller's filters become exclusions.
+pub fn build_request<'a>(
+    deps: &SessionDeps,
+    history: Arc<[HistoryItem]>,
+    suppressed: impl Iterator<Item = &'a ItemId>,
+    context: Option<&EventContext>,
+    k: usize,
+    filters: &RecFilters,
+) -> ScoreRequest {
+    let excluded_types = &deps.config.session.exclude_event_types;
+    let mut exclude: Vec<ItemIdx> =
+        history.iter().filter(|h| excluded_types.contains(&h.event_type)).map(|h| h.item).collect();
+    exclude.extend(filters.exclude.iter().filter_map(|id| deps.catalog.lookup(id)));
+    let negatives = suppressed.filter_map(|id| deps.catalog.lookup(id)).collect();
+    let categories = if filters.categories.is_empty() {
+        None
+    } else {
+        // An unknown category matches no item, which is the honest answer.
+        Some(filters.categories.iter().filter_map(|c| deps.catalog.category_idx(c)).collect())
+    };
+    ScoreRequest { history, segment: segment_of(context, filters.device), exclude, negatives, categories, k }
+}
+
+/// A client-facing list from scored items.
+pub fn make_list(
+    deps: &SessionDeps,
+    user: &crate::event::UserId,
+    scored: &ScoredList,
+    seq: u64,
+    last_event_id: Option<EventId>,
+) -> RecList {
+    let indices: Vec<ItemIdx> = scored.items.iter().map(|s| s.item).collect();
+    let items = deps
+        .catalog
+        .ids_of(&indices)
+        .into_iter()
+        .zip(&scored.items)
+        .map(|(item_id, s)| RecItem { item_id, score: s.score })
+        .collect();
+    RecList {
+        rec_id: uuid::Uuid::now_v7().to_string(),
+        user_id: user.clone(),
+        model_version: scored.version.to_string(),
+        variant: scored.variant.to_string(),
+        generated_at: now_ms(),
+        seq,
+        last_event_id,
+        items,
+    }
+}
+
+/// A list for a user whose session does not run here (production mode, where another instance
+/// may own the user): the stored last list when it fits the request, else scored from the stored
+/// profile. Store failures degrade to a list from no history rather than an error.
+pub async fn list_from_store(
+    deps: &SessionDeps,
+    user: &crate::event::UserId,
+    k: usize,
+    filters: &RecFilters,
+) -> Result<Arc<RecUpdate>, SessionError> {
+    let profile = match deps.store.load(user).await {
+        Ok(profile) => profile,
+        Err(error) => {
+            deps.metrics.store_errors.inc();
+            tracing::warn!(error = %error, "profile unavailable; answering from no history");
+            None
+        }
+    };
+    let last = profile.as_ref().and_then(|p| p.last_recs.clone());
+    if filters.is_empty() && k <= deps.config.recs.default_k {
+        if let Some(recs) = last.clone() {
+            return Ok(RecUpdate::new(recs));
+        }
+    }
+    let (history, suppressed, context) = match &profile {
+        Some(p) => (
+            p.interactions
+                .iter()
+                .map(|i| HistoryItem::of(i, deps.catalog.intern(&i.item_id)))
+                .collect::<Arc<[HistoryItem]>>(),
+            p.suppressed.clone(),
+            p.context.clone(),
+        ),
+        None => (Arc::from(Vec::new()), Vec::new(), None),
+    };
+    let request = build_request(deps, history, suppressed.iter(), context.as_ref(), k, filters);
+    let scored = match deps.model.send(Recommend { request, user: user_hash(user.as_str()) }).await {
+        Ok(Ok(scored)) => scored,
+        _ => return Err(SessionError::ModelUnavailable),
+    };
+    let last_event = profile.as_ref().and_then(|p| p.interactions.last()).map(|i| i.event_id.clone());
+    Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq), last_event)))
+}

@@ -1,0 +1,170 @@
+//! The cross-instance fan-out of pushed lists over Redis pub/sub (production mode): each user's
+//! lists and erasures travel on `<prefix>:updates:{<user>}`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::redis;
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+
+use super::keys::updates_channel;
+use crate::event::UserId;
+use crate::recs::RecList;
+use crate::telemetry::Metrics;
+
+/// Forwards lists published by other instances to local subscribers: subscribes to the channel of
+/// every user this instance has a hub for, and re-subscribes after Redis comes back. An erasure
+/// travels the same channel, so every instance closes the erased user's streams.
+pub struct RedisFanout;
+
+/// What arrives on a user's update channel.
+#[derive(Debug)]
+pub enum FanoutMessage {
+    /// A list another instance published.
+    List(RecList),
+    /// The user was erased (on any instance).
+    Erased(UserId),
+}
+
+/// The message published on a user's update channel when the user is erased. Lists are JSON
+/// objects that start with `{"rec_id"`, so the two never mix.
+pub(super) fn erased_notice(user: &UserId) -> String {
+    serde_json::json!({ "erased": user }).to_string()
+}
+
+fn parse_update(payload: &str) -> Result<FanoutMessage, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Erased {
+        erased: UserId,
+    }
+    if payload.starts_with("{\"erased\"") {
+        return serde_json::from_str::<Erased>(payload).map(|e| FanoutMessage::Erased(e.erased));
+    }
+    serde_json::from_str(payload).map(FanoutMessage::List)
+}
+
+/// What the registry asks of the fan-out.
+#[derive(Debug)]
+pub enum FanoutCommand {
+    Watch(UserId),
+    Unwatch(UserId),
+}
+
+/// The registry's side of the fan-out: commands queue for `RedisFanout::run`. A closed channel
+/// (the fan-out ended with the server) drops them.
+impl crate::store::UpdateFanout for mpsc::UnboundedSender<FanoutCommand> {
+    fn watch(&self, user: &UserId) {
+        let _ = self.send(FanoutCommand::Watch(user.clone()));
+    }
+
+    fn unwatch(&self, user: &UserId) {
+        let _ = self.send(FanoutCommand::Unwatch(user.clone()));
+    }
+}
+
+impl RedisFanout {
+    /// Runs until `commands` closes. `deliver` gets every list published for a watched user, and
+    /// every erasure of one.
+    pub async fn run(
+        url: String,
+        prefix: String,
+        mut commands: mpsc::UnboundedReceiver<FanoutCommand>,
+        deliver: impl Fn(FanoutMessage) + 'static,
+        metrics: Arc<Metrics>,
+    ) {
+        let mut watched: HashSet<UserId> = HashSet::new();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let client = match redis::Client::open(url.as_str()) {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::error!(error = %error, "invalid redis url for update fan-out");
+                    return;
+                }
+            };
+            let pubsub = match client.get_async_pubsub().await {
+                Ok(pubsub) => pubsub,
+                Err(error) => {
+                    metrics.store_errors.inc();
+                    tracing::debug!(error = %error, "update fan-out cannot reach redis; retrying");
+                    actix_rt::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    // Keep the watch list current while disconnected.
+                    while let Ok(command) = commands.try_recv() {
+                        apply(&mut watched, command);
+                    }
+                    continue;
+                }
+            };
+            delay = Duration::from_millis(50);
+            let (mut sink, mut stream) = pubsub.split();
+            let mut ok = true;
+            for user in &watched {
+                if sink.subscribe(updates_channel(&prefix, user)).await.is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            while ok {
+                tokio::select! {
+                    command = commands.recv() => {
+                        let Some(command) = command else { return };
+                        let result = match &command {
+                            FanoutCommand::Watch(user) => sink.subscribe(updates_channel(&prefix, user)).await,
+                            FanoutCommand::Unwatch(user) => sink.unsubscribe(updates_channel(&prefix, user)).await,
+                        };
+                        apply(&mut watched, command);
+                        ok = result.is_ok();
+                    }
+                    message = stream.next() => {
+                        let Some(message) = message else { break };
+                        let Ok(payload) = message.get_payload::<String>() else { continue };
+                        match parse_update(&payload) {
+                            Ok(message) => deliver(message),
+                            Err(error) => tracing::warn!(error = %error, "unreadable list on an update channel"),
+                        }
+                    }
+                }
+            }
+            metrics.store_errors.inc();
+            tracing::warn!("update fan-out lost its redis connection; reconnecting");
+        }
+    }
+}
+
+fn apply(watched: &mut HashSet<UserId>, command: FanoutCommand) {
+    match command {
+        FanoutCommand::Watch(user) => {
+            watched.insert(user);
+        }
+        FanoutCommand::Unwatch(user) => {
+            watched.remove(&user);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_channels_carry_lists_and_erasures_apart() {
+        let erased = parse_update(&erased_notice(&UserId::from("erin"))).expect("notice");
+        assert!(matches!(erased, FanoutMessage::Erased(user) if user.as_str() == "erin"));
+        let list = RecList {
+            rec_id: "r1".into(),
+            user_id: UserId::from("erin"),
+            model_version: "v1".into(),
+            variant: "control".into(),
+            generated_at: 1,
+            seq: 3,
+            last_event_id: None,
+            items: vec![],
+        };
+        let parsed = parse_update(&serde_json::to_string(&list).expect("list")).expect("list");
+        assert!(matches!(parsed, FanoutMessage::List(l) if l == list));
+        assert!(parse_update("{\"erased\": 5}").is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! The Redis profile store (deadpool-redis), for production mode.
+//!
+//! Per user, four keys share one hash tag so a cluster keeps them on one slot:
+//! `<prefix>:{<user>}:h` (list: interactions as JSON, oldest first), `…:ids` (sorted set: recent
+//! event ids by arrival), `…:s` (list: suppressed items) and `…:p` (hash: latest context, last
+//! list, counters). One Lua script appends a user's new interactions atomically: it skips event
+//! ids already present, appends, trims every list to its limit and refreshes the TTL.
+//!
+//! Writes go through one writer task that takes every queued write, sends them as a single
+//! pipeline (one round trip for many users), and on failure retries the same pipeline with capped
+//! exponential backoff until Redis answers. The script is idempotent, so retrying a pipeline that
+//! partly ran is safe, and nothing accepted is dropped while Redis is away: the writes wait and the
+//! callers' `Persisted` futures resolve only once Redis has them.
+//!
+//! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
+//! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
+mod fanout;
+mod keys;
+mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, AsyncCommands as _};
+use deadpool_redis::{Pool, Runtime};
+use tokio::sync::{mpsc, oneshot};
+
+pub use self::fanout::{FanoutCommand, FanoutMessage, RedisFanout};
+pub use self::keys::updates_channel;
+use self::keys::{keys, tombstone_key};
+use self::writer::{Write, Writer, APPEND_SCRIPT};
+use super::{Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
+use crate::config::RedisConfig;
+use crate::event::{Context, EventId, ItemId, UserId};
+use crate::recs::{RecList, RecUpdate};
+use crate::telemetry::Metrics;
+
+/// The raw parts of one stored profile: history, ids, suppressed, (context, last list).
+type RawProfile = (Vec<String>, Vec<String>, Vec<String>, (Option<String>, Option<String>));
+
+struct Load {
+    user: UserId,
+    reply: oneshot::Sender<Result<RawProfile, String>>,
+}
+pub struct RedisStore {
+    pool: Pool,
+    prefix: String,
+    writes: mpsc::UnboundedSender<Write>,
+    loads: mpsc::UnboundedSender<Load>,
+    pending_lists: Arc<AtomicUsize>,
+    max_pending_lists: usize,
+    degraded: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    tombstone_ttl_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error("invalid redis configuration: {0}")]
+    Config(String),
+}
+
+impl RedisStore {
+    /// Creates the pool and starts the writer task on `arbiter`. Connections are made
+    /// lazily, so Redis need not be up yet.
+    pub fn start(
+        config: &RedisConfig,
+        limits: ProfileLimits,
+        metrics: Arc<Metrics>,
+        arbiter: &actix::ArbiterHandle,
+    ) -> Result<Self, RedisSetupError> {
+        let mut pool_config = deadpool_redis::Config::from_url(config.url.clone());
+        pool_config.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size.max(1)));
+        let pool =
+            pool_config.create_pool(Some(Runtime::Tokio1)).map_err(|e| RedisSetupError::Config(e.to_string()))?;
+        let (writes, queue) = mpsc::unbounded_channel();
+        let degraded = Arc::new(AtomicBool::new(false));
+        let pending_lists = Arc::new(AtomicUsize::new(0));
+        let writer = Writer {
+            pool: pool.clone(),
+            prefix: config.key_prefix.clone(),
+            limits,
+            ttl: config.profile_ttl_secs,
+            batch: config.write_batch.max(1),
+            retry_initial: Duration::from_millis(config.retry_initial_ms.max(1)),
+            retry_max: Duration::from_millis(config.retry_max_ms.max(config.retry_initial_ms.max(1))),
+            script: redis::Script::new(APPEND_SCRIPT),
+            degraded: degraded.clone(),
+            pending_lists: pending_lists.clone(),
+            metrics: metrics.clone(),
+        };
+        arbiter.spawn(writer.run(queue));
+        let (loads, load_queue) = mpsc::unbounded_channel();
+        arbiter.spawn(run_loader(
+            pool.clone(),
+            config.key_prefix.clone(),
+            config.write_batch.max(1),
+            load_queue,
+            metrics.clone(),
+        ));
+        Ok(Self {
+            pool,
+            prefix: config.key_prefix.clone(),
+            writes,
+            loads,
+            pending_lists,
+            max_pending_lists: config.max_pending_lists,
+            degraded,
+            metrics,
+            tombstone_ttl_secs: limits.tombstone_ttl_secs,
+        })
+    }
+
+    async fn connection(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    /// Whether Redis answers a PING now.
+    pub async fn ping(&self) -> bool {
+        match self.connection().await {
+            Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+#[async_trait]
+impl ProfileStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    async fn load(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.loads
+            .send(Load { user: user.clone(), reply })
+            .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?;
+        let (history, ids, suppressed, fields) = rx
+            .await
+            .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?
+            .map_err(StoreError::Unavailable)?;
+        if history.is_empty() && ids.is_empty() && suppressed.is_empty() && fields.0.is_none() && fields.1.is_none() {
+            return Ok(None);
+        }
+        let mut corrupt = 0;
+        let interactions = history
+            .iter()
+            .filter_map(|json| serde_json::from_str::<Interaction>(json).map_err(|_| corrupt += 1).ok())
+            .collect();
+        let context = fields.0.and_then(|json| serde_json::from_str::<Context>(&json).map_err(|_| corrupt += 1).ok());
+        let last_recs = fields.1.and_then(|json| serde_json::from_str::<RecList>(&json).map_err(|_| corrupt += 1).ok());
+        if corrupt > 0 {
+            self.metrics.store_errors.add(corrupt);
+            tracing::error!(user = %user, entries = corrupt, "skipped unreadable entries of a stored profile");
+        }
+        Ok(Some(Profile {
+            interactions,
+            context,
+            event_ids: ids.into_iter().map(|id| EventId::from(id.as_str())).collect(),
+            suppressed: suppressed.into_iter().map(|id| ItemId::from(id.as_str())).collect(),
+            last_recs,
+        }))
+    }
+
+    fn append(&self, update: ProfileUpdate) -> Persisted {
+        let (done, rx) = oneshot::channel();
+        if self.writes.send(Write::Append { update, done }).is_err() {
+            // The writer is gone (shutting down): never report this as durable.
+            return Box::pin(std::future::pending());
+        }
+        Box::pin(async move {
+            if rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+
+    fn save_recs(&self, update: &RecUpdate) {
+        if self.pending_lists.load(Ordering::Relaxed) >= self.max_pending_lists {
+            self.metrics.store_errors.inc();
+            return;
+        }
+        self.pending_lists.fetch_add(1, Ordering::Relaxed);
+        // The list was serialised once when published; the same bytes are stored and broadcast.
+        let (user, seq, json) = (update.list.user_id.clone(), update.list.seq, update.json.clone());
+        let _ = self.writes.send(Write::Recs { user, seq, json });
+    }
+
+    async fn erase(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
+        let mut conn = self.connection().await?;
+        let key = tombstone_key(&self.prefix, user);
+        let _: () = if self.tombstone_ttl_secs > 0 {
+            conn.set_ex(key, at_ms, self.tombstone_ttl_secs).await.map_err(unavailable)?
+        } else {
+            conn.set(key, at_ms).await.map_err(unavailable)?
+        };
+        let (done, rx) = oneshot::channel();
+        self.writes
+            .send(Write::Erase { user: user.clone(), done })
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the store writer stopped".into()))
+    }
+
+    async fn tombstone(&self, user: &UserId) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.connection().await?;
+        conn.get(tombstone_key(&self.prefix, user)).await.map_err(unavailable)
+    }
+
+    async fn remove(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
+        let profile = self.load(user).await?;
+        let k = keys(&self.prefix, user);
+        let mut conn = self.connection().await?;
+        let _: () = conn.del(&[k.history, k.ids, k.suppressed, k.profile]).await.map_err(unavailable)?;
+        Ok(profile)
+    }
+}
+
+/// Loads profiles in batches: every load queued while one pipeline runs goes in the next, so a
+/// burst of new sessions (a rebalance, a wave of new users) costs a few round trips, not one each.
+async fn run_loader(
+    pool: Pool,
+    prefix: String,
+    batch: usize,
+    mut queue: mpsc::UnboundedReceiver<Load>,
+    metrics: Arc<Metrics>,
+) {
+    let mut pending = Vec::with_capacity(batch);
+    while let Some(first) = queue.recv().await {
+        pending.push(first);
+        while pending.len() < batch {
+            match queue.try_recv() {
+                Ok(load) => pending.push(load),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        for load in &pending {
+            let k = keys(&prefix, &load.user);
+            pipe.lrange(&k.history, 0, -1)
+                .zrange(&k.ids, 0, -1)
+                .lrange(&k.suppressed, 0, -1)
+                .cmd("HMGET")
+                .arg(&k.profile)
+                .arg("context")
+                .arg("recs");
+        }
+        let started = std::time::Instant::now();
+        let result: Result<Vec<redis::Value>, String> = async {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            pipe.query_async(&mut conn).await.map_err(|e| e.to_string())
+        }
+        .await;
+        metrics.store_load_seconds.observe_duration(started.elapsed());
+        match result {
+            Ok(values) => {
+                let mut values = values.into_iter();
+                for load in pending.drain(..) {
+                    let mut part = || values.next().ok_or_else(|| "short pipeline reply".to_owned());
+                    let raw = (|| -> Result<RawProfile, String> {
+                        let conv = |v: redis::Value| -> Result<Vec<String>, String> {
+                            redis::from_redis_value(v).map_err(|e| e.to_string())
+                        };
+                        let history = conv(part()?)?;
+                        let ids = conv(part()?)?;
+                        let suppressed = conv(part()?)?;
+                        let fields = redis::from_redis_value(part()?).map_err(|e| e.to_string())?;
+                        Ok((history, ids, suppressed, fields))
+                    })();
+                    let _ = load.reply.send(raw);
+                }
+            }
+            Err(error) => {
+                for load in pending.drain(..) {
+                    let _ = load.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
