@@ -799,4 +799,94 @@ mod tests {
         assert!(m.families().contains(&("liverec_stage_seconds", "histogram")));
         assert!(m.families().contains(&("liverec_ingest_events_total", "counter")));
     }
+
+    /// The exposition of every family, each series with a value of its own, byte for byte as
+    /// `exposition.golden` records it (resident memory, read from /proc, left out): declaring a
+    /// metric differently must not change what Prometheus scrapes.
+    #[test]
+    fn exposition_matches_the_recorded_one() {
+        let m = Metrics::default();
+        m.ingest_events_http.add(1);
+        m.ingest_events_ws.add(2);
+        m.ingest_invalid.add(3);
+        m.ingest_shed.add(4);
+        m.http_rate_limited.add(5);
+        m.process_resident_bytes.set(6);
+        m.privacy_erased.add(7);
+        m.privacy_skipped.add(8);
+        m.ingest_queued.set(9);
+        m.eventlog_events.set(10);
+        m.session_applied.add(11);
+        m.session_duplicates.add(12);
+        m.sessions_active.set(13);
+        m.sessions_started.add(14);
+        m.sessions_evicted.add(15);
+        m.store_errors.add(16);
+        m.store_write_seconds.observe(17.0 / 1000.0);
+        m.store_load_seconds.observe(18.0 / 1000.0);
+        m.store_write_batch_size.observe(19.0 / 1000.0);
+        m.push_updates.add(20);
+        m.push_sent_sse.add(21);
+        m.push_sent_ws.add(22);
+        m.push_dropped_stale.add(23);
+        m.subscribers_sse.set(24);
+        m.subscribers_ws.set(25);
+        m.ws_invalid_messages.add(26);
+        m.model_requests.add(27);
+        m.model_refused.add(28);
+        m.model_batches.add(29);
+        m.model_batch_size.observe(30.0 / 1000.0);
+        m.model_inference_seconds.observe(31.0 / 1000.0);
+        m.model_queued.set(32);
+        m.event_to_push_seconds.observe(33.0 / 1000.0);
+        m.stage_receive_seconds.observe(34.0 / 1000.0);
+        m.stage_apply_seconds.observe(35.0 / 1000.0);
+        m.stage_model_seconds.observe(36.0 / 1000.0);
+        m.stage_push_seconds.observe(37.0 / 1000.0);
+        m.kafka_records.add(38);
+        m.kafka_dead_letters.add(39);
+        m.kafka_rebalances.add(40);
+        m.kafka_paused.add(41);
+        m.kafka_restarts.add(42);
+        m.kafka_errors.add(43);
+        m.kafka_lag.set(44);
+        m.fanout_received.add(45);
+        m.monitor_impressions.add(46);
+        m.monitor_clicks.add(47);
+        m.monitor_conversions.add(48);
+        m.monitor_breaches.add(49);
+        m.monitor_refused.add(50);
+        m.monitor_queued.set(51);
+        m.trainer_triggers_monitor.add(52);
+        m.trainer_triggers_schedule.add(53);
+        m.trainer_triggers_admin.add(54);
+        m.trainer_coalesced.add(55);
+        m.trainer_runs_rejected.add(56);
+        m.trainer_runs_passed.add(57);
+        m.trainer_runs_failed.add(58);
+        m.trainer_training_seconds.observe(59.0 / 1000.0);
+        m.rollout_canaries.add(60);
+        m.rollout_promotions.add(61);
+        m.rollout_rollbacks.add(62);
+        m.rollout_share.set(63.5);
+        m.drift_popularity.set(64.5);
+        m.drift_category.set(65.5);
+        m.drift_context.set(66.5);
+        m.ctr_serving.set(67.5);
+        let text: String = m
+            .render()
+            .lines()
+            .filter(|line| !line.starts_with("liverec_process_resident_memory_bytes "))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        // The order families were declared in is not part of the exposition.
+        let mut families = m.families().to_vec();
+        families.sort();
+        let families: String = families.iter().map(|(name, kind)| format!("# family {name} {kind}\n")).collect();
+        let got = format!("{families}{text}");
+        if let Ok(path) = std::env::var("LIVEREC_WRITE_GOLDEN") {
+            std::fs::write(path, &got).expect("golden file written");
+        }
+        assert_eq!(got, include_str!("telemetry/exposition.golden"));
+    }
 }
