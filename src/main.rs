@@ -269,7 +269,8 @@ mod offline {
     use liverec::models::eval::{
         evaluate, evaluate_all, markdown_report, PartMetrics, PopularityRanker, Ranker, SequentialRanker,
     };
-    use liverec::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, SequentialModel};
+    use liverec::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics};
+    use liverec::models::sequential::SequentialModel;
     use liverec::models::train::{train as train_model, TrainFile};
 
     fn load(data: &Path) -> anyhow::Result<(Dataset, Layout, Split)> {
