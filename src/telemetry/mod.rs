@@ -1,4 +1,4 @@
-//! Every metric liverec exports, declared in one place, and (in [`logging`]) the logging and
+//! Every metric liverec exports, declared in one place, and (in `telemetry/logging.rs`) the logging and
 //! trace set-up.
 //!
 //! Metrics go through OpenTelemetry: one `SdkMeterProvider` per server whose reader is the
