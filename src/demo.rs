@@ -133,9 +133,9 @@ pub fn train_sequential(
     seed: u64,
     registry: &std::path::Path,
 ) -> Result<std::path::PathBuf, String> {
+    use crate::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
     use crate::models::data::Split;
     use crate::models::sasrec::Config as NetConfig;
-    use crate::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
     use crate::models::train::{train, TrainConfig, TrainFile};
 
     let dataset = training_dataset(catalog, items, users.min(800), seed);

@@ -152,63 +152,14 @@ fn main() -> ExitCode {
                 workers,
                 ..liverec::sim::SimConfig::default()
             };
-            match actix_web::rt::System::new().block_on(liverec::sim::run(config)) {
-                Ok(report) => {
-                    println!("{}", serde_json::to_string_pretty(&report).expect("reports serialise"));
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("liverec: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+            simulate(config)
         }
         Command::Train { data, out, config, quiet } => exit_code(offline::train(&data, &out, config.as_deref(), quiet)),
         Command::Eval { data, model, json, report } => {
             exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref()))
         }
-        Command::Key { id, role } => {
-            let role = match role.as_str() {
-                "producer" => liverec::auth::Role::Producer,
-                "reader" => liverec::auth::Role::Reader,
-                _ => liverec::auth::Role::Admin,
-            };
-            match liverec::auth::new_key(&id, role) {
-                Ok((key, entry)) => {
-                    eprintln!("# The key, shown once: give it to the client (Authorization: Bearer <key>).");
-                    println!("{key}");
-                    eprintln!("# Add this entry to the configuration (it holds only a salted hash):");
-                    let entry = toml::to_string(&serde_json::json!({ "auth": { "api_keys": [entry] } }))
-                        .expect("key entries serialise");
-                    eprintln!("{entry}");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("liverec: no random bytes from the system: {error}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Token { user, ttl, config } => {
-            let config = match Config::load(config.as_deref(), &Overrides::default()) {
-                Ok(config) => config,
-                Err(error) => {
-                    eprintln!("liverec: {error}");
-                    return ExitCode::from(2);
-                }
-            };
-            let on = liverec::auth::AuthConfig { mode: liverec::auth::AuthMode::On, ..config.auth.clone() };
-            match liverec::auth::Auth::new(&on, false) {
-                Ok(auth) => {
-                    println!("{}", auth.mint(&user, ttl.unwrap_or(config.auth.token_ttl_secs)));
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("liverec: {error}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Command::Key { id, role } => key(&id, &role),
+        Command::Token { user, ttl, config } => token(&user, ttl, config.as_deref()),
         Command::Schema => {
             println!(
                 "{}",
@@ -216,35 +167,103 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Serve { config, listen, print_config } => {
-            let config = match Config::load(config.as_deref(), &Overrides { listen }) {
-                Ok(config) => config,
-                Err(error) => {
-                    eprintln!("liverec: {error}");
-                    return ExitCode::from(2);
-                }
-            };
-            if print_config {
-                match toml_text(&config) {
-                    Ok(text) => print!("{text}"),
-                    Err(error) => eprintln!("liverec: {error}"),
-                }
-                return ExitCode::SUCCESS;
-            }
-            let _telemetry = match liverec::telemetry::init(&config.log, &config.tracing) {
-                Ok(guard) => guard,
-                Err(error) => {
-                    eprintln!("liverec: {error}");
-                    return ExitCode::from(2);
-                }
-            };
-            match actix_web::rt::System::new().block_on(serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("liverec: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Serve { config, listen, print_config } => serve_command(config.as_deref(), listen, print_config),
+    }
+}
+
+/// `simulate`: sends synthetic user traffic to a server and prints the report.
+fn simulate(config: liverec::sim::SimConfig) -> ExitCode {
+    match actix_web::rt::System::new().block_on(liverec::sim::run(config)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string_pretty(&report).expect("reports serialise"));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `key`: prints a new API key, and the configuration entry that admits it.
+fn key(id: &str, role: &str) -> ExitCode {
+    let role = match role {
+        "producer" => liverec::auth::Role::Producer,
+        "reader" => liverec::auth::Role::Reader,
+        _ => liverec::auth::Role::Admin,
+    };
+    match liverec::auth::new_key(id, role) {
+        Ok((key, entry)) => {
+            eprintln!("# The key, shown once: give it to the client (Authorization: Bearer <key>).");
+            println!("{key}");
+            eprintln!("# Add this entry to the configuration (it holds only a salted hash):");
+            let entry = toml::to_string(&serde_json::json!({ "auth": { "api_keys": [entry] } }))
+                .expect("key entries serialise");
+            eprintln!("{entry}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("liverec: no random bytes from the system: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `token`: prints a stream token for `user`, signed with the configured secret.
+fn token(user: &str, ttl: Option<u64>, config: Option<&std::path::Path>) -> ExitCode {
+    let config = match Config::load(config, &Overrides::default()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let on = liverec::auth::AuthConfig { mode: liverec::auth::AuthMode::On, ..config.auth.clone() };
+    match liverec::auth::Auth::new(&on, false) {
+        Ok(auth) => {
+            println!("{}", auth.mint(user, ttl.unwrap_or(config.auth.token_ttl_secs)));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `serve`: loads the configuration, installs logging and tracing, and runs the server until a
+/// signal (or prints the configuration).
+fn serve_command(
+    config: Option<&std::path::Path>,
+    listen: Option<std::net::SocketAddr>,
+    print_config: bool,
+) -> ExitCode {
+    let config = match Config::load(config, &Overrides { listen }) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if print_config {
+        match toml_text(&config) {
+            Ok(text) => print!("{text}"),
+            Err(error) => eprintln!("liverec: {error}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let _telemetry = match liverec::telemetry::init(&config.log, &config.tracing) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match actix_web::rt::System::new().block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -265,11 +284,12 @@ mod offline {
     use std::path::{Path, PathBuf};
 
     use anyhow::Context as _;
+    use liverec::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics};
     use liverec::models::data::{Dataset, Layout, Split, ML100K_DIGESTS};
     use liverec::models::eval::{
         evaluate, evaluate_all, markdown_report, PartMetrics, PopularityRanker, Ranker, SequentialRanker,
     };
-    use liverec::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, SequentialModel};
+    use liverec::models::sequential::SequentialModel;
     use liverec::models::train::{train as train_model, TrainFile};
 
     fn load(data: &Path) -> anyhow::Result<(Dataset, Layout, Split)> {

@@ -10,7 +10,7 @@ use tracing::Instrument as _;
 
 use super::auth::Caller;
 use super::error::{json_error, ApiError, ErrorBody};
-use super::{read_json_body, AppState};
+use super::{decode_json, read_json_body, AppState};
 use crate::bus::EventBatch;
 use crate::event::{now_ms, Event, EventId, EventIn};
 use crate::telemetry::Counter;
@@ -82,17 +82,14 @@ pub async fn post_events(
 
 /// Decodes and validates a JSON body holding one event or an array of events.
 pub fn decode_bytes(body: &[u8], state: &AppState) -> Result<Vec<Event>, ApiError> {
+    // Decoded as the form the body opens with, so an error's path is the field's, not the
+    // untagged enum's "no variant matched".
     let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    let mut de = serde_json::Deserializer::from_slice(body);
     let raw = if is_array {
-        let events: Vec<EventIn> =
-            serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_event"))?;
-        Raw::Many(events)
+        Raw::Many(decode_json(body, "invalid_event")?)
     } else {
-        Raw::One(serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(e, "invalid_event"))?)
+        Raw::One(decode_json(body, "invalid_event")?)
     };
-    de.end()
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON value: {e}")))?;
     validate(raw, state)
 }
 

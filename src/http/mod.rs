@@ -189,7 +189,13 @@ pub async fn decode_json_body<T: serde::de::DeserializeOwned>(
     invalid: &'static str,
 ) -> Result<T, ApiError> {
     let body = read_json_body(req, payload, limit).await?;
-    let mut de = serde_json::Deserializer::from_slice(&body);
+    decode_json(&body, invalid)
+}
+
+/// Decodes a JSON body already read into `T`: 400 for bytes that are not JSON (or trailing data
+/// after the value), 422 with the `invalid` code and the field for JSON of the wrong shape.
+pub fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8], invalid: &'static str) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| error::json_error(e, invalid))?;
     de.end()
         .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON value: {e}")))?;

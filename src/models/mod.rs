@@ -1,6 +1,7 @@
 //! Recommendation models. Nothing here knows about actors or HTTP: a model takes batches of
 //! requests and observations and returns scored items, on whatever thread calls it.
 
+pub mod artifact;
 pub mod cooccurrence;
 pub mod data;
 pub mod eval;

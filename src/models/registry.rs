@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::sequential::{intern_vocab, Manifest, ModelFileError, SequentialModel, MANIFEST_FILE};
+use super::artifact::{Manifest, ModelFileError, MANIFEST_FILE};
+use super::sequential::{intern_vocab, SequentialModel};
 use crate::catalog::Catalog;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +102,7 @@ pub fn serving(dir: &Path) -> Option<String> {
 pub fn set_serving(dir: &Path, name: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{SERVING_FILE}.tmp"));
-    let body =
-        serde_json::json!({ "name": name, "since": crate::models::sequential::rfc3339(crate::event::now_ms() / 1000) });
+    let body = serde_json::json!({ "name": name, "since": super::artifact::rfc3339(crate::event::now_ms() / 1000) });
     std::fs::write(&tmp, body.to_string())?;
     std::fs::rename(tmp, dir.join(SERVING_FILE))
 }

@@ -1,6 +1,6 @@
-//! The trained sequential model as a whole: the [`SasRec`] network with its item vocabulary,
-//! cold-start priors, saved form (safetensors weights + JSON manifest + vocabulary), and the
-//! [`Recommender`] implementation that the model actor drives.
+//! The trained sequential model served: the [`SasRec`] network with its item vocabulary and
+//! cold-start priors, and the [`Recommender`] implementation that the model actor drives. The
+//! saved form (files, manifest, vocabulary) lives in [`super::artifact`].
 //!
 //! ## Scoring, and the cold-start blend
 //! For one request, history events with negative feedback are dropped, items the model knows
@@ -22,207 +22,23 @@
 //! lowers items whose vectors are similar (cosine) to the disliked ones.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use super::data::{hex, Dataset, Interaction, Layout};
-use super::metrics::Metrics;
+// The artifact types were declared here before; the trainer still names them by this path.
+pub use super::artifact::{
+    rfc3339, DataWindow, Manifest, ModelFileError, Popularity, SavedMetrics, SavedModel, ServeConfig, TrainingSummary,
+    Vocab, FORMAT, MANIFEST_FILE, VOCAB_FILE, WEIGHTS_FILE,
+};
 use super::sasrec::{
-    age_bucket, feedback_index, gender_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec,
-    SasRecError, SeqBatch, SeqInput,
+    feedback_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
 };
 use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemAttributes, ItemIdx};
-use crate::event::{Context, Device as DeviceClass, ItemId};
-
-/// File names inside a model directory.
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const MANIFEST_FILE: &str = "manifest.json";
-pub const VOCAB_FILE: &str = "vocab.json";
-/// Format tag in the manifest; bumped when the saved form changes incompatibly.
-pub const FORMAT: &str = "liverec-sasrec/1";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelFileError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
-    #[error("{path}: unsupported model format {found:?} (expected {FORMAT:?})")]
-    Format { path: PathBuf, found: String },
-    #[error("weights digest {found} does not match the manifest's {expected}")]
-    Digest { expected: String, found: String },
-    #[error(transparent)]
-    Model(#[from] SasRecError),
-}
-
-impl From<candle_core::Error> for ModelFileError {
-    fn from(error: candle_core::Error) -> Self {
-        Self::Model(SasRecError::Candle(error))
-    }
-}
-
-/// The three files of a model directory, in memory.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SavedModel {
-    /// `model.safetensors`
-    pub weights: Vec<u8>,
-    /// `vocab.json`
-    pub vocab: String,
-    /// `manifest.json`
-    pub manifest: String,
-}
-
-/// How the model is served: the cold-start blend and negative feedback.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServeConfig {
-    /// History length at which model and popularity weigh the same (see the module docs).
-    pub blend_history: f32,
-    /// Pseudo-counts of global popularity added to each context segment's counts.
-    pub segment_prior: f32,
-    /// How strongly items similar to disliked ones are lowered (0 turns it off).
-    pub negative_weight: f32,
-    /// How often unseen catalogue items' attribute vectors are refreshed.
-    pub cold_refresh_secs: u64,
-}
-
-impl Default for ServeConfig {
-    fn default() -> Self {
-        Self { blend_history: 1.0, segment_prior: 50.0, negative_weight: 0.5, cold_refresh_secs: 10 }
-    }
-}
-
-/// Item popularity in the training data, for cold start.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Popularity {
-    /// Interactions per model item (index 0 is item 1).
-    pub global: Vec<f32>,
-    /// `[segment][item]` interactions per context segment.
-    pub by_segment: Vec<Vec<f32>>,
-}
-
-/// The model's vocabulary and priors: everything derived from data rather than learned.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Vocab {
-    /// Raw item ids; model item `i + 1` is `items[i]`.
-    pub items: Vec<String>,
-    /// Genre indices per item (parallel to `items`).
-    pub item_genres: Vec<Vec<u16>>,
-    /// Release year per item (parallel to `items`).
-    pub item_years: Vec<Option<u16>>,
-    pub genres: Vec<String>,
-    /// Occupation names; occupation index `i + 1` is `occupations[i]`, 0 is unknown.
-    pub occupations: Vec<String>,
-    pub popularity: Popularity,
-}
-
-impl Vocab {
-    /// The vocabulary of a dataset, with popularity counted over `train` (per user, as the
-    /// split holds it).
-    pub fn from_dataset(dataset: &Dataset, train: &[Vec<Interaction>]) -> Vocab {
-        let mut occupations: Vec<String> = dataset.users.iter().filter_map(|u| u.occupation.clone()).collect();
-        occupations.sort();
-        occupations.dedup();
-        let n = dataset.items.len();
-        let mut global = vec![0f32; n];
-        let mut by_segment = vec![vec![0f32; n]; Context::SEGMENTS];
-        for i in train.iter().flatten() {
-            global[i.item as usize] += 1.0;
-            let seg = super::sasrec::segment_at(i.timestamp * 1000, DeviceClass::Other);
-            by_segment[seg as usize][i.item as usize] += 1.0;
-        }
-        Vocab {
-            items: dataset.items.iter().map(|i| i.id.clone()).collect(),
-            item_genres: dataset.items.iter().map(|i| i.genres.clone()).collect(),
-            item_years: dataset.items.iter().map(|i| i.year).collect(),
-            genres: dataset.genres.clone(),
-            occupations,
-            popularity: Popularity { global, by_segment },
-        }
-    }
-
-    /// Demographic features `[gender, age bucket, occupation]` of a dataset user.
-    pub fn user_features(&self, user: &super::data::UserInfo) -> [u32; 3] {
-        let occupation =
-            user.occupation.as_ref().and_then(|o| self.occupations.binary_search(o).ok()).map_or(0, |i| i as u32 + 1);
-        [gender_index(user.gender.as_deref()), age_bucket(user.age), occupation]
-    }
-}
-
-/// Where the training data came from.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DataWindow {
-    pub source: String,
-    pub layout: Option<Layout>,
-    pub users: usize,
-    pub items: usize,
-    pub interactions: usize,
-    pub train_interactions: usize,
-    /// First and last interaction time (seconds since the epoch).
-    pub first_timestamp: Option<i64>,
-    pub last_timestamp: Option<i64>,
-    pub split: String,
-}
-
-/// Validation and test metrics at save time.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct SavedMetrics {
-    pub valid: Option<Metrics>,
-    pub test: Option<Metrics>,
-}
-
-/// How training went.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct TrainingSummary {
-    pub seed: u64,
-    pub epochs_run: usize,
-    pub best_epoch: usize,
-    pub seconds: f64,
-    /// Candle's AdamW state is not saved; a warm start from these weights restarts the moments.
-    pub optimizer_state_saved: bool,
-    /// The training settings, as given (a `TrainConfig` serialised).
-    pub settings: serde_json::Value,
-}
-
-/// `manifest.json`: what a model directory holds.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    /// Reported with every list the model produces: `sasrec-<created>-<weights digest>`.
-    pub version: String,
-    /// RFC 3339, UTC.
-    pub created_at: String,
-    pub config: Config,
-    pub serve: ServeConfig,
-    pub data: DataWindow,
-    pub metrics: SavedMetrics,
-    pub training: TrainingSummary,
-    /// SHA-256 of the weights file.
-    pub weights_sha256: String,
-}
-
-/// RFC 3339 (UTC, seconds) of a time in seconds since the epoch.
-pub fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
+use crate::event::ItemId;
 
 /// One history token as the network reads it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -420,8 +236,8 @@ impl SequentialModel {
     }
 
     /// The saved form: safetensors weights, vocabulary and manifest. Fills in the manifest's
-    /// format, weights digest, version (`sasrec-<created_at digits>-<digest prefix>`), config
-    /// and serving settings, and adopts the version.
+    /// format, weights digest, version (see [`SavedModel::new`]), config and serving settings,
+    /// and adopts the version.
     pub fn to_saved(&mut self, manifest: &mut Manifest) -> Result<SavedModel, ModelFileError> {
         let weights = {
             let data = self.varmap.data().lock().expect("varmap lock not poisoned");
@@ -431,32 +247,16 @@ impl SequentialModel {
             safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
                 .map_err(|e| SasRecError::Config(format!("serialising weights: {e}")))?
         };
-        manifest.format = FORMAT.to_owned();
-        manifest.weights_sha256 = hex(&Sha256::digest(&weights));
-        let stamp: String = manifest.created_at.chars().filter(|c| c.is_ascii_digit()).collect();
-        manifest.version = format!("sasrec-{stamp}-{}", &manifest.weights_sha256[..8]);
         manifest.config = self.config.clone();
         manifest.serve = self.serve.clone();
+        let saved = SavedModel::new(weights, &self.vocab, manifest)?;
         self.version = manifest.version.clone();
-        let json = |value: &dyn erased::Json, name: &str| {
-            value.to_json().map_err(|source| ModelFileError::Json { path: PathBuf::from(name), source })
-        };
-        Ok(SavedModel { weights, vocab: json(&self.vocab, VOCAB_FILE)?, manifest: json(manifest, MANIFEST_FILE)? })
+        Ok(saved)
     }
 
     /// A model from its saved form, checking the format and the weights digest.
     pub fn from_saved(saved: &SavedModel) -> Result<(Self, Manifest), ModelFileError> {
-        let manifest: Manifest = serde_json::from_str(&saved.manifest)
-            .map_err(|source| ModelFileError::Json { path: PathBuf::from(MANIFEST_FILE), source })?;
-        if manifest.format != FORMAT {
-            return Err(ModelFileError::Format { path: PathBuf::from(MANIFEST_FILE), found: manifest.format });
-        }
-        let digest = hex(&Sha256::digest(&saved.weights));
-        if digest != manifest.weights_sha256 {
-            return Err(ModelFileError::Digest { expected: manifest.weights_sha256, found: digest });
-        }
-        let vocab: Vocab = serde_json::from_str(&saved.vocab)
-            .map_err(|source| ModelFileError::Json { path: PathBuf::from(VOCAB_FILE), source })?;
+        let (manifest, vocab) = saved.open()?;
         let mut model = Self::new(manifest.config.clone(), manifest.serve.clone(), vocab, 0)?;
         let weights = candle_core::safetensors::load_buffer(&saved.weights, &Device::Cpu)?;
         {
@@ -474,31 +274,12 @@ impl SequentialModel {
 
     /// Writes [`SequentialModel::to_saved`] into `dir` (created if needed).
     pub fn save(&mut self, dir: &Path, manifest: &mut Manifest) -> Result<(), ModelFileError> {
-        let saved = self.to_saved(manifest)?;
-        let write = |name: &str, bytes: &[u8]| {
-            let path = dir.join(name);
-            std::fs::write(&path, bytes).map_err(|source| ModelFileError::Io { path, source })
-        };
-        std::fs::create_dir_all(dir).map_err(|source| ModelFileError::Io { path: dir.to_owned(), source })?;
-        write(WEIGHTS_FILE, &saved.weights)?;
-        write(VOCAB_FILE, saved.vocab.as_bytes())?;
-        // The manifest last: a directory with a manifest is complete.
-        write(MANIFEST_FILE, saved.manifest.as_bytes())
+        self.to_saved(manifest)?.write(dir)
     }
 
     /// Loads a model directory written by [`SequentialModel::save`].
     pub fn load(dir: &Path) -> Result<(Self, Manifest), ModelFileError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(|source| ModelFileError::Io { path, source })
-        };
-        let text =
-            |name: &str| -> Result<String, ModelFileError> { Ok(String::from_utf8_lossy(&read(name)?).into_owned()) };
-        Self::from_saved(&SavedModel {
-            weights: read(WEIGHTS_FILE)?,
-            vocab: text(VOCAB_FILE)?,
-            manifest: text(MANIFEST_FILE)?,
-        })
+        Self::from_saved(&SavedModel::read(dir)?)
     }
 
     /// Attribute vector of a catalogue item unknown to the model (see the module docs).
@@ -717,18 +498,6 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// Serialising the two JSON files through one closure.
-mod erased {
-    pub trait Json {
-        fn to_json(&self) -> Result<String, serde_json::Error>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Result<String, serde_json::Error> {
-            serde_json::to_string_pretty(self)
-        }
-    }
-}
-
 impl Recommender for SequentialModel {
     fn version(&self) -> &str {
         &self.version
@@ -774,7 +543,7 @@ pub fn intern_vocab(vocab: &Vocab, catalog: &Catalog) -> Vec<ItemIdx> {
 mod tests {
     use super::*;
     use crate::catalog::ItemAttributes;
-    use crate::event::EventType;
+    use crate::event::{Context, EventType};
     use std::sync::Arc;
 
     fn vocab() -> Vocab {
@@ -832,13 +601,6 @@ mod tests {
         let v: Vec<f32> = (0..37).map(|i| ((i * 13) % 17) as f32 - 8.0).collect();
         assert_eq!(max_of(&v), 8.0);
         assert_eq!(sum_of(&v), v.iter().sum::<f32>());
-    }
-
-    #[test]
-    fn formats_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
     }
 
     #[test]

@@ -27,11 +27,12 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::artifact::{ServeConfig, TrainingSummary, Vocab};
 use super::data::{Dataset, Part, Split};
 use super::eval::{evaluate, SequentialRanker};
 use super::metrics::Metrics;
 use super::sasrec::{feedback_index, hour_bucket, segment_at, Config, Mode, SasRecError, SeqBatch, SeqInput};
-use super::sequential::{SequentialModel, ServeConfig, TrainingSummary, Vocab};
+use super::sequential::SequentialModel;
 use crate::event::Device as DeviceClass;
 
 #[derive(Debug, thiserror::Error)]

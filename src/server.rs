@@ -1,0 +1,500 @@
+//! The app builder: [`Server::start`] builds every part in a short sequence of named steps
+//! (catalogue and model, threads, store, actors, bus and sessions, HTTP server) and runs it;
+//! `main.rs` and the integration tests both use it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, Arbiter, Supervisor};
+use actix_web::{web, App, HttpServer};
+use tokio::sync::watch;
+
+use crate::actors;
+use crate::actors::ingest::IngestActor;
+use crate::actors::kafka_ingest::KafkaIngestActor;
+use crate::actors::model::{ModelActor, ModelFactory};
+use crate::actors::monitor::MonitorActor;
+use crate::actors::registry::SessionRegistry;
+use crate::actors::session;
+use crate::actors::trainer::TrainerActor;
+use crate::actors::SessionDeps;
+use crate::bus::kafka::{self, KafkaBus};
+use crate::bus::memory::MemoryBus;
+use crate::bus::EventBus;
+use crate::catalog::Catalog;
+use crate::config::{BusKind, Config, ModelKind, StoreKind};
+use crate::demo;
+use crate::eventlog::EventLog;
+use crate::http::{self, AppState};
+use crate::models::Recommender;
+use crate::models::{self, cooccurrence::CoocModel};
+use crate::store::memory::MemoryStore;
+use crate::store::redis::{FanoutMessage, RedisFanout, RedisStore};
+use crate::store::{ProfileLimits, ProfileStore};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("privacy: {0}")]
+    Privacy(String),
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::AuthConfigError),
+}
+
+/// A running liverec server.
+pub struct Server {
+    /// The address the HTTP server listens on (useful with port 0).
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    handle: actix_web::dev::ServerHandle,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    arbiters: Vec<Arbiter>,
+    /// Held so the supervisor restarts a failed consumer: actix restarts a supervised actor only
+    /// while some address of it is alive.
+    _kafka_ingest: Option<actix::Addr<KafkaIngestActor>>,
+}
+
+impl Server {
+    /// Builds every part and starts serving. Must run inside an actix system (`#[actix_web::main]`
+    /// or `#[actix_rt::test]`).
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let catalog = Arc::new(Catalog::new());
+        let initial = load_catalog_and_model(&config, &catalog)?;
+        let threads = Threads::start(&config);
+        let store = open_store(&config, &metrics, &threads.io)?;
+        let actors = start_actors(&config, &catalog, &metrics, initial, &threads);
+        let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone())?;
+        let bus = start_bus(&config, deps, &threads, &metrics).await?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let state = app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, shutdown_rx)?;
+        let http = serve_http(&config, state)?;
+        let mut arbiters = threads.into_arbiters();
+        arbiters.extend(bus.ingest_arbiter);
+        Ok(Server {
+            addr: http.addr,
+            metrics,
+            handle: http.handle,
+            shutdown: shutdown_tx,
+            task: http.task,
+            arbiters,
+            _kafka_ingest: bus.kafka_ingest,
+        })
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful stop: streams get a close frame (WebSocket) or a `shutdown` event (SSE), then the
+    /// server stops accepting and waits for open requests up to the shutdown timeout.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        // Give stream tasks a moment to write their close frames before connections are dropped.
+        tokio::task::yield_now().await;
+        self.handle.stop(true).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        for arbiter in self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+/// Builds the serving model again if the inference thread has to start over: a fresh online
+/// model, or the same registry version reloaded.
+fn model_factory(config: &Config, catalog: &Arc<Catalog>, path: Option<std::path::PathBuf>) -> ModelFactory {
+    let cooc = config.model.cooccurrence.clone();
+    let catalog = catalog.clone();
+    Arc::new(move || -> Box<dyn Recommender> {
+        if let Some(path) = &path {
+            match models::registry::load(path, &catalog) {
+                Ok(model) => return Box::new(model),
+                Err(error) => tracing::error!(error = %error, "cannot reload the model; serving the online baseline"),
+            }
+        }
+        Box::new(CoocModel::new(cooc.clone()))
+    })
+}
+
+/// The model served from the start, how to build it again, and what start-up still owes it.
+struct InitialModel {
+    model: Box<dyn Recommender>,
+    factory: ModelFactory,
+    /// The registry version served (its directory name), if any.
+    serving_name: Option<String>,
+    /// Whether to train a demo sequential model in the background and swap it in.
+    train_demo: bool,
+}
+
+/// Step 1, catalogue and model: loads the demo catalogue when the demo is on, then the model to
+/// serve (the online co-occurrence model, warmed on demo sessions in the demo, or the sequential
+/// model's registry version, with the online model while the registry is still empty).
+fn load_catalog_and_model(config: &Config, catalog: &Arc<Catalog>) -> Result<InitialModel, StartError> {
+    if config.demo.enabled {
+        demo::load_catalog(catalog, config.demo.items, config.demo.seed);
+    }
+    let mut train_demo = false;
+    let mut serving_name = None;
+    let (model, factory): (Box<dyn Recommender>, ModelFactory) = match config.model.kind {
+        ModelKind::Cooccurrence => {
+            let mut model = CoocModel::new(config.model.cooccurrence.clone());
+            if config.demo.enabled {
+                let observations =
+                    demo::warmup_observations(catalog, config.demo.items, config.demo.users, config.demo.seed);
+                model.observe(&observations);
+                tracing::info!(
+                    items = catalog.len(),
+                    sessions = observations.len(),
+                    "demo catalogue loaded and model warmed"
+                );
+            }
+            (Box::new(model), model_factory(config, catalog, None))
+        }
+        ModelKind::Sequential => {
+            models::keep_freed_memory();
+            match models::registry::resolve(&config.model.registry_dir, &config.model.version) {
+                Ok(path) => {
+                    let model = models::registry::load(&path, catalog).map_err(|e| StartError::Model(e.to_string()))?;
+                    tracing::info!(version = model.version(), path = %path.display(), "sequential model loaded");
+                    serving_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    (Box::new(model), model_factory(config, catalog, Some(path)))
+                }
+                // An empty registry: serve the online model at once. In the embedded demo, train
+                // a small sequential model on the demo sessions in the background; otherwise
+                // the trainer learns a first version from live traffic (the gate and the
+                // canary judge it against the online model).
+                Err(models::registry::RegistryError::Empty(_)) if config.demo.enabled || config.trainer.enabled => {
+                    train_demo = config.demo.enabled;
+                    let mut model = CoocModel::new(config.model.cooccurrence.clone());
+                    if config.demo.enabled {
+                        model.observe(&demo::warmup_observations(
+                            catalog,
+                            config.demo.items,
+                            config.demo.users,
+                            config.demo.seed,
+                        ));
+                    } else {
+                        tracing::info!(
+                            "model registry empty: serving the online model until a trained version is promoted"
+                        );
+                    }
+                    (Box::new(model), model_factory(config, catalog, None))
+                }
+                Err(error) => return Err(StartError::Model(error.to_string())),
+            }
+        }
+    };
+    Ok(InitialModel { model, factory, serving_name, train_demo })
+}
+
+/// The threads the actors run on.
+struct Threads {
+    /// Session actors, the ingest actors and the model actor (on the first).
+    sessions: Vec<Arbiter>,
+    handles: Vec<actix::prelude::ArbiterHandle>,
+    /// I/O that must never wait behind sessions: the store writer, the update fan-out.
+    io: Arbiter,
+    /// The monitor and the trainer: window arithmetic must not delay store writes.
+    monitor: Arbiter,
+}
+
+impl Threads {
+    /// Step 2: starts `session.arbiters` session threads (one per core when 0) and the I/O and
+    /// monitor threads.
+    fn start(config: &Config) -> Threads {
+        let arbiter_count = match config.session.arbiters {
+            0 => Config::cores(),
+            n => n,
+        };
+        let sessions: Vec<Arbiter> = (0..arbiter_count).map(|_| Arbiter::new()).collect();
+        let handles = sessions.iter().map(Arbiter::handle).collect();
+        Threads { sessions, handles, io: Arbiter::new(), monitor: Arbiter::new() }
+    }
+
+    /// Every thread, for [`Server::stop`] to stop.
+    fn into_arbiters(self) -> Vec<Arbiter> {
+        let mut arbiters = self.sessions;
+        arbiters.extend([self.io, self.monitor]);
+        arbiters
+    }
+}
+
+/// Step 3, the profile store: in memory, or Redis with its writer on the I/O thread.
+fn open_store(config: &Config, metrics: &Arc<Metrics>, io: &Arbiter) -> Result<Arc<dyn ProfileStore>, StartError> {
+    let limits = ProfileLimits {
+        history_len: config.session.history_len,
+        dedupe_window: config.session.dedupe_window,
+        suppressed_len: config.session.suppressed_len,
+        tombstone_ttl_secs: config.privacy.tombstone_ttl_secs,
+    };
+    Ok(match config.store.kind {
+        StoreKind::Memory => Arc::new(MemoryStore::new(limits)),
+        StoreKind::Redis => Arc::new(
+            RedisStore::start(&config.redis, limits, metrics.clone(), &io.handle())
+                .map_err(|e| StartError::Redis(e.to_string()))?,
+        ),
+    })
+}
+
+/// The actors below the sessions, and the event log they share.
+#[derive(Clone)]
+struct Actors {
+    model: Addr<ModelActor>,
+    monitor: Addr<MonitorActor>,
+    trainer: Addr<TrainerActor>,
+    event_log: Arc<EventLog>,
+}
+
+/// Step 4, the actors: the model actor (batched inference) on the first session thread, the
+/// monitor and the trainer on the monitor thread, the monitor attached to the trainer; and, when
+/// start-up owes it, the demo model's training in the background.
+fn start_actors(
+    config: &Arc<Config>,
+    catalog: &Arc<Catalog>,
+    metrics: &Arc<Metrics>,
+    initial: InitialModel,
+    threads: &Threads,
+) -> Actors {
+    let model = ModelActor::start_with(
+        initial.model,
+        initial.factory,
+        catalog.clone(),
+        metrics.clone(),
+        config.model.max_batch,
+        Duration::from_micros(config.model.max_wait_us),
+        config.model.mailbox_capacity,
+        &threads.handles[0],
+    );
+    let monitor = {
+        let (monitor_config, catalog, metrics) = (config.monitor.clone(), catalog.clone(), metrics.clone());
+        MonitorActor::start_in_arbiter(&threads.monitor.handle(), move |_| {
+            MonitorActor::new(monitor_config, catalog, metrics)
+        })
+    };
+    let event_log = EventLog::new(config.trainer.window_secs, config.trainer.max_events);
+    let trainer = {
+        let trainer = TrainerActor::new(
+            config,
+            catalog.clone(),
+            event_log.clone(),
+            model.clone(),
+            monitor.clone(),
+            metrics.clone(),
+            initial.serving_name,
+        );
+        TrainerActor::start_in_arbiter(&threads.monitor.handle(), move |_| trainer)
+    };
+    monitor.do_send(actors::monitor::AttachTrainer(trainer.clone().recipient()));
+    if initial.train_demo {
+        train_demo_model(config.clone(), catalog.clone(), trainer.clone());
+    }
+    Actors { model, monitor, trainer, event_log }
+}
+
+/// Trains the demo's sequential model on a thread of its own and asks the trainer to promote it.
+fn train_demo_model(config: Arc<Config>, catalog: Arc<Catalog>, trainer: Addr<TrainerActor>) {
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let trained = demo::train_sequential(
+            &catalog,
+            config.demo.items,
+            config.demo.users,
+            config.demo.seed,
+            &config.model.registry_dir,
+        );
+        match trained {
+            Ok(path) => {
+                tracing::info!(
+                    path = %path.display(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "demo sequential model trained; swapping it in"
+                );
+                trainer.do_send(actors::trainer::Promote {
+                    name: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    reason: "demo model trained at start-up".into(),
+                });
+            }
+            Err(error) => tracing::error!(error = %error, "demo sequential model not trained"),
+        }
+    });
+}
+
+/// What every session shares: configuration, catalogue, store, the actors below, the event log
+/// and the pseudonymiser.
+fn session_deps(
+    config: &Arc<Config>,
+    catalog: &Arc<Catalog>,
+    store: &Arc<dyn ProfileStore>,
+    metrics: &Arc<Metrics>,
+    actors: Actors,
+) -> Result<Arc<SessionDeps>, StartError> {
+    Ok(Arc::new(SessionDeps {
+        config: config.clone(),
+        catalog: catalog.clone(),
+        store: store.clone(),
+        model: actors.model,
+        monitor: actors.monitor,
+        metrics: metrics.clone(),
+        event_log: actors.event_log,
+        pseudonyms: Arc::new(
+            crate::privacy::Pseudonyms::new(&config.privacy).map_err(|e| StartError::Privacy(e.to_string()))?,
+        ),
+    }))
+}
+
+/// The event bus and the session registry that consumes it.
+struct Bus {
+    bus: Arc<dyn EventBus>,
+    registry: Arc<SessionRegistry>,
+    /// The supervised Kafka consumer (with the Kafka bus).
+    kafka_ingest: Option<Addr<KafkaIngestActor>>,
+    /// The Kafka consumer's thread.
+    ingest_arbiter: Option<Arbiter>,
+}
+
+/// Step 5, the bus and the sessions: in process (one ingest actor per partition, spread over
+/// the session threads), or Kafka (the supervised consumer on a thread of its own, lists fanned
+/// out to other instances through Redis).
+async fn start_bus(
+    config: &Arc<Config>,
+    deps: Arc<SessionDeps>,
+    threads: &Threads,
+    metrics: &Arc<Metrics>,
+) -> Result<Bus, StartError> {
+    let handles = &threads.handles;
+    match config.bus.kind {
+        BusKind::Memory => {
+            let registry = SessionRegistry::new(deps, handles.clone(), Arc::new(session::start));
+            let (memory, queues) = MemoryBus::new(config.bus.partitions, config.bus.queue_capacity);
+            for (partition, queue) in queues.into_iter().enumerate() {
+                let registry = registry.clone();
+                let arbiter = &handles[partition % handles.len()];
+                IngestActor::start_in_arbiter(arbiter, move |_| IngestActor::new(partition, registry, queue));
+            }
+            Ok(Bus { bus: Arc::new(memory), registry, kafka_ingest: None, ingest_arbiter: None })
+        }
+        BusKind::Kafka => {
+            let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
+            let registry = SessionRegistry::with_mode(deps, handles.clone(), Arc::new(session::start), true, Some(Arc::new(fanout_tx)));
+            let delivering = registry.clone();
+            threads.io.handle().spawn(RedisFanout::run(
+                config.redis.url.clone(),
+                config.redis.key_prefix.clone(),
+                fanout_rx,
+                move |message| match message {
+                    FanoutMessage::List(list) => delivering.deliver_remote(list),
+                    FanoutMessage::Erased(user) => {
+                        let registry = delivering.clone();
+                        tokio::spawn(async move { registry.erase(&user).await });
+                    }
+                },
+                metrics.clone(),
+            ));
+            if config.kafka.create_topics {
+                kafka::ensure_topics(&config.kafka).await.map_err(|e| StartError::Kafka(e.to_string()))?;
+            }
+            let kafka_bus = KafkaBus::new(&config.kafka).map_err(|e| StartError::Kafka(e.to_string()))?;
+            let producer = kafka_bus.producer().clone();
+            let (kafka_config, ingest_registry, ingest_metrics) =
+                (config.kafka.clone(), registry.clone(), metrics.clone());
+            let limits = config.events.limits();
+            // Its own thread: on a revoke the consumer blocks until in-flight events are
+            // durable, which needs the store writer on the io thread to keep running.
+            let ingest = Arbiter::new();
+            let kafka_ingest = Supervisor::start_in_arbiter(&ingest.handle(), move |_| {
+                KafkaIngestActor::new(kafka_config, ingest_registry, producer, ingest_metrics, limits)
+            });
+            Ok(Bus {
+                bus: Arc::new(kafka_bus),
+                registry,
+                kafka_ingest: Some(kafka_ingest),
+                ingest_arbiter: Some(ingest),
+            })
+        }
+    }
+}
+
+/// What every HTTP handler reaches: the parts built so far, the authenticator and the rate
+/// limiters, and the shutdown signal streams watch.
+#[allow(clippy::too_many_arguments)]
+fn app_state(
+    config: &Arc<Config>,
+    catalog: Arc<Catalog>,
+    store: Arc<dyn ProfileStore>,
+    metrics: Arc<Metrics>,
+    actors: Actors,
+    bus: Arc<dyn EventBus>,
+    registry: Arc<SessionRegistry>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<AppState, StartError> {
+    let auth = Arc::new(crate::auth::Auth::new(&config.auth, config.demo.enabled)?);
+    if !auth.enabled() && !config.demo.enabled {
+        tracing::warn!("auth is off (auth.mode = \"off\"): anyone who reaches the port may read and write");
+    }
+    Ok(AppState {
+        monitor: actors.monitor,
+        trainer: actors.trainer,
+        auth,
+        limiters: Arc::new(http::limits::Limiters::new(&config.limits)),
+        config: config.clone(),
+        registry,
+        bus,
+        store,
+        catalog,
+        metrics,
+        shutdown,
+    })
+}
+
+/// The running HTTP server.
+struct Http {
+    addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Step 6, the HTTP server: binds `server.listen`, serves the routes with the error handlers,
+/// rate limits and CORS, and runs on its own task.
+fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
+    let workers = match config.server.workers {
+        0 => Config::cores(),
+        n => n,
+    };
+    let addr = config.server.listen;
+    let cors_origins = config.auth.allowed_origins.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .wrap(
+                actix_web::middleware::ErrorHandlers::new()
+                    .handler(actix_web::http::StatusCode::METHOD_NOT_ALLOWED, http::method_not_allowed),
+            )
+            .wrap(actix_web::middleware::from_fn(http::limits::limit))
+            .wrap(http::cors(&cors_origins))
+            .configure(http::configure)
+            .default_service(web::to(http::not_found))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(config.server.shutdown_timeout_secs)
+    .bind(addr)
+    .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = server.addrs().first().copied().unwrap_or(addr);
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+    tracing::info!(addr = %bound, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
+    Ok(Http { addr: bound, handle, task })
+}
