@@ -449,6 +449,8 @@ fn app_state(
         auth,
         limiters: Arc::new(http::limits::Limiters::new(&config.limits)),
         config: config.clone(),
+        pseudonyms: registry.deps.pseudonyms.clone(),
+        event_log: registry.deps.event_log.clone(),
         registry,
         bus,
         store,

@@ -44,7 +44,7 @@ impl FromRequest for Caller {
         };
         let principal = state.auth.identify(credential(req).as_deref()).map(|who| match who {
             // The token names the user as the client knows them; liverec may keep a pseudonym.
-            Principal::User(sub) => Principal::User(state.registry.deps.pseudonyms.user(&sub).to_string()),
+            Principal::User(sub) => Principal::User(state.pseudonyms.user(&sub).to_string()),
             other => other,
         });
         ready(principal.map(Caller).map_err(ApiError::from))

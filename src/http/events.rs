@@ -111,7 +111,7 @@ enum Raw {
 fn validate(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {
     let mut events = validate_ids(raw, state)?;
     for event in &mut events {
-        event.user_id = state.registry.deps.pseudonyms.user(event.user_id.as_str());
+        event.user_id = state.pseudonyms.user(event.user_id.as_str());
     }
     Ok(events)
 }

@@ -97,6 +97,6 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     if let Some(queued) = state.bus.queued_batches() {
         state.metrics.ingest_queued.set(queued as i64);
     }
-    state.metrics.eventlog_events.set(state.registry.deps.event_log.len() as i64);
+    state.metrics.eventlog_events.set(state.event_log.len() as i64);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }

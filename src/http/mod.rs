@@ -66,6 +66,10 @@ pub struct AppState {
     pub limiters: Arc<limits::Limiters>,
     pub config: Arc<Config>,
     pub registry: Arc<SessionRegistry>,
+    /// User ids as liverec keeps them: every id that enters goes through it.
+    pub pseudonyms: Arc<crate::privacy::Pseudonyms>,
+    /// Recent applied events (the trainer's window), purged on erasure.
+    pub event_log: Arc<crate::eventlog::EventLog>,
     pub bus: Arc<dyn EventBus>,
     pub store: Arc<dyn ProfileStore>,
     pub catalog: Arc<Catalog>,
@@ -79,7 +83,7 @@ impl AppState {
     pub fn user_id(&self, raw: &str, field: &str) -> Result<UserId, ApiError> {
         check_id(field, raw, self.config.events.max_id_len)
             .map_err(|e| ApiError::bad_request("invalid_user_id", e.message).with_field(e.field))?;
-        Ok(self.registry.deps.pseudonyms.user(raw))
+        Ok(self.pseudonyms.user(raw))
     }
 }
 

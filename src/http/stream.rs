@@ -431,7 +431,7 @@ impl Socket {
     }
 
     async fn subscribe(&mut self, raw: &str) -> Flow {
-        let user = self.state.registry.deps.pseudonyms.user(raw);
+        let user = self.state.pseudonyms.user(raw);
         if let Err(error) = self.caller.read(&user) {
             return self.send_error(error.with_field("subscribe")).await;
         }
@@ -459,7 +459,7 @@ impl Socket {
     }
 
     async fn unsubscribe(&mut self, raw: &str) -> Flow {
-        let user = self.state.registry.deps.pseudonyms.user(raw);
+        let user = self.state.pseudonyms.user(raw);
         self.subscriptions.remove(&user);
         self.seqs.remove(&user);
         self.holds.retain(|h| h.user() != &user);

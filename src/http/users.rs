@@ -170,10 +170,10 @@ pub async fn erase(
     let user = state.user_id(&path, "user_id")?;
     let at = crate::event::now_ms();
     let mut closed = state.registry.erase(&user).await;
-    state.registry.deps.store.erase(&user, at).await.map_err(store_unavailable)?;
+    state.store.erase(&user, at).await.map_err(store_unavailable)?;
     // A session that started in between (an event raced the erasure) holds the old history.
     closed += state.registry.erase(&user).await;
-    let events = state.registry.deps.event_log.remove_user(&user, at);
+    let events = state.event_log.remove_user(&user, at);
     if let Err(error) = state.bus.notify_reload(&user).await {
         tracing::warn!(error = %error, "the owning instance was not told to drop the erased user");
     }
