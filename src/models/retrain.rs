@@ -5,18 +5,29 @@
 //! one before it validates early stopping, the rest trains. The gate ranks the whole catalogue
 //! through the same [`Recommender`] interface serving uses, for the candidate and for the
 //! incumbent, and compares their NDCG@10 on the held-out interactions.
+//!
+//! [`Job`] is one whole training run (window, training, gate, saving to the registry), run on a
+//! thread of its own by the trainer actor, which only decides what happens to the result.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 
 use super::data::{Dataset, DatasetBuilder, Split};
+use super::registry;
+use super::sasrec::Config as NetConfig;
+use super::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, SequentialModel};
+use super::train::{train_from, TrainConfig, TrainFile};
 use super::{HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemIdx};
-use crate::event::{Context as EventContext, EventType, ItemId};
+use crate::config::TrainerConfig;
+use crate::event::{now_ms, Context as EventContext, EventType, ItemId};
 use crate::eventlog::LoggedEvent;
 
 /// How strongly an event type says "liked", on the 1..5 scale the sequential model reads.
@@ -208,6 +219,179 @@ impl Recommender for WindowPopularity {
                 super::top_k(&self.counts[..n], &mask, r.k)
             })
             .collect()
+    }
+}
+
+/// Deliberate faults for drills: check that the gate and the canary catch a bad model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Drill {
+    #[default]
+    None,
+    /// Train on the window with its items shuffled: a model that learned nothing true.
+    ShuffleItems,
+}
+
+/// What a training run produced.
+pub struct Candidate {
+    /// Present when the candidate goes on to canary (saved in the registry as `name`).
+    pub model: Option<SequentialModel>,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub candidate_ndcg: f64,
+    pub incumbent_ndcg: f64,
+    pub yardstick: String,
+    pub cases: usize,
+    pub events: usize,
+    pub users: usize,
+    pub passed: bool,
+    pub warm_started: bool,
+    pub seconds: f64,
+    pub reference: (std::collections::HashMap<ItemIdx, f64>, Vec<f64>),
+}
+
+/// Everything a training run needs, moved onto its thread.
+pub struct Job {
+    pub run: u64,
+    pub events: Vec<LoggedEvent>,
+    pub catalog: Arc<Catalog>,
+    pub config: TrainerConfig,
+    pub registry_dir: PathBuf,
+    pub serving_path: Option<PathBuf>,
+    pub drill: Drill,
+    pub skip_gate: bool,
+    pub reference_secs: u64,
+}
+
+impl Job {
+    pub fn run(self) -> Result<Candidate, String> {
+        let started = Instant::now();
+        let cfg = &self.config;
+        let mut data = WindowData::from_log(&self.events, &self.catalog);
+        let interactions = data.dataset.interactions();
+        if interactions < cfg.min_events {
+            return Err(format!(
+                "{interactions} positive events in the window; trainer.min_events asks for {}",
+                cfg.min_events
+            ));
+        }
+        let cases = data.cases();
+        if cases < cfg.min_cases {
+            return Err(format!(
+                "{cases} users with at least three events in the window; trainer.min_cases asks for {}",
+                cfg.min_cases
+            ));
+        }
+        // The serving version, when it is a registry version: warm start and yardstick.
+        let incumbent = match &self.serving_path {
+            Some(path) => match registry::load(path, &self.catalog) {
+                Ok(model) => Some(model),
+                Err(error) => {
+                    tracing::warn!(error = %error, "serving version not readable; training from scratch");
+                    None
+                }
+            },
+            None => None,
+        };
+        // The gate sees the true histories, whatever the model is trained on.
+        let (requests, targets) = data.gate_requests(10);
+        if self.drill == Drill::ShuffleItems {
+            data.shuffle_training_items(cfg.seed ^ self.run);
+        }
+        let net = incumbent.as_ref().map_or_else(
+            || NetConfig {
+                hidden: cfg.hidden,
+                layers: cfg.layers,
+                heads: cfg.heads,
+                inner: cfg.hidden * 2,
+                max_len: cfg.max_len,
+                ..NetConfig::default()
+            },
+            |m| m.config.clone(),
+        );
+        let file = TrainFile {
+            model: net,
+            train: TrainConfig {
+                seed: cfg.seed ^ self.run,
+                epochs: cfg.epochs.max(1),
+                patience: 0,
+                batch_size: cfg.batch_size.max(1),
+                lr: cfg.learning_rate,
+                warmup_epochs: if incumbent.is_some() { 0.0 } else { 1.0 },
+                time_budget_secs: cfg.time_budget_secs,
+                ..TrainConfig::default()
+            },
+            serve: incumbent.as_ref().map(|m| m.serve.clone()).unwrap_or_default(),
+        };
+        let trained =
+            train_from(&data.dataset, &data.split, &file, false, incumbent.as_ref()).map_err(|e| e.to_string())?;
+        let mut candidate = trained.model;
+        let candidate_ndcg = ndcg(&score_all(&mut candidate, &requests, &self.catalog), &targets, 10);
+        let warm_started = incumbent.is_some();
+        let (incumbent_ndcg, yardstick) = match incumbent {
+            Some(mut serving) => {
+                let lists = score_all(&mut serving, &requests, &self.catalog);
+                (ndcg(&lists, &targets, 10), format!("serving version {}", serving.version()))
+            }
+            None => {
+                let mut popularity = WindowPopularity::new(&data, &self.catalog);
+                let lists = score_all(&mut popularity, &requests, &self.catalog);
+                (ndcg(&lists, &targets, 10), "window popularity (the serving model learns online)".to_owned())
+            }
+        };
+        let passed = candidate_ndcg > incumbent_ndcg + cfg.gate_min_gain;
+        let reference = WindowData::reference(&self.events, self.reference_secs);
+        let mut result = Candidate {
+            model: None,
+            name: None,
+            version: None,
+            candidate_ndcg,
+            incumbent_ndcg,
+            yardstick,
+            cases,
+            events: interactions,
+            users: data.dataset.users.len(),
+            passed,
+            warm_started,
+            seconds: 0.0,
+            reference,
+        };
+        if passed || self.skip_gate {
+            let name = format!("auto-{}-{}", now_ms() / 1000, self.run);
+            let (first, last) = data.dataset.time_window().unzip();
+            let mut manifest = Manifest {
+                format: String::new(),
+                version: String::new(),
+                created_at: rfc3339(now_ms() / 1000),
+                config: candidate.config.clone(),
+                serve: candidate.serve.clone(),
+                data: DataWindow {
+                    source: format!("liverec event log, last {} s (run {})", cfg.window_secs, self.run),
+                    users: data.dataset.users.len(),
+                    items: data.dataset.items.len(),
+                    interactions,
+                    train_interactions: data.split.train_interactions(),
+                    first_timestamp: first,
+                    last_timestamp: last,
+                    split: "leave-one-out on the window; gate on the last interaction".into(),
+                    ..DataWindow::default()
+                },
+                metrics: SavedMetrics { valid: Some(trained.valid), test: None },
+                training: trained.summary,
+                weights_sha256: String::new(),
+            };
+            let dir = self.registry_dir.join(&name);
+            if let Err(error) = candidate.save(&dir, &mut manifest) {
+                // A full disk, say: leave no half-written version behind for a restart to trip on.
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error.to_string());
+            }
+            result.version = Some(candidate.version().to_owned());
+            result.name = Some(name);
+            result.model = Some(candidate);
+        }
+        result.seconds = started.elapsed().as_secs_f64();
+        Ok(result)
     }
 }
 

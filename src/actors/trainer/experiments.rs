@@ -1,0 +1,146 @@
+//! A/B experiments between two registry versions: `a` serves the rest, `b` its share of users
+//! by the same stable split as the canary; an experiment ends by promoting `b` or by a stop that
+//! leaves `a` serving.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+
+use super::{Phase, TrainerActor, TrainerError};
+use crate::actors::model::{EndChallenger, StartChallenger, SwapModel};
+use crate::actors::monitor::{ArmCounts, GetCounts};
+use crate::event::now_ms;
+use crate::models::Recommender;
+
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Value, TrainerError>")]
+pub struct StartExperiment {
+    pub a: String,
+    pub b: String,
+    pub share: f64,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Value, TrainerError>")]
+pub struct StopExperiment;
+
+pub(super) struct ExperimentState {
+    pub(super) a: (String, String),
+    pub(super) b: (String, String),
+    pub(super) share: f64,
+    pub(super) started_at_ms: i64,
+    pub(super) baseline: ArmCounts,
+}
+
+impl TrainerActor {
+    pub(super) fn stop_experiment(&mut self, why: &str) -> impl ActorFuture<Self, Output = Result<Value, TrainerError>> + 'static {
+        let why = why.to_owned();
+        let ended = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Experiment(e) => Some(e),
+            other => {
+                self.phase = other;
+                None
+            }
+        };
+        let done = self.model.send(EndChallenger { promote: false });
+        done.into_actor(self).map(move |_, act, _| {
+            let Some(e) = ended else {
+                return Err(TrainerError::Conflict("no experiment is running".into()));
+            };
+            act.metrics.set_challenger_share(0.0);
+            act.record("experiment_stopped", None, Some(&e.a.1), format!("{why}; a ({}) keeps serving", e.a.0));
+            Ok(json!({ "serving": e.a.1, "name": e.a.0 }))
+        })
+    }
+}
+
+impl Handler<StartExperiment> for TrainerActor {
+    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+
+    fn handle(&mut self, msg: StartExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if !matches!(self.phase, Phase::Idle) {
+            return Box::pin(fut::ready(Err(TrainerError::Conflict(format!(
+                "cannot start an experiment while {}",
+                self.phase_name()
+            )))));
+        }
+        if !(msg.share > 0.0 && msg.share < 1.0) || msg.a == msg.b {
+            return Box::pin(fut::ready(Err(TrainerError::BadRequest(
+                "an experiment needs two different versions and a share of users for b strictly between 0 and 1".into(),
+            ))));
+        }
+        let load = self.load_versions(vec![msg.a.clone(), msg.b.clone()]);
+        Box::pin(load.into_actor(self).then(move |loaded, act, _| {
+            let step: actix::fut::LocalBoxActorFuture<Self, Result<Value, TrainerError>> = match loaded {
+                Err(error) => Box::pin(fut::ready(Err(error))),
+                Ok(_) if !matches!(act.phase, Phase::Idle) => {
+                    Box::pin(fut::ready(Err(TrainerError::Conflict("the loop became busy meanwhile".into()))))
+                }
+                Ok(mut models) => {
+                    let b = models.pop().expect("two loaded");
+                    let a = models.pop().expect("two loaded");
+                    let (a_version, b_version) = (a.version().to_owned(), b.version().to_owned());
+                    let (model, monitor) = (act.model.clone(), act.monitor.clone());
+                    let swap_a = act.serving_name.as_deref() != Some(msg.a.as_str());
+                    let share = msg.share;
+                    let salt = now_ms() as u64;
+                    let steps = async move {
+                        let displaced = if swap_a {
+                            model.send(SwapModel { model: Box::new(a) }).await.ok().flatten()
+                        } else {
+                            None
+                        };
+                        let _ = model
+                            .send(StartChallenger {
+                                model: Box::new(b),
+                                variant: Arc::from("b"),
+                                control_variant: Arc::from("a"),
+                                share,
+                                salt,
+                            })
+                            .await;
+                        (displaced, monitor.send(GetCounts).await.unwrap_or_default())
+                    };
+                    Box::pin(steps.into_actor(act).map(move |(displaced, baseline), act, _| {
+                        if swap_a {
+                            act.adopt(msg.a.clone(), displaced);
+                        }
+                        act.metrics.set_challenger_share(share);
+                        act.record(
+                            "experiment_started",
+                            None,
+                            Some(&b_version),
+                            format!(
+                                "a = {} ({a_version}), b = {} ({b_version}) on {:.0} % of users",
+                                msg.a,
+                                msg.b,
+                                share * 100.0
+                            ),
+                        );
+                        act.phase = Phase::Experiment(ExperimentState {
+                            a: (msg.a.clone(), a_version),
+                            b: (msg.b.clone(), b_version),
+                            share,
+                            started_at_ms: now_ms(),
+                            baseline,
+                        });
+                        Ok(json!({ "started": { "a": msg.a, "b": msg.b, "share": share } }))
+                    }))
+                }
+            };
+            step
+        }))
+    }
+}
+
+impl Handler<StopExperiment> for TrainerActor {
+    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+
+    fn handle(&mut self, _msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if !matches!(self.phase, Phase::Experiment(_)) {
+            return Box::pin(fut::ready(Err(TrainerError::Conflict("no experiment is running".into()))));
+        }
+        Box::pin(self.stop_experiment("stopped by an operator"))
+    }
+}

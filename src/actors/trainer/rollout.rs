@@ -1,0 +1,239 @@
+//! The canary and its verdict, promotion and rollback: how a version comes to serve everyone,
+//! and how the loop goes back to the one before.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+
+use super::{Phase, TrainerActor, TrainerError};
+use crate::actors::model::{EndChallenger, SwapModel, CONTROL};
+use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
+use crate::catalog::ItemIdx;
+use crate::models::registry;
+use crate::models::Recommender;
+use crate::monitor::two_proportion_z;
+
+/// Promote the canary or the experiment's `b` (no name), or switch to a registry version.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Value, TrainerError>")]
+pub struct Promote {
+    pub name: Option<String>,
+    pub reason: String,
+}
+
+/// Stop the canary or experiment, or go back to the version that served before the last
+/// promotion.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Value, TrainerError>")]
+pub struct Rollback {
+    pub reason: String,
+}
+
+pub(super) struct CanaryState {
+    pub(super) run: u64,
+    pub(super) name: String,
+    pub(super) version: String,
+    pub(super) incumbent: String,
+    pub(super) started: Instant,
+    pub(super) started_at_ms: i64,
+    pub(super) share: f64,
+    pub(super) baseline: ArmCounts,
+    pub(super) reference: (std::collections::HashMap<ItemIdx, f64>, Vec<f64>),
+}
+
+impl TrainerActor {
+    /// Arms of the canary since it started: (impressions, clicks) of control and canary.
+    pub(super) fn canary_arms(canary: &CanaryState, counts: &ArmCounts) -> ((u64, u64), (u64, u64)) {
+        let since = |version: &str, variant: &str| {
+            let key = (version.to_owned(), variant.to_owned());
+            let now = counts.get(&key).copied().unwrap_or_default();
+            let then = canary.baseline.get(&key).copied().unwrap_or_default();
+            (now.0.saturating_sub(then.0), now.1.saturating_sub(then.1))
+        };
+        (since(&canary.incumbent, CONTROL), since(&canary.version, "canary"))
+    }
+
+    pub(super) fn check_canary(&mut self, ctx: &mut Context<Self>) {
+        if self.checking || !matches!(self.phase, Phase::Canary(_)) {
+            return;
+        }
+        self.checking = true;
+        ctx.spawn(self.monitor.send(GetCounts).into_actor(self).map(|counts, act, ctx| {
+            act.checking = false;
+            let Ok(counts) = counts else { return };
+            let Phase::Canary(canary) = &act.phase else { return };
+            let ((control_n, control_clicks), (canary_n, canary_clicks)) = Self::canary_arms(canary, &counts);
+            let min = act.rollout.min_impressions;
+            let describe = |z: f64| {
+                format!(
+                    "canary CTR {:.4} ({canary_clicks}/{canary_n}) vs incumbent {:.4} ({control_clicks}/{control_n}), z = {z:.2}",
+                    canary_clicks as f64 / canary_n.max(1) as f64,
+                    control_clicks as f64 / control_n.max(1) as f64,
+                )
+            };
+            if control_n >= min && canary_n >= min {
+                // Positive when the incumbent's CTR is higher.
+                let z = two_proportion_z(control_clicks, control_n, canary_clicks, canary_n);
+                if z > act.rollout.z_threshold {
+                    act.end_canary(false, format!("{} > {}: worse", describe(z), act.rollout.z_threshold), ctx);
+                } else {
+                    act.end_canary(true, format!("{}: not worse", describe(z)), ctx);
+                }
+            } else if canary.started.elapsed() >= Duration::from_secs(act.rollout.max_secs) {
+                act.end_canary(false, format!("no verdict within rollout.max_secs: {}", describe(0.0)), ctx);
+            }
+        }));
+    }
+
+    /// Ends the canary: `promote` makes it serve everyone, otherwise it is rolled back.
+    fn end_canary(&mut self, promote: bool, detail: String, ctx: &mut Context<Self>) {
+        let Phase::Canary(canary) = std::mem::replace(&mut self.phase, Phase::Idle) else { return };
+        let done = self.model.send(EndChallenger { promote });
+        ctx.wait(done.into_actor(self).map(move |displaced, act, _ctx| {
+            act.metrics.set_challenger_share(0.0);
+            let displaced = displaced.ok().flatten();
+            if promote {
+                act.adopt(canary.name.clone(), displaced);
+                let (popularity, context) = canary.reference;
+                act.monitor.do_send(SetReference {
+                    popularity,
+                    context,
+                    source: format!("training window of {}", canary.version),
+                });
+                if let Some(record) = act.run_mut(canary.run) {
+                    record.outcome = "promoted".into();
+                    record.detail = Some(detail.clone());
+                }
+                act.record("promoted", Some(canary.run), Some(&canary.version), detail);
+            } else {
+                act.metrics.rollout_rollbacks.inc();
+                if let Some(record) = act.run_mut(canary.run) {
+                    record.outcome = "rolled_back".into();
+                    record.detail = Some(detail.clone());
+                }
+                act.record("rolled_back", Some(canary.run), Some(&canary.version), detail);
+            }
+        }));
+    }
+
+    /// Bookkeeping of a new version serving everyone.
+    pub(super) fn adopt(&mut self, name: String, displaced: Option<Box<dyn Recommender>>) {
+        self.metrics.rollout_promotions.inc();
+        if let Err(error) = registry::set_serving(&self.registry_dir, &name) {
+            tracing::error!(error = %error, "cannot record the serving version; a restart may serve another");
+        }
+        let old = self.serving_name.replace(name);
+        if let Some(model) = displaced {
+            self.previous = Some((model, old));
+        }
+    }
+}
+
+impl Handler<Promote> for TrainerActor {
+    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+
+    fn handle(&mut self, msg: Promote, ctx: &mut Self::Context) -> Self::Result {
+        let canary_name = match &self.phase {
+            Phase::Canary(c) => Some(c.name.clone()),
+            _ => None,
+        };
+        // The canary, by default or by name.
+        if canary_name.is_some() && (msg.name.is_none() || msg.name == canary_name) {
+            let version = match &self.phase {
+                Phase::Canary(c) => c.version.clone(),
+                _ => String::new(),
+            };
+            self.end_canary(true, format!("manual: {}", msg.reason), ctx);
+            return Box::pin(fut::ready(Ok(json!({ "promoted": canary_name, "serving": version }))));
+        }
+        if let Phase::Experiment(e) = &self.phase {
+            if msg.name.is_none() || msg.name.as_deref() == Some(e.b.0.as_str()) {
+                let (name, version) = e.b.clone();
+                self.phase = Phase::Idle;
+                let done = self.model.send(EndChallenger { promote: true });
+                return Box::pin(done.into_actor(self).map(move |displaced, act, _| {
+                    act.metrics.set_challenger_share(0.0);
+                    act.adopt(name.clone(), displaced.ok().flatten());
+                    act.record("promoted", None, Some(&version), "experiment ended: b promoted".into());
+                    Ok(json!({ "promoted": name, "serving": version }))
+                }));
+            }
+        }
+        let Some(name) = msg.name else {
+            return Box::pin(fut::ready(Err(TrainerError::Conflict(
+                "no canary or experiment to promote; name a version: POST /v1/admin/models/{name}/promote".into(),
+            ))));
+        };
+        if matches!(self.phase, Phase::Training { .. } | Phase::Waiting { .. } | Phase::Experiment(_)) {
+            return Box::pin(fut::ready(Err(TrainerError::Conflict(format!(
+                "cannot switch versions while {}",
+                self.phase_name()
+            )))));
+        }
+        let load = self.load_versions(vec![name.clone()]);
+        Box::pin(load.into_actor(self).then(move |loaded, act, ctx| {
+            let step: actix::fut::LocalBoxActorFuture<Self, Result<Value, TrainerError>> = match loaded {
+                Err(error) => Box::pin(fut::ready(Err(error))),
+                Ok(mut models) => {
+                    let model = models.pop().expect("one version asked, one loaded");
+                    // A canary in progress is rolled back first: the operator chose another version.
+                    if matches!(act.phase, Phase::Canary(_)) {
+                        act.end_canary(false, format!("manual promotion of {name} instead"), ctx);
+                    }
+                    let version = model.version().to_owned();
+                    let swap = act.model.send(SwapModel { model: Box::new(model) });
+                    Box::pin(swap.into_actor(act).map(move |displaced, act, _| {
+                        act.adopt(name.clone(), displaced.ok().flatten());
+                        act.record("promoted", None, Some(&version), format!("manual: {}", msg.reason));
+                        Ok(json!({ "promoted": name, "serving": version }))
+                    }))
+                }
+            };
+            step
+        }))
+    }
+}
+
+impl Handler<Rollback> for TrainerActor {
+    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+
+    fn handle(&mut self, msg: Rollback, ctx: &mut Self::Context) -> Self::Result {
+        match &self.phase {
+            Phase::Canary(c) => {
+                let (version, c_incumbent) = (c.version.clone(), c.incumbent.clone());
+                self.end_canary(false, format!("manual: {}", msg.reason), ctx);
+                return Box::pin(fut::ready(Ok(json!({ "rolled_back": version, "serving": c_incumbent }))));
+            }
+            Phase::Experiment(_) => return Box::pin(self.stop_experiment("rolled back by an operator")),
+            Phase::Training { .. } | Phase::Waiting { .. } | Phase::Idle => {}
+        }
+        let Some((model, name)) = self.previous.take() else {
+            return Box::pin(fut::ready(Err(TrainerError::Conflict(
+                "nothing to roll back: no canary, no experiment, and no earlier version kept since start".into(),
+            ))));
+        };
+        let version = model.version().to_owned();
+        let swap = self.model.send(SwapModel { model });
+        Box::pin(swap.into_actor(self).map(move |displaced, act, _| {
+            act.metrics.rollout_rollbacks.inc();
+            let from = act.serving_name.take();
+            if let Some(name) = &name {
+                if let Err(error) = registry::set_serving(&act.registry_dir, name) {
+                    tracing::error!(error = %error, "cannot record the serving version");
+                }
+            }
+            act.serving_name = name.clone();
+            if let Some(displaced) = displaced.ok().flatten() {
+                act.previous = Some((displaced, from));
+            }
+            act.record(
+                "rolled_back",
+                None,
+                Some(&version),
+                format!("manual: back to the previous version; {}", msg.reason),
+            );
+            Ok(json!({ "serving": version, "name": name }))
+        }))
+    }
+}
