@@ -103,28 +103,30 @@ async fn optional_body<T: serde::de::DeserializeOwned + Default>(
 pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let traffic = state.registry.deps.model.send(CurrentVersion).await?;
-    let mut loop_state = state.trainer.send(GetLoopState).await?;
+    let loop_state = state.trainer.send(GetLoopState).await?;
     let dir = state.config.model.registry_dir.clone();
     let versions = web::block(move || registry::list(&dir))
         .await
         .map_err(|_| ApiError::unavailable("unavailable", "the registry could not be listed", 1))?
         .map_err(registry_error)?;
-    let rolled_back: Vec<&str> = loop_state["runs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["outcome"] == "rolled_back")
-        .filter_map(|r| r["name"].as_str())
+    let rolled_back: Vec<&str> = loop_state
+        .runs
+        .iter()
+        .filter(|r| r.outcome == "rolled_back")
+        .filter_map(|r| r.name.as_deref())
         .collect();
-    let name_is = |path: &str, name: &str| loop_state.pointer(path).and_then(Value::as_str) == Some(name);
+    let serving_name = loop_state.serving_name.as_deref();
+    let canary_name = loop_state.canary.as_ref().map(|c| c.name.as_str());
+    let experiment_b = loop_state.experiment.as_ref().map(|e| e.b.name.as_str());
     let versions: Vec<Value> = versions
         .into_iter()
         .map(|v| {
-            let status = if name_is("/serving_name", &v.name) {
+            let name = Some(v.name.as_str());
+            let status = if name == serving_name {
                 "serving"
-            } else if name_is("/canary/name", &v.name) {
+            } else if name == canary_name {
                 "canary"
-            } else if name_is("/experiment/b/name", &v.name) {
+            } else if name == experiment_b {
                 "experiment_b"
             } else if rolled_back.contains(&v.name.as_str()) {
                 "rolled_back"
@@ -136,7 +138,6 @@ pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpRe
             value
         })
         .collect();
-    let fields = loop_state.as_object_mut().expect("the loop state is an object");
     let mut body = json!({
         "serving": traffic.serving(),
         "kind": state.config.model.kind,
@@ -144,8 +145,10 @@ pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpRe
         "traffic": traffic,
         "versions": versions,
     });
-    let out = body.as_object_mut().expect("an object");
-    out.extend(std::mem::take(fields));
+    // The loop's fields sit beside the registry's at the top level of the answer.
+    if let (Some(out), Ok(Value::Object(fields))) = (body.as_object_mut(), serde_json::to_value(&loop_state)) {
+        out.extend(fields);
+    }
     Ok(HttpResponse::Ok().json(body))
 }
 
@@ -325,7 +328,7 @@ pub async fn retrain(
 pub async fn experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let loop_state = state.trainer.send(GetLoopState).await?;
-    Ok(HttpResponse::Ok().json(json!({ "experiment": loop_state["experiment"] })))
+    Ok(HttpResponse::Ok().json(json!({ "experiment": loop_state.experiment })))
 }
 
 /// An A/B experiment between two registry versions.

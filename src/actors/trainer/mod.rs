@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::Serialize;
-use serde_json::Value;
 
 use super::model::{ModelActor, StartChallenger, CONTROL};
 use super::monitor::{GetCounts, MonitorActor, Retrain};
@@ -54,6 +53,7 @@ mod view;
 pub use crate::models::retrain::Drill;
 pub use experiments::{StartExperiment, StopExperiment};
 pub use rollout::{Promote, Rollback};
+pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, NamedVersion, TrainingView, VersionRef};
 use experiments::ExperimentState;
 use rollout::CanaryState;
 
@@ -98,7 +98,7 @@ pub enum TrainerError {
 
 /// The state of the loop, for `GET /v1/admin/models` and `GET /v1/admin/experiments`.
 #[derive(Message, Debug)]
-#[rtype(result = "Value")]
+#[rtype(result = "LoopState")]
 pub struct GetLoopState;
 
 /// A training run finished (on its thread).
@@ -109,35 +109,37 @@ struct TrainingDone {
     result: Result<Candidate, String>,
 }
 
+/// One training run and what became of it, as the admin view lists it.
 #[derive(Clone, Debug, Serialize)]
-struct RunRecord {
-    run: u64,
-    reasons: Vec<String>,
-    sources: Vec<TriggerSource>,
-    drill: Drill,
-    started_at_ms: i64,
-    seconds: Option<f64>,
-    events: Option<usize>,
-    users: Option<usize>,
-    cases: Option<usize>,
-    candidate_ndcg10: Option<f64>,
-    incumbent_ndcg10: Option<f64>,
-    yardstick: Option<String>,
-    warm_started: Option<bool>,
-    name: Option<String>,
-    version: Option<String>,
+pub struct RunRecord {
+    pub run: u64,
+    pub reasons: Vec<String>,
+    pub sources: Vec<TriggerSource>,
+    pub drill: Drill,
+    pub started_at_ms: i64,
+    pub seconds: Option<f64>,
+    pub events: Option<usize>,
+    pub users: Option<usize>,
+    pub cases: Option<usize>,
+    pub candidate_ndcg10: Option<f64>,
+    pub incumbent_ndcg10: Option<f64>,
+    pub yardstick: Option<String>,
+    pub warm_started: Option<bool>,
+    pub name: Option<String>,
+    pub version: Option<String>,
     /// training, rejected, failed, canary, promoted, rolled_back.
-    outcome: String,
-    detail: Option<String>,
+    pub outcome: String,
+    pub detail: Option<String>,
 }
 
+/// One step of the loop (trigger, training, gate, canary, promotion, rollback), for the history.
 #[derive(Clone, Debug, Serialize)]
-struct HistoryEntry {
-    at_ms: i64,
-    step: String,
-    run: Option<u64>,
-    version: Option<String>,
-    detail: String,
+pub struct HistoryEntry {
+    pub at_ms: i64,
+    pub step: String,
+    pub run: Option<u64>,
+    pub version: Option<String>,
+    pub detail: String,
 }
 
 enum Phase {
@@ -525,7 +527,7 @@ impl Handler<TrainingDone> for TrainerActor {
 }
 
 impl Handler<GetLoopState> for TrainerActor {
-    type Result = ResponseActFuture<Self, Value>;
+    type Result = ResponseActFuture<Self, LoopState>;
 
     fn handle(&mut self, _msg: GetLoopState, _ctx: &mut Self::Context) -> Self::Result {
         Box::pin(
