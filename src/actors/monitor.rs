@@ -97,8 +97,7 @@ pub struct GetReport;
 #[rtype(result = "ArmCounts")]
 pub struct GetCounts;
 
-/// (version, variant) -> (impressions, clicks).
-pub type ArmCounts = HashMap<(String, String), (u64, u64)>;
+pub use crate::monitor::{Arm, ArmCounts, ArmTally};
 
 /// The input-drift reference of a newly promoted version: item popularity and context mix of
 /// the recent part of its training window.
@@ -630,7 +629,14 @@ impl Handler<GetCounts> for MonitorActor {
     type Result = MessageResult<GetCounts>;
 
     fn handle(&mut self, _msg: GetCounts, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.totals.iter().map(|((v, a), &n)| ((v.to_string(), a.to_string()), n)).collect())
+        MessageResult(
+            self.totals
+                .iter()
+                .map(|((version, variant), &(impressions, clicks))| {
+                    (Arm::new(&**version, &**variant), ArmTally { impressions, clicks })
+                })
+                .collect(),
+        )
     }
 }
 

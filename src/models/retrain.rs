@@ -222,6 +222,24 @@ impl Recommender for WindowPopularity {
     }
 }
 
+/// Why a training run produced no candidate.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrainError {
+    #[error("{have} positive events in the window; trainer.min_events asks for {need}")]
+    TooFewEvents { have: usize, need: usize },
+    #[error("{have} users with at least three events in the window; trainer.min_cases asks for {need}")]
+    TooFewCases { have: usize, need: usize },
+    #[error(transparent)]
+    Training(#[from] super::train::TrainError),
+    /// The candidate could not be written to the registry (nothing half-written is left).
+    #[error(transparent)]
+    Save(#[from] super::sequential::ModelFileError),
+    #[error("the training thread panicked; see the log")]
+    Panicked,
+    #[error("cannot start the training thread: {0}")]
+    NoThread(std::io::Error),
+}
+
 /// Deliberate faults for drills: check that the gate and the canary catch a bad model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -264,23 +282,17 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn run(self) -> Result<Candidate, String> {
+    pub fn run(self) -> Result<Candidate, RetrainError> {
         let started = Instant::now();
         let cfg = &self.config;
         let mut data = WindowData::from_log(&self.events, &self.catalog);
         let interactions = data.dataset.interactions();
         if interactions < cfg.min_events {
-            return Err(format!(
-                "{interactions} positive events in the window; trainer.min_events asks for {}",
-                cfg.min_events
-            ));
+            return Err(RetrainError::TooFewEvents { have: interactions, need: cfg.min_events });
         }
         let cases = data.cases();
         if cases < cfg.min_cases {
-            return Err(format!(
-                "{cases} users with at least three events in the window; trainer.min_cases asks for {}",
-                cfg.min_cases
-            ));
+            return Err(RetrainError::TooFewCases { have: cases, need: cfg.min_cases });
         }
         // The serving version, when it is a registry version: warm start and yardstick.
         let incumbent = match &self.serving_path {
@@ -323,8 +335,7 @@ impl Job {
             },
             serve: incumbent.as_ref().map(|m| m.serve.clone()).unwrap_or_default(),
         };
-        let trained =
-            train_from(&data.dataset, &data.split, &file, false, incumbent.as_ref()).map_err(|e| e.to_string())?;
+        let trained = train_from(&data.dataset, &data.split, &file, false, incumbent.as_ref())?;
         let mut candidate = trained.model;
         let candidate_ndcg = ndcg(&score_all(&mut candidate, &requests, &self.catalog), &targets, 10);
         let warm_started = incumbent.is_some();
@@ -384,7 +395,7 @@ impl Job {
             if let Err(error) = candidate.save(&dir, &mut manifest) {
                 // A full disk, say: leave no half-written version behind for a restart to trip on.
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(error.to_string());
+                return Err(error.into());
             }
             result.version = Some(candidate.version().to_owned());
             result.name = Some(name);

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
+use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{Phase, TrainerActor, TrainerError};
+use super::{LoopStep, Phase, TrainerActor, TrainerError, Variant};
 use crate::actors::model::{EndChallenger, StartChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts};
 use crate::event::now_ms;
@@ -25,16 +26,26 @@ pub struct StartExperiment {
 #[rtype(result = "Result<Value, TrainerError>")]
 pub struct StopExperiment;
 
+/// An arm of an experiment: a registry name and the version it holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NamedVersion {
+    pub name: String,
+    pub version: String,
+}
+
 pub(super) struct ExperimentState {
-    pub(super) a: (String, String),
-    pub(super) b: (String, String),
+    pub(super) a: NamedVersion,
+    pub(super) b: NamedVersion,
     pub(super) share: f64,
     pub(super) started_at_ms: i64,
     pub(super) baseline: ArmCounts,
 }
 
 impl TrainerActor {
-    pub(super) fn stop_experiment(&mut self, why: &str) -> impl ActorFuture<Self, Output = Result<Value, TrainerError>> + 'static {
+    pub(super) fn stop_experiment(
+        &mut self,
+        why: &str,
+    ) -> impl ActorFuture<Self, Output = Result<Value, TrainerError>> + 'static {
         let why = why.to_owned();
         let ended = match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Experiment(e) => Some(e),
@@ -46,11 +57,16 @@ impl TrainerActor {
         let done = self.model.send(EndChallenger { promote: false });
         done.into_actor(self).map(move |_, act, _| {
             let Some(e) = ended else {
-                return Err(TrainerError::Conflict("no experiment is running".into()));
+                return Err(TrainerError::NoExperiment);
             };
             act.metrics.set_challenger_share(0.0);
-            act.record("experiment_stopped", None, Some(&e.a.1), format!("{why}; a ({}) keeps serving", e.a.0));
-            Ok(json!({ "serving": e.a.1, "name": e.a.0 }))
+            act.record(
+                LoopStep::ExperimentStopped,
+                None,
+                Some(&e.a.version),
+                format!("{why}; a ({}) keeps serving", e.a.name),
+            );
+            Ok(json!({ "serving": e.a.version, "name": e.a.name }))
         })
     }
 }
@@ -60,23 +76,19 @@ impl Handler<StartExperiment> for TrainerActor {
 
     fn handle(&mut self, msg: StartExperiment, _ctx: &mut Self::Context) -> Self::Result {
         if !matches!(self.phase, Phase::Idle) {
-            return Box::pin(fut::ready(Err(TrainerError::Conflict(format!(
-                "cannot start an experiment while {}",
-                self.phase_name()
-            )))));
+            return Box::pin(fut::ready(Err(TrainerError::Busy {
+                action: "start an experiment",
+                phase: self.phase_name(),
+            })));
         }
         if !(msg.share > 0.0 && msg.share < 1.0) || msg.a == msg.b {
-            return Box::pin(fut::ready(Err(TrainerError::BadRequest(
-                "an experiment needs two different versions and a share of users for b strictly between 0 and 1".into(),
-            ))));
+            return Box::pin(fut::ready(Err(TrainerError::InvalidExperiment)));
         }
         let load = self.load_versions(vec![msg.a.clone(), msg.b.clone()]);
         Box::pin(load.into_actor(self).then(move |loaded, act, _| {
             let step: actix::fut::LocalBoxActorFuture<Self, Result<Value, TrainerError>> = match loaded {
                 Err(error) => Box::pin(fut::ready(Err(error))),
-                Ok(_) if !matches!(act.phase, Phase::Idle) => {
-                    Box::pin(fut::ready(Err(TrainerError::Conflict("the loop became busy meanwhile".into()))))
-                }
+                Ok(_) if !matches!(act.phase, Phase::Idle) => Box::pin(fut::ready(Err(TrainerError::BecameBusy))),
                 Ok(mut models) => {
                     let b = models.pop().expect("two loaded");
                     let a = models.pop().expect("two loaded");
@@ -94,8 +106,8 @@ impl Handler<StartExperiment> for TrainerActor {
                         let _ = model
                             .send(StartChallenger {
                                 model: Box::new(b),
-                                variant: Arc::from("b"),
-                                control_variant: Arc::from("a"),
+                                variant: Arc::from(Variant::B.as_str()),
+                                control_variant: Arc::from(Variant::A.as_str()),
                                 share,
                                 salt,
                             })
@@ -108,7 +120,7 @@ impl Handler<StartExperiment> for TrainerActor {
                         }
                         act.metrics.set_challenger_share(share);
                         act.record(
-                            "experiment_started",
+                            LoopStep::ExperimentStarted,
                             None,
                             Some(&b_version),
                             format!(
@@ -119,8 +131,8 @@ impl Handler<StartExperiment> for TrainerActor {
                             ),
                         );
                         act.phase = Phase::Experiment(ExperimentState {
-                            a: (msg.a.clone(), a_version),
-                            b: (msg.b.clone(), b_version),
+                            a: NamedVersion { name: msg.a.clone(), version: a_version },
+                            b: NamedVersion { name: msg.b.clone(), version: b_version },
                             share,
                             started_at_ms: now_ms(),
                             baseline,
@@ -139,7 +151,7 @@ impl Handler<StopExperiment> for TrainerActor {
 
     fn handle(&mut self, _msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
         if !matches!(self.phase, Phase::Experiment(_)) {
-            return Box::pin(fut::ready(Err(TrainerError::Conflict("no experiment is running".into()))));
+            return Box::pin(fut::ready(Err(TrainerError::NoExperiment)));
         }
         Box::pin(self.stop_experiment("stopped by an operator"))
     }

@@ -41,7 +41,7 @@ use crate::config::{RolloutConfig, TrainerConfig};
 use crate::event::now_ms;
 use crate::eventlog::EventLog;
 use crate::models::registry;
-use crate::models::retrain::{Candidate, Job};
+use crate::models::retrain::{Candidate, Job, RetrainError};
 use crate::models::sequential::SequentialModel;
 use crate::models::Recommender;
 use crate::telemetry::Metrics;
@@ -51,11 +51,11 @@ mod rollout;
 mod view;
 
 pub use crate::models::retrain::Drill;
-pub use experiments::{StartExperiment, StopExperiment};
-pub use rollout::{Promote, Rollback};
-pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, NamedVersion, TrainingView, VersionRef};
 use experiments::ExperimentState;
+pub use experiments::{NamedVersion, StartExperiment, StopExperiment};
 use rollout::CanaryState;
+pub use rollout::{Promote, Rollback};
+pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, TrainingView, VersionRef};
 
 /// Where a retraining request came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -84,16 +84,36 @@ pub struct RetrainAck {
     pub coalesced: bool,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why the loop refused or failed an operator's request. The wording is the loop's own; the HTTP
+/// layer chooses the status, the code and any route to suggest.
+#[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Failed(String),
+    #[error("retraining is disabled (trainer.enabled = false)")]
+    Disabled,
+    #[error("an experiment is running; stop it before retraining")]
+    ExperimentRunning,
+    #[error("no canary or experiment to promote; name a version to promote")]
+    NothingToPromote,
+    /// Another step of the loop is in progress (`phase` names it).
+    #[error("cannot {action} while {phase}")]
+    Busy { action: &'static str, phase: &'static str },
+    #[error("the loop became busy meanwhile")]
+    BecameBusy,
+    #[error("nothing to roll back: no canary, no experiment, and no earlier version kept since start")]
+    NothingToRollBack,
+    #[error("no experiment is running")]
+    NoExperiment,
+    #[error("an experiment needs two different versions and a share of users for b strictly between 0 and 1")]
+    InvalidExperiment,
+    /// The version asked for is not in the registry (or its name is not a valid one).
+    #[error(transparent)]
+    Version(registry::RegistryError),
+    /// The version is in the registry but cannot be loaded.
+    #[error(transparent)]
+    Unreadable(registry::RegistryError),
+    /// The loading thread stopped before it answered.
+    #[error("loading stopped: {0}")]
+    LoadStopped(String),
 }
 
 /// The state of the loop, for `GET /v1/admin/models` and `GET /v1/admin/experiments`.
@@ -106,7 +126,85 @@ pub struct GetLoopState;
 #[rtype(result = "()")]
 struct TrainingDone {
     run: u64,
-    result: Result<Candidate, String>,
+    result: Result<Candidate, RetrainError>,
+}
+
+/// A step of the loop, as the history names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoopStep {
+    TriggerIgnored,
+    TriggerCoalesced,
+    WaitingForData,
+    TrainingStarted,
+    TrainingFailed,
+    GatePassed,
+    GateRejected,
+    GateSkipped,
+    CanaryStarted,
+    Promoted,
+    RolledBack,
+    ExperimentStarted,
+    ExperimentStopped,
+}
+
+impl LoopStep {
+    /// The name the history and the log give the step.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopStep::TriggerIgnored => "trigger_ignored",
+            LoopStep::TriggerCoalesced => "trigger_coalesced",
+            LoopStep::WaitingForData => "waiting_for_data",
+            LoopStep::TrainingStarted => "training_started",
+            LoopStep::TrainingFailed => "training_failed",
+            LoopStep::GatePassed => "gate_passed",
+            LoopStep::GateRejected => "gate_rejected",
+            LoopStep::GateSkipped => "gate_skipped",
+            LoopStep::CanaryStarted => "canary_started",
+            LoopStep::Promoted => "promoted",
+            LoopStep::RolledBack => "rolled_back",
+            LoopStep::ExperimentStarted => "experiment_started",
+            LoopStep::ExperimentStopped => "experiment_stopped",
+        }
+    }
+}
+
+/// What became of a training run (so far).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOutcome {
+    /// Waiting for fresh events after a drift alarm.
+    WaitingForData,
+    Training,
+    /// The gate turned the candidate down.
+    Rejected,
+    Failed,
+    /// Serving its share of users while the canary is judged.
+    Canary,
+    Promoted,
+    RolledBack,
+}
+
+/// The experiment variants the loop names in the traffic split (their wire form is a string).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Users outside any canary or experiment, and the incumbent's arm of a canary.
+    Control,
+    Canary,
+    /// The arms of an A/B experiment.
+    A,
+    B,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Control => CONTROL,
+            Variant::Canary => "canary",
+            Variant::A => "a",
+            Variant::B => "b",
+        }
+    }
 }
 
 /// One training run and what became of it, as the admin view lists it.
@@ -127,8 +225,7 @@ pub struct RunRecord {
     pub warm_started: Option<bool>,
     pub name: Option<String>,
     pub version: Option<String>,
-    /// training, rejected, failed, canary, promoted, rolled_back.
-    pub outcome: String,
+    pub outcome: RunOutcome,
     pub detail: Option<String>,
 }
 
@@ -136,7 +233,7 @@ pub struct RunRecord {
 #[derive(Clone, Debug, Serialize)]
 pub struct HistoryEntry {
     pub at_ms: i64,
-    pub step: String,
+    pub step: LoopStep,
     pub run: Option<u64>,
     pub version: Option<String>,
     pub detail: String,
@@ -211,11 +308,11 @@ impl TrainerActor {
         }
     }
 
-    fn record(&mut self, step: &str, run: Option<u64>, version: Option<&str>, detail: String) {
-        tracing::info!(step, run, version, detail = %detail, "model lifecycle");
+    fn record(&mut self, step: LoopStep, run: Option<u64>, version: Option<&str>, detail: String) {
+        tracing::info!(step = step.as_str(), run, version, detail = %detail, "model lifecycle");
         self.history.push_back(HistoryEntry {
             at_ms: now_ms(),
-            step: step.to_owned(),
+            step,
             run,
             version: version.map(str::to_owned),
             detail,
@@ -246,17 +343,13 @@ impl TrainerActor {
             TriggerSource::Admin => self.metrics.trainer_triggers_admin.inc(),
         }
         if !self.config.enabled {
-            self.record("trigger_ignored", None, None, format!("{} (trainer.enabled = false)", request.reason));
-            return Err(TrainerError::Conflict("retraining is disabled (trainer.enabled = false)".into()));
+            self.record(LoopStep::TriggerIgnored, None, None, format!("{} (trainer.enabled = false)", request.reason));
+            return Err(TrainerError::Disabled);
         }
         let running = match &self.phase {
             Phase::Training { run } | Phase::Waiting { run, .. } => Some(*run),
             Phase::Canary(canary) => Some(canary.run),
-            Phase::Experiment(_) => {
-                return Err(TrainerError::Conflict(
-                    "an experiment is running; stop it (DELETE /v1/admin/experiments) before retraining".into(),
-                ))
-            }
+            Phase::Experiment(_) => return Err(TrainerError::ExperimentRunning),
             Phase::Idle => None,
         };
         if let Some(run) = running {
@@ -265,15 +358,15 @@ impl TrainerActor {
                 record.reasons.push(request.reason.clone());
                 record.sources.push(request.source);
             }
-            self.record("trigger_coalesced", Some(run), None, request.reason);
+            self.record(LoopStep::TriggerCoalesced, Some(run), None, request.reason);
             return Ok(RetrainAck { run, coalesced: true });
         }
         let run = self.next_run;
         self.next_run += 1;
         if request.source == TriggerSource::Monitor && self.config.fresh_events > 0 {
-            self.push_run(run, &request, "waiting_for_data");
+            self.push_run(run, &request, RunOutcome::WaitingForData);
             self.record(
-                "waiting_for_data",
+                LoopStep::WaitingForData,
                 Some(run),
                 None,
                 format!("{}; training after {} new events", request.reason, self.config.fresh_events),
@@ -285,7 +378,7 @@ impl TrainerActor {
         Ok(RetrainAck { run, coalesced: false })
     }
 
-    fn push_run(&mut self, run: u64, request: &RequestRetrain, outcome: &str) {
+    fn push_run(&mut self, run: u64, request: &RequestRetrain, outcome: RunOutcome) {
         self.runs.push_back(RunRecord {
             run,
             reasons: vec![request.reason.clone()],
@@ -302,7 +395,7 @@ impl TrainerActor {
             warm_started: None,
             name: None,
             version: None,
-            outcome: outcome.into(),
+            outcome,
             detail: None,
         });
         while self.runs.len() > KEPT {
@@ -324,14 +417,14 @@ impl TrainerActor {
     fn start_training(&mut self, run: u64, request: RequestRetrain, ctx: &mut Context<Self>) {
         let events = self.log.snapshot(now_ms());
         if self.run_mut(run).is_none() {
-            self.push_run(run, &request, "training");
+            self.push_run(run, &request, RunOutcome::Training);
         }
         if let Some(record) = self.run_mut(run) {
-            record.outcome = "training".into();
+            record.outcome = RunOutcome::Training;
             record.events = Some(events.len());
         }
         self.record(
-            "training_started",
+            LoopStep::TrainingStarted,
             Some(run),
             None,
             format!("{} ({} events in the window)", request.reason, events.len()),
@@ -351,25 +444,26 @@ impl TrainerActor {
         let addr = ctx.address();
         let spawned = std::thread::Builder::new().name("liverec-trainer".into()).spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()))
-                .unwrap_or_else(|_| Err("the training thread panicked; see the log".into()));
+                .unwrap_or_else(|_| Err(RetrainError::Panicked));
             addr.do_send(TrainingDone { run, result });
         });
         if let Err(error) = spawned {
-            ctx.notify(TrainingDone { run, result: Err(format!("cannot start the training thread: {error}")) });
+            ctx.notify(TrainingDone { run, result: Err(RetrainError::NoThread(error)) });
         }
     }
 
-    fn finish_training(&mut self, run: u64, result: Result<Candidate, String>, ctx: &mut Context<Self>) {
+    fn finish_training(&mut self, run: u64, result: Result<Candidate, RetrainError>, ctx: &mut Context<Self>) {
         self.phase = Phase::Idle;
         let candidate = match result {
             Ok(candidate) => candidate,
             Err(error) => {
+                let error = error.to_string();
                 self.metrics.trainer_runs_failed.inc();
                 if let Some(record) = self.run_mut(run) {
-                    record.outcome = "failed".into();
+                    record.outcome = RunOutcome::Failed;
                     record.detail = Some(error.clone());
                 }
-                self.record("training_failed", Some(run), None, error);
+                self.record(LoopStep::TrainingFailed, Some(run), None, error);
                 return;
             }
         };
@@ -392,29 +486,34 @@ impl TrainerActor {
         );
         if candidate.passed {
             self.metrics.trainer_runs_passed.inc();
-            self.record("gate_passed", Some(run), candidate.version.as_deref(), verdict.clone());
+            self.record(LoopStep::GatePassed, Some(run), candidate.version.as_deref(), verdict.clone());
         } else {
             self.metrics.trainer_runs_rejected.inc();
-            self.record("gate_rejected", Some(run), None, verdict.clone());
+            self.record(LoopStep::GateRejected, Some(run), None, verdict.clone());
         }
         let (Some(model), Some(name), Some(version)) = (candidate.model, candidate.name, candidate.version) else {
             if let Some(record) = self.run_mut(run) {
-                record.outcome = "rejected".into();
+                record.outcome = RunOutcome::Rejected;
                 record.detail = Some(verdict);
             }
             return;
         };
         if !candidate.passed {
-            self.record("gate_skipped", Some(run), Some(&version), "drill: sent to canary despite the gate".into());
+            self.record(
+                LoopStep::GateSkipped,
+                Some(run),
+                Some(&version),
+                "drill: sent to canary despite the gate".into(),
+            );
         }
         if let Some(record) = self.run_mut(run) {
-            record.outcome = "canary".into();
+            record.outcome = RunOutcome::Canary;
         }
         let share = self.rollout.canary_share.clamp(0.0, 1.0);
         let start = StartChallenger {
             model: Box::new(model),
-            variant: Arc::from("canary"),
-            control_variant: Arc::from(CONTROL),
+            variant: Arc::from(Variant::Canary.as_str()),
+            control_variant: Arc::from(Variant::Control.as_str()),
             share,
             salt: run,
         };
@@ -429,7 +528,7 @@ impl TrainerActor {
             act.metrics.rollout_canaries.inc();
             act.metrics.set_challenger_share(share);
             act.record(
-                "canary_started",
+                LoopStep::CanaryStarted,
                 Some(run),
                 Some(&version),
                 format!("serving {:.0} % of users against {incumbent}", share * 100.0),
@@ -459,19 +558,13 @@ impl TrainerActor {
                 names
                     .iter()
                     .map(|name| {
-                        let path = registry::resolve(&dir, name).map_err(|e| match e {
-                            registry::RegistryError::BadName(_) => TrainerError::BadRequest(e.to_string()),
-                            registry::RegistryError::NotFound { .. } | registry::RegistryError::Empty(_) => {
-                                TrainerError::NotFound(e.to_string())
-                            }
-                            _ => TrainerError::Failed(e.to_string()),
-                        })?;
-                        registry::load(&path, &catalog).map_err(|e| TrainerError::Failed(e.to_string()))
+                        let path = registry::resolve(&dir, name).map_err(TrainerError::Version)?;
+                        registry::load(&path, &catalog).map_err(TrainerError::Unreadable)
                     })
                     .collect()
             })
             .await
-            .map_err(|e| TrainerError::Failed(format!("loading stopped: {e}")))?
+            .map_err(|e| TrainerError::LoadStopped(e.to_string()))?
         }
     }
 }

@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde_json::{json, Value};
 
-use super::{Phase, TrainerActor, TrainerError};
-use crate::actors::model::{EndChallenger, SwapModel, CONTROL};
+use super::{LoopStep, NamedVersion, Phase, RunOutcome, TrainerActor, TrainerError, Variant};
+use crate::actors::model::{EndChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
 use crate::catalog::ItemIdx;
 use crate::models::registry;
 use crate::models::Recommender;
 use crate::monitor::two_proportion_z;
+use crate::monitor::{arm_since, Arm, ArmTally};
 
 /// Promote the canary or the experiment's `b` (no name), or switch to a registry version.
 #[derive(Message, Debug)]
@@ -44,14 +45,10 @@ pub(super) struct CanaryState {
 
 impl TrainerActor {
     /// Arms of the canary since it started: (impressions, clicks) of control and canary.
-    pub(super) fn canary_arms(canary: &CanaryState, counts: &ArmCounts) -> ((u64, u64), (u64, u64)) {
-        let since = |version: &str, variant: &str| {
-            let key = (version.to_owned(), variant.to_owned());
-            let now = counts.get(&key).copied().unwrap_or_default();
-            let then = canary.baseline.get(&key).copied().unwrap_or_default();
-            (now.0.saturating_sub(then.0), now.1.saturating_sub(then.1))
-        };
-        (since(&canary.incumbent, CONTROL), since(&canary.version, "canary"))
+    pub(super) fn canary_arms(canary: &CanaryState, counts: &ArmCounts) -> (ArmTally, ArmTally) {
+        let since =
+            |version: &str, variant: Variant| arm_since(counts, &canary.baseline, &Arm::new(version, variant.as_str()));
+        (since(&canary.incumbent, Variant::Control), since(&canary.version, Variant::Canary))
     }
 
     pub(super) fn check_canary(&mut self, ctx: &mut Context<Self>) {
@@ -63,7 +60,9 @@ impl TrainerActor {
             act.checking = false;
             let Ok(counts) = counts else { return };
             let Phase::Canary(canary) = &act.phase else { return };
-            let ((control_n, control_clicks), (canary_n, canary_clicks)) = Self::canary_arms(canary, &counts);
+            let (control, canary_arm) = Self::canary_arms(canary, &counts);
+            let (control_n, control_clicks) = (control.impressions, control.clicks);
+            let (canary_n, canary_clicks) = (canary_arm.impressions, canary_arm.clicks);
             let min = act.rollout.min_impressions;
             let describe = |z: f64| {
                 format!(
@@ -102,17 +101,17 @@ impl TrainerActor {
                     source: format!("training window of {}", canary.version),
                 });
                 if let Some(record) = act.run_mut(canary.run) {
-                    record.outcome = "promoted".into();
+                    record.outcome = RunOutcome::Promoted;
                     record.detail = Some(detail.clone());
                 }
-                act.record("promoted", Some(canary.run), Some(&canary.version), detail);
+                act.record(LoopStep::Promoted, Some(canary.run), Some(&canary.version), detail);
             } else {
                 act.metrics.rollout_rollbacks.inc();
                 if let Some(record) = act.run_mut(canary.run) {
-                    record.outcome = "rolled_back".into();
+                    record.outcome = RunOutcome::RolledBack;
                     record.detail = Some(detail.clone());
                 }
-                act.record("rolled_back", Some(canary.run), Some(&canary.version), detail);
+                act.record(LoopStep::RolledBack, Some(canary.run), Some(&canary.version), detail);
             }
         }));
     }
@@ -148,28 +147,26 @@ impl Handler<Promote> for TrainerActor {
             return Box::pin(fut::ready(Ok(json!({ "promoted": canary_name, "serving": version }))));
         }
         if let Phase::Experiment(e) = &self.phase {
-            if msg.name.is_none() || msg.name.as_deref() == Some(e.b.0.as_str()) {
-                let (name, version) = e.b.clone();
+            if msg.name.is_none() || msg.name.as_deref() == Some(e.b.name.as_str()) {
+                let NamedVersion { name, version } = e.b.clone();
                 self.phase = Phase::Idle;
                 let done = self.model.send(EndChallenger { promote: true });
                 return Box::pin(done.into_actor(self).map(move |displaced, act, _| {
                     act.metrics.set_challenger_share(0.0);
                     act.adopt(name.clone(), displaced.ok().flatten());
-                    act.record("promoted", None, Some(&version), "experiment ended: b promoted".into());
+                    act.record(LoopStep::Promoted, None, Some(&version), "experiment ended: b promoted".into());
                     Ok(json!({ "promoted": name, "serving": version }))
                 }));
             }
         }
         let Some(name) = msg.name else {
-            return Box::pin(fut::ready(Err(TrainerError::Conflict(
-                "no canary or experiment to promote; name a version: POST /v1/admin/models/{name}/promote".into(),
-            ))));
+            return Box::pin(fut::ready(Err(TrainerError::NothingToPromote)));
         };
         if matches!(self.phase, Phase::Training { .. } | Phase::Waiting { .. } | Phase::Experiment(_)) {
-            return Box::pin(fut::ready(Err(TrainerError::Conflict(format!(
-                "cannot switch versions while {}",
-                self.phase_name()
-            )))));
+            return Box::pin(fut::ready(Err(TrainerError::Busy {
+                action: "switch versions",
+                phase: self.phase_name(),
+            })));
         }
         let load = self.load_versions(vec![name.clone()]);
         Box::pin(load.into_actor(self).then(move |loaded, act, ctx| {
@@ -185,7 +182,7 @@ impl Handler<Promote> for TrainerActor {
                     let swap = act.model.send(SwapModel { model: Box::new(model) });
                     Box::pin(swap.into_actor(act).map(move |displaced, act, _| {
                         act.adopt(name.clone(), displaced.ok().flatten());
-                        act.record("promoted", None, Some(&version), format!("manual: {}", msg.reason));
+                        act.record(LoopStep::Promoted, None, Some(&version), format!("manual: {}", msg.reason));
                         Ok(json!({ "promoted": name, "serving": version }))
                     }))
                 }
@@ -209,9 +206,7 @@ impl Handler<Rollback> for TrainerActor {
             Phase::Training { .. } | Phase::Waiting { .. } | Phase::Idle => {}
         }
         let Some((model, name)) = self.previous.take() else {
-            return Box::pin(fut::ready(Err(TrainerError::Conflict(
-                "nothing to roll back: no canary, no experiment, and no earlier version kept since start".into(),
-            ))));
+            return Box::pin(fut::ready(Err(TrainerError::NothingToRollBack)));
         };
         let version = model.version().to_owned();
         let swap = self.model.send(SwapModel { model });
@@ -228,7 +223,7 @@ impl Handler<Rollback> for TrainerActor {
                 act.previous = Some((displaced, from));
             }
             act.record(
-                "rolled_back",
+                LoopStep::RolledBack,
                 None,
                 Some(&version),
                 format!("manual: back to the previous version; {}", msg.reason),

@@ -4,12 +4,11 @@
 
 use serde::Serialize;
 
-use super::experiments::ExperimentState;
+use super::experiments::{ExperimentState, NamedVersion};
 use super::rollout::CanaryState;
-use super::{HistoryEntry, Phase, RunRecord, TrainerActor};
-use crate::actors::model::CONTROL;
+use super::{HistoryEntry, Phase, RunRecord, TrainerActor, Variant};
 use crate::actors::monitor::ArmCounts;
-use crate::monitor::{two_proportion_z, wilson, Rate};
+use crate::monitor::{arm_since, two_proportion_z, wilson, Arm, ArmTally, Rate};
 
 /// The state of the closed loop.
 #[derive(Debug, Clone, Serialize)]
@@ -74,13 +73,6 @@ pub struct CanaryView {
     pub z: f64,
 }
 
-/// An arm of an experiment: a registry name and the version it holds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NamedVersion {
-    pub name: String,
-    pub version: String,
-}
-
 /// The running A/B experiment.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExperimentView {
@@ -105,13 +97,10 @@ pub struct LoopSettings {
 }
 
 /// An arm's counts since `baseline` was read, with its share of users.
-fn arm_view(counts: &ArmCounts, baseline: &ArmCounts, version: &str, variant: &str, share: f64) -> ArmView {
-    let key = (version.to_owned(), variant.to_owned());
-    let now = counts.get(&key).copied().unwrap_or_default();
-    let then = baseline.get(&key).copied().unwrap_or_default();
-    let (n, clicks) = (now.0.saturating_sub(then.0), now.1.saturating_sub(then.1));
+fn arm_view(counts: &ArmCounts, baseline: &ArmCounts, version: &str, variant: Variant, share: f64) -> ArmView {
+    let ArmTally { impressions: n, clicks } = arm_since(counts, baseline, &Arm::new(version, variant.as_str()));
     ArmView {
-        variant: variant.to_owned(),
+        variant: variant.as_str().to_owned(),
         version: version.to_owned(),
         share,
         impressions: n,
@@ -121,8 +110,8 @@ fn arm_view(counts: &ArmCounts, baseline: &ArmCounts, version: &str, variant: &s
 }
 
 fn canary_view(c: &CanaryState, counts: &ArmCounts) -> CanaryView {
-    let control = arm_view(counts, &c.baseline, &c.incumbent, CONTROL, 1.0 - c.share);
-    let canary = arm_view(counts, &c.baseline, &c.version, "canary", c.share);
+    let control = arm_view(counts, &c.baseline, &c.incumbent, Variant::Control, 1.0 - c.share);
+    let canary = arm_view(counts, &c.baseline, &c.version, Variant::Canary, c.share);
     let z = two_proportion_z(control.clicks, control.impressions, canary.clicks, canary.impressions);
     CanaryView {
         run: c.run,
@@ -136,16 +125,10 @@ fn canary_view(c: &CanaryState, counts: &ArmCounts) -> CanaryView {
 }
 
 fn experiment_view(e: &ExperimentState, counts: &ArmCounts) -> ExperimentView {
-    let a = arm_view(counts, &e.baseline, &e.a.1, "a", 1.0 - e.share);
-    let b = arm_view(counts, &e.baseline, &e.b.1, "b", e.share);
+    let a = arm_view(counts, &e.baseline, &e.a.version, Variant::A, 1.0 - e.share);
+    let b = arm_view(counts, &e.baseline, &e.b.version, Variant::B, e.share);
     let z_b_minus_a = two_proportion_z(b.clicks, b.impressions, a.clicks, a.impressions);
-    ExperimentView {
-        a: NamedVersion { name: e.a.0.clone(), version: e.a.1.clone() },
-        b: NamedVersion { name: e.b.0.clone(), version: e.b.1.clone() },
-        started_at_ms: e.started_at_ms,
-        variants: vec![a, b],
-        z_b_minus_a,
-    }
+    ExperimentView { a: e.a.clone(), b: e.b.clone(), started_at_ms: e.started_at_ms, variants: vec![a, b], z_b_minus_a }
 }
 
 impl TrainerActor {
@@ -197,9 +180,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::actors::model::CONTROL;
 
     fn counts(entries: &[(&str, &str, u64, u64)]) -> ArmCounts {
-        entries.iter().map(|&(v, a, n, c)| ((v.to_owned(), a.to_owned()), (n, c))).collect()
+        entries.iter().map(|&(v, a, n, c)| (Arm::new(v, a), ArmTally { impressions: n, clicks: c })).collect()
     }
 
     // The JSON the admin API served before the view was typed (a `json!` literal then): the
@@ -242,8 +226,8 @@ mod tests {
     #[test]
     fn the_experiment_view_keeps_its_json_shape() {
         let experiment = ExperimentState {
-            a: ("v1".into(), "ver-a".into()),
-            b: ("v2".into(), "ver-b".into()),
+            a: NamedVersion { name: "v1".into(), version: "ver-a".into() },
+            b: NamedVersion { name: "v2".into(), version: "ver-b".into() },
             share: 0.5,
             started_at_ms: 42,
             baseline: ArmCounts::new(),
