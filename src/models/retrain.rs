@@ -222,6 +222,33 @@ impl Recommender for WindowPopularity {
     }
 }
 
+/// The gate's decision on a candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GateDecision {
+    /// The candidate may go on to canary.
+    Pass,
+    /// The candidate does not beat the incumbent by the minimum gain.
+    Reject { why: String },
+}
+
+impl GateDecision {
+    pub fn passed(&self) -> bool {
+        matches!(self, GateDecision::Pass)
+    }
+}
+
+/// The gate: the candidate passes when its NDCG@10 beats the incumbent's by more than
+/// `min_gain` (`trainer.gate_min_gain`); a score that is not a number never passes.
+pub fn gate_decision(candidate_ndcg: f64, incumbent_ndcg: f64, min_gain: f64) -> GateDecision {
+    if candidate_ndcg > incumbent_ndcg + min_gain {
+        GateDecision::Pass
+    } else {
+        GateDecision::Reject {
+            why: format!("NDCG@10 {candidate_ndcg:.4} does not beat {incumbent_ndcg:.4} by more than {min_gain}"),
+        }
+    }
+}
+
 /// Why a training run produced no candidate.
 #[derive(Debug, thiserror::Error)]
 pub enum RetrainError {
@@ -262,7 +289,7 @@ pub struct Candidate {
     pub cases: usize,
     pub events: usize,
     pub users: usize,
-    pub passed: bool,
+    pub gate: GateDecision,
     pub warm_started: bool,
     pub seconds: f64,
     pub reference: (std::collections::HashMap<ItemIdx, f64>, Vec<f64>),
@@ -350,7 +377,8 @@ impl Job {
                 (ndcg(&lists, &targets, 10), "window popularity (the serving model learns online)".to_owned())
             }
         };
-        let passed = candidate_ndcg > incumbent_ndcg + cfg.gate_min_gain;
+        let gate = gate_decision(candidate_ndcg, incumbent_ndcg, cfg.gate_min_gain);
+        let passed = gate.passed();
         let reference = WindowData::reference(&self.events, self.reference_secs);
         let mut result = Candidate {
             model: None,
@@ -362,7 +390,7 @@ impl Job {
             cases,
             events: interactions,
             users: data.dataset.users.len(),
-            passed,
+            gate,
             warm_started,
             seconds: 0.0,
             reference,
@@ -410,6 +438,15 @@ impl Job {
 mod tests {
     use super::*;
     use crate::event::UserId;
+
+    #[test]
+    fn the_gate_passes_only_a_candidate_that_beats_the_incumbent_by_the_minimum_gain() {
+        assert_eq!(gate_decision(0.30, 0.25, 0.01), GateDecision::Pass);
+        let close = gate_decision(0.255, 0.25, 0.01);
+        assert!(matches!(&close, GateDecision::Reject { why } if why.contains("0.2550")), "{close:?}");
+        assert!(!gate_decision(0.25, 0.25, 0.0).passed(), "a tie is not a gain");
+        assert!(!gate_decision(f64::NAN, 0.1, 0.0).passed());
+    }
 
     fn log(catalog: &Catalog) -> Vec<LoggedEvent> {
         let mut events = Vec::new();

@@ -484,7 +484,7 @@ impl TrainerActor {
             "NDCG@10 {:.4} vs {:.4} ({}) on {} held-out interactions",
             candidate.candidate_ndcg, candidate.incumbent_ndcg, candidate.yardstick, candidate.cases
         );
-        if candidate.passed {
+        if candidate.gate.passed() {
             self.metrics.trainer_runs_passed.inc();
             self.record(LoopStep::GatePassed, Some(run), candidate.version.as_deref(), verdict.clone());
         } else {
@@ -498,7 +498,7 @@ impl TrainerActor {
             }
             return;
         };
-        if !candidate.passed {
+        if !candidate.gate.passed() {
             self.record(
                 LoopStep::GateSkipped,
                 Some(run),

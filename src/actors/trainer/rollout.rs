@@ -10,6 +10,7 @@ use super::{LoopStep, NamedVersion, Phase, RunOutcome, TrainerActor, TrainerErro
 use crate::actors::model::{EndChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
 use crate::catalog::ItemIdx;
+use crate::config::RolloutConfig;
 use crate::models::registry;
 use crate::models::Recommender;
 use crate::monitor::two_proportion_z;
@@ -43,6 +44,52 @@ pub(super) struct CanaryState {
     pub(super) reference: (std::collections::HashMap<ItemIdx, f64>, Vec<f64>),
 }
 
+/// What the canary's figures say so far.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CanaryVerdict {
+    /// Not worse than the incumbent: it serves everyone (with the figures, for the history).
+    Promote(String),
+    /// Worse, or no verdict in time: back to the incumbent.
+    RollBack(String),
+    /// Too few impressions yet, and time left.
+    Wait,
+}
+
+/// The canary verdict: once both arms have `rollout.min_impressions` impressions, a
+/// two-proportion test on CTR rolls the canary back when it is worse by more than
+/// `rollout.z_threshold` and promotes it otherwise; no verdict within `rollout.max_secs` (of
+/// `elapsed`) rolls it back.
+pub fn canary_verdict(
+    control: ArmTally,
+    canary: ArmTally,
+    rollout: &RolloutConfig,
+    elapsed: Duration,
+) -> CanaryVerdict {
+    let (control_n, control_clicks) = (control.impressions, control.clicks);
+    let (canary_n, canary_clicks) = (canary.impressions, canary.clicks);
+    let min = rollout.min_impressions;
+    let describe = |z: f64| {
+        format!(
+            "canary CTR {:.4} ({canary_clicks}/{canary_n}) vs incumbent {:.4} ({control_clicks}/{control_n}), z = {z:.2}",
+            canary_clicks as f64 / canary_n.max(1) as f64,
+            control_clicks as f64 / control_n.max(1) as f64,
+        )
+    };
+    if control_n >= min && canary_n >= min {
+        // Positive when the incumbent's CTR is higher.
+        let z = two_proportion_z(control_clicks, control_n, canary_clicks, canary_n);
+        if z > rollout.z_threshold {
+            CanaryVerdict::RollBack(format!("{} > {}: worse", describe(z), rollout.z_threshold))
+        } else {
+            CanaryVerdict::Promote(format!("{}: not worse", describe(z)))
+        }
+    } else if elapsed >= Duration::from_secs(rollout.max_secs) {
+        CanaryVerdict::RollBack(format!("no verdict within rollout.max_secs: {}", describe(0.0)))
+    } else {
+        CanaryVerdict::Wait
+    }
+}
+
 impl TrainerActor {
     /// Arms of the canary since it started: (impressions, clicks) of control and canary.
     pub(super) fn canary_arms(canary: &CanaryState, counts: &ArmCounts) -> (ArmTally, ArmTally) {
@@ -61,26 +108,10 @@ impl TrainerActor {
             let Ok(counts) = counts else { return };
             let Phase::Canary(canary) = &act.phase else { return };
             let (control, canary_arm) = Self::canary_arms(canary, &counts);
-            let (control_n, control_clicks) = (control.impressions, control.clicks);
-            let (canary_n, canary_clicks) = (canary_arm.impressions, canary_arm.clicks);
-            let min = act.rollout.min_impressions;
-            let describe = |z: f64| {
-                format!(
-                    "canary CTR {:.4} ({canary_clicks}/{canary_n}) vs incumbent {:.4} ({control_clicks}/{control_n}), z = {z:.2}",
-                    canary_clicks as f64 / canary_n.max(1) as f64,
-                    control_clicks as f64 / control_n.max(1) as f64,
-                )
-            };
-            if control_n >= min && canary_n >= min {
-                // Positive when the incumbent's CTR is higher.
-                let z = two_proportion_z(control_clicks, control_n, canary_clicks, canary_n);
-                if z > act.rollout.z_threshold {
-                    act.end_canary(false, format!("{} > {}: worse", describe(z), act.rollout.z_threshold), ctx);
-                } else {
-                    act.end_canary(true, format!("{}: not worse", describe(z)), ctx);
-                }
-            } else if canary.started.elapsed() >= Duration::from_secs(act.rollout.max_secs) {
-                act.end_canary(false, format!("no verdict within rollout.max_secs: {}", describe(0.0)), ctx);
+            match canary_verdict(control, canary_arm, &act.rollout, canary.started.elapsed()) {
+                CanaryVerdict::Promote(detail) => act.end_canary(true, detail, ctx),
+                CanaryVerdict::RollBack(detail) => act.end_canary(false, detail, ctx),
+                CanaryVerdict::Wait => {}
             }
         }));
     }
@@ -230,5 +261,45 @@ impl Handler<Rollback> for TrainerActor {
             );
             Ok(json!({ "serving": version, "name": name }))
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout() -> RolloutConfig {
+        RolloutConfig { min_impressions: 100, z_threshold: 2.0, max_secs: 600, ..RolloutConfig::default() }
+    }
+
+    fn tally(impressions: u64, clicks: u64) -> ArmTally {
+        ArmTally { impressions, clicks }
+    }
+
+    #[test]
+    fn a_canary_waits_for_impressions_on_both_arms() {
+        let verdict = canary_verdict(tally(500, 50), tally(99, 0), &rollout(), Duration::from_secs(10));
+        assert_eq!(verdict, CanaryVerdict::Wait);
+    }
+
+    #[test]
+    fn a_canary_no_worse_than_the_incumbent_is_promoted() {
+        let verdict = canary_verdict(tally(1000, 100), tally(1000, 98), &rollout(), Duration::from_secs(10));
+        assert!(matches!(&verdict, CanaryVerdict::Promote(why) if why.ends_with("not worse")), "{verdict:?}");
+    }
+
+    #[test]
+    fn a_clearly_worse_canary_is_rolled_back() {
+        let verdict = canary_verdict(tally(2000, 200), tally(2000, 100), &rollout(), Duration::from_secs(10));
+        assert!(matches!(&verdict, CanaryVerdict::RollBack(why) if why.ends_with(": worse")), "{verdict:?}");
+    }
+
+    #[test]
+    fn a_canary_without_a_verdict_in_time_is_rolled_back() {
+        let verdict = canary_verdict(tally(500, 50), tally(20, 2), &rollout(), Duration::from_secs(600));
+        assert!(
+            matches!(&verdict, CanaryVerdict::RollBack(why) if why.starts_with("no verdict within rollout.max_secs")),
+            "{verdict:?}"
+        );
     }
 }
