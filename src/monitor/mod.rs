@@ -1,10 +1,14 @@
 //! Statistics the monitor actor uses: sliding windows of counts, population stability index for
 //! input drift, and a two-proportion z-test for click-through drops. Pure functions and plain
-//! data, no I/O, so they are tested on their own.
+//! data, no I/O, so they are tested on their own. `drift` holds the input-drift indices,
+//! `report` the window figures and the report built from them.
 
 use std::collections::HashMap;
 
 use serde::Serialize;
+
+pub mod drift;
+pub mod report;
 
 /// One arm of the traffic split: a model version serving one experiment variant.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
