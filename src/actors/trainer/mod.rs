@@ -47,12 +47,14 @@ use crate::models::Recommender;
 use crate::telemetry::Metrics;
 
 mod experiments;
+mod history;
 mod rollout;
 mod view;
 
 pub use crate::models::retrain::Drill;
 use experiments::ExperimentState;
 pub use experiments::{NamedVersion, StartExperiment, StopExperiment};
+pub use history::{HistoryEntry, LoopStep, RunOutcome, RunRecord};
 use rollout::CanaryState;
 pub use rollout::{Promote, Rollback};
 pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, TrainingView, VersionRef};
@@ -129,62 +131,6 @@ struct TrainingDone {
     result: Result<Candidate, RetrainError>,
 }
 
-/// A step of the loop, as the history names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoopStep {
-    TriggerIgnored,
-    TriggerCoalesced,
-    WaitingForData,
-    TrainingStarted,
-    TrainingFailed,
-    GatePassed,
-    GateRejected,
-    GateSkipped,
-    CanaryStarted,
-    Promoted,
-    RolledBack,
-    ExperimentStarted,
-    ExperimentStopped,
-}
-
-impl LoopStep {
-    /// The name the history and the log give the step.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LoopStep::TriggerIgnored => "trigger_ignored",
-            LoopStep::TriggerCoalesced => "trigger_coalesced",
-            LoopStep::WaitingForData => "waiting_for_data",
-            LoopStep::TrainingStarted => "training_started",
-            LoopStep::TrainingFailed => "training_failed",
-            LoopStep::GatePassed => "gate_passed",
-            LoopStep::GateRejected => "gate_rejected",
-            LoopStep::GateSkipped => "gate_skipped",
-            LoopStep::CanaryStarted => "canary_started",
-            LoopStep::Promoted => "promoted",
-            LoopStep::RolledBack => "rolled_back",
-            LoopStep::ExperimentStarted => "experiment_started",
-            LoopStep::ExperimentStopped => "experiment_stopped",
-        }
-    }
-}
-
-/// What became of a training run (so far).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunOutcome {
-    /// Waiting for fresh events after a drift alarm.
-    WaitingForData,
-    Training,
-    /// The gate turned the candidate down.
-    Rejected,
-    Failed,
-    /// Serving its share of users while the canary is judged.
-    Canary,
-    Promoted,
-    RolledBack,
-}
-
 /// The experiment variants the loop names in the traffic split (their wire form is a string).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -205,38 +151,6 @@ impl Variant {
             Variant::B => "b",
         }
     }
-}
-
-/// One training run and what became of it, as the admin view lists it.
-#[derive(Clone, Debug, Serialize)]
-pub struct RunRecord {
-    pub run: u64,
-    pub reasons: Vec<String>,
-    pub sources: Vec<TriggerSource>,
-    pub drill: Drill,
-    pub started_at_ms: i64,
-    pub seconds: Option<f64>,
-    pub events: Option<usize>,
-    pub users: Option<usize>,
-    pub cases: Option<usize>,
-    pub candidate_ndcg10: Option<f64>,
-    pub incumbent_ndcg10: Option<f64>,
-    pub yardstick: Option<String>,
-    pub warm_started: Option<bool>,
-    pub name: Option<String>,
-    pub version: Option<String>,
-    pub outcome: RunOutcome,
-    pub detail: Option<String>,
-}
-
-/// One step of the loop (trigger, training, gate, canary, promotion, rollback), for the history.
-#[derive(Clone, Debug, Serialize)]
-pub struct HistoryEntry {
-    pub at_ms: i64,
-    pub step: LoopStep,
-    pub run: Option<u64>,
-    pub version: Option<String>,
-    pub detail: String,
 }
 
 enum Phase {
@@ -275,8 +189,6 @@ pub struct TrainerActor {
     checking: bool,
 }
 
-const KEPT: usize = 50;
-
 impl TrainerActor {
     #[allow(clippy::too_many_arguments)] // the loop's collaborators, each distinct
     pub fn new(
@@ -306,24 +218,6 @@ impl TrainerActor {
             history: VecDeque::new(),
             checking: false,
         }
-    }
-
-    fn record(&mut self, step: LoopStep, run: Option<u64>, version: Option<&str>, detail: String) {
-        tracing::info!(step = step.as_str(), run, version, detail = %detail, "model lifecycle");
-        self.history.push_back(HistoryEntry {
-            at_ms: now_ms(),
-            step,
-            run,
-            version: version.map(str::to_owned),
-            detail,
-        });
-        while self.history.len() > KEPT * 4 {
-            self.history.pop_front();
-        }
-    }
-
-    fn run_mut(&mut self, run: u64) -> Option<&mut RunRecord> {
-        self.runs.iter_mut().find(|r| r.run == run)
     }
 
     fn phase_name(&self) -> &'static str {
@@ -376,31 +270,6 @@ impl TrainerActor {
             self.start_training(run, request, ctx);
         }
         Ok(RetrainAck { run, coalesced: false })
-    }
-
-    fn push_run(&mut self, run: u64, request: &RequestRetrain, outcome: RunOutcome) {
-        self.runs.push_back(RunRecord {
-            run,
-            reasons: vec![request.reason.clone()],
-            sources: vec![request.source],
-            drill: request.drill,
-            started_at_ms: now_ms(),
-            seconds: None,
-            events: None,
-            users: None,
-            cases: None,
-            candidate_ndcg10: None,
-            incumbent_ndcg10: None,
-            yardstick: None,
-            warm_started: None,
-            name: None,
-            version: None,
-            outcome,
-            detail: None,
-        });
-        while self.runs.len() > KEPT {
-            self.runs.pop_front();
-        }
     }
 
     /// Starts a waiting run once enough new events are in.
