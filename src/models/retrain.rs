@@ -29,6 +29,7 @@ use crate::catalog::{Catalog, ItemIdx};
 use crate::config::TrainerConfig;
 use crate::event::{now_ms, Context as EventContext, EventType, ItemId};
 use crate::eventlog::LoggedEvent;
+use crate::monitor::drift::DriftReference;
 
 /// How strongly an event type says "liked", on the 1..5 scale the sequential model reads.
 fn rating_of(event: &LoggedEvent) -> Option<f32> {
@@ -144,7 +145,7 @@ impl WindowData {
     /// Item popularity (organic events, as the monitor counts it) and context mix of events
     /// logged in the last `secs` of the window: the input-drift reference of a version trained
     /// on it.
-    pub fn reference(events: &[LoggedEvent], secs: u64) -> (HashMap<ItemIdx, f64>, Vec<f64>) {
+    pub fn reference(events: &[LoggedEvent], secs: u64) -> DriftReference {
         let newest = events.iter().map(|e| e.logged_at).max().unwrap_or(0);
         let from = newest - (secs as i64) * 1000;
         let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
@@ -157,7 +158,7 @@ impl WindowData {
                 *slot += 1.0;
             }
         }
-        (popularity, context)
+        DriftReference { popularity, context }
     }
 }
 
@@ -292,7 +293,8 @@ pub struct Candidate {
     pub gate: GateDecision,
     pub warm_started: bool,
     pub seconds: f64,
-    pub reference: (std::collections::HashMap<ItemIdx, f64>, Vec<f64>),
+    /// Input-drift reference of the recent part of the training window.
+    pub reference: DriftReference,
 }
 
 /// Everything a training run needs, moved onto its thread.

@@ -7,6 +7,13 @@ use super::psi;
 use crate::catalog::{Categories, ItemIdx};
 use crate::event::Context as EventContext;
 
+/// What input drift is measured against: item popularity (organic events) and context mix.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DriftReference {
+    pub popularity: HashMap<ItemIdx, f64>,
+    pub context: Vec<f64>,
+}
+
 /// Items with fewer reference events than this share the "rest" bin: single-item counts that
 /// small are mostly noise, and picking the top items of a noisy sample inflates the index.
 const MIN_BIN_EVENTS: f64 = 10.0;

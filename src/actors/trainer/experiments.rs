@@ -78,7 +78,7 @@ impl Handler<StartExperiment> for TrainerActor {
         if !matches!(self.phase, Phase::Idle) {
             return Box::pin(fut::ready(Err(TrainerError::Busy {
                 action: "start an experiment",
-                phase: self.phase_name(),
+                phase: self.loop_phase(),
             })));
         }
         if !(msg.share > 0.0 && msg.share < 1.0) || msg.a == msg.b {

@@ -98,7 +98,7 @@ pub enum TrainerError {
     NothingToPromote,
     /// Another step of the loop is in progress (`phase` names it).
     #[error("cannot {action} while {phase}")]
-    Busy { action: &'static str, phase: &'static str },
+    Busy { action: &'static str, phase: LoopPhase },
     #[error("the loop became busy meanwhile")]
     BecameBusy,
     #[error("nothing to roll back: no canary, no experiment, and no earlier version kept since start")]
@@ -168,6 +168,37 @@ enum Phase {
     Experiment(ExperimentState),
 }
 
+/// What the loop is doing, as the admin view and the loop's refusals name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoopPhase {
+    Idle,
+    /// A drift alarm came in; the run waits for fresh events.
+    WaitingForData,
+    Training,
+    Canary,
+    Experiment,
+}
+
+impl std::fmt::Display for LoopPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoopPhase::Idle => "idle",
+            LoopPhase::WaitingForData => "waiting_for_data",
+            LoopPhase::Training => "training",
+            LoopPhase::Canary => "canary",
+            LoopPhase::Experiment => "experiment",
+        })
+    }
+}
+
+/// The model displaced by the last promotion, kept for an instant rollback.
+struct Kept {
+    model: Box<dyn Recommender>,
+    /// Its registry name (none for the online model).
+    name: Option<String>,
+}
+
 pub struct TrainerActor {
     config: TrainerConfig,
     rollout: RolloutConfig,
@@ -182,7 +213,7 @@ pub struct TrainerActor {
     /// Registry name of the version serving everyone (none for the online model).
     serving_name: Option<String>,
     /// The model displaced by the last promotion, and its registry name.
-    previous: Option<(Box<dyn Recommender>, Option<String>)>,
+    previous: Option<Kept>,
     next_run: u64,
     runs: VecDeque<RunRecord>,
     history: VecDeque<HistoryEntry>,
@@ -220,13 +251,13 @@ impl TrainerActor {
         }
     }
 
-    fn phase_name(&self) -> &'static str {
+    fn loop_phase(&self) -> LoopPhase {
         match self.phase {
-            Phase::Idle => "idle",
-            Phase::Waiting { .. } => "waiting_for_data",
-            Phase::Training { .. } => "training",
-            Phase::Canary(_) => "canary",
-            Phase::Experiment(_) => "experiment",
+            Phase::Idle => LoopPhase::Idle,
+            Phase::Waiting { .. } => LoopPhase::WaitingForData,
+            Phase::Training { .. } => LoopPhase::Training,
+            Phase::Canary(_) => LoopPhase::Canary,
+            Phase::Experiment(_) => LoopPhase::Experiment,
         }
     }
 

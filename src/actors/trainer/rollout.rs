@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde_json::{json, Value};
 
-use super::{LoopStep, NamedVersion, Phase, RunOutcome, TrainerActor, TrainerError, Variant};
+use super::{Kept, LoopStep, NamedVersion, Phase, RunOutcome, TrainerActor, TrainerError, Variant};
 use crate::actors::model::{EndChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
-use crate::catalog::ItemIdx;
 use crate::config::RolloutConfig;
 use crate::models::registry;
 use crate::models::Recommender;
+use crate::monitor::drift::DriftReference;
 use crate::monitor::two_proportion_z;
 use crate::monitor::{arm_since, Arm, ArmTally};
 
@@ -41,7 +41,7 @@ pub(super) struct CanaryState {
     pub(super) started_at_ms: i64,
     pub(super) share: f64,
     pub(super) baseline: ArmCounts,
-    pub(super) reference: (std::collections::HashMap<ItemIdx, f64>, Vec<f64>),
+    pub(super) reference: DriftReference,
 }
 
 /// What the canary's figures say so far.
@@ -125,7 +125,7 @@ impl TrainerActor {
             let displaced = displaced.ok().flatten();
             if promote {
                 act.adopt(canary.name.clone(), displaced);
-                let (popularity, context) = canary.reference;
+                let DriftReference { popularity, context } = canary.reference;
                 act.monitor.do_send(SetReference {
                     popularity,
                     context,
@@ -155,7 +155,7 @@ impl TrainerActor {
         }
         let old = self.serving_name.replace(name);
         if let Some(model) = displaced {
-            self.previous = Some((model, old));
+            self.previous = Some(Kept { model, name: old });
         }
     }
 }
@@ -196,7 +196,7 @@ impl Handler<Promote> for TrainerActor {
         if matches!(self.phase, Phase::Training { .. } | Phase::Waiting { .. } | Phase::Experiment(_)) {
             return Box::pin(fut::ready(Err(TrainerError::Busy {
                 action: "switch versions",
-                phase: self.phase_name(),
+                phase: self.loop_phase(),
             })));
         }
         let load = self.load_versions(vec![name.clone()]);
@@ -236,7 +236,7 @@ impl Handler<Rollback> for TrainerActor {
             Phase::Experiment(_) => return Box::pin(self.stop_experiment("rolled back by an operator")),
             Phase::Training { .. } | Phase::Waiting { .. } | Phase::Idle => {}
         }
-        let Some((model, name)) = self.previous.take() else {
+        let Some(Kept { model, name }) = self.previous.take() else {
             return Box::pin(fut::ready(Err(TrainerError::NothingToRollBack)));
         };
         let version = model.version().to_owned();
@@ -251,7 +251,7 @@ impl Handler<Rollback> for TrainerActor {
             }
             act.serving_name = name.clone();
             if let Some(displaced) = displaced.ok().flatten() {
-                act.previous = Some((displaced, from));
+                act.previous = Some(Kept { model: displaced, name: from });
             }
             act.record(
                 LoopStep::RolledBack,

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::experiments::{ExperimentState, NamedVersion};
 use super::rollout::CanaryState;
-use super::{HistoryEntry, Phase, RunRecord, TrainerActor, Variant};
+use super::{HistoryEntry, LoopPhase, Phase, RunRecord, TrainerActor, Variant};
 use crate::actors::monitor::ArmCounts;
 use crate::monitor::{arm_since, two_proportion_z, wilson, Arm, ArmTally, Rate};
 
@@ -14,7 +14,7 @@ use crate::monitor::{arm_since, two_proportion_z, wilson, Arm, ArmTally, Rate};
 #[derive(Debug, Clone, Serialize)]
 pub struct LoopState {
     /// What the loop is doing: `idle`, `waiting_for_data`, `training`, `canary` or `experiment`.
-    pub state: &'static str,
+    pub state: LoopPhase,
     /// Registry name of the version serving everyone (none for the online model).
     pub serving_name: Option<String>,
     /// The version displaced by the last promotion, kept for an instant rollback.
@@ -143,12 +143,12 @@ impl TrainerActor {
             _ => None,
         };
         LoopState {
-            state: self.phase_name(),
+            state: self.loop_phase(),
             serving_name: self.serving_name.clone(),
             previous: self
                 .previous
                 .as_ref()
-                .map(|(m, name)| VersionRef { version: m.version().to_owned(), name: name.clone() }),
+                .map(|kept| VersionRef { version: kept.model.version().to_owned(), name: kept.name.clone() }),
             training,
             canary: match &self.phase {
                 Phase::Canary(c) => Some(canary_view(c, counts)),
@@ -174,13 +174,13 @@ impl TrainerActor {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::time::Instant;
 
     use serde_json::json;
 
     use super::*;
     use crate::actors::model::CONTROL;
+    use crate::monitor::drift::DriftReference;
 
     fn counts(entries: &[(&str, &str, u64, u64)]) -> ArmCounts {
         entries.iter().map(|&(v, a, n, c)| (Arm::new(v, a), ArmTally { impressions: n, clicks: c })).collect()
@@ -199,7 +199,7 @@ mod tests {
             started_at_ms: 1_700_000_000_000,
             share: 0.25,
             baseline: counts(&[("v-old", CONTROL, 10, 1)]),
-            reference: (HashMap::new(), Vec::new()),
+            reference: DriftReference::default(),
         };
         let now = counts(&[("v-old", CONTROL, 110, 11), ("v-new", "canary", 40, 2)]);
         let view = serde_json::to_value(canary_view(&canary, &now)).expect("serialises");
@@ -249,6 +249,16 @@ mod tests {
                 "z_b_minus_a": two_proportion_z(27, 180, 20, 200),
             })
         );
+    }
+
+    #[test]
+    fn a_phase_is_named_alike_in_the_view_and_in_refusals() {
+        for phase in
+            [LoopPhase::Idle, LoopPhase::WaitingForData, LoopPhase::Training, LoopPhase::Canary, LoopPhase::Experiment]
+        {
+            assert_eq!(serde_json::to_value(phase).expect("serialises"), json!(phase.to_string()));
+        }
+        assert_eq!(LoopPhase::WaitingForData.to_string(), "waiting_for_data");
     }
 
     #[test]
