@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use super::view::{ExperimentArms, ExperimentStarted, NowServing};
 use actix::prelude::*;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use super::{LoopStep, Phase, TrainerActor, TrainerError, Variant};
 use crate::actors::model::{EndChallenger, StartChallenger, SwapModel};
@@ -15,7 +15,7 @@ use crate::event::now_ms;
 use crate::models::Recommender;
 
 #[derive(Message, Debug)]
-#[rtype(result = "Result<Value, TrainerError>")]
+#[rtype(result = "Result<ExperimentStarted, TrainerError>")]
 pub struct StartExperiment {
     pub a: String,
     pub b: String,
@@ -23,7 +23,7 @@ pub struct StartExperiment {
 }
 
 #[derive(Message, Debug)]
-#[rtype(result = "Result<Value, TrainerError>")]
+#[rtype(result = "Result<NowServing, TrainerError>")]
 pub struct StopExperiment;
 
 /// An arm of an experiment: a registry name and the version it holds.
@@ -45,7 +45,7 @@ impl TrainerActor {
     pub(super) fn stop_experiment(
         &mut self,
         why: &str,
-    ) -> impl ActorFuture<Self, Output = Result<Value, TrainerError>> + 'static {
+    ) -> impl ActorFuture<Self, Output = Result<NowServing, TrainerError>> + 'static {
         let why = why.to_owned();
         let ended = match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Experiment(e) => Some(e),
@@ -66,13 +66,13 @@ impl TrainerActor {
                 Some(&e.a.version),
                 format!("{why}; a ({}) keeps serving", e.a.name),
             );
-            Ok(json!({ "serving": e.a.version, "name": e.a.name }))
+            Ok(NowServing { serving: e.a.version, name: Some(e.a.name) })
         })
     }
 }
 
 impl Handler<StartExperiment> for TrainerActor {
-    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+    type Result = ResponseActFuture<Self, Result<ExperimentStarted, TrainerError>>;
 
     fn handle(&mut self, msg: StartExperiment, _ctx: &mut Self::Context) -> Self::Result {
         if !matches!(self.phase, Phase::Idle) {
@@ -86,7 +86,7 @@ impl Handler<StartExperiment> for TrainerActor {
         }
         let load = self.load_versions(vec![msg.a.clone(), msg.b.clone()]);
         Box::pin(load.into_actor(self).then(move |loaded, act, _| {
-            let step: actix::fut::LocalBoxActorFuture<Self, Result<Value, TrainerError>> = match loaded {
+            let step: actix::fut::LocalBoxActorFuture<Self, Result<ExperimentStarted, TrainerError>> = match loaded {
                 Err(error) => Box::pin(fut::ready(Err(error))),
                 Ok(_) if !matches!(act.phase, Phase::Idle) => Box::pin(fut::ready(Err(TrainerError::BecameBusy))),
                 Ok(mut models) => {
@@ -137,7 +137,7 @@ impl Handler<StartExperiment> for TrainerActor {
                             started_at_ms: now_ms(),
                             baseline,
                         });
-                        Ok(json!({ "started": { "a": msg.a, "b": msg.b, "share": share } }))
+                        Ok(ExperimentStarted { started: ExperimentArms { a: msg.a, b: msg.b, share } })
                     }))
                 }
             };
@@ -147,7 +147,7 @@ impl Handler<StartExperiment> for TrainerActor {
 }
 
 impl Handler<StopExperiment> for TrainerActor {
-    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+    type Result = ResponseActFuture<Self, Result<NowServing, TrainerError>>;
 
     fn handle(&mut self, _msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
         if !matches!(self.phase, Phase::Experiment(_)) {

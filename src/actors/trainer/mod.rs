@@ -57,7 +57,10 @@ pub use experiments::{NamedVersion, StartExperiment, StopExperiment};
 pub use history::{HistoryEntry, LoopStep, RunOutcome, RunRecord};
 use rollout::CanaryState;
 pub use rollout::{Promote, Rollback};
-pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, TrainingView, VersionRef};
+pub use view::{
+    ArmView, CanaryView, ExperimentArms, ExperimentStarted, ExperimentView, LoopSettings, LoopState, NowServing,
+    Promoted, RolledBack, TrainingView, VersionRef,
+};
 
 /// Where a retraining request came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde_json::{json, Value};
 
+use super::view::{NowServing, Promoted, RolledBack};
 use super::{Kept, LoopStep, NamedVersion, Phase, RunOutcome, TrainerActor, TrainerError, Variant};
 use crate::actors::model::{EndChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
@@ -18,7 +18,7 @@ use crate::monitor::{arm_since, Arm, ArmTally};
 
 /// Promote the canary or the experiment's `b` (no name), or switch to a registry version.
 #[derive(Message, Debug)]
-#[rtype(result = "Result<Value, TrainerError>")]
+#[rtype(result = "Result<Promoted, TrainerError>")]
 pub struct Promote {
     pub name: Option<String>,
     pub reason: String,
@@ -27,7 +27,7 @@ pub struct Promote {
 /// Stop the canary or experiment, or go back to the version that served before the last
 /// promotion.
 #[derive(Message, Debug)]
-#[rtype(result = "Result<Value, TrainerError>")]
+#[rtype(result = "Result<RolledBack, TrainerError>")]
 pub struct Rollback {
     pub reason: String,
 }
@@ -161,7 +161,7 @@ impl TrainerActor {
 }
 
 impl Handler<Promote> for TrainerActor {
-    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+    type Result = ResponseActFuture<Self, Result<Promoted, TrainerError>>;
 
     fn handle(&mut self, msg: Promote, ctx: &mut Self::Context) -> Self::Result {
         let canary_name = match &self.phase {
@@ -169,13 +169,13 @@ impl Handler<Promote> for TrainerActor {
             _ => None,
         };
         // The canary, by default or by name.
-        if canary_name.is_some() && (msg.name.is_none() || msg.name == canary_name) {
+        if let Some(canary_name) = canary_name.filter(|n| msg.name.is_none() || msg.name.as_ref() == Some(n)) {
             let version = match &self.phase {
                 Phase::Canary(c) => c.version.clone(),
                 _ => String::new(),
             };
             self.end_canary(true, format!("manual: {}", msg.reason), ctx);
-            return Box::pin(fut::ready(Ok(json!({ "promoted": canary_name, "serving": version }))));
+            return Box::pin(fut::ready(Ok(Promoted { promoted: canary_name, serving: version })));
         }
         if let Phase::Experiment(e) = &self.phase {
             if msg.name.is_none() || msg.name.as_deref() == Some(e.b.name.as_str()) {
@@ -186,7 +186,7 @@ impl Handler<Promote> for TrainerActor {
                     act.metrics.set_challenger_share(0.0);
                     act.adopt(name.clone(), displaced.ok().flatten());
                     act.record(LoopStep::Promoted, None, Some(&version), "experiment ended: b promoted".into());
-                    Ok(json!({ "promoted": name, "serving": version }))
+                    Ok(Promoted { promoted: name, serving: version })
                 }));
             }
         }
@@ -201,7 +201,7 @@ impl Handler<Promote> for TrainerActor {
         }
         let load = self.load_versions(vec![name.clone()]);
         Box::pin(load.into_actor(self).then(move |loaded, act, ctx| {
-            let step: actix::fut::LocalBoxActorFuture<Self, Result<Value, TrainerError>> = match loaded {
+            let step: actix::fut::LocalBoxActorFuture<Self, Result<Promoted, TrainerError>> = match loaded {
                 Err(error) => Box::pin(fut::ready(Err(error))),
                 Ok(mut models) => {
                     let model = models.pop().expect("one version asked, one loaded");
@@ -214,7 +214,7 @@ impl Handler<Promote> for TrainerActor {
                     Box::pin(swap.into_actor(act).map(move |displaced, act, _| {
                         act.adopt(name.clone(), displaced.ok().flatten());
                         act.record(LoopStep::Promoted, None, Some(&version), format!("manual: {}", msg.reason));
-                        Ok(json!({ "promoted": name, "serving": version }))
+                        Ok(Promoted { promoted: name, serving: version })
                     }))
                 }
             };
@@ -224,16 +224,19 @@ impl Handler<Promote> for TrainerActor {
 }
 
 impl Handler<Rollback> for TrainerActor {
-    type Result = ResponseActFuture<Self, Result<Value, TrainerError>>;
+    type Result = ResponseActFuture<Self, Result<RolledBack, TrainerError>>;
 
     fn handle(&mut self, msg: Rollback, ctx: &mut Self::Context) -> Self::Result {
         match &self.phase {
             Phase::Canary(c) => {
                 let (version, c_incumbent) = (c.version.clone(), c.incumbent.clone());
                 self.end_canary(false, format!("manual: {}", msg.reason), ctx);
-                return Box::pin(fut::ready(Ok(json!({ "rolled_back": version, "serving": c_incumbent }))));
+                return Box::pin(fut::ready(Ok(RolledBack::Canary { rolled_back: version, serving: c_incumbent })));
             }
-            Phase::Experiment(_) => return Box::pin(self.stop_experiment("rolled back by an operator")),
+            Phase::Experiment(_) => {
+                let stopped = self.stop_experiment("rolled back by an operator");
+                return Box::pin(stopped.map(|stopped, _, _| stopped.map(RolledBack::To)));
+            }
             Phase::Training { .. } | Phase::Waiting { .. } | Phase::Idle => {}
         }
         let Some(Kept { model, name }) = self.previous.take() else {
@@ -259,7 +262,7 @@ impl Handler<Rollback> for TrainerActor {
                 Some(&version),
                 format!("manual: back to the previous version; {}", msg.reason),
             );
-            Ok(json!({ "serving": version, "name": name }))
+            Ok(RolledBack::To(NowServing { serving: version, name }))
         }))
     }
 }
