@@ -31,12 +31,13 @@ use serde::Serialize;
 use crate::catalog::{Catalog, ItemIdx};
 use crate::config::MonitorConfig;
 use crate::event::{Context as EventContext, EventType};
+pub use crate::monitor::drift::DriftReference;
 use crate::monitor::drift::{aligned, category_mix, context_psi, item_psi};
 use crate::monitor::report::{
     intra_list_diversity, novelty, stream_totals, variant_report, StreamBucket, StreamFigures, StreamTotals,
     VariantBucket,
 };
-pub use crate::monitor::report::{Breach, DriftReport, MonitorReport, VariantReport};
+pub use crate::monitor::report::{Breach, BreachKind, DriftReport, MonitorReport, VariantReport};
 use crate::monitor::{psi, two_proportion_z, Window};
 use crate::telemetry::Metrics;
 
@@ -110,8 +111,7 @@ pub use crate::monitor::{Arm, ArmCounts, ArmTally};
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct SetReference {
-    pub popularity: HashMap<ItemIdx, f64>,
-    pub context: Vec<f64>,
+    pub reference: DriftReference,
     pub source: String,
 }
 
@@ -120,6 +120,12 @@ pub struct SetReference {
 #[rtype(result = "()")]
 pub struct AttachTrainer(pub Recipient<Retrain>);
 
+/// The input-drift reference and where it came from.
+struct Reference {
+    distributions: DriftReference,
+    source: String,
+}
+
 pub struct MonitorActor {
     config: MonitorConfig,
     catalog: Arc<Catalog>,
@@ -127,7 +133,7 @@ pub struct MonitorActor {
     variants: HashMap<(Arc<str>, Arc<str>), Window<VariantBucket>>,
     stream: Window<StreamBucket>,
     /// Reference distributions for input drift, and where they came from.
-    reference: Option<(HashMap<ItemIdx, f64>, Vec<f64>, String)>,
+    reference: Option<Reference>,
     /// Per version: baseline (clicks, impressions) from its first full window.
     baselines: HashMap<Arc<str>, (u64, u64)>,
     /// When each version was first seen (its first full window ends a window later).
@@ -141,7 +147,7 @@ pub struct MonitorActor {
     /// uses it, so an impression costs a few lookups, not a pass over the window.
     popularity_cache: (HashMap<ItemIdx, f64>, f64),
     /// Impressions and clicks per (version, variant) since start.
-    totals: HashMap<(Arc<str>, Arc<str>), (u64, u64)>,
+    totals: HashMap<(Arc<str>, Arc<str>), ArmTally>,
 }
 
 fn now_ms() -> u64 {
@@ -208,9 +214,16 @@ impl MonitorActor {
         let StreamTotals { popularity, context, events } = stream_totals(&self.stream);
 
         if self.reference.is_none() && full_window && events >= self.config.min_samples {
-            self.reference = Some((popularity.clone(), context.clone(), "first full window".into()));
+            self.reference = Some(Reference {
+                distributions: DriftReference { popularity: popularity.clone(), context: context.clone() },
+                source: "first full window".into(),
+            });
         }
-        if let Some((reference_pop, reference_ctx, source)) = &self.reference {
+        if let Some(Reference {
+            distributions: DriftReference { popularity: reference_pop, context: reference_ctx },
+            source,
+        }) = &self.reference
+        {
             self.drift.reference = Some(source.clone());
             if events >= self.config.min_samples {
                 let popularity_psi = item_psi(reference_pop, &popularity, self.config.psi_bins);
@@ -227,19 +240,19 @@ impl MonitorActor {
                 if popularity_psi > self.config.psi_threshold {
                     self.breach(
                         ctx,
-                        "input_drift",
+                        BreachKind::InputDrift,
                         format!("item popularity PSI {popularity_psi:.3} > {}", self.config.psi_threshold),
                     );
                 } else if category_psi > self.config.psi_threshold {
                     self.breach(
                         ctx,
-                        "input_drift",
+                        BreachKind::InputDrift,
                         format!("category mix PSI {category_psi:.3} > {}", self.config.psi_threshold),
                     );
                 } else if context_psi > self.config.psi_threshold {
                     self.breach(
                         ctx,
-                        "input_drift",
+                        BreachKind::InputDrift,
                         format!("context mix PSI {context_psi:.3} > {}", self.config.psi_threshold),
                     );
                 }
@@ -289,7 +302,7 @@ impl MonitorActor {
                     if now < base * (1.0 - self.config.ctr_drop) && z > self.config.z_threshold {
                         self.breach(
                             ctx,
-                            "concept_drift",
+                            BreachKind::ConceptDrift,
                             format!("CTR of {version} fell from {base:.4} to {now:.4} (z = {z:.2})"),
                         );
                     }
@@ -298,7 +311,7 @@ impl MonitorActor {
         }
     }
 
-    fn breach(&mut self, _ctx: &mut Context<Self>, kind: &str, reason: String) {
+    fn breach(&mut self, _ctx: &mut Context<Self>, kind: BreachKind, reason: String) {
         let at_ms = now_ms();
         let cooling = self.last_retrain.is_some_and(|t| at_ms < t + self.config.cooldown_secs * 1000);
         if cooling {
@@ -306,8 +319,8 @@ impl MonitorActor {
         }
         self.last_retrain = Some(at_ms);
         self.metrics.monitor_breaches.inc();
-        tracing::warn!(kind, reason = %reason, "monitor breach");
-        self.breaches.push_back(Breach { at_ms, kind: kind.to_owned(), reason: reason.clone() });
+        tracing::warn!(kind = kind.as_str(), reason = %reason, "monitor breach");
+        self.breaches.push_back(Breach { at_ms, kind, reason: reason.clone() });
         while self.breaches.len() > 20 {
             self.breaches.pop_front();
         }
@@ -360,7 +373,7 @@ impl Handler<Impression> for MonitorActor {
         let StreamTotals { popularity, events, .. } = stream_totals(&self.stream);
         let novelty = novelty(&msg.items, &popularity, events);
         let items = msg.items.len() as u64;
-        self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().0 += 1;
+        self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().impressions += 1;
         let bucket = self.variant(&msg.version, &msg.variant);
         bucket.impressions += 1;
         bucket.diversity_sum += diversity;
@@ -377,7 +390,7 @@ impl Handler<Outcome> for MonitorActor {
     fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
         if msg.kind == OutcomeKind::Click {
-            self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().1 += 1;
+            self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().clicks += 1;
         }
         let bucket = self.variant(&msg.version, &msg.variant);
         match msg.kind {
@@ -432,12 +445,7 @@ impl Handler<GetCounts> for MonitorActor {
 
     fn handle(&mut self, _msg: GetCounts, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(
-            self.totals
-                .iter()
-                .map(|((version, variant), &(impressions, clicks))| {
-                    (Arm::new(&**version, &**variant), ArmTally { impressions, clicks })
-                })
-                .collect(),
+            self.totals.iter().map(|((version, variant), &tally)| (Arm::new(&**version, &**variant), tally)).collect(),
         )
     }
 }
@@ -446,8 +454,8 @@ impl Handler<SetReference> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetReference, _ctx: &mut Self::Context) {
-        let events: f64 = msg.popularity.values().sum();
-        if events < self.config.min_samples as f64 || msg.context.len() != EventContext::SEGMENTS {
+        let events: f64 = msg.reference.popularity.values().sum();
+        if events < self.config.min_samples as f64 || msg.reference.context.len() != EventContext::SEGMENTS {
             // Too little to compare with: the next full window becomes the reference instead.
             tracing::info!(events, "training reference too small; the next full window becomes the reference");
             self.reference = None;
@@ -455,7 +463,7 @@ impl Handler<SetReference> for MonitorActor {
             return;
         }
         tracing::info!(source = %msg.source, events, "input-drift reference replaced");
-        self.reference = Some((msg.popularity, msg.context, msg.source));
+        self.reference = Some(Reference { distributions: msg.reference, source: msg.source });
     }
 }
 

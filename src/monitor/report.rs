@@ -178,10 +178,29 @@ pub struct VariantReport {
     pub baseline_ctr: Option<f64>,
 }
 
+/// What kind of drift a breach found.
+#[derive(Debug, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BreachKind {
+    /// The users' behaviour moved away from the reference (item popularity, category or context mix).
+    InputDrift,
+    /// The serving version's CTR fell against its own baseline.
+    ConceptDrift,
+}
+
+impl BreachKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreachKind::InputDrift => "input_drift",
+            BreachKind::ConceptDrift => "concept_drift",
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Clone)]
 pub struct Breach {
     pub at_ms: u64,
-    pub kind: String,
+    pub kind: BreachKind,
     pub reason: String,
 }
 

@@ -125,10 +125,8 @@ impl TrainerActor {
             let displaced = displaced.ok().flatten();
             if promote {
                 act.adopt(canary.name.clone(), displaced);
-                let DriftReference { popularity, context } = canary.reference;
                 act.monitor.do_send(SetReference {
-                    popularity,
-                    context,
+                    reference: canary.reference,
                     source: format!("training window of {}", canary.version),
                 });
                 if let Some(record) = act.run_mut(canary.run) {
