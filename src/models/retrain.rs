@@ -280,10 +280,8 @@ pub enum Drill {
 
 /// What a training run produced.
 pub struct Candidate {
-    /// Present when the candidate goes on to canary (saved in the registry as `name`).
-    pub model: Option<SequentialModel>,
-    pub name: Option<String>,
-    pub version: Option<String>,
+    /// Present when the candidate goes on to canary.
+    pub saved: Option<SavedCandidate>,
     pub candidate_ndcg: f64,
     pub incumbent_ndcg: f64,
     pub yardstick: String,
@@ -295,6 +293,14 @@ pub struct Candidate {
     pub seconds: f64,
     /// Input-drift reference of the recent part of the training window.
     pub reference: DriftReference,
+}
+
+/// A candidate saved in the registry, on its way to canary.
+pub struct SavedCandidate {
+    pub model: SequentialModel,
+    /// Its registry name.
+    pub name: String,
+    pub version: String,
 }
 
 /// Everything a training run needs, moved onto its thread.
@@ -383,9 +389,7 @@ impl Job {
         let passed = gate.passed();
         let reference = WindowData::reference(&self.events, self.reference_secs);
         let mut result = Candidate {
-            model: None,
-            name: None,
-            version: None,
+            saved: None,
             candidate_ndcg,
             incumbent_ndcg,
             yardstick,
@@ -427,9 +431,8 @@ impl Job {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(error.into());
             }
-            result.version = Some(candidate.version().to_owned());
-            result.name = Some(name);
-            result.model = Some(candidate);
+            let version = candidate.version().to_owned();
+            result.saved = Some(SavedCandidate { model: candidate, name, version });
         }
         result.seconds = started.elapsed().as_secs_f64();
         Ok(result)

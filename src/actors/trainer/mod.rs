@@ -41,7 +41,7 @@ use crate::config::{RolloutConfig, TrainerConfig};
 use crate::event::now_ms;
 use crate::eventlog::EventLog;
 use crate::models::registry;
-use crate::models::retrain::{Candidate, Job, RetrainError};
+use crate::models::retrain::{Candidate, Job, RetrainError, SavedCandidate};
 use crate::models::sequential::SequentialModel;
 use crate::models::Recommender;
 use crate::telemetry::Metrics;
@@ -380,8 +380,8 @@ impl TrainerActor {
             record.incumbent_ndcg10 = Some(candidate.incumbent_ndcg);
             record.yardstick = Some(candidate.yardstick.clone());
             record.warm_started = Some(candidate.warm_started);
-            record.name = candidate.name.clone();
-            record.version = candidate.version.clone();
+            record.name = candidate.saved.as_ref().map(|saved| saved.name.clone());
+            record.version = candidate.saved.as_ref().map(|saved| saved.version.clone());
         }
         let verdict = format!(
             "NDCG@10 {:.4} vs {:.4} ({}) on {} held-out interactions",
@@ -389,12 +389,17 @@ impl TrainerActor {
         );
         if candidate.gate.passed() {
             self.metrics.trainer_runs_passed.inc();
-            self.record(LoopStep::GatePassed, Some(run), candidate.version.as_deref(), verdict.clone());
+            self.record(
+                LoopStep::GatePassed,
+                Some(run),
+                candidate.saved.as_ref().map(|saved| saved.version.as_str()),
+                verdict.clone(),
+            );
         } else {
             self.metrics.trainer_runs_rejected.inc();
             self.record(LoopStep::GateRejected, Some(run), None, verdict.clone());
         }
-        let (Some(model), Some(name), Some(version)) = (candidate.model, candidate.name, candidate.version) else {
+        let Some(SavedCandidate { model, name, version }) = candidate.saved else {
             if let Some(record) = self.run_mut(run) {
                 record.outcome = RunOutcome::Rejected;
                 record.detail = Some(verdict);
