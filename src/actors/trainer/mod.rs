@@ -25,6 +25,11 @@
 //!
 //! Mailbox: default capacity (admin requests and a few triggers). Restart policy: none; losing
 //! the actor would lose the loop's state, so every step is also logged and counted.
+//!
+//! Where the parts live: this file holds the actor, its messages, triggers and loop state;
+//! `rollout` the canary verdict, promotion and rollback; `experiments` the A/B experiments;
+//! `history` the run records and steps; `view` the typed state and answers the admin API shows.
+//! The training job itself (window, training, gate) is `models::retrain::Job`, run on a thread.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
