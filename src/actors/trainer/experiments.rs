@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::view::{ExperimentArms, ExperimentStarted, NowServing};
+use super::replies::{ExperimentArms, ExperimentStarted, NowServing};
 use actix::prelude::*;
 use serde::Serialize;
 

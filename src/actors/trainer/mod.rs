@@ -28,7 +28,8 @@
 //!
 //! Where the parts live: this file holds the actor, its messages, triggers and loop state;
 //! `rollout` the canary verdict, promotion and rollback; `experiments` the A/B experiments;
-//! `history` the run records and steps; `view` the typed state and answers the admin API shows.
+//! `history` the run records and steps; `view` the typed state the admin API shows; `replies`
+//! the answers to an operator's requests.
 //! The training job itself (window, training, gate) is `models::retrain::Job`, run on a thread.
 
 use std::collections::VecDeque;
@@ -53,6 +54,7 @@ use crate::telemetry::Metrics;
 
 mod experiments;
 mod history;
+mod replies;
 mod rollout;
 mod view;
 
@@ -60,12 +62,10 @@ pub use crate::models::retrain::Drill;
 use experiments::ExperimentState;
 pub use experiments::{NamedVersion, StartExperiment, StopExperiment};
 pub use history::{HistoryEntry, LoopStep, RunOutcome, RunRecord};
+pub use replies::{ExperimentArms, ExperimentStarted, NowServing, Promoted, RolledBack};
 use rollout::CanaryState;
 pub use rollout::{Promote, Rollback};
-pub use view::{
-    ArmView, CanaryView, ExperimentArms, ExperimentStarted, ExperimentView, LoopSettings, LoopState, NowServing,
-    Promoted, RolledBack, TrainingView, VersionRef,
-};
+pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, TrainingView, VersionRef};
 
 /// Where a retraining request came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

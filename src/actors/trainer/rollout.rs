@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::view::{NowServing, Promoted, RolledBack};
+use super::replies::{NowServing, Promoted, RolledBack};
 use super::{Kept, LoopStep, NamedVersion, Phase, RunOutcome, TrainerActor, TrainerError, Variant};
 use crate::actors::model::{EndChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
