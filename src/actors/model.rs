@@ -49,11 +49,8 @@ pub struct Recommend {
 
 pub use crate::recs::CONTROL;
 
-/// A hash of a user id that is the same in every process and every release (FNV-1a), so that
-/// traffic splits are stable across restarts and instances.
-pub fn user_hash(user: &str) -> u64 {
-    user.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
+/// The one stable user hash (FNV-1a), shared with the bus's partitioning.
+pub use crate::bus::user_hash;
 
 /// Where a user falls in `[0, 1)` for the split salted with `salt` (a new salt reshuffles who
 /// is in which variant, so consecutive canaries do not always hit the same users).

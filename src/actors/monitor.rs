@@ -21,7 +21,7 @@
 //! Mailbox: `monitor.mailbox_capacity`; sessions `try_send` and count refusals, so a slow monitor
 //! never slows serving. Restart policy: none; the state is statistics that rebuild from traffic.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,14 @@ use serde::Serialize;
 use crate::catalog::{Catalog, ItemIdx};
 use crate::config::MonitorConfig;
 use crate::event::{Context as EventContext, EventType};
-use crate::monitor::{psi, two_proportion_z, wilson, Rate, Window};
+pub use crate::monitor::drift::DriftReference;
+use crate::monitor::drift::{aligned, category_mix, context_psi, item_psi};
+use crate::monitor::report::{
+    intra_list_diversity, novelty, stream_totals, variant_report, StreamBucket, StreamFigures, StreamTotals,
+    VariantBucket,
+};
+pub use crate::monitor::report::{Breach, BreachKind, DriftReport, MonitorReport, VariantReport};
+use crate::monitor::{psi, two_proportion_z, Window};
 use crate::telemetry::Metrics;
 
 /// A list served to a user.
@@ -97,16 +104,14 @@ pub struct GetReport;
 #[rtype(result = "ArmCounts")]
 pub struct GetCounts;
 
-/// (version, variant) -> (impressions, clicks).
-pub type ArmCounts = HashMap<(String, String), (u64, u64)>;
+pub use crate::monitor::{Arm, ArmCounts, ArmTally};
 
 /// The input-drift reference of a newly promoted version: item popularity and context mix of
 /// the recent part of its training window.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct SetReference {
-    pub popularity: HashMap<ItemIdx, f64>,
-    pub context: Vec<f64>,
+    pub reference: DriftReference,
     pub source: String,
 }
 
@@ -115,72 +120,10 @@ pub struct SetReference {
 #[rtype(result = "()")]
 pub struct AttachTrainer(pub Recipient<Retrain>);
 
-#[derive(Clone, Debug, Default)]
-struct VariantBucket {
-    impressions: u64,
-    clicks: u64,
-    conversions: u64,
-    revenue: f64,
-    diversity_sum: f64,
-    novelty_sum: f64,
-    novelty_items: u64,
-}
-
-#[derive(Clone, Debug, Default)]
-struct StreamBucket {
-    popularity: HashMap<ItemIdx, u64>,
-    context: Vec<u64>,
-    impressed: HashSet<ItemIdx>,
-    /// Per user (hash): events and revenue in this bucket.
-    users: HashMap<u64, (u64, f64)>,
-}
-
-#[derive(Debug, Serialize, Clone)]
-pub struct VariantReport {
-    pub version: String,
-    pub variant: String,
-    pub impressions: u64,
-    pub clicks: u64,
-    pub conversions: u64,
-    pub ctr: Rate,
-    pub conversion_rate: Rate,
-    pub revenue: f64,
-    pub intra_list_diversity: f64,
-    pub novelty: f64,
-    /// The version's baseline CTR (its first full window), if taken.
-    pub baseline_ctr: Option<f64>,
-}
-
-#[derive(Debug, Serialize, Clone)]
-pub struct Breach {
-    pub at_ms: u64,
-    pub kind: String,
-    pub reason: String,
-}
-
-#[derive(Debug, Serialize, Clone)]
-pub struct MonitorReport {
-    pub window_secs: u64,
-    pub variants: Vec<VariantReport>,
-    pub coverage: f64,
-    pub active_users: usize,
-    pub events: u64,
-    pub events_per_user: f64,
-    pub repeat_visit_share: f64,
-    pub revenue_per_user: f64,
-    pub drift: DriftReport,
-    pub breaches: Vec<Breach>,
-}
-
-#[derive(Debug, Serialize, Clone, Default)]
-pub struct DriftReport {
-    pub popularity_psi: Option<f64>,
-    pub category_psi: Option<f64>,
-    pub context_psi: Option<f64>,
-    pub ctr_z: Option<f64>,
-    pub reference: Option<String>,
-    pub psi_threshold: f64,
-    pub z_threshold: f64,
+/// The input-drift reference and where it came from.
+struct Reference {
+    distributions: DriftReference,
+    source: String,
 }
 
 pub struct MonitorActor {
@@ -190,7 +133,7 @@ pub struct MonitorActor {
     variants: HashMap<(Arc<str>, Arc<str>), Window<VariantBucket>>,
     stream: Window<StreamBucket>,
     /// Reference distributions for input drift, and where they came from.
-    reference: Option<(HashMap<ItemIdx, f64>, Vec<f64>, String)>,
+    reference: Option<Reference>,
     /// Per version: baseline (clicks, impressions) from its first full window.
     baselines: HashMap<Arc<str>, (u64, u64)>,
     /// When each version was first seen (its first full window ends a window later).
@@ -204,62 +147,7 @@ pub struct MonitorActor {
     /// uses it, so an impression costs a few lookups, not a pass over the window.
     popularity_cache: (HashMap<ItemIdx, f64>, f64),
     /// Impressions and clicks per (version, variant) since start.
-    totals: HashMap<(Arc<str>, Arc<str>), (u64, u64)>,
-}
-
-/// Items with fewer reference events than this share the "rest" bin: single-item counts that
-/// small are mostly noise, and picking the top items of a noisy sample inflates the index.
-const MIN_BIN_EVENTS: f64 = 10.0;
-
-/// PSI of item popularity: one bin per popular reference item (at most `bins`, each with at
-/// least [`MIN_BIN_EVENTS`] reference events), one bin for everything else.
-fn item_psi(reference: &HashMap<ItemIdx, f64>, now: &HashMap<ItemIdx, f64>, bins: usize) -> f64 {
-    let mut top: Vec<(ItemIdx, f64)> =
-        reference.iter().filter(|(_, &n)| n >= MIN_BIN_EVENTS).map(|(&i, &n)| (i, n)).collect();
-    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    top.truncate(bins);
-    let in_bins: HashSet<ItemIdx> = top.iter().map(|(i, _)| *i).collect();
-    let mut expected: Vec<f64> = top.iter().map(|(_, n)| *n).collect();
-    let mut actual: Vec<f64> = top.iter().map(|(i, _)| now.get(i).copied().unwrap_or(0.0)).collect();
-    expected.push(reference.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
-    actual.push(now.iter().filter(|(i, _)| !in_bins.contains(i)).map(|(_, n)| n).sum());
-    psi(&expected, &actual)
-}
-
-/// PSI of the context mix (device x hour bucket), over the hour buckets the reference saw only.
-/// Time of day is a cycle, not drift: a reference shorter than a day misses most hour buckets,
-/// and without this the mix would "drift" completely each time the clock enters a new bucket.
-fn context_psi(reference: &[f64], now: &[f64]) -> f64 {
-    let buckets = EventContext::HOUR_BUCKETS;
-    let seen: Vec<bool> = (0..buckets).map(|b| reference.iter().skip(b).step_by(buckets).sum::<f64>() > 0.0).collect();
-    let keep = |(i, _): &(usize, &f64)| seen[i % buckets];
-    let expected: Vec<f64> = reference.iter().enumerate().filter(keep).map(|(_, &v)| v).collect();
-    let actual: Vec<f64> = now.iter().enumerate().filter(keep).map(|(_, &v)| v).collect();
-    psi(&expected, &actual)
-}
-
-/// Events per category (an item in several categories counts a share in each; items without
-/// one count under `u32::MAX`).
-fn category_mix(popularity: &HashMap<ItemIdx, f64>, categories: &crate::catalog::Categories<'_>) -> HashMap<u32, f64> {
-    let mut mix: HashMap<u32, f64> = HashMap::new();
-    for (&item, &n) in popularity {
-        let of = categories.of(item);
-        if of.is_empty() {
-            *mix.entry(u32::MAX).or_default() += n;
-        }
-        for &c in of {
-            *mix.entry(u32::from(c)).or_default() += n / of.len() as f64;
-        }
-    }
-    mix
-}
-
-/// Two sparse distributions as dense vectors over the union of their keys.
-fn aligned(a: &HashMap<u32, f64>, b: &HashMap<u32, f64>) -> (Vec<f64>, Vec<f64>) {
-    let mut keys: Vec<u32> = a.keys().chain(b.keys()).copied().collect();
-    keys.sort_unstable();
-    keys.dedup();
-    keys.iter().map(|k| (a.get(k).copied().unwrap_or(0.0), b.get(k).copied().unwrap_or(0.0))).unzip()
+    totals: HashMap<(Arc<str>, Arc<str>), ArmTally>,
 }
 
 /// The one clock (`event::now_ms`), in the unsigned milliseconds the monitor's buckets count in.
@@ -316,36 +204,6 @@ impl MonitorActor {
         bucket
     }
 
-    /// Item popularity and context mix over the window.
-    fn stream_totals(&self) -> (HashMap<ItemIdx, f64>, Vec<f64>, u64) {
-        let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
-        let mut context = vec![0.0; EventContext::SEGMENTS];
-        let mut events = 0;
-        for bucket in self.stream.buckets() {
-            for (&item, &n) in &bucket.popularity {
-                *popularity.entry(item).or_default() += n as f64;
-                events += n;
-            }
-            for (slot, &n) in context.iter_mut().zip(&bucket.context) {
-                *slot += n as f64;
-            }
-        }
-        (popularity, context, events)
-    }
-
-    fn totals(window: &Window<VariantBucket>) -> VariantBucket {
-        window.buckets().fold(VariantBucket::default(), |mut acc, b| {
-            acc.impressions += b.impressions;
-            acc.clicks += b.clicks;
-            acc.conversions += b.conversions;
-            acc.revenue += b.revenue;
-            acc.diversity_sum += b.diversity_sum;
-            acc.novelty_sum += b.novelty_sum;
-            acc.novelty_items += b.novelty_items;
-            acc
-        })
-    }
-
     /// Runs at every bucket boundary: references, baselines, drift verdicts.
     fn check(&mut self, ctx: &mut Context<Self>) {
         let tick = self.tick();
@@ -354,12 +212,19 @@ impl MonitorActor {
         }
         self.stream.advance(tick);
         let full_window = tick >= self.started_tick + self.buckets();
-        let (popularity, context, events) = self.stream_totals();
+        let StreamTotals { popularity, context, events } = stream_totals(&self.stream);
 
         if self.reference.is_none() && full_window && events >= self.config.min_samples {
-            self.reference = Some((popularity.clone(), context.clone(), "first full window".into()));
+            self.reference = Some(Reference {
+                distributions: DriftReference { popularity: popularity.clone(), context: context.clone() },
+                source: "first full window".into(),
+            });
         }
-        if let Some((reference_pop, reference_ctx, source)) = &self.reference {
+        if let Some(Reference {
+            distributions: DriftReference { popularity: reference_pop, context: reference_ctx },
+            source,
+        }) = &self.reference
+        {
             self.drift.reference = Some(source.clone());
             if events >= self.config.min_samples {
                 let popularity_psi = item_psi(reference_pop, &popularity, self.config.psi_bins);
@@ -376,19 +241,19 @@ impl MonitorActor {
                 if popularity_psi > self.config.psi_threshold {
                     self.breach(
                         ctx,
-                        "input_drift",
+                        BreachKind::InputDrift,
                         format!("item popularity PSI {popularity_psi:.3} > {}", self.config.psi_threshold),
                     );
                 } else if category_psi > self.config.psi_threshold {
                     self.breach(
                         ctx,
-                        "input_drift",
+                        BreachKind::InputDrift,
                         format!("category mix PSI {category_psi:.3} > {}", self.config.psi_threshold),
                     );
                 } else if context_psi > self.config.psi_threshold {
                     self.breach(
                         ctx,
-                        "input_drift",
+                        BreachKind::InputDrift,
                         format!("context mix PSI {context_psi:.3} > {}", self.config.psi_threshold),
                     );
                 }
@@ -402,7 +267,7 @@ impl MonitorActor {
             .variants
             .iter()
             .filter(|((_, variant), _)| &**variant == crate::actors::model::CONTROL)
-            .map(|(_, window)| Self::totals(window))
+            .map(|(_, window)| VariantBucket::sum(window))
             .max_by_key(|t| t.impressions)
         {
             self.metrics.set_serving_ctr(if t.impressions > 0 { t.clicks as f64 / t.impressions as f64 } else { 0.0 });
@@ -412,7 +277,7 @@ impl MonitorActor {
         let buckets = self.buckets();
         let mut verdicts = Vec::new();
         for ((version, _variant), window) in &self.variants {
-            let totals = Self::totals(window);
+            let totals = VariantBucket::sum(window);
             let Some(&first) = self.first_seen.get(version) else { continue };
             if !self.baselines.contains_key(version) {
                 if tick >= first + buckets && totals.impressions >= self.config.min_samples {
@@ -438,7 +303,7 @@ impl MonitorActor {
                     if now < base * (1.0 - self.config.ctr_drop) && z > self.config.z_threshold {
                         self.breach(
                             ctx,
-                            "concept_drift",
+                            BreachKind::ConceptDrift,
                             format!("CTR of {version} fell from {base:.4} to {now:.4} (z = {z:.2})"),
                         );
                     }
@@ -447,7 +312,7 @@ impl MonitorActor {
         }
     }
 
-    fn breach(&mut self, _ctx: &mut Context<Self>, kind: &str, reason: String) {
+    fn breach(&mut self, _ctx: &mut Context<Self>, kind: BreachKind, reason: String) {
         let at_ms = now_ms();
         let cooling = self.last_retrain.is_some_and(|t| at_ms < t + self.config.cooldown_secs * 1000);
         if cooling {
@@ -455,8 +320,8 @@ impl MonitorActor {
         }
         self.last_retrain = Some(at_ms);
         self.metrics.monitor_breaches.inc();
-        tracing::warn!(kind, reason = %reason, "monitor breach");
-        self.breaches.push_back(Breach { at_ms, kind: kind.to_owned(), reason: reason.clone() });
+        tracing::warn!(kind = kind.as_str(), reason = %reason, "monitor breach");
+        self.breaches.push_back(Breach { at_ms, kind, reason: reason.clone() });
         while self.breaches.len() > 20 {
             self.breaches.pop_front();
         }
@@ -470,53 +335,21 @@ impl MonitorActor {
             .variants
             .iter()
             .map(|((version, variant), window)| {
-                let t = Self::totals(window);
-                VariantReport {
-                    version: version.to_string(),
-                    variant: variant.to_string(),
-                    impressions: t.impressions,
-                    clicks: t.clicks,
-                    conversions: t.conversions,
-                    ctr: wilson(t.clicks, t.impressions),
-                    conversion_rate: wilson(t.conversions, t.impressions),
-                    revenue: t.revenue,
-                    intra_list_diversity: if t.impressions > 0 { t.diversity_sum / t.impressions as f64 } else { 0.0 },
-                    novelty: if t.novelty_items > 0 { t.novelty_sum / t.novelty_items as f64 } else { 0.0 },
-                    baseline_ctr: self
-                        .baselines
-                        .get(version)
-                        .map(|(c, n)| if *n > 0 { *c as f64 / *n as f64 } else { 0.0 }),
-                }
+                variant_report(version, variant, &VariantBucket::sum(window), self.baselines.get(version).copied())
             })
             .filter(|v| v.impressions > 0 || v.clicks > 0)
             .collect();
         variants.sort_by(|a, b| a.version.cmp(&b.version).then(a.variant.cmp(&b.variant)));
-        let mut impressed: HashSet<ItemIdx> = HashSet::new();
-        let mut users: HashMap<u64, (u64, f64, u32)> = HashMap::new();
-        for bucket in self.stream.buckets() {
-            impressed.extend(bucket.impressed.iter().copied());
-            for (&user, &(events, revenue)) in &bucket.users {
-                let entry = users.entry(user).or_default();
-                entry.0 += events;
-                entry.1 += revenue;
-                entry.2 += 1;
-            }
-        }
-        let active = users.len();
-        let events: u64 = users.values().map(|u| u.0).sum();
-        let revenue: f64 = users.values().map(|u| u.1).sum();
-        let repeat = users.values().filter(|u| u.2 > 1).count();
-        let per = |x: f64| if active > 0 { x / active as f64 } else { 0.0 };
-        let catalog = self.catalog.len().max(1);
+        let stream = StreamFigures::of(&self.stream, self.catalog.len());
         MonitorReport {
             window_secs: self.config.window_secs,
             variants,
-            coverage: impressed.len() as f64 / catalog as f64,
-            active_users: active,
-            events,
-            events_per_user: per(events as f64),
-            repeat_visit_share: per(repeat as f64),
-            revenue_per_user: per(revenue),
+            coverage: stream.coverage,
+            active_users: stream.active_users,
+            events: stream.events,
+            events_per_user: stream.events_per_user,
+            repeat_visit_share: stream.repeat_visit_share,
+            revenue_per_user: stream.revenue_per_user,
             drift: self.drift.clone(),
             breaches: self.breaches.iter().cloned().collect(),
         }
@@ -537,30 +370,11 @@ impl Handler<Impression> for MonitorActor {
 
     fn handle(&mut self, msg: Impression, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
-        let categories = self.catalog.categories();
-        // Intra-list diversity: mean pairwise Jaccard distance of the items' categories.
-        let (mut pairs, mut distance) = (0u64, 0.0f64);
-        for (i, &a) in msg.items.iter().enumerate() {
-            for &b in &msg.items[i + 1..] {
-                let (ca, cb) = (categories.of(a), categories.of(b));
-                if ca.is_empty() && cb.is_empty() {
-                    continue;
-                }
-                let common = ca.iter().filter(|c| cb.contains(c)).count() as f64;
-                let union = (ca.len() + cb.len()) as f64 - common;
-                distance += 1.0 - common / union.max(1.0);
-                pairs += 1;
-            }
-        }
-        drop(categories);
-        let diversity = if pairs > 0 { distance / pairs as f64 } else { 0.0 };
-        // Novelty: mean self-information of the items under the window's popularity.
-        let (popularity, _, events) = self.stream_totals();
-        let total = (events as f64).max(1.0);
-        let novelty: f64 =
-            msg.items.iter().map(|i| -((popularity.get(i).copied().unwrap_or(0.0) + 1.0) / (total + 1.0)).log2()).sum();
+        let diversity = intra_list_diversity(&msg.items, &self.catalog.categories());
+        let StreamTotals { popularity, events, .. } = stream_totals(&self.stream);
+        let novelty = novelty(&msg.items, &popularity, events);
         let items = msg.items.len() as u64;
-        self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().0 += 1;
+        self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().impressions += 1;
         let bucket = self.variant(&msg.version, &msg.variant);
         bucket.impressions += 1;
         bucket.diversity_sum += diversity;
@@ -577,7 +391,7 @@ impl Handler<Outcome> for MonitorActor {
     fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
         if msg.kind == OutcomeKind::Click {
-            self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().1 += 1;
+            self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().clicks += 1;
         }
         let bucket = self.variant(&msg.version, &msg.variant);
         match msg.kind {
@@ -631,7 +445,9 @@ impl Handler<GetCounts> for MonitorActor {
     type Result = MessageResult<GetCounts>;
 
     fn handle(&mut self, _msg: GetCounts, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.totals.iter().map(|((v, a), &n)| ((v.to_string(), a.to_string()), n)).collect())
+        MessageResult(
+            self.totals.iter().map(|((version, variant), &tally)| (Arm::new(&**version, &**variant), tally)).collect(),
+        )
     }
 }
 
@@ -639,8 +455,8 @@ impl Handler<SetReference> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetReference, _ctx: &mut Self::Context) {
-        let events: f64 = msg.popularity.values().sum();
-        if events < self.config.min_samples as f64 || msg.context.len() != EventContext::SEGMENTS {
+        let events: f64 = msg.reference.popularity.values().sum();
+        if events < self.config.min_samples as f64 || msg.reference.context.len() != EventContext::SEGMENTS {
             // Too little to compare with: the next full window becomes the reference instead.
             tracing::info!(events, "training reference too small; the next full window becomes the reference");
             self.reference = None;
@@ -648,7 +464,7 @@ impl Handler<SetReference> for MonitorActor {
             return;
         }
         tracing::info!(source = %msg.source, events, "input-drift reference replaced");
-        self.reference = Some((msg.popularity, msg.context, msg.source));
+        self.reference = Some(Reference { distributions: msg.reference, source: msg.source });
     }
 }
 
@@ -657,28 +473,5 @@ impl Handler<AttachTrainer> for MonitorActor {
 
     fn handle(&mut self, msg: AttachTrainer, _ctx: &mut Self::Context) {
         self.trainer = Some(msg.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_new_hour_of_the_day_is_not_context_drift_but_a_new_device_mix_is() {
-        let buckets = EventContext::HOUR_BUCKETS;
-        let mut reference = vec![0.0; EventContext::SEGMENTS];
-        reference[0] = 50.0; // device 0, hour bucket 0
-        reference[buckets] = 50.0; // device 1, hour bucket 0
-        let mut next_hour = vec![0.0; EventContext::SEGMENTS];
-        next_hour[1] = 50.0; // the same devices, the next hour bucket
-        next_hour[buckets + 1] = 50.0;
-        next_hour[0] = 1.0;
-        next_hour[buckets] = 1.0;
-        assert!(context_psi(&reference, &next_hour) < 0.01, "{}", context_psi(&reference, &next_hour));
-        let mut other_devices = vec![0.0; EventContext::SEGMENTS];
-        other_devices[2 * buckets] = 50.0; // devices the reference never had, same hour bucket
-        other_devices[3 * buckets] = 50.0;
-        assert!(context_psi(&reference, &other_devices) > 0.25);
     }
 }

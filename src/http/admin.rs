@@ -13,8 +13,7 @@ use super::error::{ApiError, ErrorBody};
 use super::{decode_json_body, AppState};
 use crate::actors::model::CurrentVersion;
 use crate::actors::trainer::{
-    Drill, GetLoopState, Promote, RequestRetrain, Rollback, StartExperiment, StopExperiment, TrainerError,
-    TriggerSource,
+    Drill, GetLoopState, Promote, RequestRetrain, Rollback, RunOutcome, StartExperiment, StopExperiment, TriggerSource,
 };
 use crate::auth::Role;
 use crate::models::registry::{self, RegistryError};
@@ -33,35 +32,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(start_experiment))
                 .route(web::delete().to(stop_experiment)),
         );
-}
-
-fn registry_error(error: RegistryError) -> ApiError {
-    match error {
-        RegistryError::BadName(_) => ApiError::bad_request("invalid_model_name", error.to_string()),
-        RegistryError::NotFound { .. } | RegistryError::Empty(_) => {
-            ApiError::not_found("model_not_found", error.to_string())
-        }
-        RegistryError::Unreadable(..) | RegistryError::File(_) => {
-            tracing::error!(error = %error, "model registry error");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "model_unreadable",
-                "the model registry could not be read; see the server log",
-            )
-        }
-    }
-}
-
-fn trainer_error(error: TrainerError) -> ApiError {
-    match error {
-        TrainerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-        TrainerError::NotFound(m) => ApiError::not_found("model_not_found", m),
-        TrainerError::BadRequest(m) => ApiError::bad_request("invalid_request", m),
-        TrainerError::Failed(m) => {
-            tracing::error!(error = %m, "model lifecycle step failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_unreadable", m)
-        }
-    }
 }
 
 /// A JSON body that may be left out entirely (no body, no content type), or be `null`: then the
@@ -103,28 +73,29 @@ async fn optional_body<T: serde::de::DeserializeOwned + Default>(
 pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let traffic = state.registry.deps.model.send(CurrentVersion).await?;
-    let mut loop_state = state.trainer.send(GetLoopState).await?;
+    let loop_state = state.trainer.send(GetLoopState).await?;
     let dir = state.config.model.registry_dir.clone();
     let versions = web::block(move || registry::list(&dir))
         .await
-        .map_err(|_| ApiError::unavailable("unavailable", "the registry could not be listed", 1))?
-        .map_err(registry_error)?;
-    let rolled_back: Vec<&str> = loop_state["runs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["outcome"] == "rolled_back")
-        .filter_map(|r| r["name"].as_str())
+        .map_err(|_| ApiError::unavailable("unavailable", "the registry could not be listed", 1))??;
+    let rolled_back: Vec<&str> = loop_state
+        .runs
+        .iter()
+        .filter(|r| r.outcome == RunOutcome::RolledBack)
+        .filter_map(|r| r.name.as_deref())
         .collect();
-    let name_is = |path: &str, name: &str| loop_state.pointer(path).and_then(Value::as_str) == Some(name);
+    let serving_name = loop_state.serving_name.as_deref();
+    let canary_name = loop_state.canary.as_ref().map(|c| c.name.as_str());
+    let experiment_b = loop_state.experiment.as_ref().map(|e| e.b.name.as_str());
     let versions: Vec<Value> = versions
         .into_iter()
         .map(|v| {
-            let status = if name_is("/serving_name", &v.name) {
+            let name = Some(v.name.as_str());
+            let status = if name == serving_name {
                 "serving"
-            } else if name_is("/canary/name", &v.name) {
+            } else if name == canary_name {
                 "canary"
-            } else if name_is("/experiment/b/name", &v.name) {
+            } else if name == experiment_b {
                 "experiment_b"
             } else if rolled_back.contains(&v.name.as_str()) {
                 "rolled_back"
@@ -136,7 +107,6 @@ pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpRe
             value
         })
         .collect();
-    let fields = loop_state.as_object_mut().expect("the loop state is an object");
     let mut body = json!({
         "serving": traffic.serving(),
         "kind": state.config.model.kind,
@@ -144,8 +114,10 @@ pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpRe
         "traffic": traffic,
         "versions": versions,
     });
-    let out = body.as_object_mut().expect("an object");
-    out.extend(std::mem::take(fields));
+    // The loop's fields sit beside the registry's at the top level of the answer.
+    if let (Some(out), Ok(Value::Object(fields))) = (body.as_object_mut(), serde_json::to_value(&loop_state)) {
+        out.extend(fields);
+    }
     Ok(HttpResponse::Ok().json(body))
 }
 
@@ -191,10 +163,10 @@ pub async fn promote_version(
     caller.require(Role::Admin)?;
     let name = path.into_inner();
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-        return Err(registry_error(RegistryError::BadName(name)));
+        return Err(RegistryError::BadName(name).into());
     }
     let reason = reason(&req, payload, &state).await?;
-    let done = state.trainer.send(Promote { name: Some(name), reason }).await?.map_err(trainer_error)?;
+    let done = state.trainer.send(Promote { name: Some(name), reason }).await??;
     Ok(HttpResponse::Ok().json(done))
 }
 
@@ -223,7 +195,7 @@ pub async fn promote(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let reason = reason(&req, payload, &state).await?;
-    let done = state.trainer.send(Promote { name: None, reason }).await?.map_err(trainer_error)?;
+    let done = state.trainer.send(Promote { name: None, reason }).await??;
     Ok(HttpResponse::Ok().json(done))
 }
 
@@ -252,7 +224,7 @@ pub async fn rollback(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let reason = reason(&req, payload, &state).await?;
-    let done = state.trainer.send(Rollback { reason }).await?.map_err(trainer_error)?;
+    let done = state.trainer.send(Rollback { reason }).await??;
     Ok(HttpResponse::Ok().json(done))
 }
 
@@ -305,7 +277,7 @@ pub async fn retrain(
         drill: body.drill,
         skip_gate: body.skip_gate,
     };
-    let ack = state.trainer.send(request).await?.map_err(trainer_error)?;
+    let ack = state.trainer.send(request).await??;
     Ok(HttpResponse::Accepted().json(ack))
 }
 
@@ -325,7 +297,7 @@ pub async fn retrain(
 pub async fn experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
     let loop_state = state.trainer.send(GetLoopState).await?;
-    Ok(HttpResponse::Ok().json(json!({ "experiment": loop_state["experiment"] })))
+    Ok(HttpResponse::Ok().json(json!({ "experiment": loop_state.experiment })))
 }
 
 /// An A/B experiment between two registry versions.
@@ -373,11 +345,7 @@ pub async fn start_experiment(
     caller.require(Role::Admin)?;
     let body: ExperimentBody =
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_request").await?;
-    let started = state
-        .trainer
-        .send(StartExperiment { a: body.a, b: body.b, share: body.share })
-        .await?
-        .map_err(trainer_error)?;
+    let started = state.trainer.send(StartExperiment { a: body.a, b: body.b, share: body.share }).await??;
     Ok(HttpResponse::Created().json(started))
 }
 
@@ -396,7 +364,7 @@ pub async fn start_experiment(
 )]
 pub async fn stop_experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    let stopped = state.trainer.send(StopExperiment).await?.map_err(trainer_error)?;
+    let stopped = state.trainer.send(StopExperiment).await??;
     Ok(HttpResponse::Ok().json(stopped))
 }
 

@@ -7,9 +7,11 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::actors::messages::SessionError;
+use crate::actors::trainer::TrainerError;
 use crate::bus::BusError;
 use crate::catalog::InvalidItem;
 use crate::event::InvalidEvent;
+use crate::models::registry::RegistryError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -126,6 +128,58 @@ impl From<BusError> for ApiError {
                 "the event log did not acknowledge the events; retry with the same event ids",
                 2,
             ),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::BadName(_) => ApiError::bad_request("invalid_model_name", error.to_string()),
+            RegistryError::NotFound { .. } | RegistryError::Empty(_) => {
+                ApiError::not_found("model_not_found", error.to_string())
+            }
+            RegistryError::Unreadable(..) | RegistryError::File(_) => model_unreadable(&error),
+        }
+    }
+}
+
+/// A 500 for a registry or loading failure: the detail goes to the log, not to the client.
+fn model_unreadable(error: &dyn std::error::Error) -> ApiError {
+    tracing::error!(error = %error, "model registry error");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "model_unreadable",
+        "the model registry could not be read; see the server log",
+    )
+}
+
+impl From<TrainerError> for ApiError {
+    fn from(error: TrainerError) -> Self {
+        let conflict = |message: String| ApiError::new(StatusCode::CONFLICT, "conflict", message);
+        match error {
+            // The loop's refusals, with the route that gets the operator further where there is one.
+            TrainerError::ExperimentRunning => {
+                conflict("an experiment is running; stop it (DELETE /v1/admin/experiments) before retraining".into())
+            }
+            TrainerError::NothingToPromote => conflict(
+                "no canary or experiment to promote; name a version: POST /v1/admin/models/{name}/promote".into(),
+            ),
+            TrainerError::Disabled
+            | TrainerError::Busy { .. }
+            | TrainerError::BecameBusy
+            | TrainerError::NothingToRollBack
+            | TrainerError::NoExperiment => conflict(error.to_string()),
+            TrainerError::InvalidExperiment => ApiError::bad_request("invalid_request", error.to_string()),
+            TrainerError::Version(RegistryError::BadName(_)) => {
+                ApiError::bad_request("invalid_request", error.to_string())
+            }
+            TrainerError::Version(RegistryError::NotFound { .. } | RegistryError::Empty(_)) => {
+                ApiError::not_found("model_not_found", error.to_string())
+            }
+            TrainerError::Version(_) | TrainerError::Unreadable(_) | TrainerError::LoadStopped(_) => {
+                model_unreadable(&error)
+            }
         }
     }
 }

@@ -5,19 +5,31 @@
 //! one before it validates early stopping, the rest trains. The gate ranks the whole catalogue
 //! through the same [`Recommender`] interface serving uses, for the candidate and for the
 //! incumbent, and compares their NDCG@10 on the held-out interactions.
+//!
+//! [`Job`] is one whole training run (window, training, gate, saving to the registry), run on a
+//! thread of its own by the trainer actor, which only decides what happens to the result.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 
 use super::data::{Dataset, DatasetBuilder, Split};
+use super::registry;
+use super::sasrec::Config as NetConfig;
+use super::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, SequentialModel};
+use super::train::{train_from, TrainConfig, TrainFile};
 use super::{HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemIdx};
-use crate::event::{Context as EventContext, EventType, ItemId};
+use crate::config::TrainerConfig;
+use crate::event::{now_ms, Context as EventContext, EventType, ItemId};
 use crate::eventlog::LoggedEvent;
+use crate::monitor::drift::DriftReference;
 
 /// How strongly an event type says "liked", on the 1..5 scale the sequential model reads.
 fn rating_of(event: &LoggedEvent) -> Option<f32> {
@@ -133,7 +145,7 @@ impl WindowData {
     /// Item popularity (organic events, as the monitor counts it) and context mix of events
     /// logged in the last `secs` of the window: the input-drift reference of a version trained
     /// on it.
-    pub fn reference(events: &[LoggedEvent], secs: u64) -> (HashMap<ItemIdx, f64>, Vec<f64>) {
+    pub fn reference(events: &[LoggedEvent], secs: u64) -> DriftReference {
         let newest = events.iter().map(|e| e.logged_at).max().unwrap_or(0);
         let from = newest - (secs as i64) * 1000;
         let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
@@ -146,7 +158,7 @@ impl WindowData {
                 *slot += 1.0;
             }
         }
-        (popularity, context)
+        DriftReference { popularity, context }
     }
 }
 
@@ -211,11 +223,236 @@ impl Recommender for WindowPopularity {
     }
 }
 
+/// The gate's decision on a candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GateDecision {
+    /// The candidate may go on to canary.
+    Pass,
+    /// The candidate does not beat the incumbent by the minimum gain.
+    Reject { why: String },
+}
+
+impl GateDecision {
+    pub fn passed(&self) -> bool {
+        matches!(self, GateDecision::Pass)
+    }
+}
+
+/// The gate: the candidate passes when its NDCG@10 beats the incumbent's by more than
+/// `min_gain` (`trainer.gate_min_gain`); a score that is not a number never passes.
+pub fn gate_decision(candidate_ndcg: f64, incumbent_ndcg: f64, min_gain: f64) -> GateDecision {
+    if candidate_ndcg > incumbent_ndcg + min_gain {
+        GateDecision::Pass
+    } else {
+        GateDecision::Reject {
+            why: format!("NDCG@10 {candidate_ndcg:.4} does not beat {incumbent_ndcg:.4} by more than {min_gain}"),
+        }
+    }
+}
+
+/// Why a training run produced no candidate.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrainError {
+    #[error("{have} positive events in the window; trainer.min_events asks for {need}")]
+    TooFewEvents { have: usize, need: usize },
+    #[error("{have} users with at least three events in the window; trainer.min_cases asks for {need}")]
+    TooFewCases { have: usize, need: usize },
+    #[error(transparent)]
+    Training(#[from] super::train::TrainError),
+    /// The candidate could not be written to the registry (nothing half-written is left).
+    #[error(transparent)]
+    Save(#[from] super::sequential::ModelFileError),
+    #[error("the training thread panicked; see the log")]
+    Panicked,
+    #[error("cannot start the training thread: {0}")]
+    NoThread(std::io::Error),
+}
+
+/// Deliberate faults for drills: check that the gate and the canary catch a bad model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Drill {
+    #[default]
+    None,
+    /// Train on the window with its items shuffled: a model that learned nothing true.
+    ShuffleItems,
+}
+
+/// What a training run produced.
+pub struct Candidate {
+    /// Present when the candidate goes on to canary.
+    pub saved: Option<SavedCandidate>,
+    pub candidate_ndcg: f64,
+    pub incumbent_ndcg: f64,
+    pub yardstick: String,
+    pub cases: usize,
+    pub events: usize,
+    pub users: usize,
+    pub gate: GateDecision,
+    pub warm_started: bool,
+    pub seconds: f64,
+    /// Input-drift reference of the recent part of the training window.
+    pub reference: DriftReference,
+}
+
+/// A candidate saved in the registry, on its way to canary.
+pub struct SavedCandidate {
+    pub model: SequentialModel,
+    /// Its registry name.
+    pub name: String,
+    pub version: String,
+}
+
+/// Everything a training run needs, moved onto its thread.
+pub struct Job {
+    pub run: u64,
+    pub events: Vec<LoggedEvent>,
+    pub catalog: Arc<Catalog>,
+    pub config: TrainerConfig,
+    pub registry_dir: PathBuf,
+    pub serving_path: Option<PathBuf>,
+    pub drill: Drill,
+    pub skip_gate: bool,
+    pub reference_secs: u64,
+}
+
+impl Job {
+    pub fn run(self) -> Result<Candidate, RetrainError> {
+        let started = Instant::now();
+        let cfg = &self.config;
+        let mut data = WindowData::from_log(&self.events, &self.catalog);
+        let interactions = data.dataset.interactions();
+        if interactions < cfg.min_events {
+            return Err(RetrainError::TooFewEvents { have: interactions, need: cfg.min_events });
+        }
+        let cases = data.cases();
+        if cases < cfg.min_cases {
+            return Err(RetrainError::TooFewCases { have: cases, need: cfg.min_cases });
+        }
+        // The serving version, when it is a registry version: warm start and yardstick.
+        let incumbent = match &self.serving_path {
+            Some(path) => match registry::load(path, &self.catalog) {
+                Ok(model) => Some(model),
+                Err(error) => {
+                    tracing::warn!(error = %error, "serving version not readable; training from scratch");
+                    None
+                }
+            },
+            None => None,
+        };
+        // The gate sees the true histories, whatever the model is trained on.
+        let (requests, targets) = data.gate_requests(10);
+        if self.drill == Drill::ShuffleItems {
+            data.shuffle_training_items(cfg.seed ^ self.run);
+        }
+        let net = incumbent.as_ref().map_or_else(
+            || NetConfig {
+                hidden: cfg.hidden,
+                layers: cfg.layers,
+                heads: cfg.heads,
+                inner: cfg.hidden * 2,
+                max_len: cfg.max_len,
+                ..NetConfig::default()
+            },
+            |m| m.config.clone(),
+        );
+        let file = TrainFile {
+            model: net,
+            train: TrainConfig {
+                seed: cfg.seed ^ self.run,
+                epochs: cfg.epochs.max(1),
+                patience: 0,
+                batch_size: cfg.batch_size.max(1),
+                lr: cfg.learning_rate,
+                warmup_epochs: if incumbent.is_some() { 0.0 } else { 1.0 },
+                time_budget_secs: cfg.time_budget_secs,
+                ..TrainConfig::default()
+            },
+            serve: incumbent.as_ref().map(|m| m.serve.clone()).unwrap_or_default(),
+        };
+        let trained = train_from(&data.dataset, &data.split, &file, false, incumbent.as_ref())?;
+        let mut candidate = trained.model;
+        let candidate_ndcg = ndcg(&score_all(&mut candidate, &requests, &self.catalog), &targets, 10);
+        let warm_started = incumbent.is_some();
+        let (incumbent_ndcg, yardstick) = match incumbent {
+            Some(mut serving) => {
+                let lists = score_all(&mut serving, &requests, &self.catalog);
+                (ndcg(&lists, &targets, 10), format!("serving version {}", serving.version()))
+            }
+            None => {
+                let mut popularity = WindowPopularity::new(&data, &self.catalog);
+                let lists = score_all(&mut popularity, &requests, &self.catalog);
+                (ndcg(&lists, &targets, 10), "window popularity (the serving model learns online)".to_owned())
+            }
+        };
+        let gate = gate_decision(candidate_ndcg, incumbent_ndcg, cfg.gate_min_gain);
+        let passed = gate.passed();
+        let reference = WindowData::reference(&self.events, self.reference_secs);
+        let mut result = Candidate {
+            saved: None,
+            candidate_ndcg,
+            incumbent_ndcg,
+            yardstick,
+            cases,
+            events: interactions,
+            users: data.dataset.users.len(),
+            gate,
+            warm_started,
+            seconds: 0.0,
+            reference,
+        };
+        if passed || self.skip_gate {
+            let name = format!("auto-{}-{}", now_ms() / 1000, self.run);
+            let (first, last) = data.dataset.time_window().unzip();
+            let mut manifest = Manifest {
+                format: String::new(),
+                version: String::new(),
+                created_at: rfc3339(now_ms() / 1000),
+                config: candidate.config.clone(),
+                serve: candidate.serve.clone(),
+                data: DataWindow {
+                    source: format!("liverec event log, last {} s (run {})", cfg.window_secs, self.run),
+                    users: data.dataset.users.len(),
+                    items: data.dataset.items.len(),
+                    interactions,
+                    train_interactions: data.split.train_interactions(),
+                    first_timestamp: first,
+                    last_timestamp: last,
+                    split: "leave-one-out on the window; gate on the last interaction".into(),
+                    ..DataWindow::default()
+                },
+                metrics: SavedMetrics { valid: Some(trained.valid), test: None },
+                training: trained.summary,
+                weights_sha256: String::new(),
+            };
+            let dir = self.registry_dir.join(&name);
+            if let Err(error) = candidate.save(&dir, &mut manifest) {
+                // A full disk, say: leave no half-written version behind for a restart to trip on.
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error.into());
+            }
+            let version = candidate.version().to_owned();
+            result.saved = Some(SavedCandidate { model: candidate, name, version });
+        }
+        result.seconds = started.elapsed().as_secs_f64();
+        Ok(result)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::{EventId, UserId};
     use crate::eventlog::Interaction;
+
+    #[test]
+    fn the_gate_passes_only_a_candidate_that_beats_the_incumbent_by_the_minimum_gain() {
+        assert_eq!(gate_decision(0.30, 0.25, 0.01), GateDecision::Pass);
+        let close = gate_decision(0.255, 0.25, 0.01);
+        assert!(matches!(&close, GateDecision::Reject { why } if why.contains("0.2550")), "{close:?}");
+        assert!(!gate_decision(0.25, 0.25, 0.0).passed(), "a tie is not a gain");
+        assert!(!gate_decision(f64::NAN, 0.1, 0.0).passed());
+    }
 
     fn log(catalog: &Catalog) -> Vec<LoggedEvent> {
         let mut events = Vec::new();

@@ -1,8 +1,53 @@
 //! Statistics the monitor actor uses: sliding windows of counts, population stability index for
 //! input drift, and a two-proportion z-test for click-through drops. Pure functions and plain
-//! data, no I/O, so they are tested on their own.
+//! data, no I/O, so they are tested on their own. `drift` holds the input-drift indices,
+//! `report` the window figures and the report built from them.
+
+use std::collections::HashMap;
 
 use serde::Serialize;
+
+pub mod drift;
+pub mod report;
+
+/// One arm of the traffic split: a model version serving one experiment variant.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Arm {
+    pub version: String,
+    pub variant: String,
+}
+
+impl Arm {
+    pub fn new(version: impl Into<String>, variant: impl Into<String>) -> Self {
+        Self { version: version.into(), variant: variant.into() }
+    }
+}
+
+/// Impressions and clicks of one arm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ArmTally {
+    pub impressions: u64,
+    pub clicks: u64,
+}
+
+impl ArmTally {
+    /// What was counted since `earlier`, a reading of the same counters.
+    pub fn since(self, earlier: ArmTally) -> ArmTally {
+        ArmTally {
+            impressions: self.impressions.saturating_sub(earlier.impressions),
+            clicks: self.clicks.saturating_sub(earlier.clicks),
+        }
+    }
+}
+
+/// Impressions and clicks per arm since the monitor started; verdicts diff two readings.
+pub type ArmCounts = HashMap<Arm, ArmTally>;
+
+/// The tally of `arm` in `now` since the reading `baseline` (zero for an arm not yet seen).
+pub fn arm_since(now: &ArmCounts, baseline: &ArmCounts, arm: &Arm) -> ArmTally {
+    let read = |counts: &ArmCounts| counts.get(arm).copied().unwrap_or_default();
+    read(now).since(read(baseline))
+}
 
 /// Counts over a sliding window made of fixed buckets; the oldest bucket is dropped as time moves.
 #[derive(Clone, Debug)]
@@ -102,6 +147,16 @@ pub fn wilson(successes: u64, trials: u64) -> Rate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arm_tallies_count_since_the_baseline_and_never_go_negative() {
+        let arm = Arm::new("v1", "control");
+        let then: ArmCounts = [(arm.clone(), ArmTally { impressions: 10, clicks: 2 })].into();
+        let now: ArmCounts = [(arm.clone(), ArmTally { impressions: 25, clicks: 5 })].into();
+        assert_eq!(arm_since(&now, &then, &arm), ArmTally { impressions: 15, clicks: 3 });
+        assert_eq!(arm_since(&then, &now, &arm), ArmTally::default());
+        assert_eq!(arm_since(&now, &then, &Arm::new("v2", "canary")), ArmTally::default());
+    }
 
     #[test]
     fn windows_forget_old_buckets() {

@@ -1,0 +1,158 @@
+//! A/B experiments between two registry versions: `a` serves the rest, `b` its share of users
+//! by the same stable split as the canary; an experiment ends by promoting `b` or by a stop that
+//! leaves `a` serving.
+
+use std::sync::Arc;
+
+use super::replies::{ExperimentArms, ExperimentStarted, NowServing};
+use actix::prelude::*;
+use serde::Serialize;
+
+use super::{LoopStep, Phase, TrainerActor, TrainerError, Variant};
+use crate::actors::model::{EndChallenger, StartChallenger, SwapModel};
+use crate::actors::monitor::{ArmCounts, GetCounts};
+use crate::event::now_ms;
+use crate::models::Recommender;
+
+#[derive(Message, Debug)]
+#[rtype(result = "Result<ExperimentStarted, TrainerError>")]
+pub struct StartExperiment {
+    pub a: String,
+    pub b: String,
+    pub share: f64,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "Result<NowServing, TrainerError>")]
+pub struct StopExperiment;
+
+/// An arm of an experiment: a registry name and the version it holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NamedVersion {
+    pub name: String,
+    pub version: String,
+}
+
+pub(super) struct ExperimentState {
+    pub(super) a: NamedVersion,
+    pub(super) b: NamedVersion,
+    pub(super) share: f64,
+    pub(super) started_at_ms: i64,
+    pub(super) baseline: ArmCounts,
+}
+
+impl TrainerActor {
+    pub(super) fn stop_experiment(
+        &mut self,
+        why: &str,
+    ) -> impl ActorFuture<Self, Output = Result<NowServing, TrainerError>> + 'static {
+        let why = why.to_owned();
+        let ended = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Experiment(e) => Some(e),
+            other => {
+                self.phase = other;
+                None
+            }
+        };
+        let done = self.model.send(EndChallenger { promote: false });
+        done.into_actor(self).map(move |_, act, _| {
+            let Some(e) = ended else {
+                return Err(TrainerError::NoExperiment);
+            };
+            act.metrics.set_challenger_share(0.0);
+            act.record(
+                LoopStep::ExperimentStopped,
+                None,
+                Some(&e.a.version),
+                format!("{why}; a ({}) keeps serving", e.a.name),
+            );
+            Ok(NowServing { serving: e.a.version, name: Some(e.a.name) })
+        })
+    }
+}
+
+impl Handler<StartExperiment> for TrainerActor {
+    type Result = ResponseActFuture<Self, Result<ExperimentStarted, TrainerError>>;
+
+    fn handle(&mut self, msg: StartExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if !matches!(self.phase, Phase::Idle) {
+            return Box::pin(fut::ready(Err(TrainerError::Busy {
+                action: "start an experiment",
+                phase: self.loop_phase(),
+            })));
+        }
+        if !(msg.share > 0.0 && msg.share < 1.0) || msg.a == msg.b {
+            return Box::pin(fut::ready(Err(TrainerError::InvalidExperiment)));
+        }
+        let load = self.load_versions(vec![msg.a.clone(), msg.b.clone()]);
+        Box::pin(load.into_actor(self).then(move |loaded, act, _| {
+            let step: actix::fut::LocalBoxActorFuture<Self, Result<ExperimentStarted, TrainerError>> = match loaded {
+                Err(error) => Box::pin(fut::ready(Err(error))),
+                Ok(_) if !matches!(act.phase, Phase::Idle) => Box::pin(fut::ready(Err(TrainerError::BecameBusy))),
+                Ok(mut models) => {
+                    let b = models.pop().expect("two loaded");
+                    let a = models.pop().expect("two loaded");
+                    let (a_version, b_version) = (a.version().to_owned(), b.version().to_owned());
+                    let (model, monitor) = (act.model.clone(), act.monitor.clone());
+                    let swap_a = act.serving_name.as_deref() != Some(msg.a.as_str());
+                    let share = msg.share;
+                    let salt = now_ms() as u64;
+                    let steps = async move {
+                        let displaced = if swap_a {
+                            model.send(SwapModel { model: Box::new(a) }).await.ok().flatten()
+                        } else {
+                            None
+                        };
+                        let _ = model
+                            .send(StartChallenger {
+                                model: Box::new(b),
+                                variant: Arc::from(Variant::B.as_str()),
+                                control_variant: Arc::from(Variant::A.as_str()),
+                                share,
+                                salt,
+                            })
+                            .await;
+                        (displaced, monitor.send(GetCounts).await.unwrap_or_default())
+                    };
+                    Box::pin(steps.into_actor(act).map(move |(displaced, baseline), act, _| {
+                        if swap_a {
+                            act.adopt(msg.a.clone(), displaced);
+                        }
+                        act.metrics.set_challenger_share(share);
+                        act.record(
+                            LoopStep::ExperimentStarted,
+                            None,
+                            Some(&b_version),
+                            format!(
+                                "a = {} ({a_version}), b = {} ({b_version}) on {:.0} % of users",
+                                msg.a,
+                                msg.b,
+                                share * 100.0
+                            ),
+                        );
+                        act.phase = Phase::Experiment(ExperimentState {
+                            a: NamedVersion { name: msg.a.clone(), version: a_version },
+                            b: NamedVersion { name: msg.b.clone(), version: b_version },
+                            share,
+                            started_at_ms: now_ms(),
+                            baseline,
+                        });
+                        Ok(ExperimentStarted { started: ExperimentArms { a: msg.a, b: msg.b, share } })
+                    }))
+                }
+            };
+            step
+        }))
+    }
+}
+
+impl Handler<StopExperiment> for TrainerActor {
+    type Result = ResponseActFuture<Self, Result<NowServing, TrainerError>>;
+
+    fn handle(&mut self, _msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if !matches!(self.phase, Phase::Experiment(_)) {
+            return Box::pin(fut::ready(Err(TrainerError::NoExperiment)));
+        }
+        Box::pin(self.stop_experiment("stopped by an operator"))
+    }
+}

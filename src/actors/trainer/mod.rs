@@ -1,0 +1,543 @@
+//! `TrainerActor`: closes the loop from drift to a new serving version.
+//!
+//! 1. Triggers: `Retrain { reason }` from the monitor (drift or a CTR drop), a schedule
+//!    (`trainer.schedule_secs`), or `POST /v1/admin/retrain`. While a run is training or its
+//!    canary is being judged, further triggers are folded into it (counted, not queued).
+//!    After a drift alarm the run waits for `trainer.fresh_events` new events first, so that the
+//!    window holds the new behaviour.
+//! 2. Training: a snapshot of the retained event log's window becomes a dataset; a sequential
+//!    model is trained on it on a thread of its own (serving goes on), warm-started from the
+//!    serving version's weights when that version is a registry version.
+//! 3. Gate: candidate and incumbent rank the whole catalogue for every user's held-out last
+//!    interaction; the candidate must beat the incumbent's NDCG@10 by `trainer.gate_min_gain`.
+//!    When the serving model learns online it has already seen the held-out part, so the
+//!    yardstick is then popularity over the same training window (the canary judges the rest).
+//! 4. Canary: a version that passes serves `rollout.canary_share` of users (stable hash). Once
+//!    both arms have `rollout.min_impressions` impressions since the canary started, a
+//!    two-proportion test on CTR decides: rolled back when the canary is worse by more than
+//!    `rollout.z_threshold`, promoted otherwise. No verdict within `rollout.max_secs`: rolled back.
+//! 5. Promotion: the canary serves everyone, `serving.json` in the registry names it (a restart
+//!    comes back with it), and the monitor takes its training window as the drift reference.
+//!    The displaced model is kept for an instant manual rollback.
+//!
+//! A/B experiments between two registry versions use the same split and report per-variant CTR
+//! with 95 % intervals; they end by promotion of `b` or by a stop that leaves `a` serving.
+//!
+//! Mailbox: default capacity (admin requests and a few triggers). Restart policy: none; losing
+//! the actor would lose the loop's state, so every step is also logged and counted.
+//!
+//! Where the parts live: this file holds the actor, its messages, triggers and loop state;
+//! `rollout` the canary verdict, promotion and rollback; `experiments` the A/B experiments;
+//! `history` the run records and steps; `view` the typed state the admin API shows; `replies`
+//! the answers to an operator's requests.
+//! The training job itself (window, training, gate) is `models::retrain::Job`, run on a thread.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use super::model::{ModelActor, StartChallenger, CONTROL};
+use super::monitor::{GetCounts, MonitorActor, Retrain};
+use crate::catalog::Catalog;
+use crate::config::{RolloutConfig, TrainerConfig};
+use crate::event::now_ms;
+use crate::eventlog::EventLog;
+use crate::models::registry;
+use crate::models::retrain::{Candidate, Job, RetrainError, SavedCandidate};
+use crate::models::sequential::SequentialModel;
+use crate::models::Recommender;
+use crate::telemetry::Metrics;
+
+mod experiments;
+mod history;
+mod replies;
+mod rollout;
+mod view;
+
+pub use crate::models::retrain::Drill;
+use experiments::ExperimentState;
+pub use experiments::{NamedVersion, StartExperiment, StopExperiment};
+pub use history::{HistoryEntry, LoopStep, RunOutcome, RunRecord};
+pub use replies::{ExperimentArms, ExperimentStarted, NowServing, Promoted, RolledBack};
+use rollout::CanaryState;
+pub use rollout::{Promote, Rollback};
+pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, TrainingView, VersionRef};
+
+/// Where a retraining request came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerSource {
+    Monitor,
+    Schedule,
+    Admin,
+}
+
+/// A retraining request from an operator (or the schedule).
+#[derive(Message, Debug)]
+#[rtype(result = "Result<RetrainAck, TrainerError>")]
+pub struct RequestRetrain {
+    pub reason: String,
+    pub source: TriggerSource,
+    pub drill: Drill,
+    /// Drills only: send the candidate to canary even if the gate rejects it.
+    pub skip_gate: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrainAck {
+    pub run: u64,
+    /// The request joined a run already in progress.
+    pub coalesced: bool,
+}
+
+/// Why the loop refused or failed an operator's request. The wording is the loop's own; the HTTP
+/// layer chooses the status, the code and any route to suggest.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error("retraining is disabled (trainer.enabled = false)")]
+    Disabled,
+    #[error("an experiment is running; stop it before retraining")]
+    ExperimentRunning,
+    #[error("no canary or experiment to promote; name a version to promote")]
+    NothingToPromote,
+    /// Another step of the loop is in progress (`phase` names it).
+    #[error("cannot {action} while {phase}")]
+    Busy { action: &'static str, phase: LoopPhase },
+    #[error("the loop became busy meanwhile")]
+    BecameBusy,
+    #[error("nothing to roll back: no canary, no experiment, and no earlier version kept since start")]
+    NothingToRollBack,
+    #[error("no experiment is running")]
+    NoExperiment,
+    #[error("an experiment needs two different versions and a share of users for b strictly between 0 and 1")]
+    InvalidExperiment,
+    /// The version asked for is not in the registry (or its name is not a valid one).
+    #[error(transparent)]
+    Version(registry::RegistryError),
+    /// The version is in the registry but cannot be loaded.
+    #[error(transparent)]
+    Unreadable(registry::RegistryError),
+    /// The loading thread stopped before it answered.
+    #[error("loading stopped: {0}")]
+    LoadStopped(String),
+}
+
+/// The state of the loop, for `GET /v1/admin/models` and `GET /v1/admin/experiments`.
+#[derive(Message, Debug)]
+#[rtype(result = "LoopState")]
+pub struct GetLoopState;
+
+/// A training run finished (on its thread).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct TrainingDone {
+    run: u64,
+    result: Result<Candidate, RetrainError>,
+}
+
+/// The experiment variants the loop names in the traffic split (their wire form is a string).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Users outside any canary or experiment, and the incumbent's arm of a canary.
+    Control,
+    Canary,
+    /// The arms of an A/B experiment.
+    A,
+    B,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Control => CONTROL,
+            Variant::Canary => "canary",
+            Variant::A => "a",
+            Variant::B => "b",
+        }
+    }
+}
+
+enum Phase {
+    Idle,
+    /// A drift alarm came in; the run starts once `from + fresh_events` events are logged.
+    Waiting {
+        run: u64,
+        from: u64,
+        request: RequestRetrain,
+    },
+    Training {
+        run: u64,
+    },
+    Canary(CanaryState),
+    Experiment(ExperimentState),
+}
+
+/// What the loop is doing, as the admin view and the loop's refusals name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoopPhase {
+    Idle,
+    /// A drift alarm came in; the run waits for fresh events.
+    WaitingForData,
+    Training,
+    Canary,
+    Experiment,
+}
+
+impl std::fmt::Display for LoopPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoopPhase::Idle => "idle",
+            LoopPhase::WaitingForData => "waiting_for_data",
+            LoopPhase::Training => "training",
+            LoopPhase::Canary => "canary",
+            LoopPhase::Experiment => "experiment",
+        })
+    }
+}
+
+/// The model displaced by the last promotion, kept for an instant rollback.
+struct Kept {
+    model: Box<dyn Recommender>,
+    /// Its registry name (none for the online model).
+    name: Option<String>,
+}
+
+pub struct TrainerActor {
+    config: TrainerConfig,
+    rollout: RolloutConfig,
+    registry_dir: PathBuf,
+    monitor_window_secs: u64,
+    catalog: Arc<Catalog>,
+    log: Arc<EventLog>,
+    model: Addr<ModelActor>,
+    monitor: Addr<MonitorActor>,
+    metrics: Arc<Metrics>,
+    phase: Phase,
+    /// Registry name of the version serving everyone (none for the online model).
+    serving_name: Option<String>,
+    /// The model displaced by the last promotion, and its registry name.
+    previous: Option<Kept>,
+    next_run: u64,
+    runs: VecDeque<RunRecord>,
+    history: VecDeque<HistoryEntry>,
+    checking: bool,
+}
+
+impl TrainerActor {
+    #[allow(clippy::too_many_arguments)] // the loop's collaborators, each distinct
+    pub fn new(
+        config: &crate::config::Config,
+        catalog: Arc<Catalog>,
+        log: Arc<EventLog>,
+        model: Addr<ModelActor>,
+        monitor: Addr<MonitorActor>,
+        metrics: Arc<Metrics>,
+        serving_name: Option<String>,
+    ) -> Self {
+        Self {
+            config: config.trainer.clone(),
+            rollout: config.rollout.clone(),
+            registry_dir: config.model.registry_dir.clone(),
+            monitor_window_secs: config.monitor.window_secs,
+            catalog,
+            log,
+            model,
+            monitor,
+            metrics,
+            phase: Phase::Idle,
+            serving_name,
+            previous: None,
+            next_run: 1,
+            runs: VecDeque::new(),
+            history: VecDeque::new(),
+            checking: false,
+        }
+    }
+
+    fn loop_phase(&self) -> LoopPhase {
+        match self.phase {
+            Phase::Idle => LoopPhase::Idle,
+            Phase::Waiting { .. } => LoopPhase::WaitingForData,
+            Phase::Training { .. } => LoopPhase::Training,
+            Phase::Canary(_) => LoopPhase::Canary,
+            Phase::Experiment(_) => LoopPhase::Experiment,
+        }
+    }
+
+    fn trigger(&mut self, request: RequestRetrain, ctx: &mut Context<Self>) -> Result<RetrainAck, TrainerError> {
+        match request.source {
+            TriggerSource::Monitor => self.metrics.trainer_triggers_monitor.inc(),
+            TriggerSource::Schedule => self.metrics.trainer_triggers_schedule.inc(),
+            TriggerSource::Admin => self.metrics.trainer_triggers_admin.inc(),
+        }
+        if !self.config.enabled {
+            self.record(LoopStep::TriggerIgnored, None, None, format!("{} (trainer.enabled = false)", request.reason));
+            return Err(TrainerError::Disabled);
+        }
+        let running = match &self.phase {
+            Phase::Training { run } | Phase::Waiting { run, .. } => Some(*run),
+            Phase::Canary(canary) => Some(canary.run),
+            Phase::Experiment(_) => return Err(TrainerError::ExperimentRunning),
+            Phase::Idle => None,
+        };
+        if let Some(run) = running {
+            self.metrics.trainer_coalesced.inc();
+            if let Some(record) = self.run_mut(run) {
+                record.reasons.push(request.reason.clone());
+                record.sources.push(request.source);
+            }
+            self.record(LoopStep::TriggerCoalesced, Some(run), None, request.reason);
+            return Ok(RetrainAck { run, coalesced: true });
+        }
+        let run = self.next_run;
+        self.next_run += 1;
+        if request.source == TriggerSource::Monitor && self.config.fresh_events > 0 {
+            self.push_run(run, &request, RunOutcome::WaitingForData);
+            self.record(
+                LoopStep::WaitingForData,
+                Some(run),
+                None,
+                format!("{}; training after {} new events", request.reason, self.config.fresh_events),
+            );
+            self.phase = Phase::Waiting { run, from: self.log.appended(), request };
+        } else {
+            self.start_training(run, request, ctx);
+        }
+        Ok(RetrainAck { run, coalesced: false })
+    }
+
+    /// Starts a waiting run once enough new events are in.
+    fn check_waiting(&mut self, ctx: &mut Context<Self>) {
+        let ready = matches!(&self.phase, Phase::Waiting { from, .. } if self.log.appended() >= from + self.config.fresh_events);
+        if !ready {
+            return;
+        }
+        if let Phase::Waiting { run, request, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
+            self.start_training(run, request, ctx);
+        }
+    }
+
+    fn start_training(&mut self, run: u64, request: RequestRetrain, ctx: &mut Context<Self>) {
+        let events = self.log.snapshot(now_ms());
+        if self.run_mut(run).is_none() {
+            self.push_run(run, &request, RunOutcome::Training);
+        }
+        if let Some(record) = self.run_mut(run) {
+            record.outcome = RunOutcome::Training;
+            record.events = Some(events.len());
+        }
+        self.record(
+            LoopStep::TrainingStarted,
+            Some(run),
+            None,
+            format!("{} ({} events in the window)", request.reason, events.len()),
+        );
+        self.phase = Phase::Training { run };
+        let job = Job {
+            run,
+            events,
+            catalog: self.catalog.clone(),
+            config: self.config.clone(),
+            registry_dir: self.registry_dir.clone(),
+            serving_path: self.serving_name.as_ref().map(|n| self.registry_dir.join(n)),
+            drill: request.drill,
+            skip_gate: request.skip_gate,
+            reference_secs: self.monitor_window_secs,
+        };
+        let addr = ctx.address();
+        let spawned = std::thread::Builder::new().name("liverec-trainer".into()).spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()))
+                .unwrap_or_else(|_| Err(RetrainError::Panicked));
+            addr.do_send(TrainingDone { run, result });
+        });
+        if let Err(error) = spawned {
+            ctx.notify(TrainingDone { run, result: Err(RetrainError::NoThread(error)) });
+        }
+    }
+
+    fn finish_training(&mut self, run: u64, result: Result<Candidate, RetrainError>, ctx: &mut Context<Self>) {
+        self.phase = Phase::Idle;
+        let candidate = match result {
+            Ok(candidate) => candidate,
+            Err(error) => {
+                let error = error.to_string();
+                self.metrics.trainer_runs_failed.inc();
+                if let Some(record) = self.run_mut(run) {
+                    record.outcome = RunOutcome::Failed;
+                    record.detail = Some(error.clone());
+                }
+                self.record(LoopStep::TrainingFailed, Some(run), None, error);
+                return;
+            }
+        };
+        self.metrics.trainer_training_seconds.observe(candidate.seconds);
+        if let Some(record) = self.run_mut(run) {
+            record.seconds = Some(candidate.seconds);
+            record.events = Some(candidate.events);
+            record.users = Some(candidate.users);
+            record.cases = Some(candidate.cases);
+            record.candidate_ndcg10 = Some(candidate.candidate_ndcg);
+            record.incumbent_ndcg10 = Some(candidate.incumbent_ndcg);
+            record.yardstick = Some(candidate.yardstick.clone());
+            record.warm_started = Some(candidate.warm_started);
+            record.name = candidate.saved.as_ref().map(|saved| saved.name.clone());
+            record.version = candidate.saved.as_ref().map(|saved| saved.version.clone());
+        }
+        let verdict = format!(
+            "NDCG@10 {:.4} vs {:.4} ({}) on {} held-out interactions",
+            candidate.candidate_ndcg, candidate.incumbent_ndcg, candidate.yardstick, candidate.cases
+        );
+        if candidate.gate.passed() {
+            self.metrics.trainer_runs_passed.inc();
+            self.record(
+                LoopStep::GatePassed,
+                Some(run),
+                candidate.saved.as_ref().map(|saved| saved.version.as_str()),
+                verdict.clone(),
+            );
+        } else {
+            self.metrics.trainer_runs_rejected.inc();
+            self.record(LoopStep::GateRejected, Some(run), None, verdict.clone());
+        }
+        let Some(SavedCandidate { model, name, version }) = candidate.saved else {
+            if let Some(record) = self.run_mut(run) {
+                record.outcome = RunOutcome::Rejected;
+                record.detail = Some(verdict);
+            }
+            return;
+        };
+        if !candidate.gate.passed() {
+            self.record(
+                LoopStep::GateSkipped,
+                Some(run),
+                Some(&version),
+                "drill: sent to canary despite the gate".into(),
+            );
+        }
+        if let Some(record) = self.run_mut(run) {
+            record.outcome = RunOutcome::Canary;
+        }
+        let share = self.rollout.canary_share.clamp(0.0, 1.0);
+        let start = StartChallenger {
+            model: Box::new(model),
+            variant: Arc::from(Variant::Canary.as_str()),
+            control_variant: Arc::from(Variant::Control.as_str()),
+            share,
+            salt: run,
+        };
+        let (model_addr, monitor) = (self.model.clone(), self.monitor.clone());
+        let started = async move {
+            let incumbent = model_addr.send(super::model::CurrentVersion).await.ok().map(|t| t.control.version);
+            let _ = model_addr.send(start).await;
+            let baseline = monitor.send(GetCounts).await.unwrap_or_default();
+            (incumbent.unwrap_or_default(), baseline)
+        };
+        ctx.wait(started.into_actor(self).map(move |(incumbent, baseline), act, _ctx| {
+            act.metrics.rollout_canaries.inc();
+            act.metrics.set_challenger_share(share);
+            act.record(
+                LoopStep::CanaryStarted,
+                Some(run),
+                Some(&version),
+                format!("serving {:.0} % of users against {incumbent}", share * 100.0),
+            );
+            act.phase = Phase::Canary(CanaryState {
+                run,
+                name,
+                version,
+                incumbent,
+                started: Instant::now(),
+                started_at_ms: now_ms(),
+                share,
+                baseline,
+                reference: candidate.reference,
+            });
+        }));
+    }
+
+    /// Loads registry versions off the actor's thread.
+    fn load_versions(
+        &self,
+        names: Vec<String>,
+    ) -> impl std::future::Future<Output = Result<Vec<SequentialModel>, TrainerError>> + 'static {
+        let (dir, catalog) = (self.registry_dir.clone(), self.catalog.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                names
+                    .iter()
+                    .map(|name| {
+                        let path = registry::resolve(&dir, name).map_err(TrainerError::Version)?;
+                        registry::load(&path, &catalog).map_err(TrainerError::Unreadable)
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(|e| TrainerError::LoadStopped(e.to_string()))?
+        }
+    }
+}
+
+impl Actor for TrainerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_millis(self.rollout.check_interval_ms.max(50)), |act, ctx| {
+            act.check_waiting(ctx);
+            act.check_canary(ctx);
+        });
+        if self.config.schedule_secs > 0 {
+            ctx.run_interval(Duration::from_secs(self.config.schedule_secs), |act, ctx| {
+                if matches!(act.phase, Phase::Idle) {
+                    let request = RequestRetrain {
+                        reason: "schedule".into(),
+                        source: TriggerSource::Schedule,
+                        drill: Drill::None,
+                        skip_gate: false,
+                    };
+                    let _ = act.trigger(request, ctx);
+                }
+            });
+        }
+    }
+}
+
+impl Handler<Retrain> for TrainerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Retrain, ctx: &mut Self::Context) {
+        let request =
+            RequestRetrain { reason: msg.reason, source: TriggerSource::Monitor, drill: Drill::None, skip_gate: false };
+        let _ = self.trigger(request, ctx);
+    }
+}
+
+impl Handler<RequestRetrain> for TrainerActor {
+    type Result = Result<RetrainAck, TrainerError>;
+
+    fn handle(&mut self, msg: RequestRetrain, ctx: &mut Self::Context) -> Self::Result {
+        self.trigger(msg, ctx)
+    }
+}
+
+impl Handler<TrainingDone> for TrainerActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TrainingDone, ctx: &mut Self::Context) {
+        self.finish_training(msg.run, msg.result, ctx);
+    }
+}
+
+impl Handler<GetLoopState> for TrainerActor {
+    type Result = ResponseActFuture<Self, LoopState>;
+
+    fn handle(&mut self, _msg: GetLoopState, _ctx: &mut Self::Context) -> Self::Result {
+        Box::pin(
+            self.monitor.send(GetCounts).into_actor(self).map(|counts, act, _| act.state(&counts.unwrap_or_default())),
+        )
+    }
+}
