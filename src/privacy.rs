@@ -9,8 +9,8 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::event::UserId;
 use crate::config::PrivacyConfig;
+use crate::event::UserId;
 
 #[derive(Debug, thiserror::Error)]
 #[error("privacy.salt must be at least 32 characters when privacy.pseudonymize is on")]

@@ -387,7 +387,13 @@ async fn start_bus(
         }
         BusKind::Kafka => {
             let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
-            let registry = SessionRegistry::with_mode(deps, handles.clone(), Arc::new(session::start), true, Some(Arc::new(fanout_tx)));
+            let registry = SessionRegistry::with_mode(
+                deps,
+                handles.clone(),
+                Arc::new(session::start),
+                true,
+                Some(Arc::new(fanout_tx)),
+            );
             let delivering = registry.clone();
             threads.io.handle().spawn(RedisFanout::run(
                 config.redis.url.clone(),

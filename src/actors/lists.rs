@@ -11,9 +11,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::messages::{RecFilters, SessionError};
-use super::model::{user_hash, Recommend, ScoredList};
+use super::model::{Recommend, ScoredList};
 use super::monitor::Impression;
 use super::SessionDeps;
+use crate::bus::user_hash;
 use crate::catalog::ItemIdx;
 use crate::event::{now_ms, Context as EventContext, EventId, ItemId};
 use crate::models::{HistoryItem, ScoreRequest};

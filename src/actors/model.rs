@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::catalog::Catalog;
 use crate::models::{Observation, Recommender, ScoreRequest, Scored};
+use crate::recs::CONTROL;
 use crate::telemetry::Metrics;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,15 +43,10 @@ pub struct ScoredList {
 #[rtype(result = "Result<ScoredList, ModelError>")]
 pub struct Recommend {
     pub request: ScoreRequest,
-    /// [`user_hash`] of the user: decides which variant serves them while a canary or an
+    /// [`crate::bus::user_hash`] of the user: decides which variant serves them while a canary or an
     /// experiment runs.
     pub user: u64,
 }
-
-pub use crate::recs::CONTROL;
-
-/// The one stable user hash (FNV-1a), shared with the bus's partitioning.
-pub use crate::bus::user_hash;
 
 /// Where a user falls in `[0, 1)` for the split salted with `salt` (a new salt reshuffles who
 /// is in which variant, so consecutive canaries do not always hit the same users).
@@ -493,6 +489,7 @@ impl Handler<CurrentVersion> for InferenceWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::user_hash;
     use crate::event::ItemId;
 
     /// A model that ranks item 0 first and reports a fixed version.

@@ -266,7 +266,7 @@ impl MonitorActor {
         if let Some(t) = self
             .variants
             .iter()
-            .filter(|((_, variant), _)| &**variant == crate::actors::model::CONTROL)
+            .filter(|((_, variant), _)| &**variant == crate::recs::CONTROL)
             .map(|(_, window)| VariantBucket::sum(window))
             .max_by_key(|t| t.impressions)
         {

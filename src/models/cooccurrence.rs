@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 
-
 use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, Categories, CategoryIdx, ItemIdx};
 use crate::config::CoocConfig;

@@ -19,10 +19,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics};
 use super::data::{Dataset, DatasetBuilder, Split};
 use super::registry;
 use super::sasrec::Config as NetConfig;
-use super::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, SequentialModel};
+use super::sequential::SequentialModel;
 use super::train::{train_from, TrainConfig, TrainFile};
 use super::{HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemIdx};
@@ -261,7 +262,7 @@ pub enum RetrainError {
     Training(#[from] super::train::TrainError),
     /// The candidate could not be written to the registry (nothing half-written is left).
     #[error(transparent)]
-    Save(#[from] super::sequential::ModelFileError),
+    Save(#[from] super::artifact::ModelFileError),
     #[error("the training thread panicked; see the log")]
     Panicked,
     #[error("cannot start the training thread: {0}")]
@@ -520,8 +521,8 @@ mod gate_tests {
     use super::*;
     use crate::event::{EventId, UserId};
     use crate::eventlog::Interaction;
+    use crate::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
     use crate::models::sasrec::Config as NetConfig;
-    use crate::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
     use crate::models::train::{train_from, TrainConfig, TrainFile};
 
     /// The gate scores the serving version as loaded from the registry: it must rank the held-out

@@ -28,11 +28,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-// The artifact types were declared here before; the trainer still names them by this path.
-pub use super::artifact::{
-    rfc3339, DataWindow, Manifest, ModelFileError, Popularity, SavedMetrics, SavedModel, ServeConfig, TrainingSummary,
-    Vocab, FORMAT, MANIFEST_FILE, VOCAB_FILE, WEIGHTS_FILE,
-};
+use super::artifact::{Manifest, ModelFileError, SavedModel, ServeConfig, Vocab};
 use super::sasrec::{
     feedback_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
 };
@@ -544,6 +540,7 @@ mod tests {
     use super::*;
     use crate::catalog::ItemAttributes;
     use crate::event::{Context, EventType};
+    use crate::models::artifact::{rfc3339, DataWindow, Popularity, SavedMetrics, TrainingSummary};
     use std::sync::Arc;
 
     fn vocab() -> Vocab {

@@ -3,9 +3,9 @@
 use std::path::Path;
 
 use liverec::config::ModelKind;
+use liverec::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
 use liverec::models::data::{DatasetBuilder, Split};
 use liverec::models::sasrec::Config as NetConfig;
-use liverec::models::sequential::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
 use liverec::models::train::{train, TrainConfig, TrainFile};
 use serde_json::json;
 

@@ -27,10 +27,11 @@ use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
     SessionError, Snapshot, TakeHistory,
 };
-use super::model::{user_hash, Observe, Recommend, ScoredList};
+use super::model::{Observe, Recommend, ScoredList};
 use super::monitor::Activity;
 use super::registry::{SessionHandle, SessionRegistry, UserHub};
 use super::SessionDeps;
+use crate::bus::user_hash;
 use crate::catalog::ItemIdx;
 use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
 use crate::eventlog::LoggedEvent;

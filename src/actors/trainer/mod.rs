@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde::Serialize;
 
-use super::model::{ModelActor, StartChallenger, CONTROL};
+use super::model::{ModelActor, StartChallenger};
 use super::monitor::{GetCounts, MonitorActor, Retrain};
 use crate::catalog::Catalog;
 use crate::config::{RolloutConfig, TrainerConfig};
@@ -50,6 +50,7 @@ use crate::models::registry;
 use crate::models::retrain::{Candidate, Job, RetrainError, SavedCandidate};
 use crate::models::sequential::SequentialModel;
 use crate::models::Recommender;
+use crate::recs::CONTROL;
 use crate::telemetry::Metrics;
 
 mod experiments;

@@ -179,8 +179,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::actors::model::CONTROL;
     use crate::monitor::drift::DriftReference;
+    use crate::recs::CONTROL;
 
     fn counts(entries: &[(&str, &str, u64, u64)]) -> ArmCounts {
         entries.iter().map(|&(v, a, n, c)| (Arm::new(v, a), ArmTally { impressions: n, clicks: c })).collect()
