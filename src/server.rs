@@ -489,7 +489,7 @@ fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
                 actix_web::middleware::ErrorHandlers::new()
                     .handler(actix_web::http::StatusCode::METHOD_NOT_ALLOWED, http::method_not_allowed),
             )
-            .wrap(actix_web::middleware::from_fn(http::limits::limit))
+            .wrap(actix_web::middleware::from_fn(http::middleware::limit))
             .wrap(http::cors(&cors_origins))
             .configure(http::configure)
             .default_service(web::to(http::not_found))

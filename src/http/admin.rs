@@ -9,8 +9,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Caller;
+use super::body::decode_json_body;
 use super::error::{ApiError, ErrorBody};
-use super::{decode_json_body, AppState};
+use super::state::AppState;
 use crate::actors::model::CurrentVersion;
 use crate::actors::trainer::{
     Drill, GetLoopState, Promote, RequestRetrain, Rollback, RunOutcome, StartExperiment, StopExperiment, TriggerSource,

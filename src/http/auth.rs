@@ -8,7 +8,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 
 use super::error::ApiError;
-use super::AppState;
+use super::state::AppState;
 use crate::auth::{AuthError, Principal, Role};
 use crate::event::{Event, UserId};
 

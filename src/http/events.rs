@@ -9,8 +9,9 @@ use serde::Serialize;
 use tracing::Instrument as _;
 
 use super::auth::Caller;
+use super::body::{decode_json, read_json_body};
 use super::error::{json_error, ApiError, ErrorBody};
-use super::{decode_json, read_json_body, AppState};
+use super::state::AppState;
 use crate::bus::EventBatch;
 use crate::event::{now_ms, Event, EventId, EventIn};
 use crate::telemetry::Counter;

@@ -3,8 +3,9 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::auth::Caller;
+use super::body::decode_json_body;
 use super::error::{ApiError, ErrorBody};
-use super::{decode_json_body, AppState};
+use super::state::AppState;
 use crate::auth::Role;
 use crate::catalog::{ItemAttributes, ItemView};
 use crate::event::{check_id, ItemId};

@@ -1,22 +1,18 @@
 //! Rate limits: a token bucket per client IP and one per credential (API key or stream token),
 //! both optional (`limits.per_ip_per_sec`, `limits.per_key_per_sec`; 0 turns one off). A request
 //! over either answers `429` with `Retry-After` and a JSON error; probes and scrapes
-//! (`/healthz`, `/readyz`, `/metrics`) are never limited.
+//! (`/healthz`, `/readyz`, `/metrics`) are never limited. The middleware that applies them is in
+//! `http::middleware`.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
-use actix_web::middleware::Next;
-use actix_web::{web, ResponseError};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use super::AppState;
 use crate::config::LimitsConfig;
 
 /// The buckets, shared by every worker.
@@ -45,7 +41,7 @@ impl Limiters {
     }
 
     /// `Err(seconds to wait)` when the request is over a limit.
-    fn check(&self, ip: Option<IpAddr>, credential: Option<&str>) -> Result<(), u64> {
+    pub fn check(&self, ip: Option<IpAddr>, credential: Option<&str>) -> Result<(), u64> {
         let wait = |not_until: governor::NotUntil<governor::clock::QuantaInstant>| {
             not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil().max(1.0) as u64
         };
@@ -98,27 +94,4 @@ impl Limiters {
         *open += 1;
         Ok(StreamSlot { streams: self.streams.clone(), ip: Some(ip) })
     }
-}
-
-/// The middleware: refuses requests over a limit before any handler runs.
-pub async fn limit(
-    req: ServiceRequest,
-    next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let path = req.path();
-    let exempt = matches!(path, "/healthz" | "/readyz" | "/metrics");
-    if !exempt {
-        if let Some(state) = req.app_data::<web::Data<AppState>>() {
-            let credential = super::auth::credential(req.request());
-            if let Err(seconds) = state.limiters.check(req.peer_addr().map(|a| a.ip()), credential.as_deref()) {
-                state.metrics.http_rate_limited.inc();
-                let error = ApiError {
-                    retry_after: Some(seconds),
-                    ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; slow down")
-                };
-                return Ok(req.into_response(error.error_response()).map_into_right_body());
-            }
-        }
-    }
-    next.call(req).await.map(ServiceResponse::map_into_left_body)
 }

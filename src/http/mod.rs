@@ -9,6 +9,7 @@ pub mod events;
 pub mod health;
 pub mod items;
 pub mod limits;
+pub mod middleware;
 
 /// CORS for pages served elsewhere (a dashboard, a shop front) that call the API: only the
 /// origins in `auth.allowed_origins` (`"*"`: any), with the credential headers liverec reads.
@@ -41,51 +42,14 @@ pub mod recommendations;
 pub mod stream;
 pub mod users;
 
-use std::sync::Arc;
+mod body;
+mod state;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use tokio::sync::watch;
 
-use crate::actors::registry::SessionRegistry;
-use crate::bus::EventBus;
-use crate::catalog::Catalog;
-use crate::config::Config;
-use crate::event::{check_id, UserId};
-use crate::store::ProfileStore;
-use crate::telemetry::Metrics;
+pub use body::{decode_json, decode_json_body, read_json_body};
 use error::ApiError;
-
-/// Everything handlers share.
-#[derive(Clone)]
-pub struct AppState {
-    pub monitor: actix::Addr<crate::actors::monitor::MonitorActor>,
-    pub trainer: actix::Addr<crate::actors::trainer::TrainerActor>,
-    /// Checks credentials (see `crate::auth`).
-    pub auth: Arc<crate::auth::Auth>,
-    /// Rate limits per IP and per credential.
-    pub limiters: Arc<limits::Limiters>,
-    pub config: Arc<Config>,
-    pub registry: Arc<SessionRegistry>,
-    /// User ids as liverec keeps them: every id that enters goes through it.
-    pub pseudonyms: Arc<crate::privacy::Pseudonyms>,
-    /// Recent applied events (the trainer's window), purged on erasure.
-    pub event_log: Arc<crate::eventlog::EventLog>,
-    pub bus: Arc<dyn EventBus>,
-    pub store: Arc<dyn ProfileStore>,
-    pub catalog: Arc<Catalog>,
-    pub metrics: Arc<Metrics>,
-    /// Becomes true when the server starts shutting down; streams close on it.
-    pub shutdown: watch::Receiver<bool>,
-}
-
-impl AppState {
-    /// Validates a user id taken from a path or a message.
-    pub fn user_id(&self, raw: &str, field: &str) -> Result<UserId, ApiError> {
-        check_id(field, raw, self.config.events.max_id_len)
-            .map_err(|e| ApiError::bad_request("invalid_user_id", e.message).with_field(e.field))?;
-        Ok(self.pseudonyms.user(raw))
-    }
-}
+pub use state::AppState;
 
 /// Registers every route and the JSON error handlers for extractors.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -135,73 +99,4 @@ pub async fn not_found(req: HttpRequest) -> HttpResponse {
         "not_found",
         format!("no route for {} {}", req.method(), req.path()),
     ))
-}
-
-/// Reads a request body up to `limit` bytes, answering 413 past it and 415 for a body that does
-/// not declare itself JSON.
-pub async fn read_json_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<web::Bytes, ApiError> {
-    use futures_util::StreamExt as _;
-    let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let is_json = content_type
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
-        .unwrap_or(false);
-    if !is_json {
-        return Err(ApiError::new(
-            actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send the body as application/json",
-        ));
-    }
-    let too_large = || {
-        ApiError::new(
-            actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body is larger than {limit} bytes"),
-        )
-    };
-    if let Some(length) = req
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if length > limit {
-            return Err(too_large());
-        }
-    }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
-}
-
-/// Reads and decodes a JSON request body into `T`: 415/413 as [`read_json_body`], 400 for bytes
-/// that are not JSON, 422 with the `invalid` code and the field for JSON of the wrong shape.
-pub async fn decode_json_body<T: serde::de::DeserializeOwned>(
-    req: &HttpRequest,
-    payload: web::Payload,
-    limit: usize,
-    invalid: &'static str,
-) -> Result<T, ApiError> {
-    let body = read_json_body(req, payload, limit).await?;
-    decode_json(&body, invalid)
-}
-
-/// Decodes a JSON body already read into `T`: 400 for bytes that are not JSON (or trailing data
-/// after the value), 422 with the `invalid` code and the field for JSON of the wrong shape.
-pub fn decode_json<T: serde::de::DeserializeOwned>(body: &[u8], invalid: &'static str) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| error::json_error(e, invalid))?;
-    de.end()
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON value: {e}")))?;
-    Ok(value)
 }

@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::state::AppState;
 use crate::actors::monitor::GetReport;
 use crate::auth::Role;
 

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::state::AppState;
 use crate::actors::lists::list_from_store;
 use crate::actors::messages::{GetRecommendations, RecFilters};
 use crate::event::{Device, ItemId};

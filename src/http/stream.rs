@@ -21,7 +21,7 @@ use tokio_stream::StreamMap;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::events::{decode_value, publish};
-use super::AppState;
+use super::state::AppState;
 use crate::actors::lists::list_from_store;
 use crate::actors::messages::{EnsureList, RecFilters};
 use crate::actors::registry::Subscription;

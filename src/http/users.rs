@@ -5,8 +5,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
+use super::body::decode_json_body;
 use super::error::{ApiError, ErrorBody};
-use super::{decode_json_body, AppState};
+use super::state::AppState;
 use crate::actors::messages::{MergeHistory, Snapshot, TakeHistory};
 use crate::auth::Role;
 use crate::event::UserId;

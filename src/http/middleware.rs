@@ -1,0 +1,33 @@
+//! The middleware every request passes before its handler: the rate limits of `http::limits`.
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
+use actix_web::{web, ResponseError};
+
+use super::error::ApiError;
+use super::state::AppState;
+
+/// Refuses requests over a rate limit before any handler runs; probes and scrapes are exempt.
+pub async fn limit(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let path = req.path();
+    let exempt = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if !exempt {
+        if let Some(state) = req.app_data::<web::Data<AppState>>() {
+            let credential = super::auth::credential(req.request());
+            if let Err(seconds) = state.limiters.check(req.peer_addr().map(|a| a.ip()), credential.as_deref()) {
+                state.metrics.http_rate_limited.inc();
+                let error = ApiError {
+                    retry_after: Some(seconds),
+                    ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests; slow down")
+                };
+                return Ok(req.into_response(error.error_response()).map_into_right_body());
+            }
+        }
+    }
+    next.call(req).await.map(ServiceResponse::map_into_left_body)
+}
