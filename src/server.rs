@@ -321,7 +321,7 @@ fn train_demo_model(config: Arc<Config>, catalog: Arc<Catalog>, trainer: Addr<Tr
                     seconds = started.elapsed().as_secs_f64(),
                     "demo sequential model trained; swapping it in"
                 );
-                trainer.do_send(actors::trainer::Promote {
+                trainer.do_send(actors::trainer::rollout::Promote {
                     name: path.file_name().map(|n| n.to_string_lossy().into_owned()),
                     reason: "demo model trained at start-up".into(),
                 });

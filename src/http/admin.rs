@@ -13,11 +13,13 @@ use super::body::decode_json_body;
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
 use crate::actors::model::CurrentVersion;
-use crate::actors::trainer::{
-    Drill, GetLoopState, Promote, RequestRetrain, Rollback, RunOutcome, StartExperiment, StopExperiment, TriggerSource,
-};
+use crate::actors::trainer::experiments::{StartExperiment, StopExperiment};
+use crate::actors::trainer::rollout::{Promote, Rollback};
+use crate::actors::trainer::state::{RequestRetrain, RunOutcome, TriggerSource};
+use crate::actors::trainer::view::GetLoopState;
 use crate::auth::Role;
 use crate::models::registry::{self, RegistryError};
+use crate::models::retrain::Drill;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/admin/models").route(web::get().to(models)))

@@ -7,7 +7,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::actors::messages::SessionError;
-use crate::actors::trainer::TrainerError;
+use crate::actors::trainer::state::TrainerError;
 use crate::bus::BusError;
 use crate::catalog::InvalidItem;
 use crate::event::InvalidEvent;

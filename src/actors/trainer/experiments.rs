@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use super::replies::{ExperimentArms, ExperimentStarted, NowServing};
 use actix::prelude::*;
-use serde::Serialize;
 
-use super::{LoopStep, Phase, TrainerActor, TrainerError, Variant};
+use super::state::{ExperimentState, LoopStep, NamedVersion, Phase, TrainerError, Variant};
+use super::TrainerActor;
 use crate::actors::model::{EndChallenger, StartChallenger, SwapModel};
-use crate::actors::monitor::{ArmCounts, GetCounts};
+use crate::actors::monitor::GetCounts;
 use crate::event::now_ms;
 use crate::models::Recommender;
 
@@ -25,21 +25,6 @@ pub struct StartExperiment {
 #[derive(Message, Debug)]
 #[rtype(result = "Result<NowServing, TrainerError>")]
 pub struct StopExperiment;
-
-/// An arm of an experiment: a registry name and the version it holds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NamedVersion {
-    pub name: String,
-    pub version: String,
-}
-
-pub(super) struct ExperimentState {
-    pub(super) a: NamedVersion,
-    pub(super) b: NamedVersion,
-    pub(super) share: f64,
-    pub(super) started_at_ms: i64,
-    pub(super) baseline: ArmCounts,
-}
 
 impl TrainerActor {
     pub(super) fn stop_experiment(

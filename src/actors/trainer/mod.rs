@@ -26,10 +26,11 @@
 //! Mailbox: default capacity (admin requests and a few triggers). Restart policy: none; losing
 //! the actor would lose the loop's state, so every step is also logged and counted.
 //!
-//! Where the parts live: this file holds the actor, its messages, triggers and loop state;
-//! `rollout` the canary verdict, promotion and rollback; `experiments` the A/B experiments;
-//! `history` the run records and steps; `view` the typed state the admin API shows; `replies`
-//! the answers to an operator's requests.
+//! Where the parts live: this file holds the actor, its triggers and the training run; `state`
+//! the loop's phase, its trigger messages and errors, variants and run records (what the other
+//! files share); `rollout` the canary verdict, promotion and rollback; `experiments` the A/B
+//! experiments; `history` recording runs and steps; `view` the typed state the admin API shows
+//! (`GetLoopState`); `replies` the answers to an operator's requests.
 //! The training job itself (window, training, gate) is `models::retrain::Job`, run on a thread.
 
 use std::collections::VecDeque;
@@ -38,7 +39,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde::Serialize;
 
 use super::model::{ModelActor, StartChallenger};
 use super::monitor::{GetCounts, MonitorActor, Retrain};
@@ -49,88 +49,22 @@ use crate::eventlog::EventLog;
 use crate::models::registry;
 use crate::models::retrain::{Candidate, Job, RetrainError, SavedCandidate};
 use crate::models::sequential::SequentialModel;
-use crate::models::Recommender;
-use crate::recs::CONTROL;
 use crate::telemetry::Metrics;
 
-mod experiments;
+// The files below add handlers and methods to the actor; this file names none of them, and
+// `state` holds what they share, so the trainer's files import one way.
+pub mod experiments;
 mod history;
-mod replies;
-mod rollout;
-mod view;
+pub mod replies;
+pub mod rollout;
+pub mod state;
+pub mod view;
 
-pub use crate::models::retrain::Drill;
-use experiments::ExperimentState;
-pub use experiments::{NamedVersion, StartExperiment, StopExperiment};
-pub use history::{HistoryEntry, LoopStep, RunOutcome, RunRecord};
-pub use replies::{ExperimentArms, ExperimentStarted, NowServing, Promoted, RolledBack};
-use rollout::CanaryState;
-pub use rollout::{Promote, Rollback};
-pub use view::{ArmView, CanaryView, ExperimentView, LoopSettings, LoopState, TrainingView, VersionRef};
-
-/// Where a retraining request came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TriggerSource {
-    Monitor,
-    Schedule,
-    Admin,
-}
-
-/// A retraining request from an operator (or the schedule).
-#[derive(Message, Debug)]
-#[rtype(result = "Result<RetrainAck, TrainerError>")]
-pub struct RequestRetrain {
-    pub reason: String,
-    pub source: TriggerSource,
-    pub drill: Drill,
-    /// Drills only: send the candidate to canary even if the gate rejects it.
-    pub skip_gate: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RetrainAck {
-    pub run: u64,
-    /// The request joined a run already in progress.
-    pub coalesced: bool,
-}
-
-/// Why the loop refused or failed an operator's request. The wording is the loop's own; the HTTP
-/// layer chooses the status, the code and any route to suggest.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainerError {
-    #[error("retraining is disabled (trainer.enabled = false)")]
-    Disabled,
-    #[error("an experiment is running; stop it before retraining")]
-    ExperimentRunning,
-    #[error("no canary or experiment to promote; name a version to promote")]
-    NothingToPromote,
-    /// Another step of the loop is in progress (`phase` names it).
-    #[error("cannot {action} while {phase}")]
-    Busy { action: &'static str, phase: LoopPhase },
-    #[error("the loop became busy meanwhile")]
-    BecameBusy,
-    #[error("nothing to roll back: no canary, no experiment, and no earlier version kept since start")]
-    NothingToRollBack,
-    #[error("no experiment is running")]
-    NoExperiment,
-    #[error("an experiment needs two different versions and a share of users for b strictly between 0 and 1")]
-    InvalidExperiment,
-    /// The version asked for is not in the registry (or its name is not a valid one).
-    #[error(transparent)]
-    Version(registry::RegistryError),
-    /// The version is in the registry but cannot be loaded.
-    #[error(transparent)]
-    Unreadable(registry::RegistryError),
-    /// The loading thread stopped before it answered.
-    #[error("loading stopped: {0}")]
-    LoadStopped(String),
-}
-
-/// The state of the loop, for `GET /v1/admin/models` and `GET /v1/admin/experiments`.
-#[derive(Message, Debug)]
-#[rtype(result = "LoopState")]
-pub struct GetLoopState;
+use self::state::{
+    CanaryState, HistoryEntry, Kept, LoopPhase, LoopStep, Phase, RequestRetrain, RetrainAck, RunOutcome, RunRecord,
+    TrainerError, TriggerSource, Variant,
+};
+use crate::models::retrain::Drill;
 
 /// A training run finished (on its thread).
 #[derive(Message)]
@@ -138,74 +72,6 @@ pub struct GetLoopState;
 struct TrainingDone {
     run: u64,
     result: Result<Candidate, RetrainError>,
-}
-
-/// The experiment variants the loop names in the traffic split (their wire form is a string).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    /// Users outside any canary or experiment, and the incumbent's arm of a canary.
-    Control,
-    Canary,
-    /// The arms of an A/B experiment.
-    A,
-    B,
-}
-
-impl Variant {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Variant::Control => CONTROL,
-            Variant::Canary => "canary",
-            Variant::A => "a",
-            Variant::B => "b",
-        }
-    }
-}
-
-enum Phase {
-    Idle,
-    /// A drift alarm came in; the run starts once `from + fresh_events` events are logged.
-    Waiting {
-        run: u64,
-        from: u64,
-        request: RequestRetrain,
-    },
-    Training {
-        run: u64,
-    },
-    Canary(CanaryState),
-    Experiment(ExperimentState),
-}
-
-/// What the loop is doing, as the admin view and the loop's refusals name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoopPhase {
-    Idle,
-    /// A drift alarm came in; the run waits for fresh events.
-    WaitingForData,
-    Training,
-    Canary,
-    Experiment,
-}
-
-impl std::fmt::Display for LoopPhase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LoopPhase::Idle => "idle",
-            LoopPhase::WaitingForData => "waiting_for_data",
-            LoopPhase::Training => "training",
-            LoopPhase::Canary => "canary",
-            LoopPhase::Experiment => "experiment",
-        })
-    }
-}
-
-/// The model displaced by the last promotion, kept for an instant rollback.
-struct Kept {
-    model: Box<dyn Recommender>,
-    /// Its registry name (none for the online model).
-    name: Option<String>,
 }
 
 pub struct TrainerActor {
@@ -530,15 +396,5 @@ impl Handler<TrainingDone> for TrainerActor {
 
     fn handle(&mut self, msg: TrainingDone, ctx: &mut Self::Context) {
         self.finish_training(msg.run, msg.result, ctx);
-    }
-}
-
-impl Handler<GetLoopState> for TrainerActor {
-    type Result = ResponseActFuture<Self, LoopState>;
-
-    fn handle(&mut self, _msg: GetLoopState, _ctx: &mut Self::Context) -> Self::Result {
-        Box::pin(
-            self.monitor.send(GetCounts).into_actor(self).map(|counts, act, _| act.state(&counts.unwrap_or_default())),
-        )
     }
 }

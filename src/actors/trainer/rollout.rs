@@ -1,18 +1,18 @@
 //! The canary and its verdict, promotion and rollback: how a version comes to serve everyone,
 //! and how the loop goes back to the one before.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 
 use super::replies::{NowServing, Promoted, RolledBack};
-use super::{Kept, LoopStep, NamedVersion, Phase, RunOutcome, TrainerActor, TrainerError, Variant};
+use super::state::{CanaryState, Kept, LoopStep, NamedVersion, Phase, RunOutcome, TrainerError, Variant};
+use super::TrainerActor;
 use crate::actors::model::{EndChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
 use crate::config::RolloutConfig;
 use crate::models::registry;
 use crate::models::Recommender;
-use crate::monitor::drift::DriftReference;
 use crate::monitor::two_proportion_z;
 use crate::monitor::{arm_since, Arm, ArmTally};
 
@@ -30,18 +30,6 @@ pub struct Promote {
 #[rtype(result = "Result<RolledBack, TrainerError>")]
 pub struct Rollback {
     pub reason: String,
-}
-
-pub(super) struct CanaryState {
-    pub(super) run: u64,
-    pub(super) name: String,
-    pub(super) version: String,
-    pub(super) incumbent: String,
-    pub(super) started: Instant,
-    pub(super) started_at_ms: i64,
-    pub(super) share: f64,
-    pub(super) baseline: ArmCounts,
-    pub(super) reference: DriftReference,
 }
 
 /// What the canary's figures say so far.

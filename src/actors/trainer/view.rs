@@ -4,11 +4,12 @@
 
 use serde::Serialize;
 
-use super::experiments::{ExperimentState, NamedVersion};
-use super::rollout::CanaryState;
-use super::{HistoryEntry, LoopPhase, Phase, RunRecord, TrainerActor, Variant};
+use super::state::{CanaryState, ExperimentState, HistoryEntry, LoopPhase, NamedVersion, Phase, RunRecord, Variant};
+use super::TrainerActor;
 use crate::actors::monitor::ArmCounts;
+use crate::actors::monitor::GetCounts;
 use crate::monitor::{arm_since, two_proportion_z, wilson, Arm, ArmTally, Rate};
+use actix::prelude::*;
 
 /// The state of the closed loop.
 #[derive(Debug, Clone, Serialize)]
@@ -169,6 +170,21 @@ impl TrainerActor {
                 max_secs: self.rollout.max_secs,
             },
         }
+    }
+}
+
+/// The state of the loop, for `GET /v1/admin/models` and `GET /v1/admin/experiments`.
+#[derive(Message, Debug)]
+#[rtype(result = "LoopState")]
+pub struct GetLoopState;
+
+impl Handler<GetLoopState> for TrainerActor {
+    type Result = ResponseActFuture<Self, LoopState>;
+
+    fn handle(&mut self, _msg: GetLoopState, _ctx: &mut Self::Context) -> Self::Result {
+        Box::pin(
+            self.monitor.send(GetCounts).into_actor(self).map(|counts, act, _| act.state(&counts.unwrap_or_default())),
+        )
     }
 }
 
