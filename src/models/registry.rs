@@ -90,20 +90,29 @@ pub fn resolve(dir: &Path, wanted: &str) -> Result<PathBuf, RegistryError> {
 /// newest directory (which may be a canary that was rolled back).
 pub const SERVING_FILE: &str = "serving.json";
 
+/// What `serving.json` holds.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ServingPointer {
+    /// The version's directory name.
+    name: String,
+    /// When it started serving (RFC 3339).
+    since: String,
+}
+
 /// The version recorded as serving, if any (and if it still exists).
 pub fn serving(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(SERVING_FILE)).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let name = value.get("name")?.as_str()?.to_owned();
-    manifest_of(&dir.join(&name)).is_some().then_some(name)
+    let pointer: ServingPointer = serde_json::from_str(&text).ok()?;
+    manifest_of(&dir.join(&pointer.name)).is_some().then_some(pointer.name)
 }
 
 /// Records `name` as the serving version (write to a temporary file, then rename).
 pub fn set_serving(dir: &Path, name: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{SERVING_FILE}.tmp"));
-    let body = serde_json::json!({ "name": name, "since": super::artifact::rfc3339(crate::event::now_ms() / 1000) });
-    std::fs::write(&tmp, body.to_string())?;
+    let pointer =
+        ServingPointer { name: name.to_owned(), since: super::artifact::rfc3339(crate::event::now_ms() / 1000) };
+    std::fs::write(&tmp, serde_json::to_string(&pointer).expect("two strings always serialise"))?;
     std::fs::rename(tmp, dir.join(SERVING_FILE))
 }
 

@@ -148,10 +148,6 @@ impl SequentialModel {
         self.item_index.get(id).copied()
     }
 
-    pub fn set_version(&mut self, version: String) {
-        self.version = version;
-    }
-
     /// Drops tensors derived from the weights; call after changing them.
     pub fn weights_changed(&mut self) {
         self.cache = None;
