@@ -12,6 +12,7 @@ use crate::bus::BusError;
 use crate::catalog::InvalidItem;
 use crate::event::InvalidEvent;
 use crate::models::registry::RegistryError;
+use crate::store::StoreError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -181,6 +182,13 @@ impl From<TrainerError> for ApiError {
                 model_unreadable(&error)
             }
         }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::warn!(error = %error, "profile store unavailable");
+        ApiError::unavailable("store_unavailable", "user profiles are temporarily unavailable", 2)
     }
 }
 

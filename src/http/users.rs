@@ -11,7 +11,7 @@ use super::state::AppState;
 use crate::actors::messages::{MergeHistory, Snapshot, TakeHistory};
 use crate::auth::Role;
 use crate::event::UserId;
-use crate::store::{ProfileUpdate, StoreError};
+use crate::store::ProfileUpdate;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/users/{user_id}/merge").route(web::post().to(merge)))
@@ -126,7 +126,7 @@ pub async fn merge(
 /// store (the append skips ids the user already has), then tell both owners to reload.
 async fn merge_through_store(state: &AppState, user: UserId, from: UserId) -> Result<HttpResponse, ApiError> {
     let store = &state.store;
-    let history = store.remove(&from).await.map_err(store_unavailable)?.unwrap_or_default();
+    let history = store.remove(&from).await?.unwrap_or_default();
     let moved = history.interactions.len();
     let update = ProfileUpdate {
         user_id: user.clone(),
@@ -138,11 +138,6 @@ async fn merge_through_store(state: &AppState, user: UserId, from: UserId) -> Re
     state.bus.notify_reload(&user).await?;
     state.bus.notify_reload(&from).await?;
     Ok(HttpResponse::Ok().json(Merged { user_id: user, from, moved, merged: None, duplicates: None }))
-}
-
-fn store_unavailable(error: StoreError) -> ApiError {
-    tracing::warn!(error = %error, "profile store unavailable");
-    ApiError::unavailable("store_unavailable", "user profiles are temporarily unavailable", 2)
 }
 
 /// Erases the user everywhere this instance keeps them: the session and its memory, every open
@@ -171,7 +166,7 @@ pub async fn erase(
     let user = state.user_id(&path, "user_id")?;
     let at = crate::event::now_ms();
     let mut closed = state.registry.erase(&user).await;
-    state.store.erase(&user, at).await.map_err(store_unavailable)?;
+    state.store.erase(&user, at).await?;
     // A session that started in between (an event raced the erasure) holds the old history.
     closed += state.registry.erase(&user).await;
     let events = state.event_log.remove_user(&user, at);
@@ -215,7 +210,7 @@ pub async fn export(
     };
     let profile = match session {
         Some(session) => session.snapshot.send(Snapshot).await?,
-        None => state.store.load(&user).await.map_err(store_unavailable)?.unwrap_or_default(),
+        None => state.store.load(&user).await?.unwrap_or_default(),
     };
     Ok(HttpResponse::Ok().json(Export { user_id: user, profile }))
 }
