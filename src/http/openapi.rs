@@ -25,7 +25,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         description = "A real-time recommendation server: post events, read and stream each user's \
                        recommendations as they change. Credentials: an API key or a per-user \
                        stream token, as `Authorization: Bearer`, `X-Api-Key` or `?access_token=` \
-                       (SECURITY.md). Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."
+                       (a stream token on GET only; SECURITY.md). Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."
     ),
     paths(
         events::post_events,
