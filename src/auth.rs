@@ -186,12 +186,20 @@ impl Auth {
 
     /// Who presents `credential` (an API key or a stream token), or `None` when none was given.
     pub fn identify(&self, credential: Option<&str>) -> Result<Principal, AuthError> {
+        self.identify_until(credential).map(|(principal, _)| principal)
+    }
+
+    /// [`Auth::identify`], with the moment a stream token expires (`None` for everything else):
+    /// a stream opened with a token closes then.
+    pub fn identify_until(&self, credential: Option<&str>) -> Result<(Principal, Option<SystemTime>), AuthError> {
         if !self.enabled {
-            return Ok(Principal::Open);
+            return Ok((Principal::Open, None));
         }
         let credential = credential.map(str::trim).filter(|c| !c.is_empty()).ok_or(AuthError::Missing)?;
         if credential.matches('.').count() == 2 {
-            return self.verify_token(credential).map(Principal::User);
+            let claims = self.verify_claims(credential)?;
+            let expires = UNIX_EPOCH + std::time::Duration::from_secs(claims.exp);
+            return Ok((Principal::User(claims.sub), Some(expires)));
         }
         // Every entry is checked, matched or not, so timing does not tell which one matched.
         let mut found = None;
@@ -200,7 +208,7 @@ impl Auth {
                 found = Some(entry);
             }
         }
-        found.map(|e| Principal::Key { id: e.id.clone(), role: e.role }).ok_or(AuthError::UnknownKey)
+        found.map(|e| (Principal::Key { id: e.id.clone(), role: e.role }, None)).ok_or(AuthError::UnknownKey)
     }
 
     /// A stream token for `user`, valid `ttl_secs`.
@@ -217,6 +225,10 @@ impl Auth {
 
     /// The user a stream token names, after checking its signature and expiry.
     pub fn verify_token(&self, token: &str) -> Result<String, AuthError> {
+        self.verify_claims(token).map(|claims| claims.sub)
+    }
+
+    fn verify_claims(&self, token: &str) -> Result<Claims, AuthError> {
         let mut parts = token.split('.');
         let (Some(header), Some(payload), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -243,7 +255,7 @@ impl Auth {
         if claims.exp <= now_secs() {
             return Err(AuthError::Expired);
         }
-        Ok(claims.sub)
+        Ok(claims)
     }
 }
 
@@ -290,6 +302,9 @@ mod tests {
         assert_eq!(who, Principal::User("alice".into()));
         assert!(who.may_read("alice") && !who.may_read("bob") && !who.has(Role::Reader));
         assert!(who.may_produce_for("alice") && !who.may_produce_for("bob"));
+        let (_, expires) = auth.identify_until(Some(&token)).expect("valid token");
+        let left = expires.and_then(|at| at.duration_since(SystemTime::now()).ok()).expect("expires in the future");
+        assert!(left.as_secs() <= 60, "a token expires when its ttl says: {left:?}");
         // Tampering with the claims breaks the signature.
         let (header, rest) = token.split_once('.').expect("parts");
         let (_, signature) = rest.split_once('.').expect("parts");

@@ -482,6 +482,9 @@ fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
     };
     let addr = config.server.listen;
     let cors_origins = config.auth.allowed_origins.clone();
+    let open_files = http::limits::raise_open_file_limit();
+    let max_connections = http::limits::max_connections(&config.limits, open_files);
+    let connections = Arc::new(http::limits::Connections::new(&config.limits, max_connections));
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
@@ -494,6 +497,15 @@ fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
             .configure(http::configure)
             .default_service(web::to(http::not_found))
     })
+    // Each connection is counted (per IP and in all) from accept to close; accepting pauses at
+    // the cap, shared out among the workers.
+    .on_connect(move |conn, data| {
+        let ip = conn.downcast_ref::<actix_web::rt::net::TcpStream>().and_then(|s| s.peer_addr().ok()).map(|a| a.ip());
+        data.insert(connections.open(ip));
+    })
+    .max_connections(max_connections.div_ceil(workers).max(1))
+    .client_request_timeout(Duration::from_millis(config.server.client_request_timeout_ms))
+    .client_disconnect_timeout(Duration::from_millis(config.server.client_disconnect_timeout_ms))
     .workers(workers)
     .disable_signals()
     .shutdown_timeout(config.server.shutdown_timeout_secs)
@@ -503,6 +515,7 @@ fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
     let server = server.run();
     let handle = server.handle();
     let task = tokio::spawn(server);
+    tracing::info!(max_connections, open_files = open_files.unwrap_or(0), "connection cap");
     tracing::info!(addr = %bound, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
     Ok(Http { addr: bound, handle, task })
 }

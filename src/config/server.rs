@@ -18,6 +18,12 @@ pub struct ServerConfig {
     pub shutdown_timeout_secs: u64,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Milliseconds a client has to send a whole request head (408 and closed after; 0: none).
+    pub client_request_timeout_ms: u64,
+    /// Milliseconds a closing connection may take to shut down before it is dropped.
+    pub client_disconnect_timeout_ms: u64,
+    /// Seconds a client has to send a whole request body once its head arrived (408 after).
+    pub body_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,4 +78,9 @@ pub struct LimitsConfig {
     pub per_key_burst: u32,
     /// Open streams (SSE and WebSocket) per client IP (0: no limit).
     pub streams_per_ip: usize,
+    /// Open connections per client IP; requests on more answer 429 and close (0: no limit).
+    pub connections_per_ip: usize,
+    /// Open connections in all (0: three quarters of the file-descriptor limit). Accepting pauses
+    /// at it; past nine tenths of it only probes are served.
+    pub max_connections: usize,
 }

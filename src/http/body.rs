@@ -5,9 +5,10 @@
 use actix_web::{web, HttpRequest};
 
 use super::error::{self, ApiError};
+use super::state::AppState;
 
-/// Reads a request body up to `limit` bytes, answering 413 past it and 415 for a body that does
-/// not declare itself JSON.
+/// Reads a request body up to `limit` bytes, answering 413 past it, 415 for a body that does
+/// not declare itself JSON, and 408 when it does not arrive within `server.body_timeout_secs`.
 pub async fn read_json_body(
     req: &HttpRequest,
     mut payload: web::Payload,
@@ -42,15 +43,33 @@ pub async fn read_json_body(
             return Err(too_large());
         }
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
+    let state = req.app_data::<web::Data<AppState>>();
+    let seconds = state.map_or(10, |s| s.config.server.body_timeout_secs);
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body.freeze())
+    };
+    // A client that declares a body and sends none (or a trickle) must not hold the connection.
+    match tokio::time::timeout(std::time::Duration::from_secs(seconds), read).await {
+        Ok(body) => body,
+        Err(_) => {
+            if let Some(state) = state {
+                state.metrics.http_body_timeouts.inc();
+            }
+            Err(ApiError::new(
+                actix_web::http::StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the request body did not arrive within {seconds} s (server.body_timeout_secs)"),
+            ))
+        }
     }
-    Ok(body.freeze())
 }
 
 /// Reads and decodes a JSON request body into `T`: 415/413 as [`read_json_body`], 400 for bytes

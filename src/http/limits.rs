@@ -1,7 +1,8 @@
 //! Rate limits: a token bucket per client IP and one per credential (API key or stream token),
 //! both optional (`limits.per_ip_per_sec`, `limits.per_key_per_sec`; 0 turns one off). A request
 //! over either answers `429` with `Retry-After` and a JSON error; probes and scrapes
-//! (`/healthz`, `/readyz`, `/metrics`) are never limited. The middleware that applies them is in
+//! (`/healthz`, `/readyz`, `/metrics`) are never limited. Open connections are capped per IP and in
+//! all ([`Connections`]), below the open-file limit. The middleware that applies them is in
 //! `http::middleware`.
 
 use std::net::IpAddr;
@@ -93,5 +94,163 @@ impl Limiters {
         }
         *open += 1;
         Ok(StreamSlot { streams: self.streams.clone(), ip: Some(ip) })
+    }
+}
+
+/// Open connections, counted from accept to close, per client IP and in all. A connection is
+/// ranked when it opens: one over `limits.connections_per_ip`, or past nine tenths of
+/// `limits.max_connections`, has its requests refused (probes excepted) and is closed.
+pub struct Connections {
+    per_ip: std::sync::Arc<dashmap::DashMap<IpAddr, usize>>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max_per_ip: usize,
+    /// Open connections past which only probes are served: the rest of `max` is their room.
+    max_served: usize,
+}
+
+/// One open connection, kept in its connection data until it closes.
+pub struct ConnectionSlot {
+    per_ip: std::sync::Arc<dashmap::DashMap<IpAddr, usize>>,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ip: Option<IpAddr>,
+    refusal: Option<Refusal>,
+}
+
+/// Why a connection's requests are refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    PerIp(usize),
+    Total(usize),
+}
+
+impl Connections {
+    /// Counts connections against `config`'s caps; `max` is the total (`limits.max_connections`
+    /// or the default derived from the file-descriptor limit, see [`max_connections`]).
+    pub fn new(config: &LimitsConfig, max: usize) -> Connections {
+        Connections {
+            per_ip: Default::default(),
+            open: Default::default(),
+            max_per_ip: config.connections_per_ip,
+            max_served: max.saturating_sub((max / 10).max(1)),
+        }
+    }
+
+    /// Counts a connection from `ip` that has just been accepted.
+    pub fn open(&self, ip: Option<IpAddr>) -> ConnectionSlot {
+        use std::sync::atomic::Ordering;
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let from_ip = ip.map(|ip| {
+            let mut count = self.per_ip.entry(ip).or_insert(0);
+            *count += 1;
+            *count
+        });
+        let refusal = match from_ip {
+            Some(n) if self.max_per_ip > 0 && n > self.max_per_ip => Some(Refusal::PerIp(self.max_per_ip)),
+            _ if open > self.max_served => Some(Refusal::Total(self.max_served)),
+            _ => None,
+        };
+        ConnectionSlot { per_ip: self.per_ip.clone(), open: self.open.clone(), ip, refusal }
+    }
+}
+
+impl ConnectionSlot {
+    /// The answer to every request but a probe on this connection, if it is over a cap.
+    pub fn refusal(&self) -> Option<ApiError> {
+        let (status, message) = match self.refusal? {
+            Refusal::PerIp(max) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("this address already holds {max} open connections (limits.connections_per_ip)"),
+            ),
+            Refusal::Total(max) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the server holds {max} open connections, its share for requests (limits.max_connections)"),
+            ),
+        };
+        Some(ApiError { retry_after: Some(1), ..ApiError::new(status, "too_many_connections", message) })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            self.per_ip.remove_if_mut(&ip, |_, open| {
+                *open = open.saturating_sub(1);
+                *open == 0
+            });
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit and returns it (`None` where it cannot
+/// be read): every connection is a file descriptor.
+pub fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    Some(limit.rlim_cur as u64)
+}
+
+/// The total connection cap: `limits.max_connections`, or by default three quarters of the
+/// open-file limit (the rest for the store, the bus, models and logs), so accepting pauses
+/// before `accept` could fail with "too many open files".
+pub fn max_connections(config: &LimitsConfig, open_files: Option<u64>) -> usize {
+    match config.max_connections {
+        0 => open_files.map_or(25_000, |n| usize::try_from(n / 4 * 3).unwrap_or(usize::MAX)).max(64),
+        n => n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_ip: usize) -> LimitsConfig {
+        LimitsConfig {
+            per_ip_per_sec: 0,
+            per_ip_burst: 0,
+            per_key_per_sec: 0,
+            per_key_burst: 0,
+            streams_per_ip: 0,
+            connections_per_ip: per_ip,
+            max_connections: 0,
+        }
+    }
+
+    #[test]
+    fn connections_over_a_cap_are_refused_and_slots_come_back_when_they_close() {
+        let connections = Connections::new(&limits(2), 100);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
+        let first = [connections.open(Some(a)), connections.open(Some(a))];
+        assert!(first.iter().all(|slot| slot.refusal().is_none()));
+        let third = connections.open(Some(a));
+        assert_eq!(third.refusal().map(|e| e.status.as_u16()), Some(429));
+        assert!(connections.open(Some(b)).refusal().is_none(), "another address has its own share");
+        drop((first, third));
+        assert!(connections.open(Some(a)).refusal().is_none(), "closed connections free their slots");
+        assert_eq!(connections.open.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(connections.per_ip.is_empty());
+
+        // In all: the last tenth is kept for probes.
+        let connections = Connections::new(&limits(0), 20);
+        let held: Vec<_> = (0..18).map(|_| connections.open(Some(a))).collect();
+        assert!(held.iter().all(|slot| slot.refusal().is_none()));
+        assert_eq!(connections.open(Some(a)).refusal().map(|e| e.status.as_u16()), Some(503));
+    }
+
+    #[test]
+    fn the_default_total_cap_leaves_a_quarter_of_the_open_files() {
+        assert_eq!(max_connections(&limits(0), Some(20_000)), 15_000);
+        assert_eq!(max_connections(&LimitsConfig { max_connections: 500, ..limits(0) }, Some(20_000)), 500);
+        assert_eq!(max_connections(&limits(0), Some(16)), 64);
     }
 }

@@ -25,7 +25,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         description = "A real-time recommendation server: post events, read and stream each user's \
                        recommendations as they change. Credentials: an API key or a per-user \
                        stream token, as `Authorization: Bearer`, `X-Api-Key` or `?access_token=` \
-                       (SECURITY.md). Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."
+                       (a stream token on GET only; SECURITY.md). Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."
     ),
     paths(
         events::post_events,
@@ -108,7 +108,7 @@ impl Modify for SharedResponses {
                 "401",
                 "Unauthorized",
                 ResponseBuilder::new()
-                    .description("No credential, or one that is unknown, expired or badly signed")
+                    .description("No credential, or one that is unknown, expired or badly signed, or an API key in `?access_token=`")
                     .content("application/json", error())
                     .build(),
             ),
@@ -116,7 +116,7 @@ impl Modify for SharedResponses {
                 "429",
                 "RateLimited",
                 ResponseBuilder::new()
-                    .description("Over the rate limit of the client IP or credential, or its open streams")
+                    .description("Over the rate limit of the client IP or credential, or its open streams or connections")
                     .header("Retry-After", retry_after())
                     .content("application/json", error())
                     .build(),
@@ -126,7 +126,7 @@ impl Modify for SharedResponses {
                 "Unavailable",
                 ResponseBuilder::new()
                     .description(
-                        "The event pipeline is saturated, a backing service is down, or the server is stopping",
+                        "The event pipeline is saturated, a backing service is down, the server holds too many connections, or it is stopping",
                     )
                     .header("Retry-After", retry_after())
                     .content("application/json", error())
@@ -136,6 +136,7 @@ impl Modify for SharedResponses {
         // What reading any JSON body can answer (`read_json_body`, `decode_json_body`); an
         // operation that says more about one of them keeps its own description.
         let body = [
+            ("408", "BodyTimeout", "The body did not arrive within `server.body_timeout_secs`"),
             ("413", "PayloadTooLarge", "The body is larger than `server.max_body_bytes`"),
             ("415", "UnsupportedMediaType", "The body is not declared as application/json"),
             ("422", "InvalidBody", "A body of the wrong shape; `field` names where"),
@@ -159,7 +160,7 @@ impl Modify for SharedResponses {
                 let reads_body = operation.request_body.is_some();
                 let applies = |status: &str| match status {
                     "401" => !public,
-                    "413" | "415" | "422" => reads_body,
+                    "408" | "413" | "415" | "422" => reads_body,
                     _ => true,
                 };
                 for (status, name, _) in shared.iter().chain(&body).filter(|(status, ..)| applies(status)) {

@@ -7,7 +7,7 @@
 //! go to every subscriber.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -81,6 +81,30 @@ impl SeqTracker {
     }
 }
 
+/// What a stream says when its token expires.
+const TOKEN_EXPIRED: &str = "the stream token expired; reconnect with a fresh token";
+
+/// Resolves when a stream token expires at `at`; never without one (API keys, auth off).
+async fn token_expiry(at: Option<SystemTime>) {
+    match at {
+        Some(at) => tokio::time::sleep(at.duration_since(SystemTime::now()).unwrap_or_default()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The close code for a protocol error: 1009 for a frame or a joined message over the limits,
+/// 1007 for text that is not UTF-8, 1002 for the rest.
+fn close_code(error: &actix_ws::ProtocolError) -> CloseCode {
+    match error {
+        actix_ws::ProtocolError::Overflow => CloseCode::Size,
+        // actix-ws reports a joined message over `max_continuation_size`, and text frames whose
+        // joined bytes are not UTF-8, as I/O errors: told apart by kind (it has no variant).
+        actix_ws::ProtocolError::Io(error) if error.kind() == std::io::ErrorKind::InvalidData => CloseCode::Invalid,
+        actix_ws::ProtocolError::Io(error) if error.to_string().contains("continuation size") => CloseCode::Size,
+        _ => CloseCode::Protocol,
+    }
+}
+
 fn subscribe(state: &AppState, user: &UserId) -> Subscription {
     let (subscription, session) = state.registry.subscribe(user);
     // The current list goes to the new subscriber at once: an impression the session did not
@@ -121,6 +145,8 @@ struct SseState {
     shutdown: tokio::sync::watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     closing: bool,
+    /// When the stream token the stream was opened with expires: the stream ends then.
+    expires: Option<SystemTime>,
     _guard: GaugeGuard,
     _slot: super::limits::StreamSlot,
 }
@@ -129,7 +155,8 @@ struct SseState {
 ///
 /// A Server-Sent Events stream of the user's lists: `event: recommendations` with the list as
 /// `data` and its `seq` as `id` (send `Last-Event-ID` to resume without a repeat), a comment
-/// line as heartbeat, and `event: erased` when the user is erased. A client that falls behind
+/// line as heartbeat, `event: erased` when the user is erased, and `event: token_expired` (the
+/// stream ends) when the stream token it was opened with expires. A client that falls behind
 /// skips stale lists. Needs the `reader` role, or a stream token for this user (as
 /// `?access_token=` from browsers).
 #[utoipa::path(
@@ -138,7 +165,7 @@ struct SseState {
     tag = "recommendations",
     params(
         ("user_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The user"),
-        ("access_token" = Option<String>, Query, description = "Credential, for clients that cannot set headers"),
+        ("access_token" = Option<String>, Query, description = "A stream token, for clients that cannot set headers (no API key)"),
     ),
     responses(
         (status = 200, description = "The stream; each `data` line is a RecList", body = String, content_type = "text/event-stream"),
@@ -169,6 +196,7 @@ pub async fn sse(
         shutdown: state.shutdown.clone(),
         metrics: state.metrics.clone(),
         closing: false,
+        expires: caller.expires,
         _guard: GaugeGuard::new(state.metrics.clone(), |m| &m.subscribers_sse),
         _slot: slot,
     };
@@ -182,11 +210,13 @@ pub async fn sse(
                 Changed(bool),
                 Heartbeat,
                 Shutdown,
+                Expired,
             }
             let next = tokio::select! {
                 changed = st.subscription.receiver().changed() => Next::Changed(changed.is_ok()),
                 _ = st.heartbeat.tick() => Next::Heartbeat,
                 _ = st.shutdown.wait_for(|stopping| *stopping) => Next::Shutdown,
+                _ = token_expiry(st.expires) => Next::Expired,
             };
             match next {
                 Next::Changed(false) => return None,
@@ -217,6 +247,11 @@ pub async fn sse(
                     st.closing = true;
                     return Some((Ok(Bytes::from_static(b"event: shutdown\ndata: {}\n\n")), st));
                 }
+                Next::Expired => {
+                    st.closing = true;
+                    let event = format!("event: token_expired\ndata: {}\n\n", json!({ "message": TOKEN_EXPIRED }));
+                    return Some((Ok(Bytes::from(event)), st));
+                }
             }
         }
     });
@@ -234,13 +269,14 @@ pub async fn sse(
 ///
 /// One socket for several users: send `{"type": "subscribe", "user_id": …}` (up to
 /// `stream.ws_max_subscriptions`), `unsubscribe`, or `event`/`events` to post; receive
-/// `{"type": "recommendations", "data": RecList}`, `erased`, and JSON errors (docs/api.md).
+/// `{"type": "recommendations", "data": RecList}`, `erased`, JSON errors, and `token_expired`
+/// before the close (1008) when the stream token it was opened with expires (docs/api.md).
 /// Browsers must come from an origin in `auth.allowed_origins`.
 #[utoipa::path(
     get,
     path = "/v1/ws",
     tag = "recommendations",
-    params(("access_token" = Option<String>, Query, description = "Credential, for clients that cannot set headers")),
+    params(("access_token" = Option<String>, Query, description = "A stream token, for clients that cannot set headers (no API key)")),
     responses(
         (status = 101, description = "Switched to the WebSocket protocol"),
         (status = 400, description = "Not a WebSocket handshake", body = ErrorBody),
@@ -314,6 +350,7 @@ async fn run_socket(
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut shutdown = state.shutdown.clone();
     let mut last_heard = Instant::now();
+    let expires = caller.expires;
     let mut socket = Socket {
         caller,
         state,
@@ -328,13 +365,12 @@ async fn run_socket(
                 last_heard = Instant::now();
                 match message {
                     None => break None,
+                    // A message that arrives after the token expired is not acted on.
+                    Some(Ok(_)) if socket.caller.expired() => socket.token_expired().await,
                     Some(Ok(message)) => socket.on_message(message).await,
                     Some(Err(error)) => {
                         socket.state.metrics.ws_invalid_messages.inc();
-                        let code = match error {
-                            actix_ws::ProtocolError::Overflow => CloseCode::Size,
-                            _ => CloseCode::Protocol,
-                        };
+                        let code = close_code(&error);
                         Flow::Close(Some(CloseReason { code, description: Some(error.to_string()) }))
                     }
                 }
@@ -354,6 +390,7 @@ async fn run_socket(
             _ = shutdown.wait_for(|stopping| *stopping) => {
                 Flow::Close(Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }))
             }
+            _ = token_expiry(expires) => socket.token_expired().await,
         };
         match flow {
             Flow::Continue => {}
@@ -364,6 +401,12 @@ async fn run_socket(
 }
 
 impl Socket {
+    /// Says the stream token expired, then closes with 1008 (policy violation).
+    async fn token_expired(&mut self) -> Flow {
+        let _ = self.send(json!({ "type": "token_expired", "message": TOKEN_EXPIRED }).to_string()).await;
+        Flow::Close(Some(CloseReason { code: CloseCode::Policy, description: Some("stream token expired".into()) }))
+    }
+
     async fn send(&mut self, text: impl Into<bytestring::ByteString>) -> Flow {
         match self.session.text(text).await {
             Ok(()) => Flow::Continue,

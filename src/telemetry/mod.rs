@@ -32,6 +32,10 @@ pub struct Metrics {
     pub ingest_shed: Counter,
     /// Requests refused with 429 by a rate limit.
     pub http_rate_limited: Counter,
+    /// Requests refused (and their connections closed) over a per-IP or total connection cap.
+    pub http_connections_refused: Counter,
+    /// Requests answered 408 because their body did not arrive within `server.body_timeout_secs`.
+    pub http_body_timeouts: Counter,
     /// Resident memory of the process, read from /proc at each scrape (0 where unavailable).
     pub process_resident_bytes: Gauge,
     /// Users erased, and events of erased users skipped (replays from before the erasure).
@@ -167,6 +171,14 @@ impl Default for Metrics {
             http_rate_limited: r.counter(
                 "liverec_http_rate_limited_total",
                 "Requests refused with 429 by a per-IP or per-credential rate limit.",
+            ),
+            http_connections_refused: r.counter(
+                "liverec_http_connections_refused_total",
+                "Requests refused, and their connections closed, over a per-IP or total connection cap.",
+            ),
+            http_body_timeouts: r.counter(
+                "liverec_http_body_timeouts_total",
+                "Requests answered 408 because their body did not arrive in time.",
             ),
             process_resident_bytes: r
                 .gauge("liverec_process_resident_memory_bytes", "Resident memory of the liverec process."),

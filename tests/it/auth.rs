@@ -167,3 +167,154 @@ async fn cors_allows_the_configured_origins_and_the_servers_own_pages() {
     assert_eq!(posted.status(), 202);
     server.stop().await;
 }
+
+/// A stream token for `user` valid `ttl_secs`, signed with the secret [`secured`] configures.
+fn short_token(user: &str, ttl_secs: u64) -> String {
+    let mut config = test_config().auth;
+    config.mode = AuthMode::On;
+    config.token_secret = "a test secret that is long enough to sign".into();
+    liverec::auth::Auth::new(&config, false).expect("auth").mint(user, ttl_secs)
+}
+
+/// Every text message until the server's close frame, and the close code.
+async fn until_close(
+    connection: &mut actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>,
+) -> (Vec<Value>, Option<awc::ws::CloseCode>) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let mut texts = Vec::new();
+    let read = async {
+        loop {
+            match connection.next().await {
+                Some(Ok(awc::ws::Frame::Text(text))) => texts.push(serde_json::from_slice(&text).expect("json")),
+                Some(Ok(awc::ws::Frame::Ping(bytes))) => {
+                    let _ = connection.send(awc::ws::Message::Pong(bytes)).await;
+                }
+                Some(Ok(awc::ws::Frame::Close(reason))) => return reason.map(|r| r.code),
+                Some(Ok(_)) => continue,
+                other => panic!("the socket ended without a close frame: {other:?}"),
+            }
+        }
+    };
+    let code = actix_rt::time::timeout(DEADLINE, read).await.expect("a close frame before the deadline");
+    (texts, code)
+}
+
+#[actix_rt::test]
+async fn a_websocket_closes_when_its_token_expires() {
+    use futures_util::SinkExt as _;
+    let (server, _keys) = secured().await;
+    let token = short_token("alice", 2);
+    let (_, mut connection) =
+        client().ws(format!("{}/v1/ws?access_token={token}", server.url())).connect().await.expect("websocket");
+    connection.send(awc::ws::Message::Text(json!({ "subscribe": "alice" }).to_string().into())).await.expect("send");
+    let event = json!({ "event": { "user_id": "alice", "item_id": "item-0001", "event_type": "view" } });
+    connection.send(awc::ws::Message::Text(event.to_string().into())).await.expect("send");
+    let (texts, code) = until_close(&mut connection).await;
+    let kinds: Vec<&str> = texts.iter().filter_map(|t| t["type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"subscribed"), "{texts:?}");
+    assert_eq!(kinds.last(), Some(&"token_expired"), "the last message says why: {texts:?}");
+    assert_eq!(code, Some(awc::ws::CloseCode::Policy), "{texts:?}");
+    // The expired token opens no new socket and reads nothing.
+    let refused = client().ws(format!("{}/v1/ws?access_token={token}", server.url())).connect().await;
+    assert!(matches!(refused, Err(awc::error::WsClientError::InvalidResponseStatus(s)) if s.as_u16() == 401));
+    assert_eq!(call(&server, "GET", "/v1/users/alice/recommendations", Some(&token), None).await.0, 401);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_websocket_refuses_messages_after_its_token_expired() {
+    use futures_util::SinkExt as _;
+    let (server, _keys) = secured().await;
+    let token = short_token("alice", 2);
+    let (_, mut connection) =
+        client().ws(format!("{}/v1/ws?access_token={token}", server.url())).connect().await.expect("websocket");
+    // Keep posting until the socket says the token expired: no event is acknowledged after it.
+    let event = json!({ "event": { "user_id": "alice", "item_id": "item-0001", "event_type": "view" } });
+    let mut acked_after_expiry = 0;
+    let mut expired = false;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    use futures_util::StreamExt as _;
+    while std::time::Instant::now() < deadline {
+        if connection.send(awc::ws::Message::Text(event.to_string().into())).await.is_err() {
+            break;
+        }
+        match connection.next().await {
+            Some(Ok(awc::ws::Frame::Text(text))) => {
+                let reply: Value = serde_json::from_slice(&text).expect("json");
+                match reply["type"].as_str() {
+                    Some("token_expired") => expired = true,
+                    Some("ack") if expired => acked_after_expiry += 1,
+                    _ => {}
+                }
+            }
+            Some(Ok(awc::ws::Frame::Close(reason))) => {
+                assert_eq!(reason.map(|r| r.code), Some(awc::ws::CloseCode::Policy));
+                break;
+            }
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    assert!(expired, "the socket said the token expired");
+    assert_eq!(acked_after_expiry, 0);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_sse_stream_ends_when_its_token_expires() {
+    let (server, _keys) = secured().await;
+    let token = short_token("alice", 2);
+    let url = format!("{}/v1/users/alice/recommendations/stream?access_token={token}", server.url());
+    let response = client().get(&url).timeout(DEADLINE).send().await.expect("sse");
+    assert_eq!(response.status().as_u16(), 200);
+    // The body ends (the server closes the stream) with the reason as its last event.
+    let mut response = response.timeout(DEADLINE);
+    let body = response.body().limit(1 << 20).await.expect("the stream ends");
+    let text = String::from_utf8_lossy(&body);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    assert!(last.starts_with("event: token_expired"), "{text}");
+    assert_eq!(client().get(&url).send().await.expect("sse").status().as_u16(), 401, "an expired token is refused");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn query_string_credentials_are_only_stream_tokens_on_get() {
+    let (server, keys) = secured().await;
+    let token = short_token("alice", 600);
+    let refused = |mut response: awc::ClientResponse<_>| async move {
+        let status = response.status().as_u16();
+        let body: Value = serde_json::from_slice(&response.body().await.expect("body")).unwrap_or(Value::Null);
+        (status, body)
+    };
+    let url = |path: &str, credential: &str| format!("{}{path}?access_token={credential}", server.url());
+    // API keys in the query string are refused everywhere, with a message saying where they go.
+    for (path, key) in [("/v1/admin/models", &keys.admin), ("/v1/users/alice/recommendations", &keys.reader)] {
+        let (status, body) = refused(client().get(url(path, key)).send().await.expect("get")).await;
+        assert_eq!((status, body["error"]["code"].clone()), (401, json!("unauthorized")), "{path}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap_or_default().contains("header"), "{body}");
+    }
+    let (status, body) =
+        refused(client().delete(url("/v1/users/alice", &keys.admin)).send().await.expect("delete")).await;
+    assert_eq!(status, 401, "{body}");
+    let ws = client().ws(url("/v1/ws", &keys.admin)).connect().await;
+    assert!(matches!(ws, Err(awc::error::WsClientError::InvalidResponseStatus(s)) if s.as_u16() == 401));
+    // A stream token in the query string works on GET, not on a write.
+    let (status, _) =
+        refused(client().get(url("/v1/users/alice/recommendations", &token)).send().await.expect("get")).await;
+    assert_eq!(status, 200);
+    let event = json!({ "user_id": "alice", "item_id": "item-0007", "event_type": "view" });
+    let (status, body) = refused(
+        client()
+            .post(url("/v1/events", &token))
+            .insert_header(("content-type", "application/json"))
+            .send_body(event.to_string())
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    // Headers keep working for keys and tokens alike.
+    assert_eq!(call(&server, "GET", "/v1/admin/models", Some(&keys.admin), None).await.0, 200);
+    assert_eq!(call(&server, "POST", "/v1/events", Some(&token), Some(event)).await.0, 202);
+    server.stop().await;
+}

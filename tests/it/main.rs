@@ -11,6 +11,7 @@
 //! - `models`: serving and switching trained versions
 //! - `closed_loop` and `monitor`: drift, retraining, canary, promotion; attribution
 //! - `auth` and `limits`: keys, tokens, origins, CORS; rate and stream limits
+//! - `connections`: idle connections closed by timeouts, per-IP and total connection caps
 //! - `production::kafka` and `production::failover`: against the real Kafka and Redis
 //! - `deploy_files`, `cli`, `observability`, `openapi`, `dashboard`: what ships around the server
 //!
@@ -23,6 +24,7 @@ mod auth;
 mod catalogue;
 mod cli;
 mod closed_loop;
+mod connections;
 mod dashboard;
 mod deploy_files;
 mod events;

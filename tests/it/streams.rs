@@ -272,3 +272,68 @@ async fn a_thousand_subscribers_get_only_their_own_users_updates() {
     .await;
     server.stop().await;
 }
+
+/// Sends `request` over a new connection and returns the answer: all of it when the server
+/// closes the connection, its status line and headers when it switches protocols.
+async fn raw_answer(server: &liverec::Server, request: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = actix_rt::net::TcpStream::connect(server.addr).await.expect("connect");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    actix_rt::time::timeout(DEADLINE, async {
+        loop {
+            let n = conn.read(&mut buf).await.expect("read");
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || (answer.starts_with(b"HTTP/1.1 101") && answer.windows(4).any(|w| w == b"\r\n\r\n")) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[actix_rt::test]
+async fn a_websocket_handshake_without_a_key_is_refused() {
+    let server = start(test_config()).await;
+    // `close` lets the refusal end the connection, so the whole answer can be read.
+    let handshake = |connection: &str, key: &str| {
+        format!(
+            "GET /v1/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: {connection}\r\n\
+             Sec-WebSocket-Version: 13\r\n{key}\r\n"
+        )
+    };
+    for key in ["", "Sec-WebSocket-Key: short\r\n"] {
+        let answer = raw_answer(&server, &handshake("Upgrade, close", key)).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{key:?}: {answer}");
+        assert!(answer.contains(r#""code":"not_a_websocket""#), "{key:?}: {answer}");
+    }
+    let answer = raw_answer(&server, &handshake("Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "a valid handshake: {answer}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_fragmented_message_over_the_limit_closes_with_1009() {
+    let server = start(test_config()).await;
+    let mut ws = WsClient::connect(&server).await;
+    // 300 KB in five frames, each under ws_max_frame_bytes (64 KiB), together over
+    // ws_max_message_bytes (256 KiB).
+    let part = || bytes::Bytes::from(vec![b'x'; 60_000]);
+    ws.send(ws::Message::Continuation(actix_ws::Item::FirstText(part()))).await;
+    for _ in 0..3 {
+        ws.send(ws::Message::Continuation(actix_ws::Item::Continue(part()))).await;
+    }
+    ws.send(ws::Message::Continuation(actix_ws::Item::Last(part()))).await;
+    assert_eq!(ws.next_close_code().await, Some(ws::CloseCode::Size));
+    // Invalid UTF-8 across fragments is not a size problem: 1007.
+    let mut ws = WsClient::connect(&server).await;
+    ws.send(ws::Message::Continuation(actix_ws::Item::FirstText(bytes::Bytes::from_static(b"{\"subscribe\":\""))))
+        .await;
+    ws.send(ws::Message::Continuation(actix_ws::Item::Last(bytes::Bytes::from_static(&[0xff, 0xfe, b'"', b'}']))))
+        .await;
+    assert_eq!(ws.next_close_code().await, Some(ws::CloseCode::Invalid));
+    server.stop().await;
+}

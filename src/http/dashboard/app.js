@@ -540,8 +540,37 @@
     url.searchParams.set("user", user);
     history.replaceState(null, "", url);
     streamState("connecting", "connecting");
-    const stream = new EventSource(withToken(`v1/users/${encodeURIComponent(user)}/recommendations/stream`));
+    streamUrl(user).then((url) => {
+      if (watched === user) listen(user, url);
+    });
+    log(`watching ${user}`);
+  }
+
+  // API keys never travel in a query string (the server refuses them there): with a key pasted,
+  // mint a stream token for the watched user and give the stream that. A token ends the stream
+  // with `token_expired` when it expires; the dashboard then mints a fresh one.
+  async function streamUrl(user) {
+    const path = `v1/users/${encodeURIComponent(user)}/recommendations/stream`;
+    const key = credential();
+    if (!key || key.split(".").length === 3) return withToken(path);
+    const response = await authFetch("v1/admin/tokens", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ user_id: user }),
+    });
+    if (!response.ok) return path;
+    const { token } = await response.json();
+    return `${path}?access_token=${encodeURIComponent(token)}`;
+  }
+
+  function listen(user, url) {
+    if (source) source.close();
+    const stream = new EventSource(url);
     source = stream;
+    stream.addEventListener("token_expired", () => {
+      stream.close();
+      if (stream === source) watch(user);
+    });
     stream.addEventListener("open", () => streamState("live", "live"));
     stream.addEventListener("recommendations", (event) => {
       if (stream === source) showList(JSON.parse(event.data));
@@ -558,7 +587,6 @@
         streamState("connecting", "reconnecting");
       }
     });
-    log(`watching ${user}`);
   }
 
   function showList(list) {
