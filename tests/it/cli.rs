@@ -63,3 +63,52 @@ fn http_get(addr: &str, path: &str) -> String {
     stream.read_to_string(&mut response).expect("read");
     response
 }
+
+#[test]
+fn schema_into_a_closed_pipe_exits_quietly() {
+    let mut child =
+        Command::new(BIN).arg("schema").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    // The reader goes away before the schema is written (as `| head -c 10` does after 10 bytes).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}
+
+#[test]
+fn eval_on_a_missing_directory_says_why_once() {
+    let out = Command::new(BIN).args(["eval", "--data", "/nonexistent-liverec-data"]).output().expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent-liverec-data"), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+}
+
+#[test]
+fn logs_into_a_pipe_carry_no_colours_and_the_start_up_log_names_the_dashboard() {
+    let mut child = Command::new(BIN)
+        .args(["serve"])
+        .env("LIVEREC_LISTEN", "127.0.0.1:0")
+        .env("LIVEREC_LOG__FORMAT", "text")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        let done = line.contains("liverec listening");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let log = seen.join("\n");
+    assert!(log.contains("liverec listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "no ANSI escapes when stdout is not a terminal: {log}");
+    assert!(log.contains("dashboard=http://127.0.0.1:"), "the start-up log names the dashboard URL: {log}");
+}
