@@ -111,6 +111,9 @@ fn logs_into_a_pipe_carry_no_colours_and_the_start_up_log_names_the_dashboard() 
     assert!(log.contains("liverec listening"), "{log}");
     assert!(!log.contains('\u{1b}'), "no ANSI escapes when stdout is not a terminal: {log}");
     assert!(log.contains("dashboard=http://127.0.0.1:"), "the start-up log names the dashboard URL: {log}");
+    let cwd = std::env::current_dir().expect("cwd");
+    let registry = format!("registry={}", cwd.join("models").display());
+    assert!(log.contains(&registry), "the start-up log says where trained versions go: {log}");
 }
 
 #[test]
