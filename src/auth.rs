@@ -84,8 +84,13 @@ pub enum AuthError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
-    #[error("auth.token_secret must be at least 32 characters when auth is on")]
-    WeakSecret,
+    /// Says why auth is on and both ways out: a real secret, or auth off for a local trial.
+    #[error(
+        "auth is on ({why}) and auth.token_secret is shorter than 32 characters: set \
+         LIVEREC_AUTH__TOKEN_SECRET to a long random secret, or, for a trial on your own machine, \
+         turn auth off with auth.mode = \"off\" (LIVEREC_AUTH__MODE=off)"
+    )]
+    WeakSecret { why: &'static str },
     #[error("auth.api_keys[{0}]: salt and hash must be hex (as `liverec key` prints them)")]
     BadEntry(usize),
 }
@@ -169,7 +174,11 @@ impl Auth {
             keys.push((entry.clone(), salt, hash));
         }
         if enabled && config.token_secret.chars().count() < 32 {
-            return Err(AuthConfigError::WeakSecret);
+            let why = match config.mode {
+                AuthMode::Auto => "auth.mode = \"auto\" turns it on outside the demo, and demo.enabled = false",
+                _ => "auth.mode = \"on\"",
+            };
+            return Err(AuthConfigError::WeakSecret { why });
         }
         Ok(Auth {
             enabled,
@@ -327,7 +336,7 @@ mod tests {
             allowed_origins: vec![],
         };
         assert!(!Auth::new(&config, true).expect("demo").enabled());
-        assert!(matches!(Auth::new(&config, false), Err(AuthConfigError::WeakSecret)));
+        assert!(matches!(Auth::new(&config, false), Err(AuthConfigError::WeakSecret { .. })));
         config.mode = AuthMode::Off;
         assert_eq!(Auth::new(&config, false).expect("off").identify(None), Ok(Principal::Open));
     }

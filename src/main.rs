@@ -161,11 +161,7 @@ fn main() -> ExitCode {
         Command::Key { id, role } => key(&id, &role),
         Command::Token { user, ttl, config } => token(&user, ttl, config.as_deref()),
         Command::Schema => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&liverec::event::event_json_schema()).expect("schema serialises")
-            );
-            ExitCode::SUCCESS
+            print_out(&serde_json::to_string_pretty(&liverec::event::event_json_schema()).expect("schema serialises"))
         }
         Command::Serve { config, listen, print_config } => serve_command(config.as_deref(), listen, print_config),
     }
@@ -174,10 +170,7 @@ fn main() -> ExitCode {
 /// `simulate`: sends synthetic user traffic to a server and prints the report.
 fn simulate(config: liverec::sim::SimConfig) -> ExitCode {
     match actix_web::rt::System::new().block_on(liverec::sim::run(config)) {
-        Ok(report) => {
-            println!("{}", serde_json::to_string_pretty(&report).expect("reports serialise"));
-            ExitCode::SUCCESS
-        }
+        Ok(report) => print_out(&serde_json::to_string_pretty(&report).expect("reports serialise")),
         Err(error) => {
             eprintln!("liverec: {error}");
             ExitCode::FAILURE
@@ -220,10 +213,7 @@ fn token(user: &str, ttl: Option<u64>, config: Option<&std::path::Path>) -> Exit
     };
     let on = liverec::auth::AuthConfig { mode: liverec::auth::AuthMode::On, ..config.auth.clone() };
     match liverec::auth::Auth::new(&on, false) {
-        Ok(auth) => {
-            println!("{}", auth.mint(user, ttl.unwrap_or(config.auth.token_ttl_secs)));
-            ExitCode::SUCCESS
-        }
+        Ok(auth) => print_out(&auth.mint(user, ttl.unwrap_or(config.auth.token_ttl_secs))),
         Err(error) => {
             eprintln!("liverec: {error}");
             ExitCode::from(2)
@@ -268,14 +258,46 @@ fn serve_command(
     }
 }
 
+/// Writes `text` and a newline to stdout. A reader that has gone away (`liverec schema | head`)
+/// ends the command quietly, as any Unix filter does; `println!` would panic there.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("liverec: cannot write to stdout: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("liverec: {error:#}");
+            eprintln!("liverec: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text an outer message
+/// already carries (`cannot read x: <os error>` would otherwise repeat the OS error).
+fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// `train` and `eval`: offline work on a dataset, no server.

@@ -516,6 +516,6 @@ fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
     let handle = server.handle();
     let task = tokio::spawn(server);
     tracing::info!(max_connections, open_files = open_files.unwrap_or(0), "connection cap");
-    tracing::info!(addr = %bound, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
+    tracing::info!(addr = %bound, dashboard = %format!("http://{bound}/"), registry = %std::path::absolute(&config.model.registry_dir).unwrap_or_else(|_| config.model.registry_dir.clone()).display(), store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
     Ok(Http { addr: bound, handle, task })
 }

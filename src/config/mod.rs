@@ -43,10 +43,45 @@ pub const ENV_PREFIX: &str = "LIVEREC_";
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(String),
+    /// Each wrong setting, named the way the user wrote it (the variable or the file), with what
+    /// was expected: no figment internals or source locations.
     #[error("invalid configuration: {0}")]
-    Invalid(#[from] Box<figment::Error>),
+    Invalid(String),
     #[error("invalid configuration: {0}")]
     Value(String),
+}
+
+/// One line per error: where the setting came from (`LIVEREC_…` variable or file), its key, and
+/// what is wrong with it.
+fn describe(error: figment::Error, variables: &[(String, String)]) -> String {
+    use figment::error::Kind;
+    use figment::Source;
+    let list = |names: &[&str]| names.join(", ");
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let place = match variables.iter().rev().find(|(path, _)| *path == key) {
+                Some((_, variable)) => format!("{variable} (setting {key})"),
+                None => match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                    Some(Source::File(file)) => format!("setting {key} in {}", file.display()),
+                    _ => format!("setting {key}"),
+                },
+            };
+            let what = match &e.kind {
+                Kind::UnknownField(field, expected) => {
+                    format!("unknown key {field:?}; the keys here are {}", list(expected))
+                }
+                Kind::UnknownVariant(value, expected) => {
+                    format!("unknown value {value:?}; expected one of {}", list(expected))
+                }
+                Kind::MissingField(field) => format!("missing key {field:?}"),
+                other => other.to_string().replace('`', ""),
+            };
+            format!("{place}: {what}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,9 +150,11 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX) && (k.contains("__") || k == "LIVEREC_LISTEN"))
             .collect();
+        let mut variables = Vec::new();
         for (key, value) in env {
             let path = key[ENV_PREFIX.len()..].to_ascii_lowercase();
             let path = if path == "listen" { "server.listen".to_owned() } else { path.replace("__", ".") };
+            variables.push((path.clone(), key));
             // Parsed the way figment parses environment values: numbers, booleans, [arrays].
             let value: figment::value::Value = value.parse().unwrap_or_else(|never| match never {});
             figment = figment.merge(Serialized::default(&path, value));
@@ -125,7 +162,7 @@ impl Config {
         if let Some(listen) = overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
         }
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(describe(e, &variables)))?;
         config.check()?;
         Ok(config)
     }
@@ -248,6 +285,29 @@ mod tests {
         let err = Config::load_from(Some(&dir.join("missing.toml")), env(&[]), &Overrides::default())
             .expect_err("missing file");
         assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn a_bad_env_value_names_the_variable_and_the_expected_type() {
+        let err = Config::load_from(None, env(&[("LIVEREC_SESSION__HISTORY_LEN", "abc")]), &Overrides::default())
+            .expect_err("not a number");
+        let message = err.to_string();
+        assert!(message.contains("LIVEREC_SESSION__HISTORY_LEN"), "{message}");
+        assert!(message.contains("session.history_len"), "{message}");
+        assert!(message.contains("expected"), "{message}");
+        assert!(
+            !message.contains(".rs:") && !message.contains("figment") && !message.contains("default."),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_message_has_no_stray_backticks() {
+        let err = Config::load_from(None, env(&[("LIVEREC_SESSION__NO_SUCH_KEY", "1")]), &Overrides::default())
+            .expect_err("unknown env key");
+        let message = err.to_string();
+        assert!(message.contains("LIVEREC_SESSION__NO_SUCH_KEY"), "{message}");
+        assert!(!message.contains('`') && !message.contains(".rs:"), "{message}");
     }
 
     #[test]

@@ -70,7 +70,11 @@ fn install(config: &LogConfig, otel: Option<OtelLayer>) -> Result<(), tracing_su
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
     let fmt = match config.format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        // Colours only for a person at a terminal: a pipe or a log file gets plain text.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(true)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer().json().boxed(),
     };
     // The OpenTelemetry layer sits first, under the filter, so it sees the same spans the logs do.

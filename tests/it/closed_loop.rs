@@ -5,6 +5,7 @@
 //! users browse, has a first sequential version trained from the live window (admin retrain,
 //! gate against window popularity, canary, manual promotion), and then exercises one path.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -13,6 +14,11 @@ use liverec::sim::{SimConfig, SimControl};
 use serde_json::{json, Value};
 
 use crate::support::*;
+
+/// Most simulated lists one stage of the loop may take before the test fails: a budget of work,
+/// not of time. The server's own clocks (a 10 s drift window, a 40 s training budget, a 120 s
+/// canary) see at most 300 lists a second, so the slowest stage needs some 40,000.
+const STAGE_LISTS: u64 = 150_000;
 
 struct Loop {
     server: liverec::Server,
@@ -60,7 +66,8 @@ impl Loop {
             items: 400,
             categories: 8,
             rate: 300.0,
-            duration: std::time::Duration::from_secs(600),
+            // Ended by `stop`: a run that ends on the clock would starve a slow machine's waits.
+            duration: std::time::Duration::from_secs(24 * 3600),
             bucket: std::time::Duration::from_secs(1),
             workers: 8,
             seed: 11,
@@ -76,12 +83,36 @@ impl Loop {
         response.body
     }
 
+    /// Polls `check` until it returns `Some`. Fails when the loop stalls (no simulated list for
+    /// [`DEADLINE`]) or when `budget` more lists pass without it: never on the clock, so a
+    /// loaded machine only makes the test slower.
+    async fn until<T, F, Fut>(&self, what: &str, budget: u64, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let sim = &self.sim;
+        let limit = sim.lists().saturating_add(budget);
+        wait_for_progress(what, DEADLINE, || {
+            let pending = check();
+            async move {
+                if let Some(value) = pending.await {
+                    return Progress::Done(value);
+                }
+                let lists = sim.lists();
+                assert!(lists < limit, "no {what} after {budget} simulated lists");
+                Progress::Pending(lists)
+            }
+        })
+        .await
+    }
+
     /// The run with this number, once its outcome is one of `wanted`; any other final outcome
     /// fails the test with the whole loop state. A run waits for fresh traffic, trains and
-    /// canaries, all slower while the rest of the suite shares the cores: three deadlines.
+    /// canaries while the simulated users keep browsing.
     async fn run_outcome(&self, run: u64, wanted: &[&str]) -> Value {
         let what = format!("run {run} to end as one of {wanted:?}");
-        eventually_within(3 * DEADLINE, &what, || async move {
+        self.until(&what, STAGE_LISTS, || async move {
             let models = self.models().await;
             let record = models["runs"].as_array()?.iter().find(|r| r["run"] == run)?.clone();
             let outcome = record["outcome"].as_str()?.to_owned();
@@ -99,10 +130,9 @@ impl Loop {
     /// not the clock, paces the test.
     async fn traffic(&self, more: u64) {
         let target = self.sim.lists() + more;
-        eventually(
-            &format!("{more} more simulated steps"),
-            || async move { (self.sim.lists() >= target).then_some(()) },
-        )
+        self.until(&format!("{more} more simulated lists"), u64::MAX, || async move {
+            (self.sim.lists() >= target).then_some(())
+        })
         .await;
     }
 
@@ -133,7 +163,7 @@ impl Loop {
 
     /// Pre-shift CTR as the simulated users see it, once the monitor has a baseline for `version`.
     async fn steady_ctr(&self, version: &str) -> f64 {
-        eventually("a CTR baseline for the serving version", || async move {
+        self.until("a CTR baseline for the serving version", STAGE_LISTS, || async move {
             let report = get(&self.server, "/v1/monitor").await.body;
             report["variants"]
                 .as_array()?
@@ -163,10 +193,11 @@ async fn after_a_taste_shift_the_loop_retrains_canaries_promotes_and_ctr_recover
     assert!(before > 0.3, "the first version serves well before the shift: CTR {before}");
 
     lp.sim.shift_tastes();
-    let breach = eventually("drift detected after the shift", || async {
-        get(&lp.server, "/v1/monitor").await.body["breaches"].as_array()?.first().cloned()
-    })
-    .await;
+    let breach = lp
+        .until("drift detected after the shift", STAGE_LISTS, || async {
+            get(&lp.server, "/v1/monitor").await.body["breaches"].as_array()?.first().cloned()
+        })
+        .await;
     assert!(["input_drift", "concept_drift"].contains(&breach["kind"].as_str().unwrap_or_default()), "{breach}");
 
     let run = 2;
@@ -195,12 +226,13 @@ async fn after_a_taste_shift_the_loop_retrains_canaries_promotes_and_ctr_recover
     .await;
 
     // The users' click-through comes back.
-    let recovered = eventually("CTR back to 80 % of its pre-shift level", || async {
-        lp.traffic(300).await;
-        let now = lp.sim.recent_ctr(3.0);
-        (now >= 0.8 * before).then_some(now)
-    })
-    .await;
+    let recovered = lp
+        .until("CTR back to 80 % of its pre-shift level", STAGE_LISTS, || async {
+            lp.traffic(300).await;
+            let now = lp.sim.recent_ctr(3.0);
+            (now >= 0.8 * before).then_some(now)
+        })
+        .await;
     assert!(recovered >= 0.8 * before);
     assert!(metric(&lp.server, "liverec_rollout_promotions_total").await >= 2.0);
     assert_eq!(metric(&lp.server, "liverec_trainer_triggers_total{source=\"monitor\"}").await, 1.0);
@@ -256,7 +288,7 @@ async fn a_stationary_stream_raises_no_alarm() {
     let lp = Loop::start("steady", |_| {}).await;
     let v1 = lp.bootstrap().await;
     lp.steady_ctr(&v1).await;
-    eventually("the drift reference in place", || async {
+    lp.until("the drift reference in place", STAGE_LISTS, || async {
         get(&lp.server, "/v1/monitor").await.body["drift"]["popularity_psi"].as_f64()
     })
     .await;

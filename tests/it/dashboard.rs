@@ -47,6 +47,11 @@ async fn dashboard_page_and_assets_are_served_with_their_types() {
             .expect("GET");
         assert_eq!(again.status().as_u16(), 304, "{path} revalidates");
     }
+    // The key field claims nothing about auth: hidden until the server asks for a credential.
+    let page = client().get(server.url()).send().await.expect("GET").body().await.expect("body");
+    let page = String::from_utf8_lossy(&page);
+    assert!(!page.contains("(auth on)"), "the page does not say auth is on while it is off");
+    assert!(page.contains("id=\"credential\" hidden"), "the key field starts hidden");
     // The root route does not swallow unknown paths: they still get the JSON 404.
     let missing = get(&server, "/dashboard/missing.js").await;
     assert_eq!(missing.status, 404);

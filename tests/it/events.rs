@@ -169,3 +169,23 @@ fn the_published_event_schema_matches_the_code() {
         serde_json::from_str(include_str!("../../schemas/event.schema.json")).expect("schema file is JSON");
     assert_eq!(published, liverec::event::event_json_schema(), "run `liverec schema > schemas/event.schema.json`");
 }
+
+#[actix_rt::test]
+async fn an_event_without_context_keeps_the_last_known_device_and_country() {
+    let server = start(test_config()).await;
+    let context = json!({ "device": "mobile", "country": "FR" });
+    post_events(
+        &server,
+        json!({ "user_id": "roamer", "item_id": "item-0001", "event_type": "view", "context": context }),
+    )
+    .await;
+    post_events(&server, json!({ "user_id": "roamer", "item_id": "item-0002", "event_type": "view" })).await;
+    let stored = eventually("both events in the profile", || async {
+        let export = get(&server, "/v1/users/roamer/export").await.body;
+        (export["profile"]["interactions"].as_array()?.len() == 2).then_some(export)
+    })
+    .await;
+    assert_eq!(stored["profile"]["context"]["device"], "mobile", "{stored}");
+    assert_eq!(stored["profile"]["context"]["country"], "FR", "{stored}");
+    server.stop().await;
+}

@@ -86,3 +86,41 @@ async fn the_server_keeps_to_its_openapi_document() {
     assert!(stdout.contains(&tested), "expected {tested:?}:\n{stdout}");
     server.stop().await;
 }
+
+/// Every error `code` the HTTP layer can answer (the first string literal of each `ApiError`
+/// construction in `src/http/`) is listed in docs/api.md's status table.
+#[test]
+fn docs_api_lists_every_error_code_the_server_answers() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let docs = std::fs::read_to_string(format!("{root}/docs/api.md")).expect("docs/api.md");
+    let makers = ["ApiError::new(", "bad_request(", "unprocessable(", "not_found(", "unavailable("];
+    let mut missing = Vec::new();
+    let mut found = 0;
+    for entry in std::fs::read_dir(format!("{root}/src/http")).expect("src/http") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).expect("source");
+        for maker in makers {
+            for (at, _) in source.match_indices(maker) {
+                let call = &source[at + maker.len()..];
+                let call = &call[..call.find(')').unwrap_or(call.len()).min(160)];
+                let Some(start) = call.find('"') else { continue };
+                let rest = &call[start + 1..];
+                let code = &rest[..rest.find('"').unwrap_or(0)];
+                if code.is_empty() || !code.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    continue;
+                }
+                found += 1;
+                if !docs.contains(&format!("`{code}`")) {
+                    missing.push(format!("{code} ({})", path.display()));
+                }
+            }
+        }
+    }
+    assert!(found > 20, "the scan found the error codes: {found}");
+    missing.sort();
+    missing.dedup();
+    assert!(missing.is_empty(), "codes missing from docs/api.md: {missing:?}");
+}

@@ -105,9 +105,17 @@ pub(super) async fn open(scenario: &Scenario, target: &str, state: &Shared, prog
     }))
     .buffer_unordered(scenario.connect_concurrency);
     let tasks: Vec<actix_rt::task::JoinHandle<()>> = opening.filter_map(|r| std::future::ready(r.ok())).collect().await;
-    // Wait (bounded) until the server confirmed every subscription.
-    let ready_deadline = Instant::now() + Duration::from_secs(30 + expected_confirmations as u64 / 500);
-    while state.borrow().confirmed < expected_confirmations && Instant::now() < ready_deadline {
+    // Wait until the server confirmed every subscription, or until 30 s pass without a new one
+    // (a stall, not a rate: a slow machine only takes longer).
+    let (mut seen, mut moved) = (0, Instant::now());
+    loop {
+        let confirmed = state.borrow().confirmed;
+        if confirmed >= expected_confirmations || moved.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        if confirmed != seen {
+            (seen, moved) = (confirmed, Instant::now());
+        }
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_secs = connect_started.elapsed().as_secs_f64();

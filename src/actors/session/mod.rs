@@ -226,7 +226,7 @@ impl SessionActor {
             new_items.push(HistoryItem::of(&interaction, idx));
             update.interactions.push(interaction.clone());
             self.push_history(interaction, idx);
-            self.context = Some(event.context);
+            self.context = Some(carry_over(self.context.take(), event.context));
         }
         // The store keeps the latest context; send it only when it changed.
         if self.context != self.persisted_context {
@@ -570,4 +570,19 @@ impl Handler<MergeHistory> for SessionActor {
         }
         MessageResult(Applied { outcome, persisted: self.persist(update) })
     }
+}
+
+/// The context of an event, with what it leaves out (no device, no country, no attributes)
+/// taken from the last known one: an event without `context` does not make a phone "other".
+fn carry_over(previous: Option<EventContext>, mut new: EventContext) -> EventContext {
+    if let Some(previous) = previous {
+        if new.device == crate::event::Device::Other {
+            new.device = previous.device;
+        }
+        new.country = new.country.or(previous.country);
+        if new.attributes.is_empty() {
+            new.attributes = previous.attributes;
+        }
+    }
+    new
 }

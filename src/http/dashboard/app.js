@@ -16,13 +16,21 @@
 
   // With auth on, the operator pastes an admin API key (or a user's stream token) once; it stays
   // in this tab's sessionStorage and goes with every request (EventSource cannot set headers, so
-  // the stream takes it as access_token).
+  // the stream takes it as access_token). The field shows only once the server has asked for a
+  // credential (a 401) or one is stored: with auth off there is nothing to paste.
   const CREDENTIAL_KEY = "liverec.credential";
   const credential = () => sessionStorage.getItem(CREDENTIAL_KEY) || "";
   function authFetch(url, init = {}) {
     const headers = new Headers(init.headers || {});
     if (credential()) headers.set("authorization", `Bearer ${credential()}`);
-    return fetch(url, { ...init, headers });
+    return fetch(url, { ...init, headers }).then((response) => {
+      if (response.status === 401) showCredential();
+      return response;
+    });
+  }
+  function showCredential() {
+    const input = document.querySelector("#credential");
+    if (input) input.hidden = false;
   }
   function withToken(url) {
     return credential() ? `${url}${url.includes("?") ? "&" : "?"}access_token=${encodeURIComponent(credential())}` : url;
@@ -31,6 +39,7 @@
     const input = document.querySelector("#credential");
     if (!input) return;
     input.value = credential();
+    if (credential()) input.hidden = false;
     input.addEventListener("change", () => {
       if (input.value) sessionStorage.setItem(CREDENTIAL_KEY, input.value.trim());
       else sessionStorage.removeItem(CREDENTIAL_KEY);

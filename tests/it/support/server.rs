@@ -30,7 +30,9 @@ pub async fn start(config: Config) -> Server {
     Server::start(config).await.expect("server starts")
 }
 
-/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
+/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`]. For one state
+/// change that needs no amount of work (a flag flips, a reply arrives): a wait for an amount of
+/// work takes [`wait_for_progress`] instead.
 pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -39,8 +41,7 @@ where
     eventually_within(DEADLINE, what, check).await
 }
 
-/// [`eventually`] with a bound of its own, for a wait that spans several stages of work (a
-/// whole retraining run with its canary) on a machine shared with the rest of the suite.
+/// [`eventually`] with a bound of its own.
 pub async fn eventually_within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -53,5 +54,75 @@ where
         }
         assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a [`wait_for_progress`] check sees: done with a value, or not yet at a marker of how far
+/// the work has come (a count, a stage); any change of the marker is progress.
+pub enum Progress<T, M> {
+    Done(T),
+    Pending(M),
+}
+
+/// Polls `check` until it is [`Progress::Done`]. It fails only on a stall: when the marker has
+/// not moved for `stall`. However slow the machine, a wait that keeps moving keeps waiting;
+/// nothing here demands an amount of work within a time.
+pub async fn wait_for_progress<T, M, F, Fut>(what: &str, stall: Duration, mut check: F) -> T
+where
+    M: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Progress<T, M>>,
+{
+    let mut last: Option<M> = None;
+    let mut moved = Instant::now();
+    loop {
+        match check().await {
+            Progress::Done(value) => return value,
+            Progress::Pending(marker) => {
+                if last.as_ref() != Some(&marker) {
+                    last = Some(marker);
+                    moved = Instant::now();
+                }
+            }
+        }
+        assert!(
+            moved.elapsed() < stall,
+            "stalled waiting for {what}: no progress for {stall:?} (last seen at {last:?})"
+        );
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// The old deadline demanded an amount within a time; this one only a sign of life.
+    #[actix_rt::test]
+    async fn a_wait_that_keeps_moving_outlasts_its_stall_bound() {
+        let stall = Duration::from_secs(1);
+        let started = Instant::now();
+        let count = Cell::new(0u64);
+        let checks = wait_for_progress("a slow counter", stall, || {
+            count.set(count.get() + 1);
+            let value = count.get();
+            async move {
+                if started.elapsed() > 4 * stall {
+                    Progress::Done(value)
+                } else {
+                    Progress::Pending(value)
+                }
+            }
+        })
+        .await;
+        assert!(checks > 1);
+    }
+
+    #[actix_rt::test]
+    #[should_panic(expected = "stalled waiting for a stuck counter")]
+    async fn a_wait_that_stops_moving_fails() {
+        wait_for_progress("a stuck counter", Duration::from_millis(100), || async { Progress::<(), u64>::Pending(7) })
+            .await;
     }
 }
