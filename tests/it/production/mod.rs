@@ -2,5 +2,6 @@
 //! starts (`scripts/services up`); the helpers they share are in `support::services` and
 //! `support::restart`.
 
+mod erasure;
 mod failover;
 mod kafka;
