@@ -5,3 +5,4 @@
 mod erasure;
 mod failover;
 mod kafka;
+mod shutdown;
