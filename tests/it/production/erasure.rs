@@ -103,3 +103,21 @@ async fn erasing_users_under_load_never_stalls_consumption_for_the_others() {
     a.stop().await;
     b.stop().await;
 }
+
+/// While the Kafka consumer reports a stall (a batch not durable for 30 s, which sets
+/// `liverec_kafka_ingest_stalled`), `/readyz` says so with the reason, and stops saying it after.
+#[actix_rt::test]
+async fn a_stalled_ingest_makes_readyz_degraded_with_the_reason() {
+    let server = start(test_config()).await;
+    let ready = get(&server, "/readyz").await;
+    assert_eq!(ready.body["degraded"], json!(false), "{}", ready.body);
+    assert_eq!(ready.body["degraded_reasons"], json!([]), "{}", ready.body);
+    server.metrics.kafka_stalled.set(1);
+    let ready = get(&server, "/readyz").await;
+    assert_eq!(ready.body["degraded"], json!(true), "{}", ready.body);
+    assert_eq!(ready.body["degraded_reasons"], json!(["kafka_ingest_stalled"]), "{}", ready.body);
+    assert_eq!(metric(&server, "liverec_kafka_ingest_stalled").await, 1.0);
+    server.metrics.kafka_stalled.set(0);
+    assert_eq!(get(&server, "/readyz").await.body["degraded"], json!(false));
+    server.stop().await;
+}
