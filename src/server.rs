@@ -59,6 +59,8 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     arbiters: Vec<Arbiter>,
+    /// The Kafka consumer's thread, stopped first on a graceful stop (see [`Server::stop`]).
+    ingest_arbiter: Option<Arbiter>,
     /// Held so the supervisor restarts a failed consumer: actix restarts a supervised actor only
     /// while some address of it is alive.
     _kafka_ingest: Option<actix::Addr<KafkaIngestActor>>,
@@ -80,8 +82,7 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, shutdown_rx)?;
         let http = serve_http(&config, state)?;
-        let mut arbiters = threads.into_arbiters();
-        arbiters.extend(bus.ingest_arbiter);
+        let arbiters = threads.into_arbiters();
         Ok(Server {
             addr: http.addr,
             metrics,
@@ -89,6 +90,7 @@ impl Server {
             shutdown: shutdown_tx,
             task: http.task,
             arbiters,
+            ingest_arbiter: bus.ingest_arbiter,
             _kafka_ingest: bus.kafka_ingest,
         })
     }
@@ -106,6 +108,17 @@ impl Server {
         tokio::task::yield_now().await;
         self.handle.stop(true).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        // The Kafka consumer leaves the group before anything else stops: dropping it closes it,
+        // which revokes its partitions (waiting for in-flight batches, which needs the sessions
+        // and the store still running, and committing them) and tells the group at once, so
+        // another instance takes over now rather than after the session timeout.
+        if let Some(ingest) = self.ingest_arbiter {
+            ingest.stop();
+            let joined = tokio::task::spawn_blocking(move || ingest.join());
+            if tokio::time::timeout(Duration::from_secs(30), joined).await.is_err() {
+                tracing::warn!("the kafka consumer did not close within 30 s; the group will time it out");
+            }
+        }
         for arbiter in self.arbiters {
             arbiter.stop();
         }

@@ -16,7 +16,6 @@ use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::messages::ApplyEvents;
 use super::registry::SessionRegistry;
 use crate::bus::EventBatch;
 use crate::event::{Event, UserId};
@@ -62,27 +61,16 @@ fn by_user(events: Vec<Event>) -> Vec<(UserId, Vec<Event>)> {
 impl StreamHandler<EventBatch> for IngestActor {
     fn handle(&mut self, batch: EventBatch, ctx: &mut Self::Context) {
         let (received, span) = (batch.received, batch.span);
-        let sends: Vec<_> = by_user(batch.events)
-            .into_iter()
-            .map(|(user, events)| {
-                let (_, session) = self.registry.session(&user);
-                session.apply.send(ApplyEvents { events, received, span: span.clone() })
-            })
-            .collect();
-        let partition = self.partition;
+        let registry = self.registry.clone();
         // Wait (blocking this actor's stream, not the thread) until every session has the events.
+        // `apply` completes every user's part, on a fresh session if the first one stopped (an
+        // erasure in progress), so an accepted event is never dropped unanswered.
         let applied = async move {
-            let mut persisted = Vec::with_capacity(sends.len());
-            let mut failed = 0;
-            for result in join_all(sends).await {
-                match result {
-                    Ok(applied) => persisted.push(applied.persisted),
-                    Err(_) => failed += 1,
-                }
-            }
-            if failed > 0 {
-                tracing::error!(partition, failed, "sessions stopped before applying events");
-            }
+            let applies = by_user(batch.events).into_iter().map(|(user, events)| {
+                let (registry, span) = (registry.clone(), span.clone());
+                async move { registry.apply(&user, None, events, received, span).await.persisted }
+            });
+            let persisted = join_all(applies).await;
             join_all(persisted).await;
         };
         ctx.wait(applied.into_actor(self));

@@ -37,7 +37,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::messages::{ApplyEvents, Reload};
+use super::messages::Reload;
 use super::registry::SessionRegistry;
 use crate::bus::codec;
 use crate::bus::kafka::{wall_micros, CONTROL_HEADER, CONTROL_RELOAD, RECEIVED_HEADER};
@@ -54,6 +54,8 @@ struct InFlight {
     records: usize,
     done: JoinAll<Persisted>,
     finished: bool,
+    /// When the batch was consumed (its age says whether ingest is stalled).
+    since: Instant,
 }
 
 impl InFlight {
@@ -72,6 +74,11 @@ impl InFlight {
 }
 
 type Queue = Arc<Mutex<VecDeque<InFlight>>>;
+
+/// A batch unfinished for this long means ingest cannot progress: a healthy one finishes within
+/// the store's write latency, and even a store outage is retried well within it. Long enough that
+/// a slow burst is not reported, short enough that an operator hears before the lag is large.
+const STALL_AFTER: Duration = Duration::from_secs(30);
 
 /// Consumer context: reacts to rebalances.
 struct IngestContext {
@@ -243,8 +250,12 @@ impl Consume {
         tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "kafka consumer started");
         let max_inflight = self.config.max_inflight_events.max(1);
         let mut paused = false;
+        let mut stalled = false;
+        // Wakes the loop while nothing arrives, so a stall is seen even when nothing else moves.
+        let mut tick = actix_rt::time::interval(Duration::from_secs(1));
         loop {
             self.store_finished(&consumer, &queue);
+            self.watch_stall(&queue, &mut stalled);
             let inflight: usize = queue.lock().iter().map(|b| b.records).sum();
             if !paused && inflight >= max_inflight {
                 consumer.pause(&consumer.assignment()?)?;
@@ -288,7 +299,31 @@ impl Consume {
                     queue.lock().push_back(batch);
                 }
                 () = head_done => {}
+                _ = tick.tick() => {}
             }
+        }
+    }
+
+    /// Publishes the age of the oldest unfinished batch, and says once, in the log, the metric and
+    /// (through it) `/readyz`, when ingest stalls and when it recovers.
+    fn watch_stall(&self, queue: &Queue, stalled: &mut bool) {
+        let (age, records) =
+            queue.lock().front().map(|b| (b.since.elapsed(), b.records)).unwrap_or((Duration::ZERO, 0));
+        self.metrics.kafka_oldest_batch_seconds.set(age.as_secs() as i64);
+        let now_stalled = age >= STALL_AFTER;
+        if now_stalled == *stalled {
+            return;
+        }
+        *stalled = now_stalled;
+        self.metrics.kafka_stalled.set(i64::from(now_stalled));
+        if now_stalled {
+            tracing::error!(
+                age_s = age.as_secs(),
+                records,
+                "kafka ingest stalled: a batch is not applied and durable; no later offset is committed"
+            );
+        } else {
+            tracing::warn!("kafka ingest progresses again");
         }
     }
 
@@ -360,27 +395,29 @@ impl Consume {
         for letter in dead {
             persisted.push(self.dead_letter(letter));
         }
-        let sends: Vec<_> = by_user
+        let applies: Vec<_> = by_user
             .into_iter()
             .map(|(user, partition, events, received)| {
-                let (_, session) = self.registry.session_on_partition(&user, partition);
-                session.apply.send(ApplyEvents { events, received, span: span.clone() })
+                let registry = self.registry.clone();
+                let span = span.clone();
+                async move { registry.apply(&user, Some(partition), events, received, span).await }
             })
             .collect();
-        for result in join_all(sends).await {
-            match result {
-                Ok(applied) => persisted.push(applied.persisted),
-                // The session stopped before applying (it was released): never acknowledge.
-                Err(_) => persisted.push(Box::pin(std::future::pending())),
-            }
+        for applied in join_all(applies).await {
+            persisted.push(applied.persisted);
         }
         for (user, partition) in reloads {
             let (_, session) = self.registry.session_on_partition(&user, partition);
-            if session.reload.send(Reload).await.is_err() {
-                persisted.push(Box::pin(std::future::pending()));
-            }
+            // A session that stopped meanwhile needs no reload: the next one loads the store.
+            let _ = session.reload.send(Reload).await;
         }
-        InFlight { offsets: offsets.into_iter().collect(), records: count, done: join_all(persisted), finished: false }
+        InFlight {
+            offsets: offsets.into_iter().collect(),
+            records: count,
+            done: join_all(persisted),
+            finished: false,
+            since: Instant::now(),
+        }
     }
 
     /// Produces a bad record to the dead-letter topic; resolves once the broker has it.

@@ -16,11 +16,11 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::messages::{
-    ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, Snapshot, TakeHistory,
+    Applied, ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, Snapshot, TakeHistory,
 };
 use super::SessionDeps;
 use crate::bus::partition_of;
-use crate::event::UserId;
+use crate::event::{Event, UserId};
 use crate::recs::{RecList, RecUpdate};
 use crate::store::UpdateFanout;
 
@@ -226,6 +226,42 @@ impl SessionRegistry {
             }
         }
         released
+    }
+
+    /// Applies `events` to the user's session and answers what it applied. A session can stop
+    /// with the events still in its mailbox (an erasure or a merge stops it, an idle one is
+    /// evicted, a revoked partition releases it); its mailbox is then dropped unanswered. The
+    /// events go to a fresh session instead, which rebuilds from the store (and its tombstone),
+    /// so the batch always completes: applied, or skipped as erased and counted there. Waiting
+    /// on an answer that never comes instead would block every later offset of a Kafka
+    /// partition. `partition` is the Kafka partition the events came from, if any.
+    pub async fn apply(
+        self: &Arc<Self>,
+        user: &UserId,
+        partition: Option<i32>,
+        events: Vec<Event>,
+        received: std::time::Instant,
+        span: tracing::Span,
+    ) -> Applied {
+        let mut delay = std::time::Duration::ZERO;
+        loop {
+            let (_, session) = match partition {
+                Some(partition) => self.session_on_partition(user, partition),
+                None => self.session(user),
+            };
+            let message = ApplyEvents { events: events.clone(), received, span: span.clone() };
+            match session.apply.send(message).await {
+                Ok(applied) => return applied,
+                Err(error) => {
+                    self.deps.metrics.session_apply_retries.inc();
+                    tracing::debug!(user = %user, error = %error, "session stopped before applying; retrying on a fresh one");
+                    // A session that stops again at once (an erasure in progress) is retried with a
+                    // short, capped backoff rather than in a tight loop.
+                    actix_rt::time::sleep(delay).await;
+                    delay = (delay * 2).clamp(std::time::Duration::from_millis(5), std::time::Duration::from_secs(1));
+                }
+            }
+        }
     }
 
     pub fn set_assigned(&self, partitions: Vec<i32>) {
@@ -488,6 +524,56 @@ mod tests {
         assert_eq!(started.load(Ordering::SeqCst), 1);
         assert!(handles.iter().all(|h| h.release == handles[0].release));
         assert_eq!(registry.len(), 1);
+    }
+
+    /// A session that stops as an erasure stops it: with the events in its mailbox, unanswered.
+    struct StopsOnApply;
+
+    impl Actor for StopsOnApply {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ApplyEvents> for StopsOnApply {
+        type Result = ResponseActFuture<Self, Applied>;
+        fn handle(&mut self, _msg: ApplyEvents, ctx: &mut Context<Self>) -> Self::Result {
+            ctx.stop();
+            // Never answered: the stopping actor drops it, as it drops the rest of its mailbox.
+            Box::pin(fut::wrap_future(std::future::pending()))
+        }
+    }
+
+    impl Handler<Release> for StopsOnApply {
+        type Result = ();
+        fn handle(&mut self, _msg: Release, ctx: &mut Context<Self>) {
+            ctx.stop();
+        }
+    }
+
+    #[actix_rt::test]
+    async fn events_sent_to_a_session_that_stops_unanswered_are_applied_on_a_fresh_one() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let applied_by_idle = Arc::new(AtomicUsize::new(0));
+        let (counting, applied) = (started.clone(), applied_by_idle.clone());
+        let start: StartSession = Arc::new(move |arbiter, _hub, _registry| {
+            // The first session stops on its first batch; the next ones apply.
+            if counting.fetch_add(1, Ordering::SeqCst) == 0 {
+                let addr = StopsOnApply::start_in_arbiter(arbiter, |_| StopsOnApply);
+                let idle = idle_handle(Idle.start());
+                return SessionHandle { apply: addr.clone().recipient(), release: addr.recipient(), ..idle };
+            }
+            applied.fetch_add(1, Ordering::SeqCst);
+            idle_handle(Idle::start_in_arbiter(arbiter, |_| Idle))
+        });
+        let registry = SessionRegistry::new(deps(), vec![Arbiter::current()], start);
+        let user = UserId::from("u1");
+        let apply = registry.apply(&user, Some(3), Vec::new(), std::time::Instant::now(), tracing::Span::none());
+        let applied = actix_rt::time::timeout(std::time::Duration::from_secs(60), apply)
+            .await
+            .expect("the batch completes instead of waiting forever on the stopped session");
+        applied.persisted.await;
+        assert_eq!(started.load(Ordering::SeqCst), 2, "one fresh session took the events");
+        assert_eq!(applied_by_idle.load(Ordering::SeqCst), 1);
+        assert_eq!(registry.deps.metrics.session_apply_retries.get(), 1);
     }
 
     #[actix_rt::test]

@@ -2,6 +2,7 @@
 //! before anything is published, so an invalid batch applies nothing; then it is handed to the
 //! event bus, and `202` means the bus accepted all of it.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -13,7 +14,7 @@ use super::body::{decode_json, read_json_body};
 use super::error::{json_error, ApiError, ErrorBody};
 use super::state::AppState;
 use crate::bus::EventBatch;
-use crate::event::{now_ms, Event, EventId, EventIn};
+use crate::event::{now_ms, Event, EventId, EventIn, UserId};
 use crate::telemetry::Counter;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -23,11 +24,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// The answer to an accepted batch.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Accepted {
-    /// How many events were accepted (all of the batch).
+    /// How many events were accepted: the batch less those listed in `erased`.
     pub accepted: usize,
-    /// Their ids, in order (assigned by the server where the event had none).
+    /// The ids of the batch's events, in order (assigned by the server where the event had
+    /// none), refused ones included so that indexes match the request.
     #[schema(value_type = Vec<String>)]
     pub event_ids: Vec<EventId>,
+    /// Indexes (in the request) of events refused because their user was erased at or after
+    /// their timestamp: they are never applied. Absent when none was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erased: Option<Vec<usize>>,
 }
 
 /// The request body of `POST /v1/events`, for the OpenAPI document only: the handler decodes
@@ -57,6 +63,7 @@ pub enum EventsBody {
         (status = 202, description = "Every event of the batch was accepted", body = Accepted),
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 403, description = "The credential may not post events (of this user)", body = ErrorBody),
+        (status = 409, description = "Every event of the batch is for an erased user and dated at or before the erasure (`user_erased`); nothing is applied", body = ErrorBody),
         (status = 413, description = "The body or the batch is larger than the limit", body = ErrorBody),
         (status = 422, description = "An event is invalid; `field` names it, e.g. `[3].item_id`", body = ErrorBody),
     )
@@ -143,7 +150,30 @@ fn validate_ids(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {
     }
 }
 
-/// Publishes validated events; on success every one of them is accepted.
+/// Indexes of `events` that an erasure of their user covers (dated at or before its tombstone):
+/// sessions never apply them, so the client is told instead of getting a silent 202. A store
+/// that cannot answer refuses nothing here; the session still skips what the tombstone covers.
+async fn erased_indexes(state: &AppState, events: &[(UserId, i64)]) -> Vec<usize> {
+    let mut tombstones: HashMap<&UserId, Option<i64>> = HashMap::new();
+    let mut erased = Vec::new();
+    for (i, (user, timestamp)) in events.iter().enumerate() {
+        let at = match tombstones.get(user) {
+            Some(at) => *at,
+            None => {
+                let at = state.store.tombstone(user).await.unwrap_or(None);
+                tombstones.insert(user, at);
+                at
+            }
+        };
+        if at.is_some_and(|at| *timestamp <= at) {
+            erased.push(i);
+        }
+    }
+    erased
+}
+
+/// Publishes validated events, less those an erasure of their user covers (listed in the
+/// answer, or `409 user_erased` when that is all of them).
 pub async fn publish(
     state: &AppState,
     events: Vec<Event>,
@@ -151,16 +181,41 @@ pub async fn publish(
     counter: &Counter,
 ) -> Result<Accepted, ApiError> {
     let event_ids: Vec<EventId> = events.iter().map(|e| e.event_id.clone()).collect();
+    let stamps =
+        |events: &[Event]| -> Vec<(UserId, i64)> { events.iter().map(|e| (e.user_id.clone(), e.timestamp)).collect() };
+    let mut erased = erased_indexes(state, &stamps(&events)).await;
+    if erased.len() == events.len() {
+        state.metrics.privacy_skipped.add(erased.len() as u64);
+        let field = if events.len() == 1 { "timestamp".to_owned() } else { "[0].timestamp".to_owned() };
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::CONFLICT,
+            "user_erased",
+            "the user was erased at or after the time of every event of the batch; nothing was applied",
+        )
+        .with_field(field));
+    }
+    let total = events.len();
+    let (events, kept): (Vec<Event>, Vec<usize>) =
+        events.into_iter().enumerate().filter(|(i, _)| !erased.contains(i)).map(|(i, e)| (e, i)).unzip();
     let count = events.len();
     let span = tracing::info_span!("receive", events = count, trace_id = tracing::field::Empty);
     crate::telemetry::record_trace_id(&span);
+    // Kept to see whether an erasure landed while the batch was being published.
+    let published = stamps(&events);
     let batch = EventBatch { events, received, span: span.clone() };
     if let Err(error) = state.bus.publish(batch).instrument(span.clone()).await {
         state.metrics.ingest_shed.inc();
         return Err(error.into());
     }
+    // An erasure of the user that completed meanwhile, dated after an event, makes the session
+    // skip it: say so rather than count it accepted.
+    let late = erased_indexes(state, &published).await;
+    erased.extend(late.iter().map(|&i| kept[i]));
+    erased.sort_unstable();
+    state.metrics.privacy_skipped.add((total - count) as u64);
     counter.add(count as u64);
     state.metrics.stage_receive_seconds.observe_duration(received.elapsed());
     span.in_scope(|| tracing::debug!(events = count, "events accepted"));
-    Ok(Accepted { accepted: count, event_ids })
+    let accepted = total - erased.len();
+    Ok(Accepted { accepted, event_ids, erased: (!erased.is_empty()).then_some(erased) })
 }

@@ -41,8 +41,12 @@ pub struct Readiness {
     bus: String,
     /// False when state lives in this process's memory only (the embedded default).
     durable: bool,
-    /// True while the store is unreachable and writes are being retried.
+    /// True while the store is unreachable and writes are being retried, or Kafka ingest is
+    /// stalled; `degraded_reasons` says which.
     degraded: bool,
+    /// `store_unreachable`, `kafka_ingest_stalled` (a consumed batch has not become durable for
+    /// 30 s: no later offset is committed); empty when not degraded.
+    degraded_reasons: Vec<&'static str>,
     catalog_items: usize,
     /// Users with a session on this instance.
     users: usize,
@@ -66,12 +70,20 @@ pub struct Readiness {
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let shutting_down = *state.shutdown.borrow();
+    let mut reasons = Vec::new();
+    if state.store.degraded() {
+        reasons.push("store_unreachable");
+    }
+    if state.metrics.kafka_stalled.get() > 0 {
+        reasons.push("kafka_ingest_stalled");
+    }
     let body = Readiness {
         status: if shutting_down { "shutting_down" } else { "ready" },
         store: state.store.kind(),
         bus: format!("{:?}", state.config.bus.kind).to_lowercase(),
         durable: state.store.kind() != "memory",
-        degraded: state.store.degraded(),
+        degraded: !reasons.is_empty(),
+        degraded_reasons: reasons,
         catalog_items: state.catalog.len(),
         users: state.registry.len(),
         kafka_partitions: state.registry.assigned(),

@@ -524,7 +524,10 @@ impl Socket {
         }
         match publish(&state, events, received, &state.metrics.ingest_events_ws).await {
             Ok(accepted) => {
-                let ack = json!({ "type": "ack", "accepted": accepted.accepted, "event_ids": accepted.event_ids });
+                let mut ack = json!({ "type": "ack", "accepted": accepted.accepted, "event_ids": accepted.event_ids });
+                if let Some(erased) = accepted.erased {
+                    ack["erased"] = json!(erased);
+                }
                 self.send(ack.to_string()).await
             }
             Err(error) => self.send_failure(error).await,

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub eventlog_events: Gauge,
     /// Events applied to a session, and repeats of an event id skipped.
     pub session_applied: Counter,
+    /// Events re-sent to a fresh session because the one they reached stopped unanswered.
+    pub session_apply_retries: Counter,
     pub session_duplicates: Counter,
     pub sessions_active: Gauge,
     pub sessions_started: Counter,
@@ -95,6 +97,10 @@ pub struct Metrics {
     pub kafka_errors: Counter,
     /// Records behind the end of the partitions this instance consumes (from librdkafka statistics).
     pub kafka_lag: Gauge,
+    /// Age of the oldest consumed batch not yet durable (0 when none waits), and 1 while that age
+    /// is past the stall threshold (`/readyz` reports it).
+    pub kafka_oldest_batch_seconds: Gauge,
+    pub kafka_stalled: Gauge,
     /// Lists received from other instances and forwarded to local subscribers.
     pub fanout_received: Counter,
     /// Served lists, attributed clicks and conversions, monitor breaches, reports refused.
@@ -194,6 +200,10 @@ impl Default for Metrics {
                 "Events in the retained event log (the training window) of this instance.",
             ),
             session_applied: r.counter("liverec_session_applied_events_total", "Events applied to a user session."),
+            session_apply_retries: r.counter(
+                "liverec_session_apply_retries_total",
+                "Batches re-sent to a fresh session because the one they reached stopped before answering.",
+            ),
             session_duplicates: r.counter(
                 "liverec_session_duplicate_events_total",
                 "Events skipped because their event_id was already applied.",
@@ -267,6 +277,14 @@ impl Default for Metrics {
             kafka_lag: r.gauge(
                 "liverec_kafka_consumer_lag_records",
                 "Records behind the end of the partitions this instance consumes.",
+            ),
+            kafka_oldest_batch_seconds: r.gauge(
+                "liverec_kafka_oldest_unfinished_batch_seconds",
+                "Age of the oldest consumed batch whose events are not yet applied and durable (0: none).",
+            ),
+            kafka_stalled: r.gauge(
+                "liverec_kafka_ingest_stalled",
+                "1 while the oldest unfinished batch is older than the stall threshold, else 0.",
             ),
             fanout_received: r
                 .counter("liverec_fanout_received_total", "Lists received from other instances for local subscribers."),
@@ -444,6 +462,9 @@ mod tests {
         m.kafka_restarts.add(42);
         m.kafka_errors.add(43);
         m.kafka_lag.set(44);
+        m.kafka_oldest_batch_seconds.set(44);
+        m.kafka_stalled.set(1);
+        m.session_apply_retries.add(11);
         m.fanout_received.add(45);
         m.monitor_impressions.add(46);
         m.monitor_clicks.add(47);

@@ -133,10 +133,12 @@ async fn an_erased_user_is_gone_streams_close_and_replays_are_skipped() {
     assert!(sse.next_event().await.is_none(), "and ends");
     assert_eq!(ws.next_of_type("erased").await["user_id"], "erin");
 
-    // Nothing is left, and a replay of the old events applies nothing.
+    // Nothing is left, and a replay of the old events applies nothing, and says so.
     let gone = export(&server).await;
     assert_eq!(interactions(&gone), 0, "{gone}");
-    post_events(&server, history).await;
+    let replay = post_json(&server, "/v1/events", &history).await;
+    assert_eq!(replay.status, 409, "{}", replay.body);
+    assert_eq!(replay.body["error"]["code"], "user_erased", "{}", replay.body);
     eventually("the replayed events skipped", || async {
         (metric(&server, "liverec_privacy_skipped_events_total").await == 3.0).then_some(())
     })
@@ -150,5 +152,38 @@ async fn an_erased_user_is_gone_streams_close_and_replays_are_skipped() {
     let unknown =
         client().delete(format!("{}/v1/users/{}", server.url(), "x".repeat(10_000))).send().await.expect("delete");
     assert_eq!(unknown.status(), 400, "ids are validated");
+    server.stop().await;
+}
+
+/// An event dated before its user's erasure, posted after it, is never applied; the client is
+/// told which ones in the answer (`erased`: indexes in the batch), or with `409 user_erased` when
+/// that is the whole batch, instead of a 202 for events that silently vanish.
+#[actix_rt::test]
+async fn late_events_for_an_erased_user_are_refused_and_named_in_the_answer() {
+    let server = start(test_config()).await;
+    post_events(&server, old_event("l1", "item-0001", liverec::event::now_ms() - 1_000)).await;
+    eventually("the event stored", || async { (interactions(&export(&server).await) == 1).then_some(()) }).await;
+    let response = client().delete(format!("{}/v1/users/erin", server.url())).send().await.expect("delete");
+    assert_eq!(response.status(), 200);
+    let before = liverec::event::now_ms() - 10_000;
+
+    let one = post_json(&server, "/v1/events", &old_event("l2", "item-0002", before)).await;
+    assert_eq!(one.status, 409, "{}", one.body);
+    assert_eq!(one.body["error"]["code"], "user_erased");
+    assert_eq!(one.body["error"]["field"], "timestamp");
+
+    let mixed = json!([
+        event("frank", "item-0003", "view"),
+        old_event("l3", "item-0004", before),
+        { "event_id": "l4", "user_id": "erin", "item_id": "item-0005", "event_type": "view" }
+    ]);
+    let accepted = post_events(&server, mixed).await;
+    assert_eq!(accepted["accepted"], 2, "{accepted}");
+    assert_eq!(accepted["erased"], json!([1]), "{accepted}");
+    assert_eq!(accepted["event_ids"].as_array().map(Vec::len), Some(3), "indexes match the request");
+    // The event dated after the erasure counts: erin has exactly it.
+    eventually("the new event stored", || async { (interactions(&export(&server).await) == 1).then_some(()) }).await;
+    let history = export(&server).await;
+    assert_eq!(history["profile"]["interactions"][0]["event_id"], "l4", "{history}");
     server.stop().await;
 }
