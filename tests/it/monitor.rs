@@ -124,7 +124,13 @@ async fn clicks_never_outnumber_impressions() {
         json!({ "user_id": "bob", "item_id": shown[2], "event_type": "view" }),
         json!({ "user_id": "bob", "item_id": shown[3], "event_type": "click" }),
     ] {
+        // Each event publishes a new list to nobody; wait for it, as a user between clicks would.
+        let published = metric(&server, "liverec_push_updates_total").await;
         post_events(&server, event).await;
+        eventually("the list after the event", || async {
+            (metric(&server, "liverec_push_updates_total").await > published).then_some(())
+        })
+        .await;
     }
     let variant = eventually("all five events reach the monitor", || async {
         let report = report(&server).await;
