@@ -301,6 +301,13 @@ mod tests {
         assert_eq!(decode(b"{nope", &limits(), 0).expect_err("json").code(), "malformed_json");
         assert_eq!(decode(&[0, 0, 0, 0, 9, 1], &limits(), 0).expect_err("schema").code(), "unknown_schema");
         assert_eq!(decode(&[0, 0, 0, 0, 1, 200], &limits(), 0).expect_err("avro").code(), "malformed_avro");
+        // A Kafka record with a value out of its range goes to the dead-letter topic like any
+        // other invalid event.
+        let extreme = EventIn { event_type: EventType::Rating, value: Some(1e9), ..wire() };
+        let record = serde_json::to_vec(&extreme).expect("json");
+        assert_eq!(decode(&record, &limits(), 0).expect_err("out of range").code(), "invalid_event");
+        let positional = br#"["u", "i", "click"]"#;
+        assert_eq!(decode(positional, &limits(), 0).expect_err("an array").code(), "invalid_event");
         let empty_user = EventIn { user_id: String::new(), ..wire() };
         let record = serde_json::to_vec(&empty_user).expect("json");
         assert_eq!(decode(&record, &limits(), 0).expect_err("invalid").code(), "invalid_event");
