@@ -2,9 +2,14 @@
 //! it enters (REST and WebSocket bodies, paths, Kafka records, stream tokens), by
 //! `u_` + the first 32 hex digits of HMAC-SHA-256(`privacy.salt`, id). Only pseudonyms reach the
 //! session, the profile store, the event log, the monitor and the logs; the same id always maps
-//! to the same pseudonym, so clients keep using their own ids. An id that already has the
-//! pseudonym's shape (`u_` and 32 lowercase hex digits) is taken as one, so producers that
-//! pseudonymise upstream (with the same salt) and liverec agree.
+//! to the same pseudonym, so clients keep using their own ids.
+//!
+//! Every id that enters is mapped, including one that already has a pseudonym's shape (`u_` and
+//! 32 lowercase hex digits): taking such an id as it is would let anyone who learns alice's
+//! pseudonym (from a log, a token, the store) read and post as alice by sending it as a raw id.
+//! The one place an id is already liverec's own is a record liverec itself produced to Kafka; it
+//! carries the `liverec-pseudonymized` header and the consumer keeps its id
+//! ([`crate::bus::kafka::PSEUDONYMIZED_HEADER`]).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -28,6 +33,7 @@ impl std::fmt::Debug for Pseudonyms {
     }
 }
 
+#[cfg(test)]
 fn is_pseudonym(id: &str) -> bool {
     id.len() == 34 && id.starts_with("u_") && id[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -46,14 +52,14 @@ impl Pseudonyms {
     /// The id liverec keeps for `raw`.
     pub fn user(&self, raw: &str) -> UserId {
         match &self.key {
-            Some(key) if !is_pseudonym(raw) => {
+            Some(key) => {
                 let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
                 mac.update(raw.as_bytes());
                 let digest = mac.finalize().into_bytes();
                 let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
                 UserId::from(format!("u_{hex}").as_str())
             }
-            _ => UserId::from(raw),
+            None => UserId::from(raw),
         }
     }
 }
@@ -63,7 +69,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pseudonyms_are_stable_keyed_and_idempotent() {
+    fn pseudonyms_are_stable_and_keyed() {
         let config =
             |on: bool, salt: &str| PrivacyConfig { pseudonymize: on, salt: salt.into(), tombstone_ttl_secs: 0 };
         let on = |salt: &str| Pseudonyms::new(&config(true, salt)).expect("on");
@@ -72,7 +78,8 @@ mod tests {
         assert!(is_pseudonym(p.as_str()) && !p.as_str().contains("alice"), "{p:?}");
         assert_eq!(a.user("alice@example.com"), p, "stable");
         assert_ne!(b.user("alice@example.com"), p, "keyed by the salt");
-        assert_eq!(a.user(p.as_str()), p, "a pseudonym maps to itself");
+        assert!(is_pseudonym(a.user(p.as_str()).as_str()));
+        assert_ne!(a.user(p.as_str()), p, "an id shaped like a pseudonym is mapped too");
         let off = Pseudonyms::new(&config(false, "")).expect("off");
         assert_eq!(off.user("alice").as_str(), "alice");
         assert!(Pseudonyms::new(&config(true, "short")).is_err());

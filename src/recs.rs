@@ -57,6 +57,9 @@ pub struct RecUpdate {
     pub ws: ByteString,
     /// When this process published it (for the push-stage latency).
     pub published: std::time::Instant,
+    /// Whether the list has been reported to the monitor as an impression: a list is one
+    /// impression however often it is shown, and only a shown list can be clicked.
+    shown: std::sync::atomic::AtomicBool,
 }
 
 impl RecUpdate {
@@ -70,6 +73,22 @@ impl RecUpdate {
             sse: Bytes::from(sse),
             ws: ByteString::from(ws),
             published: std::time::Instant::now(),
+            shown: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the list shown; true the first time only (the one impression it counts).
+    pub fn show(&self) -> bool {
+        !self.shown.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Takes back a [`RecUpdate::show`] whose impression could not be reported.
+    pub fn unshow(&self) {
+        self.shown.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the list has been shown (reported as an impression).
+    pub fn is_shown(&self) -> bool {
+        self.shown.load(std::sync::atomic::Ordering::Acquire)
     }
 }

@@ -15,7 +15,13 @@ const MAX_TIMESTAMP: i64 = NOW + 86_400_000;
 /// that event id must pass the same limit when the record is read back from Kafka. Keys may be
 /// 12: Avro schema 2's `session_id` becomes the attribute `session_id` (10).
 pub fn limits() -> EventLimits {
-    EventLimits { max_id_len: 36, max_context_attributes: 3, max_context_key_len: 12, max_context_value_len: 16 }
+    EventLimits {
+        max_id_len: 36,
+        max_context_attributes: 3,
+        max_context_key_len: 12,
+        max_context_value_len: 16,
+        ..EventLimits::default()
+    }
 }
 
 fn check_id(what: &str, id: &str, max_len: usize) {
@@ -34,6 +40,8 @@ pub fn check_event(event: &Event, limits: &EventLimits) {
     }
     if let Some(value) = event.value {
         assert!(value.is_finite(), "value {value} is not finite");
+        let (low, high, _) = limits.value_range(event.event_type);
+        assert!((low..=high).contains(&value), "value {value} outside {low}..={high}");
     }
     assert!((0..=MAX_TIMESTAMP).contains(&event.timestamp), "timestamp {} out of range", event.timestamp);
     assert_eq!((event.context.hour, event.context.weekday), hour_and_weekday(event.timestamp));

@@ -88,8 +88,13 @@ mod tests {
 
     #[test]
     fn groups_keep_order() {
-        let limits =
-            EventLimits { max_id_len: 8, max_context_attributes: 0, max_context_key_len: 1, max_context_value_len: 1 };
+        let limits = EventLimits {
+            max_id_len: 8,
+            max_context_attributes: 0,
+            max_context_key_len: 1,
+            max_context_value_len: 1,
+            ..EventLimits::default()
+        };
         let ev = |u: &str, i: &str| EventIn::new(u, i, EventType::View).validate(&limits, 1).expect("valid");
         let groups = by_user(vec![ev("b", "1"), ev("a", "2"), ev("b", "3")]);
         let shape: Vec<(String, Vec<String>)> =

@@ -40,7 +40,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::messages::Reload;
 use super::registry::SessionRegistry;
 use crate::bus::codec;
-use crate::bus::kafka::{wall_micros, CONTROL_HEADER, CONTROL_RELOAD, RECEIVED_HEADER};
+use crate::bus::kafka::{wall_micros, CONTROL_HEADER, CONTROL_RELOAD, PSEUDONYMIZED_HEADER, RECEIVED_HEADER};
 use crate::config::KafkaConfig;
 use crate::event::{now_ms, Event, UserId};
 use crate::store::Persisted;
@@ -362,7 +362,9 @@ impl Consume {
             }
             match codec::decode(record.payload().unwrap_or_default(), &self.limits, now) {
                 Ok(mut event) => {
-                    event.user_id = self.registry.deps.pseudonyms.user(event.user_id.as_str());
+                    if !is_pseudonymized(record) {
+                        event.user_id = self.registry.deps.pseudonyms.user(event.user_id.as_str());
+                    }
                     let received = received_at(record, wall_now);
                     match index.get(&event.user_id) {
                         Some(&i) => by_user[i].2.push(event),
@@ -462,7 +464,11 @@ fn is_reload(record: &BorrowedMessage<'_>) -> bool {
     })
 }
 
-/// When liverec first received the event: the REST header if present, else now.
+/// Whether liverec produced the record, so its user id is already the one liverec keeps.
+fn is_pseudonymized(record: &BorrowedMessage<'_>) -> bool {
+    record.headers().is_some_and(|headers| headers.iter().any(|h| h.key == PSEUDONYMIZED_HEADER))
+}
+
 /// The W3C `traceparent` header of a record, if it has one.
 fn traceparent(record: &BorrowedMessage<'_>) -> Option<String> {
     use rdkafka::message::Headers;
@@ -474,6 +480,7 @@ fn traceparent(record: &BorrowedMessage<'_>) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// When liverec first received the event: the REST header if present, else now.
 fn received_at(record: &BorrowedMessage<'_>, wall_now: i64) -> Instant {
     let header = record.headers().and_then(|headers| {
         headers

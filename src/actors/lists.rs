@@ -30,27 +30,41 @@ pub fn segment_of(context: Option<&EventContext>, device: Option<crate::event::D
     }
 }
 
-/// Reports the first `k` items of `list` to the monitor as an impression.
-pub fn report_impression(deps: &SessionDeps, list: &RecList, k: usize) {
+/// Reports the first `k` items of `update`'s list to the monitor as an impression, the first
+/// time the list is shown only: a list is one impression, and the denominator of its one click.
+pub fn report_impression(deps: &SessionDeps, update: &RecUpdate, k: usize) {
+    if !update.show() {
+        return;
+    }
+    let list = &update.list;
     let items = list.items.iter().take(k).filter_map(|i| deps.catalog.lookup(&i.item_id)).collect();
     let impression = Impression {
         version: Arc::from(list.model_version.as_str()),
         variant: Arc::from(list.variant.as_str()),
         items,
     };
-    tell_monitor(deps, impression);
+    if !tell_monitor(deps, impression) {
+        // Not counted, so not clickable either: clicks never outnumber impressions.
+        update.unshow();
+    }
 }
 
 /// Sends a report to the monitor without waiting: counted as queued, or as refused when its
 /// mailbox is full (serving never waits for the monitor).
-pub fn tell_monitor<M>(deps: &SessionDeps, report: M)
+pub fn tell_monitor<M>(deps: &SessionDeps, report: M) -> bool
 where
     M: Message<Result = ()> + Send + 'static,
     super::monitor::MonitorActor: Handler<M>,
 {
     match deps.monitor.try_send(report) {
-        Ok(()) => deps.metrics.monitor_queued.inc(),
-        Err(_) => deps.metrics.monitor_refused.inc(),
+        Ok(()) => {
+            deps.metrics.monitor_queued.inc();
+            true
+        }
+        Err(_) => {
+            deps.metrics.monitor_refused.inc();
+            false
+        }
     }
 }
 

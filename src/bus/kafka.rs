@@ -24,6 +24,11 @@ use crate::event::UserId;
 /// so event-to-push latency can be measured across processes.
 pub const RECEIVED_HEADER: &str = "liverec-received-us";
 
+/// Header on the records liverec produces: their user id is already the one liverec keeps (the
+/// pseudonym when `privacy.pseudonymize` is on), so the consumer must not map it again. Records
+/// without it come from other producers and are pseudonymised as they are consumed.
+pub const PSEUDONYMIZED_HEADER: &str = "liverec-pseudonymized";
+
 impl KafkaConfig {
     fn base(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
@@ -120,7 +125,8 @@ impl EventBus for KafkaBus {
         let sends = batch.events.iter().zip(&payloads).map(|(event, payload)| {
             let mut headers = OwnedHeaders::new()
                 .insert(Header { key: "content-type", value: Some("application/json") })
-                .insert(Header { key: RECEIVED_HEADER, value: Some(received.as_str()) });
+                .insert(Header { key: RECEIVED_HEADER, value: Some(received.as_str()) })
+                .insert(Header { key: PSEUDONYMIZED_HEADER, value: Some("1") });
             for (key, value) in &trace {
                 headers = headers.insert(Header { key: key.as_str(), value: Some(value.as_str()) });
             }

@@ -57,8 +57,13 @@ mod tests {
     use std::time::Instant;
 
     fn batch(users: &[&str]) -> EventBatch {
-        let limits =
-            EventLimits { max_id_len: 64, max_context_attributes: 1, max_context_key_len: 8, max_context_value_len: 8 };
+        let limits = EventLimits {
+            max_id_len: 64,
+            max_context_attributes: 1,
+            max_context_key_len: 8,
+            max_context_value_len: 8,
+            ..EventLimits::default()
+        };
         let events =
             users.iter().map(|u| EventIn::new(*u, "i", EventType::View).validate(&limits, 1).expect("valid")).collect();
         EventBatch { events, received: Instant::now(), span: tracing::Span::none() }

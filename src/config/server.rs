@@ -36,6 +36,12 @@ pub struct EventsConfig {
     pub max_context_attributes: usize,
     pub max_context_key_len: usize,
     pub max_context_value_len: usize,
+    /// Highest `value` of a `rating` (ratings run from 0).
+    pub max_rating: f64,
+    /// Highest `value` of a `dwell`, in seconds.
+    pub max_dwell_secs: f64,
+    /// Highest `value` of a `purchase` or `add_to_cart`, and of any other event type.
+    pub max_amount: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,6 +68,9 @@ impl EventsConfig {
             max_context_attributes: self.max_context_attributes,
             max_context_key_len: self.max_context_key_len,
             max_context_value_len: self.max_context_value_len,
+            max_rating: self.max_rating,
+            max_dwell_secs: self.max_dwell_secs,
+            max_amount: self.max_amount,
         }
     }
 }

@@ -85,7 +85,7 @@ pub async fn get_recommendations(
     };
     if filters.is_empty() && k <= recs.default_k {
         if let Some(latest) = state.registry.hub(&user).and_then(|h| h.latest()) {
-            crate::actors::lists::report_impression(&state.registry.deps, &latest.list, k);
+            crate::actors::lists::report_impression(&state.registry.deps, &latest, k);
             return Ok(respond(&latest.list, &latest.json, k));
         }
     }

@@ -110,7 +110,7 @@ fn subscribe(state: &AppState, user: &UserId) -> Subscription {
     // The current list goes to the new subscriber at once: an impression the session did not
     // count if it published it to nobody.
     if let Some(current) = subscription.latest() {
-        crate::actors::lists::report_impression(&state.registry.deps, &current.list, current.list.items.len());
+        crate::actors::lists::report_impression(&state.registry.deps, &current, current.list.items.len());
     }
     match session {
         // The session produces a first list if the user has none yet; a full mailbox means it is

@@ -6,6 +6,12 @@
 //! count; when `boost` gets large, everything is rescaled at once. Neighbour lists are pruned to the
 //! strongest `neighbours` entries whenever they grow past twice that, so scoring costs at most
 //! `query_window * 2 * neighbours` additions plus one pass over the catalogue.
+//!
+//! One user is one vote per item: an event weighs at most [`super::MAX_WEIGHT`], and an item
+//! already in the user's recent history adds only what the new event weighs beyond the strongest
+//! earlier one (a view then a purchase counts as a purchase; a thousand ratings as one) and no
+//! new pairs. So one user's events can neither make an item everyone's top nor, by fading the
+//! counts, flatten everyone else's.
 
 use std::collections::HashMap;
 
@@ -90,14 +96,21 @@ impl CoocModel {
     }
 
     fn observe_one(&mut self, previous: &[HistoryItem], new: &HistoryItem, segment: usize) {
-        let weight = new.weight();
+        let before = previous.iter().filter(|h| h.item == new.item).map(HistoryItem::weight).fold(0.0f32, f32::max);
+        let repeat = before > 0.0;
+        let weight = new.weight() - before;
         if weight <= 0.0 {
+            // A repeat adds nothing, and does not age everyone else's counts either.
             return;
         }
         let boost = self.boost;
         self.popularity[new.item as usize] += boost * weight;
         if let Some(seg) = self.segment_popularity.get_mut(segment) {
             seg[new.item as usize] += boost * weight;
+        }
+        if repeat {
+            self.age();
+            return;
         }
         let partners: Vec<(usize, ItemIdx)> = previous
             .iter()
@@ -110,6 +123,11 @@ impl CoocModel {
         for (distance, partner) in partners {
             self.add_pair(partner, new.item, boost / (1.0 + distance as f32).sqrt());
         }
+        self.age();
+    }
+
+    /// One event later: older counts weigh a little less.
+    fn age(&mut self) {
         self.boost *= self.growth;
         if self.boost > RESCALE_AT {
             self.rescale();
@@ -345,5 +363,27 @@ mod tests {
         model.observe(&batch);
         assert!(model.neighbours[0].len() <= 8);
         assert_eq!(model.score(&[request(vec![], 5)], &catalog)[0].len(), 5);
+    }
+
+    /// One user rating an item at the top of the scale a thousand times (and once with a value
+    /// that is infinite as f32) counts as one vote: an item five other users viewed stays first
+    /// for a new visitor, and every score stays finite and positive.
+    #[test]
+    fn one_user_cannot_make_an_item_everyones_top() {
+        let catalog = catalog(3);
+        let mut model = CoocModel::new(CoocConfig::default());
+        let mut observations: Vec<Observation> = (0..5)
+            .map(|_| Observation { previous: Arc::from(vec![]), new: vec![h(1, EventType::View)], segment: 0 })
+            .collect();
+        observations.push(Observation { previous: Arc::from(vec![]), new: vec![h(2, EventType::View)], segment: 0 });
+        let rating = |value: f32| HistoryItem { value: Some(value), ..h(0, EventType::Rating) };
+        let mut spam: Vec<HistoryItem> = (0..1000).map(|_| rating(5.0)).collect();
+        spam.push(rating(f32::INFINITY));
+        observations.push(Observation { previous: Arc::from(vec![]), new: spam, segment: 0 });
+        model.observe(&observations);
+        let cold = model.score(&[request(vec![], 3)], &catalog);
+        assert_eq!(cold[0][0].item, 1, "{:?}", cold[0]);
+        assert!(cold[0].iter().all(|s| s.score.is_finite() && s.score > 0.0), "{:?}", cold[0]);
+        assert!(model.popularity.iter().all(|p| p.is_finite()));
     }
 }

@@ -40,9 +40,11 @@ impl HistoryItem {
         }
     }
 
-    /// How much an interaction says about the user's taste; 0 or less for negative feedback.
+    /// How much an interaction says about the user's taste; 0 or less for negative feedback, at
+    /// most [`MAX_WEIGHT`] whatever the value (a rating of 1e9, or an old stored value that is
+    /// infinite as f32, weighs like a purchase), so no one event outweighs a handful of others.
     pub fn weight(&self) -> f32 {
-        match self.event_type {
+        let weight = match self.event_type {
             EventType::View => 1.0,
             EventType::Click => 2.0,
             EventType::AddToCart => 3.0,
@@ -55,9 +57,14 @@ impl HistoryItem {
             },
             EventType::Dwell => 1.0 + (1.0 + self.value.unwrap_or(0.0).max(0.0)).ln() / 3.0,
             EventType::Dislike | EventType::Hide => 0.0,
-        }
+        };
+        // `min` and `max` drop a NaN in favour of the bound.
+        weight.min(MAX_WEIGHT).max(0.0)
     }
 }
+
+/// The most one interaction weighs (a purchase's weight).
+pub const MAX_WEIGHT: f32 = 4.0;
 
 /// What a model needs to rank items for one user.
 #[derive(Clone, Debug)]

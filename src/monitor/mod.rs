@@ -131,10 +131,14 @@ pub struct Rate {
     pub high: f64,
 }
 
+/// The share `successes / trials` with its interval. A share by construction: sessions count at
+/// most one click per impression, but a window can still end up holding a click whose impression
+/// fell out of it (the impression in the bucket just dropped), so successes are capped at trials.
 pub fn wilson(successes: u64, trials: u64) -> Rate {
     if trials == 0 {
         return Rate { value: 0.0, low: 0.0, high: 0.0 };
     }
+    let successes = successes.min(trials);
     let z = 1.96f64;
     let n = trials as f64;
     let p = successes as f64 / n;
@@ -194,5 +198,8 @@ mod tests {
         let r = wilson(10, 100);
         assert!(r.low < 0.1 && 0.1 < r.high && r.low > 0.04 && r.high < 0.18, "{r:?}");
         assert_eq!(wilson(0, 0).value, 0.0);
+        // A window whose click outlived its impression is still a share.
+        let r = wilson(3, 1);
+        assert!(r.value <= 1.0 && r.high <= 1.0 && r.low <= r.value, "{r:?}");
     }
 }

@@ -103,3 +103,43 @@ async fn keep_sending<T>(
     })
     .await
 }
+
+/// The sequence of issue 12: a `view` for bob, GET his list, `click` items[0] and items[1] with
+/// its `rec_id`, a `view` of items[2] and a `click` on items[3] without one. Each event publishes
+/// a new list nobody sees; only the one shown list can take a click, and it takes one.
+#[actix_rt::test]
+async fn clicks_never_outnumber_impressions() {
+    let server = start(test_config()).await;
+    post_events(&server, json!({ "user_id": "bob", "item_id": "item-0001", "event_type": "view" })).await;
+    let list = eventually("bob's list after his view", || async {
+        let list = get(&server, "/v1/users/bob/recommendations").await.body;
+        list["last_event_id"].is_string().then_some(list)
+    })
+    .await;
+    let shown = items(&list);
+    let rec_id = list["rec_id"].as_str().expect("rec_id");
+    for event in [
+        json!({ "user_id": "bob", "item_id": shown[0], "event_type": "click", "rec_id": rec_id }),
+        json!({ "user_id": "bob", "item_id": shown[1], "event_type": "click", "rec_id": rec_id }),
+        json!({ "user_id": "bob", "item_id": shown[2], "event_type": "view" }),
+        json!({ "user_id": "bob", "item_id": shown[3], "event_type": "click" }),
+    ] {
+        // Each event publishes a new list to nobody; wait for it, as a user between clicks would.
+        let published = metric(&server, "liverec_push_updates_total").await;
+        post_events(&server, event).await;
+        eventually("the list after the event", || async {
+            (metric(&server, "liverec_push_updates_total").await > published).then_some(())
+        })
+        .await;
+    }
+    let variant = eventually("all five events reach the monitor", || async {
+        let report = report(&server).await;
+        (report["events"] == 5).then(|| report["variants"][0].clone())
+    })
+    .await;
+    let (impressions, clicks) = (variant["impressions"].as_u64(), variant["clicks"].as_u64());
+    assert_eq!(clicks, Some(1), "one shown list, one click: {variant}");
+    assert!(clicks <= impressions, "{variant}");
+    assert!(variant["ctr"]["value"].as_f64() <= Some(1.0), "{variant}");
+    server.stop().await;
+}

@@ -235,7 +235,15 @@ mod tests {
     use super::*;
 
     fn limits() -> EventLimits {
-        EventLimits { max_id_len: 64, max_context_attributes: 4, max_context_key_len: 16, max_context_value_len: 64 }
+        // Amounts up to f64::MAX, so the round-trip tests cover the largest floats.
+        EventLimits {
+            max_id_len: 64,
+            max_context_attributes: 4,
+            max_context_key_len: 16,
+            max_context_value_len: 64,
+            max_amount: f64::MAX,
+            ..EventLimits::default()
+        }
     }
 
     fn wire() -> EventIn {
@@ -266,7 +274,7 @@ mod tests {
     /// one unit in the last place, and by many for large exponents).
     #[test]
     fn json_round_trips_keep_every_value_exactly() {
-        for value in [9.720685119628905, -1.0565890307825225e270, 5e-324, f64::MAX, 0.1 + 0.2] {
+        for value in [9.720685119628905, 1.0565890307825225e270, 5e-324, f64::MAX, 0.1 + 0.2] {
             let event = EventIn { value: Some(value), ..wire() }.validate(&limits(), 1_700_000_000_000).expect("valid");
             let decoded = decode(&encode_json(&event), &limits(), 1_700_000_000_000).expect("decodes");
             assert_eq!(decoded.value.map(f64::to_bits), Some(value.to_bits()), "{value:e}");
@@ -293,6 +301,13 @@ mod tests {
         assert_eq!(decode(b"{nope", &limits(), 0).expect_err("json").code(), "malformed_json");
         assert_eq!(decode(&[0, 0, 0, 0, 9, 1], &limits(), 0).expect_err("schema").code(), "unknown_schema");
         assert_eq!(decode(&[0, 0, 0, 0, 1, 200], &limits(), 0).expect_err("avro").code(), "malformed_avro");
+        // A Kafka record with a value out of its range goes to the dead-letter topic like any
+        // other invalid event.
+        let extreme = EventIn { event_type: EventType::Rating, value: Some(1e9), ..wire() };
+        let record = serde_json::to_vec(&extreme).expect("json");
+        assert_eq!(decode(&record, &limits(), 0).expect_err("out of range").code(), "invalid_event");
+        let positional = br#"["u", "i", "click"]"#;
+        assert_eq!(decode(positional, &limits(), 0).expect_err("an array").code(), "invalid_event");
         let empty_user = EventIn { user_id: String::new(), ..wire() };
         let record = serde_json::to_vec(&empty_user).expect("json");
         assert_eq!(decode(&record, &limits(), 0).expect_err("invalid").code(), "invalid_event");

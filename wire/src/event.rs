@@ -122,7 +122,7 @@ impl Device {
 
 /// Request context sent with an event.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct ContextIn {
     /// Device class; `other` when absent.
     #[serde(default)]
@@ -139,7 +139,7 @@ pub struct ContextIn {
 /// One interaction event as producers send it. This type is the published JSON Schema
 /// (`schemas/event.schema.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct EventIn {
     /// The user (or anonymous visitor) id. 1 to `events.max_id_len` characters.
     #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
@@ -148,8 +148,12 @@ pub struct EventIn {
     #[schema(min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
     pub item_id: String,
     pub event_type: EventType,
-    /// Rating, dwell seconds or purchase amount; finite.
+    /// Rating (0 to `events.max_rating`, default 5), dwell seconds (0 to `events.max_dwell_secs`,
+    /// default 86400) or purchase amount (0 to `events.max_amount`, default 1000000; the same
+    /// range for every other event type).
     #[serde(default)]
+    #[schemars(range(min = 0))]
+    #[schema(minimum = 0)]
     pub value: Option<f64>,
     /// Milliseconds since the Unix epoch; server time when absent. At most a day ahead of the
     /// server's clock.
@@ -169,6 +173,38 @@ pub struct EventIn {
     pub context: Option<ContextIn>,
 }
 
+// The positional form. serde's derived `Deserialize` of a struct also accepts a JSON array of
+// its fields in declaration order (`["u", "i", "click"]`, `"context": []`), which the schema
+// does not allow and nobody means to send. `remote = "Self"` turns the derives above into
+// inherent functions; the trait impls below ask for a struct, take only a map (an object), and
+// hand it to the derived code as it is, so an object decodes exactly as before, without
+// buffering, and an array is "invalid type: sequence, expected an object".
+macro_rules! object_only {
+    ($($ty:ident),*) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct ObjectOnly;
+                impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("an object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<$ty, A::Error> {
+                        $ty::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                deserializer.deserialize_map(ObjectOnly)
+            }
+        }
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                $ty::serialize(self, serializer)
+            }
+        }
+    )*};
+}
+object_only!(EventIn, ContextIn);
+
 /// Limits applied by [`EventIn::validate`], from the `[events]` config section.
 #[derive(Clone, Debug)]
 pub struct EventLimits {
@@ -176,6 +212,39 @@ pub struct EventLimits {
     pub max_context_attributes: usize,
     pub max_context_key_len: usize,
     pub max_context_value_len: usize,
+    /// Highest `value` of a `rating` (ratings run from 0 to this).
+    pub max_rating: f64,
+    /// Highest `value` of a `dwell`, in seconds.
+    pub max_dwell_secs: f64,
+    /// Highest `value` of a `purchase` or `add_to_cart` (an amount), and of any other type.
+    pub max_amount: f64,
+}
+
+impl EventLimits {
+    /// The range `value` must lie in for `event_type`, and what the value means (for the error).
+    pub fn value_range(&self, event_type: EventType) -> (f64, f64, &'static str) {
+        match event_type {
+            EventType::Rating => (0.0, self.max_rating, "a rating"),
+            EventType::Dwell => (0.0, self.max_dwell_secs, "dwell seconds"),
+            EventType::Purchase | EventType::AddToCart => (0.0, self.max_amount, "an amount"),
+            _ => (0.0, self.max_amount, "a value"),
+        }
+    }
+}
+
+impl Default for EventLimits {
+    /// The defaults of the `[events]` section.
+    fn default() -> Self {
+        Self {
+            max_id_len: 256,
+            max_context_attributes: 16,
+            max_context_key_len: 64,
+            max_context_value_len: 256,
+            max_rating: 5.0,
+            max_dwell_secs: 86_400.0,
+            max_amount: 1_000_000.0,
+        }
+    }
 }
 
 /// A validation failure naming the offending field.
@@ -307,6 +376,15 @@ impl EventIn {
             if !value.is_finite() {
                 return Err(InvalidEvent::new("value", "must be a finite number"));
             }
+            // One event must not be able to outweigh everyone else's in any aggregate: the
+            // models and the monitor trust values only within these ranges.
+            let (low, high, what) = limits.value_range(self.event_type);
+            if !(low..=high).contains(&value) {
+                return Err(InvalidEvent::new(
+                    "value",
+                    format!("{what} of a {} event must be between {low} and {high}", self.event_type.as_str()),
+                ));
+            }
         }
         let timestamp = match self.timestamp {
             None => now,
@@ -387,7 +465,13 @@ mod tests {
     use super::*;
 
     fn limits() -> EventLimits {
-        EventLimits { max_id_len: 16, max_context_attributes: 2, max_context_key_len: 8, max_context_value_len: 8 }
+        EventLimits {
+            max_id_len: 16,
+            max_context_attributes: 2,
+            max_context_key_len: 8,
+            max_context_value_len: 8,
+            ..EventLimits::default()
+        }
     }
 
     fn event(user: &str, item: &str) -> EventIn {
@@ -415,6 +499,13 @@ mod tests {
             (event("u", &"x".repeat(17)), "item_id"),
             (event("u\n", "i"), "user_id"),
             (EventIn { value: Some(f64::NAN), ..event("u", "i") }, "value"),
+            (EventIn { value: Some(1e9), event_type: EventType::Rating, ..event("u", "i") }, "value"),
+            (EventIn { value: Some(1e308), event_type: EventType::Rating, ..event("u", "i") }, "value"),
+            (EventIn { value: Some(-1.0), event_type: EventType::Rating, ..event("u", "i") }, "value"),
+            (EventIn { value: Some(86_401.0), event_type: EventType::Dwell, ..event("u", "i") }, "value"),
+            (EventIn { value: Some(1e38), event_type: EventType::Purchase, ..event("u", "i") }, "value"),
+            (EventIn { value: Some(-5.0), event_type: EventType::Purchase, ..event("u", "i") }, "value"),
+            (EventIn { value: Some(1e7), event_type: EventType::View, ..event("u", "i") }, "value"),
             (EventIn { timestamp: Some(-1), ..event("u", "i") }, "timestamp"),
             (EventIn { timestamp: Some(now * 1000), ..event("u", "i") }, "timestamp"),
             (
@@ -442,6 +533,39 @@ mod tests {
             let err = input.validate(&limits(), now).expect_err(field);
             assert_eq!(err.field, field);
         }
+    }
+
+    #[test]
+    fn values_at_the_ends_of_their_ranges_are_accepted() {
+        let now = 1_704_114_000_000;
+        for (event_type, value) in [
+            (EventType::Rating, 0.0),
+            (EventType::Rating, 5.0),
+            (EventType::Dwell, 86_400.0),
+            (EventType::Purchase, 1_000_000.0),
+            (EventType::AddToCart, 0.0),
+        ] {
+            let input = EventIn { value: Some(value), event_type, ..event("u", "i") };
+            assert_eq!(input.validate(&limits(), now).map(|e| e.value), Ok(Some(value)), "{event_type:?}");
+        }
+    }
+
+    #[test]
+    fn the_positional_form_is_refused_and_objects_decode_as_before() {
+        let array = serde_json::from_str::<EventIn>(r#"["u", "i", "click"]"#).expect_err("an array event");
+        assert!(array.to_string().contains("expected an object"), "{array}");
+        let context = r#"{"user_id": "u", "item_id": "i", "event_type": "click", "context": []}"#;
+        let error = serde_json::from_str::<EventIn>(context).expect_err("an array context");
+        assert!(error.to_string().contains("expected an object"), "{error}");
+        let object = r#"{"user_id": "u", "item_id": "i", "event_type": "click", "value": 1.5,
+            "context": {"device": "tv", "country": "fr"}}"#;
+        let decoded: EventIn = serde_json::from_str(object).expect("an object");
+        assert_eq!(decoded.context.and_then(|c| c.device), Some(Device::Tv));
+        let unknown = r#"{"user_id": "u", "item_id": "i", "event_type": "click", "extra": 1}"#;
+        assert!(serde_json::from_str::<EventIn>(unknown).is_err(), "unknown fields are still refused");
+        let round = EventIn { value: Some(2.0), ..event("u", "i") };
+        let back: EventIn = serde_json::from_value(serde_json::to_value(&round).expect("json")).expect("back");
+        assert_eq!(back, round);
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Click and conversion attribution: the lists a session served to its user, and which of them
 //! an event is a click or a conversion on. Pure state, so the rules are tested without an actor.
+//!
+//! CTR is a share by construction: only a list that was shown (reported once as an impression,
+//! [`RecUpdate::show`]) can take a click, and each list takes at most one. A list published to
+//! nobody, or whose impression the monitor refused, is no impression and gets no click.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -7,15 +11,15 @@ use std::time::{Duration, Instant};
 
 use crate::actors::monitor::{Outcome, OutcomeKind};
 use crate::event::{EventType, ItemId};
-use crate::recs::RecList;
+use crate::recs::RecUpdate;
 
 /// Lists remembered per user for attribution.
 const SERVED_KEPT: usize = 8;
 
 /// A list served to the user, remembered to attribute clicks and conversions to it.
 struct Served {
-    rec_id: String,
-    items: Vec<ItemId>,
+    /// The list as published; its `is_shown` says whether it counted as an impression.
+    update: Arc<RecUpdate>,
     version: Arc<str>,
     variant: Arc<str>,
     at: Instant,
@@ -40,10 +44,10 @@ pub(super) struct Interacted<'a> {
 
 impl ServedLists {
     /// Remembers `list`, served at `at`, forgetting the oldest beyond `SERVED_KEPT`.
-    pub(super) fn remember(&mut self, list: &RecList, at: Instant) {
+    pub(super) fn remember(&mut self, update: &Arc<RecUpdate>, at: Instant) {
+        let list = &update.list;
         self.lists.push_back(Served {
-            rec_id: list.rec_id.clone(),
-            items: list.items.iter().map(|i| i.item_id.clone()).collect(),
+            update: update.clone(),
             version: Arc::from(list.model_version.as_str()),
             variant: Arc::from(list.variant.as_str()),
             at,
@@ -55,21 +59,21 @@ impl ServedLists {
         }
     }
 
-    /// The outcomes `event` makes at `now` on a served list: the one it names by `rec_id`, else
-    /// the newest list within `window` that showed the item. Each list counts at most one click
-    /// and one conversion, so a repeated click yields no outcome but is still attributed. `None`
-    /// when the event is on no recent list (an organic event).
+    /// The outcomes `event` makes at `now` on a shown list: the one it names by `rec_id`, else
+    /// the newest shown list within `window` that holds the item. Each list counts at most one
+    /// click and one conversion, so a repeated click yields no outcome but is still attributed.
+    /// `None` when the event is on no recent shown list (an organic event).
     pub(super) fn attribute(&mut self, event: &Interacted<'_>, now: Instant, window: Duration) -> Option<Vec<Outcome>> {
-        let named = event.rec_id.and_then(|id| self.lists.iter().position(|s| s.rec_id == id));
+        let named = event.rec_id.and_then(|id| self.lists.iter().position(|s| s.update.list.rec_id == id));
         let served = match named {
-            Some(i) => self.lists.get_mut(i),
-            None => self
-                .lists
-                .iter_mut()
-                .rev()
-                .find(|s| now.saturating_duration_since(s.at) <= window && s.items.contains(event.item)),
+            Some(i) => self.lists.get_mut(i).filter(|s| s.update.is_shown()),
+            None => self.lists.iter_mut().rev().find(|s| {
+                s.update.is_shown()
+                    && now.saturating_duration_since(s.at) <= window
+                    && s.update.list.items.iter().any(|i| i.item_id == *event.item)
+            }),
         }?;
-        let position = served.items.iter().position(|i| i == event.item);
+        let position = served.update.list.items.iter().position(|i| i.item_id == *event.item);
         position?;
         let mut outcomes = Vec::new();
         if !served.clicked {
@@ -99,11 +103,16 @@ impl ServedLists {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::UserId;
-    use crate::recs::RecItem;
+    use std::collections::HashMap;
 
-    fn list(rec_id: &str, items: &[&str]) -> RecList {
-        RecList {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    use crate::event::UserId;
+    use crate::recs::{RecItem, RecList};
+
+    fn unshown(rec_id: &str, items: &[&str]) -> Arc<RecUpdate> {
+        RecUpdate::new(RecList {
             rec_id: rec_id.into(),
             user_id: UserId::from("u1"),
             model_version: "v1".into(),
@@ -112,7 +121,14 @@ mod tests {
             seq: 1,
             last_event_id: None,
             items: items.iter().map(|i| RecItem { item_id: ItemId::from(*i), score: 1.0 }).collect(),
-        }
+        })
+    }
+
+    /// A list that was shown (counted as an impression).
+    fn list(rec_id: &str, items: &[&str]) -> Arc<RecUpdate> {
+        let update = unshown(rec_id, items);
+        assert!(update.show());
+        update
     }
 
     fn event<'a>(rec_id: Option<&'a str>, item: &'a ItemId, event_type: EventType) -> Interacted<'a> {
@@ -197,5 +213,106 @@ mod tests {
         assert!(served.attribute(&event(Some("r0"), &first, EventType::Click), start, WINDOW).is_none());
         let last = ItemId::from(format!("i{SERVED_KEPT}").as_str());
         assert!(served.attribute(&event(None, &last, EventType::Click), start, WINDOW).is_some());
+    }
+
+    /// The sequence of issue 12: a list published to nobody, shown once by a GET, two clicks
+    /// naming it, then events without `rec_id` on items of later lists nobody saw. One
+    /// impression, one click.
+    #[test]
+    fn lists_nobody_saw_take_no_clicks_and_a_shown_list_takes_one() {
+        let start = Instant::now();
+        let mut served = ServedLists::default();
+        let first = unshown("r1", &["a", "b", "c", "d"]);
+        served.remember(&first, start);
+        let (a, b, c, d) = (ItemId::from("a"), ItemId::from("b"), ItemId::from("c"), ItemId::from("d"));
+        // Published to no subscriber: not clickable yet.
+        assert!(served.attribute(&event(Some("r1"), &a, EventType::Click), start, WINDOW).is_none());
+        assert!(first.show(), "the GET shows it");
+        assert!(!first.show(), "showing it again is no new impression");
+        let mut clicks = 0;
+        let mut count = |outcomes: Option<Vec<Outcome>>| {
+            clicks += outcomes.unwrap_or_default().iter().filter(|o| o.kind == OutcomeKind::Click).count();
+        };
+        count(served.attribute(&event(Some("r1"), &a, EventType::Click), start, WINDOW));
+        // Each event publishes a new list to nobody.
+        served.remember(&unshown("r2", &["b", "c", "d"]), start);
+        count(served.attribute(&event(Some("r1"), &b, EventType::Click), start, WINDOW));
+        served.remember(&unshown("r3", &["c", "d"]), start);
+        count(served.attribute(&event(None, &c, EventType::View), start, WINDOW));
+        served.remember(&unshown("r4", &["d"]), start);
+        count(served.attribute(&event(None, &d, EventType::Click), start, WINDOW));
+        assert_eq!(clicks, 1);
+    }
+
+    /// Random sequences of lists (shown or not, on two arms) and events (named or not, on items
+    /// in a list or not): per arm and in total, clicks never outnumber impressions.
+    #[test]
+    fn clicks_never_outnumber_impressions_over_random_sequences() {
+        let arms = [("v1", "control"), ("v2", "canary")];
+        let items: Vec<ItemId> = (0..6).map(|i| ItemId::from(format!("i{i}").as_str())).collect();
+        let types = [EventType::View, EventType::Click, EventType::Purchase, EventType::AddToCart, EventType::Rating];
+        for seed in 0..300u64 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut served = ServedLists::default();
+            let mut published: Vec<Arc<RecUpdate>> = Vec::new();
+            let mut impressions: HashMap<String, u64> = HashMap::new();
+            let mut clicks: HashMap<String, u64> = HashMap::new();
+            let mut now = Instant::now();
+            for step in 0..200 {
+                now += Duration::from_secs(rng.random_range(0..20));
+                match rng.random_range(0..4) {
+                    0 => {
+                        let (version, variant) = arms[rng.random_range(0..arms.len())];
+                        let len = rng.random_range(1..=4);
+                        let mut update = unshown(&format!("r{step}"), &[]);
+                        let list = RecList {
+                            model_version: version.into(),
+                            variant: variant.into(),
+                            items: (0..len)
+                                .map(|_| RecItem {
+                                    item_id: items[rng.random_range(0..items.len())].clone(),
+                                    score: 1.0,
+                                })
+                                .collect(),
+                            ..update.list.clone()
+                        };
+                        update = RecUpdate::new(list);
+                        if rng.random_bool(0.5) && update.show() {
+                            *impressions.entry(variant.to_owned()).or_default() += 1;
+                        }
+                        served.remember(&update, now);
+                        published.push(update);
+                    }
+                    1 if !published.is_empty() => {
+                        // A GET or a new subscriber shows a list (again).
+                        let update = &published[rng.random_range(0..published.len())];
+                        if update.show() {
+                            *impressions.entry(update.list.variant.clone()).or_default() += 1;
+                        }
+                    }
+                    _ => {
+                        let rec_id = published
+                            .get(rng.random_range(0..published.len().max(1)))
+                            .filter(|_| rng.random_bool(0.5))
+                            .map(|u| u.list.rec_id.clone());
+                        let item = &items[rng.random_range(0..items.len())];
+                        let event_type = types[rng.random_range(0..types.len())];
+                        let interacted = Interacted { rec_id: rec_id.as_deref(), item, event_type, value: None };
+                        for outcome in served.attribute(&interacted, now, WINDOW).unwrap_or_default() {
+                            if outcome.kind == OutcomeKind::Click {
+                                *clicks.entry(outcome.variant.to_string()).or_default() += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            for (variant, &n) in &clicks {
+                let shown = impressions.get(variant).copied().unwrap_or(0);
+                assert!(n <= shown, "seed {seed}: {variant} has {n} clicks on {shown} impressions");
+            }
+            let total_clicks: u64 = clicks.values().sum();
+            let total_impressions: u64 = impressions.values().sum();
+            assert!(total_clicks <= total_impressions, "seed {seed}");
+        }
     }
 }

@@ -302,7 +302,7 @@ impl SessionActor {
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
         let delivered = answering || self.hub.subscriber_count() > 0;
-        self.record_served(&update.list, delivered);
+        self.record_served(&update, delivered);
         self.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {
             self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
@@ -313,11 +313,11 @@ impl SessionActor {
     /// Remembers a list for click attribution, and reports it to the monitor as an impression
     /// when it reached someone (a list published to no subscriber is not an impression; a `GET`
     /// that later serves it from the hub reports it then).
-    fn record_served(&mut self, list: &RecList, delivered: bool) {
+    fn record_served(&mut self, update: &Arc<RecUpdate>, delivered: bool) {
         if delivered {
-            report_impression(&self.deps, list, list.items.len());
+            report_impression(&self.deps, update, update.list.items.len());
         }
-        self.served.remember(list, Instant::now());
+        self.served.remember(update, Instant::now());
     }
 
     /// Reports an applied interaction to the monitor, attributed to a served list (the one it
@@ -475,7 +475,7 @@ impl Handler<GetRecommendations> for SessionActor {
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
             let update = RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq)));
-            act.record_served(&update.list, true);
+            act.record_served(&update, true);
             Ok(update)
         }))
     }

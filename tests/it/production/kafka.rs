@@ -384,3 +384,38 @@ fn summarise(attempts: &[Attempt]) -> Vec<String> {
     }
     lines
 }
+
+/// With pseudonyms on, an event reaches the same user whether it came through REST (liverec
+/// pseudonymises it and marks the record) or from an external producer (the consumer
+/// pseudonymises it), and a record whose raw id is alice's pseudonym is not alice's.
+#[actix_rt::test]
+async fn pseudonyms_are_applied_once_to_every_record() {
+    let _services = SERVICES.read().await;
+    let mut config = production_config("pseudonyms");
+    config.privacy.pseudonymize = true;
+    config.privacy.salt = "a salt that is thirty-two characters long".into();
+    let server = start(config.clone()).await;
+    post_events(
+        &server,
+        json!({ "user_id": "kp-alice", "item_id": "item-0010", "event_type": "view", "event_id": "kp-1" }),
+    )
+    .await;
+    let event = json!({ "user_id": "kp-alice", "item_id": "item-0011", "event_type": "view", "event_id": "kp-2" });
+    kcat_produce(&config, "kp-alice", &event.to_string());
+    let export = eventually("both of alice's events applied to her", || async {
+        let export = get(&server, "/v1/users/kp-alice/export").await.body;
+        (export["profile"]["interactions"].as_array().map(Vec::len) == Some(2)).then_some(export)
+    })
+    .await;
+    let pseudonym = export["user_id"].as_str().expect("user id").to_owned();
+    let forged = json!({ "user_id": pseudonym, "item_id": "item-0012", "event_type": "view", "event_id": "kp-3" });
+    kcat_produce(&config, &pseudonym, &forged.to_string());
+    eventually("the pseudonym-shaped raw id applied to another user", || async {
+        let other = get(&server, &format!("/v1/users/{pseudonym}/export")).await.body;
+        (other["profile"]["interactions"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    let export = get(&server, "/v1/users/kp-alice/export").await.body;
+    assert_eq!(export["profile"]["interactions"].as_array().map(Vec::len), Some(2), "{export}");
+    server.stop().await;
+}
