@@ -57,7 +57,10 @@ async fn the_server_keeps_to_its_openapi_document() {
         Command::new(&binary)
             .args(["run", &url, "--checks", CHECKS, "--header", &authorization])
             .args(["--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "25"])
-            .args(["--seed", &seed, "--request-timeout", "20", "--workers", "2"])
+            // One worker: with two threads, Hypothesis' lambda descriptions parse source with
+            // CPython's `ast` concurrently, which is not thread-safe and once failed a run with
+            // "AST constructor recursion depth mismatch" (a tool error, not a finding).
+            .args(["--seed", &seed, "--request-timeout", "20", "--workers", "1"])
             // An SSE stream never ends; its handshake is covered in tests/it/streams.rs.
             .args(["--exclude-path", "/v1/users/{user_id}/recommendations/stream"])
             .args(["--no-color", "--output-truncate", "false"])
