@@ -4,7 +4,9 @@
 //! `trainer.max_events`.
 //!
 //! It lives in memory, in every mode: in production each instance logs the events of the
-//! partitions it owns (Kafka keeps the full log; see docs/loop.md).
+//! partitions it owns (Kafka keeps the full log; see docs/monitoring.md). Records are shared
+//! (`Arc`): the monitor reads the same record, and a snapshot for the trainer copies pointers,
+//! not events, under the lock every session's append takes.
 
 use std::collections::VecDeque;
 use std::ops::Deref;
@@ -20,7 +22,9 @@ use crate::event::{EventId, EventType, ItemId, UserId};
 /// One interaction a session applied: the record of it from the session onward. The session's
 /// history holds it (with the item's catalogue index), the profile store persists it (its JSON
 /// is the stored format: profiles written before must still load), the event log retains it in
-/// a `LoggedEvent`, and the model reads it through its `HistoryItem` view.
+/// a shared `Arc<LoggedEvent>` that the monitor's `Activity` carries too, and the model reads it
+/// through its `HistoryItem` view (the catalogue index, type, weight and time: what inference
+/// needs on its own thread).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Interaction {
     pub event_id: EventId,
@@ -59,7 +63,7 @@ impl Deref for LoggedEvent {
 }
 
 pub struct EventLog {
-    events: Mutex<VecDeque<LoggedEvent>>,
+    events: Mutex<VecDeque<Arc<LoggedEvent>>>,
     window_ms: i64,
     max_events: usize,
     appended: AtomicU64,
@@ -80,7 +84,7 @@ impl EventLog {
         self.appended.load(Ordering::Relaxed)
     }
 
-    pub fn append(&self, event: LoggedEvent) {
+    pub fn append(&self, event: Arc<LoggedEvent>) {
         self.appended.fetch_add(1, Ordering::Relaxed);
         let mut events = self.events.lock();
         let oldest = event.logged_at - self.window_ms;
@@ -91,7 +95,7 @@ impl EventLog {
     }
 
     /// The events still in the window, oldest first.
-    pub fn snapshot(&self, now_ms: i64) -> Vec<LoggedEvent> {
+    pub fn snapshot(&self, now_ms: i64) -> Vec<Arc<LoggedEvent>> {
         let oldest = now_ms - self.window_ms;
         let mut events = self.events.lock();
         while events.front().is_some_and(|e| e.logged_at < oldest) {
@@ -122,8 +126,8 @@ impl EventLog {
 mod tests {
     use super::*;
 
-    fn event(user: &str, at: i64) -> LoggedEvent {
-        LoggedEvent {
+    fn event(user: &str, at: i64) -> Arc<LoggedEvent> {
+        Arc::new(LoggedEvent {
             user: UserId::from(user),
             interaction: Interaction {
                 event_id: EventId::from(format!("{user}-{at}").as_str()),
@@ -137,7 +141,7 @@ mod tests {
             segment: 0,
             organic: true,
             logged_at: at,
-        }
+        })
     }
 
     #[test]

@@ -31,6 +31,7 @@ use serde::Serialize;
 use crate::catalog::{Catalog, ItemIdx};
 use crate::config::MonitorConfig;
 use crate::event::{Context as EventContext, EventType};
+use crate::eventlog::LoggedEvent;
 pub use crate::monitor::drift::DriftReference;
 use crate::monitor::drift::{aligned, category_mix, context_psi, item_psi};
 use crate::monitor::report::{
@@ -70,20 +71,16 @@ pub struct Outcome {
     pub value: Option<f64>,
 }
 
-/// One applied interaction (for popularity, context mix and business figures).
+/// One applied interaction (for popularity, context mix and business figures): the event log's
+/// own record of it, shared, not copied. Only organic events (`LoggedEvent::organic`: not a
+/// click on a list liverec served) count towards the item-popularity drift, which must measure
+/// what users want, not what the model happened to show them.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Activity {
-    /// A hash of the user id: the monitor never needs the id itself.
+    /// A hash of the user id: the monitor keys users by it and never keeps the id itself.
     pub user: u64,
-    pub item: ItemIdx,
-    pub segment: usize,
-    pub event_type: EventType,
-    pub value: Option<f64>,
-    /// Not a click on a list liverec served: what the user sought out on their own. Only these
-    /// count towards the item-popularity drift, which must measure what users want, not what
-    /// the model happened to show them.
-    pub organic: bool,
+    pub event: Arc<LoggedEvent>,
 }
 
 /// A retraining request, sent to the trainer.
@@ -413,17 +410,18 @@ impl Handler<Activity> for MonitorActor {
 
     fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
+        let event = &msg.event;
         let bucket = self.stream_bucket();
-        if msg.organic && !msg.event_type.is_negative() {
-            *bucket.popularity.entry(msg.item).or_default() += 1;
+        if event.organic && !event.event_type.is_negative() {
+            *bucket.popularity.entry(event.item).or_default() += 1;
         }
-        if let Some(slot) = bucket.context.get_mut(msg.segment) {
+        if let Some(slot) = bucket.context.get_mut(event.segment) {
             *slot += 1;
         }
         let user = bucket.users.entry(msg.user).or_default();
         user.0 += 1;
-        if msg.event_type == EventType::Purchase {
-            user.1 += msg.value.unwrap_or(0.0);
+        if event.event_type == EventType::Purchase {
+            user.1 += event.value.unwrap_or(0.0);
         }
     }
 }

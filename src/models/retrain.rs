@@ -57,10 +57,10 @@ pub struct WindowData {
 impl WindowData {
     /// Builds the dataset from positive events (negative feedback is not a next item to
     /// predict). Items carry their catalogue categories as genres.
-    pub fn from_log(events: &[LoggedEvent], catalog: &Catalog) -> WindowData {
+    pub fn from_log(events: &[Arc<LoggedEvent>], catalog: &Catalog) -> WindowData {
         let mut builder = DatasetBuilder::new();
         let mut seen: HashMap<ItemIdx, ()> = HashMap::new();
-        let positives: Vec<&LoggedEvent> = events.iter().filter(|e| rating_of(e).is_some()).collect();
+        let positives: Vec<&LoggedEvent> = events.iter().map(|e| &**e).filter(|e| rating_of(e).is_some()).collect();
         let distinct: Vec<ItemIdx> =
             positives.iter().filter_map(|e| seen.insert(e.item, ()).is_none().then_some(e.item)).collect();
         let ids = catalog.ids_of(&distinct);
@@ -146,7 +146,7 @@ impl WindowData {
     /// Item popularity (organic events, as the monitor counts it) and context mix of events
     /// logged in the last `secs` of the window: the input-drift reference of a version trained
     /// on it.
-    pub fn reference(events: &[LoggedEvent], secs: u64) -> DriftReference {
+    pub fn reference(events: &[Arc<LoggedEvent>], secs: u64) -> DriftReference {
         let newest = events.iter().map(|e| e.logged_at).max().unwrap_or(0);
         let from = newest - (secs as i64) * 1000;
         let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
@@ -307,7 +307,7 @@ pub struct SavedCandidate {
 /// Everything a training run needs, moved onto its thread.
 pub struct Job {
     pub run: u64,
-    pub events: Vec<LoggedEvent>,
+    pub events: Vec<Arc<LoggedEvent>>,
     pub catalog: Arc<Catalog>,
     pub config: TrainerConfig,
     pub registry_dir: PathBuf,
@@ -455,12 +455,12 @@ mod tests {
         assert!(!gate_decision(f64::NAN, 0.1, 0.0).passed());
     }
 
-    fn log(catalog: &Catalog) -> Vec<LoggedEvent> {
+    fn log(catalog: &Catalog) -> Vec<Arc<LoggedEvent>> {
         let mut events = Vec::new();
         for u in 0..20 {
             for step in 0..6 {
                 let item = catalog.intern(&ItemId::from(format!("i{}", (u + step) % 10).as_str()));
-                events.push(LoggedEvent {
+                events.push(Arc::new(LoggedEvent {
                     user: UserId::from(format!("u{u}").as_str()),
                     interaction: Interaction {
                         event_id: EventId::from(format!("u{u}-{step}").as_str()),
@@ -474,7 +474,7 @@ mod tests {
                     segment: 3,
                     organic: true,
                     logged_at: 1_000_000 + step as i64 * 1000,
-                });
+                }));
             }
         }
         events
@@ -535,7 +535,7 @@ mod gate_tests {
             for step in 0..8 {
                 let item = catalog.intern(&ItemId::from(format!("i{}", (u + step) % 30).as_str()));
                 let at = 1_000_000 + step as i64 * 1000;
-                events.push(LoggedEvent {
+                events.push(Arc::new(LoggedEvent {
                     user: UserId::from(format!("u{u}").as_str()),
                     interaction: Interaction {
                         event_id: EventId::from(format!("u{u}-{step}").as_str()),
@@ -549,7 +549,7 @@ mod gate_tests {
                     segment: 3,
                     organic: true,
                     logged_at: at,
-                });
+                }));
             }
         }
         let data = WindowData::from_log(&events, &catalog);

@@ -323,25 +323,17 @@ impl SessionActor {
     /// Reports an applied interaction to the monitor, attributed to a served list (the one it
     /// names by `rec_id`, else the newest recent list that showed the item) or organic. Each list
     /// counts at most one click and one conversion. Returns the event log's record of it.
-    fn attribute(&mut self, interaction: Interaction, item: ItemIdx, segment: usize) -> LoggedEvent {
+    fn attribute(&mut self, interaction: Interaction, item: ItemIdx, segment: usize) -> Arc<LoggedEvent> {
         let attributed = !interaction.event_type.is_negative() && self.attribute_outcome(&interaction);
-        let logged = LoggedEvent {
+        let logged = Arc::new(LoggedEvent {
             user: self.hub.user.clone(),
             interaction,
             item,
             segment,
             organic: !attributed,
             logged_at: now_ms(),
-        };
-        let activity = Activity {
-            user: user_hash(self.hub.user.as_str()),
-            item: logged.item,
-            segment: logged.segment,
-            event_type: logged.event_type,
-            value: logged.value,
-            organic: logged.organic,
-        };
-        tell_monitor(&self.deps, activity);
+        });
+        tell_monitor(&self.deps, Activity { user: user_hash(self.hub.user.as_str()), event: logged.clone() });
         logged
     }
 
