@@ -123,16 +123,24 @@ struct Reference {
     source: String,
 }
 
+/// A version and variant as the monitor keys its counts on the hot path (shared strings, so a
+/// lookup allocates nothing); [`Arm`] is the same pair as the trainer reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ArmKey {
+    version: Arc<str>,
+    variant: Arc<str>,
+}
+
 pub struct MonitorActor {
     config: MonitorConfig,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
-    variants: HashMap<(Arc<str>, Arc<str>), Window<VariantBucket>>,
+    variants: HashMap<ArmKey, Window<VariantBucket>>,
     stream: Window<StreamBucket>,
     /// Reference distributions for input drift, and where they came from.
     reference: Option<Reference>,
     /// Per version: baseline (clicks, impressions) from its first full window.
-    baselines: HashMap<Arc<str>, (u64, u64)>,
+    baselines: HashMap<Arc<str>, ArmTally>,
     /// When each version was first seen (its first full window ends a window later).
     first_seen: HashMap<Arc<str>, u64>,
     started_tick: u64,
@@ -144,7 +152,7 @@ pub struct MonitorActor {
     /// uses it, so an impression costs a few lookups, not a pass over the window.
     popularity_cache: (HashMap<ItemIdx, f64>, f64),
     /// Impressions and clicks per (version, variant) since start.
-    totals: HashMap<(Arc<str>, Arc<str>), ArmTally>,
+    totals: HashMap<ArmKey, ArmTally>,
 }
 
 /// The one clock (`event::now_ms`), in the unsigned milliseconds the monitor's buckets count in.
@@ -189,7 +197,10 @@ impl MonitorActor {
         let tick = self.tick();
         let buckets = self.buckets() as usize;
         self.first_seen.entry(version.clone()).or_insert(tick);
-        self.variants.entry((version.clone(), variant.clone())).or_insert_with(|| Window::new(buckets)).at(tick)
+        self.variants
+            .entry(ArmKey { version: version.clone(), variant: variant.clone() })
+            .or_insert_with(|| Window::new(buckets))
+            .at(tick)
     }
 
     fn stream_bucket(&mut self) -> &mut StreamBucket {
@@ -263,7 +274,7 @@ impl MonitorActor {
         if let Some(t) = self
             .variants
             .iter()
-            .filter(|((_, variant), _)| &**variant == crate::recs::CONTROL)
+            .filter(|(arm, _)| &*arm.variant == crate::recs::CONTROL)
             .map(|(_, window)| VariantBucket::sum(window))
             .max_by_key(|t| t.impressions)
         {
@@ -273,7 +284,7 @@ impl MonitorActor {
         // Concept drift: each version against its own first full window.
         let buckets = self.buckets();
         let mut verdicts = Vec::new();
-        for ((version, _variant), window) in &self.variants {
+        for (ArmKey { version, .. }, window) in &self.variants {
             let totals = VariantBucket::sum(window);
             let Some(&first) = self.first_seen.get(version) else { continue };
             if !self.baselines.contains_key(version) {
@@ -287,9 +298,9 @@ impl MonitorActor {
         for (version, baseline, totals) in verdicts {
             match baseline {
                 None => {
-                    self.baselines.insert(version, (totals.clicks, totals.impressions));
+                    self.baselines.insert(version, ArmTally { impressions: totals.impressions, clicks: totals.clicks });
                 }
-                Some((base_clicks, base_impressions)) => {
+                Some(ArmTally { impressions: base_impressions, clicks: base_clicks }) => {
                     if totals.impressions < self.config.min_samples || base_impressions == 0 {
                         continue;
                     }
@@ -331,7 +342,7 @@ impl MonitorActor {
         let mut variants: Vec<VariantReport> = self
             .variants
             .iter()
-            .map(|((version, variant), window)| {
+            .map(|(ArmKey { version, variant }, window)| {
                 variant_report(version, variant, &VariantBucket::sum(window), self.baselines.get(version).copied())
             })
             .filter(|v| v.impressions > 0 || v.clicks > 0)
@@ -371,7 +382,10 @@ impl Handler<Impression> for MonitorActor {
         let StreamTotals { popularity, events, .. } = stream_totals(&self.stream);
         let novelty = novelty(&msg.items, &popularity, events);
         let items = msg.items.len() as u64;
-        self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().impressions += 1;
+        self.totals
+            .entry(ArmKey { version: msg.version.clone(), variant: msg.variant.clone() })
+            .or_default()
+            .impressions += 1;
         let bucket = self.variant(&msg.version, &msg.variant);
         bucket.impressions += 1;
         bucket.diversity_sum += diversity;
@@ -388,7 +402,10 @@ impl Handler<Outcome> for MonitorActor {
     fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
         if msg.kind == OutcomeKind::Click {
-            self.totals.entry((msg.version.clone(), msg.variant.clone())).or_default().clicks += 1;
+            self.totals
+                .entry(ArmKey { version: msg.version.clone(), variant: msg.variant.clone() })
+                .or_default()
+                .clicks += 1;
         }
         let bucket = self.variant(&msg.version, &msg.variant);
         match msg.kind {
@@ -419,9 +436,9 @@ impl Handler<Activity> for MonitorActor {
             *slot += 1;
         }
         let user = bucket.users.entry(msg.user).or_default();
-        user.0 += 1;
+        user.events += 1;
         if event.event_type == EventType::Purchase {
-            user.1 += event.value.unwrap_or(0.0);
+            user.revenue += event.value.unwrap_or(0.0);
         }
     }
 }
@@ -443,9 +460,7 @@ impl Handler<GetCounts> for MonitorActor {
     type Result = MessageResult<GetCounts>;
 
     fn handle(&mut self, _msg: GetCounts, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(
-            self.totals.iter().map(|((version, variant), &tally)| (Arm::new(&**version, &**variant), tally)).collect(),
-        )
+        MessageResult(self.totals.iter().map(|(arm, &tally)| (Arm::new(&*arm.version, &*arm.variant), tally)).collect())
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::{wilson, Rate, Window};
+use super::{wilson, ArmTally, Rate, Window};
 use crate::catalog::{Categories, ItemIdx};
 use crate::event::Context as EventContext;
 
@@ -28,7 +28,15 @@ pub struct StreamBucket {
     pub context: Vec<u64>,
     pub impressed: HashSet<ItemIdx>,
     /// Per user (hash): events and revenue in this bucket.
-    pub users: HashMap<u64, (u64, f64)>,
+    pub users: HashMap<u64, UserActivity>,
+}
+
+/// What one user did in a bucket, or over a window.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UserActivity {
+    pub events: u64,
+    /// Sum of purchase values.
+    pub revenue: f64,
 }
 
 impl VariantBucket {
@@ -104,7 +112,7 @@ pub fn novelty(items: &[ItemIdx], popularity: &HashMap<ItemIdx, f64>, events: u6
 }
 
 /// The figures of one (version, variant) over the window.
-pub fn variant_report(version: &str, variant: &str, t: &VariantBucket, baseline: Option<(u64, u64)>) -> VariantReport {
+pub fn variant_report(version: &str, variant: &str, t: &VariantBucket, baseline: Option<ArmTally>) -> VariantReport {
     VariantReport {
         version: version.to_owned(),
         variant: variant.to_owned(),
@@ -116,7 +124,7 @@ pub fn variant_report(version: &str, variant: &str, t: &VariantBucket, baseline:
         revenue: t.revenue,
         intra_list_diversity: if t.impressions > 0 { t.diversity_sum / t.impressions as f64 } else { 0.0 },
         novelty: if t.novelty_items > 0 { t.novelty_sum / t.novelty_items as f64 } else { 0.0 },
-        baseline_ctr: baseline.map(|(c, n)| if n > 0 { c as f64 / n as f64 } else { 0.0 }),
+        baseline_ctr: baseline.map(|b| if b.impressions > 0 { b.clicks as f64 / b.impressions as f64 } else { 0.0 }),
     }
 }
 
@@ -136,20 +144,21 @@ pub struct StreamFigures {
 impl StreamFigures {
     pub fn of(stream: &Window<StreamBucket>, catalog_len: usize) -> Self {
         let mut impressed: HashSet<ItemIdx> = HashSet::new();
-        let mut users: HashMap<u64, (u64, f64, u32)> = HashMap::new();
+        // Per user over the window: the activity, and in how many buckets they were seen.
+        let mut users: HashMap<u64, (UserActivity, u32)> = HashMap::new();
         for bucket in stream.buckets() {
             impressed.extend(bucket.impressed.iter().copied());
-            for (&user, &(events, revenue)) in &bucket.users {
-                let entry = users.entry(user).or_default();
-                entry.0 += events;
-                entry.1 += revenue;
-                entry.2 += 1;
+            for (&user, activity) in &bucket.users {
+                let (total, buckets) = users.entry(user).or_default();
+                total.events += activity.events;
+                total.revenue += activity.revenue;
+                *buckets += 1;
             }
         }
         let active = users.len();
-        let events: u64 = users.values().map(|u| u.0).sum();
-        let revenue: f64 = users.values().map(|u| u.1).sum();
-        let repeat = users.values().filter(|u| u.2 > 1).count();
+        let events: u64 = users.values().map(|(u, _)| u.events).sum();
+        let revenue: f64 = users.values().map(|(u, _)| u.revenue).sum();
+        let repeat = users.values().filter(|(_, buckets)| *buckets > 1).count();
         let per = |x: f64| if active > 0 { x / active as f64 } else { 0.0 };
         StreamFigures {
             coverage: impressed.len() as f64 / catalog_len.max(1) as f64,
@@ -245,7 +254,7 @@ mod tests {
     #[test]
     fn a_variant_report_divides_by_what_it_counted() {
         let t = VariantBucket { impressions: 4, clicks: 1, diversity_sum: 2.0, ..VariantBucket::default() };
-        let report = variant_report("v1", "control", &t, Some((5, 50)));
+        let report = variant_report("v1", "control", &t, Some(ArmTally { impressions: 50, clicks: 5 }));
         assert_eq!((report.intra_list_diversity, report.novelty, report.baseline_ctr), (0.5, 0.0, Some(0.1)));
         assert_eq!(variant_report("v1", "control", &VariantBucket::default(), None).ctr.value, 0.0);
     }
