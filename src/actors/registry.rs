@@ -42,6 +42,32 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// The recipients of an actor that handles every session message (the session actor, or a
+    /// stand-in in tests).
+    pub fn of<A>(addr: Addr<A>) -> SessionHandle
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<ApplyEvents>
+            + Handler<GetRecommendations>
+            + Handler<EnsureList>
+            + Handler<Snapshot>
+            + Handler<TakeHistory>
+            + Handler<MergeHistory>
+            + Handler<Reload>
+            + Handler<Release>,
+    {
+        SessionHandle {
+            apply: addr.clone().recipient(),
+            recommend: addr.clone().recipient(),
+            ensure_list: addr.clone().recipient(),
+            snapshot: addr.clone().recipient(),
+            take_history: addr.clone().recipient(),
+            merge: addr.clone().recipient(),
+            reload: addr.clone().recipient(),
+            release: addr.recipient(),
+        }
+    }
+
     /// The session is still running.
     pub fn connected(&self) -> bool {
         self.release.connected()
@@ -454,16 +480,7 @@ mod tests {
     }
 
     fn idle_handle(addr: Addr<Idle>) -> SessionHandle {
-        SessionHandle {
-            apply: addr.clone().recipient(),
-            recommend: addr.clone().recipient(),
-            ensure_list: addr.clone().recipient(),
-            snapshot: addr.clone().recipient(),
-            take_history: addr.clone().recipient(),
-            merge: addr.clone().recipient(),
-            reload: addr.clone().recipient(),
-            release: addr.recipient(),
-        }
+        SessionHandle::of(addr)
     }
 
     /// The embedded default's session dependencies, on the current arbiter.

@@ -375,17 +375,7 @@ impl SessionActor {
 
 /// Starts `hub`'s session on `arbiter`: the registry's `StartSession`, handed to it by the wiring.
 pub fn start(arbiter: &ArbiterHandle, hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> SessionHandle {
-    let addr = SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(hub, registry));
-    SessionHandle {
-        apply: addr.clone().recipient(),
-        recommend: addr.clone().recipient(),
-        ensure_list: addr.clone().recipient(),
-        snapshot: addr.clone().recipient(),
-        take_history: addr.clone().recipient(),
-        merge: addr.clone().recipient(),
-        reload: addr.clone().recipient(),
-        release: addr.recipient(),
-    }
+    SessionHandle::of(SessionActor::start_in_arbiter(arbiter, move |_| SessionActor::new(hub, registry)))
 }
 
 impl Actor for SessionActor {

@@ -424,15 +424,7 @@ async fn a_sigkilled_instance_restarted_under_rest_load_applies_every_accepted_e
     let retried: HashSet<usize> = posts.iter().filter(|p| p.outcome.is_err()).map(|p| p.batch).collect();
     assert!(!retried.is_empty());
 
-    let mut expected: Vec<(String, Vec<String>)> = Vec::new();
-    for batch in 0..batches {
-        for (user, id) in restart_batch("ks", batch) {
-            match expected.iter_mut().find(|(u, _)| *u == user) {
-                Some((_, ids)) => ids.push(id),
-                None => expected.push((user, vec![id])),
-            }
-        }
-    }
+    let mut expected = restart_expected("ks", batches);
     // One more event per user: once it is stored, every earlier record of that user (the
     // replayed tail too) has been consumed by the second process and applied or skipped, since a
     // user's records are applied in order.

@@ -312,15 +312,7 @@ async fn a_kafka_broker_restart_refuses_with_503_meanwhile_and_applies_every_acc
     let retried: HashSet<usize> = attempts.iter().filter(|a| a.status != 202).map(|a| a.batch).collect();
     assert!(!retried.is_empty());
 
-    let mut expected: Vec<(String, Vec<String>)> = Vec::new();
-    for batch in 0..batches {
-        for (user, id) in restart_batch("kr", batch) {
-            match expected.iter_mut().find(|(u, _)| *u == user) {
-                Some((_, ids)) => ids.push(id),
-                None => expected.push((user, vec![id])),
-            }
-        }
-    }
+    let mut expected = restart_expected("kr", batches);
     // One more event per user, posted with the broker up: once it is stored, every earlier
     // record of that user (the replayed ones too) has been consumed and applied or skipped,
     // since a user's records are applied in order.

@@ -21,6 +21,21 @@ pub fn restart_batch(prefix: &str, batch: usize) -> Vec<(String, String)> {
     (0..4).map(|j| (format!("{prefix}-{}-{j}", batch / BATCHES_PER_USER), format!("{prefix}-{batch}-{j}"))).collect()
 }
 
+/// Every event id of batches `0..batches`, per user in the order they were sent: what the store
+/// must hold afterwards, each exactly once.
+pub fn restart_expected(prefix: &str, batches: usize) -> Vec<(String, Vec<String>)> {
+    let mut expected: Vec<(String, Vec<String>)> = Vec::new();
+    for batch in 0..batches {
+        for (user, id) in restart_batch(prefix, batch) {
+            match expected.iter_mut().find(|(u, _)| *u == user) {
+                Some((_, ids)) => ids.push(id),
+                None => expected.push((user, vec![id])),
+            }
+        }
+    }
+    expected
+}
+
 /// The JSON body of [`restart_batch`]: a `view` of one item per user.
 pub fn restart_body(prefix: &str, batch: usize) -> String {
     let events: Vec<Value> = restart_batch(prefix, batch)
