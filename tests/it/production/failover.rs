@@ -441,19 +441,7 @@ async fn a_sigkilled_instance_restarted_under_rest_load_applies_every_accepted_e
         assert_eq!(response.status().as_u16(), 202);
         ids.push(last);
     }
-    let redis = redis_conn(&config).await;
-    for (user, ids) in &expected {
-        let stored = eventually(&format!("the last event of {user} in redis"), || {
-            let redis = redis.clone();
-            let config = &config;
-            async move {
-                let stored = stored_ids(redis, config, user).await;
-                (stored.last() == ids.last()).then_some(stored)
-            }
-        })
-        .await;
-        assert_eq!(&stored, ids, "{user}: every event that got a 202 exactly once and in order, none missing");
-    }
+    assert_stored_exactly(&config, &expected).await;
     let total: usize = expected.iter().map(|(_, ids)| ids.len()).sum();
     let refused = posts.iter().filter(|p| p.outcome.is_err()).count();
     // For the record: how often the retried batches' ids are in the topic (twice for each event

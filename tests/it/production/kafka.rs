@@ -325,19 +325,7 @@ async fn a_kafka_broker_restart_refuses_with_503_meanwhile_and_applies_every_acc
         .await;
         ids.push(last);
     }
-    let redis = redis_conn(&config).await;
-    for (user, ids) in &expected {
-        let stored = eventually(&format!("the last event of {user} in redis"), || {
-            let redis = redis.clone();
-            let config = &config;
-            async move {
-                let stored = stored_ids(redis, config, user).await;
-                (stored.last() == ids.last()).then_some(stored)
-            }
-        })
-        .await;
-        assert_eq!(&stored, ids, "{user}: every event that got a 202 exactly once and in order");
-    }
+    assert_stored_exactly(&config, &expected).await;
     let total: usize = expected.iter().map(|(_, ids)| ids.len()).sum();
     assert_eq!(metric(&server, "liverec_session_applied_events_total").await, total as f64);
     eprintln!(

@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::http::client;
+use super::server::eventually;
+use super::services::{redis_conn, stored_ids};
 
 /// Users get at most this many events each (plus one at the end), below `session.history_len`
 /// (50), so the stored history holds every one of them.
@@ -141,5 +143,22 @@ impl<P: Copy> RestartClient<P> {
                 }
             }
         }
+    }
+}
+
+/// Waits until each user's last expected id is in Redis, then asserts that the stored ids are
+/// exactly the expected ones: each once, in order, none missing.
+pub async fn assert_stored_exactly(config: &liverec::config::Config, expected: &[(String, Vec<String>)]) {
+    let redis = redis_conn(config).await;
+    for (user, ids) in expected {
+        let stored = eventually(&format!("the last event of {user} in redis"), || {
+            let redis = redis.clone();
+            async move {
+                let stored = stored_ids(redis, config, user).await;
+                (stored.last() == ids.last()).then_some(stored)
+            }
+        })
+        .await;
+        assert_eq!(&stored, ids, "{user}: every event that got a 202 exactly once and in order, none missing");
     }
 }
