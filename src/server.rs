@@ -520,6 +520,7 @@ fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
     .client_request_timeout(Duration::from_millis(config.server.client_request_timeout_ms))
     .client_disconnect_timeout(Duration::from_millis(config.server.client_disconnect_timeout_ms))
     .workers(workers)
+    .backlog(config.server.backlog)
     .disable_signals()
     .shutdown_timeout(config.server.shutdown_timeout_secs)
     .bind(addr)

@@ -24,6 +24,9 @@ pub struct ServerConfig {
     pub client_disconnect_timeout_ms: u64,
     /// Seconds a client has to send a whole request body once its head arrived (408 after).
     pub body_timeout_secs: u64,
+    /// Connections the kernel may queue before they are accepted (capped by the kernel's
+    /// `net.core.somaxconn`).
+    pub backlog: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
