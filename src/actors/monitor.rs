@@ -10,7 +10,9 @@
 //! - input drift: population stability index of item popularity (organic events only: clicks on
 //!   served lists follow the model, not the users) and of the context mix (device x hour
 //!   bucket) against a reference (the model's training window when the trainer sets one,
-//!   else the first full window the monitor saw);
+//!   else the first full window the monitor saw), fired only when an index is above
+//!   `psi_threshold` and above the level sampling noise reaches at the two samples' sizes
+//!   (`monitor::PsiTest`), so a small window of a stationary stream does not fire it;
 //! - concept drift: the serving version's CTR against its own baseline (its first full window),
 //!   fired only when the drop is both large (`ctr_drop`) and significant (two-proportion z-test
 //!   above `z_threshold`), so noise alone does not fire it.
