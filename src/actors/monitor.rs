@@ -10,7 +10,9 @@
 //! - input drift: population stability index of item popularity (organic events only: clicks on
 //!   served lists follow the model, not the users) and of the context mix (device x hour
 //!   bucket) against a reference (the model's training window when the trainer sets one,
-//!   else the first full window the monitor saw);
+//!   else the first full window the monitor saw), fired only when an index is above
+//!   `psi_threshold` and above the level sampling noise reaches at the two samples' sizes
+//!   (`monitor::PsiTest`), so a small window of a stationary stream does not fire it;
 //! - concept drift: the serving version's CTR against its own baseline (its first full window),
 //!   fired only when the drop is both large (`ctr_drop`) and significant (two-proportion z-test
 //!   above `z_threshold`), so noise alone does not fire it.
@@ -21,7 +23,7 @@
 //! Mailbox: `monitor.mailbox_capacity`; sessions `try_send` and count refusals, so a slow monitor
 //! never slows serving. Restart policy: none; the state is statistics that rebuild from traffic.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,12 +36,10 @@ use crate::event::{Context as EventContext, EventType};
 use crate::eventlog::LoggedEvent;
 pub use crate::monitor::drift::DriftReference;
 use crate::monitor::drift::{aligned, category_mix, context_psi, item_psi};
-use crate::monitor::report::{
-    intra_list_diversity, novelty, stream_totals, variant_report, StreamBucket, StreamFigures, StreamTotals,
-    VariantBucket,
-};
+use crate::monitor::report::{intra_list_diversity, novelty, variant_report, StreamFigures, VariantBucket};
 pub use crate::monitor::report::{Breach, BreachKind, DriftReport, MonitorReport, VariantReport};
-use crate::monitor::{psi, two_proportion_z, Window};
+use crate::monitor::stream::{StreamBucket, StreamTotals, StreamWindow};
+use crate::monitor::{psi_test, two_proportion_z, FastMap, Window};
 use crate::telemetry::Metrics;
 
 /// A list served to a user.
@@ -135,24 +135,22 @@ pub struct MonitorActor {
     config: MonitorConfig,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
-    variants: HashMap<ArmKey, Window<VariantBucket>>,
-    stream: Window<StreamBucket>,
+    variants: FastMap<ArmKey, Window<VariantBucket>>,
+    /// The whole stream's buckets, with the window's item popularity as a running sum.
+    stream: StreamWindow,
     /// Reference distributions for input drift, and where they came from.
     reference: Option<Reference>,
     /// Per version: baseline (clicks, impressions) from its first full window.
-    baselines: HashMap<Arc<str>, ArmTally>,
+    baselines: FastMap<Arc<str>, ArmTally>,
     /// When each version was first seen (its first full window ends a window later).
-    first_seen: HashMap<Arc<str>, u64>,
+    first_seen: FastMap<Arc<str>, u64>,
     started_tick: u64,
     breaches: VecDeque<Breach>,
     last_retrain: Option<u64>,
     trainer: Option<Recipient<Retrain>>,
     drift: DriftReport,
-    /// Item popularity over the window as of the last bucket boundary, and its total: novelty
-    /// uses it, so an impression costs a few lookups, not a pass over the window.
-    popularity_cache: (HashMap<ItemIdx, f64>, f64),
     /// Impressions and clicks per (version, variant) since start.
-    totals: HashMap<ArmKey, ArmTally>,
+    totals: FastMap<ArmKey, ArmTally>,
 }
 
 /// The one clock (`event::now_ms`), in the unsigned milliseconds the monitor's buckets count in.
@@ -167,18 +165,17 @@ impl MonitorActor {
         let drift =
             DriftReport { psi_threshold: config.psi_threshold, z_threshold: config.z_threshold, ..Default::default() };
         Self {
-            variants: HashMap::new(),
-            stream: Window::new(buckets),
+            variants: FastMap::default(),
+            stream: StreamWindow::new(buckets),
             reference: None,
-            baselines: HashMap::new(),
-            first_seen: HashMap::new(),
+            baselines: FastMap::default(),
+            first_seen: FastMap::default(),
             started_tick: tick,
             breaches: VecDeque::new(),
             last_retrain: None,
             trainer: None,
             drift,
-            popularity_cache: (HashMap::new(), 0.0),
-            totals: HashMap::new(),
+            totals: FastMap::default(),
             config,
             catalog,
             metrics,
@@ -196,7 +193,9 @@ impl MonitorActor {
     fn variant(&mut self, version: &Arc<str>, variant: &Arc<str>) -> &mut VariantBucket {
         let tick = self.tick();
         let buckets = self.buckets() as usize;
-        self.first_seen.entry(version.clone()).or_insert(tick);
+        if !self.first_seen.contains_key(version) {
+            self.first_seen.insert(version.clone(), tick);
+        }
         self.variants
             .entry(ArmKey { version: version.clone(), variant: variant.clone() })
             .or_insert_with(|| Window::new(buckets))
@@ -205,11 +204,7 @@ impl MonitorActor {
 
     fn stream_bucket(&mut self) -> &mut StreamBucket {
         let tick = self.tick();
-        let bucket = self.stream.at(tick);
-        if bucket.context.is_empty() {
-            bucket.context = vec![0; EventContext::SEGMENTS];
-        }
-        bucket
+        self.stream.bucket(tick)
     }
 
     /// Runs at every bucket boundary: references, baselines, drift verdicts.
@@ -220,7 +215,7 @@ impl MonitorActor {
         }
         self.stream.advance(tick);
         let full_window = tick >= self.started_tick + self.buckets();
-        let StreamTotals { popularity, context, events } = stream_totals(&self.stream);
+        let StreamTotals { popularity, context, events } = self.stream.totals();
 
         if self.reference.is_none() && full_window && events >= self.config.min_samples {
             self.reference = Some(Reference {
@@ -235,40 +230,34 @@ impl MonitorActor {
         {
             self.drift.reference = Some(source.clone());
             if events >= self.config.min_samples {
-                let popularity_psi = item_psi(reference_pop, &popularity, self.config.psi_bins);
+                let popularity_test = item_psi(reference_pop, &popularity, self.config.psi_bins);
                 let (expected, actual) = {
                     let categories = self.catalog.categories();
                     aligned(&category_mix(reference_pop, &categories), &category_mix(&popularity, &categories))
                 };
-                let category_psi = psi(&expected, &actual);
-                let context_psi = context_psi(reference_ctx, &context);
-                self.drift.popularity_psi = Some(popularity_psi);
-                self.drift.category_psi = Some(category_psi);
-                self.drift.context_psi = Some(context_psi);
-                self.metrics.set_drift(popularity_psi, category_psi, context_psi);
-                if popularity_psi > self.config.psi_threshold {
+                let category_test = psi_test(&expected, &actual);
+                let context_test = context_psi(reference_ctx, &context);
+                self.drift.popularity_psi = Some(popularity_test.psi);
+                self.drift.category_psi = Some(category_test.psi);
+                self.drift.context_psi = Some(context_test.psi);
+                self.metrics.set_drift(popularity_test.psi, category_test.psi, context_test.psi);
+                let threshold = self.config.psi_threshold;
+                // The first index that is both large and beyond sampling noise (see `PsiTest`).
+                let tests = [
+                    ("item popularity", popularity_test),
+                    ("category mix", category_test),
+                    ("context mix", context_test),
+                ];
+                let drifted = tests.into_iter().find(|(_, test)| test.drifted(threshold));
+                if let Some((input, test)) = drifted {
                     self.breach(
                         ctx,
                         BreachKind::InputDrift,
-                        format!("item popularity PSI {popularity_psi:.3} > {}", self.config.psi_threshold),
-                    );
-                } else if category_psi > self.config.psi_threshold {
-                    self.breach(
-                        ctx,
-                        BreachKind::InputDrift,
-                        format!("category mix PSI {category_psi:.3} > {}", self.config.psi_threshold),
-                    );
-                } else if context_psi > self.config.psi_threshold {
-                    self.breach(
-                        ctx,
-                        BreachKind::InputDrift,
-                        format!("context mix PSI {context_psi:.3} > {}", self.config.psi_threshold),
+                        format!("{input} PSI {:.3} > {threshold} (noise level {:.3})", test.psi, test.noise),
                     );
                 }
             }
         }
-
-        self.popularity_cache = (popularity, events as f64);
 
         // The CTR users outside any canary or experiment see now (the busiest control arm).
         if let Some(t) = self
@@ -379,8 +368,7 @@ impl Handler<Impression> for MonitorActor {
     fn handle(&mut self, msg: Impression, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
         let diversity = intra_list_diversity(&msg.items, &self.catalog.categories());
-        let StreamTotals { popularity, events, .. } = stream_totals(&self.stream);
-        let novelty = novelty(&msg.items, &popularity, events);
+        let novelty = novelty(&msg.items, self.stream.popularity(), self.stream.events());
         let items = msg.items.len() as u64;
         self.totals
             .entry(ArmKey { version: msg.version.clone(), variant: msg.variant.clone() })
@@ -428,10 +416,11 @@ impl Handler<Activity> for MonitorActor {
     fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
         let event = &msg.event;
-        let bucket = self.stream_bucket();
+        let tick = self.tick();
         if event.organic && !event.event_type.is_negative() {
-            *bucket.popularity.entry(event.item).or_default() += 1;
+            self.stream.count_organic(tick, event.item);
         }
+        let bucket = self.stream.bucket(tick);
         if let Some(slot) = bucket.context.get_mut(event.segment) {
             *slot += 1;
         }

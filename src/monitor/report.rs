@@ -1,13 +1,11 @@
 //! The monitor's window figures: what a bucket counts, how buckets add up, and the report built
 //! from them (`GET /v1/monitor`). Plain data and pure functions; the actor owns the windows.
 
-use std::collections::{HashMap, HashSet};
-
 use serde::Serialize;
 
-use super::{wilson, ArmTally, Rate, Window};
+use super::stream::{StreamWindow, UserActivity};
+use super::{wilson, ArmTally, FastMap, FastSet, Rate, Window};
 use crate::catalog::{Categories, ItemIdx};
-use crate::event::Context as EventContext;
 
 #[derive(Clone, Debug, Default)]
 /// What one bucket counts for one (version, variant).
@@ -19,24 +17,6 @@ pub struct VariantBucket {
     pub diversity_sum: f64,
     pub novelty_sum: f64,
     pub novelty_items: u64,
-}
-
-#[derive(Clone, Debug, Default)]
-/// What one bucket counts for the whole stream.
-pub struct StreamBucket {
-    pub popularity: HashMap<ItemIdx, u64>,
-    pub context: Vec<u64>,
-    pub impressed: HashSet<ItemIdx>,
-    /// Per user (hash): events and revenue in this bucket.
-    pub users: HashMap<u64, UserActivity>,
-}
-
-/// What one user did in a bucket, or over a window.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct UserActivity {
-    pub events: u64,
-    /// Sum of purchase values.
-    pub revenue: f64,
 }
 
 impl VariantBucket {
@@ -53,32 +33,6 @@ impl VariantBucket {
             acc
         })
     }
-}
-
-/// Item popularity (organic events) and context mix over a window.
-#[derive(Clone, Debug, Default)]
-pub struct StreamTotals {
-    pub popularity: HashMap<ItemIdx, f64>,
-    pub context: Vec<f64>,
-    /// Organic events counted in `popularity`.
-    pub events: u64,
-}
-
-/// Item popularity and context mix over the window.
-pub fn stream_totals(stream: &Window<StreamBucket>) -> StreamTotals {
-    let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
-    let mut context = vec![0.0; EventContext::SEGMENTS];
-    let mut events = 0;
-    for bucket in stream.buckets() {
-        for (&item, &n) in &bucket.popularity {
-            *popularity.entry(item).or_default() += n as f64;
-            events += n;
-        }
-        for (slot, &n) in context.iter_mut().zip(&bucket.context) {
-            *slot += n as f64;
-        }
-    }
-    StreamTotals { popularity, context, events }
 }
 
 /// Intra-list diversity: mean pairwise Jaccard distance of the items' categories (pairs where
@@ -105,10 +59,11 @@ pub fn intra_list_diversity(items: &[ItemIdx], categories: &Categories<'_>) -> f
 }
 
 /// Novelty: the summed self-information of the items under the window's popularity (`events`
-/// organic events in all), smoothed so an unseen item is finite.
-pub fn novelty(items: &[ItemIdx], popularity: &HashMap<ItemIdx, f64>, events: u64) -> f64 {
+/// organic events in all), smoothed so an unseen item is finite. A lookup per item: the
+/// popularity is the stream window's running sum, not rebuilt per impression.
+pub fn novelty(items: &[ItemIdx], popularity: &FastMap<ItemIdx, u64>, events: u64) -> f64 {
     let total = (events as f64).max(1.0);
-    items.iter().map(|i| -((popularity.get(i).copied().unwrap_or(0.0) + 1.0) / (total + 1.0)).log2()).sum()
+    items.iter().map(|i| -((popularity.get(i).map_or(0.0, |&n| n as f64) + 1.0) / (total + 1.0)).log2()).sum()
 }
 
 /// The figures of one (version, variant) over the window.
@@ -142,10 +97,10 @@ pub struct StreamFigures {
 }
 
 impl StreamFigures {
-    pub fn of(stream: &Window<StreamBucket>, catalog_len: usize) -> Self {
-        let mut impressed: HashSet<ItemIdx> = HashSet::new();
+    pub fn of(stream: &StreamWindow, catalog_len: usize) -> Self {
+        let mut impressed: FastSet<ItemIdx> = FastSet::default();
         // Per user over the window: the activity, and in how many buckets they were seen.
-        let mut users: HashMap<u64, (UserActivity, u32)> = HashMap::new();
+        let mut users: FastMap<u64, (UserActivity, u32)> = FastMap::default();
         for bucket in stream.buckets() {
             impressed.extend(bucket.impressed.iter().copied());
             for (&user, activity) in &bucket.users {
@@ -244,7 +199,7 @@ mod tests {
 
     #[test]
     fn rare_items_are_more_novel_than_popular_ones() {
-        let popularity: HashMap<ItemIdx, f64> = [(0, 90.0), (1, 1.0)].into();
+        let popularity: FastMap<ItemIdx, u64> = [(0, 90), (1, 1)].into_iter().collect();
         let popular = novelty(&[0], &popularity, 91);
         let rare = novelty(&[1], &popularity, 91);
         let unseen = novelty(&[2], &popularity, 91);
