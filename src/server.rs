@@ -72,7 +72,7 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
-        let catalog = Arc::new(Catalog::new());
+        let catalog = Arc::new(Catalog::with_config(config.catalog.clone()));
         let initial = load_catalog_and_model(&config, &catalog)?;
         let threads = Threads::start(&config);
         let store = open_store(&config, &metrics, &threads.io)?;
