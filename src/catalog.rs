@@ -16,7 +16,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::config::CatalogConfig;
 use crate::event::ItemId;
 
 /// Dense index of an item in the catalogue, stable for the life of the process.
@@ -133,8 +132,24 @@ impl Inner {
 #[derive(Default)]
 pub struct Catalog {
     inner: RwLock<Inner>,
-    /// What events may add (the defaults: anything, up to `max_event_items`).
-    config: CatalogConfig,
+    /// What events may add.
+    admission: Admission,
+}
+
+/// What events may add to the catalogue (the `[catalog]` settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// Whether an event may name an item the catalogue does not hold.
+    pub accept_unknown_items: bool,
+    /// Most items known only from events (0: no limit).
+    pub max_event_items: usize,
+}
+
+impl Default for Admission {
+    /// Anything, as the catalogue did before it had settings (tests, tools).
+    fn default() -> Self {
+        Admission { accept_unknown_items: true, max_event_items: 0 }
+    }
 }
 
 /// Why an event's item was refused by [`Catalog::admit`].
@@ -182,9 +197,9 @@ impl Catalog {
         Self::default()
     }
 
-    /// An empty catalogue that admits event items as `config` says.
-    pub fn with_config(config: CatalogConfig) -> Self {
-        Self { inner: RwLock::default(), config }
+    /// An empty catalogue that admits event items as `admission` says.
+    pub fn with_admission(admission: Admission) -> Self {
+        Self { inner: RwLock::default(), admission }
     }
 
     /// Items known only from events.
@@ -212,10 +227,10 @@ impl Catalog {
         let mut inner = self.inner.write();
         let unknown = unknown(&inner);
         let Some(&first) = unknown.first() else { return Ok(()) };
-        if !self.config.accept_unknown_items {
+        if !self.admission.accept_unknown_items {
             return Err((first, RefusedItem::Unknown));
         }
-        let max = self.config.max_event_items;
+        let max = self.admission.max_event_items;
         if max > 0 {
             let room = max.saturating_sub(inner.event_only);
             if let Some(&over) = unknown.get(room) {
@@ -347,7 +362,7 @@ mod tests {
 
     #[test]
     fn events_add_items_up_to_the_cap_whole_batches_or_nothing() {
-        let catalog = Catalog::with_config(CatalogConfig { accept_unknown_items: true, max_event_items: 3 });
+        let catalog = Catalog::with_admission(Admission { accept_unknown_items: true, max_event_items: 3 });
         let ids: Vec<ItemId> = (0..6).map(|i| ItemId::from(format!("i{i}").as_str())).collect();
         catalog.put(&ids[5], ItemAttributes::default());
         assert_eq!(catalog.admit([&ids[0], &ids[0], &ids[1]]), Ok(()));
@@ -367,7 +382,7 @@ mod tests {
 
     #[test]
     fn unknown_items_can_be_refused_altogether() {
-        let catalog = Catalog::with_config(CatalogConfig { accept_unknown_items: false, max_event_items: 0 });
+        let catalog = Catalog::with_admission(Admission { accept_unknown_items: false, max_event_items: 0 });
         let (known, unknown) = (ItemId::from("known"), ItemId::from("new"));
         catalog.put(&known, ItemAttributes::default());
         assert_eq!(catalog.admit([&known, &unknown]), Err((1, RefusedItem::Unknown)));
