@@ -240,7 +240,7 @@ impl Default for Metrics {
             ws_invalid_messages: r.counter("liverec_stream_invalid_messages_total", "WebSocket messages refused."),
             model_requests: r.counter("liverec_model_requests_total", "Recommendation requests scored."),
             model_refused: r
-                .counter("liverec_model_refused_total", "Requests and observations refused because the model's queue was full."),
+                .counter("liverec_model_refused_total", "Requests refused because the model mailbox was full."),
             model_batches: r.counter("liverec_model_batches_total", "Batches run by the model."),
             model_batch_size: r.histogram("liverec_model_batch_size", "Requests per model batch.", SIZE_BOUNDS),
             model_inference_seconds: r.histogram(
