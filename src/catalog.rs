@@ -157,7 +157,9 @@ impl Default for Admission {
 pub enum RefusedItem {
     #[error("the item is not in the catalogue, and catalog.accept_unknown_items is false; put it first")]
     Unknown,
-    #[error("the catalogue already holds {max} items known only from events (catalog.max_event_items); put the item first")]
+    #[error(
+        "the catalogue already holds {max} items known only from events (catalog.max_event_items); put the item first"
+    )]
     TooManyUnknown { max: usize },
 }
 

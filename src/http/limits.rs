@@ -103,8 +103,14 @@ impl<K: Hash + Eq + Clone, C: Clock> KeyedLimiter<K, C> {
         let refill = quota.burst_size_replenished_in();
         let sweep_every = refill.max(std::time::Duration::from_secs(1)).as_nanos().min(u64::MAX as u128) as u64;
         let origin = clock.now();
-        let store = BoundedStore { map: DashMapStateStore::default(), overflow: InMemoryState::default(), max: max_keys };
-        KeyedLimiter { limiter: RateLimiter::new(quota, store, clock), origin, last_sweep: AtomicU64::new(0), sweep_every }
+        let store =
+            BoundedStore { map: DashMapStateStore::default(), overflow: InMemoryState::default(), max: max_keys };
+        KeyedLimiter {
+            limiter: RateLimiter::new(quota, store, clock),
+            origin,
+            last_sweep: AtomicU64::new(0),
+            sweep_every,
+        }
     }
 
     /// Takes a token from `key`'s bucket, sweeping first when a sweep is due.
@@ -141,8 +147,10 @@ impl Limiters {
         Limiters {
             streams: Default::default(),
             max_streams: config.streams_per_ip,
-            per_ip: quota(config.per_ip_per_sec, config.per_ip_burst).map(|q| KeyedLimiter::new(q, MAX_KEYS, DefaultClock::default())),
-            per_key: quota(config.per_key_per_sec, config.per_key_burst).map(|q| KeyedLimiter::new(q, MAX_KEYS, DefaultClock::default())),
+            per_ip: quota(config.per_ip_per_sec, config.per_ip_burst)
+                .map(|q| KeyedLimiter::new(q, MAX_KEYS, DefaultClock::default())),
+            per_key: quota(config.per_key_per_sec, config.per_key_burst)
+                .map(|q| KeyedLimiter::new(q, MAX_KEYS, DefaultClock::default())),
         }
     }
 

@@ -65,7 +65,11 @@ async fn items_known_only_from_events_stop_at_the_cap_with_a_clear_error() {
     assert_eq!(list.status, 200, "{}", list.body);
 
     // Putting an event-only item into the catalogue makes room for one more.
-    assert_eq!(put_json(&server, "/v1/items/junk-0", &json!({ "title": "Junk" })).await.status, 201, "it joins the catalogue");
+    assert_eq!(
+        put_json(&server, "/v1/items/junk-0", &json!({ "title": "Junk" })).await.status,
+        201,
+        "it joins the catalogue"
+    );
     post_events(&server, event("someone", "junk-5", "view")).await;
     let refused = post_json(&server, "/v1/events", &event("someone", "junk-6", "view")).await;
     assert_eq!(error_of(&refused).1, "too_many_unknown_items");
