@@ -90,3 +90,43 @@ async fn events_for_items_outside_the_catalogue_can_be_refused() {
     post_events(&server, event("someone", "not-in-catalogue", "view")).await;
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_kafka_record_for_an_item_past_the_cap_goes_to_the_dead_letter_topic() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let _services = SERVICES.read().await;
+    let mut config = production_config("item-cap");
+    config.catalog.max_event_items = 2;
+    let server = start(config.clone()).await;
+    let kafka: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    // One key, so one partition: the good event after the refused one must not be stuck.
+    for (id, item) in [("r1", "junk-a"), ("r2", "junk-b"), ("r3", "junk-c"), ("r4", "item-0001")] {
+        let payload = json!({ "user_id": "feeder", "item_id": item, "event_type": "view", "event_id": id }).to_string();
+        kafka
+            .send(
+                FutureRecord::to(&config.kafka.events_topic).key("feeder").payload(&payload),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("broker acknowledges");
+    }
+    eventually("the events within the cap applied", || async {
+        (metric(&server, "liverec_session_applied_events_total").await == 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&server, "liverec_kafka_dead_letters_total").await, 1.0);
+    assert_eq!(get(&server, "/v1/items/junk-c").await.status, 404);
+    let out = std::process::Command::new("kcat")
+        .args(["-C", "-b", &config.kafka.brokers, "-t", &config.kafka.dead_letter_topic, "-c", "1", "-e", "-q"])
+        .args(["-o", "beginning", "-f", "%h %s\\n"])
+        .output()
+        .expect("kcat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("liverec-error-code=too_many_unknown_items") && text.contains("junk-c"), "{text}");
+    server.stop().await;
+}
