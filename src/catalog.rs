@@ -215,13 +215,12 @@ impl Catalog {
     pub fn admit<'a>(&self, ids: impl IntoIterator<Item = &'a ItemId>) -> Result<(), (usize, RefusedItem)> {
         let ids: Vec<&ItemId> = ids.into_iter().collect();
         let unknown = |inner: &Inner| -> Vec<usize> {
-            let mut positions: Vec<usize> = Vec::new();
-            for (i, id) in ids.iter().enumerate() {
-                if !inner.index.contains_key(*id) && !positions.iter().any(|&p| ids[p] == *id) {
-                    positions.push(i);
-                }
-            }
-            positions
+            let mut seen = std::collections::HashSet::new();
+            ids.iter()
+                .enumerate()
+                .filter(|(_, id)| !inner.index.contains_key(**id) && seen.insert(**id))
+                .map(|(i, _)| i)
+                .collect()
         };
         if unknown(&self.inner.read()).is_empty() {
             return Ok(());
