@@ -1,6 +1,12 @@
 //! The item catalogue: interns item ids to dense indices (what the models score over) and keeps
 //! each item's attributes. Items appear either through `PUT /v1/items/{id}` or the first time an
 //! event names them; the latter have no attributes until someone puts them.
+//!
+//! Items known only from events are bounded (`catalog.max_event_items`), and can be refused
+//! altogether (`catalog.accept_unknown_items = false`): anyone who may post events could
+//! otherwise grow the catalogue, and the cost of every list with it, without limit. Events are
+//! checked with [`Catalog::admit`] where they enter (HTTP, WebSocket, Kafka); items that were
+//! admitted once (or come back from stored profiles) are interned without a check.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,11 +96,25 @@ struct Entry {
 struct Inner {
     index: HashMap<ItemId, ItemIdx>,
     items: Vec<Entry>,
+    /// Items without attributes: known only from events.
+    event_only: usize,
     category_index: HashMap<Arc<str>, CategoryIdx>,
     category_names: Vec<Arc<str>>,
 }
 
 impl Inner {
+    /// The index of `id`, adding it without attributes if it is new.
+    fn add(&mut self, id: &ItemId) -> ItemIdx {
+        if let Some(&idx) = self.index.get(id) {
+            return idx;
+        }
+        let idx = ItemIdx::try_from(self.items.len()).expect("fewer than 2^32 items");
+        self.items.push(Entry { id: id.clone(), attributes: None, categories: Vec::new() });
+        self.index.insert(id.clone(), idx);
+        self.event_only += 1;
+        idx
+    }
+
     fn category(&mut self, name: &str) -> CategoryIdx {
         if let Some(&idx) = self.category_index.get(name) {
             return idx;
@@ -112,6 +132,45 @@ impl Inner {
 #[derive(Default)]
 pub struct Catalog {
     inner: RwLock<Inner>,
+    /// What events may add.
+    admission: Admission,
+}
+
+/// What events may add to the catalogue (the `[catalog]` settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// Whether an event may name an item the catalogue does not hold.
+    pub accept_unknown_items: bool,
+    /// Most items known only from events (0: no limit).
+    pub max_event_items: usize,
+}
+
+impl Default for Admission {
+    /// Anything, as the catalogue did before it had settings (tests, tools).
+    fn default() -> Self {
+        Admission { accept_unknown_items: true, max_event_items: 0 }
+    }
+}
+
+/// Why an event's item was refused by [`Catalog::admit`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefusedItem {
+    #[error("the item is not in the catalogue, and catalog.accept_unknown_items is false; put it first")]
+    Unknown,
+    #[error(
+        "the catalogue already holds {max} items known only from events (catalog.max_event_items); put the item first"
+    )]
+    TooManyUnknown { max: usize },
+}
+
+impl RefusedItem {
+    /// A stable code for clients and the dead-letter topic.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RefusedItem::Unknown => "unknown_item",
+            RefusedItem::TooManyUnknown { .. } => "too_many_unknown_items",
+        }
+    }
 }
 
 /// What `GET /v1/items/{id}` shows: the id, the attributes, and whether it is in the catalogue.
@@ -140,6 +199,51 @@ impl Catalog {
         Self::default()
     }
 
+    /// An empty catalogue that admits event items as `admission` says.
+    pub fn with_admission(admission: Admission) -> Self {
+        Self { inner: RwLock::default(), admission }
+    }
+
+    /// Items known only from events.
+    pub fn event_only(&self) -> usize {
+        self.inner.read().event_only
+    }
+
+    /// Lets events name `ids`: every one is known afterwards, or none is added and the answer
+    /// is the position (in `ids`) of the first that cannot be and why. An item that is already
+    /// known always passes.
+    pub fn admit<'a>(&self, ids: impl IntoIterator<Item = &'a ItemId>) -> Result<(), (usize, RefusedItem)> {
+        let ids: Vec<&ItemId> = ids.into_iter().collect();
+        let unknown = |inner: &Inner| -> Vec<usize> {
+            let mut seen = std::collections::HashSet::new();
+            ids.iter()
+                .enumerate()
+                .filter(|(_, id)| !inner.index.contains_key(**id) && seen.insert(**id))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        if unknown(&self.inner.read()).is_empty() {
+            return Ok(());
+        }
+        let mut inner = self.inner.write();
+        let unknown = unknown(&inner);
+        let Some(&first) = unknown.first() else { return Ok(()) };
+        if !self.admission.accept_unknown_items {
+            return Err((first, RefusedItem::Unknown));
+        }
+        let max = self.admission.max_event_items;
+        if max > 0 {
+            let room = max.saturating_sub(inner.event_only);
+            if let Some(&over) = unknown.get(room) {
+                return Err((over, RefusedItem::TooManyUnknown { max }));
+            }
+        }
+        for i in unknown {
+            inner.add(ids[i]);
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.inner.read().items.len()
     }
@@ -153,14 +257,7 @@ impl Catalog {
         if let Some(&idx) = self.inner.read().index.get(id) {
             return idx;
         }
-        let mut inner = self.inner.write();
-        if let Some(&idx) = inner.index.get(id) {
-            return idx;
-        }
-        let idx = ItemIdx::try_from(inner.items.len()).expect("fewer than 2^32 items");
-        inner.items.push(Entry { id: id.clone(), attributes: None, categories: Vec::new() });
-        inner.index.insert(id.clone(), idx);
-        idx
+        self.inner.write().add(id)
     }
 
     /// The index of `id` if the catalogue knows it.
@@ -177,6 +274,9 @@ impl Catalog {
         let created = entry.attributes.is_none();
         entry.attributes = Some(Arc::new(attributes));
         entry.categories = categories;
+        if created {
+            inner.event_only = inner.event_only.saturating_sub(1);
+        }
         (idx, created)
     }
 
@@ -259,5 +359,37 @@ mod tests {
         assert_eq!(attrs.validate().expect_err("empty tag").field, "tags");
         let attrs = ItemAttributes { title: Some("x".repeat(MAX_TITLE_LEN + 1)), ..Default::default() };
         assert_eq!(attrs.validate().expect_err("long title").field, "title");
+    }
+
+    #[test]
+    fn events_add_items_up_to_the_cap_whole_batches_or_nothing() {
+        let catalog = Catalog::with_admission(Admission { accept_unknown_items: true, max_event_items: 3 });
+        let ids: Vec<ItemId> = (0..6).map(|i| ItemId::from(format!("i{i}").as_str())).collect();
+        catalog.put(&ids[5], ItemAttributes::default());
+        assert_eq!(catalog.admit([&ids[0], &ids[0], &ids[1]]), Ok(()));
+        assert_eq!(catalog.event_only(), 2);
+        // Two new items with room for one: nothing is added, and the second is named.
+        let refused = catalog.admit([&ids[1], &ids[2], &ids[5], &ids[3]]);
+        assert_eq!(refused, Err((3, RefusedItem::TooManyUnknown { max: 3 })));
+        assert_eq!((catalog.len(), catalog.event_only()), (3, 2), "a refused batch adds nothing");
+        assert_eq!(catalog.admit([&ids[2], &ids[0], &ids[5]]), Ok(()));
+        assert_eq!(catalog.admit([&ids[3]]).map_err(|(_, why)| why.code()), Err("too_many_unknown_items"));
+        assert_eq!(catalog.admit([&ids[0], &ids[5]]), Ok(()), "known items always pass");
+        // Putting an item makes room: it is no longer known only from events.
+        catalog.put(&ids[0], ItemAttributes::default());
+        assert_eq!(catalog.admit([&ids[3]]), Ok(()));
+        assert_eq!((catalog.len(), catalog.event_only()), (5, 3));
+    }
+
+    #[test]
+    fn unknown_items_can_be_refused_altogether() {
+        let catalog = Catalog::with_admission(Admission { accept_unknown_items: false, max_event_items: 0 });
+        let (known, unknown) = (ItemId::from("known"), ItemId::from("new"));
+        catalog.put(&known, ItemAttributes::default());
+        assert_eq!(catalog.admit([&known, &unknown]), Err((1, RefusedItem::Unknown)));
+        assert_eq!(catalog.lookup(&unknown), None);
+        // Without a cap, anything may be interned directly (stored profiles, admitted events).
+        catalog.intern(&unknown);
+        assert_eq!(catalog.admit([&unknown]), Ok(()));
     }
 }

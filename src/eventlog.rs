@@ -5,8 +5,9 @@
 //!
 //! It lives in memory, in every mode: in production each instance logs the events of the
 //! partitions it owns (Kafka keeps the full log; see docs/monitoring.md). Records are shared
-//! (`Arc`): the monitor reads the same record, and a snapshot for the trainer copies pointers,
-//! not events, under the lock every session's append takes.
+//! (`Arc`): the monitor reads the same record. The log is a queue of immutable segments of
+//! 4,096 records, so a snapshot for the trainer takes one pointer per segment under the lock
+//! every session's append takes, and copies the records' pointers after releasing it.
 
 use std::collections::VecDeque;
 use std::ops::Deref;
@@ -62,8 +63,67 @@ impl Deref for LoggedEvent {
     }
 }
 
+/// Events per sealed segment of the log.
+const SEGMENT: usize = 4096;
+
+/// The retained events, oldest first: full segments that never change again (`Arc<[..]>`, so a
+/// snapshot takes a pointer to each), then the segment being filled.
+#[derive(Default)]
+struct Segments {
+    sealed: VecDeque<Arc<[Arc<LoggedEvent>]>>,
+    /// Events of `sealed[0]` already dropped (by the window or the cap): they are skipped, and
+    /// freed when the whole segment goes.
+    skip: usize,
+    open: VecDeque<Arc<LoggedEvent>>,
+    len: usize,
+}
+
+impl Segments {
+    fn front(&self) -> Option<&Arc<LoggedEvent>> {
+        match self.sealed.front() {
+            Some(segment) => segment.get(self.skip),
+            None => self.open.front(),
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(segment) = self.sealed.front() {
+            self.skip += 1;
+            if self.skip >= segment.len() {
+                self.sealed.pop_front();
+                self.skip = 0;
+            }
+            self.len -= 1;
+        } else if self.open.pop_front().is_some() {
+            self.len -= 1;
+        }
+    }
+
+    fn push_back(&mut self, event: Arc<LoggedEvent>) {
+        self.open.push_back(event);
+        self.len += 1;
+        if self.open.len() >= SEGMENT {
+            self.sealed.push_back(self.open.drain(..).collect());
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<LoggedEvent>> {
+        let mut sealed = self.sealed.iter();
+        let first = sealed.next().map(|s| &s[self.skip..]).unwrap_or_default();
+        first.iter().chain(sealed.flat_map(|s| s.iter())).chain(self.open.iter())
+    }
+}
+
+/// What a snapshot takes under the lock: a pointer per sealed segment and the open segment's
+/// events (fewer than [`SEGMENT`]), never a copy of the whole log.
+struct Pinned {
+    sealed: Vec<Arc<[Arc<LoggedEvent>]>>,
+    skip: usize,
+    open: Vec<Arc<LoggedEvent>>,
+}
+
 pub struct EventLog {
-    events: Mutex<VecDeque<Arc<LoggedEvent>>>,
+    events: Mutex<Segments>,
     window_ms: i64,
     max_events: usize,
     appended: AtomicU64,
@@ -72,7 +132,7 @@ pub struct EventLog {
 impl EventLog {
     pub fn new(window_secs: u64, max_events: usize) -> Arc<Self> {
         Arc::new(Self {
-            events: Mutex::new(VecDeque::new()),
+            events: Mutex::new(Segments::default()),
             window_ms: (window_secs as i64).saturating_mul(1000),
             max_events: max_events.max(1),
             appended: AtomicU64::new(0),
@@ -89,23 +149,38 @@ impl EventLog {
         let mut events = self.events.lock();
         let oldest = event.logged_at - self.window_ms;
         events.push_back(event);
-        while events.len() > self.max_events || events.front().is_some_and(|e| e.logged_at < oldest) {
+        while events.len > self.max_events || events.front().is_some_and(|e| e.logged_at < oldest) {
             events.pop_front();
         }
     }
 
-    /// The events still in the window, oldest first.
+    /// The events still in the window, oldest first. The lock every session's append takes is
+    /// held to drop expired events and to pin the segments (a few hundred pointers for half a
+    /// million events); the copy into one list happens after it is released.
     pub fn snapshot(&self, now_ms: i64) -> Vec<Arc<LoggedEvent>> {
         let oldest = now_ms - self.window_ms;
-        let mut events = self.events.lock();
-        while events.front().is_some_and(|e| e.logged_at < oldest) {
-            events.pop_front();
+        let pinned = {
+            let mut events = self.events.lock();
+            while events.front().is_some_and(|e| e.logged_at < oldest) {
+                events.pop_front();
+            }
+            Pinned {
+                sealed: events.sealed.iter().cloned().collect(),
+                skip: events.skip,
+                open: events.open.iter().cloned().collect(),
+            }
+        };
+        let mut out = Vec::with_capacity(pinned.sealed.iter().map(|s| s.len()).sum::<usize>() + pinned.open.len());
+        for (i, segment) in pinned.sealed.iter().enumerate() {
+            let from = if i == 0 { pinned.skip } else { 0 };
+            out.extend(segment[from..].iter().cloned());
         }
-        events.iter().cloned().collect()
+        out.extend(pinned.open);
+        out
     }
 
     pub fn len(&self) -> usize {
-        self.events.lock().len()
+        self.events.lock().len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,12 +188,21 @@ impl EventLog {
     }
 
     /// Forgets every event of `user` logged up to `until_ms` (the user's erasure); returns how
-    /// many there were.
+    /// many there were. Rebuilds the segments (an erasure is rare; appends wait meanwhile).
     pub fn remove_user(&self, user: &UserId, until_ms: i64) -> usize {
         let mut events = self.events.lock();
-        let before = events.len();
-        events.retain(|e| &e.user != user || e.logged_at > until_ms);
-        before - events.len()
+        let before = events.len;
+        if !events.iter().any(|e| &e.user == user && e.logged_at <= until_ms) {
+            return 0;
+        }
+        let kept: Vec<Arc<LoggedEvent>> =
+            events.iter().filter(|e| &e.user != user || e.logged_at > until_ms).cloned().collect();
+        let mut rebuilt = Segments::default();
+        for event in kept {
+            rebuilt.push_back(event);
+        }
+        *events = rebuilt;
+        before - events.len
     }
 }
 
@@ -161,5 +245,86 @@ mod tests {
         log.append(event("a", 14_000));
         assert_eq!(log.remove_user(&UserId::from("a"), 13_500), 1);
         assert_eq!(log.snapshot(14_000).iter().filter(|e| e.user.as_str() == "a").count(), 1);
+    }
+
+    /// The log as it was before segments (one deque under the lock), as a reference.
+    struct Reference {
+        events: VecDeque<Arc<LoggedEvent>>,
+        window_ms: i64,
+        max_events: usize,
+    }
+
+    impl Reference {
+        fn append(&mut self, event: Arc<LoggedEvent>) {
+            let oldest = event.logged_at - self.window_ms;
+            self.events.push_back(event);
+            while self.events.len() > self.max_events || self.events.front().is_some_and(|e| e.logged_at < oldest) {
+                self.events.pop_front();
+            }
+        }
+        fn snapshot(&mut self, now_ms: i64) -> Vec<Arc<LoggedEvent>> {
+            let oldest = now_ms - self.window_ms;
+            while self.events.front().is_some_and(|e| e.logged_at < oldest) {
+                self.events.pop_front();
+            }
+            self.events.iter().cloned().collect()
+        }
+        fn remove_user(&mut self, user: &UserId, until_ms: i64) -> usize {
+            let before = self.events.len();
+            self.events.retain(|e| &e.user != user || e.logged_at > until_ms);
+            before - self.events.len()
+        }
+    }
+
+    #[test]
+    fn segments_keep_the_window_the_cap_and_erasures_of_a_single_deque() {
+        for (window_secs, max_events) in [(30, 10_000), (5, 100_000), (1_000, 9_000)] {
+            let log = EventLog::new(window_secs, max_events);
+            let mut reference = Reference { events: VecDeque::new(), window_ms: window_secs as i64 * 1000, max_events };
+            // A fixed pseudo-random walk: appends at rising times, snapshots, and erasures.
+            let mut state = 0x2545_f491_4f6c_dd1du64;
+            let mut next = |n: u64| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state % n
+            };
+            let mut now = 0i64;
+            for step in 0..60_000 {
+                now += next(3) as i64;
+                let user = format!("u{}", next(40));
+                let event = event(&user, now);
+                log.append(event.clone());
+                reference.append(event);
+                if step % 7_919 == 0 {
+                    let at = now - next(20_000) as i64;
+                    assert_eq!(
+                        log.remove_user(&UserId::from(user.as_str()), at),
+                        reference.remove_user(&UserId::from(user.as_str()), at),
+                        "erasure at step {step}"
+                    );
+                }
+                if step % 4_999 == 0 {
+                    let later = now + next(40_000) as i64;
+                    let (got, want) = (log.snapshot(later), reference.snapshot(later));
+                    assert_eq!(got.len(), want.len(), "snapshot at step {step}");
+                    assert!(got.iter().zip(&want).all(|(a, b)| Arc::ptr_eq(a, b)), "same events in order");
+                }
+                assert_eq!(log.len(), reference.events.len(), "length at step {step}");
+            }
+            let (got, want) = (log.snapshot(now), reference.snapshot(now));
+            assert!(got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| Arc::ptr_eq(a, b)));
+        }
+    }
+
+    #[test]
+    fn a_snapshot_pins_segments_under_the_lock_rather_than_copying_every_event() {
+        let log = EventLog::new(1_000_000, 500_000);
+        for at in 0..100_000 {
+            log.append(event("a", at));
+        }
+        let events = log.events.lock();
+        assert!(events.sealed.len() <= 100_000 / SEGMENT, "full segments are sealed");
+        assert!(events.open.len() < SEGMENT, "at most one segment is open");
     }
 }

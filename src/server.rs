@@ -22,7 +22,7 @@ use crate::actors::SessionDeps;
 use crate::bus::kafka::{self, KafkaBus};
 use crate::bus::memory::MemoryBus;
 use crate::bus::EventBus;
-use crate::catalog::Catalog;
+use crate::catalog::{Admission, Catalog};
 use crate::config::{BusKind, Config, ModelKind, StoreKind};
 use crate::demo;
 use crate::eventlog::EventLog;
@@ -72,7 +72,10 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
-        let catalog = Arc::new(Catalog::new());
+        let catalog = Arc::new(Catalog::with_admission(Admission {
+            accept_unknown_items: config.catalog.accept_unknown_items,
+            max_event_items: config.catalog.max_event_items,
+        }));
         let initial = load_catalog_and_model(&config, &catalog)?;
         let threads = Threads::start(&config);
         let store = open_store(&config, &metrics, &threads.io)?;

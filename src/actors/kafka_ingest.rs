@@ -226,7 +226,8 @@ struct Consume {
     limits: crate::event::EventLimits,
 }
 
-/// A record that could not be decoded, on its way to the dead-letter topic.
+/// A record that could not be decoded, or whose item the catalogue refused, on its way to the
+/// dead-letter topic.
 struct DeadLetter {
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
@@ -360,7 +361,16 @@ impl Consume {
                 }
                 continue;
             }
-            match codec::decode(record.payload().unwrap_or_default(), &self.limits, now) {
+            let decoded = codec::decode(record.payload().unwrap_or_default(), &self.limits, now)
+                .map_err(|error| (error.code(), error.to_string()))
+                .and_then(|event| {
+                    // The catalogue's bound on items known only from events holds for records too.
+                    match self.registry.deps.catalog.admit([&event.item_id]) {
+                        Ok(()) => Ok(event),
+                        Err((_, refused)) => Err((refused.code(), refused.to_string())),
+                    }
+                });
+            match decoded {
                 Ok(mut event) => {
                     if !is_pseudonymized(record) {
                         event.user_id = self.registry.deps.pseudonyms.user(event.user_id.as_str());
@@ -374,13 +384,13 @@ impl Consume {
                         }
                     }
                 }
-                Err(error) => dead.push(DeadLetter {
+                Err((code, reason)) => dead.push(DeadLetter {
                     key: record.key().map(<[u8]>::to_vec),
                     payload: record.payload().map(<[u8]>::to_vec),
                     partition: record.partition(),
                     offset: record.offset(),
-                    code: error.code(),
-                    reason: error.to_string(),
+                    code,
+                    reason,
                 }),
             }
         }

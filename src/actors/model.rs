@@ -6,7 +6,10 @@
 //! runs wait for it and go together in the next one, up to `model.max_batch`.
 //!
 //! Mailbox: `model.mailbox_capacity`; sessions `send` (and wait) for scoring and `try_send`
-//! observations, counting refusals. Restart policy: none needed; the actor holds no state that
+//! observations, counting refusals. The handlers move messages out of the mailbox at once, so the
+//! same capacity bounds what waits for a batch: a scoring request that finds that many queued is
+//! answered at once with [`ModelError::Overloaded`] (HTTP: `503` with `Retry-After`), and an
+//! observation that finds that many is dropped; both count in `liverec_model_refused_total`. Restart policy: none needed; the actor holds no state that
 //! outlives a batch, and the inference worker is a `SyncArbiter` thread that actix restarts with
 //! a fresh model from the factory if it panics.
 
@@ -27,6 +30,9 @@ use crate::telemetry::Metrics;
 pub enum ModelError {
     #[error("the model worker stopped")]
     Stopped,
+    /// `model.mailbox_capacity` requests already wait for a batch.
+    #[error("the model is overloaded")]
+    Overloaded,
 }
 
 /// Scored items for one request, with the version of the model that produced them and the
@@ -77,6 +83,7 @@ pub struct ModelActor {
     max_batch: usize,
     /// How long a lone request may wait for company (0: flush as soon as the mailbox is drained).
     max_wait: std::time::Duration,
+    /// Bounds the mailbox, and the requests and the observations waiting for a batch.
     mailbox_capacity: usize,
     pending: VecDeque<Pending>,
     observations: Vec<Observation>,
@@ -189,6 +196,10 @@ impl Handler<Recommend> for ModelActor {
     type Result = ResponseFuture<Result<ScoredList, ModelError>>;
 
     fn handle(&mut self, msg: Recommend, ctx: &mut Self::Context) -> Self::Result {
+        if self.pending.len() >= self.mailbox_capacity {
+            self.metrics.model_refused.inc();
+            return Box::pin(async { Err(ModelError::Overloaded) });
+        }
         let (tx, rx) = oneshot::channel();
         self.pending.push_back((msg.request, msg.user, tx));
         self.metrics.model_queued.set(self.pending.len() as i64);
@@ -201,6 +212,11 @@ impl Handler<Observe> for ModelActor {
     type Result = ();
 
     fn handle(&mut self, msg: Observe, ctx: &mut Self::Context) {
+        if self.observations.len() >= self.mailbox_capacity {
+            // The online model misses it, as it would a refused `try_send`.
+            self.metrics.model_refused.inc();
+            return;
+        }
         self.observations.push(msg.observation);
         self.schedule(ctx);
     }
@@ -517,7 +533,7 @@ mod tests {
             Arc::new(Metrics::default()),
             max_batch,
             std::time::Duration::ZERO,
-            1024,
+            4096,
             &Arbiter::current(),
         )
     }
@@ -591,5 +607,90 @@ mod tests {
         let after =
             model.send(Recommend { request: request(), user: users[0] }).await.expect("delivered").expect("scored");
         assert_eq!((&*after.version, &*after.variant), ("b", CONTROL));
+    }
+
+    /// A model whose batches wait for the test: it reports each batch it starts, then blocks
+    /// until the gate opens.
+    struct Gated {
+        started: tokio::sync::mpsc::UnboundedSender<usize>,
+        gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Recommender for Gated {
+        fn version(&self) -> &str {
+            "gated"
+        }
+        fn observe(&mut self, _observations: &[Observation]) {}
+        fn score(&mut self, requests: &[ScoreRequest], _catalog: &Catalog) -> Vec<Vec<Scored>> {
+            let _ = self.started.send(requests.len());
+            let (open, wake) = &*self.gate;
+            let mut open = open.lock().expect("gate lock");
+            while !*open {
+                open = wake.wait(open).expect("gate lock");
+            }
+            requests.iter().map(|_| vec![Scored { item: 0, score: 1.0 }]).collect()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn requests_past_the_queue_bound_are_refused_at_once_and_counted() {
+        const CAPACITY: usize = 8;
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let metrics = Arc::new(Metrics::default());
+        let model = Gated { started: started_tx, gate: gate.clone() };
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let actor = ModelActor::start_with(
+            Box::new(model),
+            factory,
+            Arc::new(Catalog::new()),
+            metrics.clone(),
+            4,
+            std::time::Duration::ZERO,
+            CAPACITY,
+            &Arbiter::current(),
+        );
+        // One batch in flight on the inference thread, held there.
+        let first = actor.send(Recommend { request: request(), user: 0 });
+        let first = actix_rt::spawn(first);
+        assert_eq!(started.recv().await, Some(1));
+        // CAPACITY requests wait for the next batch; every one past them is answered now.
+        let waiting: Vec<_> = (0..CAPACITY as u64)
+            .map(|u| actix_rt::spawn(actor.send(Recommend { request: request(), user: u })))
+            .collect();
+        for user in 0..3 * CAPACITY as u64 {
+            // A stall detector: without the bound the request would wait for the gate forever.
+            let answer = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                actor.send(Recommend { request: request(), user }),
+            )
+            .await
+            .expect("answered without waiting for the batch in flight")
+            .expect("delivered");
+            assert!(matches!(answer, Err(ModelError::Overloaded)), "refused while the queue is full: {answer:?}");
+        }
+        assert_eq!(metrics.model_refused.get(), 3 * CAPACITY as u64);
+        assert_eq!(metrics.model_queued.get(), CAPACITY as i64);
+        // Observations beyond the bound are dropped and counted too.
+        for _ in 0..CAPACITY + 2 {
+            actor
+                .send(Observe {
+                    observation: Observation { previous: Arc::from(Vec::new()), new: Vec::new(), segment: 0 },
+                })
+                .await
+                .expect("delivered");
+        }
+        assert_eq!(metrics.model_refused.get(), 3 * CAPACITY as u64 + 2);
+        {
+            let (open, wake) = &*gate;
+            *open.lock().expect("gate lock") = true;
+            wake.notify_all();
+        }
+        assert!(first.await.expect("joined").expect("delivered").is_ok(), "the batch in flight is answered");
+        for waiting in waiting {
+            assert!(waiting.await.expect("joined").expect("delivered").is_ok(), "queued requests are answered");
+        }
+        // With the queue drained, requests are served again.
+        assert!(actor.send(Recommend { request: request(), user: 1 }).await.expect("delivered").is_ok());
     }
 }

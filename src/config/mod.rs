@@ -7,6 +7,7 @@
 //! modules that use a section import it from here and `config` imports nothing of theirs.
 
 mod bus;
+mod catalog;
 mod closed_loop;
 mod demo;
 mod model;
@@ -24,6 +25,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use bus::{BusConfig, BusKind, KafkaConfig};
+pub use catalog::CatalogConfig;
 pub use closed_loop::{MonitorConfig, RolloutConfig, TrainerConfig};
 pub use demo::DemoConfig;
 pub use model::{CoocConfig, ModelConfig, ModelKind};
@@ -95,6 +97,8 @@ pub struct Config {
     pub redis: RedisConfig,
     pub session: SessionConfig,
     pub recs: RecsConfig,
+    #[serde(default)]
+    pub catalog: CatalogConfig,
     pub model: ModelConfig,
     pub stream: StreamConfig,
     pub monitor: MonitorConfig,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::actors::messages::SessionError;
 use crate::actors::trainer::state::TrainerError;
 use crate::bus::BusError;
-use crate::catalog::InvalidItem;
+use crate::catalog::{InvalidItem, RefusedItem};
 use crate::event::InvalidEvent;
 use crate::models::registry::RegistryError;
 use crate::store::StoreError;
@@ -116,6 +116,14 @@ impl From<liverec_wire::ws::MessageError> for ApiError {
 impl From<InvalidItem> for ApiError {
     fn from(e: InvalidItem) -> Self {
         ApiError::unprocessable("invalid_item", e.message).with_field(e.field)
+    }
+}
+
+/// An event's item the catalogue would not take (`field` is set where the event's position is
+/// known).
+impl From<RefusedItem> for ApiError {
+    fn from(e: RefusedItem) -> Self {
+        ApiError::unprocessable(e.code(), e.to_string()).with_field("item_id")
     }
 }
 

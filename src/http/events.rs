@@ -65,7 +65,7 @@ pub enum EventsBody {
         (status = 403, description = "The credential may not post events (of this user)", body = ErrorBody),
         (status = 409, description = "Every event of the batch is for an erased user and dated at or before the erasure (`user_erased`); nothing is applied", body = ErrorBody),
         (status = 413, description = "The body or the batch is larger than the limit", body = ErrorBody),
-        (status = 422, description = "An event is invalid; `field` names it, e.g. `[3].item_id`", body = ErrorBody),
+        (status = 422, description = "An event is invalid; `field` names it, e.g. `[3].item_id`. Also `unknown_item` (the catalogue lacks the item and `catalog.accept_unknown_items` is false) and `too_many_unknown_items` (`catalog.max_event_items` items are known only from events)", body = ErrorBody),
     )
 )]
 pub async fn post_events(
@@ -117,11 +117,25 @@ enum Raw {
 }
 
 fn validate(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {
+    let many = matches!(raw, Raw::Many(_));
     let mut events = validate_ids(raw, state)?;
+    admit_items(&events, many, state)?;
     for event in &mut events {
         event.user_id = state.pseudonyms.user(event.user_id.as_str());
     }
     Ok(events)
+}
+
+/// Lets the catalogue take the items the events name, or refuses the batch (`422`, naming the
+/// first event whose item it would not take) when an item is unknown and
+/// `catalog.accept_unknown_items` is off, or items known only from events are at
+/// `catalog.max_event_items`. Refused rather than applied without the item: the event would
+/// otherwise vanish after a `202`, and a client can put the item and send it again.
+fn admit_items(events: &[Event], many: bool, state: &AppState) -> Result<(), ApiError> {
+    state.catalog.admit(events.iter().map(|e| &e.item_id)).map_err(|(i, refused)| {
+        let field = if many { format!("[{i}].item_id") } else { "item_id".to_owned() };
+        ApiError::from(refused).with_field(field)
+    })
 }
 
 fn validate_ids(raw: Raw, state: &AppState) -> Result<Vec<Event>, ApiError> {

@@ -4,13 +4,23 @@
 //! (`/healthz`, `/readyz`, `/metrics`) are never limited. Open connections are capped per IP and in
 //! all ([`Connections`]), below the open-file limit. The middleware that applies them is in
 //! `http::middleware`.
+//!
+//! Every distinct IP or credential gets a bucket, and anyone can invent credentials, so the
+//! buckets are bounded ([`KeyedLimiter`]): buckets idle long enough to be full again are swept
+//! away as requests pass, and past [`MAX_KEYS`] live buckets new keys share one overflow bucket.
 
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix_web::http::StatusCode;
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{InMemoryState, NotKeyed, StateStore};
+use governor::{NotUntil, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
@@ -21,14 +31,115 @@ pub struct Limiters {
     /// Open streams per client IP, and the most allowed (0: any number).
     streams: std::sync::Arc<dashmap::DashMap<IpAddr, usize>>,
     max_streams: usize,
-    per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    per_ip: Option<KeyedLimiter<IpAddr>>,
     /// Keyed by a digest of the credential, so no secret sits in memory as a map key.
-    per_key: Option<DefaultKeyedRateLimiter<[u8; 16]>>,
+    per_key: Option<KeyedLimiter<[u8; 16]>>,
 }
+
+/// Live buckets per limiter (per IP, per credential) before new keys share an overflow bucket:
+/// about 5 MB each at most.
+pub const MAX_KEYS: usize = 100_000;
 
 fn quota(per_sec: u32, burst: u32) -> Option<Quota> {
     let rate = NonZeroU32::new(per_sec)?;
     Some(Quota::per_second(rate).allow_burst(NonZeroU32::new(burst.max(per_sec)).unwrap_or(rate)))
+}
+
+/// Buckets in a map of at most `max` keys; a key that finds the map full is measured against
+/// one shared overflow bucket, so an attacker inventing keys gets one key's quota in all (and
+/// new honest clients are limited with them until the sweep frees room).
+pub struct BoundedStore<K: Hash + Eq + Clone> {
+    map: DashMapStateStore<K>,
+    overflow: InMemoryState,
+    max: usize,
+}
+
+impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        // Checked then inserted without a lock: racing callers may pass `max` by a few keys.
+        if self.map.len() >= self.max && !self.map.contains_key(key) {
+            return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        self.map.measure_and_replace(key, f)
+    }
+}
+
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for BoundedStore<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.map.retain_recent(drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.map.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A keyed token bucket whose idle keys are evicted: every `sweep_every` (the time a drained
+/// bucket takes to fill again, at least a second) the first request to pass drops the buckets
+/// that are full again (indistinguishable from a new one) and shrinks the map.
+pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = DefaultClock> {
+    limiter: RateLimiter<K, BoundedStore<K>, C, NoOpMiddleware<C::Instant>>,
+    origin: C::Instant,
+    /// Nanoseconds from `origin` to the last sweep.
+    last_sweep: AtomicU64,
+    sweep_every: u64,
+}
+
+impl<K: Hash + Eq + Clone, C: Clock> KeyedLimiter<K, C> {
+    pub fn new(quota: Quota, max_keys: usize, clock: C) -> Self {
+        let refill = quota.burst_size_replenished_in();
+        let sweep_every = refill.max(std::time::Duration::from_secs(1)).as_nanos().min(u64::MAX as u128) as u64;
+        let origin = clock.now();
+        let store =
+            BoundedStore { map: DashMapStateStore::default(), overflow: InMemoryState::default(), max: max_keys };
+        KeyedLimiter {
+            limiter: RateLimiter::new(quota, store, clock),
+            origin,
+            last_sweep: AtomicU64::new(0),
+            sweep_every,
+        }
+    }
+
+    /// Takes a token from `key`'s bucket, sweeping first when a sweep is due.
+    pub fn check(&self, key: &K) -> Result<(), NotUntil<C::Instant>> {
+        self.sweep_if_due();
+        self.limiter.check_key(key)
+    }
+
+    /// Live buckets (the overflow bucket not counted).
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn sweep_if_due(&self) {
+        let now = self.limiter.clock().now().duration_since(self.origin).as_u64();
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < self.sweep_every {
+            return;
+        }
+        // One caller sweeps; the others go on.
+        if self.last_sweep.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+    }
 }
 
 impl Limiters {
@@ -36,9 +147,16 @@ impl Limiters {
         Limiters {
             streams: Default::default(),
             max_streams: config.streams_per_ip,
-            per_ip: quota(config.per_ip_per_sec, config.per_ip_burst).map(RateLimiter::keyed),
-            per_key: quota(config.per_key_per_sec, config.per_key_burst).map(RateLimiter::keyed),
+            per_ip: quota(config.per_ip_per_sec, config.per_ip_burst)
+                .map(|q| KeyedLimiter::new(q, MAX_KEYS, DefaultClock::default())),
+            per_key: quota(config.per_key_per_sec, config.per_key_burst)
+                .map(|q| KeyedLimiter::new(q, MAX_KEYS, DefaultClock::default())),
         }
+    }
+
+    /// Live rate-limit buckets, per IP and per credential.
+    pub fn keys(&self) -> (usize, usize) {
+        (self.per_ip.as_ref().map_or(0, KeyedLimiter::len), self.per_key.as_ref().map_or(0, KeyedLimiter::len))
     }
 
     /// `Err(seconds to wait)` when the request is over a limit.
@@ -47,12 +165,12 @@ impl Limiters {
             not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil().max(1.0) as u64
         };
         if let (Some(limiter), Some(ip)) = (&self.per_ip, ip) {
-            limiter.check_key(&ip).map_err(wait)?;
+            limiter.check(&ip).map_err(wait)?;
         }
         if let (Some(limiter), Some(credential)) = (&self.per_key, credential) {
             let digest: [u8; 32] = Sha256::digest(credential.as_bytes()).into();
             let key: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
-            limiter.check_key(&key).map_err(wait)?;
+            limiter.check(&key).map_err(wait)?;
         }
         Ok(())
     }
@@ -245,6 +363,58 @@ mod tests {
         let held: Vec<_> = (0..18).map(|_| connections.open(Some(a))).collect();
         assert!(held.iter().all(|slot| slot.refusal().is_none()));
         assert_eq!(connections.open(Some(a)).refusal().map(|e| e.status.as_u16()), Some(503));
+    }
+
+    fn key(i: u32) -> [u8; 16] {
+        let mut key = [0u8; 16];
+        key[..4].copy_from_slice(&i.to_be_bytes());
+        key
+    }
+
+    #[test]
+    fn idle_rate_limit_keys_are_evicted_once_their_bucket_is_full_again() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let quota = quota(10, 20).expect("a quota");
+        let limiter = KeyedLimiter::new(quota, MAX_KEYS, clock.clone());
+        for i in 0..50_000 {
+            assert!(limiter.check(&key(i)).is_ok(), "a new key has its burst");
+        }
+        assert_eq!(limiter.len(), 50_000);
+        // 20 tokens at 10 a second: every bucket is full again after two seconds.
+        clock.advance(std::time::Duration::from_millis(2_100));
+        assert!(limiter.check(&key(u32::MAX)).is_ok());
+        assert!(limiter.len() <= 1, "idle keys are swept: {} left", limiter.len());
+        // A key still draining stays, and keeps its state.
+        for _ in 0..20 {
+            let _ = limiter.check(&key(7));
+        }
+        assert!(limiter.check(&key(7)).is_err(), "the burst is spent");
+        clock.advance(std::time::Duration::from_millis(1_100));
+        let _ = limiter.check(&key(8));
+        assert!(limiter.len() >= 1, "a recently used bucket is kept");
+    }
+
+    #[test]
+    fn past_the_key_cap_new_keys_share_one_bucket() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limiter = KeyedLimiter::new(quota(1, 3).expect("a quota"), 100, clock);
+        for i in 0..100 {
+            assert!(limiter.check(&key(i)).is_ok());
+        }
+        let over: Vec<bool> = (100..110).map(|i| limiter.check(&key(i)).is_ok()).collect();
+        assert_eq!(limiter.len(), 100, "no bucket past the cap");
+        assert_eq!(over.iter().filter(|ok| **ok).count(), 3, "new keys share one burst of 3: {over:?}");
+        assert!(limiter.check(&key(5)).is_ok(), "keys already in have their own bucket");
+    }
+
+    #[test]
+    fn stream_counts_leave_no_entry_behind() {
+        let limiters = Limiters::new(&LimitsConfig { streams_per_ip: 2, ..limits(0) });
+        let ips: Vec<IpAddr> = (0..100u8).map(|i| IpAddr::from([10, 0, 1, i])).collect();
+        let slots: Vec<_> = ips.iter().map(|ip| limiters.open_stream(Some(*ip)).expect("a slot")).collect();
+        assert_eq!(limiters.streams.len(), 100);
+        drop(slots);
+        assert!(limiters.streams.is_empty(), "closed streams leave no zero counts");
     }
 
     #[test]
