@@ -43,11 +43,19 @@ def rss_mb(pid):
 
 
 def request(conn, method, path, body=None):
+    """One request on `conn`, or on a fresh connection when `conn` is None (the server closes
+    idle keep-alive connections while the script waits)."""
     headers = {"content-type": "application/json"} if body is not None else {}
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    return response.status, data
+    fresh = conn is None
+    if fresh:
+        conn = http.client.HTTPConnection(HOST, PORT, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        if fresh:
+            conn.close()
 
 
 def metrics(conn):
@@ -123,10 +131,15 @@ def main():
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--gets", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1_000)
+    parser.add_argument(
+        "--before-bounds", action="store_true", help="a build from before the memory bounds (no store.memory_* keys)"
+    )
+    parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--idle-deadline", type=int, default=180, help="longest wait for idle, seconds")
     parser.add_argument("--bounded", action="store_true", help="default idle times; one wave of --users")
     args = parser.parse_args()
     args.bin = os.path.abspath(args.bin)
+    globals()["PORT"] = args.port
 
     env = dict(os.environ)
     env.update(
@@ -142,15 +155,16 @@ def main():
         }
     )
     if not args.bounded:
-        env.update({"LIVEREC_SESSION__IDLE_TTL_MS": "10000", "LIVEREC_STORE__MEMORY_IDLE_TTL_SECS": "10"})
+        env.update({"LIVEREC_SESSION__IDLE_TTL_MS": "10000"})
+        if not args.before_bounds:
+            env.update({"LIVEREC_STORE__MEMORY_IDLE_TTL_SECS": "10"})
     workdir = tempfile.mkdtemp(prefix="liverec-soak-")
     server = subprocess.Popen([args.bin, "serve"], env=env, cwd=workdir)
     rows = []
     try:
-        conn = None
+        conn = None  # a fresh connection per control request
         for _ in range(600):
             try:
-                conn = http.client.HTTPConnection(HOST, PORT, timeout=30)
                 if request(conn, "GET", "/healthz")[0] == 200:
                     break
             except OSError:
