@@ -225,8 +225,10 @@ impl Default for Metrics {
             ),
             store_memory_profiles: r
                 .gauge("liverec_store_memory_profiles", "Profiles held by the embedded (memory) profile store."),
-            store_memory_tombstones: r
-                .gauge("liverec_store_memory_tombstones", "Erasure tombstones held by the embedded (memory) profile store."),
+            store_memory_tombstones: r.gauge(
+                "liverec_store_memory_tombstones",
+                "Erasure tombstones held by the embedded (memory) profile store.",
+            ),
             store_memory_evicted: r.counter(
                 "liverec_store_memory_profiles_evicted_total",
                 "Profiles the embedded store dropped: least recently used over its cap, or idle past its TTL.",
