@@ -36,7 +36,7 @@ use liverec::event::{now_ms, Event, EventIn, EventLimits, EventType, UserId};
 use liverec::eventlog::EventLog;
 use liverec::models::cooccurrence::CoocModel;
 use liverec::models::Recommender;
-use liverec::store::memory::MemoryStore;
+use liverec::store::memory::{MemoryBounds, MemoryStore};
 use liverec::store::ProfileLimits;
 use liverec::telemetry::Metrics;
 
@@ -83,7 +83,7 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
     };
     let deps = Arc::new(SessionDeps {
         event_log: EventLog::new(config.trainer.window_secs, config.trainer.max_events),
-        store: Arc::new(MemoryStore::new(limits)),
+        store: Arc::new(MemoryStore::new(limits, MemoryBounds::UNBOUNDED, metrics.clone())),
         config,
         catalog,
         model,

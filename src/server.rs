@@ -29,7 +29,7 @@ use crate::eventlog::EventLog;
 use crate::http::{self, AppState};
 use crate::models::Recommender;
 use crate::models::{self, cooccurrence::CoocModel};
-use crate::store::memory::MemoryStore;
+use crate::store::memory::{MemoryBounds, MemoryStore};
 use crate::store::redis::{FanoutMessage, RedisFanout, RedisStore};
 use crate::store::{ProfileLimits, ProfileStore};
 use crate::telemetry::Metrics;
@@ -79,6 +79,7 @@ impl Server {
         let initial = load_catalog_and_model(&config, &catalog)?;
         let threads = Threads::start(&config);
         let store = open_store(&config, &metrics, &threads.io)?;
+        start_housekeeping(&config, store.clone(), metrics.clone(), &threads.io);
         let actors = start_actors(&config, &catalog, &metrics, initial, &threads);
         let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone())?;
         let bus = start_bus(&config, deps, &threads, &metrics).await?;
@@ -256,12 +257,70 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>, io: &Arbiter) -> Result<A
         tombstone_ttl_secs: config.privacy.tombstone_ttl_secs,
     };
     Ok(match config.store.kind {
-        StoreKind::Memory => Arc::new(MemoryStore::new(limits)),
+        StoreKind::Memory => {
+            let bounds = MemoryBounds {
+                max_profiles: config.store.memory_max_profiles,
+                idle_ttl_secs: config.store.memory_idle_ttl_secs,
+                max_tombstones: config.store.memory_max_tombstones,
+            };
+            Arc::new(MemoryStore::new(limits, bounds, metrics.clone()))
+        }
         StoreKind::Redis => Arc::new(
             RedisStore::start(&config.redis, limits, metrics.clone(), &io.handle())
                 .map_err(|e| StartError::Redis(e.to_string()))?,
         ),
     })
+}
+
+/// Step 3b, housekeeping on the I/O thread: the store sweeps what outlived its bounds (idle
+/// profiles, expired tombstones), then, if sessions or profiles were dropped since the last
+/// round, freed heap goes back to the OS. glibc keeps freed memory in its arenas (and
+/// `models::keep_freed_memory` raises the trim threshold), so without the trim the resident size
+/// stays at its peak after every session and profile of a wave of users is gone.
+fn start_housekeeping(config: &Config, store: Arc<dyn ProfileStore>, metrics: Arc<Metrics>, io: &Arbiter) {
+    let ttl_ms = |secs: u64| (secs > 0).then(|| secs.saturating_mul(1000));
+    let shortest = [
+        Some(config.session.idle_ttl_ms),
+        ttl_ms(config.store.memory_idle_ttl_secs),
+        ttl_ms(config.privacy.tombstone_ttl_secs),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(60_000);
+    let period = Duration::from_millis(shortest / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    io.spawn(async move {
+        let mut ticks = actix_rt::time::interval(period);
+        let mut freed_before = 0;
+        loop {
+            ticks.tick().await;
+            let (store, freed) = (store.clone(), freed_memory(&metrics));
+            let trim = std::mem::replace(&mut freed_before, freed) != freed;
+            // Both walk large structures; off the I/O thread's event loop.
+            let _ = tokio::task::spawn_blocking(move || {
+                store.sweep();
+                if trim {
+                    release_free_heap();
+                }
+            })
+            .await;
+        }
+    });
+}
+
+/// A count that moves whenever sessions or stored profiles were dropped.
+fn freed_memory(metrics: &Metrics) -> u64 {
+    metrics.sessions_evicted.get() + metrics.sessions_capped.get() + metrics.store_memory_evicted.get()
+}
+
+/// Returns the allocator's free pages to the OS (glibc `malloc_trim`; nothing elsewhere).
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas; it takes the
+    // arenas' locks like any allocation and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The actors below the sessions, and the event log they share.

@@ -7,7 +7,7 @@
 //! rebuilds from the profile store. A hub is dropped once it has neither a session nor a
 //! subscriber.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -95,6 +95,10 @@ pub struct UserHub {
     partition: AtomicI32,
     /// The user was erased: nothing more is published or stored through this hub.
     erased: AtomicBool,
+    /// When the session was last asked for (the registry's LRU clock), for `session.max_active`.
+    used: AtomicU64,
+    /// The session was told to stop to make room under `session.max_active`.
+    capped: AtomicBool,
 }
 
 impl UserHub {
@@ -107,6 +111,8 @@ impl UserHub {
             seq: AtomicU64::new(0),
             partition: AtomicI32::new(-1),
             erased: AtomicBool::new(false),
+            used: AtomicU64::new(0),
+            capped: AtomicBool::new(false),
         }
     }
 
@@ -194,6 +200,13 @@ pub struct SessionRegistry {
     fanout: Option<Arc<dyn UpdateFanout>>,
     /// Kafka partitions assigned to this instance.
     assigned: Mutex<Vec<i32>>,
+    /// The LRU clock of `UserHub::used`.
+    clock: AtomicU64,
+    /// Sessions started and not yet stopped, and those of them told to stop by `make_room`.
+    running: AtomicUsize,
+    releasing: AtomicUsize,
+    /// One `make_room` scan at a time.
+    scanning: Mutex<()>,
 }
 
 impl SessionRegistry {
@@ -218,6 +231,10 @@ impl SessionRegistry {
             owned_by_ingest,
             fanout,
             assigned: Mutex::new(Vec::new()),
+            clock: AtomicU64::new(0),
+            running: AtomicUsize::new(0),
+            releasing: AtomicUsize::new(0),
+            scanning: Mutex::new(()),
         })
     }
 
@@ -319,16 +336,65 @@ impl SessionRegistry {
     pub fn session(self: &Arc<Self>, user: &UserId) -> (Arc<UserHub>, SessionHandle) {
         let entry = self.hubs.entry(user.clone()).or_insert_with(|| self.new_hub(user));
         let hub = entry.value().clone();
+        hub.used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         let mut slot = hub.session.lock();
         if let Some(addr) = slot.as_ref().filter(|a| a.connected()) {
             return (hub.clone(), addr.clone());
         }
         let arbiter = &self.arbiters[partition_of(user.as_str(), self.arbiters.len())];
         let addr = (self.start)(arbiter, hub.clone(), self.clone());
+        self.running.fetch_add(1, Ordering::Relaxed);
         *slot = Some(addr.clone());
         drop(slot);
         drop(entry);
+        // After the shard lock is released: the scan reads every shard.
+        self.make_room();
         (hub, addr)
+    }
+
+    /// Keeps at most `session.max_active` sessions: past it, the least recently used sessions
+    /// (a batch of a 64th of the cap, so one scan of the hubs serves many starts) are told to
+    /// stop; they rebuild from the store on their next use. The count can pass the cap by the
+    /// sessions started while the stopping ones finish their current message.
+    fn make_room(&self) {
+        let max = self.deps.config.session.max_active;
+        let over = |registry: &Self| {
+            let running = registry.running.load(Ordering::Relaxed);
+            running.saturating_sub(registry.releasing.load(Ordering::Relaxed)).saturating_sub(max)
+        };
+        if over(self) == 0 {
+            return;
+        }
+        let Some(_scan) = self.scanning.try_lock() else { return };
+        let excess = over(self);
+        if excess == 0 {
+            return;
+        }
+        let running = |hub: &UserHub| !hub.capped.load(Ordering::Relaxed) && hub.session().is_some();
+        let mut ages: Vec<u64> =
+            self.hubs.iter().filter(|h| running(h)).map(|h| h.used.load(Ordering::Relaxed)).collect();
+        let batch = excess.max(max / 64).min(ages.len());
+        if batch == 0 {
+            return;
+        }
+        let (_, &mut newest, _) = ages.select_nth_unstable(batch - 1);
+        drop(ages);
+        for hub in self.hubs.iter() {
+            if hub.used.load(Ordering::Relaxed) > newest || !running(&hub) {
+                continue;
+            }
+            if let Some(session) = hub.session() {
+                if !hub.capped.swap(true, Ordering::Relaxed) {
+                    self.releasing.fetch_add(1, Ordering::Relaxed);
+                    // Must arrive even when the mailbox is full; once per stopped session.
+                    session.release.do_send(Release);
+                    // It stopped by itself meanwhile (and did not see the flag): undo.
+                    if !session.connected() && hub.capped.swap(false, Ordering::Relaxed) {
+                        decrement(&self.releasing);
+                    }
+                }
+            }
+        }
     }
 
     /// Subscribes to the user's updates. In the embedded mode this starts the user's session (which
@@ -350,6 +416,11 @@ impl SessionRegistry {
     /// Called by a session as it stops; `release` is its own recipient, which tells it from a
     /// newer session of the same user.
     pub fn session_stopped(&self, hub: &Arc<UserHub>, release: &Recipient<Release>) {
+        decrement(&self.running);
+        if hub.capped.swap(false, Ordering::Relaxed) {
+            decrement(&self.releasing);
+            self.deps.metrics.sessions_capped.inc();
+        }
         {
             let mut slot = hub.session.lock();
             if slot.as_ref().is_some_and(|s| s.release == *release) {
@@ -398,6 +469,11 @@ impl SessionRegistry {
     }
 }
 
+/// Counts down, never below zero (a stop the registry did not count, e.g. of a stand-in).
+fn decrement(count: &AtomicUsize) {
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -412,7 +488,7 @@ mod tests {
     use crate::eventlog::EventLog;
     use crate::models::cooccurrence::CoocModel;
     use crate::models::Recommender;
-    use crate::store::memory::MemoryStore;
+    use crate::store::memory::{MemoryBounds, MemoryStore};
     use crate::store::{persisted_now, Profile, ProfileLimits};
     use crate::telemetry::Metrics;
 
@@ -505,7 +581,7 @@ mod tests {
         let limits = ProfileLimits { history_len: 8, dedupe_window: 8, suppressed_len: 8, tombstone_ttl_secs: 0 };
         Arc::new(SessionDeps {
             event_log: EventLog::new(60, 100),
-            store: Arc::new(MemoryStore::new(limits)),
+            store: Arc::new(MemoryStore::new(limits, MemoryBounds::UNBOUNDED, metrics.clone())),
             config,
             catalog,
             model,

@@ -180,6 +180,12 @@ impl Config {
         if self.session.history_len == 0 {
             return fail("session.history_len must be at least 1");
         }
+        if self.session.max_active == 0 {
+            return fail("session.max_active must be at least 1");
+        }
+        if let Err(message) = self.store.check() {
+            return fail(message);
+        }
         if self.session.mailbox_capacity == 0 || self.model.mailbox_capacity == 0 {
             return fail("mailbox capacities must be at least 1");
         }

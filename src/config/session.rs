@@ -15,6 +15,9 @@ pub struct SessionConfig {
     pub suppressed_len: usize,
     /// Idle time after which a session stops.
     pub idle_ttl_ms: u64,
+    /// Most session actors running at once; starting one more stops the least recently used
+    /// first (it rebuilds from the profile store on its next use).
+    pub max_active: usize,
     /// Mailbox capacity of each session actor.
     pub mailbox_capacity: usize,
     /// Arbiter threads for sessions and ingest; 0 = one per core.

@@ -13,6 +13,26 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// Most profiles the embedded (memory) store keeps; past it the least recently used are
+    /// evicted. The embedded store is a cache of recent users; Redis is the durable store.
+    pub memory_max_profiles: usize,
+    /// A profile of the embedded store not read or written for this long is dropped (0: never).
+    pub memory_idle_ttl_secs: u64,
+    /// Most erasure tombstones the embedded store keeps; past it the oldest are dropped.
+    pub memory_max_tombstones: usize,
+}
+
+impl StoreConfig {
+    /// Values serde cannot check.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.memory_max_profiles == 0 {
+            return Err("store.memory_max_profiles must be at least 1");
+        }
+        if self.memory_max_tombstones == 0 {
+            return Err("store.memory_max_tombstones must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 /// Settings of the `[redis]` config section.

@@ -2,7 +2,9 @@
 //!
 //! Without filters and with `k` no larger than the pushed list, the answer is the list last
 //! pushed to the user's streams, served from the hub without touching an actor (the same bytes
-//! when `k` is the default). Filters or a larger `k` ask the session to score anew.
+//! when `k` is the default). Filters or a larger `k` ask the session to score anew. A user the
+//! process does not know (no session, no hub, no stored profile) is answered from no history
+//! without starting a session or storing anything.
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
@@ -89,17 +91,39 @@ pub async fn get_recommendations(
             return Ok(respond(&latest.list, &latest.json, k));
         }
     }
-    let session = if state.registry.owned_by_ingest() {
+    let hub = state.registry.hub(&user);
+    let session = match hub.as_ref().and_then(|h| h.session()) {
+        Some(session) => Some(session),
         // Production mode: only the owner of the user's partition runs its session.
-        state.registry.hub(&user).and_then(|h| h.session())
-    } else {
-        Some(state.registry.session(&user).1)
+        None if state.registry.owned_by_ingest() => None,
+        // A user this process knows (a hub, or a stored profile) gets a session; an unknown one
+        // gets the cold-start list and leaves nothing behind, so requests for made-up ids
+        // cannot fill memory with sessions and stored lists.
+        None if hub.is_some() || stored(&state, &user).await => Some(state.registry.session(&user).1),
+        None => None,
     };
-    let update = match session {
-        Some(session) => session.recommend.send(GetRecommendations { k, filters }).await??,
-        None => list_from_store(&state.registry.deps, &user, k, &filters).await?,
+    let from_session = match session {
+        // A session stopped meanwhile (idle, or to make room) is answered from the store.
+        Some(session) => session.recommend.send(GetRecommendations { k, filters: filters.clone() }).await.ok(),
+        None => None,
+    };
+    let update = match from_session {
+        Some(update) => update?,
+        None => {
+            let update = list_from_store(&state.registry.deps, &user, k, &filters).await?;
+            if !state.registry.owned_by_ingest() {
+                // Embedded mode: the cold-start list is shown here and nowhere else.
+                crate::actors::lists::report_impression(&state.registry.deps, &update, k);
+            }
+            update
+        }
     };
     Ok(respond(&update.list, &update.json, k))
+}
+
+/// Whether the store holds a profile of `user` (a store that cannot answer counts as no).
+async fn stored(state: &AppState, user: &crate::event::UserId) -> bool {
+    matches!(state.registry.deps.store.load(user).await, Ok(Some(_)))
 }
 
 fn respond(list: &RecList, json: &web::Bytes, k: usize) -> HttpResponse {

@@ -91,6 +91,11 @@ pub trait ProfileStore: Send + Sync + 'static {
 
     /// When `user` was erased, if ever.
     async fn tombstone(&self, user: &UserId) -> Result<Option<i64>, StoreError>;
+
+    /// Periodic housekeeping, called by the server: a store that holds state in this process
+    /// drops what outlived its bounds (idle profiles, expired tombstones). Redis expires keys
+    /// itself.
+    fn sweep(&self) {}
 }
 
 impl Profile {

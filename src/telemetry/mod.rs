@@ -54,6 +54,13 @@ pub struct Metrics {
     pub sessions_active: Gauge,
     pub sessions_started: Counter,
     pub sessions_evicted: Counter,
+    /// Sessions stopped early because `session.max_active` were running.
+    pub sessions_capped: Counter,
+    /// Profiles and erasure tombstones the embedded (memory) store holds, and profiles it
+    /// dropped (over `store.memory_max_profiles`, or idle for `store.memory_idle_ttl_secs`).
+    pub store_memory_profiles: Gauge,
+    pub store_memory_tombstones: Gauge,
+    pub store_memory_evicted: Counter,
     /// Profile store failures (loads and writes).
     pub store_errors: Counter,
     /// Time of one store round trip (a write pipeline, a batch of loads), and writes per pipeline.
@@ -212,6 +219,20 @@ impl Default for Metrics {
             sessions_started: r.counter("liverec_sessions_started_total", "Session actors started (new or rebuilt)."),
             sessions_evicted: r
                 .counter("liverec_sessions_evicted_total", "Session actors stopped after their idle TTL."),
+            sessions_capped: r.counter(
+                "liverec_sessions_capped_total",
+                "Session actors stopped early because session.max_active sessions were running.",
+            ),
+            store_memory_profiles: r
+                .gauge("liverec_store_memory_profiles", "Profiles held by the embedded (memory) profile store."),
+            store_memory_tombstones: r.gauge(
+                "liverec_store_memory_tombstones",
+                "Erasure tombstones held by the embedded (memory) profile store.",
+            ),
+            store_memory_evicted: r.counter(
+                "liverec_store_memory_profiles_evicted_total",
+                "Profiles the embedded store dropped: least recently used over its cap, or idle past its TTL.",
+            ),
             store_errors: r.counter("liverec_store_errors_total", "Profile store operations that failed."),
             store_write_seconds: r.histogram(
                 "liverec_store_write_seconds",
@@ -433,6 +454,10 @@ mod tests {
         m.sessions_active.set(13);
         m.sessions_started.add(14);
         m.sessions_evicted.add(15);
+        m.sessions_capped.add(15);
+        m.store_memory_profiles.set(16);
+        m.store_memory_tombstones.set(16);
+        m.store_memory_evicted.add(16);
         m.store_errors.add(16);
         m.store_write_seconds.observe(17.0 / 1000.0);
         m.store_load_seconds.observe(18.0 / 1000.0);

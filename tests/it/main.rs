@@ -12,6 +12,7 @@
 //! - `closed_loop` and `monitor`: drift, retraining, canary, promotion; attribution
 //! - `auth` and `limits`: keys, tokens, origins, CORS; rate and stream limits
 //! - `connections`: idle connections closed by timeouts, per-IP and total connection caps
+//! - `memory`: the embedded mode's bounds (stored profiles, sessions, tombstones; no state for unknown users)
 //! - `production::kafka` and `production::failover`: against the real Kafka and Redis
 //! - `deploy_files`, `cli`, `observability`, `openapi`, `dashboard`: what ships around the server
 //!
@@ -29,6 +30,7 @@ mod dashboard;
 mod deploy_files;
 mod events;
 mod limits;
+mod memory;
 mod models;
 mod monitor;
 mod observability;

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Resident memory of the embedded mode under many distinct user ids, and after they go idle.
+
+Starts `liverec serve` (loopback only, embedded mode) with short idle times, then:
+
+1. wave 1: `--users` users (default 200,000), one view each, posted in batches of 1,000;
+2. waits until every session stopped and the memory store dropped the idle profiles;
+3. wave 2: as many new users again, and waits again;
+4. `--gets` GETs (default 100,000) for users the server has never seen (the cold-start path);
+
+and prints the resident size (VmRSS of /proc/PID/status) at each step, and the session and
+stored-profile counts from /metrics. Stops the server and itself at the end.
+
+    cargo build --release --bin liverec && python3 load-tests/memory-soak.py
+    python3 load-tests/memory-soak.py --bin target/debug/liverec --users 50000 --gets 20000
+
+`--bounded` instead keeps the default idle times (sessions 5 min, profiles a day) and posts
+`--users` users (e.g. 1,000,000) in one wave: the caps (`session.max_active`,
+`store.memory_max_profiles`) are then what bounds memory.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PORT = 18091
+HOST = "127.0.0.1"
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def request(conn, method, path, body=None):
+    """One request on `conn`, or on a fresh connection when `conn` is None (the server closes
+    idle keep-alive connections while the script waits)."""
+    headers = {"content-type": "application/json"} if body is not None else {}
+    fresh = conn is None
+    if fresh:
+        conn = http.client.HTTPConnection(HOST, PORT, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        if fresh:
+            conn.close()
+
+
+def metrics(conn):
+    _, text = request(conn, "GET", "/metrics")
+    values = {}
+    for line in text.decode().splitlines():
+        match = re.match(r"^(liverec_[a-z_]+) ([0-9.e+-]+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+def post_wave(conn, prefix, users, batch):
+    for start in range(0, users, batch):
+        events = [
+            {"user_id": f"{prefix}-{n}", "item_id": f"item-{n % 400:04d}", "event_type": "view"}
+            for n in range(start, min(users, start + batch))
+        ]
+        while True:
+            status, body = request(conn, "POST", "/v1/events", json.dumps(events))
+            if status == 202:
+                break
+            if status != 503:
+                sys.exit(f"events refused: {status} {body[:200]!r}")
+            time.sleep(0.05)  # the bus is full: the documented backpressure, retry
+
+
+def wait_applied(conn, target, what):
+    last, moved = -1.0, time.time()
+    while True:
+        applied = metrics(conn).get("liverec_session_applied_events_total", 0.0)
+        if applied >= target:
+            return
+        if applied != last:
+            last, moved = applied, time.time()
+        if time.time() - moved > 120:
+            sys.exit(f"stalled waiting for {what}: {applied} of {target} applied")
+        time.sleep(0.5)
+
+
+def wait_idle(conn, deadline_secs):
+    """Until no session runs and the store holds no profile (or the deadline passes)."""
+    end = time.time() + deadline_secs
+    while time.time() < end:
+        m = metrics(conn)
+        if m.get("liverec_sessions_active", 1) == 0 and m.get("liverec_store_memory_profiles", 1) == 0:
+            # The monitor's window passes, and one more housekeeping round returns freed heap.
+            time.sleep(25)
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def cold_gets(gets, threads):
+    def worker(index):
+        conn = http.client.HTTPConnection(HOST, PORT, timeout=30)
+        for n in range(index, gets, threads):
+            status, body = request(conn, "GET", f"/v1/users/stranger-{n}/recommendations")
+            if status != 200:
+                sys.exit(f"GET failed: {status} {body[:200]!r}")
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    parser.add_argument("--bin", default=os.path.join(root, "target", "release", "liverec"))
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--gets", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=1_000)
+    parser.add_argument(
+        "--before-bounds", action="store_true", help="a build from before the memory bounds (no store.memory_* keys)"
+    )
+    parser.add_argument("--port", type=int, default=PORT)
+    parser.add_argument("--idle-deadline", type=int, default=180, help="longest wait for idle, seconds")
+    parser.add_argument("--bounded", action="store_true", help="default idle times; one wave of --users")
+    args = parser.parse_args()
+    args.bin = os.path.abspath(args.bin)
+    globals()["PORT"] = args.port
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "LIVEREC_LISTEN": f"{HOST}:{PORT}",
+            "LIVEREC_LOG__LEVEL": "warn",
+            # The retained event log (the trainer's window) holds events by age: keep it short,
+            # so that what remains after the waves is what sessions and the store hold.
+            "LIVEREC_TRAINER__WINDOW_SECS": "10",
+            # The monitor keeps each active user's counts for its window (5 min by default).
+            "LIVEREC_MONITOR__WINDOW_SECS": "20",
+            "LIVEREC_MONITOR__BUCKET_SECS": "10",
+        }
+    )
+    if not args.bounded:
+        env.update({"LIVEREC_SESSION__IDLE_TTL_MS": "10000"})
+        if not args.before_bounds:
+            env.update({"LIVEREC_STORE__MEMORY_IDLE_TTL_SECS": "10"})
+    workdir = tempfile.mkdtemp(prefix="liverec-soak-")
+    server = subprocess.Popen([args.bin, "serve"], env=env, cwd=workdir)
+    rows = []
+    try:
+        conn = None  # a fresh connection per control request
+        for _ in range(600):
+            try:
+                if request(conn, "GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            sys.exit("server did not start")
+
+        def record(step):
+            m = metrics(conn)
+            row = (
+                step,
+                rss_mb(server.pid),
+                int(m.get("liverec_sessions_active", -1)),
+                int(m.get("liverec_store_memory_profiles", -1)),
+            )
+            rows.append(row)
+            print(f"{row[0]:<44} rss {row[1]:8.1f} MB  sessions {row[2]:>7}  stored profiles {row[3]:>7}", flush=True)
+
+        time.sleep(2)
+        record("baseline")
+        applied = metrics(conn).get("liverec_session_applied_events_total", 0.0)
+        waves = 1 if args.bounded else 2
+        for wave in range(1, waves + 1):
+            started = time.time()
+            post_wave(conn, f"w{wave}", args.users, args.batch)
+            applied += args.users
+            wait_applied(conn, applied, f"wave {wave}")
+            record(f"wave {wave}: {args.users} users applied ({time.time() - started:.0f} s)")
+            if not args.bounded:
+                idle = wait_idle(conn, args.idle_deadline)
+                record(f"wave {wave}: sessions and profiles idle{'' if idle else ' (deadline passed)'}")
+                # The retained event log drops events past its window when the next one is
+                # appended: one more event, then idle again.
+                request(conn, "POST", "/v1/events", json.dumps({"user_id": "tick", "item_id": "item-0001", "event_type": "view"}))
+                applied += 1
+                wait_applied(conn, applied, "the tick event")
+                idle = wait_idle(conn, args.idle_deadline)
+                record(f"wave {wave}: + one event, idle again{'' if idle else ' (deadline passed)'}")
+        if args.gets:
+            started = time.time()
+            cold_gets(args.gets, 8)
+            record(f"{args.gets} GETs for unknown users ({time.time() - started:.0f} s)")
+        base = rows[0][1]
+        print(f"last / baseline: {rows[-1][1] / base:.2f}")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+//! Memory bounds of the embedded mode: the memory store keeps at most `store.memory_max_profiles`
+//! profiles (least recently used out), at most `session.max_active` sessions run, a GET for an
+//! unknown user leaves nothing behind, and erasure tombstones expire. Asserted on the metrics and
+//! the export endpoint; resident memory is a benchmark figure (`load-tests/memory-soak.py`).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use crate::support::*;
+
+/// How long a wait may see no progress before it fails (a stall, not a speed).
+const STALL: Duration = Duration::from_secs(60);
+
+/// One view per user, in one batch.
+fn views(users: &[String]) -> Value {
+    Value::Array(users.iter().map(|u| event(u, "item-0001", "view")).collect())
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Waits until `sample` reaches `target`, failing only if it stops moving.
+async fn wait_for_metric(server: &liverec::Server, sample: &str, target: f64) {
+    wait_for_progress(sample, STALL, || async {
+        let value = metric(server, sample).await;
+        if value >= target {
+            Progress::Done(())
+        } else {
+            Progress::Pending(value as u64)
+        }
+    })
+    .await;
+}
+
+/// Posts one view for each of `users` and waits until they are applied and their sessions
+/// published a list (so the store has seen every write of theirs).
+async fn post_and_settle(server: &liverec::Server, users: &[String]) {
+    let applied = metric(server, "liverec_session_applied_events_total").await;
+    let pushed = metric(server, "liverec_push_updates_total").await;
+    post_events(server, views(users)).await;
+    let n = users.len() as f64;
+    wait_for_metric(server, "liverec_session_applied_events_total", applied + n).await;
+    wait_for_metric(server, "liverec_push_updates_total", pushed + n).await;
+}
+
+async fn exported_history(server: &liverec::Server, user: &str) -> Vec<String> {
+    let export = get(server, &format!("/v1/users/{user}/export")).await;
+    assert_eq!(export.status, 200, "{}", export.body);
+    history(&export)
+}
+
+#[actix_rt::test]
+async fn the_memory_store_keeps_its_cap_and_evicts_the_least_recently_used() {
+    let mut config = test_config();
+    config.store.memory_max_profiles = 64;
+    // Sessions stop soon, so exports read what the store kept.
+    config.session.idle_ttl_ms = 100;
+    let server = start(config).await;
+    let old = names("old", 20);
+    post_and_settle(&server, &old).await;
+    let newer = names("new", 64);
+    post_and_settle(&server, &newer).await;
+    post_and_settle(&server, &["last".to_owned()]).await;
+
+    assert!(metric(&server, "liverec_store_memory_profiles").await <= 64.0);
+    assert!(metric(&server, "liverec_store_memory_profiles_evicted_total").await >= 21.0);
+    eventually("every session stopped", || async {
+        (metric(&server, "liverec_sessions_active").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(exported_history(&server, "last").await.len(), 1, "the newest profile is kept");
+    for user in &old {
+        assert!(exported_history(&server, user).await.is_empty(), "{user}'s profile was evicted");
+    }
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn sessions_past_max_active_stop_the_least_recently_used() {
+    let mut config = test_config();
+    config.session.max_active = 8;
+    let server = start(config).await;
+    let users = names("busy", 40);
+    // Sessions stopped to make room may not publish a list: wait for the events only.
+    let applied = metric(&server, "liverec_session_applied_events_total").await;
+    post_events(&server, views(&users)).await;
+    wait_for_metric(&server, "liverec_session_applied_events_total", applied + 40.0).await;
+    eventually("sessions back under session.max_active", || async {
+        (metric(&server, "liverec_sessions_active").await <= 8.0).then_some(())
+    })
+    .await;
+    assert!(metric(&server, "liverec_sessions_capped_total").await >= 32.0);
+    // A user whose session was stopped to make room is served as before.
+    let list = get(&server, "/v1/users/busy-0/recommendations?k=3&device=mobile").await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(items(&list.body).len(), 3);
+    assert_eq!(exported_history(&server, "busy-0").await.len(), 1, "its history rebuilt from the store");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_get_for_an_unknown_user_starts_no_session_and_stores_nothing() {
+    let running = start(test_config()).await;
+    let server = &running;
+    let started = metric(server, "liverec_sessions_started_total").await;
+    let active = metric(server, "liverec_sessions_active").await;
+    let stored = metric(server, "liverec_store_memory_profiles").await;
+    let lists: Vec<Value> = futures_util::stream::iter(0..1_000)
+        .map(|i| async move {
+            let device = if i % 2 == 0 { "" } else { "?device=mobile" };
+            let response = get(server, &format!("/v1/users/stranger-{i}/recommendations{device}")).await;
+            assert_eq!(response.status, 200, "{}", response.body);
+            response.body
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert!(lists.iter().all(|list| !items(list).is_empty()), "every stranger gets the cold-start list");
+    assert_eq!(metric(server, "liverec_sessions_started_total").await, started);
+    assert_eq!(metric(server, "liverec_sessions_active").await, active);
+    assert_eq!(metric(server, "liverec_store_memory_profiles").await, stored);
+    // A user with a stored profile still gets a session (and the list that follows their events).
+    post_and_settle(server, &["known".to_owned()]).await;
+    let list = get(server, "/v1/users/known/recommendations").await;
+    assert!(list.body["last_event_id"].is_string(), "{}", list.body);
+    running.stop().await;
+}
+
+#[actix_rt::test]
+async fn erasure_tombstones_expire() {
+    let mut config = test_config();
+    config.privacy.tombstone_ttl_secs = 1;
+    let server = start(config).await;
+    post_and_settle(&server, &["erin".to_owned()]).await;
+    let response = client().delete(format!("{}/v1/users/erin", server.url())).send().await.expect("delete");
+    assert_eq!(response.status(), 200);
+    assert_eq!(metric(&server, "liverec_store_memory_tombstones").await, 1.0);
+    eventually("the tombstone expires", || async {
+        (metric(&server, "liverec_store_memory_tombstones").await == 0.0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
