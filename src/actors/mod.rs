@@ -32,4 +32,6 @@ pub struct SessionDeps {
     pub event_log: Arc<crate::eventlog::EventLog>,
     /// User ids as liverec keeps them (pseudonyms when `privacy.pseudonymize` is on).
     pub pseudonyms: Arc<crate::privacy::Pseudonyms>,
+    /// Cold-start lists shown to users without a session, for the session that starts later.
+    pub cold_lists: Arc<lists::ColdLists>,
 }

@@ -129,6 +129,25 @@ async fn a_get_for_an_unknown_user_starts_no_session_and_stores_nothing() {
     running.stop().await;
 }
 
+/// The cold-start list a stranger got without a session still takes their first click: the
+/// session that click starts attributes it (else every new user's first click would count as
+/// organic input and skew the monitor's CTR and drift).
+#[actix_rt::test]
+async fn a_click_on_a_cold_start_list_is_attributed() {
+    let server = start(test_config()).await;
+    let clicks = metric(&server, "liverec_monitor_clicks_total").await;
+    let list = get(&server, "/v1/users/newcomer/recommendations").await.body;
+    let rec_id = list["rec_id"].as_str().expect("rec_id").to_owned();
+    let first = items(&list)[0].clone();
+    post_events(&server, serde_json::json!({ "user_id": "newcomer", "item_id": first, "event_type": "click", "rec_id": rec_id }))
+        .await;
+    eventually("the click is attributed to the cold-start list", || async {
+        (metric(&server, "liverec_monitor_clicks_total").await == clicks + 1.0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
 #[actix_rt::test]
 async fn erasure_tombstones_expire() {
     let mut config = test_config();

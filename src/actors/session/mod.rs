@@ -120,6 +120,10 @@ impl SessionActor {
             if let Some(profile) = profile {
                 act.restore(profile);
             }
+            // A cold-start list shown before this session started takes the user's click.
+            if let Some((at, update)) = act.deps.cold_lists.take(&act.hub.user) {
+                act.served.remember(&update, at);
+            }
             if act.hub.latest().is_none() {
                 act.refresh(ctx);
             }
