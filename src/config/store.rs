@@ -35,6 +35,13 @@ pub struct RedisConfig {
     /// Last-list writes kept waiting while Redis is away before the oldest are skipped (the
     /// interactions themselves are never skipped).
     pub max_pending_lists: usize,
+
+    // ---- store writer (issue 13 item 2) ----
+    /// Writer lanes, each with one pipeline in flight (users spread over them by a hash of their
+    /// id, so each user's writes stay in order).
+    #[serde(default = "default_write_pipelines", deserialize_with = "write_pipelines")]
+    pub write_pipelines: usize,
+    // ---- end store writer ----
 }
 
 impl Default for RedisConfig {
@@ -48,6 +55,28 @@ impl Default for RedisConfig {
             retry_initial_ms: 50,
             retry_max_ms: 5000,
             max_pending_lists: 100_000,
+            // ---- store writer (issue 13 item 2) ----
+            write_pipelines: default_write_pipelines(),
+            // ---- end store writer ----
         }
     }
 }
+
+// ---- store writer (issue 13 item 2) ----
+/// Most writer lanes: each holds a pool connection while its pipeline is in flight.
+pub const MAX_WRITE_PIPELINES: usize = 64;
+
+fn default_write_pipelines() -> usize {
+    4
+}
+
+fn write_pipelines<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(deserializer)?;
+    if !(1..=MAX_WRITE_PIPELINES).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "redis.write_pipelines must be between 1 and {MAX_WRITE_PIPELINES} (got {n})"
+        )));
+    }
+    Ok(n)
+}
+// ---- end store writer ----
