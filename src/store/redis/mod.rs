@@ -10,10 +10,11 @@
 //! id, so each user's writes stay in order): each lane takes every write queued for it, sends them
 //! as a single pipeline (one round trip for many users; one script call per user, however many of
 //! the user's appends it merges, which also stores the user's newest list), and on failure retries
-//! the same pipeline with capped exponential backoff until Redis answers. The lanes keep several
-//! pipelines in flight on the pool's multiplexed connections. The script is idempotent, so retrying
-//! a pipeline that partly ran is safe, and nothing accepted is dropped while Redis is away: the
-//! writes wait and the callers' `Persisted` futures resolve only once Redis has them.
+//! the same pipeline with capped exponential backoff until Redis answers. Several lanes keep several
+//! pipelines in flight on the pool's multiplexed connections (default one: they share the I/O
+//! thread). The script is idempotent, so retrying a pipeline that partly ran is safe, and nothing
+//! accepted is dropped while Redis is away: the writes wait and the callers' `Persisted` futures
+//! resolve only once Redis has them.
 //!
 //! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
 //! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
