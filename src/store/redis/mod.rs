@@ -6,11 +6,15 @@
 //! list, counters). One Lua script appends a user's new interactions atomically: it skips event
 //! ids already present, appends, trims every list to its limit and refreshes the TTL.
 //!
-//! Writes go through one writer task that takes every queued write, sends them as a single
-//! pipeline (one round trip for many users), and on failure retries the same pipeline with capped
-//! exponential backoff until Redis answers. The script is idempotent, so retrying a pipeline that
-//! partly ran is safe, and nothing accepted is dropped while Redis is away: the writes wait and the
-//! callers' `Persisted` futures resolve only once Redis has them.
+//! Writes go through `redis.write_pipelines` writer lanes (users spread over them by a hash of their
+//! id, so each user's writes stay in order): each lane takes every write queued for it, sends them
+//! as a single pipeline (one round trip for many users; one script call per user, however many of
+//! the user's appends it merges, which also stores the user's newest list), and on failure retries
+//! the same pipeline with capped exponential backoff until Redis answers. Several lanes keep several
+//! pipelines in flight on the pool's multiplexed connections (default one: they share the I/O
+//! thread). The script is idempotent, so retrying a pipeline that partly ran is safe, and nothing
+//! accepted is dropped while Redis is away: the writes wait and the callers' `Persisted` futures
+//! resolve only once Redis has them.
 //!
 //! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
 //! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
@@ -18,7 +22,8 @@ mod fanout;
 mod keys;
 mod writer;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,11 +52,13 @@ struct Load {
 pub struct RedisStore {
     pool: Pool,
     prefix: String,
-    writes: mpsc::UnboundedSender<Write>,
+    /// The writer lanes' queues; a user's writes always go to the same one.
+    lanes: Vec<mpsc::UnboundedSender<Write>>,
     loads: mpsc::UnboundedSender<Load>,
     pending_lists: Arc<AtomicUsize>,
     max_pending_lists: usize,
-    degraded: Arc<AtomicBool>,
+    /// Writer lanes whose writes are failing now.
+    failing_lanes: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     tombstone_ttl_secs: u64,
 }
@@ -75,23 +82,29 @@ impl RedisStore {
         pool_config.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size.max(1)));
         let pool =
             pool_config.create_pool(Some(Runtime::Tokio1)).map_err(|e| RedisSetupError::Config(e.to_string()))?;
-        let (writes, queue) = mpsc::unbounded_channel();
-        let degraded = Arc::new(AtomicBool::new(false));
+        let failing_lanes = Arc::new(AtomicUsize::new(0));
         let pending_lists = Arc::new(AtomicUsize::new(0));
-        let writer = Writer {
-            pool: pool.clone(),
-            prefix: config.key_prefix.clone(),
-            limits,
-            ttl: config.profile_ttl_secs,
-            batch: config.write_batch.max(1),
-            retry_initial: Duration::from_millis(config.retry_initial_ms.max(1)),
-            retry_max: Duration::from_millis(config.retry_max_ms.max(config.retry_initial_ms.max(1))),
-            script: redis::Script::new(APPEND_SCRIPT),
-            degraded: degraded.clone(),
-            pending_lists: pending_lists.clone(),
-            metrics: metrics.clone(),
-        };
-        arbiter.spawn(writer.run(queue));
+        let script = redis::Script::new(APPEND_SCRIPT);
+        let lanes = (0..config.write_pipelines.max(1))
+            .map(|_| {
+                let (lane, queue) = mpsc::unbounded_channel();
+                let writer = Writer {
+                    pool: pool.clone(),
+                    prefix: config.key_prefix.clone(),
+                    limits,
+                    ttl: config.profile_ttl_secs,
+                    batch: config.write_batch.max(1),
+                    retry_initial: Duration::from_millis(config.retry_initial_ms.max(1)),
+                    retry_max: Duration::from_millis(config.retry_max_ms.max(config.retry_initial_ms.max(1))),
+                    script: script.clone(),
+                    failing_lanes: failing_lanes.clone(),
+                    pending_lists: pending_lists.clone(),
+                    metrics: metrics.clone(),
+                };
+                arbiter.spawn(writer.run(queue));
+                lane
+            })
+            .collect();
         let (loads, load_queue) = mpsc::unbounded_channel();
         arbiter.spawn(run_loader(
             pool.clone(),
@@ -103,14 +116,20 @@ impl RedisStore {
         Ok(Self {
             pool,
             prefix: config.key_prefix.clone(),
-            writes,
+            lanes,
             loads,
             pending_lists,
             max_pending_lists: config.max_pending_lists,
-            degraded,
+            failing_lanes,
             metrics,
             tombstone_ttl_secs: limits.tombstone_ttl_secs,
         })
+    }
+
+    /// The writer lane of `user`. A fixed hasher: the choice only has to be stable in this process.
+    fn lane(&self, user: &UserId) -> &mpsc::UnboundedSender<Write> {
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user.as_str());
+        &self.lanes[(hash % self.lanes.len() as u64) as usize]
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, StoreError> {
@@ -137,7 +156,7 @@ impl ProfileStore for RedisStore {
     }
 
     fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.failing_lanes.load(Ordering::Relaxed) > 0
     }
 
     async fn load(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
@@ -174,7 +193,8 @@ impl ProfileStore for RedisStore {
 
     fn append(&self, update: ProfileUpdate) -> Persisted {
         let (done, rx) = oneshot::channel();
-        if self.writes.send(Write::Append { update, done }).is_err() {
+        let lane = self.lane(&update.user_id);
+        if lane.send(Write::Append { update, done }).is_err() {
             // The writer is gone (shutting down): never report this as durable.
             return Box::pin(std::future::pending());
         }
@@ -193,7 +213,7 @@ impl ProfileStore for RedisStore {
         self.pending_lists.fetch_add(1, Ordering::Relaxed);
         // The list was serialised once when published; the same bytes are stored and broadcast.
         let (user, seq, json) = (update.list.user_id.clone(), update.list.seq, update.json.clone());
-        let _ = self.writes.send(Write::Recs { user, seq, json });
+        let _ = self.lane(&user).send(Write::Recs { user, seq, json });
     }
 
     async fn erase(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
@@ -205,7 +225,7 @@ impl ProfileStore for RedisStore {
             conn.set(key, at_ms).await.map_err(unavailable)?
         };
         let (done, rx) = oneshot::channel();
-        self.writes
+        self.lane(user)
             .send(Write::Erase { user: user.clone(), done })
             .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
         rx.await.map_err(|_| StoreError::Unavailable("the store writer stopped".into()))

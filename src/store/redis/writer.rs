@@ -1,9 +1,14 @@
-//! The Redis store's writer: one task that takes every queued write and sends them as a single
-//! pipeline (one round trip for many users), retrying the same pipeline with capped exponential
-//! backoff until Redis answers (see the store's module docs).
+//! The Redis store's writers: `redis.write_pipelines` lanes, each a task that takes every write
+//! queued for it and sends them as one pipeline (one round trip for many users), retrying the same
+//! pipeline with capped exponential backoff until Redis answers (see the store's module docs).
+//!
+//! Users are spread over the lanes by a hash of their id, so one user's writes always go through
+//! the same lane, in the order of the calls, while the lanes keep several pipelines in flight on
+//! the pool's multiplexed connections. Within a pipeline the appends of one user become one script
+//! call (all their events, in order), which also stores the user's newest pushed list.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,21 +18,22 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::fanout::erased_notice;
 use super::keys::{keys, updates_channel};
-use crate::event::UserId;
-use crate::store::{ProfileLimits, ProfileUpdate};
+use crate::event::{Context, ItemId, UserId};
+use crate::store::{Interaction, ProfileLimits, ProfileUpdate};
 use crate::telemetry::Metrics;
 
 pub(super) const APPEND_SCRIPT: &str = r#"
 -- KEYS: history list, ids zset, suppressed list, profile hash
 -- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, context_json ('' = unchanged),
---       n, score_base, then n pairs (event_id, interaction_json), then suppressed item ids
+--       recs_json ('' = unchanged), recs_seq, n, score_base, then n pairs (event_id,
+--       interaction_json), then suppressed item ids
 local hlen, wlen, slen, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local n, base = tonumber(ARGV[6]), tonumber(ARGV[7])
+local n, base = tonumber(ARGV[8]), tonumber(ARGV[9])
 local applied = 0
 for i = 0, n - 1 do
   -- ZADD NX adds the id only if it is new: the de-duplication and the insert in one call.
-  if redis.call('ZADD', KEYS[2], 'NX', base + i, ARGV[8 + 2 * i]) == 1 then
-    redis.call('RPUSH', KEYS[1], ARGV[9 + 2 * i])
+  if redis.call('ZADD', KEYS[2], 'NX', base + i, ARGV[10 + 2 * i]) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[11 + 2 * i])
     applied = applied + 1
   end
 end
@@ -39,7 +45,7 @@ if applied > 0 then
     redis.call('EXPIRE', KEYS[2], ttl)
   end
 end
-local first = 8 + 2 * n
+local first = 10 + 2 * n
 if #ARGV >= first then
   for j = first, #ARGV do
     redis.call('LREM', KEYS[3], 0, ARGV[j])
@@ -50,8 +56,11 @@ if #ARGV >= first then
 end
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[4], 'context', ARGV[5])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[4], 'recs', ARGV[6], 'recs_seq', ARGV[7])
+end
+if ttl > 0 and (ARGV[5] ~= '' or ARGV[6] ~= '') then redis.call('EXPIRE', KEYS[4], ttl) end
 return applied
 "#;
 /// A score that grows with time (microseconds since the epoch), for ordering event ids.
@@ -74,6 +83,7 @@ pub(super) enum Write {
         done: oneshot::Sender<()>,
     },
 }
+/// One lane of the store's writes (see the module docs).
 pub(super) struct Writer {
     pub(super) pool: Pool,
     pub(super) prefix: String,
@@ -83,14 +93,37 @@ pub(super) struct Writer {
     pub(super) retry_initial: Duration,
     pub(super) retry_max: Duration,
     pub(super) script: redis::Script,
-    pub(super) degraded: Arc<AtomicBool>,
+    /// Lanes whose writes are failing now (the store is degraded while any is).
+    pub(super) failing_lanes: Arc<AtomicUsize>,
     pub(super) pending_lists: Arc<AtomicUsize>,
     pub(super) metrics: Arc<Metrics>,
+}
+
+/// The appends of one user in one pipeline, merged into one script call (in call order).
+#[derive(Default)]
+struct UserCall<'a> {
+    events: Vec<&'a Interaction>,
+    suppressed: Vec<&'a ItemId>,
+    /// The newest context of the merged appends.
+    context: Option<&'a Context>,
+    /// The user's newest list in the pipeline, when it comes after the first append.
+    recs: Option<(u64, &'a [u8])>,
+}
+
+/// What a pipeline does, in order: a merged call sits where the user's first append was.
+enum Step<'a> {
+    Call(&'a UserId, usize),
+    Erase(&'a UserId),
+    /// A list stored on its own (no append of the user before it in the pipeline).
+    Recs(&'a UserId, u64, &'a [u8]),
+    /// The broadcast of a list the user's merged call stores.
+    Publish(&'a UserId, &'a [u8]),
 }
 
 impl Writer {
     pub(super) async fn run(self, mut queue: mpsc::UnboundedReceiver<Write>) {
         let mut batch = Vec::with_capacity(self.batch);
+        let (mut failing, mut score_floor) = (false, 0);
         while let Some(first) = queue.recv().await {
             batch.push(first);
             while batch.len() < self.batch {
@@ -100,7 +133,7 @@ impl Writer {
                 }
             }
             let started = std::time::Instant::now();
-            self.write_until_done(&batch).await;
+            self.write_until_done(&batch, &mut failing, &mut score_floor).await;
             self.metrics.store_write_seconds.observe_duration(started.elapsed());
             self.metrics.store_write_batch_size.observe(batch.len() as f64);
             for write in batch.drain(..) {
@@ -116,10 +149,10 @@ impl Writer {
         }
     }
 
-    fn pipeline(&self, batch: &[Write]) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
-        // Only the newest list of each user in the batch is stored and published: the older ones
-        // are already stale, as they would be for a slow subscriber.
+    /// Plans the batch: one call per user for consecutive appends (an erasure closes the user's
+    /// call, so appends after it start a new one), and only the newest list of each user (the
+    /// older ones are already stale, as they would be for a slow subscriber).
+    fn plan<'a>(batch: &'a [Write]) -> (Vec<Step<'a>>, Vec<UserCall<'a>>) {
         let mut newest: HashMap<&UserId, u64> = HashMap::new();
         for write in batch {
             if let Write::Recs { user, seq, .. } = write {
@@ -127,72 +160,121 @@ impl Writer {
                 *entry = (*entry).max(*seq);
             }
         }
+        let (mut steps, mut calls) = (Vec::with_capacity(batch.len()), Vec::<UserCall>::new());
+        let mut open: HashMap<&UserId, usize> = HashMap::new();
         for write in batch {
             match write {
                 Write::Append { update, .. } => {
-                    let k = keys(&self.prefix, &update.user_id);
-                    let context =
-                        update.context.as_ref().and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default();
-                    let cmd = pipe
-                        .cmd("EVALSHA")
-                        .arg(self.script.get_hash())
-                        .arg(4)
-                        .arg(&k.history)
-                        .arg(&k.ids)
-                        .arg(&k.suppressed)
-                        .arg(&k.profile)
-                        .arg(self.limits.history_len)
-                        .arg(self.limits.dedupe_window)
-                        .arg(self.limits.suppressed_len)
-                        .arg(self.ttl)
-                        .arg(context)
-                        .arg(update.interactions.len())
-                        // Scores order the ids by arrival; only their order matters (trimming).
-                        .arg(score_base());
-                    for interaction in &update.interactions {
-                        let json = serde_json::to_string(interaction).expect("interactions serialise");
-                        cmd.arg(interaction.event_id.as_str()).arg(json);
+                    let index = *open.entry(&update.user_id).or_insert_with(|| {
+                        calls.push(UserCall::default());
+                        steps.push(Step::Call(&update.user_id, calls.len() - 1));
+                        calls.len() - 1
+                    });
+                    let call = &mut calls[index];
+                    call.events.extend(update.interactions.iter());
+                    call.suppressed.extend(update.suppressed.iter());
+                    if let Some(context) = &update.context {
+                        call.context = Some(context);
                     }
-                    for item in &update.suppressed {
-                        cmd.arg(item.as_str());
-                    }
-                    cmd.ignore();
                 }
                 Write::Erase { user, .. } => {
+                    open.remove(user);
+                    steps.push(Step::Erase(user));
+                }
+                Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
+                Write::Recs { user, seq, json } => match open.get(user) {
+                    Some(&index) => {
+                        calls[index].recs = Some((*seq, json.as_ref()));
+                        steps.push(Step::Publish(user, json.as_ref()));
+                    }
+                    None => steps.push(Step::Recs(user, *seq, json.as_ref())),
+                },
+            }
+        }
+        (steps, calls)
+    }
+
+    /// `score_floor` keeps event-id scores rising from one pipeline of the lane to the next even
+    /// when a call holds more events than microseconds passed.
+    fn pipeline(&self, batch: &[Write], score_floor: &mut i64) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        let (steps, calls) = Self::plan(batch);
+        let base = score_base().max(*score_floor);
+        *score_floor = base + calls.iter().map(|c| c.events.len() as i64).max().unwrap_or(0);
+        for step in steps {
+            match step {
+                Step::Call(user, index) => self.append_call(&mut pipe, user, &calls[index], base),
+                Step::Erase(user) => {
                     let k = keys(&self.prefix, user);
                     pipe.del(&[&k.history, &k.ids, &k.suppressed, &k.profile]).ignore();
                     // Every instance with a stream of the user closes it (see RedisFanout).
                     pipe.publish(updates_channel(&self.prefix, user), erased_notice(user)).ignore();
                 }
-                Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
-                Write::Recs { user, seq, json } => {
+                Step::Recs(user, seq, json) => {
                     let k = keys(&self.prefix, user);
-                    pipe.cmd("HSET").arg(&k.profile).arg("recs").arg(json.as_ref()).arg("recs_seq").arg(*seq).ignore();
+                    pipe.cmd("HSET").arg(&k.profile).arg("recs").arg(json).arg("recs_seq").arg(seq).ignore();
                     if self.ttl > 0 {
                         pipe.expire(&k.profile, self.ttl as i64).ignore();
                     }
-                    pipe.publish(updates_channel(&self.prefix, user), json.as_ref()).ignore();
+                    pipe.publish(updates_channel(&self.prefix, user), json).ignore();
+                }
+                Step::Publish(user, json) => {
+                    pipe.publish(updates_channel(&self.prefix, user), json).ignore();
                 }
             }
         }
         pipe
     }
 
+    fn append_call(&self, pipe: &mut redis::Pipeline, user: &UserId, call: &UserCall, base: i64) {
+        let k = keys(&self.prefix, user);
+        let context = call.context.and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default();
+        let (recs_seq, recs) = call.recs.unwrap_or((0, b""));
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(4)
+            .arg(&k.history)
+            .arg(&k.ids)
+            .arg(&k.suppressed)
+            .arg(&k.profile)
+            .arg(self.limits.history_len)
+            .arg(self.limits.dedupe_window)
+            .arg(self.limits.suppressed_len)
+            .arg(self.ttl)
+            .arg(context)
+            .arg(recs)
+            .arg(recs_seq)
+            .arg(call.events.len())
+            // Scores order the ids by arrival; only their order matters (trimming). One base per
+            // pipeline: a user has one call in it (a second only after an erasure emptied the set).
+            .arg(base);
+        for interaction in &call.events {
+            let json = serde_json::to_vec(interaction).expect("interactions serialise");
+            cmd.arg(interaction.event_id.as_str()).arg(json);
+        }
+        for item in &call.suppressed {
+            cmd.arg(item.as_str());
+        }
+        cmd.ignore();
+    }
+
     /// Sends the batch as one pipeline, retrying with capped backoff until Redis accepts it.
-    async fn write_until_done(&self, batch: &[Write]) {
-        let pipe = self.pipeline(batch);
+    /// `failing` is this lane's part of the store's degraded state.
+    async fn write_until_done(&self, batch: &[Write], failing: &mut bool, score_floor: &mut i64) {
+        let pipe = self.pipeline(batch, score_floor);
         let mut delay = self.retry_initial;
         loop {
             match self.try_write(&pipe).await {
                 Ok(()) => {
-                    if self.degraded.swap(false, Ordering::Relaxed) {
+                    if std::mem::take(failing) && self.failing_lanes.fetch_sub(1, Ordering::Relaxed) == 1 {
                         tracing::info!("redis writes succeed again");
                     }
                     return;
                 }
                 Err(error) => {
                     self.metrics.store_errors.inc();
-                    if !self.degraded.swap(true, Ordering::Relaxed) {
+                    if !std::mem::replace(failing, true) && self.failing_lanes.fetch_add(1, Ordering::Relaxed) == 0 {
                         tracing::warn!(error = %error, "redis writes failing; retrying with backoff, nothing is dropped");
                     }
                     actix_rt::time::sleep(delay).await;
@@ -217,5 +299,66 @@ impl Writer {
             }
             Err(e) => Err(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventId, EventType};
+
+    fn append(user: &str, ids: &[&str]) -> Write {
+        let interactions = ids
+            .iter()
+            .map(|id| Interaction {
+                event_id: EventId::from(*id),
+                item_id: ItemId::from("i"),
+                event_type: EventType::View,
+                value: None,
+                timestamp: 1,
+                rec_id: None,
+            })
+            .collect();
+        let update = ProfileUpdate { user_id: UserId::from(user), interactions, context: None, suppressed: vec![] };
+        Write::Append { update, done: oneshot::channel().0 }
+    }
+
+    fn recs(user: &str, seq: u64) -> Write {
+        Write::Recs { user: UserId::from(user), seq, json: bytes::Bytes::from(format!("list {seq}")) }
+    }
+
+    fn ids(call: &UserCall) -> Vec<String> {
+        call.events.iter().map(|i| i.event_id.as_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_users_appends_merge_into_one_call_until_an_erasure_and_carry_the_newest_list() {
+        let batch = vec![
+            recs("ann", 1),
+            append("ann", &["a1", "a2"]),
+            append("bob", &["b1"]),
+            recs("ann", 2),
+            append("ann", &["a3"]),
+            recs("ann", 3),
+            Write::Erase { user: UserId::from("ann"), done: oneshot::channel().0 },
+            append("ann", &["a4"]),
+            append("bob", &["b2"]),
+        ];
+        let (steps, calls) = Writer::plan(&batch);
+        let shape: Vec<String> = steps
+            .iter()
+            .map(|step| match step {
+                Step::Call(user, index) => format!("call {user} {index}"),
+                Step::Erase(user) => format!("erase {user}"),
+                Step::Recs(user, seq, _) => format!("recs {user} {seq}"),
+                Step::Publish(user, json) => format!("publish {user} {}", String::from_utf8_lossy(json)),
+            })
+            .collect();
+        assert_eq!(shape, ["call ann 0", "call bob 1", "publish ann list 3", "erase ann", "call ann 2"]);
+        assert_eq!(ids(&calls[0]), ["a1", "a2", "a3"], "ann's appends before the erasure, in order");
+        assert_eq!(calls[0].recs.map(|(seq, _)| seq), Some(3), "only the newest list is stored");
+        assert_eq!(ids(&calls[1]), ["b1", "b2"]);
+        assert_eq!(ids(&calls[2]), ["a4"], "an append after the erasure starts a new call");
+        assert!(calls[2].recs.is_none());
     }
 }

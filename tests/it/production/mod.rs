@@ -6,3 +6,4 @@ mod erasure;
 mod failover;
 mod kafka;
 mod shutdown;
+mod store_writer;
