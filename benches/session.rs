@@ -90,7 +90,7 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         monitor,
         metrics,
         pseudonyms: Default::default(),
-        cold_lists: Arc::new(liverec::actors::lists::ColdLists::new(0)),
+        cold_lists: Arc::new(liverec::actors::cold_lists::ColdLists::new(0)),
     });
     SessionRegistry::new(deps, vec![session_arbiter.handle()], Arc::new(liverec::actors::session::start))
 }

@@ -423,7 +423,7 @@ fn session_deps(
         monitor: actors.monitor,
         metrics: metrics.clone(),
         event_log: actors.event_log,
-        cold_lists: Arc::new(crate::actors::lists::ColdLists::new(crate::actors::lists::COLD_LISTS_KEPT)),
+        cold_lists: Arc::new(crate::actors::cold_lists::ColdLists::new(crate::actors::cold_lists::COLD_LISTS_KEPT)),
         pseudonyms: Arc::new(
             crate::privacy::Pseudonyms::new(&config.privacy).map_err(|e| StartError::Privacy(e.to_string()))?,
         ),

@@ -1,6 +1,7 @@
 //! The actors: one session per active user, the model actor that batches scoring, and the ingest
 //! actors that move events from the bus to sessions. Nothing here knows HTTP types.
 
+pub mod cold_lists;
 pub mod ingest;
 pub mod kafka_ingest;
 pub mod lists;
@@ -33,5 +34,5 @@ pub struct SessionDeps {
     /// User ids as liverec keeps them (pseudonyms when `privacy.pseudonymize` is on).
     pub pseudonyms: Arc<crate::privacy::Pseudonyms>,
     /// Cold-start lists shown to users without a session, for the session that starts later.
-    pub cold_lists: Arc<lists::ColdLists>,
+    pub cold_lists: Arc<cold_lists::ColdLists>,
 }

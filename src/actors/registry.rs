@@ -588,7 +588,7 @@ mod tests {
             monitor,
             metrics,
             pseudonyms: Default::default(),
-            cold_lists: Arc::new(crate::actors::lists::ColdLists::new(0)),
+            cold_lists: Arc::new(crate::actors::cold_lists::ColdLists::new(0)),
         })
     }
 

@@ -139,8 +139,11 @@ async fn a_click_on_a_cold_start_list_is_attributed() {
     let list = get(&server, "/v1/users/newcomer/recommendations").await.body;
     let rec_id = list["rec_id"].as_str().expect("rec_id").to_owned();
     let first = items(&list)[0].clone();
-    post_events(&server, serde_json::json!({ "user_id": "newcomer", "item_id": first, "event_type": "click", "rec_id": rec_id }))
-        .await;
+    post_events(
+        &server,
+        serde_json::json!({ "user_id": "newcomer", "item_id": first, "event_type": "click", "rec_id": rec_id }),
+    )
+    .await;
     eventually("the click is attributed to the cold-start list", || async {
         (metric(&server, "liverec_monitor_clicks_total").await == clicks + 1.0).then_some(())
     })

@@ -203,7 +203,8 @@ fn own_cpu() -> f64 {
 
 /// Deletes the run's keys; returns how many there were.
 fn delete_prefix(url: &str, prefix: &str) -> anyhow::Result<i64> {
-    const SCRIPT: &str = "local ks = redis.call('KEYS', ARGV[1]) for _, k in ipairs(ks) do redis.call('UNLINK', k) end return #ks";
+    const SCRIPT: &str =
+        "local ks = redis.call('KEYS', ARGV[1]) for _, k in ipairs(ks) do redis.call('UNLINK', k) end return #ks";
     let out = redis_cli(url, &["EVAL", SCRIPT, "0", &format!("{prefix}:*")])?;
     Ok(out.trim().parse().unwrap_or(0))
 }

@@ -61,10 +61,16 @@ impl Drop for PrivateRedis {
     }
 }
 
-const LIMITS: ProfileLimits = ProfileLimits { history_len: 50, dedupe_window: 1000, suppressed_len: 10, tombstone_ttl_secs: 0 };
+const LIMITS: ProfileLimits =
+    ProfileLimits { history_len: 50, dedupe_window: 1000, suppressed_len: 10, tombstone_ttl_secs: 0 };
 
 fn store(redis: &PrivateRedis, lanes: usize) -> (RedisStore, actix_rt::Arbiter) {
-    let config = RedisConfig { url: redis.url.clone(), key_prefix: "writer".into(), write_pipelines: lanes, ..Default::default() };
+    let config = RedisConfig {
+        url: redis.url.clone(),
+        key_prefix: "writer".into(),
+        write_pipelines: lanes,
+        ..Default::default()
+    };
     let arbiter = actix_rt::Arbiter::new();
     let store = RedisStore::start(&config, LIMITS, Arc::new(Metrics::default()), &arbiter.handle()).expect("store");
     (store, arbiter)
