@@ -77,6 +77,20 @@ impl RecUpdate {
         })
     }
 
+    /// The first `k` items of a shown list without its serialised forms: what click attribution
+    /// keeps of a list that is never pushed again (a few hundred bytes instead of three copies).
+    pub fn shown_bare(list: &RecList, k: usize) -> Arc<Self> {
+        let list = RecList { items: list.items.iter().take(k).cloned().collect(), ..list.clone() };
+        Arc::new(Self {
+            list,
+            json: Bytes::new(),
+            sse: Bytes::new(),
+            ws: ByteString::new(),
+            published: std::time::Instant::now(),
+            shown: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
     /// Marks the list shown; true the first time only (the one impression it counts).
     pub fn show(&self) -> bool {
         !self.shown.swap(true, std::sync::atomic::Ordering::AcqRel)

@@ -36,19 +36,21 @@ async def health(host, port, samples, stop):
         started = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+            connected = time.monotonic() - started
             writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), 30)
             writer.close()
-            samples.append((time.monotonic() - started, line.startswith(b"HTTP/1.1 200")))
+            samples.append((time.monotonic() - started, line.startswith(b"HTTP/1.1 200"), connected))
         except (OSError, asyncio.TimeoutError):
-            samples.append((time.monotonic() - started, False))
+            samples.append((time.monotonic() - started, False, None))
         await asyncio.sleep(0.1)
 
 
-async def attacker(host, port, held):
+async def attacker(host, port, held, gate):
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        async with gate:
+            reader, writer = await asyncio.open_connection(host, port)
     except OSError:
         return "refused"
     writer.write(b"POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -84,8 +86,9 @@ async def run(args, host, port):
     samples, stop = [], asyncio.Event()
     prober = asyncio.create_task(health(host, port, samples, stop))
     held, outcomes = [], {"open": 0, "refused": 0, "closed": 0}
+    gate = asyncio.Semaphore(args.connect_concurrency)
     for wave in range(args.waves):
-        results = await asyncio.gather(*(attacker(host, port, held) for _ in range(args.conns)))
+        results = await asyncio.gather(*(attacker(host, port, held, gate) for _ in range(args.conns)))
         for r in results:
             outcomes[r] += 1
         print(f"wave {wave + 1}: {results.count('open')} connections holding a body back", flush=True)
@@ -97,9 +100,9 @@ async def run(args, host, port):
         writer.close()
     worst = max(s[0] for s in samples)
     failed = sum(1 for s in samples if not s[1])
-    slow = sorted((s[0] for s in samples), reverse=True)[:5]
-    print(f"health checks: {len(samples)}, failed {failed}, slowest {worst:.2f} s "
-          f"(five slowest: {', '.join(f'{t:.2f}' for t in slow)})")
+    slow = sorted(samples, key=lambda s: s[0], reverse=True)[:5]
+    print(f"health checks: {len(samples)}, failed {failed}, slowest {worst:.2f} s (five slowest, "
+          f"total/connect: {', '.join(f'{t:.2f}/{c:.2f}' if c is not None else f'{t:.2f}/-' for t, _, c in slow)})")
     print(f"attack connections: {outcomes}; still open {args.hold} s after the last wave: {remaining}")
     ok = failed == 0 and worst <= args.health_limit and remaining == 0
     print("PASS" if ok else "FAIL")
@@ -112,6 +115,10 @@ def main():
     parser.add_argument("--target", help="host:port of a running server instead of starting one")
     parser.add_argument("--waves", type=int, default=3)
     parser.add_argument("--conns", type=int, default=5000, help="connections per wave")
+    parser.add_argument("--connect-concurrency", type=int, default=256,
+                        help="connection attempts in flight at once; thousands at once are a SYN flood, "
+                             "which the kernel's listen queue (net.core.somaxconn, server.backlog) "
+                             "absorbs or drops whatever the server does")
     parser.add_argument("--hold", type=float, default=30, help="seconds to wait after the last wave")
     parser.add_argument("--health-limit", type=float, default=2.0, help="slowest acceptable /healthz, seconds")
     args = parser.parse_args()

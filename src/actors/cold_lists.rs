@@ -35,15 +35,17 @@ impl ColdLists {
         Self { capacity, inner: Mutex::new(ColdInner::default()) }
     }
 
-    /// Remembers the list shown to `user` (replacing an older one of theirs).
-    pub fn remember(&self, user: &UserId, update: &Arc<RecUpdate>) {
+    /// Remembers the first `k` items of the list shown to `user` (replacing an older one of
+    /// theirs), without its serialised forms.
+    pub fn remember(&self, user: &UserId, update: &RecUpdate, k: usize) {
         if self.capacity == 0 || !update.is_shown() {
             return;
         }
+        let update = RecUpdate::shown_bare(&update.list, k);
         let mut inner = self.inner.lock();
         inner.seq += 1;
         let seq = inner.seq;
-        inner.by_user.insert(user.clone(), (seq, Instant::now(), update.clone()));
+        inner.by_user.insert(user.clone(), (seq, Instant::now(), update));
         inner.order.push_back((seq, user.clone()));
         while inner.by_user.len() > self.capacity || inner.order.len() > 2 * self.capacity {
             let Some((old, user)) = inner.order.pop_front() else { break };

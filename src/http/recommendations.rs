@@ -114,7 +114,7 @@ pub async fn get_recommendations(
             if !state.registry.owned_by_ingest() {
                 // Embedded mode: the cold-start list is shown here and nowhere else.
                 crate::actors::lists::report_impression(&state.registry.deps, &update, k);
-                state.registry.deps.cold_lists.remember(&user, &update);
+                state.registry.deps.cold_lists.remember(&user, &update, k);
             }
             update
         }
