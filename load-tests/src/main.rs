@@ -208,10 +208,11 @@ fn main() -> anyhow::Result<()> {
                     v.map_or("n/a".to_owned(), |v| format!("{:.digits$}", v * scale))
                 };
                 println!(
-                    "server: {} events/s applied during the load, caught up {} s after it, Kafka lag max {} / end {}, \
+                    "server: {} events/s applied during the load, caught up {} s after it, backlog max {} events, Kafka lag max {} / end {}, \
                      CPU {} us per event ({} cores)",
                     or_na(w.applied_events_per_s, 1.0, 0),
                     or_na(w.caught_up_secs, 1.0, 2),
+                    or_na(w.backlog_max_events, 1.0, 0),
                     or_na(w.kafka_lag_max_records, 1.0, 0),
                     or_na(w.kafka_lag_end_of_load_records, 1.0, 0),
                     or_na(w.cpu_secs_per_event, 1e6, 1),

@@ -127,8 +127,12 @@ pub struct ServerWork {
     /// Seconds after the load until the server had received (applied, or skipped as a
     /// duplicate) every accepted event; none if not within `settle_secs`, or with simulated users.
     pub caught_up_secs: Option<f64>,
+    /// The highest `backlog_events` of the timeline: events sent but not yet received by the
+    /// server, counted by the generator (exact, unlike the lag gauge below).
+    pub backlog_max_events: Option<f64>,
     /// `liverec_kafka_consumer_lag_records`: the highest sampled during the load (once a
-    /// second), at its end, and after the settle.
+    /// second), at its end, and after the settle. The server refreshes this gauge from
+    /// librdkafka's statistics every 5 s, against committed offsets: it trails the backlog.
     pub kafka_lag_max_records: Option<f64>,
     pub kafka_lag_end_of_load_records: Option<f64>,
     pub kafka_lag_settled_records: Option<f64>,
@@ -204,6 +208,11 @@ pub struct TimelineSecond {
     pub server_cpu_cores: Option<f64>,
     #[serde(default)]
     pub kafka_lag_records: Option<f64>,
+    /// Events sent by the end of this second that the server had not yet received (applied or
+    /// skipped as duplicates), from its `liverec_session_*_events_total`; without simulated
+    /// users, whose events it counts too.
+    #[serde(default)]
+    pub backlog_events: Option<f64>,
 }
 
 /// Everything a run measured. The field definitions are also in `definitions`.
@@ -368,10 +377,11 @@ pub fn markdown(r: &Report) -> String {
     let num = |v: Option<f64>, digits: usize| v.map_or("n/a".to_owned(), |v| format!("{v:.digits$}"));
     let _ = writeln!(
         out,
-        "| server work | **{} events/s applied** during the load, {} applied in all, caught up {} s after the load; Kafka lag max {}, {} at the end of the load, {} after; CPU **{} us per event** ({} s, {} cores) |",
+        "| server work | **{} events/s applied** during the load, {} applied in all, caught up {} s after the load, backlog max {} events; Kafka lag max {}, {} at the end of the load, {} after; CPU **{} us per event** ({} s, {} cores) |",
         num(w.applied_events_per_s, 0),
         num(w.events_applied, 0),
         num(w.caught_up_secs, 2),
+        num(w.backlog_max_events, 0),
         num(w.kafka_lag_max_records, 0),
         num(w.kafka_lag_end_of_load_records, 0),
         num(w.kafka_lag_settled_records, 0),

@@ -82,8 +82,10 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let load_start = Snapshot::take(&target, options.server_pid).await;
     let sampler = Sampler::start(&target, options.server_pid);
     let load = load::drive(scenario, &target, &state, producer.as_ref(), options.server_pid, progress).await;
-    let per_second = sampler.stop();
+    let mut per_second = sampler.stop();
     let load_end = Snapshot::take(&target, options.server_pid).await;
+    // The end of the load closes its last second.
+    per_second.push(load_end);
     let under_load = UnderLoad::measure(&target, options.server_pid).await;
 
     drain(&state, producer.as_ref()).await;

@@ -32,7 +32,7 @@ pub(super) struct Measured {
 /// The server's counters and CPU time over the load and the settle after it.
 pub(super) struct Snapshots {
     pub(super) load_start: Snapshot,
-    /// One a second from the start of the load to its end.
+    /// One a second from the start of the load, and one at its end.
     pub(super) per_second: Vec<Snapshot>,
     pub(super) load_end: Snapshot,
     /// After the settle (the server has caught up, or `settle_secs` passed).
@@ -43,7 +43,7 @@ pub(super) struct Snapshots {
 
 /// What the server did with the events, from its counters and CPU time: from the start of the
 /// load to the end of the settle, so the work on the last events is counted.
-fn server_work(snapshots: &Snapshots, events_accepted: u64) -> ServerWork {
+fn server_work(snapshots: &Snapshots, events_accepted: u64, timeline: &[TimelineSecond]) -> ServerWork {
     let Snapshots { load_start, per_second, load_end, settled, caught_up_secs } = snapshots;
     let events_applied = settled.applied_since(load_start);
     let cpu_secs = settled.cpu_since(load_start);
@@ -58,6 +58,7 @@ fn server_work(snapshots: &Snapshots, events_accepted: u64) -> ServerWork {
             .filter(|&(_, secs)| secs > 0.0)
             .map(|(n, secs)| n / secs),
         caught_up_secs: *caught_up_secs,
+        backlog_max_events: timeline.iter().filter_map(|s| s.backlog_events).reduce(f64::max),
         kafka_lag_max_records: lags.reduce(f64::max),
         kafka_lag_end_of_load_records: load_end.kafka_lag,
         kafka_lag_settled_records: settled.kafka_lag,
@@ -75,7 +76,8 @@ pub(super) fn report(scenario: &Scenario, s: &mut State, m: Measured) -> Report 
     let accepted = s.sent.iter().flatten().filter(|&&at| at != FAILED).count() as u64;
     let requests = s.requests.len();
     let Load { load_secs, events_sent, .. } = m.load;
-    let work = server_work(&m.snapshots, accepted);
+    let timeline = timeline(scenario, s, &m.load, &m.snapshots.per_second);
+    let work = server_work(&m.snapshots, accepted, &timeline);
     Report {
         scenario: scenario.clone(),
         target: m.target,
@@ -132,7 +134,7 @@ pub(super) fn report(scenario: &Scenario, s: &mut State, m: Measured) -> Report 
             nofile_soft: m.nofile.soft,
             nofile_hard: m.nofile.hard,
         },
-        timeline: timeline(scenario, s, &m.load, &m.snapshots.per_second),
+        timeline,
         definitions: report::definitions(scenario.late_ms, scenario.settle_secs),
     }
 }
@@ -140,8 +142,10 @@ pub(super) fn report(scenario: &Scenario, s: &mut State, m: Measured) -> Report 
 /// One row per second of the load (the last partial second included).
 fn timeline(scenario: &Scenario, s: &State, load: &Load, samples: &[Snapshot]) -> Vec<TimelineSecond> {
     let seconds = (scenario.duration_secs.ceil() as usize).max(1);
+    let mut sent_so_far = 0;
     (0..seconds)
         .map(|t| {
+            sent_so_far += load.sent_by_second.get(t).copied().unwrap_or(0);
             let e2p = s.e2p_by_second.get(t).filter(|h| !h.is_empty());
             let req = s.requests_by_second.get(t).filter(|h| !h.is_empty());
             // Second t lies between the snapshots t and t + 1.
@@ -162,6 +166,12 @@ fn timeline(scenario: &Scenario, s: &State, load: &Load, samples: &[Snapshot]) -
                 server_applied_events: between(Snapshot::applied_since),
                 server_cpu_cores: between(|b, a| b.cpu_since(a).zip(b.secs_since(a)).map(|(c, s)| c / s)),
                 kafka_lag_records: to.and_then(|s| s.kafka_lag),
+                backlog_events: samples
+                    .first()
+                    .filter(|_| scenario.sim.is_none())
+                    .zip(to)
+                    .and_then(|(start, end)| end.received_since(start))
+                    .map(|received| (sent_so_far as f64 - received).max(0.0)),
             }
         })
         .collect()
