@@ -124,8 +124,9 @@ pub struct ServerWork {
     pub events_applied: Option<f64>,
     /// Events the server applied during the load, per second of load: the rate it kept up with.
     pub applied_events_per_s: Option<f64>,
-    /// Seconds after the load until the server had received (applied, or skipped as a
-    /// duplicate) every accepted event; none if not within `settle_secs`, or with simulated users.
+    /// Seconds after the load (once its last requests were answered, or the Kafka producer
+    /// flushed) until the server had received (applied, or skipped as a duplicate) every
+    /// accepted event; none if not within `settle_secs`, or with simulated users.
     pub caught_up_secs: Option<f64>,
     /// The highest `backlog_events` of the timeline: events sent but not yet received by the
     /// server, counted by the generator (exact, unlike the lag gauge below).
@@ -264,7 +265,7 @@ pub fn definitions(late_ms: f64, settle_secs: f64) -> BTreeMap<String, String> {
         ("pushes_dropped", format!("deliveries (accepted event x subscriber of its user) never reflected in a push received by that subscriber, waiting at most {settle_secs} s after the load")),
         ("pushes_late", format!("deliveries reflected more than {late_ms} ms (late_ms) after the event was sent")),
         ("errors", "failed requests, refused produces, failed connections and subscriptions, streams closed early, and the simulated users' failed requests (errors_by_kind)".to_owned()),
-        ("server.work.applied_events_per_s", "liverec_session_applied_events_total over the load (all events, the simulated users' too) per second of load; caught_up_secs is how long after the load the server took to receive every accepted event".to_owned()),
+        ("server.work.applied_events_per_s", "liverec_session_applied_events_total over the load (all events, the simulated users' too) per second of load; caught_up_secs is how long after the load (its last answers, or the Kafka flush) the server took to receive every accepted event".to_owned()),
         ("server.work.cpu_secs_per_event", "the server's CPU seconds (utime + stime in /proc/PID/stat, with --server-pid) from the start of the load to the end of the settle, divided by the events it applied then; it includes the pushes, GETs and /metrics scrapes of the run".to_owned()),
         ("server.work.kafka_lag_max_records", "liverec_kafka_consumer_lag_records, sampled once a second during the load (Kafka mode only)".to_owned()),
         ("server.stale_lists_skipped", "lists the server did not send to a slow subscriber because a newer list replaced them; coalescing by design, not a lost update".to_owned()),
