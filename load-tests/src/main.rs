@@ -49,7 +49,7 @@ struct ScenarioArgs {
     /// Overrides a scenario key, value in TOML: --set ws_sockets=18000 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// The server's process id, to report its resident memory.
+    /// The server's process id, to report its resident memory and CPU seconds per event.
     #[arg(long)]
     server_pid: Option<u32>,
 }
@@ -105,6 +105,9 @@ struct RestArgs {
     /// Write report.json, report.md and latency.svg here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The server's process id: its memory and CPU seconds per event in the report.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 impl RestArgs {
@@ -155,7 +158,12 @@ fn main() -> anyhow::Result<()> {
         match cli.mode {
             Some(Mode::Rest(args)) => {
                 let scenario = args.scenario()?;
-                let options = RunOptions { target: args.target.clone(), out: args.out.clone(), server_pid: None, progress: true };
+                let options = RunOptions {
+                    target: args.target.clone(),
+                    out: args.out.clone(),
+                    server_pid: args.server_pid,
+                    progress: true,
+                };
                 let report = run(&scenario, &options).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
@@ -194,6 +202,21 @@ fn main() -> anyhow::Result<()> {
                     r.pushes_late,
                     r.late_threshold_ms,
                     r.errors
+                );
+                let w = &r.server.work;
+                let or_na = |v: Option<f64>, scale: f64, digits: usize| {
+                    v.map_or("n/a".to_owned(), |v| format!("{:.digits$}", v * scale))
+                };
+                println!(
+                    "server: {} events/s applied during the load, caught up {} s after it, backlog max {} events, Kafka lag max {} / end {}, \
+                     CPU {} us per event ({} cores)",
+                    or_na(w.applied_events_per_s, 1.0, 0),
+                    or_na(w.caught_up_secs, 1.0, 2),
+                    or_na(w.backlog_max_events, 1.0, 0),
+                    or_na(w.kafka_lag_max_records, 1.0, 0),
+                    or_na(w.kafka_lag_end_of_load_records, 1.0, 0),
+                    or_na(w.cpu_secs_per_event, 1e6, 1),
+                    or_na(w.cpu_cores, 1.0, 2)
                 );
                 println!("report: {}", out.join("report.md").display());
             }

@@ -110,6 +110,39 @@ pub struct ServerSide {
     /// Server resident memory before the subscribers opened and at the end of the load.
     pub rss_kib_before: Option<u64>,
     pub rss_kib_loaded: Option<u64>,
+    /// What the server did with the events: applied rate, Kafka lag, CPU per event.
+    #[serde(default)]
+    pub work: ServerWork,
+}
+
+/// What the server did with the events, from its `/metrics` and (with `--server-pid`) its CPU
+/// time in `/proc/PID/stat`, over the load and the settle after it. A figure the server does not
+/// expose (the lag of a server without Kafka) or that needs the pid is `None`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerWork {
+    /// `liverec_session_applied_events_total` from the start of the load to the end of the settle.
+    pub events_applied: Option<f64>,
+    /// Events the server applied during the load, per second of load: the rate it kept up with.
+    pub applied_events_per_s: Option<f64>,
+    /// Seconds after the load (once its last requests were answered, or the Kafka producer
+    /// flushed) until the server had received (applied, or skipped as a duplicate) every
+    /// accepted event; none if not within `settle_secs`, or with simulated users.
+    pub caught_up_secs: Option<f64>,
+    /// The highest `backlog_events` of the timeline: events sent but not yet received by the
+    /// server, counted by the generator (exact, unlike the lag gauge below).
+    pub backlog_max_events: Option<f64>,
+    /// `liverec_kafka_consumer_lag_records`: the highest sampled during the load (once a
+    /// second), at its end, and after the settle. The server refreshes this gauge from
+    /// librdkafka's statistics every 5 s, against committed offsets: it trails the backlog.
+    pub kafka_lag_max_records: Option<f64>,
+    pub kafka_lag_end_of_load_records: Option<f64>,
+    pub kafka_lag_settled_records: Option<f64>,
+    /// The server's CPU seconds (user + system) from the start of the load to the end of the
+    /// settle, and the cores that is on average.
+    pub cpu_secs: Option<f64>,
+    pub cpu_cores: Option<f64>,
+    /// `cpu_secs` divided by `events_applied` (by the events accepted if the server does not count).
+    pub cpu_secs_per_event: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -168,6 +201,19 @@ pub struct TimelineSecond {
     /// Server resident memory sampled in this second (with `--server-pid`).
     #[serde(default)]
     pub server_rss_kib: Option<u64>,
+    /// Events the server applied in this second, the cores its CPU time in this second comes
+    /// to (with `--server-pid`), and its Kafka consumer lag at the end of the second.
+    #[serde(default)]
+    pub server_applied_events: Option<f64>,
+    #[serde(default)]
+    pub server_cpu_cores: Option<f64>,
+    #[serde(default)]
+    pub kafka_lag_records: Option<f64>,
+    /// Events sent by the end of this second that the server had not yet received (applied or
+    /// skipped as duplicates), from its `liverec_session_*_events_total`; without simulated
+    /// users, whose events it counts too.
+    #[serde(default)]
+    pub backlog_events: Option<f64>,
 }
 
 /// Everything a run measured. The field definitions are also in `definitions`.
@@ -219,6 +265,9 @@ pub fn definitions(late_ms: f64, settle_secs: f64) -> BTreeMap<String, String> {
         ("pushes_dropped", format!("deliveries (accepted event x subscriber of its user) never reflected in a push received by that subscriber, waiting at most {settle_secs} s after the load")),
         ("pushes_late", format!("deliveries reflected more than {late_ms} ms (late_ms) after the event was sent")),
         ("errors", "failed requests, refused produces, failed connections and subscriptions, streams closed early, and the simulated users' failed requests (errors_by_kind)".to_owned()),
+        ("server.work.applied_events_per_s", "liverec_session_applied_events_total over the load (all events, the simulated users' too) per second of load; caught_up_secs is how long after the load (its last answers, or the Kafka flush) the server took to receive every accepted event".to_owned()),
+        ("server.work.cpu_secs_per_event", "the server's CPU seconds (utime + stime in /proc/PID/stat, with --server-pid) from the start of the load to the end of the settle, divided by the events it applied then; it includes the pushes, GETs and /metrics scrapes of the run".to_owned()),
+        ("server.work.kafka_lag_max_records", "liverec_kafka_consumer_lag_records, sampled once a second during the load (Kafka mode only)".to_owned()),
         ("server.stale_lists_skipped", "lists the server did not send to a slow subscriber because a newer list replaced them; coalescing by design, not a lost update".to_owned()),
     ]
     .into_iter()
@@ -324,6 +373,22 @@ pub fn markdown(r: &Report) -> String {
         out,
         "| server | liverec_stream_subscribers at the end of the load: {} websocket, {} sse; {:.0} stale lists skipped; {:.0} model requests refused; {:.0} training runs; RSS {} before, {} loaded |",
         opt(sv.websocket_subscriptions), opt(sv.sse_subscriptions), sv.stale_lists_skipped, sv.model_requests_refused, sv.trainer_runs, rss(sv.rss_kib_before), rss(sv.rss_kib_loaded)
+    );
+    let w = &sv.work;
+    let num = |v: Option<f64>, digits: usize| v.map_or("n/a".to_owned(), |v| format!("{v:.digits$}"));
+    let _ = writeln!(
+        out,
+        "| server work | **{} events/s applied** during the load, {} applied in all, caught up {} s after the load, backlog max {} events; Kafka lag max {}, {} at the end of the load, {} after; CPU **{} us per event** ({} s, {} cores) |",
+        num(w.applied_events_per_s, 0),
+        num(w.events_applied, 0),
+        num(w.caught_up_secs, 2),
+        num(w.backlog_max_events, 0),
+        num(w.kafka_lag_max_records, 0),
+        num(w.kafka_lag_end_of_load_records, 0),
+        num(w.kafka_lag_settled_records, 0),
+        num(w.cpu_secs_per_event.map(|s| s * 1e6), 1),
+        num(w.cpu_secs, 2),
+        num(w.cpu_cores, 2)
     );
     if let Some(sim) = &r.sim {
         let _ = writeln!(

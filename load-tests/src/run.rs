@@ -26,7 +26,7 @@ pub use state::user_name;
 use crate::limits::{self, LimitError, NofileLimit};
 use crate::report::{self, Report, SimSummary};
 use crate::scenario::{Scenario, Transport};
-use server::{Counters, UnderLoad};
+use server::{Counters, Sampler, Snapshot, UnderLoad};
 use state::{Progress, Shared, State};
 use summary::Measured;
 
@@ -79,12 +79,19 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let subscribers = subscribers::open(scenario, &target, &state, progress).await;
     let producer = kafka_producer(scenario)?;
     let sim = start_sim(scenario, &target);
+    let load_start = Snapshot::take(&target, options.server_pid).await;
+    let sampler = Sampler::start(&target, options.server_pid);
     let load = load::drive(scenario, &target, &state, producer.as_ref(), options.server_pid, progress).await;
+    let mut per_second = sampler.stop();
+    let load_end = Snapshot::take(&target, options.server_pid).await;
+    // The end of the load closes its last second.
+    per_second.push(load_end);
     let under_load = UnderLoad::measure(&target, options.server_pid).await;
 
     drain(&state, producer.as_ref()).await;
     let sim = stop_sim(sim).await;
-    settle(scenario, &state).await;
+    let caught_up_secs = settle(scenario, &state, &target, &load_start).await;
+    let settled = Snapshot::take(&target, options.server_pid).await;
     subscribers.close();
     let after = Counters::scrape(&target, before).await;
 
@@ -97,6 +104,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
         after,
         rss_before,
         under_load,
+        snapshots: summary::Snapshots { load_start, per_second, load_end, settled, caught_up_secs },
         setup: subscribers.setup,
         load,
         sim,
@@ -189,10 +197,28 @@ async fn drain(state: &Shared, producer: Option<&BaseProducer>) {
     }
 }
 
-/// Waits (at most the scenario's `settle_secs`) for the pushes that reflect the last events.
-async fn settle(scenario: &Scenario, state: &Shared) {
+/// Waits (at most the scenario's `settle_secs`) for the pushes that reflect the last events
+/// and, without simulated users (whose events the server counts too), until the server has
+/// received every accepted event; returns the seconds that took, or none if it did not happen
+/// in time or the server does not count its events.
+async fn settle(scenario: &Scenario, state: &Shared, target: &str, load_start: &Snapshot) -> Option<f64> {
     let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs_f64(scenario.settle_secs) && state.borrow().unreflected() > 0 {
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    let bound = Duration::from_secs_f64(scenario.settle_secs);
+    let accepted = state.borrow().sent.iter().flatten().filter(|&&at| at != state::FAILED).count() as f64;
+    let mut caught_up = None;
+    let mut counted = scenario.sim.is_none();
+    loop {
+        if counted && caught_up.is_none() {
+            match Snapshot::take(target, None).await.received_since(load_start) {
+                Some(received) if received >= accepted => caught_up = Some(settle.elapsed().as_secs_f64()),
+                Some(_) => {}
+                None => counted = false,
+            }
+        }
+        let waiting = (counted && caught_up.is_none()) || state.borrow().unreflected() > 0;
+        if !waiting || settle.elapsed() >= bound {
+            return caught_up;
+        }
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
     }
 }

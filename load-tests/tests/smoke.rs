@@ -48,8 +48,13 @@ async fn a_short_scenario_writes_a_complete_report() {
     let server = liverec::Server::start(server_config()).await.expect("server starts");
     let out = tempfile::tempdir().expect("temp dir");
     let scenario = Scenario::parse(SCENARIO, &[]).expect("valid scenario");
-    let options =
-        RunOptions { target: server.url(), out: Some(out.path().to_owned()), server_pid: None, progress: false };
+    // The server runs in this process: its pid is ours (the CPU time then includes the generator).
+    let options = RunOptions {
+        target: server.url(),
+        out: Some(out.path().to_owned()),
+        server_pid: Some(std::process::id()),
+        progress: false,
+    };
     let report = run(&scenario, &options).await.expect("the run completes");
     server.stop().await;
 
@@ -76,6 +81,13 @@ async fn a_short_scenario_writes_a_complete_report() {
     assert!(report.get_recommendations_ms.count > 0 && report.post_events_ms.count > 0);
     let sim = report.sim.as_ref().expect("simulated users ran");
     assert!(sim.steps > 0, "{sim:?}");
+    let work = &report.server.work;
+    assert!(work.events_applied.is_some_and(|n| n >= report.events_accepted as f64), "{work:?}");
+    assert!(work.applied_events_per_s.is_some_and(|r| r > 0.0), "{work:?}");
+    assert!(work.cpu_secs_per_event.is_some_and(|c| c > 0.0), "the server's CPU per event: {work:?}");
+    assert_eq!(work.kafka_lag_max_records.unwrap_or(0.0), 0.0, "no lag without Kafka (the gauge stays 0)");
+    assert!(report.timeline.iter().any(|s| s.server_applied_events.is_some_and(|n| n > 0.0)), "applied per second");
+    assert!(json["server"]["work"]["cpu_secs_per_event"].is_number());
     let markdown = std::fs::read_to_string(out.path().join("report.md")).expect("md");
     assert!(markdown.contains("late") && markdown.contains("1000 ms"), "the late threshold is stated");
     let svg = std::fs::read_to_string(out.path().join("latency.svg")).expect("svg");
@@ -102,7 +114,29 @@ fn every_shipped_scenario_parses() {
         }
     }
     names.sort();
-    for required in ["burst", "many-subscribers", "smoke", "steady"] {
+    for required in ["burst", "headline", "kafka-ingest", "many-subscribers", "smoke", "steady"] {
         assert!(names.iter().any(|n| n == required), "{required} in {names:?}");
     }
+}
+
+#[test]
+fn the_headline_scenario_is_the_documented_run() {
+    // `rest --rate 5000 --users 5000 --sockets 5000 --subs-per-socket 2`: 10,000 subscriptions.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/headline.toml");
+    let s = Scenario::load(&path, &[]).expect("headline parses");
+    assert_eq!((s.events_per_s, s.users, s.ws_sockets, s.ws_subs_per_socket), (5000.0, 5000, 5000, 2));
+    assert_eq!(s.transport, liverec_load::scenario::Transport::Rest);
+    assert_eq!(s.ws_sockets * s.ws_subs_per_socket, 10_000);
+}
+
+#[test]
+fn the_kafka_ingest_scenario_produces_to_the_brokers_given() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/kafka-ingest.toml");
+    let s = Scenario::load(&path, &["kafka.brokers=\"127.0.0.1:40001\"".into(), "events_per_s=500".into()])
+        .expect("kafka-ingest parses with overrides");
+    assert_eq!(s.transport, liverec_load::scenario::Transport::Kafka);
+    let kafka = s.kafka.expect("a [kafka] table");
+    assert_eq!((kafka.brokers.as_str(), kafka.topic.as_str()), ("127.0.0.1:40001", "liverec.events"));
+    assert_eq!(s.events_per_s, 500.0);
+    assert!(s.ws_sockets > 0, "subscribers measure event-to-push");
 }

@@ -2,6 +2,8 @@
 //! say, and how much memory does its process hold (Linux `/proc`, given its pid); and the
 //! host's load average.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::Duration;
 
 /// The server's `/healthz` did not answer success.
@@ -70,13 +72,128 @@ impl UnderLoad {
 
 /// Reads one sample (`name` or `name{labels}`) from the server's `/metrics`.
 pub async fn scrape(target: &str, sample: &str) -> Option<f64> {
+    sample_of(&metrics_text(target).await?, sample)
+}
+
+/// The server's whole `/metrics` exposition.
+async fn metrics_text(target: &str) -> Option<String> {
     let client = awc::Client::builder().timeout(Duration::from_secs(10)).finish();
     let mut response = client.get(format!("{target}/metrics")).send().await.ok()?;
     let body = response.body().limit(64 << 20).await.ok()?;
-    let text = String::from_utf8_lossy(&body);
+    Some(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// One sample (`name` or `name{labels}`) of an exposition.
+fn sample_of(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// The server's event counters, its Kafka consumer lag and its CPU time at one moment: the run
+/// takes one when the load starts, one when it ends and one after the settle, and one a second
+/// in between for the timeline.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Snapshot {
+    /// `liverec_session_applied_events_total`.
+    pub(super) applied: Option<f64>,
+    /// `liverec_session_duplicate_events_total` (events skipped by id: received, not applied).
+    pub(super) duplicates: Option<f64>,
+    /// `liverec_kafka_consumer_lag_records` (a server in Kafka mode only).
+    pub(super) kafka_lag: Option<f64>,
+    /// The server's CPU seconds so far, user and system (with its pid).
+    pub(super) cpu_secs: Option<f64>,
+    pub(super) at: Option<std::time::Instant>,
+}
+
+impl Snapshot {
+    pub(super) async fn take(target: &str, server_pid: Option<u32>) -> Snapshot {
+        let text = metrics_text(target).await.unwrap_or_default();
+        Snapshot {
+            applied: sample_of(&text, "liverec_session_applied_events_total"),
+            duplicates: sample_of(&text, "liverec_session_duplicate_events_total"),
+            kafka_lag: sample_of(&text, "liverec_kafka_consumer_lag_records"),
+            cpu_secs: server_pid.and_then(cpu_secs),
+            at: Some(std::time::Instant::now()),
+        }
+    }
+
+    /// Events the server received (applied or skipped as duplicates) since `earlier`.
+    pub(super) fn received_since(&self, earlier: &Snapshot) -> Option<f64> {
+        let now = self.applied? + self.duplicates.unwrap_or(0.0);
+        Some(now - (earlier.applied? + earlier.duplicates.unwrap_or(0.0)))
+    }
+
+    pub(super) fn applied_since(&self, earlier: &Snapshot) -> Option<f64> {
+        Some(self.applied? - earlier.applied?)
+    }
+
+    pub(super) fn cpu_since(&self, earlier: &Snapshot) -> Option<f64> {
+        Some(self.cpu_secs? - earlier.cpu_secs?)
+    }
+
+    /// Wall-clock seconds since `earlier`.
+    pub(super) fn secs_since(&self, earlier: &Snapshot) -> Option<f64> {
+        Some(self.at?.checked_duration_since(earlier.at?)?.as_secs_f64())
+    }
+}
+
+/// A snapshot a second while the load runs (the first at its start), for the timeline.
+pub(super) struct Sampler {
+    samples: Rc<RefCell<Vec<Snapshot>>>,
+    task: actix_rt::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    /// Starts sampling on a task of its own, so a slow `/metrics` never holds up the load.
+    pub(super) fn start(target: &str, server_pid: Option<u32>) -> Sampler {
+        let samples: Rc<RefCell<Vec<Snapshot>>> = Rc::default();
+        let sink = samples.clone();
+        let target = target.to_owned();
+        let task = actix_rt::spawn(async move {
+            let mut tick = actix_rt::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let snapshot = Snapshot::take(&target, server_pid).await;
+                sink.borrow_mut().push(snapshot);
+            }
+        });
+        Sampler { samples, task }
+    }
+
+    /// Stops sampling and returns the snapshots, one a second from the start.
+    pub(super) fn stop(self) -> Vec<Snapshot> {
+        self.task.abort();
+        self.samples.take()
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from Linux `/proc/PID/stat`.
+pub(super) fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    cpu_secs_of_stat(&stat, ticks as f64)
+}
+
+/// `utime + stime` of a `/proc/PID/stat` line, in seconds. The process name (field 2) is in
+/// parentheses and may hold spaces and parentheses itself, so fields are counted after the last
+/// `)`: state is the first there, utime (field 14) the 12th, stime (15) the 13th.
+pub(super) fn cpu_secs_of_stat(stat: &str, ticks_per_sec: f64) -> Option<f64> {
+    if ticks_per_sec <= 0.0 {
+        return None;
+    }
+    let (_, fields) = stat.rsplit_once(')')?;
+    let mut fields = fields.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_sec)
+}
+
+/// The server's CPU seconds per event: CPU used over a window divided by the events it applied
+/// (or received) in that window; none without events or with a clock that went backwards.
+pub(super) fn cpu_secs_per_event(cpu_secs: f64, events: f64) -> Option<f64> {
+    (events > 0.0 && cpu_secs >= 0.0).then(|| cpu_secs / events)
 }
 
 pub(super) async fn scrape_sum(target: &str, samples: &[&str]) -> f64 {
@@ -100,4 +217,41 @@ pub(super) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_process_name() {
+        // A name with a space and a parenthesis, as `(my (odd) srv)` in the real file.
+        let stat = "4242 (my (odd) srv) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 130 0 0 20 0 9 0 100 0 0";
+        assert_eq!(cpu_secs_of_stat(stat, 100.0), Some(3.8));
+        assert_eq!(cpu_secs_of_stat(stat, 0.0), None);
+        assert_eq!(cpu_secs_of_stat("4242 (truncated) S 1", 100.0), None);
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_time() {
+        let secs = cpu_secs(std::process::id()).expect("/proc/self/stat is readable");
+        assert!(secs >= 0.0);
+        assert_eq!(cpu_secs(u32::MAX), None, "no such process");
+    }
+
+    #[test]
+    fn cpu_per_event_divides_and_refuses_no_events() {
+        assert_eq!(cpu_secs_per_event(2.0, 40_000.0), Some(50e-6));
+        assert_eq!(cpu_secs_per_event(2.0, 0.0), None);
+        assert_eq!(cpu_secs_per_event(-0.1, 10.0), None);
+    }
+
+    #[test]
+    fn samples_are_found_by_exact_name() {
+        let text = "# HELP x\nliverec_kafka_consumer_lag_records 44\nliverec_session_applied_events_total_x 1\n\
+                    liverec_session_applied_events_total 1234\n";
+        assert_eq!(sample_of(text, "liverec_kafka_consumer_lag_records"), Some(44.0));
+        assert_eq!(sample_of(text, "liverec_session_applied_events_total"), Some(1234.0));
+        assert_eq!(sample_of(text, "liverec_session_duplicate_events_total"), None);
+    }
 }
