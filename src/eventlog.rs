@@ -154,6 +154,17 @@ impl EventLog {
         }
     }
 
+    /// Forgets the events that left the window by `now_ms`; returns how many.
+    pub fn expire(&self, now_ms: i64) -> usize {
+        let oldest = now_ms - self.window_ms;
+        let mut events = self.events.lock();
+        let before = events.len;
+        while events.front().is_some_and(|e| e.logged_at < oldest) {
+            events.pop_front();
+        }
+        before - events.len
+    }
+
     /// The events still in the window, oldest first. The lock every session's append takes is
     /// held to drop expired events and to pin the segments (a few hundred pointers for half a
     /// million events); the copy into one list happens after it is released.
@@ -326,5 +337,16 @@ mod tests {
         let events = log.events.lock();
         assert!(events.sealed.len() <= 100_000 / SEGMENT, "full segments are sealed");
         assert!(events.open.len() < SEGMENT, "at most one segment is open");
+    }
+
+    #[test]
+    fn expire_drops_what_left_the_window_without_an_append() {
+        let log = EventLog::new(10, 100);
+        for at in [0, 1_000, 2_000] {
+            log.append(event("a", at));
+        }
+        assert_eq!(log.expire(5_000), 0, "all within ten seconds");
+        assert_eq!(log.expire(11_500), 2, "the first two left the window");
+        assert_eq!(log.len(), 1);
     }
 }

@@ -79,8 +79,8 @@ impl Server {
         let initial = load_catalog_and_model(&config, &catalog)?;
         let threads = Threads::start(&config);
         let store = open_store(&config, &metrics, &threads.io)?;
-        start_housekeeping(&config, store.clone(), metrics.clone(), &threads.io);
         let actors = start_actors(&config, &catalog, &metrics, initial, &threads);
+        start_housekeeping(&config, store.clone(), actors.event_log.clone(), metrics.clone(), &threads.io);
         let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone())?;
         let bus = start_bus(&config, deps, &threads, &metrics).await?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -273,11 +273,17 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>, io: &Arbiter) -> Result<A
 }
 
 /// Step 3b, housekeeping on the I/O thread: the store sweeps what outlived its bounds (idle
-/// profiles, expired tombstones), then, if sessions or profiles were dropped since the last
+/// profiles, expired tombstones) and the event log forgets what left its window, then, if sessions or profiles were dropped since the last
 /// round, freed heap goes back to the OS. glibc keeps freed memory in its arenas (and
 /// `models::keep_freed_memory` raises the trim threshold), so without the trim the resident size
 /// stays at its peak after every session and profile of a wave of users is gone.
-fn start_housekeeping(config: &Config, store: Arc<dyn ProfileStore>, metrics: Arc<Metrics>, io: &Arbiter) {
+fn start_housekeeping(
+    config: &Config,
+    store: Arc<dyn ProfileStore>,
+    event_log: Arc<EventLog>,
+    metrics: Arc<Metrics>,
+    io: &Arbiter,
+) {
     let ttl_ms = |secs: u64| (secs > 0).then(|| secs.saturating_mul(1000));
     let shortest = [
         Some(config.session.idle_ttl_ms),
@@ -294,12 +300,15 @@ fn start_housekeeping(config: &Config, store: Arc<dyn ProfileStore>, metrics: Ar
         let mut freed_before = 0;
         loop {
             ticks.tick().await;
-            let (store, freed) = (store.clone(), freed_memory(&metrics));
+            let (store, event_log, freed) = (store.clone(), event_log.clone(), freed_memory(&metrics));
             let trim = std::mem::replace(&mut freed_before, freed) != freed;
             // Both walk large structures; off the I/O thread's event loop.
             let _ = tokio::task::spawn_blocking(move || {
                 store.sweep();
-                if trim {
+                // The log drops what left its window as events arrive; this drops it when
+                // none arrive (a burst followed by quiet).
+                let expired = event_log.expire(crate::event::now_ms());
+                if trim || expired > 0 {
                     release_free_heap();
                 }
             })

@@ -61,6 +61,8 @@ pub struct SessionActor {
     served: ServedLists,
     /// When the user was erased, if ever: events from before then are never applied (replays).
     erased_at: Option<i64>,
+    /// Scoring requests refused in a row because the model's queue was full (backoff).
+    overload_retries: u32,
 }
 
 impl SessionActor {
@@ -81,6 +83,7 @@ impl SessionActor {
             last_active: Instant::now(),
             served: ServedLists::default(),
             erased_at: None,
+            overload_retries: 0,
         }
     }
 
@@ -278,7 +281,19 @@ impl SessionActor {
                     return;
                 }
                 match result {
-                    Ok(Ok(scored)) => act.publish(scored, false),
+                    Ok(Ok(scored)) => {
+                        act.overload_retries = 0;
+                        act.publish(scored, false)
+                    }
+                    Ok(Err(crate::actors::model::ModelError::Overloaded)) => {
+                        // A burst of users filled the model's queue (counted in
+                        // liverec_model_refused_total): ask again later rather than leaving the
+                        // user without a list until their next event.
+                        act.overload_retries = act.overload_retries.saturating_add(1);
+                        let backoff = Duration::from_millis(50u64 << act.overload_retries.min(6));
+                        let jitter = Duration::from_millis(user_hash(act.hub.user.as_str()) % 50);
+                        ctx.run_later(backoff + jitter, |act, ctx| act.refresh(ctx));
+                    }
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error, user = %act.hub.user, "no list computed")
                     }
