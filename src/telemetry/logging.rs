@@ -137,3 +137,22 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
         let _ = span.set_parent(context);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_span_is_built_when_nothing_exports_or_logs_it() {
+        // No OTLP layer and no subscriber at `debug` in this test: the span is never made.
+        let mut built = false;
+        let span = span(|| {
+            built = true;
+            tracing::info_span!("receive")
+        });
+        assert!(!built);
+        assert!(span.is_none());
+        record_trace_id(&span);
+        assert!(trace_headers(&span).is_empty(), "a disabled span carries no trace context");
+    }
+}
