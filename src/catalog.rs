@@ -94,7 +94,9 @@ struct Entry {
 
 #[derive(Default)]
 struct Inner {
-    index: HashMap<ItemId, ItemIdx>,
+    /// foldhash rather than SipHash: every event and every list looks item ids up here. Seeded
+    /// per process, so ids an outsider picks cannot be aimed at one bucket.
+    index: HashMap<ItemId, ItemIdx, foldhash::fast::RandomState>,
     items: Vec<Entry>,
     /// Items without attributes: known only from events.
     event_only: usize,

@@ -64,9 +64,20 @@ pub struct RecUpdate {
 
 impl RecUpdate {
     pub fn new(list: RecList) -> Arc<Self> {
-        let json = serde_json::to_string(&list).expect("a list always serialises");
-        let sse = format!("id: {}\nevent: recommendations\ndata: {json}\n\n", list.seq);
-        let ws = format!("{{\"type\":\"recommendations\",\"data\":{json}}}");
+        // Sized up front: growing the buffers by doubling (serde_json's writer, `format!`) showed
+        // as realloc and page faults in profiles of the per-event path.
+        let mut buf = Vec::with_capacity(256 + 64 * list.items.len());
+        serde_json::to_writer(&mut buf, &list).expect("a list always serialises");
+        let json = String::from_utf8(buf).expect("serde_json writes UTF-8");
+        let seq = list.seq.to_string();
+        let mut sse = String::with_capacity(json.len() + seq.len() + 40);
+        for part in ["id: ", &seq, "\nevent: recommendations\ndata: ", &json, "\n\n"] {
+            sse.push_str(part);
+        }
+        let mut ws = String::with_capacity(json.len() + 40);
+        for part in ["{\"type\":\"recommendations\",\"data\":", &json, "}"] {
+            ws.push_str(part);
+        }
         Arc::new(Self {
             list,
             json: Bytes::from(json),
@@ -104,5 +115,25 @@ impl RecUpdate {
     /// Whether the list has been shown (reported as an impression).
     pub fn is_shown(&self) -> bool {
         self.shown.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_frames_wrap_the_list_json() {
+        let list: RecList = serde_json::from_value(serde_json::json!({
+            "rec_id": "r1", "user_id": "u\"1", "model_version": "v1", "variant": "control",
+            "generated_at": 5, "seq": 42, "last_event_id": null,
+            "items": [{"item_id": "item-0001", "score": 0.5}, {"item_id": "é", "score": 1.0}]
+        }))
+        .expect("a list");
+        let update = RecUpdate::new(list.clone());
+        let json = serde_json::to_string(&list).expect("json");
+        assert_eq!(update.json, json.as_bytes());
+        assert_eq!(update.sse, format!("id: 42\nevent: recommendations\ndata: {json}\n\n").as_bytes());
+        assert_eq!(&*update.ws, format!("{{\"type\":\"recommendations\",\"data\":{json}}}"));
     }
 }

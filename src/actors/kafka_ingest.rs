@@ -397,7 +397,9 @@ impl Consume {
         let count = records.len();
         self.metrics.kafka_records.add(count as u64);
         // One span per consumed batch, continuing the trace of its first traced record.
-        let span = tracing::info_span!("kafka_receive", records = count, trace_id = tracing::field::Empty);
+        let span = crate::telemetry::span(|| {
+            tracing::info_span!("kafka_receive", records = count, trace_id = tracing::field::Empty)
+        });
         if let Some(parent) = records.iter().find_map(traceparent) {
             crate::telemetry::continue_trace(&span, &parent);
         }

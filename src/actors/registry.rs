@@ -189,7 +189,9 @@ impl Drop for Subscription {
 }
 
 pub struct SessionRegistry {
-    hubs: DashMap<UserId, Arc<UserHub>>,
+    /// foldhash rather than SipHash (looked up for every event and subscription); seeded per
+    /// process, so user ids an outsider picks cannot be aimed at one shard or bucket.
+    hubs: DashMap<UserId, Arc<UserHub>, foldhash::fast::RandomState>,
     arbiters: Vec<ArbiterHandle>,
     start: StartSession,
     pub deps: Arc<SessionDeps>,
@@ -224,7 +226,7 @@ impl SessionRegistry {
     ) -> Arc<Self> {
         assert!(!arbiters.is_empty(), "at least one session arbiter");
         Arc::new(Self {
-            hubs: DashMap::new(),
+            hubs: DashMap::default(),
             arbiters,
             start,
             deps,

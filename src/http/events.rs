@@ -212,7 +212,8 @@ pub async fn publish(
     let (events, kept): (Vec<Event>, Vec<usize>) =
         events.into_iter().enumerate().filter(|(i, _)| !erased.contains(i)).map(|(i, e)| (e, i)).unzip();
     let count = events.len();
-    let span = tracing::info_span!("receive", events = count, trace_id = tracing::field::Empty);
+    let span =
+        crate::telemetry::span(|| tracing::info_span!("receive", events = count, trace_id = tracing::field::Empty));
     crate::telemetry::record_trace_id(&span);
     // Kept to see whether an erasure landed while the batch was being published.
     let published = stamps(&events);

@@ -38,9 +38,11 @@ struct Stored {
 }
 
 pub struct MemoryStore {
-    profiles: DashMap<UserId, Stored>,
+    /// foldhash rather than SipHash (every applied event writes here); seeded per process, so
+    /// user ids an outsider picks cannot be aimed at one shard or bucket.
+    profiles: DashMap<UserId, Stored, foldhash::fast::RandomState>,
     /// Erased users and when.
-    tombstones: DashMap<UserId, i64>,
+    tombstones: DashMap<UserId, i64, foldhash::fast::RandomState>,
     limits: ProfileLimits,
     bounds: MemoryBounds,
     /// The LRU clock: bumped by every touch of a profile.
@@ -53,8 +55,8 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new(limits: ProfileLimits, bounds: MemoryBounds, metrics: Arc<Metrics>) -> Self {
         Self {
-            profiles: DashMap::new(),
-            tombstones: DashMap::new(),
+            profiles: DashMap::default(),
+            tombstones: DashMap::default(),
             limits,
             bounds,
             clock: AtomicU64::new(0),

@@ -19,7 +19,9 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 
 pub use instruments::{Counter, FloatGauge, Gauge, Histogram, LATENCY_BOUNDS, SIZE_BOUNDS, TRAINING_BOUNDS};
 use instruments::{Family, Registrar};
-pub use logging::{continue_trace, init, init_logging, record_trace_id, trace_headers, TelemetryError, TelemetryGuard};
+pub use logging::{
+    continue_trace, init, init_logging, record_trace_id, span, trace_headers, TelemetryError, TelemetryGuard,
+};
 
 /// Every metric of one server. Shared by `Arc`; each test server has its own.
 pub struct Metrics {

@@ -268,7 +268,7 @@ impl SessionActor {
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
         let asked = Instant::now();
         // A child of the applying span when an event caused the refresh.
-        let scoring = tracing::info_span!("model_score");
+        let scoring = crate::telemetry::span(|| tracing::info_span!("model_score"));
         self.deps
             .model
             .send(Recommend { request, user: user_hash(self.hub.user.as_str()) })
@@ -316,7 +316,7 @@ impl SessionActor {
         if self.hub.is_erased() {
             return;
         }
-        let _span = tracing::info_span!("push").entered();
+        let _span = crate::telemetry::span(|| tracing::info_span!("push")).entered();
         let list = self.to_list(&scored, self.hub.next_seq());
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
@@ -425,7 +425,9 @@ impl Handler<ApplyEvents> for SessionActor {
     type Result = MessageResult<ApplyEvents>;
 
     fn handle(&mut self, msg: ApplyEvents, ctx: &mut Self::Context) -> Self::Result {
-        let span = tracing::info_span!(parent: &msg.span, "session_apply", events = msg.events.len());
+        let span = crate::telemetry::span(
+            || tracing::info_span!(parent: &msg.span, "session_apply", events = msg.events.len()),
+        );
         let _entered = span.enter();
         self.last_active = Instant::now();
         self.deps.metrics.stage_apply_seconds.observe_duration(msg.received.elapsed());
