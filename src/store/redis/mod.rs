@@ -54,8 +54,7 @@ use crate::telemetry::Metrics;
 
 /// The raw parts of one stored profile: history, legacy ids, digests, suppressed, (context,
 /// last list).
-type RawProfile =
-    (Vec<Vec<u8>>, Vec<String>, Option<Vec<u8>>, Vec<String>, (Option<String>, Option<String>));
+type RawProfile = (Vec<Vec<u8>>, Vec<String>, Option<Vec<u8>>, Vec<String>, (Option<String>, Option<String>));
 
 struct Load {
     user: UserId,

@@ -62,7 +62,8 @@ async fn a_user_with_50_interactions_takes_at_most_4000_bytes_in_redis() {
     let limits = ProfileLimits { history_len: 50, dedupe_window: 1000, suppressed_len: 500, tombstone_ttl_secs: 0 };
     let arbiter = actix_rt::Arbiter::new();
     let store = RedisStore::start(&config, limits, Arc::new(Metrics::default()), &arbiter.handle()).expect("store");
-    let context = Context { device: Device::Mobile, country: Some(Arc::from("DE")), hour: 14, weekday: 2, ..Default::default() };
+    let context =
+        Context { device: Device::Mobile, country: Some(Arc::from("DE")), hour: 14, weekday: 2, ..Default::default() };
 
     let mut persisted = Vec::new();
     for n in 0..INTERACTIONS {
@@ -119,7 +120,9 @@ async fn a_profile_written_in_the_json_and_id_set_form_still_loads_and_its_ids_s
     let client = redis::Client::open(redis.url.as_str()).expect("client");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
     let old = |id: &str, ts: i64| {
-        format!(r#"{{"event_id":"{id}","item_id":"item-{id}","event_type":"click","timestamp":{ts},"rec_id":"r-{id}"}}"#)
+        format!(
+            r#"{{"event_id":"{id}","item_id":"item-{id}","event_type":"click","timestamp":{ts},"rec_id":"r-{id}"}}"#
+        )
     };
     let _: () = redis::pipe()
         .rpush("old:{ann}:h", &[old("e1", 1), old("e2", 2), old("e3", 3)])
@@ -142,7 +145,10 @@ async fn a_profile_written_in_the_json_and_id_set_form_still_loads_and_its_ids_s
     // the store itself, as a replay to another instance racing this one would be.
     let update = |names: &[&str]| ProfileUpdate {
         user_id: ann.clone(),
-        interactions: names.iter().map(|n| Interaction { event_type: EventType::View, ..interaction_named(n) }).collect(),
+        interactions: names
+            .iter()
+            .map(|n| Interaction { event_type: EventType::View, ..interaction_named(n) })
+            .collect(),
         context: None,
         suppressed: vec![],
     };
@@ -153,7 +159,10 @@ async fn a_profile_written_in_the_json_and_id_set_form_still_loads_and_its_ids_s
     assert_eq!(profile.event_ids, digests(&["e0", "e1", "e2", "e3", "e4"]));
     store.append(update(&["e4", "e5"])).await;
     let profile = store.load(&ann).await.expect("load").expect("stored");
-    assert_eq!(profile.interactions.iter().map(|i| i.event_id.as_str()).collect::<Vec<_>>(), ["e1", "e2", "e3", "e4", "e5"]);
+    assert_eq!(
+        profile.interactions.iter().map(|i| i.event_id.as_str()).collect::<Vec<_>>(),
+        ["e1", "e2", "e3", "e4", "e5"]
+    );
     arbiter.stop();
 }
 
