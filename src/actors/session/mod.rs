@@ -37,7 +37,7 @@ use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
 use crate::eventlog::LoggedEvent;
 use crate::models::{HistoryItem, Observation, ScoreRequest};
 use crate::recs::{RecList, RecUpdate};
-use crate::store::{persisted_now, Interaction, Persisted, Profile, ProfileUpdate};
+use crate::store::{persisted_now, EventDigest, Interaction, Persisted, Profile, ProfileUpdate};
 
 pub struct SessionActor {
     hub: Arc<UserHub>,
@@ -48,9 +48,10 @@ pub struct SessionActor {
     context: Option<EventContext>,
     /// The context last sent to the store.
     persisted_context: Option<EventContext>,
-    /// Applied event ids: the set for lookups, the queue for eviction order.
-    event_ids: HashSet<EventId>,
-    event_order: VecDeque<EventId>,
+    /// Digests of the applied event ids (8 bytes each, not the id's allocation): the set for
+    /// lookups, the queue for eviction order.
+    event_ids: HashSet<EventDigest>,
+    event_order: VecDeque<EventDigest>,
     suppressed: VecDeque<ItemId>,
     /// The pushed-list request in flight, if any (see the module docs on coalescing).
     coalescer: Coalescer,
@@ -144,8 +145,8 @@ impl SessionActor {
     }
 
     fn restore(&mut self, profile: Profile) {
-        for id in profile.event_ids {
-            self.remember_id(id);
+        for digest in profile.event_ids {
+            self.remember_digest(digest);
         }
         for interaction in profile.interactions {
             let idx = self.deps.catalog.intern(&interaction.item_id);
@@ -163,11 +164,15 @@ impl SessionActor {
     }
 
     /// Records an event id; false if it was already applied.
-    fn remember_id(&mut self, id: EventId) -> bool {
-        if !self.event_ids.insert(id.clone()) {
+    fn remember_id(&mut self, id: &EventId) -> bool {
+        self.remember_digest(EventDigest::of(id))
+    }
+
+    fn remember_digest(&mut self, digest: EventDigest) -> bool {
+        if !self.event_ids.insert(digest) {
             return false;
         }
-        self.event_order.push_back(id);
+        self.event_order.push_back(digest);
         while self.event_order.len() > self.deps.config.session.dedupe_window {
             if let Some(old) = self.event_order.pop_front() {
                 self.event_ids.remove(&old);
@@ -203,7 +208,7 @@ impl SessionActor {
                 self.deps.metrics.privacy_skipped.inc();
                 continue;
             }
-            if !self.remember_id(event.event_id.clone()) {
+            if !self.remember_id(&event.event_id) {
                 outcome.duplicates += 1;
                 continue;
             }
@@ -377,7 +382,7 @@ impl SessionActor {
         Profile {
             interactions: self.history.iter().map(|(i, _)| i.clone()).collect(),
             context: self.context.clone(),
-            event_ids: self.event_order.iter().cloned().collect(),
+            event_ids: self.event_order.iter().copied().collect(),
             suppressed: self.suppressed.iter().cloned().collect(),
             last_recs: self.hub.latest().map(|u| u.list.clone()),
         }
@@ -546,7 +551,7 @@ impl Handler<MergeHistory> for SessionActor {
             suppressed: msg.from.suppressed.clone(),
         };
         for interaction in msg.from.interactions {
-            if own.contains(&interaction.event_id) || !self.remember_id(interaction.event_id.clone()) {
+            if own.contains(&interaction.event_id) || !self.remember_id(&interaction.event_id) {
                 outcome.duplicates += 1;
                 continue;
             }

@@ -5,7 +5,11 @@ use crate::event::UserId;
 /// Key names of one user.
 pub(super) struct Keys {
     pub(super) history: String,
-    pub(super) ids: String,
+    /// Event ids as profiles written before kept them (a sorted set of the ids themselves): read
+    /// and checked until it expires, never written.
+    pub(super) legacy_ids: String,
+    /// The event-id digests of the de-duplication window: one string of 8-byte digests.
+    pub(super) digests: String,
     pub(super) suppressed: String,
     pub(super) profile: String,
 }
@@ -14,7 +18,8 @@ pub(super) fn keys(prefix: &str, user: &UserId) -> Keys {
     let base = format!("{prefix}:{{{user}}}");
     Keys {
         history: format!("{base}:h"),
-        ids: format!("{base}:ids"),
+        legacy_ids: format!("{base}:ids"),
+        digests: format!("{base}:e"),
         suppressed: format!("{base}:s"),
         profile: format!("{base}:p"),
     }

@@ -1,10 +1,13 @@
 //! The Redis profile store (deadpool-redis), for production mode.
 //!
 //! Per user, four keys share one hash tag so a cluster keeps them on one slot:
-//! `<prefix>:{<user>}:h` (list: interactions as JSON, oldest first), `…:ids` (sorted set: recent
-//! event ids by arrival), `…:s` (list: suppressed items) and `…:p` (hash: latest context, last
-//! list, counters). One Lua script appends a user's new interactions atomically: it skips event
-//! ids already present, appends, trims every list to its limit and refreshes the TTL.
+//! `<prefix>:{<user>}:h` (list: interactions in a compact binary form, oldest first; see
+//! `codec`), `…:e` (string: the 8-byte digests of the newest `session.dedupe_window` event ids,
+//! oldest first), `…:s` (list: suppressed items) and `…:p` (hash: latest context, last list).
+//! One Lua script appends a user's new interactions atomically: it skips events whose id digest
+//! is present, appends, trims every list to its limit and refreshes the TTL. Profiles written
+//! before issue 13 item 4 hold JSON interactions and a sorted set of the ids themselves
+//! (`…:ids`): both are still read (and the set still checked) until they expire.
 //!
 //! Writes go through `redis.write_pipelines` writer lanes (users spread over them by a hash of their
 //! id, so each user's writes stay in order): each lane takes every write queued for it, sends them
@@ -18,6 +21,7 @@
 //!
 //! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
 //! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
+mod codec;
 mod fanout;
 mod keys;
 mod writer;
@@ -34,16 +38,23 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use self::fanout::{FanoutCommand, FanoutMessage, RedisFanout};
 pub use self::keys::updates_channel;
+
+/// Reads one entry of a user's history list (`<prefix>:{<user>}:h`), in either stored form, for
+/// tools and tests that read the keys directly.
+pub fn decode_history_entry(entry: &[u8]) -> Option<Interaction> {
+    codec::decode(entry)
+}
 use self::keys::{keys, tombstone_key};
 use self::writer::{Write, Writer, APPEND_SCRIPT};
-use super::{Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
+use super::{EventDigest, Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
 use crate::config::RedisConfig;
 use crate::event::{Context, EventId, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 use crate::telemetry::Metrics;
 
-/// The raw parts of one stored profile: history, ids, suppressed, (context, last list).
-type RawProfile = (Vec<String>, Vec<String>, Vec<String>, (Option<String>, Option<String>));
+/// The raw parts of one stored profile: history, legacy ids, digests, suppressed, (context,
+/// last list).
+type RawProfile = (Vec<Vec<u8>>, Vec<String>, Option<Vec<u8>>, Vec<String>, (Option<String>, Option<String>));
 
 struct Load {
     user: UserId,
@@ -164,17 +175,28 @@ impl ProfileStore for RedisStore {
         self.loads
             .send(Load { user: user.clone(), reply })
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?;
-        let (history, ids, suppressed, fields) = rx
+        let (history, legacy_ids, digests, suppressed, fields) = rx
             .await
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?
             .map_err(StoreError::Unavailable)?;
-        if history.is_empty() && ids.is_empty() && suppressed.is_empty() && fields.0.is_none() && fields.1.is_none() {
+        let digests = digests.unwrap_or_default();
+        if history.is_empty()
+            && legacy_ids.is_empty()
+            && digests.is_empty()
+            && suppressed.is_empty()
+            && fields.0.is_none()
+            && fields.1.is_none()
+        {
             return Ok(None);
         }
         let mut corrupt = 0;
         let interactions = history
             .iter()
-            .filter_map(|json| serde_json::from_str::<Interaction>(json).map_err(|_| corrupt += 1).ok())
+            .filter_map(|entry| {
+                let read = codec::decode(entry);
+                corrupt += u64::from(read.is_none());
+                read
+            })
             .collect();
         let context = fields.0.and_then(|json| serde_json::from_str::<Context>(&json).map_err(|_| corrupt += 1).ok());
         let last_recs = fields.1.and_then(|json| serde_json::from_str::<RecList>(&json).map_err(|_| corrupt += 1).ok());
@@ -185,7 +207,13 @@ impl ProfileStore for RedisStore {
         Ok(Some(Profile {
             interactions,
             context,
-            event_ids: ids.into_iter().map(|id| EventId::from(id.as_str())).collect(),
+            // A profile from before the digests has only the legacy ids; one written since a
+            // legacy profile has both: the legacy ids are older.
+            event_ids: legacy_ids
+                .iter()
+                .map(|id| EventDigest::of(&EventId::from(id.as_str())))
+                .chain(digests.chunks_exact(8).map(|d| EventDigest(u64::from_be_bytes(d.try_into().expect("8 bytes")))))
+                .collect(),
             suppressed: suppressed.into_iter().map(|id| ItemId::from(id.as_str())).collect(),
             last_recs,
         }))
@@ -240,7 +268,8 @@ impl ProfileStore for RedisStore {
         let profile = self.load(user).await?;
         let k = keys(&self.prefix, user);
         let mut conn = self.connection().await?;
-        let _: () = conn.del(&[k.history, k.ids, k.suppressed, k.profile]).await.map_err(unavailable)?;
+        let _: () =
+            conn.del(&[k.history, k.legacy_ids, k.digests, k.suppressed, k.profile]).await.map_err(unavailable)?;
         Ok(profile)
     }
 }
@@ -267,7 +296,8 @@ async fn run_loader(
         for load in &pending {
             let k = keys(&prefix, &load.user);
             pipe.lrange(&k.history, 0, -1)
-                .zrange(&k.ids, 0, -1)
+                .zrange(&k.legacy_ids, 0, -1)
+                .get(&k.digests)
                 .lrange(&k.suppressed, 0, -1)
                 .cmd("HMGET")
                 .arg(&k.profile)
@@ -287,14 +317,15 @@ async fn run_loader(
                 for load in pending.drain(..) {
                     let mut part = || values.next().ok_or_else(|| "short pipeline reply".to_owned());
                     let raw = (|| -> Result<RawProfile, String> {
-                        let conv = |v: redis::Value| -> Result<Vec<String>, String> {
+                        fn conv<T: redis::FromRedisValue>(v: redis::Value) -> Result<T, String> {
                             redis::from_redis_value(v).map_err(|e| e.to_string())
-                        };
+                        }
                         let history = conv(part()?)?;
-                        let ids = conv(part()?)?;
+                        let legacy_ids = conv(part()?)?;
+                        let digests = conv(part()?)?;
                         let suppressed = conv(part()?)?;
-                        let fields = redis::from_redis_value(part()?).map_err(|e| e.to_string())?;
-                        Ok((history, ids, suppressed, fields))
+                        let fields = conv(part()?)?;
+                        Ok((history, legacy_ids, digests, suppressed, fields))
                     })();
                     let _ = load.reply.send(raw);
                 }

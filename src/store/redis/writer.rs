@@ -16,57 +16,69 @@ use deadpool_redis::redis;
 use deadpool_redis::Pool;
 use tokio::sync::{mpsc, oneshot};
 
+use super::codec;
 use super::fanout::erased_notice;
 use super::keys::{keys, updates_channel};
 use crate::event::{Context, ItemId, UserId};
-use crate::store::{Interaction, ProfileLimits, ProfileUpdate};
+use crate::store::{EventDigest, Interaction, ProfileLimits, ProfileUpdate};
 use crate::telemetry::Metrics;
 
 pub(super) const APPEND_SCRIPT: &str = r#"
--- KEYS: history list, ids zset, suppressed list, profile hash
+-- KEYS: history list, legacy ids zset, event-digest string, suppressed list, profile hash
 -- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, context_json ('' = unchanged),
---       recs_json ('' = unchanged), recs_seq, n, score_base, then n pairs (event_id,
---       interaction_json), then suppressed item ids
+--       recs_json ('' = unchanged), recs_seq, n, then n triples (8-byte digest of the event id,
+--       event id, encoded interaction), then suppressed item ids
 local hlen, wlen, slen, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local n, base = tonumber(ARGV[8]), tonumber(ARGV[9])
+local n = tonumber(ARGV[8])
 local applied = 0
+-- The window: the digests of the newest event ids, 8 bytes each, oldest first.
+local seen = redis.call('GET', KEYS[3]) or ''
+-- Profiles written before kept the ids themselves in a sorted set: checked until it expires.
+local legacy = redis.call('EXISTS', KEYS[2]) == 1
+local function known(digest)
+  local from = 1
+  while true do
+    local at = string.find(seen, digest, from, true)
+    if not at then return false end
+    if at % 8 == 1 then return true end
+    from = at + 1
+  end
+end
 for i = 0, n - 1 do
-  -- ZADD NX adds the id only if it is new: the de-duplication and the insert in one call.
-  if redis.call('ZADD', KEYS[2], 'NX', base + i, ARGV[10 + 2 * i]) == 1 then
-    redis.call('RPUSH', KEYS[1], ARGV[11 + 2 * i])
+  local digest, id = ARGV[9 + 3 * i], ARGV[10 + 3 * i]
+  if not known(digest) and not (legacy and redis.call('ZSCORE', KEYS[2], id)) then
+    seen = seen .. digest
+    redis.call('RPUSH', KEYS[1], ARGV[11 + 3 * i])
     applied = applied + 1
   end
 end
 if applied > 0 then
+  if wlen < 1 then seen = '' elseif #seen > 8 * wlen then seen = string.sub(seen, -8 * wlen) end
+  redis.call('SET', KEYS[3], seen)
   redis.call('LTRIM', KEYS[1], -hlen, -1)
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(wlen + 1))
   if ttl > 0 then
     redis.call('EXPIRE', KEYS[1], ttl)
-    redis.call('EXPIRE', KEYS[2], ttl)
+    redis.call('EXPIRE', KEYS[3], ttl)
   end
 end
-local first = 10 + 2 * n
+local first = 9 + 3 * n
 if #ARGV >= first then
   for j = first, #ARGV do
-    redis.call('LREM', KEYS[3], 0, ARGV[j])
-    redis.call('RPUSH', KEYS[3], ARGV[j])
+    redis.call('LREM', KEYS[4], 0, ARGV[j])
+    redis.call('RPUSH', KEYS[4], ARGV[j])
   end
-  redis.call('LTRIM', KEYS[3], -slen, -1)
-  if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+  redis.call('LTRIM', KEYS[4], -slen, -1)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
 end
 if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[4], 'context', ARGV[5])
+  redis.call('HSET', KEYS[5], 'context', ARGV[5])
 end
 if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[4], 'recs', ARGV[6], 'recs_seq', ARGV[7])
+  redis.call('HSET', KEYS[5], 'recs', ARGV[6], 'recs_seq', ARGV[7])
 end
-if ttl > 0 and (ARGV[5] ~= '' or ARGV[6] ~= '') then redis.call('EXPIRE', KEYS[4], ttl) end
+if ttl > 0 and (ARGV[5] ~= '' or ARGV[6] ~= '') then redis.call('EXPIRE', KEYS[5], ttl) end
 return applied
 "#;
-/// A score that grows with time (microseconds since the epoch), for ordering event ids.
-fn score_base() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
-}
 pub(super) enum Write {
     Append {
         update: ProfileUpdate,
@@ -123,7 +135,7 @@ enum Step<'a> {
 impl Writer {
     pub(super) async fn run(self, mut queue: mpsc::UnboundedReceiver<Write>) {
         let mut batch = Vec::with_capacity(self.batch);
-        let (mut failing, mut score_floor) = (false, 0);
+        let mut failing = false;
         while let Some(first) = queue.recv().await {
             batch.push(first);
             while batch.len() < self.batch {
@@ -133,7 +145,7 @@ impl Writer {
                 }
             }
             let started = std::time::Instant::now();
-            self.write_until_done(&batch, &mut failing, &mut score_floor).await;
+            self.write_until_done(&batch, &mut failing).await;
             self.metrics.store_write_seconds.observe_duration(started.elapsed());
             self.metrics.store_write_batch_size.observe(batch.len() as f64);
             for write in batch.drain(..) {
@@ -194,19 +206,15 @@ impl Writer {
         (steps, calls)
     }
 
-    /// `score_floor` keeps event-id scores rising from one pipeline of the lane to the next even
-    /// when a call holds more events than microseconds passed.
-    fn pipeline(&self, batch: &[Write], score_floor: &mut i64) -> redis::Pipeline {
+    fn pipeline(&self, batch: &[Write]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         let (steps, calls) = Self::plan(batch);
-        let base = score_base().max(*score_floor);
-        *score_floor = base + calls.iter().map(|c| c.events.len() as i64).max().unwrap_or(0);
         for step in steps {
             match step {
-                Step::Call(user, index) => self.append_call(&mut pipe, user, &calls[index], base),
+                Step::Call(user, index) => self.append_call(&mut pipe, user, &calls[index]),
                 Step::Erase(user) => {
                     let k = keys(&self.prefix, user);
-                    pipe.del(&[&k.history, &k.ids, &k.suppressed, &k.profile]).ignore();
+                    pipe.del(&[&k.history, &k.legacy_ids, &k.digests, &k.suppressed, &k.profile]).ignore();
                     // Every instance with a stream of the user closes it (see RedisFanout).
                     pipe.publish(updates_channel(&self.prefix, user), erased_notice(user)).ignore();
                 }
@@ -226,16 +234,17 @@ impl Writer {
         pipe
     }
 
-    fn append_call(&self, pipe: &mut redis::Pipeline, user: &UserId, call: &UserCall, base: i64) {
+    fn append_call(&self, pipe: &mut redis::Pipeline, user: &UserId, call: &UserCall) {
         let k = keys(&self.prefix, user);
         let context = call.context.and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default();
         let (recs_seq, recs) = call.recs.unwrap_or((0, b""));
         let cmd = pipe
             .cmd("EVALSHA")
             .arg(self.script.get_hash())
-            .arg(4)
+            .arg(5)
             .arg(&k.history)
-            .arg(&k.ids)
+            .arg(&k.legacy_ids)
+            .arg(&k.digests)
             .arg(&k.suppressed)
             .arg(&k.profile)
             .arg(self.limits.history_len)
@@ -245,13 +254,12 @@ impl Writer {
             .arg(context)
             .arg(recs)
             .arg(recs_seq)
-            .arg(call.events.len())
-            // Scores order the ids by arrival; only their order matters (trimming). One base per
-            // pipeline: a user has one call in it (a second only after an erasure emptied the set).
-            .arg(base);
+            .arg(call.events.len());
         for interaction in &call.events {
-            let json = serde_json::to_vec(interaction).expect("interactions serialise");
-            cmd.arg(interaction.event_id.as_str()).arg(json);
+            // The id itself goes along only for the check against a legacy set of ids.
+            cmd.arg(&EventDigest::of(&interaction.event_id).0.to_be_bytes()[..])
+                .arg(interaction.event_id.as_str())
+                .arg(codec::encode(interaction));
         }
         for item in &call.suppressed {
             cmd.arg(item.as_str());
@@ -261,8 +269,8 @@ impl Writer {
 
     /// Sends the batch as one pipeline, retrying with capped backoff until Redis accepts it.
     /// `failing` is this lane's part of the store's degraded state.
-    async fn write_until_done(&self, batch: &[Write], failing: &mut bool, score_floor: &mut i64) {
-        let pipe = self.pipeline(batch, score_floor);
+    async fn write_until_done(&self, batch: &[Write], failing: &mut bool) {
+        let pipe = self.pipeline(batch);
         let mut delay = self.retry_initial;
         loop {
             match self.try_write(&pipe).await {

@@ -6,4 +6,5 @@ mod erasure;
 mod failover;
 mod kafka;
 mod shutdown;
+mod memory;
 mod store_writer;

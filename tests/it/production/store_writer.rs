@@ -18,13 +18,13 @@ use liverec::telemetry::Metrics;
 use crate::support::*;
 
 /// A `redis-server` of the test's own (no persistence), stopped when dropped.
-struct PrivateRedis {
+pub(super) struct PrivateRedis {
     child: Child,
-    url: String,
+    pub(super) url: String,
 }
 
 impl PrivateRedis {
-    async fn start() -> Self {
+    pub(super) async fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])

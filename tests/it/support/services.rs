@@ -8,7 +8,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::redis::{self, AsyncCommands as _};
 use liverec::config::{BusKind, Config, StoreKind};
-use serde_json::Value;
 
 use super::server::test_config;
 
@@ -74,11 +73,11 @@ pub async fn redis_conn(config: &Config) -> redis::aio::MultiplexedConnection {
 /// Event ids in the user's Redis history, in stored order.
 pub async fn stored_ids(mut conn: redis::aio::MultiplexedConnection, config: &Config, user: &str) -> Vec<String> {
     let key = format!("{}:{{{user}}}:h", config.redis.key_prefix);
-    let entries: Vec<String> = conn.lrange(&key, 0, -1).await.unwrap_or_default();
+    let entries: Vec<Vec<u8>> = conn.lrange(&key, 0, -1).await.unwrap_or_default();
     drop(conn);
     entries
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).expect("stored JSON")["event_id"].as_str().expect("id").to_owned())
+        .map(|e| liverec::store::redis::decode_history_entry(e).expect("a stored interaction").event_id.to_string())
         .collect()
 }
 
