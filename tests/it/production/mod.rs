@@ -5,6 +5,6 @@
 mod erasure;
 mod failover;
 mod kafka;
-mod shutdown;
 mod memory;
+mod shutdown;
 mod store_writer;
