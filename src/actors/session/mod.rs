@@ -62,8 +62,6 @@ pub struct SessionActor {
     served: ServedLists,
     /// When the user was erased, if ever: events from before then are never applied (replays).
     erased_at: Option<i64>,
-    /// Scoring requests refused in a row because the model's queue was full (backoff).
-    overload_retries: u32,
 }
 
 impl SessionActor {
@@ -84,7 +82,6 @@ impl SessionActor {
             last_active: Instant::now(),
             served: ServedLists::default(),
             erased_at: None,
-            overload_retries: 0,
         }
     }
 
@@ -286,18 +283,13 @@ impl SessionActor {
                     return;
                 }
                 match result {
-                    Ok(Ok(scored)) => {
-                        act.overload_retries = 0;
-                        act.publish(scored, false)
-                    }
+                    Ok(Ok(scored)) => act.publish(scored, false),
                     Ok(Err(crate::actors::model::ModelError::Overloaded)) => {
-                        // A burst of users filled the model's queue (counted in
-                        // liverec_model_refused_total): ask again later rather than leaving the
-                        // user without a list until their next event.
-                        act.overload_retries = act.overload_retries.saturating_add(1);
-                        let backoff = Duration::from_millis(50u64 << act.overload_retries.min(6));
-                        let jitter = Duration::from_millis(user_hash(act.hub.user.as_str()) % 50);
-                        ctx.run_later(backoff + jitter, |act, ctx| act.refresh(ctx));
+                        // A burst of users filled the model's queue (each refusal counts in
+                        // liverec_model_refused_total): no warning per user, and no retry, which
+                        // under a burst of new users would only feed the queue more. The list
+                        // is scored on the user's next event or next GET.
+                        tracing::debug!(user = %act.hub.user, "no list computed: the model is overloaded");
                     }
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error, user = %act.hub.user, "no list computed")
