@@ -6,20 +6,23 @@ use std::time::Duration;
 
 use actix::Arbiter;
 
+use crate::actors::registry::SessionRegistry;
 use crate::config::Config;
 use crate::eventlog::EventLog;
 use crate::store::ProfileStore;
 use crate::telemetry::Metrics;
 
 /// Step 3b, housekeeping on the I/O thread: the store sweeps what outlived its bounds (idle
-/// profiles, expired tombstones) and the event log forgets what left its window, then, if sessions or profiles were dropped since the last
-/// round, freed heap goes back to the OS. glibc keeps freed memory in its arenas (and
+/// profiles, expired tombstones) and the event log forgets what left its window, then, if
+/// sessions or profiles were dropped since the last round, the session registry's hub map gives
+/// back its spare capacity and freed heap goes back to the OS. glibc keeps freed memory in its arenas (and
 /// `models::keep_freed_memory` raises the trim threshold), so without the trim the resident size
 /// stays at its peak after every session and profile of a wave of users is gone.
 pub(super) fn start_housekeeping(
     config: &Config,
     store: Arc<dyn ProfileStore>,
     event_log: Arc<EventLog>,
+    registry: Arc<SessionRegistry>,
     metrics: Arc<Metrics>,
     io: &Arbiter,
 ) {
@@ -39,7 +42,8 @@ pub(super) fn start_housekeeping(
         let mut freed_before = 0;
         loop {
             ticks.tick().await;
-            let (store, event_log, freed) = (store.clone(), event_log.clone(), freed_memory(&metrics));
+            let (store, event_log, registry) = (store.clone(), event_log.clone(), registry.clone());
+            let freed = freed_memory(&metrics);
             let trim = std::mem::replace(&mut freed_before, freed) != freed;
             // Both walk large structures; off the I/O thread's event loop.
             let _ = tokio::task::spawn_blocking(move || {
@@ -48,6 +52,9 @@ pub(super) fn start_housekeeping(
                 // none arrive (a burst followed by quiet).
                 let expired = event_log.expire(crate::event::now_ms());
                 if trim || expired > 0 {
+                    if trim {
+                        registry.shrink();
+                    }
                     release_free_heap();
                 }
             })

@@ -83,9 +83,10 @@ impl Server {
         let threads = Threads::start(&config);
         let store = open_store(&config, &metrics, &threads.io)?;
         let actors = start_actors(&config, &catalog, &metrics, initial, &threads);
-        start_housekeeping(&config, store.clone(), actors.event_log.clone(), metrics.clone(), &threads.io);
         let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone())?;
         let bus = start_bus(&config, deps, &threads, &metrics).await?;
+        let event_log = actors.event_log.clone();
+        start_housekeeping(&config, store.clone(), event_log, bus.registry.clone(), metrics.clone(), &threads.io);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, shutdown_rx)?;
         let http = serve_http(&config, state)?;
