@@ -156,25 +156,26 @@ impl EventLog {
 
     /// Forgets the events that left the window by `now_ms`; returns how many.
     pub fn expire(&self, now_ms: i64) -> usize {
-        let oldest = now_ms - self.window_ms;
         let mut events = self.events.lock();
         let before = events.len;
+        self.drop_expired(&mut events, now_ms);
+        before - events.len
+    }
+
+    fn drop_expired(&self, events: &mut Segments, now_ms: i64) {
+        let oldest = now_ms - self.window_ms;
         while events.front().is_some_and(|e| e.logged_at < oldest) {
             events.pop_front();
         }
-        before - events.len
     }
 
     /// The events still in the window, oldest first. The lock every session's append takes is
     /// held to drop expired events and to pin the segments (a few hundred pointers for half a
     /// million events); the copy into one list happens after it is released.
     pub fn snapshot(&self, now_ms: i64) -> Vec<Arc<LoggedEvent>> {
-        let oldest = now_ms - self.window_ms;
         let pinned = {
             let mut events = self.events.lock();
-            while events.front().is_some_and(|e| e.logged_at < oldest) {
-                events.pop_front();
-            }
+            self.drop_expired(&mut events, now_ms);
             Pinned {
                 sealed: events.sealed.iter().cloned().collect(),
                 skip: events.skip,

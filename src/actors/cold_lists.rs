@@ -59,12 +59,4 @@ impl ColdLists {
     pub fn take(&self, user: &UserId) -> Option<(Instant, Arc<RecUpdate>)> {
         self.inner.lock().by_user.remove(user).map(|(_, at, update)| (at, update))
     }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().by_user.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

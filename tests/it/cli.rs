@@ -23,25 +23,8 @@ fn unknown_config_keys_stop_start_up_with_a_clear_message() {
 
 #[test]
 fn serve_starts_with_no_configuration_and_stops_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .args(["serve"])
-        .env("LIVEREC_LISTEN", "127.0.0.1:0")
-        .env("LIVEREC_LOG__FORMAT", "json")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    // The log line announcing the bound address; reading blocks until it is written.
-    let addr = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| {
-            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-            (v["fields"]["message"] == "liverec listening").then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
-        })
-        .expect("listening line");
+    let mut child = serve(&[], "json").stderr(Stdio::null()).spawn().expect("spawn");
+    let addr = listening_addr(&mut child).expect("listening line");
     let body = http_get(&addr, "/readyz");
     assert!(body.contains("\"status\":\"ready\""), "{body}");
     assert!(body.contains("\"durable\":false"), "{body}");
@@ -52,6 +35,29 @@ fn serve_starts_with_no_configuration_and_stops_on_sigterm() {
     assert!(status.success());
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "graceful exit: {exit:?}");
+}
+
+/// `liverec serve` with `args` on a free loopback port, logging in `format` to a piped stdout.
+fn serve(args: &[&str], format: &str) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .args(args)
+        .env("LIVEREC_LISTEN", "127.0.0.1:0")
+        .env("LIVEREC_LOG__FORMAT", format)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped());
+    command
+}
+
+/// The address in the JSON log line announcing it; reading blocks until it is written (none if
+/// the process ends first).
+fn listening_addr(child: &mut std::process::Child) -> Option<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    BufReader::new(stdout).lines().map_while(Result::ok).find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        (v["fields"]["message"] == "liverec listening").then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
+    })
 }
 
 /// A minimal HTTP/1.1 GET over a plain TCP socket.
@@ -87,15 +93,7 @@ fn eval_on_a_missing_directory_says_why_once() {
 
 #[test]
 fn logs_into_a_pipe_carry_no_colours_and_the_start_up_log_names_the_dashboard() {
-    let mut child = Command::new(BIN)
-        .args(["serve"])
-        .env("LIVEREC_LISTEN", "127.0.0.1:0")
-        .env("LIVEREC_LOG__FORMAT", "text")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = serve(&[], "text").stderr(Stdio::null()).spawn().expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let mut seen = Vec::new();
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -120,22 +118,13 @@ fn logs_into_a_pipe_carry_no_colours_and_the_start_up_log_names_the_dashboard() 
 fn the_loop_demo_config_starts_and_answers_its_own_curl_commands() {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/loop-demo.toml");
     let registry = std::env::temp_dir().join(format!("liverec-loop-demo-{}", std::process::id()));
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", config])
-        .env("LIVEREC_LISTEN", "127.0.0.1:0")
-        .env("LIVEREC_LOG__FORMAT", "json")
+    let mut child = serve(&["--config", config], "json")
         .env("LIVEREC_MODEL__REGISTRY_DIR", &registry)
-        .env_remove("RUST_LOG")
         .env_remove("LIVEREC_AUTH__TOKEN_SECRET")
-        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let addr = BufReader::new(stdout).lines().map_while(Result::ok).find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        (v["fields"]["message"] == "liverec listening").then(|| v["fields"]["addr"].as_str().map(str::to_owned))?
-    });
+    let addr = listening_addr(&mut child);
     let models = addr.as_deref().map(|addr| http_get(addr, "/v1/admin/models"));
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let out = child.wait_with_output().expect("wait");
