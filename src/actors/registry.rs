@@ -209,6 +209,8 @@ pub struct SessionRegistry {
     releasing: AtomicUsize,
     /// One `make_room` scan at a time.
     scanning: Mutex<()>,
+    /// Woken as sessions stop, for the starts waiting in `room_for_a_session`.
+    room: tokio::sync::Notify,
 }
 
 impl SessionRegistry {
@@ -237,6 +239,7 @@ impl SessionRegistry {
             running: AtomicUsize::new(0),
             releasing: AtomicUsize::new(0),
             scanning: Mutex::new(()),
+            room: tokio::sync::Notify::new(),
         })
     }
 
@@ -290,6 +293,9 @@ impl SessionRegistry {
     ) -> Applied {
         let mut delay = std::time::Duration::ZERO;
         loop {
+            if self.hub(user).is_none_or(|hub| hub.session().is_none()) {
+                self.room_for_a_session().await;
+            }
             let (_, session) = match partition {
                 Some(partition) => self.session_on_partition(user, partition),
                 None => self.session(user),
@@ -399,6 +405,26 @@ impl SessionRegistry {
         }
     }
 
+    /// Waits while the running sessions, those told to stop included, reach `session.max_active`
+    /// plus an eighth: under a burst of new users the stop messages queue behind the new users'
+    /// work, and without this wait starts outran stops (a million new ids in one wave left
+    /// 237,000 sessions running against a cap of 50,000). Events for running sessions never wait.
+    async fn room_for_a_session(&self) {
+        let max = self.deps.config.session.max_active;
+        let limit = max.saturating_add((max / 8).max(1));
+        loop {
+            let stopped = self.room.notified();
+            tokio::pin!(stopped);
+            // Registered before the check, so a stop between the check and the await wakes it.
+            stopped.as_mut().enable();
+            if self.running.load(Ordering::Relaxed) < limit {
+                return;
+            }
+            self.make_room();
+            stopped.await;
+        }
+    }
+
     /// Subscribes to the user's updates. In the embedded mode this starts the user's session (which
     /// produces a first list); in production mode only the owner runs sessions, so the session is
     /// returned only if it already runs here.
@@ -419,6 +445,7 @@ impl SessionRegistry {
     /// newer session of the same user.
     pub fn session_stopped(&self, hub: &Arc<UserHub>, release: &Recipient<Release>) {
         decrement(&self.running);
+        self.room.notify_waiters();
         if hub.capped.swap(false, Ordering::Relaxed) {
             decrement(&self.releasing);
             self.deps.metrics.sessions_capped.inc();
@@ -578,7 +605,11 @@ mod tests {
 
     /// The embedded default's session dependencies, on the current arbiter.
     fn deps() -> Arc<SessionDeps> {
-        let config = Arc::new(Config::default());
+        deps_with(Config::default())
+    }
+
+    fn deps_with(config: Config) -> Arc<SessionDeps> {
+        let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let catalog = Arc::new(Catalog::new());
         let cooc = config.model.cooccurrence.clone();
@@ -725,5 +756,62 @@ mod tests {
         registry.session_stopped(&hub, &first.release);
         let (_, second) = registry.session(&user);
         assert!(second.release != first.release);
+    }
+
+    /// A session that keeps running when told to stop, as a busy one does until its mailbox drains.
+    struct Stubborn;
+
+    impl Actor for Stubborn {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ApplyEvents> for Stubborn {
+        type Result = MessageResult<ApplyEvents>;
+        fn handle(&mut self, _msg: ApplyEvents, _ctx: &mut Context<Self>) -> Self::Result {
+            MessageResult(nothing_applied())
+        }
+    }
+
+    impl Handler<Release> for Stubborn {
+        type Result = ();
+        fn handle(&mut self, _msg: Release, _ctx: &mut Context<Self>) {}
+    }
+
+    #[actix_rt::test]
+    async fn new_users_wait_while_stopping_sessions_hold_the_cap() {
+        let mut config = Config::default();
+        config.session.max_active = 8;
+        let start: StartSession = Arc::new(|arbiter, _hub, _registry| {
+            let addr = Stubborn::start_in_arbiter(arbiter, |_| Stubborn);
+            SessionHandle { apply: addr.clone().recipient(), release: addr.recipient(), ..idle_handle(Idle.start()) }
+        });
+        let registry = SessionRegistry::new(deps_with(config), vec![Arbiter::current()], start);
+        let apply = |n: usize| {
+            let user = UserId::from(format!("u{n}").as_str());
+            let registry = registry.clone();
+            async move { registry.apply(&user, None, Vec::new(), std::time::Instant::now(), tracing::Span::none()).await }
+        };
+        // The cap plus an eighth start; the ninth onwards were told to stop and do not.
+        for n in 0..9 {
+            apply(n).await;
+        }
+        assert_eq!(registry.running.load(Ordering::Relaxed), 9);
+        let mut waiting = Box::pin(apply(9));
+        for _ in 0..100 {
+            assert!(futures_util::FutureExt::now_or_never(&mut waiting).is_none(), "a tenth session started past the cap");
+            actix_rt::task::yield_now().await;
+        }
+        assert_eq!(registry.running.load(Ordering::Relaxed), 9);
+        // Events for a running session do not wait.
+        apply(0).await;
+        // One told to stop does: the waiting start goes ahead.
+        let capped = registry.hubs.iter().find(|h| h.capped.load(Ordering::Relaxed)).map(|h| h.clone());
+        let capped = capped.expect("make_room told the least recently used sessions to stop");
+        let release = capped.session().expect("still running").release;
+        registry.session_stopped(&capped, &release);
+        actix_rt::time::timeout(std::time::Duration::from_secs(60), waiting)
+            .await
+            .expect("the start goes ahead once a session stopped");
+        assert_eq!(registry.running.load(Ordering::Relaxed), 9);
     }
 }
