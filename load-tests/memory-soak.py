@@ -4,7 +4,8 @@
 Starts `liverec serve` (loopback only, embedded mode) with short idle times, then:
 
 1. wave 1: `--users` users (default 200,000), one view each, posted in batches of 1,000;
-2. waits until every session stopped and the memory store dropped the idle profiles;
+2. waits until every session stopped, the memory store dropped the idle profiles and the resident
+   size set no new low for 10 s (the allocator hands pages back over seconds);
 3. wave 2: as many new users again, and waits again;
 4. `--gets` GETs (default 100,000) for users the server has never seen (the cold-start path);
 
@@ -81,6 +82,39 @@ def post_wave(conn, prefix, users, batch):
             if status != 503:
                 sys.exit(f"events refused: {status} {body[:200]!r}")
             time.sleep(0.05)  # the bus is full: the documented backpressure, retry
+
+
+def settle_rss(pid, quiet_secs=10, longest_secs=60):
+    """Waits until the resident size set no new low for `quiet_secs` (the allocator returns freed
+    pages to the OS over seconds, not at once), at most `longest_secs`."""
+    low, since, started = rss_mb(pid), time.time(), time.time()
+    while time.time() - since < quiet_secs and time.time() - started < longest_secs:
+        time.sleep(1)
+        now = rss_mb(pid)
+        if now < low - 0.1:
+            low, since = now, time.time()
+
+
+class Peaks(threading.Thread):
+    """Samples the resident size and the running sessions every second while a wave runs."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.rss, self.sessions = pid, 0.0, 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(1.0):
+            self.rss = max(self.rss, rss_mb(self.pid))
+            try:
+                sessions = metrics(None).get("liverec_sessions_active", 0)
+            except OSError:
+                continue
+            self.sessions = max(self.sessions, int(sessions))
+
+    def finish(self):
+        self.done.set()
+        self.join()
 
 
 def wait_applied(conn, target, what):
@@ -172,7 +206,9 @@ def main():
         else:
             sys.exit("server did not start")
 
-        def record(step):
+        def record(step, settle=False):
+            if settle:
+                settle_rss(server.pid)
             m = metrics(conn)
             row = (
                 step,
@@ -184,25 +220,29 @@ def main():
             print(f"{row[0]:<44} rss {row[1]:8.1f} MB  sessions {row[2]:>7}  stored profiles {row[3]:>7}", flush=True)
 
         time.sleep(2)
-        record("baseline")
+        record("baseline", settle=True)
         applied = metrics(conn).get("liverec_session_applied_events_total", 0.0)
         waves = 1 if args.bounded else 2
         for wave in range(1, waves + 1):
             started = time.time()
+            peaks = Peaks(server.pid)
+            peaks.start()
             post_wave(conn, f"w{wave}", args.users, args.batch)
             applied += args.users
             wait_applied(conn, applied, f"wave {wave}")
+            peaks.finish()
             record(f"wave {wave}: {args.users} users applied ({time.time() - started:.0f} s)")
+            print(f"  during wave {wave}: peak rss {peaks.rss:.1f} MB, peak sessions {peaks.sessions}", flush=True)
             if not args.bounded:
                 idle = wait_idle(conn, args.idle_deadline)
-                record(f"wave {wave}: sessions and profiles idle{'' if idle else ' (deadline passed)'}")
+                record(f"wave {wave}: sessions and profiles idle{'' if idle else ' (deadline passed)'}", settle=True)
                 # The retained event log drops events past its window when the next one is
                 # appended: one more event, then idle again.
                 request(conn, "POST", "/v1/events", json.dumps({"user_id": "tick", "item_id": "item-0001", "event_type": "view"}))
                 applied += 1
                 wait_applied(conn, applied, "the tick event")
                 idle = wait_idle(conn, args.idle_deadline)
-                record(f"wave {wave}: + one event, idle again{'' if idle else ' (deadline passed)'}")
+                record(f"wave {wave}: + one event, idle again{'' if idle else ' (deadline passed)'}", settle=True)
         if args.gets:
             started = time.time()
             cold_gets(args.gets, 8)

@@ -7,10 +7,11 @@ use clap::{Parser, Subcommand};
 use liverec::config::{Config, Overrides};
 use liverec::Server;
 
-/// mimalloc rather than glibc malloc: after many sessions stop, glibc kept the freed memory in
-/// fragmented arenas (resident size 2-3x its baseline); mimalloc gives free pages back.
+/// jemalloc rather than glibc malloc: after many sessions stop, glibc kept the freed memory in
+/// fragmented arenas (resident size 2-3x its baseline); jemalloc's background threads give unused
+/// pages back within seconds.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
