@@ -154,9 +154,9 @@ impl RedisFanout {
 impl RedisFanout {
     /// The fan-out on a cluster: one cluster connection (RESP3) subscribes to each watched user's
     /// sharded channel on the node of its slot; the messages of every node arrive on one queue.
-    /// The connection re-subscribes by itself after it reconnects to a node; a subscription that
-    /// failed (its master is down) or whose node dropped the connection is tried again with
-    /// capped backoff until its master answers.
+    /// The connection keeps its subscriptions across reconnections to a node (a master that
+    /// restarts gets them again); a subscription the connection refused is tried again with capped
+    /// backoff.
     async fn run_cluster(
         nodes: Vec<String>,
         prefix: String,
@@ -224,15 +224,9 @@ impl RedisFanout {
                                 Err(error) => tracing::warn!(error = %error, "unreadable list on an update channel"),
                             }
                         }
-                        redis::PushKind::Disconnection => {
-                            // Which node went is not said: make sure of every subscription.
-                            metrics.store_errors.inc();
-                            tracing::warn!("update fan-out lost a redis cluster node; re-subscribing");
-                            if unsubscribed.is_empty() {
-                                (delay, retry_at) = (initial, tokio::time::Instant::now() + initial);
-                            }
-                            unsubscribed.extend(watched.iter().cloned());
-                        }
+                        // The connection subscribes again by itself once it reaches the node again
+                        // (the test that SIGKILLs a master checks it).
+                        redis::PushKind::Disconnection => metrics.store_errors.inc(),
                         _ => {}
                     }
                 }

@@ -208,6 +208,7 @@ async fn a_sigkilled_master_holds_back_only_its_users_and_loses_no_accepted_even
     let (a, b, owned_by_a) = two_instances(&config).await;
     let users = a_user_per_master("ck-user", &config, &owned_by_a).await;
     let (victim, others) = (&users[1], [&users[0], &users[2]]);
+    let late = a_user_per_master("ck-late", &config, &owned_by_a).await[1].clone();
     let mut streams = Vec::new();
     for user in &users {
         post_events(&a, json!([view(user, &format!("{user}-0"))])).await;
@@ -243,6 +244,10 @@ async fn a_sigkilled_master_holds_back_only_its_users_and_loses_no_accepted_even
     assert_eq!(served.body["user_id"], json!(victim));
     let ready = get(&a, "/readyz").await;
     assert_eq!(ready.body["degraded_reasons"], json!(["store_unreachable"]), "{}", ready.body);
+    // A subscriber on B to another user of master 2 while it is down: its stream starts (from no
+    // history, the profile being out of reach), and its lists arrive once the master is back.
+    let mut late_stream = SseStream::connect(&b, &late, None).await;
+    late_stream.next_list().await;
     assert!(metric(&a, "liverec_store_errors_total").await > 0.0);
 
     restart.0 = None;
@@ -258,6 +263,8 @@ async fn a_sigkilled_master_holds_back_only_its_users_and_loses_no_accepted_even
     // The victim's lists reach B again: a new event after the restart.
     post_events(&a, json!([view(victim, &format!("{victim}-6"))])).await;
     list_after(&mut streams[1], &format!("{victim}-6")).await;
+    post_events(&a, json!([view(&late, &format!("{late}-1"))])).await;
+    list_after(&mut late_stream, &format!("{late}-1")).await;
     let stored = cluster_ids(&mut conn, &config, victim).await;
     assert_eq!(stored.len(), stored.iter().collect::<HashSet<_>>().len(), "each event once: {stored:?}");
     a.stop().await;
