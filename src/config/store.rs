@@ -179,10 +179,24 @@ mod cluster_tests {
         let joined: RedisConfig =
             toml::from_str(&format!("{BASE}cluster_nodes = \"redis://a:7000, redis://b:7001\"")).expect("joined");
         assert_eq!(joined.cluster_nodes, ["redis://a:7000", "redis://b:7001"]);
-        let error = toml::from_str::<RedisConfig>(&format!("{BASE}cluster_nodes = [\"a:7000\"]")).expect_err("no scheme");
+        let error =
+            toml::from_str::<RedisConfig>(&format!("{BASE}cluster_nodes = [\"a:7000\"]")).expect_err("no scheme");
         assert!(error.to_string().contains("redis.cluster_nodes: \"a:7000\" is not a URL"), "{error}");
-        let error = toml::from_str::<RedisConfig>(&format!("{BASE}cluster_nodes = \"http://a:7000\"")).expect_err("scheme");
+        let error =
+            toml::from_str::<RedisConfig>(&format!("{BASE}cluster_nodes = \"http://a:7000\"")).expect_err("scheme");
         assert!(error.to_string().contains("redis.cluster_nodes"), "{error}");
+    }
+
+    #[test]
+    fn cluster_nodes_come_from_the_environment_as_a_comma_separated_list() {
+        use crate::config::{Config, Overrides};
+        let env = |value: &str| vec![("LIVEREC_REDIS__CLUSTER_NODES".to_owned(), value.to_owned())];
+        let config = Config::load_from(None, env("redis://10.0.0.1:7000,redis://10.0.0.2:7001"), &Overrides::default())
+            .expect("loads");
+        assert_eq!(config.redis.cluster_nodes, ["redis://10.0.0.1:7000", "redis://10.0.0.2:7001"]);
+        let error = Config::load_from(None, env("10.0.0.1:7000"), &Overrides::default()).expect_err("no scheme");
+        assert!(error.to_string().contains("LIVEREC_REDIS__CLUSTER_NODES"), "{error}");
+        assert!(error.to_string().contains("is not a URL"), "{error}");
     }
 
     #[test]

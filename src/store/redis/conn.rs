@@ -11,7 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, aio::ConnectionLike, cluster::ClusterClientBuilder, cluster_async::ClusterConnection};
+use deadpool_redis::redis::{
+    self, aio::ConnectionLike, cluster::ClusterClientBuilder, cluster_async::ClusterConnection,
+};
 use deadpool_redis::{Pool, Runtime};
 
 use crate::config::RedisConfig;

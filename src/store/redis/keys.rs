@@ -63,8 +63,15 @@ mod tests {
         for user in users {
             let user = UserId::from(user);
             let k = keys("liverec", &user);
-            let names =
-                [k.history, k.legacy_ids, k.digests, k.suppressed, k.profile, tombstone_key("liverec", &user), updates_channel("liverec", &user)];
+            let names = [
+                k.history,
+                k.legacy_ids,
+                k.digests,
+                k.suppressed,
+                k.profile,
+                tombstone_key("liverec", &user),
+                updates_channel("liverec", &user),
+            ];
             let slot = slot_of(&names[0]);
             for name in &names {
                 assert_eq!(slot_of(name), slot, "{name} of user {user:?}");

@@ -46,10 +46,12 @@ async fn cluster_conn() -> redis::cluster_async::ClusterConnection {
 /// the slot.
 async fn master_of(key: &str) -> (usize, u16) {
     let nodes = cluster_nodes();
-    let mut first = redis::Client::open(nodes[0].as_str()).expect("url").get_multiplexed_async_connection().await.expect("node");
+    let mut first =
+        redis::Client::open(nodes[0].as_str()).expect("url").get_multiplexed_async_connection().await.expect("node");
     let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut first).await.expect("keyslot");
     for (index, node) in nodes.iter().enumerate() {
-        let mut conn = redis::Client::open(node.as_str()).expect("url").get_multiplexed_async_connection().await.expect("node");
+        let mut conn =
+            redis::Client::open(node.as_str()).expect("url").get_multiplexed_async_connection().await.expect("node");
         let table: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn).await.expect("cluster nodes");
         let mine = table.lines().find(|line| line.contains("myself")).expect("a line for the node itself");
         let serves = mine.split(' ').skip(8).any(|range| {
