@@ -186,6 +186,9 @@ impl Config {
         if let Err(message) = self.store.check() {
             return fail(message);
         }
+        if let Err(message) = self.redis.check() {
+            return fail(&message);
+        }
         if self.session.mailbox_capacity == 0 || self.model.mailbox_capacity == 0 {
             return fail("mailbox capacities must be at least 1");
         }

@@ -39,8 +39,13 @@ impl StoreConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db` (or `rediss://` for TLS).
+    /// `redis://host:port/db` (or `rediss://` for TLS). Unused when `cluster_nodes` is set.
     pub url: String,
+    /// Redis Cluster: some of the cluster's nodes (`redis://host:port`, or `rediss://`), from
+    /// which the store learns the rest. Empty (the default): one Redis server at `url`. In TOML an
+    /// array; in the environment a comma-separated list (or a TOML array).
+    #[serde(default, deserialize_with = "cluster_nodes")]
+    pub cluster_nodes: Vec<String>,
     /// Prefix of every key and channel.
     pub key_prefix: String,
     /// Connections in the pool.
@@ -68,6 +73,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster_nodes: Vec::new(),
             key_prefix: "liverec".into(),
             pool_size: 8,
             profile_ttl_secs: 30 * 24 * 3600,
@@ -80,6 +86,44 @@ impl Default for RedisConfig {
             // ---- end store writer ----
         }
     }
+}
+
+impl RedisConfig {
+    /// Values serde cannot check.
+    pub fn check(&self) -> Result<(), String> {
+        // A brace in the prefix would end up as the keys' hash tag, putting every user on one slot.
+        if self.key_prefix.contains(['{', '}']) {
+            return Err(format!("redis.key_prefix must not contain '{{' or '}}' (got {:?})", self.key_prefix));
+        }
+        Ok(())
+    }
+}
+
+/// A list of node URLs, from a TOML array or a comma-separated string (an environment variable).
+fn cluster_nodes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Nodes {
+        List(Vec<String>),
+        Joined(String),
+    }
+    let nodes: Vec<String> = match Nodes::deserialize(deserializer)? {
+        Nodes::List(nodes) => nodes.into_iter().map(|n| n.trim().to_owned()).collect(),
+        Nodes::Joined(joined) => joined.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect(),
+    };
+    for node in &nodes {
+        let Some((scheme, rest)) = node.split_once("://") else {
+            return Err(serde::de::Error::custom(format!(
+                "redis.cluster_nodes: {node:?} is not a URL (expected redis://host:port or rediss://host:port)"
+            )));
+        };
+        if !matches!(scheme, "redis" | "rediss") || rest.is_empty() {
+            return Err(serde::de::Error::custom(format!(
+                "redis.cluster_nodes: {node:?} is not a URL (expected redis://host:port or rediss://host:port)"
+            )));
+        }
+    }
+    Ok(nodes)
 }
 
 // ---- store writer (issue 13 item 2) ----
@@ -118,3 +162,48 @@ mod store_writer_tests {
     }
 }
 // ---- end store writer ----
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    const BASE: &str = "url = \"redis://x\"\nkey_prefix = \"p\"\npool_size = 1\nprofile_ttl_secs = 0\nwrite_batch = 1\nretry_initial_ms = 1\nretry_max_ms = 1\nmax_pending_lists = 1\n";
+
+    #[test]
+    fn cluster_nodes_come_as_an_array_or_a_comma_separated_list_and_must_be_urls() {
+        let config: RedisConfig = toml::from_str(BASE).expect("parses");
+        assert!(config.cluster_nodes.is_empty(), "one server by default");
+        let array: RedisConfig =
+            toml::from_str(&format!("{BASE}cluster_nodes = [\"redis://a:7000\", \"rediss://b:7001\"]")).expect("array");
+        assert_eq!(array.cluster_nodes, ["redis://a:7000", "rediss://b:7001"]);
+        let joined: RedisConfig =
+            toml::from_str(&format!("{BASE}cluster_nodes = \"redis://a:7000, redis://b:7001\"")).expect("joined");
+        assert_eq!(joined.cluster_nodes, ["redis://a:7000", "redis://b:7001"]);
+        let error =
+            toml::from_str::<RedisConfig>(&format!("{BASE}cluster_nodes = [\"a:7000\"]")).expect_err("no scheme");
+        assert!(error.to_string().contains("redis.cluster_nodes: \"a:7000\" is not a URL"), "{error}");
+        let error =
+            toml::from_str::<RedisConfig>(&format!("{BASE}cluster_nodes = \"http://a:7000\"")).expect_err("scheme");
+        assert!(error.to_string().contains("redis.cluster_nodes"), "{error}");
+    }
+
+    #[test]
+    fn cluster_nodes_come_from_the_environment_as_a_comma_separated_list() {
+        use crate::config::{Config, Overrides};
+        let env = |value: &str| vec![("LIVEREC_REDIS__CLUSTER_NODES".to_owned(), value.to_owned())];
+        let config = Config::load_from(None, env("redis://10.0.0.1:7000,redis://10.0.0.2:7001"), &Overrides::default())
+            .expect("loads");
+        assert_eq!(config.redis.cluster_nodes, ["redis://10.0.0.1:7000", "redis://10.0.0.2:7001"]);
+        let error = Config::load_from(None, env("10.0.0.1:7000"), &Overrides::default()).expect_err("no scheme");
+        assert!(error.to_string().contains("LIVEREC_REDIS__CLUSTER_NODES"), "{error}");
+        assert!(error.to_string().contains("is not a URL"), "{error}");
+    }
+
+    #[test]
+    fn a_key_prefix_with_a_brace_is_refused() {
+        let config = RedisConfig { key_prefix: "app{1}".into(), ..RedisConfig::default() };
+        let error = config.check().expect_err("brace");
+        assert!(error.contains("redis.key_prefix must not contain"), "{error}");
+        assert!(RedisConfig::default().check().is_ok());
+    }
+}

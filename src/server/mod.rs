@@ -425,8 +425,7 @@ async fn start_bus(
             );
             let delivering = registry.clone();
             threads.io.handle().spawn(RedisFanout::run(
-                config.redis.url.clone(),
-                config.redis.key_prefix.clone(),
+                config.redis.clone(),
                 fanout_rx,
                 move |message| match message {
                     FanoutMessage::List(list) => delivering.deliver_remote(list),

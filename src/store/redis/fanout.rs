@@ -1,5 +1,7 @@
 //! The cross-instance fan-out of pushed lists over Redis pub/sub (production mode): each user's
-//! lists and erasures travel on `<prefix>:updates:{<user>}`.
+//! lists and erasures travel on `<prefix>:updates:{<user>}`. On a Redis Cluster the channels are
+//! sharded (`SSUBSCRIBE`, Redis 7.0 and later): a channel lives on the master of its slot, the
+//! user's, so a list crosses only that node instead of being copied to every node.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -9,7 +11,9 @@ use deadpool_redis::redis;
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 
+use super::conn::cluster_client;
 use super::keys::updates_channel;
+use crate::config::RedisConfig;
 use crate::event::UserId;
 use crate::recs::RecList;
 use crate::telemetry::Metrics;
@@ -68,6 +72,19 @@ impl RedisFanout {
     /// Runs until `commands` closes. `deliver` gets every list published for a watched user, and
     /// every erasure of one.
     pub async fn run(
+        config: RedisConfig,
+        commands: mpsc::UnboundedReceiver<FanoutCommand>,
+        deliver: impl Fn(FanoutMessage) + 'static,
+        metrics: Arc<Metrics>,
+    ) {
+        if config.cluster_nodes.is_empty() {
+            Self::run_single(config.url, config.key_prefix, commands, deliver, metrics).await;
+        } else {
+            Self::run_cluster(config.cluster_nodes, config.key_prefix, commands, deliver, metrics).await;
+        }
+    }
+
+    async fn run_single(
         url: String,
         prefix: String,
         mut commands: mpsc::UnboundedReceiver<FanoutCommand>,
@@ -130,6 +147,106 @@ impl RedisFanout {
             }
             metrics.store_errors.inc();
             tracing::warn!("update fan-out lost its redis connection; reconnecting");
+        }
+    }
+}
+
+impl RedisFanout {
+    /// The fan-out on a cluster: one cluster connection (RESP3) subscribes to each watched user's
+    /// sharded channel on the node of its slot; the messages of every node arrive on one queue.
+    /// The connection keeps its subscriptions across reconnections to a node (a master that
+    /// restarts gets them again); a subscription the connection refused is tried again with capped
+    /// backoff.
+    async fn run_cluster(
+        nodes: Vec<String>,
+        prefix: String,
+        mut commands: mpsc::UnboundedReceiver<FanoutCommand>,
+        deliver: impl Fn(FanoutMessage) + 'static,
+        metrics: Arc<Metrics>,
+    ) {
+        let (push, mut pushes) = mpsc::unbounded_channel();
+        let client = match cluster_client(&nodes, Some(push)) {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::error!(error = %error, "invalid redis cluster nodes for update fan-out");
+                return;
+            }
+        };
+        let mut watched: HashSet<UserId> = HashSet::new();
+        let initial = Duration::from_millis(50);
+        let mut delay = initial;
+        let connection = loop {
+            match client.get_async_connection().await {
+                Ok(connection) => break connection,
+                Err(error) => {
+                    metrics.store_errors.inc();
+                    tracing::debug!(error = %error, "update fan-out cannot reach the redis cluster; retrying");
+                    actix_rt::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    while let Ok(command) = commands.try_recv() {
+                        apply(&mut watched, command);
+                    }
+                }
+            }
+        };
+        // Watched users whose subscription is not (or may no longer be) in place.
+        let mut unsubscribed: HashSet<UserId> = watched.clone();
+        // The next attempt at them: a deadline, so that a steady flow of messages cannot put it off.
+        let mut retry_at = tokio::time::Instant::now();
+        delay = initial;
+        loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { return };
+                    match &command {
+                        FanoutCommand::Watch(user) => {
+                            if connection.clone().ssubscribe(updates_channel(&prefix, user)).await.is_err() {
+                                if unsubscribed.is_empty() {
+                                    (delay, retry_at) = (initial, tokio::time::Instant::now() + initial);
+                                }
+                                unsubscribed.insert(user.clone());
+                            }
+                        }
+                        FanoutCommand::Unwatch(user) => {
+                            unsubscribed.remove(user);
+                            let _ = connection.clone().sunsubscribe(updates_channel(&prefix, user)).await;
+                        }
+                    }
+                    apply(&mut watched, command);
+                }
+                push = pushes.recv() => {
+                    let Some(push) = push else { return };
+                    match push.kind {
+                        redis::PushKind::SMessage => {
+                            let Some(Ok(payload)) = push.data.last().map(redis::from_redis_value_ref::<String>) else { continue };
+                            match parse_update(&payload) {
+                                Ok(message) => deliver(message),
+                                Err(error) => tracing::warn!(error = %error, "unreadable list on an update channel"),
+                            }
+                        }
+                        // The connection subscribes again by itself once it reaches the node again
+                        // (the test that SIGKILLs a master checks it).
+                        redis::PushKind::Disconnection => metrics.store_errors.inc(),
+                        _ => {}
+                    }
+                }
+                () = tokio::time::sleep_until(retry_at), if !unsubscribed.is_empty() => {
+                    let attempts = unsubscribed.iter().map(|user| {
+                        let (mut connection, channel) = (connection.clone(), updates_channel(&prefix, user));
+                        async move { (user.clone(), connection.ssubscribe(channel).await.is_ok()) }
+                    });
+                    let done: Vec<UserId> = futures_util::future::join_all(attempts)
+                        .await
+                        .into_iter()
+                        .filter_map(|(user, ok)| ok.then_some(user))
+                        .collect();
+                    for user in &done {
+                        unsubscribed.remove(user);
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    retry_at = tokio::time::Instant::now() + delay;
+                }
+            }
         }
     }
 }

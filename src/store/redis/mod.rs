@@ -21,9 +21,16 @@
 //!
 //! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
 //! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
+//!
+//! With `redis.cluster_nodes` set the same keys live in a Redis Cluster (see `conn`): a user's
+//! keys and channel share a slot, lists go out with `SPUBLISH`, and a writer lane that cannot
+//! reach one master holds back only the writes of that master's slots (see `parking`), so the
+//! users of the other masters keep being written.
 mod codec;
+mod conn;
 mod fanout;
 mod keys;
+mod parking;
 mod writer;
 
 use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
@@ -33,7 +40,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncCommands as _};
-use deadpool_redis::{Pool, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::fanout::{FanoutCommand, FanoutMessage, RedisFanout};
@@ -44,6 +50,7 @@ pub use self::keys::updates_channel;
 pub fn decode_history_entry(entry: &[u8]) -> Option<Interaction> {
     codec::decode(entry)
 }
+use self::conn::{Conn, Redis};
 use self::keys::{keys, tombstone_key};
 use self::writer::{Write, Writer, APPEND_SCRIPT};
 use super::{EventDigest, Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
@@ -61,7 +68,7 @@ struct Load {
     reply: oneshot::Sender<Result<RawProfile, String>>,
 }
 pub struct RedisStore {
-    pool: Pool,
+    pool: Redis,
     prefix: String,
     /// The writer lanes' queues; a user's writes always go to the same one.
     lanes: Vec<mpsc::UnboundedSender<Write>>,
@@ -89,10 +96,7 @@ impl RedisStore {
         metrics: Arc<Metrics>,
         arbiter: &actix::ArbiterHandle,
     ) -> Result<Self, RedisSetupError> {
-        let mut pool_config = deadpool_redis::Config::from_url(config.url.clone());
-        pool_config.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size.max(1)));
-        let pool =
-            pool_config.create_pool(Some(Runtime::Tokio1)).map_err(|e| RedisSetupError::Config(e.to_string()))?;
+        let pool = Redis::new(config).map_err(RedisSetupError::Config)?;
         let failing_lanes = Arc::new(AtomicUsize::new(0));
         let pending_lists = Arc::new(AtomicUsize::new(0));
         let script = redis::Script::new(APPEND_SCRIPT);
@@ -112,7 +116,11 @@ impl RedisStore {
                     pending_lists: pending_lists.clone(),
                     metrics: metrics.clone(),
                 };
-                arbiter.spawn(writer.run(queue));
+                if pool.is_cluster() {
+                    arbiter.spawn(writer.run_cluster(queue));
+                } else {
+                    arbiter.spawn(writer.run(queue));
+                }
                 lane
             })
             .collect();
@@ -143,8 +151,8 @@ impl RedisStore {
         &self.lanes[(hash % self.lanes.len() as u64) as usize]
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
+    async fn connection(&self) -> Result<Conn, StoreError> {
+        self.pool.get().await.map_err(StoreError::Unavailable)
     }
 
     /// Whether Redis answers a PING now.
@@ -276,8 +284,10 @@ impl ProfileStore for RedisStore {
 
 /// Loads profiles in batches: every load queued while one pipeline runs goes in the next, so a
 /// burst of new sessions (a rebalance, a wave of new users) costs a few round trips, not one each.
+/// In a cluster a failed batch is read again user by user, so the users of a master that is down
+/// do not fail the loads of the others.
 async fn run_loader(
-    pool: Pool,
+    pool: Redis,
     prefix: String,
     batch: usize,
     mut queue: mpsc::UnboundedReceiver<Load>,
@@ -292,49 +302,57 @@ async fn run_loader(
                 Err(_) => break,
             }
         }
-        let mut pipe = redis::pipe();
-        for load in &pending {
-            let k = keys(&prefix, &load.user);
-            pipe.lrange(&k.history, 0, -1)
-                .zrange(&k.legacy_ids, 0, -1)
-                .get(&k.digests)
-                .lrange(&k.suppressed, 0, -1)
-                .cmd("HMGET")
-                .arg(&k.profile)
-                .arg("context")
-                .arg("recs");
-        }
         let started = std::time::Instant::now();
-        let result: Result<Vec<redis::Value>, String> = async {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            pipe.query_async(&mut conn).await.map_err(|e| e.to_string())
+        let users: Vec<&UserId> = pending.iter().map(|load| &load.user).collect();
+        let mut results = read_profiles(&pool, &prefix, &users).await;
+        if pool.is_cluster() && users.len() > 1 && results.iter().all(Result::is_err) {
+            let one_by_one = users.iter().map(|user| read_profiles(&pool, &prefix, std::slice::from_ref(user)));
+            results = futures_util::future::join_all(one_by_one).await.into_iter().flatten().collect();
         }
-        .await;
         metrics.store_load_seconds.observe_duration(started.elapsed());
-        match result {
-            Ok(values) => {
-                let mut values = values.into_iter();
-                for load in pending.drain(..) {
-                    let mut part = || values.next().ok_or_else(|| "short pipeline reply".to_owned());
-                    let raw = (|| -> Result<RawProfile, String> {
-                        fn conv<T: redis::FromRedisValue>(v: redis::Value) -> Result<T, String> {
-                            redis::from_redis_value(v).map_err(|e| e.to_string())
-                        }
-                        let history = conv(part()?)?;
-                        let legacy_ids = conv(part()?)?;
-                        let digests = conv(part()?)?;
-                        let suppressed = conv(part()?)?;
-                        let fields = conv(part()?)?;
-                        Ok((history, legacy_ids, digests, suppressed, fields))
-                    })();
-                    let _ = load.reply.send(raw);
-                }
-            }
-            Err(error) => {
-                for load in pending.drain(..) {
-                    let _ = load.reply.send(Err(error.clone()));
-                }
-            }
+        for (load, raw) in pending.drain(..).zip(results) {
+            let _ = load.reply.send(raw);
         }
     }
+}
+
+/// Reads the profiles of `users` in one pipeline: one result per user.
+async fn read_profiles(pool: &Redis, prefix: &str, users: &[&UserId]) -> Vec<Result<RawProfile, String>> {
+    let mut pipe = redis::pipe();
+    for user in users {
+        let k = keys(prefix, user);
+        pipe.lrange(&k.history, 0, -1)
+            .zrange(&k.legacy_ids, 0, -1)
+            .get(&k.digests)
+            .lrange(&k.suppressed, 0, -1)
+            .cmd("HMGET")
+            .arg(&k.profile)
+            .arg("context")
+            .arg("recs");
+    }
+    let result: Result<Vec<redis::Value>, String> = async {
+        let mut conn = pool.get().await?;
+        pipe.query_async(&mut conn).await.map_err(|e| e.to_string())
+    }
+    .await;
+    let values = match result {
+        Ok(values) => values,
+        Err(error) => return users.iter().map(|_| Err(error.clone())).collect(),
+    };
+    let mut values = values.into_iter();
+    users
+        .iter()
+        .map(|_| {
+            let mut part = || values.next().ok_or_else(|| "short pipeline reply".to_owned());
+            fn conv<T: redis::FromRedisValue>(v: redis::Value) -> Result<T, String> {
+                redis::from_redis_value(v).map_err(|e| e.to_string())
+            }
+            let history = conv(part()?)?;
+            let legacy_ids = conv(part()?)?;
+            let digests = conv(part()?)?;
+            let suppressed = conv(part()?)?;
+            let fields = conv(part()?)?;
+            Ok((history, legacy_ids, digests, suppressed, fields))
+        })
+        .collect()
 }

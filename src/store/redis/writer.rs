@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::redis;
-use deadpool_redis::Pool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec;
+use super::conn::Redis;
 use super::fanout::erased_notice;
 use super::keys::{keys, updates_channel};
 use crate::event::{Context, ItemId, UserId};
@@ -97,7 +97,7 @@ pub(super) enum Write {
 }
 /// One lane of the store's writes (see the module docs).
 pub(super) struct Writer {
-    pub(super) pool: Pool,
+    pub(super) pool: Redis,
     pub(super) prefix: String,
     pub(super) limits: ProfileLimits,
     pub(super) ttl: u64,
@@ -149,14 +149,19 @@ impl Writer {
             self.metrics.store_write_seconds.observe_duration(started.elapsed());
             self.metrics.store_write_batch_size.observe(batch.len() as f64);
             for write in batch.drain(..) {
-                match write {
-                    Write::Append { done, .. } | Write::Erase { done, .. } => {
-                        let _ = done.send(());
-                    }
-                    Write::Recs { .. } => {
-                        self.pending_lists.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
+                self.finish(write);
+            }
+        }
+    }
+
+    /// A write Redis has: its caller learns it, or a pending list stops counting.
+    pub(super) fn finish(&self, write: Write) {
+        match write {
+            Write::Append { done, .. } | Write::Erase { done, .. } => {
+                let _ = done.send(());
+            }
+            Write::Recs { .. } => {
+                self.pending_lists.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -206,7 +211,7 @@ impl Writer {
         (steps, calls)
     }
 
-    fn pipeline(&self, batch: &[Write]) -> redis::Pipeline {
+    pub(super) fn pipeline(&self, batch: &[Write]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         let (steps, calls) = Self::plan(batch);
         for step in steps {
@@ -216,7 +221,7 @@ impl Writer {
                     let k = keys(&self.prefix, user);
                     pipe.del(&[&k.history, &k.legacy_ids, &k.digests, &k.suppressed, &k.profile]).ignore();
                     // Every instance with a stream of the user closes it (see RedisFanout).
-                    pipe.publish(updates_channel(&self.prefix, user), erased_notice(user)).ignore();
+                    self.publish(&mut pipe, user, erased_notice(user).as_bytes());
                 }
                 Step::Recs(user, seq, json) => {
                     let k = keys(&self.prefix, user);
@@ -224,14 +229,17 @@ impl Writer {
                     if self.ttl > 0 {
                         pipe.expire(&k.profile, self.ttl as i64).ignore();
                     }
-                    pipe.publish(updates_channel(&self.prefix, user), json).ignore();
+                    self.publish(&mut pipe, user, json);
                 }
-                Step::Publish(user, json) => {
-                    pipe.publish(updates_channel(&self.prefix, user), json).ignore();
-                }
+                Step::Publish(user, json) => self.publish(&mut pipe, user, json),
             }
         }
         pipe
+    }
+
+    /// Publishes on the user's update channel (`SPUBLISH` in a cluster: see `conn`).
+    fn publish(&self, pipe: &mut redis::Pipeline, user: &UserId, payload: &[u8]) {
+        pipe.cmd(self.pool.publish_command()).arg(updates_channel(&self.prefix, user)).arg(payload).ignore();
     }
 
     fn append_call(&self, pipe: &mut redis::Pipeline, user: &UserId, call: &UserCall) {
@@ -292,7 +300,7 @@ impl Writer {
         }
     }
 
-    async fn try_write(&self, pipe: &redis::Pipeline) -> Result<(), String> {
+    pub(super) async fn try_write(&self, pipe: &redis::Pipeline) -> Result<(), String> {
         let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
         match pipe.query_async::<()>(&mut conn).await {
             Ok(()) => Ok(()),
