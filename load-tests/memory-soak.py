@@ -35,10 +35,12 @@ PORT = 18091
 HOST = "127.0.0.1"
 
 
-def rss_mb(pid):
+def rss_mb(pid, field="VmRSS"):
+    """A resident size of /proc/PID/status in MB: VmRSS (all), RssAnon (heap and stacks) or
+    RssFile (pages of the binary and libraries)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -198,6 +200,8 @@ def main():
     try:
         conn = None  # a fresh connection per control request
         for _ in range(600):
+            if server.poll() is not None:
+                sys.exit(f"liverec serve exited at start (status {server.returncode})")
             try:
                 if request(conn, "GET", "/healthz")[0] == 200:
                     break
@@ -217,7 +221,12 @@ def main():
                 int(m.get("liverec_store_memory_profiles", -1)),
             )
             rows.append(row)
-            print(f"{row[0]:<44} rss {row[1]:8.1f} MB  sessions {row[2]:>7}  stored profiles {row[3]:>7}", flush=True)
+            anon, file = rss_mb(server.pid, "RssAnon"), rss_mb(server.pid, "RssFile")
+            print(
+                f"{row[0]:<44} rss {row[1]:8.1f} MB (anon {anon:.1f}, file {file:.1f})"
+                f"  sessions {row[2]:>7}  stored profiles {row[3]:>7}",
+                flush=True,
+            )
 
         time.sleep(2)
         record("baseline", settle=True)
