@@ -21,9 +21,12 @@
 //!
 //! The last pushed list of each user is also published on `<prefix>:updates:{<user>}`, so that
 //! instances holding subscribers of a user they do not own can forward it (see [`RedisFanout`]).
+//! Lists nobody watches are neither stored nor published: instances announce the users they hold
+//! subscribers of, and the owner's session skips the others (see `watch`).
 mod codec;
 mod fanout;
 mod keys;
+mod watch;
 mod writer;
 
 use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
@@ -36,7 +39,8 @@ use deadpool_redis::redis::{self, AsyncCommands as _};
 use deadpool_redis::{Pool, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::fanout::{FanoutCommand, FanoutMessage, RedisFanout};
+pub use self::fanout::{FanoutCommand, FanoutHandle, FanoutMessage, RedisFanout};
+pub use self::watch::WatchTable;
 pub use self::keys::updates_channel;
 
 /// Reads one entry of a user's history list (`<prefix>:{<user>}:h`), in either stored form, for

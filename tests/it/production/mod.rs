@@ -8,3 +8,4 @@ mod kafka;
 mod memory;
 mod shutdown;
 mod store_writer;
+mod watch;
