@@ -178,6 +178,7 @@ impl RedisFanout {
                         metrics.store_errors.inc();
                         tracing::debug!(error = %error, "update fan-out cannot reach redis; retrying");
                         actix_rt::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 }
