@@ -139,8 +139,13 @@ async fn run(cli: &Cli, config: &RedisConfig) -> anyhow::Result<String> {
                     .collect();
                 let update = ProfileUpdate { user_id: user.clone(), interactions, context: None, suppressed: vec![] };
                 in_flight.push(store.append(update));
-                if cli.lists > 0 && watched(user_no, cli.watched) {
-                    store.save_recs(&list(&user, seq));
+                if cli.lists > 0 {
+                    // Built either way: the session builds every list (its own subscribers and
+                    // GETs), stored or not, so only the store's work differs.
+                    let update = list(&user, seq);
+                    if watched(user_no, cli.watched) {
+                        store.save_recs(&update);
+                    }
                 }
             }
         }

@@ -104,6 +104,27 @@ async fn a_list_nobody_watches_is_not_stored_until_a_subscriber_on_another_insta
     .await;
     assert!(stored["seq"].as_u64() >= Some(seq), "{stored}");
 
+    // While the stream stays open B re-announces the user: over three TTLs of events, every
+    // event's list reaches the stream and A skips none.
+    let skipped = metric(&a, UNWATCHED).await;
+    let open = std::time::Instant::now();
+    let mut n = 100;
+    while open.elapsed() < std::time::Duration::from_secs(3 * config.redis.watch_ttl_secs) {
+        let id = format!("{user}-k{n}");
+        post_events(&b, view(&user, &id, n)).await;
+        loop {
+            let list = stream.next_list().await;
+            let next = list["seq"].as_u64().expect("seq");
+            assert!(next > seq, "seq goes forward: {next} after {seq}");
+            seq = next;
+            if list["last_event_id"] == Value::from(id.clone()) {
+                break;
+            }
+        }
+        n += 1;
+    }
+    assert_eq!(metric(&a, UNWATCHED).await, skipped, "no list of a watched user skipped");
+
     // The stream closes: B stops announcing the user, and a TTL later A skips its lists again.
     drop(stream);
     let before = metric(&a, UNWATCHED).await;
