@@ -281,7 +281,8 @@ mod tests {
 
     #[test]
     fn an_announcement_names_its_users_and_yields_those_newly_watched() {
-        let watches = WatchTable::new(Duration::from_secs(30));
+        let watches = WatchTable::new(Duration::ZERO);
+        watches.listening(); // a zero TTL: the blind time is over at once
         let message = Announcement { watch: vec![UserId::from("ann"), UserId::from("bob")], ttl_ms: 30_000 };
         let payload = serde_json::to_string(&message).expect("serialises");
         assert_eq!(payload, r#"{"watch":["ann","bob"],"ttl_ms":30000}"#);

@@ -76,24 +76,27 @@ impl WatchTable {
         if !self.enabled() {
             return true;
         }
-        if self.blind_until.lock().is_none_or(|until| now < until) {
-            return true;
-        }
-        self.until.get(user).is_some_and(|until| now < *until)
+        self.blind_at(now) || self.until.get(user).is_some_and(|until| now < *until)
+    }
+
+    fn blind_at(&self, now: Instant) -> bool {
+        self.blind_until.lock().is_none_or(|until| now < until)
     }
 
     /// Records an announcement of `user` lasting `ttl`; true when the user was not watched
-    /// before (as far as this table knew).
+    /// before (as far as this table knew; never while every user counts as watched, when every
+    /// list was stored anyway: a restarted instance does not push a fresh list per watched user).
     pub(super) fn heard(&self, user: UserId, ttl: Duration) -> bool {
         self.heard_at(user, ttl, Instant::now())
     }
 
     fn heard_at(&self, user: UserId, ttl: Duration, now: Instant) -> bool {
         let until = now + ttl.min(Duration::from_secs(crate::config::MAX_WATCH_TTL_SECS));
-        match self.until.insert(user, until) {
+        let new = match self.until.insert(user, until) {
             Some(previous) => previous <= now,
             None => true,
-        }
+        };
+        new && !self.blind_at(now)
     }
 
     /// This instance (re)starts listening: it may have missed announcements, so every user
@@ -138,7 +141,7 @@ mod tests {
         assert!(table.watched_at(&bob, at(100)), "before listening nothing is known: everyone counts as watched");
         table.listening_at(t0);
         assert!(table.watched_at(&bob, at(29)), "within one TTL of listening, announcements may have been missed");
-        assert!(table.heard_at(ann.clone(), Duration::from_secs(60), t0), "a new watch");
+        assert!(!table.heard_at(ann.clone(), Duration::from_secs(60), t0), "every list is stored meanwhile: not new");
         assert!(!table.heard_at(ann.clone(), Duration::from_secs(60), at(1)), "a re-announcement is not new");
         assert!(table.watched_at(&ann, at(31)));
         assert!(!table.watched_at(&bob, at(31)), "not announced: not watched once the blind TTL is over");
