@@ -168,7 +168,10 @@ pub async fn list_from_store(
 /// list may predate events applied since: a list names the newest event it reflects, and one
 /// naming another event than the newest stored one is stale.
 pub fn current_stored_list(profile: &Profile) -> Option<&RecList> {
-    profile.last_recs.as_ref().filter(|list| list.last_event_id.as_ref() == profile.interactions.last().map(|i| &i.event_id))
+    profile
+        .last_recs
+        .as_ref()
+        .filter(|list| list.last_event_id.as_ref() == profile.interactions.last().map(|i| &i.event_id))
 }
 
 /// The `seq` of a list computed from a stored profile: the stored list's while it is current,

@@ -417,8 +417,13 @@ async fn start_bus(
         BusKind::Kafka => {
             let watches = Arc::new(WatchTable::new(std::time::Duration::from_secs(config.redis.watch_ttl_secs)));
             let (fanout, fanout_rx) = FanoutHandle::new(watches.clone());
-            let registry =
-                SessionRegistry::with_mode(deps, handles.clone(), Arc::new(session::start), true, Some(Arc::new(fanout)));
+            let registry = SessionRegistry::with_mode(
+                deps,
+                handles.clone(),
+                Arc::new(session::start),
+                true,
+                Some(Arc::new(fanout)),
+            );
             let (delivering, watching) = (registry.clone(), registry.clone());
             threads.io.handle().spawn(RedisFanout::run(
                 config.redis.url.clone(),

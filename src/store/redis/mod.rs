@@ -40,8 +40,8 @@ use deadpool_redis::{Pool, Runtime};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::fanout::{FanoutCommand, FanoutHandle, FanoutMessage, RedisFanout};
-pub use self::watch::WatchTable;
 pub use self::keys::updates_channel;
+pub use self::watch::WatchTable;
 
 /// Reads one entry of a user's history list (`<prefix>:{<user>}:h`), in either stored form, for
 /// tools and tests that read the keys directly.

@@ -60,7 +60,8 @@ async fn a_list_nobody_watches_is_not_stored_until_a_subscriber_on_another_insta
         (!pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == PARTITIONS as usize).then_some(pa)
     })
     .await;
-    let mut users_of_a = (0..).map(|i| format!("w-user-{i}")).filter(|u| owned_by_a.contains(&partition_for(u, PARTITIONS)));
+    let mut users_of_a =
+        (0..).map(|i| format!("w-user-{i}")).filter(|u| owned_by_a.contains(&partition_for(u, PARTITIONS)));
     let (warm, user) = (users_of_a.next().expect("a user"), users_of_a.next().expect("another"));
 
     // For one TTL after it starts listening an instance counts every user as watched (it cannot
