@@ -19,6 +19,7 @@ use crate::catalog::ItemIdx;
 use crate::event::{now_ms, Context as EventContext, EventId, ItemId};
 use crate::models::{HistoryItem, ScoreRequest};
 use crate::recs::{RecItem, RecList, RecUpdate};
+use crate::store::Profile;
 
 /// The context segment of a request: the user's latest context, with the device overridden if
 /// the request names one; without context, the current hour and the given (or `other`) device.
@@ -137,10 +138,9 @@ pub async fn list_from_store(
             None
         }
     };
-    let last = profile.as_ref().and_then(|p| p.last_recs.clone());
     if filters.is_empty() && k <= deps.config.recs.default_k {
-        if let Some(recs) = last.clone() {
-            return Ok(RecUpdate::new(recs));
+        if let Some(recs) = profile.as_ref().and_then(current_stored_list) {
+            return Ok(RecUpdate::new(recs.clone()));
         }
     }
     let (history, suppressed, context) = match &profile {
@@ -160,5 +160,72 @@ pub async fn list_from_store(
         _ => return Err(SessionError::ModelUnavailable),
     };
     let last_event = profile.as_ref().and_then(|p| p.interactions.last()).map(|i| i.event_id.clone());
-    Ok(RecUpdate::new(make_list(deps, user, &scored, last.map_or(0, |l| l.seq), last_event)))
+    Ok(RecUpdate::new(make_list(deps, user, &scored, seq_after_stored(profile.as_ref()), last_event)))
+}
+
+/// The stored list, if it still reflects the stored history. In production mode the owner stores
+/// a user's lists only while some instance watches the user (docs/production.md), so the stored
+/// list may predate events applied since: a list names the newest event it reflects, and one
+/// naming another event than the newest stored one is stale.
+pub fn current_stored_list(profile: &Profile) -> Option<&RecList> {
+    profile
+        .last_recs
+        .as_ref()
+        .filter(|list| list.last_event_id.as_ref() == profile.interactions.last().map(|i| &i.event_id))
+}
+
+/// The `seq` of a list computed from a stored profile: the stored list's while it is current,
+/// one past it once it is stale, so a client that saw the stale one (`Last-Event-ID`) is sent the
+/// new one, and never below a seq a client may have seen.
+pub fn seq_after_stored(profile: Option<&Profile>) -> u64 {
+    let Some(stored) = profile.and_then(|p| p.last_recs.as_ref()) else { return 0 };
+    match profile.and_then(current_stored_list) {
+        Some(_) => stored.seq,
+        None => stored.seq + 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventType, UserId};
+    use crate::store::Interaction;
+
+    fn profile(events: &[&str], stored: Option<(u64, &str)>) -> Profile {
+        let interactions = events
+            .iter()
+            .map(|id| Interaction {
+                event_id: EventId::from(*id),
+                item_id: ItemId::from("i"),
+                event_type: EventType::View,
+                value: None,
+                timestamp: 1,
+                rec_id: None,
+            })
+            .collect();
+        let last_recs = stored.map(|(seq, last)| RecList {
+            rec_id: "r".into(),
+            user_id: UserId::from("ann"),
+            model_version: "v".into(),
+            variant: "control".into(),
+            generated_at: 1,
+            seq,
+            last_event_id: Some(EventId::from(last)),
+            items: vec![],
+        });
+        Profile { interactions, last_recs, ..Profile::default() }
+    }
+
+    #[test]
+    fn a_stored_list_older_than_the_stored_history_is_stale_and_numbered_past() {
+        let current = profile(&["e1", "e2"], Some((7, "e2")));
+        assert_eq!(current_stored_list(&current).map(|l| l.seq), Some(7));
+        assert_eq!(seq_after_stored(Some(&current)), 7);
+        // Events applied while nobody watched: their lists were not stored.
+        let stale = profile(&["e1", "e2", "e3"], Some((7, "e2")));
+        assert!(current_stored_list(&stale).is_none());
+        assert_eq!(seq_after_stored(Some(&stale)), 8, "past the stale list a client may hold");
+        assert_eq!(seq_after_stored(Some(&profile(&["e1"], None))), 0);
+        assert_eq!(seq_after_stored(None), 0);
+    }
 }

@@ -74,7 +74,11 @@ pub struct GetRecommendations {
 /// A subscriber attached: make sure the user has a current list to show.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct EnsureList;
+pub struct EnsureList {
+    /// Push a fresh list even if there is one (production mode: a watch appeared on another
+    /// instance, and the lists pushed while nobody watched were neither stored nor published).
+    pub fresh: bool,
+}
 
 /// Everything the session holds, as stored.
 #[derive(Message, Debug)]

@@ -438,7 +438,33 @@ impl SessionRegistry {
             (hub, Some(addr))
         };
         let rx = hub.updates.subscribe();
+        // After the hub's channel is followed (queued first): the owner's answer finds it.
+        if let Some(fanout) = &self.fanout {
+            fanout.subscribed(user);
+        }
         (Subscription { rx: Some(rx), hub, registry: self.clone() }, addr)
+    }
+
+    /// Users with a subscriber here (announced to every instance as watched).
+    pub fn users_with_subscribers(&self) -> Vec<UserId> {
+        self.hubs.iter().filter(|hub| hub.subscriber_count() > 0).map(|hub| hub.user.clone()).collect()
+    }
+
+    /// Whether the user's lists are wanted beyond this process: stored and published for other
+    /// instances (production mode) only while a subscriber here or an instance's announcement
+    /// watches the user; always in the embedded mode.
+    pub fn list_wanted(&self, hub: &UserHub) -> bool {
+        hub.subscriber_count() > 0 || self.fanout.as_ref().is_none_or(|fanout| fanout.watched(&hub.user))
+    }
+
+    /// Some instance newly watches `user`: its session here, if any, pushes a fresh list, which
+    /// is stored and published (the lists since the last watch were not). Without a session the
+    /// next event's session stores its lists, and the subscriber started from the stored profile.
+    pub fn watch_appeared(&self, user: &UserId) {
+        if let Some(session) = self.hub(user).and_then(|hub| hub.session()) {
+            // A full mailbox means the session is busy applying events: it pushes a list anyway.
+            let _ = session.ensure_list.try_send(EnsureList { fresh: true });
+        }
     }
 
     /// Called by a session as it stops; `release` is its own recipient, which tells it from a

@@ -33,7 +33,7 @@ pub use observability::{LogConfig, LogFormat, TracingConfig};
 pub use security::{ApiKeyEntry, AuthConfig, AuthMode, PrivacyConfig, Role};
 pub use server::{EventsConfig, LimitsConfig, RecsConfig, ServerConfig, StreamConfig};
 pub use session::SessionConfig;
-pub use store::{RedisConfig, StoreConfig, StoreKind};
+pub use store::{RedisConfig, StoreConfig, StoreKind, MAX_WATCH_TTL_SECS};
 
 /// The built-in defaults; the same text as `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");

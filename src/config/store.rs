@@ -67,6 +67,15 @@ pub struct RedisConfig {
     #[serde(default = "default_write_pipelines", deserialize_with = "write_pipelines")]
     pub write_pipelines: usize,
     // ---- end store writer ----
+
+    // ---- watched lists (issue 13 item 2) ----
+    /// How long an instance's announcement that it holds subscribers of a user lasts: instances
+    /// re-announce their watched users every third of it, and the owner of a user stores and
+    /// publishes that user's lists only while some instance's announcement is current (or it
+    /// has a subscriber itself). 0: every list is stored and published, watched or not.
+    #[serde(default = "default_watch_ttl_secs", deserialize_with = "watch_ttl_secs")]
+    pub watch_ttl_secs: u64,
+    // ---- end watched lists ----
 }
 
 impl Default for RedisConfig {
@@ -84,6 +93,7 @@ impl Default for RedisConfig {
             // ---- store writer (issue 13 item 2) ----
             write_pipelines: default_write_pipelines(),
             // ---- end store writer ----
+            watch_ttl_secs: default_watch_ttl_secs(),
         }
     }
 }
@@ -147,6 +157,27 @@ fn write_pipelines<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<
 }
 // ---- end store writer ----
 
+// ---- watched lists (issue 13 item 2) ----
+/// Longest watch announcement: a watch outlives the last stream by up to this long.
+pub const MAX_WATCH_TTL_SECS: u64 = 3600;
+
+/// 30 s: re-announcing every 10 s costs one PUBLISH per 10 s per ~1,000 watched users, and a
+/// user stays watched (its lists stored and published) at most 30 s after its last stream ends.
+fn default_watch_ttl_secs() -> u64 {
+    30
+}
+
+fn watch_ttl_secs<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let n = u64::deserialize(deserializer)?;
+    if n > MAX_WATCH_TTL_SECS {
+        return Err(serde::de::Error::custom(format!(
+            "redis.watch_ttl_secs must be between 0 (off) and {MAX_WATCH_TTL_SECS} (got {n})"
+        )));
+    }
+    Ok(n)
+}
+// ---- end watched lists ----
+
 // ---- store writer (issue 13 item 2) ----
 #[cfg(test)]
 mod store_writer_tests {
@@ -159,6 +190,17 @@ mod store_writer_tests {
         let error = toml::from_str::<RedisConfig>("url = \"redis://x\"\nkey_prefix = \"p\"\npool_size = 1\nprofile_ttl_secs = 0\nwrite_batch = 1\nretry_initial_ms = 1\nretry_max_ms = 1\nmax_pending_lists = 1\nwrite_pipelines = 0")
             .expect_err("0 lanes");
         assert!(error.to_string().contains("redis.write_pipelines must be between 1 and 64"), "{error}");
+    }
+
+    #[test]
+    fn watch_ttl_defaults_to_30_s_and_refuses_more_than_an_hour_naming_the_key() {
+        let base = "url = \"redis://x\"\nkey_prefix = \"p\"\npool_size = 1\nprofile_ttl_secs = 0\nwrite_batch = 1\nretry_initial_ms = 1\nretry_max_ms = 1\nmax_pending_lists = 1";
+        let config: RedisConfig = toml::from_str(base).expect("parses");
+        assert_eq!(config.watch_ttl_secs, 30);
+        let off: RedisConfig = toml::from_str(&format!("{base}\nwatch_ttl_secs = 0")).expect("0 is off");
+        assert_eq!(off.watch_ttl_secs, 0);
+        let error = toml::from_str::<RedisConfig>(&format!("{base}\nwatch_ttl_secs = 3601")).expect_err("too long");
+        assert!(error.to_string().contains("redis.watch_ttl_secs must be between 0 (off) and 3600"), "{error}");
     }
 }
 // ---- end store writer ----

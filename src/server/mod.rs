@@ -30,7 +30,7 @@ use crate::http::{self, AppState};
 use crate::models::Recommender;
 use crate::models::{self, cooccurrence::CoocModel};
 use crate::store::memory::{MemoryBounds, MemoryStore};
-use crate::store::redis::{FanoutMessage, RedisFanout, RedisStore};
+use crate::store::redis::{watch_ttl, FanoutHandle, FanoutMessage, RedisFanout, RedisStore, WatchTable};
 use crate::store::{ProfileLimits, ProfileStore};
 use crate::telemetry::Metrics;
 
@@ -415,24 +415,28 @@ async fn start_bus(
             Ok(Bus { bus: Arc::new(memory), registry, kafka_ingest: None, ingest_arbiter: None })
         }
         BusKind::Kafka => {
-            let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
+            let watches = Arc::new(WatchTable::new(watch_ttl(&config.redis)));
+            let (fanout, fanout_rx) = FanoutHandle::new(watches.clone());
             let registry = SessionRegistry::with_mode(
                 deps,
                 handles.clone(),
                 Arc::new(session::start),
                 true,
-                Some(Arc::new(fanout_tx)),
+                Some(Arc::new(fanout)),
             );
-            let delivering = registry.clone();
+            let (delivering, watching) = (registry.clone(), registry.clone());
             threads.io.handle().spawn(RedisFanout::run(
                 config.redis.clone(),
                 fanout_rx,
+                watches,
+                move || watching.users_with_subscribers(),
                 move |message| match message {
                     FanoutMessage::List(list) => delivering.deliver_remote(list),
                     FanoutMessage::Erased(user) => {
                         let registry = delivering.clone();
                         tokio::spawn(async move { registry.erase(&user).await });
                     }
+                    FanoutMessage::Watched(user) => delivering.watch_appeared(&user),
                 },
                 metrics.clone(),
             ));

@@ -172,6 +172,14 @@ pub trait UpdateFanout: Send + Sync {
     fn watch(&self, user: &UserId);
     /// Stop delivering them.
     fn unwatch(&self, user: &UserId);
+    /// A subscriber of `user` arrived here: tell every instance (the owner stores and publishes
+    /// the user's lists only while some instance watches it).
+    fn subscribed(&self, _user: &UserId) {}
+    /// Whether some instance announced a subscriber of `user` lately (always true where
+    /// instances do not announce).
+    fn watched(&self, _user: &UserId) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

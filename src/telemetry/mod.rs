@@ -112,6 +112,8 @@ pub struct Metrics {
     pub kafka_stalled: Gauge,
     /// Lists received from other instances and forwarded to local subscribers.
     pub fanout_received: Counter,
+    /// Lists neither stored nor published because no instance watched their user.
+    pub lists_unwatched: Counter,
     /// Served lists, attributed clicks and conversions, monitor breaches, reports refused.
     pub monitor_impressions: Counter,
     pub monitor_clicks: Counter,
@@ -311,6 +313,10 @@ impl Default for Metrics {
             ),
             fanout_received: r
                 .counter("liverec_fanout_received_total", "Lists received from other instances for local subscribers."),
+            lists_unwatched: r.counter(
+                "liverec_store_lists_unwatched_total",
+                "Lists neither stored nor published because no instance watched their user.",
+            ),
             monitor_impressions: r.counter("liverec_monitor_impressions_total", "Recommendation lists served."),
             monitor_clicks: r.counter("liverec_monitor_clicks_total", "Clicks attributed to a served list."),
             monitor_conversions: r
@@ -493,6 +499,7 @@ mod tests {
         m.kafka_stalled.set(1);
         m.session_apply_retries.add(11);
         m.fanout_received.add(45);
+        m.lists_unwatched.add(45);
         m.monitor_impressions.add(46);
         m.monitor_clicks.add(47);
         m.monitor_conversions.add(48);

@@ -2,8 +2,9 @@
 //! appends, and reports appended events per second and the CPU Redis and this process used.
 //!
 //! It calls `RedisStore::append` the way sessions do (one update per user batch, each followed by
-//! its pushed list unless `--lists 0`), keeps at most `--window` appends waiting to be durable
-//! (the Kafka consumer's bound), and counts an event only when its `Persisted` future resolves.
+//! its pushed list unless `--lists 0`; with `--watched 0.1` only a tenth of the users' lists, as
+//! the owner stores only the lists of watched users), keeps at most `--window` appends waiting to
+//! be durable (the Kafka consumer's bound), and counts an event only when its `Persisted` future resolves.
 //!
 //! ```sh
 //! eval "$(scripts/services up)"
@@ -46,6 +47,10 @@ struct Cli {
     /// Pushed lists stored and published per append (0 or 1).
     #[arg(long, default_value_t = 1)]
     lists: u8,
+    /// Share of users some instance watches (0-1): only their lists are stored and published, as
+    /// the owner's session does with `redis.watch_ttl_secs` on (1: every list, as before).
+    #[arg(long, default_value_t = 1.0)]
+    watched: f64,
     /// Appends waiting to be durable at most.
     #[arg(long, default_value_t = 20_000)]
     window: usize,
@@ -106,13 +111,14 @@ async fn run(cli: &Cli, config: &RedisConfig) -> anyhow::Result<String> {
     let warm_up = Duration::from_secs(1);
     let end = warm_up + Duration::from_secs(cli.duration);
     let (mut measured_from, mut counted, mut total) = (None, 0u64, 0u64);
-    let (mut redis_cpu0, mut own_cpu0) = (0.0, 0.0);
+    let (mut redis_cpu0, mut own_cpu0, mut redis_in0) = (0.0, 0.0, 0.0);
     let mut seq = 0u64;
     let mut user_no = 0u64;
     while started.elapsed() < end {
         if measured_from.is_none() && started.elapsed() >= warm_up {
             measured_from = Some(Instant::now());
             redis_cpu0 = redis_cpu(&cli.redis)?;
+            redis_in0 = redis_input_bytes(&cli.redis)?;
             own_cpu0 = own_cpu();
             counted = 0;
         }
@@ -134,7 +140,12 @@ async fn run(cli: &Cli, config: &RedisConfig) -> anyhow::Result<String> {
                 let update = ProfileUpdate { user_id: user.clone(), interactions, context: None, suppressed: vec![] };
                 in_flight.push(store.append(update));
                 if cli.lists > 0 {
-                    store.save_recs(&list(&user, seq));
+                    // Built either way: the session builds every list (its own subscribers and
+                    // GETs), stored or not, so only the store's work differs.
+                    let update = list(&user, seq);
+                    if watched(user_no, cli.watched) {
+                        store.save_recs(&update);
+                    }
                 }
             }
         }
@@ -145,20 +156,28 @@ async fn run(cli: &Cli, config: &RedisConfig) -> anyhow::Result<String> {
     }
     let measured = measured_from.map_or(Duration::ZERO, |t| t.elapsed()).as_secs_f64();
     let redis_cpu = redis_cpu(&cli.redis)? - redis_cpu0;
+    let redis_in = redis_input_bytes(&cli.redis)? - redis_in0;
     let own = own_cpu() - own_cpu0;
     while in_flight.next().await.is_some() {}
     let keys = delete_prefix(&cli.redis, &cli.prefix)?;
     arbiter.stop();
     Ok(format!(
         "appended {:.0} events/s ({counted} events in {measured:.1} s; {total} in all; {} keys); \
-         redis CPU {:.2} cores ({:.1} us/event); bench process CPU {:.2} cores ({:.1} us/event)",
+         redis CPU {:.2} cores ({:.1} us/event); bench process CPU {:.2} cores ({:.1} us/event); \
+         sent to redis {:.0} bytes/event",
         counted as f64 / measured,
         keys,
         redis_cpu / measured,
         redis_cpu * 1e6 / counted.max(1) as f64,
         own / measured,
         own * 1e6 / counted.max(1) as f64,
+        redis_in / counted.max(1) as f64,
     ))
+}
+
+/// Whether user number `n` is one of the `share` of users watched (spread evenly over the ids).
+fn watched(n: u64, share: f64) -> bool {
+    ((n % 1000) as f64) < share * 1000.0
 }
 
 fn list(user: &UserId, seq: u64) -> Arc<RecUpdate> {
@@ -191,6 +210,15 @@ fn redis_cpu(url: &str) -> anyhow::Result<f64> {
         .filter_map(|l| l.strip_prefix("used_cpu_sys:").or_else(|| l.strip_prefix("used_cpu_user:")))
         .filter_map(|v| v.trim().parse::<f64>().ok())
         .sum())
+}
+
+/// Bytes Redis has read from its clients so far (`INFO stats`, every client's commands).
+fn redis_input_bytes(url: &str) -> anyhow::Result<f64> {
+    Ok(redis_cli(url, &["INFO", "stats"])?
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_input_bytes:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0))
 }
 
 fn own_cpu() -> f64 {

@@ -22,7 +22,9 @@ use actix::prelude::*;
 
 use self::attribution::{Interacted, ServedLists};
 use self::coalesce::{Answer, Coalescer};
-use super::lists::{build_request, make_list, report_impression, segment_of, tell_monitor};
+use super::lists::{
+    build_request, current_stored_list, make_list, report_impression, segment_of, seq_after_stored, tell_monitor,
+};
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
     SessionError, Snapshot, TakeHistory,
@@ -142,6 +144,10 @@ impl SessionActor {
     }
 
     fn restore(&mut self, profile: Profile) {
+        // A stored list older than the stored history (its lists were not stored while nobody
+        // watched) is not shown; the next list is numbered past it (see `seq_after_stored`).
+        let current = current_stored_list(&profile).cloned();
+        self.hub.bump_seq(seq_after_stored(Some(&profile)));
         for digest in profile.event_ids {
             self.remember_digest(digest);
         }
@@ -152,8 +158,7 @@ impl SessionActor {
         self.suppressed = profile.suppressed.into();
         self.persisted_context = profile.context.clone();
         self.context = profile.context;
-        if let Some(recs) = profile.last_recs {
-            self.hub.bump_seq(recs.seq);
+        if let Some(recs) = current {
             if self.hub.latest().is_none() {
                 self.hub.publish(RecUpdate::new(recs));
             }
@@ -323,7 +328,13 @@ impl SessionActor {
         if let Some(since) = self.pending_since.take() {
             self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
         }
-        self.deps.store.save_recs(&update);
+        // Production mode: a list nobody watches is neither stored nor published (a later
+        // subscriber starts from the stored profile; see `SessionRegistry::watch_appeared`).
+        if self.registry.list_wanted(&self.hub) {
+            self.deps.store.save_recs(&update);
+        } else {
+            self.deps.metrics.lists_unwatched.inc();
+        }
     }
 
     /// Remembers a list for click attribution, and reports it to the monitor as an impression
@@ -484,9 +495,9 @@ impl Handler<GetRecommendations> for SessionActor {
 impl Handler<EnsureList> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, _msg: EnsureList, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: EnsureList, ctx: &mut Self::Context) {
         self.last_active = Instant::now();
-        if self.hub.latest().is_none() {
+        if msg.fresh || self.hub.latest().is_none() {
             self.refresh(ctx);
         }
     }

@@ -1,7 +1,9 @@
 //! The cross-instance fan-out of pushed lists over Redis pub/sub (production mode): each user's
-//! lists and erasures travel on `<prefix>:updates:{<user>}`. On a Redis Cluster the channels are
-//! sharded (`SSUBSCRIBE`, Redis 7.0 and later): a channel lives on the master of its slot, the
-//! user's, so a list crosses only that node instead of being copied to every node.
+//! lists and erasures travel on `<prefix>:updates:{<user>}`, and the users each instance has
+//! subscribers of are announced on `<prefix>:watch` (see `watch`). On a Redis Cluster the channels
+//! are sharded (`SSUBSCRIBE`, Redis 7.0 and later): a channel lives on the master of its slot, the
+//! user's, so a list crosses only that node instead of being copied to every node; there the
+//! watch announcements are off and every list is stored and published.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::conn::cluster_client;
 use super::keys::updates_channel;
+use super::watch::{watch_channel, Announcement, WatchTable, ANNOUNCE_CHUNK};
 use crate::config::RedisConfig;
 use crate::event::UserId;
 use crate::recs::RecList;
@@ -30,6 +33,9 @@ pub enum FanoutMessage {
     List(RecList),
     /// The user was erased (on any instance).
     Erased(UserId),
+    /// Some instance announced a subscriber of a user no instance watched before (as far as
+    /// this one knew): the owner pushes a fresh list, stored and published.
+    Watched(UserId),
 }
 
 /// The message published on a user's update channel when the user is erased. Lists are JSON
@@ -52,34 +58,110 @@ fn parse_update(payload: &str) -> Result<FanoutMessage, serde_json::Error> {
 /// What the registry asks of the fan-out.
 #[derive(Debug)]
 pub enum FanoutCommand {
+    /// Follow the user's update channel.
     Watch(UserId),
     Unwatch(UserId),
+    /// A subscriber of the user arrived here: announce it now (after any `Watch` queued before,
+    /// so the owner's answer finds this instance following the channel).
+    Announce(UserId),
 }
 
-/// The registry's side of the fan-out: commands queue for `RedisFanout::run`. A closed channel
-/// (the fan-out ended with the server) drops them.
-impl crate::store::UpdateFanout for mpsc::UnboundedSender<FanoutCommand> {
+/// The registry's side of the fan-out: commands queue for `RedisFanout::run` (a closed channel,
+/// the fan-out ended with the server, drops them), and the watch table answers `watched`.
+pub struct FanoutHandle {
+    commands: mpsc::UnboundedSender<FanoutCommand>,
+    watches: Arc<WatchTable>,
+}
+
+impl FanoutHandle {
+    /// A handle and the command queue `RedisFanout::run` takes.
+    pub fn new(watches: Arc<WatchTable>) -> (Self, mpsc::UnboundedReceiver<FanoutCommand>) {
+        let (commands, queue) = mpsc::unbounded_channel();
+        (Self { commands, watches }, queue)
+    }
+}
+
+impl crate::store::UpdateFanout for FanoutHandle {
     fn watch(&self, user: &UserId) {
-        let _ = self.send(FanoutCommand::Watch(user.clone()));
+        let _ = self.commands.send(FanoutCommand::Watch(user.clone()));
     }
 
     fn unwatch(&self, user: &UserId) {
-        let _ = self.send(FanoutCommand::Unwatch(user.clone()));
+        let _ = self.commands.send(FanoutCommand::Unwatch(user.clone()));
+    }
+
+    fn subscribed(&self, user: &UserId) {
+        if self.watches.enabled() {
+            let _ = self.commands.send(FanoutCommand::Announce(user.clone()));
+        }
+    }
+
+    fn watched(&self, user: &UserId) -> bool {
+        self.watches.watched(user)
+    }
+}
+
+/// Publishes announcements of `users` (in chunks of `ANNOUNCE_CHUNK`) as one pipeline.
+async fn announce(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    users: Vec<UserId>,
+    ttl: Duration,
+) -> redis::RedisResult<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    let ttl_ms = ttl.as_millis() as u64;
+    for chunk in users.chunks(ANNOUNCE_CHUNK) {
+        let message = Announcement { watch: chunk.to_vec(), ttl_ms };
+        pipe.publish(channel, serde_json::to_string(&message).expect("user ids serialise")).ignore();
+    }
+    pipe.query_async(conn).await
+}
+
+/// Records an announcement heard on the watch channel; yields the users it newly watches.
+fn hear(watches: &WatchTable, payload: &str) -> Vec<UserId> {
+    match serde_json::from_str::<Announcement>(payload) {
+        Ok(message) => {
+            let ttl = Duration::from_millis(message.ttl_ms);
+            message.watch.into_iter().filter(|user| watches.heard(user.clone(), ttl)).collect()
+        }
+        Err(error) => {
+            tracing::warn!(error = %error, "unreadable announcement on the watch channel");
+            Vec::new()
+        }
+    }
+}
+
+/// How long a watch announcement holds (`redis.watch_ttl_secs`); zero, the announcements off, on a
+/// Redis Cluster, where they are not carried yet: there every list is stored and published.
+pub fn watch_ttl(config: &RedisConfig) -> Duration {
+    if config.cluster_nodes.is_empty() {
+        Duration::from_secs(config.watch_ttl_secs)
+    } else {
+        Duration::ZERO
     }
 }
 
 impl RedisFanout {
-    /// Runs until `commands` closes. `deliver` gets every list published for a watched user, and
-    /// every erasure of one.
+    /// Runs until `commands` closes. `deliver` gets every list published for a followed user,
+    /// every erasure of one, and every user newly watched somewhere. With the watch table
+    /// enabled it also announces `locally_watched()` (the users with subscribers here) every
+    /// third of the watch TTL, and keeps the table from the announcements of every instance.
+    /// On a cluster the table must be disabled (`watch_ttl` zero, see [`watch_ttl`]).
     pub async fn run(
         config: RedisConfig,
         commands: mpsc::UnboundedReceiver<FanoutCommand>,
+        watches: Arc<WatchTable>,
+        locally_watched: impl Fn() -> Vec<UserId> + 'static,
         deliver: impl Fn(FanoutMessage) + 'static,
         metrics: Arc<Metrics>,
     ) {
         if config.cluster_nodes.is_empty() {
-            Self::run_single(config.url, config.key_prefix, commands, deliver, metrics).await;
+            Self::run_single(config.url, config.key_prefix, commands, watches, locally_watched, deliver, metrics).await;
         } else {
+            debug_assert!(!watches.enabled(), "no watch announcements on a cluster");
             Self::run_cluster(config.cluster_nodes, config.key_prefix, commands, deliver, metrics).await;
         }
     }
@@ -88,10 +170,15 @@ impl RedisFanout {
         url: String,
         prefix: String,
         mut commands: mpsc::UnboundedReceiver<FanoutCommand>,
+        watches: Arc<WatchTable>,
+        locally_watched: impl Fn() -> Vec<UserId> + 'static,
         deliver: impl Fn(FanoutMessage) + 'static,
         metrics: Arc<Metrics>,
     ) {
         let mut watched: HashSet<UserId> = HashSet::new();
+        let watch_channel = watch_channel(&prefix);
+        let mut rounds = tokio::time::interval(watches.period());
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut delay = Duration::from_millis(50);
         loop {
             let client = match redis::Client::open(url.as_str()) {
@@ -115,14 +202,35 @@ impl RedisFanout {
                     continue;
                 }
             };
+            // Announcements go on an ordinary connection (a subscribed one cannot publish).
+            let mut publisher = if watches.enabled() {
+                match client.get_multiplexed_async_connection().await {
+                    Ok(conn) => Some(conn),
+                    Err(error) => {
+                        metrics.store_errors.inc();
+                        tracing::debug!(error = %error, "update fan-out cannot reach redis; retrying");
+                        actix_rt::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             delay = Duration::from_millis(50);
             let (mut sink, mut stream) = pubsub.split();
-            let mut ok = true;
+            let mut ok = publisher.is_none() || sink.subscribe(&watch_channel).await.is_ok();
+            if ok && publisher.is_some() {
+                // What was announced before now is unknown here: everyone counts as watched
+                // for one TTL, and this instance's own watches are announced at once.
+                watches.listening();
+                rounds.reset_immediately();
+            }
             for user in &watched {
-                if sink.subscribe(updates_channel(&prefix, user)).await.is_err() {
-                    ok = false;
+                if !ok {
                     break;
                 }
+                ok = sink.subscribe(updates_channel(&prefix, user)).await.is_ok();
             }
             while ok {
                 tokio::select! {
@@ -131,13 +239,30 @@ impl RedisFanout {
                         let result = match &command {
                             FanoutCommand::Watch(user) => sink.subscribe(updates_channel(&prefix, user)).await,
                             FanoutCommand::Unwatch(user) => sink.unsubscribe(updates_channel(&prefix, user)).await,
+                            FanoutCommand::Announce(user) => match publisher.as_mut() {
+                                Some(conn) => announce(conn, &watch_channel, vec![user.clone()], watches.ttl()).await,
+                                None => Ok(()),
+                            },
                         };
                         apply(&mut watched, command);
                         ok = result.is_ok();
                     }
+                    _ = rounds.tick(), if publisher.is_some() => {
+                        watches.expire();
+                        let users = locally_watched();
+                        if let Some(conn) = publisher.as_mut() {
+                            ok = announce(conn, &watch_channel, users, watches.ttl()).await.is_ok();
+                        }
+                    }
                     message = stream.next() => {
                         let Some(message) = message else { break };
                         let Ok(payload) = message.get_payload::<String>() else { continue };
+                        if message.get_channel_name() == watch_channel {
+                            for user in hear(&watches, &payload) {
+                                deliver(FanoutMessage::Watched(user));
+                            }
+                            continue;
+                        }
                         match parse_update(&payload) {
                             Ok(message) => deliver(message),
                             Err(error) => tracing::warn!(error = %error, "unreadable list on an update channel"),
@@ -211,6 +336,7 @@ impl RedisFanout {
                             unsubscribed.remove(user);
                             let _ = connection.clone().sunsubscribe(updates_channel(&prefix, user)).await;
                         }
+                        FanoutCommand::Announce(_) => {}
                     }
                     apply(&mut watched, command);
                 }
@@ -259,6 +385,7 @@ fn apply(watched: &mut HashSet<UserId>, command: FanoutCommand) {
         FanoutCommand::Unwatch(user) => {
             watched.remove(&user);
         }
+        FanoutCommand::Announce(_) => {}
     }
 }
 
@@ -283,5 +410,17 @@ mod tests {
         let parsed = parse_update(&serde_json::to_string(&list).expect("list")).expect("list");
         assert!(matches!(parsed, FanoutMessage::List(l) if l == list));
         assert!(parse_update("{\"erased\": 5}").is_err());
+    }
+
+    #[test]
+    fn an_announcement_names_its_users_and_yields_those_newly_watched() {
+        let watches = WatchTable::new(Duration::ZERO);
+        watches.listening(); // a zero TTL: the blind time is over at once
+        let message = Announcement { watch: vec![UserId::from("ann"), UserId::from("bob")], ttl_ms: 30_000 };
+        let payload = serde_json::to_string(&message).expect("serialises");
+        assert_eq!(payload, r#"{"watch":["ann","bob"],"ttl_ms":30000}"#);
+        assert_eq!(hear(&watches, &payload).len(), 2);
+        assert!(hear(&watches, &payload).is_empty(), "announced again: nothing new");
+        assert!(hear(&watches, "{\"watch\": 3}").is_empty());
     }
 }

@@ -26,11 +26,15 @@
 //! keys and channel share a slot, lists go out with `SPUBLISH`, and a writer lane that cannot
 //! reach one master holds back only the writes of that master's slots (see `parking`), so the
 //! users of the other masters keep being written.
+//!
+//! Lists nobody watches are neither stored nor published: instances announce the users they hold
+//! subscribers of, and the owner's session skips the others (see `watch`).
 mod codec;
 mod conn;
 mod fanout;
 mod keys;
 mod parking;
+mod watch;
 mod writer;
 
 use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
@@ -42,8 +46,9 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncCommands as _};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::fanout::{FanoutCommand, FanoutMessage, RedisFanout};
+pub use self::fanout::{watch_ttl, FanoutCommand, FanoutHandle, FanoutMessage, RedisFanout};
 pub use self::keys::updates_channel;
+pub use self::watch::WatchTable;
 
 /// Reads one entry of a user's history list (`<prefix>:{<user>}:h`), in either stored form, for
 /// tools and tests that read the keys directly.

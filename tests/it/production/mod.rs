@@ -9,3 +9,4 @@ mod kafka;
 mod memory;
 mod shutdown;
 mod store_writer;
+mod watch;
