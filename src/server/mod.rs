@@ -35,7 +35,7 @@ use crate::store::{ProfileLimits, ProfileStore};
 use crate::telemetry::Metrics;
 
 mod housekeeping;
-use housekeeping::start_housekeeping;
+use housekeeping::{start_housekeeping, Threads as CachedThreads};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -86,10 +86,14 @@ impl Server {
         let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone())?;
         let bus = start_bus(&config, deps, &threads, &metrics).await?;
         let event_log = actors.event_log.clone();
-        start_housekeeping(&config, store.clone(), event_log, bus.registry.clone(), metrics.clone(), &threads.io);
+        let cached = CachedThreads::default();
+        for thread in threads.handles.iter().chain([&threads.io.handle(), &threads.monitor.handle()]) {
+            cached.add(thread.clone());
+        }
+        start_housekeeping(&config, store.clone(), event_log, bus.registry.clone(), metrics.clone(), cached.clone(), &threads.io);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, shutdown_rx)?;
-        let http = serve_http(&config, state)?;
+        let http = serve_http(&config, state, cached)?;
         let arbiters = threads.into_arbiters();
         Ok(Server {
             addr: http.addr,
@@ -507,7 +511,7 @@ struct Http {
 
 /// Step 6, the HTTP server: binds `server.listen`, serves the routes with the error handlers,
 /// rate limits and CORS, and runs on its own task.
-fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
+fn serve_http(config: &Config, state: AppState, cached: CachedThreads) -> Result<Http, StartError> {
     let workers = match config.server.workers {
         0 => Config::cores(),
         n => n,
@@ -518,6 +522,8 @@ fn serve_http(config: &Config, state: AppState) -> Result<Http, StartError> {
     let max_connections = http::limits::max_connections(&config.limits, open_files);
     let connections = Arc::new(http::limits::Connections::new(&config.limits, max_connections));
     let server = HttpServer::new(move || {
+        // Runs once on each worker thread as it starts.
+        cached.add(actix_rt::Arbiter::current());
         App::new()
             .app_data(web::Data::new(state.clone()))
             .wrap(
