@@ -29,7 +29,7 @@ order (each user's history, decoded as liverec::store::redis::decode_history_ent
 
     eval "$(scripts/services up)"
     python3 load-tests/scale-out.py --out reports/scale-out
-    python3 load-tests/scale-out.py --part rebalance --kill --rate 5000
+    python3 load-tests/scale-out.py --part rebalance --kill --rate 1500
 
 Redis is switched to `appendfsync everysec` (the production figure's setting; scripts/services
 starts it with `always`) for the run and switched back at the end.
@@ -805,7 +805,7 @@ def main():
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--window", type=float, default=30, help="seconds of the throughput window")
     parser.add_argument("--warmup", type=float, default=3, help="seconds after the group settled")
-    parser.add_argument("--rate", type=int, default=5000, help="events/s during the rebalances")
+    parser.add_argument("--rate", type=int, default=1500, help="events/s during the rebalances (two instances must sustain it)")
     parser.add_argument("--kill", action="store_true", help="also SIGKILL an instance under load")
     parser.add_argument("--settle-stall", type=float, default=60, help="give up on Redis after this long without progress")
     parser.add_argument("--keep-fsync", action="store_true", help="leave Redis's appendfsync as it is")
