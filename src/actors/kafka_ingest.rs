@@ -109,7 +109,7 @@ impl ConsumerContext for IngestContext {
         let pending: Vec<InFlight> = self.queue.lock().drain(..).collect();
         let started = Instant::now();
         for mut batch in pending {
-            futures_executor::block_on(std::future::poll_fn(|cx| batch.poll_done(cx)));
+            block_until_durable(&mut batch);
             store_offsets(consumer, &self.topic, &batch.offsets);
         }
         if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
@@ -134,6 +134,16 @@ impl ConsumerContext for IngestContext {
             tracing::info!(partitions = ?partitions, "partitions assigned");
         }
     }
+}
+
+/// Blocks this thread until `batch` is durable. The revoke callback runs inside the consume
+/// loop's task, whose tokio budget a busy loop may have spent (polling a batch of a thousand
+/// `Persisted` futures spends it at once). With the budget spent, a finished oneshot answers
+/// `Pending` and hands its wake-up to the tokio scheduler, which cannot run while this thread
+/// blocks: the revoke then waited forever and the whole group with it (seen under load when an
+/// instance joined, docs/performance.md "Scale-out"). Hence the wait opts out of the budget.
+fn block_until_durable(batch: &mut InFlight) {
+    futures_executor::block_on(tokio::task::unconstrained(std::future::poll_fn(|cx| batch.poll_done(cx))));
 }
 
 fn store_offsets<C: ConsumerContext, K: Consumer<C>>(consumer: &K, topic: &str, offsets: &[(i32, i64)]) {
@@ -508,5 +518,52 @@ fn received_at(record: &BorrowedMessage<'_>, wall_now: i64) -> Instant {
             now.checked_sub(Duration::from_micros((wall_now - micros) as u64)).unwrap_or(now)
         }
         _ => now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revoke that comes while the consume loop's task has spent its tokio budget still sees
+    /// an in-flight batch finish (before, it waited forever and so did the consumer group).
+    #[test]
+    fn a_revoke_sees_in_flight_batches_finish_after_the_loop_spent_its_tokio_budget() {
+        let (finished_tx, finished_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+            runtime.block_on(async move {
+                // Spend the task's budget, as a consume loop does polling many Persisted futures.
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                for n in 0..1000 {
+                    tx.send(n).expect("open");
+                }
+                let mut received = 0;
+                while rx.recv().now_or_never().is_some() {
+                    received += 1;
+                }
+                assert!(received < 1000, "the budget was not spent: {received} received");
+                // A batch that is already durable.
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                done_tx.send(()).expect("open");
+                let persisted: Persisted = Box::pin(async move {
+                    let _ = done_rx.await;
+                });
+                let mut batch = InFlight {
+                    offsets: vec![(0, 1)],
+                    records: 1,
+                    done: join_all(vec![persisted]),
+                    finished: false,
+                    since: Instant::now(),
+                };
+                block_until_durable(&mut batch);
+            });
+            let _ = finished_tx.send(());
+        });
+        // A stall detector, not a speed demand: the wait takes microseconds when it works.
+        assert!(
+            finished_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "the revoke's wait for a durable batch never returned"
+        );
     }
 }
