@@ -13,6 +13,10 @@
 //!
 //! The process keeps freed memory (`models::keep_freed_memory`), as a server running the model
 //! should. Run: `cargo bench --bench inference` (criterion reports `elements/s`, i.e. users/s).
+//!
+//! For larger catalogues (issue 14), `LIVEREC_BENCH_ITEMS=100000` sets the item count of both
+//! models, and `LIVEREC_BENCH_BATCHES=64` the batch sizes (comma-separated):
+//! `LIVEREC_BENCH_ITEMS=100000 LIVEREC_BENCH_BATCHES=64 cargo bench --bench inference`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -28,46 +32,60 @@ use liverec::models::{HistoryItem, Recommender, ScoreRequest};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-const ITEMS: usize = 1682;
 const GENRES: usize = 19;
 const HISTORY: usize = 50;
 const K: usize = 10;
-const BATCHES: [usize; 5] = [1, 16, 64, 256, 1024];
 
-fn model() -> SequentialModel {
+/// Items in the catalogue: `LIVEREC_BENCH_ITEMS`, else `default`.
+fn items(default: usize) -> usize {
+    std::env::var("LIVEREC_BENCH_ITEMS").ok().and_then(|n| n.parse().ok()).unwrap_or(default)
+}
+
+/// Batch sizes: `LIVEREC_BENCH_BATCHES` (comma-separated), else 1, 16, 64, 256 and 1024.
+fn batches() -> Vec<usize> {
+    std::env::var("LIVEREC_BENCH_BATCHES")
+        .ok()
+        .map(|b| b.split(',').filter_map(|n| n.trim().parse().ok()).collect::<Vec<usize>>())
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| vec![1, 16, 64, 256, 1024])
+}
+
+fn model(items: usize) -> SequentialModel {
     let mut rng = SmallRng::seed_from_u64(1);
     let vocab = Vocab {
-        items: (1..=ITEMS).map(|i| i.to_string()).collect(),
-        item_genres: (0..ITEMS).map(|_| vec![rng.random_range(0..GENRES as u16)]).collect(),
-        item_years: (0..ITEMS).map(|_| Some(rng.random_range(1930..1999))).collect(),
+        items: (1..=items).map(|i| i.to_string()).collect(),
+        item_genres: (0..items).map(|_| vec![rng.random_range(0..GENRES as u16)]).collect(),
+        item_years: (0..items).map(|_| Some(rng.random_range(1930..1999))).collect(),
         genres: (0..GENRES).map(|g| format!("genre{g}")).collect(),
         occupations: vec!["other".to_owned()],
         popularity: Popularity {
-            global: (0..ITEMS).map(|_| rng.random_range(1.0..500.0)).collect(),
-            by_segment: vec![vec![1.0; ITEMS]; liverec::event::Context::SEGMENTS],
+            global: (0..items).map(|_| rng.random_range(1.0..500.0)).collect(),
+            by_segment: vec![vec![1.0; items]; liverec::event::Context::SEGMENTS],
         },
     };
     SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid")
 }
 
-fn histories(n: usize, rng: &mut SmallRng) -> Vec<Vec<u32>> {
-    (0..n).map(|_| (0..HISTORY).map(|_| rng.random_range(0..ITEMS as u32)).collect()).collect()
+fn histories(n: usize, items: usize, rng: &mut SmallRng) -> Vec<Vec<u32>> {
+    (0..n).map(|_| (0..HISTORY).map(|_| rng.random_range(0..items as u32)).collect()).collect()
 }
 
 fn bench_inference(c: &mut Criterion) {
     liverec::models::keep_freed_memory();
-    let mut model = model();
+    let items = items(1682);
+    let mut model = model(items);
     let catalog = Catalog::new();
     let catalog_idx = intern_vocab(&model.vocab, &catalog);
     let mut rng = SmallRng::seed_from_u64(2);
-    let largest = BATCHES.iter().copied().max().unwrap_or(1);
-    let users = histories(largest, &mut rng);
+    let batches = batches();
+    let largest = batches.iter().copied().max().unwrap_or(1);
+    let users = histories(largest, items, &mut rng);
 
     let mut group = c.benchmark_group("inference");
     group.sample_size(10);
     group.warm_up_time(std::time::Duration::from_secs(1));
     group.measurement_time(std::time::Duration::from_secs(4));
-    for batch in BATCHES {
+    for &batch in &batches {
         group.throughput(Throughput::Elements(batch as u64));
 
         let queries: Vec<Query> = users[..batch]
@@ -118,19 +136,20 @@ fn bench_inference(c: &mut Criterion) {
 
 /// The online co-occurrence model, by batch size.
 fn bench_online(c: &mut Criterion) {
-    const DEMO_ITEMS: usize = 2000;
+    let demo_items = items(2000);
     let config = liverec::config::Config::default();
     let catalog = Catalog::new();
-    liverec::demo::load_catalog(&catalog, DEMO_ITEMS, config.demo.seed);
+    liverec::demo::load_catalog(&catalog, demo_items, config.demo.seed);
     let mut model = CoocModel::new(config.model.cooccurrence.clone());
-    model.observe(&liverec::demo::warmup_observations(&catalog, DEMO_ITEMS, 3000, config.demo.seed));
+    model.observe(&liverec::demo::warmup_observations(&catalog, demo_items, 3000, config.demo.seed));
     let mut rng = SmallRng::seed_from_u64(3);
-    let largest = BATCHES.iter().copied().max().unwrap_or(1);
+    let batches = batches();
+    let largest = batches.iter().copied().max().unwrap_or(1);
     let requests: Vec<ScoreRequest> = (0..largest)
         .map(|_| {
             let history: Vec<HistoryItem> = (0..20)
                 .map(|t| HistoryItem {
-                    item: catalog.intern(&liverec::demo::item_id(rng.random_range(0..DEMO_ITEMS))),
+                    item: catalog.intern(&liverec::demo::item_id(rng.random_range(0..demo_items))),
                     event_type: EventType::View,
                     value: None,
                     timestamp: 1_700_000_000_000 + t * 60_000,
@@ -150,7 +169,7 @@ fn bench_online(c: &mut Criterion) {
     group.sample_size(20);
     group.warm_up_time(std::time::Duration::from_secs(1));
     group.measurement_time(std::time::Duration::from_secs(3));
-    for batch in BATCHES {
+    for &batch in &batches {
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::new("score", batch), &requests[..batch], |b, r| {
             b.iter(|| {

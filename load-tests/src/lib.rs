@@ -6,6 +6,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod svg;
+pub mod synth;
 
 pub use report::Report;
 pub use run::{run, RunError, RunOptions};
