@@ -22,10 +22,10 @@ use crate::config::RedisConfig;
 /// it reports the error: the store's writer retries the whole write itself, with its own backoff,
 /// so a dead master costs a few milliseconds per attempt, not the client's 16 retries.
 const CLUSTER_RETRIES: u32 = 2;
-/// How long connecting to a node may take before the attempt counts as failed.
-const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a node may take to answer before the attempt counts as failed.
-const CLUSTER_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting to Redis (a node of a cluster) may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long Redis (a node) may take to answer before the attempt counts as failed.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The store's way to Redis (see the module docs).
 #[derive(Clone)]
@@ -50,9 +50,19 @@ impl Redis {
     /// Connections are made lazily, so Redis need not be up yet.
     pub(super) fn new(config: &RedisConfig) -> Result<Self, String> {
         if config.cluster_nodes.is_empty() {
-            let mut pool_config = deadpool_redis::Config::from_url(config.url.clone());
-            pool_config.pool = Some(deadpool_redis::PoolConfig::new(config.pool_size.max(1)));
-            let pool = pool_config.create_pool(Some(Runtime::Tokio1)).map_err(|e| e.to_string())?;
+            // The client's default response timeout (500 ms) is shorter than a large pipeline
+            // takes on a loaded Redis: the writer then sent the whole pipeline again, adding work
+            // where there was already too much.
+            let connection = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
+                .map_err(|e| e.to_string())?;
+            let pool = Pool::builder(manager)
+                .max_size(config.pool_size.max(1))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| e.to_string())?;
             return Ok(Self::Single(pool));
         }
         let client = cluster_client(&config.cluster_nodes, None)?;
@@ -95,8 +105,8 @@ pub(super) fn cluster_client(
 ) -> Result<redis::cluster::ClusterClient, String> {
     let builder = ClusterClientBuilder::new(nodes.to_vec())
         .retries(CLUSTER_RETRIES)
-        .connection_timeout(CLUSTER_CONNECT_TIMEOUT)
-        .response_timeout(CLUSTER_RESPONSE_TIMEOUT);
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT);
     let builder = match push {
         Some(push) => builder.use_protocol(redis::ProtocolVersion::RESP3).push_sender(push),
         None => builder,
