@@ -38,6 +38,21 @@ pub struct Interaction {
     pub rec_id: Option<Arc<str>>,
 }
 
+#[cfg(test)]
+impl Interaction {
+    /// A view of `item` with event id `id` at time `timestamp`, for tests.
+    pub fn view(id: &str, item: &str, timestamp: i64) -> Self {
+        Interaction {
+            event_id: EventId::from(id),
+            item_id: ItemId::from(item),
+            event_type: EventType::View,
+            value: None,
+            timestamp,
+            rec_id: None,
+        }
+    }
+}
+
 /// One applied interaction as the log retains it for the trainer: the interaction itself, and
 /// what the session knew when it applied it. It reads as the interaction (`Deref`), so
 /// `event.event_type` and `event.timestamp` are the interaction's own fields.

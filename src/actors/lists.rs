@@ -188,20 +188,13 @@ pub fn seq_after_stored(profile: Option<&Profile>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventType, UserId};
+    use crate::event::UserId;
     use crate::store::Interaction;
 
     fn profile(events: &[&str], stored: Option<(u64, &str)>) -> Profile {
         let interactions = events
             .iter()
-            .map(|id| Interaction {
-                event_id: EventId::from(*id),
-                item_id: ItemId::from("i"),
-                event_type: EventType::View,
-                value: None,
-                timestamp: 1,
-                rec_id: None,
-            })
+            .map(|id| Interaction::view(id, "i", 1))
             .collect();
         let last_recs = stored.map(|(seq, last)| RecList {
             rec_id: "r".into(),

@@ -246,18 +246,11 @@ impl ProfileStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventId, EventType, ItemId};
+    use crate::event::ItemId;
     use crate::store::Interaction;
 
     fn interaction(id: &str, item: &str) -> Interaction {
-        Interaction {
-            event_id: EventId::from(id),
-            item_id: ItemId::from(item),
-            event_type: EventType::View,
-            value: None,
-            timestamp: 0,
-            rec_id: None,
-        }
+        Interaction::view(id, item, 0)
     }
 
     #[actix_rt::test]

@@ -321,19 +321,11 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventId, EventType};
 
     fn append(user: &str, ids: &[&str]) -> Write {
         let interactions = ids
             .iter()
-            .map(|id| Interaction {
-                event_id: EventId::from(*id),
-                item_id: ItemId::from("i"),
-                event_type: EventType::View,
-                value: None,
-                timestamp: 1,
-                rec_id: None,
-            })
+            .map(|id| Interaction::view(id, "i", 1))
             .collect();
         let update = ProfileUpdate { user_id: UserId::from(user), interactions, context: None, suppressed: vec![] };
         Write::Append { update, done: oneshot::channel().0 }

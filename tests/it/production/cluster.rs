@@ -8,9 +8,9 @@ use std::process::Command;
 use deadpool_redis::redis::{self, AsyncCommands as _};
 use liverec::bus::kafka::partition_for;
 use liverec::config::Config;
-use liverec::Server;
 use serde_json::{json, Value};
 
+use super::two_instances;
 use crate::support::*;
 
 /// The cluster tests take this lock: the one that kills a master for writing, the others for
@@ -75,24 +75,6 @@ async fn cluster_ids(conn: &mut redis::cluster_async::ClusterConnection, config:
         .collect()
 }
 
-/// Two instances of `config`, once each owns some of the topic's partitions; A's partitions.
-async fn two_instances(config: &Config) -> (Server, Server, Vec<i32>) {
-    let a = start(config.clone()).await;
-    let b = start(config.clone()).await;
-    let owned_by_a = eventually("both instances own partitions", || async {
-        let parts = |server: &Server| {
-            let url = format!("{}/readyz", server.url());
-            async move {
-                let ready: Value = client().get(url).send().await.ok()?.json().await.ok()?;
-                serde_json::from_value::<Vec<i32>>(ready["kafka_partitions"].clone()).ok()
-            }
-        };
-        let (pa, pb) = (parts(&a).await?, parts(&b).await?);
-        (!pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == PARTITIONS as usize).then_some(pa)
-    })
-    .await;
-    (a, b, owned_by_a)
-}
 
 /// One user per master (index 0 on master 1, ...), each consumed by instance A.
 async fn a_user_per_master(prefix: &str, config: &Config, owned_by_a: &[i32]) -> [String; 3] {

@@ -241,20 +241,7 @@ async fn a_redis_restart_keeps_serving_and_loses_no_accepted_event() {
 async fn an_erasure_reaches_the_streams_and_the_event_log_of_every_instance() {
     let _services = SERVICES.read().await;
     let config = production_config("erase");
-    let a = start(config.clone()).await;
-    let b = start(config).await;
-    let owned_by_a = eventually("both instances own partitions", || async {
-        let parts = |server: &liverec::Server| {
-            let url = format!("{}/readyz", server.url());
-            async move {
-                let ready: Value = client().get(url).send().await.ok()?.json().await.ok()?;
-                serde_json::from_value::<Vec<i32>>(ready["kafka_partitions"].clone()).ok()
-            }
-        };
-        let (pa, pb) = (parts(&a).await?, parts(&b).await?);
-        (!pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == PARTITIONS as usize).then_some(pa)
-    })
-    .await;
+    let (a, b, owned_by_a) = super::two_instances(&config).await;
     // A user A consumes and streams; the erasure goes to B.
     let user = (0..)
         .map(|i| format!("e-user-{i}"))
