@@ -192,10 +192,7 @@ mod tests {
     use crate::store::Interaction;
 
     fn profile(events: &[&str], stored: Option<(u64, &str)>) -> Profile {
-        let interactions = events
-            .iter()
-            .map(|id| Interaction::view(id, "i", 1))
-            .collect();
+        let interactions = events.iter().map(|id| Interaction::view(id, "i", 1)).collect();
         let last_recs = stored.map(|(seq, last)| RecList {
             rec_id: "r".into(),
             user_id: UserId::from("ann"),

@@ -323,10 +323,7 @@ mod tests {
     use super::*;
 
     fn append(user: &str, ids: &[&str]) -> Write {
-        let interactions = ids
-            .iter()
-            .map(|id| Interaction::view(id, "i", 1))
-            .collect();
+        let interactions = ids.iter().map(|id| Interaction::view(id, "i", 1)).collect();
         let update = ProfileUpdate { user_id: UserId::from(user), interactions, context: None, suppressed: vec![] };
         Write::Append { update, done: oneshot::channel().0 }
     }

@@ -75,7 +75,6 @@ async fn cluster_ids(conn: &mut redis::cluster_async::ClusterConnection, config:
         .collect()
 }
 
-
 /// One user per master (index 0 on master 1, ...), each consumed by instance A.
 async fn a_user_per_master(prefix: &str, config: &Config, owned_by_a: &[i32]) -> [String; 3] {
     let mut found: [Option<String>; 3] = [None, None, None];
