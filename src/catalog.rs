@@ -505,6 +505,37 @@ mod tests {
     }
 
     #[test]
+    fn deleted_withdrawn_and_expired_items_are_unavailable_and_pages_skip_the_deleted() {
+        let catalog = Catalog::new();
+        let ids: Vec<ItemId> = (0..5).map(|i| ItemId::from(format!("i{i}").as_str())).collect();
+        for id in &ids {
+            catalog.put(id, ItemAttributes::default());
+        }
+        catalog.intern(&ItemId::from("event-only"));
+        catalog.put(&ids[1], ItemAttributes { available: Some(false), ..Default::default() });
+        catalog.put(&ids[2], ItemAttributes { expires_at: Some(1_000), ..Default::default() });
+        assert!(catalog.delete(&ids[3]));
+        assert!(!catalog.delete(&ids[3]), "already deleted");
+        assert!(!catalog.delete(&ItemId::from("event-only")), "not a catalogue item");
+        let mut gone = catalog.unavailable(999);
+        gone.sort_unstable();
+        assert_eq!(gone, vec![1, 3], "not yet expired at 999");
+        let mut gone = catalog.unavailable(1_000);
+        gone.sort_unstable();
+        assert_eq!(gone, vec![1, 2, 3]);
+        assert!(catalog.get(&ids[3]).is_none());
+        let first = catalog.page(None, 2);
+        let ids_of = |p: &ItemPage| p.items.iter().map(|v| v.item_id.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids_of(&first), ["i0", "i1"]);
+        let second = catalog.page(first.next_cursor.as_deref().map(|c| c.parse().expect("cursor")), 10);
+        assert_eq!(ids_of(&second), ["i2", "i4"]);
+        assert_eq!(second.next_cursor, None);
+        // Put again, it is back and available.
+        assert_eq!(catalog.put(&ids[3], ItemAttributes::default()), (3, true));
+        assert!(catalog.is_available(&ids[3], 0));
+    }
+
+    #[test]
     fn unknown_items_can_be_refused_altogether() {
         let catalog = Catalog::with_admission(Admission { accept_unknown_items: false, max_event_items: 0 });
         let (known, unknown) = (ItemId::from("known"), ItemId::from("new"));
