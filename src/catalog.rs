@@ -8,7 +8,7 @@
 //! checked with [`Catalog::admit`] where they enter (HTTP, WebSocket, Kafka); items that were
 //! admitted once (or come back from stored profiles) are interned without a check.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -43,6 +43,15 @@ pub struct ItemAttributes {
     #[serde(default)]
     #[schema(minimum = 0)]
     pub created_at: Option<i64>,
+    /// False takes the item out of every list (recommendations, pushed lists, cold start)
+    /// while keeping it in the catalogue; absent means true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<bool>,
+    /// Milliseconds since the Unix epoch from which the item is unavailable (a time in the past
+    /// makes it unavailable at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub expires_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -82,6 +91,9 @@ impl ItemAttributes {
         if matches!(self.created_at, Some(t) if t < 0) {
             return bad("created_at", "must be milliseconds since the Unix epoch".to_owned());
         }
+        if matches!(self.expires_at, Some(t) if t < 0) {
+            return bad("expires_at", "must be milliseconds since the Unix epoch".to_owned());
+        }
         Ok(())
     }
 }
@@ -90,6 +102,9 @@ struct Entry {
     id: ItemId,
     attributes: Option<Arc<ItemAttributes>>,
     categories: Vec<CategoryIdx>,
+    /// Deleted (`DELETE /v1/items/{id}`): the index stays (models score over indices), the
+    /// item is unavailable and no longer shown as part of the catalogue until put again.
+    deleted: bool,
 }
 
 #[derive(Default)]
@@ -102,16 +117,40 @@ struct Inner {
     event_only: usize,
     category_index: HashMap<Arc<str>, CategoryIdx>,
     category_names: Vec<Arc<str>>,
+    /// Items deleted or put with `available: false`: excluded from every list.
+    hidden: BTreeSet<ItemIdx>,
+    /// Items put with an `expires_at`, and when: excluded from every list from then on.
+    expiring: BTreeMap<ItemIdx, i64>,
 }
 
 impl Inner {
+    fn available_at(&self, idx: ItemIdx, now_ms: i64) -> bool {
+        !self.hidden.contains(&idx) && self.expiring.get(&idx).is_none_or(|&at| at > now_ms)
+    }
+
+    fn view(&self, idx: ItemIdx) -> ItemView {
+        let entry = &self.items[idx as usize];
+        let ItemAttributes { title, categories, tags, created_at, available: _, expires_at } =
+            entry.attributes.as_deref().cloned().unwrap_or_default();
+        ItemView {
+            item_id: entry.id.clone(),
+            title,
+            categories,
+            tags,
+            created_at,
+            in_catalog: entry.attributes.is_some(),
+            available: self.available_at(idx, crate::event::now_ms()),
+            expires_at,
+        }
+    }
+
     /// The index of `id`, adding it without attributes if it is new.
     fn add(&mut self, id: &ItemId) -> ItemIdx {
         if let Some(&idx) = self.index.get(id) {
             return idx;
         }
         let idx = ItemIdx::try_from(self.items.len()).expect("fewer than 2^32 items");
-        self.items.push(Entry { id: id.clone(), attributes: None, categories: Vec::new() });
+        self.items.push(Entry { id: id.clone(), attributes: None, categories: Vec::new(), deleted: false });
         self.index.insert(id.clone(), idx);
         self.event_only += 1;
         idx
@@ -188,12 +227,34 @@ pub struct ItemView {
     pub created_at: Option<i64>,
     /// False for an item known only from events, never put into the catalogue.
     pub in_catalog: bool,
+    /// Whether lists may show the item now: false once it was put with `available: false` or
+    /// its `expires_at` has passed.
+    pub available: bool,
+    /// When the item stops being available, if it was put with one.
+    pub expires_at: Option<i64>,
 }
 
 impl From<ItemView> for ItemAttributes {
     fn from(view: ItemView) -> Self {
-        ItemAttributes { title: view.title, categories: view.categories, tags: view.tags, created_at: view.created_at }
+        ItemAttributes {
+            title: view.title,
+            categories: view.categories,
+            tags: view.tags,
+            created_at: view.created_at,
+            available: (!view.available && view.expires_at.is_none()).then_some(false),
+            expires_at: view.expires_at,
+        }
     }
+}
+
+/// One page of the catalogue (`GET /v1/items`).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ItemPage {
+    /// Items put into the catalogue (not those known only from events, nor deleted ones), in
+    /// the order they first became known. A page may hold fewer than `limit` items.
+    pub items: Vec<ItemView>,
+    /// Pass as `cursor` for the next page; absent at the end of the catalogue.
+    pub next_cursor: Option<String>,
 }
 
 impl Catalog {
@@ -272,30 +333,90 @@ impl Catalog {
         let idx = self.intern(id);
         let mut inner = self.inner.write();
         let categories = attributes.categories.iter().map(|c| inner.category(c)).collect();
+        let hidden = attributes.available == Some(false);
+        let expires_at = attributes.expires_at;
         let entry = &mut inner.items[idx as usize];
-        let created = entry.attributes.is_none();
+        let created = entry.attributes.is_none() || entry.deleted;
+        let was_event_only = entry.attributes.is_none() && !entry.deleted;
         entry.attributes = Some(Arc::new(attributes));
         entry.categories = categories;
-        if created {
+        entry.deleted = false;
+        if was_event_only {
             inner.event_only = inner.event_only.saturating_sub(1);
         }
+        if hidden {
+            inner.hidden.insert(idx);
+        } else {
+            inner.hidden.remove(&idx);
+        }
+        match expires_at {
+            Some(at) => inner.expiring.insert(idx, at),
+            None => inner.expiring.remove(&idx),
+        };
         (idx, created)
     }
 
+    /// Deletes an item put into the catalogue: it leaves every list and the catalogue's pages.
+    /// Its index stays (the models score over indices); putting it again brings it back.
+    /// Returns false when there is no such item in the catalogue.
+    pub fn delete(&self, id: &ItemId) -> bool {
+        let mut inner = self.inner.write();
+        let Some(&idx) = inner.index.get(id) else { return false };
+        let entry = &mut inner.items[idx as usize];
+        if entry.attributes.is_none() || entry.deleted {
+            return false;
+        }
+        entry.deleted = true;
+        entry.categories.clear();
+        inner.hidden.insert(idx);
+        inner.expiring.remove(&idx);
+        true
+    }
+
+    /// Items lists must not show at `now_ms`: deleted, put with `available: false`, or expired.
+    /// Costs one entry per such item; the catalogue keeps no others.
+    pub fn unavailable(&self, now_ms: i64) -> Vec<ItemIdx> {
+        let inner = self.inner.read();
+        let mut out: Vec<ItemIdx> = inner.hidden.iter().copied().collect();
+        out.extend(inner.expiring.iter().filter(|(_, &at)| at <= now_ms).map(|(&idx, _)| idx));
+        out
+    }
+
+    /// Whether lists may show `id` at `now_ms` (an item unknown here is available: lists only
+    /// name known items).
+    pub fn is_available(&self, id: &ItemId, now_ms: i64) -> bool {
+        let inner = self.inner.read();
+        inner.index.get(id).is_none_or(|idx| inner.available_at(*idx, now_ms))
+    }
+
+    /// Up to `limit` items put into the catalogue from `cursor` on (see [`ItemPage`]). Scans at
+    /// most `limit` times 8 entries (at least 1,024), so items known only from events between
+    /// catalogue items can shorten a page but never make one slow.
+    pub fn page(&self, cursor: Option<ItemIdx>, limit: usize) -> ItemPage {
+        let inner = self.inner.read();
+        let start = cursor.unwrap_or(0) as usize;
+        let budget = limit.saturating_mul(8).max(1024);
+        let mut items = Vec::new();
+        let mut next = start;
+        while next < inner.items.len() && items.len() < limit && next - start < budget {
+            let entry = &inner.items[next];
+            if entry.attributes.is_some() && !entry.deleted {
+                items.push(inner.view(next as ItemIdx));
+            }
+            next += 1;
+        }
+        let next_cursor = (next < inner.items.len()).then(|| next.to_string());
+        ItemPage { items, next_cursor }
+    }
+
+    /// The item, unless it is unknown or was deleted.
     pub fn get(&self, id: &ItemId) -> Option<ItemView> {
         let inner = self.inner.read();
         let idx = *inner.index.get(id)?;
-        let entry = &inner.items[idx as usize];
-        let ItemAttributes { title, categories, tags, created_at } =
-            entry.attributes.as_deref().cloned().unwrap_or_default();
-        Some(ItemView {
-            item_id: entry.id.clone(),
-            title,
-            categories,
-            tags,
-            created_at,
-            in_catalog: entry.attributes.is_some(),
-        })
+        if inner.items[idx as usize].deleted {
+            return None;
+        }
+        Some(inner.view(idx))
     }
 
     /// The item id at `idx`.
@@ -381,6 +502,37 @@ mod tests {
         catalog.put(&ids[0], ItemAttributes::default());
         assert_eq!(catalog.admit([&ids[3]]), Ok(()));
         assert_eq!((catalog.len(), catalog.event_only()), (5, 3));
+    }
+
+    #[test]
+    fn deleted_withdrawn_and_expired_items_are_unavailable_and_pages_skip_the_deleted() {
+        let catalog = Catalog::new();
+        let ids: Vec<ItemId> = (0..5).map(|i| ItemId::from(format!("i{i}").as_str())).collect();
+        for id in &ids {
+            catalog.put(id, ItemAttributes::default());
+        }
+        catalog.intern(&ItemId::from("event-only"));
+        catalog.put(&ids[1], ItemAttributes { available: Some(false), ..Default::default() });
+        catalog.put(&ids[2], ItemAttributes { expires_at: Some(1_000), ..Default::default() });
+        assert!(catalog.delete(&ids[3]));
+        assert!(!catalog.delete(&ids[3]), "already deleted");
+        assert!(!catalog.delete(&ItemId::from("event-only")), "not a catalogue item");
+        let mut gone = catalog.unavailable(999);
+        gone.sort_unstable();
+        assert_eq!(gone, vec![1, 3], "not yet expired at 999");
+        let mut gone = catalog.unavailable(1_000);
+        gone.sort_unstable();
+        assert_eq!(gone, vec![1, 2, 3]);
+        assert!(catalog.get(&ids[3]).is_none());
+        let first = catalog.page(None, 2);
+        let ids_of = |p: &ItemPage| p.items.iter().map(|v| v.item_id.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids_of(&first), ["i0", "i1"]);
+        let second = catalog.page(first.next_cursor.as_deref().map(|c| c.parse().expect("cursor")), 10);
+        assert_eq!(ids_of(&second), ["i2", "i4"]);
+        assert_eq!(second.next_cursor, None);
+        // Put again, it is back and available.
+        assert_eq!(catalog.put(&ids[3], ItemAttributes::default()), (3, true));
+        assert!(catalog.is_available(&ids[3], 0));
     }
 
     #[test]

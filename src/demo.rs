@@ -61,6 +61,7 @@ pub fn load_catalog(catalog: &Catalog, items: usize, seed: u64) {
             categories,
             tags: vec![format!("year-{}", 1980 + rng.random_range(0..45))],
             created_at: Some(1_600_000_000_000 + i as i64 * 3_600_000),
+            ..ItemAttributes::default()
         };
         catalog.put(&item_id(i), attributes);
     }

@@ -83,6 +83,8 @@ pub fn build_request<'a>(
     let mut exclude: Vec<ItemIdx> =
         history.iter().filter(|h| excluded_types.contains(&h.event_type)).map(|h| h.item).collect();
     exclude.extend(filters.exclude.iter().filter_map(|id| deps.catalog.lookup(id)));
+    // Deleted, withdrawn (`available: false`) and expired items: never in any list.
+    exclude.extend(deps.catalog.unavailable(now_ms()));
     let negatives = suppressed.filter_map(|id| deps.catalog.lookup(id)).collect();
     let categories = if filters.categories.is_empty() {
         None
@@ -139,7 +141,10 @@ pub async fn list_from_store(
         }
     };
     if filters.is_empty() && k <= deps.config.recs.default_k {
-        if let Some(recs) = profile.as_ref().and_then(current_stored_list) {
+        let now = now_ms();
+        let stored = profile.as_ref().and_then(current_stored_list);
+        // A stored list naming an item since taken out of the catalogue is scored afresh.
+        if let Some(recs) = stored.filter(|l| l.items.iter().all(|i| deps.catalog.is_available(&i.item_id, now))) {
             return Ok(RecUpdate::new(recs.clone()));
         }
     }

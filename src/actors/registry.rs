@@ -20,7 +20,7 @@ use super::messages::{
 };
 use super::SessionDeps;
 use crate::bus::partition_of;
-use crate::event::{Event, UserId};
+use crate::event::{Event, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 use crate::store::UpdateFanout;
 
@@ -457,6 +457,35 @@ impl SessionRegistry {
         hub.subscriber_count() > 0 || self.fanout.as_ref().is_none_or(|fanout| fanout.watched(&hub.user))
     }
 
+    /// Items left the catalogue (deleted, withdrawn, expired): every session here whose latest
+    /// list shows one of them pushes a fresh list without it. One walk over the hubs, checking
+    /// each latest list; returns how many sessions were asked. A watched hub whose session has
+    /// stopped gets one started (its subscribers hold the list); an unwatched one without a
+    /// session is left alone (its next event or subscriber scores afresh).
+    pub fn refresh_lists_holding(self: &Arc<Self>, items: &std::collections::HashSet<ItemId>) -> usize {
+        // Collected first: starting a session inserts into the map being walked.
+        let holding: Vec<Arc<UserHub>> = self
+            .hubs
+            .iter()
+            .filter(|hub| hub.latest().is_some_and(|u| u.list.items.iter().any(|i| items.contains(&i.item_id))))
+            .map(|hub| hub.clone())
+            .collect();
+        let mut asked = 0;
+        for hub in holding {
+            let session = match hub.session() {
+                Some(session) => session,
+                None if hub.subscriber_count() > 0 && !self.owned_by_ingest() => self.session(&hub.user).1,
+                None => continue,
+            };
+            // A full mailbox means the session is busy applying events: it pushes a list
+            // (scored without the item) after them anyway.
+            if session.ensure_list.try_send(EnsureList { fresh: true }).is_ok() {
+                asked += 1;
+            }
+        }
+        asked
+    }
+
     /// Some instance newly watches `user`: its session here, if any, pushes a fresh list, which
     /// is stored and published (the lists since the last watch were not). Without a session the
     /// next event's session stores its lists, and the subscriber started from the stored profile.
@@ -824,7 +853,10 @@ mod tests {
         assert_eq!(registry.running.load(Ordering::Relaxed), 9);
         let mut waiting = Box::pin(apply(9));
         for _ in 0..100 {
-            assert!(futures_util::FutureExt::now_or_never(&mut waiting).is_none(), "a tenth session started past the cap");
+            assert!(
+                futures_util::FutureExt::now_or_never(&mut waiting).is_none(),
+                "a tenth session started past the cap"
+            );
             actix_rt::task::yield_now().await;
         }
         assert_eq!(registry.running.load(Ordering::Relaxed), 9);

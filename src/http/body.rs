@@ -9,23 +9,26 @@ use super::state::AppState;
 
 /// Reads a request body up to `limit` bytes, answering 413 past it, 415 for a body that does
 /// not declare itself JSON, and 408 when it does not arrive within `server.body_timeout_secs`.
-pub async fn read_json_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<web::Bytes, ApiError> {
-    use futures_util::StreamExt as _;
-    let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    let is_json = content_type
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
-        .unwrap_or(false);
-    if !is_json {
+pub async fn read_json_body(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    if media_type(req).as_deref() != Some("application/json") {
         return Err(ApiError::new(
             actix_web::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "send the body as application/json",
         ));
     }
+    read_body(req, payload, limit).await
+}
+
+/// The request's media type, lowercased, without parameters.
+pub fn media_type(req: &HttpRequest) -> Option<String> {
+    let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok())?;
+    Some(content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+/// Reads a request body of any media type (the caller checked it) as [`read_json_body`] does.
+pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt as _;
     let too_large = || {
         ApiError::new(
             actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,

@@ -29,6 +29,7 @@ mod connections;
 mod dashboard;
 mod deploy_files;
 mod events;
+mod items;
 mod limits;
 mod memory;
 mod models;
