@@ -421,7 +421,12 @@ impl SessionRegistry {
                 return;
             }
             self.make_room();
-            stopped.await;
+            // A stop normally wakes it within milliseconds; if none comes (a session that stopped
+            // without telling the registry would leave `running` too high for good), the start
+            // goes ahead after a second rather than waiting forever.
+            if actix_rt::time::timeout(START_WAIT, stopped).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -564,6 +569,9 @@ impl SessionRegistry {
         true
     }
 }
+
+/// Longest wait of one start for a session to stop (see `room_for_a_session`).
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Below this capacity the hub map is left as it is (a few hundred kilobytes at most).
 const SHRINK_ABOVE: usize = 4096;
