@@ -46,6 +46,10 @@ impl ServedLists {
     /// Remembers `list`, served at `at`, forgetting the oldest beyond `SERVED_KEPT`.
     pub(super) fn remember(&mut self, update: &Arc<RecUpdate>, at: Instant) {
         let list = &update.list;
+        // Room for one at first, not four (see `SessionActor::push_history`).
+        if self.lists.capacity() == 0 {
+            self.lists.reserve_exact(1);
+        }
         self.lists.push_back(Served {
             update: update.clone(),
             version: Arc::from(list.model_version.as_str()),

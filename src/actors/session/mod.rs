@@ -184,6 +184,11 @@ impl SessionActor {
     }
 
     fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
+        // The first entry takes room for one, not the four a first push reserves: most users of
+        // a busy server have one or two events while their session lives (tests/heap_per_user.rs).
+        if self.history.capacity() == 0 {
+            self.history.reserve_exact(1);
+        }
         self.history.push_back((interaction, idx));
         while self.history.len() > self.deps.config.session.history_len {
             self.history.pop_front();
