@@ -44,6 +44,12 @@ static GLOBAL: Counting = Counting;
 
 const BATCH: usize = 500;
 
+/// The most live heap one user with one view may add. Measured 5.5 KB on 2026-12-02 (7.8 KB
+/// before the stream frames were encoded on first use and the first entries of the session's
+/// queues stopped reserving four); the bound sits between the two so the figure cannot creep
+/// back unnoticed. Allocation sizes do not depend on the build profile.
+const MAX_BYTES_PER_USER: isize = 6_500;
+
 /// Posts one view for each of `count` users named `prefix-N`, in batches, and waits until every
 /// session applied its event and pushed its first list.
 async fn one_view_each(server: &liverec::Server, prefix: &str, count: usize) {
@@ -86,5 +92,6 @@ async fn heap_per_user_with_one_view() {
     assert_eq!(metric(&server, "liverec_sessions_active").await, (2_000 + users) as f64);
     let per_user = (after - before) / users as isize;
     println!("heap per user with one view: {per_user} bytes ({users} users, {} MB live)", after >> 20);
+    assert!(per_user <= MAX_BYTES_PER_USER, "{per_user} bytes per user, more than {MAX_BYTES_PER_USER}");
     server.stop().await;
 }
