@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use self::attribution::{Interacted, ServedLists};
+use self::attribution::{push_bounded, Interacted, ServedLists};
 use self::coalesce::{Answer, Coalescer};
 use super::lists::{
     build_request, current_stored_list, make_list, report_impression, segment_of, seq_after_stored, tell_monitor,
@@ -184,15 +184,7 @@ impl SessionActor {
     }
 
     fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
-        // The first entry takes room for one, not the four a first push reserves: most users of
-        // a busy server have one or two events while their session lives (tests/heap_per_user.rs).
-        if self.history.capacity() == 0 {
-            self.history.reserve_exact(1);
-        }
-        self.history.push_back((interaction, idx));
-        while self.history.len() > self.deps.config.session.history_len {
-            self.history.pop_front();
-        }
+        push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
     }
 
     fn history_items(&self) -> Arc<[HistoryItem]> {
