@@ -1,6 +1,6 @@
 //! Recommendation lists as clients see them, and the pre-serialised update pushed to streams.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -51,10 +51,12 @@ pub struct RecUpdate {
     pub list: RecList,
     /// The list as JSON (the body of `GET .../recommendations` with the default k).
     pub json: Bytes,
-    /// The whole SSE frame: `id`, `event` and `data` lines.
-    pub sse: Bytes,
-    /// The WebSocket text message: `{"type":"recommendations","data":<list>}`.
-    pub ws: ByteString,
+    /// The whole SSE frame (`id`, `event` and `data` lines), built on first use: most users
+    /// never open a stream, and two more copies of the list per user were a third of the heap
+    /// of an idle embedded server (see [`RecUpdate::sse`]).
+    sse: OnceLock<Bytes>,
+    /// The WebSocket text message, built on first use (see [`RecUpdate::ws`]).
+    ws: OnceLock<ByteString>,
     /// When this process published it (for the push-stage latency).
     pub published: std::time::Instant,
     /// Whether the list has been reported to the monitor as an impression: a list is one
@@ -68,21 +70,14 @@ impl RecUpdate {
         // as realloc and page faults in profiles of the per-event path.
         let mut buf = Vec::with_capacity(256 + 64 * list.items.len());
         serde_json::to_writer(&mut buf, &list).expect("a list always serialises");
-        let json = String::from_utf8(buf).expect("serde_json writes UTF-8");
-        let seq = list.seq.to_string();
-        let mut sse = String::with_capacity(json.len() + seq.len() + 40);
-        for part in ["id: ", &seq, "\nevent: recommendations\ndata: ", &json, "\n\n"] {
-            sse.push_str(part);
-        }
-        let mut ws = String::with_capacity(json.len() + 40);
-        for part in ["{\"type\":\"recommendations\",\"data\":", &json, "}"] {
-            ws.push_str(part);
-        }
+        // `Bytes::from(Vec)` keeps the whole allocation for as long as the list is the user's
+        // latest: the unused reserve goes back (a shrink in place for the allocator).
+        buf.shrink_to_fit();
         Arc::new(Self {
             list,
-            json: Bytes::from(json),
-            sse: Bytes::from(sse),
-            ws: ByteString::from(ws),
+            json: Bytes::from(buf),
+            sse: OnceLock::new(),
+            ws: OnceLock::new(),
             published: std::time::Instant::now(),
             shown: std::sync::atomic::AtomicBool::new(false),
         })
@@ -95,11 +90,42 @@ impl RecUpdate {
         Arc::new(Self {
             list,
             json: Bytes::new(),
-            sse: Bytes::new(),
-            ws: ByteString::new(),
+            sse: OnceLock::new(),
+            ws: OnceLock::new(),
             published: std::time::Instant::now(),
             shown: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// The whole SSE frame: `id`, `event` and `data` lines. Encoded by the first stream that
+    /// sends it and shared by every other.
+    pub fn sse(&self) -> Bytes {
+        self.sse
+            .get_or_init(|| {
+                let json = &self.json[..];
+                let seq = self.list.seq.to_string();
+                let mut sse = Vec::with_capacity(json.len() + seq.len() + 40);
+                for part in [&b"id: "[..], seq.as_bytes(), &b"\nevent: recommendations\ndata: "[..], json, &b"\n\n"[..]] {
+                    sse.extend_from_slice(part);
+                }
+                Bytes::from(sse)
+            })
+            .clone()
+    }
+
+    /// The WebSocket text message: `{"type":"recommendations","data":<list>}`. Encoded by the
+    /// first socket that sends it and shared by every other.
+    pub fn ws(&self) -> ByteString {
+        self.ws
+            .get_or_init(|| {
+                let json = std::str::from_utf8(&self.json).expect("serde_json writes UTF-8");
+                let mut ws = String::with_capacity(json.len() + 40);
+                for part in ["{\"type\":\"recommendations\",\"data\":", json, "}"] {
+                    ws.push_str(part);
+                }
+                ByteString::from(ws)
+            })
+            .clone()
     }
 
     /// Marks the list shown; true the first time only (the one impression it counts).
@@ -133,7 +159,7 @@ mod tests {
         let update = RecUpdate::new(list.clone());
         let json = serde_json::to_string(&list).expect("json");
         assert_eq!(update.json, json.as_bytes());
-        assert_eq!(update.sse, format!("id: 42\nevent: recommendations\ndata: {json}\n\n").as_bytes());
-        assert_eq!(&*update.ws, format!("{{\"type\":\"recommendations\",\"data\":{json}}}"));
+        assert_eq!(update.sse(), format!("id: 42\nevent: recommendations\ndata: {json}\n\n").as_bytes());
+        assert_eq!(&*update.ws(), format!("{{\"type\":\"recommendations\",\"data\":{json}}}"));
     }
 }

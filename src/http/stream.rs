@@ -239,7 +239,7 @@ pub async fn sse(
                         if !first {
                             st.metrics.stage_push_seconds.observe_duration(update.published.elapsed());
                         }
-                        return Some((Ok::<_, actix_web::Error>(update.sse.clone()), st));
+                        return Some((Ok::<_, actix_web::Error>(update.sse()), st));
                     }
                 }
                 Next::Heartbeat => return Some((Ok(Bytes::from_static(b": heartbeat\n\n")), st)),
@@ -446,7 +446,7 @@ impl Socket {
         if !first {
             metrics.stage_push_seconds.observe_duration(update.published.elapsed());
         }
-        self.send(update.ws.clone()).await
+        self.send(update.ws()).await
     }
 
     async fn on_message(&mut self, message: AggregatedMessage) -> Flow {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use self::attribution::{Interacted, ServedLists};
+use self::attribution::{push_bounded, Interacted, ServedLists};
 use self::coalesce::{Answer, Coalescer};
 use super::lists::{
     build_request, current_stored_list, make_list, report_impression, segment_of, seq_after_stored, tell_monitor,
@@ -184,10 +184,7 @@ impl SessionActor {
     }
 
     fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
-        self.history.push_back((interaction, idx));
-        while self.history.len() > self.deps.config.session.history_len {
-            self.history.pop_front();
-        }
+        push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
     }
 
     fn history_items(&self) -> Arc<[HistoryItem]> {
