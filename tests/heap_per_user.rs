@@ -61,10 +61,9 @@ async fn one_view_each(server: &liverec::Server, prefix: &str, count: usize) {
         post_events(server, Value::Array(batch)).await;
     }
     let n = count as f64;
-    for (sample, target) in [
-        ("liverec_session_applied_events_total", applied + n),
-        ("liverec_push_updates_total", pushed + n),
-    ] {
+    for (sample, target) in
+        [("liverec_session_applied_events_total", applied + n), ("liverec_push_updates_total", pushed + n)]
+    {
         wait_for_progress(sample, std::time::Duration::from_secs(60), || async {
             let value = metric(server, sample).await;
             if value >= target {

@@ -111,6 +111,12 @@ fn release_thread_cache() {
     // SAFETY: "thread.idle" reads and writes nothing (null old/new pointers); it flushes the calling
     // thread's cache, which only that thread uses.
     unsafe {
-        tikv_jemalloc_sys::mallctl(c"thread.idle".as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0);
+        tikv_jemalloc_sys::mallctl(
+            c"thread.idle".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
     }
 }

@@ -90,7 +90,15 @@ impl Server {
         for thread in threads.handles.iter().chain([&threads.io.handle(), &threads.monitor.handle()]) {
             cached.add(thread.clone());
         }
-        start_housekeeping(&config, store.clone(), event_log, bus.registry.clone(), metrics.clone(), cached.clone(), &threads.io);
+        start_housekeeping(
+            &config,
+            store.clone(),
+            event_log,
+            bus.registry.clone(),
+            metrics.clone(),
+            cached.clone(),
+            &threads.io,
+        );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, shutdown_rx)?;
         let http = serve_http(&config, state, cached)?;

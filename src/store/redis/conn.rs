@@ -56,8 +56,8 @@ impl Redis {
             let connection = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
-            let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
-                .map_err(|e| e.to_string())?;
+            let manager =
+                deadpool_redis::Manager::new_with_config(config.url.as_str(), connection).map_err(|e| e.to_string())?;
             let pool = Pool::builder(manager)
                 .max_size(config.pool_size.max(1))
                 .runtime(Runtime::Tokio1)
