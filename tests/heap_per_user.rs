@@ -64,15 +64,7 @@ async fn one_view_each(server: &liverec::Server, prefix: &str, count: usize) {
     for (sample, target) in
         [("liverec_session_applied_events_total", applied + n), ("liverec_push_updates_total", pushed + n)]
     {
-        wait_for_progress(sample, std::time::Duration::from_secs(60), || async {
-            let value = metric(server, sample).await;
-            if value >= target {
-                Progress::Done(())
-            } else {
-                Progress::Pending(value as u64)
-            }
-        })
-        .await;
+        wait_for_metric(server, sample, target, std::time::Duration::from_secs(60)).await;
     }
 }
 

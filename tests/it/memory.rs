@@ -22,19 +22,6 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
-/// Waits until `sample` reaches `target`, failing only if it stops moving.
-async fn wait_for_metric(server: &liverec::Server, sample: &str, target: f64) {
-    wait_for_progress(sample, STALL, || async {
-        let value = metric(server, sample).await;
-        if value >= target {
-            Progress::Done(())
-        } else {
-            Progress::Pending(value as u64)
-        }
-    })
-    .await;
-}
-
 /// Posts one view for each of `users` and waits until they are applied and their sessions
 /// published a list (so the store has seen every write of theirs).
 async fn post_and_settle(server: &liverec::Server, users: &[String]) {
@@ -42,8 +29,8 @@ async fn post_and_settle(server: &liverec::Server, users: &[String]) {
     let pushed = metric(server, "liverec_push_updates_total").await;
     post_events(server, views(users)).await;
     let n = users.len() as f64;
-    wait_for_metric(server, "liverec_session_applied_events_total", applied + n).await;
-    wait_for_metric(server, "liverec_push_updates_total", pushed + n).await;
+    wait_for_metric(server, "liverec_session_applied_events_total", applied + n, STALL).await;
+    wait_for_metric(server, "liverec_push_updates_total", pushed + n, STALL).await;
 }
 
 async fn exported_history(server: &liverec::Server, user: &str) -> Vec<String> {
@@ -87,7 +74,7 @@ async fn sessions_past_max_active_stop_the_least_recently_used() {
     // Sessions stopped to make room may not publish a list: wait for the events only.
     let applied = metric(&server, "liverec_session_applied_events_total").await;
     post_events(&server, views(&users)).await;
-    wait_for_metric(&server, "liverec_session_applied_events_total", applied + 40.0).await;
+    wait_for_metric(&server, "liverec_session_applied_events_total", applied + 40.0, STALL).await;
     eventually("sessions back under session.max_active", || async {
         (metric(&server, "liverec_sessions_active").await <= 8.0).then_some(())
     })

@@ -81,6 +81,19 @@ pub async fn metric(server: &Server, sample: &str) -> f64 {
     parse_metric(&text, sample).unwrap_or_else(|| panic!("no metric {sample} in:\n{text}"))
 }
 
+/// Waits until the metric `sample` reaches `target`, failing only if it stops moving for `stall`.
+pub async fn wait_for_metric(server: &Server, sample: &str, target: f64, stall: Duration) {
+    super::wait_for_progress(sample, stall, || async {
+        let value = metric(server, sample).await;
+        if value >= target {
+            super::Progress::Done(())
+        } else {
+            super::Progress::Pending(value as u64)
+        }
+    })
+    .await;
+}
+
 async fn finish_bytes(
     mut response: awc::ClientResponse<
         impl futures_util::Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
