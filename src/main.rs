@@ -183,6 +183,11 @@ enum Command {
         /// Import the events only, not the catalogue.
         #[arg(long)]
         skip_items: bool,
+        /// Send events in the order of the file, streaming it. By default they are sent in
+        /// time order (the server keeps each user's history in arrival order), after a first
+        /// read that keeps 32 bytes a line.
+        #[arg(long)]
+        file_order: bool,
         /// No progress bar and no start line.
         #[arg(long)]
         quiet: bool,
@@ -262,6 +267,7 @@ fn main() -> ExitCode {
             resume,
             state,
             skip_items,
+            file_order,
             quiet,
             json,
         } => {
@@ -283,6 +289,7 @@ fn main() -> ExitCode {
                 resume,
                 state,
                 skip_items,
+                file_order,
                 quiet,
             };
             import_command(options, json)

@@ -29,8 +29,8 @@ use liverec::event::{EventIn, EventType};
 use serde::Serialize;
 
 pub use source::TimeUnit;
-use source::{Dataset, EventReader, ItemOut, ItemReader, ReadOptions, Reader, Rejected};
-use state::{FileProgress, RejectedLines, State};
+use source::{Dataset, EventReader, ItemOut, ItemReader, ReadOptions, Rejected, TimeOrdered};
+use state::{FileProgress, Order, RejectedLines, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -69,6 +69,8 @@ pub struct Options {
     pub resume: bool,
     pub state: Option<PathBuf>,
     pub skip_items: bool,
+    /// Send events in the file's order, streaming (else in time order, after indexing the file).
+    pub file_order: bool,
     pub quiet: bool,
 }
 
@@ -87,10 +89,13 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The last line applied, as `file:line`.
+    /// The last line applied, as `file:line` (and its rank in time order).
     fn last_line(&self) -> Option<String> {
         let last = self.events.as_ref().filter(|e| e.line > 0).or(self.items.as_ref())?;
-        Some(format!("{}:{}", last.file, last.line))
+        Some(match last.order {
+            Order::File => format!("{}:{}", last.file, last.line),
+            Order::Time => format!("{}:{} (event {} of the file in time order)", last.file, last.line, last.position),
+        })
     }
 
     /// The human summary, for stderr.
@@ -130,8 +135,8 @@ impl Summary {
         }
         if self.events_out_of_order > 0 {
             out.push_str(&format!(
-                "note: {} events were dated before an earlier line of the same user; the server keeps each user's \
-                 history in arrival order, so sort the file by time first (docs/import.md)\n",
+                "note: {} events were dated before an earlier line of the same user, and the server keeps each \
+                 user's history in arrival order: without --file-order the import sends events in time order\n",
                 self.events_out_of_order
             ));
         }
@@ -215,30 +220,84 @@ impl Record for EventIn {
     }
 }
 
-/// Lines of one file, turned into records.
+/// Lines of one file, turned into records, in file order or in time order.
 trait Lines {
     type Record: Record;
     fn next(&mut self) -> Result<Option<(u64, Result<Self::Record, Rejected>)>, ImportError>;
-    fn reader(&mut self) -> &mut Reader;
+    fn path(&self) -> &std::path::Path;
+    fn order(&self) -> Order {
+        Order::File
+    }
+    /// How far the file has come, as the state file records it: lines read (file order) or
+    /// events taken (time order).
+    fn position(&self) -> u64;
+    /// Continues after `position`.
+    fn resume(&mut self, position: u64) -> Result<(), ImportError>;
+    /// The line of the last record taken.
+    fn last_line(&self) -> u64;
+    /// (done, total) for the progress bar: bytes, or events in time order.
+    fn progress(&self) -> (u64, u64);
+    /// Lines found unreadable before sending began (time order indexes the whole file first).
+    fn take_unreadable(&mut self) -> Vec<(u64, Rejected)> {
+        Vec::new()
+    }
 }
 
-impl Lines for ItemReader {
-    type Record = ItemOut;
-    fn next(&mut self) -> Result<Option<(u64, Result<ItemOut, Rejected>)>, ImportError> {
-        ItemReader::next(self)
-    }
-    fn reader(&mut self) -> &mut Reader {
-        &mut self.reader
-    }
+/// Lines of a file read front to back.
+macro_rules! file_order {
+    ($reader:ty, $record:ty) => {
+        impl Lines for $reader {
+            type Record = $record;
+            fn next(&mut self) -> Result<Option<(u64, Result<$record, Rejected>)>, ImportError> {
+                <$reader>::next(self)
+            }
+            fn path(&self) -> &std::path::Path {
+                self.reader.path()
+            }
+            fn position(&self) -> u64 {
+                self.reader.line
+            }
+            fn resume(&mut self, position: u64) -> Result<(), ImportError> {
+                self.reader.skip_to(position)
+            }
+            fn last_line(&self) -> u64 {
+                self.reader.line
+            }
+            fn progress(&self) -> (u64, u64) {
+                (self.reader.offset, self.reader.size)
+            }
+        }
+    };
 }
+file_order!(ItemReader, ItemOut);
+file_order!(EventReader, EventIn);
 
-impl Lines for EventReader {
+impl Lines for TimeOrdered {
     type Record = EventIn;
     fn next(&mut self) -> Result<Option<(u64, Result<EventIn, Rejected>)>, ImportError> {
-        EventReader::next(self)
+        TimeOrdered::next(self)
     }
-    fn reader(&mut self) -> &mut Reader {
-        &mut self.reader
+    fn path(&self) -> &std::path::Path {
+        self.events.reader.path()
+    }
+    fn order(&self) -> Order {
+        Order::Time
+    }
+    fn position(&self) -> u64 {
+        self.cursor as u64
+    }
+    fn resume(&mut self, position: u64) -> Result<(), ImportError> {
+        self.skip(position as usize);
+        Ok(())
+    }
+    fn last_line(&self) -> u64 {
+        self.last_line
+    }
+    fn progress(&self) -> (u64, u64) {
+        (self.cursor as u64, self.len() as u64)
+    }
+    fn take_unreadable(&mut self) -> Vec<(u64, Rejected)> {
+        std::mem::take(&mut self.unreadable)
     }
 }
 
@@ -354,8 +413,17 @@ pub async fn run(options: Options, mut interrupt: Interrupt) -> Result<Summary, 
         ended = run.phase(Phase::Items, &mut reader, &mut destination).await?;
     }
     if let (true, Some(spec)) = (matches!(ended, Ended::Done), &dataset.events) {
-        let mut reader = EventReader::new(spec, options.event_type, options.time_unit)?;
-        ended = run.phase(Phase::Events, &mut reader, &mut destination).await?;
+        let reader = EventReader::new(spec, options.event_type, options.time_unit)?;
+        ended = if options.file_order {
+            let mut reader = reader;
+            run.phase(Phase::Events, &mut reader, &mut destination).await?
+        } else {
+            if !options.quiet {
+                eprintln!("import: reading {} to send its events in time order", spec.path.display());
+            }
+            let mut reader = TimeOrdered::new(reader)?;
+            run.phase(Phase::Events, &mut reader, &mut destination).await?
+        };
     }
     let state = run.state;
     Ok(Summary {
@@ -384,28 +452,52 @@ impl Run<'_> {
         lines: &mut L,
         destination: &mut Destination,
     ) -> Result<Ended, ImportError> {
-        let file = lines.reader().path().display().to_string();
+        let file = lines.path().display().to_string();
         let state_path = self.state_path.clone();
-        let progress =
-            self.progress(phase).get_or_insert_with(|| FileProgress { file: file.clone(), ..FileProgress::default() });
-        if progress.file != file {
+        let order = lines.order();
+        let bytes = std::fs::metadata(lines.path())
+            .map_err(|source| ImportError::Io { path: lines.path().to_owned(), source })?
+            .len();
+        let progress = self.progress(phase).get_or_insert_with(|| FileProgress {
+            file: file.clone(),
+            bytes,
+            order,
+            ..FileProgress::default()
+        });
+        if progress.bytes != bytes {
             return Err(ImportError::State {
                 path: state_path,
-                message: format!("it records progress in {}, not {file}", progress.file),
+                message: format!(
+                    "{file} has changed since the import began ({} bytes then, {bytes} now): delete the state file \
+                     to import it from the start",
+                    progress.bytes
+                ),
+            });
+        }
+        if progress.file != file || progress.order != order {
+            return Err(ImportError::State {
+                path: state_path,
+                message: format!(
+                    "it records progress in {} in {:?} order, not {file} in {order:?} order (--file-order must be \
+                     given to a resumed import as it was to the first run)",
+                    progress.file, progress.order
+                ),
             });
         }
         if progress.done {
             return Ok(Ended::Done);
         }
-        let start = progress.line;
-        lines.reader().skip_to(start)?;
-        let bar = self.bar(phase, lines.reader());
+        let start = progress.position;
+        lines.resume(start)?;
+        // Lines a time-ordered read found unreadable are counted once, with the first batch.
+        let mut unreadable_before = if start == 0 { lines.take_unreadable() } else { Vec::new() };
+        let bar = self.bar(phase, lines.progress());
         let started = Instant::now();
         let mut sent = 0u64;
         loop {
             let mut records = Vec::with_capacity(self.batch);
             let mut record_lines = Vec::with_capacity(self.batch);
-            let mut unreadable = Vec::new();
+            let mut unreadable = std::mem::take(&mut unreadable_before);
             let mut at_end = false;
             while records.len() < self.batch {
                 match lines.next()? {
@@ -420,7 +512,7 @@ impl Run<'_> {
                     Some((line, Err(rejected))) => unreadable.push((line, rejected)),
                 }
             }
-            let last_line = lines.reader().line;
+            let (position, last_line) = (lines.position(), lines.last_line());
             let mut refused = Vec::new();
             if !records.is_empty() {
                 if let Some(limiter) = &self.limiter {
@@ -447,6 +539,7 @@ impl Run<'_> {
             }
             let progress = self.progress(phase).as_mut().expect("set above");
             progress.line = last_line;
+            progress.position = position;
             progress.applied += applied;
             progress.rejected += (unreadable.len() + refused.len()) as u64;
             progress.done = at_end;
@@ -458,7 +551,7 @@ impl Run<'_> {
                 sent as f64 / started.elapsed().as_secs_f64().max(1e-3)
             );
             self.state.save(&self.state_path)?;
-            bar.set_position(lines.reader().offset);
+            bar.set_position(lines.progress().0);
             bar.set_message(message);
             if at_end {
                 bar.finish();
@@ -486,11 +579,11 @@ impl Run<'_> {
         }
     }
 
-    fn bar(&self, phase: Phase, reader: &Reader) -> ProgressBar {
+    fn bar(&self, phase: Phase, (done, total): (u64, u64)) -> ProgressBar {
         if self.quiet {
             return ProgressBar::hidden();
         }
-        let bar = ProgressBar::with_draw_target(Some(reader.size), ProgressDrawTarget::stderr());
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template("{prefix:>6} [{bar:30}] {percent:>3}%  {msg}")
                 .expect("progress template is valid")
@@ -500,7 +593,7 @@ impl Run<'_> {
             Phase::Items => "items",
             Phase::Events => "events",
         });
-        bar.set_position(reader.offset);
+        bar.set_position(done);
         bar
     }
 }

@@ -416,6 +416,9 @@ pub struct Reader {
     pub offset: u64,
     /// The file's size, for the progress bar.
     pub size: u64,
+    /// Where the last line read starts, and its length with its line ending.
+    line_start: u64,
+    line_len: usize,
     /// Column names of a delimited file.
     header: Vec<String>,
     buffer: Vec<u8>,
@@ -432,6 +435,8 @@ impl Reader {
             line: 0,
             offset: 0,
             size,
+            line_start: 0,
+            line_len: 0,
             header: Vec::new(),
             buffer: Vec::new(),
         };
@@ -478,6 +483,8 @@ impl Reader {
             return Ok(None);
         }
         self.line += 1;
+        self.line_start = self.offset;
+        self.line_len = n;
         self.offset += n as u64;
         let mut bytes = &self.buffer[..];
         while let [rest @ .., b'\n' | b'\r'] = bytes {
@@ -547,19 +554,26 @@ impl Reader {
             if line.trim().is_empty() {
                 continue;
             }
+            return Ok(Some(self.parse(&line)));
+        }
+    }
+
+    /// One line's fields.
+    fn parse(&self, line: &str) -> Result<Row, Rejected> {
+        {
             let row = match &self.spec.format {
-                Format::Json => match serde_json::from_str::<serde_json::Value>(&line) {
+                Format::Json => match serde_json::from_str::<serde_json::Value>(line) {
                     Ok(serde_json::Value::Object(map)) => Ok(Row::Json(map)),
                     Ok(_) => Err(reject("malformed_json", "", "the line is not a JSON object")),
                     Err(e) => Err(reject("malformed_json", "", e.to_string())),
                 },
-                Format::Delimited { delimiter, quoted: true, .. } => split_csv(&line, *delimiter).map(Row::Fields),
+                Format::Delimited { delimiter, quoted: true, .. } => split_csv(line, *delimiter).map(Row::Fields),
                 Format::Delimited { delimiter, .. } => {
                     Ok(Row::Fields(line.split(*delimiter).map(str::to_owned).collect()))
                 }
                 Format::GrouplensItem { .. } => Ok(Row::Fields(line.split('|').map(str::to_owned).collect())),
             };
-            return Ok(Some(row));
+            row
         }
     }
 }
@@ -667,6 +681,84 @@ impl EventReader {
         event.timestamp = timestamp;
         event.event_id = Some(get(5).unwrap_or_else(|| event_id(&self.id_prefix, line)));
         Ok(event)
+    }
+}
+
+/// Where one event line is, and its time: the index `liverec import` sorts to send a file in
+/// time order without holding its events (32 bytes a line).
+#[derive(Clone, Copy)]
+struct Entry {
+    timestamp: Option<i64>,
+    line: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// An events file in time order: every line's time and place is read first, sorted by
+/// (timestamp, line) (stable, so ties and lines without a time keep the file's order, the
+/// latter first), then each line is read again at its place as it is sent.
+pub struct TimeOrdered {
+    pub events: EventReader,
+    index: Vec<Entry>,
+    /// Entries sent so far.
+    pub cursor: usize,
+    /// A second handle on the file, read at the entries' places.
+    file: File,
+    /// Lines that could not be read, found while indexing.
+    pub unreadable: Vec<(u64, Rejected)>,
+    /// The line of the entry sent last.
+    pub last_line: u64,
+}
+
+impl TimeOrdered {
+    pub fn new(mut events: EventReader) -> Result<Self, ImportError> {
+        let path = events.reader.spec.path.clone();
+        let file = File::open(&path).map_err(|source| ImportError::Io { path: path.clone(), source })?;
+        let mut index = Vec::new();
+        let mut unreadable = Vec::new();
+        while let Some((line, event)) = events.next()? {
+            match event {
+                Ok(event) => {
+                    let len = u32::try_from(events.reader.line_len).map_err(|_| {
+                        ImportError::Usage(format!("{}:{line}: a line longer than 4 GiB", path.display()))
+                    })?;
+                    index.push(Entry { timestamp: event.timestamp, line, offset: events.reader.line_start, len });
+                }
+                Err(rejected) => unreadable.push((line, rejected)),
+            }
+        }
+        index.sort_by_key(|e| (e.timestamp, e.line));
+        Ok(Self { events, index, cursor: 0, file, unreadable, last_line: 0 })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Continues after the first `taken` events in time order.
+    pub fn skip(&mut self, taken: usize) {
+        self.cursor = taken.min(self.index.len());
+        self.last_line = self.cursor.checked_sub(1).map_or(0, |i| self.index[i].line);
+    }
+
+    /// The next event in time order.
+    pub fn next(&mut self) -> Result<Option<(u64, Result<EventIn, Rejected>)>, ImportError> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let Some(entry) = self.index.get(self.cursor).copied() else {
+            return Ok(None);
+        };
+        self.cursor += 1;
+        let path = &self.events.reader.spec.path;
+        let io = |source| ImportError::Io { path: path.clone(), source };
+        let mut bytes = vec![0; entry.len as usize];
+        self.file.seek(SeekFrom::Start(entry.offset)).map_err(io)?;
+        self.file.read_exact(&mut bytes).map_err(io)?;
+        while let [rest @ .., b'\n' | b'\r'] = &bytes[..] {
+            bytes.truncate(rest.len());
+        }
+        self.last_line = entry.line;
+        let event = self.events.reader.parse(&decode(&bytes)).and_then(|row| self.events.event(&row, entry.line));
+        Ok(Some((entry.line, event)))
     }
 }
 

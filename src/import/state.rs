@@ -12,12 +12,29 @@ use super::ImportError;
 /// Line numbers kept per rejection reason.
 const FIRST_LINES: usize = 5;
 
+/// The order a file's lines are sent in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Front to back.
+    #[default]
+    File,
+    /// By timestamp (ties and lines without one in file order).
+    Time,
+}
+
 /// How far one file has come.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FileProgress {
     /// The file, as given.
     pub file: String,
-    /// The last line applied (or rejected): every line up to it is done. 0: none yet.
+    /// Its size when the import began: a changed file is not resumed.
+    pub bytes: u64,
+    pub order: Order,
+    /// Where to continue: lines read (file order: every line up to it is done) or events
+    /// taken in time order.
+    pub position: u64,
+    /// The line of the last record applied (or rejected). 0: none yet.
     pub line: u64,
     /// Lines the destination accepted.
     pub applied: u64,

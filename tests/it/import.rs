@@ -118,8 +118,9 @@ fn write_recbole(dir: &Path, users: usize, per_user: usize, items: usize) -> BTr
     expected
 }
 
-/// MovieLens-100K's files: `u.data` (lines of all users interleaved, as in the real file) and
-/// `u.item` with its 19 genre flags.
+/// MovieLens-100K's files: `u.data` (lines of all users interleaved and not in time order, as
+/// in the real file) and `u.item` with its 19 genre flags. The expected histories are in time
+/// order.
 fn write_ml100k(dir: &Path, users: usize, per_user: usize, items: usize) -> BTreeMap<String, Vec<(String, f64, i64)>> {
     let mut item = String::new();
     for i in 1..=items {
@@ -131,13 +132,19 @@ fn write_ml100k(dir: &Path, users: usize, per_user: usize, items: usize) -> BTre
     let mut expected: BTreeMap<String, Vec<(String, f64, i64)>> = BTreeMap::new();
     for k in 0..per_user {
         for u in 1..=users {
-            let (item, rating, ts) =
-                (1 + (u * 5 + k * 11) % items, (1 + (u * k) % 5) as f64, 880_000_000 + (k * 100 + u) as i64);
+            let (item, rating, ts) = (
+                1 + (u * 5 + k * 11) % items,
+                (1 + (u * k) % 5) as f64,
+                880_000_000 + ((per_user - k) * 100 + u) as i64,
+            );
             writeln!(data, "{u}\t{item}\t{rating}\t{ts}").expect("write");
             expected.entry(u.to_string()).or_default().push((item.to_string(), rating, ts * 1000));
         }
     }
     std::fs::write(dir.join("u.data"), data).expect("write u.data");
+    for events in expected.values_mut() {
+        events.sort_by_key(|e| e.2);
+    }
     expected
 }
 
@@ -222,6 +229,17 @@ fn write_clicks(path: &Path, users: usize, per_user: usize) {
 
 #[actix_rt::test]
 async fn an_import_interrupted_by_ctrl_c_resumes_after_the_last_line_and_applies_each_event_once() {
+    interrupt_and_resume(&[]).await;
+}
+
+#[actix_rt::test]
+async fn an_import_in_file_order_interrupted_by_ctrl_c_resumes_after_the_last_line() {
+    interrupt_and_resume(&["--file-order"]).await;
+}
+
+/// Imports 1,000 clicks slowly, interrupts it with SIGINT after two batches, resumes it, and
+/// checks that every event was applied once. `order` is empty (time order) or `--file-order`.
+async fn interrupt_and_resume(order: &[&str]) {
     let server = start(test_config()).await;
     let target = server.url();
     let dir = scratch("resume");
@@ -231,8 +249,11 @@ async fn an_import_interrupted_by_ctrl_c_resumes_after_the_last_line_and_applies
     let state = dir.join("state.json");
     let (data_arg, state_arg) = (data.to_str().expect("utf-8"), state.to_str().expect("utf-8"));
     let flags = ["--map", "user_id=uid", "--map", "item_id=iid", "--map", "timestamp=ts", "--event-type", "click"];
-    let base: Vec<&str> =
-        ["--data", data_arg, "--target", &target, "--state", state_arg, "--quiet"].into_iter().chain(flags).collect();
+    let base: Vec<&str> = ["--data", data_arg, "--target", &target, "--state", state_arg, "--quiet"]
+        .into_iter()
+        .chain(flags)
+        .chain(order.iter().copied())
+        .collect();
 
     // Slowed to 100 lines a second, so that it is still running when it is interrupted.
     let mut slow = command(&[base.as_slice(), &["--rate", "100"]].concat());
