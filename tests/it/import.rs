@@ -187,7 +187,17 @@ async fn recbole_and_movielens_layouts_import_without_flags_and_a_rerun_applies_
     std::fs::remove_file(&state).expect("remove state");
     let out = import(&args).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    wait_for_metric(&server, "liverec_session_duplicate_events_total", 96.0, Duration::from_secs(60)).await;
+    let (applied, duplicates) = ("liverec_session_applied_events_total", "liverec_session_duplicate_events_total");
+    wait_for_progress("the second run's events handled", Duration::from_secs(60), || async {
+        let handled = metric(&server, applied).await + metric(&server, duplicates).await;
+        if handled >= 192.0 {
+            Progress::Done(())
+        } else {
+            Progress::Pending(handled as u64)
+        }
+    })
+    .await;
+    assert_eq!(metric(&server, duplicates).await, 96.0, "the second run is applied as duplicates only");
     assert_histories(&server, &expected).await;
 
     // MovieLens-100K.
