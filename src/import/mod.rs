@@ -108,13 +108,14 @@ impl Summary {
         }
         for (what, progress) in [("items", &self.items), ("events", &self.events)] {
             if let Some(p) = progress {
+                let done = match (p.done, p.order) {
+                    (true, _) => "the whole file".to_owned(),
+                    (false, Order::File) => format!("up to line {}", p.line),
+                    (false, Order::Time) => format!("its first {} events in time order", p.position),
+                };
                 out.push_str(&format!(
-                    "  {what}: {} applied, {} rejected ({}, {} lines{})\n",
-                    p.applied,
-                    p.rejected,
-                    p.file,
-                    p.line,
-                    if p.done { ", whole file" } else { "" }
+                    "  {what}: {} applied, {} rejected ({}: {done})\n",
+                    p.applied, p.rejected, p.file
                 ));
             }
         }
@@ -407,6 +408,10 @@ pub async fn run(options: Options, mut interrupt: Interrupt) -> Result<Summary, 
         out_of_order: 0,
     };
     let mut destination = destination;
+    match &destination {
+        Destination::Rest(client) | Destination::Kafka { items: Some(client), .. } => client.check().await?,
+        Destination::Kafka { items: None, .. } => {}
+    }
     let mut ended = Ended::Done;
     if let Some(spec) = items_spec {
         let mut reader = ItemReader::new(spec)?;

@@ -14,11 +14,15 @@ use serde::{Deserialize, Serialize};
 use super::source::{Reason, Rejected};
 use super::ImportError;
 
-/// Attempts at one request before the import stops (it can be resumed).
-const ATTEMPTS: u32 = 30;
+/// Attempts at one request before the import stops (it can be resumed): with the backoff
+/// below, about three minutes of a server that does not answer.
+const ATTEMPTS: u32 = 12;
 /// The first and the longest wait between attempts without a `Retry-After`.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Answers `429`/`503` with a `Retry-After` taken before the import stops: the server is up
+/// and asks for patience (at its usual `Retry-After: 1`, five minutes of it).
+const BUSY_ATTEMPTS: u32 = 300;
 /// The longest `Retry-After` honoured as given.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(120);
 
@@ -91,6 +95,20 @@ impl Client {
         }
         let client = awc::Client::builder().timeout(Duration::from_secs(120)).finish();
         Ok(Client { client, base: target.trim_end_matches('/').to_owned(), api_key, batch: batch.max(1) })
+    }
+
+    /// Checks once, without retrying, that the target answers as a liverec server: a wrong
+    /// address fails at once rather than after the retries.
+    pub async fn check(&self) -> Result<(), ImportError> {
+        let url = format!("{}/healthz", self.base);
+        match self.client.get(&url).timeout(Duration::from_secs(10)).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(ImportError::Unreachable(format!(
+                "{url} answered {}: is --target a liverec server?",
+                response.status()
+            ))),
+            Err(error) => Err(ImportError::Unreachable(format!("{url}: {error}"))),
+        }
     }
 
     /// Sends `records` (any number) in batches; returns the ones refused, by index.
@@ -189,7 +207,8 @@ impl Client {
         let url = format!("{}{}", self.base, endpoint.path());
         let mut backoff = BACKOFF_FIRST;
         let mut last = String::new();
-        for _ in 0..ATTEMPTS {
+        let (mut failures, mut busy_answers) = (0, 0);
+        while failures < ATTEMPTS && busy_answers < BUSY_ATTEMPTS {
             let mut request =
                 self.client.request(endpoint.method(), &url).insert_header(("content-type", "application/json"));
             if let Some(key) = &self.api_key {
@@ -211,10 +230,20 @@ impl Client {
                     }
                     last =
                         format!("{status} {}", String::from_utf8_lossy(&answer).chars().take(200).collect::<String>());
-                    retry_after.unwrap_or(backoff)
+                    match retry_after {
+                        Some(wait) if busy => {
+                            busy_answers += 1;
+                            wait
+                        }
+                        _ => {
+                            failures += 1;
+                            backoff
+                        }
+                    }
                 }
                 Err(error) => {
                     last = error.to_string();
+                    failures += 1;
                     backoff
                 }
             };
@@ -222,7 +251,10 @@ impl Client {
             actix_web::rt::time::sleep(wait).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        Err(ImportError::Unreachable(format!("{url}: no answer after {ATTEMPTS} attempts (last: {last})")))
+        Err(ImportError::Unreachable(format!(
+            "{url}: gave up after {} attempts (last answer: {last})",
+            failures + busy_answers
+        )))
     }
 }
 

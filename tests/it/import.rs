@@ -477,3 +477,63 @@ async fn an_import_into_the_kafka_topic_reaches_every_users_history() {
     assert_eq!(get(&server, "/v1/items/rb-item-7").await.status, 200);
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn an_import_slowed_by_the_servers_rate_limit_waits_and_applies_everything() {
+    // Two requests a second per address: most of the import's requests are answered 429 with
+    // Retry-After, and it waits instead of failing.
+    let mut config = test_config();
+    config.limits.per_ip_per_sec = 2;
+    config.limits.per_ip_burst = 1;
+    let server = start(config).await;
+    let dir = scratch("limited");
+    let data = dir.join("clicks.csv");
+    let (users, per_user) = (5, 8);
+    write_clicks(&data, users, per_user);
+    let state = dir.join("state.json");
+    let out = import(&[
+        "--data",
+        data.to_str().expect("utf-8"),
+        "--target",
+        &server.url(),
+        "--state",
+        state.to_str().expect("utf-8"),
+        "--map",
+        "user_id=uid",
+        "--map",
+        "item_id=iid",
+        "--map",
+        "timestamp=ts",
+        "--batch",
+        "5",
+        "--quiet",
+        "--json",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(summary(&out)["events"]["applied"], users * per_user);
+    assert!(metric(&server, "liverec_http_rate_limited_total").await > 0.0, "the server did refuse some requests");
+    for u in 0..users {
+        let user = format!("csv-user-{u}");
+        let history = wait_for_progress("the user's events", Duration::from_secs(60), || {
+            let (server, user) = (&server, &user);
+            async move {
+                // The test's own requests are rate limited too: a 429 is no answer yet.
+                let export = get(server, &format!("/v1/users/{user}/export")).await;
+                if export.status == 429 {
+                    return Progress::Pending(None);
+                }
+                let history = export.body["profile"]["interactions"].as_array().cloned().unwrap_or_default();
+                if history.len() >= per_user {
+                    Progress::Done(history)
+                } else {
+                    Progress::Pending(Some(history.len()))
+                }
+            }
+        })
+        .await;
+        assert_eq!(history.len(), per_user, "{user}: {history:?}");
+        assert!(history.iter().all(|h| h["event_type"] == "view"), "lines without a value are views: {history:?}");
+    }
+    server.stop().await;
+}
