@@ -117,80 +117,14 @@ enum Command {
     ///
     /// Reads a MovieLens directory (u.data and u.item, or ratings.csv and movies.csv), RecBole
     /// files (NAME.inter and NAME.item), or any CSV/TSV/JSON Lines file with its columns named by
-    /// --map. Items go first, then events, in batches and in file order. After each batch the
-    /// state file records the last line applied; --resume continues after it, and every event
-    /// has an id derived from its file and line, so nothing is applied twice.
+    /// --map. Items go first, then events, in batches; events in time order (--file-order:
+    /// the file's). After each batch the state file records how far the import has come;
+    /// --resume continues from there, and every event has an id derived from its file and
+    /// line, so nothing is applied twice.
     #[command(verbatim_doc_comment)]
     Import {
-        /// A dataset directory, or one file of events (.csv, .tsv, .jsonl, .inter, u.data).
-        #[arg(long, value_name = "PATH")]
-        data: PathBuf,
-        /// A catalogue file (.csv, .tsv, .jsonl, .item) to import instead of the one found
-        /// beside the data.
-        #[arg(long, value_name = "FILE")]
-        items: Option<PathBuf>,
-        /// The server (http:// only). Default http://127.0.0.1:8080 unless --kafka is given.
-        #[arg(long, value_name = "URL")]
-        target: Option<String>,
-        /// Produce events straight to the events topic of these Kafka brokers (items still
-        /// need --target: the catalogue has no Kafka topic yet).
-        #[arg(long, value_name = "BROKERS")]
-        kafka: Option<String>,
-        /// The events topic (default: kafka.events_topic of --config, else liverec.events).
-        #[arg(long, value_name = "TOPIC", requires = "kafka")]
-        topic: Option<String>,
-        /// The server's configuration file: [kafka] client settings and the [events] limits
-        /// that events produced to Kafka are checked against.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// A key with the producer role, when the server has auth on.
-        #[arg(long, env = "LIVEREC_API_KEY", hide_env_values = true, value_name = "KEY")]
-        api_key: Option<String>,
-        /// FIELD=COLUMN: where an event field is in the data (repeatable). Fields: user_id,
-        /// item_id, timestamp, event_type, value, event_id. Unmapped fields are read from a
-        /// column of their own name (value also from `rating`), if there is one.
-        #[arg(long = "map", value_name = "FIELD=COLUMN")]
-        map: Vec<String>,
-        /// FIELD=COLUMN for the catalogue: item_id, title, categories, tags, created_at,
-        /// available, expires_at.
-        #[arg(long = "item-map", value_name = "FIELD=COLUMN")]
-        item_map: Vec<String>,
-        /// The type of events whose line has none [default: rating for a line with a value,
-        /// view otherwise].
-        #[arg(long, value_name = "TYPE", value_parser = event_type)]
-        event_type: Option<liverec::event::EventType>,
-        /// The unit of numeric timestamps (auto: seconds below 10^11, milliseconds above).
-        #[arg(long, value_enum, default_value = "auto")]
-        time_unit: import::TimeUnit,
-        /// The separator of categories and tags in one column [default: | ; whitespace in
-        /// RecBole files].
-        #[arg(long, value_name = "CHAR")]
-        list_separator: Option<char>,
-        /// At most this many lines per second (default: as fast as the server takes them).
-        #[arg(long, value_name = "N")]
-        rate: Option<std::num::NonZeroU32>,
-        /// Lines per request: at most the server's events.max_batch (halved on its own when
-        /// the server answers 413).
-        #[arg(long, default_value_t = 1000, value_name = "N")]
-        batch: usize,
-        /// Continue an interrupted import after the last line its state file records.
-        #[arg(long)]
-        resume: bool,
-        /// The state file [default: $XDG_STATE_HOME/liverec/import/, else
-        /// ~/.local/state/liverec/import/, one file per data path and destination].
-        #[arg(long, value_name = "FILE")]
-        state: Option<PathBuf>,
-        /// Import the events only, not the catalogue.
-        #[arg(long)]
-        skip_items: bool,
-        /// Send events in the order of the file, streaming it. By default they are sent in
-        /// time order (the server keeps each user's history in arrival order), after a first
-        /// read that keeps 32 bytes a line.
-        #[arg(long)]
-        file_order: bool,
-        /// No progress bar and no start line.
-        #[arg(long)]
-        quiet: bool,
+        #[command(flatten)]
+        options: import::Options,
         /// Also print the summary as one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -249,51 +183,7 @@ fn main() -> ExitCode {
         Command::Eval { data, model, json, report } => {
             exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref()))
         }
-        Command::Import {
-            data,
-            items,
-            target,
-            kafka,
-            topic,
-            config,
-            api_key,
-            map,
-            item_map,
-            event_type,
-            time_unit,
-            list_separator,
-            rate,
-            batch,
-            resume,
-            state,
-            skip_items,
-            file_order,
-            quiet,
-            json,
-        } => {
-            let options = import::Options {
-                data,
-                items,
-                target,
-                kafka,
-                topic,
-                config,
-                api_key,
-                map,
-                item_map,
-                event_type,
-                time_unit,
-                list_separator,
-                rate,
-                batch,
-                resume,
-                state,
-                skip_items,
-                file_order,
-                quiet,
-            };
-            import_command(options, json)
-        }
+        Command::Import { options, json } => import_command(options, json),
         Command::Key { id, role } => key(&id, &role),
         Command::Token { user, ttl, config } => token(&user, ttl, config.as_deref()),
         Command::Schema => {
@@ -312,14 +202,6 @@ fn simulate(config: liverec::sim::SimConfig) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// An event type named on the command line (`rating`, `add_to_cart`).
-fn event_type(name: &str) -> Result<liverec::event::EventType, String> {
-    serde_json::from_value(serde_json::Value::String(name.to_owned())).map_err(|_| {
-        let names: Vec<&str> = liverec::event::EventType::ALL.iter().map(|t| t.as_str()).collect();
-        format!("not an event type; one of {}", names.join(", "))
-    })
 }
 
 /// `import`: runs the import until its end or a signal, then prints the summary (stderr, and

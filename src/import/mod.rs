@@ -50,28 +50,86 @@ pub enum ImportError {
     Kafka(String),
 }
 
-/// What `liverec import` was asked to do (the command line, parsed).
+/// What `liverec import` was asked to do: its command-line flags.
+#[derive(clap::Args)]
 pub struct Options {
+    /// A dataset directory, or one file of events (.csv, .tsv, .jsonl, .inter, u.data).
+    #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
+    /// A catalogue file (.csv, .tsv, .jsonl, .item) to import instead of the one found
+    /// beside the data.
+    #[arg(long, value_name = "FILE")]
     pub items: Option<PathBuf>,
+    /// The server (http:// only). Default http://127.0.0.1:8080 unless --kafka is given.
+    #[arg(long, value_name = "URL")]
     pub target: Option<String>,
+    /// Produce events straight to the events topic of these Kafka brokers (items still
+    /// need --target: the catalogue has no Kafka topic yet).
+    #[arg(long, value_name = "BROKERS")]
     pub kafka: Option<String>,
+    /// The events topic (default: kafka.events_topic of --config, else liverec.events).
+    #[arg(long, value_name = "TOPIC", requires = "kafka")]
     pub topic: Option<String>,
+    /// The server's configuration file: [kafka] client settings and the [events] limits
+    /// that events produced to Kafka are checked against.
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// A key with the producer role, when the server has auth on.
+    #[arg(long, env = "LIVEREC_API_KEY", hide_env_values = true, value_name = "KEY")]
     pub api_key: Option<String>,
+    /// FIELD=COLUMN: where an event field is in the data (repeatable). Fields: user_id,
+    /// item_id, timestamp, event_type, value, event_id. Unmapped fields are read from a
+    /// column of their own name (value also from `rating`), if there is one.
+    #[arg(long = "map", value_name = "FIELD=COLUMN")]
     pub map: Vec<String>,
+    /// FIELD=COLUMN for the catalogue: item_id, title, categories, tags, created_at,
+    /// available, expires_at.
+    #[arg(long = "item-map", value_name = "FIELD=COLUMN")]
     pub item_map: Vec<String>,
+    /// The type of events whose line has none [default: rating for a line with a value,
+    /// view otherwise].
+    #[arg(long, value_name = "TYPE", value_parser = parse_event_type)]
     pub event_type: Option<EventType>,
+    /// The unit of numeric timestamps (auto: seconds below 10^11, milliseconds above).
+    #[arg(long, value_enum, default_value = "auto")]
     pub time_unit: TimeUnit,
+    /// The separator of categories and tags in one column [default: | ; whitespace in
+    /// RecBole files].
+    #[arg(long, value_name = "CHAR")]
     pub list_separator: Option<char>,
+    /// At most this many lines per second (default: as fast as the server takes them).
+    #[arg(long, value_name = "N")]
     pub rate: Option<NonZeroU32>,
+    /// Lines per request: at most the server's events.max_batch (halved on its own when
+    /// the server answers 413).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
     pub batch: usize,
+    /// Continue an interrupted import after the last line its state file records.
+    #[arg(long)]
     pub resume: bool,
+    /// The state file [default: $XDG_STATE_HOME/liverec/import/, else
+    /// ~/.local/state/liverec/import/, one file per data path and destination].
+    #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    /// Import the events only, not the catalogue.
+    #[arg(long)]
     pub skip_items: bool,
-    /// Send events in the file's order, streaming (else in time order, after indexing the file).
+    /// Send events in the order of the file, streaming it. By default they are sent in
+    /// time order (the server keeps each user's history in arrival order), after a first
+    /// read that keeps 32 bytes a line.
+    #[arg(long)]
     pub file_order: bool,
+    /// No progress bar and no start line.
+    #[arg(long)]
     pub quiet: bool,
+}
+
+/// An event type named on the command line (`rating`, `add_to_cart`).
+fn parse_event_type(name: &str) -> Result<EventType, String> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).map_err(|_| {
+        let names: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+        format!("not an event type; one of {}", names.join(", "))
+    })
 }
 
 /// How an import ended.

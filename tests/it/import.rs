@@ -65,13 +65,11 @@ async fn history_of(server: &Server, user: &str) -> Vec<(String, String, String,
         .collect()
 }
 
-/// Waits until every user of `expected` has as many events as expected (failing on a stall),
-/// then checks each history: the items of the file in its order, each event once.
-async fn assert_histories(server: &Server, expected: &BTreeMap<String, Vec<(String, f64, i64)>>) {
-    let total: usize = expected.values().map(Vec::len).sum();
-    wait_for_progress("every imported event in its user's history", Duration::from_secs(60), || async {
+/// Waits until `users` hold `total` events between them, failing only on a stall.
+async fn wait_for_events(server: &Server, users: &[&str], total: usize) {
+    wait_for_progress("the imported events in their users' histories", Duration::from_secs(60), || async {
         let mut seen = 0;
-        for user in expected.keys() {
+        for user in users {
             seen += history_of(server, user).await.len();
         }
         if seen >= total {
@@ -81,6 +79,14 @@ async fn assert_histories(server: &Server, expected: &BTreeMap<String, Vec<(Stri
         }
     })
     .await;
+}
+
+/// Waits until every user of `expected` has as many events as expected (failing on a stall),
+/// then checks each history: the items of the file in its order, each event once.
+async fn assert_histories(server: &Server, expected: &BTreeMap<String, Vec<(String, f64, i64)>>) {
+    let total: usize = expected.values().map(Vec::len).sum();
+    let users: Vec<&str> = expected.keys().map(String::as_str).collect();
+    wait_for_events(server, &users, total).await;
     for (user, events) in expected {
         let history = history_of(server, user).await;
         let ids: HashSet<&String> = history.iter().map(|h| &h.0).collect();
@@ -305,18 +311,8 @@ async fn interrupt_and_resume(order: &[&str]) {
     assert_eq!(s["events"]["line"], users * per_user + 1, "{s}");
 
     let expected: BTreeMap<String, usize> = (0..users).map(|u| (format!("csv-user-{u}"), per_user)).collect();
-    wait_for_progress("every event in its user's history", Duration::from_secs(60), || async {
-        let mut seen = 0;
-        for user in expected.keys() {
-            seen += history_of(&server, user).await.len();
-        }
-        if seen >= users * per_user {
-            Progress::Done(())
-        } else {
-            Progress::Pending(seen)
-        }
-    })
-    .await;
+    let names: Vec<&str> = expected.keys().map(String::as_str).collect();
+    wait_for_events(&server, &names, users * per_user).await;
     for (user, n) in &expected {
         let history = history_of(&server, user).await;
         let ids: HashSet<&String> = history.iter().map(|h| &h.0).collect();
@@ -404,18 +400,7 @@ async fn bad_lines_are_reported_with_their_reasons_and_the_rest_is_imported() {
 
     // The good lines are in: j-1's two ratings, j-2's click.
     let expected: [(&str, Vec<&str>); 2] = [("j-1", vec!["item-0001", "item-0009"]), ("j-2", vec!["item-0007"])];
-    wait_for_progress("the good lines applied", Duration::from_secs(60), || async {
-        let mut seen = 0;
-        for (user, _) in &expected {
-            seen += history_of(&server, user).await.len();
-        }
-        if seen >= 3 {
-            Progress::Done(())
-        } else {
-            Progress::Pending(seen)
-        }
-    })
-    .await;
+    wait_for_events(&server, &["j-1", "j-2"], 3).await;
     for (user, items) in &expected {
         let got: Vec<String> = history_of(&server, user).await.into_iter().map(|h| h.1).collect();
         assert_eq!(&got, items, "{user}");
