@@ -215,10 +215,10 @@ fn import_command(options: import::Options, json: bool) -> ExitCode {
             if json {
                 print_out(&serde_json::to_string(&summary).expect("summaries serialise"));
             }
-            if summary.interrupted {
-                ExitCode::from(130)
-            } else {
-                ExitCode::SUCCESS
+            match (&summary.failed, summary.interrupted) {
+                (Some(_), _) => ExitCode::FAILURE,
+                (None, true) => ExitCode::from(130),
+                (None, false) => ExitCode::SUCCESS,
             }
         }
         Err(error) => {

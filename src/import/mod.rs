@@ -137,6 +137,9 @@ fn parse_event_type(name: &str) -> Result<EventType, String> {
 pub struct Summary {
     /// Stopped by a signal before the end; `--resume` continues.
     pub interrupted: bool,
+    /// Stopped by this error (the server or Kafka refused or did not answer); `--resume`
+    /// continues once it is fixed.
+    pub failed: Option<String>,
     pub state_file: PathBuf,
     pub items: Option<FileProgress>,
     pub events: Option<FileProgress>,
@@ -159,10 +162,10 @@ impl Summary {
     /// The human summary, for stderr.
     pub fn text(&self) -> String {
         let mut out = String::new();
-        if self.interrupted {
-            out.push_str("import: interrupted\n");
-        } else {
-            out.push_str("import: done\n");
+        match (&self.failed, self.interrupted) {
+            (Some(error), _) => out.push_str(&format!("import: stopped: {error}\n")),
+            (None, true) => out.push_str("import: interrupted\n"),
+            (None, false) => out.push_str("import: done\n"),
         }
         for (what, progress) in [("items", &self.items), ("events", &self.events)] {
             if let Some(p) = progress {
@@ -203,8 +206,11 @@ impl Summary {
             out.push_str(&format!("last line applied: {last}\n"));
         }
         out.push_str(&format!("state: {}\n", self.state_file.display()));
-        if self.interrupted {
+        let started = [&self.items, &self.events].iter().any(|p| p.as_ref().is_some_and(|p| p.line > 0));
+        if (self.interrupted || self.failed.is_some()) && started {
             out.push_str("run the same command with --resume to continue after the last line applied\n");
+        } else if self.failed.is_some() {
+            out.push_str("nothing was applied: run the same command again to start\n");
         }
         out
     }
@@ -470,27 +476,39 @@ pub async fn run(options: Options, mut interrupt: Interrupt) -> Result<Summary, 
         Destination::Rest(client) | Destination::Kafka { items: Some(client), .. } => client.check().await?,
         Destination::Kafka { items: None, .. } => {}
     }
-    let mut ended = Ended::Done;
-    if let Some(spec) = items_spec {
-        let mut reader = ItemReader::new(spec)?;
-        ended = run.phase(Phase::Items, &mut reader, &mut destination).await?;
+    let ended = async {
+        let mut ended = Ended::Done;
+        if let Some(spec) = items_spec {
+            let mut reader = ItemReader::new(spec)?;
+            ended = run.phase(Phase::Items, &mut reader, &mut destination).await?;
+        }
+        if let (true, Some(spec)) = (matches!(ended, Ended::Done), &dataset.events) {
+            let reader = EventReader::new(spec, options.event_type, options.time_unit)?;
+            ended = if options.file_order {
+                let mut reader = reader;
+                run.phase(Phase::Events, &mut reader, &mut destination).await?
+            } else {
+                if !options.quiet {
+                    eprintln!("import: reading {} to send its events in time order", spec.path.display());
+                }
+                let mut reader = TimeOrdered::new(reader)?;
+                run.phase(Phase::Events, &mut reader, &mut destination).await?
+            };
+        }
+        Ok::<_, ImportError>(ended)
     }
-    if let (true, Some(spec)) = (matches!(ended, Ended::Done), &dataset.events) {
-        let reader = EventReader::new(spec, options.event_type, options.time_unit)?;
-        ended = if options.file_order {
-            let mut reader = reader;
-            run.phase(Phase::Events, &mut reader, &mut destination).await?
-        } else {
-            if !options.quiet {
-                eprintln!("import: reading {} to send its events in time order", spec.path.display());
-            }
-            let mut reader = TimeOrdered::new(reader)?;
-            run.phase(Phase::Events, &mut reader, &mut destination).await?
-        };
-    }
+    .await;
+    // Bad flags or data are answered as such; a destination that fails mid-way ends with the
+    // summary of what was applied, so that the import can be resumed.
+    let (interrupted, failed) = match ended {
+        Ok(ended) => (matches!(ended, Ended::Interrupted), None),
+        Err(error @ (ImportError::Usage(_) | ImportError::State { .. })) => return Err(error),
+        Err(error) => (false, Some(error.to_string())),
+    };
     let state = run.state;
     Ok(Summary {
-        interrupted: matches!(ended, Ended::Interrupted),
+        interrupted,
+        failed,
         state_file: run.state_path,
         items: state.items,
         events: state.events,

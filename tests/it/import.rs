@@ -522,3 +522,59 @@ async fn an_import_slowed_by_the_servers_rate_limit_waits_and_applies_everything
     }
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn with_auth_on_the_import_needs_a_producer_key_and_takes_it_from_the_environment() {
+    let mut config = test_config();
+    config.auth.mode = liverec::auth::AuthMode::On;
+    config.auth.token_secret = "a test secret that is long enough to sign".into();
+    let (producer, producer_entry) = liverec::auth::new_key("ingest", liverec::auth::Role::Producer).expect("key");
+    let (admin, admin_entry) = liverec::auth::new_key("ops", liverec::auth::Role::Admin).expect("key");
+    config.auth.api_keys = vec![producer_entry, admin_entry];
+    let server = start(config).await;
+    let dir = scratch("auth");
+    let data = dir.join("clicks.csv");
+    write_clicks(&data, 2, 3);
+    let target = server.url();
+    let state = dir.join("state.json");
+    let args = [
+        "--data",
+        data.to_str().expect("utf-8"),
+        "--target",
+        &target,
+        "--state",
+        state.to_str().expect("utf-8"),
+        "--map",
+        "user_id=uid",
+        "--map",
+        "item_id=iid",
+        "--quiet",
+    ];
+
+    let out = import(&args).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("401 unauthorized") && text.contains("--api-key") && text.contains("nothing was applied"),
+        "{text}"
+    );
+
+    let mut command = command(&args);
+    command.env("LIVEREC_API_KEY", &producer);
+    let out = actix_web::rt::task::spawn_blocking(move || command.output().expect("run")).await.expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    for user in ["csv-user-0", "csv-user-1"] {
+        let events = wait_for_progress("the user's events", Duration::from_secs(60), || async {
+            let (_, body) = call(&server, "GET", &format!("/v1/users/{user}/export"), Some(&admin), None).await;
+            let n = body["profile"]["interactions"].as_array().map_or(0, Vec::len);
+            if n >= 3 {
+                Progress::Done(n)
+            } else {
+                Progress::Pending(n)
+            }
+        })
+        .await;
+        assert_eq!(events, 3, "{user}");
+    }
+    server.stop().await;
+}
