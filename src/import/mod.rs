@@ -2,9 +2,10 @@
 //! server (REST) or straight into its Kafka events topic.
 //!
 //! Items go first (`PUT /v1/items`), then events (`POST /v1/events`, or the events topic), in
-//! batches, one at a time and in file order, so each user's events arrive in the order of the
-//! file. After every acknowledged batch the state file records the last line done; `--resume`
-//! continues after it. Every event carries an id derived from its file and line, so the batch
+//! batches, one at a time. Events go in time order (the file is indexed first; `--file-order`
+//! streams it instead), because the server keeps each user's history in arrival order. After
+//! every acknowledged batch the state file records how far each file has come; `--resume`
+//! continues from there. Every event carries an id derived from its file and line, so the batch
 //! that was in flight when an import stopped, sent again on resume, is applied once (the server
 //! applies an event id once per user).
 //!
@@ -611,7 +612,9 @@ impl Run<'_> {
             // Acknowledged: record it all, then save.
             let applied = (records.len() - refused.len()) as u64;
             sent += records.len() as u64;
-            self.note_order(&records, &refused);
+            if order == Order::File {
+                self.note_order(&records, &refused);
+            }
             for (line, rejected) in &unreadable {
                 self.state.reject(&file, *line, rejected);
             }
