@@ -228,6 +228,42 @@ async fn recbole_and_movielens_layouts_import_without_flags_and_a_rerun_applies_
     let item = get(&server, "/v1/items/3").await;
     assert_eq!(item.body["title"], "Movie 3 (1995)", "{}", item.body);
     assert_eq!(item.body["categories"], serde_json::json!(["Animation", "Drama"]), "{}", item.body);
+
+    // MovieLens CSV (ml-latest, ml-25m): quoted titles with commas, `|`-separated genres.
+    let csv = dir.join("ml-latest");
+    std::fs::create_dir_all(&csv).expect("dir");
+    std::fs::write(
+        csv.join("movies.csv"),
+        "movieId,title,genres\nm1,\"American President, The (1995)\",Comedy|Drama|Romance\nm2,Heat (1995),(no genres listed)\n",
+    )
+    .expect("write movies.csv");
+    std::fs::write(
+        csv.join("ratings.csv"),
+        "userId,movieId,rating,timestamp\nmlc-1,m2,4.5,964982703\nmlc-1,m1,3.0,964981247\nmlc-2,m1,5.0,964982224\n",
+    )
+    .expect("write ratings.csv");
+    let state = dir.join("csv-state.json");
+    let out = import(&[
+        "--data",
+        csv.to_str().expect("utf-8"),
+        "--target",
+        &target,
+        "--state",
+        state.to_str().expect("utf-8"),
+        "--quiet",
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected: BTreeMap<String, Vec<(String, f64, i64)>> = [
+        ("mlc-1".to_owned(), vec![("m1".to_owned(), 3.0, 964_981_247_000), ("m2".to_owned(), 4.5, 964_982_703_000)]),
+        ("mlc-2".to_owned(), vec![("m1".to_owned(), 5.0, 964_982_224_000)]),
+    ]
+    .into();
+    assert_histories(&server, &expected).await;
+    let item = get(&server, "/v1/items/m1").await;
+    assert_eq!(item.body["title"], "American President, The (1995)", "{}", item.body);
+    assert_eq!(item.body["categories"], serde_json::json!(["Comedy", "Drama", "Romance"]), "{}", item.body);
+    assert_eq!(get(&server, "/v1/items/m2").await.body["categories"], serde_json::json!([]));
     server.stop().await;
 }
 
