@@ -614,3 +614,27 @@ async fn with_auth_on_the_import_needs_a_producer_key_and_takes_it_from_the_envi
     }
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn batches_over_the_servers_max_batch_are_halved_until_they_pass() {
+    let mut config = test_config();
+    config.events.max_batch = 6;
+    let server = start(config).await;
+    let dir = scratch("max-batch");
+    let data = dir.join("clicks.csv");
+    let (users, per_user) = (4, 10);
+    write_clicks(&data, users, per_user);
+    let state = dir.join("state.json");
+    let args = ["--data", data.to_str().expect("utf-8"), "--target", &server.url(), "--state"];
+    let map = ["--map", "user_id=uid", "--map", "item_id=iid", "--map", "timestamp=ts", "--batch", "25", "--json"];
+    let out = import(&[args.as_slice(), &[state.to_str().expect("utf-8")], &map].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(summary(&out)["events"]["applied"], users * per_user, "{}", stderr(&out));
+    let names: Vec<String> = (0..users).map(|u| format!("csv-user-{u}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    wait_for_events(&server, &names, users * per_user).await;
+    for user in names {
+        assert_eq!(history_of(&server, user).await.len(), per_user, "{user}");
+    }
+    server.stop().await;
+}
