@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use liverec::config::{Config, Overrides};
 use liverec::Server;
 
+mod import;
+
 /// jemalloc rather than glibc malloc: after many sessions stop, glibc kept the freed memory in
 /// fragmented arenas (resident size 2-3x its baseline); jemalloc's background threads give unused
 /// pages back within seconds.
@@ -110,6 +112,23 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Load a catalogue and an interaction history from files into a running server (REST) or
+    /// its Kafka events topic (see docs/import.md).
+    ///
+    /// Reads a MovieLens directory (u.data and u.item, or ratings.csv and movies.csv), RecBole
+    /// files (NAME.inter and NAME.item), or any CSV/TSV/JSON Lines file with its columns named by
+    /// --map. Items go first, then events, in batches; events in time order (--file-order:
+    /// the file's). After each batch the state file records how far the import has come;
+    /// --resume continues from there, and every event has an id derived from its file and
+    /// line, so nothing is applied twice.
+    #[command(verbatim_doc_comment)]
+    Import {
+        #[command(flatten)]
+        options: import::Options,
+        /// Also print the summary as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate under the leave-one-out protocol: popularity, and the model if given.
     Eval {
         /// Dataset directory: RecBole atomic files or GroupLens u.data/u.item/u.user.
@@ -164,6 +183,7 @@ fn main() -> ExitCode {
         Command::Eval { data, model, json, report } => {
             exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref()))
         }
+        Command::Import { options, json } => import_command(options, json),
         Command::Key { id, role } => key(&id, &role),
         Command::Token { user, ttl, config } => token(&user, ttl, config.as_deref()),
         Command::Schema => {
@@ -180,6 +200,33 @@ fn simulate(config: liverec::sim::SimConfig) -> ExitCode {
         Err(error) => {
             eprintln!("liverec: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `import`: runs the import until its end or a signal, then prints the summary (stderr, and
+/// stdout as JSON with `--json`). Exit codes: 0 done, 130 interrupted, 2 bad flags or data,
+/// 1 anything else.
+fn import_command(options: import::Options, json: bool) -> ExitCode {
+    let interrupt: import::Interrupt = Box::pin(wait_for_signal());
+    match actix_web::rt::System::new().block_on(import::run(options, interrupt)) {
+        Ok(summary) => {
+            eprint!("{}", summary.text());
+            if json {
+                print_out(&serde_json::to_string(&summary).expect("summaries serialise"));
+            }
+            match (&summary.failed, summary.interrupted) {
+                (Some(_), _) => ExitCode::FAILURE,
+                (None, true) => ExitCode::from(130),
+                (None, false) => ExitCode::SUCCESS,
+            }
+        }
+        Err(error) => {
+            eprintln!("liverec import: {error}");
+            match error {
+                import::ImportError::Usage(_) | import::ImportError::State { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -203,7 +203,8 @@ fn parse_error(path: &Path, line: usize, message: impl Into<String>) -> DataErro
 }
 
 /// Seconds as an integer; a fractional timestamp is rounded (never parsed through `f32`).
-fn parse_timestamp(text: &str) -> Option<i64> {
+/// Also `liverec import`'s reading of timestamps, so both read a file alike.
+pub fn parse_timestamp(text: &str) -> Option<i64> {
     let text = text.trim();
     text.parse::<i64>().ok().or_else(|| text.parse::<f64>().ok().map(|f| f.round() as i64))
 }
@@ -309,7 +310,7 @@ fn load_recbole(inter_path: &Path) -> Result<Dataset, DataError> {
 }
 
 /// The 19 genre flags of `u.item`, in order, for when `u.genre` is absent.
-const GROUPLENS_GENRES: [&str; 19] = [
+pub const GROUPLENS_GENRES: [&str; 19] = [
     "unknown",
     "Action",
     "Adventure",

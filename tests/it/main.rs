@@ -14,6 +14,7 @@
 //! - `connections`: idle connections closed by timeouts, per-IP and total connection caps
 //! - `memory`: the embedded mode's bounds (stored profiles, sessions, tombstones; no state for unknown users)
 //! - `production::kafka` and `production::failover`: against the real Kafka and Redis
+//! - `import`: `liverec import` of files into a running server (REST) and its Kafka topic
 //! - `deploy_files`, `cli`, `observability`, `openapi`, `dashboard`: what ships around the server
 //!
 //! Shared clients and helpers (server, HTTP, SSE, WebSocket, services, the restart client) are
@@ -29,6 +30,7 @@ mod connections;
 mod dashboard;
 mod deploy_files;
 mod events;
+mod import;
 mod items;
 mod limits;
 mod memory;
