@@ -1,6 +1,7 @@
 //! Production mode, the catalogue: changes travel through the compacted Kafka items topic, so
 //! every instance, and one started later, holds the same catalogue; bad records of that topic go
-//! to the dead-letter topic.
+//! to the dead-letter topic; its consumer is supervised, and the instance is ready only once it has
+//! read the topic.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -208,5 +209,47 @@ async fn bad_items_records_and_items_past_the_cap_go_to_the_dead_letter_topic() 
         assert!(text.contains(&format!("liverec-error-code={code}")), "{code} missing in:\n{text}");
     }
     assert!(text.contains(&format!("liverec-source-topic={topic}")), "{text}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_failing_items_consumer_is_restarted_and_the_instance_is_ready_once_it_has_read_the_topic() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let _services = SERVICES.read().await;
+    let mut config = production_config("catalogue-missing");
+    // No topics: the items consumer fails (its topic does not exist) until they are made.
+    config.kafka.create_topics = false;
+    config.kafka.restart_backoff_initial_ms = 10;
+    config.kafka.restart_backoff_max_ms = 40;
+    let server = start(config.clone()).await;
+    eventually("the items consumer restarted twice", || async {
+        (metric(&server, "liverec_kafka_items_consumer_restarts_total").await >= 2.0).then_some(())
+    })
+    .await;
+    let loading = get(&server, "/readyz").await;
+    assert_eq!((loading.status, &loading.body["status"]), (503, &json!("loading_catalog")), "{}", loading.body);
+    assert_eq!(get(&server, "/healthz").await.status, 200, "alive meanwhile");
+
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &config.kafka.brokers).create().expect("admin client");
+    let items_topic = config.kafka.items_topic_name();
+    let topics = [
+        NewTopic::new(&config.kafka.events_topic, PARTITIONS, TopicReplication::Fixed(1)),
+        NewTopic::new(&config.kafka.dead_letter_topic, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&items_topic, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact"),
+    ];
+    for created in admin.create_topics(&topics, &AdminOptions::new()).await.expect("create topics") {
+        created.expect("topic created");
+    }
+    eventually("ready once the items topic is read", || async {
+        (get(&server, "/readyz").await.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&server, "liverec_catalog_loading").await, 0.0);
+    let put = send(&server, "PUT", "/v1/items/after-the-outage", Some(json!({ "title": "t" }))).await;
+    assert_eq!(put.status, 201, "{}", put.body);
+    assert_eq!(get(&server, "/v1/items/after-the-outage").await.body["title"], "t");
     server.stop().await;
 }
