@@ -33,14 +33,15 @@ use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{watch, Notify};
 
 use super::registry::SessionRegistry;
 use crate::bus::items::{self, ItemChange, KafkaItems};
+use crate::bus::kafka::{send_dead_letter, DeadLetter};
 use crate::bus::BusError;
 use crate::catalog::Catalog;
 use crate::config::KafkaConfig;
@@ -361,23 +362,13 @@ impl CatalogConsumer {
     ) -> Self {
         Self { config, feed, producer, metrics, max_id_len, restarts: 0, started_at: Instant::now() }
     }
-
-    fn backoff(&self) -> Duration {
-        if self.restarts == 0 {
-            return Duration::ZERO;
-        }
-        let initial = self.config.restart_backoff_initial_ms.max(1);
-        let ms =
-            initial.saturating_mul(1 << self.restarts.min(20)).min(self.config.restart_backoff_max_ms.max(initial));
-        Duration::from_millis(ms)
-    }
 }
 
 impl Actor for CatalogConsumer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let delay = self.backoff();
+        let delay = self.config.restart_backoff(self.restarts);
         self.started_at = Instant::now() + delay;
         ctx.run_later(delay, |act, ctx| {
             let run = ReadItems {
@@ -430,16 +421,6 @@ struct ReadItems {
     producer: FutureProducer,
     metrics: Arc<Metrics>,
     max_id_len: usize,
-}
-
-/// A record of the items topic that cannot be applied.
-struct DeadLetter {
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    partition: i32,
-    offset: i64,
-    code: &'static str,
-    reason: String,
 }
 
 impl ReadItems {
@@ -581,31 +562,8 @@ impl ReadItems {
     async fn dead_letter(&self, letter: DeadLetter) {
         self.metrics.kafka_dead_letters.inc();
         tracing::warn!(partition = letter.partition, offset = letter.offset, code = letter.code, reason = %letter.reason, "items record sent to the dead-letter topic");
-        let source = self.config.items_topic_name();
-        let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
-        loop {
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "liverec-error-code", value: Some(letter.code) })
-                .insert(Header { key: "liverec-error-reason", value: Some(letter.reason.as_str()) })
-                .insert(Header { key: "liverec-source-topic", value: Some(source.as_str()) })
-                .insert(Header { key: "liverec-source-partition", value: Some(partition.as_str()) })
-                .insert(Header { key: "liverec-source-offset", value: Some(offset.as_str()) });
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.config.dead_letter_topic).headers(headers);
-            if let Some(key) = &letter.key {
-                record = record.key(key.as_slice());
-            }
-            if let Some(payload) = &letter.payload {
-                record = record.payload(payload.as_slice());
-            }
-            match self.producer.send(record, Duration::from_secs(10)).await {
-                Ok(_) => return,
-                Err((error, _)) => {
-                    tracing::warn!(error = %error, "dead-letter produce failed; retrying");
-                    actix_rt::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
+        let (topic, source) = (self.config.dead_letter_topic.clone(), self.config.items_topic_name());
+        send_dead_letter(self.producer.clone(), topic, source, letter).await;
     }
 }
 

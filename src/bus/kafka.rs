@@ -118,17 +118,20 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), rdkafka::error::K
 async fn warn_unless_compacted(admin: &AdminClient<DefaultClientContext>, topic: &str, options: &AdminOptions) {
     let policy = match admin.describe_configs([&ResourceSpecifier::Topic(topic)], options).await {
         Ok(results) => match results.into_iter().next() {
-            Some(Ok(resource)) => Ok(resource.get("cleanup.policy").and_then(|entry| entry.value.clone())),
+            Some(Ok(resource)) => resource
+                .get("cleanup.policy")
+                .and_then(|entry| entry.value.clone())
+                .ok_or_else(|| "not described".to_owned()),
             Some(Err(code)) => Err(code.to_string()),
             None => Err("no answer".to_owned()),
         },
         Err(error) => Err(error.to_string()),
     };
     match policy {
-        Ok(Some(policy)) if policy.split(',').any(|p| p.trim() == "compact") => {}
+        Ok(policy) if policy.split(',').any(|p| p.trim() == "compact") => {}
         Ok(policy) => tracing::warn!(
             topic,
-            cleanup_policy = policy.as_deref().unwrap_or("unset"),
+            cleanup_policy = %policy,
             "the items topic is not compacted: items older than its retention are lost to instances that start later; set cleanup.policy=compact"
         ),
         Err(error) => tracing::warn!(topic, error = %error, "cannot read the items topic's cleanup.policy"),
@@ -196,6 +199,47 @@ impl EventBus for KafkaBus {
             .await
             .map(|_| ())
             .map_err(|(e, _)| BusError::Unavailable(e.to_string()))
+    }
+}
+
+/// A record that cannot be applied (of the events or the items topic), on its way to the
+/// dead-letter topic with the reason.
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub partition: i32,
+    pub offset: i64,
+    /// A stable code, as the REST API would answer (`liverec-error-code`).
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// Produces `letter`, read from `source`, to `topic` with its reason in headers; retries until the
+/// broker has it, so a caller that waits for it may then move past the record.
+pub async fn send_dead_letter(producer: FutureProducer, topic: String, source: String, letter: DeadLetter) {
+    let partition = letter.partition.to_string();
+    let offset = letter.offset.to_string();
+    loop {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "liverec-error-code", value: Some(letter.code) })
+            .insert(Header { key: "liverec-error-reason", value: Some(letter.reason.as_str()) })
+            .insert(Header { key: "liverec-source-topic", value: Some(source.as_str()) })
+            .insert(Header { key: "liverec-source-partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "liverec-source-offset", value: Some(offset.as_str()) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &letter.payload {
+            record = record.payload(payload.as_slice());
+        }
+        match producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => return,
+            Err((error, _)) => {
+                tracing::warn!(error = %error, "dead-letter produce failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
 }
 
