@@ -104,11 +104,8 @@ pub async fn put_item(
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_item").await?;
     attributes.validate()?;
     let submitted = state.items.submit(vec![(id.clone(), ItemChange::Put(attributes.clone()))]).await?;
-    let view = match submitted.applied_here {
-        true => state.catalog.get(&id),
-        false => None,
-    }
-    .unwrap_or_else(|| view_of(id, attributes, now_ms()));
+    let shown = submitted.applied_here.then(|| state.catalog.get(&id)).flatten();
+    let view = shown.unwrap_or_else(|| view_of(id, attributes, now_ms()));
     Ok(if submitted.created > 0 { HttpResponse::Created().json(view) } else { HttpResponse::Ok().json(view) })
 }
 
