@@ -115,6 +115,8 @@ struct Inner {
     items: Vec<Entry>,
     /// Items without attributes: known only from events.
     event_only: usize,
+    /// Items put and not deleted: what `catalog.max_items` bounds.
+    listed: usize,
     category_index: HashMap<Arc<str>, CategoryIdx>,
     category_names: Vec<Arc<str>>,
     /// Items deleted or put with `available: false`: excluded from every list.
@@ -344,6 +346,9 @@ impl Catalog {
         if was_event_only {
             inner.event_only = inner.event_only.saturating_sub(1);
         }
+        if created {
+            inner.listed += 1;
+        }
         if hidden {
             inner.hidden.insert(idx);
         } else {
@@ -370,7 +375,51 @@ impl Catalog {
         entry.categories.clear();
         inner.hidden.insert(idx);
         inner.expiring.remove(&idx);
+        inner.listed = inner.listed.saturating_sub(1);
         true
+    }
+
+    /// Deletes `id` whatever it is now (unknown, known only from events, put, deleted), as a
+    /// delete read from the Kafka items topic must: once compaction has dropped the put before
+    /// it, an instance reading the topic from the start sees the delete alone, and must still
+    /// end with the item deleted (hidden from lists even when events or the model name it).
+    /// Returns whether the item was in the catalogue.
+    pub fn delete_any(&self, id: &ItemId) -> bool {
+        let idx = self.intern(id);
+        if self.delete(id) {
+            return true;
+        }
+        let mut inner = self.inner.write();
+        let entry = &mut inner.items[idx as usize];
+        if !entry.deleted {
+            // Known only from events until now.
+            entry.deleted = true;
+            inner.event_only = inner.event_only.saturating_sub(1);
+            inner.hidden.insert(idx);
+            inner.expiring.remove(&idx);
+        }
+        false
+    }
+
+    /// Items put and not deleted (what `GET /v1/items` pages and `catalog.max_items` bounds).
+    pub fn listed(&self) -> usize {
+        self.inner.read().listed
+    }
+
+    /// How many distinct ids of `ids` putting would add to [`Catalog::listed`]: those unknown,
+    /// known only from events, or deleted.
+    pub fn unlisted<'a>(&self, ids: impl IntoIterator<Item = &'a ItemId>) -> usize {
+        let inner = self.inner.read();
+        let mut seen = std::collections::HashSet::new();
+        ids.into_iter()
+            .filter(|id| seen.insert(*id))
+            .filter(|id| {
+                inner.index.get(*id).is_none_or(|&idx| {
+                    let entry = &inner.items[idx as usize];
+                    entry.attributes.is_none() || entry.deleted
+                })
+            })
+            .count()
     }
 
     /// Items lists must not show at `now_ms`: deleted, put with `available: false`, or expired.
@@ -533,6 +582,27 @@ mod tests {
         // Put again, it is back and available.
         assert_eq!(catalog.put(&ids[3], ItemAttributes::default()), (3, true));
         assert!(catalog.is_available(&ids[3], 0));
+    }
+
+    #[test]
+    fn listed_counts_items_put_and_not_deleted_and_a_delete_may_come_first() {
+        let catalog = Catalog::new();
+        let (a, b, c) = (ItemId::from("a"), ItemId::from("b"), ItemId::from("c"));
+        catalog.intern(&c);
+        catalog.put(&a, ItemAttributes::default());
+        catalog.put(&a, ItemAttributes::default());
+        assert_eq!(catalog.listed(), 1, "a replaced item counts once");
+        assert_eq!(catalog.unlisted([&a, &b, &b, &c]), 2, "b is new and c known only from events");
+        assert!(catalog.delete(&a));
+        assert_eq!((catalog.listed(), catalog.unlisted([&a])), (0, 1));
+        // A delete of an item this catalogue never saw put (its put compacted away): deleted all the same.
+        assert!(!catalog.delete_any(&b));
+        assert!(!catalog.is_available(&b, 0) && catalog.get(&b).is_none());
+        assert!(!catalog.delete_any(&c));
+        assert_eq!((catalog.event_only(), catalog.listed()), (0, 0));
+        assert!(!catalog.is_available(&c, 0));
+        assert!(catalog.put(&b, ItemAttributes::default()).1, "put again, it is back");
+        assert_eq!(catalog.listed(), 1);
     }
 
     #[test]

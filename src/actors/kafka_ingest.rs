@@ -33,14 +33,16 @@ use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::messages::Reload;
 use super::registry::SessionRegistry;
 use crate::bus::codec;
-use crate::bus::kafka::{wall_micros, CONTROL_HEADER, CONTROL_RELOAD, PSEUDONYMIZED_HEADER, RECEIVED_HEADER};
+use crate::bus::kafka::{
+    send_dead_letter, wall_micros, DeadLetter, CONTROL_HEADER, CONTROL_RELOAD, PSEUDONYMIZED_HEADER, RECEIVED_HEADER,
+};
 use crate::config::KafkaConfig;
 use crate::event::{now_ms, Event, UserId};
 use crate::store::Persisted;
@@ -181,13 +183,7 @@ impl KafkaIngestActor {
     }
 
     fn backoff(&self) -> Duration {
-        if self.restarts == 0 {
-            return Duration::ZERO;
-        }
-        let initial = self.config.restart_backoff_initial_ms.max(1);
-        let ms =
-            initial.saturating_mul(1 << self.restarts.min(20)).min(self.config.restart_backoff_max_ms.max(initial));
-        Duration::from_millis(ms)
+        self.config.restart_backoff(self.restarts)
     }
 }
 
@@ -234,17 +230,6 @@ struct Consume {
     producer: FutureProducer,
     metrics: Arc<Metrics>,
     limits: crate::event::EventLimits,
-}
-
-/// A record that could not be decoded, or whose item the catalogue refused, on its way to the
-/// dead-letter topic.
-struct DeadLetter {
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    partition: i32,
-    offset: i64,
-    code: &'static str,
-    reason: String,
 }
 
 impl Consume {
@@ -451,32 +436,7 @@ impl Consume {
         let producer = self.producer.clone();
         let topic = self.config.dead_letter_topic.clone();
         let source = self.config.events_topic.clone();
-        Box::pin(async move {
-            let partition = letter.partition.to_string();
-            let offset = letter.offset.to_string();
-            loop {
-                let headers = OwnedHeaders::new()
-                    .insert(Header { key: "liverec-error-code", value: Some(letter.code) })
-                    .insert(Header { key: "liverec-error-reason", value: Some(letter.reason.as_str()) })
-                    .insert(Header { key: "liverec-source-topic", value: Some(source.as_str()) })
-                    .insert(Header { key: "liverec-source-partition", value: Some(partition.as_str()) })
-                    .insert(Header { key: "liverec-source-offset", value: Some(offset.as_str()) });
-                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
-                if let Some(key) = &letter.key {
-                    record = record.key(key.as_slice());
-                }
-                if let Some(payload) = &letter.payload {
-                    record = record.payload(payload.as_slice());
-                }
-                match producer.send(record, Duration::from_secs(10)).await {
-                    Ok(_) => return,
-                    Err((error, _)) => {
-                        tracing::warn!(error = %error, "dead-letter produce failed; retrying");
-                        actix_rt::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-        })
+        Box::pin(send_dead_letter(producer, topic, source, letter))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The actors: one session per active user, the model actor that batches scoring, and the ingest
 //! actors that move events from the bus to sessions. Nothing here knows HTTP types.
 
+pub mod catalog_feed;
 pub mod cold_lists;
 pub mod ingest;
 pub mod kafka_ingest;

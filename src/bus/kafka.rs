@@ -1,5 +1,6 @@
 //! The Kafka event bus (rdkafka): `POST /v1/events` produces here, and the ingest actors of every
-//! instance consume the topic in one consumer group.
+//! instance consume the topic in one consumer group. The catalogue travels on a topic of its own
+//! (`bus::items`), which every instance reads whole.
 //!
 //! The producer is idempotent with `acks=all`, so a `202` means the broker has the events. Records
 //! are keyed by user id and partitioned with murmur2, as Java clients do, so one user's events stay
@@ -9,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -51,6 +52,19 @@ impl KafkaConfig {
         config
     }
 
+    /// The items topic's consumer: no consumer group and no commits, since every instance reads
+    /// every partition from the start (`actors::catalog_feed`); partition ends are reported so
+    /// the instance knows when it has caught up.
+    pub fn items_consumer_config(&self) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        config
+    }
+
     pub fn consumer_config(&self) -> ClientConfig {
         let mut config = self.base();
         config
@@ -69,12 +83,20 @@ impl KafkaConfig {
     }
 }
 
-/// Creates the events and dead-letter topics if they do not exist.
+/// Creates the events, dead-letter and (compacted) items topics if they do not exist, and warns
+/// when an existing items topic is not compacted.
 pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), rdkafka::error::KafkaError> {
     let admin: AdminClient<DefaultClientContext> = config.base().create()?;
+    let items_topic = config.items_topic_name();
+    let replication = || TopicReplication::Fixed(config.replication_factor);
     let topics = [
-        NewTopic::new(&config.events_topic, config.partitions, TopicReplication::Fixed(config.replication_factor)),
-        NewTopic::new(&config.dead_letter_topic, config.partitions, TopicReplication::Fixed(config.replication_factor)),
+        NewTopic::new(&config.events_topic, config.partitions, replication()),
+        NewTopic::new(&config.dead_letter_topic, config.partitions, replication()),
+        // Compacted: the newest record of each item is kept for good, so the topic is the
+        // whole catalogue however old (see bus::items). One partition: every instance applies
+        // the changes in one order, so all make the same decisions (catalog.max_items), and
+        // catalogue changes are few enough for one.
+        NewTopic::new(&items_topic, 1, replication()).set("cleanup.policy", "compact"),
     ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&topics, &options).await? {
@@ -87,7 +109,33 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), rdkafka::error::K
             }
         }
     }
+    warn_unless_compacted(&admin, &items_topic, &options).await;
     Ok(())
+}
+
+/// An items topic that deletes old records (created by hand, or by a broker's
+/// `auto.create.topics.enable`) loses items: say so loudly, but serve.
+async fn warn_unless_compacted(admin: &AdminClient<DefaultClientContext>, topic: &str, options: &AdminOptions) {
+    let policy = match admin.describe_configs([&ResourceSpecifier::Topic(topic)], options).await {
+        Ok(results) => match results.into_iter().next() {
+            Some(Ok(resource)) => resource
+                .get("cleanup.policy")
+                .and_then(|entry| entry.value.clone())
+                .ok_or_else(|| "not described".to_owned()),
+            Some(Err(code)) => Err(code.to_string()),
+            None => Err("no answer".to_owned()),
+        },
+        Err(error) => Err(error.to_string()),
+    };
+    match policy {
+        Ok(policy) if policy.split(',').any(|p| p.trim() == "compact") => {}
+        Ok(policy) => tracing::warn!(
+            topic,
+            cleanup_policy = %policy,
+            "the items topic is not compacted: items older than its retention are lost to instances that start later; set cleanup.policy=compact"
+        ),
+        Err(error) => tracing::warn!(topic, error = %error, "cannot read the items topic's cleanup.policy"),
+    }
 }
 
 /// Microseconds since the Unix epoch, now.
@@ -151,6 +199,47 @@ impl EventBus for KafkaBus {
             .await
             .map(|_| ())
             .map_err(|(e, _)| BusError::Unavailable(e.to_string()))
+    }
+}
+
+/// A record that cannot be applied (of the events or the items topic), on its way to the
+/// dead-letter topic with the reason.
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub partition: i32,
+    pub offset: i64,
+    /// A stable code, as the REST API would answer (`liverec-error-code`).
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// Produces `letter`, read from `source`, to `topic` with its reason in headers; retries until the
+/// broker has it, so a caller that waits for it may then move past the record.
+pub async fn send_dead_letter(producer: FutureProducer, topic: String, source: String, letter: DeadLetter) {
+    let partition = letter.partition.to_string();
+    let offset = letter.offset.to_string();
+    loop {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "liverec-error-code", value: Some(letter.code) })
+            .insert(Header { key: "liverec-error-reason", value: Some(letter.reason.as_str()) })
+            .insert(Header { key: "liverec-source-topic", value: Some(source.as_str()) })
+            .insert(Header { key: "liverec-source-partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "liverec-source-offset", value: Some(offset.as_str()) });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &letter.payload {
+            record = record.payload(payload.as_slice());
+        }
+        match producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => return,
+            Err((error, _)) => {
+                tracing::warn!(error = %error, "dead-letter produce failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
 }
 

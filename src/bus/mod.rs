@@ -3,6 +3,7 @@
 
 /// The Kafka event codec (the `liverec-wire` crate).
 pub use liverec_wire::codec;
+pub mod items;
 pub mod kafka;
 pub mod memory;
 

@@ -27,6 +27,10 @@ pub struct BusConfig {
 pub struct KafkaConfig {
     pub brokers: String,
     pub events_topic: String,
+    /// The compacted catalogue topic, keyed by item id; empty: derived from `events_topic`
+    /// (see [`KafkaConfig::items_topic_name`]).
+    #[serde(default)]
+    pub items_topic: String,
     pub dead_letter_topic: String,
     pub group_id: String,
     pub client_id: String,
@@ -45,4 +49,51 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties for producer and consumer.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// How long a supervised consumer waits before its run after `restarts` failures in a row:
+    /// none at first, then `restart_backoff_initial_ms` doubling up to `restart_backoff_max_ms`.
+    pub fn restart_backoff(&self, restarts: u32) -> std::time::Duration {
+        if restarts == 0 {
+            return std::time::Duration::ZERO;
+        }
+        let initial = self.restart_backoff_initial_ms.max(1);
+        let ms = initial.saturating_mul(1 << restarts.min(20)).min(self.restart_backoff_max_ms.max(initial));
+        std::time::Duration::from_millis(ms)
+    }
+
+    /// The items topic: `items_topic`, or when that is empty the events topic's name with a
+    /// trailing `.events` replaced by `.items` (`liverec.events` -> `liverec.items`), or with
+    /// `.items` appended when it has no such suffix.
+    pub fn items_topic_name(&self) -> String {
+        if !self.items_topic.is_empty() {
+            return self.items_topic.clone();
+        }
+        let base = self.events_topic.strip_suffix(".events").unwrap_or(&self.events_topic);
+        format!("{base}.items")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn the_items_topic_is_derived_from_the_events_topic_unless_named() {
+        let mut kafka = Config::default().kafka;
+        assert_eq!(kafka.items_topic_name(), "liverec.items");
+        kafka.events_topic = "shop-events".into();
+        assert_eq!(kafka.items_topic_name(), "shop-events.items");
+        kafka.items_topic = "catalogue".into();
+        assert_eq!(kafka.items_topic_name(), "catalogue");
+    }
+
+    #[test]
+    fn the_restart_backoff_doubles_up_to_its_cap() {
+        let mut kafka = Config::default().kafka;
+        (kafka.restart_backoff_initial_ms, kafka.restart_backoff_max_ms) = (100, 1000);
+        let ms = |n| kafka.restart_backoff(n).as_millis();
+        assert_eq!([ms(0), ms(1), ms(2), ms(3), ms(4), ms(40)], [0, 200, 400, 800, 1000, 1000]);
+    }
 }

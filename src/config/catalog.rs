@@ -1,4 +1,4 @@
-//! The `[catalog]` section: what events may add to the item catalogue.
+//! The `[catalog]` section: how large the item catalogue may grow, and what events may add to it.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,11 @@ pub struct CatalogConfig {
     /// more is refused (`422 too_many_unknown_items`; Kafka: dead letter). 0: no limit.
     #[serde(default = "max_event_items")]
     pub max_event_items: usize,
+    /// Most items in the catalogue (put and not deleted); putting one more is refused
+    /// (`422 catalog_full`; Kafka: dead letter). Replacing or deleting an item always passes.
+    /// 0: no limit.
+    #[serde(default = "max_items")]
+    pub max_items: usize,
 }
 
 fn accept_unknown_items() -> bool {
@@ -23,8 +28,16 @@ fn max_event_items() -> usize {
     100_000
 }
 
+fn max_items() -> usize {
+    10_000_000
+}
+
 impl Default for CatalogConfig {
     fn default() -> Self {
-        Self { accept_unknown_items: accept_unknown_items(), max_event_items: max_event_items() }
+        Self {
+            accept_unknown_items: accept_unknown_items(),
+            max_event_items: max_event_items(),
+            max_items: max_items(),
+        }
     }
 }

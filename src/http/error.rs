@@ -141,6 +141,22 @@ impl From<BusError> for ApiError {
     }
 }
 
+/// A catalogue change refused: past `catalog.max_items`, or not acknowledged by Kafka.
+impl From<crate::actors::catalog_feed::FeedError> for ApiError {
+    fn from(e: crate::actors::catalog_feed::FeedError) -> Self {
+        use crate::actors::catalog_feed::FeedError;
+        match e {
+            FeedError::CatalogFull { .. } => ApiError::unprocessable(e.code(), e.to_string()),
+            FeedError::Bus(BusError::Unavailable(_)) => ApiError::unavailable(
+                "bus_unavailable",
+                "the items topic did not acknowledge the changes; retry (putting an item again is harmless)",
+                2,
+            ),
+            FeedError::Bus(bus) => bus.into(),
+        }
+    }
+}
+
 impl From<RegistryError> for ApiError {
     fn from(error: RegistryError) -> Self {
         match error {

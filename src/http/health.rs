@@ -33,7 +33,8 @@ pub async fn healthz() -> HttpResponse {
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Readiness {
-    /// `ready`, or `shutting_down` (with 503).
+    /// `ready`; with 503, `shutting_down`, or `loading_catalog` while a production instance
+    /// reads the Kafka items topic at start.
     status: &'static str,
     /// The profile store: `memory` or `redis`.
     store: &'static str,
@@ -56,7 +57,8 @@ pub struct Readiness {
 
 /// Readiness
 ///
-/// Ready while not shutting down. Reports which bus and store are in use, and says plainly when
+/// Ready once the catalogue is loaded (production mode reads the Kafka items topic at start)
+/// and while not shutting down. Reports which bus and store are in use, and says plainly when
 /// state is kept in memory only.
 #[utoipa::path(
     get,
@@ -65,11 +67,12 @@ pub struct Readiness {
     security(()),
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "Shutting down", body = Readiness),
+        (status = 503, description = "Shutting down, or still loading the catalogue", body = Readiness),
     )
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let shutting_down = *state.shutdown.borrow();
+    let loading = state.metrics.catalog_loading.get() > 0;
     let mut reasons = Vec::new();
     if state.store.degraded() {
         reasons.push("store_unreachable");
@@ -78,7 +81,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         reasons.push("kafka_ingest_stalled");
     }
     let body = Readiness {
-        status: if shutting_down { "shutting_down" } else { "ready" },
+        status: match (shutting_down, loading) {
+            (true, _) => "shutting_down",
+            (false, true) => "loading_catalog",
+            (false, false) => "ready",
+        },
         store: state.store.kind(),
         bus: format!("{:?}", state.config.bus.kind).to_lowercase(),
         durable: state.store.kind() != "memory",
@@ -88,7 +95,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         users: state.registry.len(),
         kafka_partitions: state.registry.assigned(),
     };
-    if shutting_down {
+    if shutting_down || loading {
         HttpResponse::ServiceUnavailable().json(body)
     } else {
         HttpResponse::Ok().json(body)

@@ -1,12 +1,11 @@
 //! The catalogue over REST: `GET`, `PUT` and `DELETE /v1/items/{item_id}` for one item,
 //! `PUT /v1/items` for many (a JSON array or NDJSON) and `GET /v1/items` to page through it.
 //!
-//! An item deleted, put with `available: false`, or past its `expires_at` leaves every list:
-//! scoring excludes it (`actors::lists::build_request`), and sessions whose latest list shows
-//! it are told to push a fresh one (`SessionRegistry::refresh_lists_holding`), at once or, for
-//! an `expires_at` still ahead, when it passes.
-
-use std::collections::HashSet;
+//! Changes go through `actors::catalog_feed::CatalogFeed`: applied at once in the embedded mode,
+//! through the Kafka items topic to every instance in production mode. An item deleted, put with
+//! `available: false`, or past its `expires_at` leaves every list: scoring excludes it
+//! (`actors::lists::build_request`), and sessions whose latest list shows it push a fresh one,
+//! at once or, for an `expires_at` still ahead, when it passes.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -16,6 +15,7 @@ use super::body::{decode_json_body, media_type, read_body};
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
 use crate::auth::Role;
+use crate::bus::items::ItemChange;
 use crate::catalog::{ItemAttributes, ItemIdx, ItemPage, ItemView};
 use crate::event::{check_id, now_ms, ItemId};
 
@@ -33,45 +33,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// Takes items that just became unavailable (or will, at their `expires_at`) out of the lists
-/// already pushed. The walk over the hubs runs off the request, on the runtime.
-fn withdraw_from_lists(state: &AppState, now: i64, puts: Vec<(ItemId, Option<i64>)>) {
-    let mut now_gone = HashSet::new();
-    for (id, when) in puts {
-        match when {
-            Some(at) if at > now => {
-                // One timer per item put with a future expiry: cheap (a sleeping task), and a
-                // timer left by an earlier expiry of the same item only re-scores lists that
-                // still show it.
-                let registry = state.registry.clone();
-                let delay = std::time::Duration::from_millis(u64::try_from(at - now).unwrap_or(0) + 1);
-                actix_web::rt::spawn(async move {
-                    actix_web::rt::time::sleep(delay).await;
-                    registry.refresh_lists_holding(&HashSet::from([id]));
-                });
-            }
-            _ => {
-                now_gone.insert(id);
-            }
-        }
-    }
-    if !now_gone.is_empty() {
-        let registry = state.registry.clone();
-        actix_web::rt::spawn(async move {
-            let asked = registry.refresh_lists_holding(&now_gone);
-            tracing::debug!(items = now_gone.len(), sessions = asked, "lists showing withdrawn items re-scored");
-        });
-    }
-}
-
-/// What leaves the lists after `attributes` is put: `None` to leave nothing, `Some(None)` at
-/// once, `Some(Some(at))` at `at`.
-fn leaves_lists(attributes: &ItemAttributes) -> Option<Option<i64>> {
-    if attributes.available == Some(false) {
-        Some(None)
-    } else {
-        attributes.expires_at.map(Some)
-    }
+/// The item as it was put, for an answer given before this instance's catalogue shows it
+/// (production mode, when the items consumer is slow).
+fn view_of(id: ItemId, attributes: ItemAttributes, now: i64) -> ItemView {
+    let available = attributes.available != Some(false) && attributes.expires_at.is_none_or(|at| at > now);
+    let ItemAttributes { title, categories, tags, created_at, available: _, expires_at } = attributes;
+    ItemView { item_id: id, title, categories, tags, created_at, in_catalog: true, available, expires_at }
 }
 
 fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
@@ -120,7 +87,8 @@ pub async fn get_item(
         (status = 201, description = "The item was created", body = ItemView),
         (status = 400, description = "An invalid item id, or a body that is not JSON", body = ErrorBody),
         (status = 403, description = "The credential may not change the catalogue", body = ErrorBody),
-        (status = 422, description = "Invalid attributes; `field` names the one", body = ErrorBody),
+        (status = 422, description = "Invalid attributes (`invalid_item`; `field` names the one), or a new item past `catalog.max_items` (`catalog_full`)", body = ErrorBody),
+        (status = 503, description = "Production mode: Kafka did not acknowledge the change (`bus_unavailable`)", body = ErrorBody),
     )
 )]
 pub async fn put_item(
@@ -135,13 +103,10 @@ pub async fn put_item(
     let attributes: ItemAttributes =
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_item").await?;
     attributes.validate()?;
-    let leaves = leaves_lists(&attributes);
-    let (_, created) = state.catalog.put(&id, attributes);
-    let view = state.catalog.get(&id).expect("just put");
-    if let Some(when) = leaves {
-        withdraw_from_lists(&state, now_ms(), vec![(id, when)]);
-    }
-    Ok(if created { HttpResponse::Created().json(view) } else { HttpResponse::Ok().json(view) })
+    let submitted = state.items.submit(vec![(id.clone(), ItemChange::Put(attributes.clone()))]).await?;
+    let shown = submitted.applied_here.then(|| state.catalog.get(&id)).flatten();
+    let view = shown.unwrap_or_else(|| view_of(id, attributes, now_ms()));
+    Ok(if submitted.created > 0 { HttpResponse::Created().json(view) } else { HttpResponse::Ok().json(view) })
 }
 
 /// Delete an item
@@ -158,6 +123,7 @@ pub async fn put_item(
         (status = 400, description = "An invalid item id", body = ErrorBody),
         (status = 403, description = "The credential may not change the catalogue", body = ErrorBody),
         (status = 404, description = "No such item in the catalogue", body = ErrorBody),
+        (status = 503, description = "Production mode: Kafka did not acknowledge the change (`bus_unavailable`)", body = ErrorBody),
     )
 )]
 pub async fn delete_item(
@@ -167,10 +133,10 @@ pub async fn delete_item(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Producer)?;
     let id = item_id(&path, &state)?;
-    if !state.catalog.delete(&id) {
+    if state.catalog.get(&id).is_none_or(|item| !item.in_catalog) {
         return Err(ApiError::not_found("item_not_found", format!("no item {id} in the catalogue")));
     }
-    withdraw_from_lists(&state, now_ms(), vec![(id, None)]);
+    state.items.submit(vec![(id, ItemChange::Delete)]).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -253,7 +219,8 @@ fn decode_item(i: usize, value: serde_json::Value, state: &AppState) -> Result<(
         (status = 403, description = "The credential may not change the catalogue", body = ErrorBody),
         (status = 413, description = "The body is larger than `server.max_body_bytes`, or holds more than `events.max_batch` items", body = ErrorBody),
         (status = 415, description = "Neither `application/json` nor `application/x-ndjson`", body = ErrorBody),
-        (status = 422, description = "An invalid item; `field` names it, e.g. `[3].title`", body = ErrorBody),
+        (status = 422, description = "An invalid item (`field` names it, e.g. `[3].title`), or new items past `catalog.max_items` (`catalog_full`)", body = ErrorBody),
+        (status = 503, description = "Production mode: Kafka did not acknowledge the changes (`bus_unavailable`)", body = ErrorBody),
     )
 )]
 pub async fn put_items(
@@ -311,22 +278,13 @@ pub async fn put_items(
     if values.len() > max {
         return Err(too_many(values.len()));
     }
-    let items =
-        values.into_iter().enumerate().map(|(i, v)| decode_item(i, v, &state)).collect::<Result<Vec<_>, _>>()?;
-    let now = now_ms();
-    let (mut created, mut replaced, mut leaving) = (0, 0, Vec::new());
-    for (id, attributes) in items {
-        if let Some(when) = leaves_lists(&attributes) {
-            leaving.push((id.clone(), when));
-        }
-        if state.catalog.put(&id, attributes).1 {
-            created += 1;
-        } else {
-            replaced += 1;
-        }
-    }
-    withdraw_from_lists(&state, now, leaving);
-    Ok(HttpResponse::Ok().json(ItemsPut { created, replaced }))
+    let changes = values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| decode_item(i, v, &state).map(|(id, attributes)| (id, ItemChange::Put(attributes))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let submitted = state.items.submit(changes).await?;
+    Ok(HttpResponse::Ok().json(ItemsPut { created: submitted.created, replaced: submitted.replaced }))
 }
 
 /// The query of `GET /v1/items`.

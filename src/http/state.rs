@@ -33,6 +33,8 @@ pub struct AppState {
     pub bus: Arc<dyn EventBus>,
     pub store: Arc<dyn ProfileStore>,
     pub catalog: Arc<Catalog>,
+    /// Where catalogue changes go: applied here, or through Kafka to every instance.
+    pub items: Arc<crate::actors::catalog_feed::CatalogFeed>,
     pub metrics: Arc<Metrics>,
     /// Becomes true when the server starts shutting down; streams close on it.
     pub shutdown: watch::Receiver<bool>,

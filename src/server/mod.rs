@@ -3,14 +3,15 @@
 //! `main.rs` and the integration tests both use it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use actix::{Actor, Addr, Arbiter, Supervisor};
+use actix::{Actor, Addr, Arbiter};
 use actix_web::{web, App, HttpServer};
 use tokio::sync::watch;
 
 use crate::actors;
+use crate::actors::catalog_feed::{CatalogConsumer, CatalogFeed};
 use crate::actors::ingest::IngestActor;
 use crate::actors::kafka_ingest::KafkaIngestActor;
 use crate::actors::model::{ModelActor, ModelFactory};
@@ -34,6 +35,7 @@ use crate::store::redis::{watch_ttl, FanoutHandle, FanoutMessage, RedisFanout, R
 use crate::store::{ProfileLimits, ProfileStore};
 use crate::telemetry::Metrics;
 
+mod catalog;
 mod housekeeping;
 use housekeeping::{start_housekeeping, Threads as CachedThreads};
 
@@ -65,8 +67,10 @@ pub struct Server {
     /// The Kafka consumer's thread, stopped first on a graceful stop (see [`Server::stop`]).
     ingest_arbiter: Option<Arbiter>,
     /// Held so the supervisor restarts a failed consumer: actix restarts a supervised actor only
-    /// while some address of it is alive.
-    _kafka_ingest: Option<actix::Addr<KafkaIngestActor>>,
+    /// while some address of it is alive. Set once the catalogue is loaded (see [`start_bus`]).
+    _kafka_ingest: Arc<OnceLock<actix::Addr<KafkaIngestActor>>>,
+    /// The items topic's consumer (production mode), held for the same reason.
+    _catalog_consumer: Option<actix::Addr<CatalogConsumer>>,
 }
 
 impl Server {
@@ -100,9 +104,11 @@ impl Server {
             &threads.io,
         );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state = app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, shutdown_rx)?;
+        let state =
+            app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, bus.items, shutdown_rx)?;
         let http = serve_http(&config, state, cached)?;
-        let arbiters = threads.into_arbiters();
+        let mut arbiters = threads.into_arbiters();
+        arbiters.push(bus.catalog_arbiter);
         Ok(Server {
             addr: http.addr,
             metrics,
@@ -112,6 +118,7 @@ impl Server {
             arbiters,
             ingest_arbiter: bus.ingest_arbiter,
             _kafka_ingest: bus.kafka_ingest,
+            _catalog_consumer: bus.catalog_consumer,
         })
     }
 
@@ -395,19 +402,24 @@ fn session_deps(
     }))
 }
 
-/// The event bus and the session registry that consumes it.
+/// The event bus and the session registry that consumes it, and the catalogue's feed.
 struct Bus {
     bus: Arc<dyn EventBus>,
     registry: Arc<SessionRegistry>,
-    /// The supervised Kafka consumer (with the Kafka bus).
-    kafka_ingest: Option<Addr<KafkaIngestActor>>,
+    /// The supervised Kafka consumer (with the Kafka bus), once started.
+    kafka_ingest: Arc<OnceLock<Addr<KafkaIngestActor>>>,
     /// The Kafka consumer's thread.
     ingest_arbiter: Option<Arbiter>,
+    /// Where catalogue changes go.
+    items: Arc<CatalogFeed>,
+    /// The supervised items topic consumer (with the Kafka bus), and its thread.
+    catalog_consumer: Option<Addr<CatalogConsumer>>,
+    catalog_arbiter: Arbiter,
 }
 
 /// Step 5, the bus and the sessions: in process (one ingest actor per partition, spread over
 /// the session threads), or Kafka (the supervised consumer on a thread of its own, lists fanned
-/// out to other instances through Redis).
+/// out to other instances through Redis); and the catalogue's feed (see `catalog.rs`).
 async fn start_bus(
     config: &Arc<Config>,
     deps: Arc<SessionDeps>,
@@ -415,6 +427,8 @@ async fn start_bus(
     metrics: &Arc<Metrics>,
 ) -> Result<Bus, StartError> {
     let handles = &threads.handles;
+    let catalog = deps.catalog.clone();
+    let catalog_arbiter = Arbiter::new();
     match config.bus.kind {
         BusKind::Memory => {
             let registry = SessionRegistry::new(deps, handles.clone(), Arc::new(session::start));
@@ -424,7 +438,16 @@ async fn start_bus(
                 let arbiter = &handles[partition % handles.len()];
                 IngestActor::start_in_arbiter(arbiter, move |_| IngestActor::new(partition, registry, queue));
             }
-            Ok(Bus { bus: Arc::new(memory), registry, kafka_ingest: None, ingest_arbiter: None })
+            let (items, _) = catalog::start_feed(config, catalog, &registry, metrics, None, &catalog_arbiter);
+            Ok(Bus {
+                bus: Arc::new(memory),
+                registry,
+                kafka_ingest: Arc::default(),
+                ingest_arbiter: None,
+                items,
+                catalog_consumer: None,
+                catalog_arbiter,
+            })
         }
         BusKind::Kafka => {
             let watches = Arc::new(WatchTable::new(watch_ttl(&config.redis)));
@@ -460,17 +483,22 @@ async fn start_bus(
             let (kafka_config, ingest_registry, ingest_metrics) =
                 (config.kafka.clone(), registry.clone(), metrics.clone());
             let limits = config.events.limits();
+            let (items, catalog_consumer) =
+                catalog::start_feed(config, catalog, &registry, metrics, Some(producer.clone()), &catalog_arbiter);
             // Its own thread: on a revoke the consumer blocks until in-flight events are
             // durable, which needs the store writer on the io thread to keep running.
             let ingest = Arbiter::new();
-            let kafka_ingest = Supervisor::start_in_arbiter(&ingest.handle(), move |_| {
+            let kafka_ingest = catalog::start_when_loaded(&ingest, &items, move || {
                 KafkaIngestActor::new(kafka_config, ingest_registry, producer, ingest_metrics, limits)
             });
             Ok(Bus {
                 bus: Arc::new(kafka_bus),
                 registry,
-                kafka_ingest: Some(kafka_ingest),
+                kafka_ingest,
                 ingest_arbiter: Some(ingest),
+                items,
+                catalog_consumer,
+                catalog_arbiter,
             })
         }
     }
@@ -487,6 +515,7 @@ fn app_state(
     actors: Actors,
     bus: Arc<dyn EventBus>,
     registry: Arc<SessionRegistry>,
+    items: Arc<CatalogFeed>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<AppState, StartError> {
     let auth = Arc::new(crate::auth::Auth::new(&config.auth, config.demo.enabled)?);
@@ -505,6 +534,7 @@ fn app_state(
         bus,
         store,
         catalog,
+        items,
         metrics,
         shutdown,
     })

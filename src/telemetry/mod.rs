@@ -110,6 +110,11 @@ pub struct Metrics {
     /// is past the stall threshold (`/readyz` reports it).
     pub kafka_oldest_batch_seconds: Gauge,
     pub kafka_stalled: Gauge,
+    /// Records of the Kafka items topic read into the catalogue, and restarts of its consumer.
+    pub kafka_items_records: Counter,
+    pub kafka_items_restarts: Counter,
+    /// 1 while the instance reads the items topic at start (not ready), else 0.
+    pub catalog_loading: Gauge,
     /// Lists received from other instances and forwarded to local subscribers.
     pub fanout_received: Counter,
     /// Lists neither stored nor published because no instance watched their user.
@@ -311,6 +316,16 @@ impl Default for Metrics {
                 "liverec_kafka_ingest_stalled",
                 "1 while the oldest unfinished batch is older than the stall threshold, else 0.",
             ),
+            kafka_items_records: r
+                .counter("liverec_kafka_items_records_total", "Records of the items topic read into the catalogue."),
+            kafka_items_restarts: r.counter(
+                "liverec_kafka_items_consumer_restarts_total",
+                "Restarts of a failed items topic consumer by its supervisor.",
+            ),
+            catalog_loading: r.gauge(
+                "liverec_catalog_loading",
+                "1 while the instance reads the items topic at start and is not ready, else 0.",
+            ),
             fanout_received: r
                 .counter("liverec_fanout_received_total", "Lists received from other instances for local subscribers."),
             lists_unwatched: r.counter(
@@ -497,6 +512,9 @@ mod tests {
         m.kafka_lag.set(44);
         m.kafka_oldest_batch_seconds.set(44);
         m.kafka_stalled.set(1);
+        m.kafka_items_records.add(44);
+        m.kafka_items_restarts.add(44);
+        m.catalog_loading.set(1);
         m.session_apply_retries.add(11);
         m.fanout_received.add(45);
         m.lists_unwatched.add(45);

@@ -198,3 +198,33 @@ async fn a_subscriber_whose_list_holds_a_removed_item_gets_a_new_list_without_it
     assert!(!items(&later).contains(&shown[0]));
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_new_item_past_catalog_max_items_is_refused_naming_the_key_and_a_delete_makes_room() {
+    let mut config = test_config();
+    config.demo.items = 0;
+    config.demo.users = 0;
+    config.catalog.max_items = 3;
+    let server = start(config).await;
+    let bulk = |items: Value| put_raw(&server, "/v1/items", "application/json", items.to_string());
+    let put = bulk(json!([{ "item_id": "a" }, { "item_id": "b" }])).await;
+    assert_eq!((put.status, &put.body), (200, &json!({ "created": 2, "replaced": 0 })));
+    // Two new items with room for one: the whole batch is refused.
+    let full = bulk(json!([{ "item_id": "c" }, { "item_id": "d" }])).await;
+    assert_eq!(error_of(&full).0, 422, "{}", full.body);
+    assert_eq!(full.body["error"]["code"], "catalog_full");
+    let message = full.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("catalog.max_items is 3"), "{message}");
+    assert_eq!(get(&server, "/v1/items/c").await.status, 404, "a refused batch puts nothing");
+    // Replacements always fit; one new item fills the catalogue.
+    let put = bulk(json!([{ "item_id": "a", "title": "A" }, { "item_id": "c" }, { "item_id": "c" }])).await;
+    assert_eq!((put.status, &put.body), (200, &json!({ "created": 1, "replaced": 2 })));
+    let one_more = put_json(&server, "/v1/items/d", &json!({})).await;
+    assert_eq!((one_more.status, &one_more.body["error"]["code"]), (422, &json!("catalog_full")));
+    assert_eq!(put_json(&server, "/v1/items/a", &json!({ "title": "A2" })).await.status, 200);
+    // Items known only from events do not count (catalog.max_event_items bounds them).
+    post_events(&server, event("u", "event-only", "view")).await;
+    assert_eq!(delete(&server, "/v1/items/b").await.status, 204);
+    assert_eq!(put_json(&server, "/v1/items/d", &json!({})).await.status, 201, "the delete made room");
+    server.stop().await;
+}

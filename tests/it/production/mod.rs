@@ -2,6 +2,7 @@
 //! starts (`scripts/services up`); the helpers they share are in `support::services` and
 //! `support::restart`.
 
+mod catalogue;
 mod cluster;
 mod erasure;
 mod failover;
