@@ -15,8 +15,8 @@
 //! id, so each user's writes stay in order): each lane takes every write queued for it, sends them
 //! as a single pipeline (one round trip for many users; one script call for up to 32 users on one
 //! server, one per user in a cluster, however many of a user's appends it merges, which also
-//! stores the user's newest list), and on failure retries
-//! the same pipeline with capped exponential backoff until Redis answers. Several lanes keep several
+//! stores the user's newest list), and on failure retries the same pipeline with capped
+//! exponential backoff until Redis answers. Several lanes keep several
 //! pipelines in flight on the pool's multiplexed connections (default one: they share the I/O
 //! thread). The script is idempotent, so retrying a pipeline that partly ran is safe, and nothing
 //! accepted is dropped while Redis is away: the writes wait and the callers' `Persisted` futures
@@ -271,8 +271,8 @@ impl ProfileStore for RedisStore {
             return;
         }
         self.pending_lists.fetch_add(1, Ordering::Relaxed);
-        // The list was serialised once when published; the same bytes are stored and broadcast.
-        // Stored in its compact form (`codec::encode_list`: a fifth of the JSON's bytes).
+        // The list was serialised once when published: those bytes are broadcast, and Redis keeps
+        // the compact form (`codec::encode_list`, about a fifth of the JSON's bytes).
         let (user, seq, json) = (update.list.user_id.clone(), update.list.seq, update.json.clone());
         let stored = codec::encode_list(&update.list);
         let _ = self.lane(&user).send(Write::Recs { user, seq, json, stored });

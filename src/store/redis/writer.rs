@@ -26,7 +26,7 @@ use crate::telemetry::Metrics;
 /// Users in one script call at most (one Redis server; in a cluster a call holds one user, since
 /// a script may only touch keys of one slot). The call's fixed cost (parsing the `EVALSHA`,
 /// building Lua's `KEYS` and `ARGV`) is paid once for all of them; a call of 32 one-event users
-/// keeps Redis busy for well under a millisecond.
+/// kept Redis busy for 0.5-0.75 ms on a loaded 2-core machine (docs/performance.md).
 const USERS_PER_CALL: usize = 32;
 
 /// Keys a user takes in a script call (see the script).
