@@ -7,10 +7,15 @@
 //! length, bytes); the event id (16 bytes if a UUID, else varint length and bytes); the value
 //! (8 bytes, little endian) if present; the rec id (as the event id) if present. A UUID is packed
 //! only when its text is the canonical lowercase form, so every id reads back byte for byte.
+//!
+//! The user's last pushed list (the `recs` field of `…:p`) has a compact form as well, about 120
+//! bytes for 10 items against some 700 as published JSON: see [`encode_list`]. Lists stored
+//! before it are JSON and still load.
 
 use std::sync::Arc;
 
-use crate::event::{EventId, EventType, ItemId};
+use crate::event::{EventId, EventType, ItemId, UserId};
+use crate::recs::{RecItem, RecList, CONTROL};
 use crate::store::Interaction;
 
 const VERSION: u8 = 1;
@@ -65,6 +70,104 @@ pub(super) fn decode(entry: &[u8]) -> Option<Interaction> {
     let value = if flags & VALUE != 0 { Some(f64::from_le_bytes(r.take(8)?.try_into().ok()?)) } else { None };
     let rec_id = if flags & REC_ID != 0 { Some(Arc::from(r.id(flags & REC_ID_UUID != 0)?.as_str())) } else { None };
     r.0.is_empty().then_some(Interaction { event_id, item_id, event_type, value, timestamp, rec_id })
+}
+
+const LIST_REC_ID_UUID: u8 = 1;
+const LIST_LAST_EVENT: u8 = 1 << 1;
+const LIST_LAST_EVENT_UUID: u8 = 1 << 2;
+const LIST_CONTROL: u8 = 1 << 3;
+
+/// A pushed list in its stored form. Layout: version `1`; a flags byte (bit 0 the rec id is a
+/// UUID, 1 a last event id, 2 it is a UUID, 3 the variant is `control`); the rec id (as an event
+/// id above); the model version (varint length, bytes); the variant unless `control`; the
+/// generation time as a zigzag varint; the sequence number as a varint; the last event id if
+/// present; the number of items, then each item as the length of the prefix its id shares with
+/// the previous item's id (a varint), the rest of the id (varint length, bytes) and the score
+/// (`f32`, little endian, so it reads back exactly). The user id is not stored: the key names it.
+pub(super) fn encode_list(list: &RecList) -> Vec<u8> {
+    let rec_id = canonical_uuid(&list.rec_id);
+    let last_event = list.last_event_id.as_ref().map(|id| (id.as_str(), canonical_uuid(id.as_str())));
+    let mut flags = 0;
+    if rec_id.is_some() {
+        flags |= LIST_REC_ID_UUID;
+    }
+    if let Some((_, uuid)) = last_event {
+        flags |= LIST_LAST_EVENT | if uuid.is_some() { LIST_LAST_EVENT_UUID } else { 0 };
+    }
+    if list.variant == CONTROL {
+        flags |= LIST_CONTROL;
+    }
+    let mut out = Vec::with_capacity(64 + 12 * list.items.len());
+    out.extend([VERSION, flags]);
+    id(&mut out, &list.rec_id, rec_id);
+    bytes(&mut out, list.model_version.as_bytes());
+    if list.variant != CONTROL {
+        bytes(&mut out, list.variant.as_bytes());
+    }
+    varint(&mut out, ((list.generated_at << 1) ^ (list.generated_at >> 63)) as u64);
+    varint(&mut out, list.seq);
+    if let Some((text, uuid)) = last_event {
+        id(&mut out, text, uuid);
+    }
+    varint(&mut out, list.items.len() as u64);
+    let mut previous: &[u8] = b"";
+    for item in &list.items {
+        let item_id = item.item_id.as_str().as_bytes();
+        let shared = previous.iter().zip(item_id).take_while(|(a, b)| a == b).count();
+        varint(&mut out, shared as u64);
+        bytes(&mut out, &item_id[shared..]);
+        out.extend(item.score.to_le_bytes());
+        previous = item_id;
+    }
+    out
+}
+
+/// Reads a stored list of `user` in either form: JSON (stored before the compact form) or the
+/// compact one.
+pub(super) fn decode_list(stored: &[u8], user: &UserId) -> Option<RecList> {
+    if stored.first() == Some(&b'{') {
+        return serde_json::from_slice(stored).ok();
+    }
+    let mut r = Reader(stored);
+    if r.byte()? != VERSION {
+        return None;
+    }
+    let flags = r.byte()?;
+    let rec_id = r.id(flags & LIST_REC_ID_UUID != 0)?;
+    let model_version = r.text()?;
+    let variant = if flags & LIST_CONTROL != 0 { CONTROL.to_owned() } else { r.text()? };
+    let zigzag = r.varint()?;
+    let generated_at = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
+    let seq = r.varint()?;
+    let last_event_id = if flags & LIST_LAST_EVENT != 0 {
+        Some(EventId::from(r.id(flags & LIST_LAST_EVENT_UUID != 0)?.as_str()))
+    } else {
+        None
+    };
+    let count = usize::try_from(r.varint()?).ok()?;
+    // Every item takes at least 6 bytes: a corrupt count cannot make a large allocation.
+    let mut items = Vec::with_capacity(count.min(r.0.len() / 6));
+    let mut previous: Vec<u8> = Vec::new();
+    for _ in 0..count {
+        let shared = usize::try_from(r.varint()?).ok()?;
+        let rest_len = usize::try_from(r.varint()?).ok()?;
+        let rest = r.take(rest_len)?;
+        let mut id = previous.get(..shared)?.to_vec();
+        id.extend_from_slice(rest);
+        let score = f32::from_le_bytes(r.take(4)?.try_into().ok()?);
+        items.push(RecItem { item_id: ItemId::from(std::str::from_utf8(&id).ok()?), score });
+        previous = id;
+    }
+    r.0.is_empty().then(|| RecList {
+        rec_id,
+        user_id: user.clone(),
+        model_version,
+        variant,
+        generated_at,
+        seq,
+        last_event_id,
+        items,
+    })
 }
 
 /// The 16 bytes of `text` if it is a UUID written the way `Uuid` writes it back.
@@ -178,5 +281,46 @@ mod tests {
         truncated.pop();
         assert_eq!(decode(&truncated), None);
         assert_eq!(decode(&[2, 0]), None, "an unknown version");
+    }
+
+    fn list(rec_id: &str, variant: &str, last_event_id: Option<&str>, items: &[&str]) -> RecList {
+        RecList {
+            rec_id: rec_id.to_owned(),
+            user_id: UserId::from("ann"),
+            model_version: "sasrec-3".into(),
+            variant: variant.into(),
+            generated_at: 1_764_650_000_123,
+            seq: 300,
+            last_event_id: last_event_id.map(EventId::from),
+            items: items
+                .iter()
+                .enumerate()
+                .map(|(i, id)| RecItem { item_id: ItemId::from(*id), score: 0.1 + i as f32 / 3.0 })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_list_reads_back_exactly_in_under_a_quarter_of_its_json() {
+        let uuid = "0190a3b2-7c4d-7e5f-8a6b-1c2d3e4f5a6b";
+        let ten: Vec<String> = (0..10).map(|i| format!("item-{}", 99_990 + i)).collect();
+        let ten: Vec<&str> = ten.iter().map(String::as_str).collect();
+        let ann = UserId::from("ann");
+        for case in [
+            list(uuid, CONTROL, Some(uuid), &ten),
+            list("r-1", "canary-b", Some("e-7"), &["ü-1", "ü-2", "x", "", "x"]),
+            list(uuid, CONTROL, None, &[]),
+        ] {
+            let stored = encode_list(&case);
+            assert_eq!(decode_list(&stored, &ann), Some(case.clone()), "{stored:?}");
+        }
+        let typical = list(uuid, CONTROL, Some(uuid), &ten);
+        let (stored, json) = (encode_list(&typical), serde_json::to_vec(&typical).expect("json"));
+        assert!(stored.len() * 4 < json.len(), "{} bytes stored against {} as JSON", stored.len(), json.len());
+        // A list stored before the compact form, as published.
+        assert_eq!(decode_list(&json, &ann), Some(typical));
+        let mut truncated = encode_list(&list("r", CONTROL, None, &["a", "b"]));
+        truncated.pop();
+        assert_eq!(decode_list(&truncated, &ann), None);
     }
 }

@@ -15,9 +15,11 @@ pub(super) struct Keys {
     /// Event ids as profiles written before kept them (a sorted set of the ids themselves): read
     /// and checked until it expires, never written.
     pub(super) legacy_ids: String,
-    /// The event-id digests of the de-duplication window: one string of 8-byte digests.
+    /// The event-id digests of the de-duplication window as the release before kept them, in a
+    /// string of their own: read, and moved into the profile hash by the next append.
     pub(super) digests: String,
     pub(super) suppressed: String,
+    /// A hash: the de-duplication window, the context, the last list.
     pub(super) profile: String,
 }
 

@@ -1,19 +1,22 @@
 //! The Redis profile store (deadpool-redis), for production mode.
 //!
-//! Per user, four keys share one hash tag so a cluster keeps them on one slot:
+//! Per user, three keys share one hash tag so a cluster keeps them on one slot:
 //! `<prefix>:{<user>}:h` (list: interactions in a compact binary form, oldest first; see
-//! `codec`), `…:e` (string: the 8-byte digests of the newest `session.dedupe_window` event ids,
-//! oldest first), `…:s` (list: suppressed items) and `…:p` (hash: latest context, last list).
-//! One Lua script appends a user's new interactions atomically: it skips events whose id digest
-//! is present, appends, trims every list to its limit and refreshes the TTL. Profiles written
-//! before issue 13 item 4 hold JSON interactions and a sorted set of the ids themselves
-//! (`…:ids`): both are still read (and the set still checked) until they expire.
+//! `codec`), `…:s` (list: suppressed items) and `…:p` (hash: `e`, the 8-byte digests of the newest
+//! `session.dedupe_window` event ids, oldest first; `context`, the latest context as JSON; `recs`,
+//! the last stored list in a compact binary form). One Lua script appends the new interactions of
+//! one or more users atomically: it skips events whose id digest is present, appends, trims every
+//! list to its limit and refreshes the TTL. Profiles written before hold forms that are still read
+//! until they expire: JSON interactions and lists, a sorted set of the event ids themselves
+//! (`…:ids`, checked by the script too) and the digests in a string of their own (`…:e`, moved
+//! into the hash by the next append).
 //!
 //! Writes go through `redis.write_pipelines` writer lanes (users spread over them by a hash of their
 //! id, so each user's writes stay in order): each lane takes every write queued for it, sends them
-//! as a single pipeline (one round trip for many users; one script call per user, however many of
-//! the user's appends it merges, which also stores the user's newest list), and on failure retries
-//! the same pipeline with capped exponential backoff until Redis answers. Several lanes keep several
+//! as a single pipeline (one round trip for many users; one script call for up to 32 users on one
+//! server, one per user in a cluster, however many of a user's appends it merges, which also
+//! stores the user's newest list), and on failure retries the same pipeline with capped
+//! exponential backoff until Redis answers. Several lanes keep several
 //! pipelines in flight on the pool's multiplexed connections (default one: they share the I/O
 //! thread). The script is idempotent, so retrying a pipeline that partly ran is safe, and nothing
 //! accepted is dropped while Redis is away: the writes wait and the callers' `Persisted` futures
@@ -55,6 +58,12 @@ pub use self::watch::WatchTable;
 pub fn decode_history_entry(entry: &[u8]) -> Option<Interaction> {
     codec::decode(entry)
 }
+
+/// Reads the last list stored for `user` (the `recs` field of `<prefix>:{<user>}:p`), in either
+/// stored form, for tools and tests that read the keys directly.
+pub fn decode_stored_list(stored: &[u8], user: &UserId) -> Option<RecList> {
+    codec::decode_list(stored, user)
+}
 use self::conn::{Conn, Redis};
 use self::keys::{keys, tombstone_key};
 use self::writer::{Write, Writer, APPEND_SCRIPT};
@@ -64,9 +73,10 @@ use crate::event::{Context, EventId, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 use crate::telemetry::Metrics;
 
-/// The raw parts of one stored profile: history, legacy ids, digests, suppressed, (context,
-/// last list).
-type RawProfile = (Vec<Vec<u8>>, Vec<String>, Option<Vec<u8>>, Vec<String>, (Option<String>, Option<String>));
+/// The raw parts of one stored profile: history, legacy ids, legacy digests, suppressed, (context,
+/// last list, digests).
+type RawProfile =
+    (Vec<Vec<u8>>, Vec<String>, Option<Vec<u8>>, Vec<String>, (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>));
 
 struct Load {
     user: UserId,
@@ -188,17 +198,22 @@ impl ProfileStore for RedisStore {
         self.loads
             .send(Load { user: user.clone(), reply })
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?;
-        let (history, legacy_ids, digests, suppressed, fields) = rx
+        let (history, legacy_ids, legacy_digests, suppressed, (context, recs, digests)) = rx
             .await
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?
             .map_err(StoreError::Unavailable)?;
+        // The digests in a string of their own are older than those in the profile hash (the
+        // script moves them there on the next append).
+        let mut window = legacy_digests.unwrap_or_default();
         let digests = digests.unwrap_or_default();
+        // A marker byte in front while a legacy set of ids exists (see the script).
+        window.extend(if digests.len() % 8 == 1 { &digests[1..] } else { &digests[..] });
         if history.is_empty()
             && legacy_ids.is_empty()
-            && digests.is_empty()
+            && window.is_empty()
             && suppressed.is_empty()
-            && fields.0.is_none()
-            && fields.1.is_none()
+            && context.is_none()
+            && recs.is_none()
         {
             return Ok(None);
         }
@@ -211,8 +226,12 @@ impl ProfileStore for RedisStore {
                 read
             })
             .collect();
-        let context = fields.0.and_then(|json| serde_json::from_str::<Context>(&json).map_err(|_| corrupt += 1).ok());
-        let last_recs = fields.1.and_then(|json| serde_json::from_str::<RecList>(&json).map_err(|_| corrupt += 1).ok());
+        let context = context.and_then(|json| serde_json::from_str::<Context>(&json).map_err(|_| corrupt += 1).ok());
+        let last_recs = recs.and_then(|stored| {
+            let list = codec::decode_list(&stored, user);
+            corrupt += u64::from(list.is_none());
+            list
+        });
         if corrupt > 0 {
             self.metrics.store_errors.add(corrupt);
             tracing::error!(user = %user, entries = corrupt, "skipped unreadable entries of a stored profile");
@@ -225,7 +244,7 @@ impl ProfileStore for RedisStore {
             event_ids: legacy_ids
                 .iter()
                 .map(|id| EventDigest::of(&EventId::from(id.as_str())))
-                .chain(digests.chunks_exact(8).map(|d| EventDigest(u64::from_be_bytes(d.try_into().expect("8 bytes")))))
+                .chain(window.chunks_exact(8).map(|d| EventDigest(u64::from_be_bytes(d.try_into().expect("8 bytes")))))
                 .collect(),
             suppressed: suppressed.into_iter().map(|id| ItemId::from(id.as_str())).collect(),
             last_recs,
@@ -252,9 +271,11 @@ impl ProfileStore for RedisStore {
             return;
         }
         self.pending_lists.fetch_add(1, Ordering::Relaxed);
-        // The list was serialised once when published; the same bytes are stored and broadcast.
+        // The list was serialised once when published: those bytes are broadcast, and Redis keeps
+        // the compact form (`codec::encode_list`, about a fifth of the JSON's bytes).
         let (user, seq, json) = (update.list.user_id.clone(), update.list.seq, update.json.clone());
-        let _ = self.lane(&user).send(Write::Recs { user, seq, json });
+        let stored = codec::encode_list(&update.list);
+        let _ = self.lane(&user).send(Write::Recs { user, seq, json, stored });
     }
 
     async fn erase(&self, user: &UserId, at_ms: i64) -> Result<(), StoreError> {
@@ -333,7 +354,8 @@ async fn read_profiles(pool: &Redis, prefix: &str, users: &[&UserId]) -> Vec<Res
             .cmd("HMGET")
             .arg(&k.profile)
             .arg("context")
-            .arg("recs");
+            .arg("recs")
+            .arg("e");
     }
     let result: Result<Vec<redis::Value>, String> = async {
         let mut conn = pool.get().await?;
@@ -354,10 +376,10 @@ async fn read_profiles(pool: &Redis, prefix: &str, users: &[&UserId]) -> Vec<Res
             }
             let history = conv(part()?)?;
             let legacy_ids = conv(part()?)?;
-            let digests = conv(part()?)?;
+            let legacy_digests = conv(part()?)?;
             let suppressed = conv(part()?)?;
             let fields = conv(part()?)?;
-            Ok((history, legacy_ids, digests, suppressed, fields))
+            Ok((history, legacy_ids, legacy_digests, suppressed, fields))
         })
         .collect()
 }

@@ -7,7 +7,7 @@
 //! the pool's multiplexed connections. Within a pipeline the appends of one user become one script
 //! call (all their events, in order), which also stores the user's newest pushed list.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,19 +23,28 @@ use crate::event::{Context, ItemId, UserId};
 use crate::store::{EventDigest, Interaction, ProfileLimits, ProfileUpdate};
 use crate::telemetry::Metrics;
 
+/// Users in one script call at most (one Redis server; in a cluster a call holds one user, since
+/// a script may only touch keys of one slot). The call's fixed cost (parsing the `EVALSHA`,
+/// building Lua's `KEYS` and `ARGV`) is paid once for all of them; a call of 32 one-event users
+/// kept Redis busy for 0.5-0.75 ms on a loaded 2-core machine (docs/performance.md).
+const USERS_PER_CALL: usize = 32;
+
+/// Keys a user takes in a script call (see the script).
+const KEYS_PER_USER: usize = 5;
+
 pub(super) const APPEND_SCRIPT: &str = r#"
--- KEYS: history list, legacy ids zset, event-digest string, suppressed list, profile hash
--- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, context_json ('' = unchanged),
---       recs_json ('' = unchanged), recs_seq, n, then n triples (8-byte digest of the event id,
---       event id, encoded interaction), then suppressed item ids
+-- Appends the new interactions of one or more users (one Redis server; one user in a cluster).
+-- KEYS, 5 per user: history list, profile hash, suppressed list, and two forms written before
+--       that are read until they expire: the ids in a sorted set, the digests in a string.
+-- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, then per user: context ('' =
+--       unchanged), list ('' = unchanged), n, m, then n triples (8-byte digest of the event id,
+--       event id, encoded interaction), then m suppressed item ids.
+-- The de-duplication window is the profile hash's field 'e': the digests of the newest event
+-- ids, 8 bytes each, oldest first (with a marker byte in front while an older set of ids exists:
+-- see below). Every write is one call per key (RPUSH of all new entries, one HSET of every
+-- changed field), so a one-event append costs five calls (six once the history is full).
 local hlen, wlen, slen, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = tonumber(ARGV[8])
-local applied = 0
--- The window: the digests of the newest event ids, 8 bytes each, oldest first.
-local seen = redis.call('GET', KEYS[3]) or ''
--- Profiles written before kept the ids themselves in a sorted set: checked until it expires.
-local legacy = redis.call('EXISTS', KEYS[2]) == 1
-local function known(digest)
+local function known(seen, digest)
   local from = 1
   while true do
     local at = string.find(seen, digest, from, true)
@@ -44,41 +53,78 @@ local function known(digest)
     from = at + 1
   end
 end
-for i = 0, n - 1 do
-  local digest, id = ARGV[9 + 3 * i], ARGV[10 + 3 * i]
-  if not known(digest) and not (legacy and redis.call('ZSCORE', KEYS[2], id)) then
-    seen = seen .. digest
-    redis.call('RPUSH', KEYS[1], ARGV[11 + 3 * i])
-    applied = applied + 1
+local a, applied = 5, 0
+for u = 0, #KEYS / 5 - 1 do
+  local h, p, s, ids, e = KEYS[5 * u + 1], KEYS[5 * u + 2], KEYS[5 * u + 3], KEYS[5 * u + 4], KEYS[5 * u + 5]
+  local context, list, n, m = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  a = a + 4
+  local seen = redis.call('HGET', p, 'e')
+  -- The older forms: checked (and the string moved into the hash) until they expire. Whether to
+  -- look is the window's length: a multiple of 8, or one more with a marker byte in front while
+  -- the set of ids exists. A window written without the marker has no older forms beside it (the
+  -- string moved, the set gone), and none can come back: no release writes them any more.
+  local legacy, moved = false, false
+  if not seen or #seen % 8 == 1 then
+    seen = seen and string.sub(seen, 2) or ''
+    local older = redis.call('EXISTS', ids, e)
+    if older > 0 then
+      local digests = redis.call('GET', e)
+      if digests then
+        seen, moved, older = digests .. seen, true, older - 1
+      end
+      legacy = older > 0
+    end
+  end
+  local entries = {}
+  for i = 1, n do
+    local digest = ARGV[a]
+    if not known(seen, digest) and not (legacy and redis.call('ZSCORE', ids, ARGV[a + 1])) then
+      seen = seen .. digest
+      entries[#entries + 1] = ARGV[a + 2]
+    end
+    a = a + 3
+  end
+  local fields = {}
+  if #entries > 0 then
+    applied = applied + #entries
+    local len = 0
+    -- Lua passes at most a few thousand values to one call.
+    for from = 1, #entries, 1000 do
+      len = redis.call('RPUSH', h, unpack(entries, from, math.min(from + 999, #entries)))
+    end
+    if len > hlen then redis.call('LTRIM', h, -hlen, -1) end
+    if ttl > 0 then redis.call('EXPIRE', h, ttl) end
+    if wlen < 1 then seen = '' elseif #seen > 8 * wlen then seen = string.sub(seen, -8 * wlen) end
+    fields[#fields + 1] = 'e'
+    fields[#fields + 1] = legacy and ('z' .. seen) or seen
+    if moved then redis.call('DEL', e) end
+  end
+  if m > 0 then
+    for j = a, a + m - 1 do
+      redis.call('LREM', s, 0, ARGV[j])
+      redis.call('RPUSH', s, ARGV[j])
+    end
+    redis.call('LTRIM', s, -slen, -1)
+    if ttl > 0 then redis.call('EXPIRE', s, ttl) end
+    a = a + m
+  end
+  if context ~= '' then
+    fields[#fields + 1] = 'context'
+    fields[#fields + 1] = context
+  end
+  if list ~= '' then
+    fields[#fields + 1] = 'recs'
+    fields[#fields + 1] = list
+  end
+  if #fields > 0 then
+    redis.call('HSET', p, unpack(fields))
+    if ttl > 0 then redis.call('EXPIRE', p, ttl) end
   end
 end
-if applied > 0 then
-  if wlen < 1 then seen = '' elseif #seen > 8 * wlen then seen = string.sub(seen, -8 * wlen) end
-  redis.call('SET', KEYS[3], seen)
-  redis.call('LTRIM', KEYS[1], -hlen, -1)
-  if ttl > 0 then
-    redis.call('EXPIRE', KEYS[1], ttl)
-    redis.call('EXPIRE', KEYS[3], ttl)
-  end
-end
-local first = 9 + 3 * n
-if #ARGV >= first then
-  for j = first, #ARGV do
-    redis.call('LREM', KEYS[4], 0, ARGV[j])
-    redis.call('RPUSH', KEYS[4], ARGV[j])
-  end
-  redis.call('LTRIM', KEYS[4], -slen, -1)
-  if ttl > 0 then redis.call('EXPIRE', KEYS[4], ttl) end
-end
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[5], 'context', ARGV[5])
-end
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[5], 'recs', ARGV[6], 'recs_seq', ARGV[7])
-end
-if ttl > 0 and (ARGV[5] ~= '' or ARGV[6] ~= '') then redis.call('EXPIRE', KEYS[5], ttl) end
 return applied
 "#;
+
+/// A write queued for a lane.
 pub(super) enum Write {
     Append {
         update: ProfileUpdate,
@@ -87,7 +133,10 @@ pub(super) enum Write {
     Recs {
         user: UserId,
         seq: u64,
+        /// The list as published (JSON).
         json: bytes::Bytes,
+        /// The list as stored (`codec::encode_list`).
+        stored: Vec<u8>,
     },
     /// Deletes the user's keys, in order after every write queued before it.
     Erase {
@@ -112,24 +161,41 @@ pub(super) struct Writer {
 }
 
 /// The appends of one user in one pipeline, merged into one script call (in call order).
-#[derive(Default)]
 struct UserCall<'a> {
+    user: &'a UserId,
     events: Vec<&'a Interaction>,
     suppressed: Vec<&'a ItemId>,
     /// The newest context of the merged appends.
     context: Option<&'a Context>,
-    /// The user's newest list in the pipeline, when it comes after the first append.
-    recs: Option<(u64, &'a [u8])>,
+    /// The user's newest list in the pipeline (stored form), when it comes after the first append.
+    recs: Option<&'a [u8]>,
 }
 
-/// What a pipeline does, in order: a merged call sits where the user's first append was.
+/// What a pipeline does for one user, in order: a merged call sits where the user's first append
+/// was.
 enum Step<'a> {
     Call(&'a UserId, usize),
     Erase(&'a UserId),
-    /// A list stored on its own (no append of the user before it in the pipeline).
-    Recs(&'a UserId, u64, &'a [u8]),
+    /// A list stored on its own (no append of the user before it in the pipeline): stored form,
+    /// then as published.
+    Recs(&'a UserId, &'a [u8], &'a [u8]),
     /// The broadcast of a list the user's merged call stores.
     Publish(&'a UserId, &'a [u8]),
+}
+
+impl Step<'_> {
+    fn user(&self) -> &UserId {
+        match self {
+            Step::Call(user, _) | Step::Erase(user) | Step::Recs(user, ..) | Step::Publish(user, _) => *user,
+        }
+    }
+}
+
+/// What the pipeline sends: script calls for several users, and the other steps.
+enum Command<'a> {
+    /// One script call for these users' merged calls (indices into the plan's calls).
+    Calls(Vec<usize>),
+    Step(Step<'a>),
 }
 
 impl Writer {
@@ -183,7 +249,13 @@ impl Writer {
             match write {
                 Write::Append { update, .. } => {
                     let index = *open.entry(&update.user_id).or_insert_with(|| {
-                        calls.push(UserCall::default());
+                        calls.push(UserCall {
+                            user: &update.user_id,
+                            events: Vec::new(),
+                            suppressed: Vec::new(),
+                            context: None,
+                            recs: None,
+                        });
                         steps.push(Step::Call(&update.user_id, calls.len() - 1));
                         calls.len() - 1
                     });
@@ -199,39 +271,80 @@ impl Writer {
                     steps.push(Step::Erase(user));
                 }
                 Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
-                Write::Recs { user, seq, json } => match open.get(user) {
+                Write::Recs { user, json, stored, .. } => match open.get(user) {
                     Some(&index) => {
-                        calls[index].recs = Some((*seq, json.as_ref()));
+                        calls[index].recs = Some(stored.as_slice());
                         steps.push(Step::Publish(user, json.as_ref()));
                     }
-                    None => steps.push(Step::Recs(user, *seq, json.as_ref())),
+                    None => steps.push(Step::Recs(user, stored.as_slice(), json.as_ref())),
                 },
             }
         }
         (steps, calls)
     }
 
+    /// Puts the merged calls of up to `per_call` users into one script call. Only the order of
+    /// each user's own steps matters (users share no key or channel), so a user's steps after
+    /// its call wait until the call is sent, and a user with such a step waiting starts a new
+    /// call; other users' steps go out at once.
+    fn group(steps: Vec<Step<'_>>, per_call: usize) -> Vec<Command<'_>> {
+        let mut out = Vec::with_capacity(steps.len());
+        let mut group: Vec<usize> = Vec::new();
+        let mut waiting: Vec<Step> = Vec::new();
+        let mut touched: HashSet<&UserId> = HashSet::new();
+        fn flush_into<'a>(
+            out: &mut Vec<Command<'a>>,
+            group: &mut Vec<usize>,
+            waiting: &mut Vec<Step<'a>>,
+            touched: &mut HashSet<&'a UserId>,
+        ) {
+            if !group.is_empty() {
+                out.push(Command::Calls(std::mem::take(group)));
+            }
+            out.extend(waiting.drain(..).map(Command::Step));
+            touched.clear();
+        }
+        for step in steps {
+            match step {
+                Step::Call(user, index) => {
+                    if touched.contains(user) || group.len() >= per_call {
+                        flush_into(&mut out, &mut group, &mut waiting, &mut touched);
+                    }
+                    touched.insert(user);
+                    group.push(index);
+                }
+                step if touched.contains(step.user()) => waiting.push(step),
+                step => out.push(Command::Step(step)),
+            }
+        }
+        flush_into(&mut out, &mut group, &mut waiting, &mut touched);
+        out
+    }
+
     pub(super) fn pipeline(&self, batch: &[Write]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         let (steps, calls) = Self::plan(batch);
-        for step in steps {
-            match step {
-                Step::Call(user, index) => self.append_call(&mut pipe, user, &calls[index]),
-                Step::Erase(user) => {
+        // A script may only touch keys of one slot in a cluster.
+        let per_call = if self.pool.is_cluster() { 1 } else { USERS_PER_CALL };
+        for command in Self::group(steps, per_call) {
+            match command {
+                Command::Calls(indices) => self.append_call(&mut pipe, &calls, &indices),
+                Command::Step(Step::Call(_, index)) => self.append_call(&mut pipe, &calls, &[index]),
+                Command::Step(Step::Erase(user)) => {
                     let k = keys(&self.prefix, user);
                     pipe.del(&[&k.history, &k.legacy_ids, &k.digests, &k.suppressed, &k.profile]).ignore();
                     // Every instance with a stream of the user closes it (see RedisFanout).
                     self.publish(&mut pipe, user, erased_notice(user).as_bytes());
                 }
-                Step::Recs(user, seq, json) => {
+                Command::Step(Step::Recs(user, stored, json)) => {
                     let k = keys(&self.prefix, user);
-                    pipe.cmd("HSET").arg(&k.profile).arg("recs").arg(json).arg("recs_seq").arg(seq).ignore();
+                    pipe.cmd("HSET").arg(&k.profile).arg("recs").arg(stored).ignore();
                     if self.ttl > 0 {
                         pipe.expire(&k.profile, self.ttl as i64).ignore();
                     }
                     self.publish(&mut pipe, user, json);
                 }
-                Step::Publish(user, json) => self.publish(&mut pipe, user, json),
+                Command::Step(Step::Publish(user, json)) => self.publish(&mut pipe, user, json),
             }
         }
         pipe
@@ -242,35 +355,27 @@ impl Writer {
         pipe.cmd(self.pool.publish_command()).arg(updates_channel(&self.prefix, user)).arg(payload).ignore();
     }
 
-    fn append_call(&self, pipe: &mut redis::Pipeline, user: &UserId, call: &UserCall) {
-        let k = keys(&self.prefix, user);
-        let context = call.context.and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default();
-        let (recs_seq, recs) = call.recs.unwrap_or((0, b""));
-        let cmd = pipe
-            .cmd("EVALSHA")
-            .arg(self.script.get_hash())
-            .arg(5)
-            .arg(&k.history)
-            .arg(&k.legacy_ids)
-            .arg(&k.digests)
-            .arg(&k.suppressed)
-            .arg(&k.profile)
-            .arg(self.limits.history_len)
-            .arg(self.limits.dedupe_window)
-            .arg(self.limits.suppressed_len)
-            .arg(self.ttl)
-            .arg(context)
-            .arg(recs)
-            .arg(recs_seq)
-            .arg(call.events.len());
-        for interaction in &call.events {
-            // The id itself goes along only for the check against a legacy set of ids.
-            cmd.arg(&EventDigest::of(&interaction.event_id).0.to_be_bytes()[..])
-                .arg(interaction.event_id.as_str())
-                .arg(codec::encode(interaction));
+    /// One script call for the merged calls `indices` of `calls` (see `APPEND_SCRIPT`).
+    fn append_call(&self, pipe: &mut redis::Pipeline, calls: &[UserCall], indices: &[usize]) {
+        let cmd = pipe.cmd("EVALSHA").arg(self.script.get_hash()).arg(KEYS_PER_USER * indices.len());
+        for &index in indices {
+            let k = keys(&self.prefix, calls[index].user);
+            cmd.arg(&k.history).arg(&k.profile).arg(&k.suppressed).arg(&k.legacy_ids).arg(&k.digests);
         }
-        for item in &call.suppressed {
-            cmd.arg(item.as_str());
+        cmd.arg(self.limits.history_len).arg(self.limits.dedupe_window).arg(self.limits.suppressed_len).arg(self.ttl);
+        for &index in indices {
+            let call = &calls[index];
+            let context = call.context.and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default();
+            cmd.arg(context).arg(call.recs.unwrap_or_default()).arg(call.events.len()).arg(call.suppressed.len());
+            for interaction in &call.events {
+                // The id itself goes along only for the check against a legacy set of ids.
+                cmd.arg(&EventDigest::of(&interaction.event_id).0.to_be_bytes()[..])
+                    .arg(interaction.event_id.as_str())
+                    .arg(codec::encode(interaction));
+            }
+            for item in &call.suppressed {
+                cmd.arg(item.as_str());
+            }
         }
         cmd.ignore();
     }
@@ -329,7 +434,21 @@ mod tests {
     }
 
     fn recs(user: &str, seq: u64) -> Write {
-        Write::Recs { user: UserId::from(user), seq, json: bytes::Bytes::from(format!("list {seq}")) }
+        Write::Recs {
+            user: UserId::from(user),
+            seq,
+            json: bytes::Bytes::from(format!("list {seq}")),
+            stored: format!("stored {seq}").into_bytes(),
+        }
+    }
+
+    fn describe(step: &Step) -> String {
+        match step {
+            Step::Call(user, index) => format!("call {user} {index}"),
+            Step::Erase(user) => format!("erase {user}"),
+            Step::Recs(user, stored, _) => format!("recs {user} {}", String::from_utf8_lossy(stored)),
+            Step::Publish(user, json) => format!("publish {user} {}", String::from_utf8_lossy(json)),
+        }
     }
 
     fn ids(call: &UserCall) -> Vec<String> {
@@ -350,20 +469,69 @@ mod tests {
             append("bob", &["b2"]),
         ];
         let (steps, calls) = Writer::plan(&batch);
-        let shape: Vec<String> = steps
-            .iter()
-            .map(|step| match step {
-                Step::Call(user, index) => format!("call {user} {index}"),
-                Step::Erase(user) => format!("erase {user}"),
-                Step::Recs(user, seq, _) => format!("recs {user} {seq}"),
-                Step::Publish(user, json) => format!("publish {user} {}", String::from_utf8_lossy(json)),
-            })
-            .collect();
+        let shape: Vec<String> = steps.iter().map(describe).collect();
         assert_eq!(shape, ["call ann 0", "call bob 1", "publish ann list 3", "erase ann", "call ann 2"]);
         assert_eq!(ids(&calls[0]), ["a1", "a2", "a3"], "ann's appends before the erasure, in order");
-        assert_eq!(calls[0].recs.map(|(seq, _)| seq), Some(3), "only the newest list is stored");
+        assert_eq!(calls[0].recs, Some(&b"stored 3"[..]), "only the newest list is stored");
         assert_eq!(ids(&calls[1]), ["b1", "b2"]);
         assert_eq!(ids(&calls[2]), ["a4"], "an append after the erasure starts a new call");
         assert!(calls[2].recs.is_none());
+    }
+
+    #[test]
+    fn calls_of_many_users_share_a_script_call_and_each_users_steps_keep_their_order() {
+        let batch = vec![
+            append("ann", &["a1"]),
+            recs("ann", 1),
+            append("bob", &["b1"]),
+            recs("bob", 1),
+            recs("cy", 2),
+            Write::Erase { user: UserId::from("ann"), done: oneshot::channel().0 },
+            append("ann", &["a2"]),
+            append("dan", &["d1"]),
+            append("eve", &["e1"]),
+        ];
+        let (steps, calls) = Writer::plan(&batch);
+        let shape = |commands: Vec<Command>| -> Vec<String> {
+            commands
+                .iter()
+                .map(|command| match command {
+                    Command::Calls(indices) => {
+                        let users: Vec<&str> = indices.iter().map(|&i| calls[i].user.as_str()).collect();
+                        format!("calls {}", users.join(" "))
+                    }
+                    Command::Step(step) => describe(step),
+                })
+                .collect()
+        };
+        // cy's list goes out at once; ann's and bob's publishes wait for their call; ann's append
+        // after the erasure starts the next call, after the erasure.
+        assert_eq!(
+            shape(Writer::group(steps, 32)),
+            [
+                "recs cy stored 2",
+                "calls ann bob",
+                "publish ann list 1",
+                "publish bob list 1",
+                "erase ann",
+                "calls ann dan eve"
+            ]
+        );
+        let (steps, _) = Writer::plan(&batch);
+        assert_eq!(
+            shape(Writer::group(steps, 1)),
+            [
+                "calls ann",
+                "publish ann list 1",
+                "recs cy stored 2",
+                "erase ann",
+                "calls bob",
+                "publish bob list 1",
+                "calls ann",
+                "calls dan",
+                "calls eve"
+            ],
+            "one user a call (a cluster)"
+        );
     }
 }

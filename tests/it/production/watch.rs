@@ -5,6 +5,7 @@
 
 use liverec::bus::kafka::partition_for;
 use liverec::config::Config;
+use liverec::event::UserId;
 use liverec::Server;
 use redis::AsyncCommands as _;
 use serde_json::{json, Value};
@@ -26,8 +27,11 @@ fn view(user: &str, id: &str, n: usize) -> Value {
 async fn stored_list(config: &Config, user: &str) -> Option<Value> {
     let mut conn = redis_conn(config).await;
     let key = format!("{}:{{{user}}}:p", config.redis.key_prefix);
-    let json: Option<String> = conn.hget(&key, "recs").await.expect("HGET");
-    json.map(|json| serde_json::from_str(&json).expect("a stored list"))
+    let stored: Option<Vec<u8>> = conn.hget(&key, "recs").await.expect("HGET");
+    stored.map(|stored| {
+        let list = liverec::store::redis::decode_stored_list(&stored, &UserId::from(user)).expect("a stored list");
+        serde_json::to_value(list).expect("a list serialises")
+    })
 }
 
 /// Posts one more event of `user` (ids `{user}-w{n}`) whenever `done` is not yet true, until it
