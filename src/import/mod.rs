@@ -2,12 +2,12 @@
 //! server (REST) or straight into its Kafka topics.
 //!
 //! Items go first (`PUT /v1/items`, or the items topic), then events (`POST /v1/events`, or the
-//! events topic), in batches, one at a time. Events go in time order (the file is indexed first; `--file-order`
-//! streams it instead), because the server keeps each user's history in arrival order. After
-//! every acknowledged batch the state file records how far each file has come; `--resume`
-//! continues from there. Every event carries an id derived from its file and line, so the batch
-//! that was in flight when an import stopped, sent again on resume, is applied once (the server
-//! applies an event id once per user).
+//! events topic), in batches, one at a time. Events go in time order (the file is indexed
+//! first; `--file-order` streams it instead), because the server keeps each user's history in
+//! arrival order. After every acknowledged batch the state file records how far each file has
+//! come; `--resume` continues from there. Every event carries an id derived from its file and
+//! line, so the batch that was in flight when an import stopped, sent again on resume, is
+//! applied once (the server applies an event id once per user).
 //!
 //! This module sits above the library, beside `main.rs`: it talks to the server only through
 //! its public interfaces (HTTP, the Kafka topics), and nothing in the library imports it.
