@@ -113,7 +113,7 @@ enum Command {
         quiet: bool,
     },
     /// Load a catalogue and an interaction history from files into a running server (REST) or
-    /// its Kafka events topic (see docs/import.md).
+    /// its Kafka topics (see docs/import.md).
     ///
     /// Reads a MovieLens directory (u.data and u.item, or ratings.csv and movies.csv), RecBole
     /// files (NAME.inter and NAME.item), or any CSV/TSV/JSON Lines file with its columns named by

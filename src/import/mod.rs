@@ -1,16 +1,16 @@
 //! `liverec import`: loads a catalogue and an interaction history from files into a running
-//! server (REST) or straight into its Kafka events topic.
+//! server (REST) or straight into its Kafka topics.
 //!
-//! Items go first (`PUT /v1/items`), then events (`POST /v1/events`, or the events topic), in
-//! batches, one at a time. Events go in time order (the file is indexed first; `--file-order`
-//! streams it instead), because the server keeps each user's history in arrival order. After
-//! every acknowledged batch the state file records how far each file has come; `--resume`
-//! continues from there. Every event carries an id derived from its file and line, so the batch
-//! that was in flight when an import stopped, sent again on resume, is applied once (the server
-//! applies an event id once per user).
+//! Items go first (`PUT /v1/items`, or the items topic), then events (`POST /v1/events`, or the
+//! events topic), in batches, one at a time. Events go in time order (the file is indexed
+//! first; `--file-order` streams it instead), because the server keeps each user's history in
+//! arrival order. After every acknowledged batch the state file records how far each file has
+//! come; `--resume` continues from there. Every event carries an id derived from its file and
+//! line, so the batch that was in flight when an import stopped, sent again on resume, is
+//! applied once (the server applies an event id once per user).
 //!
 //! This module sits above the library, beside `main.rs`: it talks to the server only through
-//! its public interfaces (HTTP, the Kafka topic), and nothing in the library imports it.
+//! its public interfaces (HTTP, the Kafka topics), and nothing in the library imports it.
 
 mod kafka;
 mod rest;
@@ -61,18 +61,21 @@ pub struct Options {
     /// beside the data.
     #[arg(long, value_name = "FILE")]
     pub items: Option<PathBuf>,
-    /// The server (http:// only). Default http://127.0.0.1:8080 unless --kafka is given.
+    /// The server (http:// only). Default http://127.0.0.1:8080 unless --kafka is given;
+    /// with --kafka, the catalogue goes there instead of to the items topic.
     #[arg(long, value_name = "URL")]
     pub target: Option<String>,
-    /// Produce events straight to the events topic of these Kafka brokers (items still
-    /// need --target: the catalogue has no Kafka topic yet).
+    /// Produce straight to the topics of these Kafka brokers: events to the events topic,
+    /// the catalogue to the items topic (or over REST when --target is given too).
     #[arg(long, value_name = "BROKERS")]
     pub kafka: Option<String>,
-    /// The events topic (default: kafka.events_topic of --config, else liverec.events).
+    /// The events topic (default: kafka.events_topic of --config, else liverec.events). The
+    /// items topic is kafka.items_topic of --config, else derived from it as the server does
+    /// (liverec.events: liverec.items).
     #[arg(long, value_name = "TOPIC", requires = "kafka")]
     pub topic: Option<String>,
-    /// The server's configuration file: [kafka] client settings and the [events] limits
-    /// that events produced to Kafka are checked against.
+    /// The server's configuration file: [kafka] client settings and topics, and the [events]
+    /// limits that records produced to Kafka are checked against.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// A key with the producer role, when the server has auth on.
@@ -220,7 +223,11 @@ impl Summary {
 /// Where batches go.
 enum Destination {
     Rest(rest::Client),
-    Kafka { producer: kafka::Producer, items: Option<rest::Client> },
+    /// Events to the events topic; items over REST with `--target`, else to the items topic.
+    Kafka {
+        producer: kafka::Producer,
+        items_over_rest: Option<rest::Client>,
+    },
 }
 
 /// A future that ends the import early when it completes (a signal).
@@ -263,13 +270,12 @@ trait Record: Serialize + Sized {
 
 impl Record for ItemOut {
     async fn send(destination: &mut Destination, records: &[Self]) -> Result<Vec<(usize, Rejected)>, ImportError> {
-        let client = match destination {
-            Destination::Rest(client) => client,
-            Destination::Kafka { items, .. } => {
-                items.as_mut().expect("items are imported over REST: checked at the start")
+        match destination {
+            Destination::Rest(client) | Destination::Kafka { items_over_rest: Some(client), .. } => {
+                client.send(rest::Endpoint::Items, records).await
             }
-        };
-        client.send(rest::Endpoint::Items, records).await
+            Destination::Kafka { producer, items_over_rest: None } => producer.send_items(records).await,
+        }
     }
 }
 
@@ -392,20 +398,17 @@ pub async fn run(options: Options, mut interrupt: Interrupt) -> Result<Summary, 
     let http_client = |target: &str| rest::Client::new(target, options.api_key.clone(), options.batch);
     let (destination, described) = match (&options.kafka, &options.target) {
         (Some(brokers), target) => {
-            let items = match (items_spec, target) {
+            let items_over_rest = match (items_spec, target) {
                 (Some(_), Some(target)) => Some(http_client(target)?),
-                (Some(spec), None) => {
-                    return Err(ImportError::Usage(format!(
-                        "{}: the catalogue goes over REST only (there is no Kafka items topic yet): add --target \
-                         http://HOST:PORT for the items, or --skip-items",
-                        spec.path.display()
-                    )))
-                }
-                (None, _) => None,
+                _ => None,
             };
-            let producer = kafka::Producer::new(&config, brokers, options.topic.as_deref())?;
-            let described = format!("kafka:{brokers}/{}", producer.topic);
-            (Destination::Kafka { producer, items }, described)
+            let items_to_kafka = items_spec.is_some() && items_over_rest.is_none();
+            let producer = kafka::Producer::new(&config, brokers, options.topic.as_deref(), items_to_kafka)?;
+            let described = match &producer.items_topic {
+                Some(items_topic) => format!("kafka:{brokers}/{items_topic},{}", producer.topic),
+                None => format!("kafka:{brokers}/{}", producer.topic),
+            };
+            (Destination::Kafka { producer, items_over_rest }, described)
         }
         (None, target) => {
             let target = target.clone().unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
@@ -474,8 +477,8 @@ pub async fn run(options: Options, mut interrupt: Interrupt) -> Result<Summary, 
     };
     let mut destination = destination;
     match &destination {
-        Destination::Rest(client) | Destination::Kafka { items: Some(client), .. } => client.check().await?,
-        Destination::Kafka { items: None, .. } => {}
+        Destination::Rest(client) | Destination::Kafka { items_over_rest: Some(client), .. } => client.check().await?,
+        Destination::Kafka { items_over_rest: None, .. } => {}
     }
     let ended = async {
         let mut ended = Ended::Done;

@@ -61,7 +61,8 @@ pub struct RejectedLines {
 pub struct State {
     /// The `--data` path, absolute: a state file resumes only the import it was written by.
     pub data: String,
-    /// Where the lines went: the target URL, or `kafka:BROKERS/TOPIC`.
+    /// Where the lines went: the target URL, or `kafka:BROKERS/TOPIC` (`kafka:BROKERS/ITEMS,EVENTS`
+    /// when the catalogue went to the items topic).
     pub destination: String,
     pub items: Option<FileProgress>,
     pub events: Option<FileProgress>,

@@ -461,41 +461,107 @@ async fn bad_lines_are_reported_with_their_reasons_and_the_rest_is_imported() {
     server.stop().await;
 }
 
+/// Every catalogue item the server lists (`GET /v1/items`, page by page): id -> title.
+async fn listed_items(server: &Server) -> BTreeMap<String, Value> {
+    let mut listed = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/items?limit=1000&cursor={c}"),
+            None => "/v1/items?limit=1000".to_owned(),
+        };
+        let page = get(server, &path).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        for item in page.body["items"].as_array().expect("items") {
+            listed.insert(item["item_id"].as_str().expect("id").to_owned(), item["title"].clone());
+        }
+        cursor = page.body["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            return listed;
+        }
+    }
+}
+
 #[actix_rt::test]
-async fn an_import_into_the_kafka_topic_reaches_every_users_history() {
+async fn an_import_into_the_kafka_topics_reaches_the_catalogue_and_every_users_history() {
     let _services = SERVICES.read().await;
     let config = production_config("import");
     let server = start(config.clone()).await;
     let dir = scratch("kafka");
     let mut expected = write_recbole(&dir, 10, 6, 20);
-    // One rating over events.max_rating: checked before it is produced, reported with its line.
+    // One rating over events.max_rating and one item id over events.max_id_len: checked before
+    // they are produced, reported with their lines.
     let inter = dir.join("rb.inter");
     let mut text = std::fs::read_to_string(&inter).expect("read");
     text.push_str("rb-user-0\trb-item-1\t9\t1600009999\n");
     std::fs::write(&inter, text).expect("write");
     let bad_line = 1 + 10 * 6 + 1;
+    let item = dir.join("rb.item");
+    let mut text = std::fs::read_to_string(&item).expect("read");
+    let long_id = "x".repeat(config.events.max_id_len + 1);
+    writeln!(text, "{long_id}\tToo long an id\t2000\tgenre-0").expect("write");
+    std::fs::write(&item, text).expect("write");
+    let bad_item_line = 1 + 20 + 1;
     let (data, state) = (dir.to_str().expect("utf-8"), dir.join("state.json"));
     let kafka = ["--data", data, "--kafka", &config.kafka.brokers, "--topic", &config.kafka.events_topic];
 
-    // The catalogue has no Kafka topic: items need --target (or --skip-items).
-    let out = import(&[kafka.as_slice(), &["--quiet"]].concat()).await;
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("--skip-items"), "{}", stderr(&out));
-
-    let target = server.url();
+    // With --target too, the catalogue goes over REST: a target that does not answer stops the
+    // import before anything is produced.
+    let rest_state = dir.join("rest-state.json");
     let out = import(
-        &[kafka.as_slice(), &["--target", &target, "--state", state.to_str().expect("utf-8"), "--quiet", "--json"]]
+        &[kafka.as_slice(), &["--target", "http://127.0.0.1:1", "--state", rest_state.to_str().expect("utf-8")]]
             .concat(),
     )
     .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("http://127.0.0.1:1/healthz"), "{}", stderr(&out));
+
+    // Without --target: the catalogue to the items topic (derived from --topic as the server
+    // derives it), the events to the events topic.
+    let out =
+        import(&[kafka.as_slice(), &["--state", state.to_str().expect("utf-8"), "--quiet", "--json"]].concat()).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let s = summary(&out);
     assert_eq!((s["items"]["applied"].as_u64(), s["events"]["applied"].as_u64()), (Some(20), Some(60)), "{s}");
-    assert_eq!(s["rejected"][0]["reason"], serde_json::json!({"code": "invalid_event", "field": "value"}), "{s}");
-    assert_eq!(s["rejected"][0]["first_lines"], serde_json::json!([bad_line]), "{s}");
+    assert_eq!((s["items"]["rejected"].as_u64(), s["events"]["rejected"].as_u64()), (Some(1), Some(1)), "{s}");
+    let rejected: BTreeMap<String, Value> = s["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .map(|r| (r["reason"]["code"].as_str().expect("code").to_owned(), r.clone()))
+        .collect();
+    let reasons: Vec<&String> = rejected.keys().collect();
+    assert_eq!(reasons, ["invalid_event", "invalid_item_id"], "{s}");
+    assert_eq!(rejected["invalid_event"]["reason"]["field"], "value", "{s}");
+    assert_eq!(rejected["invalid_event"]["first_lines"], serde_json::json!([bad_line]), "{s}");
+    assert_eq!(rejected["invalid_item_id"]["reason"]["field"], "item_id", "{s}");
+    assert_eq!(rejected["invalid_item_id"]["first_lines"], serde_json::json!([bad_item_line]), "{s}");
+
+    // The server lists the imported catalogue, read from the items topic.
+    let imported = |listed: &BTreeMap<String, Value>| listed.keys().filter(|id| id.starts_with("rb-item-")).count();
+    let listed = wait_for_progress("the imported items in the catalogue", Duration::from_secs(60), || async {
+        let listed = listed_items(&server).await;
+        match imported(&listed) {
+            20 => Progress::Done(listed),
+            n => Progress::Pending(n),
+        }
+    })
+    .await;
+    for i in 0..20 {
+        assert_eq!(listed[&format!("rb-item-{i}")], format!("Item number {i}"), "{listed:?}");
+    }
+    assert!(!listed.contains_key(&long_id), "the refused item is not in the catalogue");
+    let item = get(&server, "/v1/items/rb-item-7").await;
+    assert_eq!(item.body["categories"], serde_json::json!(["genre-1", "genre-2"]), "{}", item.body);
+
+    // And serves the users their imported histories.
     expected.retain(|_, events| !events.is_empty());
     assert_histories(&server, &expected).await;
-    assert_eq!(get(&server, "/v1/items/rb-item-7").await.status, 200);
+    for user in expected.keys() {
+        let list = get(&server, &format!("/v1/users/{user}/recommendations?k=5")).await;
+        assert_eq!(list.status, 200, "{user}: {}", list.body);
+        assert!(!list.body["items"].as_array().expect("items").is_empty(), "{user}: {}", list.body);
+    }
     server.stop().await;
 }
 
