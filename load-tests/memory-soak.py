@@ -9,8 +9,11 @@ Starts `liverec serve` (loopback only, embedded mode) with short idle times, the
 3. wave 2: as many new users again, and waits again;
 4. `--gets` GETs (default 100,000) for users the server has never seen (the cold-start path);
 
-and prints the resident size (VmRSS of /proc/PID/status) at each step, and the session and
-stored-profile counts from /metrics. Stops the server and itself at the end.
+and prints the resident size (VmRSS of /proc/PID/status, with its anonymous and file-backed
+parts) at each step, the session and stored-profile counts from /metrics, jemalloc's own account
+of the heap (the `liverec_allocator_*_bytes` gauges: allocated, active, metadata, resident, mapped,
+retained) and the process's threads (by name), at the baseline, at each wave's peak and when idle.
+Stops the server and itself at the end.
 
     cargo build --release --bin liverec && python3 load-tests/memory-soak.py
     python3 load-tests/memory-soak.py --bin target/debug/liverec --users 50000 --gets 20000
@@ -61,6 +64,41 @@ def request(conn, method, path, body=None):
             conn.close()
 
 
+def threads(pid):
+    """The process's threads, counted by name with the digits left out ("actix-rt|system:0:3"
+    counts as "actix-rt|system::")."""
+    names = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as comm:
+                name = re.sub(r"[0-9]+", "", comm.read().strip())
+        except OSError:
+            continue
+        names[name] = names.get(name, 0) + 1
+    return names
+
+
+def thread_summary(names):
+    listed = ", ".join(f"{name} x{n}" for name, n in sorted(names.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{sum(names.values())} ({listed})"
+
+
+ALLOCATOR = ("allocated", "active", "metadata", "resident", "mapped", "retained")
+
+
+def allocator_summary(m):
+    """jemalloc's figures from a /metrics reading, in MB ('-' on a build without the gauges)."""
+    parts = []
+    for name in ALLOCATOR:
+        value = m.get(f"liverec_allocator_{name}_bytes")
+        parts.append(f"{name} {value / 2**20:.1f}" if value is not None else f"{name} -")
+    return "jemalloc MB: " + ", ".join(parts)
+
+
 def metrics(conn):
     _, text = request(conn, "GET", "/metrics")
     values = {}
@@ -98,21 +136,28 @@ def settle_rss(pid, quiet_secs=10, longest_secs=60):
 
 
 class Peaks(threading.Thread):
-    """Samples the resident size and the running sessions every second while a wave runs."""
+    """Samples the resident size, the running sessions and the threads every second while a wave
+    runs; keeps the allocator's figures and the anonymous part as of the highest resident size."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
         self.pid, self.rss, self.sessions = pid, 0.0, 0
+        self.anon, self.at_peak, self.threads = 0.0, {}, {}
         self.done = threading.Event()
 
     def run(self):
         while not self.done.wait(1.0):
-            self.rss = max(self.rss, rss_mb(self.pid))
+            rss = rss_mb(self.pid)
+            names = threads(self.pid)
+            if sum(names.values()) > sum(self.threads.values()):
+                self.threads = names
             try:
-                sessions = metrics(None).get("liverec_sessions_active", 0)
+                m = metrics(None)
             except OSError:
                 continue
-            self.sessions = max(self.sessions, int(sessions))
+            self.sessions = max(self.sessions, int(m.get("liverec_sessions_active", 0)))
+            if rss > self.rss:
+                self.rss, self.anon, self.at_peak = rss, rss_mb(self.pid, "RssAnon"), m
 
     def finish(self):
         self.done.set()
@@ -227,6 +272,7 @@ def main():
                 f"  sessions {row[2]:>7}  stored profiles {row[3]:>7}",
                 flush=True,
             )
+            print(f"  {allocator_summary(m)}; threads {thread_summary(threads(server.pid))}", flush=True)
 
         time.sleep(2)
         record("baseline", settle=True)
@@ -241,7 +287,13 @@ def main():
             wait_applied(conn, applied, f"wave {wave}")
             peaks.finish()
             record(f"wave {wave}: {args.users} users applied ({time.time() - started:.0f} s)")
-            print(f"  during wave {wave}: peak rss {peaks.rss:.1f} MB, peak sessions {peaks.sessions}", flush=True)
+            print(
+                f"  during wave {wave}: peak rss {peaks.rss:.1f} MB (anon {peaks.anon:.1f}),"
+                f" peak sessions {peaks.sessions}",
+                flush=True,
+            )
+            print(f"  at the peak: {allocator_summary(peaks.at_peak)}", flush=True)
+            print(f"  most threads during the wave: {thread_summary(peaks.threads)}", flush=True)
             if not args.bounded:
                 idle = wait_idle(conn, args.idle_deadline)
                 record(f"wave {wave}: sessions and profiles idle{'' if idle else ' (deadline passed)'}", settle=True)

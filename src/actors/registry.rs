@@ -204,12 +204,16 @@ pub struct SessionRegistry {
     assigned: Mutex<Vec<i32>>,
     /// The LRU clock of `UserHub::used`.
     clock: AtomicU64,
-    /// Sessions started and not yet stopped, and those of them told to stop by `make_room`.
+    /// Sessions started and not yet stopped (those in a hub's slot), and those of them told to
+    /// stop by `make_room` (their hub `capped`). Both change only under the hub's slot lock,
+    /// together with the slot, so they always agree with the slots.
     running: AtomicUsize,
     releasing: AtomicUsize,
-    /// One `make_room` scan at a time.
+    /// One `make_room` scan at a time; a start waits for the scan in progress, then judges the
+    /// counts afresh (see `make_room`).
     scanning: Mutex<()>,
-    /// Woken as sessions stop, for the starts waiting in `room_for_a_session`.
+    /// Woken as sessions stop, once the counts are updated, for the starts waiting in
+    /// `room_for_a_session`.
     room: tokio::sync::Notify,
 }
 
@@ -349,9 +353,14 @@ impl SessionRegistry {
         if let Some(addr) = slot.as_ref().filter(|a| a.connected()) {
             return (hub.clone(), addr.clone());
         }
+        if slot.take().is_some() {
+            // A session's mailbox closes only after it reported its stop (which empties the
+            // slot), so a closed one still here never reported it: take it off the counts.
+            self.forget_session(&hub);
+        }
         let arbiter = &self.arbiters[partition_of(user.as_str(), self.arbiters.len())];
         let addr = (self.start)(arbiter, hub.clone(), self.clone());
-        self.running.fetch_add(1, Ordering::Relaxed);
+        self.running.fetch_add(1, Ordering::SeqCst);
         *slot = Some(addr.clone());
         drop(slot);
         drop(entry);
@@ -360,25 +369,34 @@ impl SessionRegistry {
         (hub, addr)
     }
 
+    /// Sessions running past `session.max_active` and not yet told to stop.
+    fn over(&self) -> usize {
+        let running = self.running.load(Ordering::SeqCst);
+        running
+            .saturating_sub(self.releasing.load(Ordering::SeqCst))
+            .saturating_sub(self.deps.config.session.max_active)
+    }
+
     /// Keeps at most `session.max_active` sessions: past it, the least recently used sessions
     /// (a batch of a 64th of the cap, so one scan of the hubs serves many starts) are told to
     /// stop; they rebuild from the store on their next use. The count can pass the cap by the
     /// sessions started while the stopping ones finish their current message.
+    ///
+    /// A caller that finds a scan in progress waits for it and then judges the counts afresh:
+    /// a scan judges the counts as they were when it began, so a start that gave up on a busy
+    /// scan instead could leave its own excess to nobody (and the starts waiting for room to a
+    /// stop that nobody asked for).
     fn make_room(&self) {
-        let max = self.deps.config.session.max_active;
-        let over = |registry: &Self| {
-            let running = registry.running.load(Ordering::Relaxed);
-            running.saturating_sub(registry.releasing.load(Ordering::Relaxed)).saturating_sub(max)
-        };
-        if over(self) == 0 {
+        if self.over() == 0 {
             return;
         }
-        let Some(_scan) = self.scanning.try_lock() else { return };
-        let excess = over(self);
+        let _scan = self.scanning.lock();
+        let excess = self.over();
         if excess == 0 {
             return;
         }
-        let running = |hub: &UserHub| !hub.capped.load(Ordering::Relaxed) && hub.session().is_some();
+        let max = self.deps.config.session.max_active;
+        let running = |hub: &UserHub| !hub.capped.load(Ordering::SeqCst) && hub.session().is_some();
         let mut ages: Vec<u64> =
             self.hubs.iter().filter(|h| running(h)).map(|h| h.used.load(Ordering::Relaxed)).collect();
         let batch = excess.max(max / 64).min(ages.len());
@@ -388,19 +406,17 @@ impl SessionRegistry {
         let (_, &mut newest, _) = ages.select_nth_unstable(batch - 1);
         drop(ages);
         for hub in self.hubs.iter() {
-            if hub.used.load(Ordering::Relaxed) > newest || !running(&hub) {
+            if hub.used.load(Ordering::Relaxed) > newest {
                 continue;
             }
-            if let Some(session) = hub.session() {
-                if !hub.capped.swap(true, Ordering::Relaxed) {
-                    self.releasing.fetch_add(1, Ordering::Relaxed);
-                    // Must arrive even when the mailbox is full; once per stopped session.
-                    session.release.do_send(Release);
-                    // It stopped by itself meanwhile (and did not see the flag): undo.
-                    if !session.connected() && hub.capped.swap(false, Ordering::Relaxed) {
-                        decrement(&self.releasing);
-                    }
-                }
+            // Under the slot lock: a session in the slot has not reported its stop yet, so the
+            // stop that follows sees the flag and takes it off `releasing`.
+            let slot = hub.session.lock();
+            let Some(session) = slot.as_ref().filter(|s| s.connected()) else { continue };
+            if !hub.capped.swap(true, Ordering::SeqCst) {
+                self.releasing.fetch_add(1, Ordering::SeqCst);
+                // Must arrive even when the mailbox is full; once per stopped session.
+                session.release.do_send(Release);
             }
         }
     }
@@ -417,14 +433,18 @@ impl SessionRegistry {
             tokio::pin!(stopped);
             // Registered before the check, so a stop between the check and the await wakes it.
             stopped.as_mut().enable();
-            if self.running.load(Ordering::Relaxed) < limit {
+            if self.running.load(Ordering::SeqCst) < limit {
                 return;
             }
             self.make_room();
-            // A stop normally wakes it within milliseconds; if none comes (a session that stopped
-            // without telling the registry would leave `running` too high for good), the start
-            // goes ahead after a second rather than waiting forever.
+            // The sessions over the cap have now all been told to stop, and each stop wakes this
+            // (within milliseconds: a session finishes the messages in its mailbox first). A
+            // safety net remains: a session still loading its profile from a store that is down
+            // retries before it reads its mailbox, so its stop may not come while the store is
+            // out; the start goes ahead after a second rather than stall the ingest behind it,
+            // and counts in liverec_sessions_start_waits_expired_total (0 in a healthy process).
             if actix_rt::time::timeout(START_WAIT, stopped).await.is_err() {
+                self.deps.metrics.sessions_start_waits_expired.inc();
                 return;
             }
         }
@@ -502,21 +522,34 @@ impl SessionRegistry {
     }
 
     /// Called by a session as it stops; `release` is its own recipient, which tells it from a
-    /// newer session of the same user.
+    /// newer session of the same user. The slot and both counts change together under the
+    /// slot's lock, and the starts waiting for room are woken only then: a start woken earlier
+    /// read this session as still on its way out, found no other session to tell to stop, and
+    /// the next start waited for a stop nobody had asked for (the second-long waits of the
+    /// `session.max_active` integration test).
     pub fn session_stopped(&self, hub: &Arc<UserHub>, release: &Recipient<Release>) {
-        decrement(&self.running);
-        self.room.notify_waiters();
-        if hub.capped.swap(false, Ordering::Relaxed) {
-            decrement(&self.releasing);
-            self.deps.metrics.sessions_capped.inc();
-        }
         {
             let mut slot = hub.session.lock();
             if slot.as_ref().is_some_and(|s| s.release == *release) {
                 *slot = None;
+                if self.forget_session(hub) {
+                    self.deps.metrics.sessions_capped.inc();
+                }
             }
         }
+        self.room.notify_waiters();
         self.release(hub);
+    }
+
+    /// Takes the session in `hub`'s slot off the counts (the caller holds the slot's lock and
+    /// empties it). Returns whether it had been told to stop to make room.
+    fn forget_session(&self, hub: &UserHub) -> bool {
+        decrement(&self.running);
+        let capped = hub.capped.swap(false, Ordering::SeqCst);
+        if capped {
+            decrement(&self.releasing);
+        }
+        capped
     }
 
     /// Drops the hub if it has neither a session nor a subscriber left.
@@ -582,7 +615,7 @@ const SHRINK_ABOVE: usize = 4096;
 
 /// Counts down, never below zero (a stop the registry did not count, e.g. of a stand-in).
 fn decrement(count: &AtomicUsize) {
-    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    let _ = count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
 }
 
 #[cfg(test)]
@@ -883,5 +916,133 @@ mod tests {
             .await
             .expect("the start goes ahead once a session stopped");
         assert_eq!(registry.running.load(Ordering::Relaxed), 9);
+    }
+
+    /// A session that stops when told to and reports its stop to the registry from its own
+    /// thread, as the session actor does.
+    struct Reporting {
+        hub: Arc<UserHub>,
+        registry: Arc<SessionRegistry>,
+    }
+
+    impl Actor for Reporting {
+        type Context = Context<Self>;
+
+        fn stopped(&mut self, ctx: &mut Context<Self>) {
+            self.registry.session_stopped(&self.hub, &ctx.address().recipient());
+        }
+    }
+
+    impl Handler<ApplyEvents> for Reporting {
+        type Result = MessageResult<ApplyEvents>;
+        fn handle(&mut self, _msg: ApplyEvents, _ctx: &mut Context<Self>) -> Self::Result {
+            MessageResult(nothing_applied())
+        }
+    }
+
+    impl Handler<Release> for Reporting {
+        type Result = ();
+        fn handle(&mut self, _msg: Release, ctx: &mut Context<Self>) {
+            ctx.stop();
+        }
+    }
+
+    /// Waits until `done` holds, failing only if `progress` stops moving for a long while (a
+    /// stall, not a speed).
+    async fn until_stalled(
+        what: &str,
+        progress: impl Fn() -> usize,
+        done: impl Fn() -> bool,
+        state: impl Fn() -> String,
+    ) {
+        const STALL: std::time::Duration = std::time::Duration::from_secs(30);
+        let (mut last, mut moved) = (progress(), std::time::Instant::now());
+        while !done() {
+            let now = progress();
+            if now != last {
+                (last, moved) = (now, std::time::Instant::now());
+            }
+            assert!(moved.elapsed() < STALL, "{what}: no progress for {STALL:?} ({})", state());
+            actix_rt::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// New users arrive in batches on several threads, far past the cap, while the sessions told
+    /// to stop stop on theirs and report it. Every start goes ahead once a session stopped (none
+    /// waits for a stop that is not coming: under `cfg(test)` the give-up is an hour, so such a
+    /// wait stalls the test), and once every session has stopped the registry counts none
+    /// running and none stopping. Before the fix, a stop woke the waiting starts before it
+    /// took itself off the stopping count: a start woken at once judged that no session needed
+    /// telling to stop, and the next waited for a stop nobody had asked for.
+    #[actix_rt::test]
+    async fn a_burst_past_the_cap_waits_only_for_stops_that_come() {
+        const CALLERS: usize = 4;
+        const BATCHES: usize = 40;
+        const BATCH: usize = 48;
+        let mut config = Config::default();
+        config.session.max_active = 8;
+        let shared = idle_handle(Idle.start());
+        let start: StartSession = Arc::new(move |arbiter, hub, registry| {
+            let addr = Reporting::start_in_arbiter(arbiter, move |_| Reporting { hub, registry });
+            SessionHandle { apply: addr.clone().recipient(), release: addr.recipient(), ..shared.clone() }
+        });
+        let sessions: Vec<Arbiter> = (0..4).map(|_| Arbiter::new()).collect();
+        let registry = SessionRegistry::new(deps_with(config), sessions.iter().map(|a| a.handle()).collect(), start);
+        let applied = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<Arbiter> = (0..CALLERS).map(|_| Arbiter::new()).collect();
+        for (caller, arbiter) in callers.iter().enumerate() {
+            let (registry, applied) = (registry.clone(), applied.clone());
+            arbiter.spawn(async move {
+                for batch in 0..BATCHES {
+                    // One batch as the ingest actor applies it: every user's part at once.
+                    let applies = (0..BATCH).map(|n| {
+                        let (registry, applied) = (registry.clone(), applied.clone());
+                        let user = UserId::from(format!("c{caller}-b{batch}-u{n}").as_str());
+                        async move {
+                            registry
+                                .apply(&user, None, Vec::new(), std::time::Instant::now(), tracing::Span::none())
+                                .await;
+                            applied.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
+                    futures_util::future::join_all(applies).await;
+                }
+            });
+        }
+        let state = || {
+            format!(
+                "{} applied, running {} ({} sessions in the hubs), releasing {} ({} told to stop)",
+                applied.load(Ordering::SeqCst),
+                registry.running.load(Ordering::SeqCst),
+                registry.hubs.iter().filter(|h| h.session().is_some()).count(),
+                registry.releasing.load(Ordering::SeqCst),
+                registry.hubs.iter().filter(|h| h.capped.load(Ordering::SeqCst) && h.session().is_some()).count(),
+            )
+        };
+        let total = CALLERS * BATCHES * BATCH;
+        until_stalled(
+            "the burst",
+            || applied.load(Ordering::SeqCst),
+            || applied.load(Ordering::SeqCst) == total,
+            state,
+        )
+        .await;
+        // Every session left is told to stop; the counts must come back to nothing.
+        for hub in registry.hubs.iter() {
+            if let Some(session) = hub.session() {
+                session.release.do_send(Release);
+            }
+        }
+        until_stalled(
+            "the last stops",
+            || registry.hubs.len(),
+            || registry.running.load(Ordering::SeqCst) == 0 && registry.is_empty(),
+            state,
+        )
+        .await;
+        assert_eq!(registry.releasing.load(Ordering::SeqCst), 0, "{}", state());
+        for arbiter in sessions.into_iter().chain(callers) {
+            arbiter.stop();
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! declared once, in [`Metrics::default`]: the registrar creates the instrument, registers it
 //! and hands it back into its field.
 
+pub mod allocator;
 mod instruments;
 mod logging;
 
@@ -40,6 +41,14 @@ pub struct Metrics {
     pub http_body_timeouts: Counter,
     /// Resident memory of the process, read from /proc at each scrape (0 where unavailable).
     pub process_resident_bytes: Gauge,
+    /// jemalloc's account of the heap, read at each scrape (see [`allocator`]): bytes allocated,
+    /// in active pages, of its own metadata, resident, mapped, and retained (mapped, purged).
+    allocator_allocated_bytes: Gauge,
+    allocator_active_bytes: Gauge,
+    allocator_metadata_bytes: Gauge,
+    allocator_resident_bytes: Gauge,
+    allocator_mapped_bytes: Gauge,
+    allocator_retained_bytes: Gauge,
     /// Users erased, and events of erased users skipped (replays from before the erasure).
     pub privacy_erased: Counter,
     pub privacy_skipped: Counter,
@@ -58,6 +67,9 @@ pub struct Metrics {
     pub sessions_evicted: Counter,
     /// Sessions stopped early because `session.max_active` were running.
     pub sessions_capped: Counter,
+    /// Starts that waited their longest (a second) for a session to stop at the cap and went
+    /// ahead without: a stop did not come (see `SessionRegistry::room_for_a_session`).
+    pub sessions_start_waits_expired: Counter,
     /// Profiles and erasure tombstones the embedded (memory) store holds, and profiles it
     /// dropped (over `store.memory_max_profiles`, or idle for `store.memory_idle_ttl_secs`).
     pub store_memory_profiles: Gauge,
@@ -204,6 +216,30 @@ impl Default for Metrics {
             ),
             process_resident_bytes: r
                 .gauge("liverec_process_resident_memory_bytes", "Resident memory of the liverec process."),
+            allocator_allocated_bytes: r.gauge(
+                "liverec_allocator_allocated_bytes",
+                "Bytes allocated through jemalloc and not yet freed (stats.allocated).",
+            ),
+            allocator_active_bytes: r.gauge(
+                "liverec_allocator_active_bytes",
+                "Bytes in jemalloc's pages that hold allocations, their free space included (stats.active).",
+            ),
+            allocator_metadata_bytes: r.gauge(
+                "liverec_allocator_metadata_bytes",
+                "Bytes of jemalloc's own bookkeeping (stats.metadata).",
+            ),
+            allocator_resident_bytes: r.gauge(
+                "liverec_allocator_resident_bytes",
+                "Bytes of jemalloc's resident pages, freed pages not yet purged included (stats.resident).",
+            ),
+            allocator_mapped_bytes: r.gauge(
+                "liverec_allocator_mapped_bytes",
+                "Bytes in the extents jemalloc has mapped and in use (stats.mapped).",
+            ),
+            allocator_retained_bytes: r.gauge(
+                "liverec_allocator_retained_bytes",
+                "Bytes of virtual memory jemalloc keeps mapped but purged, not resident (stats.retained).",
+            ),
             privacy_erased: r.counter("liverec_privacy_erased_users_total", "Users erased (DELETE /v1/users/{id})."),
             privacy_skipped: r.counter(
                 "liverec_privacy_skipped_events_total",
@@ -231,6 +267,10 @@ impl Default for Metrics {
             sessions_capped: r.counter(
                 "liverec_sessions_capped_total",
                 "Session actors stopped early because session.max_active sessions were running.",
+            ),
+            sessions_start_waits_expired: r.counter(
+                "liverec_sessions_start_waits_expired_total",
+                "Session starts that waited a second at session.max_active for a session to stop and went ahead without.",
             ),
             store_memory_profiles: r
                 .gauge("liverec_store_memory_profiles", "Profiles held by the embedded (memory) profile store."),
@@ -412,6 +452,14 @@ impl Metrics {
     /// The Prometheus text exposition of every metric (an OpenTelemetry collection).
     pub fn render(&self) -> String {
         self.process_resident_bytes.set(resident_bytes());
+        let heap = allocator::read().unwrap_or_default();
+        let bytes = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.allocator_allocated_bytes.set(bytes(heap.allocated));
+        self.allocator_active_bytes.set(bytes(heap.active));
+        self.allocator_metadata_bytes.set(bytes(heap.metadata));
+        self.allocator_resident_bytes.set(bytes(heap.resident));
+        self.allocator_mapped_bytes.set(bytes(heap.mapped));
+        self.allocator_retained_bytes.set(bytes(heap.retained));
         let families = self.registry.gather();
         prometheus::TextEncoder::new().encode_to_string(&families).unwrap_or_else(|error| {
             tracing::error!(error = %error, "metrics not rendered");
@@ -456,7 +504,8 @@ mod tests {
     }
 
     /// The exposition of every family, each series with a value of its own, byte for byte as
-    /// `exposition.golden` records it (resident memory, read from /proc, left out): declaring a
+    /// `exposition.golden` records it (resident memory and the allocator's figures, read at each
+    /// scrape, left out): declaring a
     /// metric differently must not change what Prometheus scrapes. After a deliberate change,
     /// `LIVEREC_WRITE_GOLDEN=<path of exposition.golden>` rewrites the record.
     #[test]
@@ -478,6 +527,7 @@ mod tests {
         m.sessions_started.add(14);
         m.sessions_evicted.add(15);
         m.sessions_capped.add(15);
+        m.sessions_start_waits_expired.add(15);
         m.store_memory_profiles.set(16);
         m.store_memory_tombstones.set(16);
         m.store_memory_evicted.add(16);
@@ -543,7 +593,9 @@ mod tests {
         let text: String = m
             .render()
             .lines()
-            .filter(|line| !line.starts_with("liverec_process_resident_memory_bytes "))
+            .filter(|line| {
+                !line.starts_with("liverec_process_resident_memory_bytes ") && !line.starts_with("liverec_allocator_")
+            })
             .map(|line| format!("{line}\n"))
             .collect();
         // The order families were declared in is not part of the exposition.

@@ -80,6 +80,8 @@ async fn sessions_past_max_active_stop_the_least_recently_used() {
     })
     .await;
     assert!(metric(&server, "liverec_sessions_capped_total").await >= 32.0);
+    // No start waited out its second for a stop that nobody had asked for.
+    assert_eq!(metric(&server, "liverec_sessions_start_waits_expired_total").await, 0.0);
     // A user whose session was stopped to make room is served as before.
     let list = get(&server, "/v1/users/busy-0/recommendations?k=3&device=mobile").await;
     assert_eq!(list.status, 200, "{}", list.body);
