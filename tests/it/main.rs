@@ -39,5 +39,6 @@ mod openapi;
 mod privacy;
 mod production;
 mod recommendations;
+mod retrieval;
 mod streams;
 mod users;
