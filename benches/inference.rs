@@ -60,6 +60,11 @@ fn batches() -> Vec<usize> {
         .unwrap_or_else(|| vec![1, 16, 64, 256, 1024])
 }
 
+/// Exact full scoring at any size.
+fn exact() -> RetrievalConfig {
+    RetrievalConfig { min_items: usize::MAX, ..RetrievalConfig::default() }
+}
+
 /// Whether to measure the two-stage paths too.
 fn two_stage() -> bool {
     std::env::var("LIVEREC_BENCH_TWO_STAGE").is_ok_and(|v| v == "1")
@@ -155,6 +160,9 @@ fn bench_inference(c: &mut Criterion) {
         }
     };
     let items = model.vocab.items.len();
+    // The `score` benchmarks are the exact path whatever the size (the default settings would
+    // switch to two-stage from 20,000 items on).
+    model.configure_retrieval(&exact());
     let catalog = Catalog::new();
     let catalog_idx = intern_vocab(&model.vocab, &catalog);
     let batches = batches();
@@ -247,6 +255,7 @@ fn bench_online(c: &mut Criterion) {
     let catalog = Catalog::new();
     liverec::demo::load_catalog(&catalog, demo_items, config.demo.seed);
     let mut model = CoocModel::new(config.model.cooccurrence.clone());
+    model.configure_retrieval(&exact());
     model.observe(&liverec::demo::warmup_observations(&catalog, demo_items, 3000, config.demo.seed));
     let mut rng = SmallRng::seed_from_u64(3);
     let batches = batches();

@@ -9,20 +9,13 @@
 //! of emptying the list.
 //!
 //! ## The ANN index: an inverted file, not a graph
-//! [`IvfIndex`] clusters item vectors with k-means (about `ann_list_size` items a list) and
-//! answers a query by scanning the lists whose centroids score highest. It was chosen over the
-//! HNSW crates measured in `load-tests/ann-bench` (docs/performance.md, "Choosing an ANN index")
-//! because on this two-core machine it is the only one of them that can meet the budget:
-//! - build: k-means on a sample plus one assignment pass (a matrix product) takes seconds at
-//!   10^6 items, where `hnsw_rs` took 304 s and `instant-distance` 489 s at 10^5;
-//! - query: a few tens of thousands of multiply-adds in contiguous memory per user; the graphs
-//!   needed 2.6 to 11 ms per query for recall 0.95 at 10^5 items, 100 to 400 users/s;
-//! - new items join the list of their nearest centroid without a rebuild, and a filter is a test
-//!   per scanned item, with further lists scanned when too few pass;
-//! - no new dependency: the crates measured added about 30 to the build and recompiled candle.
-//!
-//! Bias terms are folded in as one more dimension (`[v, b]` against `[q, 1]`), so the index
-//! ranks by the model's logit `q . v + b` (maximum inner product search).
+//! [`IvfIndex`] (`super::ivf`) clusters item vectors with k-means (about `ann_list_size` items
+//! a list) and answers a query by scanning the lists whose centroids score highest. It was
+//! chosen over the HNSW crates measured in `load-tests/ann-bench` (docs/performance.md,
+//! "Choosing an ANN index"): the graphs needed 2.6 to 11 ms a query for recall 0.95 at 10^5
+//! items and 5 to 8 minutes to build; the inverted file builds in 9 to 16 s at 10^6 items (one
+//! matrix product assigns the items), costs about `ann_probe x ann_list_size` multiply-adds per
+//! query, takes new items without a rebuild and filters while it scans, with no new dependency.
 
 pub use super::ivf::{dot, IvfIndex};
 use crate::catalog::{Categories, CategoryIdx, ItemIdx};
