@@ -17,18 +17,28 @@
 //! For larger catalogues (issue 14), `LIVEREC_BENCH_ITEMS=100000` sets the item count of both
 //! models, and `LIVEREC_BENCH_BATCHES=64` the batch sizes (comma-separated):
 //! `LIVEREC_BENCH_ITEMS=100000 LIVEREC_BENCH_BATCHES=64 cargo bench --bench inference`.
+//!
+//! `LIVEREC_BENCH_TWO_STAGE=1` adds the two-stage path of both models (`score-two-stage`,
+//! `[model.retrieval]` defaults with `min_items = 0`; `LIVEREC_BENCH_PROBE` sets `ann_probe`) and
+//! prints the retrieval index's build time, the resident memory, and recall@10 of the two-stage
+//! lists against the exact ones over `LIVEREC_BENCH_RECALL_USERS` users (default 512).
+//! `LIVEREC_BENCH_DATA=DIR` takes the sequential model's vocabulary (items, categories,
+//! popularity) and the users' histories (their last 50 items) from a dataset instead, e.g. the
+//! output of `synth-catalogue write` (weights stay random: training at 10^6 items is issue 14
+//! item 4).
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use liverec::catalog::Catalog;
+use liverec::config::RetrievalConfig;
 use liverec::event::EventType;
 use liverec::models::artifact::{Popularity, ServeConfig, Vocab};
 use liverec::models::cooccurrence::CoocModel;
 use liverec::models::sasrec::Config;
 use liverec::models::sequential::{intern_vocab, Query, SequentialModel, Token};
-use liverec::models::{HistoryItem, Recommender, ScoreRequest};
+use liverec::models::{HistoryItem, Recommender, ScoreRequest, Scored};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -50,6 +60,50 @@ fn batches() -> Vec<usize> {
         .unwrap_or_else(|| vec![1, 16, 64, 256, 1024])
 }
 
+/// Exact full scoring at any size.
+fn exact() -> RetrievalConfig {
+    RetrievalConfig { min_items: usize::MAX, ..RetrievalConfig::default() }
+}
+
+/// Whether to measure the two-stage paths too.
+fn two_stage() -> bool {
+    std::env::var("LIVEREC_BENCH_TWO_STAGE").is_ok_and(|v| v == "1")
+}
+
+/// Two-stage retrieval at any size, `ann_probe` from `LIVEREC_BENCH_PROBE`.
+fn forced() -> RetrievalConfig {
+    let mut config = RetrievalConfig { min_items: 0, ..RetrievalConfig::default() };
+    if let Some(probe) = std::env::var("LIVEREC_BENCH_PROBE").ok().and_then(|p| p.parse().ok()) {
+        config.ann_probe = probe;
+    }
+    config
+}
+
+fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// Mean share of each exact top-10 found in the two-stage top-10.
+fn recall_at_10(exact: &[Vec<Scored>], approx: &[Vec<Scored>]) -> f64 {
+    let mut sum = 0.0;
+    for (e, a) in exact.iter().zip(approx) {
+        let hits = e.iter().take(10).filter(|s| a.iter().take(10).any(|t| t.item == s.item)).count();
+        sum += hits as f64 / e.len().clamp(1, 10) as f64;
+    }
+    sum / exact.len().max(1) as f64
+}
+
+fn recall_users() -> usize {
+    std::env::var("LIVEREC_BENCH_RECALL_USERS").ok().and_then(|n| n.parse().ok()).unwrap_or(512)
+}
+
 fn model(items: usize) -> SequentialModel {
     let mut rng = SmallRng::seed_from_u64(1);
     let vocab = Vocab {
@@ -66,6 +120,30 @@ fn model(items: usize) -> SequentialModel {
     SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid")
 }
 
+/// A random-weight model with the vocabulary of the dataset in `dir`, and the last 50 items
+/// (model items, 0-based) of its first `users` users with at least 5 interactions.
+fn from_dataset(dir: &std::path::Path, users: usize) -> (SequentialModel, Vec<Vec<u32>>) {
+    use liverec::models::data::{Dataset, Split};
+    let (dataset, _) = Dataset::load(dir).expect("LIVEREC_BENCH_DATA holds a dataset");
+    let split = Split::leave_one_out(&dataset.sequences);
+    let vocab = Vocab::from_dataset(&dataset, &split.train);
+    let model =
+        SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid");
+    let histories = dataset
+        .sequences
+        .iter()
+        .filter(|s| s.len() >= 5)
+        .take(users)
+        .map(|s| {
+            s[s.len().saturating_sub(HISTORY)..]
+                .iter()
+                .map(|i| model.model_item(&dataset.items[i.item as usize].id).expect("in the vocabulary") - 1)
+                .collect()
+        })
+        .collect();
+    (model, histories)
+}
+
 fn histories(n: usize, items: usize, rng: &mut SmallRng) -> Vec<Vec<u32>> {
     (0..n).map(|_| (0..HISTORY).map(|_| rng.random_range(0..items as u32)).collect()).collect()
 }
@@ -73,13 +151,41 @@ fn histories(n: usize, items: usize, rng: &mut SmallRng) -> Vec<Vec<u32>> {
 fn bench_inference(c: &mut Criterion) {
     liverec::models::keep_freed_memory();
     let items = items(1682);
-    let mut model = model(items);
+    let wanted_users = batches().iter().copied().max().unwrap_or(1).max(if two_stage() { recall_users() } else { 0 });
+    let (mut model, users) = match std::env::var("LIVEREC_BENCH_DATA") {
+        Ok(dir) => from_dataset(std::path::Path::new(&dir), wanted_users),
+        Err(_) => {
+            let mut rng = SmallRng::seed_from_u64(2);
+            (model(items), histories(wanted_users, items, &mut rng))
+        }
+    };
+    let items = model.vocab.items.len();
+    // The `score` benchmarks are the exact path whatever the size (the default settings would
+    // switch to two-stage from 20,000 items on).
+    model.configure_retrieval(&exact());
     let catalog = Catalog::new();
     let catalog_idx = intern_vocab(&model.vocab, &catalog);
-    let mut rng = SmallRng::seed_from_u64(2);
     let batches = batches();
-    let largest = batches.iter().copied().max().unwrap_or(1);
-    let users = histories(largest, items, &mut rng);
+    let request_of = |h: &Vec<u32>| {
+        let history: Vec<HistoryItem> = h
+            .iter()
+            .enumerate()
+            .map(|(t, &i)| HistoryItem {
+                item: catalog_idx[i as usize],
+                event_type: EventType::Rating,
+                value: Some(4.0),
+                timestamp: 1_700_000_000_000 + t as i64 * 60_000,
+            })
+            .collect();
+        ScoreRequest {
+            exclude: history.iter().map(|h| h.item).collect(),
+            history: Arc::from(history),
+            segment: 18,
+            negatives: Vec::new(),
+            categories: None,
+            k: K,
+        }
+    };
 
     let mut group = c.benchmark_group("inference");
     group.sample_size(10);
@@ -100,29 +206,7 @@ fn bench_inference(c: &mut Criterion) {
             b.iter(|| black_box(model.forward(q).expect("forward")))
         });
 
-        let requests: Vec<ScoreRequest> = users[..batch]
-            .iter()
-            .map(|h| {
-                let history: Vec<HistoryItem> = h
-                    .iter()
-                    .enumerate()
-                    .map(|(t, &i)| HistoryItem {
-                        item: catalog_idx[i as usize],
-                        event_type: EventType::Rating,
-                        value: Some(4.0),
-                        timestamp: 1_700_000_000_000 + t as i64 * 60_000,
-                    })
-                    .collect();
-                ScoreRequest {
-                    exclude: history.iter().map(|h| h.item).collect(),
-                    history: Arc::from(history),
-                    segment: 18,
-                    negatives: Vec::new(),
-                    categories: None,
-                    k: K,
-                }
-            })
-            .collect();
+        let requests: Vec<ScoreRequest> = users[..batch].iter().map(request_of).collect();
         group.bench_with_input(BenchmarkId::new("score", batch), &requests, |b, r| {
             b.iter(|| {
                 let lists = model.score(r, &catalog);
@@ -130,6 +214,36 @@ fn bench_inference(c: &mut Criterion) {
                 black_box(lists)
             })
         });
+    }
+    if two_stage() {
+        let recall_requests: Vec<ScoreRequest> = users[..recall_users()].iter().map(request_of).collect();
+        let exact: Vec<Vec<Scored>> = recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        model.configure_retrieval(&forced());
+        let started = std::time::Instant::now();
+        model.prepare(&catalog).expect("index built");
+        eprintln!(
+            "sequential two-stage: {items} items, index built in {:.1} s, resident {:.0} MiB",
+            started.elapsed().as_secs_f64(),
+            resident_mib()
+        );
+        let approx: Vec<Vec<Scored>> = recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        eprintln!(
+            "sequential two-stage: recall@10 against exact {:.4} over {} users (probe {})",
+            recall_at_10(&exact, &approx),
+            exact.len(),
+            forced().ann_probe
+        );
+        for &batch in &batches {
+            group.throughput(Throughput::Elements(batch as u64));
+            let requests: Vec<ScoreRequest> = users[..batch].iter().map(request_of).collect();
+            group.bench_with_input(BenchmarkId::new("score-two-stage", batch), &requests, |b, r| {
+                b.iter(|| {
+                    let lists = model.score(r, &catalog);
+                    assert_eq!(lists.len(), r.len());
+                    black_box(lists)
+                })
+            });
+        }
     }
     group.finish();
 }
@@ -141,6 +255,7 @@ fn bench_online(c: &mut Criterion) {
     let catalog = Catalog::new();
     liverec::demo::load_catalog(&catalog, demo_items, config.demo.seed);
     let mut model = CoocModel::new(config.model.cooccurrence.clone());
+    model.configure_retrieval(&exact());
     model.observe(&liverec::demo::warmup_observations(&catalog, demo_items, 3000, config.demo.seed));
     let mut rng = SmallRng::seed_from_u64(3);
     let batches = batches();
@@ -178,6 +293,26 @@ fn bench_online(c: &mut Criterion) {
                 black_box(lists)
             })
         });
+    }
+    if two_stage() {
+        let exact = model.score(&requests, &catalog);
+        model.configure_retrieval(&forced());
+        let approx = model.score(&requests, &catalog);
+        eprintln!(
+            "online two-stage: recall@10 against exact {:.4} over {} users",
+            recall_at_10(&exact, &approx),
+            exact.len()
+        );
+        for &batch in &batches {
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_with_input(BenchmarkId::new("score-two-stage", batch), &requests[..batch], |b, r| {
+                b.iter(|| {
+                    let lists = model.score(r, &catalog);
+                    assert_eq!(lists.len(), r.len());
+                    black_box(lists)
+                })
+            });
+        }
     }
     group.finish();
 }

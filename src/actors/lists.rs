@@ -83,8 +83,8 @@ pub fn build_request<'a>(
     let mut exclude: Vec<ItemIdx> =
         history.iter().filter(|h| excluded_types.contains(&h.event_type)).map(|h| h.item).collect();
     exclude.extend(filters.exclude.iter().filter_map(|id| deps.catalog.lookup(id)));
-    // Deleted, withdrawn (`available: false`) and expired items: never in any list.
-    exclude.extend(deps.catalog.unavailable(now_ms()));
+    // Deleted, withdrawn (`available: false`) and expired items are never in any list: the
+    // models test each item against the catalogue's availability bits while they rank.
     let negatives = suppressed.filter_map(|id| deps.catalog.lookup(id)).collect();
     let categories = if filters.categories.is_empty() {
         None

@@ -22,6 +22,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::catalog::Catalog;
+use crate::config::RetrievalConfig;
+use crate::models::retrieval::Source;
 use crate::models::{Observation, Recommender, ScoreRequest, Scored};
 use crate::recs::CONTROL;
 use crate::telemetry::Metrics;
@@ -79,6 +81,9 @@ type Pending = (ScoreRequest, u64, Reply);
 
 pub struct ModelActor {
     worker: Addr<InferenceWorker>,
+    /// The `[model.retrieval]` settings, shared with the inference thread (and applied to every
+    /// model it serves, a restarted thread's included).
+    retrieval: Arc<Mutex<RetrievalConfig>>,
     metrics: Arc<Metrics>,
     max_batch: usize,
     /// How long a lone request may wait for company (0: flush as soon as the mailbox is drained).
@@ -110,15 +115,24 @@ impl ModelActor {
     ) -> Addr<ModelActor> {
         let first = Arc::new(Mutex::new(Some(model)));
         let actor_metrics = metrics.clone();
-        let worker = SyncArbiter::start(1, move || InferenceWorker {
-            control: first.lock().take().unwrap_or_else(|| factory()),
-            control_variant: Arc::from(CONTROL),
-            challenger: None,
-            catalog: catalog.clone(),
-            metrics: metrics.clone(),
+        let retrieval = Arc::new(Mutex::new(RetrievalConfig::default()));
+        let worker_retrieval = retrieval.clone();
+        let worker = SyncArbiter::start(1, move || {
+            let mut control = first.lock().take().unwrap_or_else(|| factory());
+            let config = worker_retrieval.lock().clone();
+            control.configure_retrieval(&config);
+            InferenceWorker {
+                control,
+                control_variant: Arc::from(CONTROL),
+                challenger: None,
+                catalog: catalog.clone(),
+                metrics: metrics.clone(),
+                retrieval: worker_retrieval.clone(),
+            }
         });
         ModelActor::start_in_arbiter(arbiter, move |_| ModelActor {
             worker,
+            retrieval,
             metrics: actor_metrics,
             max_batch,
             max_wait,
@@ -305,6 +319,24 @@ macro_rules! forward_to_worker {
     };
 }
 
+/// Adopt `[model.retrieval]` settings: every model served from now on (control, challenger,
+/// swapped in, or rebuilt after a restart) scores large catalogues in two stages with them.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct ConfigureRetrieval {
+    pub config: RetrievalConfig,
+}
+
+impl Handler<ConfigureRetrieval> for ModelActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: ConfigureRetrieval, _ctx: &mut Self::Context) -> Self::Result {
+        *self.retrieval.lock() = msg.config.clone();
+        let worker = self.worker.clone();
+        Box::pin(async move { worker.send(msg).await.unwrap_or_default() })
+    }
+}
+
 forward_to_worker!(SwapModel, Option<Box<dyn Recommender>>);
 forward_to_worker!(StartChallenger, ());
 forward_to_worker!(EndChallenger, Option<Box<dyn Recommender>>);
@@ -338,6 +370,7 @@ pub struct InferenceWorker {
     challenger: Option<Challenger>,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    retrieval: Arc<Mutex<RetrievalConfig>>,
 }
 
 impl Actor for InferenceWorker {
@@ -383,7 +416,36 @@ impl InferenceWorker {
         metrics.model_batches.inc();
         metrics.model_batch_size.observe(requests.len() as f64);
         metrics.model_requests.add(requests.len() as u64);
+        let counts = model.take_candidate_counts();
+        if !counts.is_empty() {
+            for source in Source::ALL {
+                let counter = match source {
+                    Source::Ann => &metrics.model_candidates_ann,
+                    Source::Cooccurrence => &metrics.model_candidates_cooccurrence,
+                    Source::Popular => &metrics.model_candidates_popular,
+                    Source::Cold => &metrics.model_candidates_cold,
+                };
+                counter.add(counts.get(source));
+            }
+        }
         results
+    }
+
+    /// Applies the current retrieval settings to a model about to serve.
+    fn configure(&self, model: &mut dyn Recommender) {
+        let config = self.retrieval.lock().clone();
+        model.configure_retrieval(&config);
+    }
+}
+
+impl Handler<ConfigureRetrieval> for InferenceWorker {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConfigureRetrieval, _ctx: &mut Self::Context) {
+        self.control.configure_retrieval(&msg.config);
+        if let Some(challenger) = &mut self.challenger {
+            challenger.model.configure_retrieval(&msg.config);
+        }
     }
 }
 
@@ -442,8 +504,9 @@ impl Handler<RunBatch> for InferenceWorker {
 impl Handler<SwapModel> for InferenceWorker {
     type Result = Option<Box<dyn Recommender>>;
 
-    fn handle(&mut self, msg: SwapModel, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, mut msg: SwapModel, _ctx: &mut Self::Context) -> Self::Result {
         tracing::info!(from = self.control.version(), to = msg.model.version(), "serving model swapped");
+        self.configure(msg.model.as_mut());
         Some(std::mem::replace(&mut self.control, msg.model))
     }
 }
@@ -451,8 +514,9 @@ impl Handler<SwapModel> for InferenceWorker {
 impl Handler<StartChallenger> for InferenceWorker {
     type Result = ();
 
-    fn handle(&mut self, msg: StartChallenger, _ctx: &mut Self::Context) {
+    fn handle(&mut self, mut msg: StartChallenger, _ctx: &mut Self::Context) {
         tracing::info!(version = msg.model.version(), variant = %msg.variant, share = msg.share, "challenger serving");
+        self.configure(msg.model.as_mut());
         self.control_variant = msg.control_variant;
         self.challenger = Some(Challenger { model: msg.model, variant: msg.variant, share: msg.share, salt: msg.salt });
     }

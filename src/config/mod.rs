@@ -28,7 +28,7 @@ pub use bus::{BusConfig, BusKind, KafkaConfig};
 pub use catalog::CatalogConfig;
 pub use closed_loop::{MonitorConfig, RolloutConfig, TrainerConfig};
 pub use demo::DemoConfig;
-pub use model::{CoocConfig, ModelConfig, ModelKind};
+pub use model::{CoocConfig, ModelConfig, ModelKind, RetrievalConfig};
 pub use observability::{LogConfig, LogFormat, TracingConfig};
 pub use security::{ApiKeyEntry, AuthConfig, AuthMode, PrivacyConfig, Role};
 pub use server::{EventsConfig, LimitsConfig, RecsConfig, ServerConfig, StreamConfig};
@@ -211,6 +211,10 @@ impl Config {
         }
         if self.model.max_batch == 0 {
             return fail("model.max_batch must be at least 1");
+        }
+        let r = &self.model.retrieval;
+        if r.ann_probe == 0 || r.ann_list_size == 0 {
+            return fail("model.retrieval.ann_probe and model.retrieval.ann_list_size must be at least 1");
         }
         if !(0.0..1.0).contains(&self.rollout.canary_share) || self.rollout.canary_share == 0.0 {
             return fail("rollout.canary_share must be above 0 and below 1");

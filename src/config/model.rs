@@ -22,6 +22,47 @@ pub struct ModelConfig {
     pub max_wait_us: u64,
     pub mailbox_capacity: usize,
     pub cooccurrence: CoocConfig,
+    /// Two-stage retrieval for large catalogues.
+    #[serde(default)]
+    pub retrieval: RetrievalConfig,
+}
+
+/// Settings of the `[model.retrieval]` section: above `min_items` catalogue items, both models
+/// score a few hundred candidates per list instead of the whole catalogue (see docs/model.md,
+/// "Two-stage retrieval").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrievalConfig {
+    /// Catalogue size from which lists are scored over candidates only; below it every list
+    /// scores the whole catalogue exactly. 0 turns two-stage retrieval on at any size.
+    pub min_items: usize,
+    /// Nearest neighbours of the sequential model's query vector over its item vectors.
+    pub ann_candidates: usize,
+    /// Co-occurrence neighbours of the user's recent items (online model).
+    pub cooccurrence_candidates: usize,
+    /// Most popular items in the request's context segment.
+    pub popular_candidates: usize,
+    /// Newest items the sequential model never saw, ranked by their content vectors.
+    pub cold_candidates: usize,
+    /// Lists of the ANN index scanned per query (more: better recall, slower). Fewer than
+    /// `ann_candidates` matching items in them (a narrow filter) scans further lists.
+    pub ann_probe: usize,
+    /// Items per list of the ANN index on average (the index has items / this lists).
+    pub ann_list_size: usize,
+}
+
+impl Default for RetrievalConfig {
+    fn default() -> Self {
+        Self {
+            min_items: 20_000,
+            ann_candidates: 200,
+            cooccurrence_candidates: 300,
+            popular_candidates: 100,
+            cold_candidates: 50,
+            ann_probe: 24,
+            ann_list_size: 1_000,
+        }
+    }
 }
 
 /// Settings of the `[model.cooccurrence]` section: the online baseline.

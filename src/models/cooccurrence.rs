@@ -15,9 +15,10 @@
 
 use std::collections::HashMap;
 
+use super::retrieval::{Bits, CandidateCounts, CandidateSet, Filter, Source};
 use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, Categories, CategoryIdx, ItemIdx};
-use crate::config::CoocConfig;
+use crate::config::{CoocConfig, RetrievalConfig};
 use crate::event::Context;
 
 /// Rescale all counts once the increment passes this, to stay far from f32 overflow.
@@ -41,6 +42,57 @@ pub struct CoocModel {
     /// Reused per request: dense scores and mask over the catalogue.
     scratch_scores: Vec<f32>,
     scratch_mask: Vec<bool>,
+    /// Two-stage retrieval settings (above `min_items`, lists are scored over candidates).
+    retrieval: RetrievalConfig,
+    /// The most popular items globally and per segment, kept as counts change: the popular
+    /// source of two-stage scoring, and the maxima popularity is normalised by.
+    top_global: TopList,
+    top_segment: Vec<TopList>,
+    /// Reused by two-stage scoring: co-occurrence scores (zero but where `touched` says),
+    /// excluded items, candidates.
+    sparse_scores: Vec<f32>,
+    touched: Vec<ItemIdx>,
+    blocked: Bits,
+    candidates: CandidateSet,
+    candidate_counts: CandidateCounts,
+}
+
+/// The `cap` largest values of a table whose entries only grow (the counts fade by growing
+/// the increment, not by shrinking them; a rescale shrinks all at once and keeps the order), so
+/// the list stays exact: an item that leaves it can only come back by growing, which updates it.
+#[derive(Clone, Debug, Default)]
+struct TopList {
+    cap: usize,
+    /// Best first.
+    entries: Vec<(ItemIdx, f32)>,
+}
+
+impl TopList {
+    fn new(cap: usize, values: &[f32]) -> Self {
+        let mut list = TopList { cap, entries: Vec::new() };
+        for (i, &v) in values.iter().enumerate() {
+            if v > 0.0 {
+                list.update(i as ItemIdx, v);
+            }
+        }
+        list
+    }
+
+    /// Records that `item`'s value is now `value` (never less than before).
+    fn update(&mut self, item: ItemIdx, value: f32) {
+        if let Some(at) = self.entries.iter().position(|e| e.0 == item) {
+            self.entries.remove(at);
+        } else if self.entries.len() >= self.cap && self.entries.last().is_some_and(|e| e.1 >= value) {
+            return;
+        }
+        let at = self.entries.partition_point(|e| e.1 >= value);
+        self.entries.insert(at, (item, value));
+        self.entries.truncate(self.cap);
+    }
+
+    fn max(&self) -> f32 {
+        self.entries.first().map_or(0.0, |e| e.1)
+    }
 }
 
 impl CoocModel {
@@ -56,6 +108,17 @@ impl CoocModel {
             neighbours: Vec::new(),
             scratch_scores: Vec::new(),
             scratch_mask: Vec::new(),
+            retrieval: RetrievalConfig::default(),
+            top_global: TopList { cap: top_cap(&RetrievalConfig::default()), entries: Vec::new() },
+            top_segment: vec![
+                TopList { cap: top_cap(&RetrievalConfig::default()), entries: Vec::new() };
+                Context::SEGMENTS
+            ],
+            sparse_scores: Vec::new(),
+            touched: Vec::new(),
+            blocked: Bits::default(),
+            candidates: CandidateSet::default(),
+            candidate_counts: CandidateCounts::default(),
         }
     }
 
@@ -77,6 +140,9 @@ impl CoocModel {
         }
         for list in &mut self.neighbours {
             list.values_mut().for_each(|w| *w *= factor);
+        }
+        for top in std::iter::once(&mut self.top_global).chain(&mut self.top_segment) {
+            top.entries.iter_mut().for_each(|e| e.1 *= factor);
         }
         self.boost = 1.0;
     }
@@ -105,8 +171,10 @@ impl CoocModel {
         }
         let boost = self.boost;
         self.popularity[new.item as usize] += boost * weight;
+        self.top_global.update(new.item, self.popularity[new.item as usize]);
         if let Some(seg) = self.segment_popularity.get_mut(segment) {
             seg[new.item as usize] += boost * weight;
+            self.top_segment[segment].update(new.item, seg[new.item as usize]);
         }
         if repeat {
             self.age();
@@ -142,6 +210,138 @@ impl CoocModel {
         } else {
             0.0
         }
+    }
+
+    /// Two-stage scoring (docs/model.md, "Two-stage retrieval"): the same scores as
+    /// [`Self::score_one`], for the neighbours of the user's recent items and the most popular
+    /// items only, filtered as they are gathered. `None` when they cannot fill the list (a
+    /// narrow filter): the caller then scans the catalogue.
+    fn score_candidates(&mut self, request: &ScoreRequest, categories: &Categories<'_>) -> Option<Vec<Scored>> {
+        let n = self.popularity.len();
+        let mut scores = std::mem::take(&mut self.sparse_scores);
+        scores.resize(n, 0.0);
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+
+        // Co-occurrence with the most recent distinct positive items, as in `score_one`.
+        let mut seen_query: Vec<ItemIdx> = Vec::with_capacity(self.config.query_window);
+        let mut recency = 1.0f32;
+        for h in request.history.iter().rev() {
+            if seen_query.len() >= self.config.query_window {
+                break;
+            }
+            let w = h.weight();
+            if w <= 0.0 || seen_query.contains(&h.item) || h.item as usize >= n {
+                continue;
+            }
+            seen_query.push(h.item);
+            for (&j, &c) in &self.neighbours[h.item as usize] {
+                if scores[j as usize] == 0.0 {
+                    touched.push(j);
+                }
+                scores[j as usize] += recency * w * self.similarity(h.item, c, j);
+            }
+            recency *= RECENCY;
+        }
+        // Every item outside `touched` scores 0 here: the maximum over the catalogue.
+        let max_co = touched.iter().map(|&j| scores[j as usize]).fold(0.0f32, f32::max);
+
+        for &i in request.exclude.iter().chain(&request.negatives) {
+            self.blocked.set(i);
+        }
+        let now_ms = crate::event::now_ms();
+        let filter = Filter {
+            blocked: &self.blocked,
+            categories: request.categories.as_deref(),
+            view: categories,
+            now_ms,
+            items: n,
+        };
+        let candidates = &mut self.candidates;
+        candidates.clear();
+        // The strongest co-occurring items that pass the filter.
+        let mut neighbours: Vec<ItemIdx> = touched.iter().copied().filter(|&j| filter.accepts(j)).collect();
+        let limit = self.retrieval.cooccurrence_candidates;
+        let stronger = |a: &ItemIdx, b: &ItemIdx| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+        if neighbours.len() > limit && limit > 0 {
+            neighbours.select_nth_unstable_by(limit - 1, stronger);
+        }
+        neighbours.truncate(limit);
+        for &j in &neighbours {
+            candidates.insert(j);
+        }
+        self.candidate_counts.add(Source::Cooccurrence, candidates.items.len());
+        // The most popular in the segment, then globally.
+        let segment_top = self.top_segment.get(request.segment);
+        let mut added = 0;
+        for &(j, _) in segment_top.map_or(&[][..], |t| t.entries.as_slice()).iter().chain(&self.top_global.entries) {
+            if added >= self.retrieval.popular_candidates && candidates.items.len() >= request.k {
+                break;
+            }
+            if filter.accepts(j) && candidates.insert(j) {
+                added += 1;
+            }
+        }
+        self.candidate_counts.add(Source::Popular, added);
+        for &i in request.exclude.iter().chain(&request.negatives) {
+            self.blocked.clear(i);
+        }
+
+        // The blend of `score_one`, over the candidates.
+        let global_max = self.top_global.max();
+        let segment = self.segment_popularity.get(request.segment);
+        let segment_max = segment_top.map_or(0.0, TopList::max);
+        let sw = if segment_max > 0.0 { self.config.segment_weight } else { 0.0 };
+        let pop_weight = if seen_query.is_empty() { 1.0 } else { self.config.popularity_weight };
+        let mut scored: Vec<Scored> = candidates
+            .items
+            .iter()
+            .map(|&j| {
+                let mut s = if max_co > 0.0 { scores[j as usize] / max_co } else { scores[j as usize] };
+                if global_max > 0.0 {
+                    let seg = segment.map_or(0.0, |seg| seg[j as usize] / segment_max.max(f32::MIN_POSITIVE));
+                    s += pop_weight * (sw * seg + (1.0 - sw) * self.popularity[j as usize] / global_max);
+                }
+                Scored { item: j, score: s }
+            })
+            .collect();
+        for &j in &touched {
+            scores[j as usize] = 0.0;
+        }
+        self.sparse_scores = scores;
+        self.touched = touched;
+
+        if !request.negatives.is_empty() {
+            let mut negative_categories: Vec<CategoryIdx> = Vec::new();
+            for &neg in &request.negatives {
+                if (neg as usize) < n {
+                    let list = &self.neighbours[neg as usize];
+                    for s in scored.iter_mut() {
+                        if let Some(&c) = list.get(&s.item) {
+                            s.score -= self.config.negative_weight * self.similarity(neg, c, s.item);
+                        }
+                    }
+                }
+                negative_categories.extend_from_slice(categories.of(neg));
+            }
+            if !negative_categories.is_empty() {
+                for s in scored.iter_mut() {
+                    let cats = categories.of(s.item);
+                    let overlap = cats.iter().filter(|c| negative_categories.contains(c)).count();
+                    if overlap > 0 {
+                        let share = overlap as f32 / cats.len() as f32;
+                        s.score -= self.config.negative_weight * 0.5 * share * s.score.abs().max(0.1);
+                    }
+                }
+            }
+        }
+        scored.retain(|s| s.score.is_finite());
+        if scored.len() < request.k {
+            return None;
+        }
+        scored.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+        scored.truncate(request.k);
+        Some(scored)
     }
 
     fn score_one(&mut self, request: &ScoreRequest, categories: &Categories<'_>) -> Vec<Scored> {
@@ -220,11 +420,14 @@ impl CoocModel {
                 *m = true;
             }
         }
-        if let Some(wanted) = &request.categories {
-            for (j, m) in mask.iter_mut().enumerate() {
-                if !categories.of(j as ItemIdx).iter().any(|c| wanted.contains(c)) {
-                    *m = true;
-                }
+        let now_ms = crate::event::now_ms();
+        for (j, m) in mask.iter_mut().enumerate() {
+            let wanted = request
+                .categories
+                .as_ref()
+                .is_none_or(|wanted| categories.of(j as ItemIdx).iter().any(|c| wanted.contains(c)));
+            if !wanted || !categories.available_at(j as ItemIdx, now_ms) {
+                *m = true;
             }
         }
         let result = top_k(&scores, &mask, request.k);
@@ -259,8 +462,38 @@ impl Recommender for CoocModel {
     fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
         self.grow_to(catalog.len());
         let categories = catalog.categories();
-        requests.iter().map(|r| self.score_one(r, &categories)).collect()
+        let two_stage = self.popularity.len() >= self.retrieval.min_items;
+        requests
+            .iter()
+            .map(|r| {
+                if two_stage {
+                    if let Some(list) = self.score_candidates(r, &categories) {
+                        return list;
+                    }
+                }
+                self.score_one(r, &categories)
+            })
+            .collect()
     }
+
+    fn configure_retrieval(&mut self, config: &RetrievalConfig) {
+        if self.retrieval == *config {
+            return;
+        }
+        self.retrieval = config.clone();
+        let cap = top_cap(config);
+        self.top_global = TopList::new(cap, &self.popularity);
+        self.top_segment = self.segment_popularity.iter().map(|seg| TopList::new(cap, seg)).collect();
+    }
+
+    fn take_candidate_counts(&mut self) -> CandidateCounts {
+        std::mem::take(&mut self.candidate_counts)
+    }
+}
+
+/// Entries kept in each most-popular list: enough for the popular source after a filter.
+fn top_cap(config: &RetrievalConfig) -> usize {
+    (config.popular_candidates * 4).max(400)
 }
 
 #[cfg(test)]
@@ -385,5 +618,95 @@ mod tests {
         assert_eq!(cold[0][0].item, 1, "{:?}", cold[0]);
         assert!(cold[0].iter().all(|s| s.score.is_finite() && s.score > 0.0), "{:?}", cold[0]);
         assert!(model.popularity.iter().all(|p| p.is_finite()));
+    }
+
+    /// A catalogue of `n` items, every 10th in category "rare", the rest in "common"; a model
+    /// that saw users walk through neighbouring items.
+    fn walked(n: usize, retrieval: &RetrievalConfig) -> (Catalog, CoocModel) {
+        let catalog = Catalog::new();
+        for i in 0..n {
+            let category = if i % 10 == 4 { "rare" } else { "common" };
+            let attrs = crate::catalog::ItemAttributes { categories: vec![category.into()], ..Default::default() };
+            catalog.put(&ItemId::from(format!("i{i}").as_str()), attrs);
+        }
+        let mut model = CoocModel::new(CoocConfig::default());
+        model.configure_retrieval(retrieval);
+        let observations: Vec<Observation> = (0..3 * n)
+            .map(|u| {
+                let start = (u * 7) % n;
+                let new =
+                    (0..1 + u % 5).map(|s| h(((start + s * (1 + u % 3)) % n) as ItemIdx, EventType::View)).collect();
+                Observation { previous: Arc::from(vec![]), new, segment: u % 4 }
+            })
+            .collect();
+        model.observe(&observations);
+        (catalog, model)
+    }
+
+    fn forced(candidates: usize) -> RetrievalConfig {
+        RetrievalConfig {
+            min_items: 0,
+            cooccurrence_candidates: candidates,
+            popular_candidates: candidates,
+            ..RetrievalConfig::default()
+        }
+    }
+
+    #[test]
+    fn two_stage_top_10_equals_exact_top_10_on_a_small_catalogue() {
+        let n = 120;
+        let (catalog, mut exact) = walked(n, &RetrievalConfig::default());
+        // Candidate lists as long as the catalogue: two-stage must agree exactly.
+        let (_, mut two_stage) = walked(n, &forced(n));
+        let mut requests: Vec<ScoreRequest> = (0..20)
+            .map(|u| {
+                let mut r = request(vec![h(u, EventType::Click), h(u * 5 + 1, EventType::View)], 10);
+                r.segment = u as usize % 4;
+                r
+            })
+            .collect();
+        requests.push(request(vec![], 10));
+        requests[3].negatives = vec![40];
+        let a = exact.score(&requests, &catalog);
+        let b = two_stage.score(&requests, &catalog);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.iter().map(|s| s.item).collect::<Vec<_>>(), y.iter().map(|s| s.item).collect::<Vec<_>>());
+        }
+        let counts = two_stage.take_candidate_counts();
+        assert!(counts.get(Source::Cooccurrence) > 0 && counts.get(Source::Popular) > 0, "{counts:?}");
+        assert!(exact.take_candidate_counts().is_empty());
+    }
+
+    #[test]
+    fn two_stage_fills_a_narrow_filter_and_never_returns_excluded_or_unavailable_items() {
+        let n = 400;
+        let (catalog, mut model) = walked(n, &forced(3));
+        let rare = catalog.category_idx("rare").expect("category");
+        let withdrawn = ItemId::from("i14");
+        catalog.put(
+            &withdrawn,
+            crate::catalog::ItemAttributes {
+                categories: vec!["rare".into()],
+                available: Some(false),
+                ..Default::default()
+            },
+        );
+        let mut r = request(vec![h(4, EventType::Click), h(5, EventType::View)], 10);
+        r.categories = Some(vec![rare]);
+        r.exclude.push(24);
+        r.negatives = vec![34];
+        let list = &model.score(&[r], &catalog)[0];
+        assert_eq!(list.len(), 10, "{list:?}");
+        let cats = catalog.categories();
+        assert!(list.iter().all(|s| cats.of(s.item) == [rare]));
+        assert!(list.iter().all(|s| ![4, 14, 24, 34].contains(&s.item)), "{list:?}");
+        drop(cats);
+        // Unfiltered, with few candidates: still none of them.
+        let mut r = request(vec![h(4, EventType::Click)], 50);
+        r.exclude.push(24);
+        r.negatives = vec![34];
+        let list = &model.score(&[r], &catalog)[0];
+        assert_eq!(list.len(), 50);
+        assert!(list.iter().all(|s| ![4, 14, 24, 34].contains(&s.item)), "{list:?}");
     }
 }

@@ -123,6 +123,90 @@ impl Ranker for SequentialRanker<'_> {
     }
 }
 
+/// The model as the server serves it (`Recommender::score`: popularity blend, exclusions, and
+/// two-stage retrieval when `retrieval` says so): the top `depth` of each list keep their
+/// score, every other item scores minus infinity (ranked after the list, so a target outside
+/// it counts as a miss at every cut-off up to `depth`).
+pub struct ServingRanker<'a> {
+    model: &'a mut SequentialModel,
+    catalog: crate::catalog::Catalog,
+    /// Catalogue index of each dataset item, and the way back.
+    catalog_idx: Vec<crate::catalog::ItemIdx>,
+    dataset_item: std::collections::HashMap<crate::catalog::ItemIdx, usize>,
+    depth: usize,
+    name: String,
+}
+
+impl<'a> ServingRanker<'a> {
+    pub fn new(
+        model: &'a mut SequentialModel,
+        dataset: &Dataset,
+        retrieval: &crate::config::RetrievalConfig,
+        depth: usize,
+        name: &str,
+    ) -> Result<Self, EvalError> {
+        use crate::models::Recommender;
+        let catalog = crate::catalog::Catalog::new();
+        super::sequential::intern_vocab(&model.vocab, &catalog);
+        let catalog_idx: Vec<_> =
+            dataset.items.iter().map(|i| catalog.intern(&crate::event::ItemId::from(i.id.as_str()))).collect();
+        let dataset_item = catalog_idx.iter().enumerate().map(|(d, &c)| (c, d)).collect();
+        model.configure_retrieval(retrieval);
+        model.prepare(&catalog)?;
+        Ok(Self { model, catalog, catalog_idx, dataset_item, depth, name: name.to_owned() })
+    }
+}
+
+impl Ranker for ServingRanker<'_> {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn scores(&mut self, cases: &[Case<'_>]) -> Result<Vec<Vec<f32>>, EvalError> {
+        use crate::models::{HistoryItem, Recommender, ScoreRequest};
+        let requests: Vec<ScoreRequest> = cases
+            .iter()
+            .map(|case| {
+                let history: Vec<HistoryItem> = case
+                    .history
+                    .iter()
+                    .map(|i| HistoryItem {
+                        item: self.catalog_idx[i.item as usize],
+                        event_type: if i.rating.is_some() {
+                            crate::event::EventType::Rating
+                        } else {
+                            crate::event::EventType::View
+                        },
+                        value: i.rating,
+                        timestamp: i.timestamp * 1000,
+                    })
+                    .collect();
+                ScoreRequest {
+                    exclude: history.iter().map(|h| h.item).collect(),
+                    history: history.into(),
+                    segment: segment_at(case.target.timestamp * 1000, DeviceClass::Other) as usize,
+                    negatives: Vec::new(),
+                    categories: None,
+                    k: self.depth,
+                }
+            })
+            .collect();
+        let lists = self.model.score(&requests, &self.catalog);
+        Ok(lists
+            .iter()
+            .map(|list| {
+                let mut row = vec![f32::NEG_INFINITY; self.catalog_idx.len()];
+                for s in list {
+                    if let Some(&d) = self.dataset_item.get(&s.item) {
+                        row[d] = s.score;
+                    }
+                }
+                row
+            })
+            .collect())
+    }
+}
+
 /// Runs the protocol for one ranker on one part, `batch` users at a time.
 pub fn evaluate(
     dataset: &Dataset,

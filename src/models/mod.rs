@@ -5,17 +5,22 @@ pub mod artifact;
 pub mod cooccurrence;
 pub mod data;
 pub mod eval;
+pub mod ivf;
 pub mod metrics;
 pub mod ops;
 pub mod registry;
 pub mod retrain;
+pub mod retrieval;
 pub mod sasrec;
 pub mod sequential;
 pub mod train;
 
 use std::sync::Arc;
 
+use retrieval::CandidateCounts;
+
 use crate::catalog::{Catalog, CategoryIdx, ItemIdx};
+use crate::config::RetrievalConfig;
 use crate::event::EventType;
 use crate::eventlog::Interaction;
 
@@ -108,6 +113,13 @@ pub trait Recommender: Send + 'static {
     fn observe(&mut self, observations: &[Observation]);
     /// Ranks items for each request, best first, at most `k` each.
     fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>>;
+    /// Adopts the `[model.retrieval]` settings (two-stage retrieval for large catalogues).
+    /// Models without candidate generation ignore them.
+    fn configure_retrieval(&mut self, _config: &RetrievalConfig) {}
+    /// Candidates gathered per source since the last call (zero for exact scoring).
+    fn take_candidate_counts(&mut self) -> CandidateCounts {
+        CandidateCounts::default()
+    }
 }
 
 /// Keeps freed memory in the process heap instead of returning it to the OS.

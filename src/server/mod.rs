@@ -14,7 +14,7 @@ use crate::actors;
 use crate::actors::catalog_feed::{CatalogConsumer, CatalogFeed};
 use crate::actors::ingest::IngestActor;
 use crate::actors::kafka_ingest::KafkaIngestActor;
-use crate::actors::model::{ModelActor, ModelFactory};
+use crate::actors::model::{ConfigureRetrieval, ModelActor, ModelFactory};
 use crate::actors::monitor::MonitorActor;
 use crate::actors::registry::SessionRegistry;
 use crate::actors::session;
@@ -314,8 +314,10 @@ fn start_actors(
     initial: InitialModel,
     threads: &Threads,
 ) -> Actors {
+    let mut initial_model = initial.model;
+    initial_model.configure_retrieval(&config.model.retrieval);
     let model = ModelActor::start_with(
-        initial.model,
+        initial_model,
         initial.factory,
         catalog.clone(),
         metrics.clone(),
@@ -324,6 +326,9 @@ fn start_actors(
         config.model.mailbox_capacity,
         &threads.handles[0],
     );
+    // Models swapped in later (retraining, rollouts, a restarted inference thread) get the
+    // same settings; sent before any request, so the first batch already has them.
+    model.do_send(ConfigureRetrieval { config: config.model.retrieval.clone() });
     let monitor = {
         let (monitor_config, catalog, metrics) = (config.monitor.clone(), catalog.clone(), metrics.clone());
         MonitorActor::start_in_arbiter(&threads.monitor.handle(), move |_| {

@@ -99,6 +99,11 @@ pub struct Metrics {
     pub model_inference_seconds: Histogram,
     /// Scoring requests waiting in the model actor for the next batch (its mailbox depth).
     pub model_queued: Gauge,
+    /// Candidates of two-stage retrieval, by source (`ann`, `cooccurrence`, `popular`, `cold`).
+    pub model_candidates_ann: Counter,
+    pub model_candidates_cooccurrence: Counter,
+    pub model_candidates_popular: Counter,
+    pub model_candidates_cold: Counter,
     /// From the moment an event was received to the push that reflects it.
     pub event_to_push_seconds: Histogram,
     /// Per stage of the event path: receive (request start to accepted by the bus), apply (bus to
@@ -194,6 +199,10 @@ impl Default for Metrics {
         let triggers = Family::new("liverec_trainer_triggers_total", "Retraining requests, by source.");
         let runs = Family::new("liverec_trainer_runs_total", "Training runs, by outcome of the validation gate.");
         let drift = Family::new("liverec_monitor_drift_psi", "Latest population stability index, by input.");
+        let candidates = Family::new(
+            "liverec_model_candidates_total",
+            "Candidates gathered by two-stage retrieval (large catalogues), by source.",
+        );
         let m = Metrics {
             ingest_events_http: r.counter_in(ingest_events, &[("source", "http")]),
             ingest_events_ws: r.counter_in(ingest_events, &[("source", "websocket")]),
@@ -320,6 +329,10 @@ impl Default for Metrics {
             ),
             model_queued: r
                 .gauge("liverec_model_queued_requests", "Scoring requests waiting for the next model batch."),
+            model_candidates_ann: r.counter_in(candidates, &[("source", "ann")]),
+            model_candidates_cooccurrence: r.counter_in(candidates, &[("source", "cooccurrence")]),
+            model_candidates_popular: r.counter_in(candidates, &[("source", "popular")]),
+            model_candidates_cold: r.counter_in(candidates, &[("source", "cold")]),
             event_to_push_seconds: r.histogram(
                 "liverec_event_to_push_seconds",
                 "From receiving an event to publishing the list that reflects it.",
@@ -548,6 +561,10 @@ mod tests {
         m.model_batch_size.observe(30.0 / 1000.0);
         m.model_inference_seconds.observe(31.0 / 1000.0);
         m.model_queued.set(32);
+        m.model_candidates_ann.add(32);
+        m.model_candidates_cooccurrence.add(32);
+        m.model_candidates_popular.add(32);
+        m.model_candidates_cold.add(32);
         m.event_to_push_seconds.observe(33.0 / 1000.0);
         m.stage_receive_seconds.observe(34.0 / 1000.0);
         m.stage_apply_seconds.observe(35.0 / 1000.0);

@@ -41,5 +41,6 @@ mod openapi;
 mod privacy;
 mod production;
 mod recommendations;
+mod retrieval;
 mod streams;
 mod users;

@@ -10,7 +10,11 @@
 //! - `ANN_QUERIES` (500): query vectors (drawn like the items, not among them);
 //! - `ANN_DATA` (`random`): `random` (Gaussian directions: no structure, the hardest case for a
 //!   graph index) or `clustered` (1,000 centres with noise, closer to learned item embeddings);
-//! - `ANN_ONLY` (both): `hnsw_rs` or `instant-distance` to build one index only.
+//! - `ANN_ONLY` (all): `hnsw_rs`, `instant-distance` or `ivf` to build one index only;
+//! - `ANN_LIST_SIZE` (1000): items per list of the inverted file.
+//!
+//! `ivf` is the server's own index (`src/models/ivf.rs`, compiled here from the same file):
+//! k-means lists scanned by centroid score, measured at several numbers of lists probed.
 //!
 //! Run: `ANN_ITEMS=1000000 cargo run --release --manifest-path load-tests/ann-bench/Cargo.toml`
 //! (a plain `main`, not criterion: one build
@@ -23,6 +27,10 @@ use hnsw_rs::anndists::dist::DistL2;
 use hnsw_rs::hnsw::Hnsw;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "../../../src/models/ivf.rs"]
+#[allow(dead_code)]
+mod ivf;
 
 const DIM: usize = 64;
 const TOP: usize = 200;
@@ -163,6 +171,25 @@ fn main() {
                 });
                 row(&format!("hnsw_rs M={m_links} efC={ef_construction} ef={ef}"), build, memory, &m);
             }
+        }
+    }
+
+    if only.is_empty() || only == "ivf" {
+        let list_size: usize = env("ANN_LIST_SIZE", "1000").parse().expect("ANN_LIST_SIZE is a count");
+        let before = rss();
+        let started = Instant::now();
+        let flat: Vec<f32> = items.iter().flat_map(|v| v.0).collect();
+        let index = ivf::IvfIndex::build(&flat, &vec![0.0; n], DIM, list_size, 1);
+        drop(flat);
+        let build = started.elapsed().as_secs_f64();
+        let memory = rss().saturating_sub(before);
+        let mut found = Vec::new();
+        for probe in [4, 8, 16, 24, 32, 64] {
+            let m = measure(&queries, &truth, |query| {
+                index.search(&query.0, TOP, probe, |_| true, &mut found);
+                found.iter().map(|&(i, _)| i).collect()
+            });
+            row(&format!("ivf lists={} probe={probe}", index.lists()), build, memory, &m);
         }
     }
 
