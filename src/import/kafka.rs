@@ -17,8 +17,8 @@ use liverec::event::{check_id, now_ms, EventIn, EventLimits};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
+use super::error::ImportError;
 use super::source::{ItemOut, Reason, Rejected};
-use super::ImportError;
 
 /// Attempts at producing one batch before the import stops (it can be resumed).
 const ATTEMPTS: u32 = 10;

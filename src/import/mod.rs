@@ -12,6 +12,7 @@
 //! This module sits above the library, beside `main.rs`: it talks to the server only through
 //! its public interfaces (HTTP, the Kafka topics), and nothing in the library imports it.
 
+mod error;
 mod kafka;
 mod rest;
 mod source;
@@ -29,27 +30,10 @@ use liverec::config::{Config, Overrides};
 use liverec::event::{EventIn, EventType};
 use serde::Serialize;
 
+pub use error::ImportError;
 pub use source::TimeUnit;
 use source::{Dataset, EventReader, ItemOut, ItemReader, ReadOptions, Rejected, TimeOrdered};
 use state::{FileProgress, Order, RejectedLines, State};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ImportError {
-    /// A flag, a file or the data's layout is wrong: exit code 2.
-    #[error("{0}")]
-    Usage(String),
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("state file {path}: {message}")]
-    State { path: PathBuf, message: String },
-    /// The server refused a request for a reason that is not one line's.
-    #[error("the server refused the import: {status} {code}: {message}")]
-    Refused { status: u16, code: String, message: String },
-    #[error("the server is unreachable: {0}")]
-    Unreachable(String),
-    #[error("kafka: {0}")]
-    Kafka(String),
-}
 
 /// What `liverec import` was asked to do: its command-line flags.
 #[derive(clap::Args)]

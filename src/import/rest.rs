@@ -11,8 +11,8 @@ use std::time::Duration;
 use awc::http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::error::ImportError;
 use super::source::{Reason, Rejected};
-use super::ImportError;
 
 /// Attempts at one request before the import stops (it can be resumed): with the backoff
 /// below, about three minutes of a server that does not answer.

@@ -16,7 +16,7 @@ use liverec::event::{EventIn, EventType};
 use liverec::models::data::{parse_timestamp, GROUPLENS_GENRES};
 use serde::Serialize;
 
-use super::ImportError;
+use super::error::ImportError;
 
 /// The event fields `--map` may name.
 pub const EVENT_FIELDS: [&str; 6] = ["user_id", "item_id", "timestamp", "event_type", "value", "event_id"];

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::error::ImportError;
 use super::source::{fnv1a, Reason, Rejected};
-use super::ImportError;
 
 /// Line numbers kept per rejection reason.
 const FIRST_LINES: usize = 5;
