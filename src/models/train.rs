@@ -43,6 +43,9 @@ pub enum TrainError {
     Eval(#[from] super::eval::EvalError),
     #[error("no training data: every user has fewer than 3 interactions")]
     NoData,
+    /// A `[train]` setting out of range; `key` is the setting's name as typed in the file.
+    #[error("train.{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
 }
 
 impl From<candle_core::Error> for TrainError {
@@ -83,6 +86,32 @@ pub struct TrainConfig {
     /// Stop after this many seconds of training (0: no limit). Makes the result depend on the
     /// machine's speed, so it is off by default.
     pub time_budget_secs: f64,
+    /// Catalogue size (items the model knows) from which training uses a sampled softmax with a
+    /// popularity (log-Q) correction instead of the full softmax (0: never). The default keeps
+    /// the full softmax on MovieLens-sized catalogues.
+    pub sampled_softmax_min_items: usize,
+    /// Negatives drawn per mini-batch for the sampled softmax, shared by all its rows.
+    pub sampled_negatives: usize,
+    /// Negatives are drawn in proportion to `training count ^ sampled_alpha` (0: uniform,
+    /// 1: by popularity).
+    pub sampled_alpha: f64,
+}
+
+impl TrainConfig {
+    /// Rejects settings that would make training fail or silently do nothing useful.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let invalid = |key, reason: &str| Err(TrainError::Invalid { key, reason: reason.to_owned() });
+        if self.sampled_softmax_min_items > 0 && self.sampled_negatives == 0 {
+            return invalid(
+                "sampled_negatives",
+                "must be at least 1 when sampled_softmax_min_items is set (0 there turns sampling off)",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.sampled_alpha) {
+            return invalid("sampled_alpha", &format!("must be within 0..=1, got {}", self.sampled_alpha));
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {
@@ -102,6 +131,9 @@ impl Default for TrainConfig {
             shift_windows: true,
             eval_every: 1,
             time_budget_secs: 0.0,
+            sampled_softmax_min_items: 50_000,
+            sampled_negatives: 1024,
+            sampled_alpha: 0.75,
         }
     }
 }
@@ -276,6 +308,159 @@ fn softmax_cross_entropy(
     ))
 }
 
+/// Draws the negatives of the sampled softmax, shared by all rows of a mini-batch, and knows
+/// each item's probability of being among them (the `Q` of the log-Q correction).
+///
+/// Draws are with replacement, in proportion to `max(training count, 1) ^ alpha`, then
+/// deduplicated, so an item's `Q` is its probability of inclusion, `1 - (1 - p)^draws`.
+/// Its own RNG (seeded from the training seed) keeps the full-softmax path's draws unchanged.
+struct NegativeSampler {
+    /// Running sum of the sampling weights, one per item (0-based index).
+    cumulative: Vec<f64>,
+    /// `ln Q` of each item, precomputed.
+    log_q: Vec<f32>,
+    draws: usize,
+    rng: SmallRng,
+}
+
+impl NegativeSampler {
+    fn new(counts: &[u64], alpha: f64, draws: usize, seed: u64) -> Self {
+        let weights: Vec<f64> = counts.iter().map(|&c| (c.max(1) as f64).powf(alpha)).collect();
+        let total: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let mut acc = 0.0;
+        let cumulative = weights
+            .iter()
+            .map(|w| {
+                acc += w;
+                acc
+            })
+            .collect();
+        let log_q = weights
+            .iter()
+            .map(|w| {
+                // 1 - (1 - p)^draws without cancellation for small p.
+                let q = -(draws as f64 * (-(w / total)).ln_1p()).exp_m1();
+                q.max(f64::MIN_POSITIVE).ln() as f32
+            })
+            .collect();
+        Self { cumulative, log_q, draws, rng: SmallRng::seed_from_u64(seed) }
+    }
+
+    /// One mini-batch's negatives: sorted, without duplicates.
+    fn sample(&mut self) -> Vec<u32> {
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        let last = self.cumulative.len().saturating_sub(1);
+        let mut out: Vec<u32> = (0..self.draws)
+            .map(|_| {
+                let x = self.rng.random::<f64>() * total;
+                self.cumulative.partition_point(|&c| c <= x).min(last) as u32
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// Logits of the sampled softmax, `[T, 1 + S]` row-major: column 0 is the row's positive, then
+/// one column per negative; a negative equal to the row's positive (an accidental hit) is
+/// `-inf`. With `correction`, every logit has `ln Q(item)` subtracted. Also returns the
+/// negatives' item rows `[S, H]` and the positives' item rows `[T, H]`.
+fn sampled_logits(
+    q: &Tensor,
+    items: &Tensor,
+    bias: &Tensor,
+    labels: &[u32],
+    negatives: &[u32],
+    correction: Option<&NegativeSampler>,
+) -> Result<(Vec<f32>, Tensor, Tensor), SasRecError> {
+    let (t, s) = (labels.len(), negatives.len());
+    let neg_rows = items.index_select(&Tensor::from_slice(negatives, s, &Device::Cpu)?, 0)?;
+    let pos_rows = items.index_select(&Tensor::from_slice(labels, t, &Device::Cpu)?, 0)?;
+    let neg = q.matmul(&neg_rows.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+    let pos = (q * &pos_rows)?.sum(1)?.to_vec1::<f32>()?;
+    let bias = bias.to_vec1::<f32>()?;
+    let shift = |j: u32| bias[j as usize] - correction.map_or(0.0, |c| c.log_q[j as usize]);
+    let neg_shift: Vec<f32> = negatives.iter().map(|&j| shift(j)).collect();
+    let mut out = Vec::with_capacity(t * (s + 1));
+    for (r, &label) in labels.iter().enumerate() {
+        out.push(pos[r] + shift(label));
+        for (c, &j) in negatives.iter().enumerate() {
+            out.push(if j == label { f32::NEG_INFINITY } else { neg[r * s + c] + neg_shift[c] });
+        }
+    }
+    Ok((out, neg_rows, pos_rows))
+}
+
+/// [`softmax_cross_entropy`] over each row's positive and the batch's shared `negatives`
+/// (0-based item indices, without duplicates) instead of the whole catalogue: the logits are
+/// `[T, 1 + S]` instead of `[T, N]`. Label smoothing spreads `smoothing` over the row's
+/// columns (accidental hits excluded), so with every item as a negative and no correction the
+/// loss and gradients are the full softmax's. The gradients are scattered back to `[N, H]`
+/// and `[N]` (rows of items neither sampled nor a label stay zero), so they feed the same
+/// surrogate as the full softmax's.
+fn sampled_softmax_cross_entropy(
+    q: &Tensor,
+    items: &Tensor,
+    bias: &Tensor,
+    labels: &[u32],
+    negatives: &[u32],
+    correction: Option<&NegativeSampler>,
+    smoothing: f32,
+) -> Result<(f64, CeGrads), SasRecError> {
+    let (q, items, bias) = (q.detach(), items.detach(), bias.detach());
+    let (t, h) = q.dims2()?;
+    let n = items.dim(0)?;
+    let s = negatives.len();
+    let k = s + 1;
+    let (mut g, neg_rows, pos_rows) = sampled_logits(&q, &items, &bias, labels, negatives, correction)?;
+    let eps = smoothing.clamp(0.0, 1.0);
+    let scale = 1.0 / t.max(1) as f32;
+    let mut loss = 0f64;
+    for (row, &label) in g.chunks_mut(k).zip(labels) {
+        let active = row.iter().filter(|v| v.is_finite()).count();
+        let off = eps / active as f32;
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let target = row[0];
+        let mut sum = 0f32;
+        let mut mean_logit = 0f32;
+        for v in row.iter_mut() {
+            if v.is_finite() {
+                mean_logit += *v;
+                *v = (*v - max).exp();
+                sum += *v;
+            } else {
+                *v = 0.0;
+            }
+        }
+        let lse = max + sum.ln();
+        mean_logit /= active as f32;
+        loss += f64::from((1.0 - eps) * (lse - target) + eps * (lse - mean_logit));
+        let inv = 1.0 / sum;
+        for (c, v) in row.iter_mut().enumerate() {
+            // An accidental hit has p = 0 and no target mass: its gradient stays 0.
+            if c > 0 && negatives[c - 1] == label {
+                continue;
+            }
+            let y = if c == 0 { 1.0 - eps + off } else { off };
+            *v = (*v * inv - y) * scale;
+        }
+    }
+    let g = Tensor::from_vec(g, (t, k), &Device::Cpu)?;
+    let g_pos = g.narrow(1, 0, 1)?.contiguous()?;
+    let g_neg = g.narrow(1, 1, s)?.contiguous()?;
+    let neg_ids = Tensor::from_slice(negatives, s, &Device::Cpu)?;
+    let pos_ids = Tensor::from_slice(labels, t, &Device::Cpu)?;
+    let grad_q = (g_neg.matmul(&neg_rows)? + pos_rows.broadcast_mul(&g_pos)?)?;
+    let grad_items = Tensor::zeros((n, h), candle_core::DType::F32, &Device::Cpu)?
+        .index_add(&neg_ids, &g_neg.t()?.matmul(&q)?, 0)?
+        .index_add(&pos_ids, &q.broadcast_mul(&g_pos)?, 0)?;
+    let grad_bias = Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu)?
+        .index_add(&neg_ids, &g_neg.sum(0)?, 0)?
+        .index_add(&pos_ids, &g_pos.squeeze(1)?, 0)?;
+    Ok((loss / t.max(1) as f64, CeGrads { q: grad_q, items: grad_items, bias: grad_bias }))
+}
+
 /// Copies the weights of `from` into `model` where they fit: every tensor of the same name and
 /// shape; item rows (id embedding, bias) matched by item id, so items both vocabularies know
 /// keep what they learned and new items start from the fresh initialisation; genre columns
@@ -353,6 +538,7 @@ pub fn train_from(
     warm: Option<&SequentialModel>,
 ) -> Result<Trained, TrainError> {
     let cfg = &file.train;
+    cfg.validate()?;
     let started = Instant::now();
     let vocab = Vocab::from_dataset(dataset, &split.train);
     let mut model = SequentialModel::new(file.model.clone(), file.serve.clone(), vocab, cfg.seed)?;
@@ -409,6 +595,17 @@ pub fn train_from(
     );
 
     let n_items = model.config.items;
+    // Above `sampled_softmax_min_items`, the sampled softmax replaces the full one.
+    let mut sampler = (cfg.sampled_softmax_min_items > 0 && n_items >= cfg.sampled_softmax_min_items).then(|| {
+        let mut counts = vec![0u64; n_items];
+        for token in seqs.iter().flat_map(|s| &s.items) {
+            if let Some(c) = (*token as usize).checked_sub(1).and_then(|i| counts.get_mut(i)) {
+                *c += 1;
+            }
+        }
+        NegativeSampler::new(&counts, cfg.sampled_alpha, cfg.sampled_negatives, cfg.seed ^ 0x5A4D_91ED)
+    });
+    tracing::debug!(items = n_items, sampled = sampler.is_some(), "softmax");
     let mut step = 0usize;
     let mut best: Option<(f64, usize, HashMap<String, Tensor>, Metrics)> = None;
     let mut since_best = 0usize;
@@ -445,7 +642,21 @@ pub fn train_from(
             let q = q.reshape(((), h))?.index_select(&positions, 0)?;
             let out = table.narrow(0, 1, n_items)?;
             let bias = table_layer.bias(n_items)?;
-            let (loss, grads) = softmax_cross_entropy(&q, &out, &bias, &labels, cfg.label_smoothing)?;
+            let (loss, grads) = match sampler.as_mut() {
+                None => softmax_cross_entropy(&q, &out, &bias, &labels, cfg.label_smoothing)?,
+                Some(sampler) => {
+                    let negatives = sampler.sample();
+                    sampled_softmax_cross_entropy(
+                        &q,
+                        &out,
+                        &bias,
+                        &labels,
+                        &negatives,
+                        Some(sampler),
+                        cfg.label_smoothing,
+                    )?
+                }
+            };
             // The analytic gradients enter the graph through a surrogate whose gradient with
             // respect to q, the item table and the bias is exactly theirs.
             let surrogate = ((&q * &grads.q)?.sum_all()? + (&out * &grads.items)?.sum_all()?)?
@@ -573,10 +784,105 @@ mod tests {
         assert_eq!(positions(&new).expect("new"), positions(&old).expect("old"), "same-shape weights are copied");
     }
 
+    fn close(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_scalar::<f32>()).expect("diff")
+    }
+
+    #[test]
+    fn sampled_softmax_over_every_item_without_correction_is_the_full_softmax() {
+        let cpu = &Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (7, 5), cpu).expect("q");
+        let items = Tensor::randn(0f32, 1.0, (9, 5), cpu).expect("items");
+        let bias = Tensor::randn(0f32, 1.0, 9, cpu).expect("bias");
+        let labels = [0u32, 3, 3, 8, 1, 5, 0];
+        let every: Vec<u32> = (0..9).collect();
+        for smoothing in [0.0, 0.1] {
+            let (full_loss, full) = softmax_cross_entropy(&q, &items, &bias, &labels, smoothing).expect("full");
+            let (loss, sampled) =
+                sampled_softmax_cross_entropy(&q, &items, &bias, &labels, &every, None, smoothing).expect("sampled");
+            assert!((loss - full_loss).abs() < 1e-5, "loss {loss} vs {full_loss}");
+            assert!(close(&sampled.q, &full.q) < 1e-5, "grad q");
+            assert!(close(&sampled.items, &full.items) < 1e-5, "grad items");
+            assert!(close(&sampled.bias, &full.bias) < 1e-5, "grad bias");
+        }
+        // With a few negatives, only their rows and the labels' rows get a gradient.
+        let q2 = q.narrow(0, 0, 2).expect("rows");
+        let (_, some) =
+            sampled_softmax_cross_entropy(&q2, &items, &bias, &[0, 3], &[3, 6], None, 0.1).expect("sampled");
+        assert_eq!(some.q.dims(), &[2, 5]);
+        assert_eq!(some.items.dims(), &[9, 5]);
+        let bias_grad = some.bias.to_vec1::<f32>().expect("bias");
+        for (j, g) in bias_grad.iter().enumerate() {
+            assert_eq!(*g == 0.0, ![0, 3, 6].contains(&j), "item {j}: {g}");
+        }
+    }
+
+    #[test]
+    fn the_log_q_correction_subtracts_ln_q_and_accidental_hits_are_masked() {
+        let cpu = &Device::Cpu;
+        let counts = [50u64, 1, 10, 0, 5, 2];
+        let mut sampler = NegativeSampler::new(&counts, 1.0, 4, 7);
+        let negatives = sampler.sample();
+        assert!(negatives.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates: {negatives:?}");
+        assert_eq!(negatives, NegativeSampler::new(&counts, 1.0, 4, 7).sample(), "same seed, same draw");
+        // The popular item is the likeliest to be drawn; an unseen item counts as seen once.
+        assert!(sampler.log_q[0] > sampler.log_q[2] && sampler.log_q[2] > sampler.log_q[1]);
+        assert_eq!(sampler.log_q[1], sampler.log_q[3]);
+        let q = Tensor::randn(0f32, 1.0, (3, 4), cpu).expect("q");
+        let items = Tensor::randn(0f32, 1.0, (6, 4), cpu).expect("items");
+        let bias = Tensor::randn(0f32, 1.0, 6, cpu).expect("bias");
+        let negatives = [0u32, 2, 5];
+        let labels = [2u32, 1, 0];
+        let (plain, _, _) = sampled_logits(&q, &items, &bias, &labels, &negatives, None).expect("plain");
+        let (corrected, _, _) = sampled_logits(&q, &items, &bias, &labels, &negatives, Some(&sampler)).expect("log-q");
+        for (r, &label) in labels.iter().enumerate() {
+            let columns = std::iter::once(label).chain(negatives);
+            for (c, item) in columns.enumerate() {
+                let (p, k) = (plain[r * 4 + c], corrected[r * 4 + c]);
+                if c > 0 && item == label {
+                    assert!(p == f32::NEG_INFINITY && k == f32::NEG_INFINITY, "accidental hit masked");
+                } else {
+                    assert!((k - (p - sampler.log_q[item as usize])).abs() < 1e-5, "row {r} column {c}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn training_settings_out_of_range_name_their_key() {
+        let bad = TrainConfig { sampled_negatives: 0, sampled_softmax_min_items: 10, ..TrainConfig::default() };
+        assert!(bad.validate().expect_err("refused").to_string().starts_with("train.sampled_negatives:"));
+        let off = TrainConfig { sampled_negatives: 0, sampled_softmax_min_items: 0, ..TrainConfig::default() };
+        assert!(off.validate().is_ok(), "no negatives needed when sampling is off");
+        let bad = TrainConfig { sampled_alpha: 1.5, ..TrainConfig::default() };
+        assert!(bad.validate().expect_err("refused").to_string().starts_with("train.sampled_alpha:"));
+        assert!(TrainConfig::default().validate().is_ok());
+    }
+
     /// Users who all walk the cycle 1 -> 2 -> ... -> 20 -> 1 from different starting points:
     /// a tiny model must learn to rank the next item first among the unseen ones.
     #[test]
     fn a_tiny_model_learns_a_cyclic_pattern_reproducibly() {
+        learns_the_cycle(TrainConfig::default());
+    }
+
+    /// The same with the sampled softmax forced on: 6 draws among 20 items per batch. Popularity
+    /// is uniform on this data, so learning the cycle is beating popularity.
+    #[test]
+    fn a_tiny_model_learns_a_cyclic_pattern_with_a_sampled_softmax() {
+        let sampled = learns_the_cycle(TrainConfig {
+            sampled_softmax_min_items: 1,
+            sampled_negatives: 6,
+            ..TrainConfig::default()
+        });
+        // A catalogue below the threshold keeps the full softmax; the forced run did not.
+        let below = learns_the_cycle(TrainConfig { sampled_softmax_min_items: 21, ..TrainConfig::default() });
+        assert_eq!(below, learns_the_cycle(TrainConfig::default()), "20 items < 21: full softmax");
+        assert_ne!(sampled, below, "the sampled run took the sampled path");
+    }
+
+    /// Trains on the cycle and returns the per-epoch losses.
+    fn learns_the_cycle(base: TrainConfig) -> Vec<f64> {
         let mut b = DatasetBuilder::new();
         for item in 0..20 {
             b.item(&format!("i{item}"));
@@ -599,7 +905,7 @@ mod tests {
                 warmup_epochs: 1.0,
                 label_smoothing: 0.0,
                 eval_every: 10,
-                ..TrainConfig::default()
+                ..base
             },
             serve: ServeConfig::default(),
         };
@@ -616,5 +922,6 @@ mod tests {
             again.log.iter().map(|l| l.loss).collect::<Vec<_>>(),
             "same seed, same losses"
         );
+        trained.log.iter().map(|l| l.loss).collect()
     }
 }
