@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use super::retrieval::{Bits, CandidateCounts, CandidateSet, Filter, Source};
-use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use super::{fill_mask, top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, Categories, CategoryIdx, ItemIdx};
 use crate::config::{CoocConfig, RetrievalConfig};
 use crate::event::Context;
@@ -212,6 +212,38 @@ impl CoocModel {
         }
     }
 
+    /// Adds to `scores` the co-occurrence with the user's most recent distinct positive items,
+    /// newest weighing most; `first_touch` sees each item whose score leaves 0. Returns those
+    /// query items, newest first.
+    fn add_cooccurring(
+        &self,
+        history: &[HistoryItem],
+        scores: &mut [f32],
+        mut first_touch: impl FnMut(ItemIdx),
+    ) -> Vec<ItemIdx> {
+        let n = scores.len();
+        let mut seen_query: Vec<ItemIdx> = Vec::with_capacity(self.config.query_window);
+        let mut recency = 1.0f32;
+        for h in history.iter().rev() {
+            if seen_query.len() >= self.config.query_window {
+                break;
+            }
+            let w = h.weight();
+            if w <= 0.0 || seen_query.contains(&h.item) || h.item as usize >= n {
+                continue;
+            }
+            seen_query.push(h.item);
+            for (&j, &c) in &self.neighbours[h.item as usize] {
+                if scores[j as usize] == 0.0 {
+                    first_touch(j);
+                }
+                scores[j as usize] += recency * w * self.similarity(h.item, c, j);
+            }
+            recency *= RECENCY;
+        }
+        seen_query
+    }
+
     /// Two-stage scoring (docs/model.md, "Two-stage retrieval"): the same scores as
     /// [`Self::score_one`], for the neighbours of the user's recent items and the most popular
     /// items only, filtered as they are gathered. `None` when they cannot fill the list (a
@@ -223,26 +255,7 @@ impl CoocModel {
         let mut touched = std::mem::take(&mut self.touched);
         touched.clear();
 
-        // Co-occurrence with the most recent distinct positive items, as in `score_one`.
-        let mut seen_query: Vec<ItemIdx> = Vec::with_capacity(self.config.query_window);
-        let mut recency = 1.0f32;
-        for h in request.history.iter().rev() {
-            if seen_query.len() >= self.config.query_window {
-                break;
-            }
-            let w = h.weight();
-            if w <= 0.0 || seen_query.contains(&h.item) || h.item as usize >= n {
-                continue;
-            }
-            seen_query.push(h.item);
-            for (&j, &c) in &self.neighbours[h.item as usize] {
-                if scores[j as usize] == 0.0 {
-                    touched.push(j);
-                }
-                scores[j as usize] += recency * w * self.similarity(h.item, c, j);
-            }
-            recency *= RECENCY;
-        }
+        let seen_query = self.add_cooccurring(&request.history, &mut scores, |j| touched.push(j));
         // Every item outside `touched` scores 0 here: the maximum over the catalogue.
         let max_co = touched.iter().map(|&j| scores[j as usize]).fold(0.0f32, f32::max);
 
@@ -353,23 +366,7 @@ impl CoocModel {
         mask.clear();
         mask.resize(n, false);
 
-        // Co-occurrence with the most recent distinct positive items, newest weighing most.
-        let mut seen_query: Vec<ItemIdx> = Vec::with_capacity(self.config.query_window);
-        let mut recency = 1.0f32;
-        for h in request.history.iter().rev() {
-            if seen_query.len() >= self.config.query_window {
-                break;
-            }
-            let w = h.weight();
-            if w <= 0.0 || seen_query.contains(&h.item) || h.item as usize >= n {
-                continue;
-            }
-            seen_query.push(h.item);
-            for (&j, &c) in &self.neighbours[h.item as usize] {
-                scores[j as usize] += recency * w * self.similarity(h.item, c, j);
-            }
-            recency *= RECENCY;
-        }
+        let seen_query = self.add_cooccurring(&request.history, &mut scores, |_| {});
         let max_co = scores.iter().copied().fold(0.0f32, f32::max);
         if max_co > 0.0 {
             scores.iter_mut().for_each(|s| *s /= max_co);
@@ -415,21 +412,7 @@ impl CoocModel {
             }
         }
 
-        for &i in request.exclude.iter().chain(&request.negatives) {
-            if let Some(m) = mask.get_mut(i as usize) {
-                *m = true;
-            }
-        }
-        let now_ms = crate::event::now_ms();
-        for (j, m) in mask.iter_mut().enumerate() {
-            let wanted = request
-                .categories
-                .as_ref()
-                .is_none_or(|wanted| categories.of(j as ItemIdx).iter().any(|c| wanted.contains(c)));
-            if !wanted || !categories.available_at(j as ItemIdx, now_ms) {
-                *m = true;
-            }
-        }
+        fill_mask(&mut mask, request, categories, crate::event::now_ms());
         let result = top_k(&scores, &mask, request.k);
         self.scratch_scores = scores;
         self.scratch_mask = mask;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use retrieval::CandidateCounts;
 
-use crate::catalog::{Catalog, CategoryIdx, ItemIdx};
+use crate::catalog::{Catalog, Categories, CategoryIdx, ItemIdx};
 use crate::config::RetrievalConfig;
 use crate::event::EventType;
 use crate::eventlog::Interaction;
@@ -135,6 +135,24 @@ pub fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Marks in `mask` (one flag per catalogue item, cleared first) every item a full scan must
+/// not return for `request`: excluded, negative, unavailable at `now_ms`, or outside the
+/// request's categories. The two-stage paths filter the same way through
+/// [`retrieval::Filter`] while they gather candidates.
+pub fn fill_mask(mask: &mut [bool], request: &ScoreRequest, categories: &Categories<'_>, now_ms: i64) {
+    for (j, m) in mask.iter_mut().enumerate() {
+        let j = j as ItemIdx;
+        let wanted =
+            request.categories.as_ref().is_none_or(|wanted| categories.of(j).iter().any(|c| wanted.contains(c)));
+        *m = !wanted || !categories.available_at(j, now_ms);
+    }
+    for &i in request.exclude.iter().chain(&request.negatives) {
+        if let Some(m) = mask.get_mut(i as usize) {
+            *m = true;
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use super::retrieval::{Bits, CandidateCounts, CandidateSet, Filter, IvfIndex, So
 use super::sasrec::{
     feedback_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
 };
-use super::{top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use super::{fill_mask, top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemAttributes, ItemIdx};
 use crate::config::RetrievalConfig;
 use crate::event::ItemId;
@@ -612,21 +612,7 @@ impl SequentialModel {
                     }
                 }
             }
-            mask.iter_mut().for_each(|m| *m = false);
-            for &i in request.exclude.iter().chain(&request.negatives) {
-                if let Some(m) = mask.get_mut(i as usize) {
-                    *m = true;
-                }
-            }
-            for (j, m) in mask.iter_mut().enumerate() {
-                let wanted = request
-                    .categories
-                    .as_ref()
-                    .is_none_or(|wanted| categories.of(j as ItemIdx).iter().any(|c| wanted.contains(c)));
-                if !wanted || !categories.available_at(j as ItemIdx, now_ms) {
-                    *m = true;
-                }
-            }
+            fill_mask(&mut mask, request, &categories, now_ms);
             out.push(top_k(&scores, &mask, request.k));
         }
         Ok(out)
