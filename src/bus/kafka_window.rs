@@ -352,21 +352,8 @@ impl Reading {
         // Whether a session attributed the event to a served list depends on what it had served
         // (not in the record); an event that names its list (`rec_id`) is the one that surely was.
         let organic = event.event_type.is_negative() || event.rec_id.is_none();
-        self.events.push(Arc::new(LoggedEvent {
-            user: event.user_id,
-            interaction: Interaction {
-                event_id: event.event_id,
-                item_id: event.item_id,
-                event_type: event.event_type,
-                value: event.value,
-                timestamp: event.timestamp,
-                rec_id: event.rec_id,
-            },
-            item,
-            segment,
-            organic,
-            logged_at: at,
-        }));
+        let (interaction, user, _) = Interaction::from_event(event);
+        self.events.push(Arc::new(LoggedEvent { user, interaction, item, segment, organic, logged_at: at }));
     }
 }
 
@@ -377,8 +364,7 @@ pub fn drop_erased(events: Vec<Arc<LoggedEvent>>, erased: &HashMap<UserId, i64>)
         return (events, 0);
     }
     let before = events.len();
-    let kept: Vec<_> =
-        events.into_iter().filter(|e| !erased.get(&e.user).is_some_and(|&at| e.timestamp <= at)).collect();
+    let kept: Vec<_> = events.into_iter().filter(|e| erased.get(&e.user).is_none_or(|&at| e.timestamp > at)).collect();
     let dropped = before - kept.len();
     (kept, dropped)
 }
