@@ -4,10 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use liverec::bus::kafka::partition_for;
+use liverec::bus::kafka_window::WindowReader;
+use liverec::catalog::Catalog;
 use liverec::config::ModelKind;
+use liverec::privacy::Pseudonyms;
 use serde_json::{json, Value};
 
 use super::two_instances;
@@ -122,4 +126,38 @@ async fn a_retrain_on_one_instance_trains_on_every_partition_but_not_on_an_erase
     a.stop().await;
     b.stop().await;
     let _ = std::fs::remove_dir_all(&registry);
+}
+
+/// After a drift alarm a run waits for `trainer.fresh_events` new events. In production they are
+/// counted on the events topic (the sum of its partitions' high watermarks), so events taken by
+/// either instance count, on every partition.
+#[actix_rt::test]
+async fn new_events_are_counted_on_the_topic_whichever_instance_took_them() {
+    let _services = SERVICES.read().await;
+    let config = production_config("training-fresh");
+    let (a, b, _) = two_instances(&config).await;
+    let reader = Arc::new(WindowReader::new(
+        config.kafka.clone(),
+        config.events.limits(),
+        Arc::new(Catalog::new()),
+        Arc::new(Pseudonyms::default()),
+        config.trainer.max_events,
+        Duration::from_secs(120),
+    ));
+    let produced = || {
+        let reader = reader.clone();
+        async move { actix_rt::task::spawn_blocking(move || reader.produced()).await.expect("joined").expect("watermarks") }
+    };
+    let before = produced().await;
+    let users: Vec<String> = (0..16).map(|n| format!("fresh-{n}")).collect();
+    let partitions: std::collections::BTreeSet<i32> = users.iter().map(|u| partition_for(u, PARTITIONS)).collect();
+    assert_eq!(partitions.len(), PARTITIONS as usize, "the users cover every partition");
+    for (n, user) in users.iter().enumerate() {
+        let batch: Vec<Value> = (0..3).map(|k| event(user, &format!("item-{k}"), "view")).collect();
+        post_events(if n % 2 == 0 { &a } else { &b }, json!(batch)).await;
+    }
+    // Acknowledged (202) means written with acks=all, so the watermarks already count them.
+    assert_eq!(produced().await - before, 48);
+    a.stop().await;
+    b.stop().await;
 }
