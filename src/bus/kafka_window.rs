@@ -200,6 +200,10 @@ impl WindowReader {
             times.add_partition_offset(&topic, partition, Offset::Offset(start_ms))?;
         }
         let starts = consumer.offsets_for_times(times, REQUEST_TIMEOUT)?;
+        // A partition the broker could not answer for would silently leave the window short.
+        for element in starts.elements() {
+            element.error()?;
+        }
         let bound = self.max_events.max(1) as i64;
         let mut parts: Vec<Reading> = marks
             .iter()
