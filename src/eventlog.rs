@@ -1,10 +1,12 @@
-//! The retained event log: the recent window of applied interactions that the trainer learns
-//! from. Sessions append every event they apply (after de-duplication, so a replayed event is
-//! logged once); the log forgets events older than `trainer.window_secs` and keeps at most
-//! `trainer.max_events`.
+//! The retained event log: the recent window of applied interactions, the trainer's window in the
+//! embedded mode. Sessions append every event they apply (after de-duplication, so a replayed
+//! event is logged once); the log forgets events older than `trainer.window_secs` and keeps at
+//! most `trainer.max_events`.
 //!
-//! It lives in memory, in every mode: in production each instance logs the events of the
-//! partitions it owns (Kafka keeps the full log; see docs/monitoring.md). Records are shared
+//! It lives in memory, in every mode, but trains only in the embedded one: in production each
+//! instance logs only the events of the partitions it owns, so the trainer reads its window from
+//! the Kafka events topic instead, every partition (`bus::kafka_window`, through
+//! `actors::trainer::source`; docs/production.md, "Training data"). Records are shared
 //! (`Arc`): the monitor reads the same record. The log is a queue of immutable segments of
 //! 4,096 records, so a snapshot for the trainer takes one pointer per segment under the lock
 //! every session's append takes, and copies the records' pointers after releasing it.
@@ -18,7 +20,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::ItemIdx;
-use crate::event::{EventId, EventType, ItemId, UserId};
+use crate::event::{Context as EventContext, Event, EventId, EventType, ItemId, UserId};
 
 /// One interaction a session applied: the record of it from the session onward. The session's
 /// history holds it (with the item's catalogue index), the profile store persists it (its JSON
@@ -36,6 +38,22 @@ pub struct Interaction {
     pub timestamp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rec_id: Option<Arc<str>>,
+}
+
+impl Interaction {
+    /// The record of an applied event from the session onward (the one copy off the wire type);
+    /// the event's user and context go back to the caller.
+    pub fn from_event(event: Event) -> (Interaction, UserId, EventContext) {
+        let interaction = Interaction {
+            event_id: event.event_id,
+            item_id: event.item_id,
+            event_type: event.event_type,
+            value: event.value,
+            timestamp: event.timestamp,
+            rec_id: event.rec_id,
+        };
+        (interaction, event.user_id, event.context)
+    }
 }
 
 #[cfg(test)]

@@ -466,6 +466,7 @@ mod offline {
                 first_timestamp: first,
                 last_timestamp: last,
                 split: "leave-one-out by user: last = test, second-to-last = valid".to_owned(),
+                ..DataWindow::default()
             },
             metrics: SavedMetrics { valid: Some(trained.valid), test: Some(test) },
             training: trained.summary.clone(),

@@ -33,16 +33,14 @@ use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::messages::Reload;
 use super::registry::SessionRegistry;
-use crate::bus::codec;
-use crate::bus::kafka::{
-    send_dead_letter, wall_micros, DeadLetter, CONTROL_HEADER, CONTROL_RELOAD, PSEUDONYMIZED_HEADER, RECEIVED_HEADER,
-};
+use crate::bus::kafka::{send_dead_letter, wall_micros, DeadLetter};
+use crate::bus::record::{received_micros, EventRecord, RecordDecoder};
 use crate::config::KafkaConfig;
 use crate::event::{now_ms, Event, UserId};
 use crate::store::Persisted;
@@ -347,29 +345,21 @@ impl Consume {
         let mut index: HashMap<UserId, usize> = HashMap::new();
         let mut dead = Vec::new();
         let mut reloads = Vec::new();
+        let decoder = RecordDecoder {
+            limits: &self.limits,
+            catalog: &self.registry.deps.catalog,
+            pseudonyms: &self.registry.deps.pseudonyms,
+        };
         for record in &records {
             let next = offsets.entry(record.partition()).or_insert(0);
             *next = (*next).max(record.offset() + 1);
-            if is_reload(record) {
-                if let Some(user) = record.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                    reloads.push((UserId::from(user), record.partition()));
+            match decoder.decode(record, now) {
+                EventRecord::Reload(user) => {
+                    if let Some(user) = user {
+                        reloads.push((user, record.partition()));
+                    }
                 }
-                continue;
-            }
-            let decoded = codec::decode(record.payload().unwrap_or_default(), &self.limits, now)
-                .map_err(|error| (error.code(), error.to_string()))
-                .and_then(|event| {
-                    // The catalogue's bound on items known only from events holds for records too.
-                    match self.registry.deps.catalog.admit([&event.item_id]) {
-                        Ok(()) => Ok(event),
-                        Err((_, refused)) => Err((refused.code(), refused.to_string())),
-                    }
-                });
-            match decoded {
-                Ok(mut event) => {
-                    if !is_pseudonymized(record) {
-                        event.user_id = self.registry.deps.pseudonyms.user(event.user_id.as_str());
-                    }
+                EventRecord::Event(event) => {
                     let received = received_at(record, wall_now);
                     match index.get(&event.user_id) {
                         Some(&i) => by_user[i].2.push(event),
@@ -379,7 +369,7 @@ impl Consume {
                         }
                     }
                 }
-                Err((code, reason)) => dead.push(DeadLetter {
+                EventRecord::Invalid { code, reason } => dead.push(DeadLetter {
                     key: record.key().map(<[u8]>::to_vec),
                     payload: record.payload().map(<[u8]>::to_vec),
                     partition: record.partition(),
@@ -440,17 +430,6 @@ impl Consume {
     }
 }
 
-fn is_reload(record: &BorrowedMessage<'_>) -> bool {
-    record.headers().is_some_and(|headers| {
-        headers.iter().any(|h| h.key == CONTROL_HEADER && h.value == Some(CONTROL_RELOAD.as_bytes()))
-    })
-}
-
-/// Whether liverec produced the record, so its user id is already the one liverec keeps.
-fn is_pseudonymized(record: &BorrowedMessage<'_>) -> bool {
-    record.headers().is_some_and(|headers| headers.iter().any(|h| h.key == PSEUDONYMIZED_HEADER))
-}
-
 /// The W3C `traceparent` header of a record, if it has one.
 fn traceparent(record: &BorrowedMessage<'_>) -> Option<String> {
     use rdkafka::message::Headers;
@@ -464,14 +443,7 @@ fn traceparent(record: &BorrowedMessage<'_>) -> Option<String> {
 
 /// When liverec first received the event: the REST header if present, else now.
 fn received_at(record: &BorrowedMessage<'_>, wall_now: i64) -> Instant {
-    let header = record.headers().and_then(|headers| {
-        headers
-            .iter()
-            .find(|h| h.key == RECEIVED_HEADER)
-            .and_then(|h| h.value)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.parse::<i64>().ok())
-    });
+    let header = received_micros(record);
     let now = Instant::now();
     match header {
         Some(micros) if micros <= wall_now => {

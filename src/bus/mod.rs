@@ -5,7 +5,9 @@
 pub use liverec_wire::codec;
 pub mod items;
 pub mod kafka;
+pub mod kafka_window;
 pub mod memory;
+pub mod record;
 
 use std::time::Instant;
 

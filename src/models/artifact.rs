@@ -142,6 +142,38 @@ pub struct DataWindow {
     pub first_timestamp: Option<i64>,
     pub last_timestamp: Option<i64>,
     pub split: String,
+    /// Events per partition of the events topic, when the window was read from Kafka
+    /// (manifests written before, or from the in-memory log, have none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionEvents>,
+    /// Records of the window that were not trained on, by reason (Kafka windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<SkippedEvents>,
+}
+
+/// One partition's part of a training window read from the events topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionEvents {
+    pub partition: i32,
+    /// The first offset of the window (the first record at or after its start).
+    pub from_offset: i64,
+    /// The partition's high watermark when the window was read: the window ends before it.
+    pub end_offset: i64,
+    /// Events kept for training (before negative feedback is set aside).
+    pub events: usize,
+}
+
+/// Records of a Kafka training window that were not trained on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedEvents {
+    /// Records the ingest sends to the dead-letter topic.
+    pub invalid: usize,
+    /// Repeated event ids of a user (applied once).
+    pub duplicates: usize,
+    /// Events of erased users dated at or before their erasure.
+    pub erased: usize,
+    /// The oldest events beyond `trainer.max_events`.
+    pub trimmed: usize,
 }
 
 /// Validation and test metrics at save time.
@@ -271,6 +303,24 @@ impl SavedModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_window_without_partitions_still_loads_and_one_with_them_round_trips() {
+        // The data window of a manifest written before windows were read from Kafka.
+        let old = r#"{"source":"liverec event log, last 3600 s (run 1)","layout":null,"users":20,"items":10,
+            "interactions":100,"train_interactions":60,"first_timestamp":1000,"last_timestamp":1005,
+            "split":"leave-one-out on the window; gate on the last interaction"}"#;
+        let window: DataWindow = serde_json::from_str(old).expect("an old data window loads");
+        assert_eq!((window.users, window.partitions.len(), window.skipped.is_none()), (20, 0, true));
+        assert!(!serde_json::to_string(&window).expect("json").contains("partitions"), "nothing new is written");
+        let window = DataWindow {
+            partitions: vec![PartitionEvents { partition: 3, from_offset: 7, end_offset: 19, events: 12 }],
+            skipped: Some(SkippedEvents { erased: 6, ..SkippedEvents::default() }),
+            ..window
+        };
+        let json = serde_json::to_string(&window).expect("json");
+        assert_eq!(serde_json::from_str::<DataWindow>(&json).expect("loads"), window);
+    }
 
     #[test]
     fn formats_rfc3339() {

@@ -7,7 +7,9 @@
 //! incumbent, and compares their NDCG@10 on the held-out interactions.
 //!
 //! [`Job`] is one whole training run (window, training, gate, saving to the registry), run on a
-//! thread of its own by the trainer actor, which only decides what happens to the result.
+//! thread of its own by the trainer actor, which only decides what happens to the result. The
+//! job reads its window on that thread through an [`EventSource`]: the in-memory event log in the
+//! embedded default, the Kafka events topic in production (`actors::trainer::source`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics};
+use super::artifact::{rfc3339, DataWindow, Manifest, PartitionEvents, SavedMetrics, SkippedEvents};
 use super::data::{Dataset, DatasetBuilder, Split};
 use super::registry;
 use super::sasrec::Config as NetConfig;
@@ -254,6 +256,8 @@ pub fn gate_decision(candidate_ndcg: f64, incumbent_ndcg: f64, min_gain: f64) ->
 /// Why a training run produced no candidate.
 #[derive(Debug, thiserror::Error)]
 pub enum RetrainError {
+    #[error("cannot read the training window: {0}")]
+    Window(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("{have} positive events in the window; trainer.min_events asks for {need}")]
     TooFewEvents { have: usize, need: usize },
     #[error("{have} users with at least three events in the window; trainer.min_cases asks for {need}")]
@@ -304,10 +308,29 @@ pub struct SavedCandidate {
     pub version: String,
 }
 
+/// The events a run trains on, and where they came from (for the manifest).
+pub struct TrainingData {
+    /// Oldest first; each user's events in the order they were applied.
+    pub events: Vec<Arc<LoggedEvent>>,
+    /// Where the window was read, as the manifest's `data.source` says it.
+    pub source: String,
+    /// Events per partition of the events topic (Kafka windows).
+    pub partitions: Vec<PartitionEvents>,
+    /// Records of the window not trained on (Kafka windows).
+    pub skipped: Option<SkippedEvents>,
+}
+
+/// Where a training run reads its window: called once, on the training thread, and may block.
+pub trait EventSource: Send + Sync {
+    /// The window that ends at `now_ms` (milliseconds since the epoch).
+    fn read(&self, now_ms: i64) -> Result<TrainingData, Box<dyn std::error::Error + Send + Sync>>;
+}
+
 /// Everything a training run needs, moved onto its thread.
 pub struct Job {
     pub run: u64,
-    pub events: Vec<Arc<LoggedEvent>>,
+    /// Where the window is read, when the run starts.
+    pub source: Arc<dyn EventSource>,
     pub catalog: Arc<Catalog>,
     pub config: TrainerConfig,
     pub registry_dir: PathBuf,
@@ -321,7 +344,8 @@ impl Job {
     pub fn run(self) -> Result<Candidate, RetrainError> {
         let started = Instant::now();
         let cfg = &self.config;
-        let mut data = WindowData::from_log(&self.events, &self.catalog);
+        let window = self.source.read(now_ms()).map_err(RetrainError::Window)?;
+        let mut data = WindowData::from_log(&window.events, &self.catalog);
         let interactions = data.dataset.interactions();
         if interactions < cfg.min_events {
             return Err(RetrainError::TooFewEvents { have: interactions, need: cfg.min_events });
@@ -388,7 +412,7 @@ impl Job {
         };
         let gate = gate_decision(candidate_ndcg, incumbent_ndcg, cfg.gate_min_gain);
         let passed = gate.passed();
-        let reference = WindowData::reference(&self.events, self.reference_secs);
+        let reference = WindowData::reference(&window.events, self.reference_secs);
         let mut result = Candidate {
             saved: None,
             candidate_ndcg,
@@ -412,7 +436,7 @@ impl Job {
                 config: candidate.config.clone(),
                 serve: candidate.serve.clone(),
                 data: DataWindow {
-                    source: format!("liverec event log, last {} s (run {})", cfg.window_secs, self.run),
+                    source: format!("{} (run {})", window.source, self.run),
                     users: data.dataset.users.len(),
                     items: data.dataset.items.len(),
                     interactions,
@@ -420,6 +444,8 @@ impl Job {
                     first_timestamp: first,
                     last_timestamp: last,
                     split: "leave-one-out on the window; gate on the last interaction".into(),
+                    partitions: window.partitions,
+                    skipped: window.skipped,
                     ..DataWindow::default()
                 },
                 metrics: SavedMetrics { valid: Some(trained.valid), test: None },

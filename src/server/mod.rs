@@ -18,6 +18,7 @@ use crate::actors::model::{ConfigureRetrieval, ModelActor, ModelFactory};
 use crate::actors::monitor::MonitorActor;
 use crate::actors::registry::SessionRegistry;
 use crate::actors::session;
+use crate::actors::trainer::source::TrainingSource;
 use crate::actors::trainer::TrainerActor;
 use crate::actors::SessionDeps;
 use crate::bus::kafka::{self, KafkaBus};
@@ -86,8 +87,10 @@ impl Server {
         let initial = load_catalog_and_model(&config, &catalog)?;
         let threads = Threads::start(&config);
         let store = open_store(&config, &metrics, &threads.io)?;
-        let actors = start_actors(&config, &catalog, &metrics, initial, &threads);
-        let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone())?;
+        let pseudonyms =
+            Arc::new(crate::privacy::Pseudonyms::new(&config.privacy).map_err(|e| StartError::Privacy(e.to_string()))?);
+        let actors = start_actors(&config, &catalog, &metrics, initial, &threads, &store, &pseudonyms);
+        let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone(), pseudonyms)?;
         let bus = start_bus(&config, deps, &threads, &metrics).await?;
         let event_log = actors.event_log.clone();
         let cached = CachedThreads::default();
@@ -306,13 +309,17 @@ struct Actors {
 
 /// Step 4, the actors: the model actor (batched inference) on the first session thread, the
 /// monitor and the trainer on the monitor thread, the monitor attached to the trainer; and, when
-/// start-up owes it, the demo model's training in the background.
+/// start-up owes it, the demo model's training in the background. The trainer reads its windows
+/// from the in-memory event log, or with the Kafka bus from the events topic (tombstones from
+/// `store`, user ids mapped by `pseudonyms` as the ingest maps them).
 fn start_actors(
     config: &Arc<Config>,
     catalog: &Arc<Catalog>,
     metrics: &Arc<Metrics>,
     initial: InitialModel,
     threads: &Threads,
+    store: &Arc<dyn ProfileStore>,
+    pseudonyms: &Arc<crate::privacy::Pseudonyms>,
 ) -> Actors {
     let mut initial_model = initial.model;
     initial_model.configure_retrieval(&config.model.retrieval);
@@ -336,11 +343,17 @@ fn start_actors(
         })
     };
     let event_log = EventLog::new(config.trainer.window_secs, config.trainer.max_events);
+    let source = match config.bus.kind {
+        BusKind::Memory => TrainingSource::memory(event_log.clone(), config.trainer.window_secs),
+        BusKind::Kafka => {
+            TrainingSource::kafka(config, catalog.clone(), pseudonyms.clone(), store.clone(), threads.io.handle())
+        }
+    };
     let trainer = {
         let trainer = TrainerActor::new(
             config,
             catalog.clone(),
-            event_log.clone(),
+            source,
             model.clone(),
             monitor.clone(),
             metrics.clone(),
@@ -391,6 +404,7 @@ fn session_deps(
     store: &Arc<dyn ProfileStore>,
     metrics: &Arc<Metrics>,
     actors: Actors,
+    pseudonyms: Arc<crate::privacy::Pseudonyms>,
 ) -> Result<Arc<SessionDeps>, StartError> {
     Ok(Arc::new(SessionDeps {
         config: config.clone(),
@@ -401,9 +415,7 @@ fn session_deps(
         metrics: metrics.clone(),
         event_log: actors.event_log,
         cold_lists: Arc::new(crate::actors::cold_lists::ColdLists::new(crate::actors::cold_lists::COLD_LISTS_KEPT)),
-        pseudonyms: Arc::new(
-            crate::privacy::Pseudonyms::new(&config.privacy).map_err(|e| StartError::Privacy(e.to_string()))?,
-        ),
+        pseudonyms,
     }))
 }
 

@@ -215,14 +215,7 @@ impl SessionActor {
             let idx = self.deps.catalog.intern(&event.item_id);
             let segment = event.context.segment();
             // The one copy off the wire type: from here on, every step reads this interaction.
-            let interaction = Interaction {
-                event_id: event.event_id,
-                item_id: event.item_id,
-                event_type: event.event_type,
-                value: event.value,
-                timestamp: event.timestamp,
-                rec_id: event.rec_id,
-            };
+            let (interaction, _, context) = Interaction::from_event(event);
             let logged = self.attribute(interaction, idx, segment);
             let interaction = logged.interaction.clone();
             self.deps.event_log.append(logged);
@@ -237,7 +230,7 @@ impl SessionActor {
             new_items.push(HistoryItem::of(&interaction, idx));
             update.interactions.push(interaction.clone());
             self.push_history(interaction, idx);
-            self.context = Some(carry_over(self.context.take(), event.context));
+            self.context = Some(carry_over(self.context.take(), context));
         }
         // The store keeps the latest context; send it only when it changed.
         if self.context != self.persisted_context {

@@ -5,9 +5,11 @@
 //!    canary is being judged, further triggers are folded into it (counted, not queued).
 //!    After a drift alarm the run waits for `trainer.fresh_events` new events first, so that the
 //!    window holds the new behaviour.
-//! 2. Training: a snapshot of the retained event log's window becomes a dataset; a sequential
-//!    model is trained on it on a thread of its own (serving goes on), warm-started from the
-//!    serving version's weights when that version is a registry version.
+//! 2. Training: the window of events becomes a dataset; a sequential model is trained on it on
+//!    a thread of its own (serving goes on), warm-started from the serving version's weights when
+//!    that version is a registry version. That thread reads the window from the
+//!    [`source::TrainingSource`]: the in-memory event log (embedded), or the Kafka events topic,
+//!    every partition (production).
 //! 3. Gate: candidate and incumbent rank the whole catalogue for every user's held-out last
 //!    interaction; the candidate must beat the incumbent's NDCG@10 by `trainer.gate_min_gain`.
 //!    When the serving model learns online it has already seen the held-out part, so the
@@ -45,7 +47,6 @@ use super::monitor::{GetCounts, MonitorActor, Retrain};
 use crate::catalog::Catalog;
 use crate::config::{RolloutConfig, TrainerConfig};
 use crate::event::now_ms;
-use crate::eventlog::EventLog;
 use crate::models::registry;
 use crate::models::retrain::{Candidate, Job, RetrainError, SavedCandidate};
 use crate::models::sequential::SequentialModel;
@@ -57,6 +58,7 @@ pub mod experiments;
 mod history;
 pub mod replies;
 pub mod rollout;
+pub mod source;
 pub mod state;
 pub mod view;
 
@@ -80,7 +82,8 @@ pub struct TrainerActor {
     registry_dir: PathBuf,
     monitor_window_secs: u64,
     catalog: Arc<Catalog>,
-    log: Arc<EventLog>,
+    /// Where a run reads its window.
+    source: source::TrainingSource,
     model: Addr<ModelActor>,
     monitor: Addr<MonitorActor>,
     metrics: Arc<Metrics>,
@@ -93,6 +96,10 @@ pub struct TrainerActor {
     runs: VecDeque<RunRecord>,
     history: VecDeque<HistoryEntry>,
     checking: bool,
+    /// A count of produced events is being asked for (a run waiting for fresh events).
+    counting: bool,
+    /// The last count of produced events (see `source::TrainingSource::produced`).
+    produced: Option<u64>,
 }
 
 impl TrainerActor {
@@ -100,7 +107,7 @@ impl TrainerActor {
     pub fn new(
         config: &crate::config::Config,
         catalog: Arc<Catalog>,
-        log: Arc<EventLog>,
+        source: source::TrainingSource,
         model: Addr<ModelActor>,
         monitor: Addr<MonitorActor>,
         metrics: Arc<Metrics>,
@@ -112,7 +119,7 @@ impl TrainerActor {
             registry_dir: config.model.registry_dir.clone(),
             monitor_window_secs: config.monitor.window_secs,
             catalog,
-            log,
+            source,
             model,
             monitor,
             metrics,
@@ -123,6 +130,8 @@ impl TrainerActor {
             runs: VecDeque::new(),
             history: VecDeque::new(),
             checking: false,
+            counting: false,
+            produced: None,
         }
     }
 
@@ -171,43 +180,66 @@ impl TrainerActor {
                 None,
                 format!("{}; training after {} new events", request.reason, self.config.fresh_events),
             );
-            self.phase = Phase::Waiting { run, from: self.log.appended(), request };
+            self.phase = Phase::Waiting { run, from: self.source.produced_now(), request };
         } else {
             self.start_training(run, request, ctx);
         }
         Ok(RetrainAck { run, coalesced: false })
     }
 
-    /// Starts a waiting run once enough new events are in.
+    /// Starts a waiting run once enough new events are in. The count may need the broker (Kafka
+    /// high watermarks), so it is asked off the actor's thread and the answer checked here; the
+    /// first answer is the baseline when the trigger could not know it.
     fn check_waiting(&mut self, ctx: &mut Context<Self>) {
-        let ready = matches!(&self.phase, Phase::Waiting { from, .. } if self.log.appended() >= from + self.config.fresh_events);
-        if !ready {
+        let Phase::Waiting { run, .. } = self.phase else { return };
+        if self.counting {
             return;
         }
-        if let Phase::Waiting { run, request, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
-            self.start_training(run, request, ctx);
-        }
+        self.counting = true;
+        ctx.spawn(self.source.produced().into_actor(self).map(move |produced, act, ctx| {
+            act.counting = false;
+            let produced = match produced {
+                Ok(produced) => produced,
+                Err(error) => {
+                    tracing::warn!(error = %error, run, "cannot count new events; asking again");
+                    return;
+                }
+            };
+            act.produced = Some(produced);
+            let Phase::Waiting { run: waiting, from, .. } = &mut act.phase else { return };
+            if *waiting != run {
+                return;
+            }
+            let Some(from) = *from else {
+                *from = Some(produced);
+                return;
+            };
+            if produced < from + act.config.fresh_events {
+                return;
+            }
+            if let Phase::Waiting { run, request, .. } = std::mem::replace(&mut act.phase, Phase::Idle) {
+                act.start_training(run, request, ctx);
+            }
+        }));
     }
 
     fn start_training(&mut self, run: u64, request: RequestRetrain, ctx: &mut Context<Self>) {
-        let events = self.log.snapshot(now_ms());
         if self.run_mut(run).is_none() {
             self.push_run(run, &request, RunOutcome::Training);
         }
         if let Some(record) = self.run_mut(run) {
             record.outcome = RunOutcome::Training;
-            record.events = Some(events.len());
         }
         self.record(
             LoopStep::TrainingStarted,
             Some(run),
             None,
-            format!("{} ({} events in the window)", request.reason, events.len()),
+            format!("{} (window from {})", request.reason, self.source.describe()),
         );
         self.phase = Phase::Training { run };
         let job = Job {
             run,
-            events,
+            source: Arc::new(self.source.clone()),
             catalog: self.catalog.clone(),
             config: self.config.clone(),
             registry_dir: self.registry_dir.clone(),

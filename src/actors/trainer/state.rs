@@ -98,10 +98,11 @@ impl Variant {
 
 pub(super) enum Phase {
     Idle,
-    /// A drift alarm came in; the run starts once `from + fresh_events` events are logged.
+    /// A drift alarm came in; the run starts once `from + fresh_events` events are produced
+    /// (`from` is unknown until the first count when the source must ask the broker).
     Waiting {
         run: u64,
-        from: u64,
+        from: Option<u64>,
         request: RequestRetrain,
     },
     Training {

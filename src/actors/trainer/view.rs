@@ -139,7 +139,10 @@ impl TrainerActor {
             Phase::Training { run } => Some(TrainingView { run: *run, waiting_for_events: None }),
             Phase::Waiting { run, from, .. } => Some(TrainingView {
                 run: *run,
-                waiting_for_events: Some((from + self.config.fresh_events).saturating_sub(self.log.appended())),
+                waiting_for_events: Some(match (from, self.source.produced_now().or(self.produced)) {
+                    (Some(from), Some(now)) => (from + self.config.fresh_events).saturating_sub(now),
+                    _ => self.config.fresh_events,
+                }),
             }),
             _ => None,
         };

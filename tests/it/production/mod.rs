@@ -10,6 +10,7 @@ mod kafka;
 mod memory;
 mod shutdown;
 mod store_writer;
+mod training_window;
 mod watch;
 
 use liverec::config::Config;
