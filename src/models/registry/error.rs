@@ -25,7 +25,7 @@ pub enum RegistryError {
     BadUrl { url: String, why: String },
     /// The object store refused or could not be reached; `hint` names the setting to check.
     #[error("model registry {url} (model.registry_url): cannot {action}: {source}; {hint}")]
-    Store { url: String, action: String, hint: &'static str, source: object_store::Error },
+    Store { url: String, action: String, hint: &'static str, source: Box<object_store::Error> },
     #[error("model registry cache {0} (model.registry_cache_dir): {1}")]
     Cache(PathBuf, std::io::Error),
     #[error("model.registry_part_mib = {0}: parts of a multipart upload are at least 5 MiB (S3's smallest part)")]

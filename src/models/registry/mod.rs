@@ -50,7 +50,7 @@ struct Inner {
 
 enum Backend {
     Local,
-    Remote(remote::Remote),
+    Remote(Box<remote::Remote>),
 }
 
 impl std::fmt::Display for Registry {
@@ -81,7 +81,7 @@ impl Registry {
             config.registry_cache_dir.clone()
         };
         let remote = remote::Remote::connect(url, config.registry_part_mib << 20)?;
-        Ok(Registry::new(Backend::Remote(remote), dir, config.retrieval.clone()))
+        Ok(Registry::new(Backend::Remote(Box::new(remote)), dir, config.retrieval.clone()))
     }
 
     /// The local-folder registry in `dir` (a missing folder is an empty registry).

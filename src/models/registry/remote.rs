@@ -170,7 +170,7 @@ impl Remote {
             url: url.to_string(),
             action: "configure the client".into(),
             hint: hint(&source),
-            source,
+            source: Box::new(source),
         })?;
         let (serving_tx, serving_rx) = tokio::sync::mpsc::unbounded_channel();
         let remote = Remote {
@@ -201,7 +201,12 @@ impl Remote {
     }
 
     fn error(&self, action: impl Into<String>, source: object_store::Error) -> RegistryError {
-        RegistryError::Store { url: self.url.to_string(), action: action.into(), hint: hint(&source), source }
+        RegistryError::Store {
+            url: self.url.to_string(),
+            action: action.into(),
+            hint: hint(&source),
+            source: Box::new(source),
+        }
     }
 
     fn serving_path(&self) -> ObjectPath {

@@ -5,7 +5,7 @@
 //! byte, and a wrong bucket or key stops start-up with the setting to check.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use liverec::config::ModelConfig;
 use liverec::models::registry::{Registry, RegistryError};
@@ -42,7 +42,7 @@ fn model_config(url: &str, cache: &Path, part_mib: usize) -> ModelConfig {
 
 /// A liverec process serving the sequential model of the registry at `url`, with its own cache.
 struct Instance {
-    child: Child,
+    _child: KilledOnDrop,
     url: String,
 }
 
@@ -68,7 +68,7 @@ impl Instance {
     fn start(registry_url: &str, cache: &Path) -> Instance {
         let port = free_port();
         let child = Self::command(registry_url, cache, port, &[]).stderr(Stdio::null()).spawn().expect("spawn liverec");
-        Instance { child, url: format!("http://127.0.0.1:{port}") }
+        Instance { _child: KilledOnDrop(child), url: format!("http://127.0.0.1:{port}") }
     }
 
     async fn models(&self) -> Option<Value> {
@@ -78,17 +78,6 @@ impl Instance {
         }
         response.json::<Value>().limit(16 * 1024 * 1024).await.ok()
     }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Runs `liverec serve` against `registry_url` with `extra_env`, expecting it to stop at start-up;
