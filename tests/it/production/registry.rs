@@ -167,6 +167,32 @@ async fn a_version_published_to_the_shared_registry_is_listed_and_served_by_anot
 }
 
 #[actix_rt::test]
+async fn a_version_the_retraining_loop_trains_is_published_and_a_process_started_later_serves_it() {
+    let url = format!("s3://{}/{}", bucket(), unique("registry-loop"));
+    let trainer_cache = temp_dir("registry-loop-a");
+    let (loop_url, loop_cache) = (url.clone(), trainer_cache.clone());
+    let lp = crate::closed_loop::Loop::start("shared-registry", move |config| {
+        config.model.registry_url = loop_url;
+        config.model.registry_dir = loop_cache;
+    })
+    .await;
+    // Trained from the live window, canaried, promoted by hand (serving.json in the store).
+    let version = lp.bootstrap().await;
+
+    let cache = temp_dir("registry-loop-b");
+    let instance = Instance::start(&url, &cache);
+    let models = eventually("the process started later serves", || instance.models()).await;
+    assert_eq!(models["serving"], Value::from(version.clone()), "{models}");
+    let name = models["serving_name"].as_str().unwrap_or_default().to_owned();
+    assert!(name.starts_with("auto-"), "the loop's version, by its registry name: {models}");
+    assert!(cache.join(&name).join("manifest.json").is_file(), "downloaded into the empty cache");
+    drop(instance);
+    lp.stop().await;
+    let _ = std::fs::remove_dir_all(&cache);
+    let _ = std::fs::remove_dir_all(&trainer_cache);
+}
+
+#[actix_rt::test]
 async fn a_file_larger_than_a_part_moves_in_parts_and_comes_back_byte_for_byte() {
     let url = format!("s3://{}/{}", bucket(), unique("registry-parts"));
     let cache = temp_dir("registry-parts-a");
