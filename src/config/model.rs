@@ -15,6 +15,19 @@ pub struct ModelConfig {
     pub kind: ModelKind,
     /// Folder of trained versions (one sub-directory each).
     pub registry_dir: std::path::PathBuf,
+    /// The registry shared by every instance: "" keeps versions in `registry_dir` alone;
+    /// "s3://bucket/prefix" keeps them in object storage (endpoint and credentials from the
+    /// `AWS_*` environment variables), downloaded into `registry_cache_dir` to load.
+    #[serde(default)]
+    pub registry_url: String,
+    /// With `registry_url`: the local folder of downloaded versions and of new ones before they
+    /// are published. "": `registry_dir`.
+    #[serde(default)]
+    pub registry_cache_dir: std::path::PathBuf,
+    /// With `registry_url`: a file larger than this uploads in parts of this size (MiB, at least
+    /// 5, S3's smallest part).
+    #[serde(default = "default_registry_part_mib")]
+    pub registry_part_mib: usize,
     /// Version served at start-up with `kind = "sequential"`: a sub-directory name, or "latest".
     pub version: String,
     pub max_batch: usize,
@@ -25,6 +38,10 @@ pub struct ModelConfig {
     /// Two-stage retrieval for large catalogues.
     #[serde(default)]
     pub retrieval: RetrievalConfig,
+}
+
+fn default_registry_part_mib() -> usize {
+    16
 }
 
 /// Settings of the `[model.retrieval]` section: above `min_items` catalogue items, both models

@@ -18,7 +18,7 @@ use crate::actors::trainer::rollout::{Promote, Rollback};
 use crate::actors::trainer::state::{RequestRetrain, RunOutcome, TriggerSource};
 use crate::actors::trainer::view::GetLoopState;
 use crate::auth::Role;
-use crate::models::registry::{self, RegistryError};
+use crate::models::registry::RegistryError;
 use crate::models::retrain::Drill;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -77,8 +77,8 @@ pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpRe
     caller.require(Role::Admin)?;
     let traffic = state.registry.deps.model.send(CurrentVersion).await?;
     let loop_state = state.trainer.send(GetLoopState).await?;
-    let dir = state.config.model.registry_dir.clone();
-    let versions = web::block(move || registry::list(&dir))
+    let model_registry = state.model_registry.clone();
+    let versions = web::block(move || model_registry.list())
         .await
         .map_err(|_| ApiError::unavailable("unavailable", "the registry could not be listed", 1))??;
     let rolled_back: Vec<&str> = loop_state
@@ -114,6 +114,7 @@ pub async fn models(state: web::Data<AppState>, caller: Caller) -> Result<HttpRe
         "serving": traffic.serving(),
         "kind": state.config.model.kind,
         "registry_dir": state.config.model.registry_dir,
+        "registry_url": state.config.model.registry_url,
         "traffic": traffic,
         "versions": versions,
     });

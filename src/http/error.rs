@@ -164,7 +164,15 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound { .. } | RegistryError::Empty(_) => {
                 ApiError::not_found("model_not_found", error.to_string())
             }
-            RegistryError::Unreadable(..) | RegistryError::File(_) => model_unreadable(&error),
+            RegistryError::Exists { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", error.to_string()),
+            RegistryError::Unreadable(..)
+            | RegistryError::File(_)
+            | RegistryError::BadUrl { .. }
+            | RegistryError::Store { .. }
+            | RegistryError::Cache(..)
+            | RegistryError::PartSize(_)
+            | RegistryError::Runtime(_)
+            | RegistryError::Stopped => model_unreadable(&error),
         }
     }
 }

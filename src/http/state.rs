@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Becomes true when the server starts shutting down; streams close on it.
     pub shutdown: watch::Receiver<bool>,
+    /// The model registry (a local folder, or object storage shared by every instance).
+    pub model_registry: crate::models::registry::Registry,
 }
 
 impl AppState {

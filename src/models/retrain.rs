@@ -12,7 +12,6 @@
 //! embedded default, the Kafka events topic in production (`actors::trainer::source`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::artifact::{rfc3339, DataWindow, Manifest, PartitionEvents, SavedMetrics, SkippedEvents};
 use super::data::{Dataset, DatasetBuilder, Split};
-use super::registry;
+use super::registry::Registry;
 use super::sasrec::Config as NetConfig;
 use super::sequential::SequentialModel;
 use super::train::{train_from, TrainConfig, TrainFile};
@@ -267,6 +266,9 @@ pub enum RetrainError {
     /// The candidate could not be written to the registry (nothing half-written is left).
     #[error(transparent)]
     Save(#[from] super::artifact::ModelFileError),
+    /// The candidate could not be published to the shared registry (nothing is left locally).
+    #[error("the candidate could not be published: {0}")]
+    Publish(super::registry::RegistryError),
     #[error("the training thread panicked; see the log")]
     Panicked,
     #[error("cannot start the training thread: {0}")]
@@ -333,8 +335,10 @@ pub struct Job {
     pub source: Arc<dyn EventSource>,
     pub catalog: Arc<Catalog>,
     pub config: TrainerConfig,
-    pub registry_dir: PathBuf,
-    pub serving_path: Option<PathBuf>,
+    /// Where the serving version is read from and the candidate is published.
+    pub registry: Registry,
+    /// The serving version's registry name, when a registry version serves.
+    pub serving_name: Option<String>,
     pub drill: Drill,
     pub skip_gate: bool,
     pub reference_secs: u64,
@@ -355,8 +359,8 @@ impl Job {
             return Err(RetrainError::TooFewCases { have: cases, need: cfg.min_cases });
         }
         // The serving version, when it is a registry version: warm start and yardstick.
-        let incumbent = match &self.serving_path {
-            Some(path) => match registry::load(path, &self.catalog) {
+        let incumbent = match &self.serving_name {
+            Some(name) => match self.registry.load(name, &self.catalog) {
                 Ok(model) => Some(model),
                 Err(error) => {
                     tracing::warn!(error = %error, "serving version not readable; training from scratch");
@@ -452,11 +456,16 @@ impl Job {
                 training: trained.summary,
                 weights_sha256: String::new(),
             };
-            let dir = self.registry_dir.join(&name);
+            let dir = self.registry.staging_dir().join(&name);
             if let Err(error) = candidate.save(&dir, &mut manifest) {
                 // A full disk, say: leave no half-written version behind for a restart to trip on.
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(error.into());
+            }
+            // Shared registry: uploaded for every instance (a no-op for the local folder).
+            if let Err(error) = self.registry.publish(&dir, &name) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(RetrainError::Publish(error));
             }
             let version = candidate.version().to_owned();
             result.saved = Some(SavedCandidate { model: candidate, name, version });
@@ -601,7 +610,9 @@ mod gate_tests {
             weights_sha256: String::new(),
         };
         model.save(&dir, &mut manifest).expect("saves");
-        let mut loaded = crate::models::registry::load(&dir, &catalog).expect("loads");
+        let mut loaded = crate::models::registry::Registry::local(std::env::temp_dir())
+            .load(dir.file_name().and_then(|n| n.to_str()).expect("a plain name"), &catalog)
+            .expect("loads");
         let after = ndcg(&score_all(&mut loaded, &requests, &catalog), &targets, 10);
         let _ = std::fs::remove_dir_all(&dir);
         assert!(before > 0.3, "the trained model learned the walk: NDCG@10 {before}");

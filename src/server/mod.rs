@@ -29,6 +29,7 @@ use crate::config::{BusKind, Config, ModelKind, StoreKind};
 use crate::demo;
 use crate::eventlog::EventLog;
 use crate::http::{self, AppState};
+use crate::models::registry::Registry;
 use crate::models::Recommender;
 use crate::models::{self, cooccurrence::CoocModel};
 use crate::store::memory::{MemoryBounds, MemoryStore};
@@ -50,6 +51,8 @@ pub enum StartError {
     Redis(String),
     #[error("model: {0}")]
     Model(String),
+    #[error(transparent)]
+    Registry(#[from] models::registry::RegistryError),
     #[error("privacy: {0}")]
     Privacy(String),
     #[error("auth: {0}")]
@@ -84,12 +87,14 @@ impl Server {
             accept_unknown_items: config.catalog.accept_unknown_items,
             max_event_items: config.catalog.max_event_items,
         }));
-        let initial = load_catalog_and_model(&config, &catalog)?;
+        // The registry first: a wrong bucket or credential stops start-up before anything runs.
+        let model_registry = Registry::open(&config.model)?;
+        let initial = load_catalog_and_model(&config, &catalog, &model_registry)?;
         let threads = Threads::start(&config);
         let store = open_store(&config, &metrics, &threads.io)?;
         let pseudonyms =
             Arc::new(crate::privacy::Pseudonyms::new(&config.privacy).map_err(|e| StartError::Privacy(e.to_string()))?);
-        let actors = start_actors(&config, &catalog, &metrics, initial, &threads, &store, &pseudonyms);
+        let actors = start_actors(&config, &catalog, &metrics, initial, &threads, &store, &pseudonyms, &model_registry);
         let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone(), pseudonyms)?;
         let bus = start_bus(&config, deps, &threads, &metrics).await?;
         let event_log = actors.event_log.clone();
@@ -107,8 +112,18 @@ impl Server {
             &threads.io,
         );
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state =
-            app_state(&config, catalog, store, metrics.clone(), actors, bus.bus, bus.registry, bus.items, shutdown_rx)?;
+        let state = app_state(
+            &config,
+            catalog,
+            store,
+            metrics.clone(),
+            actors,
+            bus.bus,
+            bus.registry,
+            bus.items,
+            shutdown_rx,
+            model_registry,
+        )?;
         let http = serve_http(&config, state, cached)?;
         let mut arbiters = threads.into_arbiters();
         arbiters.push(bus.catalog_arbiter);
@@ -156,13 +171,13 @@ impl Server {
 }
 
 /// Builds the serving model again if the inference thread has to start over: a fresh online
-/// model, or the same registry version reloaded.
-fn model_factory(config: &Config, catalog: &Arc<Catalog>, path: Option<std::path::PathBuf>) -> ModelFactory {
+/// model, or the same registry version reloaded (from the local cache when the registry is shared).
+fn model_factory(config: &Config, catalog: &Arc<Catalog>, registry: &Registry, name: Option<String>) -> ModelFactory {
     let cooc = config.model.cooccurrence.clone();
-    let catalog = catalog.clone();
+    let (catalog, registry) = (catalog.clone(), registry.clone());
     Arc::new(move || -> Box<dyn Recommender> {
-        if let Some(path) = &path {
-            match models::registry::load(path, &catalog) {
+        if let Some(name) = &name {
+            match registry.load(name, &catalog) {
                 Ok(model) => return Box::new(model),
                 Err(error) => tracing::error!(error = %error, "cannot reload the model; serving the online baseline"),
             }
@@ -184,7 +199,11 @@ struct InitialModel {
 /// Step 1, catalogue and model: loads the demo catalogue when the demo is on, then the model to
 /// serve (the online co-occurrence model, warmed on demo sessions in the demo, or the sequential
 /// model's registry version, with the online model while the registry is still empty).
-fn load_catalog_and_model(config: &Config, catalog: &Arc<Catalog>) -> Result<InitialModel, StartError> {
+fn load_catalog_and_model(
+    config: &Config,
+    catalog: &Arc<Catalog>,
+    registry: &Registry,
+) -> Result<InitialModel, StartError> {
     if config.demo.enabled {
         demo::load_catalog(catalog, config.demo.items, config.demo.seed);
     }
@@ -203,16 +222,16 @@ fn load_catalog_and_model(config: &Config, catalog: &Arc<Catalog>) -> Result<Ini
                     "demo catalogue loaded and model warmed"
                 );
             }
-            (Box::new(model), model_factory(config, catalog, None))
+            (Box::new(model), model_factory(config, catalog, registry, None))
         }
         ModelKind::Sequential => {
             models::keep_freed_memory();
-            match models::registry::resolve(&config.model.registry_dir, &config.model.version) {
-                Ok(path) => {
-                    let model = models::registry::load(&path, catalog).map_err(|e| StartError::Model(e.to_string()))?;
-                    tracing::info!(version = model.version(), path = %path.display(), "sequential model loaded");
-                    serving_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                    (Box::new(model), model_factory(config, catalog, Some(path)))
+            match registry.resolve(&config.model.version) {
+                Ok(name) => {
+                    let model = registry.load(&name, catalog)?;
+                    tracing::info!(version = model.version(), name, registry = %registry, "sequential model loaded");
+                    serving_name = Some(name.clone());
+                    (Box::new(model), model_factory(config, catalog, registry, Some(name)))
                 }
                 // An empty registry: serve the online model at once. In the embedded demo, train
                 // a small sequential model on the demo sessions in the background; otherwise
@@ -233,9 +252,9 @@ fn load_catalog_and_model(config: &Config, catalog: &Arc<Catalog>) -> Result<Ini
                             "model registry empty: serving the online model until a trained version is promoted"
                         );
                     }
-                    (Box::new(model), model_factory(config, catalog, None))
+                    (Box::new(model), model_factory(config, catalog, registry, None))
                 }
-                Err(error) => return Err(StartError::Model(error.to_string())),
+                Err(error) => return Err(error.into()),
             }
         }
     };
@@ -320,6 +339,7 @@ fn start_actors(
     threads: &Threads,
     store: &Arc<dyn ProfileStore>,
     pseudonyms: &Arc<crate::privacy::Pseudonyms>,
+    registry: &Registry,
 ) -> Actors {
     let mut initial_model = initial.model;
     initial_model.configure_retrieval(&config.model.retrieval);
@@ -358,18 +378,19 @@ fn start_actors(
             monitor.clone(),
             metrics.clone(),
             initial.serving_name,
+            registry.clone(),
         );
         TrainerActor::start_in_arbiter(&threads.monitor.handle(), move |_| trainer)
     };
     monitor.do_send(actors::monitor::AttachTrainer(trainer.clone().recipient()));
     if initial.train_demo {
-        train_demo_model(config.clone(), catalog.clone(), trainer.clone());
+        train_demo_model(config.clone(), catalog.clone(), trainer.clone(), registry.clone());
     }
     Actors { model, monitor, trainer, event_log }
 }
 
 /// Trains the demo's sequential model on a thread of its own and asks the trainer to promote it.
-fn train_demo_model(config: Arc<Config>, catalog: Arc<Catalog>, trainer: Addr<TrainerActor>) {
+fn train_demo_model(config: Arc<Config>, catalog: Arc<Catalog>, trainer: Addr<TrainerActor>, registry: Registry) {
     std::thread::spawn(move || {
         let started = std::time::Instant::now();
         let trained = demo::train_sequential(
@@ -377,8 +398,9 @@ fn train_demo_model(config: Arc<Config>, catalog: Arc<Catalog>, trainer: Addr<Tr
             config.demo.items,
             config.demo.users,
             config.demo.seed,
-            &config.model.registry_dir,
-        );
+            &registry.staging_dir(),
+        )
+        .and_then(|path| registry.publish(&path, "demo").map(|_| path).map_err(|e| e.to_string()));
         match trained {
             Ok(path) => {
                 tracing::info!(
@@ -534,6 +556,7 @@ fn app_state(
     registry: Arc<SessionRegistry>,
     items: Arc<CatalogFeed>,
     shutdown: watch::Receiver<bool>,
+    model_registry: Registry,
 ) -> Result<AppState, StartError> {
     let auth = Arc::new(crate::auth::Auth::new(&config.auth, config.demo.enabled)?);
     if !auth.enabled() && !config.demo.enabled {
@@ -554,6 +577,7 @@ fn app_state(
         items,
         metrics,
         shutdown,
+        model_registry,
     })
 }
 
@@ -576,6 +600,7 @@ fn serve_http(config: &Config, state: AppState, cached: CachedThreads) -> Result
     let open_files = http::limits::raise_open_file_limit();
     let max_connections = http::limits::max_connections(&config.limits, open_files);
     let connections = Arc::new(http::limits::Connections::new(&config.limits, max_connections));
+    let registry = state.model_registry.to_string();
     let server = HttpServer::new(move || {
         // Runs once on each worker thread as it starts.
         cached.add(actix_rt::Arbiter::current());
@@ -610,6 +635,6 @@ fn serve_http(config: &Config, state: AppState, cached: CachedThreads) -> Result
     let handle = server.handle();
     let task = tokio::spawn(server);
     tracing::info!(max_connections, open_files = open_files.unwrap_or(0), "connection cap");
-    tracing::info!(addr = %bound, dashboard = %format!("http://{bound}/"), registry = %std::path::absolute(&config.model.registry_dir).unwrap_or_else(|_| config.model.registry_dir.clone()).display(), store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
+    tracing::info!(addr = %bound, dashboard = %format!("http://{bound}/"), registry = %registry, store = %format!("{:?}", config.store.kind), bus = %format!("{:?}", config.bus.kind), "liverec listening");
     Ok(Http { addr: bound, handle, task })
 }

@@ -44,6 +44,9 @@ pub fn init(log: &LogConfig, tracing_config: &TracingConfig) -> Result<Telemetry
     }
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    // reqwest, under the exporter, has TLS without a crypto provider of its own (Cargo.toml):
+    // ring, as the model registry installs it. Err: one is installed already, which serves.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let failed = |message: String| TelemetryError::Exporter { endpoint: tracing_config.otlp_endpoint.clone(), message };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()

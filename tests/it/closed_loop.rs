@@ -20,7 +20,7 @@ use crate::support::*;
 /// canary) see at most 300 lists a second, so the slowest stage needs some 40,000.
 const STAGE_LISTS: u64 = 150_000;
 
-struct Loop {
+pub(crate) struct Loop {
     server: liverec::Server,
     sim: Arc<SimControl>,
     sim_task: actix_rt::task::JoinHandle<Result<liverec::sim::SimReport, liverec::sim::SimError>>,
@@ -53,7 +53,7 @@ fn loop_config(registry: &std::path::Path) -> Config {
 }
 
 impl Loop {
-    async fn start(name: &str, adjust: impl FnOnce(&mut Config)) -> Loop {
+    pub(crate) async fn start(name: &str, adjust: impl FnOnce(&mut Config)) -> Loop {
         let registry = std::env::temp_dir().join(format!("liverec-loop-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&registry);
         let mut config = loop_config(&registry);
@@ -145,7 +145,7 @@ impl Loop {
 
     /// A first sequential version from the live window: trained, gated against popularity,
     /// canaried, then promoted by hand. Returns its version.
-    async fn bootstrap(&self) -> String {
+    pub(crate) async fn bootstrap(&self) -> String {
         self.traffic(2500).await;
         let run = self.retrain(json!({ "reason": "first version" })).await;
         let record = self.run_outcome(run, &["canary"]).await;
@@ -176,7 +176,7 @@ impl Loop {
         self.sim.recent_ctr(3.0)
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.sim.stop();
         let report = self.sim_task.await.expect("simulator ran").expect("simulator reached the server");
         assert!(report.lists > 0);

@@ -36,7 +36,6 @@
 //! The training job itself (window, training, gate) is `models::retrain::Job`, run on a thread.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +46,7 @@ use super::monitor::{GetCounts, MonitorActor, Retrain};
 use crate::catalog::Catalog;
 use crate::config::{RolloutConfig, TrainerConfig};
 use crate::event::now_ms;
-use crate::models::registry;
+use crate::models::registry::Registry;
 use crate::models::retrain::{Candidate, Job, RetrainError, SavedCandidate};
 use crate::models::sequential::SequentialModel;
 use crate::telemetry::Metrics;
@@ -79,7 +78,7 @@ struct TrainingDone {
 pub struct TrainerActor {
     config: TrainerConfig,
     rollout: RolloutConfig,
-    registry_dir: PathBuf,
+    registry: Registry,
     monitor_window_secs: u64,
     catalog: Arc<Catalog>,
     /// Where a run reads its window.
@@ -112,11 +111,12 @@ impl TrainerActor {
         monitor: Addr<MonitorActor>,
         metrics: Arc<Metrics>,
         serving_name: Option<String>,
+        registry: Registry,
     ) -> Self {
         Self {
             config: config.trainer.clone(),
             rollout: config.rollout.clone(),
-            registry_dir: config.model.registry_dir.clone(),
+            registry,
             monitor_window_secs: config.monitor.window_secs,
             catalog,
             source,
@@ -242,8 +242,8 @@ impl TrainerActor {
             source: Arc::new(self.source.clone()),
             catalog: self.catalog.clone(),
             config: self.config.clone(),
-            registry_dir: self.registry_dir.clone(),
-            serving_path: self.serving_name.as_ref().map(|n| self.registry_dir.join(n)),
+            registry: self.registry.clone(),
+            serving_name: self.serving_name.clone(),
             drill: request.drill,
             skip_gate: request.skip_gate,
             reference_secs: self.monitor_window_secs,
@@ -364,14 +364,14 @@ impl TrainerActor {
         &self,
         names: Vec<String>,
     ) -> impl std::future::Future<Output = Result<Vec<SequentialModel>, TrainerError>> + 'static {
-        let (dir, catalog) = (self.registry_dir.clone(), self.catalog.clone());
+        let (registry, catalog) = (self.registry.clone(), self.catalog.clone());
         async move {
             tokio::task::spawn_blocking(move || {
                 names
                     .iter()
                     .map(|name| {
-                        let path = registry::resolve(&dir, name).map_err(TrainerError::Version)?;
-                        registry::load(&path, &catalog).map_err(TrainerError::Unreadable)
+                        let name = registry.resolve(name).map_err(TrainerError::Version)?;
+                        registry.load(&name, &catalog).map_err(TrainerError::Unreadable)
                     })
                     .collect()
             })

@@ -11,7 +11,6 @@ use super::TrainerActor;
 use crate::actors::model::{EndChallenger, SwapModel};
 use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
 use crate::config::RolloutConfig;
-use crate::models::registry;
 use crate::models::Recommender;
 use crate::monitor::two_proportion_z;
 use crate::monitor::{arm_since, Arm, ArmTally};
@@ -136,9 +135,7 @@ impl TrainerActor {
     /// Bookkeeping of a new version serving everyone.
     pub(super) fn adopt(&mut self, name: String, displaced: Option<Box<dyn Recommender>>) {
         self.metrics.rollout_promotions.inc();
-        if let Err(error) = registry::set_serving(&self.registry_dir, &name) {
-            tracing::error!(error = %error, "cannot record the serving version; a restart may serve another");
-        }
+        self.registry.record_serving(&name);
         let old = self.serving_name.replace(name);
         if let Some(model) = displaced {
             self.previous = Some(Kept { model, name: old });
@@ -234,9 +231,7 @@ impl Handler<Rollback> for TrainerActor {
             act.metrics.rollout_rollbacks.inc();
             let from = act.serving_name.take();
             if let Some(name) = &name {
-                if let Err(error) = registry::set_serving(&act.registry_dir, name) {
-                    tracing::error!(error = %error, "cannot record the serving version");
-                }
+                act.registry.record_serving(name);
             }
             act.serving_name = name.clone();
             if let Some(displaced) = displaced.ok().flatten() {

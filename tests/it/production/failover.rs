@@ -62,10 +62,6 @@ impl Drop for Instance {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 #[actix_rt::test]
 async fn two_instances_share_users_and_a_sigkill_loses_nothing_and_applies_nothing_twice() {
     let _services = SERVICES.read().await;

@@ -8,6 +8,7 @@ mod erasure;
 mod failover;
 mod kafka;
 mod memory;
+mod registry;
 mod shutdown;
 mod store_writer;
 mod training_window;

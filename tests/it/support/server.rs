@@ -126,3 +126,19 @@ mod tests {
             .await;
     }
 }
+
+/// A free port on 127.0.0.1, for a liverec process started with `--listen`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A child process (a liverec started as a user runs it) killed when the test ends, also when
+/// it fails.
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
