@@ -6,6 +6,7 @@ pub use liverec_wire::codec;
 pub mod items;
 pub mod kafka;
 pub mod memory;
+pub mod monitor_topic;
 
 use std::time::Instant;
 

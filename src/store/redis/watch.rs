@@ -79,6 +79,12 @@ impl WatchTable {
         self.blind_at(now) || self.until.get(user).is_some_and(|until| now < *until)
     }
 
+    /// Whether an announcement of `user` is current, as heard (never while the feature is off;
+    /// the blind time after listening does not count: only what was heard).
+    pub fn announced(&self, user: &UserId) -> bool {
+        self.enabled() && self.until.get(user).is_some_and(|until| Instant::now() < *until)
+    }
+
     fn blind_at(&self, now: Instant) -> bool {
         self.blind_until.lock().is_none_or(|until| now < until)
     }
