@@ -30,7 +30,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde::Serialize;
 
-pub use crate::bus::monitor_topic::MonitorPublisher;
 use crate::catalog::{Catalog, ItemIdx};
 use crate::config::MonitorConfig;
 use crate::event::{Context as EventContext, EventType, ItemId};
@@ -42,8 +41,8 @@ pub use crate::monitor::report::{
     Breach, BreachKind, ClusterReport, DriftReport, InstanceReport, MonitorReply, MonitorReport, VariantReport,
 };
 use crate::monitor::stream::StreamTotals;
-pub use crate::monitor::view::WireReport;
 use crate::monitor::view::{ArmKey, MonitorView, Report, UserEvent};
+pub use crate::monitor::view::{WireArm, WireReport};
 use crate::monitor::{psi_test, two_proportion_z, FastMap, PsiTest};
 use crate::telemetry::Metrics;
 
@@ -127,7 +126,9 @@ pub struct AttachTrainer(pub Recipient<Retrain>);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AttachCluster {
-    pub publisher: MonitorPublisher,
+    /// Where this instance's encoded reports go (the monitor topic's producer drains it, off
+    /// this thread: see `bus::monitor_topic::publish`).
+    pub reports: tokio::sync::mpsc::Sender<Vec<u8>>,
     /// This instance's id (`cluster.instance_id`).
     pub instance: String,
     /// `cluster.report_interval_ms`.
@@ -153,7 +154,7 @@ struct Cluster {
     view: MonitorView,
     /// What this instance counted since its last report.
     pending: Report,
-    publisher: MonitorPublisher,
+    reports: tokio::sync::mpsc::Sender<Vec<u8>>,
     instance: String,
     /// Per instance: when its latest report was made (its clock, ms since the epoch).
     instances: BTreeMap<String, u64>,
@@ -416,7 +417,7 @@ impl MonitorActor {
 
     /// Publishes what this instance counted since its last report (an empty report too: it
     /// says the instance is there) and starts the next one.
-    fn publish(&mut self, ctx: &mut Context<Self>) {
+    fn publish(&mut self) {
         let Some(cluster) = &mut self.cluster else { return };
         let report = std::mem::take(&mut cluster.pending);
         let catalog = &self.catalog;
@@ -424,17 +425,12 @@ impl MonitorActor {
             catalog.ids_of(items).into_iter().map(|id| id.0.to_string()).collect()
         });
         let payload = serde_json::to_vec(&wire).expect("a report always serialises");
-        let publish = cluster.publisher.publish(payload);
-        let metrics = self.metrics.clone();
-        ctx.spawn(
-            async move {
-                if let Err(error) = publish.await {
-                    metrics.kafka_errors.inc();
-                    tracing::warn!(error = %error, "monitor report not published");
-                }
-            }
-            .into_actor(self),
-        );
+        if cluster.reports.try_send(payload).is_err() {
+            // The producer is that far behind (the broker unreachable): this interval's counts
+            // are missing from every cluster view; this instance's own view keeps them.
+            self.metrics.kafka_errors.inc();
+            tracing::warn!(instance = %cluster.instance, "monitor report dropped: the monitor topic's producer is behind");
+        }
     }
 }
 
@@ -537,12 +533,12 @@ impl Handler<AttachCluster> for MonitorActor {
         self.cluster = Some(Cluster {
             view: MonitorView::new(self.buckets() as usize),
             pending: Report::default(),
-            publisher: msg.publisher,
+            reports: msg.reports,
             instance: msg.instance,
             instances: BTreeMap::new(),
             local_drift,
         });
-        ctx.run_interval(msg.interval, |act, ctx| act.publish(ctx));
+        ctx.run_interval(msg.interval, |act, _ctx| act.publish());
     }
 }
 
@@ -600,5 +596,92 @@ pub async fn merge_reports(mut payloads: tokio::sync::mpsc::Receiver<Vec<u8>>, m
         if monitor.send(MergeReport { report }).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arm() -> Arm {
+        Arm::new("v1", "control")
+    }
+
+    /// This instance's next report carrying any counts (idle intervals publish empty ones).
+    async fn next_counted(published: &mut tokio::sync::mpsc::Receiver<Vec<u8>>) -> WireReport {
+        loop {
+            let payload = published.recv().await.expect("the monitor publishes");
+            let report: WireReport = serde_json::from_slice(&payload).expect("a report");
+            if !report.arms.is_empty() {
+                return report;
+            }
+        }
+    }
+
+    #[actix_rt::test]
+    async fn with_a_cluster_view_verdicts_and_the_report_are_the_clusters_and_its_own_counts_go_out() {
+        let config = crate::config::Config::default();
+        let catalog = Arc::new(Catalog::new());
+        let (x, y) = (catalog.intern(&ItemId::from("x")), catalog.intern(&ItemId::from("y")));
+        let monitor = MonitorActor::new(config.monitor, catalog, Arc::new(Metrics::default())).start();
+        let (reports, mut published) = tokio::sync::mpsc::channel(64);
+        let interval = Duration::from_millis(5);
+        monitor.send(AttachCluster { reports, instance: "a".into(), interval }).await.expect("attached");
+        let (version, variant): (Arc<str>, Arc<str>) = ("v1".into(), "control".into());
+        monitor
+            .send(Impression { version: version.clone(), variant: variant.clone(), items: vec![x, y] })
+            .await
+            .expect("sent");
+        let click = Outcome { version, variant, kind: OutcomeKind::Click, position: Some(0), value: None };
+        monitor.send(click).await.expect("sent");
+
+        // Its counts go out with items named by id.
+        let mine = next_counted(&mut published).await;
+        assert_eq!((mine.instance.as_str(), mine.arms.len()), ("a", 1), "{mine:?}");
+        assert_eq!((mine.arms[0].impressions, mine.arms[0].clicks), (1, 1));
+        let mut shown = mine.impressed.clone();
+        shown.sort();
+        assert_eq!(shown, ["x", "y"]);
+        // Verdicts read the cluster view, which has merged nothing yet.
+        assert_eq!(monitor.send(GetCounts).await.expect("counts").get(&arm()), None);
+
+        // Its own report back from the topic, and another instance's.
+        monitor.send(MergeReport { report: mine.clone() }).await.expect("merged");
+        let theirs = WireReport {
+            instance: "b".into(),
+            arms: vec![WireArm { impressions: 3, clicks: 1, ..mine.arms[0].clone() }],
+            impressed: vec!["y".into(), "not-here".into()],
+            ..mine
+        };
+        monitor.send(MergeReport { report: theirs }).await.expect("merged");
+        let counts = monitor.send(GetCounts).await.expect("counts");
+        assert_eq!(counts.get(&arm()), Some(&ArmTally { impressions: 4, clicks: 2 }));
+
+        let MonitorReply { report, cluster } = monitor.send(GetReport).await.expect("report");
+        let cluster = cluster.expect("the cluster part");
+        assert_eq!((report.variants[0].impressions, cluster.local.variants[0].impressions), (4, 1));
+        let ids: Vec<&str> = cluster.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!((cluster.instance.as_str(), ids), ("a", vec!["a", "b"]));
+        let json = serde_json::to_value(MonitorReply { report, cluster: Some(cluster) }).expect("serialises");
+        assert_eq!(json["variants"][0]["impressions"], 4, "the cluster's at the top level: {json}");
+        assert_eq!(json["local"]["variants"][0]["impressions"], 1, "{json}");
+    }
+
+    #[actix_rt::test]
+    async fn without_a_cluster_view_verdicts_and_the_report_are_this_instances() {
+        let config = crate::config::Config::default();
+        let catalog = Arc::new(Catalog::new());
+        let x = catalog.intern(&ItemId::from("x"));
+        let monitor = MonitorActor::new(config.monitor, catalog, Arc::new(Metrics::default())).start();
+        monitor
+            .send(Impression { version: "v1".into(), variant: "control".into(), items: vec![x] })
+            .await
+            .expect("sent");
+        let counts = monitor.send(GetCounts).await.expect("counts");
+        assert_eq!(counts.get(&arm()), Some(&ArmTally { impressions: 1, clicks: 0 }));
+        let reply = monitor.send(GetReport).await.expect("report");
+        let json = serde_json::to_value(&reply).expect("serialises");
+        assert!(json.get("local").is_none() && json.get("instances").is_none(), "embedded: no cluster part: {json}");
+        assert_eq!(json["variants"][0]["impressions"], 1);
     }
 }

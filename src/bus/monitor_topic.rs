@@ -62,13 +62,15 @@ impl MonitorPublisher {
         Self { producer, topic, key: instance, timeout }
     }
 
-    /// Produces one report; resolves once the broker has it (or refused it).
-    pub fn publish(&self, payload: Vec<u8>) -> impl std::future::Future<Output = Result<(), KafkaError>> + 'static {
-        let (producer, topic, key, timeout) =
-            (self.producer.clone(), self.topic.clone(), self.key.clone(), self.timeout);
-        async move {
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-            producer.send(record, timeout).await.map(|_| ()).map_err(|(error, _)| error)
+    /// Produces the reports from `reports` one after the other (so they land in the order they
+    /// were made) until the channel closes; a report the broker refuses is logged and counted.
+    pub async fn publish(self, mut reports: mpsc::Receiver<Vec<u8>>, metrics: std::sync::Arc<Metrics>) {
+        while let Some(payload) = reports.recv().await {
+            let record = FutureRecord::to(&self.topic).key(&self.key).payload(&payload);
+            if let Err((error, _)) = self.producer.send(record, self.timeout).await {
+                metrics.kafka_errors.inc();
+                tracing::warn!(error = %error, topic = %self.topic, "monitor report not published");
+            }
         }
     }
 }

@@ -9,14 +9,18 @@ use actix::Addr;
 use rdkafka::producer::FutureProducer;
 
 use super::{StartError, Threads};
-use crate::actors::monitor::{merge_reports, AttachCluster, MonitorActor, MonitorPublisher};
-use crate::bus::monitor_topic;
+use crate::actors::monitor::{merge_reports, AttachCluster, MonitorActor};
+use crate::bus::monitor_topic::{self, MonitorPublisher};
 use crate::config::Config;
 use crate::telemetry::Metrics;
 
 /// Reports read from the topic and not yet merged: the consumer waits while the monitor is
 /// behind (a restarted instance reading a window of reports).
 const QUEUED_REPORTS: usize = 1024;
+
+/// This instance's reports not yet produced: a minute's worth at the default interval; beyond
+/// it (the broker unreachable for longer) the monitor drops them, counted.
+const UNSENT_REPORTS: usize = 64;
 
 /// Creates the topic (with `kafka.create_topics`), attaches the cluster view to the monitor, and
 /// starts reading the topic from a window ago on the monitor's thread.
@@ -39,14 +43,17 @@ pub(super) async fn start_cluster_monitor(
     }
     let instance = config.cluster.instance_name();
     let timeout = Duration::from_millis(config.kafka.produce_timeout_ms);
+    let thread = threads.monitor.handle();
+    let (unsent, to_send) = tokio::sync::mpsc::channel(UNSENT_REPORTS);
+    let publisher = MonitorPublisher::new(producer, topic.clone(), instance.clone(), timeout);
+    thread.spawn(publisher.publish(to_send, metrics.clone()));
     monitor.do_send(AttachCluster {
-        publisher: MonitorPublisher::new(producer, topic.clone(), instance.clone(), timeout),
+        reports: unsent,
         instance,
         interval: Duration::from_millis(config.cluster.report_interval_ms.max(1)),
     });
     let from_ms = crate::event::now_ms().saturating_sub(window_ms as i64);
     let (reports, payloads) = tokio::sync::mpsc::channel(QUEUED_REPORTS);
-    let thread = threads.monitor.handle();
     thread.spawn(monitor_topic::consume(config.kafka.clone(), topic, from_ms, reports, metrics.clone()));
     thread.spawn(merge_reports(payloads, monitor));
     Ok(())
