@@ -20,6 +20,12 @@
 //! A breach is recorded, counted, and sent as `Retrain { reason }` to the trainer when one is
 //! attached, at most once per `cooldown_secs`.
 //!
+//! Production mode (`AttachCluster`): what this instance counts also goes, every
+//! `cluster.report_interval_ms`, into a report for the monitor topic, and every instance's
+//! reports (`MergeReport`) build a cluster view: another value of the same `MonitorView`. Drift,
+//! baselines and the counts verdicts read (`GetCounts`) are then the cluster view's, and
+//! `GetReport` carries this instance's own view beside it.
+//!
 //! Mailbox: `monitor.mailbox_capacity`; sessions `try_send` and count refusals, so a slow monitor
 //! never slows serving. Restart policy: none; the state is statistics that rebuild from traffic.
 

@@ -49,11 +49,7 @@ impl ClusterConfig {
     /// replaced by `.monitor` (`liverec.events` -> `liverec.monitor`), or with `.monitor`
     /// appended when it has no such suffix (as [`KafkaConfig::items_topic_name`]).
     pub fn monitor_topic_name(&self, kafka: &KafkaConfig) -> String {
-        if !self.monitor_topic.is_empty() {
-            return self.monitor_topic.clone();
-        }
-        let base = kafka.events_topic.strip_suffix(".events").unwrap_or(&kafka.events_topic);
-        format!("{base}.monitor")
+        kafka.topic_beside_events(&self.monitor_topic, "monitor")
     }
 }
 
