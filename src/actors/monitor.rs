@@ -47,7 +47,7 @@ pub use crate::monitor::report::{
     Breach, BreachKind, ClusterReport, DriftReport, InstanceReport, MonitorReply, MonitorReport, VariantReport,
 };
 use crate::monitor::stream::StreamTotals;
-use crate::monitor::view::{ArmKey, MonitorView, Report, UserEvent};
+use crate::monitor::view::{ArmKey, MonitorView, Report, UserEvent, MAX_ENTRIES_PER_RECORD};
 pub use crate::monitor::view::{WireArm, WireReport};
 use crate::monitor::{psi_test, two_proportion_z, FastMap, PsiTest};
 use crate::telemetry::Metrics;
@@ -430,12 +430,14 @@ impl MonitorActor {
         let wire = report.to_wire(&cluster.instance, now_ms(), |items| {
             catalog.ids_of(items).into_iter().map(|id| id.0.to_string()).collect()
         });
-        let payload = serde_json::to_vec(&wire).expect("a report always serialises");
-        if cluster.reports.try_send(payload).is_err() {
-            // The producer is that far behind (the broker unreachable): this interval's counts
-            // are missing from every cluster view; this instance's own view keeps them.
-            self.metrics.kafka_errors.inc();
-            tracing::warn!(instance = %cluster.instance, "monitor report dropped: the monitor topic's producer is behind");
+        for part in wire.split(MAX_ENTRIES_PER_RECORD) {
+            let payload = serde_json::to_vec(&part).expect("a report always serialises");
+            if cluster.reports.try_send(payload).is_err() {
+                // The producer is that far behind (the broker unreachable): these counts are
+                // missing from every cluster view; this instance's own view keeps them.
+                self.metrics.kafka_errors.inc();
+                tracing::warn!(instance = %cluster.instance, "monitor report dropped: the monitor topic's producer is behind");
+            }
         }
     }
 }

@@ -264,7 +264,42 @@ pub struct WireReport {
     pub users: Vec<(u64, u64, f64)>,
 }
 
+/// Item and user entries in one record at most (see [`WireReport::split`]): with item ids at
+/// their longest (`events.max_id_len`, 256) about half a MB, under Kafka's default 1 MB record.
+pub const MAX_ENTRIES_PER_RECORD: usize = 2_000;
+
 impl WireReport {
+    /// The report as records of at most `max_entries` item and user entries each (at least
+    /// one record; the arms and context segments in the first). Every count is a sum, so the
+    /// parts merged one by one count what the whole would.
+    pub fn split(mut self, max_entries: usize) -> Vec<WireReport> {
+        let max = max_entries.max(1);
+        let entries = |r: &WireReport| r.organic.len() + r.impressed.len() + r.users.len();
+        if entries(&self) <= max {
+            return vec![self];
+        }
+        let (mut organic, mut impressed, mut users) =
+            (std::mem::take(&mut self.organic), std::mem::take(&mut self.impressed), std::mem::take(&mut self.users));
+        let empty = WireReport { arms: Vec::new(), context: Vec::new(), ..self.clone() };
+        let mut parts = vec![self];
+        loop {
+            let part = parts.last_mut().expect("at least one part");
+            let mut room = max - entries(part);
+            fn take<T>(from: &mut Vec<T>, room: &mut usize) -> Vec<T> {
+                let n = (*room).min(from.len());
+                *room -= n;
+                from.drain(..n).collect()
+            }
+            part.organic.extend(take(&mut organic, &mut room));
+            part.impressed.extend(take(&mut impressed, &mut room));
+            part.users.extend(take(&mut users, &mut room));
+            if organic.is_empty() && impressed.is_empty() && users.is_empty() {
+                return parts;
+            }
+            parts.push(empty.clone());
+        }
+    }
+
     /// The report in this instance's terms: item ids mapped by `lookup` (items this catalogue
     /// does not know are left out: they count for nothing here), segments out of range dropped.
     pub fn resolve(&self, lookup: impl Fn(&str) -> Option<ItemIdx>) -> Report {
@@ -431,6 +466,34 @@ mod tests {
                 assert_eq!(other, Some(VariantBucket::sum(window)), "seed {seed}");
             }
         }
+    }
+
+    #[test]
+    fn a_large_report_travels_in_parts_that_merge_into_the_whole() {
+        let mut report = Report::default();
+        report.count(&arm("v1", "control"), &VariantBucket { impressions: 7, clicks: 2, ..Default::default() });
+        for n in 0..95 {
+            report.impressed(&[n]);
+            report.activity(&UserEvent { user: u64::from(n) * 7, organic: Some(n % 60), segment: 3, revenue: None });
+        }
+        let ids = |items: &[ItemIdx]| items.iter().map(|&i| id_of(i)).collect();
+        let own = |id: &str| id.strip_prefix("item-")?.parse().ok();
+        let whole = report.to_wire("a", 5_000, ids);
+        let parts = whole.clone().split(40);
+        assert!(parts.len() > 1, "split: {}", parts.len());
+        for part in &parts {
+            assert!(part.organic.len() + part.impressed.len() + part.users.len() <= 40, "{part:?}");
+            assert_eq!((part.instance.as_str(), part.at_ms), ("a", 5_000));
+        }
+        let (mut from_parts, mut from_whole) = (MonitorView::new(3), MonitorView::new(3));
+        for part in &parts {
+            from_parts.merge(10, &part.resolve(own));
+        }
+        from_whole.merge(10, &whole.resolve(own));
+        assert_eq!(from_parts.counts(), from_whole.counts());
+        assert_eq!(from_parts.stream().popularity(), from_whole.stream().popularity());
+        assert_eq!(StreamFigures::of(from_parts.stream(), 100), StreamFigures::of(from_whole.stream(), 100));
+        assert_eq!(whole.clone().split(MAX_ENTRIES_PER_RECORD), [whole], "a small report is one record");
     }
 
     #[test]
