@@ -8,7 +8,7 @@ use super::{FastMap, FastSet, Window};
 use crate::catalog::ItemIdx;
 use crate::event::Context as EventContext;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 /// What one bucket counts for the whole stream.
 pub struct StreamBucket {
     /// Organic events per item in this bucket. Private: counted through

@@ -152,15 +152,6 @@ impl Default for Report {
     }
 }
 
-impl PartialEq for StreamBucket {
-    fn eq(&self, other: &Self) -> bool {
-        self.organic() == other.organic()
-            && self.context == other.context
-            && self.impressed == other.impressed
-            && self.users == other.users
-    }
-}
-
 impl Report {
     /// As [`MonitorView::count`].
     pub fn count(&mut self, arm: &ArmKey, add: &VariantBucket) {
