@@ -160,7 +160,9 @@ struct Cluster {
     view: MonitorView,
     /// What this instance counted since its last report.
     pending: Report,
+    /// Where encoded reports go (see [`AttachCluster::reports`]).
     reports: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// This instance's id, the key of its reports.
     instance: String,
     /// Per instance: when its latest report was made (its clock, ms since the epoch).
     instances: BTreeMap<String, u64>,
@@ -192,8 +194,8 @@ fn now_ms() -> u64 {
     u64::try_from(crate::event::now_ms()).unwrap_or(0)
 }
 
-/// Reports kept per instance in the `instances` list: one whose latest report is older than the
-/// window is gone from the view, and from the list.
+/// An instance whose latest report is older than this many windows has nothing left in the
+/// cluster view: it leaves the `instances` list (and is forgotten at the next bucket boundary).
 const INSTANCE_GONE_WINDOWS: u64 = 1;
 
 impl MonitorActor {
@@ -224,6 +226,11 @@ impl MonitorActor {
 
     fn buckets(&self) -> u64 {
         (self.config.window_secs / self.config.bucket_secs.max(1)).max(1)
+    }
+
+    /// Reports made before this (ms since the epoch) have left the cluster view's window.
+    fn gone_before(&self) -> u64 {
+        now_ms().saturating_sub(INSTANCE_GONE_WINDOWS * self.config.window_secs * 1000)
     }
 
     /// The view drift alarms and verdicts judge: the cluster's in production, else this one's.
@@ -270,6 +277,10 @@ impl MonitorActor {
     fn check(&mut self, ctx: &mut Context<Self>) {
         self.advance();
         let tick = self.tick();
+        let gone = self.gone_before();
+        if let Some(cluster) = &mut self.cluster {
+            cluster.instances.retain(|_, at| *at >= gone);
+        }
         let full_window = tick >= self.started_tick + self.buckets();
 
         if self.reference.is_none() && full_window {
@@ -404,8 +415,8 @@ impl MonitorActor {
 
     fn report(&self) -> MonitorReply {
         let report = self.report_of(self.judged(), &self.drift, self.breaches.iter().cloned().collect());
+        let gone = self.gone_before();
         let cluster = self.cluster.as_ref().map(|cluster| {
-            let gone = now_ms().saturating_sub(INSTANCE_GONE_WINDOWS * self.config.window_secs * 1000);
             ClusterReport {
                 instance: cluster.instance.clone(),
                 instances: cluster
