@@ -48,7 +48,7 @@ pub async fn ensure_topic(config: &KafkaConfig, topic: &str, window_ms: u64) -> 
     Ok(())
 }
 
-/// Produces this instance's reports, keyed by its id, with the events' producer.
+/// Produces this instance's reports, keyed by its id.
 #[derive(Clone)]
 pub struct MonitorPublisher {
     producer: FutureProducer,

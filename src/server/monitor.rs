@@ -27,7 +27,6 @@ const UNSENT_REPORTS: usize = 64;
 pub(super) async fn start_cluster_monitor(
     config: &Config,
     monitor: Addr<MonitorActor>,
-    producer: FutureProducer,
     threads: &Threads,
     metrics: &Arc<Metrics>,
 ) -> Result<(), StartError> {
@@ -41,6 +40,16 @@ pub(super) async fn start_cluster_monitor(
             .await
             .map_err(|e| StartError::Kafka(e.to_string()))?;
     }
+    // A producer of its own, neither idempotent nor waiting for every replica: a report lost now
+    // and then costs a second of counts, and the reports' timeouts while a broker is away must
+    // not touch the state of the events' idempotent producer, whose acknowledgements are 202s.
+    let producer: FutureProducer = config
+        .kafka
+        .producer_config()
+        .set("enable.idempotence", "false")
+        .set("acks", "1")
+        .create()
+        .map_err(|e| StartError::Kafka(e.to_string()))?;
     let instance = config.cluster.instance_name();
     let timeout = Duration::from_millis(config.kafka.produce_timeout_ms);
     let thread = threads.monitor.handle();
