@@ -569,7 +569,9 @@ impl Handler<MergeReport> for MonitorActor {
         let Some(cluster) = &mut self.cluster else { return };
         let catalog = &self.catalog;
         let report = msg.report.resolve(|id| catalog.lookup(&ItemId::from(id)));
-        cluster.view.merge(msg.report.at_ms / bucket_ms, &report);
+        // A report stamped ahead of this clock (another instance's clock runs fast) counts now:
+        // it must not move the window past this instance's present.
+        cluster.view.merge(msg.report.at_ms.min(now_ms()) / bucket_ms, &report);
         let latest = cluster.instances.entry(msg.report.instance).or_default();
         *latest = (*latest).max(msg.report.at_ms);
     }
