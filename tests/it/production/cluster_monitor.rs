@@ -1,7 +1,8 @@
 //! Production mode, the cluster-wide monitor (issue 15 item 3): every instance publishes its
 //! monitor's counts to the monitor topic and reads everyone's into a cluster view, which
 //! `/v1/monitor` shows at the top level with the instance's own under `local`; a list the owner
-//! forwards to a subscriber on another instance counts once, and its click is attributed.
+//! forwards to a subscriber on another instance counts once, and its click is attributed; an
+//! instance that starts later fills its cluster view from the topic.
 
 use std::time::Duration;
 
@@ -83,7 +84,7 @@ async fn read_once(owner: &Server, user: &str, event: &str) {
 }
 
 #[actix_rt::test]
-async fn both_instances_see_the_clusters_traffic_their_own_apart_and_a_forwarded_list_once() {
+async fn every_instance_sees_the_clusters_traffic_its_own_apart_a_forwarded_list_once_and_a_late_one_the_past() {
     let _services = SERVICES.read().await;
     let mut config: Config = production_config("cluster-monitor");
     config.cluster.report_interval_ms = 200;
@@ -215,6 +216,23 @@ async fn both_instances_see_the_clusters_traffic_their_own_apart_and_a_forwarded
     assert_eq!((clicked_a.local.1, clicked_b.local.1), (1, 0), "the owner attributes the click");
     assert_eq!((clicked_a.cluster.1, clicked_b.cluster.1), (1, 1));
     drop(stream);
+
+    // An instance started now reads the topic from a window ago: its cluster view holds what
+    // the others counted before it existed, and its own part is empty.
+    let mut config_c = config.clone();
+    config_c.cluster.instance_id = "instance-c".into();
+    let c = start(config_c).await;
+    let joined = wait_for_progress("the new instance's cluster view filled from the topic", STALL, || async {
+        let fc = figures(&c).await;
+        if fc.cluster == clicked_a.cluster {
+            Progress::Done(fc)
+        } else {
+            Progress::Pending(fc)
+        }
+    })
+    .await;
+    assert_eq!(joined.local, (0, 0, 0), "{joined:?}");
     a.stop().await;
     b.stop().await;
+    c.stop().await;
 }
