@@ -20,10 +20,16 @@
 //! A breach is recorded, counted, and sent as `Retrain { reason }` to the trainer when one is
 //! attached, at most once per `cooldown_secs`.
 //!
+//! Production mode (`AttachCluster`): what this instance counts also goes, every
+//! `cluster.report_interval_ms`, into a report for the monitor topic, and every instance's
+//! reports (`MergeReport`) build a cluster view: another value of the same `MonitorView`. Drift,
+//! baselines and the counts verdicts read (`GetCounts`) are then the cluster view's, and
+//! `GetReport` carries this instance's own view beside it.
+//!
 //! Mailbox: `monitor.mailbox_capacity`; sessions `try_send` and count refusals, so a slow monitor
 //! never slows serving. Restart policy: none; the state is statistics that rebuild from traffic.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,14 +38,18 @@ use serde::Serialize;
 
 use crate::catalog::{Catalog, ItemIdx};
 use crate::config::MonitorConfig;
-use crate::event::{Context as EventContext, EventType};
+use crate::event::{Context as EventContext, EventType, ItemId};
 use crate::eventlog::LoggedEvent;
 pub use crate::monitor::drift::DriftReference;
 use crate::monitor::drift::{aligned, category_mix, context_psi, item_psi};
 use crate::monitor::report::{intra_list_diversity, novelty, variant_report, StreamFigures, VariantBucket};
-pub use crate::monitor::report::{Breach, BreachKind, DriftReport, MonitorReport, VariantReport};
-use crate::monitor::stream::{StreamBucket, StreamTotals, StreamWindow};
-use crate::monitor::{psi_test, two_proportion_z, FastMap, Window};
+pub use crate::monitor::report::{
+    Breach, BreachKind, ClusterReport, DriftReport, InstanceReport, MonitorReply, MonitorReport, VariantReport,
+};
+use crate::monitor::stream::StreamTotals;
+use crate::monitor::view::{ArmKey, MonitorView, Report, UserEvent, MAX_ENTRIES_PER_RECORD};
+pub use crate::monitor::view::{WireArm, WireReport};
+use crate::monitor::{psi_test, two_proportion_z, FastMap, PsiTest};
 use crate::telemetry::Metrics;
 
 /// A list served to a user.
@@ -92,7 +102,7 @@ pub struct Retrain {
 
 /// The report behind `GET /v1/monitor`.
 #[derive(Message, Debug)]
-#[rtype(result = "MonitorReport")]
+#[rtype(result = "MonitorReply")]
 pub struct GetReport;
 
 /// Impressions and clicks per (version, variant) since the monitor started, for canary and
@@ -117,46 +127,76 @@ pub struct SetReference {
 #[rtype(result = "()")]
 pub struct AttachTrainer(pub Recipient<Retrain>);
 
+/// This instance's part in the cluster-wide monitor (production mode): what to publish, and the
+/// cluster view built from every instance's reports (see `bus::monitor_topic`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachCluster {
+    /// Where this instance's encoded reports go (the monitor topic's producer drains it, off
+    /// this thread: see `bus::monitor_topic::publish`).
+    pub reports: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// This instance's id (`cluster.instance_id`).
+    pub instance: String,
+    /// `cluster.report_interval_ms`.
+    pub interval: Duration,
+}
+
+/// One report from the monitor topic (any instance's, this one's included).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct MergeReport {
+    pub report: WireReport,
+}
+
 /// The input-drift reference and where it came from.
 struct Reference {
     distributions: DriftReference,
     source: String,
 }
 
-/// A version and variant as the monitor keys its counts on the hot path (shared strings, so a
-/// lookup allocates nothing); [`Arm`] is the same pair as the trainer reads it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct ArmKey {
-    version: Arc<str>,
-    variant: Arc<str>,
+/// The cluster view and what this instance owes it.
+struct Cluster {
+    /// Every instance's reports merged (this one's too, as read back from the topic).
+    view: MonitorView,
+    /// What this instance counted since its last report.
+    pending: Report,
+    /// Where encoded reports go (see [`AttachCluster::reports`]).
+    reports: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// This instance's id, the key of its reports.
+    instance: String,
+    /// Per instance: when its latest report was made (its clock, ms since the epoch).
+    instances: BTreeMap<String, u64>,
+    /// Input-drift indices of this instance's own traffic, for the `local` part of the report.
+    local_drift: DriftReport,
 }
 
 pub struct MonitorActor {
     config: MonitorConfig,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
-    variants: FastMap<ArmKey, Window<VariantBucket>>,
-    /// The whole stream's buckets, with the window's item popularity as a running sum.
-    stream: StreamWindow,
+    /// What this instance counted.
+    local: MonitorView,
+    /// Production mode: the cluster's view, which drift and verdicts then judge.
+    cluster: Option<Cluster>,
     /// Reference distributions for input drift, and where they came from.
     reference: Option<Reference>,
     /// Per version: baseline (clicks, impressions) from its first full window.
     baselines: FastMap<Arc<str>, ArmTally>,
-    /// When each version was first seen (its first full window ends a window later).
-    first_seen: FastMap<Arc<str>, u64>,
     started_tick: u64,
     breaches: VecDeque<Breach>,
     last_retrain: Option<u64>,
     trainer: Option<Recipient<Retrain>>,
     drift: DriftReport,
-    /// Impressions and clicks per (version, variant) since start.
-    totals: FastMap<ArmKey, ArmTally>,
 }
 
 /// The one clock (`event::now_ms`), in the unsigned milliseconds the monitor's buckets count in.
 fn now_ms() -> u64 {
     u64::try_from(crate::event::now_ms()).unwrap_or(0)
 }
+
+/// An instance whose latest report is older than this many windows has nothing left in the
+/// cluster view: it leaves the `instances` list (and is forgotten at the next bucket boundary).
+const INSTANCE_GONE_WINDOWS: u64 = 1;
 
 impl MonitorActor {
     pub fn new(config: MonitorConfig, catalog: Arc<Catalog>, metrics: Arc<Metrics>) -> Self {
@@ -165,17 +205,15 @@ impl MonitorActor {
         let drift =
             DriftReport { psi_threshold: config.psi_threshold, z_threshold: config.z_threshold, ..Default::default() };
         Self {
-            variants: FastMap::default(),
-            stream: StreamWindow::new(buckets),
+            local: MonitorView::new(buckets),
+            cluster: None,
             reference: None,
             baselines: FastMap::default(),
-            first_seen: FastMap::default(),
             started_tick: tick,
             breaches: VecDeque::new(),
             last_retrain: None,
             trainer: None,
             drift,
-            totals: FastMap::default(),
             config,
             catalog,
             metrics,
@@ -190,66 +228,89 @@ impl MonitorActor {
         (self.config.window_secs / self.config.bucket_secs.max(1)).max(1)
     }
 
-    fn variant(&mut self, version: &Arc<str>, variant: &Arc<str>) -> &mut VariantBucket {
+    /// Reports made before this (ms since the epoch) have left the cluster view's window.
+    fn gone_before(&self) -> u64 {
+        now_ms().saturating_sub(INSTANCE_GONE_WINDOWS * self.config.window_secs * 1000)
+    }
+
+    /// The view drift alarms and verdicts judge: the cluster's in production, else this one's.
+    fn judged(&self) -> &MonitorView {
+        self.cluster.as_ref().map_or(&self.local, |c| &c.view)
+    }
+
+    /// Adds `add` to `arm` in this instance's view and in its next report.
+    fn count(&mut self, version: &Arc<str>, variant: &Arc<str>, add: &VariantBucket) {
+        let arm = ArmKey { version: version.clone(), variant: variant.clone() };
         let tick = self.tick();
-        let buckets = self.buckets() as usize;
-        if !self.first_seen.contains_key(version) {
-            self.first_seen.insert(version.clone(), tick);
+        self.local.count(tick, &arm, add);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.pending.count(&arm, add);
         }
-        self.variants
-            .entry(ArmKey { version: version.clone(), variant: variant.clone() })
-            .or_insert_with(|| Window::new(buckets))
-            .at(tick)
     }
 
-    fn stream_bucket(&mut self) -> &mut StreamBucket {
+    fn advance(&mut self) {
         let tick = self.tick();
-        self.stream.bucket(tick)
+        self.local.advance(tick);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.view.advance(tick);
+        }
     }
 
-    /// Runs at every bucket boundary: references, baselines, drift verdicts.
+    /// The three input-drift tests of `view` against `reference`, or `None` below `min_samples`.
+    fn input_drift(&self, view: &MonitorView, reference: &DriftReference) -> Option<[(&'static str, PsiTest); 3]> {
+        let StreamTotals { popularity, context, events } = view.stream().totals();
+        if events < self.config.min_samples {
+            return None;
+        }
+        let popularity_test = item_psi(&reference.popularity, &popularity, self.config.psi_bins);
+        let (expected, actual) = {
+            let categories = self.catalog.categories();
+            aligned(&category_mix(&reference.popularity, &categories), &category_mix(&popularity, &categories))
+        };
+        let category_test = psi_test(&expected, &actual);
+        let context_test = context_psi(&reference.context, &context);
+        Some([("item popularity", popularity_test), ("category mix", category_test), ("context mix", context_test)])
+    }
+
+    /// Runs at every bucket boundary: references, baselines, drift verdicts, all on the judged
+    /// view (see [`MonitorActor::judged`]).
     fn check(&mut self, ctx: &mut Context<Self>) {
+        self.advance();
         let tick = self.tick();
-        for window in self.variants.values_mut() {
-            window.advance(tick);
+        let gone = self.gone_before();
+        if let Some(cluster) = &mut self.cluster {
+            cluster.instances.retain(|_, at| *at >= gone);
         }
-        self.stream.advance(tick);
         let full_window = tick >= self.started_tick + self.buckets();
-        let StreamTotals { popularity, context, events } = self.stream.totals();
 
-        if self.reference.is_none() && full_window && events >= self.config.min_samples {
-            self.reference = Some(Reference {
-                distributions: DriftReference { popularity: popularity.clone(), context: context.clone() },
-                source: "first full window".into(),
-            });
-        }
-        if let Some(Reference {
-            distributions: DriftReference { popularity: reference_pop, context: reference_ctx },
-            source,
-        }) = &self.reference
-        {
-            self.drift.reference = Some(source.clone());
+        if self.reference.is_none() && full_window {
+            let StreamTotals { popularity, context, events } = self.judged().stream().totals();
             if events >= self.config.min_samples {
-                let popularity_test = item_psi(reference_pop, &popularity, self.config.psi_bins);
-                let (expected, actual) = {
-                    let categories = self.catalog.categories();
-                    aligned(&category_mix(reference_pop, &categories), &category_mix(&popularity, &categories))
-                };
-                let category_test = psi_test(&expected, &actual);
-                let context_test = context_psi(reference_ctx, &context);
-                self.drift.popularity_psi = Some(popularity_test.psi);
-                self.drift.category_psi = Some(category_test.psi);
-                self.drift.context_psi = Some(context_test.psi);
-                self.metrics.set_drift(popularity_test.psi, category_test.psi, context_test.psi);
+                self.reference = Some(Reference {
+                    distributions: DriftReference { popularity, context },
+                    source: "first full window".into(),
+                });
+            }
+        }
+        if let Some(reference) = &self.reference {
+            self.drift.reference = Some(reference.source.clone());
+            let judged = self.input_drift(self.judged(), &reference.distributions);
+            let local = self.cluster.as_ref().map(|_| self.input_drift(&self.local, &reference.distributions));
+            if let (Some(cluster), Some(local)) = (&mut self.cluster, local) {
+                cluster.local_drift.reference = Some(reference.source.clone());
+                if let Some([(_, p), (_, c), (_, x)]) = local {
+                    (cluster.local_drift.popularity_psi, cluster.local_drift.category_psi) = (Some(p.psi), Some(c.psi));
+                    cluster.local_drift.context_psi = Some(x.psi);
+                }
+            }
+            if let Some(tests) = judged {
+                let [(_, p), (_, c), (_, x)] = tests;
+                (self.drift.popularity_psi, self.drift.category_psi, self.drift.context_psi) =
+                    (Some(p.psi), Some(c.psi), Some(x.psi));
+                self.metrics.set_drift(p.psi, c.psi, x.psi);
                 let threshold = self.config.psi_threshold;
                 // The first index that is both large and beyond sampling noise (see `PsiTest`).
-                let tests = [
-                    ("item popularity", popularity_test),
-                    ("category mix", category_test),
-                    ("context mix", context_test),
-                ];
-                let drifted = tests.into_iter().find(|(_, test)| test.drifted(threshold));
-                if let Some((input, test)) = drifted {
+                if let Some((input, test)) = tests.into_iter().find(|(_, test)| test.drifted(threshold)) {
                     self.breach(
                         ctx,
                         BreachKind::InputDrift,
@@ -261,8 +322,8 @@ impl MonitorActor {
 
         // The CTR users outside any canary or experiment see now (the busiest control arm).
         if let Some(t) = self
-            .variants
-            .iter()
+            .judged()
+            .variants()
             .filter(|(arm, _)| &*arm.variant == crate::recs::CONTROL)
             .map(|(_, window)| VariantBucket::sum(window))
             .max_by_key(|t| t.impressions)
@@ -273,9 +334,9 @@ impl MonitorActor {
         // Concept drift: each version against its own first full window.
         let buckets = self.buckets();
         let mut verdicts = Vec::new();
-        for (ArmKey { version, .. }, window) in &self.variants {
+        for (ArmKey { version, .. }, window) in self.judged().variants() {
             let totals = VariantBucket::sum(window);
-            let Some(&first) = self.first_seen.get(version) else { continue };
+            let Some(first) = self.judged().first_seen(version) else { continue };
             if !self.baselines.contains_key(version) {
                 if tick >= first + buckets && totals.impressions >= self.config.min_samples {
                     verdicts.push((version.clone(), None, totals));
@@ -327,17 +388,17 @@ impl MonitorActor {
         }
     }
 
-    fn report(&self) -> MonitorReport {
-        let mut variants: Vec<VariantReport> = self
-            .variants
-            .iter()
+    /// The report of `view`: its window's figures with `drift` and `breaches`.
+    fn report_of(&self, view: &MonitorView, drift: &DriftReport, breaches: Vec<Breach>) -> MonitorReport {
+        let mut variants: Vec<VariantReport> = view
+            .variants()
             .map(|(ArmKey { version, variant }, window)| {
                 variant_report(version, variant, &VariantBucket::sum(window), self.baselines.get(version).copied())
             })
             .filter(|v| v.impressions > 0 || v.clicks > 0)
             .collect();
         variants.sort_by(|a, b| a.version.cmp(&b.version).then(a.variant.cmp(&b.variant)));
-        let stream = StreamFigures::of(&self.stream, self.catalog.len());
+        let stream = StreamFigures::of(view.stream(), self.catalog.len());
         MonitorReport {
             window_secs: self.config.window_secs,
             variants,
@@ -347,8 +408,47 @@ impl MonitorActor {
             events_per_user: stream.events_per_user,
             repeat_visit_share: stream.repeat_visit_share,
             revenue_per_user: stream.revenue_per_user,
-            drift: self.drift.clone(),
-            breaches: self.breaches.iter().cloned().collect(),
+            drift: drift.clone(),
+            breaches,
+        }
+    }
+
+    fn report(&self) -> MonitorReply {
+        let report = self.report_of(self.judged(), &self.drift, self.breaches.iter().cloned().collect());
+        let gone = self.gone_before();
+        let cluster = self.cluster.as_ref().map(|cluster| {
+            ClusterReport {
+                instance: cluster.instance.clone(),
+                instances: cluster
+                    .instances
+                    .iter()
+                    .filter(|(_, &at)| at >= gone)
+                    .map(|(id, &at)| InstanceReport { id: id.clone(), last_report_ms: at })
+                    .collect(),
+                // Alarms and breaches are judged on the cluster view: none here.
+                local: self.report_of(&self.local, &cluster.local_drift, Vec::new()),
+            }
+        });
+        MonitorReply { report, cluster }
+    }
+
+    /// Publishes what this instance counted since its last report (an empty report too: it
+    /// says the instance is there) and starts the next one.
+    fn publish(&mut self) {
+        let Some(cluster) = &mut self.cluster else { return };
+        let report = std::mem::take(&mut cluster.pending);
+        let catalog = &self.catalog;
+        let wire = report.to_wire(&cluster.instance, now_ms(), |items| {
+            catalog.ids_of(items).into_iter().map(|id| id.0.to_string()).collect()
+        });
+        for part in wire.split(MAX_ENTRIES_PER_RECORD) {
+            let payload = serde_json::to_vec(&part).expect("a report always serialises");
+            if cluster.reports.try_send(payload).is_err() {
+                // The producer is that far behind (the broker unreachable): these counts are
+                // missing from every cluster view; this instance's own view keeps them.
+                self.metrics.kafka_errors.inc();
+                tracing::warn!(instance = %cluster.instance, "monitor report dropped: the monitor topic's producer is behind");
+            }
         }
     }
 }
@@ -367,19 +467,20 @@ impl Handler<Impression> for MonitorActor {
 
     fn handle(&mut self, msg: Impression, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
-        let diversity = intra_list_diversity(&msg.items, &self.catalog.categories());
-        let novelty = novelty(&msg.items, self.stream.popularity(), self.stream.events());
-        let items = msg.items.len() as u64;
-        self.totals
-            .entry(ArmKey { version: msg.version.clone(), variant: msg.variant.clone() })
-            .or_default()
-            .impressions += 1;
-        let bucket = self.variant(&msg.version, &msg.variant);
-        bucket.impressions += 1;
-        bucket.diversity_sum += diversity;
-        bucket.novelty_sum += novelty;
-        bucket.novelty_items += items;
-        self.stream_bucket().impressed.extend(msg.items);
+        let add = VariantBucket {
+            impressions: 1,
+            diversity_sum: intra_list_diversity(&msg.items, &self.catalog.categories()),
+            // Against this instance's popularity: the figure is the list's, wherever it is summed.
+            novelty_sum: novelty(&msg.items, self.local.stream().popularity(), self.local.stream().events()),
+            novelty_items: msg.items.len() as u64,
+            ..VariantBucket::default()
+        };
+        self.count(&msg.version, &msg.variant, &add);
+        let tick = self.tick();
+        self.local.impressed(tick, &msg.items);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.pending.impressed(&msg.items);
+        }
         self.metrics.monitor_impressions.inc();
     }
 }
@@ -389,24 +490,17 @@ impl Handler<Outcome> for MonitorActor {
 
     fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
-        if msg.kind == OutcomeKind::Click {
-            self.totals
-                .entry(ArmKey { version: msg.version.clone(), variant: msg.variant.clone() })
-                .or_default()
-                .clicks += 1;
-        }
-        let bucket = self.variant(&msg.version, &msg.variant);
-        match msg.kind {
-            OutcomeKind::Click => bucket.clicks += 1,
-            OutcomeKind::Conversion => {
-                bucket.conversions += 1;
-                bucket.revenue += msg.value.unwrap_or(0.0);
+        let add = match msg.kind {
+            OutcomeKind::Click => {
+                self.metrics.monitor_clicks.inc();
+                VariantBucket { clicks: 1, ..VariantBucket::default() }
             }
-        }
-        match msg.kind {
-            OutcomeKind::Click => self.metrics.monitor_clicks.inc(),
-            OutcomeKind::Conversion => self.metrics.monitor_conversions.inc(),
-        }
+            OutcomeKind::Conversion => {
+                self.metrics.monitor_conversions.inc();
+                VariantBucket { conversions: 1, revenue: msg.value.unwrap_or(0.0), ..VariantBucket::default() }
+            }
+        };
+        self.count(&msg.version, &msg.variant, &add);
     }
 }
 
@@ -416,18 +510,16 @@ impl Handler<Activity> for MonitorActor {
     fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
         self.metrics.monitor_queued.dec();
         let event = &msg.event;
+        let counted = UserEvent {
+            user: msg.user,
+            organic: (event.organic && !event.event_type.is_negative()).then_some(event.item),
+            segment: event.segment,
+            revenue: (event.event_type == EventType::Purchase).then(|| event.value.unwrap_or(0.0)),
+        };
         let tick = self.tick();
-        if event.organic && !event.event_type.is_negative() {
-            self.stream.count_organic(tick, event.item);
-        }
-        let bucket = self.stream.bucket(tick);
-        if let Some(slot) = bucket.context.get_mut(event.segment) {
-            *slot += 1;
-        }
-        let user = bucket.users.entry(msg.user).or_default();
-        user.events += 1;
-        if event.event_type == EventType::Purchase {
-            user.revenue += event.value.unwrap_or(0.0);
+        self.local.activity(tick, &counted);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.pending.activity(&counted);
         }
     }
 }
@@ -436,11 +528,7 @@ impl Handler<GetReport> for MonitorActor {
     type Result = MessageResult<GetReport>;
 
     fn handle(&mut self, _msg: GetReport, _ctx: &mut Self::Context) -> Self::Result {
-        let tick = self.tick();
-        self.stream.advance(tick);
-        for window in self.variants.values_mut() {
-            window.advance(tick);
-        }
+        self.advance();
         MessageResult(self.report())
     }
 }
@@ -448,8 +536,44 @@ impl Handler<GetReport> for MonitorActor {
 impl Handler<GetCounts> for MonitorActor {
     type Result = MessageResult<GetCounts>;
 
+    /// The judged view's counts: the whole cluster's in production, so the leader's canary and
+    /// experiment verdicts weigh every instance's traffic.
     fn handle(&mut self, _msg: GetCounts, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.totals.iter().map(|(arm, &tally)| (Arm::new(&*arm.version, &*arm.variant), tally)).collect())
+        MessageResult(self.judged().counts())
+    }
+}
+
+impl Handler<AttachCluster> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachCluster, ctx: &mut Self::Context) {
+        tracing::info!(instance = %msg.instance, interval_ms = msg.interval.as_millis() as u64, "cluster-wide monitor on");
+        let local_drift = DriftReport { reference: None, ..self.drift.clone() };
+        self.cluster = Some(Cluster {
+            view: MonitorView::new(self.buckets() as usize),
+            pending: Report::default(),
+            reports: msg.reports,
+            instance: msg.instance,
+            instances: BTreeMap::new(),
+            local_drift,
+        });
+        ctx.run_interval(msg.interval, |act, _ctx| act.publish());
+    }
+}
+
+impl Handler<MergeReport> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: MergeReport, _ctx: &mut Self::Context) {
+        let bucket_ms = self.config.bucket_secs.max(1) * 1000;
+        let Some(cluster) = &mut self.cluster else { return };
+        let catalog = &self.catalog;
+        let report = msg.report.resolve(|id| catalog.lookup(&ItemId::from(id)));
+        // A report stamped ahead of this clock (another instance's clock runs fast) counts now:
+        // it must not move the window past this instance's present.
+        cluster.view.merge(msg.report.at_ms.min(now_ms()) / bucket_ms, &report);
+        let latest = cluster.instances.entry(msg.report.instance).or_default();
+        *latest = (*latest).max(msg.report.at_ms);
     }
 }
 
@@ -475,5 +599,110 @@ impl Handler<AttachTrainer> for MonitorActor {
 
     fn handle(&mut self, msg: AttachTrainer, _ctx: &mut Self::Context) {
         self.trainer = Some(msg.0);
+    }
+}
+
+/// Decodes the monitor topic's records (`payloads`) and merges each into `monitor`'s cluster
+/// view, waiting while its mailbox is full; returns when either side closes. A record that is
+/// not a report is logged and skipped.
+pub async fn merge_reports(mut payloads: tokio::sync::mpsc::Receiver<Vec<u8>>, monitor: Addr<MonitorActor>) {
+    while let Some(payload) = payloads.recv().await {
+        let report = match serde_json::from_slice::<WireReport>(&payload) {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::warn!(error = %error, bytes = payload.len(), "monitor topic record is not a report; skipped");
+                continue;
+            }
+        };
+        if monitor.send(MergeReport { report }).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arm() -> Arm {
+        Arm::new("v1", "control")
+    }
+
+    /// This instance's next report carrying any counts (idle intervals publish empty ones).
+    async fn next_counted(published: &mut tokio::sync::mpsc::Receiver<Vec<u8>>) -> WireReport {
+        loop {
+            let payload = published.recv().await.expect("the monitor publishes");
+            let report: WireReport = serde_json::from_slice(&payload).expect("a report");
+            if !report.arms.is_empty() {
+                return report;
+            }
+        }
+    }
+
+    #[actix_rt::test]
+    async fn with_a_cluster_view_verdicts_and_the_report_are_the_clusters_and_its_own_counts_go_out() {
+        let config = crate::config::Config::default();
+        let catalog = Arc::new(Catalog::new());
+        let (x, y) = (catalog.intern(&ItemId::from("x")), catalog.intern(&ItemId::from("y")));
+        let monitor = MonitorActor::new(config.monitor, catalog, Arc::new(Metrics::default())).start();
+        let (reports, mut published) = tokio::sync::mpsc::channel(64);
+        let interval = Duration::from_millis(5);
+        monitor.send(AttachCluster { reports, instance: "a".into(), interval }).await.expect("attached");
+        let (version, variant): (Arc<str>, Arc<str>) = ("v1".into(), "control".into());
+        monitor
+            .send(Impression { version: version.clone(), variant: variant.clone(), items: vec![x, y] })
+            .await
+            .expect("sent");
+        let click = Outcome { version, variant, kind: OutcomeKind::Click, position: Some(0), value: None };
+        monitor.send(click).await.expect("sent");
+
+        // Its counts go out with items named by id.
+        let mine = next_counted(&mut published).await;
+        assert_eq!((mine.instance.as_str(), mine.arms.len()), ("a", 1), "{mine:?}");
+        assert_eq!((mine.arms[0].impressions, mine.arms[0].clicks), (1, 1));
+        let mut shown = mine.impressed.clone();
+        shown.sort();
+        assert_eq!(shown, ["x", "y"]);
+        // Verdicts read the cluster view, which has merged nothing yet.
+        assert_eq!(monitor.send(GetCounts).await.expect("counts").get(&arm()), None);
+
+        // Its own report back from the topic, and another instance's.
+        monitor.send(MergeReport { report: mine.clone() }).await.expect("merged");
+        let theirs = WireReport {
+            instance: "b".into(),
+            arms: vec![WireArm { impressions: 3, clicks: 1, ..mine.arms[0].clone() }],
+            impressed: vec!["y".into(), "not-here".into()],
+            ..mine
+        };
+        monitor.send(MergeReport { report: theirs }).await.expect("merged");
+        let counts = monitor.send(GetCounts).await.expect("counts");
+        assert_eq!(counts.get(&arm()), Some(&ArmTally { impressions: 4, clicks: 2 }));
+
+        let MonitorReply { report, cluster } = monitor.send(GetReport).await.expect("report");
+        let cluster = cluster.expect("the cluster part");
+        assert_eq!((report.variants[0].impressions, cluster.local.variants[0].impressions), (4, 1));
+        let ids: Vec<&str> = cluster.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!((cluster.instance.as_str(), ids), ("a", vec!["a", "b"]));
+        let json = serde_json::to_value(MonitorReply { report, cluster: Some(cluster) }).expect("serialises");
+        assert_eq!(json["variants"][0]["impressions"], 4, "the cluster's at the top level: {json}");
+        assert_eq!(json["local"]["variants"][0]["impressions"], 1, "{json}");
+    }
+
+    #[actix_rt::test]
+    async fn without_a_cluster_view_verdicts_and_the_report_are_this_instances() {
+        let config = crate::config::Config::default();
+        let catalog = Arc::new(Catalog::new());
+        let x = catalog.intern(&ItemId::from("x"));
+        let monitor = MonitorActor::new(config.monitor, catalog, Arc::new(Metrics::default())).start();
+        monitor
+            .send(Impression { version: "v1".into(), variant: "control".into(), items: vec![x] })
+            .await
+            .expect("sent");
+        let counts = monitor.send(GetCounts).await.expect("counts");
+        assert_eq!(counts.get(&arm()), Some(&ArmTally { impressions: 1, clicks: 0 }));
+        let reply = monitor.send(GetReport).await.expect("report");
+        let json = serde_json::to_value(&reply).expect("serialises");
+        assert!(json.get("local").is_none() && json.get("instances").is_none(), "embedded: no cluster part: {json}");
+        assert_eq!(json["variants"][0]["impressions"], 1);
     }
 }

@@ -333,9 +333,25 @@ impl SessionRegistry {
         let newer = hub.latest().is_none_or(|current| list.seq > current.list.seq);
         if newer {
             hub.bump_seq(list.seq);
-            hub.publish(RecUpdate::new(list));
+            let update = RecUpdate::new(list);
+            if self.fanout.as_ref().is_some_and(|fanout| fanout.announces()) {
+                // The owner counted the impression: it heard this instance's announcement of
+                // the subscriber (see `shown_elsewhere`). Shown here, never counted again.
+                update.show();
+            } else if hub.subscriber_count() > 0 {
+                // Without announcements the owner cannot know: the instance that shows it counts.
+                crate::actors::lists::report_impression(&self.deps, &update, update.list.items.len());
+            }
+            hub.publish(update);
             self.deps.metrics.fanout_received.inc();
         }
+    }
+
+    /// Whether a subscriber on another instance receives `hub`'s lists, as its announcement says
+    /// (production mode with `redis.watch_ttl_secs` > 0): the owner then counts each list it
+    /// publishes as an impression, once for the cluster, and its clicks are attributed here.
+    pub fn shown_elsewhere(&self, hub: &UserHub) -> bool {
+        self.fanout.as_ref().is_some_and(|fanout| fanout.announced(&hub.user))
     }
 
     /// The user's hub, if the registry holds one.

@@ -7,6 +7,7 @@ pub mod items;
 pub mod kafka;
 pub mod kafka_window;
 pub mod memory;
+pub mod monitor_topic;
 pub mod record;
 
 use std::time::Instant;

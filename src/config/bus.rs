@@ -67,11 +67,18 @@ impl KafkaConfig {
     /// trailing `.events` replaced by `.items` (`liverec.events` -> `liverec.items`), or with
     /// `.items` appended when it has no such suffix.
     pub fn items_topic_name(&self) -> String {
-        if !self.items_topic.is_empty() {
-            return self.items_topic.clone();
+        self.topic_beside_events(&self.items_topic, "items")
+    }
+
+    /// `named`, or when that is empty the events topic's name with a trailing `.events` replaced
+    /// by `.{kind}`, or with `.{kind}` appended when it has no such suffix: the name of a topic
+    /// liverec keeps beside the events topic.
+    pub fn topic_beside_events(&self, named: &str, kind: &str) -> String {
+        if !named.is_empty() {
+            return named.to_owned();
         }
         let base = self.events_topic.strip_suffix(".events").unwrap_or(&self.events_topic);
-        format!("{base}.items")
+        format!("{base}.{kind}")
     }
 }
 

@@ -9,6 +9,7 @@
 mod bus;
 mod catalog;
 mod closed_loop;
+mod cluster;
 mod demo;
 mod model;
 mod observability;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use bus::{BusConfig, BusKind, KafkaConfig};
 pub use catalog::CatalogConfig;
 pub use closed_loop::{MonitorConfig, RolloutConfig, TrainerConfig};
+pub use cluster::ClusterConfig;
 pub use demo::DemoConfig;
 pub use model::{CoocConfig, ModelConfig, ModelKind, RetrievalConfig};
 pub use observability::{LogConfig, LogFormat, TracingConfig};
@@ -110,6 +112,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub privacy: PrivacyConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -208,6 +212,9 @@ impl Config {
         }
         if self.monitor.bucket_secs == 0 || self.monitor.window_secs < self.monitor.bucket_secs {
             return fail("monitor.bucket_secs must be at least 1 and at most monitor.window_secs");
+        }
+        if self.cluster.report_interval_ms == 0 {
+            return fail("cluster.report_interval_ms must be at least 1");
         }
         if self.model.max_batch == 0 {
             return fail("model.max_batch must be at least 1");

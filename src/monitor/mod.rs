@@ -10,6 +10,7 @@ use serde::Serialize;
 pub mod drift;
 pub mod report;
 pub mod stream;
+pub mod view;
 
 /// The monitor's internal maps, keyed by item indices, user hashes and arms: foldhash rather
 /// than SipHash, which showed in profiles of the per-event path. Seeded per process, so keys
@@ -95,6 +96,19 @@ impl<T: Clone + Default> Window<T> {
     pub fn at(&mut self, tick: u64) -> &mut T {
         self.advance(tick);
         &mut self.buckets[self.head]
+    }
+
+    /// The bucket of `tick`, after moving to it if it is newer than the head; `None` when it is
+    /// older than the window. Counts that arrive late (another instance's report) land in the
+    /// bucket of the time they were made, not in the current one.
+    pub fn slot(&mut self, tick: u64) -> Option<&mut T> {
+        self.advance(tick);
+        let back = self.head_tick - tick;
+        let len = self.buckets.len() as u64;
+        (back < len).then(|| {
+            let index = (self.head as u64 + len - back) % len;
+            &mut self.buckets[index as usize]
+        })
     }
 
     pub fn buckets(&self) -> impl Iterator<Item = &T> {
@@ -244,6 +258,18 @@ mod tests {
         assert_eq!(w.buckets().sum::<u64>(), 0);
         *w.at(50) += 1; // the past does not rewind the window
         assert_eq!(w.buckets().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn a_late_count_lands_in_its_own_bucket_or_nowhere() {
+        let mut w: Window<u64> = Window::new(3);
+        *w.at(10) += 1;
+        *w.slot(9).expect("in the window") += 10; // one bucket back
+        *w.slot(12).expect("moves the window") += 100;
+        assert!(w.slot(9).is_none(), "older than the window");
+        assert_eq!(w.buckets().sum::<u64>(), 101);
+        w.advance(13); // bucket 10 leaves, with its own count only
+        assert_eq!(w.buckets().sum::<u64>(), 100);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::stream::{StreamWindow, UserActivity};
 use super::{wilson, ArmTally, FastMap, FastSet, Rate, Window};
 use crate::catalog::{Categories, ItemIdx};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 /// What one bucket counts for one (version, variant).
 pub struct VariantBucket {
     pub impressions: u64,
@@ -23,15 +23,20 @@ impl VariantBucket {
     /// The counts of a whole window.
     pub fn sum(window: &Window<VariantBucket>) -> VariantBucket {
         window.buckets().fold(VariantBucket::default(), |mut acc, b| {
-            acc.impressions += b.impressions;
-            acc.clicks += b.clicks;
-            acc.conversions += b.conversions;
-            acc.revenue += b.revenue;
-            acc.diversity_sum += b.diversity_sum;
-            acc.novelty_sum += b.novelty_sum;
-            acc.novelty_items += b.novelty_items;
+            acc.add(b);
             acc
         })
+    }
+
+    /// Adds the counts of `other` (another bucket, or another instance's report).
+    pub fn add(&mut self, other: &VariantBucket) {
+        self.impressions += other.impressions;
+        self.clicks += other.clicks;
+        self.conversions += other.conversions;
+        self.revenue += other.revenue;
+        self.diversity_sum += other.diversity_sum;
+        self.novelty_sum += other.novelty_sum;
+        self.novelty_items += other.novelty_items;
     }
 }
 
@@ -180,6 +185,36 @@ pub struct MonitorReport {
     pub revenue_per_user: f64,
     pub drift: DriftReport,
     pub breaches: Vec<Breach>,
+}
+
+/// `GET /v1/monitor`: the judged view's report (the cluster's in production, this instance's in
+/// the embedded mode) and, in production, this instance's own beside it.
+#[derive(Debug, Serialize, Clone)]
+pub struct MonitorReply {
+    #[serde(flatten)]
+    pub report: MonitorReport,
+    #[serde(flatten)]
+    pub cluster: Option<ClusterReport>,
+}
+
+/// The production-mode part of [`MonitorReply`].
+#[derive(Debug, Serialize, Clone)]
+pub struct ClusterReport {
+    /// This instance's id (`cluster.instance_id`).
+    pub instance: String,
+    /// The instances whose reports the cluster view holds (a report within the window).
+    pub instances: Vec<InstanceReport>,
+    /// What this instance alone counted (drift indices of its own traffic; no breaches: alarms
+    /// are judged on the cluster view).
+    pub local: MonitorReport,
+}
+
+/// One instance that reported to the monitor topic.
+#[derive(Debug, Serialize, Clone)]
+pub struct InstanceReport {
+    pub id: String,
+    /// When its latest report was made (its clock, ms since the epoch).
+    pub last_report_ms: u64,
 }
 
 #[derive(Debug, Serialize, Clone, Default)]

@@ -8,7 +8,7 @@ use super::{FastMap, FastSet, Window};
 use crate::catalog::ItemIdx;
 use crate::event::Context as EventContext;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 /// What one bucket counts for the whole stream.
 pub struct StreamBucket {
     /// Organic events per item in this bucket. Private: counted through
@@ -22,8 +22,26 @@ pub struct StreamBucket {
     pub users: FastMap<u64, UserActivity>,
 }
 
+impl StreamBucket {
+    /// An empty bucket with its context segments.
+    pub fn empty() -> Self {
+        Self { context: vec![0; EventContext::SEGMENTS], ..Self::default() }
+    }
+
+    /// Organic events per item in this bucket.
+    pub fn organic(&self) -> &FastMap<ItemIdx, u64> {
+        &self.popularity
+    }
+
+    /// Counts `n` organic events on `item` in a bucket outside any window (a report being built
+    /// or decoded): a window's buckets count through [`StreamWindow::count_organic`].
+    pub(super) fn add_organic(&mut self, item: ItemIdx, n: u64) {
+        *self.popularity.entry(item).or_default() += n;
+    }
+}
+
 /// What one user did in a bucket, or over a window.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct UserActivity {
     pub events: u64,
     /// Sum of purchase values.
@@ -87,6 +105,38 @@ impl StreamWindow {
         *self.bucket(tick).popularity.entry(item).or_default() += 1;
         *self.popularity.entry(item).or_default() += 1;
         self.events += 1;
+    }
+
+    /// The bucket of `tick` (see [`Window::slot`]): `None` when it is older than the window.
+    pub fn bucket_at(&mut self, tick: u64) -> Option<&mut StreamBucket> {
+        self.advance(tick);
+        let bucket = self.window.slot(tick)?;
+        if bucket.context.is_empty() {
+            bucket.context = vec![0; EventContext::SEGMENTS];
+        }
+        Some(bucket)
+    }
+
+    /// Adds `other` (one bucket's counts: another instance's report) to the bucket of `tick`,
+    /// keeping the running sum in step; nothing when `tick` is older than the window.
+    pub fn merge(&mut self, tick: u64, other: &StreamBucket) {
+        let Some(bucket) = self.bucket_at(tick) else { return };
+        for (&item, &n) in &other.popularity {
+            *bucket.popularity.entry(item).or_default() += n;
+        }
+        for (slot, &n) in bucket.context.iter_mut().zip(&other.context) {
+            *slot += n;
+        }
+        bucket.impressed.extend(other.impressed.iter().copied());
+        for (&user, activity) in &other.users {
+            let mine = bucket.users.entry(user).or_default();
+            mine.events += activity.events;
+            mine.revenue += activity.revenue;
+        }
+        for (&item, &n) in &other.popularity {
+            *self.popularity.entry(item).or_default() += n;
+            self.events += n;
+        }
     }
 
     /// Organic events per item over the window.

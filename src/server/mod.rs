@@ -39,6 +39,7 @@ use crate::telemetry::Metrics;
 
 mod catalog;
 mod housekeeping;
+mod monitor;
 use housekeeping::{start_housekeeping, Threads as CachedThreads};
 
 #[derive(Debug, thiserror::Error)]
@@ -519,6 +520,7 @@ async fn start_bus(
             }
             let kafka_bus = KafkaBus::new(&config.kafka).map_err(|e| StartError::Kafka(e.to_string()))?;
             let producer = kafka_bus.producer().clone();
+            monitor::start_cluster_monitor(config, registry.deps.monitor.clone(), threads, metrics).await?;
             let (kafka_config, ingest_registry, ingest_metrics) =
                 (config.kafka.clone(), registry.clone(), metrics.clone());
             let limits = config.events.limits();

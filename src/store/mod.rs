@@ -180,6 +180,16 @@ pub trait UpdateFanout: Send + Sync {
     fn watched(&self, _user: &UserId) -> bool {
         true
     }
+    /// Whether instances announce their subscribers (`redis.watch_ttl_secs` > 0).
+    fn announces(&self) -> bool {
+        false
+    }
+    /// Whether an announcement of a subscriber of `user` is current, as heard: false while
+    /// unknown (no announcements, or ones this instance may have missed before it listened).
+    /// The owner counts a list it forwards to such a subscriber as an impression.
+    fn announced(&self, _user: &UserId) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

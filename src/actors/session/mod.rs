@@ -303,7 +303,8 @@ impl SessionActor {
     }
 
     /// Publishes a new list to the user's streams. It counts as an impression when someone
-    /// receives it: a live subscriber, or the `GET` it answers (`answering`).
+    /// receives it: a live subscriber here or (production mode) on another instance, or the
+    /// `GET` it answers (`answering`).
     fn publish(&mut self, scored: ScoredList, answering: bool) {
         if self.hub.is_erased() {
             return;
@@ -312,7 +313,7 @@ impl SessionActor {
         let list = self.to_list(&scored, self.hub.next_seq());
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
-        let delivered = answering || self.hub.subscriber_count() > 0;
+        let delivered = answering || self.hub.subscriber_count() > 0 || self.registry.shown_elsewhere(&self.hub);
         self.record_served(&update, delivered);
         self.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {

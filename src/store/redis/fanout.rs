@@ -99,6 +99,14 @@ impl crate::store::UpdateFanout for FanoutHandle {
     fn watched(&self, user: &UserId) -> bool {
         self.watches.watched(user)
     }
+
+    fn announces(&self) -> bool {
+        self.watches.enabled()
+    }
+
+    fn announced(&self, user: &UserId) -> bool {
+        self.watches.announced(user)
+    }
 }
 
 /// Publishes announcements of `users` (in chunks of `ANNOUNCE_CHUNK`) as one pipeline.

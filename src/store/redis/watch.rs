@@ -79,6 +79,16 @@ impl WatchTable {
         self.blind_at(now) || self.until.get(user).is_some_and(|until| now < *until)
     }
 
+    /// Whether an announcement of `user` is current, as heard (never while the feature is off;
+    /// the blind time after listening does not count: only what was heard).
+    pub fn announced(&self, user: &UserId) -> bool {
+        self.announced_at(user, Instant::now())
+    }
+
+    fn announced_at(&self, user: &UserId, now: Instant) -> bool {
+        self.enabled() && self.until.get(user).is_some_and(|until| now < *until)
+    }
+
     fn blind_at(&self, now: Instant) -> bool {
         self.blind_until.lock().is_none_or(|until| now < until)
     }
@@ -160,5 +170,19 @@ mod tests {
         table.listening();
         assert!(!table.enabled());
         assert!(table.watched(&UserId::from("anyone")));
+        assert!(!table.announced(&UserId::from("anyone")), "watched, but nobody is known to be");
+    }
+
+    #[test]
+    fn announced_means_heard_not_merely_possibly_missed() {
+        let table = WatchTable::new(Duration::from_secs(30));
+        let (ann, bob) = (UserId::from("ann"), UserId::from("bob"));
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        table.listening_at(t0);
+        assert!(table.watched_at(&bob, at(1)) && !table.announced_at(&bob, at(1)), "the blind TTL is no announcement");
+        table.heard_at(ann.clone(), Duration::from_secs(30), at(2));
+        assert!(table.announced_at(&ann, at(31)));
+        assert!(!table.announced_at(&ann, at(32)), "an announcement lapses after its TTL");
     }
 }
