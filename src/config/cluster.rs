@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::KafkaConfig;
+use super::bus::KafkaConfig;
 
 /// Settings of the `[cluster]` config section.
 #[derive(Clone, Debug, Serialize, Deserialize)]

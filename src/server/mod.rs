@@ -520,7 +520,9 @@ async fn start_bus(
             }
             let kafka_bus = KafkaBus::new(&config.kafka).map_err(|e| StartError::Kafka(e.to_string()))?;
             let producer = kafka_bus.producer().clone();
-            monitor::start_cluster_monitor(config, registry.deps.monitor.clone(), threads, metrics).await?;
+            monitor::start_cluster_monitor(config, registry.deps.monitor.clone(), &threads.monitor.handle(), metrics)
+                .await
+                .map_err(StartError::Kafka)?;
             let (kafka_config, ingest_registry, ingest_metrics) =
                 (config.kafka.clone(), registry.clone(), metrics.clone());
             let limits = config.events.limits();

@@ -8,7 +8,6 @@ use std::time::Duration;
 use actix::Addr;
 use rdkafka::producer::FutureProducer;
 
-use super::{StartError, Threads};
 use crate::actors::monitor::{merge_reports, AttachCluster, MonitorActor};
 use crate::bus::monitor_topic::{self, MonitorPublisher};
 use crate::config::Config;
@@ -23,22 +22,20 @@ const QUEUED_REPORTS: usize = 1024;
 const UNSENT_REPORTS: usize = 64;
 
 /// Creates the topic (with `kafka.create_topics`), attaches the cluster view to the monitor, and
-/// starts reading the topic from a window ago on the monitor's thread.
+/// starts reading the topic from a window ago on `thread` (the monitor's). Errors are Kafka's.
 pub(super) async fn start_cluster_monitor(
     config: &Config,
     monitor: Addr<MonitorActor>,
-    threads: &Threads,
+    thread: &actix::prelude::ArbiterHandle,
     metrics: &Arc<Metrics>,
-) -> Result<(), StartError> {
+) -> Result<(), String> {
     if !config.cluster.enabled {
         return Ok(());
     }
     let topic = config.cluster.monitor_topic_name(&config.kafka);
     let window_ms = config.monitor.window_secs * 1000;
     if config.kafka.create_topics {
-        monitor_topic::ensure_topic(&config.kafka, &topic, window_ms)
-            .await
-            .map_err(|e| StartError::Kafka(e.to_string()))?;
+        monitor_topic::ensure_topic(&config.kafka, &topic, window_ms).await.map_err(|e| e.to_string())?;
     }
     // A producer of its own, neither idempotent nor waiting for every replica: a report lost now
     // and then costs a second of counts, and the reports' timeouts while a broker is away must
@@ -49,10 +46,9 @@ pub(super) async fn start_cluster_monitor(
         .set("enable.idempotence", "false")
         .set("acks", "1")
         .create()
-        .map_err(|e| StartError::Kafka(e.to_string()))?;
+        .map_err(|e: rdkafka::error::KafkaError| e.to_string())?;
     let instance = config.cluster.instance_name();
     let timeout = Duration::from_millis(config.kafka.produce_timeout_ms);
-    let thread = threads.monitor.handle();
     let (unsent, to_send) = tokio::sync::mpsc::channel(UNSENT_REPORTS);
     let publisher = MonitorPublisher::new(producer, topic.clone(), instance.clone(), timeout);
     thread.spawn(publisher.publish(to_send, metrics.clone()));
