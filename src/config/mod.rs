@@ -9,6 +9,7 @@
 mod bus;
 mod catalog;
 mod closed_loop;
+mod cluster;
 mod demo;
 mod model;
 mod observability;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use bus::{BusConfig, BusKind, KafkaConfig};
 pub use catalog::CatalogConfig;
 pub use closed_loop::{MonitorConfig, RolloutConfig, TrainerConfig};
+pub use cluster::ClusterConfig;
 pub use demo::DemoConfig;
 pub use model::{CoocConfig, ModelConfig, ModelKind, RetrievalConfig};
 pub use observability::{LogConfig, LogFormat, TracingConfig};
@@ -104,6 +106,9 @@ pub struct Config {
     pub monitor: MonitorConfig,
     pub trainer: TrainerConfig,
     pub rollout: RolloutConfig,
+    /// The loop across instances (production mode).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
     pub tracing: TracingConfig,
@@ -216,6 +221,9 @@ impl Config {
         if r.ann_probe == 0 || r.ann_list_size == 0 {
             return fail("model.retrieval.ann_probe and model.retrieval.ann_list_size must be at least 1");
         }
+        if let Err(message) = self.cluster.check() {
+            return fail(&message);
+        }
         if !(0.0..1.0).contains(&self.rollout.canary_share) || self.rollout.canary_share == 0.0 {
             return fail("rollout.canary_share must be above 0 and below 1");
         }
@@ -227,6 +235,12 @@ impl Config {
             return fail("stream.heartbeat_secs must be at least 1 and below stream.client_timeout_secs");
         }
         Ok(())
+    }
+
+    /// Whether the loop runs across instances: `cluster.enabled` in production mode (Kafka bus
+    /// and Redis store); the embedded mode keeps one loop in the one process.
+    pub fn cluster_active(&self) -> bool {
+        self.cluster.enabled && self.bus.kind == BusKind::Kafka && self.store.kind == StoreKind::Redis
     }
 
     /// Threads to use where a setting says 0 ("one per core").

@@ -37,6 +37,34 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
+/// Production mode: the loop's requests (retrain, promote, activate, rollback, experiments) are
+/// the leader's alone. On a follower they are answered `409 not_leader`, with the leader the
+/// follower knows of, for the operator (or a script) to send the request there; they are not
+/// forwarded, so that an operator always learns which instance acted.
+fn require_leader(state: &AppState) -> Result<(), HttpResponse> {
+    let Some(cluster) = &state.cluster else { return Ok(()) };
+    let leadership = cluster.leadership();
+    if leadership.leading {
+        return Ok(());
+    }
+    let message = match &leadership.leader {
+        Some(leader) if !leader.advertise_url.is_empty() => format!(
+            "this instance does not lead the loop; send the request to the leader, {} at {}",
+            leader.instance_id, leader.advertise_url
+        ),
+        Some(leader) => format!(
+            "this instance does not lead the loop; send the request to the leader, {} (it advertises no URL: set cluster.advertise_url)",
+            leader.instance_id
+        ),
+        None => "no instance leads the loop right now (the lease is being taken over); retry shortly".to_owned(),
+    };
+    Err(HttpResponse::Conflict().json(json!({
+        "error": { "code": "not_leader", "message": message },
+        "leader": leadership.leader,
+        "instance_id": cluster.instance_id,
+    })))
+}
+
 /// A JSON body that may be left out entirely (no body, no content type), or be `null`: then the
 /// defaults.
 async fn optional_body<T: serde::de::DeserializeOwned + Default>(
@@ -164,6 +192,9 @@ pub async fn promote_version(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Err(refused) = require_leader(&state) {
+        return Ok(refused);
+    }
     let name = path.into_inner();
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(RegistryError::BadName(name).into());
@@ -197,6 +228,9 @@ pub async fn promote(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Err(refused) = require_leader(&state) {
+        return Ok(refused);
+    }
     let reason = reason(&req, payload, &state).await?;
     let done = state.trainer.send(Promote { name: None, reason }).await??;
     Ok(HttpResponse::Ok().json(done))
@@ -226,6 +260,9 @@ pub async fn rollback(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Err(refused) = require_leader(&state) {
+        return Ok(refused);
+    }
     let reason = reason(&req, payload, &state).await?;
     let done = state.trainer.send(Rollback { reason }).await??;
     Ok(HttpResponse::Ok().json(done))
@@ -266,6 +303,9 @@ pub async fn retrain(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Err(refused) = require_leader(&state) {
+        return Ok(refused);
+    }
     let body: RetrainBody = optional_body(&req, payload, &state, "invalid_request").await?;
     if body.skip_gate && body.drill == Drill::None {
         return Err(ApiError::bad_request(
@@ -346,6 +386,9 @@ pub async fn start_experiment(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Err(refused) = require_leader(&state) {
+        return Ok(refused);
+    }
     let body: ExperimentBody =
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_request").await?;
     let started = state.trainer.send(StartExperiment { a: body.a, b: body.b, share: body.share }).await??;
@@ -367,6 +410,9 @@ pub async fn start_experiment(
 )]
 pub async fn stop_experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Err(refused) = require_leader(&state) {
+        return Ok(refused);
+    }
     let stopped = state.trainer.send(StopExperiment).await??;
     Ok(HttpResponse::Ok().json(stopped))
 }

@@ -38,6 +38,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Becomes true when the server starts shutting down; streams close on it.
     pub shutdown: watch::Receiver<bool>,
+    /// Production mode: who leads the loop, and whether the desired serving state is applied
+    /// (none in the embedded mode).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AppState {

@@ -60,6 +60,9 @@ impl Handler<StartExperiment> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<ExperimentStarted, TrainerError>>;
 
     fn handle(&mut self, msg: StartExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if self.clustered() {
+            return self.cluster_start_experiment(msg);
+        }
         if !matches!(self.phase, Phase::Idle) {
             return Box::pin(fut::ready(Err(TrainerError::Busy {
                 action: "start an experiment",
@@ -134,7 +137,10 @@ impl Handler<StartExperiment> for TrainerActor {
 impl Handler<StopExperiment> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<NowServing, TrainerError>>;
 
-    fn handle(&mut self, _msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if self.clustered() {
+            return self.cluster_stop(msg);
+        }
         if !matches!(self.phase, Phase::Experiment(_)) {
             return Box::pin(fut::ready(Err(TrainerError::NoExperiment)));
         }

@@ -43,6 +43,8 @@ use actix::prelude::*;
 use super::model::{ModelActor, StartChallenger};
 use super::monitor::{GetCounts, MonitorActor, Retrain};
 use crate::catalog::Catalog;
+use crate::cluster::record::{DesiredState, RunPhase, ServingVersion, StateChange};
+use crate::cluster::Cluster;
 use crate::config::{RolloutConfig, TrainerConfig};
 use crate::event::now_ms;
 use crate::eventlog::EventLog;
@@ -53,6 +55,7 @@ use crate::telemetry::Metrics;
 
 // The files below add handlers and methods to the actor; this file names none of them, and
 // `state` holds what they share, so the trainer's files import one way.
+mod cluster;
 pub mod experiments;
 mod history;
 pub mod replies;
@@ -93,6 +96,23 @@ pub struct TrainerActor {
     runs: VecDeque<RunRecord>,
     history: VecDeque<HistoryEntry>,
     checking: bool,
+    /// Production mode: the loop's leadership and the control topic (none in the embedded mode;
+    /// see `cluster`).
+    cluster: Option<Arc<Cluster>>,
+    /// Whether this instance leads the loop (always without a cluster).
+    leading: bool,
+    /// Took the lease; carries on from the newest record once the control topic is read.
+    takeover_pending: bool,
+    /// The newest desired state read from the control topic.
+    desired: Option<DesiredState>,
+    /// The state this leader published last (ahead of `desired` until it is read back).
+    intended: Option<StateChange>,
+    /// What served at start, before any control record.
+    started_serving: ServingVersion,
+    /// The step of a run published last, so that each is published once.
+    published_run: Option<(u64, RunPhase)>,
+    /// Runs a new leader started again after its predecessor died training them.
+    restarted_runs: Vec<u64>,
 }
 
 impl TrainerActor {
@@ -123,7 +143,24 @@ impl TrainerActor {
             runs: VecDeque::new(),
             history: VecDeque::new(),
             checking: false,
+            cluster: None,
+            leading: true,
+            takeover_pending: false,
+            desired: None,
+            intended: None,
+            started_serving: ServingVersion { name: None, version: String::new() },
+            published_run: None,
+            restarted_runs: Vec::new(),
         }
+    }
+
+    /// Production mode: the loop runs across instances (see `cluster`); `serving` is what this
+    /// instance serves at start.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>, serving: ServingVersion) -> Self {
+        self.leading = false;
+        self.cluster = Some(cluster);
+        self.started_serving = serving;
+        self
     }
 
     fn loop_phase(&self) -> LoopPhase {
@@ -141,6 +178,15 @@ impl TrainerActor {
             TriggerSource::Monitor => self.metrics.trainer_triggers_monitor.inc(),
             TriggerSource::Schedule => self.metrics.trainer_triggers_schedule.inc(),
             TriggerSource::Admin => self.metrics.trainer_triggers_admin.inc(),
+            TriggerSource::Failover => {}
+        }
+        if !self.leading {
+            // The leader alone trains; the monitor's and the schedule's triggers are its own.
+            if request.source != TriggerSource::Admin {
+                self.metrics.cluster_triggers_ignored.inc();
+                tracing::debug!(reason = %request.reason, "retraining trigger ignored: another instance leads the loop");
+            }
+            return Err(self.not_leader());
         }
         if !self.config.enabled {
             self.record(LoopStep::TriggerIgnored, None, None, format!("{} (trainer.enabled = false)", request.reason));
@@ -239,6 +285,7 @@ impl TrainerActor {
                     record.detail = Some(error.clone());
                 }
                 self.record(LoopStep::TrainingFailed, Some(run), None, error);
+                self.publish_run(run, RunPhase::Failed, ctx);
                 return;
             }
         };
@@ -276,6 +323,7 @@ impl TrainerActor {
                 record.outcome = RunOutcome::Rejected;
                 record.detail = Some(verdict);
             }
+            self.publish_run(run, RunPhase::Rejected, ctx);
             return;
         };
         if !candidate.gate.passed() {
@@ -288,6 +336,12 @@ impl TrainerActor {
         }
         if let Some(record) = self.run_mut(run) {
             record.outcome = RunOutcome::Canary;
+        }
+        if self.clustered() {
+            // Every instance loads the version from the registry; this copy is not needed.
+            drop(model);
+            self.cluster_start_canary(run, name, version, candidate.reference, ctx);
+            return;
         }
         let share = self.rollout.canary_share.clamp(0.0, 1.0);
         let start = StartChallenger {
@@ -356,7 +410,20 @@ impl Actor for TrainerActor {
         ctx.run_interval(Duration::from_millis(self.rollout.check_interval_ms.max(50)), |act, ctx| {
             act.check_waiting(ctx);
             act.check_canary(ctx);
+            act.sync_run(ctx);
         });
+        if let Some(cluster) = &self.cluster {
+            let (mut leadership, addr) = (cluster.watch_leadership(), ctx.address());
+            ctx.spawn(
+                async move {
+                    while leadership.changed().await.is_ok() {
+                        let now = leadership.borrow_and_update().clone();
+                        addr.do_send(cluster::LeadershipChanged(now));
+                    }
+                }
+                .into_actor(self),
+            );
+        }
         if self.config.schedule_secs > 0 {
             ctx.run_interval(Duration::from_secs(self.config.schedule_secs), |act, ctx| {
                 if matches!(act.phase, Phase::Idle) {
