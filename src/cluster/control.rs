@@ -28,8 +28,8 @@ use crate::config::KafkaConfig;
 /// Creates the control topic (one partition, compacted) if it does not exist.
 pub async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = config.items_consumer_config().create()?;
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(config.replication_factor))
-        .set("cleanup.policy", "compact");
+    let new =
+        NewTopic::new(topic, 1, TopicReplication::Fixed(config.replication_factor)).set("cleanup.policy", "compact");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics([&new], &options).await? {
         match result {
@@ -105,10 +105,8 @@ where
     Fut: Future<Output = ()>,
 {
     // assign() joins no group and nothing is committed, so every instance may share this id.
-    let consumer: StreamConsumer = config
-        .items_consumer_config()
-        .set("group.id", format!("{}.control", config.group_id))
-        .create()?;
+    let consumer: StreamConsumer =
+        config.items_consumer_config().set("group.id", format!("{}.control", config.group_id)).create()?;
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
     consumer.assign(&assignment)?;

@@ -174,7 +174,10 @@ impl Lease {
         (self.ttl / 3).max(Duration::from_millis(100))
     }
 
-    async fn run<T: redis::FromRedisValue>(&mut self, invocation: redis::ScriptInvocation<'_>) -> Result<T, LeaseError> {
+    async fn run<T: redis::FromRedisValue>(
+        &mut self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, LeaseError> {
         if self.conn.is_none() {
             self.conn = Some(self.connect().await?);
         }

@@ -230,7 +230,9 @@ impl Cluster {
                         tracing::info!(epoch = holder.epoch, instance = %holder.instance_id, "loop lease taken");
                         self.set_leadership(Leadership { leading: true, leader: Some(holder) });
                     }
-                    Ok(Acquired::Held(holder)) => self.set_leadership(Leadership { leading: false, leader: Some(holder) }),
+                    Ok(Acquired::Held(holder)) => {
+                        self.set_leadership(Leadership { leading: false, leader: Some(holder) })
+                    }
                     Err(error) => {
                         tracing::debug!(error = %error, "loop lease not read");
                         self.set_leadership(Leadership { leading: false, leader: None });

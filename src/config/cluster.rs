@@ -140,7 +140,10 @@ mod tests {
         assert_eq!(cluster.control_topic_name(&kafka), "shop.control");
         cluster.control_topic = "ctl".into();
         cluster.monitor_topic = "mon".into();
-        assert_eq!((cluster.control_topic_name(&kafka), cluster.monitor_topic_name(&kafka)), ("ctl".into(), "mon".into()));
+        assert_eq!(
+            (cluster.control_topic_name(&kafka), cluster.monitor_topic_name(&kafka)),
+            ("ctl".into(), "mon".into())
+        );
     }
 
     #[test]

@@ -96,7 +96,8 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let cluster = start_cluster(&config, &metrics, &threads, shutdown_rx.clone()).await?;
         let online = model_factory(&config, &catalog, None);
-        let serving = ServingVersion { name: initial.serving_name.clone(), version: initial.model.version().to_owned() };
+        let serving =
+            ServingVersion { name: initial.serving_name.clone(), version: initial.model.version().to_owned() };
         let actors = start_actors(&config, &catalog, &metrics, initial, &threads, cluster.clone(), serving.clone());
         if let Some(cluster) = &cluster {
             follow_control(&config, cluster, &actors, &catalog, online, serving, &threads);

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::support::*;
 
 /// Trains a tiny model on users walking a cycle of 20 items and saves it as `dir/name`.
-fn train_version(dir: &Path, name: &str, seed: u64, created_secs: i64) -> String {
+pub(crate) fn train_version(dir: &Path, name: &str, seed: u64, created_secs: i64) -> String {
     let mut builder = DatasetBuilder::new();
     for item in 0..20 {
         builder.item(&format!("seq-{item}"));

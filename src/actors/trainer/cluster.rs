@@ -68,7 +68,10 @@ impl TrainerActor {
     }
 
     /// Publishes `change`; the future resolves once the broker has it.
-    fn publish_change(&mut self, change: StateChange) -> impl ActorFuture<Self, Output = Result<DesiredState, TrainerError>> {
+    fn publish_change(
+        &mut self,
+        change: StateChange,
+    ) -> impl ActorFuture<Self, Output = Result<DesiredState, TrainerError>> {
         let queued = match &self.cluster {
             Some(cluster) => cluster.publish(change.clone()).map_err(TrainerError::from),
             None => Err(TrainerError::Control("no cluster".into())),
@@ -80,7 +83,8 @@ impl TrainerActor {
     }
 
     fn run_state(&self, run: u64, phase: RunPhase) -> RunState {
-        let reason = self.runs.iter().find(|r| r.run == run).and_then(|r| r.reasons.first().cloned()).unwrap_or_default();
+        let reason =
+            self.runs.iter().find(|r| r.run == run).and_then(|r| r.reasons.first().cloned()).unwrap_or_default();
         RunState { id: run, reason, phase, restarts: u32::from(self.restarted_runs.contains(&run)) }
     }
 
@@ -178,7 +182,12 @@ impl TrainerActor {
                             record.outcome = RunOutcome::Failed;
                             record.detail = Some(error.to_string());
                         }
-                        act.record(LoopStep::TrainingFailed, Some(run), Some(&version), format!("canary not started: {error}"));
+                        act.record(
+                            LoopStep::TrainingFailed,
+                            Some(run),
+                            Some(&version),
+                            format!("canary not started: {error}"),
+                        );
                         return;
                     }
                     act.metrics.rollout_canaries.inc();
@@ -274,7 +283,9 @@ impl TrainerActor {
             if msg.name.is_none() || msg.name.as_ref() == Some(&c.name) {
                 let (name, version) = (c.name.clone(), c.version.clone());
                 let ended = self.cluster_end_canary(true, format!("manual: {}", msg.reason));
-                return Box::pin(ended.map(move |ended, _, _| ended.map(|()| Promoted { promoted: name, serving: version })));
+                return Box::pin(
+                    ended.map(move |ended, _, _| ended.map(|()| Promoted { promoted: name, serving: version })),
+                );
             }
         }
         if let Phase::Experiment(e) = &self.phase {
@@ -351,12 +362,14 @@ impl TrainerActor {
             Phase::Canary(c) => {
                 let (version, incumbent) = (c.version.clone(), c.incumbent.clone());
                 let ended = self.cluster_end_canary(false, format!("manual: {}", msg.reason));
-                return Box::pin(
-                    ended.map(move |ended, _, _| ended.map(|()| RolledBack::Canary { rolled_back: version, serving: incumbent })),
-                );
+                return Box::pin(ended.map(move |ended, _, _| {
+                    ended.map(|()| RolledBack::Canary { rolled_back: version, serving: incumbent })
+                }));
             }
             Phase::Experiment(_) => {
-                return Box::pin(self.cluster_stop_experiment("rolled back by an operator").map(|s, _, _| s.map(RolledBack::To)));
+                return Box::pin(
+                    self.cluster_stop_experiment("rolled back by an operator").map(|s, _, _| s.map(RolledBack::To)),
+                );
             }
             Phase::Training { .. } | Phase::Waiting { .. } | Phase::Idle => {}
         }
@@ -385,7 +398,10 @@ impl TrainerActor {
         }))
     }
 
-    fn cluster_stop_experiment(&mut self, why: &str) -> impl ActorFuture<Self, Output = Result<NowServing, TrainerError>> {
+    fn cluster_stop_experiment(
+        &mut self,
+        why: &str,
+    ) -> impl ActorFuture<Self, Output = Result<NowServing, TrainerError>> {
         let why = why.to_owned();
         let ended = match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Experiment(e) => Some(e),
@@ -406,7 +422,12 @@ impl TrainerActor {
             published?;
             let e = ended.expect("published only with an experiment");
             act.metrics.set_challenger_share(0.0);
-            act.record(LoopStep::ExperimentStopped, None, Some(&e.a.version), format!("{why}; a ({}) keeps serving", e.a.name));
+            act.record(
+                LoopStep::ExperimentStopped,
+                None,
+                Some(&e.a.version),
+                format!("{why}; a ({}) keeps serving", e.a.name),
+            );
             Ok(NowServing { serving: e.a.version, name: Some(e.a.name) })
         })
     }
@@ -520,7 +541,8 @@ impl TrainerActor {
                     LoopStep::RolledBack,
                     Some(run.id),
                     version.as_deref(),
-                    "the leader changed during the canary: rolled back (no baseline of its arms survives a leader)".into(),
+                    "the leader changed during the canary: rolled back (no baseline of its arms survives a leader)"
+                        .into(),
                 );
             }
             Some(run) if run.restarts == 0 => restart = Some(run),

@@ -7,8 +7,8 @@ use serde::Serialize;
 use super::state::{CanaryState, ExperimentState, HistoryEntry, LoopPhase, NamedVersion, Phase, RunRecord, Variant};
 use super::TrainerActor;
 use crate::actors::monitor::ArmCounts;
-use crate::cluster::record::DesiredState;
 use crate::actors::monitor::GetCounts;
+use crate::cluster::record::DesiredState;
 use crate::monitor::{arm_since, two_proportion_z, wilson, Arm, ArmTally, Rate};
 use actix::prelude::*;
 

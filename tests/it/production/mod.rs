@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod cluster;
+mod cluster_loop;
 mod erasure;
 mod failover;
 mod kafka;
