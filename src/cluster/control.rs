@@ -19,7 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::record::{self, DesiredState, RECORD_KEY};
 use super::Cluster;
@@ -78,6 +78,20 @@ impl ControlPublisher {
     }
 }
 
+/// The control consumer's context: librdkafka also reports each partition end (which the loop
+/// handles) as a client error, which would otherwise be logged as one every time.
+struct ControlContext;
+
+impl ClientContext for ControlContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::error!(error = %error, reason, "kafka control consumer client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ControlContext {}
+
 /// Reads the control topic from its start and hands each newest record to `apply`, for as long
 /// as the thread runs; a failed consumer is made again after a capped backoff (counted in
 /// `liverec_kafka_consumer_restarts_total`), reading from the start again (applying the same state
@@ -105,8 +119,10 @@ where
     Fut: Future<Output = ()>,
 {
     // assign() joins no group and nothing is committed, so every instance may share this id.
-    let consumer: StreamConsumer =
-        config.items_consumer_config().set("group.id", format!("{}.control", config.group_id)).create()?;
+    let consumer: StreamConsumer<ControlContext> = config
+        .items_consumer_config()
+        .set("group.id", format!("{}.control", config.group_id))
+        .create_with_context(ControlContext)?;
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
     consumer.assign(&assignment)?;

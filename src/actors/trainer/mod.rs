@@ -221,6 +221,8 @@ impl TrainerActor {
         } else {
             self.start_training(run, request, ctx);
         }
+        // A successor learns of the run from the control topic: published now, not at the next check.
+        self.sync_run(ctx);
         Ok(RetrainAck { run, coalesced: false })
     }
 

@@ -5,7 +5,7 @@
 //! after a promotion serves the promoted version; a SIGKILLed leader is replaced.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Instant;
 
 use liverec::cluster::control::ControlPublisher;
@@ -30,7 +30,8 @@ struct Instance {
 }
 
 impl Instance {
-    fn spawn(config: &Config, registry: &Path, id: &str, port: u16, logs: &Path) -> Instance {
+    /// Starts instance `id` on `port`, with `extra` settings (`LIVEREC_…` variables) of the test's.
+    fn spawn(config: &Config, registry: &Path, id: &str, port: u16, logs: &Path, extra: &[(&str, &str)]) -> Instance {
         let url = format!("http://127.0.0.1:{port}");
         let log = std::fs::File::create(logs.join(format!("{id}.log"))).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_liverec"))
@@ -56,7 +57,8 @@ impl Instance {
             .env("LIVEREC_DEMO__ITEMS", "200")
             .env("LIVEREC_DEMO__USERS", "300")
             .env("LIVEREC_LOG__LEVEL", "info")
-            .stdout(Stdio::null())
+            .envs(extra.iter().copied())
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
             .expect("spawn liverec");
@@ -170,7 +172,7 @@ async fn three_instances_have_one_leader_and_every_change_of_version_reaches_all
     let logs = registry.join("logs");
     std::fs::create_dir_all(&logs).expect("log dir");
     let mut instances: Vec<Instance> =
-        ["i1", "i2", "i3"].iter().map(|id| Instance::spawn(&config, &registry, id, free_port(), &logs)).collect();
+        ["i1", "i2", "i3"].iter().map(|id| Instance::spawn(&config, &registry, id, free_port(), &logs, &[])).collect();
     wait_ready(&instances.iter().collect::<Vec<_>>()).await;
 
     // Exactly one leader, and the metric says so too.
@@ -210,7 +212,7 @@ async fn three_instances_have_one_leader_and_every_change_of_version_reaches_all
     instances[follower].kill();
     let port = instances[follower].port;
     let id = instances[follower].id.clone();
-    instances[follower] = Instance::spawn(&config, &registry, &id, port, &logs);
+    instances[follower] = Instance::spawn(&config, &registry, &id, port, &logs, &[]);
     wait_ready(&[&instances[follower]]).await;
     assert_eq!(
         instances[follower].serving().await.as_deref(),
@@ -244,7 +246,8 @@ async fn three_instances_have_one_leader_and_every_change_of_version_reaches_all
     // detects a stall), with a higher epoch, and its promotions reach the others.
     let killed_at = Instant::now();
     instances[leader].kill();
-    let survivors: Vec<&Instance> = instances.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, i)| i).collect();
+    let survivors: Vec<&Instance> =
+        instances.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, i)| i).collect();
     let (new_leader, new_epoch) = agreed_leader(&survivors).await;
     let failover = killed_at.elapsed();
     println!("leader failover: {failover:?} (lease TTL {LEASE_TTL_MS} ms, renewal every {RENEW_MS} ms)");
@@ -252,7 +255,147 @@ async fn three_instances_have_one_leader_and_every_change_of_version_reaches_all
     assert!(new_epoch > epoch, "a new leader has a new epoch: {new_epoch} after {epoch}");
     let new_leader = survivors.iter().find(|i| i.id == new_leader).expect("a survivor leads");
     let (status, rolled) = new_leader.post("/v1/admin/rollback", json!({})).await;
-    assert_eq!((status, rolled["serving"].clone()), (200, json!(v1)), "the new leader knows where to roll back: {rolled}");
+    assert_eq!(
+        (status, rolled["serving"].clone()),
+        (200, json!(v1)),
+        "the new leader knows where to roll back: {rolled}"
+    );
     all_serve(&survivors, &v1, "v1 rolled back by the new leader").await;
+    let _ = std::fs::remove_dir_all(&registry);
+}
+
+/// Posts `events_per_user` clicks for each of `users` users (spread over every partition) through
+/// `instance`.
+async fn post_walks(instance: &Instance, users: usize, events_per_user: usize) {
+    for round in 0..events_per_user {
+        let batch: Vec<Value> = (0..users)
+            .map(|u| {
+                json!({ "user_id": format!("walker-{u}"), "item_id": format!("seq-{}", (u * 7 + round) % 20), "event_type": "click" })
+            })
+            .collect();
+        let (status, body) = instance.post("/v1/events", Value::from(batch)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+}
+
+/// The loop's state on `instance` (`state` of `GET /v1/admin/models`) and the whole answer.
+async fn loop_answer(instance: &Instance) -> Option<Value> {
+    let (status, body) = instance.get("/v1/admin/models").await?;
+    (status == 200).then_some(body)
+}
+
+#[actix_rt::test]
+async fn a_new_leader_rolls_back_the_canary_it_finds_and_restarts_the_run_it_finds_training_once() {
+    let _services = SERVICES.read().await;
+    let config = production_config("cluster-takeover");
+    let (registry, v1, _) = shared_registry("cluster-takeover-registry");
+    let logs = registry.join("logs");
+    std::fs::create_dir_all(&logs).expect("log dir");
+    // Small runs: few events suffice, and every run trains for a few seconds (a time budget,
+    // not an epoch count), long enough to be caught training.
+    let small_runs = [
+        ("LIVEREC_TRAINER__MIN_EVENTS", "20"),
+        ("LIVEREC_TRAINER__MIN_CASES", "5"),
+        ("LIVEREC_TRAINER__EPOCHS", "100000"),
+        ("LIVEREC_TRAINER__TIME_BUDGET_SECS", "4"),
+    ];
+    let spawn = |id: &str| Instance::spawn(&config, &registry, id, free_port(), &logs, &small_runs);
+    let mut instances: Vec<Instance> = ["t1", "t2", "t3"].iter().map(|id| spawn(id)).collect();
+    wait_ready(&instances.iter().collect::<Vec<_>>()).await;
+    let (leader_id, _) = agreed_leader(&instances.iter().collect::<Vec<_>>()).await;
+    let leader = instances.iter().position(|i| i.id == leader_id).expect("a leader");
+    // Events only once every instance owns partitions, so the leader's log gets its share.
+    eventually("every instance owns partitions", || async {
+        let mut owned = 0;
+        for instance in &instances {
+            let (_, ready) = instance.get("/readyz").await?;
+            let parts = ready["kafka_partitions"].as_array()?.len();
+            if parts == 0 {
+                return None;
+            }
+            owned += parts;
+        }
+        (owned == PARTITIONS as usize).then_some(())
+    })
+    .await;
+    post_walks(&instances[0], 90, 6).await;
+    wait_for_progress("the leader's event log fills", std::time::Duration::from_secs(60), || async {
+        match instances[leader].metric("liverec_eventlog_events").await {
+            Some(n) if n >= 60.0 => Progress::Done(()),
+            other => Progress::Pending(other.map(|n| n as u64)),
+        }
+    })
+    .await;
+
+    // A drill sends a candidate to canary whatever the gate says: every instance serves it to the
+    // same share, split by the same salt.
+    let (status, ack) =
+        instances[leader].post("/v1/admin/retrain", json!({ "drill": "shuffle_items", "skip_gate": true })).await;
+    assert_eq!(status, 202, "{ack}");
+    let canary = wait_for_progress("the canary", std::time::Duration::from_secs(120), || async {
+        let Some(body) = loop_answer(&instances[leader]).await else { return Progress::Pending(String::new()) };
+        match body["state"].as_str() {
+            Some("canary") => Progress::Done(body["canary"]["version"].as_str().unwrap_or_default().to_owned()),
+            other => Progress::Pending(other.unwrap_or_default().to_owned()),
+        }
+    })
+    .await;
+    let mut salts = Vec::new();
+    for instance in &instances {
+        let body = eventually(&format!("{} serves the canary", instance.id), || async {
+            let body = loop_answer(instance).await?;
+            (body["traffic"]["challenger"]["version"] == json!(canary)).then_some(body)
+        })
+        .await;
+        assert_eq!(body["traffic"]["challenger"]["share"], json!(0.1), "{}", instance.id);
+        salts.push(body["cluster"]["desired"]["challenger"]["salt"].clone());
+    }
+    assert!(salts.iter().all(|s| *s == salts[0] && s.is_u64()), "one split everywhere: {salts:?}");
+
+    // The leader dies during the canary: the next one rolls it back on every instance.
+    instances[leader].kill();
+    let survivors: Vec<&Instance> =
+        instances.iter().enumerate().filter(|(i, _)| *i != leader).map(|(_, i)| i).collect();
+    let (second_id, _) = agreed_leader(&survivors).await;
+    for instance in &survivors {
+        eventually(&format!("{} serves no canary", instance.id), || async {
+            let body = loop_answer(instance).await?;
+            (body["traffic"]["challenger"].is_null() && body["serving"] == json!(v1)).then_some(())
+        })
+        .await;
+    }
+    let second = instances.iter().position(|i| i.id == second_id).expect("second leader");
+    let history = loop_answer(&instances[second]).await.expect("loop state")["history"].clone();
+    assert!(
+        history.as_array().expect("history").iter().any(|h| h["step"] == "rolled_back"
+            && h["detail"].as_str().unwrap_or_default().contains("leader changed during the canary")),
+        "{history}"
+    );
+
+    // The second leader dies training: the third restarts that run, once.
+    let (status, ack) = instances[second].post("/v1/admin/retrain", json!({ "reason": "to be interrupted" })).await;
+    assert_eq!(status, 202, "{ack}");
+    // Killed once its successors can know of the run: the control topic says it is training.
+    eventually("the second leader trains, and the control topic says so", || async {
+        let body = loop_answer(&instances[second]).await?;
+        let published = body["cluster"]["desired"]["run"]["phase"] == "training";
+        (body["state"] == "training" && published).then_some(())
+    })
+    .await;
+    instances[second].kill();
+    let third = (0..3).find(|i| *i != leader && *i != second).expect("a third instance");
+    let last: Vec<&Instance> = vec![&instances[third]];
+    agreed_leader(&last).await;
+    let runs = eventually("the third leader restarts the interrupted run", || async {
+        let body = loop_answer(&instances[third]).await?;
+        let runs = body["runs"].as_array()?.clone();
+        runs.iter().any(|r| r["reasons"][0] == "restarted after a leader change: to be interrupted").then_some(runs)
+    })
+    .await;
+    let restarted = runs
+        .iter()
+        .filter(|r| r["reasons"][0].as_str().unwrap_or_default().starts_with("restarted after a leader change"))
+        .count();
+    assert_eq!(restarted, 1, "restarted once: {runs:?}");
     let _ = std::fs::remove_dir_all(&registry);
 }
