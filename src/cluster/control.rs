@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::FutureExt as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -78,6 +78,26 @@ impl ControlPublisher {
     }
 }
 
+/// Whether `topic` exists (a topic just created may take a moment to appear: asked a few times).
+async fn exists(config: &KafkaConfig, topic: &str) -> Result<bool, KafkaError> {
+    let (config, topic) = (config.items_consumer_config(), topic.to_owned());
+    // Metadata requests block: on the blocking pool, off the cluster thread (the lease runs there).
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = config.create()?;
+        for _ in 0..10 {
+            let metadata = client.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            if metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(false)
+    })
+    .await
+    .unwrap_or_else(|_| Err(KafkaError::MetadataFetch(RDKafkaErrorCode::Fail)))
+}
+
 /// The control consumer's context: librdkafka also reports each partition end (which the loop
 /// handles) as a client error, which would otherwise be logged as one every time.
 struct ControlContext;
@@ -118,6 +138,15 @@ where
     F: FnMut(DesiredState) -> Fut,
     Fut: Future<Output = ()>,
 {
+    if !exists(config, topic).await? {
+        // No control topic, so no leader has published: nothing to apply, and the instance serves
+        // its configured version. Followed once it exists (the consumer is made again).
+        if !cluster.applied_at_start() {
+            tracing::warn!(topic = %topic, "the control topic does not exist (kafka.create_topics = false?); create it: one partition, cleanup.policy=compact");
+            cluster.mark_applied_at_start();
+        }
+        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition));
+    }
     // assign() joins no group and nothing is committed, so every instance may share this id.
     let consumer: StreamConsumer<ControlContext> = config
         .items_consumer_config()
