@@ -41,11 +41,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// the leader's alone. On a follower they are answered `409 not_leader`, with the leader the
 /// follower knows of, for the operator (or a script) to send the request there; they are not
 /// forwarded, so that an operator always learns which instance acted.
-fn require_leader(state: &AppState) -> Result<(), HttpResponse> {
-    let Some(cluster) = &state.cluster else { return Ok(()) };
+fn refused_by_follower(state: &AppState) -> Option<HttpResponse> {
+    let cluster = state.cluster.as_ref()?;
     let leadership = cluster.leadership();
     if leadership.leading {
-        return Ok(());
+        return None;
     }
     let message = match &leadership.leader {
         Some(leader) if !leader.advertise_url.is_empty() => format!(
@@ -58,7 +58,7 @@ fn require_leader(state: &AppState) -> Result<(), HttpResponse> {
         ),
         None => "no instance leads the loop right now (the lease is being taken over); retry shortly".to_owned(),
     };
-    Err(HttpResponse::Conflict().json(json!({
+    Some(HttpResponse::Conflict().json(json!({
         "error": { "code": "not_leader", "message": message },
         "leader": leadership.leader,
         "instance_id": cluster.instance_id,
@@ -192,7 +192,7 @@ pub async fn promote_version(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    if let Err(refused) = require_leader(&state) {
+    if let Some(refused) = refused_by_follower(&state) {
         return Ok(refused);
     }
     let name = path.into_inner();
@@ -228,7 +228,7 @@ pub async fn promote(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    if let Err(refused) = require_leader(&state) {
+    if let Some(refused) = refused_by_follower(&state) {
         return Ok(refused);
     }
     let reason = reason(&req, payload, &state).await?;
@@ -260,7 +260,7 @@ pub async fn rollback(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    if let Err(refused) = require_leader(&state) {
+    if let Some(refused) = refused_by_follower(&state) {
         return Ok(refused);
     }
     let reason = reason(&req, payload, &state).await?;
@@ -303,7 +303,7 @@ pub async fn retrain(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    if let Err(refused) = require_leader(&state) {
+    if let Some(refused) = refused_by_follower(&state) {
         return Ok(refused);
     }
     let body: RetrainBody = optional_body(&req, payload, &state, "invalid_request").await?;
@@ -386,7 +386,7 @@ pub async fn start_experiment(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    if let Err(refused) = require_leader(&state) {
+    if let Some(refused) = refused_by_follower(&state) {
         return Ok(refused);
     }
     let body: ExperimentBody =
@@ -410,7 +410,7 @@ pub async fn start_experiment(
 )]
 pub async fn stop_experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
-    if let Err(refused) = require_leader(&state) {
+    if let Some(refused) = refused_by_follower(&state) {
         return Ok(refused);
     }
     let stopped = state.trainer.send(StopExperiment).await??;
