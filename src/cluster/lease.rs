@@ -16,9 +16,10 @@
 
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, aio::ConnectionLike, cluster_async::ClusterConnection, Script};
+use deadpool_redis::redis::{self, Script};
 
 use crate::config::RedisConfig;
+use crate::store::redis::conn::Redis;
 
 const ACQUIRE: &str = r"
 local holder = redis.call('GET', KEYS[1])
@@ -77,40 +78,6 @@ pub enum LeaseError {
     Unreadable,
 }
 
-/// A connection of either kind (one server, or a cluster).
-enum Conn {
-    Single(redis::aio::MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(conn) => conn.get_db(),
-        }
-    }
-}
-
 /// What a call to [`Lease::acquire`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Acquired {
@@ -120,52 +87,32 @@ pub enum Acquired {
     Held(Holder),
 }
 
-/// The lease's keys and this instance's claim to them. Connections are made on first use and
-/// made again after an error, so Redis need not be up when the server starts.
+/// The lease's keys and this instance's claim to them. Commands go the store's way to Redis (one
+/// server's pool, or the cluster connection); connections are made on first use, so Redis need
+/// not be up when the server starts.
 pub struct Lease {
-    config: RedisConfig,
+    redis: Result<Redis, String>,
     leader_key: String,
     epoch_key: String,
     instance_id: String,
     advertise_url: String,
     ttl: Duration,
-    conn: Option<Conn>,
 }
 
 impl Lease {
     pub fn new(config: &RedisConfig, instance_id: String, advertise_url: String, ttl: Duration) -> Self {
         Self {
-            config: config.clone(),
+            redis: Redis::new(config),
             leader_key: format!("{}:{{cluster}}:leader", config.key_prefix),
             epoch_key: format!("{}:{{cluster}}:epoch", config.key_prefix),
             instance_id,
             advertise_url,
             ttl,
-            conn: None,
         }
     }
 
     pub fn leader_key(&self) -> &str {
         &self.leader_key
-    }
-
-    async fn connect(&self) -> Result<Conn, LeaseError> {
-        let error = |e: redis::RedisError| LeaseError::Redis(e.to_string());
-        if self.config.cluster_nodes.is_empty() {
-            let client = redis::Client::open(self.config.url.as_str()).map_err(error)?;
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.answer_within()))
-                .set_response_timeout(Some(self.answer_within()));
-            Ok(Conn::Single(client.get_multiplexed_async_connection_with_config(&config).await.map_err(error)?))
-        } else {
-            let client = redis::cluster::ClusterClientBuilder::new(self.config.cluster_nodes.clone())
-                .retries(1)
-                .connection_timeout(self.answer_within())
-                .response_timeout(self.answer_within())
-                .build()
-                .map_err(error)?;
-            Ok(Conn::Cluster(client.get_async_connection().await.map_err(error)?))
-        }
     }
 
     /// How long one call may take: a third of the TTL, so a leader whose Redis is slow steps
@@ -178,18 +125,13 @@ impl Lease {
         &mut self,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, LeaseError> {
-        if self.conn.is_none() {
-            self.conn = Some(self.connect().await?);
-        }
         let within = self.answer_within();
-        let conn = self.conn.as_mut().expect("connected just above");
-        let result = match tokio::time::timeout(within, invocation.invoke_async(conn)).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(error)) => LeaseError::Redis(error.to_string()),
-            Err(_) => LeaseError::Timeout(within),
+        let redis = self.redis.as_ref().map_err(|e| LeaseError::Redis(e.clone()))?;
+        let call = async {
+            let mut conn = redis.get().await.map_err(LeaseError::Redis)?;
+            invocation.invoke_async(&mut conn).await.map_err(|e| LeaseError::Redis(e.to_string()))
         };
-        self.conn = None;
-        Err(result)
+        tokio::time::timeout(within, call).await.unwrap_or(Err(LeaseError::Timeout(within)))
     }
 
     /// Takes the lease if nobody holds it; says who does otherwise.

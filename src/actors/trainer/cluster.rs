@@ -190,15 +190,7 @@ impl TrainerActor {
                         );
                         return;
                     }
-                    act.metrics.rollout_canaries.inc();
-                    act.metrics.set_challenger_share(share);
-                    act.record(
-                        LoopStep::CanaryStarted,
-                        Some(run),
-                        Some(&version),
-                        format!("serving {:.0} % of users against {incumbent} on every instance", share * 100.0),
-                    );
-                    act.phase = Phase::Canary(CanaryState {
+                    let canary = CanaryState {
                         run,
                         name,
                         version,
@@ -208,7 +200,8 @@ impl TrainerActor {
                         share,
                         baseline,
                         reference,
-                    });
+                    };
+                    act.canary_started(canary, " on every instance");
                 },
             )
         }));
@@ -477,34 +470,18 @@ impl TrainerActor {
                     let monitor = act.monitor.clone();
                     let published = act.publish_change(change);
                     Box::pin(published.then(move |published, act, _| {
-                        async move { (published, monitor.send(GetCounts).await.unwrap_or_default()) }.into_actor(act).map(
-                            move |(published, baseline), act, _| {
+                        async move { (published, monitor.send(GetCounts).await.unwrap_or_default()) }
+                            .into_actor(act)
+                            .map(move |(published, baseline), act, _| {
                                 published?;
                                 if swap_a {
                                     act.adopt_name(Some(msg.a.clone()));
                                 }
-                                act.metrics.set_challenger_share(share);
-                                act.record(
-                                    LoopStep::ExperimentStarted,
-                                    None,
-                                    Some(&b_version),
-                                    format!(
-                                        "a = {} ({a_version}), b = {} ({b_version}) on {:.0} % of users, every instance",
-                                        msg.a,
-                                        msg.b,
-                                        share * 100.0
-                                    ),
-                                );
-                                act.phase = Phase::Experiment(ExperimentState {
-                                    a: NamedVersion { name: msg.a.clone(), version: a_version },
-                                    b: NamedVersion { name: msg.b.clone(), version: b_version },
-                                    share,
-                                    started_at_ms: now_ms(),
-                                    baseline,
-                                });
+                                let a = NamedVersion { name: msg.a.clone(), version: a_version };
+                                let b = NamedVersion { name: msg.b.clone(), version: b_version };
+                                act.experiment_started(a, b, share, baseline, ", every instance");
                                 Ok(ExperimentStarted { started: ExperimentArms { a: msg.a, b: msg.b, share } })
-                            },
-                        )
+                            })
                     }))
                 }
             };

@@ -361,15 +361,7 @@ impl TrainerActor {
             (incumbent.unwrap_or_default(), baseline)
         };
         ctx.wait(started.into_actor(self).map(move |(incumbent, baseline), act, _ctx| {
-            act.metrics.rollout_canaries.inc();
-            act.metrics.set_challenger_share(share);
-            act.record(
-                LoopStep::CanaryStarted,
-                Some(run),
-                Some(&version),
-                format!("serving {:.0} % of users against {incumbent}", share * 100.0),
-            );
-            act.phase = Phase::Canary(CanaryState {
+            let canary = CanaryState {
                 run,
                 name,
                 version,
@@ -379,8 +371,22 @@ impl TrainerActor {
                 share,
                 baseline,
                 reference: candidate.reference,
-            });
+            };
+            act.canary_started(canary, "");
         }));
+    }
+
+    /// Bookkeeping of a canary that serves from now on (`scope` ends the history's detail).
+    fn canary_started(&mut self, canary: CanaryState, scope: &str) {
+        self.metrics.rollout_canaries.inc();
+        self.metrics.set_challenger_share(canary.share);
+        self.record(
+            LoopStep::CanaryStarted,
+            Some(canary.run),
+            Some(&canary.version),
+            format!("serving {:.0} % of users against {}{scope}", canary.share * 100.0, canary.incumbent),
+        );
+        self.phase = Phase::Canary(canary);
     }
 
     /// Loads registry versions off the actor's thread.
