@@ -8,6 +8,7 @@ pub mod actors;
 pub mod auth;
 pub mod bus;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 /// Events on the wire and their validation (the `liverec-wire` crate).

@@ -3,6 +3,7 @@
 
 pub mod catalog_feed;
 pub mod cold_lists;
+pub mod control;
 pub mod ingest;
 pub mod kafka_ingest;
 pub mod lists;

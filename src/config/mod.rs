@@ -106,14 +106,15 @@ pub struct Config {
     pub monitor: MonitorConfig,
     pub trainer: TrainerConfig,
     pub rollout: RolloutConfig,
+    /// The loop across instances (production mode).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
     pub tracing: TracingConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub privacy: PrivacyConfig,
-    #[serde(default)]
-    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -223,6 +224,9 @@ impl Config {
         if r.ann_probe == 0 || r.ann_list_size == 0 {
             return fail("model.retrieval.ann_probe and model.retrieval.ann_list_size must be at least 1");
         }
+        if let Err(message) = self.cluster.check() {
+            return fail(&message);
+        }
         if !(0.0..1.0).contains(&self.rollout.canary_share) || self.rollout.canary_share == 0.0 {
             return fail("rollout.canary_share must be above 0 and below 1");
         }
@@ -234,6 +238,12 @@ impl Config {
             return fail("stream.heartbeat_secs must be at least 1 and below stream.client_timeout_secs");
         }
         Ok(())
+    }
+
+    /// Whether the loop runs across instances: `cluster.enabled` in production mode (Kafka bus
+    /// and Redis store); the embedded mode keeps one loop in the one process.
+    pub fn cluster_active(&self) -> bool {
+        self.cluster.enabled && self.bus.kind == BusKind::Kafka && self.store.kind == StoreKind::Redis
     }
 
     /// Threads to use where a setting says 0 ("one per core").

@@ -37,6 +37,34 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
+/// Production mode: the loop's requests (retrain, promote, activate, rollback, experiments) are
+/// the leader's alone. On a follower they are answered `409 not_leader`, with the leader the
+/// follower knows of, for the operator (or a script) to send the request there; they are not
+/// forwarded, so that an operator always learns which instance acted.
+fn refused_by_follower(state: &AppState) -> Option<HttpResponse> {
+    let cluster = state.cluster.as_ref()?;
+    let leadership = cluster.leadership();
+    if leadership.leading {
+        return None;
+    }
+    let message = match &leadership.leader {
+        Some(leader) if !leader.advertise_url.is_empty() => format!(
+            "this instance does not lead the loop; send the request to the leader, {} at {}",
+            leader.instance_id, leader.advertise_url
+        ),
+        Some(leader) => format!(
+            "this instance does not lead the loop; send the request to the leader, {} (it advertises no URL: set cluster.advertise_url)",
+            leader.instance_id
+        ),
+        None => "no instance leads the loop right now (the lease is being taken over); retry shortly".to_owned(),
+    };
+    Some(HttpResponse::Conflict().json(json!({
+        "error": { "code": "not_leader", "message": message },
+        "leader": leadership.leader,
+        "instance_id": cluster.instance_id,
+    })))
+}
+
 /// A JSON body that may be left out entirely (no body, no content type), or be `null`: then the
 /// defaults.
 async fn optional_body<T: serde::de::DeserializeOwned + Default>(
@@ -165,6 +193,9 @@ pub async fn promote_version(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Some(refused) = refused_by_follower(&state) {
+        return Ok(refused);
+    }
     let name = path.into_inner();
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(RegistryError::BadName(name).into());
@@ -198,6 +229,9 @@ pub async fn promote(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Some(refused) = refused_by_follower(&state) {
+        return Ok(refused);
+    }
     let reason = reason(&req, payload, &state).await?;
     let done = state.trainer.send(Promote { name: None, reason }).await??;
     Ok(HttpResponse::Ok().json(done))
@@ -227,6 +261,9 @@ pub async fn rollback(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Some(refused) = refused_by_follower(&state) {
+        return Ok(refused);
+    }
     let reason = reason(&req, payload, &state).await?;
     let done = state.trainer.send(Rollback { reason }).await??;
     Ok(HttpResponse::Ok().json(done))
@@ -267,6 +304,9 @@ pub async fn retrain(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Some(refused) = refused_by_follower(&state) {
+        return Ok(refused);
+    }
     let body: RetrainBody = optional_body(&req, payload, &state, "invalid_request").await?;
     if body.skip_gate && body.drill == Drill::None {
         return Err(ApiError::bad_request(
@@ -347,6 +387,9 @@ pub async fn start_experiment(
     caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Some(refused) = refused_by_follower(&state) {
+        return Ok(refused);
+    }
     let body: ExperimentBody =
         decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_request").await?;
     let started = state.trainer.send(StartExperiment { a: body.a, b: body.b, share: body.share }).await??;
@@ -368,6 +411,9 @@ pub async fn start_experiment(
 )]
 pub async fn stop_experiment(state: web::Data<AppState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Admin)?;
+    if let Some(refused) = refused_by_follower(&state) {
+        return Ok(refused);
+    }
     let stopped = state.trainer.send(StopExperiment).await??;
     Ok(HttpResponse::Ok().json(stopped))
 }

@@ -204,6 +204,11 @@ impl From<TrainerError> for ApiError {
             | TrainerError::NothingToRollBack
             | TrainerError::NoExperiment => conflict(error.to_string()),
             TrainerError::InvalidExperiment => ApiError::bad_request("invalid_request", error.to_string()),
+            TrainerError::NotLeader { .. } => ApiError::new(StatusCode::CONFLICT, "not_leader", error.to_string()),
+            TrainerError::Control(_) => {
+                tracing::warn!(error = %error, "control record not published");
+                ApiError::unavailable("control_unavailable", "the serving state could not be published; retry", 2)
+            }
             TrainerError::Version(RegistryError::BadName(_)) => {
                 ApiError::bad_request("invalid_request", error.to_string())
             }

@@ -33,8 +33,9 @@ pub async fn healthz() -> HttpResponse {
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Readiness {
-    /// `ready`; with 503, `shutting_down`, or `loading_catalog` while a production instance
-    /// reads the Kafka items topic at start.
+    /// `ready`; with 503, `shutting_down`, `loading_catalog` while a production instance
+    /// reads the Kafka items topic at start, or `loading_serving_version` until it has applied
+    /// the newest desired serving state of the control topic (the loop across instances).
     status: &'static str,
     /// The profile store: `memory` or `redis`.
     store: &'static str,
@@ -58,6 +59,7 @@ pub struct Readiness {
 /// Readiness
 ///
 /// Ready once the catalogue is loaded (production mode reads the Kafka items topic at start)
+/// and the desired serving state applied (production mode reads the control topic at start),
 /// and while not shutting down. Reports which bus and store are in use, and says plainly when
 /// state is kept in memory only.
 #[utoipa::path(
@@ -67,12 +69,14 @@ pub struct Readiness {
     security(()),
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "Shutting down, or still loading the catalogue", body = Readiness),
+        (status = 503, description = "Shutting down, or still loading the catalogue or the serving version", body = Readiness),
     )
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let shutting_down = *state.shutdown.borrow();
-    let loading = state.metrics.catalog_loading.get() > 0;
+    let loading_catalog = state.metrics.catalog_loading.get() > 0;
+    let loading_version = state.cluster.as_ref().is_some_and(|cluster| !cluster.applied_at_start());
+    let loading = loading_catalog || loading_version;
     let mut reasons = Vec::new();
     if state.store.degraded() {
         reasons.push("store_unreachable");
@@ -81,10 +85,14 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         reasons.push("kafka_ingest_stalled");
     }
     let body = Readiness {
-        status: match (shutting_down, loading) {
-            (true, _) => "shutting_down",
-            (false, true) => "loading_catalog",
-            (false, false) => "ready",
+        status: if shutting_down {
+            "shutting_down"
+        } else if loading_catalog {
+            "loading_catalog"
+        } else if loading_version {
+            "loading_serving_version"
+        } else {
+            "ready"
         },
         store: state.store.kind(),
         bus: format!("{:?}", state.config.bus.kind).to_lowercase(),

@@ -40,6 +40,9 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// The model registry (a local folder, or object storage shared by every instance).
     pub model_registry: crate::models::registry::Registry,
+    /// Production mode: who leads the loop, and whether the desired serving state is applied
+    /// (none in the embedded mode).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AppState {

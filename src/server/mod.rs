@@ -25,6 +25,9 @@ use crate::bus::kafka::{self, KafkaBus};
 use crate::bus::memory::MemoryBus;
 use crate::bus::EventBus;
 use crate::catalog::{Admission, Catalog};
+use crate::cluster::lease::Lease;
+use crate::cluster::record::ServingVersion;
+use crate::cluster::{control as cluster_control, Cluster};
 use crate::config::{BusKind, Config, ModelKind, StoreKind};
 use crate::demo;
 use crate::eventlog::EventLog;
@@ -58,6 +61,8 @@ pub enum StartError {
     Privacy(String),
     #[error("auth: {0}")]
     Auth(#[from] crate::auth::AuthConfigError),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A running liverec server.
@@ -76,6 +81,8 @@ pub struct Server {
     _kafka_ingest: Arc<OnceLock<actix::Addr<KafkaIngestActor>>>,
     /// The items topic's consumer (production mode), held for the same reason.
     _catalog_consumer: Option<actix::Addr<CatalogConsumer>>,
+    /// The loop across instances (production mode): released on a graceful stop.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Server {
@@ -95,7 +102,26 @@ impl Server {
         let store = open_store(&config, &metrics, &threads.io)?;
         let pseudonyms =
             Arc::new(crate::privacy::Pseudonyms::new(&config.privacy).map_err(|e| StartError::Privacy(e.to_string()))?);
-        let actors = start_actors(&config, &catalog, &metrics, initial, &threads, &store, &pseudonyms, &model_registry);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let cluster = start_cluster(&config, &metrics, &threads, shutdown_rx.clone()).await?;
+        let online = model_factory(&config, &catalog, &model_registry, None);
+        let serving =
+            ServingVersion { name: initial.serving_name.clone(), version: initial.model.version().to_owned() };
+        let actors = start_actors(
+            &config,
+            &catalog,
+            &metrics,
+            initial,
+            &threads,
+            &store,
+            &pseudonyms,
+            &model_registry,
+            cluster.clone(),
+            serving.clone(),
+        );
+        if let Some(cluster) = &cluster {
+            follow_control(&config, cluster, &actors, &catalog, online, serving, &threads, &model_registry);
+        }
         let deps = session_deps(&config, &catalog, &store, &metrics, actors.clone(), pseudonyms)?;
         let bus = start_bus(&config, deps, &threads, &metrics).await?;
         let event_log = actors.event_log.clone();
@@ -112,7 +138,6 @@ impl Server {
             cached.clone(),
             &threads.io,
         );
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = app_state(
             &config,
             catalog,
@@ -124,6 +149,7 @@ impl Server {
             bus.items,
             shutdown_rx,
             model_registry,
+            cluster.clone(),
         )?;
         let http = serve_http(&config, state, cached)?;
         let mut arbiters = threads.into_arbiters();
@@ -138,6 +164,7 @@ impl Server {
             ingest_arbiter: bus.ingest_arbiter,
             _kafka_ingest: bus.kafka_ingest,
             _catalog_consumer: bus.catalog_consumer,
+            cluster,
         })
     }
 
@@ -152,6 +179,13 @@ impl Server {
         let _ = self.shutdown.send(true);
         // Give stream tasks a moment to write their close frames before connections are dropped.
         tokio::task::yield_now().await;
+        // The loop's lease is released (on the cluster thread) so that another instance leads at
+        // its next try rather than after the lease's TTL.
+        if let Some(cluster) = &self.cluster {
+            let mut leadership = cluster.watch_leadership();
+            let released = leadership.wait_for(|l| !l.leading);
+            let _ = tokio::time::timeout(Duration::from_secs(2), released).await;
+        }
         self.handle.stop(true).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
         // The Kafka consumer leaves the group before anything else stops: dropping it closes it,
@@ -271,6 +305,8 @@ struct Threads {
     io: Arbiter,
     /// The monitor and the trainer: window arithmetic must not delay store writes.
     monitor: Arbiter,
+    /// The loop's lease and the control topic's consumer (production mode).
+    cluster: Arbiter,
 }
 
 impl Threads {
@@ -283,13 +319,13 @@ impl Threads {
         };
         let sessions: Vec<Arbiter> = (0..arbiter_count).map(|_| Arbiter::new()).collect();
         let handles = sessions.iter().map(Arbiter::handle).collect();
-        Threads { sessions, handles, io: Arbiter::new(), monitor: Arbiter::new() }
+        Threads { sessions, handles, io: Arbiter::new(), monitor: Arbiter::new(), cluster: Arbiter::new() }
     }
 
     /// Every thread, for [`Server::stop`] to stop.
     fn into_arbiters(self) -> Vec<Arbiter> {
         let mut arbiters = self.sessions;
-        arbiters.extend([self.io, self.monitor]);
+        arbiters.extend([self.io, self.monitor, self.cluster]);
         arbiters
     }
 }
@@ -341,6 +377,8 @@ fn start_actors(
     store: &Arc<dyn ProfileStore>,
     pseudonyms: &Arc<crate::privacy::Pseudonyms>,
     registry: &Registry,
+    cluster: Option<Arc<Cluster>>,
+    serving: ServingVersion,
 ) -> Actors {
     let mut initial_model = initial.model;
     initial_model.configure_retrieval(&config.model.retrieval);
@@ -381,6 +419,10 @@ fn start_actors(
             initial.serving_name,
             registry.clone(),
         );
+        let trainer = match cluster {
+            Some(cluster) => trainer.with_cluster(cluster, serving),
+            None => trainer,
+        };
         TrainerActor::start_in_arbiter(&threads.monitor.handle(), move |_| trainer)
     };
     monitor.do_send(actors::monitor::AttachTrainer(trainer.clone().recipient()));
@@ -388,6 +430,66 @@ fn start_actors(
         train_demo_model(config.clone(), catalog.clone(), trainer.clone(), registry.clone());
     }
     Actors { model, monitor, trainer, event_log }
+}
+
+/// The loop across instances (production mode with `cluster.enabled`): creates the control topic,
+/// and holds (or tries to take) the loop's lease on the cluster thread until `shutdown`.
+async fn start_cluster(
+    config: &Arc<Config>,
+    metrics: &Arc<Metrics>,
+    threads: &Threads,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<Arc<Cluster>>, StartError> {
+    if !config.cluster_active() {
+        return Ok(None);
+    }
+    let topic = config.cluster.control_topic_name(&config.kafka);
+    if config.kafka.create_topics {
+        cluster_control::ensure_topic(&config.kafka, &topic).await.map_err(|e| StartError::Kafka(e.to_string()))?;
+    }
+    let cluster = Cluster::new(config, metrics.clone()).map_err(|e| StartError::Cluster(e.to_string()))?;
+    let lease = Lease::new(
+        &config.redis,
+        cluster.instance_id.clone(),
+        cluster.advertise_url.clone(),
+        Duration::from_millis(config.cluster.lease_ttl_ms),
+    );
+    tracing::info!(instance = %cluster.instance_id, topic = %topic, key = lease.leader_key(), "the loop runs across instances");
+    let leasing = cluster.clone();
+    threads.cluster.spawn_fn(move || {
+        actix_rt::spawn(leasing.run_lease(lease, shutdown));
+    });
+    Ok(Some(cluster))
+}
+
+/// Every instance applies the desired serving state the leader publishes (see `actors::control`).
+fn follow_control(
+    config: &Arc<Config>,
+    cluster: &Arc<Cluster>,
+    actors: &Actors,
+    catalog: &Arc<Catalog>,
+    online: ModelFactory,
+    serving: ServingVersion,
+    threads: &Threads,
+    registry: &Registry,
+) {
+    let applier = actors::control::ControlApplier::new(
+        actors.model.clone(),
+        registry.clone(),
+        catalog.clone(),
+        online,
+        serving,
+        actors.trainer.clone().recipient(),
+    );
+    let (kafka, topic, cluster) =
+        (config.kafka.clone(), config.cluster.control_topic_name(&config.kafka), cluster.clone());
+    threads.cluster.spawn_fn(move || {
+        let applier = std::rc::Rc::new(tokio::sync::Mutex::new(applier));
+        actix_rt::spawn(cluster_control::follow(kafka, topic, cluster, move |state| {
+            let applier = applier.clone();
+            async move { applier.lock().await.apply(state).await }
+        }));
+    });
 }
 
 /// Trains the demo's sequential model on a thread of its own and asks the trainer to promote it.
@@ -561,6 +663,7 @@ fn app_state(
     items: Arc<CatalogFeed>,
     shutdown: watch::Receiver<bool>,
     model_registry: Registry,
+    cluster: Option<Arc<Cluster>>,
 ) -> Result<AppState, StartError> {
     let auth = Arc::new(crate::auth::Auth::new(&config.auth, config.demo.enabled)?);
     if !auth.enabled() && !config.demo.enabled {
@@ -582,6 +685,7 @@ fn app_state(
         metrics,
         shutdown,
         model_registry,
+        cluster,
     })
 }
 

@@ -47,7 +47,7 @@ pub(super) async fn start_cluster_monitor(
         .set("acks", "1")
         .create()
         .map_err(|e: rdkafka::error::KafkaError| e.to_string())?;
-    let instance = config.cluster.instance_name();
+    let instance = config.cluster.instance_id();
     let timeout = Duration::from_millis(config.kafka.produce_timeout_ms);
     let (unsent, to_send) = tokio::sync::mpsc::channel(UNSENT_REPORTS);
     let publisher = MonitorPublisher::new(producer, topic.clone(), instance.clone(), timeout);

@@ -160,6 +160,14 @@ pub struct Metrics {
     pub rollout_rollbacks: Counter,
     /// Share of users served by a canary or experiment challenger.
     rollout_share: FloatGauge,
+    /// The loop across instances: 1 while this instance holds the leader's lease; the epoch
+    /// (fencing token) of the leader last known; control records applied here and records of an
+    /// older leader ignored; triggers a follower ignored.
+    pub cluster_leader: Gauge,
+    pub cluster_epoch: Gauge,
+    pub cluster_control_applied: Counter,
+    pub cluster_control_fenced: Counter,
+    pub cluster_triggers_ignored: Counter,
     /// Latest drift scores (PSI), and click-through of the serving version over the window.
     drift_popularity: FloatGauge,
     drift_category: FloatGauge,
@@ -420,6 +428,26 @@ impl Default for Metrics {
                 "liverec_rollout_challenger_share_ratio",
                 "Share of users served by a canary or experiment.",
             ),
+            cluster_leader: r.gauge(
+                "liverec_cluster_leader",
+                "1 while this instance holds the loop's lease (trains and judges canaries), else 0.",
+            ),
+            cluster_epoch: r.gauge(
+                "liverec_cluster_epoch",
+                "Epoch (fencing token) of the loop's leader as this instance last read it.",
+            ),
+            cluster_control_applied: r.counter(
+                "liverec_cluster_control_applied_total",
+                "Desired serving states read from the control topic and applied here.",
+            ),
+            cluster_control_fenced: r.counter(
+                "liverec_cluster_control_fenced_total",
+                "Control records ignored because an older leader published them (an epoch below one seen).",
+            ),
+            cluster_triggers_ignored: r.counter(
+                "liverec_cluster_triggers_ignored_total",
+                "Retraining triggers (monitor, schedule) a follower ignored: the leader alone trains.",
+            ),
             drift_popularity: r.float_gauge_in(drift, &[("input", "popularity")]),
             drift_category: r.float_gauge_in(drift, &[("input", "category")]),
             drift_context: r.float_gauge_in(drift, &[("input", "context")]),
@@ -603,6 +631,11 @@ mod tests {
         m.rollout_promotions.add(61);
         m.rollout_rollbacks.add(62);
         m.rollout_share.set(63.5);
+        m.cluster_leader.set(1);
+        m.cluster_epoch.set(63);
+        m.cluster_control_applied.add(63);
+        m.cluster_control_fenced.add(63);
+        m.cluster_triggers_ignored.add(63);
         m.drift_popularity.set(64.5);
         m.drift_category.set(65.5);
         m.drift_context.set(66.5);

@@ -56,10 +56,41 @@ impl TrainerActor {
     }
 }
 
+impl TrainerActor {
+    /// Bookkeeping of an experiment that serves from now on (`scope` ends the history's detail).
+    pub(super) fn experiment_started(
+        &mut self,
+        a: NamedVersion,
+        b: NamedVersion,
+        share: f64,
+        baseline: crate::monitor::ArmCounts,
+        scope: &str,
+    ) {
+        self.metrics.set_challenger_share(share);
+        self.record(
+            LoopStep::ExperimentStarted,
+            None,
+            Some(&b.version),
+            format!(
+                "a = {} ({}), b = {} ({}) on {:.0} % of users{scope}",
+                a.name,
+                a.version,
+                b.name,
+                b.version,
+                share * 100.0
+            ),
+        );
+        self.phase = Phase::Experiment(ExperimentState { a, b, share, started_at_ms: now_ms(), baseline });
+    }
+}
+
 impl Handler<StartExperiment> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<ExperimentStarted, TrainerError>>;
 
     fn handle(&mut self, msg: StartExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if self.clustered() {
+            return self.cluster_start_experiment(msg);
+        }
         if !matches!(self.phase, Phase::Idle) {
             return Box::pin(fut::ready(Err(TrainerError::Busy {
                 action: "start an experiment",
@@ -103,25 +134,9 @@ impl Handler<StartExperiment> for TrainerActor {
                         if swap_a {
                             act.adopt(msg.a.clone(), displaced);
                         }
-                        act.metrics.set_challenger_share(share);
-                        act.record(
-                            LoopStep::ExperimentStarted,
-                            None,
-                            Some(&b_version),
-                            format!(
-                                "a = {} ({a_version}), b = {} ({b_version}) on {:.0} % of users",
-                                msg.a,
-                                msg.b,
-                                share * 100.0
-                            ),
-                        );
-                        act.phase = Phase::Experiment(ExperimentState {
-                            a: NamedVersion { name: msg.a.clone(), version: a_version },
-                            b: NamedVersion { name: msg.b.clone(), version: b_version },
-                            share,
-                            started_at_ms: now_ms(),
-                            baseline,
-                        });
+                        let a = NamedVersion { name: msg.a.clone(), version: a_version };
+                        let b = NamedVersion { name: msg.b.clone(), version: b_version };
+                        act.experiment_started(a, b, share, baseline, "");
                         Ok(ExperimentStarted { started: ExperimentArms { a: msg.a, b: msg.b, share } })
                     }))
                 }
@@ -134,7 +149,10 @@ impl Handler<StartExperiment> for TrainerActor {
 impl Handler<StopExperiment> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<NowServing, TrainerError>>;
 
-    fn handle(&mut self, _msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
+        if self.clustered() {
+            return self.cluster_stop(msg);
+        }
         if !matches!(self.phase, Phase::Experiment(_)) {
             return Box::pin(fut::ready(Err(TrainerError::NoExperiment)));
         }

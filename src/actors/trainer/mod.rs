@@ -44,6 +44,8 @@ use actix::prelude::*;
 use super::model::{ModelActor, StartChallenger};
 use super::monitor::{GetCounts, MonitorActor, Retrain};
 use crate::catalog::Catalog;
+use crate::cluster::record::{DesiredState, RunPhase, ServingVersion, StateChange};
+use crate::cluster::Cluster;
 use crate::config::{RolloutConfig, TrainerConfig};
 use crate::event::now_ms;
 use crate::models::registry::Registry;
@@ -53,6 +55,7 @@ use crate::telemetry::Metrics;
 
 // The files below add handlers and methods to the actor; this file names none of them, and
 // `state` holds what they share, so the trainer's files import one way.
+mod cluster;
 pub mod experiments;
 mod history;
 pub mod replies;
@@ -99,6 +102,23 @@ pub struct TrainerActor {
     counting: bool,
     /// The last count of produced events (see `source::TrainingSource::produced`).
     produced: Option<u64>,
+    /// Production mode: the loop's leadership and the control topic (none in the embedded mode;
+    /// see `cluster`).
+    cluster: Option<Arc<Cluster>>,
+    /// Whether this instance leads the loop (always without a cluster).
+    leading: bool,
+    /// Took the lease; carries on from the newest record once the control topic is read.
+    takeover_pending: bool,
+    /// The newest desired state read from the control topic.
+    desired: Option<DesiredState>,
+    /// The state this leader published last (ahead of `desired` until it is read back).
+    intended: Option<StateChange>,
+    /// What served at start, before any control record.
+    started_serving: ServingVersion,
+    /// The step of a run published last, so that each is published once.
+    published_run: Option<(u64, RunPhase)>,
+    /// Runs a new leader started again after its predecessor died training them.
+    restarted_runs: Vec<u64>,
 }
 
 impl TrainerActor {
@@ -132,7 +152,24 @@ impl TrainerActor {
             checking: false,
             counting: false,
             produced: None,
+            cluster: None,
+            leading: true,
+            takeover_pending: false,
+            desired: None,
+            intended: None,
+            started_serving: ServingVersion { name: None, version: String::new() },
+            published_run: None,
+            restarted_runs: Vec::new(),
         }
+    }
+
+    /// Production mode: the loop runs across instances (see `cluster`); `serving` is what this
+    /// instance serves at start.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>, serving: ServingVersion) -> Self {
+        self.leading = false;
+        self.cluster = Some(cluster);
+        self.started_serving = serving;
+        self
     }
 
     fn loop_phase(&self) -> LoopPhase {
@@ -150,6 +187,15 @@ impl TrainerActor {
             TriggerSource::Monitor => self.metrics.trainer_triggers_monitor.inc(),
             TriggerSource::Schedule => self.metrics.trainer_triggers_schedule.inc(),
             TriggerSource::Admin => self.metrics.trainer_triggers_admin.inc(),
+            TriggerSource::Failover => {}
+        }
+        if !self.leading {
+            // The leader alone trains; the monitor's and the schedule's triggers are its own.
+            if request.source != TriggerSource::Admin {
+                self.metrics.cluster_triggers_ignored.inc();
+                tracing::debug!(reason = %request.reason, "retraining trigger ignored: another instance leads the loop");
+            }
+            return Err(self.not_leader());
         }
         if !self.config.enabled {
             self.record(LoopStep::TriggerIgnored, None, None, format!("{} (trainer.enabled = false)", request.reason));
@@ -184,6 +230,8 @@ impl TrainerActor {
         } else {
             self.start_training(run, request, ctx);
         }
+        // A successor learns of the run from the control topic: published now, not at the next check.
+        self.sync_run(ctx);
         Ok(RetrainAck { run, coalesced: false })
     }
 
@@ -271,6 +319,7 @@ impl TrainerActor {
                     record.detail = Some(error.clone());
                 }
                 self.record(LoopStep::TrainingFailed, Some(run), None, error);
+                self.publish_run(run, RunPhase::Failed, ctx);
                 return;
             }
         };
@@ -308,6 +357,7 @@ impl TrainerActor {
                 record.outcome = RunOutcome::Rejected;
                 record.detail = Some(verdict);
             }
+            self.publish_run(run, RunPhase::Rejected, ctx);
             return;
         };
         if !candidate.gate.passed() {
@@ -320,6 +370,12 @@ impl TrainerActor {
         }
         if let Some(record) = self.run_mut(run) {
             record.outcome = RunOutcome::Canary;
+        }
+        if self.clustered() {
+            // Every instance loads the version from the registry; this copy is not needed.
+            drop(model);
+            self.cluster_start_canary(run, name, version, candidate.reference, ctx);
+            return;
         }
         let share = self.rollout.canary_share.clamp(0.0, 1.0);
         let start = StartChallenger {
@@ -337,15 +393,7 @@ impl TrainerActor {
             (incumbent.unwrap_or_default(), baseline)
         };
         ctx.wait(started.into_actor(self).map(move |(incumbent, baseline), act, _ctx| {
-            act.metrics.rollout_canaries.inc();
-            act.metrics.set_challenger_share(share);
-            act.record(
-                LoopStep::CanaryStarted,
-                Some(run),
-                Some(&version),
-                format!("serving {:.0} % of users against {incumbent}", share * 100.0),
-            );
-            act.phase = Phase::Canary(CanaryState {
+            let canary = CanaryState {
                 run,
                 name,
                 version,
@@ -355,8 +403,22 @@ impl TrainerActor {
                 share,
                 baseline,
                 reference: candidate.reference,
-            });
+            };
+            act.canary_started(canary, "");
         }));
+    }
+
+    /// Bookkeeping of a canary that serves from now on (`scope` ends the history's detail).
+    fn canary_started(&mut self, canary: CanaryState, scope: &str) {
+        self.metrics.rollout_canaries.inc();
+        self.metrics.set_challenger_share(canary.share);
+        self.record(
+            LoopStep::CanaryStarted,
+            Some(canary.run),
+            Some(&canary.version),
+            format!("serving {:.0} % of users against {}{scope}", canary.share * 100.0, canary.incumbent),
+        );
+        self.phase = Phase::Canary(canary);
     }
 
     /// Loads registry versions off the actor's thread.
@@ -388,7 +450,20 @@ impl Actor for TrainerActor {
         ctx.run_interval(Duration::from_millis(self.rollout.check_interval_ms.max(50)), |act, ctx| {
             act.check_waiting(ctx);
             act.check_canary(ctx);
+            act.sync_run(ctx);
         });
+        if let Some(cluster) = &self.cluster {
+            let (mut leadership, addr) = (cluster.watch_leadership(), ctx.address());
+            ctx.spawn(
+                async move {
+                    while leadership.changed().await.is_ok() {
+                        let now = leadership.borrow_and_update().clone();
+                        addr.do_send(cluster::LeadershipChanged(now));
+                    }
+                }
+                .into_actor(self),
+            );
+        }
         if self.config.schedule_secs > 0 {
             ctx.run_interval(Duration::from_secs(self.config.schedule_secs), |act, ctx| {
                 if matches!(act.phase, Phase::Idle) {

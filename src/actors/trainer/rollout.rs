@@ -105,6 +105,15 @@ impl TrainerActor {
 
     /// Ends the canary: `promote` makes it serve everyone, otherwise it is rolled back.
     fn end_canary(&mut self, promote: bool, detail: String, ctx: &mut Context<Self>) {
+        if self.clustered() {
+            let ended = self.cluster_end_canary(promote, detail);
+            ctx.wait(ended.map(|ended, _, _| {
+                if let Err(error) = ended {
+                    tracing::warn!(error = %error, "canary verdict not published");
+                }
+            }));
+            return;
+        }
         let Phase::Canary(canary) = std::mem::replace(&mut self.phase, Phase::Idle) else { return };
         let done = self.model.send(EndChallenger { promote });
         ctx.wait(done.into_actor(self).map(move |displaced, act, _ctx| {
@@ -147,6 +156,9 @@ impl Handler<Promote> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<Promoted, TrainerError>>;
 
     fn handle(&mut self, msg: Promote, ctx: &mut Self::Context) -> Self::Result {
+        if self.clustered() {
+            return self.cluster_promote(msg);
+        }
         let canary_name = match &self.phase {
             Phase::Canary(c) => Some(c.name.clone()),
             _ => None,
@@ -210,6 +222,9 @@ impl Handler<Rollback> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<RolledBack, TrainerError>>;
 
     fn handle(&mut self, msg: Rollback, ctx: &mut Self::Context) -> Self::Result {
+        if self.clustered() {
+            return self.cluster_rollback(msg);
+        }
         match &self.phase {
             Phase::Canary(c) => {
                 let (version, c_incumbent) = (c.version.clone(), c.incumbent.clone());

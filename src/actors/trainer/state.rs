@@ -22,6 +22,8 @@ pub enum TriggerSource {
     Monitor,
     Schedule,
     Admin,
+    /// A new leader restarting the run its predecessor left in training.
+    Failover,
 }
 
 /// A retraining request from an operator (or the schedule).
@@ -72,6 +74,21 @@ pub enum TrainerError {
     /// The loading thread stopped before it answered.
     #[error("loading stopped: {0}")]
     LoadStopped(String),
+    /// Production mode: another instance leads the loop (`leader`, when known).
+    #[error("this instance does not lead the loop{}", leader.as_ref().map(|l| format!("; the leader is {} (epoch {})", l.instance_id, l.epoch)).unwrap_or_default())]
+    NotLeader { leader: Option<crate::cluster::lease::Holder> },
+    /// Production mode: the control topic did not take the new desired state.
+    #[error("the serving state could not be published: {0}")]
+    Control(String),
+}
+
+impl From<crate::cluster::ClusterError> for TrainerError {
+    fn from(error: crate::cluster::ClusterError) -> Self {
+        match error {
+            crate::cluster::ClusterError::NotLeader { leader } => TrainerError::NotLeader { leader },
+            crate::cluster::ClusterError::Publish(message) => TrainerError::Control(message),
+        }
+    }
 }
 
 /// The experiment variants the loop names in the traffic split (their wire form is a string).
@@ -187,6 +204,9 @@ pub enum LoopStep {
     RolledBack,
     ExperimentStarted,
     ExperimentStopped,
+    /// Production mode: this instance took the loop's lease, or lost it.
+    LeadershipTaken,
+    LeadershipLost,
 }
 
 impl LoopStep {
@@ -206,6 +226,8 @@ impl LoopStep {
             LoopStep::RolledBack => "rolled_back",
             LoopStep::ExperimentStarted => "experiment_started",
             LoopStep::ExperimentStopped => "experiment_stopped",
+            LoopStep::LeadershipTaken => "leadership_taken",
+            LoopStep::LeadershipLost => "leadership_lost",
         }
     }
 }

@@ -8,6 +8,7 @@ use super::state::{CanaryState, ExperimentState, HistoryEntry, LoopPhase, NamedV
 use super::TrainerActor;
 use crate::actors::monitor::ArmCounts;
 use crate::actors::monitor::GetCounts;
+use crate::cluster::record::DesiredState;
 use crate::monitor::{arm_since, two_proportion_z, wilson, Arm, ArmTally, Rate};
 use actix::prelude::*;
 
@@ -29,6 +30,26 @@ pub struct LoopState {
     /// Recent steps of the loop, newest first.
     pub history: Vec<HistoryEntry>,
     pub settings: LoopSettings,
+    /// Production mode: who leads the loop and the desired serving state (absent in the
+    /// embedded mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
+}
+
+/// The loop across instances, as this instance sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClusterView {
+    /// This instance's `cluster.instance_id`.
+    pub instance_id: String,
+    /// Whether this instance leads (trains and judges canaries).
+    pub leader: bool,
+    /// The leader's epoch (fencing token), instance id and advertised URL; absent while no
+    /// instance holds the lease.
+    pub epoch: Option<u64>,
+    pub leader_instance_id: Option<String>,
+    pub leader_advertise_url: Option<String>,
+    /// The newest desired serving state read from the control topic.
+    pub desired: Option<DesiredState>,
 }
 
 /// A model version, with its registry name when it has one.
@@ -149,10 +170,16 @@ impl TrainerActor {
         LoopState {
             state: self.loop_phase(),
             serving_name: self.serving_name.clone(),
-            previous: self
-                .previous
-                .as_ref()
-                .map(|kept| VersionRef { version: kept.model.version().to_owned(), name: kept.name.clone() }),
+            previous: match &self.cluster {
+                Some(_) => self
+                    .cluster_current()
+                    .previous
+                    .map(|previous| VersionRef { version: previous.version, name: previous.name }),
+                None => self
+                    .previous
+                    .as_ref()
+                    .map(|kept| VersionRef { version: kept.model.version().to_owned(), name: kept.name.clone() }),
+            },
             training,
             canary: match &self.phase {
                 Phase::Canary(c) => Some(canary_view(c, counts)),
@@ -172,6 +199,17 @@ impl TrainerActor {
                 z_threshold: self.rollout.z_threshold,
                 max_secs: self.rollout.max_secs,
             },
+            cluster: self.cluster.as_ref().map(|cluster| {
+                let leader = cluster.leadership().leader;
+                ClusterView {
+                    instance_id: cluster.instance_id.clone(),
+                    leader: self.leading,
+                    epoch: leader.as_ref().map(|l| l.epoch),
+                    leader_instance_id: leader.as_ref().map(|l| l.instance_id.clone()),
+                    leader_advertise_url: leader.map(|l| l.advertise_url),
+                    desired: self.desired.clone(),
+                }
+            }),
         }
     }
 }

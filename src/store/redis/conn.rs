@@ -29,26 +29,26 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The store's way to Redis (see the module docs).
 #[derive(Clone)]
-pub(super) enum Redis {
+pub(crate) enum Redis {
     Single(Pool),
     Cluster(Arc<Cluster>),
 }
 
-pub(super) struct Cluster {
+pub(crate) struct Cluster {
     client: redis::cluster::ClusterClient,
     /// Made on first use (the cluster need not be up when the server starts), then shared.
     connection: tokio::sync::Mutex<Option<ClusterConnection>>,
 }
 
 /// A connection of either kind.
-pub(super) enum Conn {
+pub(crate) enum Conn {
     Single(deadpool_redis::Connection),
     Cluster(ClusterConnection),
 }
 
 impl Redis {
     /// Connections are made lazily, so Redis need not be up yet.
-    pub(super) fn new(config: &RedisConfig) -> Result<Self, String> {
+    pub(crate) fn new(config: &RedisConfig) -> Result<Self, String> {
         if config.cluster_nodes.is_empty() {
             // The client's default response timeout (500 ms) is shorter than a large pipeline
             // takes on a loaded Redis: the writer then sent the whole pipeline again, adding work
@@ -82,7 +82,7 @@ impl Redis {
         }
     }
 
-    pub(super) async fn get(&self) -> Result<Conn, String> {
+    pub(crate) async fn get(&self) -> Result<Conn, String> {
         match self {
             Self::Single(pool) => pool.get().await.map(Conn::Single).map_err(|e| e.to_string()),
             Self::Cluster(cluster) => {

@@ -33,7 +33,7 @@
 //! Lists nobody watches are neither stored nor published: instances announce the users they hold
 //! subscribers of, and the owner's session skips the others (see `watch`).
 mod codec;
-mod conn;
+pub(crate) mod conn;
 mod fanout;
 mod keys;
 mod parking;
