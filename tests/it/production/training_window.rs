@@ -28,7 +28,7 @@ fn manifest(registry: &Path, name: &str, file: &str) -> Value {
 
 /// Events of users on every partition, posted through both instances, and of one user erased
 /// (through the instance that did not take their events) between two batches: an admin retrain
-/// on one instance trains on all of them but the erased user's events from before the erasure.
+/// on the loop's leader trains on all of them but the erased user's events from before the erasure.
 /// The run's event count and the manifest's per-partition counts say so, and the items only the
 /// erased user viewed are not in the trained vocabulary.
 #[actix_rt::test]
@@ -83,8 +83,18 @@ async fn a_retrain_on_one_instance_trains_on_every_partition_but_not_on_an_erase
     *expected.entry(partition_for(erased, PARTITIONS)).or_default() += 3;
     let total: u64 = expected.values().sum();
 
+    // One of the two leads the loop (a follower answers 409 not_leader): ask the leader.
+    let leader = eventually("one instance to lead the loop", || async {
+        for server in [&a, &b] {
+            if get(server, "/v1/admin/models").await.body["cluster"]["leader"] == json!(true) {
+                return Some(server);
+            }
+        }
+        None
+    })
+    .await;
     let response = post_json(
-        &a,
+        leader,
         "/v1/admin/retrain",
         // The drill and skip_gate make the run save its version whatever the gate says.
         &json!({ "reason": "window from kafka", "drill": "shuffle_items", "skip_gate": true }),
@@ -93,7 +103,7 @@ async fn a_retrain_on_one_instance_trains_on_every_partition_but_not_on_an_erase
     assert_eq!(response.status, 202, "{}", response.body);
     let run = response.body["run"].as_u64().expect("run number");
     let record = wait_for_progress("the run to save its version", RUN_STALL, || async {
-        let models = get(&a, "/v1/admin/models").await.body;
+        let models = get(leader, "/v1/admin/models").await.body;
         let record = models["runs"].as_array().and_then(|runs| runs.iter().find(|r| r["run"] == run)).cloned();
         let Some(record) = record else { return Progress::Pending(String::new()) };
         let outcome = record["outcome"].as_str().unwrap_or_default().to_owned();
