@@ -2,8 +2,9 @@
 //! MovieLens-100K-sized catalogue (1,682 items), each with a history of 50 items, K = 10.
 //!
 //! The model has the default shape with seeded random weights (throughput does not depend on
-//! what the weights learned) so the benchmark needs no download. Two paths, by batch size:
+//! what the weights learned) so the benchmark needs no download. Three paths, by batch size:
 //! - `forward`: the network alone, `[B, 50]` histories to `[B, 1682]` scores;
+//! - `encode`: the network's encoder alone, `[B, 50]` histories to `[B, 64]` query vectors;
 //! - `score`: the serving path of the `Recommender` trait: the forward pass plus the
 //!   popularity blend, seen-item exclusion and top-10 selection per user.
 //!
@@ -229,6 +230,9 @@ fn bench_inference(c: &mut Criterion) {
                 user: [0, 0, 0],
             })
             .collect();
+        group.bench_with_input(BenchmarkId::new("encode", batch), &queries, |b, q| {
+            b.iter(|| black_box(model.query_vectors(q).expect("encode")))
+        });
         group.bench_with_input(BenchmarkId::new("forward", batch), &queries, |b, q| {
             b.iter(|| black_box(model.forward(q).expect("forward")))
         });
@@ -245,6 +249,14 @@ fn bench_inference(c: &mut Criterion) {
     if two_stage() {
         let recall_requests: Vec<ScoreRequest> = users[..recall_users()].iter().map(request_of).collect();
         let exact: Vec<Vec<Scored>> = recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        // The same with the popularity blend off (w = 1): the top 10 by the model's logits
+        // alone, which is what the ANN index must find (with random weights the blend's
+        // popularity term decides most of the lists above).
+        let blend = model.serve.blend_history;
+        model.serve.blend_history = f32::MIN_POSITIVE;
+        let exact_logits: Vec<Vec<Scored>> =
+            recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        model.serve.blend_history = blend;
         memory("exact scoring");
         model.configure_retrieval(&forced());
         memory("dropping the exact path's tables");
@@ -263,7 +275,18 @@ fn bench_inference(c: &mut Criterion) {
             exact.len(),
             forced().ann_probe
         );
+        model.serve.blend_history = f32::MIN_POSITIVE;
+        let approx_logits: Vec<Vec<Scored>> =
+            recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        model.serve.blend_history = blend;
+        eprintln!(
+            "sequential two-stage: recall@10 of the logits' top 10 (blend off) {:.4}",
+            recall_at_10(&exact_logits, &approx_logits)
+        );
         memory("two-stage scoring");
+        for (part, bytes) in model.memory_breakdown() {
+            eprintln!("  model: {part}: {:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
+        }
         for &batch in &batches {
             group.throughput(Throughput::Elements(batch as u64));
             let requests: Vec<ScoreRequest> = users[..batch].iter().map(request_of).collect();
