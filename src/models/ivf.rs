@@ -117,16 +117,41 @@ const KMEANS_ITERATIONS: usize = 8;
 /// Training sample per list.
 const SAMPLE_PER_LIST: usize = 40;
 
-/// Keeps the `k` best `(item, score)` pairs, best first; `offer` is cheap for a score that
-/// cannot enter.
+/// Keeps the `k` best `(item, score)` pairs in `heap`, a binary min-heap by score (the worst
+/// kept at the root: a score that cannot enter costs one comparison, one that can costs
+/// `log k` moves rather than shifting a sorted list); [`finish`] sorts it best first.
 #[inline]
-fn offer(out: &mut Vec<(Item, f32)>, k: usize, item: Item, score: f32, accept: impl FnOnce(Item) -> bool) {
-    if (out.len() == k && score <= out[k - 1].1) || score == f32::NEG_INFINITY || !accept(item) {
+fn offer(heap: &mut Vec<(Item, f32)>, k: usize, item: Item, score: f32, accept: impl FnOnce(Item) -> bool) {
+    if (heap.len() == k && score <= heap[0].1) || score == f32::NEG_INFINITY || !accept(item) {
         return;
     }
-    let at = out.partition_point(|&(_, s)| s >= score);
-    out.insert(at, (item, score));
-    out.truncate(k);
+    let mut at = if heap.len() < k {
+        heap.push((item, score));
+        let mut at = heap.len() - 1;
+        while at > 0 && heap[(at - 1) / 2].1 > score {
+            heap[at] = heap[(at - 1) / 2];
+            at = (at - 1) / 2;
+        }
+        heap[at] = (item, score);
+        return;
+    } else {
+        0
+    };
+    loop {
+        let (l, r) = (2 * at + 1, 2 * at + 2);
+        let child = if r < k && heap[r].1 < heap[l].1 { r } else { l };
+        if l >= k || heap[child].1 >= score {
+            break;
+        }
+        heap[at] = heap[child];
+        at = child;
+    }
+    heap[at] = (item, score);
+}
+
+/// The kept pairs best first (ties by item).
+fn finish(heap: &mut [(Item, f32)]) {
+    heap.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
 }
 
 /// Scores every item of `list` against `Q` queries (each at least `hidden` long) and hands
@@ -344,6 +369,7 @@ impl IvfIndex {
             let list = &self.lists[order[scanned].1 as usize];
             scan::<1>(list, self.hidden, [query], &mut |_, item, score| offer(out, k, item, score, &mut accept));
         }
+        finish(out);
     }
 
     /// [`IvfIndex::search`] for a batch of queries (`queries` is `[b, hidden]` row-major),
@@ -405,6 +431,8 @@ impl IvfIndex {
         for (i, out) in outs.iter_mut().enumerate() {
             if out.len() < k && probe < self.lists.len() {
                 self.search(query(i), k, probe, |item| accept(i, item), out);
+            } else {
+                finish(out);
             }
         }
     }

@@ -153,6 +153,10 @@ struct RetrievalIndex {
     popular_all: Vec<ItemIdx>,
     /// A uniform sample of items, to estimate the softmax mass outside the candidates.
     tail_sample: Vec<ItemIdx>,
+    /// `[tail_sample, H]` their vectors, side by side: every request reads all of them, and
+    /// 256 rows scattered over a large table were a cache miss each. (An unseen item's vector
+    /// refreshed later keeps its first value here: an estimate's input.)
+    tail_vectors: Vec<f32>,
 }
 
 /// Items in the uniform sample behind the softmax normaliser's tail estimate.
@@ -190,9 +194,10 @@ impl RetrievalIndex {
         let popular = segments.iter().map(|row| best_first(row, keep)).collect();
         let popular_all = best_first(global, n);
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(2);
-        let tail_sample =
+        let tail_sample: Vec<ItemIdx> =
             rand::seq::index::sample(&mut rng, n, TAIL_SAMPLE.min(n)).into_iter().map(|i| i as ItemIdx).collect();
-        RetrievalIndex { ann, items: n, popular, popular_all, tail_sample }
+        let tail_vectors = tail_sample.iter().flat_map(|&c| vectors.of(c as usize).iter().copied()).collect();
+        RetrievalIndex { ann, items: n, popular, popular_all, tail_sample, tail_vectors }
     }
 }
 
@@ -341,7 +346,8 @@ impl SequentialModel {
                 floats(
                     index.popular.iter().map(Vec::capacity).sum::<usize>()
                         + index.popular_all.capacity()
-                        + index.tail_sample.capacity(),
+                        + index.tail_sample.capacity()
+                        + index.tail_vectors.capacity(),
                 ),
             ));
         }
@@ -880,9 +886,9 @@ impl SequentialModel {
                 // much of the mass), the rest estimated from a uniform sample.
                 let mut z: f32 = logits.iter().map(|&l| fast_exp(l - max)).sum();
                 let (mut tail, mut tail_n) = (0f32, 0usize);
-                for &c in &index.tail_sample {
+                for (&c, v) in index.tail_sample.iter().zip(index.tail_vectors.chunks_exact(h)) {
                     if (c as usize) < n && !candidates.contains(c) && !scratch.blocked.get(c) {
-                        tail += fast_exp(logit(query, c) - max);
+                        tail += fast_exp(dot(query, v) + map.bias[c as usize] - max);
                         tail_n += 1;
                     }
                 }
