@@ -185,6 +185,8 @@ impl RetrievalIndex {
             if keep < order.len() {
                 order.select_nth_unstable_by(keep, better);
                 order.truncate(keep);
+                // Twenty segments' orders kept the whole catalogue's capacity: 80 MB at 10^6.
+                order.shrink_to_fit();
             }
             order.sort_unstable_by(better);
             order
