@@ -203,6 +203,18 @@ impl RetrievalIndex {
     }
 }
 
+/// One batch as both scoring paths read it.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    requests: &'a [ScoreRequest],
+    /// Each request's history tokens (empty: a cold user).
+    tokens: &'a [Vec<Token>],
+    /// `[warm, H]` query vectors of the requests with tokens.
+    q: &'a [f32],
+    /// Each request's row in `q`, if it has one.
+    row_of: &'a [Option<usize>],
+}
+
 /// Reused per request by two-stage scoring.
 #[derive(Default)]
 struct Scratch {
@@ -679,10 +691,9 @@ impl SequentialModel {
             Some(q) => q.flatten_all()?.to_vec1::<f32>()?,
             None => Vec::new(),
         };
+        let batch = Batch { requests, tokens: &tokens, q: &q_values, row_of: &row_of };
         if self.retrieval_ready() {
-            return with_values(&table, |table| {
-                self.score_candidates(requests, catalog, &tokens, &q_values, &row_of, table, &popularity)
-            });
+            return with_values(&table, |table| self.score_candidates(batch, catalog, table, &popularity));
         }
         // Exact scoring: every model item's logit from one matrix product with the table,
         // read in place (transposed), then every catalogue item through the catalogue map.
@@ -692,27 +703,22 @@ impl SequentialModel {
         };
         let empty = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
         with_values(logits.as_ref().unwrap_or(&empty), |logits| {
-            with_values(&table, |table| {
-                self.score_exact(requests, catalog, &tokens, &q_values, &row_of, logits, table, &popularity)
-            })
+            with_values(&table, |table| self.score_exact(batch, catalog, logits, table, &popularity))
         })?
     }
 
     /// Exact full scoring (small catalogues, and large ones while the index builds): the
     /// serving blend over every catalogue item. `logits` are the warm queries' `[rows, items]`
     /// logits of the model's items.
-    #[allow(clippy::too_many_arguments)]
     fn score_exact(
         &self,
-        requests: &[ScoreRequest],
+        batch: Batch<'_>,
         catalog: &Catalog,
-        tokens: &[Vec<Token>],
-        q: &[f32],
-        row_of: &[Option<usize>],
         logits: &[f32],
         table: &[f32],
         popularity: &[Vec<f32>],
     ) -> Vec<Vec<Scored>> {
+        let Batch { requests, tokens, q, row_of } = batch;
         let map = &self.catalog_map;
         let (h, items, n) = (self.config.hidden, self.config.items, map.row.len());
         let vectors = Vectors { table, cold: &map.cold_vectors, row: &map.row, h };
@@ -769,17 +775,14 @@ impl SequentialModel {
     /// (one batched search for the warm queries), the segment's popular items and new items by
     /// content, filtered as they are gathered; then the serving blend over the candidates
     /// only, with the softmax normaliser estimated for the whole catalogue.
-    #[allow(clippy::too_many_arguments)]
     fn score_candidates(
         &mut self,
-        requests: &[ScoreRequest],
+        batch: Batch<'_>,
         catalog: &Catalog,
-        tokens: &[Vec<Token>],
-        q: &[f32],
-        row_of: &[Option<usize>],
         table: &[f32],
         popularity: &[Vec<f32>],
     ) -> Vec<Vec<Scored>> {
+        let Batch { requests, tokens, q, row_of } = batch;
         let IndexState::Ready(index) = &self.index else { return vec![Vec::new(); requests.len()] };
         let map = &self.catalog_map;
         let h = self.config.hidden;
