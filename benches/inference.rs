@@ -2,8 +2,9 @@
 //! MovieLens-100K-sized catalogue (1,682 items), each with a history of 50 items, K = 10.
 //!
 //! The model has the default shape with seeded random weights (throughput does not depend on
-//! what the weights learned) so the benchmark needs no download. Two paths, by batch size:
+//! what the weights learned) so the benchmark needs no download. Three paths, by batch size:
 //! - `forward`: the network alone, `[B, 50]` histories to `[B, 1682]` scores;
+//! - `encode`: the network's encoder alone, `[B, 50]` histories to `[B, 64]` query vectors;
 //! - `score`: the serving path of the `Recommender` trait: the forward pass plus the
 //!   popularity blend, seen-item exclusion and top-10 selection per user.
 //!
@@ -25,7 +26,8 @@
 //! `LIVEREC_BENCH_DATA=DIR` takes the sequential model's vocabulary (items, categories,
 //! popularity) and the users' histories (their last 50 items) from a dataset instead, e.g. the
 //! output of `synth-catalogue write` (weights stay random: training at 10^6 items is issue 14
-//! item 4).
+//! item 4). `LIVEREC_BENCH_MODELS=sequential` skips the online model. The setup prints the
+//! memory after each stage (jemalloc's `allocated`, the resident set and its peak).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -79,15 +81,38 @@ fn forced() -> RetrievalConfig {
     config
 }
 
-fn resident_mib() -> f64 {
+/// The benchmark allocates through jemalloc, as the `liverec` binary does, so that its memory
+/// figures are the server's and jemalloc's statistics can break them down.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// A `kB` line of /proc/self/status, in MiB.
+fn status_mib(key: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     kb / 1024.0
+}
+
+fn resident_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// Prints the heap the program holds (jemalloc's `allocated`), the resident set and its peak
+/// after a stage of the setup: the memory breakdown of docs/performance.md.
+fn memory(stage: &str) {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let heap = liverec::telemetry::allocator::read().unwrap_or_default();
+    eprintln!(
+        "memory after {stage}: allocated {:.0} MiB, resident {:.0} MiB (peak {:.0} MiB)",
+        mib(heap.allocated),
+        resident_mib(),
+        status_mib("VmHWM:")
+    );
 }
 
 /// Mean share of each exact top-10 found in the two-stage top-10.
@@ -127,6 +152,7 @@ fn from_dataset(dir: &std::path::Path, users: usize) -> (SequentialModel, Vec<Ve
     let (dataset, _) = Dataset::load(dir).expect("LIVEREC_BENCH_DATA holds a dataset");
     let split = Split::leave_one_out(&dataset.sequences);
     let vocab = Vocab::from_dataset(&dataset, &split.train);
+    memory("loading the dataset (its split and vocabulary)");
     let model =
         SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid");
     let histories = dataset
@@ -160,11 +186,13 @@ fn bench_inference(c: &mut Criterion) {
         }
     };
     let items = model.vocab.items.len();
+    memory("the model and the users' histories");
     // The `score` benchmarks are the exact path whatever the size (the default settings would
     // switch to two-stage from 20,000 items on).
     model.configure_retrieval(&exact());
     let catalog = Catalog::new();
     let catalog_idx = intern_vocab(&model.vocab, &catalog);
+    memory("the catalogue");
     let batches = batches();
     let request_of = |h: &Vec<u32>| {
         let history: Vec<HistoryItem> = h
@@ -202,6 +230,9 @@ fn bench_inference(c: &mut Criterion) {
                 user: [0, 0, 0],
             })
             .collect();
+        group.bench_with_input(BenchmarkId::new("encode", batch), &queries, |b, q| {
+            b.iter(|| black_box(model.query_vectors(q).expect("encode")))
+        });
         group.bench_with_input(BenchmarkId::new("forward", batch), &queries, |b, q| {
             b.iter(|| black_box(model.forward(q).expect("forward")))
         });
@@ -218,9 +249,20 @@ fn bench_inference(c: &mut Criterion) {
     if two_stage() {
         let recall_requests: Vec<ScoreRequest> = users[..recall_users()].iter().map(request_of).collect();
         let exact: Vec<Vec<Scored>> = recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        // The same with the popularity blend off (w = 1): the top 10 by the model's logits
+        // alone, which is what the ANN index must find (with random weights the blend's
+        // popularity term decides most of the lists above).
+        let blend = model.serve.blend_history;
+        model.serve.blend_history = f32::MIN_POSITIVE;
+        let exact_logits: Vec<Vec<Scored>> =
+            recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        model.serve.blend_history = blend;
+        memory("exact scoring");
         model.configure_retrieval(&forced());
+        memory("dropping the exact path's tables");
         let started = std::time::Instant::now();
         model.prepare(&catalog).expect("index built");
+        memory("the index build");
         eprintln!(
             "sequential two-stage: {items} items, index built in {:.1} s, resident {:.0} MiB",
             started.elapsed().as_secs_f64(),
@@ -233,6 +275,18 @@ fn bench_inference(c: &mut Criterion) {
             exact.len(),
             forced().ann_probe
         );
+        model.serve.blend_history = f32::MIN_POSITIVE;
+        let approx_logits: Vec<Vec<Scored>> =
+            recall_requests.chunks(64).flat_map(|r| model.score(r, &catalog)).collect();
+        model.serve.blend_history = blend;
+        eprintln!(
+            "sequential two-stage: recall@10 of the logits' top 10 (blend off) {:.4}",
+            recall_at_10(&exact_logits, &approx_logits)
+        );
+        memory("two-stage scoring");
+        for (part, bytes) in model.memory_breakdown() {
+            eprintln!("  model: {part}: {:.1} MiB", bytes as f64 / (1u64 << 20) as f64);
+        }
         for &batch in &batches {
             group.throughput(Throughput::Elements(batch as u64));
             let requests: Vec<ScoreRequest> = users[..batch].iter().map(request_of).collect();
@@ -250,6 +304,9 @@ fn bench_inference(c: &mut Criterion) {
 
 /// The online co-occurrence model, by batch size.
 fn bench_online(c: &mut Criterion) {
+    if std::env::var("LIVEREC_BENCH_MODELS").is_ok_and(|m| m == "sequential") {
+        return;
+    }
     let demo_items = items(2000);
     let config = liverec::config::Config::default();
     let catalog = Catalog::new();

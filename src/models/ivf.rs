@@ -8,6 +8,13 @@
 //! folded in as one more dimension (`[v, b]` against `[q, 1]`), so the index ranks by the
 //! model's logit `q . v + b`. New items join the list of their nearest centroid, without a
 //! rebuild; a filter is a test per scanned item, with further lists scanned when too few pass.
+//!
+//! The lists keep an 8-bit copy of the vectors (a scale per item, the bias as a float): a
+//! quarter of the floats' memory, and candidates are re-scored exactly by the caller anyway. The
+//! scan reads them in blocks of 16 items stored dimension by dimension, so that one query, or
+//! several queries that probe the same list ([`IvfIndex::search_batch`]), score a block with
+//! vector multiply-adds and no horizontal sums; the kernel is compiled for AVX2 and FMA as well
+//! and picked at run time.
 
 use candle_core::{Device, Tensor};
 use rand::rngs::SmallRng;
@@ -31,10 +38,13 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
+/// Items per block of a list's 8-bit copy.
+const BLOCK: usize = 16;
+
 /// An inverted-file index over item vectors with a bias, for maximum inner product search (see
 /// the module docs).
 pub struct IvfIndex {
-    /// Stored dimensions: the vector, the bias, zero padding to a multiple of 8.
+    /// Centroid dimensions: the vector, the bias, zero padding to a multiple of 8.
     dim: usize,
     /// The vectors' own dimensions.
     hidden: usize,
@@ -44,11 +54,60 @@ pub struct IvfIndex {
     items: usize,
 }
 
+/// One list: its items' vectors in 8-bit blocks (see the module docs). The last block may be
+/// partly filled; its empty slots have item `Item::MAX`, scale 0 and bias -inf.
 #[derive(Default, Clone)]
 struct List {
+    /// `[blocks * BLOCK]` items.
     items: Vec<Item>,
-    /// `[items, dim]` row-major.
-    vectors: Vec<f32>,
+    /// `[blocks, hidden, BLOCK]`: block `b`'s dimension `d` of its `j`-th item at
+    /// `(b * hidden + d) * BLOCK + j`; the vector is `scale * code`.
+    codes: Vec<i8>,
+    /// `[blocks * BLOCK]` per-item scale of the codes.
+    scales: Vec<f32>,
+    /// `[blocks * BLOCK]` per-item bias.
+    bias: Vec<f32>,
+    /// Items held (the slots in use).
+    len: usize,
+}
+
+impl List {
+    fn with_capacity(items: usize, hidden: usize) -> Self {
+        let slots = items.div_ceil(BLOCK) * BLOCK;
+        List {
+            items: Vec::with_capacity(slots),
+            codes: Vec::with_capacity(slots * hidden),
+            scales: Vec::with_capacity(slots),
+            bias: Vec::with_capacity(slots),
+            len: 0,
+        }
+    }
+
+    /// Appends an item, quantising its vector to 8 bits with a scale of its own.
+    fn push(&mut self, item: Item, vector: &[f32], bias: f32, hidden: usize) {
+        if self.len == self.items.len() {
+            // A new block, its slots empty until filled.
+            self.items.resize(self.len + BLOCK, Item::MAX);
+            self.codes.resize((self.len + BLOCK) * hidden, 0);
+            self.scales.resize(self.len + BLOCK, 0.0);
+            self.bias.resize(self.len + BLOCK, f32::NEG_INFINITY);
+        }
+        let (block, j) = (self.len / BLOCK, self.len % BLOCK);
+        let largest = vector[..hidden].iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if largest > 0.0 { largest / 127.0 } else { 0.0 };
+        let codes = &mut self.codes[block * hidden * BLOCK..(block + 1) * hidden * BLOCK];
+        for (d, &v) in vector[..hidden].iter().enumerate() {
+            codes[d * BLOCK + j] = if scale > 0.0 { (v / scale).round().clamp(-127.0, 127.0) as i8 } else { 0 };
+        }
+        self.items[self.len] = item;
+        self.scales[self.len] = scale;
+        self.bias[self.len] = bias;
+        self.len += 1;
+    }
+
+    fn bytes(&self) -> usize {
+        self.items.capacity() * 4 + self.codes.capacity() + self.scales.capacity() * 4 + self.bias.capacity() * 4
+    }
 }
 
 /// Rows of one matrix product in the assignment pass: bounds its memory (rows x lists floats).
@@ -58,16 +117,118 @@ const KMEANS_ITERATIONS: usize = 8;
 /// Training sample per list.
 const SAMPLE_PER_LIST: usize = 40;
 
+/// Keeps the `k` best `(item, score)` pairs in `heap`, a binary min-heap by score (the worst
+/// kept at the root: a score that cannot enter costs one comparison, one that can costs
+/// `log k` moves rather than shifting a sorted list); [`finish`] sorts it best first.
+#[inline]
+fn offer(heap: &mut Vec<(Item, f32)>, k: usize, item: Item, score: f32, accept: impl FnOnce(Item) -> bool) {
+    if (heap.len() == k && score <= heap[0].1) || score == f32::NEG_INFINITY || !accept(item) {
+        return;
+    }
+    let mut at = if heap.len() < k {
+        heap.push((item, score));
+        let mut at = heap.len() - 1;
+        while at > 0 && heap[(at - 1) / 2].1 > score {
+            heap[at] = heap[(at - 1) / 2];
+            at = (at - 1) / 2;
+        }
+        heap[at] = (item, score);
+        return;
+    } else {
+        0
+    };
+    loop {
+        let (l, r) = (2 * at + 1, 2 * at + 2);
+        let child = if r < k && heap[r].1 < heap[l].1 { r } else { l };
+        if l >= k || heap[child].1 >= score {
+            break;
+        }
+        heap[at] = heap[child];
+        at = child;
+    }
+    heap[at] = (item, score);
+}
+
+/// The kept pairs best first (ties by item).
+fn finish(heap: &mut [(Item, f32)]) {
+    heap.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+}
+
+/// Scores every item of `list` against `Q` queries (each at least `hidden` long) and hands
+/// each `(query, item, score)` to `visit`. `FMA` fuses the multiply-adds (only where the CPU
+/// has them: see [`scan`]).
+#[inline(always)]
+fn scan_list<const Q: usize, const FMA: bool>(
+    list: &List,
+    hidden: usize,
+    queries: [&[f32]; Q],
+    visit: &mut impl FnMut(usize, Item, f32),
+) {
+    let queries = queries.map(|q| &q[..hidden]);
+    let (blocks, _) = list.codes.as_chunks::<BLOCK>();
+    for (b, block) in blocks.chunks_exact(hidden).enumerate() {
+        let mut acc = [[0f32; BLOCK]; Q];
+        for (d, codes) in block.iter().enumerate() {
+            let c: [f32; BLOCK] = codes.map(f32::from);
+            for (a, q) in acc.iter_mut().zip(&queries) {
+                let x = q[d];
+                for j in 0..BLOCK {
+                    a[j] = if FMA { x.mul_add(c[j], a[j]) } else { a[j] + x * c[j] };
+                }
+            }
+        }
+        let slots = b * BLOCK..((b + 1) * BLOCK).min(list.len);
+        for (qi, a) in acc.iter().enumerate() {
+            for (j, s) in slots.clone().enumerate() {
+                visit(qi, list.items[s], a[j] * list.scales[s] + list.bias[s]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn scan_list_avx2<const Q: usize>(
+    list: &List,
+    hidden: usize,
+    queries: [&[f32]; Q],
+    visit: &mut impl FnMut(usize, Item, f32),
+) {
+    scan_list::<Q, true>(list, hidden, queries, visit)
+}
+
+/// [`scan_list`] with the best kernel the CPU runs.
+fn scan<const Q: usize>(list: &List, hidden: usize, queries: [&[f32]; Q], visit: &mut impl FnMut(usize, Item, f32)) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked just above).
+        return unsafe { scan_list_avx2::<Q>(list, hidden, queries, visit) };
+    }
+    scan_list::<Q, false>(list, hidden, queries, visit)
+}
+
 impl IvfIndex {
     /// Indexes `vectors` (`[n, hidden]` row-major) with their `bias`, item `i` being row `i`,
     /// with about `list_size` items a list. Deterministic for a given `seed`.
     pub fn build(vectors: &[f32], bias: &[f32], hidden: usize, list_size: usize, seed: u64) -> Self {
-        let n = bias.len();
+        Self::build_with(bias.len(), hidden, |i| &vectors[i * hidden..(i + 1) * hidden], |i| bias[i], list_size, seed)
+    }
+
+    /// [`IvfIndex::build`] over `n` items whose vectors and biases are read through `vector`
+    /// and `bias` (so the caller keeps the only full-precision copy).
+    pub fn build_with<'a>(
+        n: usize,
+        hidden: usize,
+        vector: impl Fn(usize) -> &'a [f32],
+        bias: impl Fn(usize) -> f32,
+        list_size: usize,
+        seed: u64,
+    ) -> Self {
         let dim = (hidden + 1).div_ceil(8) * 8;
         let n_lists = (n / list_size.max(1)).max(1);
         let augmented = |i: usize, out: &mut Vec<f32>| {
-            out.extend_from_slice(&vectors[i * hidden..(i + 1) * hidden]);
-            out.push(bias[i]);
+            out.extend_from_slice(&vector(i)[..hidden]);
+            out.push(bias(i));
             out.resize(out.len() + dim - hidden - 1, 0.0);
         };
         let mut rng = SmallRng::seed_from_u64(seed);
@@ -105,24 +266,28 @@ impl IvfIndex {
                 }
             }
         }
-        let mut index = IvfIndex { dim, hidden, centroids, lists: vec![List::default(); n_lists], items: 0 };
-        // Assign every item, a chunk of rows per matrix product.
-        let mut chunk = Vec::with_capacity(ASSIGN_CHUNK * dim);
+        drop(train);
+        // Assign every item (a chunk of rows per matrix product), count, then fill lists sized
+        // exactly: no list grows by doubling.
+        let mut assigned: Vec<u32> = Vec::with_capacity(n);
+        let mut chunk = Vec::with_capacity(ASSIGN_CHUNK.min(n) * dim);
         for start in (0..n).step_by(ASSIGN_CHUNK) {
-            let end = (start + ASSIGN_CHUNK).min(n);
             chunk.clear();
-            for i in start..end {
+            for i in start..(start + ASSIGN_CHUNK).min(n) {
                 augmented(i, &mut chunk);
             }
-            let nearest = nearest_centroids(&chunk, &index.centroids, dim);
-            for (offset, &c) in nearest.iter().enumerate() {
-                let list = &mut index.lists[c];
-                list.items.push((start + offset) as Item);
-                list.vectors.extend_from_slice(&chunk[offset * dim..(offset + 1) * dim]);
-            }
+            assigned.extend(nearest_centroids(&chunk, &centroids, dim).into_iter().map(|c| c as u32));
         }
-        index.items = n;
-        index
+        drop(chunk);
+        let mut sizes = vec![0usize; n_lists];
+        for &c in &assigned {
+            sizes[c as usize] += 1;
+        }
+        let mut lists: Vec<List> = sizes.iter().map(|&s| List::with_capacity(s, hidden)).collect();
+        for (i, &c) in assigned.iter().enumerate() {
+            lists[c as usize].push(i as Item, vector(i), bias(i), hidden);
+        }
+        IvfIndex { dim, hidden, centroids, lists, items: n }
     }
 
     /// Items indexed.
@@ -138,6 +303,11 @@ impl IvfIndex {
         self.lists.len()
     }
 
+    /// Bytes the index holds (centroids and lists).
+    pub fn bytes(&self) -> usize {
+        self.centroids.capacity() * 4 + self.lists.iter().map(List::bytes).sum::<usize>()
+    }
+
     /// Adds one item to the list of its nearest centroid (no rebuild; the centroids stay).
     pub fn add(&mut self, item: Item, vector: &[f32], bias: f32) {
         let mut row = Vec::with_capacity(self.dim);
@@ -145,15 +315,34 @@ impl IvfIndex {
         row.push(bias);
         row.resize(self.dim, 0.0);
         let c = nearest_one(&row, &self.centroids, self.dim);
-        let list = &mut self.lists[c];
-        list.items.push(item);
-        list.vectors.extend_from_slice(&row);
+        self.lists[c].push(item, vector, bias, self.hidden);
         self.items += 1;
+    }
+
+    /// The query with the bias dimension (1) and padding, as the centroids are stored.
+    fn augmented(&self, query: &[f32]) -> Vec<f32> {
+        let mut q = Vec::with_capacity(self.dim);
+        q.extend_from_slice(&query[..self.hidden]);
+        q.push(1.0);
+        q.resize(self.dim, 0.0);
+        q
+    }
+
+    /// Lists by centroid score for `query` (augmented), the best `probe` first and sorted.
+    fn list_order(&self, centroid_scores: impl Iterator<Item = f32>, probe: usize) -> Vec<(f32, u32)> {
+        let mut order: Vec<(f32, u32)> = centroid_scores.enumerate().map(|(c, s)| (s, c as u32)).collect();
+        let probe = probe.clamp(1, order.len());
+        if probe < order.len() {
+            order.select_nth_unstable_by(probe - 1, better);
+        }
+        order[..probe].sort_unstable_by(better);
+        order
     }
 
     /// The `k` items with the highest `query . v + bias` among those `accept` lets through,
     /// best first, into `out` (cleared first). Scans the `probe` best lists, then more lists,
-    /// best first, until `k` items passed or every list was scanned.
+    /// best first, until `k` items passed or every list was scanned. Scores are those of the
+    /// 8-bit copy (within about 1% of the exact ones).
     pub fn search(
         &self,
         query: &[f32],
@@ -166,18 +355,9 @@ impl IvfIndex {
         if k == 0 || self.lists.is_empty() {
             return;
         }
-        let mut q = Vec::with_capacity(self.dim);
-        q.extend_from_slice(&query[..self.hidden]);
-        q.push(1.0);
-        q.resize(self.dim, 0.0);
-        let mut order: Vec<(f32, u32)> =
-            self.centroids.chunks_exact(self.dim).enumerate().map(|(c, v)| (dot(&q, v), c as u32)).collect();
-        let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let q = self.augmented(query);
+        let mut order = self.list_order(self.centroids.chunks_exact(self.dim).map(|c| dot(&q, c)), probe);
         let probe = probe.clamp(1, order.len());
-        if probe < order.len() {
-            order.select_nth_unstable_by(probe - 1, better);
-        }
-        order[..probe].sort_unstable_by(better);
         for scanned in 0..order.len() {
             if scanned >= probe && out.len() >= k {
                 break;
@@ -187,16 +367,94 @@ impl IvfIndex {
                 order[probe..].sort_unstable_by(better);
             }
             let list = &self.lists[order[scanned].1 as usize];
-            for (&item, v) in list.items.iter().zip(list.vectors.chunks_exact(self.dim)) {
-                let score = dot(&q, v);
-                if (out.len() == k && score <= out[k - 1].1) || !accept(item) {
-                    continue;
+            scan::<1>(list, self.hidden, [query], &mut |_, item, score| offer(out, k, item, score, &mut accept));
+        }
+        finish(out);
+    }
+
+    /// [`IvfIndex::search`] for a batch of queries (`queries` is `[b, hidden]` row-major),
+    /// `accept` called with the query's row: each list is scanned once for all the queries
+    /// that probe it, four at a time. `outs` gets one list per query. A query with fewer than
+    /// `k` items accepted in its `probe` lists widens on its own, as `search` does.
+    pub fn search_batch(
+        &self,
+        queries: &[f32],
+        k: usize,
+        probe: usize,
+        mut accept: impl FnMut(usize, Item) -> bool,
+        outs: &mut Vec<Vec<(Item, f32)>>,
+    ) {
+        let b = queries.len() / self.hidden.max(1);
+        outs.resize_with(b, Vec::new);
+        outs.truncate(b);
+        outs.iter_mut().for_each(Vec::clear);
+        if k == 0 || b == 0 || self.lists.is_empty() {
+            return;
+        }
+        let query = |i: usize| &queries[i * self.hidden..(i + 1) * self.hidden];
+        let augmented: Vec<f32> = (0..b).flat_map(|i| self.augmented(query(i))).collect();
+        let scores = centroid_scores(&augmented, &self.centroids, self.dim);
+        let probe = probe.clamp(1, self.lists.len());
+        // (list, query) pairs, grouped by list.
+        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(b * probe);
+        for (i, row) in scores.chunks_exact(self.lists.len()).enumerate() {
+            let order = self.list_order(row.iter().copied(), probe);
+            pairs.extend(order[..probe].iter().map(|&(_, c)| (c, i as u32)));
+        }
+        pairs.sort_unstable();
+        let mut visit = |qs: &[u32], qi: usize, item: Item, score: f32| {
+            let i = qs[qi] as usize;
+            offer(&mut outs[i], k, item, score, |item| accept(i, item));
+        };
+        for group in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let list = &self.lists[group[0].0 as usize];
+            let qs: Vec<u32> = group.iter().map(|&(_, i)| i).collect();
+            let mut rest = &qs[..];
+            while !rest.is_empty() {
+                let take = if rest.len() >= 4 {
+                    4
+                } else if rest.len() >= 2 {
+                    2
+                } else {
+                    1
+                };
+                let (now, later) = rest.split_at(take);
+                let v = &mut |qi: usize, item: Item, score: f32| visit(now, qi, item, score);
+                match take {
+                    4 => scan::<4>(list, self.hidden, [0, 1, 2, 3].map(|j| query(now[j] as usize)), v),
+                    2 => scan::<2>(list, self.hidden, [0, 1].map(|j| query(now[j] as usize)), v),
+                    _ => scan::<1>(list, self.hidden, [query(now[0] as usize)], v),
                 }
-                let at = out.partition_point(|&(_, s)| s >= score);
-                out.insert(at, (item, score));
-                out.truncate(k);
+                rest = later;
             }
         }
+        for (i, out) in outs.iter_mut().enumerate() {
+            if out.len() < k && probe < self.lists.len() {
+                self.search(query(i), k, probe, |item| accept(i, item), out);
+            } else {
+                finish(out);
+            }
+        }
+    }
+}
+
+/// Higher score first, then lower list.
+fn better(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// `[rows, lists]` scores of `[rows, dim]` queries against `[lists, dim]` centroids, from one
+/// matrix product.
+fn centroid_scores(rows: &[f32], centroids: &[f32], dim: usize) -> Vec<f32> {
+    let (m, lists) = (rows.len() / dim, centroids.len() / dim);
+    let product = Tensor::from_slice(rows, (m, dim), &Device::Cpu)
+        .and_then(|x| Tensor::from_slice(centroids, (lists, dim), &Device::Cpu).and_then(|c| x.matmul(&c.t()?)))
+        .and_then(|p| p.flatten_all()?.to_vec1::<f32>());
+    match product {
+        Ok(scores) => scores,
+        // A CPU matrix product of well-formed shapes does not fail; if it ever did, the slow
+        // path gives the same answer.
+        Err(_) => rows.chunks_exact(dim).flat_map(|r| centroids.chunks_exact(dim).map(|c| dot(r, c))).collect(),
     }
 }
 
@@ -269,6 +527,11 @@ mod tests {
         all.into_iter().take(k).map(|(i, _)| i).collect()
     }
 
+    /// Items of `got` among `want`.
+    fn found(got: &[(Item, f32)], want: &[Item]) -> usize {
+        want.iter().filter(|w| got.iter().any(|(i, _)| i == *w)).count()
+    }
+
     #[test]
     fn finds_the_exact_neighbours_when_every_list_is_probed_and_widens_for_a_narrow_filter() {
         let (h, n) = (12, 3000);
@@ -277,16 +540,46 @@ mod tests {
         assert_eq!((index.len(), index.lists()), (n, 30));
         let q: Vec<f32> = (0..h).map(|d| (d as f32 * 0.7).sin()).collect();
         let mut out = Vec::new();
-        index.search(&q, 10, index.lists(), |_| true, &mut out);
-        let got: Vec<Item> = out.iter().map(|&(i, _)| i).collect();
-        assert_eq!(got, exact(&vectors, &bias, &q, h, 10, |_| true));
+        // The 8-bit copy ranks within about 1% of the exact scores: the exact top 10 is in its
+        // top 20, and its scores are close to the exact ones.
+        index.search(&q, 20, index.lists(), |_| true, &mut out);
+        assert_eq!(found(&out, &exact(&vectors, &bias, &q, h, 10, |_| true)), 10);
+        for &(i, s) in &out {
+            let e = dot(&vectors[i as usize * h..(i as usize + 1) * h], &q) + bias[i as usize];
+            assert!((s - e).abs() <= 0.02 * e.abs().max(1.0), "{s} vs {e}");
+        }
         // One item in 300 passes: one probed list holds about a third of one, yet 10 come back.
         let narrow = |i: Item| i % 300 == 7;
         index.search(&q, 10, 1, narrow, &mut out);
         assert_eq!(out.len(), 10, "the search widened until k items passed");
         assert!(out.iter().all(|&(i, _)| narrow(i)));
-        let got: Vec<Item> = out.iter().map(|&(i, _)| i).collect();
-        assert_eq!(got, exact(&vectors, &bias, &q, h, 10, narrow), "every list was scanned: exact");
+        assert_eq!(found(&out, &exact(&vectors, &bias, &q, h, 10, narrow)), 10, "every list was scanned");
+    }
+
+    #[test]
+    fn a_batch_finds_what_each_query_finds_alone() {
+        let (h, n) = (12, 5000);
+        let (vectors, bias) = random_vectors(n, h, 4);
+        let index = IvfIndex::build(&vectors, &bias, h, 100, 7);
+        let mut rng = SmallRng::seed_from_u64(9);
+        // Nine queries (a group of four, of two and one per shared list, in any mix), the
+        // last with a filter too narrow for its probed lists.
+        let queries: Vec<f32> = (0..9 * h).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let accept = |qi: usize, i: Item| qi != 8 || i % 250 == 3;
+        let mut batch = Vec::new();
+        index.search_batch(&queries, 15, 5, accept, &mut batch);
+        assert_eq!(batch.len(), 9);
+        for (qi, got) in batch.iter().enumerate() {
+            let mut alone = Vec::new();
+            index.search(&queries[qi * h..(qi + 1) * h], 15, 5, |i| accept(qi, i), &mut alone);
+            assert_eq!(got.len(), 15);
+            let ids = |l: &[(Item, f32)]| l.iter().map(|&(i, _)| i).collect::<Vec<_>>();
+            assert_eq!(ids(got), ids(&alone), "query {qi}");
+            for (a, b) in got.iter().zip(&alone) {
+                assert!((a.1 - b.1).abs() <= 1e-4 * a.1.abs().max(1.0), "query {qi}: {a:?} vs {b:?}");
+            }
+        }
+        assert!(batch[8].iter().all(|&(i, _)| i % 250 == 3));
     }
 
     #[test]
@@ -302,6 +595,6 @@ mod tests {
         let mut out = Vec::new();
         index.search(&q, 5, 4, |_| true, &mut out);
         assert_eq!(out[0].0, n as Item);
-        assert!((out[0].1 - 40.0).abs() < 1e-4);
+        assert!((out[0].1 - 40.0).abs() < 1e-3, "{}", out[0].1);
     }
 }

@@ -23,13 +23,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::artifact::{Manifest, ModelFileError, SavedModel, ServeConfig, Vocab};
-use super::retrieval::{Bits, CandidateCounts, CandidateSet, Filter, IvfIndex, Source};
+use super::retrieval::{dot, Bits, CandidateCounts, CandidateSet, Filter, IvfIndex, Source};
 use super::sasrec::{
     feedback_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
 };
@@ -57,41 +58,86 @@ pub struct Query {
 
 /// Tensors derived from the weights that inference reuses until the weights change.
 struct InferenceCache {
-    /// `[items + 1, H]` input table.
+    /// `[items + 1, H]` item vectors (row 0: padding): the encoder's input table and, the
+    /// weights being tied, the output table. The model's only copy of the item vectors:
+    /// scoring reads it in place, transposed or through the catalogue's [`CatalogMap::row`].
     table: Tensor,
-    /// `[H, items]` output table, transposed once.
-    out_t: Tensor,
     /// `[items]` output bias.
-    bias: Tensor,
-    /// Row-major copy of the output table, for negative feedback.
-    vectors: Vec<f32>,
+    bias: Vec<f32>,
     /// Attribute-free part of an unseen item's vector, and its bias.
     mean_id: Vec<f32>,
     mean_bias: f32,
-    /// `p_popular(item | segment)` per context segment, and globally (model items).
-    segment_popularity: Vec<Vec<f32>>,
-    global_popularity: Vec<f32>,
+    /// `p_popular(item | segment)` (model items), one row per context segment, then the global
+    /// row; shared with the retrieval index's build.
+    popularity: Arc<Vec<Vec<f32>>>,
 }
 
-/// The output side of the model in catalogue order, extended as the catalogue grows (and its
-/// unseen items' vectors refreshed every `cold_refresh_secs`), so that every catalogue item,
-/// unseen items included, has a vector, a bias and a popularity in catalogue order.
+/// Marks a [`CatalogMap::row`] entry as a slot of the unseen items' vectors.
+const COLD: u32 = 1 << 31;
+
+/// The catalogue's view of the model, extended as the catalogue grows (and its unseen items'
+/// vectors refreshed every `cold_refresh_secs`): where every catalogue item's vector is, and
+/// its bias, unseen items included. Vectors and popularity are not copied into catalogue order
+/// (at 10^6 items each copy was 250 and 85 MB): they are read through `row`.
 #[derive(Default)]
 struct CatalogMap {
-    /// Model item (1-based) of each catalogue index; 0 when the model does not know it.
-    model_item: Vec<u32>,
-    /// Catalogue items unknown to the model, in the order they arrived.
+    /// Per catalogue index: the model item (1-based, its row of the table), or `COLD | slot`
+    /// for an item the model does not know (its slot in `cold_vectors`).
+    row: Vec<u32>,
+    /// Catalogue items unknown to the model, in the order they arrived (slot order).
     cold: Vec<ItemIdx>,
-    /// `[H, n]` item vectors in catalogue order, for the exact full product; only below
-    /// `model.retrieval.min_items` (two-stage scoring reads `vectors`).
-    out_t: Option<Tensor>,
-    /// Row-major `[n, H]` item vectors (unseen items: attributes + mean id embedding).
-    vectors: Vec<f32>,
-    /// `[n]` output bias (unseen items: the mean bias).
+    /// `[cold, H]` vectors of the unseen items: attributes + mean id embedding.
+    cold_vectors: Vec<f32>,
+    /// `[n]` output bias in catalogue order (unseen items: the mean bias).
     bias: Vec<f32>,
-    /// `p_popular(item | segment)` in catalogue order, one row per segment, then the global row.
-    popularity: Vec<Vec<f32>>,
     refreshed: Option<Instant>,
+}
+
+impl CatalogMap {
+    /// The model item (1-based) of catalogue item `c`, if the model knows it.
+    fn model_item(&self, c: usize) -> Option<u32> {
+        self.row.get(c).copied().filter(|&r| r & COLD == 0)
+    }
+}
+
+/// Every catalogue item's vector, read in place (see [`CatalogMap`]).
+#[derive(Clone, Copy)]
+struct Vectors<'a> {
+    /// The table's values, `[items + 1, H]`.
+    table: &'a [f32],
+    cold: &'a [f32],
+    row: &'a [u32],
+    h: usize,
+}
+
+impl<'a> Vectors<'a> {
+    fn of(&self, c: usize) -> &'a [f32] {
+        let r = self.row[c];
+        let (values, at) = if r & COLD == 0 { (self.table, r) } else { (self.cold, r & !COLD) };
+        &values[at as usize * self.h..][..self.h]
+    }
+
+    fn get(&self, c: usize) -> Option<&'a [f32]> {
+        (c < self.row.len()).then(|| self.of(c))
+    }
+}
+
+/// `p_popular` of catalogue item `c` from a model-order popularity row (0 for unseen items).
+#[inline]
+fn popularity_of(popular: &[f32], row: &[u32], c: usize) -> f32 {
+    match row[c] {
+        r if r & COLD == 0 => popular[r as usize - 1],
+        _ => 0.0,
+    }
+}
+
+/// Runs `f` on the values of a contiguous f32 CPU tensor, in place.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, SasRecError> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
+        _ => Err(SasRecError::Config("expected a contiguous CPU tensor".into())),
+    }
 }
 
 /// What two-stage scoring needs besides the item vectors: the ANN index and the popularity
@@ -107,6 +153,10 @@ struct RetrievalIndex {
     popular_all: Vec<ItemIdx>,
     /// A uniform sample of items, to estimate the softmax mass outside the candidates.
     tail_sample: Vec<ItemIdx>,
+    /// `[tail_sample, H]` their vectors, side by side: every request reads all of them, and
+    /// 256 rows scattered over a large table were a cache miss each. (An unseen item's vector
+    /// refreshed later keeps its first value here: an estimate's input.)
+    tail_vectors: Vec<f32>,
 }
 
 /// Items in the uniform sample behind the softmax normaliser's tail estimate.
@@ -123,16 +173,20 @@ enum IndexState {
 }
 
 impl RetrievalIndex {
-    /// Builds the index over a snapshot of the catalogue-ordered tables.
-    fn build(vectors: &[f32], bias: &[f32], popularity: &[Vec<f32>], hidden: usize, config: &RetrievalConfig) -> Self {
+    /// Builds the index over the catalogue's items as they are now (`bias` in catalogue
+    /// order, `popularity` in model order, read through `vectors.row`).
+    fn build(vectors: Vectors<'_>, bias: &[f32], popularity: &[Vec<f32>], config: &RetrievalConfig) -> Self {
         let n = bias.len();
-        let ann = IvfIndex::build(vectors, bias, hidden, config.ann_list_size, 1);
+        let ann = IvfIndex::build_with(n, vectors.h, |c| vectors.of(c), |c| bias[c], config.ann_list_size, 1);
         let best_first = |row: &[f32], keep: usize| -> Vec<ItemIdx> {
-            let mut order: Vec<ItemIdx> = (0..row.len() as ItemIdx).collect();
-            let better = |a: &ItemIdx, b: &ItemIdx| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+            let p = |c: ItemIdx| popularity_of(row, vectors.row, c as usize);
+            let mut order: Vec<ItemIdx> = (0..n as ItemIdx).collect();
+            let better = |a: &ItemIdx, b: &ItemIdx| p(*b).total_cmp(&p(*a)).then(a.cmp(b));
             if keep < order.len() {
                 order.select_nth_unstable_by(keep, better);
                 order.truncate(keep);
+                // Twenty segments' orders kept the whole catalogue's capacity: 80 MB at 10^6.
+                order.shrink_to_fit();
             }
             order.sort_unstable_by(better);
             order
@@ -142,10 +196,23 @@ impl RetrievalIndex {
         let popular = segments.iter().map(|row| best_first(row, keep)).collect();
         let popular_all = best_first(global, n);
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(2);
-        let tail_sample =
+        let tail_sample: Vec<ItemIdx> =
             rand::seq::index::sample(&mut rng, n, TAIL_SAMPLE.min(n)).into_iter().map(|i| i as ItemIdx).collect();
-        RetrievalIndex { ann, items: n, popular, popular_all, tail_sample }
+        let tail_vectors = tail_sample.iter().flat_map(|&c| vectors.of(c as usize).iter().copied()).collect();
+        RetrievalIndex { ann, items: n, popular, popular_all, tail_sample, tail_vectors }
     }
+}
+
+/// One batch as both scoring paths read it.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    requests: &'a [ScoreRequest],
+    /// Each request's history tokens (empty: a cold user).
+    tokens: &'a [Vec<Token>],
+    /// `[warm, H]` query vectors of the requests with tokens.
+    q: &'a [f32],
+    /// Each request's row in `q`, if it has one.
+    row_of: &'a [Option<usize>],
 }
 
 /// Reused per request by two-stage scoring.
@@ -153,7 +220,10 @@ impl RetrievalIndex {
 struct Scratch {
     blocked: Bits,
     candidates: CandidateSet,
-    found: Vec<(ItemIdx, f32)>,
+    /// ANN neighbours of each warm query of the batch.
+    found: Vec<Vec<(ItemIdx, f32)>>,
+    /// Excluded and disliked items of each warm query, sorted (the batch's ANN filter).
+    blocked_sorted: Vec<Vec<ItemIdx>>,
     logits: Vec<f32>,
 }
 
@@ -247,6 +317,57 @@ impl SequentialModel {
         Ok(())
     }
 
+    /// Bytes held by the model's main structures, largest parts first as they are laid out
+    /// (the memory breakdown of docs/performance.md; strings and hash tables estimated).
+    pub fn memory_breakdown(&self) -> Vec<(&'static str, usize)> {
+        let floats = |n: usize| n * 4;
+        let pop = &self.vocab.popularity;
+        let strings = |v: &[String]| v.iter().map(|s| s.capacity() + 24).sum::<usize>();
+        let mut parts = vec![
+            ("weights (varmap)", self.varmap.all_vars().iter().map(|v| floats(v.elem_count())).sum()),
+            (
+                "vocabulary: ids, genres, years",
+                strings(&self.vocab.items)
+                    + self.vocab.item_genres.iter().map(|g| g.capacity() * 2 + 24).sum::<usize>()
+                    + self.vocab.item_years.capacity() * 4,
+            ),
+            (
+                "vocabulary: popularity counts",
+                floats(pop.global.capacity() + pop.by_segment.iter().map(Vec::capacity).sum::<usize>()),
+            ),
+            (
+                "id index (hash map)",
+                self.item_index.capacity() * 40 + self.item_index.keys().map(String::capacity).sum::<usize>(),
+            ),
+            ("item features (genre pairs, years)", self.features.pairs() * 12 + floats(self.vocab.items.len() + 1)),
+        ];
+        if let Some(cache) = &self.cache {
+            parts.push(("item table (the item vectors)", floats(cache.table.elem_count())));
+            parts.push((
+                "bias and popularity (model order)",
+                floats(cache.bias.capacity() + cache.popularity.iter().map(Vec::capacity).sum::<usize>()),
+            ));
+        }
+        let map = &self.catalog_map;
+        parts.push((
+            "catalogue map: rows, bias, unseen items",
+            floats(map.row.capacity() + map.bias.capacity() + map.cold.capacity() + map.cold_vectors.capacity()),
+        ));
+        if let IndexState::Ready(index) = &self.index {
+            parts.push(("ANN index (8-bit lists, centroids)", index.ann.bytes()));
+            parts.push((
+                "popularity orders, tail sample",
+                floats(
+                    index.popular.iter().map(Vec::capacity).sum::<usize>()
+                        + index.popular_all.capacity()
+                        + index.tail_sample.capacity()
+                        + index.tail_vectors.capacity(),
+                ),
+            ));
+        }
+        parts
+    }
+
     /// Whether two-stage scoring has its index (false while it builds, and for small catalogues).
     pub fn retrieval_ready(&self) -> bool {
         matches!(self.index, IndexState::Ready(_))
@@ -255,27 +376,52 @@ impl SequentialModel {
     /// Takes a built index into use, adding the items that arrived while it was built.
     fn install(&mut self, mut index: RetrievalIndex) {
         let map = &self.catalog_map;
-        let h = self.config.hidden;
-        for c in index.items..map.bias.len() {
-            index.ann.add(c as ItemIdx, &map.vectors[c * h..(c + 1) * h], map.bias[c]);
-            index.popular_all.push(c as ItemIdx);
+        if let Some(cache) = &self.cache {
+            let h = self.config.hidden;
+            let added = with_values(&cache.table, |table| {
+                let vectors = Vectors { table, cold: &map.cold_vectors, row: &map.row, h };
+                for c in index.items..map.bias.len() {
+                    index.ann.add(c as ItemIdx, vectors.of(c), map.bias[c]);
+                    index.popular_all.push(c as ItemIdx);
+                }
+            });
+            if let Err(error) = added {
+                tracing::error!(error = %error, "cannot add new items to the retrieval index; scoring exactly");
+                return;
+            }
         }
         index.items = map.bias.len();
         tracing::info!(items = index.items, lists = index.ann.lists(), "retrieval index ready");
         self.index = IndexState::Ready(index);
     }
 
-    /// Starts building the retrieval index on its own thread from a snapshot of the tables.
+    /// Starts building the retrieval index on its own thread. It reads the table in place
+    /// (the tensor is shared, not copied) and copies only the catalogue's small per-item
+    /// arrays and the unseen items' vectors.
     fn start_index_build(&mut self) {
+        let Some(cache) = &self.cache else { return };
         let map = &self.catalog_map;
-        let (vectors, bias, popularity) = (map.vectors.clone(), map.bias.clone(), map.popularity.clone());
-        let (hidden, config) = (self.config.hidden, self.retrieval.clone());
+        let (table, popularity) = (cache.table.clone(), cache.popularity.clone());
+        let (row, cold, bias) = (map.row.clone(), map.cold_vectors.clone(), map.bias.clone());
+        let (h, config) = (self.config.hidden, self.retrieval.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         let started = Instant::now();
         let spawned = std::thread::Builder::new().name("liverec-retrieval-index".to_owned()).spawn(move || {
-            let index = RetrievalIndex::build(&vectors, &bias, &popularity, hidden, &config);
-            tracing::info!(items = index.items, seconds = started.elapsed().as_secs_f64(), "retrieval index built");
-            let _ = tx.send(index);
+            let built = with_values(&table, |table| {
+                let vectors = Vectors { table, cold: &cold, row: &row, h };
+                RetrievalIndex::build(vectors, &bias, &popularity, &config)
+            });
+            match built {
+                Ok(index) => {
+                    tracing::info!(
+                        items = index.items,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "retrieval index built"
+                    );
+                    let _ = tx.send(index);
+                }
+                Err(error) => tracing::error!(error = %error, "the retrieval index build failed"),
+            }
         });
         match spawned {
             Ok(_) => self.index = IndexState::Building(rx),
@@ -287,18 +433,17 @@ impl SequentialModel {
         if self.cache.is_none() {
             let items = self.config.items;
             let table_layer = self.net.item_table();
-            let table = table_layer.forward(&self.features)?;
-            let out = table.narrow(0, 1, items)?;
-            let out_t = out.t()?.contiguous()?;
+            let rows = table_layer.rows(&self.features)?;
+            let table = Tensor::from_vec(rows, (items + 1, self.config.hidden), &Device::Cpu)?;
             let bias = table_layer.bias(items)?;
-            let vectors = out.flatten_all()?.to_vec1::<f32>()?;
             let mean_id = table_layer.mean_id()?.to_vec1::<f32>()?;
             let mean_bias = bias.mean_all()?.to_scalar::<f32>()?;
+            let bias = bias.to_vec1::<f32>()?;
             let pop = &self.vocab.popularity;
             let global_total = pop.global.iter().sum::<f32>().max(1.0);
             let global_popularity: Vec<f32> = pop.global.iter().map(|c| c / global_total).collect();
             let prior = self.serve.segment_prior;
-            let segment_popularity = pop
+            let mut popularity: Vec<Vec<f32>> = pop
                 .by_segment
                 .iter()
                 .map(|counts| {
@@ -306,16 +451,8 @@ impl SequentialModel {
                     counts.iter().zip(&global_popularity).map(|(c, g)| (c + prior * g) / (total + prior)).collect()
                 })
                 .collect();
-            self.cache = Some(InferenceCache {
-                table,
-                out_t,
-                bias,
-                vectors,
-                mean_id,
-                mean_bias,
-                segment_popularity,
-                global_popularity,
-            });
+            popularity.push(global_popularity);
+            self.cache = Some(InferenceCache { table, bias, mean_id, mean_bias, popularity: Arc::new(popularity) });
         }
         Ok(self.cache.as_ref().expect("cache was just filled"))
     }
@@ -344,6 +481,14 @@ impl SequentialModel {
         Ok(self.net.encode(&batch, &cache.table, true, &mut Mode::Eval)?.squeeze(1)?)
     }
 
+    /// Query vectors (`[B, H]`, row-major) of a batch of queries: the encoder alone.
+    pub fn query_vectors(&mut self, queries: &[Query]) -> Result<Vec<f32>, SasRecError> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.encode(queries)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
     /// Query vectors (`[B, H]`) and scores of every model item (`[B, items]` logits, in model
     /// order), both row-major, for a batch of queries.
     pub fn forward(&mut self, queries: &[Query]) -> Result<(Vec<f32>, Vec<f32>), SasRecError> {
@@ -352,7 +497,9 @@ impl SequentialModel {
         }
         let q = self.encode(queries)?;
         let cache = self.cache.as_ref().expect("encode fills the cache");
-        let logits = q.matmul(&cache.out_t)?.broadcast_add(&cache.bias)?;
+        let items = self.config.items;
+        let bias = Tensor::from_slice(&cache.bias, items, &Device::Cpu)?;
+        let logits = q.matmul(&cache.table.narrow(0, 1, items)?.t()?)?.broadcast_add(&bias)?;
         Ok((q.flatten_all()?.to_vec1::<f32>()?, logits.flatten_all()?.to_vec1::<f32>()?))
     }
 
@@ -413,8 +560,8 @@ impl SequentialModel {
         Ok(content.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// Brings the catalogue-ordered tables up to date (see [`CatalogMap`]): rows for new items
-    /// are appended (and added to the retrieval index), unseen items' rows are refreshed every
+    /// Brings the catalogue map up to date (see [`CatalogMap`]): new items are appended (and
+    /// added to the retrieval index), unseen items' vectors are refreshed every
     /// `cold_refresh_secs`. Starts the index build when the catalogue is large enough.
     fn sync_catalog(&mut self, catalog: &Catalog) -> Result<(), SasRecError> {
         if let IndexState::Building(rx) = &self.index {
@@ -428,15 +575,14 @@ impl SequentialModel {
             }
         }
         let n = catalog.len();
-        let old = self.catalog_map.model_item.len();
+        let old = self.catalog_map.row.len();
         let stale = !self.catalog_map.cold.is_empty()
             && self
                 .catalog_map
                 .refreshed
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(self.serve.cold_refresh_secs));
         let two_stage = self.two_stage(n);
-        let tables_missing = !two_stage && self.catalog_map.out_t.is_none();
-        if n == old && !stale && !tables_missing {
+        if n == old && !stale {
             if two_stage && matches!(self.index, IndexState::Absent) {
                 self.start_index_build();
             }
@@ -445,67 +591,60 @@ impl SequentialModel {
         self.cache()?;
         let h = self.config.hidden;
         let new_ids = catalog.ids_of(&(old as ItemIdx..n as ItemIdx).collect::<Vec<_>>());
-        let cold_rows: Vec<ItemIdx> = if stale { self.catalog_map.cold.clone() } else { Vec::new() };
-        // Vectors of unseen items (new ones, and old ones when refreshing), computed before the
-        // tables are borrowed.
-        let mut cold_vectors: HashMap<ItemIdx, Vec<f32>> = HashMap::new();
+        // Vectors of unseen items: new ones, and the known ones when refreshing.
+        let mut fresh: Vec<(ItemIdx, Vec<f32>)> = Vec::new();
         {
-            let cache = self.cache.as_ref().expect("cache filled above");
-            let mean_id = cache.mean_id.clone();
+            let mean_id = &self.cache.as_ref().expect("cache filled above").mean_id;
             let unseen = new_ids
                 .iter()
                 .enumerate()
                 .filter(|(_, id)| !self.item_index.contains_key(id.as_str()))
                 .map(|(i, _)| (old + i) as ItemIdx)
-                .chain(cold_rows.iter().copied());
+                .chain(if stale { self.catalog_map.cold.clone() } else { Vec::new() });
             for c in unseen {
                 let attrs = catalog.get(&catalog.ids_of(&[c])[0]).map(ItemAttributes::from).unwrap_or_default();
                 let content = self.cold_vector(&attrs)?;
-                cold_vectors.insert(c, content.iter().zip(&mean_id).map(|(a, b)| a + b).collect());
+                fresh.push((c, content.iter().zip(mean_id).map(|(a, b)| a + b).collect()));
             }
         }
+        let fresh: HashMap<ItemIdx, Vec<f32>> = fresh.into_iter().collect();
         let cache = self.cache.as_ref().expect("cache filled above");
-        let bias_model = cache.bias.to_vec1::<f32>()?;
         let map = &mut self.catalog_map;
-        if map.popularity.is_empty() {
-            map.popularity = vec![Vec::new(); cache.segment_popularity.len() + 1];
+        if stale {
+            for (slot, c) in map.cold.iter().enumerate() {
+                map.cold_vectors[slot * h..(slot + 1) * h].copy_from_slice(&fresh[c]);
+            }
         }
+        map.row.reserve(new_ids.len());
+        map.bias.reserve(new_ids.len());
         for (i, id) in new_ids.iter().enumerate() {
-            let c = old + i;
-            let m = self.item_index.get(id.as_str()).copied().unwrap_or(0);
-            map.model_item.push(m);
-            if m > 0 {
-                let row = (m as usize - 1) * h;
-                map.vectors.extend_from_slice(&cache.vectors[row..row + h]);
-                map.bias.push(bias_model[m as usize - 1]);
-            } else {
-                map.cold.push(c as ItemIdx);
-                map.vectors.extend_from_slice(&cold_vectors[&(c as ItemIdx)]);
-                map.bias.push(cache.mean_bias);
+            let c = (old + i) as ItemIdx;
+            match self.item_index.get(id.as_str()).copied() {
+                Some(m) => {
+                    map.row.push(m);
+                    map.bias.push(cache.bias[m as usize - 1]);
+                }
+                None => {
+                    map.row.push(COLD | map.cold.len() as u32);
+                    map.cold.push(c);
+                    map.cold_vectors.extend_from_slice(&fresh[&c]);
+                    map.bias.push(cache.mean_bias);
+                }
             }
-            for (row, p) in
-                map.popularity.iter_mut().zip(cache.segment_popularity.iter().chain([&cache.global_popularity]))
-            {
-                row.push(if m > 0 { p[m as usize - 1] } else { 0.0 });
-            }
-        }
-        for &c in &cold_rows {
-            map.vectors[c as usize * h..(c as usize + 1) * h].copy_from_slice(&cold_vectors[&c]);
         }
         map.refreshed = Some(Instant::now());
-        map.out_t = if two_stage {
-            None
-        } else {
-            Some(Tensor::from_slice(&map.vectors, (n, h), &Device::Cpu)?.t()?.contiguous()?)
-        };
         if let IndexState::Ready(index) = &mut self.index {
             // New items join the index and the popularity order without a rebuild; refreshed
             // unseen items keep their first vector there (they are candidates by content
             // anyway) and are scored with the fresh one.
-            for c in index.items..n {
-                index.ann.add(c as ItemIdx, &map.vectors[c * h..(c + 1) * h], map.bias[c]);
-                index.popular_all.push(c as ItemIdx);
-            }
+            let map = &self.catalog_map;
+            with_values(&cache.table, |table| {
+                let vectors = Vectors { table, cold: &map.cold_vectors, row: &map.row, h };
+                for c in index.items..n {
+                    index.ann.add(c as ItemIdx, vectors.of(c), map.bias[c]);
+                    index.popular_all.push(c as ItemIdx);
+                }
+            })?;
             index.items = n;
         }
         if two_stage && matches!(self.index, IndexState::Absent) {
@@ -520,8 +659,8 @@ impl SequentialModel {
             .iter()
             .filter(|h| h.weight() > 0.0 && !h.event_type.is_negative())
             .filter_map(|h| {
-                let m = *self.catalog_map.model_item.get(h.item as usize)?;
-                (m > 0).then(|| Token {
+                let m = self.catalog_map.model_item(h.item as usize)?;
+                Some(Token {
                     item: m,
                     hour: hour_bucket(h.timestamp),
                     feedback: feedback_index(match h.event_type {
@@ -535,8 +674,6 @@ impl SequentialModel {
 
     fn score_all(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Result<Vec<Vec<Scored>>, SasRecError> {
         self.sync_catalog(catalog)?;
-        let n = self.catalog_map.model_item.len();
-        let h = self.config.hidden;
         let tokens: Vec<Vec<Token>> = requests.iter().map(|r| self.tokens(&r.history)).collect();
         let warm: Vec<usize> = (0..requests.len()).filter(|&i| !tokens[i].is_empty()).collect();
         let mut row_of = vec![None; requests.len()];
@@ -548,43 +685,60 @@ impl SequentialModel {
             .map(|&i| Query { history: tokens[i].clone(), segment: requests[i].segment as u32, user: [0, 0, 0] })
             .collect();
         let q = if queries.is_empty() { None } else { Some(self.encode(&queries)?) };
-        if self.retrieval_ready() {
-            let q = match q {
-                Some(q) => q.flatten_all()?.to_vec1::<f32>()?,
-                None => Vec::new(),
-            };
-            return Ok(self.score_candidates(requests, catalog, &tokens, &q, &row_of));
-        }
-        // Scores of every catalogue item, in catalogue order, from one matrix product.
-        let logits = match q {
+        let cache = self.cache()?;
+        let (table, popularity) = (cache.table.clone(), cache.popularity.clone());
+        let q_values = match &q {
+            Some(q) => q.flatten_all()?.to_vec1::<f32>()?,
             None => Vec::new(),
-            Some(q) => {
-                let map = &self.catalog_map;
-                let product = match &map.out_t {
-                    Some(out_t) => q.matmul(out_t)?,
-                    // A large catalogue whose retrieval index is still being built: the same
-                    // product from the row-major vectors (slow, until the index arrives).
-                    None => q.matmul(&Tensor::from_slice(&map.vectors, (n, h), &Device::Cpu)?.t()?)?,
-                };
-                product.flatten_all()?.to_vec1::<f32>()?
-            }
         };
+        let batch = Batch { requests, tokens: &tokens, q: &q_values, row_of: &row_of };
+        if self.retrieval_ready() {
+            return with_values(&table, |table| self.score_candidates(batch, catalog, table, &popularity));
+        }
+        // Exact scoring: every model item's logit from one matrix product with the table,
+        // read in place (transposed), then every catalogue item through the catalogue map.
+        let logits = match &q {
+            Some(q) => Some(q.matmul(&table.narrow(0, 1, self.config.items)?.t()?)?.contiguous()?),
+            None => None,
+        };
+        let empty = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+        with_values(logits.as_ref().unwrap_or(&empty), |logits| {
+            with_values(&table, |table| self.score_exact(batch, catalog, logits, table, &popularity))
+        })?
+    }
+
+    /// Exact full scoring (small catalogues, and large ones while the index builds): the
+    /// serving blend over every catalogue item. `logits` are the warm queries' `[rows, items]`
+    /// logits of the model's items.
+    fn score_exact(
+        &self,
+        batch: Batch<'_>,
+        catalog: &Catalog,
+        logits: &[f32],
+        table: &[f32],
+        popularity: &[Vec<f32>],
+    ) -> Vec<Vec<Scored>> {
+        let Batch { requests, tokens, q, row_of } = batch;
         let map = &self.catalog_map;
+        let (h, items, n) = (self.config.hidden, self.config.items, map.row.len());
+        let vectors = Vectors { table, cold: &map.cold_vectors, row: &map.row, h };
         let categories = catalog.categories();
         let now_ms = crate::event::now_ms();
-        let global = map.popularity.len() - 1;
+        let global = popularity.len() - 1;
 
         let mut out = Vec::with_capacity(requests.len());
         let mut scores = vec![0f32; n];
         let mut mask = vec![false; n];
         for (ri, request) in requests.iter().enumerate() {
-            let popular = &map.popularity[request.segment.min(global)];
+            let popular = &popularity[request.segment.min(global)];
             if let Some(row) = row_of[ri] {
                 // w * softmax(logits) + (1 - w) * popularity, in one pass after the max.
                 let n_hist = tokens[ri].len() as f32;
                 let w = n_hist / (n_hist + self.serve.blend_history.max(f32::MIN_POSITIVE));
-                let logit_row = &logits[row * n..(row + 1) * n];
-                for ((s, &l), &b) in scores.iter_mut().zip(logit_row).zip(&map.bias) {
+                let logit_row = &logits[row * items..(row + 1) * items];
+                let query = &q[row * h..(row + 1) * h];
+                for (((s, &r), &b), c) in scores.iter_mut().zip(&map.row).zip(&map.bias).zip(0..) {
+                    let l = if r & COLD == 0 { logit_row[r as usize - 1] } else { dot(query, vectors.of(c)) };
                     *s = l + b;
                 }
                 let max = max_of(&scores);
@@ -592,58 +746,84 @@ impl SequentialModel {
                     *s = fast_exp(*s - max);
                 }
                 let scale = w / sum_of(&scores).max(f32::MIN_POSITIVE);
-                for (s, &p) in scores.iter_mut().zip(popular) {
-                    *s = *s * scale + (1.0 - w) * p;
+                for (c, s) in scores.iter_mut().enumerate() {
+                    *s = *s * scale + (1.0 - w) * popularity_of(popular, &map.row, c);
                 }
             } else {
                 // No usable history: popularity in the request's segment alone.
-                scores.copy_from_slice(popular);
+                for (c, s) in scores.iter_mut().enumerate() {
+                    *s = popularity_of(popular, &map.row, c);
+                }
             }
             // Negative feedback: lower items similar to the disliked ones.
             if self.serve.negative_weight > 0.0 && !request.negatives.is_empty() {
-                let vector_of = |c: usize| map.vectors.get(c * h..(c + 1) * h);
-                let negs: Vec<&[f32]> = request.negatives.iter().filter_map(|&i| vector_of(i as usize)).collect();
+                let negs: Vec<&[f32]> = request.negatives.iter().filter_map(|&i| vectors.get(i as usize)).collect();
                 if !negs.is_empty() {
                     for (c, s) in scores.iter_mut().enumerate() {
-                        if let Some(v) = vector_of(c) {
-                            let sim = negs.iter().map(|n| cosine(n, v)).fold(0.0f32, f32::max);
-                            *s *= 1.0 - (self.serve.negative_weight * sim).clamp(0.0, 1.0);
-                        }
+                        let sim = negs.iter().map(|n| cosine(n, vectors.of(c))).fold(0.0f32, f32::max);
+                        *s *= 1.0 - (self.serve.negative_weight * sim).clamp(0.0, 1.0);
                     }
                 }
             }
             fill_mask(&mut mask, request, &categories, now_ms);
             out.push(top_k(&scores, &mask, request.k));
         }
-        Ok(out)
+        out
     }
 
-    /// Two-stage scoring (docs/model.md, "Two-stage retrieval"): candidates from the ANN index,
-    /// the segment's popular items and new items by content, filtered as they are gathered;
-    /// then the serving blend over the candidates only, with the softmax normaliser estimated
-    /// for the whole catalogue.
+    /// Two-stage scoring (docs/model.md, "Two-stage retrieval"): candidates from the ANN index
+    /// (one batched search for the warm queries), the segment's popular items and new items by
+    /// content, filtered as they are gathered; then the serving blend over the candidates
+    /// only, with the softmax normaliser estimated for the whole catalogue.
     fn score_candidates(
         &mut self,
-        requests: &[ScoreRequest],
+        batch: Batch<'_>,
         catalog: &Catalog,
-        tokens: &[Vec<Token>],
-        q: &[f32],
-        row_of: &[Option<usize>],
+        table: &[f32],
+        popularity: &[Vec<f32>],
     ) -> Vec<Vec<Scored>> {
+        let Batch { requests, tokens, q, row_of } = batch;
         let IndexState::Ready(index) = &self.index else { return vec![Vec::new(); requests.len()] };
         let map = &self.catalog_map;
         let h = self.config.hidden;
         let n = map.bias.len();
+        let vectors = Vectors { table, cold: &map.cold_vectors, row: &map.row, h };
         let config = &self.retrieval;
         let scratch = &mut self.scratch;
         let counts = &mut self.candidate_counts;
         let view = catalog.categories();
         let now_ms = crate::event::now_ms();
-        let global = map.popularity.len() - 1;
-        let logit = |query: &[f32], c: ItemIdx| {
-            let c = c as usize;
-            super::retrieval::dot(query, &map.vectors[c * h..(c + 1) * h]) + map.bias[c]
-        };
+        let global = popularity.len() - 1;
+        let logit = |query: &[f32], c: ItemIdx| dot(query, vectors.of(c as usize)) + map.bias[c as usize];
+        // Nearest neighbours of every warm query, each list of the index scanned once for all
+        // the queries that probe it. The filter is the request's, its exclusions a sorted list.
+        let warm: Vec<usize> = (0..requests.len()).filter(|&i| row_of[i].is_some()).collect();
+        scratch.blocked_sorted.resize_with(warm.len(), Vec::new);
+        for (row, &ri) in warm.iter().enumerate() {
+            let blocked = &mut scratch.blocked_sorted[row];
+            blocked.clear();
+            blocked.extend(requests[ri].exclude.iter().chain(&requests[ri].negatives));
+            blocked.sort_unstable();
+        }
+        let unblocked = Bits::default();
+        let filters: Vec<Filter<'_>> = warm
+            .iter()
+            .map(|&ri| Filter {
+                blocked: &unblocked,
+                categories: requests[ri].categories.as_deref(),
+                view: &view,
+                now_ms,
+                items: n,
+            })
+            .collect();
+        let blocked_sorted = &scratch.blocked_sorted;
+        index.ann.search_batch(
+            &q[..warm.len() * h],
+            config.ann_candidates,
+            config.ann_probe,
+            |row, c| blocked_sorted[row].binary_search(&c).is_err() && filters[row].accepts(c),
+            &mut scratch.found,
+        );
         let mut out = Vec::with_capacity(requests.len());
         for (ri, request) in requests.iter().enumerate() {
             for &i in request.exclude.iter().chain(&request.negatives) {
@@ -659,17 +839,9 @@ impl SequentialModel {
             let query = row_of[ri].map(|row| &q[row * h..(row + 1) * h]);
             let candidates = &mut scratch.candidates;
             candidates.clear();
-            // Nearest neighbours of the query vector.
-            if let Some(query) = query {
-                index.ann.search(
-                    query,
-                    config.ann_candidates,
-                    config.ann_probe,
-                    |c| filter.accepts(c),
-                    &mut scratch.found,
-                );
-                counts.add(Source::Ann, scratch.found.len());
-                for &(c, _) in &scratch.found {
+            if let Some(row) = row_of[ri] {
+                counts.add(Source::Ann, scratch.found[row].len());
+                for &(c, _) in &scratch.found[row] {
                     candidates.insert(c);
                 }
             }
@@ -705,7 +877,7 @@ impl SequentialModel {
             }
 
             // Exact scores of the candidates.
-            let popular = &map.popularity[request.segment.min(global)];
+            let popular = &popularity[request.segment.min(global)];
             let items = &candidates.items;
             let logits = &mut scratch.logits;
             logits.clear();
@@ -719,9 +891,9 @@ impl SequentialModel {
                 // much of the mass), the rest estimated from a uniform sample.
                 let mut z: f32 = logits.iter().map(|&l| fast_exp(l - max)).sum();
                 let (mut tail, mut tail_n) = (0f32, 0usize);
-                for &c in &index.tail_sample {
+                for (&c, v) in index.tail_sample.iter().zip(index.tail_vectors.chunks_exact(h)) {
                     if (c as usize) < n && !candidates.contains(c) && !scratch.blocked.get(c) {
-                        tail += fast_exp(logit(query, c) - max);
+                        tail += fast_exp(dot(query, v) + map.bias[c as usize] - max);
                         tail_n += 1;
                     }
                 }
@@ -741,21 +913,19 @@ impl SequentialModel {
                 }
                 let scale = w / z.max(f32::MIN_POSITIVE);
                 for (l, &c) in logits.iter_mut().zip(items) {
-                    *l = fast_exp(*l - max) * scale + (1.0 - w) * popular[c as usize];
+                    *l = fast_exp(*l - max) * scale + (1.0 - w) * popularity_of(popular, &map.row, c as usize);
                 }
             } else {
-                logits.extend(items.iter().map(|&c| popular[c as usize]));
+                logits.extend(items.iter().map(|&c| popularity_of(popular, &map.row, c as usize)));
             }
             for &c in request.exclude.iter().chain(&request.negatives) {
                 scratch.blocked.clear(c);
             }
             if self.serve.negative_weight > 0.0 && !request.negatives.is_empty() {
-                let vector_of = |c: usize| map.vectors.get(c * h..(c + 1) * h);
-                let negs: Vec<&[f32]> = request.negatives.iter().filter_map(|&i| vector_of(i as usize)).collect();
+                let negs: Vec<&[f32]> = request.negatives.iter().filter_map(|&i| vectors.get(i as usize)).collect();
                 if !negs.is_empty() {
                     for (s, &c) in logits.iter_mut().zip(items) {
-                        let v = &map.vectors[c as usize * h..(c as usize + 1) * h];
-                        let sim = negs.iter().map(|n| cosine(n, v)).fold(0.0f32, f32::max);
+                        let sim = negs.iter().map(|n| cosine(n, vectors.of(c as usize))).fold(0.0f32, f32::max);
                         *s *= 1.0 - (self.serve.negative_weight * sim).clamp(0.0, 1.0);
                     }
                 }
@@ -840,8 +1010,6 @@ impl Recommender for SequentialModel {
         if self.retrieval != *config {
             self.retrieval = config.clone();
             self.index = IndexState::Absent;
-            // The full-product tables come back on the next batch if the catalogue is small.
-            self.catalog_map.out_t = None;
         }
     }
 
@@ -1150,7 +1318,13 @@ mod tests {
         assert_eq!((index.items, index.ann.len(), index.ann.lists()), (n + 1, n + 1, lists_before));
         // Its own vector finds it: it sits in the list of its nearest centroid.
         let h = model.config.hidden;
-        let v = &model.catalog_map.vectors[new_item as usize * h..(new_item as usize + 1) * h];
+        let map = &model.catalog_map;
+        let table = &model.cache.as_ref().expect("cache").table;
+        let v = with_values(table, |table| {
+            Vectors { table, cold: &map.cold_vectors, row: &map.row, h }.of(new_item as usize).to_vec()
+        })
+        .expect("values");
+        let v = &v[..];
         let mut found = Vec::new();
         index.ann.search(v, n + 1, index.ann.lists(), |c| c == new_item, &mut found);
         assert_eq!(found.len(), 1);

@@ -354,6 +354,36 @@ mod tests {
     }
 
     #[test]
+    fn the_table_from_genre_pairs_is_the_multi_hot_product_and_its_rows_are_identical() {
+        let cfg = tiny();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = SasRec::load(vb, &cfg).expect("model");
+        seeded_init_with(&varmap, 3, 0.5).expect("init");
+        let genres = [vec![0], vec![1], vec![0, 1], vec![], vec![1, 9], vec![0]];
+        let years = [Some(1995), None, Some(1980), Some(2001), None, Some(1960)];
+        let features = ItemFeatures::new(&genres, &years, 2).expect("features");
+        assert_eq!(features.pairs(), 6, "genre 9 is unknown");
+        let table = net.item_table().forward(&features).expect("table").to_vec2::<f32>().expect("values");
+        // The dense reference: id embedding + multi-hot genres (summing to 1) x the genre
+        // layer + the year bucket's embedding.
+        let var = |name: &str| varmap.data().lock().expect("lock")[name].as_tensor().to_vec2::<f32>().expect("weights");
+        let (id, genre, year) = (var("items.id.weight"), var("items.genre.weight"), var("items.year.weight"));
+        for (r, row) in table.iter().enumerate() {
+            let known: Vec<usize> =
+                if r == 0 { vec![] } else { genres[r - 1].iter().map(|&g| g as usize).filter(|&g| g < 2).collect() };
+            let bucket = if r == 0 { 0 } else { year_bucket(years[r - 1]) as usize };
+            for (d, &value) in row.iter().enumerate() {
+                let g: f32 = known.iter().map(|&g| genre[d][g] / known.len() as f32).sum();
+                let expected = id[r][d] + g + year[bucket][d];
+                assert!((value - expected).abs() < 1e-5, "row {r} dim {d}: {value} vs {expected}");
+            }
+        }
+        let rows = net.item_table().rows(&features).expect("rows");
+        assert_eq!(rows, table.concat(), "the in-place table is the tensor one, bit for bit");
+    }
+
+    #[test]
     fn last_only_matches_the_full_forward_and_init_is_seeded() {
         let cfg = tiny();
         let varmap = VarMap::new();
