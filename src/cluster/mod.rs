@@ -13,9 +13,10 @@
 //!
 //! [`Cluster`] is the handle the trainer, the HTTP layer and the server share: who leads, this
 //! instance's epoch while it leads, and publishing. This module knows nothing of actors: what
-//! applies a record is handed to [`control::follow`] by the server.
+//! applies a record is handed to [`follow::follow`] by the server.
 
 pub mod control;
+pub mod follow;
 pub mod lease;
 pub mod record;
 

@@ -27,7 +27,7 @@ use crate::bus::EventBus;
 use crate::catalog::{Admission, Catalog};
 use crate::cluster::lease::Lease;
 use crate::cluster::record::ServingVersion;
-use crate::cluster::{control as cluster_control, Cluster};
+use crate::cluster::{control as cluster_control, follow as cluster_follow, Cluster};
 use crate::config::{BusKind, Config, ModelKind, StoreKind};
 use crate::demo;
 use crate::eventlog::EventLog;
@@ -485,7 +485,7 @@ fn follow_control(
         (config.kafka.clone(), config.cluster.control_topic_name(&config.kafka), cluster.clone());
     threads.cluster.spawn_fn(move || {
         let applier = std::rc::Rc::new(tokio::sync::Mutex::new(applier));
-        actix_rt::spawn(cluster_control::follow(kafka, topic, cluster, move |state| {
+        actix_rt::spawn(cluster_follow::follow(kafka, topic, cluster, move |state| {
             let applier = applier.clone();
             async move { applier.lock().await.apply(state).await }
         }));

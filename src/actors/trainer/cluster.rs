@@ -42,6 +42,23 @@ pub(super) struct LeadershipChanged(pub(super) Leadership);
 
 type Reply<T> = ResponseActFuture<TrainerActor, Result<T, TrainerError>>;
 
+impl TrainerActor {
+    /// In production mode: tells the actor of every change of the lease's holder.
+    pub(super) fn follow_leadership(&mut self, ctx: &mut Context<Self>) {
+        let Some(cluster) = &self.cluster else { return };
+        let (mut leadership, addr) = (cluster.watch_leadership(), ctx.address());
+        ctx.spawn(
+            async move {
+                while leadership.changed().await.is_ok() {
+                    let now = leadership.borrow_and_update().clone();
+                    addr.do_send(LeadershipChanged(now));
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
 fn ready<T: 'static>(result: Result<T, TrainerError>) -> Reply<T> {
     Box::pin(fut::ready(result))
 }

@@ -452,18 +452,7 @@ impl Actor for TrainerActor {
             act.check_canary(ctx);
             act.sync_run(ctx);
         });
-        if let Some(cluster) = &self.cluster {
-            let (mut leadership, addr) = (cluster.watch_leadership(), ctx.address());
-            ctx.spawn(
-                async move {
-                    while leadership.changed().await.is_ok() {
-                        let now = leadership.borrow_and_update().clone();
-                        addr.do_send(cluster::LeadershipChanged(now));
-                    }
-                }
-                .into_actor(self),
-            );
-        }
+        self.follow_leadership(ctx);
         if self.config.schedule_secs > 0 {
             ctx.run_interval(Duration::from_secs(self.config.schedule_secs), |act, ctx| {
                 if matches!(act.phase, Phase::Idle) {
