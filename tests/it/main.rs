@@ -43,4 +43,5 @@ mod production;
 mod recommendations;
 mod retrieval;
 mod streams;
+mod support_waits;
 mod users;

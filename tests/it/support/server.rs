@@ -93,40 +93,6 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::cell::Cell;
-
-    /// The old deadline demanded an amount within a time; this one only a sign of life.
-    #[actix_rt::test]
-    async fn a_wait_that_keeps_moving_outlasts_its_stall_bound() {
-        let stall = Duration::from_secs(1);
-        let started = Instant::now();
-        let count = Cell::new(0u64);
-        let checks = wait_for_progress("a slow counter", stall, || {
-            count.set(count.get() + 1);
-            let value = count.get();
-            async move {
-                if started.elapsed() > 4 * stall {
-                    Progress::Done(value)
-                } else {
-                    Progress::Pending(value)
-                }
-            }
-        })
-        .await;
-        assert!(checks > 1);
-    }
-
-    #[actix_rt::test]
-    #[should_panic(expected = "stalled waiting for a stuck counter")]
-    async fn a_wait_that_stops_moving_fails() {
-        wait_for_progress("a stuck counter", Duration::from_millis(100), || async { Progress::<(), u64>::Pending(7) })
-            .await;
-    }
-}
-
 /// A free port on 127.0.0.1, for a liverec process started with `--listen`.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
