@@ -98,18 +98,29 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), rdkafka::error::K
         // catalogue changes are few enough for one.
         NewTopic::new(&items_topic, 1, replication()).set("cleanup.policy", "compact"),
     ];
+    create_missing(&admin, &topics).await?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&topics, &options).await? {
+    warn_unless_compacted(&admin, &items_topic, &options).await;
+    Ok(())
+}
+
+/// Creates those of `topics` that do not exist yet (an existing topic is left as it is): the
+/// events topics here, the monitor topic (`bus::monitor_topic`) and the control topic
+/// (`cluster::control`).
+pub async fn create_missing(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[NewTopic<'_>],
+) -> Result<(), rdkafka::error::KafkaError> {
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(topics, &options).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(rdkafka::error::KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(topic = %topic, code = ?code, "cannot create topic");
-                })
+                tracing::error!(topic = %topic, code = ?code, "cannot create topic");
+                return Err(rdkafka::error::KafkaError::AdminOp(code));
             }
         }
     }
-    warn_unless_compacted(&admin, &items_topic, &options).await;
     Ok(())
 }
 

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -35,17 +35,7 @@ pub async fn ensure_topic(config: &KafkaConfig, topic: &str, window_ms: u64) -> 
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(config.replication_factor))
         .set("cleanup.policy", "delete")
         .set("retention.ms", &retention);
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                tracing::error!(topic = %topic, code = ?code, "cannot create the monitor topic");
-                return Err(KafkaError::AdminOp(code));
-            }
-        }
-    }
-    Ok(())
+    super::kafka::create_missing(&admin, &[new]).await
 }
 
 /// Produces this instance's reports, keyed by its id.

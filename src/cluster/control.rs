@@ -7,12 +7,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
 
 use super::record::{self, DesiredState, RECORD_KEY};
 use crate::config::KafkaConfig;
@@ -22,17 +21,7 @@ pub async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<(), Kafka
     let admin: AdminClient<DefaultClientContext> = config.items_consumer_config().create()?;
     let new =
         NewTopic::new(topic, 1, TopicReplication::Fixed(config.replication_factor)).set("cleanup.policy", "compact");
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                tracing::error!(topic = %topic, code = ?code, "cannot create the control topic");
-                return Err(KafkaError::AdminOp(code));
-            }
-        }
-    }
-    Ok(())
+    crate::bus::kafka::create_missing(&admin, &[new]).await
 }
 
 /// Produces desired states (idempotent, `acks=all`).

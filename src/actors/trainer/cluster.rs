@@ -430,14 +430,7 @@ impl TrainerActor {
         published.map(move |published, act, _| {
             published?;
             let e = ended.expect("published only with an experiment");
-            act.metrics.set_challenger_share(0.0);
-            act.record(
-                LoopStep::ExperimentStopped,
-                None,
-                Some(&e.a.version),
-                format!("{why}; a ({}) keeps serving", e.a.name),
-            );
-            Ok(NowServing { serving: e.a.version, name: Some(e.a.name) })
+            Ok(act.experiment_stopped(e, &why))
         })
     }
 

@@ -44,15 +44,21 @@ impl TrainerActor {
             let Some(e) = ended else {
                 return Err(TrainerError::NoExperiment);
             };
-            act.metrics.set_challenger_share(0.0);
-            act.record(
-                LoopStep::ExperimentStopped,
-                None,
-                Some(&e.a.version),
-                format!("{why}; a ({}) keeps serving", e.a.name),
-            );
-            Ok(NowServing { serving: e.a.version, name: Some(e.a.name) })
+            Ok(act.experiment_stopped(e, &why))
         })
+    }
+
+    /// Bookkeeping of an experiment that ended with `a` serving (here, or in the cluster by a
+    /// control record).
+    pub(super) fn experiment_stopped(&mut self, e: ExperimentState, why: &str) -> NowServing {
+        self.metrics.set_challenger_share(0.0);
+        self.record(
+            LoopStep::ExperimentStopped,
+            None,
+            Some(&e.a.version),
+            format!("{why}; a ({}) keeps serving", e.a.name),
+        );
+        NowServing { serving: e.a.version, name: Some(e.a.name) }
     }
 }
 
