@@ -66,6 +66,9 @@ impl StreamHandler<EventBatch> for IngestActor {
         // `apply` completes every user's part, on a fresh session if the first one stopped (an
         // erasure in progress), so an accepted event is never dropped unanswered.
         let applied = async move {
+            // Each user's part yields the future of its persistence on purpose: all users are
+            // applied first, then their writes are awaited together.
+            #[allow(clippy::async_yields_async)]
             let applies = by_user(batch.events).into_iter().map(|(user, events)| {
                 let (registry, span) = (registry.clone(), span.clone());
                 async move { registry.apply(&user, None, events, received, span).await.persisted }

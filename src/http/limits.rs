@@ -315,6 +315,7 @@ pub fn raise_open_file_limit() -> Option<u64> {
             limit = raised;
         }
     }
+    #[allow(clippy::unnecessary_cast)] // `rlim_t` is u64 here, not on every target
     Some(limit.rlim_cur as u64)
 }
 

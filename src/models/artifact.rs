@@ -230,8 +230,6 @@ pub fn rfc3339(secs: i64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// One history token as the network reads it.
-
 /// Serialising the two JSON files through one closure.
 mod erased {
     pub trait Json {

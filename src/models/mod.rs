@@ -63,7 +63,8 @@ impl HistoryItem {
             EventType::Dwell => 1.0 + (1.0 + self.value.unwrap_or(0.0).max(0.0)).ln() / 3.0,
             EventType::Dislike | EventType::Hide => 0.0,
         };
-        // `min` and `max` drop a NaN in favour of the bound.
+        // `min` and `max` drop a NaN in favour of the bound (`clamp` would keep it).
+        #[allow(clippy::manual_clamp)]
         weight.min(MAX_WEIGHT).max(0.0)
     }
 }

@@ -368,6 +368,7 @@ struct Actors {
 /// start-up owes it, the demo model's training in the background. The trainer reads its windows
 /// from the in-memory event log, or with the Kafka bus from the events topic (tombstones from
 /// `store`, user ids mapped by `pseudonyms` as the ingest maps them).
+#[allow(clippy::too_many_arguments)] // the start-up's parts, each distinct
 fn start_actors(
     config: &Arc<Config>,
     catalog: &Arc<Catalog>,
@@ -463,6 +464,7 @@ async fn start_cluster(
 }
 
 /// Every instance applies the desired serving state the leader publishes (see `actors::control`).
+#[allow(clippy::too_many_arguments)] // the start-up's parts, each distinct
 fn follow_control(
     config: &Arc<Config>,
     cluster: &Arc<Cluster>,

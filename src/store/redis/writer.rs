@@ -186,7 +186,7 @@ enum Step<'a> {
 impl Step<'_> {
     fn user(&self) -> &UserId {
         match self {
-            Step::Call(user, _) | Step::Erase(user) | Step::Recs(user, ..) | Step::Publish(user, _) => *user,
+            Step::Call(user, _) | Step::Erase(user) | Step::Recs(user, ..) | Step::Publish(user, _) => user,
         }
     }
 }
