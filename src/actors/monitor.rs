@@ -581,6 +581,11 @@ impl Handler<SetReference> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetReference, _ctx: &mut Self::Context) {
+        // A new version serves, judged afresh: the cooldown of a breach judged on the old one ends.
+        // Otherwise a breach that a run already training absorbed (coalesced, no run of its own)
+        // would silence the next real drift for `cooldown_secs` after that run's promotion,
+        // unreported.
+        self.last_retrain = None;
         let events: f64 = msg.reference.popularity.values().sum();
         if events < self.config.min_samples as f64 || msg.reference.context.len() != EventContext::SEGMENTS {
             // Too little to compare with: the next full window becomes the reference instead.
