@@ -462,6 +462,15 @@ async fn a_taste_shift_over_every_partition_is_retrained_once_canaried_alike_and
     for step in ["training_started", "gate_passed", "canary_started", "promoted"] {
         assert!(steps.contains(&step), "{step} missing from the history of run {run}: {steps:?}");
     }
+    let mut timeline: Vec<(i64, &str)> = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|h| h["run"] == run)
+        .filter_map(|h| Some((h["at_ms"].as_i64()? - shifted_ms, h["step"].as_str()?)))
+        .collect();
+    timeline.sort_unstable();
+    eprintln!("run {run}'s steps, ms after the shift: {timeline:?}");
     eprintln!(
         "shift to {v2} serving on all three instances: {shift_to_serving:?}; run {run} trained on {} events, \
          per partition {per_partition:?} (uptime: {})",
