@@ -19,6 +19,7 @@ use liverec::bus::kafka::partition_for;
 use liverec::sim::{Route, SimConfig, SimControl};
 use serde_json::{json, Value};
 
+use crate::closed_loop::{more_lists, until_lists};
 use crate::support::*;
 
 /// Most simulated lists one stage of the loop may take: a budget of work, not of time (as in
@@ -224,33 +225,16 @@ impl ClusterLoop {
 
     /// Polls `check` until it returns `Some`; fails on a stall of the simulator or after `budget`
     /// more lists (as `closed_loop.rs`'s `until`).
-    async fn until<T, F, Fut>(&self, what: &str, budget: u64, mut check: F) -> T
+    async fn until<T, F, Fut>(&self, what: &str, budget: u64, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let sim = &self.sim;
-        let limit = sim.lists().saturating_add(budget);
-        wait_for_progress(what, DEADLINE, || {
-            let pending = check();
-            async move {
-                if let Some(value) = pending.await {
-                    return Progress::Done(value);
-                }
-                let lists = sim.lists();
-                assert!(lists < limit, "no {what} after {budget} simulated lists");
-                Progress::Pending(lists)
-            }
-        })
-        .await
+        until_lists(&self.sim, what, budget, check).await
     }
 
     async fn traffic(&self, more: u64) {
-        let target = self.sim.lists() + more;
-        self.until(&format!("{more} more simulated lists"), u64::MAX, || async move {
-            (self.sim.lists() >= target).then_some(())
-        })
-        .await;
+        more_lists(&self.sim, more).await;
     }
 
     /// The leader's record of run `run`, once its outcome is one of `wanted` (another final
