@@ -44,6 +44,25 @@ pub struct SimConfig {
     pub seed: u64,
     /// Concurrent simulated clients (the users are split among them).
     pub workers: usize,
+    /// Several servers of one cluster: each user's requests go to the one this picks (e.g. the
+    /// instance that owns the user's partition, which counts the lists it serves); `None` sends
+    /// everything to `target`. The catalogue is put through `target`.
+    pub route: Option<Route>,
+}
+
+/// Sends each user's requests to one of several servers (see [`SimConfig::route`]).
+#[derive(Clone)]
+pub struct Route {
+    /// Base URLs of the servers.
+    pub targets: Vec<String>,
+    /// The index in `targets` of a user's server, by user id.
+    pub pick: std::sync::Arc<dyn Fn(&str) -> usize + Send + Sync>,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route").field("targets", &self.targets).finish_non_exhaustive()
+    }
 }
 
 impl Default for SimConfig {
@@ -61,6 +80,7 @@ impl Default for SimConfig {
             bucket: Duration::from_secs(5),
             seed: 7,
             workers: 4,
+            route: None,
         }
     }
 }
@@ -110,6 +130,8 @@ impl SimReport {
 
 struct User {
     id: String,
+    /// Base URL of the server this user's requests go to.
+    target: String,
     /// Affinity per category, summing to 1.
     taste: Vec<f64>,
     device: &'static str,
@@ -236,6 +258,9 @@ pub async fn run(config: SimConfig) -> Result<SimReport, SimError> {
 /// [`run`], steered by `control`.
 pub async fn run_with(config: SimConfig, control: std::sync::Arc<SimControl>) -> Result<SimReport, SimError> {
     check_loopback(&config.target)?;
+    for target in config.route.iter().flat_map(|r| &r.targets) {
+        check_loopback(target)?;
+    }
     let client =
         awc::Client::builder().connector(awc::Connector::new().limit(64)).timeout(Duration::from_secs(10)).finish();
     let http = |e: awc::error::SendRequestError| SimError::Http(e.to_string());
@@ -253,10 +278,15 @@ pub async fn run_with(config: SimConfig, control: std::sync::Arc<SimControl>) ->
     let mut rng = SmallRng::seed_from_u64(config.seed);
     let devices = ["mobile", "desktop", "tablet", "tv"];
     let users: Vec<User> = (0..config.users)
-        .map(|u| User {
-            id: format!("sim-user-{}-{u}", config.seed),
-            taste: random_taste(&mut rng, categories),
-            device: devices[u % 2],
+        .map(|u| {
+            let id = format!("sim-user-{}-{u}", config.seed);
+            let target = match &config.route {
+                Some(route) if !route.targets.is_empty() => {
+                    route.targets[(route.pick)(&id) % route.targets.len()].clone()
+                }
+                _ => config.target.clone(),
+            };
+            User { id, target, taste: random_taste(&mut rng, categories), device: devices[u % 2] }
         })
         .collect();
     let by_category: Vec<Vec<usize>> =
@@ -355,7 +385,7 @@ impl Worker<'_> {
             report.steps += 1;
             let user = &self.users[self.rng.random_range(0..self.users.len())];
             let bucket = (self.control.elapsed() / config.bucket.as_secs_f64()) as u64;
-            let url = format!("{}/v1/users/{}/recommendations?k=10&device={}", config.target, user.id, user.device);
+            let url = format!("{}/v1/users/{}/recommendations?k=10&device={}", user.target, user.id, user.device);
             let list: Value = match self.client.get(url).send().await {
                 Ok(mut response) if response.status().is_success() => response.json().await.unwrap_or(Value::Null),
                 _ => {
@@ -398,7 +428,7 @@ impl Worker<'_> {
             };
             let sent = self
                 .client
-                .post(format!("{}/v1/events", config.target))
+                .post(format!("{}/v1/events", user.target))
                 .insert_header(("content-type", "application/json"))
                 .send_body(event.to_string())
                 .await;

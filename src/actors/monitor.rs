@@ -120,6 +120,9 @@ pub use crate::monitor::{Arm, ArmCounts, ArmTally};
 pub struct SetReference {
     pub reference: DriftReference,
     pub source: String,
+    /// When the promoted version's run started (ms since the epoch): a breach after that did
+    /// not cause the run but was absorbed by it (coalesced), and its cooldown ends here.
+    pub run_started_ms: Option<i64>,
 }
 
 /// Where retraining requests go.
@@ -581,6 +584,15 @@ impl Handler<SetReference> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetReference, _ctx: &mut Self::Context) {
+        // The cooldown keeps a drift that caused a run from asking again while the run's version
+        // settles. A breach that came while the run was under way asked for nothing (the trainer
+        // coalesced it): left cooling, it would silence the next real drift, unreported, for
+        // `cooldown_secs` after the promotion.
+        if let (Some(breach), Some(started)) = (self.last_retrain, msg.run_started_ms) {
+            if breach as i64 > started {
+                self.last_retrain = None;
+            }
+        }
         let events: f64 = msg.reference.popularity.values().sum();
         if events < self.config.min_samples as f64 || msg.reference.context.len() != EventContext::SEGMENTS {
             // Too little to compare with: the next full window becomes the reference instead.

@@ -52,6 +52,38 @@ fn loop_config(registry: &std::path::Path) -> Config {
     config
 }
 
+/// Polls `check` until it returns `Some`. Fails when the simulator stalls (no simulated list for
+/// [`DEADLINE`]) or when `budget` more lists pass without it: never on the clock, so a loaded
+/// machine only makes the test slower.
+pub(crate) async fn until_lists<T, F, Fut>(sim: &SimControl, what: &str, budget: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let limit = sim.lists().saturating_add(budget);
+    wait_for_progress(what, DEADLINE, || {
+        let pending = check();
+        async move {
+            if let Some(value) = pending.await {
+                return Progress::Done(value);
+            }
+            let lists = sim.lists();
+            assert!(lists < limit, "no {what} after {budget} simulated lists");
+            Progress::Pending(lists)
+        }
+    })
+    .await
+}
+
+/// Waits until the simulator has fetched `more` lists beyond what it has now.
+pub(crate) async fn more_lists(sim: &SimControl, more: u64) {
+    let target = sim.lists() + more;
+    until_lists(sim, &format!("{more} more simulated lists"), u64::MAX, || async move {
+        (sim.lists() >= target).then_some(())
+    })
+    .await;
+}
+
 impl Loop {
     pub(crate) async fn start(name: &str, adjust: impl FnOnce(&mut Config)) -> Loop {
         let registry = std::env::temp_dir().join(format!("liverec-loop-{name}-{}", std::process::id()));
@@ -86,25 +118,12 @@ impl Loop {
     /// Polls `check` until it returns `Some`. Fails when the loop stalls (no simulated list for
     /// [`DEADLINE`]) or when `budget` more lists pass without it: never on the clock, so a
     /// loaded machine only makes the test slower.
-    async fn until<T, F, Fut>(&self, what: &str, budget: u64, mut check: F) -> T
+    async fn until<T, F, Fut>(&self, what: &str, budget: u64, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let sim = &self.sim;
-        let limit = sim.lists().saturating_add(budget);
-        wait_for_progress(what, DEADLINE, || {
-            let pending = check();
-            async move {
-                if let Some(value) = pending.await {
-                    return Progress::Done(value);
-                }
-                let lists = sim.lists();
-                assert!(lists < limit, "no {what} after {budget} simulated lists");
-                Progress::Pending(lists)
-            }
-        })
-        .await
+        until_lists(&self.sim, what, budget, check).await
     }
 
     /// The run with this number, once its outcome is one of `wanted`; any other final outcome
@@ -129,11 +148,7 @@ impl Loop {
     /// Waits until the simulator has fetched `more` lists beyond what it has now: the traffic,
     /// not the clock, paces the test.
     async fn traffic(&self, more: u64) {
-        let target = self.sim.lists() + more;
-        self.until(&format!("{more} more simulated lists"), u64::MAX, || async move {
-            (self.sim.lists() >= target).then_some(())
-        })
-        .await;
+        more_lists(&self.sim, more).await;
     }
 
     async fn retrain(&self, body: Value) -> u64 {

@@ -271,6 +271,7 @@ impl TrainerActor {
                 act.monitor.do_send(SetReference {
                     reference: canary.reference,
                     source: format!("training window of {}", canary.version),
+                    run_started_ms: act.runs.iter().find(|r| r.run == canary.run).map(|r| r.started_at_ms),
                 });
             } else {
                 act.metrics.rollout_rollbacks.inc();

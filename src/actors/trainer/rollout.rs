@@ -124,6 +124,7 @@ impl TrainerActor {
                 act.monitor.do_send(SetReference {
                     reference: canary.reference,
                     source: format!("training window of {}", canary.version),
+                    run_started_ms: act.runs.iter().find(|r| r.run == canary.run).map(|r| r.started_at_ms),
                 });
                 if let Some(record) = act.run_mut(canary.run) {
                     record.outcome = RunOutcome::Promoted;

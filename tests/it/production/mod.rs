@@ -4,6 +4,7 @@
 
 mod catalogue;
 mod cluster;
+mod cluster_closed_loop;
 mod cluster_loop;
 mod cluster_monitor;
 mod erasure;
