@@ -67,19 +67,8 @@ impl Instance {
         let url = format!("http://127.0.0.1:{port}");
         let cache = dir.join(id);
         let log = std::fs::File::create(dir.join(format!("{id}.log"))).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_liverec"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .env("LIVEREC_BUS__KIND", "kafka")
-            .env("LIVEREC_STORE__KIND", "redis")
-            .env("LIVEREC_KAFKA__BROKERS", &config.kafka.brokers)
-            .env("LIVEREC_KAFKA__EVENTS_TOPIC", &config.kafka.events_topic)
-            .env("LIVEREC_KAFKA__DEAD_LETTER_TOPIC", &config.kafka.dead_letter_topic)
-            .env("LIVEREC_KAFKA__GROUP_ID", &config.kafka.group_id)
-            .env("LIVEREC_KAFKA__PARTITIONS", PARTITIONS.to_string())
-            .env("LIVEREC_KAFKA__SESSION_TIMEOUT_MS", "6000")
+        let child = super::serve_command(config, port)
             .env("LIVEREC_KAFKA__COMMIT_INTERVAL_MS", "200")
-            .env("LIVEREC_REDIS__URL", &config.redis.url)
-            .env("LIVEREC_REDIS__KEY_PREFIX", &config.redis.key_prefix)
             .env("LIVEREC_MODEL__KIND", "sequential")
             .env("LIVEREC_MODEL__REGISTRY_URL", registry_url)
             .env("LIVEREC_MODEL__REGISTRY_DIR", &cache)
@@ -100,21 +89,11 @@ impl Instance {
     }
 
     async fn get(&self, path: &str) -> Option<(u16, Value)> {
-        let mut response = client().get(format!("{}{path}", self.url)).send().await.ok()?;
-        let status = response.status().as_u16();
-        let body = response.json::<Value>().limit(16 * 1024 * 1024).await.ok()?;
-        Some((status, body))
+        super::get_at(&self.url, path).await
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let mut response = client()
-            .post(format!("{}{path}", self.url))
-            .insert_header(("content-type", "application/json"))
-            .send_body(body.to_string())
-            .await
-            .expect("POST");
-        let status = response.status().as_u16();
-        (status, response.json::<Value>().limit(16 * 1024 * 1024).await.unwrap_or(Value::Null))
+        super::post_at(&self.url, path, body).await
     }
 
     /// `GET /v1/admin/models`.
@@ -125,9 +104,7 @@ impl Instance {
     }
 
     async fn metric(&self, sample: &str) -> Option<f64> {
-        let mut response = client().get(format!("{}/metrics", self.url)).send().await.ok()?;
-        let text = String::from_utf8(response.body().limit(16 * 1024 * 1024).await.ok()?.to_vec()).ok()?;
-        parse_metric(&text, sample)
+        super::metric_at(&self.url, sample).await
     }
 
     /// The user's list scored anew here (a `k` above the pushed list's: with this instance's

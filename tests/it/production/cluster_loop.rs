@@ -34,18 +34,7 @@ impl Instance {
     fn spawn(config: &Config, registry: &Path, id: &str, port: u16, logs: &Path, extra: &[(&str, &str)]) -> Instance {
         let url = format!("http://127.0.0.1:{port}");
         let log = std::fs::File::create(logs.join(format!("{id}.log"))).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_liverec"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .env("LIVEREC_BUS__KIND", "kafka")
-            .env("LIVEREC_STORE__KIND", "redis")
-            .env("LIVEREC_KAFKA__BROKERS", &config.kafka.brokers)
-            .env("LIVEREC_KAFKA__EVENTS_TOPIC", &config.kafka.events_topic)
-            .env("LIVEREC_KAFKA__DEAD_LETTER_TOPIC", &config.kafka.dead_letter_topic)
-            .env("LIVEREC_KAFKA__GROUP_ID", &config.kafka.group_id)
-            .env("LIVEREC_KAFKA__PARTITIONS", PARTITIONS.to_string())
-            .env("LIVEREC_KAFKA__SESSION_TIMEOUT_MS", "6000")
-            .env("LIVEREC_REDIS__URL", &config.redis.url)
-            .env("LIVEREC_REDIS__KEY_PREFIX", &config.redis.key_prefix)
+        let child = super::serve_command(config, port)
             .env("LIVEREC_MODEL__KIND", "sequential")
             .env("LIVEREC_MODEL__REGISTRY_DIR", registry)
             // Every instance starts with v1: what else serves comes from the control topic.
@@ -66,21 +55,11 @@ impl Instance {
     }
 
     async fn get(&self, path: &str) -> Option<(u16, Value)> {
-        let mut response = client().get(format!("{}{path}", self.url)).send().await.ok()?;
-        let status = response.status().as_u16();
-        let body = response.json::<Value>().limit(16 * 1024 * 1024).await.ok()?;
-        Some((status, body))
+        super::get_at(&self.url, path).await
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let mut response = client()
-            .post(format!("{}{path}", self.url))
-            .insert_header(("content-type", "application/json"))
-            .send_body(body.to_string())
-            .await
-            .expect("POST");
-        let status = response.status().as_u16();
-        (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        super::post_at(&self.url, path, body).await
     }
 
     /// The loop's view of the cluster (`cluster` of `GET /v1/admin/models`) and the version serving.
@@ -94,9 +73,7 @@ impl Instance {
     }
 
     async fn metric(&self, sample: &str) -> Option<f64> {
-        let mut response = client().get(format!("{}/metrics", self.url)).send().await.ok()?;
-        let text = String::from_utf8(response.body().limit(16 * 1024 * 1024).await.ok()?.to_vec()).ok()?;
-        parse_metric(&text, sample)
+        super::metric_at(&self.url, sample).await
     }
 
     fn kill(&mut self) {
@@ -110,10 +87,6 @@ impl Drop for Instance {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// A registry folder with two versions, `v1` and `v2`; their versions.

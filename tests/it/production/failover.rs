@@ -20,19 +20,8 @@ struct Instance {
 
 impl Instance {
     fn spawn(config: &Config, port: u16) -> Instance {
-        let child = Command::new(env!("CARGO_BIN_EXE_liverec"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .env("LIVEREC_BUS__KIND", "kafka")
-            .env("LIVEREC_STORE__KIND", "redis")
-            .env("LIVEREC_KAFKA__BROKERS", &config.kafka.brokers)
-            .env("LIVEREC_KAFKA__EVENTS_TOPIC", &config.kafka.events_topic)
-            .env("LIVEREC_KAFKA__DEAD_LETTER_TOPIC", &config.kafka.dead_letter_topic)
-            .env("LIVEREC_KAFKA__GROUP_ID", &config.kafka.group_id)
-            .env("LIVEREC_KAFKA__PARTITIONS", PARTITIONS.to_string())
-            .env("LIVEREC_KAFKA__SESSION_TIMEOUT_MS", "6000")
+        let child = super::serve_command(config, port)
             .env("LIVEREC_KAFKA__COMMIT_INTERVAL_MS", "200")
-            .env("LIVEREC_REDIS__URL", &config.redis.url)
-            .env("LIVEREC_REDIS__KEY_PREFIX", &config.redis.key_prefix)
             .env("LIVEREC_DEMO__ITEMS", "200")
             .env("LIVEREC_DEMO__USERS", "300")
             .env("LIVEREC_LOG__LEVEL", "warn")

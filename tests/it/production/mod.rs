@@ -23,6 +23,53 @@ use serde_json::Value;
 
 use crate::support::*;
 
+/// `liverec serve` on `port` as a production instance of `config` (its Kafka topics, group and
+/// partitions, its Redis and key prefix), for tests that run the binary as users do; each adds
+/// its own settings (`LIVEREC_…` variables) before spawning it.
+fn serve_command(config: &Config, port: u16) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_liverec"));
+    command
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("LIVEREC_BUS__KIND", "kafka")
+        .env("LIVEREC_STORE__KIND", "redis")
+        .env("LIVEREC_KAFKA__BROKERS", &config.kafka.brokers)
+        .env("LIVEREC_KAFKA__EVENTS_TOPIC", &config.kafka.events_topic)
+        .env("LIVEREC_KAFKA__DEAD_LETTER_TOPIC", &config.kafka.dead_letter_topic)
+        .env("LIVEREC_KAFKA__GROUP_ID", &config.kafka.group_id)
+        .env("LIVEREC_KAFKA__PARTITIONS", PARTITIONS.to_string())
+        .env("LIVEREC_KAFKA__SESSION_TIMEOUT_MS", "6000")
+        .env("LIVEREC_REDIS__URL", &config.redis.url)
+        .env("LIVEREC_REDIS__KEY_PREFIX", &config.redis.key_prefix);
+    command
+}
+
+/// `GET {url}{path}` of a liverec process: status and JSON body; none while it does not answer.
+async fn get_at(url: &str, path: &str) -> Option<(u16, Value)> {
+    let mut response = client().get(format!("{url}{path}")).send().await.ok()?;
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().limit(16 * 1024 * 1024).await.ok()?;
+    Some((status, body))
+}
+
+/// `POST {url}{path}` with a JSON body: status and JSON body (null when the body is not JSON).
+async fn post_at(url: &str, path: &str, body: Value) -> (u16, Value) {
+    let mut response = client()
+        .post(format!("{url}{path}"))
+        .insert_header(("content-type", "application/json"))
+        .send_body(body.to_string())
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.json::<Value>().limit(16 * 1024 * 1024).await.unwrap_or(Value::Null))
+}
+
+/// One sample of a liverec process's `/metrics`; none while it does not answer.
+async fn metric_at(url: &str, sample: &str) -> Option<f64> {
+    let mut response = client().get(format!("{url}/metrics")).send().await.ok()?;
+    let text = String::from_utf8(response.body().limit(16 * 1024 * 1024).await.ok()?.to_vec()).ok()?;
+    parse_metric(&text, sample)
+}
+
 /// Two instances of `config`, once each owns some of the topic's partitions; A's partitions.
 async fn two_instances(config: &Config) -> (Server, Server, Vec<i32>) {
     let a = start(config.clone()).await;
