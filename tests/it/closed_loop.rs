@@ -20,6 +20,19 @@ use crate::support::*;
 /// canary) see at most 300 lists a second, so the slowest stage needs some 40,000.
 const STAGE_LISTS: u64 = 150_000;
 
+/// Run `run`'s record in `models` (`GET /v1/admin/models`) once its outcome is one of `wanted`;
+/// any other final outcome fails the test with the whole loop state.
+pub(crate) fn run_ended_as(models: &Value, run: u64, wanted: &[&str]) -> Option<Value> {
+    let record = models["runs"].as_array()?.iter().find(|r| r["run"] == run)?.clone();
+    let outcome = record["outcome"].as_str()?.to_owned();
+    if wanted.contains(&outcome.as_str()) {
+        return Some(record);
+    }
+    let settled = ["rejected", "failed", "promoted", "rolled_back"];
+    assert!(!settled.contains(&outcome.as_str()), "run {run} ended as {outcome}: {models:#}");
+    None
+}
+
 pub(crate) struct Loop {
     server: liverec::Server,
     sim: Arc<SimControl>,
@@ -131,18 +144,7 @@ impl Loop {
     /// canaries while the simulated users keep browsing.
     async fn run_outcome(&self, run: u64, wanted: &[&str]) -> Value {
         let what = format!("run {run} to end as one of {wanted:?}");
-        self.until(&what, STAGE_LISTS, || async move {
-            let models = self.models().await;
-            let record = models["runs"].as_array()?.iter().find(|r| r["run"] == run)?.clone();
-            let outcome = record["outcome"].as_str()?.to_owned();
-            if wanted.contains(&outcome.as_str()) {
-                return Some(record);
-            }
-            let settled = ["rejected", "failed", "promoted", "rolled_back"];
-            assert!(!settled.contains(&outcome.as_str()), "run {run} ended as {outcome}: {models:#}");
-            None
-        })
-        .await
+        self.until(&what, STAGE_LISTS, || async move { run_ended_as(&self.models().await, run, wanted) }).await
     }
 
     /// Waits until the simulator has fetched `more` lists beyond what it has now: the traffic,

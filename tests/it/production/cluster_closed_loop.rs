@@ -19,7 +19,7 @@ use liverec::bus::kafka::partition_for;
 use liverec::sim::{Route, SimConfig, SimControl};
 use serde_json::{json, Value};
 
-use crate::closed_loop::{more_lists, until_lists};
+use crate::closed_loop::{more_lists, run_ended_as, until_lists};
 use crate::support::*;
 
 /// Most simulated lists one stage of the loop may take: a budget of work, not of time (as in
@@ -218,18 +218,7 @@ impl ClusterLoop {
     /// outcome fails the test).
     async fn run_outcome(&self, run: u64, wanted: &[&str]) -> Value {
         let what = format!("run {run} to end as one of {wanted:?}");
-        self.until(&what, STAGE_LISTS, || async move {
-            let models = self.leader().models().await;
-            let record = models["runs"].as_array()?.iter().find(|r| r["run"] == run)?.clone();
-            let outcome = record["outcome"].as_str()?.to_owned();
-            if wanted.contains(&outcome.as_str()) {
-                return Some(record);
-            }
-            let settled = ["rejected", "failed", "promoted", "rolled_back"];
-            assert!(!settled.contains(&outcome.as_str()), "run {run} ended as {outcome}: {models:#}");
-            None
-        })
-        .await
+        self.until(&what, STAGE_LISTS, || async move { run_ended_as(&self.leader().models().await, run, wanted) }).await
     }
 
     async fn retrain(&self, body: Value) -> u64 {
