@@ -155,6 +155,8 @@ pub struct MergeReport {
 struct Reference {
     distributions: DriftReference,
     source: String,
+    /// A version's training window (set by the trainer), not the monitor's own first window.
+    trained: bool,
 }
 
 /// The cluster view and what this instance owes it.
@@ -292,6 +294,7 @@ impl MonitorActor {
                 self.reference = Some(Reference {
                     distributions: DriftReference { popularity, context },
                     source: "first full window".into(),
+                    trained: false,
                 });
             }
         }
@@ -588,10 +591,16 @@ impl Handler<SetReference> for MonitorActor {
         // settles. A breach that came while the run was under way asked for nothing (the trainer
         // coalesced it): left cooling, it would silence the next real drift, unreported, for
         // `cooldown_secs` after the promotion.
+        // A breach judged against the monitor's own first window (no trained version yet) was
+        // answered by the first trained version: its cooldown ends with that yardstick, or a
+        // drift soon after the first promotion would go unreported.
         if let (Some(breach), Some(started)) = (self.last_retrain, msg.run_started_ms) {
             if breach as i64 > started {
                 self.last_retrain = None;
             }
+        }
+        if !self.reference.as_ref().is_some_and(|r| r.trained) {
+            self.last_retrain = None;
         }
         let events: f64 = msg.reference.popularity.values().sum();
         if events < self.config.min_samples as f64 || msg.reference.context.len() != EventContext::SEGMENTS {
@@ -602,7 +611,7 @@ impl Handler<SetReference> for MonitorActor {
             return;
         }
         tracing::info!(source = %msg.source, events, "input-drift reference replaced");
-        self.reference = Some(Reference { distributions: msg.reference, source: msg.source });
+        self.reference = Some(Reference { distributions: msg.reference, source: msg.source, trained: true });
     }
 }
 
