@@ -583,23 +583,25 @@ impl Handler<MergeReport> for MonitorActor {
     }
 }
 
+impl MonitorActor {
+    /// Whether a promoted version's reference (its run started at `run_started_ms`) ends the
+    /// breach cooldown. The cooldown keeps a drift that caused a run from asking again while the
+    /// run's version settles. But a breach that came while the run was under way asked for
+    /// nothing (the trainer coalesced it), and a breach judged against the monitor's own first
+    /// window (no trained version yet) is answered by the first trained version: left cooling,
+    /// either would silence the next real drift, unreported, for `cooldown_secs`.
+    fn reference_ends_cooldown(&self, run_started_ms: Option<i64>) -> bool {
+        let Some(breach) = self.last_retrain else { return false };
+        let absorbed = run_started_ms.is_some_and(|started| breach as i64 > started);
+        absorbed || !self.reference.as_ref().is_some_and(|r| r.trained)
+    }
+}
+
 impl Handler<SetReference> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetReference, _ctx: &mut Self::Context) {
-        // The cooldown keeps a drift that caused a run from asking again while the run's version
-        // settles. A breach that came while the run was under way asked for nothing (the trainer
-        // coalesced it): left cooling, it would silence the next real drift, unreported, for
-        // `cooldown_secs` after the promotion.
-        // A breach judged against the monitor's own first window (no trained version yet) was
-        // answered by the first trained version: its cooldown ends with that yardstick, or a
-        // drift soon after the first promotion would go unreported.
-        if let (Some(breach), Some(started)) = (self.last_retrain, msg.run_started_ms) {
-            if breach as i64 > started {
-                self.last_retrain = None;
-            }
-        }
-        if !self.reference.as_ref().is_some_and(|r| r.trained) {
+        if self.reference_ends_cooldown(msg.run_started_ms) {
             self.last_retrain = None;
         }
         let events: f64 = msg.reference.popularity.values().sum();
@@ -707,6 +709,26 @@ mod tests {
         let json = serde_json::to_value(MonitorReply { report, cluster: Some(cluster) }).expect("serialises");
         assert_eq!(json["variants"][0]["impressions"], 4, "the cluster's at the top level: {json}");
         assert_eq!(json["local"]["variants"][0]["impressions"], 1, "{json}");
+    }
+
+    #[test]
+    fn a_promotion_ends_the_cooldown_of_an_absorbed_breach_or_of_one_against_the_first_window() {
+        let config = crate::config::Config::default();
+        let mut monitor = MonitorActor::new(config.monitor, Arc::new(Catalog::new()), Arc::new(Metrics::default()));
+        assert!(!monitor.reference_ends_cooldown(Some(0)), "nothing cooling");
+        let reference = |trained| Reference { distributions: DriftReference::default(), source: "s".into(), trained };
+        monitor.last_retrain = Some(1_000);
+        // Against the monitor's own first window (or none yet): the first trained version answers it.
+        monitor.reference = Some(reference(false));
+        assert!(monitor.reference_ends_cooldown(Some(2_000)));
+        monitor.reference = None;
+        assert!(monitor.reference_ends_cooldown(None));
+        // Against a trained version's window: the breach that caused the run keeps cooling...
+        monitor.reference = Some(reference(true));
+        assert!(!monitor.reference_ends_cooldown(Some(1_000)));
+        assert!(!monitor.reference_ends_cooldown(None));
+        // ...one absorbed by a run already under way does not.
+        assert!(monitor.reference_ends_cooldown(Some(500)));
     }
 
     #[actix_rt::test]
