@@ -86,14 +86,21 @@ impl RecUpdate {
     /// The first `k` items of a shown list without its serialised forms: what click attribution
     /// keeps of a list that is never pushed again (a few hundred bytes instead of three copies).
     pub fn shown_bare(list: &RecList, k: usize) -> Arc<Self> {
-        let list = RecList { items: list.items.iter().take(k).cloned().collect(), ..list.clone() };
+        let update = Self::bare(RecList { items: list.items.iter().take(k).cloned().collect(), ..list.clone() });
+        update.show();
+        update
+    }
+
+    /// A list not yet shown, without its serialised forms: one served by another instance, kept
+    /// for its impression and clicks only.
+    pub fn bare(list: RecList) -> Arc<Self> {
         Arc::new(Self {
             list,
             json: Bytes::new(),
             sse: OnceLock::new(),
             ws: OnceLock::new(),
             published: std::time::Instant::now(),
-            shown: std::sync::atomic::AtomicBool::new(true),
+            shown: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -55,6 +55,11 @@ impl ColdLists {
         }
     }
 
+    /// Whether the list kept for `user` is the one named `rec_id`.
+    pub fn holds(&self, user: &UserId, rec_id: &str) -> bool {
+        self.inner.lock().by_user.get(user).is_some_and(|(_, _, update)| update.list.rec_id == rec_id)
+    }
+
     /// The list last shown to `user` without a session, and when; forgotten here once taken.
     pub fn take(&self, user: &UserId) -> Option<(Instant, Arc<RecUpdate>)> {
         self.inner.lock().by_user.remove(user).map(|(_, at, update)| (at, update))

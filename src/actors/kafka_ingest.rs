@@ -43,6 +43,7 @@ use crate::bus::kafka::{send_dead_letter, wall_micros, DeadLetter};
 use crate::bus::record::{received_micros, EventRecord, RecordDecoder};
 use crate::config::KafkaConfig;
 use crate::event::{now_ms, Event, UserId};
+use crate::recs::{RecList, RecUpdate};
 use crate::store::Persisted;
 use crate::telemetry::Metrics;
 
@@ -345,6 +346,7 @@ impl Consume {
         let mut index: HashMap<UserId, usize> = HashMap::new();
         let mut dead = Vec::new();
         let mut reloads = Vec::new();
+        let mut shown = Vec::new();
         let decoder = RecordDecoder {
             limits: &self.limits,
             catalog: &self.registry.deps.catalog,
@@ -359,6 +361,17 @@ impl Consume {
                         reloads.push((user, record.partition()));
                     }
                 }
+                EventRecord::Shown(user, list) => match shown_list(user, &list) {
+                    Ok(update) => shown.push(update),
+                    Err(reason) => dead.push(DeadLetter {
+                        key: record.key().map(<[u8]>::to_vec),
+                        payload: Some(list),
+                        partition: record.partition(),
+                        offset: record.offset(),
+                        code: "invalid_control",
+                        reason,
+                    }),
+                },
                 EventRecord::Event(event) => {
                     let received = received_at(record, wall_now);
                     match index.get(&event.user_id) {
@@ -393,6 +406,11 @@ impl Consume {
         let mut persisted: Vec<Persisted> = Vec::with_capacity(by_user.len() + dead.len());
         for letter in dead {
             persisted.push(self.dead_letter(letter));
+        }
+        // Lists shown elsewhere go first: a click polled with the list it was on is attributed to
+        // it (an event just before a list, polled with it, cannot be on it but by chance).
+        for (user, update) in shown {
+            self.registry.shown_by_peer(&user, update);
         }
         let applies: Vec<_> = by_user
             .into_iter()
@@ -442,6 +460,16 @@ fn traceparent(record: &BorrowedMessage<'_>) -> Option<String> {
 }
 
 /// When liverec first received the event: the REST header if present, else now.
+/// The list of a "shown" control record, whose user must be the record's key.
+fn shown_list(user: Option<UserId>, json: &[u8]) -> Result<(UserId, Arc<RecUpdate>), String> {
+    let user = user.ok_or("a shown-list control record needs the user id as its key")?;
+    let list: RecList = serde_json::from_slice(json).map_err(|e| format!("the shown list is not a list: {e}"))?;
+    if list.user_id != user {
+        return Err(format!("the shown list is {}'s, the record's key {user}", list.user_id));
+    }
+    Ok((user, RecUpdate::bare(list)))
+}
+
 fn received_at(record: &BorrowedMessage<'_>, wall_now: i64) -> Instant {
     let header = received_micros(record);
     let now = Instant::now();

@@ -106,3 +106,9 @@ pub struct Release;
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Reload;
+
+/// A list another instance served the user (production mode, a `GET` answered from the store):
+/// counted here, by the owner, as an impression, and remembered so a click on it is attributed.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ShownElsewhere(pub std::sync::Arc<crate::recs::RecUpdate>);

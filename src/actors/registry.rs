@@ -16,7 +16,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::messages::{
-    Applied, ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, Snapshot, TakeHistory,
+    Applied, ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, ShownElsewhere, Snapshot,
+    TakeHistory,
 };
 use super::SessionDeps;
 use crate::bus::partition_of;
@@ -37,6 +38,7 @@ pub struct SessionHandle {
     pub take_history: Recipient<TakeHistory>,
     pub merge: Recipient<MergeHistory>,
     pub reload: Recipient<Reload>,
+    pub shown: Recipient<ShownElsewhere>,
     /// Also identifies the session: two handles of one session have equal `release` recipients.
     pub release: Recipient<Release>,
 }
@@ -54,6 +56,7 @@ impl SessionHandle {
             + Handler<TakeHistory>
             + Handler<MergeHistory>
             + Handler<Reload>
+            + Handler<ShownElsewhere>
             + Handler<Release>,
     {
         SessionHandle {
@@ -64,6 +67,7 @@ impl SessionHandle {
             take_history: addr.clone().recipient(),
             merge: addr.clone().recipient(),
             reload: addr.clone().recipient(),
+            shown: addr.clone().recipient(),
             release: addr.recipient(),
         }
     }
@@ -327,24 +331,50 @@ impl SessionRegistry {
         self.assigned.lock().clone()
     }
 
+    /// A list another instance served `user` from the store (production mode, a control record on
+    /// the user's partition, which this instance owns): counted here as an impression, once for
+    /// the cluster, and kept for click attribution by the running session or, without one, for
+    /// the session the user's next event starts.
+    pub fn shown_by_peer(&self, user: &UserId, update: Arc<RecUpdate>) {
+        let running = self.hub(user).and_then(|hub| hub.session());
+        let update = match running.map(|session| session.shown.try_send(ShownElsewhere(update.clone()))) {
+            Some(Ok(())) => return,
+            // No session, or one stopping or too busy to take it: the next session takes it.
+            Some(Err(_)) | None => update,
+        };
+        let k = update.list.items.len();
+        crate::actors::lists::report_impression(&self.deps, &update, k);
+        self.deps.cold_lists.remember(user, &update, k);
+    }
+
     /// A list published by another instance: shown to local subscribers if it is newer.
     pub fn deliver_remote(&self, list: RecList) {
-        let Some(hub) = self.hub(&list.user_id) else { return };
+        // With announcements the owner counted the impression: it heard this instance's
+        // announcement of the subscriber (see `shown_elsewhere`).
+        let counted = self.fanout.as_ref().is_some_and(|fanout| fanout.announces());
+        if self.deliver_elsewhere(list, counted) {
+            self.deps.metrics.fanout_received.inc();
+        }
+    }
+
+    /// A list of a user this instance does not own, for its local subscribers if it is newer:
+    /// published by the owner, or scored here from the stored profile. `counted` when the owner
+    /// counted its impression (shown here, never counted again); otherwise the instance that
+    /// shows it counts it. Returns whether it was newer.
+    pub fn deliver_elsewhere(&self, list: RecList, counted: bool) -> bool {
+        let Some(hub) = self.hub(&list.user_id) else { return false };
         let newer = hub.latest().is_none_or(|current| list.seq > current.list.seq);
         if newer {
             hub.bump_seq(list.seq);
             let update = RecUpdate::new(list);
-            if self.fanout.as_ref().is_some_and(|fanout| fanout.announces()) {
-                // The owner counted the impression: it heard this instance's announcement of
-                // the subscriber (see `shown_elsewhere`). Shown here, never counted again.
+            if counted {
                 update.show();
             } else if hub.subscriber_count() > 0 {
-                // Without announcements the owner cannot know: the instance that shows it counts.
                 crate::actors::lists::report_impression(&self.deps, &update, update.list.items.len());
             }
             hub.publish(update);
-            self.deps.metrics.fanout_received.inc();
         }
+        newer
     }
 
     /// Whether a subscriber on another instance receives `hub`'s lists, as its announcement says
@@ -706,6 +736,11 @@ mod tests {
     impl Handler<Reload> for Idle {
         type Result = ();
         fn handle(&mut self, _msg: Reload, _ctx: &mut Context<Self>) {}
+    }
+
+    impl Handler<ShownElsewhere> for Idle {
+        type Result = ();
+        fn handle(&mut self, _msg: ShownElsewhere, _ctx: &mut Context<Self>) {}
     }
 
     impl Handler<Release> for Idle {

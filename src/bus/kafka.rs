@@ -172,6 +172,18 @@ impl KafkaBus {
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
     }
+
+    /// Produces a control record keyed by `user`, so it reaches the owner of the user's partition
+    /// in order with the user's events; returns once the broker has it.
+    async fn control(&self, user: &UserId, what: &str, payload: &[u8]) -> Result<(), BusError> {
+        let headers = OwnedHeaders::new().insert(Header { key: CONTROL_HEADER, value: Some(what) });
+        let record = FutureRecord::to(&self.topic).key(user.as_str()).payload(payload).headers(headers);
+        self.producer
+            .send(record, self.timeout)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| BusError::Unavailable(e.to_string()))
+    }
 }
 
 #[async_trait]
@@ -203,13 +215,11 @@ impl EventBus for KafkaBus {
     }
 
     async fn notify_reload(&self, user: &UserId) -> Result<(), BusError> {
-        let headers = OwnedHeaders::new().insert(Header { key: CONTROL_HEADER, value: Some(CONTROL_RELOAD) });
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic).key(user.as_str()).headers(headers);
-        self.producer
-            .send(record, self.timeout)
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| BusError::Unavailable(e.to_string()))
+        self.control(user, CONTROL_RELOAD, &[]).await
+    }
+
+    async fn notify_shown(&self, user: &UserId, list_json: &[u8]) -> Result<(), BusError> {
+        self.control(user, CONTROL_SHOWN, list_json).await
     }
 }
 
@@ -258,6 +268,9 @@ pub async fn send_dead_letter(producer: FutureProducer, topic: String, source: S
 pub const CONTROL_HEADER: &str = "liverec-control";
 /// Control value: the owner of the record's key (a user id) reloads that user from the store.
 pub const CONTROL_RELOAD: &str = "reload";
+/// Control value: the record's payload is a list another instance served the user of the
+/// record's key; the owner counts its impression and attributes clicks on it.
+pub const CONTROL_SHOWN: &str = "shown";
 
 /// Kafka's murmur2 (as in the Java client), used to find a key's partition.
 pub fn murmur2(data: &[u8]) -> u32 {

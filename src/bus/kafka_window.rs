@@ -11,7 +11,8 @@
 //!
 //! Records are decoded as the Kafka ingest applies them ([`super::record::RecordDecoder`]: the
 //! same validation, catalogue admission and pseudonyms); records the ingest sends to the
-//! dead-letter topic, reload controls and repeated event ids of a user are skipped and counted.
+//! dead-letter topic, control records (reloads, lists shown elsewhere) and repeated event ids of
+//! a user are skipped and counted.
 //! Events of an erased user dated at or before the erasure are dropped, as a session drops them
 //! (the tombstones are looked up by the caller, who knows the store). At most
 //! [`WindowReader::max_events`] are kept, the newest, as the in-memory log keeps them.
@@ -56,7 +57,7 @@ pub struct PartitionWindow {
 pub struct SkippedRecords {
     /// Records the ingest sends to the dead-letter topic.
     pub invalid: usize,
-    /// Reload controls (no event).
+    /// Control records: reloads and lists shown elsewhere (no event).
     pub controls: usize,
     /// Event ids a user already had in the window (a retried publish): applied once.
     pub duplicates: usize,
@@ -338,7 +339,7 @@ impl Reading {
         let at = record.timestamp().to_millis().unwrap_or_else(now_ms);
         let event = match decoder.decode(record, at) {
             EventRecord::Event(event) => event,
-            EventRecord::Reload(_) => {
+            EventRecord::Reload(_) | EventRecord::Shown(..) => {
                 skipped.controls += 1;
                 return;
             }

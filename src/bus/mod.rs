@@ -49,6 +49,14 @@ pub trait EventBus: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Tells whichever instance owns `user` that this one served them the list `list_json` (cut to
+    /// the items shown), so the owner counts the impression and attributes clicks on it; returns
+    /// once an event the user posts afterwards is sure to reach the owner after it. A single
+    /// process counts its lists itself.
+    async fn notify_shown(&self, _user: &UserId, _list_json: &[u8]) -> Result<(), BusError> {
+        Ok(())
+    }
+
     /// Batches accepted and not yet taken by an ingest actor, when the bus queues in process
     /// (Kafka's backlog is the consumer lag instead).
     fn queued_batches(&self) -> Option<u64> {

@@ -5,7 +5,7 @@
 use rdkafka::message::{Headers, Message};
 
 use super::codec;
-use super::kafka::{CONTROL_HEADER, CONTROL_RELOAD, PSEUDONYMIZED_HEADER, RECEIVED_HEADER};
+use super::kafka::{CONTROL_HEADER, CONTROL_RELOAD, CONTROL_SHOWN, PSEUDONYMIZED_HEADER, RECEIVED_HEADER};
 use crate::catalog::Catalog;
 use crate::event::{Event, EventLimits, UserId};
 use crate::privacy::Pseudonyms;
@@ -16,6 +16,10 @@ pub enum EventRecord {
     /// A control record: the owner of the user it is keyed by reloads that user from the store
     /// (no user when the key is not UTF-8).
     Reload(Option<UserId>),
+    /// A control record: another instance served the user a list (its JSON, cut to the items
+    /// shown); the owner counts the impression and attributes clicks on it (no user when the key
+    /// is not UTF-8).
+    Shown(Option<UserId>, Vec<u8>),
     /// An event to apply, its user id the one liverec keeps.
     Event(Event),
     /// A record that cannot be applied (the ingest sends it to the dead-letter topic): a stable
@@ -36,8 +40,11 @@ impl RecordDecoder<'_> {
     /// `now` (milliseconds since the epoch) stands for a missing timestamp and bounds how far in
     /// the future one may be.
     pub fn decode(&self, record: &impl Message, now: i64) -> EventRecord {
-        if is_reload(record) {
-            return EventRecord::Reload(record.key().and_then(|k| std::str::from_utf8(k).ok()).map(UserId::from));
+        let user = || record.key().and_then(|k| std::str::from_utf8(k).ok()).map(UserId::from);
+        match control(record) {
+            Some(CONTROL_RELOAD) => return EventRecord::Reload(user()),
+            Some(CONTROL_SHOWN) => return EventRecord::Shown(user(), record.payload().unwrap_or_default().to_vec()),
+            _ => {}
         }
         let decoded = codec::decode(record.payload().unwrap_or_default(), self.limits, now)
             .map_err(|error| (error.code(), error.to_string()))
@@ -60,10 +67,10 @@ impl RecordDecoder<'_> {
     }
 }
 
-fn is_reload(record: &impl Message) -> bool {
-    record.headers().is_some_and(|headers| {
-        headers.iter().any(|h| h.key == CONTROL_HEADER && h.value == Some(CONTROL_RELOAD.as_bytes()))
-    })
+/// The value of the record's control header, if it is a control record.
+fn control(record: &impl Message) -> Option<&str> {
+    let headers = record.headers()?;
+    headers.iter().find(|h| h.key == CONTROL_HEADER).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// Whether liverec produced the record, so its user id is already the one liverec keeps.
@@ -121,5 +128,10 @@ mod tests {
         assert!(
             matches!(decoder.decode(&record(b"", reload), now), EventRecord::Reload(Some(u)) if u.as_str() == "ann")
         );
+        let shown = OwnedHeaders::new().insert(Header { key: CONTROL_HEADER, value: Some(CONTROL_SHOWN) });
+        assert!(matches!(
+            decoder.decode(&record(b"{}", shown), now),
+            EventRecord::Shown(Some(u), list) if u.as_str() == "ann" && list == b"{}"
+        ));
     }
 }

@@ -4,7 +4,10 @@
 //! pushed to the user's streams, served from the hub without touching an actor (the same bytes
 //! when `k` is the default). Filters or a larger `k` ask the session to score anew. A user the
 //! process does not know (no session, no hub, no stored profile) is answered from no history
-//! without starting a session or storing anything.
+//! without starting a session or storing anything. In production mode a list answered from the
+//! store is told to the owner of the user's partition, which counts it (see [`tell_owner`]).
+
+use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
@@ -14,8 +17,10 @@ use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
 use crate::actors::lists::list_from_store;
 use crate::actors::messages::{GetRecommendations, RecFilters};
-use crate::event::{Device, ItemId};
-use crate::recs::RecList;
+use crate::actors::SessionDeps;
+use crate::bus::EventBus;
+use crate::event::{Device, ItemId, UserId};
+use crate::recs::{RecList, RecUpdate};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/users/{user_id}/recommendations").route(web::get().to(get_recommendations)));
@@ -111,7 +116,9 @@ pub async fn get_recommendations(
         Some(update) => update?,
         None => {
             let update = list_from_store(&state.registry.deps, &user, k, &filters).await?;
-            if !state.registry.owned_by_ingest() {
+            if state.registry.owned_by_ingest() {
+                tell_owner(&*state.bus, &state.registry.deps, &user, &update, k).await;
+            } else {
                 // Embedded mode: the cold-start list is shown here and nowhere else.
                 crate::actors::lists::report_impression(&state.registry.deps, &update, k);
                 state.registry.deps.cold_lists.remember(&user, &update, k);
@@ -120,6 +127,41 @@ pub async fn get_recommendations(
         }
     };
     Ok(respond(&update.list, &update.json, k))
+}
+
+/// How long a `GET` waits for the events topic to take a shown-list record before it answers
+/// anyway (the impression is then counted late, or not at all if the broker is down).
+const TELL_OWNER_WAIT: Duration = Duration::from_secs(1);
+
+/// Production mode: tells the owner of `user`'s partition (this instance or another) that the
+/// list answered from the store was shown, through a control record on the user's partition.
+/// The owner counts the impression, once for the cluster, and attributes clicks on it; the record
+/// reaches it before any event the user posts after reading the answer. A list already told of
+/// (the same stored list read again) is not told twice. Returns whether the owner was told.
+pub(super) async fn tell_owner(
+    bus: &dyn EventBus,
+    deps: &SessionDeps,
+    user: &UserId,
+    update: &RecUpdate,
+    k: usize,
+) -> bool {
+    let told = &deps.cold_lists;
+    if told.holds(user, &update.list.rec_id) {
+        return true;
+    }
+    let shown = RecList { items: update.list.items.iter().take(k).cloned().collect(), ..update.list.clone() };
+    let json = serde_json::to_vec(&shown).expect("a list always serialises");
+    let error = match tokio::time::timeout(TELL_OWNER_WAIT, bus.notify_shown(user, &json)).await {
+        Ok(Ok(())) => {
+            told.remember(user, &RecUpdate::shown_bare(&shown, k), k);
+            return true;
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {TELL_OWNER_WAIT:?}"),
+    };
+    deps.metrics.monitor_refused.inc();
+    tracing::warn!(error, "a list served from the store was not reported to its user's owner");
+    false
 }
 
 /// Whether the store holds a profile of `user` (a store that cannot answer counts as no).

@@ -21,6 +21,7 @@ use tokio_stream::StreamMap;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::events::{decode_value, publish};
+use super::recommendations::tell_owner;
 use super::state::AppState;
 use crate::actors::lists::list_from_store;
 use crate::actors::messages::{EnsureList, RecFilters};
@@ -121,12 +122,17 @@ fn subscribe(state: &AppState, user: &UserId) -> Subscription {
         // Production mode, user owned elsewhere (or idle): show the stored list, or one scored
         // from the stored profile, until the owner publishes a newer one.
         None if subscription.latest().is_none() => {
-            let registry = state.registry.clone();
+            // The owner counts it and attributes its clicks once told (see `tell_owner`).
+            let (registry, bus) = (state.registry.clone(), state.bus.clone());
             let user = user.clone();
             let default_k = state.config.recs.default_k;
             actix_web::rt::spawn(async move {
                 match list_from_store(&registry.deps, &user, default_k, &RecFilters::default()).await {
-                    Ok(update) => registry.deliver_remote(update.list.clone()),
+                    Ok(update) => {
+                        let counted = registry.owned_by_ingest()
+                            && tell_owner(&*bus, &registry.deps, &user, &update, default_k).await;
+                        registry.deliver_elsewhere(update.list.clone(), counted);
+                    }
                     Err(error) => tracing::warn!(error = %error, "no first list for a subscriber"),
                 }
             });

@@ -70,6 +70,11 @@ impl ServedLists {
         push_bounded(&mut self.lists, served, SERVED_KEPT);
     }
 
+    /// The remembered list named `rec_id`, if any.
+    pub(super) fn named(&self, rec_id: &str) -> Option<Arc<RecUpdate>> {
+        self.lists.iter().find(|s| s.update.list.rec_id == rec_id).map(|s| s.update.clone())
+    }
+
     /// The outcomes `event` makes at `now` on a shown list: the one it names by `rec_id`, else
     /// the newest shown list within `window` that holds the item. Each list counts at most one
     /// click and one conversion, so a repeated click yields no outcome but is still attributed.

@@ -27,7 +27,7 @@ use super::lists::{
 };
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
-    SessionError, Snapshot, TakeHistory,
+    SessionError, ShownElsewhere, Snapshot, TakeHistory,
 };
 use super::model::{Observe, Recommend, ScoredList};
 use super::monitor::Activity;
@@ -448,6 +448,24 @@ impl Handler<Reload> for SessionActor {
         self.reset();
         self.load_profile(ctx);
         ctx.wait(fut::ready(()).map(|(), act: &mut Self, ctx| act.refresh(ctx)));
+    }
+}
+
+impl Handler<ShownElsewhere> for SessionActor {
+    type Result = ();
+
+    /// Another instance served this user a list from the store: one of this session's own lists
+    /// (it then counts as shown, once), or one scored there, remembered here for attribution.
+    fn handle(&mut self, msg: ShownElsewhere, _ctx: &mut Self::Context) {
+        let ShownElsewhere(shown) = msg;
+        let k = shown.list.items.len();
+        match self.served.named(&shown.list.rec_id) {
+            Some(own) => report_impression(&self.deps, &own, k),
+            None => {
+                report_impression(&self.deps, &shown, k);
+                self.served.remember(&shown, Instant::now());
+            }
+        }
     }
 }
 

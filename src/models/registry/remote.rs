@@ -32,6 +32,8 @@ use crate::models::artifact::{Manifest, MANIFEST_FILE};
 
 /// Parts of one multipart upload in flight at once (memory: this many parts plus one).
 const PARTS_IN_FLIGHT: usize = 2;
+/// How long a listing of the versions is answered again before the store is asked anew.
+const LIST_FRESH: Duration = Duration::from_secs(1);
 
 /// Installs ring as rustls' process-wide crypto provider (once). reqwest is built without a
 /// provider of its own (aws-lc-rs would compile a large C library), so every TLS client in the
@@ -127,6 +129,9 @@ pub(super) struct Remote {
     handle: tokio::runtime::Handle,
     /// Versions already listed (a version never changes once its manifest is up).
     known: Mutex<HashMap<String, VersionInfo>>,
+    /// The last listing and when it was taken (see [`LIST_FRESH`]); held while listing, so
+    /// callers at the same moment share one `LIST` request.
+    listed: Mutex<Option<(Instant, Vec<VersionInfo>)>>,
     /// Serving pointers recorded from actors' threads, written in order by one task.
     serving_tx: tokio::sync::mpsc::UnboundedSender<String>,
 }
@@ -179,6 +184,7 @@ impl Remote {
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
             known: Mutex::new(HashMap::new()),
+            listed: Mutex::new(None),
             serving_tx,
             url,
         };
@@ -218,8 +224,22 @@ impl Remote {
         futures_executor::block_on(self.handle.spawn(future)).map_err(|_| RegistryError::Stopped)
     }
 
-    /// Every complete version: the folders under the prefix with a manifest.
+    /// Every complete version: the folders under the prefix with a manifest. A listing younger
+    /// than [`LIST_FRESH`] is answered again (`GET /v1/admin/models` polled by dashboards on every
+    /// instance would otherwise send the store one `LIST` per call); this instance's own uploads
+    /// show at once, other instances' within that time.
     pub(super) fn list(&self) -> Result<Vec<VersionInfo>, RegistryError> {
+        let mut listed = self.listed.lock();
+        if let Some((at, versions)) = listed.as_ref().filter(|(at, _)| at.elapsed() < LIST_FRESH) {
+            tracing::trace!(age = ?at.elapsed(), "model versions listed from the last listing");
+            return Ok(versions.clone());
+        }
+        let versions = self.list_now()?;
+        *listed = Some((Instant::now(), versions.clone()));
+        Ok(versions)
+    }
+
+    fn list_now(&self) -> Result<Vec<VersionInfo>, RegistryError> {
         let (store, root) = (self.store.clone(), self.url.root());
         let objects = self
             .run(async move { store.list(Some(&root)).try_collect::<Vec<_>>().await })?
@@ -394,6 +414,7 @@ impl Remote {
             seconds = started.elapsed().as_secs_f64(),
             "model version published to the registry"
         );
+        *self.listed.lock() = None;
         Ok(published)
     }
 }

@@ -1,8 +1,9 @@
 //! Production mode, the cluster-wide monitor (issue 15 item 3): every instance publishes its
 //! monitor's counts to the monitor topic and reads everyone's into a cluster view, which
 //! `/v1/monitor` shows at the top level with the instance's own under `local`; a list the owner
-//! forwards to a subscriber on another instance counts once, and its click is attributed; an
-//! instance that starts later fills its cluster view from the topic.
+//! forwards to a subscriber on another instance counts once, and its click is attributed; so does
+//! a list another instance answers from the store; an instance that starts later fills its
+//! cluster view from the topic.
 
 use std::time::Duration;
 
@@ -73,8 +74,8 @@ fn view(user: &str, id: &str, n: usize) -> Value {
 }
 
 /// GETs `user`'s list from its owner until it reflects `event`: one impression, counted there
-/// (a GET answered before the session has the event comes from the store and counts nothing; the
-/// first list of the session's counts once, however often it is read).
+/// (called once the session has the event, so every GET is answered from its list, which counts
+/// once however often it is read).
 async fn read_once(owner: &Server, user: &str, event: &str) {
     eventually("the owner serves a list reflecting the event", || async move {
         let got = get(owner, &format!("/v1/users/{user}/recommendations")).await;
@@ -216,6 +217,35 @@ async fn every_instance_sees_the_clusters_traffic_its_own_apart_a_forwarded_list
     assert_eq!((clicked_a.local.1, clicked_b.local.1), (1, 0), "the owner attributes the click");
     assert_eq!((clicked_a.cluster.1, clicked_b.cluster.1), (1, 1));
     drop(stream);
+
+    // A list B answers from the store for a user A owns and nobody watches (B runs no session
+    // of theirs, A stores no list of theirs): B tells A on the user's partition, so A counts the
+    // impression once and attributes the click on it.
+    let quiet = users.iter().rev().find(|u| owner_is_a(u) && !of_a.contains(u) && **u != user).expect("a user of A");
+    let events_before = figures(&a).await.local.2;
+    post_events(&b, view(quiet, &format!("{quiet}-q1"), 400)).await;
+    eventually("A applied the quiet user's event", || async {
+        (figures(&a).await.local.2 > events_before).then_some(())
+    })
+    .await;
+    let got = get(&b, &format!("/v1/users/{quiet}/recommendations")).await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let item = items(&got.body)[0].clone();
+    let click = json!({ "user_id": quiet, "item_id": item, "event_type": "click", "rec_id": got.body["rec_id"] });
+    post_events(&b, click).await;
+    let wanted = (clicked_a.local.0 + 1, clicked_a.local.1 + 1);
+    let (clicked_a, clicked_b) = wait_for_progress("the list B served counted on A, with its click", STALL, || async {
+        let (fa, fb) = (figures(&a).await, figures(&b).await);
+        let sum = (fa.local.0 + fb.local.0, fa.local.1 + fb.local.1, fa.local.2 + fb.local.2);
+        if (fa.local.0, fa.local.1) >= wanted && fa.cluster == sum && fb.cluster == sum {
+            Progress::Done((fa, fb))
+        } else {
+            Progress::Pending((fa, fb))
+        }
+    })
+    .await;
+    assert_eq!((clicked_a.local.0, clicked_a.local.1), wanted, "A counted B's list and its click once: {clicked_a:?}");
+    assert_eq!((clicked_b.local.0, clicked_b.local.1), (after_b.local.0, 0), "B counted neither: {clicked_b:?}");
 
     // An instance started now reads the topic from a window ago: its cluster view holds what
     // the others counted before it existed, and its own part is empty.
