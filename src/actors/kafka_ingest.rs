@@ -485,6 +485,22 @@ fn received_at(record: &BorrowedMessage<'_>, wall_now: i64) -> Instant {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_shown_record_is_a_list_of_its_keys_user_or_a_dead_letter() {
+        let list = serde_json::json!({
+            "rec_id": "r1", "user_id": "ann", "model_version": "v1", "variant": "control",
+            "generated_at": 5, "seq": 2, "last_event_id": null, "items": [{"item_id": "a", "score": 0.5}]
+        });
+        let json = serde_json::to_vec(&list).expect("json");
+        let (user, update) = shown_list(Some(UserId::from("ann")), &json).expect("ann's list");
+        assert_eq!((user.as_str(), update.list.rec_id.as_str()), ("ann", "r1"));
+        assert!(!update.is_shown(), "counted by the owner when it takes it, not before");
+        let bob = shown_list(Some(UserId::from("bob")), &json).expect_err("not bob's");
+        assert!(bob.contains("bob") && bob.contains("ann"), "{bob}");
+        assert!(shown_list(None, &json).expect_err("no key").contains("key"));
+        assert!(shown_list(Some(UserId::from("ann")), b"{").expect_err("not json").contains("not a list"));
+    }
+
     /// A revoke that comes while the consume loop's task has spent its tokio budget still sees
     /// an in-flight batch finish (before, it waited forever and so did the consumer group).
     #[test]
