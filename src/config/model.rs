@@ -100,6 +100,15 @@ pub struct CoocConfig {
     pub half_life_events: f64,
     /// How strongly negative feedback lowers similar items.
     pub negative_weight: f32,
+    /// An item no interaction touched for this many observed interactions is forgotten: its
+    /// neighbour list is freed and its counts zeroed (0: never).
+    #[serde(default = "default_forget_after_events")]
+    pub forget_after_events: u64,
+}
+
+/// Ten half-lives of the default: a count that old weighs under 0.1 % of a fresh one.
+fn default_forget_after_events() -> u64 {
+    2_000_000
 }
 
 impl Default for CoocConfig {
@@ -112,6 +121,7 @@ impl Default for CoocConfig {
             segment_weight: 0.7,
             half_life_events: 200_000.0,
             negative_weight: 1.0,
+            forget_after_events: default_forget_after_events(),
         }
     }
 }

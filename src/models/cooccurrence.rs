@@ -55,7 +55,18 @@ pub struct CoocModel {
     blocked: Bits,
     candidates: CandidateSet,
     candidate_counts: CandidateCounts,
+    /// Interactions observed (the clock `forget_after_events` counts in).
+    clock: u64,
+    /// When each item was last touched by an interaction, in [`TOUCH_TICK`]s of `clock`.
+    touched_at: Vec<u32>,
+    /// The next item the sweep for idle items looks at (see [`CoocModel::forget_idle`]).
+    sweep_next: usize,
+    /// Items forgotten since the model started.
+    forgotten: u64,
 }
+
+/// The resolution of `touched_at`: 4 bytes an item last 2^32 ticks (10^12 events at 256).
+const TOUCH_TICK: u64 = 256;
 
 /// The `cap` largest values of a table whose entries only grow (the counts fade by growing
 /// the increment, not by shrinking them; a rescale shrinks all at once and keeps the order), so
@@ -119,6 +130,10 @@ impl CoocModel {
             blocked: Bits::default(),
             candidates: CandidateSet::default(),
             candidate_counts: CandidateCounts::default(),
+            clock: 0,
+            touched_at: Vec::new(),
+            sweep_next: 0,
+            forgotten: 0,
         }
     }
 
@@ -126,6 +141,7 @@ impl CoocModel {
         if self.popularity.len() < n {
             self.popularity.resize(n, 0.0);
             self.neighbours.resize_with(n, HashMap::new);
+            self.touched_at.resize(n, (self.clock / TOUCH_TICK) as u32);
             for seg in &mut self.segment_popularity {
                 seg.resize(n, 0.0);
             }
@@ -162,6 +178,7 @@ impl CoocModel {
     }
 
     fn observe_one(&mut self, previous: &[HistoryItem], new: &HistoryItem, segment: usize) {
+        self.touched_at[new.item as usize] = (self.clock / TOUCH_TICK) as u32;
         let before = previous.iter().filter(|h| h.item == new.item).map(HistoryItem::weight).fold(0.0f32, f32::max);
         let repeat = before > 0.0;
         let weight = new.weight() - before;
@@ -196,9 +213,49 @@ impl CoocModel {
 
     /// One event later: older counts weigh a little less.
     fn age(&mut self) {
+        self.clock += 1;
         self.boost *= self.growth;
         if self.boost > RESCALE_AT {
             self.rescale();
+        }
+    }
+
+    /// Forgets items no interaction touched for `forget_after_events`: frees the neighbour list,
+    /// zeroes the counts and takes the item off the popular lists, so the memory of items that
+    /// left the stream goes back. Links to it from other items' lists stay until those are
+    /// pruned, and weigh nothing (similarity is normalised by its popularity, now zero). Swept
+    /// a slice at a time: each call looks at as many items as make the whole catalogue once
+    /// every quarter of `forget_after_events`, so its cost per event is O(1).
+    fn forget_idle(&mut self, events: u64) {
+        let after = self.config.forget_after_events;
+        let n = self.neighbours.len();
+        if after == 0 || n == 0 {
+            return;
+        }
+        let slice = ((n as u64 * events * 4).div_ceil(after) as usize).clamp(1, n);
+        let now = self.clock / TOUCH_TICK;
+        let idle_ticks = after.div_ceil(TOUCH_TICK);
+        let mut dropped = Vec::new();
+        for _ in 0..slice {
+            let i = self.sweep_next;
+            self.sweep_next = (i + 1) % n;
+            let idle = now.saturating_sub(u64::from(self.touched_at[i])) >= idle_ticks;
+            if idle && (self.popularity[i] != 0.0 || self.neighbours[i].capacity() > 0) {
+                self.neighbours[i] = HashMap::new();
+                self.popularity[i] = 0.0;
+                for seg in &mut self.segment_popularity {
+                    seg[i] = 0.0;
+                }
+                dropped.push(i as ItemIdx);
+            }
+        }
+        if !dropped.is_empty() {
+            // The popular lists lose them; an item below them joins when its count next grows.
+            for top in std::iter::once(&mut self.top_global).chain(&mut self.top_segment) {
+                top.entries.retain(|(item, _)| !dropped.contains(item));
+            }
+            self.forgotten += dropped.len() as u64;
+            tracing::debug!(items = dropped.len(), total = self.forgotten, "idle items forgotten by the online model");
         }
     }
 
@@ -433,6 +490,7 @@ impl Recommender for CoocModel {
             .max()
             .unwrap_or(0);
         self.grow_to(max_item);
+        let before = self.clock;
         for obs in observations {
             let mut previous: Vec<HistoryItem> = obs.previous.to_vec();
             for new in &obs.new {
@@ -440,6 +498,7 @@ impl Recommender for CoocModel {
                 previous.push(*new);
             }
         }
+        self.forget_idle(self.clock - before);
     }
 
     fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
@@ -523,6 +582,46 @@ mod tests {
         model.observe(&observations);
         model.grow_to(catalog.len());
         model
+    }
+
+    /// Items 0 and 1 viewed together, then only items 2 and 3 for longer than
+    /// `forget_after_events`: 0 and 1 are forgotten (memory freed, no longer neighbours or
+    /// popular), 2 and 3 are kept, and 0 comes back when touched again.
+    #[test]
+    fn items_idle_past_the_limit_are_forgotten_and_active_ones_kept() {
+        let catalog = catalog(4);
+        let after = 4 * TOUCH_TICK;
+        let mut model = CoocModel::new(CoocConfig { forget_after_events: after, ..CoocConfig::default() });
+        let pair = |a, b| Observation {
+            previous: Arc::from(vec![]),
+            new: vec![h(a, EventType::View), h(b, EventType::View)],
+            segment: 0,
+        };
+        model.observe(&vec![pair(0, 1); 10]);
+        model.grow_to(catalog.len());
+        assert!(model.neighbours[0].contains_key(&1) && model.popularity[0] > 0.0);
+        let fresh = model.score(&[request(vec![h(0, EventType::View)], 1)], &catalog);
+        assert_eq!(fresh[0][0].item, 1, "1 is 0's neighbour while both are active");
+        // Twice the limit of other traffic, in batches as the model actor sends them.
+        for _ in 0..(2 * after / 64) {
+            model.observe(&vec![pair(2, 3); 32]);
+        }
+        for forgotten in [0, 1] {
+            let at = forgotten as usize;
+            assert_eq!(model.neighbours[at].capacity(), 0, "item {forgotten}'s list is freed");
+            assert_eq!(model.popularity[at], 0.0);
+            assert!(model.segment_popularity.iter().all(|seg| seg[at] == 0.0));
+            assert!(model.top_global.entries.iter().all(|(i, _)| *i != forgotten));
+        }
+        assert_eq!(model.forgotten, 2);
+        for kept in [2, 3] {
+            let at = kept as usize;
+            assert!(model.neighbours[at].contains_key(&(5 - kept)) && model.popularity[at] > 0.0, "{kept} kept");
+        }
+        let idle = model.score(&[request(vec![h(0, EventType::View)], 1)], &catalog);
+        assert_ne!(idle[0][0].item, 1, "a forgotten item is no one's neighbour");
+        model.observe(&[pair(0, 2)]);
+        assert!(model.popularity[0] > 0.0 && model.neighbours[0].contains_key(&2), "0 starts afresh");
     }
 
     #[test]
