@@ -42,6 +42,21 @@ enum Command {
     },
     /// Print the JSON Schema of an event.
     Schema,
+    /// Add a trained version (a folder written by `liverec train`) to the model registry the
+    /// configuration names: uploaded to `model.registry_url` (object storage shared by every
+    /// instance; files in parts, the manifest last) or copied into `model.registry_dir`. It is
+    /// listed by every instance then and can be promoted (`POST /v1/admin/models/NAME/promote`).
+    Publish {
+        /// The version's folder (model.safetensors, vocab.json, manifest.json).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// The version's name in the registry (default: the folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A TOML file overriding config/default.toml (the LIVEREC_* variables apply too).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Make a new API key: prints the key (once; give it to the client) and the entry to add
     /// under [[auth.api_keys]] (a salted hash, not the key).
     Key {
@@ -190,6 +205,7 @@ fn main() -> ExitCode {
         Command::Import { options, json } => import_command(options, json),
         Command::Key { id, role } => key(&id, &role),
         Command::Token { user, ttl, config } => token(&user, ttl, config.as_deref()),
+        Command::Publish { model, name, config } => publish(&model, name.as_deref(), config.as_deref()),
         Command::Schema => {
             print_out(&serde_json::to_string_pretty(&liverec::event::event_json_schema()).expect("schema serialises"))
         }
@@ -274,6 +290,41 @@ fn token(user: &str, ttl: Option<u64>, config: Option<&std::path::Path>) -> Exit
         Err(error) => {
             eprintln!("liverec: {error}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `publish`: adds the version in `dir` to the configured registry as `name`.
+fn publish(dir: &std::path::Path, name: Option<&str>, config: Option<&std::path::Path>) -> ExitCode {
+    let config = match Config::load(config, &Overrides::default()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(name) = name.map(str::to_owned).or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+    else {
+        eprintln!("liverec: --model {} has no folder name; give the version's name with --name", dir.display());
+        return ExitCode::from(2);
+    };
+    let published = liverec::models::registry::Registry::open(&config.model)
+        .and_then(|registry| registry.publish(dir, &name).map(|published| (registry, published)));
+    match published {
+        Ok((registry, published)) if published.files == 0 => {
+            println!("{name} is already in {registry} (--model is the registry's own folder)");
+            ExitCode::SUCCESS
+        }
+        Ok((registry, published)) => {
+            println!(
+                "published {name} to {registry}: {} files, {} bytes, {} parts",
+                published.files, published.bytes, published.parts
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("liverec: {error}");
+            ExitCode::FAILURE
         }
     }
 }

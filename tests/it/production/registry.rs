@@ -166,6 +166,45 @@ async fn a_version_published_to_the_shared_registry_is_listed_and_served_by_anot
     let _ = std::fs::remove_dir_all(&publisher_cache);
 }
 
+/// `liverec publish` with `env`: (success, stdout, stderr).
+fn publish_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_liverec"));
+    command.arg("publish").args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run liverec publish");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+#[actix_rt::test]
+async fn liverec_publish_uploads_a_trained_folder_to_the_configured_registry_once() {
+    let url = format!("s3://{}/{}", bucket(), unique("publish-cli"));
+    let trained = temp_dir("publish-cli-trained");
+    train_version(&trained, "offline-v1", 1, 1_700_000_000);
+    let folder = trained.join("offline-v1");
+    let folder = folder.to_str().expect("utf-8 path");
+    let cache = temp_dir("publish-cli-cache");
+    let cache = cache.to_str().expect("utf-8 path");
+    let env = [("LIVEREC_MODEL__REGISTRY_URL", url.as_str()), ("LIVEREC_MODEL__REGISTRY_DIR", cache)];
+
+    let (ok, out, err) = publish_cli(&["--model", folder, "--name", "nightly-1"], &env);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("published nightly-1 to s3://") && out.contains("3 files"), "{out}");
+    let reader = Registry::open(&model_config(&url, &temp_dir("publish-cli-reader"), 16)).expect("registry");
+    let names: Vec<String> = reader.list().expect("lists").into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["nightly-1"]);
+
+    // Versions are never overwritten; a folder that is not a version is named as such.
+    let (ok, _, err) = publish_cli(&["--model", folder, "--name", "nightly-1"], &env);
+    assert!(!ok && err.contains("already exists") && err.contains("nightly-1"), "{err}");
+    let (ok, _, err) = publish_cli(&["--model", cache], &env);
+    assert!(!ok && err.contains(cache), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&trained);
+}
+
 #[actix_rt::test]
 async fn a_version_the_retraining_loop_trains_is_published_and_a_process_started_later_serves_it() {
     let url = format!("s3://{}/{}", bucket(), unique("registry-loop"));
