@@ -12,7 +12,9 @@
 //!
 //! Not an actor: the control topic's consumer calls [`ControlApplier::apply`] for each newest
 //! record, one at a time, on the cluster's thread. It then tells the trainer what serves
-//! ([`ControlApplied`]), so the loop's view and a new leader start from the applied state.
+//! ([`ControlApplied`]), so the loop's view and a new leader start from the applied state. A
+//! state it could not apply whole (a version the registry cannot give yet) is tried again by the
+//! caller after a backoff, until it applies or a newer record replaces it.
 
 use std::sync::Arc;
 
@@ -96,8 +98,9 @@ impl ControlApplier {
         Ok(Box::new(loaded))
     }
 
-    /// Makes `state` serve here; changes only what differs from what serves.
-    pub async fn apply(&mut self, state: DesiredState) {
+    /// Makes `state` serve here; changes only what differs from what serves. Returns whether all
+    /// of it serves now (false when a version could not be loaded: the caller tries again).
+    pub async fn apply(&mut self, state: DesiredState) -> bool {
         if self.control != state.control {
             let promoted = self.challenger.as_ref().is_some_and(|c| {
                 state.control.name.as_deref() == Some(c.name.as_str()) && state.control.version == c.version
@@ -164,7 +167,9 @@ impl ControlApplier {
                 }
             }
         }
+        let complete = self.control == state.control && self.challenger == state.challenger;
         let serving = self.control.clone();
         let _ = self.applied.send(ControlApplied { state, serving }).await;
+        complete
     }
 }

@@ -59,7 +59,7 @@ impl rdkafka::consumer::ConsumerContext for ControlContext {}
 pub async fn follow<F, Fut>(config: KafkaConfig, topic: String, cluster: Arc<Cluster>, mut apply: F)
 where
     F: FnMut(DesiredState) -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = bool>,
 {
     let mut restarts = 0u32;
     loop {
@@ -76,7 +76,7 @@ where
 async fn read<F, Fut>(config: &KafkaConfig, topic: &str, cluster: &Cluster, apply: &mut F) -> Result<(), KafkaError>
 where
     F: FnMut(DesiredState) -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = bool>,
 {
     if !exists(config, topic).await? {
         // No control topic, so no leader has published: nothing to apply, and the instance serves
@@ -98,9 +98,30 @@ where
     tracing::info!(topic = %topic, "control topic consumer started");
     let mut caught_up = false;
     let mut newest: Option<DesiredState> = None;
+    // The newest state if part of it could not be applied (a version not loadable yet), and how
+    // many times it was tried: tried again after a backoff until it applies or a newer one comes.
+    let mut unapplied: Option<(DesiredState, u32)> = None;
     loop {
-        // Wait for the next record, then take whatever else is already fetched.
-        let mut next = Some(consumer.recv().await);
+        // Wait for the next record (or the time to try an unapplied state again), then take
+        // whatever else is already fetched.
+        let first = match &unapplied {
+            Some((_, tries)) => tokio::select! {
+                received = consumer.recv() => Some(received),
+                () = tokio::time::sleep(retry_backoff(*tries)) => None,
+            },
+            None => Some(consumer.recv().await),
+        };
+        let Some(first) = first else {
+            let (state, tries) = unapplied.take().expect("waited to try a state again");
+            tracing::info!(tries, "applying the desired state again");
+            if apply(state.clone()).await {
+                cluster.metrics.cluster_control_applied.inc();
+            } else {
+                unapplied = Some((state, tries.saturating_add(1)));
+            }
+            continue;
+        };
+        let mut next = Some(first);
         while let Some(received) = next.take() {
             match received {
                 Ok(message) => match record::decode(message.payload()) {
@@ -126,12 +147,22 @@ where
             continue;
         }
         if let Some(state) = newest.take() {
-            apply(state).await;
-            cluster.metrics.cluster_control_applied.inc();
+            unapplied = None;
+            if apply(state.clone()).await {
+                cluster.metrics.cluster_control_applied.inc();
+            } else {
+                unapplied = Some((state, 0));
+            }
         }
         if !cluster.applied_at_start() {
             cluster.mark_applied_at_start();
             tracing::info!("control topic read: serving the desired state");
         }
     }
+}
+
+/// How long to wait before trying an unapplied state again, after `tries` failed tries: 1 s,
+/// doubling, at most 30 s.
+fn retry_backoff(tries: u32) -> Duration {
+    Duration::from_secs(1u64 << tries.min(5)).min(Duration::from_secs(30))
 }

@@ -234,7 +234,45 @@ async fn three_instances_have_one_leader_and_every_change_of_version_reaches_all
         "the new leader knows where to roll back: {rolled}"
     );
     all_serve(&survivors, &v1, "v1 rolled back by the new leader").await;
+
+    // A record naming a version the registry does not hold yet (an upload still under way):
+    // the instances go on serving v1 and load it once it is there, with no record after it.
+    let staged = std::env::temp_dir().join(unique("cluster-loop-v3"));
+    let v3 = train_version(&staged, "v3", 3, 1_700_000_200);
+    let (cluster, _) = new_leader.loop_state().await.expect("the leader's view");
+    let ahead = DesiredState {
+        epoch: new_epoch,
+        seq: cluster["desired"]["seq"].as_u64().expect("the newest record's seq") + 1,
+        leader: new_leader.id.clone(),
+        at_ms: 0,
+        control: ServingVersion { name: Some("v3".into()), version: v3.clone() },
+        challenger: None,
+        run: None,
+        previous: Some(ServingVersion { name: Some("v1".into()), version: v1.clone() }),
+    };
+    let applied_before: Vec<f64> = {
+        let mut counts = Vec::new();
+        for instance in &survivors {
+            counts.push(instance.metric("liverec_cluster_control_applied_total").await.unwrap_or(0.0));
+        }
+        counts
+    };
+    publisher.enqueue(&ahead).await.expect("the broker takes the record");
+    for (instance, before) in survivors.iter().zip(&applied_before) {
+        // The record was read (the trainer heard of it) but not applied: v1 still serves.
+        eventually(&format!("{} tries to apply the record naming v3", instance.id), || async {
+            let (cluster, serving) = instance.loop_state().await?;
+            (cluster["desired"]["seq"].as_u64() == Some(ahead.seq) || serving != v1).then_some(())
+        })
+        .await;
+        assert_eq!(instance.serving().await.as_deref(), Some(v1.as_str()), "{} serves v1 meanwhile", instance.id);
+        let applied = instance.metric("liverec_cluster_control_applied_total").await.unwrap_or(0.0);
+        assert_eq!(applied, *before, "{}: a record not applied is not counted as applied", instance.id);
+    }
+    std::fs::rename(staged.join("v3"), registry.join("v3")).expect("v3 into the registry");
+    all_serve(&survivors, &v3, "v3, once the registry holds it").await;
     let _ = std::fs::remove_dir_all(&registry);
+    let _ = std::fs::remove_dir_all(&staged);
 }
 
 /// Posts `events_per_user` clicks for each of `users` users (spread over every partition) through
