@@ -49,7 +49,7 @@ pub use crate::monitor::report::{
 use crate::monitor::stream::StreamTotals;
 use crate::monitor::view::{ArmKey, MonitorView, Report, UserEvent, MAX_ENTRIES_PER_RECORD};
 pub use crate::monitor::view::{WireArm, WireReport};
-use crate::monitor::{psi_test, two_proportion_z, FastMap, PsiTest};
+use crate::monitor::{psi_test_sized, two_proportion_z, FastMap, PsiTest, Sizes};
 use crate::telemetry::Metrics;
 
 /// A list served to a user.
@@ -263,17 +263,20 @@ impl MonitorActor {
 
     /// The three input-drift tests of `view` against `reference`, or `None` below `min_samples`.
     fn input_drift(&self, view: &MonitorView, reference: &DriftReference) -> Option<[(&'static str, PsiTest); 3]> {
-        let StreamTotals { popularity, context, events } = view.stream().totals();
+        let StreamTotals { popularity, context, events, effective_users } = view.stream().totals();
         if events < self.config.min_samples {
             return None;
         }
-        let popularity_test = item_psi(&reference.popularity, &popularity, self.config.psi_bins);
+        // Events are clustered by user (a user keeps a device and a taste): the noise levels are
+        // those of the window's effective number of users, not of its events.
+        let sizes = Sizes { expected: reference.effective_users, actual: effective_users };
+        let popularity_test = item_psi(&reference.popularity, &popularity, self.config.psi_bins, sizes);
         let (expected, actual) = {
             let categories = self.catalog.categories();
             aligned(&category_mix(&reference.popularity, &categories), &category_mix(&popularity, &categories))
         };
-        let category_test = psi_test(&expected, &actual);
-        let context_test = context_psi(&reference.context, &context);
+        let category_test = psi_test_sized(&expected, &actual, sizes);
+        let context_test = context_psi(&reference.context, &context, sizes);
         Some([("item popularity", popularity_test), ("category mix", category_test), ("context mix", context_test)])
     }
 
@@ -289,10 +292,10 @@ impl MonitorActor {
         let full_window = tick >= self.started_tick + self.buckets();
 
         if self.reference.is_none() && full_window {
-            let StreamTotals { popularity, context, events } = self.judged().stream().totals();
+            let StreamTotals { popularity, context, events, effective_users } = self.judged().stream().totals();
             if events >= self.config.min_samples {
                 self.reference = Some(Reference {
-                    distributions: DriftReference { popularity, context },
+                    distributions: DriftReference { popularity, context, effective_users },
                     source: "first full window".into(),
                     trained: false,
                 });

@@ -64,6 +64,30 @@ fn describe(leader: &Option<Holder>) -> String {
     }
 }
 
+/// What a leader does after a renewal of its lease (see [`renewal_decision`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Renewal {
+    Renewed,
+    /// Not renewed, but the lease is surely still held: lead on and try at the next tick.
+    Retry,
+    StepDown,
+}
+
+/// A renewal sent at `sent` came back at `now` saying `renewed` (`None`: failed or unanswered), and the lease is held until
+/// `until` (the last successful renewal's sending time plus `ttl`). Renewed when Redis said yes
+/// within the TTL. Refused (another instance holds it): step down at once. Unanswered, failed or
+/// late: the key is still ours until `until`, so a busy moment of Redis or of this process does
+/// not hand the loop over; the leader steps down only once less than a third of the TTL is left,
+/// well before another instance could take the lease.
+fn renewal_decision(renewed: Option<bool>, sent: Instant, now: Instant, until: Instant, ttl: Duration) -> Renewal {
+    match renewed {
+        Some(true) if now < sent + ttl => Renewal::Renewed,
+        Some(false) => Renewal::StepDown,
+        _ if now + ttl / 3 < until => Renewal::Retry,
+        _ => Renewal::StepDown,
+    }
+}
+
 /// The cluster handle (see the module docs).
 pub struct Cluster {
     pub instance_id: String,
@@ -213,18 +237,26 @@ impl Cluster {
             let sent = Instant::now();
             let held = self.claim.lock().as_ref().map(|(holder, _)| holder.clone());
             match held {
-                Some(holder) => match lease.renew(&holder).await {
-                    Ok(true) if Instant::now() < sent + self.ttl => {
-                        *self.claim.lock() = Some((holder.clone(), sent + self.ttl));
-                        self.set_leadership(Leadership { leading: true, leader: Some(holder) });
+                Some(holder) => {
+                    let outcome = lease.renew(&holder).await;
+                    let until = self.claim.lock().as_ref().map_or(sent, |(_, until)| *until);
+                    match renewal_decision(outcome.as_ref().ok().copied(), sent, Instant::now(), until, self.ttl) {
+                        Renewal::Renewed => {
+                            *self.claim.lock() = Some((holder.clone(), sent + self.ttl));
+                            self.set_leadership(Leadership { leading: true, leader: Some(holder) });
+                        }
+                        Renewal::Retry => tracing::warn!(
+                            outcome = ?outcome.map_err(|e| e.to_string()),
+                            valid_for = ?until.saturating_duration_since(Instant::now()),
+                            "loop lease not renewed; still held, trying again"
+                        ),
+                        Renewal::StepDown => {
+                            tracing::warn!(outcome = ?outcome.map_err(|e| e.to_string()), "loop lease not renewed; stepping down");
+                            *self.claim.lock() = None;
+                            self.set_leadership(Leadership { leading: false, leader: None });
+                        }
                     }
-                    outcome => {
-                        // Lost, unanswered or late: step down at once.
-                        tracing::warn!(outcome = ?outcome.map_err(|e| e.to_string()), "loop lease not renewed; stepping down");
-                        *self.claim.lock() = None;
-                        self.set_leadership(Leadership { leading: false, leader: None });
-                    }
-                },
+                }
                 None => match lease.acquire().await {
                     Ok(Acquired::Taken(holder)) => {
                         *self.claim.lock() = Some((holder.clone(), sent + self.ttl));
@@ -249,5 +281,28 @@ impl Cluster {
             }
             self.set_leadership(Leadership { leading: false, leader: None });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_rides_out_a_slow_renewal_while_its_lease_surely_holds() {
+        let ttl = Duration::from_secs(9);
+        let start = Instant::now();
+        let until = start + ttl;
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        assert_eq!(renewal_decision(Some(true), at(2), at(3), until, ttl), Renewal::Renewed);
+        // Another instance holds it: at once.
+        assert_eq!(renewal_decision(Some(false), at(2), at(3), until, ttl), Renewal::StepDown);
+        // Unanswered with 7 s of the lease left, then 4 s: lead on.
+        assert_eq!(renewal_decision(None, at(2), at(2), until, ttl), Renewal::Retry);
+        assert_eq!(renewal_decision(None, at(2), at(5), until, ttl), Renewal::Retry);
+        // With 3 s (a third of the TTL) or less left: step down, before anyone could take it.
+        assert_eq!(renewal_decision(None, at(4), at(6), until, ttl), Renewal::StepDown);
+        // A yes that came back after the TTL proves nothing about the key now.
+        assert_eq!(renewal_decision(Some(true), at(1), at(11), until, ttl), Renewal::StepDown);
     }
 }

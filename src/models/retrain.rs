@@ -152,6 +152,7 @@ impl WindowData {
         let from = newest - (secs as i64) * 1000;
         let mut popularity: HashMap<ItemIdx, f64> = HashMap::new();
         let mut context = vec![0.0; EventContext::SEGMENTS];
+        let mut per_user: HashMap<&str, u64> = HashMap::new();
         for e in events.iter().filter(|e| e.logged_at >= from) {
             if e.organic && !e.event_type.is_negative() {
                 *popularity.entry(e.item).or_default() += 1.0;
@@ -159,8 +160,10 @@ impl WindowData {
             if let Some(slot) = context.get_mut(e.segment) {
                 *slot += 1.0;
             }
+            *per_user.entry(e.user.as_str()).or_default() += 1;
         }
-        DriftReference { popularity, context }
+        let effective_users = crate::monitor::drift::effective_users(per_user.into_values());
+        DriftReference { popularity, context, effective_users }
     }
 }
 

@@ -55,6 +55,9 @@ pub struct StreamTotals {
     pub context: Vec<f64>,
     /// Organic events counted in `popularity`.
     pub events: u64,
+    /// How many independent draws the window's events are worth, clustered by user
+    /// ([`super::drift::effective_users`]; `None` without user counts).
+    pub effective_users: Option<f64>,
 }
 
 /// The stream's buckets and the running sum of their item popularity.
@@ -163,7 +166,14 @@ impl StreamWindow {
             }
         }
         let popularity = self.popularity.iter().map(|(&item, &n)| (item, n as f64)).collect();
-        StreamTotals { popularity, context, events: self.events }
+        let mut per_user: FastMap<u64, u64> = FastMap::default();
+        for bucket in self.buckets() {
+            for (&user, activity) in &bucket.users {
+                *per_user.entry(user).or_default() += activity.events;
+            }
+        }
+        let effective_users = super::drift::effective_users(per_user.into_values());
+        StreamTotals { popularity, context, events: self.events, effective_users }
     }
 }
 
@@ -186,6 +196,21 @@ mod tests {
         }
         let events = popularity.values().sum();
         (popularity, events)
+    }
+
+    #[test]
+    fn the_effective_number_of_users_weighs_users_by_their_events() {
+        let mut window = StreamWindow::new(4);
+        assert_eq!(window.totals().effective_users, None);
+        for (tick, user, events) in [(0, 1, 3), (1, 1, 2), (1, 2, 5), (2, 3, 5)] {
+            window.bucket(tick).users.entry(user).or_default().events += events;
+        }
+        // Three users with 5 events each, over two buckets for the first.
+        assert_eq!(window.totals().effective_users, Some(3.0));
+        window.bucket(3).users.entry(4).or_default().events += 85;
+        // One user with most of the events: worth little more than one draw.
+        let effective = window.totals().effective_users.expect("users");
+        assert!((effective - 100.0 * 100.0 / (3.0 * 25.0 + 85.0 * 85.0)).abs() < 1e-9, "{effective}");
     }
 
     #[test]
