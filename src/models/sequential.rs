@@ -34,7 +34,7 @@ use super::retrieval::{dot, Bits, CandidateCounts, CandidateSet, Filter, IvfInde
 use super::sasrec::{
     feedback_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
 };
-use super::{fill_mask, top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use super::{fill_mask, top_k, HistoryItem, ItemFilter, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemAttributes, ItemIdx};
 use crate::config::RetrievalConfig;
 use crate::event::ItemId;
@@ -707,6 +707,36 @@ impl SequentialModel {
         })?
     }
 
+    /// See [`Recommender::similar`].
+    fn similar_exact(
+        &mut self,
+        item: ItemIdx,
+        k: usize,
+        filter: &ItemFilter,
+        catalog: &Catalog,
+    ) -> Result<Vec<Scored>, SasRecError> {
+        self.sync_catalog(catalog)?;
+        let table = self.cache()?.table.clone();
+        let map = &self.catalog_map;
+        let h = self.config.hidden;
+        with_values(&table, |table| {
+            let vectors = Vectors { table, cold: &map.cold_vectors, row: &map.row, h };
+            let Some(query) = vectors.get(item as usize) else { return Vec::new() };
+            let categories = catalog.categories();
+            let now_ms = crate::event::now_ms();
+            let n = map.row.len();
+            let mut scores = vec![0f32; n];
+            let mut mask = vec![false; n];
+            for (c, (s, m)) in scores.iter_mut().zip(mask.iter_mut()).enumerate() {
+                *m = c == item as usize || !filter.accepts(c as ItemIdx, &categories, now_ms);
+                if !*m {
+                    *s = cosine(query, vectors.of(c));
+                }
+            }
+            top_k(&scores, &mask, k)
+        })
+    }
+
     /// Exact full scoring (small catalogues, and large ones while the index builds): the
     /// serving blend over every catalogue item. `logits` are the warm queries' `[rows, items]`
     /// logits of the model's items.
@@ -1015,6 +1045,19 @@ impl Recommender for SequentialModel {
 
     fn take_candidate_counts(&mut self) -> CandidateCounts {
         std::mem::take(&mut self.candidate_counts)
+    }
+
+    /// The items whose vectors (the item table the network reads and scores with) are closest
+    /// to the item's by cosine: one pass over the catalogue (unseen items by their content
+    /// vectors), on the inference thread like a scoring batch.
+    fn similar(&mut self, item: ItemIdx, k: usize, filter: &ItemFilter, catalog: &Catalog) -> Vec<Scored> {
+        match self.similar_exact(item, k, filter, catalog) {
+            Ok(list) => list,
+            Err(error) => {
+                tracing::error!(error = %error, "sequential model failed to find similar items");
+                Vec::new()
+            }
+        }
     }
 
     fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
