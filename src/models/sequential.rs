@@ -1207,6 +1207,32 @@ mod tests {
     }
 
     #[test]
+    fn similar_items_are_the_nearest_item_vectors() {
+        let mut model = tiny();
+        let catalog = Catalog::new();
+        let idx = intern_vocab(&model.vocab, &catalog);
+        let similar = model.similar(idx[1], 10, &ItemFilter::default(), &catalog);
+        assert_eq!(similar.len(), idx.len() - 1, "every other item");
+        assert!(similar.iter().all(|s| s.item != idx[1]), "never the item itself");
+        // By cosine of the item table's rows (what the network scores with), best first.
+        let rows = model.net().item_table().rows(model.item_features()).expect("rows");
+        let h = model.config.hidden;
+        let row = |c: ItemIdx| {
+            let m = model.catalog_map.model_item(c as usize).expect("a model item") as usize;
+            rows[m * h..(m + 1) * h].to_vec()
+        };
+        for s in &similar {
+            assert!((s.score - cosine(&row(idx[1]), &row(s.item))).abs() < 1e-5, "{s:?}");
+        }
+        assert!(similar.windows(2).all(|w| w[0].score >= w[1].score));
+        let comedy = catalog.category_idx("comedy").expect("category");
+        let filter = ItemFilter { categories: Some(vec![comedy]), ..ItemFilter::default() };
+        let comedies = model.similar(idx[1], 10, &filter, &catalog);
+        assert!(!comedies.is_empty() && comedies.len() < similar.len());
+        assert!(comedies.iter().all(|s| catalog.categories().of(s.item).contains(&comedy)));
+    }
+
+    #[test]
     fn cold_users_get_popularity_by_segment() {
         let mut model = tiny();
         let catalog = Catalog::new();
