@@ -321,3 +321,24 @@ async fn any_valid_credential_reads_the_non_personal_lists() {
     }
     server.stop().await;
 }
+
+/// Production mode: the instance counts the events it consumes from Kafka (here it owns every
+/// partition), so its lists follow what producers send.
+#[actix_rt::test]
+async fn in_production_mode_the_lists_count_the_events_the_instance_consumes() {
+    let _services = SERVICES.read().await;
+    let mut config = production_config("lists");
+    config.recs.lists_refresh_secs = 1;
+    let server = start(config).await;
+    let events: Vec<Value> =
+        (0..4).map(|i| event_on(&format!("buyer-{i}"), "item-0042", "purchase", "tablet")).collect();
+    post_events(&server, json!(events)).await;
+    let list = eventually("the consumed purchases counted", || async {
+        let list = get(&server, "/v1/popular?device=tablet&k=1").await;
+        (list.body["items"][0]["score"].as_f64() == Some(16.0)).then_some(list)
+    })
+    .await;
+    assert_eq!(items(&list.body), vec!["item-0042"], "four purchases weigh 4 each: {}", list.body);
+    assert!(list.body["segment"].as_str().is_some_and(|s| s.starts_with("tablet/")));
+    server.stop().await;
+}
