@@ -29,7 +29,7 @@ use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
 use crate::actors::model::{ModelActor, Similar};
 use crate::catalog::{Catalog, ItemIdx, ItemView};
-use crate::event::{check_id, now_ms, Context as EventContext, Device, ItemId};
+use crate::event::{now_ms, Context as EventContext, Device};
 use crate::eventlog::EventLog;
 use crate::models::popularity::{EventCounts, Ranking, Snapshot, Window};
 use crate::models::{Availability, HistoryItem, ItemFilter, Scored};
@@ -702,9 +702,7 @@ pub async fn similar(
     state: web::Data<AppState>,
     _caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
-    check_id("item_id", &path, state.config.events.max_id_len)
-        .map_err(|e| ApiError::bad_request("invalid_item_id", e.message).with_field(e.field))?;
-    let id = ItemId::from(path.as_str());
+    let id = super::items::item_id(&path, &state)?;
     let page = Params::read(&req, &PAGE_PARAMS)?.page(&state)?;
     let item = match state.catalog.get(&id).and_then(|_| state.catalog.lookup(&id)) {
         Some(item) => item,

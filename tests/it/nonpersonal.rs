@@ -3,7 +3,7 @@
 //! (`POST /v1/recommendations`), their paging, filters and errors, and the caching of the
 //! segment lists (`Cache-Control`, `ETag`, `304 Not Modified`).
 
-use liverec::auth::{new_key, AuthMode, Role};
+use liverec::auth::AuthMode;
 use serde_json::{json, Value};
 
 use crate::support::*;
@@ -292,16 +292,8 @@ async fn segment_lists_are_cacheable_and_revalidate_with_etags() {
 
 #[actix_rt::test]
 async fn any_valid_credential_reads_the_non_personal_lists() {
-    let mut config = test_config();
-    config.auth.mode = AuthMode::On;
-    config.auth.token_secret = "a test secret that is long enough to sign".into();
-    let mut keys = Vec::new();
-    for (id, role) in [("ingest", Role::Producer), ("web", Role::Reader), ("ops", Role::Admin)] {
-        let (key, entry) = new_key(id, role).expect("random key");
-        config.auth.api_keys.push(entry);
-        keys.push(key);
-    }
-    let server = start(config).await;
+    let (server, keys) = crate::auth::secured().await;
+    let keys = [keys.producer, keys.reader, keys.admin];
     let (status, token) =
         call(&server, "POST", "/v1/admin/tokens", Some(&keys[2]), Some(json!({ "user_id": "alice" }))).await;
     assert_eq!(status, 201, "{token}");
