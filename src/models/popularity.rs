@@ -3,7 +3,8 @@
 //!
 //! Applied events are counted by their weight ([`super::HistoryItem::weight`]: a purchase
 //! counts more than a view, negative feedback not at all) into five-minute buckets per item
-//! and context segment, kept for [`KEEP_MS`] (a week). A [`Snapshot`] sums the buckets once per
+//! and context segment, kept for [`KEEP_MS`] (a week; buckets older than a day are merged into
+//! hourly ones, and past [`MAX_ENTRIES`] counts the oldest go). A [`Snapshot`] sums the buckets once per
 //! refresh into the totals of each [`Window`], from which any list (a segment, a category) is
 //! one pass over the items that had events.
 //!
@@ -24,6 +25,14 @@ use crate::catalog::ItemIdx;
 pub const BUCKET_MS: i64 = 5 * 60 * 1000;
 /// How long counts are kept: the longest window, and the trending baseline.
 pub const KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Buckets older than a day are merged into hourly ones (the day's windows need the finer grain,
+/// the week's total and the baseline do not).
+const FINE_MS: i64 = 24 * 3600 * 1000;
+const PER_HOUR: i64 = 3600 * 1000 / BUCKET_MS;
+/// Most (bucket, item, segment) counts kept after each prune, about 20 bytes each (80 MB): past
+/// it the oldest buckets go, so a catalogue with a long tail shortens the kept week (and the
+/// trending baseline with it) rather than growing without bound.
+pub const MAX_ENTRIES: usize = 4_000_000;
 
 /// The time windows lists are counted over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,14 +72,27 @@ pub enum Ranking {
 }
 
 /// Weighted events per five-minute bucket, item and context segment.
-#[derive(Default)]
 pub struct EventCounts {
     buckets: BTreeMap<i64, HashMap<(ItemIdx, u8), f32>>,
     /// The earliest event time counted (and still kept): where the trending baseline starts.
     earliest: Option<i64>,
+    /// Counts in every bucket together, bounded by `max_entries`.
+    entries: usize,
+    max_entries: usize,
+}
+
+impl Default for EventCounts {
+    fn default() -> Self {
+        Self::with_max_entries(MAX_ENTRIES)
+    }
 }
 
 impl EventCounts {
+    /// Counts that keep at most `max_entries` (bucket, item, segment) entries.
+    pub fn with_max_entries(max_entries: usize) -> Self {
+        Self { buckets: BTreeMap::new(), earliest: None, entries: 0, max_entries: max_entries.max(1) }
+    }
+
     /// Counts an event of `weight` for `item` in `segment` at `timestamp`: a time ahead of
     /// `now_ms` counts as now, one older than the kept week not at all.
     pub fn add(&mut self, item: ItemIdx, segment: usize, weight: f32, timestamp: i64, now_ms: i64) {
@@ -79,19 +101,48 @@ impl EventCounts {
             return;
         }
         let segment = u8::try_from(segment).unwrap_or(u8::MAX);
-        *self.buckets.entry(at.div_euclid(BUCKET_MS)).or_default().entry((item, segment)).or_default() += weight;
+        let mut bucket = at.div_euclid(BUCKET_MS);
+        if at < now_ms - FINE_MS {
+            bucket -= bucket.rem_euclid(PER_HOUR);
+        }
+        let count = self.buckets.entry(bucket).or_default().entry((item, segment)).or_insert_with(|| {
+            self.entries += 1;
+            0.0
+        });
+        *count += weight;
         self.earliest = Some(self.earliest.map_or(at, |e| e.min(at)));
     }
 
-    /// Forgets the buckets that ended more than a week before `now_ms`.
+    /// Forgets the buckets that ended more than a week before `now_ms`, merges those older than
+    /// a day into hourly ones, and drops the oldest while more than the entries bound are kept.
     pub fn prune(&mut self, now_ms: i64) {
         let oldest = (now_ms - KEEP_MS).div_euclid(BUCKET_MS);
-        self.buckets = self.buckets.split_off(&oldest);
-        if self.buckets.is_empty() {
-            self.earliest = None;
-        } else {
-            self.earliest = self.earliest.map(|e| e.max(oldest * BUCKET_MS));
+        let fine = (now_ms - FINE_MS).div_euclid(BUCKET_MS);
+        let mut kept = self.buckets.split_off(&oldest);
+        let recent = kept.split_off(&fine);
+        let mut merged: BTreeMap<i64, HashMap<(ItemIdx, u8), f32>> = BTreeMap::new();
+        for (bucket, counts) in kept {
+            let hour = merged.entry(bucket - bucket.rem_euclid(PER_HOUR)).or_default();
+            for (key, weight) in counts {
+                *hour.entry(key).or_default() += weight;
+            }
         }
+        merged.extend(recent);
+        self.buckets = merged;
+        self.entries = self.buckets.values().map(HashMap::len).sum();
+        while self.entries > self.max_entries {
+            let Some((_, dropped)) = self.buckets.pop_first() else { break };
+            self.entries -= dropped.len();
+        }
+        self.earliest = match self.buckets.first_key_value() {
+            None => None,
+            Some((&first, _)) => self.earliest.map(|e| e.max(first * BUCKET_MS)),
+        };
+    }
+
+    /// (bucket, item, segment) entries kept.
+    pub fn entries(&self) -> usize {
+        self.entries
     }
 
     /// The totals of every window at `now_ms`, summed from the buckets (one pass over them).
@@ -251,6 +302,33 @@ mod tests {
             vec![2],
             "item 1 is at its usual rate: not trending"
         );
+    }
+
+    #[test]
+    fn old_buckets_merge_into_hours_and_the_entries_stay_bounded() {
+        let mut counts = EventCounts::with_max_entries(30);
+        // Two days of one event every five minutes on one item: the older day merges into 24
+        // hourly buckets, the last day stays in 288 five-minute ones.
+        for i in 0..(2 * 288) {
+            counts.add(1, 0, 1.0, NOW - i * BUCKET_MS, NOW);
+        }
+        let before: f32 = counts.snapshot(NOW).ranked(Ranking::Popular, Window::Week, None, 1, |_| true)[0].score;
+        let mut unbounded = EventCounts::default();
+        for i in 0..(2 * 288) {
+            unbounded.add(1, 0, 1.0, NOW - i * BUCKET_MS, NOW);
+        }
+        unbounded.prune(NOW);
+        assert!(unbounded.entries() <= 288 + 25, "{}", unbounded.entries());
+        let week = unbounded.snapshot(NOW).ranked(Ranking::Popular, Window::Week, None, 1, |_| true)[0].score;
+        assert_eq!(week, 576.0, "merging keeps every count");
+        let day = unbounded.snapshot(NOW).ranked(Ranking::Popular, Window::Day, None, 1, |_| true)[0].score;
+        assert_eq!(day, 289.0, "the last day's buckets, and the one that starts a day ago");
+        // Past the bound the oldest buckets go: the newest 30 stay, and the baseline starts there.
+        counts.prune(NOW);
+        assert_eq!(counts.entries(), 30);
+        let after = counts.snapshot(NOW).ranked(Ranking::Popular, Window::Week, None, 1, |_| true)[0].score;
+        assert!(before == 576.0 && after == 30.0, "{before} {after}");
+        assert_eq!(counts.earliest, Some(NOW - 29 * BUCKET_MS));
     }
 
     #[test]
