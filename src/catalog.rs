@@ -479,6 +479,35 @@ impl Catalog {
         ItemPage { items, next_cursor }
     }
 
+    /// Up to `limit` items of the catalogue (put, not deleted) that `accept` lets through
+    /// (given the item's categories and whether lists may show it at `now_ms`), newest
+    /// `created_at` first; items put without one follow, the most recently known first. One
+    /// pass over the catalogue under the read lock.
+    pub fn newest(
+        &self,
+        limit: usize,
+        now_ms: i64,
+        mut accept: impl FnMut(&[CategoryIdx], bool) -> bool,
+    ) -> Vec<ItemIdx> {
+        use std::cmp::Reverse;
+        let inner = self.inner.read();
+        // The best `limit` keys seen, worst on top (a min-heap through `Reverse`).
+        let mut best: std::collections::BinaryHeap<Reverse<(Option<i64>, ItemIdx)>> =
+            std::collections::BinaryHeap::with_capacity(limit + 1);
+        for (idx, entry) in inner.items.iter().enumerate() {
+            let Some(attributes) = entry.attributes.as_deref() else { continue };
+            let idx = idx as ItemIdx;
+            if entry.deleted || !accept(&entry.categories, inner.available_at(idx, now_ms)) {
+                continue;
+            }
+            best.push(Reverse((attributes.created_at, idx)));
+            if best.len() > limit {
+                best.pop();
+            }
+        }
+        best.into_sorted_vec().into_iter().map(|Reverse((_, idx))| idx).collect()
+    }
+
     /// The item, unless it is unknown or was deleted.
     pub fn get(&self, id: &ItemId) -> Option<ItemView> {
         let inner = self.inner.read();
@@ -550,6 +579,27 @@ mod tests {
         let jazz = catalog.category_idx("jazz").expect("category");
         assert_eq!(catalog.categories().of(idx), &[jazz]);
         assert_eq!(catalog.id_of(idx), Some(a));
+    }
+
+    #[test]
+    fn newest_orders_by_created_at_then_by_arrival_and_filters() {
+        let catalog = Catalog::new();
+        let put = |id: &str, created_at: Option<i64>, available: Option<bool>| {
+            let attrs = ItemAttributes { created_at, available, ..Default::default() };
+            catalog.put(&ItemId::from(id), attrs).0
+        };
+        let old = put("old", Some(1), None);
+        let undated = put("undated", None, None);
+        let new = put("new", Some(5), None);
+        let later_undated = put("later-undated", None, None);
+        let withdrawn = put("withdrawn", Some(9), Some(false));
+        let gone = put("gone", Some(10), None);
+        catalog.delete(&ItemId::from("gone"));
+        catalog.intern(&ItemId::from("event-only"));
+        let all = catalog.newest(10, 0, |_, _| true);
+        assert_eq!(all, vec![withdrawn, new, old, later_undated, undated]);
+        assert!(!all.contains(&gone));
+        assert_eq!(catalog.newest(2, 0, |_, available| available), vec![new, old]);
     }
 
     #[test]

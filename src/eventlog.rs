@@ -140,6 +140,23 @@ impl Segments {
         }
     }
 
+    /// The newest `n` events (fewer if the log holds fewer), oldest first.
+    fn newest(&self, n: usize) -> Vec<Arc<LoggedEvent>> {
+        let n = n.min(self.len);
+        let mut out = Vec::with_capacity(n);
+        out.extend(self.open.iter().rev().take(n).cloned());
+        for (i, segment) in self.sealed.iter().enumerate().rev() {
+            if out.len() >= n {
+                break;
+            }
+            let from = if i == 0 { self.skip } else { 0 };
+            let wanted = n - out.len();
+            out.extend(segment[from..].iter().rev().take(wanted).cloned());
+        }
+        out.reverse();
+        out
+    }
+
     fn iter(&self) -> impl Iterator<Item = &Arc<LoggedEvent>> {
         let mut sealed = self.sealed.iter();
         let first = sealed.next().map(|s| &s[self.skip..]).unwrap_or_default();
@@ -178,13 +195,25 @@ impl EventLog {
     }
 
     pub fn append(&self, event: Arc<LoggedEvent>) {
-        self.appended.fetch_add(1, Ordering::Relaxed);
         let mut events = self.events.lock();
+        // Counted under the lock, so that `appended_since` sees the count and the log agree.
+        self.appended.fetch_add(1, Ordering::Relaxed);
         let oldest = event.logged_at - self.window_ms;
         events.push_back(event);
         while events.len > self.max_events || events.front().is_some_and(|e| e.logged_at < oldest) {
             events.pop_front();
         }
+    }
+
+    /// The events appended after the first `seen` ([`EventLog::appended`]) that the log still
+    /// holds, oldest first, and the count to pass next time: a reader that passes it back each
+    /// time gets each event once, bar those the window or the cap dropped meanwhile (and, after
+    /// an erasure removed some of the new ones, as many older ones again).
+    pub fn appended_since(&self, seen: u64) -> (Vec<Arc<LoggedEvent>>, u64) {
+        let events = self.events.lock();
+        let now = self.appended.load(Ordering::Relaxed);
+        let new = usize::try_from(now.saturating_sub(seen)).unwrap_or(usize::MAX);
+        (events.newest(new), now)
     }
 
     /// Forgets the events that left the window by `now_ms`; returns how many.
@@ -290,6 +319,25 @@ mod tests {
         log.append(event("a", 14_000));
         assert_eq!(log.remove_user(&UserId::from("a"), 13_500), 1);
         assert_eq!(log.snapshot(14_000).iter().filter(|e| e.user.as_str() == "a").count(), 1);
+    }
+
+    #[test]
+    fn a_reader_of_appended_since_sees_each_event_once_across_segments() {
+        let log = EventLog::new(1_000_000, 3 * SEGMENT);
+        let mut seen = 0;
+        let mut read = Vec::new();
+        for round in 0..4i64 {
+            for at in 0..(SEGMENT as i64 + 7) {
+                log.append(event("a", round * 100_000 + at));
+            }
+            let (new, count) = log.appended_since(seen);
+            seen = count;
+            read.extend(new.iter().map(|e| e.logged_at));
+        }
+        let expected: Vec<i64> =
+            (0..4i64).flat_map(|round| (0..(SEGMENT as i64 + 7)).map(move |at| round * 100_000 + at)).collect();
+        assert_eq!(read, expected);
+        assert!(log.appended_since(seen).0.is_empty());
     }
 
     /// The log as it was before segments (one deque under the lock), as a reference.

@@ -21,10 +21,10 @@ use actix::prelude::*;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, ItemIdx};
 use crate::config::RetrievalConfig;
 use crate::models::retrieval::Source;
-use crate::models::{Observation, Recommender, ScoreRequest, Scored};
+use crate::models::{ItemFilter, Observation, Recommender, ScoreRequest, Scored};
 use crate::recs::CONTROL;
 use crate::telemetry::Metrics;
 
@@ -278,6 +278,25 @@ pub struct ScoreControl {
     pub requests: Vec<ScoreRequest>,
 }
 
+/// Items like one item, from the model serving everyone outside a canary or experiment (its
+/// neighbours for the online model, its nearest item vectors for the sequential one). Waits in
+/// the inference thread's queue like a batch, between two batches.
+#[derive(Message, Debug)]
+#[rtype(result = "SimilarList")]
+pub struct Similar {
+    pub item: ItemIdx,
+    pub k: usize,
+    pub filter: ItemFilter,
+}
+
+/// The answer to [`Similar`]: most similar first, and the version that found them (empty when
+/// the worker is gone).
+#[derive(Debug, Clone, Default, MessageResponse)]
+pub struct SimilarList {
+    pub items: Vec<Scored>,
+    pub version: String,
+}
+
 /// Which versions serve whom.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Traffic {
@@ -341,6 +360,7 @@ forward_to_worker!(SwapModel, Option<Box<dyn Recommender>>);
 forward_to_worker!(StartChallenger, ());
 forward_to_worker!(EndChallenger, Option<Box<dyn Recommender>>);
 forward_to_worker!(ScoreControl, Vec<Vec<Scored>>);
+forward_to_worker!(Similar, SimilarList);
 
 impl Handler<CurrentVersion> for ModelActor {
     type Result = ResponseFuture<Traffic>;
@@ -498,6 +518,15 @@ impl Handler<RunBatch> for InferenceWorker {
             })
             .collect();
         BatchOutput { results }
+    }
+}
+
+impl Handler<Similar> for InferenceWorker {
+    type Result = SimilarList;
+
+    fn handle(&mut self, msg: Similar, _ctx: &mut Self::Context) -> SimilarList {
+        let items = self.control.similar(msg.item, msg.k, &msg.filter, &self.catalog);
+        SimilarList { items, version: self.control.version().to_owned() }
     }
 }
 

@@ -182,6 +182,9 @@ impl Config {
         if self.recs.default_k == 0 || self.recs.default_k > self.recs.max_k {
             return fail("recs.default_k must be between 1 and recs.max_k");
         }
+        if !(1..=3600).contains(&self.recs.lists_refresh_secs) {
+            return fail("recs.lists_refresh_secs must be between 1 and 3600");
+        }
         if self.session.history_len == 0 {
             return fail("session.history_len must be at least 1");
         }

@@ -52,6 +52,9 @@ pub struct EventsConfig {
 pub struct RecsConfig {
     pub default_k: usize,
     pub max_k: usize,
+    /// Seconds between two refreshes of the non-personal lists (popular, trending, latest,
+    /// similar items), and their `Cache-Control: max-age`.
+    pub lists_refresh_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -41,7 +41,7 @@ fn view_of(id: ItemId, attributes: ItemAttributes, now: i64) -> ItemView {
     ItemView { item_id: id, title, categories, tags, created_at, in_catalog: true, available, expires_at }
 }
 
-fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
+pub(super) fn item_id(raw: &str, state: &AppState) -> Result<ItemId, ApiError> {
     check_id("item_id", raw, state.config.events.max_id_len)
         .map_err(|e| ApiError::bad_request("invalid_item_id", e.message).with_field(e.field))?;
     Ok(ItemId::from(raw))

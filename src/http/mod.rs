@@ -9,6 +9,7 @@ pub mod events;
 pub mod health;
 pub mod items;
 pub mod limits;
+pub mod lists;
 pub mod middleware;
 
 /// CORS for pages served elsewhere (a dashboard, a shop front) that call the API: only the
@@ -21,8 +22,9 @@ pub fn cors(origins: &[String]) -> actix_cors::Cors {
             actix_web::http::header::CONTENT_TYPE,
             actix_web::http::header::HeaderName::from_static("x-api-key"),
             actix_web::http::header::HeaderName::from_static("last-event-id"),
+            actix_web::http::header::IF_NONE_MATCH,
         ])
-        .expose_headers([actix_web::http::header::RETRY_AFTER])
+        .expose_headers([actix_web::http::header::RETRY_AFTER, actix_web::http::header::ETAG])
         .max_age(3600)
         // The server's own pages (the dashboard): browsers send Origin on same-origin POSTs and
         // WebSocket handshakes too.
@@ -64,6 +66,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(events::configure)
     .configure(recommendations::configure)
     .configure(stream::configure)
+    // Before the items: `/v1/items/latest` must match before `/v1/items/{item_id}`.
+    .configure(lists::configure)
     .configure(items::configure)
     .configure(monitor::configure)
     .configure(users::configure)

@@ -12,7 +12,7 @@ use utoipa::openapi::{header::HeaderBuilder, ContentBuilder, Ref, RefOr, Respons
 use utoipa::{Modify, OpenApi, PartialSchema as _};
 
 use super::error::ErrorBody;
-use super::{admin, events, health, items, monitor, recommendations, stream, users};
+use super::{admin, events, health, items, lists, monitor, recommendations, stream, users};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/openapi.json").route(web::get().to(openapi_json)));
@@ -30,6 +30,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     paths(
         events::post_events,
         recommendations::get_recommendations,
+        recommendations::post_recommendations,
+        lists::popular,
+        lists::trending,
+        lists::latest,
+        lists::similar,
         stream::sse,
         stream::websocket,
         items::get_item,
@@ -62,6 +67,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         (name = "events", description = "Interactions in"),
         (name = "recommendations", description = "Lists out: read once or streamed"),
         (name = "items", description = "The catalogue"),
+        (name = "lists", description = "Non-personal lists: popular, trending, latest and similar items, cacheable by anyone"),
         (name = "users", description = "Identity and privacy: merge, export, erase"),
         (name = "admin", description = "Model versions and the closed loop"),
         (name = "operations", description = "Health, metrics, monitor, this document"),
@@ -191,6 +197,11 @@ mod tests {
         for (path, methods) in [
             ("/v1/events", &["post"][..]),
             ("/v1/users/{user_id}/recommendations", &["get"]),
+            ("/v1/recommendations", &["post"]),
+            ("/v1/popular", &["get"]),
+            ("/v1/trending", &["get"]),
+            ("/v1/items/latest", &["get"]),
+            ("/v1/items/{item_id}/similar", &["get"]),
             ("/v1/users/{user_id}/recommendations/stream", &["get"]),
             ("/v1/ws", &["get"]),
             ("/v1/items/{item_id}", &["get", "put", "delete"]),

@@ -1,4 +1,5 @@
-//! `GET /v1/users/{user_id}/recommendations`: the user's current list.
+//! `GET /v1/users/{user_id}/recommendations`: the user's current list; `POST
+//! /v1/recommendations`: a list for a basket or an anonymous session, from its items alone.
 //!
 //! Without filters and with `k` no larger than the pushed list, the answer is the list last
 //! pushed to the user's streams, served from the hub without touching an actor (the same bytes
@@ -9,22 +10,31 @@
 
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
-use serde::Deserialize;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
+use crate::actors::lists::build_request;
 use crate::actors::lists::list_from_store;
 use crate::actors::messages::{GetRecommendations, RecFilters};
+use crate::actors::model::{ModelError, Recommend};
 use crate::actors::SessionDeps;
 use crate::bus::EventBus;
-use crate::event::{Device, ItemId, UserId};
-use crate::recs::{RecList, RecUpdate};
+use crate::event::{check_id, now_ms, Device, EventType, ItemId, UserId};
+use crate::models::HistoryItem;
+use crate::recs::{RecItem, RecList, RecUpdate};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/users/{user_id}/recommendations").route(web::get().to(get_recommendations)));
+    cfg.service(web::resource("/v1/recommendations").route(web::post().to(post_recommendations)));
 }
+
+/// What personal answers say to caches: this user's alone, never to be stored (a shared cache
+/// must not hand one user's list to another, and a browser need not keep it).
+pub const PRIVATE: &str = "private, no-store";
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -61,7 +71,8 @@ fn split(list: &Option<String>) -> Vec<String> {
     tag = "recommendations",
     params(("user_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The user (1 to `events.max_id_len` characters)"), RecQuery),
     responses(
-        (status = 200, description = "The list", body = RecList),
+        (status = 200, description = "The list", body = RecList,
+         headers(("Cache-Control" = String, description = "`private, no-store`"))),
         (status = 400, description = "An invalid user id or query parameter", body = ErrorBody),
         (status = 403, description = "The credential may not read this user", body = ErrorBody),
     )
@@ -170,10 +181,167 @@ async fn stored(state: &AppState, user: &crate::event::UserId) -> bool {
 }
 
 fn respond(list: &RecList, json: &web::Bytes, k: usize) -> HttpResponse {
+    let mut response = HttpResponse::Ok();
+    response.insert_header((header::CACHE_CONTROL, PRIVATE));
     if k >= list.items.len() {
-        return HttpResponse::Ok().content_type("application/json").body(json.clone());
+        return response.content_type("application/json").body(json.clone());
     }
     let mut shorter = list.clone();
     shorter.items.truncate(k);
-    HttpResponse::Ok().json(shorter)
+    response.json(shorter)
+}
+
+/// Most items in a basket or anonymous session.
+const BASKET_MAX: usize = 200;
+
+/// A basket or an anonymous session to recommend for (`POST /v1/recommendations`).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasketRequest {
+    /// The items of the basket or session, oldest first (0 to 200; none: the list for the
+    /// context alone). They are never recommended back.
+    #[schema(max_items = 200)]
+    pub items: Vec<String>,
+    /// How the session took the items up (default `view`; a cart: `add_to_cart`).
+    #[serde(default)]
+    pub event_type: Option<EventType>,
+    /// The request's context: its `device` picks the context segment at the current part of
+    /// the day.
+    #[serde(default)]
+    pub context: Option<BasketContext>,
+    /// How many items (default `recs.default_k`, at most `recs.max_k`).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub k: Option<usize>,
+    /// Item ids to leave out besides the basket's.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Only items in one of these categories.
+    #[serde(default)]
+    pub categories: Vec<String>,
+    /// A stable id of the anonymous session (not stored): during a canary or an experiment it
+    /// decides which variant serves the session, so its lists come from one model.
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// The context of a basket request.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BasketContext {
+    pub device: Option<Device>,
+}
+
+/// The list for a basket or an anonymous session.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BasketList {
+    pub model_version: String,
+    /// The experiment variant that served it: `control` outside canaries and experiments.
+    pub variant: String,
+    /// Milliseconds since the Unix epoch.
+    pub generated_at: i64,
+    pub items: Vec<RecItem>,
+}
+
+/// Recommendations for a basket or an anonymous session
+///
+/// A list computed now from the items given (a cart, the articles a visitor read) and the
+/// context, by the serving model, without a stored user: nothing is kept, and no stream is
+/// pushed. The items themselves and `exclude` are left out; `categories` narrows it. Any valid
+/// credential may ask. Answered with `Cache-Control: private, no-store`.
+#[utoipa::path(
+    post,
+    path = "/v1/recommendations",
+    tag = "recommendations",
+    request_body(content = BasketRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The list", body = BasketList,
+         headers(("Cache-Control" = String, description = "`private, no-store`"))),
+        (status = 400, description = "The body is not JSON, or an invalid item id", body = ErrorBody),
+        (status = 422, description = "A body of the wrong shape (`invalid_body`), `k` or `items` out of range (`out_of_range`), or an item the catalogue does not know (`unknown_item`); `field` names it", body = ErrorBody),
+    )
+)]
+pub async fn post_recommendations(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    _caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let basket: BasketRequest =
+        super::decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_body").await?;
+    let recs = &state.config.recs;
+    let k = basket.k.unwrap_or(recs.default_k);
+    if k == 0 || k > recs.max_k {
+        return Err(ApiError::unprocessable(
+            "out_of_range",
+            format!("k must be between 1 and {} (recs.max_k)", recs.max_k),
+        )
+        .with_field("k"));
+    }
+    if basket.items.len() > BASKET_MAX {
+        return Err(ApiError::unprocessable("out_of_range", format!("at most {BASKET_MAX} items")).with_field("items"));
+    }
+    if basket.exclude.len() > recs.max_k {
+        return Err(ApiError::unprocessable(
+            "out_of_range",
+            format!("at most {} items to exclude (recs.max_k)", recs.max_k),
+        )
+        .with_field("exclude"));
+    }
+    let max_id_len = state.config.events.max_id_len;
+    let catalog = &state.catalog;
+    let event_type = basket.event_type.unwrap_or(EventType::View);
+    let now = now_ms();
+    let mut history = Vec::with_capacity(basket.items.len());
+    for (i, raw) in basket.items.iter().enumerate() {
+        let field = format!("items[{i}]");
+        check_id(&field, raw, max_id_len)
+            .map_err(|e| ApiError::bad_request("invalid_item_id", e.message).with_field(e.field))?;
+        let Some(item) = catalog.lookup(&ItemId::from(raw.as_str())) else {
+            return Err(ApiError::unprocessable("unknown_item", format!("no item {raw}")).with_field(field));
+        };
+        // Oldest first, a millisecond apart: the order is what the models read.
+        let timestamp = now - (basket.items.len() - i) as i64;
+        history.push(HistoryItem { item, event_type, value: None, timestamp });
+    }
+    for (i, raw) in basket.exclude.iter().enumerate() {
+        check_id(&format!("exclude[{i}]"), raw, max_id_len)
+            .map_err(|e| ApiError::bad_request("invalid_item_id", e.message).with_field(e.field))?;
+    }
+    if let Some(session) = &basket.session_id {
+        check_id("session_id", session, max_id_len)
+            .map_err(|e| ApiError::unprocessable("invalid_body", e.message).with_field(e.field))?;
+    }
+    let filters = RecFilters {
+        exclude: basket.exclude.iter().chain(&basket.items).map(|s| ItemId::from(s.as_str())).collect(),
+        categories: basket.categories.clone(),
+        device: basket.context.as_ref().and_then(|c| c.device),
+    };
+    let deps = &state.registry.deps;
+    let request = build_request(deps, history.into(), std::iter::empty(), None, k, &filters);
+    // The variant follows the session, or else the basket: the same basket, the same model.
+    let user = crate::bus::user_hash(basket.session_id.as_deref().unwrap_or(&basket.items.join("\u{1f}")));
+    let scored = match deps.model.send(Recommend { request, user }).await {
+        Ok(Ok(scored)) => scored,
+        Ok(Err(ModelError::Overloaded)) => {
+            return Err(ApiError::unavailable("unavailable", "the model is overloaded; retry shortly", 1))
+        }
+        Ok(Err(ModelError::Stopped)) | Err(_) => {
+            return Err(ApiError::unavailable("unavailable", "recommendations are temporarily unavailable", 1))
+        }
+    };
+    let indices: Vec<_> = scored.items.iter().map(|s| s.item).collect();
+    let items = catalog
+        .ids_of(&indices)
+        .into_iter()
+        .zip(&scored.items)
+        .map(|(item_id, s)| RecItem { item_id, score: s.score })
+        .collect();
+    let list = BasketList {
+        model_version: scored.version.to_string(),
+        variant: scored.variant.to_string(),
+        generated_at: now,
+        items,
+    };
+    Ok(HttpResponse::Ok().insert_header((header::CACHE_CONTROL, PRIVATE)).json(list))
 }

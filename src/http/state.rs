@@ -43,6 +43,8 @@ pub struct AppState {
     /// Production mode: who leads the loop, and whether the desired serving state is applied
     /// (none in the embedded mode).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The non-personal lists (popular, trending, latest, similar), refreshed on a period.
+    pub lists: Arc<super::lists::SegmentLists>,
 }
 
 impl AppState {

@@ -212,5 +212,7 @@ pub async fn export(
         Some(session) => session.snapshot.send(Snapshot).await?,
         None => state.store.load(&user).await?.unwrap_or_default(),
     };
-    Ok(HttpResponse::Ok().json(Export { user_id: user, profile }))
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, super::recommendations::PRIVATE))
+        .json(Export { user_id: user, profile }))
 }

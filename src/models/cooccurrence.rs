@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use super::retrieval::{Bits, CandidateCounts, CandidateSet, Filter, Source};
-use super::{fill_mask, top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use super::{fill_mask, top_k, HistoryItem, ItemFilter, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, Categories, CategoryIdx, ItemIdx};
 use crate::config::{CoocConfig, RetrievalConfig};
 use crate::event::Context;
@@ -501,6 +501,23 @@ impl Recommender for CoocModel {
         self.forget_idle(self.clock - before);
     }
 
+    /// The item's co-occurrence neighbours, by the cosine-normalised weight scoring uses: items
+    /// that users took up near this one, lately (the counts fade as events arrive).
+    fn similar(&mut self, item: ItemIdx, k: usize, filter: &ItemFilter, catalog: &Catalog) -> Vec<Scored> {
+        let Some(list) = self.neighbours.get(item as usize) else { return Vec::new() };
+        let categories = catalog.categories();
+        let now_ms = crate::event::now_ms();
+        let mut scored: Vec<Scored> = list
+            .iter()
+            .filter(|(&j, _)| j != item && filter.accepts(j, &categories, now_ms))
+            .map(|(&j, &c)| Scored { item: j, score: self.similarity(item, c, j) })
+            .filter(|s| s.score > 0.0 && s.score.is_finite())
+            .collect();
+        scored.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+        scored.truncate(k);
+        scored
+    }
+
     fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
         self.grow_to(catalog.len());
         let categories = catalog.categories();
@@ -622,6 +639,21 @@ mod tests {
         assert_ne!(idle[0][0].item, 1, "a forgotten item is no one's neighbour");
         model.observe(&[pair(0, 2)]);
         assert!(model.popularity[0] > 0.0 && model.neighbours[0].contains_key(&2), "0 starts afresh");
+    }
+
+    #[test]
+    fn similar_items_are_neighbours_filtered_and_never_the_item_itself() {
+        let catalog = catalog(4);
+        let mut model = trained(&catalog);
+        let all = super::super::ItemFilter::default();
+        let similar = model.similar(0, 5, &all, &catalog);
+        assert_eq!(similar.iter().map(|s| s.item).collect::<Vec<_>>(), vec![1], "only what co-occurred with 0");
+        assert!(model.similar(2, 5, &all, &catalog).is_empty(), "2 was only ever seen alone");
+        catalog
+            .put(&ItemId::from("i1"), crate::catalog::ItemAttributes { available: Some(false), ..Default::default() });
+        assert!(model.similar(0, 5, &all, &catalog).is_empty(), "an unavailable item is left out");
+        let any = super::super::ItemFilter { availability: super::super::Availability::Any, ..all };
+        assert_eq!(model.similar(0, 5, &any, &catalog).len(), 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod ivf;
 pub mod metrics;
 pub mod ops;
+pub mod popularity;
 pub mod registry;
 pub mod retrain;
 pub mod retrieval;
@@ -120,6 +121,49 @@ pub trait Recommender: Send + 'static {
     /// Candidates gathered per source since the last call (zero for exact scoring).
     fn take_candidate_counts(&mut self) -> CandidateCounts {
         CandidateCounts::default()
+    }
+    /// Up to `k` items most like `item`, most similar first, that `filter` accepts (never `item`
+    /// itself). Empty from a model that cannot tell (or knows nothing of `item` yet).
+    fn similar(&mut self, _item: ItemIdx, _k: usize, _filter: &ItemFilter, _catalog: &Catalog) -> Vec<Scored> {
+        Vec::new()
+    }
+}
+
+/// Which items a non-personal list (similar items, popular, latest) may show.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ItemFilter {
+    /// When set, only items in at least one of these categories (empty: none matches).
+    pub categories: Option<Vec<CategoryIdx>>,
+    pub availability: Availability,
+}
+
+/// Whether a list shows items lists may show now, the others, or both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Availability {
+    /// Only items lists may show (the default, as for every personal list).
+    #[default]
+    Available,
+    /// Only items deleted, withdrawn (`available: false`) or past `expires_at`.
+    Unavailable,
+    /// Both.
+    Any,
+}
+
+impl ItemFilter {
+    /// Whether `item` passes at `now_ms`.
+    pub fn accepts(&self, item: ItemIdx, categories: &Categories<'_>, now_ms: i64) -> bool {
+        self.accepts_parts(categories.of(item), || categories.available_at(item, now_ms))
+    }
+
+    /// Whether an item in `categories`, available as `available` says, passes.
+    pub fn accepts_parts(&self, categories: &[CategoryIdx], available: impl FnOnce() -> bool) -> bool {
+        let wanted = self.categories.as_ref().is_none_or(|w| categories.iter().any(|c| w.contains(c)));
+        wanted
+            && match self.availability {
+                Availability::Available => available(),
+                Availability::Unavailable => !available(),
+                Availability::Any => true,
+            }
     }
 }
 

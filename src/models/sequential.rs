@@ -34,7 +34,7 @@ use super::retrieval::{dot, Bits, CandidateCounts, CandidateSet, Filter, IvfInde
 use super::sasrec::{
     feedback_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
 };
-use super::{fill_mask, top_k, HistoryItem, Observation, Recommender, ScoreRequest, Scored};
+use super::{fill_mask, top_k, HistoryItem, ItemFilter, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemAttributes, ItemIdx};
 use crate::config::RetrievalConfig;
 use crate::event::ItemId;
@@ -707,6 +707,36 @@ impl SequentialModel {
         })?
     }
 
+    /// See [`Recommender::similar`].
+    fn similar_exact(
+        &mut self,
+        item: ItemIdx,
+        k: usize,
+        filter: &ItemFilter,
+        catalog: &Catalog,
+    ) -> Result<Vec<Scored>, SasRecError> {
+        self.sync_catalog(catalog)?;
+        let table = self.cache()?.table.clone();
+        let map = &self.catalog_map;
+        let h = self.config.hidden;
+        with_values(&table, |table| {
+            let vectors = Vectors { table, cold: &map.cold_vectors, row: &map.row, h };
+            let Some(query) = vectors.get(item as usize) else { return Vec::new() };
+            let categories = catalog.categories();
+            let now_ms = crate::event::now_ms();
+            let n = map.row.len();
+            let mut scores = vec![0f32; n];
+            let mut mask = vec![false; n];
+            for (c, (s, m)) in scores.iter_mut().zip(mask.iter_mut()).enumerate() {
+                *m = c == item as usize || !filter.accepts(c as ItemIdx, &categories, now_ms);
+                if !*m {
+                    *s = cosine(query, vectors.of(c));
+                }
+            }
+            top_k(&scores, &mask, k)
+        })
+    }
+
     /// Exact full scoring (small catalogues, and large ones while the index builds): the
     /// serving blend over every catalogue item. `logits` are the warm queries' `[rows, items]`
     /// logits of the model's items.
@@ -1017,6 +1047,19 @@ impl Recommender for SequentialModel {
         std::mem::take(&mut self.candidate_counts)
     }
 
+    /// The items whose vectors (the item table the network reads and scores with) are closest
+    /// to the item's by cosine: one pass over the catalogue (unseen items by their content
+    /// vectors), on the inference thread like a scoring batch.
+    fn similar(&mut self, item: ItemIdx, k: usize, filter: &ItemFilter, catalog: &Catalog) -> Vec<Scored> {
+        match self.similar_exact(item, k, filter, catalog) {
+            Ok(list) => list,
+            Err(error) => {
+                tracing::error!(error = %error, "sequential model failed to find similar items");
+                Vec::new()
+            }
+        }
+    }
+
     fn score(&mut self, requests: &[ScoreRequest], catalog: &Catalog) -> Vec<Vec<Scored>> {
         match self.score_all(requests, catalog) {
             Ok(lists) => lists,
@@ -1161,6 +1204,32 @@ mod tests {
             categories: None,
             k,
         }
+    }
+
+    #[test]
+    fn similar_items_are_the_nearest_item_vectors() {
+        let mut model = tiny();
+        let catalog = Catalog::new();
+        let idx = intern_vocab(&model.vocab, &catalog);
+        let similar = model.similar(idx[1], 10, &ItemFilter::default(), &catalog);
+        assert_eq!(similar.len(), idx.len() - 1, "every other item");
+        assert!(similar.iter().all(|s| s.item != idx[1]), "never the item itself");
+        // By cosine of the item table's rows (what the network scores with), best first.
+        let rows = model.net().item_table().rows(model.item_features()).expect("rows");
+        let h = model.config.hidden;
+        let row = |c: ItemIdx| {
+            let m = model.catalog_map.model_item(c as usize).expect("a model item") as usize;
+            rows[m * h..(m + 1) * h].to_vec()
+        };
+        for s in &similar {
+            assert!((s.score - cosine(&row(idx[1]), &row(s.item))).abs() < 1e-5, "{s:?}");
+        }
+        assert!(similar.windows(2).all(|w| w[0].score >= w[1].score));
+        let comedy = catalog.category_idx("comedy").expect("category");
+        let filter = ItemFilter { categories: Some(vec![comedy]), ..ItemFilter::default() };
+        let comedies = model.similar(idx[1], 10, &filter, &catalog);
+        assert!(!comedies.is_empty() && comedies.len() < similar.len());
+        assert!(comedies.iter().all(|s| catalog.categories().of(s.item).contains(&comedy)));
     }
 
     #[test]

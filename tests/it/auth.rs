@@ -6,13 +6,14 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-struct Keys {
-    producer: String,
-    reader: String,
-    admin: String,
+pub struct Keys {
+    pub producer: String,
+    pub reader: String,
+    pub admin: String,
 }
 
-async fn secured() -> (liverec::Server, Keys) {
+/// A server with auth on and a key of each role.
+pub async fn secured() -> (liverec::Server, Keys) {
     let mut config = test_config();
     config.auth.mode = AuthMode::On;
     config.auth.token_secret = "a test secret that is long enough to sign".into();

@@ -6,6 +6,7 @@
 //! - `recommendations`: what a list holds (likes, dislikes)
 //! - `streams`: SSE and WebSocket subscribers, fan-out, resuming, bad WebSocket messages
 //! - `catalogue`: items put and read
+//! - `nonpersonal`: popular, trending, latest and similar items, basket lists; their caching
 //! - `users`: sessions stopping and rebuilding, anonymous merge, erasure
 //! - `privacy`: pseudonymised ids
 //! - `models`: serving and switching trained versions
@@ -36,6 +37,7 @@ mod limits;
 mod memory;
 mod models;
 mod monitor;
+mod nonpersonal;
 mod observability;
 mod openapi;
 mod privacy;

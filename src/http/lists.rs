@@ -1,0 +1,740 @@
+//! The non-personal lists: `GET /v1/popular`, `GET /v1/trending`, `GET /v1/items/latest` and
+//! `GET /v1/items/{item_id}/similar`. They are the same for every caller, so they are computed
+//! once per segment and served to everyone, cacheable by browsers and CDNs.
+//!
+//! [`SegmentLists`] refreshes every `recs.lists_refresh_secs`: it reads the events applied since
+//! the last refresh from the event log into the windowed counts of `models::popularity`, sums
+//! them into a snapshot, and ranks the lists without a category for every segment of the hour
+//! (every device at the current hour bucket, and all segments together). Lists for a category,
+//! another availability, the latest items and similar items are computed on first request and
+//! kept until the next refresh. Each answer carries `Cache-Control: public, max-age=<refresh>`
+//! and a strong `ETag` (FNV-1a of the body); a request whose `If-None-Match` names it gets `304`.
+//!
+//! In production mode an instance's event log holds the events of the users it owns (its Kafka
+//! partitions, a share of users by hash), so its popular and trending lists are ranked from that
+//! share: the same ranking in expectation, not the same bytes on every instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::state::AppState;
+use crate::actors::model::{ModelActor, Similar};
+use crate::catalog::{Catalog, ItemIdx, ItemView};
+use crate::event::{now_ms, Context as EventContext, Device};
+use crate::eventlog::EventLog;
+use crate::models::popularity::{EventCounts, Ranking, Snapshot, Window};
+use crate::models::{Availability, HistoryItem, ItemFilter, Scored};
+use crate::recs::RecItem;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/popular").route(web::get().to(popular)));
+    cfg.service(web::resource("/v1/trending").route(web::get().to(trending)));
+    // Before `/v1/items/{item_id}`, and for GET only, so that PUT and DELETE of an item named
+    // `latest` still reach the item (a GET of it answers the latest items).
+    cfg.service(web::resource("/v1/items/latest").guard(actix_web::guard::Get()).to(latest));
+    cfg.service(web::resource("/v1/items/{item_id}/similar").route(web::get().to(similar)));
+}
+
+/// Most items a list holds: `offset + k` past it gives a shorter page.
+pub const LIST_MAX: usize = 500;
+/// Lists kept per refresh besides the precomputed ones (similar items, categories): a client
+/// that asks for many distinct lists gets them computed, not kept.
+const MEMO_MAX: usize = 4096;
+/// Most characters of a category label (as in the catalogue).
+const MAX_CATEGORY_LEN: usize = 128;
+
+/// The time windows of `GET /v1/popular` and `GET /v1/trending`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum WindowParam {
+    #[serde(rename = "1h")]
+    Hour,
+    #[serde(rename = "24h")]
+    Day,
+    #[serde(rename = "7d")]
+    Week,
+}
+
+impl WindowParam {
+    fn window(self) -> Window {
+        match self {
+            WindowParam::Hour => Window::Hour,
+            WindowParam::Day => Window::Day,
+            WindowParam::Week => Window::Week,
+        }
+    }
+}
+
+/// Which items a non-personal list shows: those lists may show now (default), those they may
+/// not (deleted, withdrawn with `available: false`, or past `expires_at`), or both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AvailabilityParam {
+    #[default]
+    Available,
+    Unavailable,
+    Any,
+}
+
+impl From<AvailabilityParam> for Availability {
+    fn from(param: AvailabilityParam) -> Self {
+        match param {
+            AvailabilityParam::Available => Availability::Available,
+            AvailabilityParam::Unavailable => Availability::Unavailable,
+            AvailabilityParam::Any => Availability::Any,
+        }
+    }
+}
+
+/// What a non-personal list ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ListKind {
+    Popular,
+    Trending,
+    Similar,
+}
+
+/// A non-personal list: popular, trending or similar items (the same for every caller).
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ItemList {
+    pub kind: ListKind,
+    /// The window counted (popular and trending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowParam>,
+    /// The context segment ranked for (popular and trending): `all`, or `<device>/<part of the
+    /// day>` (`night` 0-5 h, `morning`, `afternoon`, `evening` 18-23 h, UTC) for `device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
+    /// The item the list is like (similar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_id: Option<String>,
+    /// The model version that found them (similar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    pub availability: AvailabilityParam,
+    /// The position of the first item in the whole list.
+    pub offset: usize,
+    /// Pass as `offset` for the next page; absent at the end of the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<usize>,
+    /// Best first. `score`: popular, the weighted events in the window (a view 1, a click 2,
+    /// an add to cart 3, a purchase 4); trending, how far above its own baseline; similar, the
+    /// model's similarity.
+    pub items: Vec<RecItem>,
+}
+
+/// The newest items of the catalogue (`GET /v1/items/latest`).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct LatestItems {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    pub availability: AvailabilityParam,
+    /// The position of the first item in the whole list.
+    pub offset: usize,
+    /// Pass as `offset` for the next page; absent at the end of the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<usize>,
+    /// Newest `created_at` first; items put without one follow, the most recently known first.
+    pub items: Vec<ItemView>,
+}
+
+/// The query of `GET /v1/popular` and `GET /v1/trending` (the document's; [`Params`] reads it,
+/// so that every error names the parameter).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct RankedQuery {
+    /// Credentials for clients that cannot set headers (read by the `Caller` extractor).
+    access_token: Option<String>,
+    /// How many items (default `recs.default_k`, at most `recs.max_k`).
+    #[param(minimum = 1)]
+    k: Option<usize>,
+    /// Items to skip: the `next_offset` of the previous page (at most 500).
+    #[param(minimum = 0, maximum = 500)]
+    offset: Option<usize>,
+    /// Only items in this category.
+    category: Option<String>,
+    /// Rank for this device class at the current part of the day (its context segment);
+    /// absent: every segment together.
+    device: Option<Device>,
+    /// The window counted: `1h`, `24h` (popular's default) or `7d`; trending: `1h` (its
+    /// default) or `24h`, against the rest of the week.
+    window: Option<WindowParam>,
+    /// Which items by availability (default `available`).
+    availability: Option<AvailabilityParam>,
+}
+
+/// The query of `GET /v1/items/latest` and `GET /v1/items/{item_id}/similar` (the document's,
+/// as [`RankedQuery`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ItemsQuery {
+    /// Credentials for clients that cannot set headers (read by the `Caller` extractor).
+    access_token: Option<String>,
+    /// How many items (default `recs.default_k`, at most `recs.max_k`).
+    #[param(minimum = 1)]
+    k: Option<usize>,
+    /// Items to skip: the `next_offset` of the previous page (at most 500).
+    #[param(minimum = 0, maximum = 500)]
+    offset: Option<usize>,
+    /// Only items in this category.
+    category: Option<String>,
+    /// Which items by availability (default `available`).
+    availability: Option<AvailabilityParam>,
+}
+
+/// `k`, `offset`, `category` and `availability`, checked.
+struct Page {
+    k: usize,
+    offset: usize,
+    category: Option<String>,
+    availability: AvailabilityParam,
+}
+
+fn out_of_range(field: &'static str, message: String) -> ApiError {
+    ApiError::unprocessable("out_of_range", message).with_field(field)
+}
+
+/// Parameters the list endpoints take besides `access_token`.
+const PAGE_PARAMS: [&str; 4] = ["k", "offset", "category", "availability"];
+const RANKED_PARAMS: [&str; 6] = ["k", "offset", "category", "availability", "device", "window"];
+
+/// A list endpoint's query, read so that every error names the parameter to blame (serde's
+/// query errors name the value at best): each parameter at most once, and none unknown.
+struct Params(HashMap<String, String>);
+
+fn invalid_query(field: &str, message: String) -> ApiError {
+    ApiError::bad_request("invalid_query", message).with_field(field)
+}
+
+impl Params {
+    fn read(req: &HttpRequest, allowed: &[&str]) -> Result<Params, ApiError> {
+        let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+            .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?
+            .into_inner();
+        let mut params = HashMap::new();
+        for (name, value) in pairs {
+            if name == "access_token" {
+                continue;
+            }
+            if !allowed.contains(&name.as_str()) {
+                let message = format!("unknown parameter `{name}`; this endpoint takes {}", allowed.join(", "));
+                return Err(invalid_query(&name, message));
+            }
+            if params.insert(name.clone(), value).is_some() {
+                return Err(invalid_query(&name, format!("`{name}` is given more than once")));
+            }
+        }
+        Ok(Params(params))
+    }
+
+    fn number(&self, name: &str) -> Result<Option<usize>, ApiError> {
+        self.0
+            .get(name)
+            .map(|v| v.parse().map_err(|_| invalid_query(name, format!("`{name}` must be a whole number, not `{v}`"))))
+            .transpose()
+    }
+
+    fn choice<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, ApiError> {
+        self.0
+            .get(name)
+            .map(|v| {
+                serde_json::from_value(serde_json::Value::String(v.clone()))
+                    .map_err(|e| invalid_query(name, format!("`{name}`: {e}")))
+            })
+            .transpose()
+    }
+
+    fn page(&self, state: &AppState) -> Result<Page, ApiError> {
+        page(
+            state,
+            self.number("k")?,
+            self.number("offset")?,
+            &self.0.get("category").cloned(),
+            self.choice("availability")?,
+        )
+    }
+}
+
+fn page(
+    state: &AppState,
+    k: Option<usize>,
+    offset: Option<usize>,
+    category: &Option<String>,
+    availability: Option<AvailabilityParam>,
+) -> Result<Page, ApiError> {
+    let recs = &state.config.recs;
+    let k = k.unwrap_or(recs.default_k);
+    if k == 0 || k > recs.max_k {
+        return Err(out_of_range("k", format!("k must be between 1 and {} (recs.max_k)", recs.max_k)));
+    }
+    let offset = offset.unwrap_or(0);
+    if offset > LIST_MAX {
+        return Err(out_of_range("offset", format!("offset must be between 0 and {LIST_MAX}")));
+    }
+    if let Some(category) = category {
+        if category.is_empty() || category.chars().count() > MAX_CATEGORY_LEN {
+            return Err(out_of_range("category", format!("category must be 1 to {MAX_CATEGORY_LEN} characters")));
+        }
+    }
+    Ok(Page { k, offset, category: category.clone(), availability: availability.unwrap_or_default() })
+}
+
+impl Page {
+    fn filter(&self, catalog: &Catalog) -> ItemFilter {
+        ItemFilter {
+            // An unknown category matches no item: the honest answer is an empty list.
+            categories: self
+                .category
+                .as_ref()
+                .map(|c| catalog.category_idx(c).map(|idx| vec![idx]).unwrap_or_default()),
+            availability: self.availability.into(),
+        }
+    }
+
+    /// This page of `list`, checking availability again (an item withdrawn since the list was
+    /// ranked leaves it at once), and the offset of the next page if there is one.
+    fn cut<'a>(&self, list: &'a [Scored], catalog: &Catalog) -> (Vec<&'a Scored>, Option<usize>) {
+        let categories = catalog.categories();
+        let now = now_ms();
+        let filter = ItemFilter { categories: None, availability: self.availability.into() };
+        let mut passing = list.iter().filter(|s| filter.accepts(s.item, &categories, now)).skip(self.offset);
+        let items: Vec<&Scored> = passing.by_ref().take(self.k).collect();
+        let next = passing.next().map(|_| self.offset + items.len());
+        (items, next)
+    }
+}
+
+/// What a list is, as kept for one refresh.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ListKey {
+    Ranked { ranking: Ranking, window: Window, segment: Option<usize>, filter: ItemFilter },
+    Latest { filter: ItemFilter },
+    Similar { item: ItemIdx, filter: ItemFilter },
+}
+
+/// A list as kept: its items, best first, and the model version (similar items).
+#[derive(Debug, Default)]
+struct Kept {
+    items: Vec<Scored>,
+    version: Option<String>,
+}
+
+/// The lists of one refresh.
+struct Generation {
+    snapshot: Snapshot,
+    lists: Mutex<HashMap<ListKey, Arc<Kept>>>,
+}
+
+impl Generation {
+    fn get(&self, key: &ListKey) -> Option<Arc<Kept>> {
+        self.lists.lock().get(key).cloned()
+    }
+
+    fn keep(&self, key: ListKey, list: Kept) -> Arc<Kept> {
+        let list = Arc::new(list);
+        let mut lists = self.lists.lock();
+        if lists.len() < MEMO_MAX {
+            lists.insert(key, list.clone());
+        }
+        list
+    }
+}
+
+/// What the counts have read of the event log.
+struct Counting {
+    counts: EventCounts,
+    /// [`EventLog::appended`] at the last read.
+    seen: u64,
+}
+
+/// The non-personal lists, refreshed every `recs.lists_refresh_secs` (see the module docs).
+pub struct SegmentLists {
+    catalog: Arc<Catalog>,
+    event_log: Arc<EventLog>,
+    counting: Mutex<Counting>,
+    current: RwLock<Arc<Generation>>,
+    /// `recs.lists_refresh_secs`: the refresh period and the `max-age` of every answer.
+    pub max_age: u64,
+}
+
+impl SegmentLists {
+    /// Starts the lists and their refresh task on the current runtime; the task ends with the
+    /// server (`shutdown`) or when the lists are dropped.
+    pub fn start(
+        refresh_secs: u64,
+        catalog: Arc<Catalog>,
+        event_log: Arc<EventLog>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        let empty = Generation { snapshot: EventCounts::default().snapshot(now_ms()), lists: Mutex::default() };
+        let lists = Arc::new(SegmentLists {
+            catalog,
+            event_log,
+            counting: Mutex::new(Counting { counts: EventCounts::default(), seen: 0 }),
+            current: RwLock::new(Arc::new(empty)),
+            max_age: refresh_secs,
+        });
+        let weak: Weak<SegmentLists> = Arc::downgrade(&lists);
+        let period = Duration::from_secs(refresh_secs.max(1));
+        actix_rt::spawn(async move {
+            let mut ticks = actix_rt::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(lists) = weak.upgrade() else { return };
+                // Sums every bucket of the week and ranks the precomputed lists: off the I/O thread.
+                if tokio::task::spawn_blocking(move || lists.refresh(now_ms())).await.is_err() {
+                    tracing::error!("refreshing the non-personal lists panicked");
+                }
+            }
+        });
+        lists
+    }
+
+    /// Reads the new events, and replaces the lists with ones ranked from the counts at `now`.
+    pub fn refresh(&self, now: i64) {
+        let snapshot = {
+            let mut counting = self.counting.lock();
+            let (events, seen) = self.event_log.appended_since(counting.seen);
+            counting.seen = seen;
+            for event in events {
+                let weight = HistoryItem::of(&event.interaction, event.item).weight();
+                counting.counts.add(event.item, event.segment, weight, event.timestamp, now);
+            }
+            counting.counts.prune(now);
+            counting.counts.snapshot(now)
+        };
+        let generation = Generation { snapshot, lists: Mutex::default() };
+        // Every list a request without a category can ask for now.
+        let filter = ItemFilter::default();
+        let segments = std::iter::once(None).chain(
+            [Device::Mobile, Device::Desktop, Device::Tablet, Device::Tv, Device::Other]
+                .map(|d| Some(EventContext::at_time(now, d).segment())),
+        );
+        for segment in segments {
+            for (ranking, window) in [
+                (Ranking::Popular, Window::Hour),
+                (Ranking::Popular, Window::Day),
+                (Ranking::Popular, Window::Week),
+                (Ranking::Trending, Window::Hour),
+                (Ranking::Trending, Window::Day),
+            ] {
+                let key = ListKey::Ranked { ranking, window, segment, filter: filter.clone() };
+                let list = self.rank(&generation.snapshot, &key);
+                generation.keep(key, list);
+            }
+        }
+        *self.current.write() = Arc::new(generation);
+    }
+
+    fn generation(&self) -> Arc<Generation> {
+        self.current.read().clone()
+    }
+
+    /// Ranks a popular, trending or latest list (not similar items: the model finds those).
+    fn rank(&self, snapshot: &Snapshot, key: &ListKey) -> Kept {
+        match key {
+            ListKey::Ranked { ranking, window, segment, filter } => {
+                let categories = self.catalog.categories();
+                let now = snapshot.now_ms;
+                let items = snapshot
+                    .ranked(*ranking, *window, *segment, LIST_MAX, |item| filter.accepts(item, &categories, now));
+                Kept { items, version: None }
+            }
+            ListKey::Latest { filter } => {
+                let items = self
+                    .catalog
+                    .newest(LIST_MAX, now_ms(), |categories, available| filter.accepts_parts(categories, || available))
+                    .into_iter()
+                    .map(|item| Scored { item, score: 0.0 })
+                    .collect();
+                Kept { items, version: None }
+            }
+            ListKey::Similar { .. } => Kept::default(),
+        }
+    }
+
+    /// The list for `key` of the current refresh, ranked now if no request asked for it yet.
+    fn list(&self, key: ListKey) -> Arc<Kept> {
+        let generation = self.generation();
+        if let Some(list) = generation.get(&key) {
+            return list;
+        }
+        let list = self.rank(&generation.snapshot, &key);
+        generation.keep(key, list)
+    }
+
+    /// Items like `item` from the serving model, asked once per refresh.
+    async fn similar(
+        &self,
+        model: &actix::Addr<ModelActor>,
+        item: ItemIdx,
+        filter: ItemFilter,
+    ) -> Result<Arc<Kept>, ApiError> {
+        let generation = self.generation();
+        let key = ListKey::Similar { item, filter: filter.clone() };
+        if let Some(list) = generation.get(&key) {
+            return Ok(list);
+        }
+        let found = model.send(Similar { item, k: LIST_MAX, filter }).await?;
+        if found.version.is_empty() {
+            return Err(ApiError::unavailable("unavailable", "the model is restarting", 1));
+        }
+        Ok(generation.keep(key, Kept { items: found.items, version: Some(found.version) }))
+    }
+}
+
+/// The name of context segment `segment` (device x part of the day).
+fn segment_name(segment: Option<usize>) -> String {
+    const DEVICES: [&str; Device::COUNT] = ["mobile", "desktop", "tablet", "tv", "other"];
+    const PARTS: [&str; EventContext::HOUR_BUCKETS] = ["night", "morning", "afternoon", "evening"];
+    match segment {
+        None => "all".to_owned(),
+        Some(s) => format!(
+            "{}/{}",
+            DEVICES.get(s / EventContext::HOUR_BUCKETS).unwrap_or(&"other"),
+            PARTS[s % EventContext::HOUR_BUCKETS]
+        ),
+    }
+}
+
+/// A quoted hex ETag of `bytes` (64-bit FNV-1a, as the dashboard's).
+fn etag(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("\"{hash:016x}\"")
+}
+
+/// `200` with `body`, or `304` when the request's `If-None-Match` names its ETag (or is `*`),
+/// both cacheable by anyone for `max_age` seconds.
+fn cacheable(req: &HttpRequest, body: Vec<u8>, max_age: u64) -> HttpResponse {
+    let tag = etag(&body);
+    // Weak comparison, as If-None-Match asks (RFC 9110 13.1.2): a CDN may have weakened it.
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| tags.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == tag));
+    let mut response = if matches { HttpResponse::NotModified() } else { HttpResponse::Ok() };
+    response
+        .insert_header((header::CACHE_CONTROL, format!("public, max-age={max_age}")))
+        .insert_header((header::ETAG, tag));
+    if matches {
+        response.finish()
+    } else {
+        response.content_type("application/json").body(body)
+    }
+}
+
+fn items_of(page: &[&Scored], catalog: &Catalog) -> Vec<RecItem> {
+    let indices: Vec<ItemIdx> = page.iter().map(|s| s.item).collect();
+    catalog.ids_of(&indices).into_iter().zip(page).map(|(item_id, s)| RecItem { item_id, score: s.score }).collect()
+}
+
+fn json(value: &impl Serialize) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(value).map_err(|error| {
+        tracing::error!(error = %error, "cannot serialise a list");
+        ApiError::new(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    })
+}
+
+async fn ranked(req: HttpRequest, state: &AppState, ranking: Ranking) -> Result<HttpResponse, ApiError> {
+    let params = Params::read(&req, &RANKED_PARAMS)?;
+    let page = params.page(state)?;
+    let device: Option<Device> = params.choice("device")?;
+    let window: Option<WindowParam> = params.choice("window")?;
+    let (kind, window) = match ranking {
+        Ranking::Popular => (ListKind::Popular, window.unwrap_or(WindowParam::Day)),
+        Ranking::Trending => (ListKind::Trending, window.unwrap_or(WindowParam::Hour)),
+    };
+    if ranking == Ranking::Trending && window == WindowParam::Week {
+        return Err(out_of_range(
+            "window",
+            "trending compares the window with the rest of the kept week: 1h or 24h".to_owned(),
+        ));
+    }
+    let segment = device.map(|d| EventContext::at_time(now_ms(), d).segment());
+    let key = ListKey::Ranked { ranking, window: window.window(), segment, filter: page.filter(&state.catalog) };
+    let list = state.lists.list(key);
+    let (items, next_offset) = page.cut(&list.items, &state.catalog);
+    let body = ItemList {
+        kind,
+        window: Some(window),
+        segment: Some(segment_name(segment)),
+        item_id: None,
+        model_version: None,
+        category: page.category.clone(),
+        availability: page.availability,
+        offset: page.offset,
+        next_offset,
+        items: items_of(&items, &state.catalog),
+    };
+    Ok(cacheable(&req, json(&body)?, state.lists.max_age))
+}
+
+/// Popular items
+///
+/// The items with the most weighted events (view 1, click 2, add to cart 3, purchase 4) in the
+/// window, in every context segment or in the `device`'s segment at the current part of the day;
+/// filtered by category and availability; paged with `offset`. Recomputed every
+/// `recs.lists_refresh_secs` and cacheable by anyone for as long (`ETag`, `304` on
+/// `If-None-Match`). Any valid credential may read it.
+#[utoipa::path(
+    get,
+    path = "/v1/popular",
+    tag = "lists",
+    params(RankedQuery),
+    responses(
+        (status = 200, description = "The list", body = ItemList,
+         headers(("Cache-Control" = String, description = "`public, max-age=<recs.lists_refresh_secs>`"),
+                 ("ETag" = String, description = "Send back as `If-None-Match`"))),
+        (status = 304, description = "Not modified: the `If-None-Match` ETag is current",
+         headers(("Cache-Control" = String), ("ETag" = String))),
+        (status = 400, description = "A query parameter of the wrong type or value, or an unknown one", body = ErrorBody),
+        (status = 422, description = "`k`, `offset` or `category` out of range (`out_of_range`, `field` names it)", body = ErrorBody),
+    )
+)]
+pub async fn popular(req: HttpRequest, state: web::Data<AppState>, _caller: Caller) -> Result<HttpResponse, ApiError> {
+    ranked(req, &state, Ranking::Popular).await
+}
+
+/// Trending items
+///
+/// The items most above their own baseline: their weighted events in the window (default
+/// `1h`) against what their rate over the rest of the kept week predicts, as
+/// `(recent - baseline) / sqrt(baseline + 1)`; only items above their baseline. Segments,
+/// filters, paging and caching as `GET /v1/popular`. Any valid credential may read it.
+#[utoipa::path(
+    get,
+    path = "/v1/trending",
+    tag = "lists",
+    params(RankedQuery),
+    responses(
+        (status = 200, description = "The list", body = ItemList,
+         headers(("Cache-Control" = String, description = "`public, max-age=<recs.lists_refresh_secs>`"),
+                 ("ETag" = String, description = "Send back as `If-None-Match`"))),
+        (status = 304, description = "Not modified: the `If-None-Match` ETag is current",
+         headers(("Cache-Control" = String), ("ETag" = String))),
+        (status = 400, description = "A query parameter of the wrong type or value, or an unknown one", body = ErrorBody),
+        (status = 422, description = "`k`, `offset`, `category` or `window` (`7d`) out of range (`out_of_range`, `field` names it)", body = ErrorBody),
+    )
+)]
+pub async fn trending(req: HttpRequest, state: web::Data<AppState>, _caller: Caller) -> Result<HttpResponse, ApiError> {
+    ranked(req, &state, Ranking::Trending).await
+}
+
+/// The latest items
+///
+/// Catalogue items by `created_at`, newest first (items put without one follow, the most
+/// recently known first), filtered by category and availability, paged with `offset`. Cached
+/// and cacheable as `GET /v1/popular`. Any valid credential may read it.
+#[utoipa::path(
+    get,
+    path = "/v1/items/latest",
+    tag = "lists",
+    params(ItemsQuery),
+    responses(
+        (status = 200, description = "The items", body = LatestItems,
+         headers(("Cache-Control" = String, description = "`public, max-age=<recs.lists_refresh_secs>`"),
+                 ("ETag" = String, description = "Send back as `If-None-Match`"))),
+        (status = 304, description = "Not modified: the `If-None-Match` ETag is current",
+         headers(("Cache-Control" = String), ("ETag" = String))),
+        (status = 400, description = "A query parameter of the wrong type or value, or an unknown one", body = ErrorBody),
+        (status = 422, description = "`k`, `offset` or `category` out of range (`out_of_range`, `field` names it)", body = ErrorBody),
+    )
+)]
+pub async fn latest(req: HttpRequest, state: web::Data<AppState>, _caller: Caller) -> Result<HttpResponse, ApiError> {
+    let page = Params::read(&req, &PAGE_PARAMS)?.page(&state)?;
+    let list = state.lists.list(ListKey::Latest { filter: page.filter(&state.catalog) });
+    let (items, next_offset) = page.cut(&list.items, &state.catalog);
+    let ids = state.catalog.ids_of(&items.iter().map(|s| s.item).collect::<Vec<_>>());
+    let views: Vec<ItemView> = ids.iter().filter_map(|id| state.catalog.get(id)).collect();
+    let body = LatestItems {
+        category: page.category.clone(),
+        availability: page.availability,
+        offset: page.offset,
+        next_offset,
+        items: views,
+    };
+    Ok(cacheable(&req, json(&body)?, state.lists.max_age))
+}
+
+/// Similar items
+///
+/// Items like this one, from the serving model: the online model's co-occurrence neighbours
+/// (what users took up near it lately), or the nearest item vectors of a trained sequential
+/// model. Filtered by category and availability, paged with `offset`; the item itself is never
+/// in it. Asked of the model once per `recs.lists_refresh_secs` and cacheable for as long. Any
+/// valid credential may read it.
+#[utoipa::path(
+    get,
+    path = "/v1/items/{item_id}/similar",
+    tag = "lists",
+    params(("item_id" = String, Path, min_length = 1, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$", description = "The item (1 to `events.max_id_len` characters)"), ItemsQuery),
+    responses(
+        (status = 200, description = "The list", body = ItemList,
+         headers(("Cache-Control" = String, description = "`public, max-age=<recs.lists_refresh_secs>`"),
+                 ("ETag" = String, description = "Send back as `If-None-Match`"))),
+        (status = 304, description = "Not modified: the `If-None-Match` ETag is current",
+         headers(("Cache-Control" = String), ("ETag" = String))),
+        (status = 400, description = "An invalid item id, or a query parameter of the wrong type or value, or an unknown one", body = ErrorBody),
+        (status = 404, description = "No such item (`item_not_found`)", body = ErrorBody),
+        (status = 422, description = "`k`, `offset` or `category` out of range (`out_of_range`, `field` names it)", body = ErrorBody),
+    )
+)]
+pub async fn similar(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    _caller: Caller,
+) -> Result<HttpResponse, ApiError> {
+    let id = super::items::item_id(&path, &state)?;
+    let page = Params::read(&req, &PAGE_PARAMS)?.page(&state)?;
+    let item = match state.catalog.get(&id).and_then(|_| state.catalog.lookup(&id)) {
+        Some(item) => item,
+        None => return Err(ApiError::not_found("item_not_found", format!("no item {id}")).with_field("item_id")),
+    };
+    let list = state.lists.similar(&state.registry.deps.model, item, page.filter(&state.catalog)).await?;
+    let (items, next_offset) = page.cut(&list.items, &state.catalog);
+    let body = ItemList {
+        kind: ListKind::Similar,
+        window: None,
+        segment: None,
+        item_id: Some(id.to_string()),
+        model_version: list.version.clone(),
+        category: page.category.clone(),
+        availability: page.availability,
+        offset: page.offset,
+        next_offset,
+        items: items_of(&items, &state.catalog),
+    };
+    Ok(cacheable(&req, json(&body)?, state.lists.max_age))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_named_by_device_and_part_of_the_day() {
+        assert_eq!(segment_name(None), "all");
+        let evening_mobile = EventContext { device: Device::Mobile, hour: 20, ..EventContext::default() }.segment();
+        assert_eq!(segment_name(Some(evening_mobile)), "mobile/evening");
+        let night_tv = EventContext { device: Device::Tv, hour: 1, ..EventContext::default() }.segment();
+        assert_eq!(segment_name(Some(night_tv)), "tv/night");
+    }
+}
