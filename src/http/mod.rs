@@ -11,6 +11,7 @@ pub mod items;
 pub mod limits;
 pub mod lists;
 pub mod middleware;
+pub mod segment_lists;
 
 /// CORS for pages served elsewhere (a dashboard, a shop front) that call the API: only the
 /// origins in `auth.allowed_origins` (`"*"`: any), with the credential headers liverec reads.

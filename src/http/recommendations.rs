@@ -268,7 +268,7 @@ pub async fn post_recommendations(
     _caller: Caller,
 ) -> Result<HttpResponse, ApiError> {
     let basket: BasketRequest =
-        super::decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_body").await?;
+        super::body::decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_body").await?;
     let recs = &state.config.recs;
     let k = basket.k.unwrap_or(recs.default_k);
     if k == 0 || k > recs.max_k {

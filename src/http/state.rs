@@ -44,7 +44,7 @@ pub struct AppState {
     /// (none in the embedded mode).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The non-personal lists (popular, trending, latest, similar), refreshed on a period.
-    pub lists: Arc<super::lists::SegmentLists>,
+    pub lists: Arc<super::segment_lists::SegmentLists>,
 }
 
 impl AppState {

@@ -679,7 +679,7 @@ fn app_state(
         config: config.clone(),
         pseudonyms: registry.deps.pseudonyms.clone(),
         event_log: registry.deps.event_log.clone(),
-        lists: http::lists::SegmentLists::start(
+        lists: http::segment_lists::SegmentLists::start(
             config.recs.lists_refresh_secs,
             catalog.clone(),
             registry.deps.event_log.clone(),
