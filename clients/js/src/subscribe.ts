@@ -90,6 +90,13 @@ export class Subscription {
   private readonly options: SubscribeOptions;
   private readonly stop = new AbortController();
   private lastEventId: string | undefined;
+  /** Whether the next SSE connection sends `Last-Event-ID`: only when the server that ended the
+   * last one is presumably still the same process (token expiry, a proxy's idle cut). The server
+   * resumes by `seq` alone, and an embedded server that restarted counts `seq` from 1 again: a
+   * `Last-Event-ID` from before the restart would make it hold back its current list when the
+   * numbers collide. After a shutdown or a failed connection the client asks for the current
+   * list and drops it if it is a repeat. */
+  private resume = false;
   private serverRetry: number | undefined;
 
   constructor(
@@ -226,7 +233,8 @@ export class Subscription {
   private async sse(credential: string | undefined): Promise<Outcome> {
     const url = `${this.deps.baseUrl}/v1/users/${encodeURIComponent(this.userId)}/recommendations/stream`;
     const headers: Record<string, string> = { accept: "text/event-stream", ...Credentials.header(credential) };
-    if (this.lastEventId !== undefined) headers["last-event-id"] = this.lastEventId;
+    if (this.resume && this.lastEventId !== undefined) headers["last-event-id"] = this.lastEventId;
+    this.resume = false;
     const connection = new AbortController();
     const abort = () => connection.abort();
     this.stop.signal.addEventListener("abort", abort, { once: true });
@@ -273,6 +281,7 @@ export class Subscription {
                 break;
               }
               case "token_expired":
+                this.resume = true;
                 return { kind: "expired" };
               case "erased":
                 return { kind: "erased" };
@@ -291,6 +300,8 @@ export class Subscription {
       } finally {
         reader.cancel().catch(() => {});
       }
+      // The server ended the stream without saying why (a proxy's idle timeout): same server.
+      this.resume = true;
       return { kind: "ended", delivered };
     } finally {
       clearTimeout(stallTimer);
@@ -369,10 +380,10 @@ export class Subscription {
             break;
         }
       };
-      socket.onerror = () => {
-        // The close event follows with the details there are.
-      };
-      socket.onclose = (event: CloseEvent) => {
+      let settled = false;
+      const settle = (event: { code: number; reason: string }) => {
+        if (settled) return;
+        settled = true;
         this.stop.signal.removeEventListener("abort", onAbort);
         if (outcome) return resolve(outcome);
         if (event.code === 1008) return resolve({ kind: "expired" });
@@ -386,6 +397,19 @@ export class Subscription {
           delivered,
           error: LiverecError.network(`WebSocket closed (${event.code}${event.reason ? `: ${event.reason}` : ""})`),
         });
+      };
+      socket.onclose = (event: CloseEvent) => settle(event);
+      socket.onerror = () => {
+        // Browsers follow an error with a close event. Node 20's WebSocket does not after a
+        // failed handshake (it stays CONNECTING for ever), so a failure to open ends the attempt
+        // here, and an error on an open socket does if no close follows.
+        if (!opened) settle({ code: 1006, reason: "the handshake failed" });
+        else setTimeout(() => settle({ code: 1006, reason: "error" }), 5000);
+        try {
+          socket.close();
+        } catch {
+          // not open
+        }
       };
     });
   }
