@@ -210,8 +210,12 @@ export class Tracker {
     return true;
   }
 
-  /** Hands what is queued to the browser to deliver after the page is gone: `sendBeacon` when no
-   * credential header is needed (a beacon cannot carry one), else a keepalive `fetch`. */
+  /** Hands what is queued to the browser to deliver after the page is gone. A `keepalive` fetch
+   * where it can go: it carries the credential header, and it is sent without cookies, which a
+   * cross-origin beacon is not (`sendBeacon` always includes credentials, so a cross-origin one
+   * needs `Access-Control-Allow-Credentials`, which liverec does not send: Chromium drops it). A
+   * beacon for a same-origin server without a credential (a page liverec serves itself), and as
+   * the fallback where `keepalive` is missing. */
   private beacon(): void {
     if (this.queue.length === 0) return;
     const events = this.queue.splice(0);
@@ -220,26 +224,30 @@ export class Tracker {
     const url = `${this.deps.baseUrl}/v1/events`;
     // Synchronously: a page being hidden may be frozen before a promise settles.
     const credential = this.deps.credentials.cached();
+    const sameOrigin = typeof location !== "undefined" && new URL(url, location.href).origin === location.origin;
+    const beacon = (body: string) =>
+      typeof navigator !== "undefined" &&
+      typeof navigator.sendBeacon === "function" &&
+      navigator.sendBeacon(url, new Blob([body], { type: "application/json" }));
     for (const chunk of chunks(events, this.options.maxBatch)) {
       const body = JSON.stringify(chunk);
       this.stats.beaconed += chunk.length;
-      if (credential === undefined && typeof navigator !== "undefined" && navigator.sendBeacon) {
-        try {
-          if (navigator.sendBeacon(url, new Blob([body], { type: "application/json" }))) continue;
-        } catch {
-          // Some browsers refuse a cross-origin JSON beacon: the keepalive fetch below goes instead.
-        }
+      if (credential === undefined && sameOrigin && beacon(body)) continue;
+      try {
+        this.deps
+          .fetch(url, {
+            method: "POST",
+            headers: { "content-type": "application/json", ...Credentials.header(credential) },
+            body,
+            keepalive: true,
+          })
+          .catch(() => {
+            // The page is going away: nobody is left to tell.
+          });
+      } catch {
+        // No keepalive in this browser: a beacon is the best left (it cannot carry a credential).
+        beacon(body);
       }
-      this.deps
-        .fetch(url, {
-          method: "POST",
-          headers: { "content-type": "application/json", ...Credentials.header(credential) },
-          body,
-          keepalive: true,
-        })
-        .catch(() => {
-          // The page is going away: nobody is left to tell.
-        });
     }
   }
 }
