@@ -16,5 +16,9 @@ if [ -z "${LIVEREC_BIN:-}" ]; then
     LIVEREC_BIN="$(cd ../.. && pwd)/target/debug/liverec"
     export LIVEREC_BIN
 fi
+# Node 20 has a WebSocket (for the client's "ws" transport) only behind a flag; 22 and later have it.
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 22 ]; then
+    export NODE_OPTIONS="${NODE_OPTIONS:+$NODE_OPTIONS }--experimental-websocket"
+fi
 npm ci --no-audit --no-fund --loglevel=error
 npm test

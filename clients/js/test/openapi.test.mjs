@@ -7,7 +7,7 @@ import { readFile } from "node:fs/promises";
 import { after, before, test } from "node:test";
 
 import { LiverecClient, LiverecError, operations, streamingOperations } from "../dist/index.js";
-import { render, target } from "../scripts/generate.mjs";
+import { docsPage, render, renderTable, target, withTable } from "../scripts/generate.mjs";
 import { startServer } from "./support.mjs";
 
 let server;
@@ -31,6 +31,15 @@ test("src/generated.ts is what the live /openapi.json renders to", async () => {
         `regenerate with a server running: npm run generate -- ${"http://127.0.0.1:8080/openapi.json"}`,
     );
   }
+});
+
+test("the method table of docs/clients/js.md is what the live /openapi.json renders to", async () => {
+  const page = await readFile(docsPage, "utf8");
+  assert.equal(
+    page,
+    withTable(page, renderTable(doc)),
+    "docs/clients/js.md's method table is stale: npm run generate -- http://127.0.0.1:8080/openapi.json",
+  );
 });
 
 test("every operation of the document has a typed method, or is a stream subscribe() covers", () => {

@@ -9,6 +9,10 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
+if (typeof WebSocket === "undefined") {
+  throw new Error("no WebSocket in this Node: Node 20 needs NODE_OPTIONS=--experimental-websocket (test.sh sets it)");
+}
+
 export const repoRoot = resolve(fileURLToPath(new URL("../../..", import.meta.url)));
 
 /** How long one wait may see no progress before the test fails: generous, because a debug server
