@@ -335,7 +335,12 @@ export class Subscription {
           // already closing
         }
       };
-      const onAbort = () => finish({ kind: "closed" });
+      // Closed by the caller: done at once, without waiting for a close event that a socket still
+      // in its handshake may never fire (Node 20).
+      const onAbort = () => {
+        finish({ kind: "closed" });
+        settle({ code: 1000, reason: "closed" });
+      };
       this.stop.signal.addEventListener("abort", onAbort, { once: true });
       socket.onopen = () => {
         opened = true;

@@ -13,7 +13,17 @@ let server;
 before(async () => {
   server = await startServer();
 });
-after(() => server?.close());
+/** Every client a test made: closed at the end even when the test failed half-way. */
+const clients = [];
+function make(options) {
+  const client = new LiverecClient(options);
+  clients.push(client);
+  return client;
+}
+after(async () => {
+  await Promise.all(clients.map((c) => c.close()));
+  await server?.close();
+});
 
 /** Fast reconnection for tests: the defaults (the server's 2 s, doubling to 30 s) are for crowds. */
 const quick = { initialDelayMs: 100, maxDelayMs: 1000 };
@@ -22,7 +32,7 @@ for (const transport of ["sse", "ws"]) {
   describe(`over ${transport}`, () => {
     test("the current list at once, then the list that reflects a tracked event", async () => {
       const user = `js-${transport}-first`;
-      const client = new LiverecClient({ baseUrl: server.url, token: () => mintToken(server, user) });
+      const client = make({ baseUrl: server.url, token: () => mintToken(server, user) });
       const lists = new Lists();
       const statuses = [];
       const sub = client.subscribe(user, lists.onList, { transport, ...quick, onStatus: (s) => statuses.push(s) });
@@ -44,8 +54,8 @@ for (const transport of ["sse", "ws"]) {
       const user = `js-${transport}-expiry`;
       let minted = 0;
       // Two-second tokens: the server ends the stream when each expires.
-      const client = new LiverecClient({ baseUrl: server.url, token: () => (minted++, mintToken(server, user, 2)) });
-      const admin = new LiverecClient({ baseUrl: server.url, apiKey: server.admin });
+      const client = make({ baseUrl: server.url, token: () => (minted++, mintToken(server, user, 2)) });
+      const admin = make({ baseUrl: server.url, apiKey: server.admin });
       const lists = new Lists();
       const sub = client.subscribe(user, lists.onList, { transport, ...quick });
       await lists.until("the first list", () => true);
@@ -75,7 +85,7 @@ test("both transports resume after the server restarts on the same port, and eve
   const lists = {};
   for (const transport of ["sse", "ws"]) {
     const user = `js-${transport}-restart`;
-    const client = new LiverecClient({
+    const client = make({
       baseUrl: server.url,
       token: () => mintToken(server, user),
       track: { initialDelayMs: 100, maxDelayMs: 1000, maxRetries: 1000 },
