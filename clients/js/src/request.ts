@@ -105,11 +105,6 @@ export class Credentials {
     return typeof this.source === "function";
   }
 
-  /** Whether the credential is a stream token (the only kind `?access_token=` carries). */
-  get isToken(): boolean {
-    return this.apiKey === undefined && this.source !== undefined;
-  }
-
   /** The credential to send, fetching a token on first use. */
   async current(): Promise<string | undefined> {
     if (this.apiKey !== undefined) return this.apiKey;
