@@ -4,6 +4,7 @@
 // port: the stream resumes and an event tracked while it was down is delivered and reflected.
 
 import assert from "node:assert/strict";
+import { connect, createServer } from "node:net";
 import { after, before, describe, test } from "node:test";
 
 import { isNewer, LiverecClient } from "../dist/index.js";
@@ -11,7 +12,8 @@ import { assertMonotonic, eventually, Lists, mintToken, startServer } from "./su
 
 let server;
 before(async () => {
-  server = await startServer();
+  // A heartbeat every second, so that a client may call a connection silent for 3 s stalled.
+  server = await startServer({ extra: "[stream]\nheartbeat_secs = 1" });
 });
 /** Every client a test made: closed at the end even when the test failed half-way. */
 const clients = [];
@@ -76,6 +78,28 @@ for (const transport of ["sse", "ws"]) {
       assert.equal(new Set(lists.all.map((l) => l.rec_id)).size, lists.all.length, "a list was delivered twice");
       await client.close();
     });
+
+    test("a token for another user closes the subscription (403); erasing the user ends it as erased", async () => {
+      const errors = [];
+      const wrong = make({ baseUrl: server.url, token: () => mintToken(server, "someone-else") });
+      const refused = wrong.subscribe(`js-${transport}-not-mine`, () => assert.fail("a list for a refused subscription"), {
+        transport,
+        ...quick,
+        onError: (e) => errors.push(e),
+      });
+      await refused.done;
+      assert.equal(refused.status, "closed");
+      assert.equal(errors.at(-1).code, "forbidden");
+
+      const user = `js-${transport}-erased`;
+      const client = make({ baseUrl: server.url, token: () => mintToken(server, user) });
+      const lists = new Lists();
+      const sub = client.subscribe(user, lists.onList, { transport, ...quick });
+      await lists.until("the first list", () => true);
+      await make({ baseUrl: server.url, apiKey: server.admin }).erase({ user_id: user });
+      await sub.done;
+      assert.equal(sub.status, "erased");
+    });
   });
 }
 
@@ -121,6 +145,55 @@ test("both transports resume after the server restarts on the same port, and eve
     assert.ok(after.seq <= lists[transport].all[0].seq + 1, `seq ${after.seq}: did the server keep its state?`);
   }
   await Promise.all(clients.map((c) => c.close()));
+});
+
+/** A TCP proxy to `port` whose open connections can be frozen: kept open, nothing forwarded (a
+ * half-open connection, as a dead NAT entry or a crashed middlebox leaves it). */
+async function proxy(port) {
+  const pairs = new Set();
+  const server = createServer((client) => {
+    const upstream = connect(port, "127.0.0.1");
+    const pair = { client, upstream, frozen: false };
+    pairs.add(pair);
+    for (const [from, to] of [[client, upstream], [upstream, client]]) {
+      from.on("data", (chunk) => pair.frozen || to.write(chunk));
+      from.on("error", () => to.destroy());
+      from.on("close", () => {
+        to.destroy();
+        pairs.delete(pair);
+      });
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    freeze: () => pairs.forEach((p) => (p.frozen = true)),
+    close: () => {
+      pairs.forEach((p) => (p.client.destroy(), p.upstream.destroy()));
+      server.close();
+    },
+  };
+}
+
+test("an SSE stream that goes silent (no heartbeat for stallMs) is dropped and opened again", async () => {
+  const relay = await proxy(server.port);
+  try {
+    const user = "js-sse-stall";
+    const client = make({ baseUrl: relay.url, token: () => mintToken(server, user) });
+    const lists = new Lists();
+    const sub = client.subscribe(user, lists.onList, { ...quick, stallMs: 3000 });
+    await lists.until("the first list", () => true);
+    relay.freeze();
+    await eventually("the stalled stream to be replaced by a new connection", () => sub.stats.connects >= 2 && sub.status === "open");
+    const { event_ids } = await make({ baseUrl: server.url, apiKey: server.admin }).postEvents({
+      user_id: user,
+      item_id: "item-0005",
+      event_type: "click",
+    });
+    await lists.until("the list reflecting an event posted after the stall", (l) => l.last_event_id === event_ids[0]);
+  } finally {
+    relay.close();
+  }
 });
 
 test("isNewer: a repeat or an older list is never delivered; a restarted server's first list is", () => {
