@@ -234,7 +234,6 @@ export class Subscription {
     const url = `${this.deps.baseUrl}/v1/users/${encodeURIComponent(this.userId)}/recommendations/stream`;
     const headers: Record<string, string> = { accept: "text/event-stream", ...Credentials.header(credential) };
     if (this.resume && this.lastEventId !== undefined) headers["last-event-id"] = this.lastEventId;
-    this.resume = false;
     const connection = new AbortController();
     const abort = () => connection.abort();
     this.stop.signal.addEventListener("abort", abort, { once: true });
@@ -256,11 +255,15 @@ export class Subscription {
         response = await this.deps.fetch(url, { headers, signal: connection.signal, cache: "no-store" });
       } catch (error) {
         if (this.stop.signal.aborted) return { kind: "closed" };
+        this.resume = false;
         return { kind: "ended", delivered: false, error: LiverecError.network(stalled ? "connection stalled" : error) };
       }
+      // A refusal (an expired token's 401, a 429) comes from a server that is up: the next
+      // connection may still resume.
       if (!response.ok || !response.body) {
         return outcomeOf(await LiverecError.from(response));
       }
+      this.resume = false;
       this.stats.connects += 1;
       this.setStatus("open");
       const parser = new SseParser(this.lastEventId);
