@@ -338,8 +338,11 @@ class StreamState:
     def accept(self, recs: m.RecList) -> bool:
         """Whether to deliver ``recs``: not the list already delivered, nor an older one.
 
-        ``seq`` orders one server's lists; ``generated_at`` also orders those of a restarted
-        embedded server, whose numbering starts again (its memory is gone).
+        A list is newer when its ``seq`` is higher (the user's numbering, which production mode
+        keeps in the store across instances and restarts), or when its ``seq`` went back but it
+        was generated later: a restarted embedded server has lost its memory and numbers from 1
+        again. A list neither numbered higher nor generated later is a repeat or a stale one
+        (e.g. the stored list another instance shows until the owner publishes).
         """
         last = self.last
         if last is not None:

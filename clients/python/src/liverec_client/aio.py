@@ -250,8 +250,8 @@ async def _token(source: AsyncTokenSource) -> Optional[str]:
 
 class AsyncRecStream:
     """A user's lists over Server-Sent Events as an async iterator; behaves as
-    :class:`liverec_client.RecStream` (reconnects with ``Last-Event-ID``, refreshes tokens, never
-    an older list after a newer one). ``token`` may be a coroutine function. Stop with
+    :class:`liverec_client.RecStream` (reconnects with ``Last-Event-ID`` and reads the current
+    list once after a reconnect, refreshes tokens, never an older list after a newer one). ``token`` may be a coroutine function. Stop with
     :meth:`aclose` or by leaving the ``async for``."""
 
     def __init__(self, client: AsyncClient, user_id: str, token: AsyncTokenSource, last_event_id: Optional[str],
@@ -300,6 +300,18 @@ class AsyncRecStream:
         except asyncio.TimeoutError:
             pass
 
+    async def _catch_up(self, token: Optional[str]) -> Optional[m.RecList]:
+        """The user's current list, read once after a reconnect (see :class:`liverec_client.RecStream`)."""
+        try:
+            response = await self._client._http.get(
+                f"{self._client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations",
+                headers=self._client._headers(token),
+            )
+            return m.RecList.from_dict(response.json()) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as error:
+            log.debug("no catch-up list for %s: %r", self.user_id, error)
+            return None
+
     async def _lists(self) -> AsyncIterator[m.RecList]:
         client, state = self._client, self._state
         url = f"{client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations/stream"
@@ -319,8 +331,13 @@ class AsyncRecStream:
                             await self._wait(state.next_delay(error.retry_after))
                             continue
                         raise error
+                    reconnected = state.connected_once
                     state.connected()
                     refreshed = False
+                    if reconnected:
+                        caught_up = await self._catch_up(token)
+                        if caught_up is not None and state.accept(caught_up):
+                            yield caught_up
                     decoder = c.SseDecoder()
                     async for line in response.aiter_lines():
                         msg = decoder.line(line)

@@ -273,6 +273,11 @@ class RecStream:
     ``stream.heartbeat_secs``, 15 by default) counts as dropped. It never yields a list older
     than one it yielded (see :meth:`StreamState.accept`).
 
+    After a reconnect it also reads the current list once over REST: a restarted embedded server
+    numbers its lists from 1 again, so the ``Last-Event-ID`` of the list the client holds may name
+    the new server's current list, which the server then does not send; the REST answer fills that
+    gap (and is dropped as a duplicate in the usual case).
+
     ``token`` is a stream token or a function returning a fresh one: it is called again when the
     token expires (``event: token_expired``) or is refused (401). Errors that retrying cannot fix
     (400, 401 without a token function, 403) are raised; ``event: erased`` raises
@@ -319,6 +324,18 @@ class RecStream:
     def _wait(self, seconds: float) -> None:
         self._closed.wait(seconds)
 
+    def _catch_up(self, token: Optional[str]) -> Optional[m.RecList]:
+        """The user's current list, read once after a reconnect (see :class:`RecStream`)."""
+        try:
+            response = self._client._http.get(
+                f"{self._client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations",
+                headers=self._client._headers(token),
+            )
+            return m.RecList.from_dict(response.json()) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as error:
+            log.debug("no catch-up list for %s: %r", self.user_id, error)
+            return None
+
     def __iter__(self) -> Iterator[m.RecList]:
         client, state = self._client, self._state
         url = f"{client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations/stream"
@@ -340,8 +357,13 @@ class RecStream:
                             self._wait(state.next_delay(error.retry_after))
                             continue
                         raise error
+                    reconnected = state.connected_once
                     state.connected()
                     refreshed = False
+                    if reconnected:
+                        caught_up = self._catch_up(token)
+                        if caught_up is not None and state.accept(caught_up):
+                            yield caught_up
                     decoder = c.SseDecoder()
                     for line in response.iter_lines():
                         msg = decoder.line(line)
