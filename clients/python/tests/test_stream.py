@@ -96,11 +96,12 @@ def test_a_stream_survives_a_server_restart(make_server):
     with Client(srv.url) as client:
         before = client.track(u, "item-0003", "click").event_ids[0]
         wait_until("a first list", lambda: client.recommendations(u).last_event_id == before)
-        # Reconnect attempts 2 s apart: the new server has the event's list (numbered 1, as the
-        # one the stream holds) by the time the stream is back, which it must deliver all the same.
+        # Reconnect attempts 2 s apart: the new server mostly has the event's list by the time the
+        # stream is back, numbered as low as the one the stream holds (its Last-Event-ID), and the
+        # stream must deliver it all the same.
         reader = Collector(client.stream(u, reconnect_delay=2.0, max_reconnect_delay=2.0))
         try:
-            assert reader.next().seq == 1
+            reader.next()
             srv.restart()  # same port; the embedded server's memory is gone
             after = client.track(u, "item-0005", "click").event_ids[0]
             recs = reader.next_where("a list from the restarted server", lambda r: r.last_event_id == after)
@@ -121,7 +122,7 @@ def test_subscribe_calls_back_from_a_thread(server):
             recs = got.get(timeout=STALL_SECS)
             while recs.last_event_id != event:
                 recs = got.get(timeout=STALL_SECS)
-        assert subscription.error is None
+        assert subscription.error is None, repr(subscription.error)
         assert not subscription._thread.is_alive()
 
 

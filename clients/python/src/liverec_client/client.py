@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
@@ -310,7 +311,13 @@ class RecStream:
         with self._lock:
             response = self._response
         if response is not None:
+            # Closing a response does not wake a thread blocked reading its socket; shutting the
+            # socket down does (the read ends at once rather than at the next heartbeat).
+            stream = response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
             try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
                 response.close()
             except Exception:  # closing from another thread may race the reader: it stops anyway
                 pass
@@ -348,6 +355,8 @@ class RecStream:
                 with client._http.stream("GET", url, headers=headers, timeout=timeout) as response:
                     with self._lock:
                         self._response = response
+                    if self._closed.is_set():  # close() came while connecting
+                        return
                     if response.status_code != 200:
                         error = c.api_error(response.status_code, response.headers, response.read())
                         if error.status == 401 and callable(self._token_source) and not refreshed:
