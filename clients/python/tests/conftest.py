@@ -65,8 +65,10 @@ class Server:
 
     def start(self) -> "Server":
         self.starts += 1
+        # Settings of the caller's own liverec (LIVEREC_*) stay out: the test decides.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("LIVEREC_")}
         env = dict(
-            os.environ,
+            inherited,
             LIVEREC_LISTEN=f"127.0.0.1:{self.port}",
             LIVEREC_MODEL__REGISTRY_DIR=str(self.workdir / "models"),
             LIVEREC_LOG__LEVEL="warn",
