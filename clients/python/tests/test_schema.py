@@ -28,6 +28,9 @@ MODELS: Dict[type, Tuple[str, Dict[str, str], Tuple[str, ...]]] = {
     lc.Readiness: ("Readiness", {}, ()),
     lc.Event: ("EventIn", {}, ()),
     lc.Context: ("ContextIn", {}, ()),
+    lc.ItemList: ("ItemList", {}, ()),
+    lc.LatestItems: ("LatestItems", {}, ()),
+    lc.BasketList: ("BasketList", {}, ()),
 }
 
 # Every operation of the document, and the Client method that makes it.
@@ -58,7 +61,16 @@ OPERATIONS = {
     ("POST", "/v1/admin/experiments"): "start_experiment",
     ("DELETE", "/v1/admin/experiments"): "stop_experiment",
     ("GET", "/v1/monitor"): "monitor",
+    ("GET", "/v1/popular"): "popular",
+    ("GET", "/v1/trending"): "trending",
+    ("GET", "/v1/items/latest"): "latest_items",
+    ("GET", "/v1/items/{item_id}/similar"): "similar_items",
+    ("POST", "/v1/recommendations"): "basket_recommendations",
 }
+# The non-personal lists came with their own change: a server from before it lacks them.
+NEWER = {("GET", "/v1/popular"), ("GET", "/v1/trending"), ("GET", "/v1/items/latest"),
+         ("GET", "/v1/items/{item_id}/similar"), ("POST", "/v1/recommendations")}
+NEWER_SCHEMAS = {"ItemList", "LatestItems", "BasketList"}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +86,8 @@ def json_names(cls, renamed):
 @pytest.mark.parametrize("cls", list(MODELS), ids=lambda c: c.__name__)
 def test_each_model_has_its_schemas_fields(document, cls):
     name, renamed, extra = MODELS[cls]
+    if name in NEWER_SCHEMAS and name not in document["components"]["schemas"]:
+        pytest.skip(f"this server's document has no {name}")
     schema = document["components"]["schemas"][name]
     properties = set(schema.get("properties", {}))
     assert json_names(cls, renamed) - set(extra) == properties, f"{cls.__name__} differs from the schema {name}"
@@ -86,7 +100,7 @@ def test_each_model_has_its_schemas_fields(document, cls):
 def test_every_operation_has_a_client_method(document):
     in_document = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
     missing = sorted(in_document - set(OPERATIONS))
-    gone = sorted(set(OPERATIONS) - in_document)
+    gone = sorted(set(OPERATIONS) - in_document - (NEWER if not NEWER & in_document else set()))
     assert not missing, f"operations the Python client does not cover: {missing}"
     assert not gone, f"operations the client maps that the server no longer has: {gone}"
     for name in filter(None, OPERATIONS.values()):

@@ -97,8 +97,8 @@ def test_a_stream_survives_a_server_restart(make_server):
         before = client.track(u, "item-0003", "click").event_ids[0]
         wait_until("a first list", lambda: client.recommendations(u).last_event_id == before)
         # Reconnect attempts 2 s apart: the new server mostly has the event's list by the time the
-        # stream is back, numbered as low as the one the stream holds (its Last-Event-ID), and the
-        # stream must deliver it all the same.
+        # stream is back, numbered as low as the one the stream holds, and the stream must ask for
+        # it (no Last-Event-ID after a shutdown) and deliver it all the same.
         reader = Collector(client.stream(u, reconnect_delay=2.0, max_reconnect_delay=2.0))
         try:
             reader.next()

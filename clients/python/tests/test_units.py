@@ -23,14 +23,23 @@ def test_the_sse_decoder_reads_the_servers_frames():
 
 def test_a_stream_never_delivers_an_older_list_after_a_newer_one():
     state = StreamState(None, 30.0)
-    assert state.accept(recs(5, 1000))
-    assert not state.accept(recs(5, 1000, rec_id="r5-1000")), "the same list twice"
-    assert not state.accept(recs(4, 900)), "an older list (a stored one from another instance)"
-    assert state.accept(recs(6, 1001))
-    # A restarted embedded server numbers from 1 again; its lists are newer all the same.
-    assert state.accept(recs(1, 2000))
-    assert not state.accept(recs(1, 1999, rec_id="other")), "as numbered as the last, and older"
-    assert state.last.seq == 1 and state.accept(recs(2, 2000))
+    assert state.accept(recs(5, 1000), True)
+    assert not state.accept(recs(5, 1000, rec_id="r5-1000"), False), "the same list twice"
+    assert not state.accept(recs(5, 1000, rec_id="r5-1000"), True), "the same list on a new connection"
+    assert not state.accept(recs(4, 900), True), "an older list (a stored one from another instance)"
+    assert state.accept(recs(6, 1001), False)
+    # A restarted embedded server numbers from 1 again: its first list is newer all the same.
+    assert state.accept(recs(1, 2000), True)
+    assert not state.accept(recs(1, 1999, rec_id="other"), True), "as numbered as the last, and older"
+    assert not state.accept(recs(1, 2001, rec_id="later"), False), "not first on its connection, not numbered higher"
+    assert state.last.seq == 1 and state.accept(recs(2, 2000), False)
+
+
+def test_last_event_id_is_sent_only_to_the_same_server():
+    state = StreamState(None, 30.0, last_event_id="7")
+    assert "last-event-id" not in state.headers()
+    state.resume = True
+    assert state.headers()["last-event-id"] == "7"
 
 
 def test_reconnect_delays_grow_and_reset():

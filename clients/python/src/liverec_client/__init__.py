@@ -20,14 +20,17 @@ from .models import (
     DEVICES,
     EVENT_TYPES,
     Accepted,
+    BasketList,
     Context,
     Erased,
     Event,
     Export,
     Health,
     Item,
+    ItemList,
     ItemPage,
     ItemsPut,
+    LatestItems,
     Merged,
     MintedToken,
     ModelsStatus,
@@ -42,7 +45,7 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Accepted", "ApiError", "AsyncClient", "AsyncEventBatcher", "AsyncRecStream", "Client", "Context",
+    "Accepted", "ApiError", "BasketList", "ItemList", "LatestItems", "AsyncClient", "AsyncEventBatcher", "AsyncRecStream", "Client", "Context",
     "DEVICES", "EVENT_TYPES", "Erased", "Event", "EventBatcher", "Export", "Health", "Item", "ItemPage",
     "ItemsPut", "LiverecError", "Merged", "MintedToken", "ModelVersion", "ModelsStatus", "NO_RETRY",
     "Readiness", "RecItem", "RecList", "RecStream", "RetrainStarted", "RetryPolicy", "StreamEnded",

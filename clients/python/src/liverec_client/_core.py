@@ -46,6 +46,12 @@ class Call:
     """Error statuses returned as answers rather than raised (``/readyz``'s 503)."""
     content: Optional[bytes] = None
     content_type: Optional[str] = None
+    cacheable: bool = False
+    """A public list served with an ``ETag``: asked again with ``If-None-Match``, and the kept
+    answer returned on ``304 Not Modified``."""
+
+    def cache_key(self) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
+        return self.path, tuple(sorted((k, str(v)) for k, v in (self.params or {}).items()))
 
     def __post_init__(self) -> None:
         if self.params:
@@ -256,6 +262,78 @@ def op_monitor() -> Call:
     return Call("GET", "/v1/monitor")
 
 
+def op_ranked(kind: str, k, offset, category, device, window, availability) -> Call:
+    params = {"k": k, "offset": offset, "category": category, "device": device, "window": window, "availability": availability}
+    return Call("GET", f"/v1/{kind}", params=params, decode=m.ItemList.from_dict, cacheable=True)
+
+
+def op_latest_items(k, offset, category, availability) -> Call:
+    params = {"k": k, "offset": offset, "category": category, "availability": availability}
+    return Call("GET", "/v1/items/latest", params=params, decode=m.LatestItems.from_dict, cacheable=True)
+
+
+def op_similar_items(item_id: str, k, offset, category, availability) -> Call:
+    params = {"k": k, "offset": offset, "category": category, "availability": availability}
+    return Call("GET", f"/v1/items/{seg(item_id)}/similar", params=params, decode=m.ItemList.from_dict, cacheable=True)
+
+
+def op_basket(items, event_type, device, k, exclude, categories, session_id) -> Call:
+    body: Dict[str, Any] = {"items": list(items)}
+    for name, value in (("event_type", event_type), ("k", k), ("session_id", session_id)):
+        if value is not None:
+            body[name] = value
+    if device is not None:
+        body["context"] = {"device": device}
+    if exclude is not None:
+        body["exclude"] = list(exclude)
+    if categories is not None:
+        body["categories"] = list(categories)
+    # Nothing is stored: asking again is harmless.
+    return Call("POST", "/v1/recommendations", json=body, decode=m.BasketList.from_dict, idempotent=True)
+
+
+class AnswerCache:
+    """The last answer and ``ETag`` of each cacheable call, for conditional requests; the least
+    recently used go first past ``size`` entries. Safe to share between threads."""
+
+    def __init__(self, size: int) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.size = size
+        self._entries: "OrderedDict[Any, Tuple[str, Any]]" = OrderedDict()
+        self._lock = threading.Lock()
+        #: Answers served from the cache on ``304 Not Modified``.
+        self.hits = 0
+
+    def headers(self, call: Call) -> Dict[str, str]:
+        if not call.cacheable or self.size <= 0:
+            return {}
+        with self._lock:
+            entry = self._entries.get(call.cache_key())
+        return {"if-none-match": entry[0]} if entry else {}
+
+    def hit(self, call: Call) -> Tuple[bool, Any]:
+        """On a 304: (True, the kept answer), or (False, None) if it was evicted meanwhile."""
+        with self._lock:
+            entry = self._entries.get(call.cache_key())
+            if entry is None:
+                return False, None
+            self._entries.move_to_end(call.cache_key())
+            self.hits += 1
+            return True, entry[1]
+
+    def store(self, call: Call, etag: Optional[str], value: Any) -> None:
+        if not call.cacheable or self.size <= 0 or not etag:
+            return
+        with self._lock:
+            key = call.cache_key()
+            self._entries[key] = (etag, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
 def op_health() -> Call:
     return Call("GET", "/healthz", decode=m.Health.from_dict)
 
@@ -318,12 +396,20 @@ class SseDecoder:
 @dataclass
 class StreamState:
     """What a reconnecting stream remembers: the newest list delivered (never deliver an older
-    one after it), the last event id (sent as ``Last-Event-ID``), and the backoff."""
+    one after it), the last event id and whether to send it, and the backoff."""
 
     reconnect_delay: Optional[float]
     max_reconnect_delay: float
     last: Optional[m.RecList] = None
     last_event_id: Optional[str] = None
+    resume: bool = False
+    """Whether the next connection sends ``Last-Event-ID``: only when the server that ended the
+    last one is presumably the same process (its stream token expired, or a proxy cut an idle
+    connection). The server resumes by ``seq`` alone, and an embedded server that restarted
+    numbers from 1 again: a ``Last-Event-ID`` from before the restart would make it hold back
+    its current list when the numbers collide. After ``event: shutdown`` or a failed
+    connection the stream asks for the current list instead, and drops it if it is a repeat.
+    (The same rule as the JavaScript client's.)"""
     server_retry: Optional[float] = None
     failures: int = 0
     reconnects: int = 0
@@ -331,24 +417,23 @@ class StreamState:
 
     def headers(self) -> Dict[str, str]:
         headers = {"accept": "text/event-stream", "cache-control": "no-cache"}
-        if self.last_event_id is not None:
+        if self.resume and self.last_event_id is not None:
             headers["last-event-id"] = self.last_event_id
         return headers
 
-    def accept(self, recs: m.RecList) -> bool:
+    def accept(self, recs: m.RecList, first_on_connection: bool) -> bool:
         """Whether to deliver ``recs``: not the list already delivered, nor an older one.
 
         A list is newer when its ``seq`` is higher (the user's numbering, which production mode
-        keeps in the store across instances and restarts), or when its ``seq`` went back but it
-        was generated later: a restarted embedded server has lost its memory and numbers from 1
-        again. A list neither numbered higher nor generated later is a repeat or a stale one
-        (e.g. the stored list another instance shows until the owner publishes).
+        keeps in the store across instances and restarts), or when it is the first list of a
+        new connection and was generated later: a restarted embedded server has lost its memory
+        and numbers from 1 again. The same list twice (same ``rec_id``) is delivered once.
         """
         last = self.last
         if last is not None:
             if recs.rec_id == last.rec_id:
                 return False
-            if recs.seq <= last.seq and recs.generated_at <= last.generated_at:
+            if recs.seq <= last.seq and not (first_on_connection and recs.generated_at > last.generated_at):
                 return False
         self.last = recs
         return True

@@ -32,6 +32,7 @@ class AsyncClient:
         timeout: float = 10.0,
         retry: Optional[c.RetryPolicy] = None,
         max_batch: int = 1000,
+        cache_size: int = 256,
         http: Optional[httpx.AsyncClient] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -39,6 +40,9 @@ class AsyncClient:
         self.timeout = timeout
         self.retry = retry or c.RetryPolicy()
         self.max_batch = max_batch
+        #: Public lists (popular, trending, latest, similar) with their ETags: asked again
+        #: with If-None-Match, a 304 answers from here. ``cache_size=0`` turns it off.
+        self.cache = c.AnswerCache(cache_size)
         self._http = http or httpx.AsyncClient(timeout=timeout, headers={"user-agent": c.USER_AGENT})
         self._own_http = http is None
 
@@ -60,6 +64,7 @@ class AsyncClient:
         attempt = 0
         while True:
             attempt += 1
+            conditional = self.cache.headers(call)
             try:
                 response = await self._http.request(
                     call.method,
@@ -67,7 +72,11 @@ class AsyncClient:
                     params=call.params,
                     json=call.json if call.content is None else None,
                     content=call.content,
-                    headers={**self._headers(), **({"content-type": call.content_type} if call.content_type else {})},
+                    headers={
+                        **self._headers(),
+                        **conditional,
+                        **({"content-type": call.content_type} if call.content_type else {}),
+                    },
                 )
             except httpx.TransportError as error:
                 retriable = isinstance(error, httpx.ConnectError) or call.idempotent
@@ -78,8 +87,15 @@ class AsyncClient:
                 await asyncio.sleep(delay)
                 continue
             status = response.status_code
+            if status == 304 and conditional:
+                found, value = self.cache.hit(call)
+                if found:
+                    return value
+                continue  # evicted meanwhile: ask again without the ETag
             if status < 400 or status in call.ok:
-                return c.decode_answer(call, status, response.content)
+                value = c.decode_answer(call, status, response.content)
+                self.cache.store(call, response.headers.get("etag"), value)
+                return value
             error = c.api_error(status, response.headers, response.content)
             delay = self.retry.delay(attempt, error.retry_after) if status in self.retry.statuses else None
             if delay is None:
@@ -147,6 +163,67 @@ class AsyncClient:
                 await stream.aclose()
 
         return asyncio.ensure_future(run())
+
+    # ---- non-personal lists ------------------------------------------------------------------
+
+    async def popular(
+        self,
+        *,
+        k: Optional[int] = None,
+        offset: Optional[int] = None,
+        category: Optional[str] = None,
+        device: Optional[str] = None,
+        window: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.ItemList:
+        """The most popular items (``GET /v1/popular``): in ``window`` (``1h``, ``24h``, ``7d``), for
+        ``device``'s context segment now, in ``category``; a page from ``offset``. Cached by ETag."""
+        return await self._run(c.op_ranked("popular", k, offset, category, device, window, availability))
+
+    async def trending(
+        self,
+        *,
+        k: Optional[int] = None,
+        offset: Optional[int] = None,
+        category: Optional[str] = None,
+        device: Optional[str] = None,
+        window: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.ItemList:
+        """The items rising most against their own baseline (``GET /v1/trending``); arguments as
+        :meth:`popular`."""
+        return await self._run(c.op_ranked("trending", k, offset, category, device, window, availability))
+
+    async def latest_items(
+        self, *, k: Optional[int] = None, offset: Optional[int] = None, category: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.LatestItems:
+        """The newest items of the catalogue (``GET /v1/items/latest``). Cached by ETag."""
+        return await self._run(c.op_latest_items(k, offset, category, availability))
+
+    async def similar_items(
+        self, item_id: str, *, k: Optional[int] = None, offset: Optional[int] = None, category: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.ItemList:
+        """Items like ``item_id`` (``GET /v1/items/{id}/similar``). Cached by ETag."""
+        return await self._run(c.op_similar_items(item_id, k, offset, category, availability))
+
+    async def basket_recommendations(
+        self,
+        items: Iterable[str],
+        *,
+        event_type: Optional[str] = None,
+        device: Optional[str] = None,
+        k: Optional[int] = None,
+        exclude: Optional[Iterable[str]] = None,
+        categories: Optional[Iterable[str]] = None,
+        session_id: Optional[str] = None,
+    ) -> m.BasketList:
+        """A list for a basket or an anonymous session (``POST /v1/recommendations``): computed now
+        from ``items`` (oldest first; taken up as ``event_type``, default ``view``) and
+        ``device``, without a stored user; ``session_id`` keeps an anonymous session on one
+        variant during an experiment."""
+        return await self._run(c.op_basket(items, event_type, device, k, exclude, categories, session_id))
 
     # ---- catalogue ---------------------------------------------------------------------------
 
@@ -250,8 +327,8 @@ async def _token(source: AsyncTokenSource) -> Optional[str]:
 
 class AsyncRecStream:
     """A user's lists over Server-Sent Events as an async iterator; behaves as
-    :class:`liverec_client.RecStream` (reconnects with ``Last-Event-ID`` and reads the current
-    list once after a reconnect, refreshes tokens, never an older list after a newer one). ``token`` may be a coroutine function. Stop with
+    :class:`liverec_client.RecStream` (reconnects, resuming with ``Last-Event-ID`` where that is
+    safe, refreshes tokens, never an older list after a newer one). ``token`` may be a coroutine function. Stop with
     :meth:`aclose` or by leaving the ``async for``."""
 
     def __init__(self, client: AsyncClient, user_id: str, token: AsyncTokenSource, last_event_id: Optional[str],
@@ -259,7 +336,9 @@ class AsyncRecStream:
         self._client = client
         self.user_id = user_id
         self._token_source = token
-        self._state = c.StreamState(reconnect_delay, max_reconnect_delay, last_event_id=last_event_id)
+        self._state = c.StreamState(
+            reconnect_delay, max_reconnect_delay, last_event_id=last_event_id, resume=last_event_id is not None
+        )
         self._read_timeout = read_timeout
         self._closed = asyncio.Event()
         self._gen: Optional[AsyncIterator[m.RecList]] = None
@@ -300,18 +379,6 @@ class AsyncRecStream:
         except asyncio.TimeoutError:
             pass
 
-    async def _catch_up(self, token: Optional[str]) -> Optional[m.RecList]:
-        """The user's current list, read once after a reconnect (see :class:`liverec_client.RecStream`)."""
-        try:
-            response = await self._client._http.get(
-                f"{self._client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations",
-                headers=self._client._headers(token),
-            )
-            return m.RecList.from_dict(response.json()) if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as error:
-            log.debug("no catch-up list for %s: %r", self.user_id, error)
-            return None
-
     async def _lists(self) -> AsyncIterator[m.RecList]:
         client, state = self._client, self._state
         url = f"{client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations/stream"
@@ -331,13 +398,12 @@ class AsyncRecStream:
                             await self._wait(state.next_delay(error.retry_after))
                             continue
                         raise error
-                    reconnected = state.connected_once
                     state.connected()
                     refreshed = False
-                    if reconnected:
-                        caught_up = await self._catch_up(token)
-                        if caught_up is not None and state.accept(caught_up):
-                            yield caught_up
+                    # Until told otherwise (below), a connection that ends is a server that went
+                    # away: the next one asks for the current list.
+                    state.resume = False
+                    first, shutdown = True, False
                     decoder = c.SseDecoder()
                     async for line in response.aiter_lines():
                         msg = decoder.line(line)
@@ -349,15 +415,23 @@ class AsyncRecStream:
                             recs = c.decode_list(msg)
                             if msg.id is not None:
                                 state.last_event_id = msg.id
-                            if state.accept(recs):
+                            accepted = state.accept(recs, first)
+                            first = False
+                            if accepted:
                                 yield recs
                         elif msg.event == "token_expired":
                             if not callable(self._token_source):
                                 raise LiverecError("the stream token expired; pass a function as token to refresh it")
+                            state.resume = True  # the same server: it need not repeat the list
                             token, refreshed = await _token(self._token_source), True
                             break
                         elif msg.event == "erased":
                             raise StreamEnded("erased")
+                        elif msg.event == "shutdown":
+                            shutdown = True
+                    else:
+                        # Ended without a shutdown: a proxy's idle cut, the same server.
+                        state.resume = not shutdown
             except (httpx.TransportError, httpx.StreamError) as error:
                 log.debug("stream of %s dropped: %r", self.user_id, error)
             if self._closed.is_set():

@@ -38,6 +38,7 @@ class Client:
         timeout: float = 10.0,
         retry: Optional[c.RetryPolicy] = None,
         max_batch: int = 1000,
+        cache_size: int = 256,
         http: Optional[httpx.Client] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -45,6 +46,9 @@ class Client:
         self.timeout = timeout
         self.retry = retry or c.RetryPolicy()
         self.max_batch = max_batch
+        #: Public lists (popular, trending, latest, similar) with their ETags: asked again
+        #: with If-None-Match, a 304 answers from here. ``cache_size=0`` turns it off.
+        self.cache = c.AnswerCache(cache_size)
         self._http = http or httpx.Client(timeout=timeout, headers={"user-agent": c.USER_AGENT})
         self._own_http = http is None
 
@@ -68,6 +72,7 @@ class Client:
         attempt = 0
         while True:
             attempt += 1
+            conditional = self.cache.headers(call)
             try:
                 response = self._http.request(
                     call.method,
@@ -75,7 +80,11 @@ class Client:
                     params=call.params,
                     json=call.json if call.content is None else None,
                     content=call.content,
-                    headers={**self._headers(), **({"content-type": call.content_type} if call.content_type else {})},
+                    headers={
+                        **self._headers(),
+                        **conditional,
+                        **({"content-type": call.content_type} if call.content_type else {}),
+                    },
                 )
             except httpx.TransportError as error:
                 retriable = isinstance(error, httpx.ConnectError) or call.idempotent
@@ -86,8 +95,15 @@ class Client:
                 time.sleep(delay)
                 continue
             status = response.status_code
+            if status == 304 and conditional:
+                found, value = self.cache.hit(call)
+                if found:
+                    return value
+                continue  # evicted meanwhile: ask again without the ETag
             if status < 400 or status in call.ok:
-                return c.decode_answer(call, status, response.content)
+                value = c.decode_answer(call, status, response.content)
+                self.cache.store(call, response.headers.get("etag"), value)
+                return value
             error = c.api_error(status, response.headers, response.content)
             delay = self.retry.delay(attempt, error.retry_after) if status in self.retry.statuses else None
             if delay is None:
@@ -156,6 +172,67 @@ class Client:
         returned :class:`Subscription` is closed. ``options`` as for :meth:`stream`, plus
         ``on_error`` (called with the exception that ended the stream)."""
         return Subscription(self.stream(user_id, **{k: v for k, v in options.items() if k != "on_error"}), on_list, options.get("on_error"))
+
+    # ---- non-personal lists ------------------------------------------------------------------
+
+    def popular(
+        self,
+        *,
+        k: Optional[int] = None,
+        offset: Optional[int] = None,
+        category: Optional[str] = None,
+        device: Optional[str] = None,
+        window: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.ItemList:
+        """The most popular items (``GET /v1/popular``): in ``window`` (``1h``, ``24h``, ``7d``), for
+        ``device``'s context segment now, in ``category``; a page from ``offset``. Cached by ETag."""
+        return self._run(c.op_ranked("popular", k, offset, category, device, window, availability))
+
+    def trending(
+        self,
+        *,
+        k: Optional[int] = None,
+        offset: Optional[int] = None,
+        category: Optional[str] = None,
+        device: Optional[str] = None,
+        window: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.ItemList:
+        """The items rising most against their own baseline (``GET /v1/trending``); arguments as
+        :meth:`popular`."""
+        return self._run(c.op_ranked("trending", k, offset, category, device, window, availability))
+
+    def latest_items(
+        self, *, k: Optional[int] = None, offset: Optional[int] = None, category: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.LatestItems:
+        """The newest items of the catalogue (``GET /v1/items/latest``). Cached by ETag."""
+        return self._run(c.op_latest_items(k, offset, category, availability))
+
+    def similar_items(
+        self, item_id: str, *, k: Optional[int] = None, offset: Optional[int] = None, category: Optional[str] = None,
+        availability: Optional[str] = None,
+    ) -> m.ItemList:
+        """Items like ``item_id`` (``GET /v1/items/{id}/similar``). Cached by ETag."""
+        return self._run(c.op_similar_items(item_id, k, offset, category, availability))
+
+    def basket_recommendations(
+        self,
+        items: Iterable[str],
+        *,
+        event_type: Optional[str] = None,
+        device: Optional[str] = None,
+        k: Optional[int] = None,
+        exclude: Optional[Iterable[str]] = None,
+        categories: Optional[Iterable[str]] = None,
+        session_id: Optional[str] = None,
+    ) -> m.BasketList:
+        """A list for a basket or an anonymous session (``POST /v1/recommendations``): computed now
+        from ``items`` (oldest first; taken up as ``event_type``, default ``view``) and
+        ``device``, without a stored user; ``session_id`` keeps an anonymous session on one
+        variant during an experiment."""
+        return self._run(c.op_basket(items, event_type, device, k, exclude, categories, session_id))
 
     # ---- catalogue ---------------------------------------------------------------------------
 
@@ -269,15 +346,17 @@ class RecStream:
     Yields the current list at once, then each new one. When the connection drops, the server
     restarts or shuts down, it reconnects (after the server's ``retry`` or ``reconnect_delay``,
     doubling up to ``max_reconnect_delay`` while attempts fail, at least ``Retry-After`` on a
-    429) with ``Last-Event-ID``, so the list it already has is not sent again; a connection
+    429), resuming with ``Last-Event-ID`` where that is safe (below); a connection
     silent for ``read_timeout`` seconds (the server sends a heartbeat every
     ``stream.heartbeat_secs``, 15 by default) counts as dropped. It never yields a list older
     than one it yielded (see :meth:`StreamState.accept`).
 
-    After a reconnect it also reads the current list once over REST: a restarted embedded server
-    numbers its lists from 1 again, so the ``Last-Event-ID`` of the list the client holds may name
-    the new server's current list, which the server then does not send; the REST answer fills that
-    gap (and is dropped as a duplicate in the usual case).
+    ``Last-Event-ID`` is sent only when the server that ended the connection is presumably the
+    same process (its stream token expired, or a connection ended without ``event: shutdown``):
+    a restarted embedded server numbers its lists from 1 again, and the id of the list the
+    client holds could name the new server's current list, which it would then hold back. After
+    a shutdown or a failed connection the stream takes the current list and drops it if it is a
+    repeat (same ``rec_id``).
 
     ``token`` is a stream token or a function returning a fresh one: it is called again when the
     token expires (``event: token_expired``) or is refused (401). Errors that retrying cannot fix
@@ -290,7 +369,9 @@ class RecStream:
         self._client = client
         self.user_id = user_id
         self._token_source = token
-        self._state = c.StreamState(reconnect_delay, max_reconnect_delay, last_event_id=last_event_id)
+        self._state = c.StreamState(
+            reconnect_delay, max_reconnect_delay, last_event_id=last_event_id, resume=last_event_id is not None
+        )
         self._read_timeout = read_timeout
         self._closed = threading.Event()
         self._response: Optional[httpx.Response] = None
@@ -331,18 +412,6 @@ class RecStream:
     def _wait(self, seconds: float) -> None:
         self._closed.wait(seconds)
 
-    def _catch_up(self, token: Optional[str]) -> Optional[m.RecList]:
-        """The user's current list, read once after a reconnect (see :class:`RecStream`)."""
-        try:
-            response = self._client._http.get(
-                f"{self._client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations",
-                headers=self._client._headers(token),
-            )
-            return m.RecList.from_dict(response.json()) if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as error:
-            log.debug("no catch-up list for %s: %r", self.user_id, error)
-            return None
-
     def __iter__(self) -> Iterator[m.RecList]:
         client, state = self._client, self._state
         url = f"{client.base_url}/v1/users/{c.seg(self.user_id)}/recommendations/stream"
@@ -366,13 +435,12 @@ class RecStream:
                             self._wait(state.next_delay(error.retry_after))
                             continue
                         raise error
-                    reconnected = state.connected_once
                     state.connected()
                     refreshed = False
-                    if reconnected:
-                        caught_up = self._catch_up(token)
-                        if caught_up is not None and state.accept(caught_up):
-                            yield caught_up
+                    # Until told otherwise (below), a connection that ends is a server that went
+                    # away: the next one asks for the current list.
+                    state.resume = False
+                    first, shutdown = True, False
                     decoder = c.SseDecoder()
                     for line in response.iter_lines():
                         msg = decoder.line(line)
@@ -384,18 +452,25 @@ class RecStream:
                             recs = c.decode_list(msg)
                             if msg.id is not None:
                                 state.last_event_id = msg.id
-                            if state.accept(recs):
+                            accepted = state.accept(recs, first)
+                            first = False
+                            if accepted:
                                 yield recs
                         elif msg.event == "token_expired":
                             if not callable(self._token_source):
                                 raise LiverecError("the stream token expired; pass a function as token to refresh it")
+                            state.resume = True  # the same server: it need not repeat the list
                             token, refreshed = _token(self._token_source), True
                             break
                         elif msg.event == "erased":
                             raise StreamEnded("erased")
-                        # event: shutdown: the server is stopping; the connection ends next.
+                        elif msg.event == "shutdown":
+                            shutdown = True  # the server is stopping; the connection ends next
                         if self._closed.is_set():
                             return
+                    else:
+                        # Ended without a shutdown: a proxy's idle cut, the same server.
+                        state.resume = not shutdown
             except Exception as error:
                 if self._closed.is_set():
                     return  # close() from another thread may break the read in any way

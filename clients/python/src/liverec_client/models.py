@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 #: Event types the server accepts (``EventType``).
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating", "dwell", "dislike", "hide")
@@ -28,6 +28,27 @@ def _pick(cls, data: Mapping[str, Any], **rename: str) -> Dict[str, Any]:
         if key in data:
             out[f.name] = data[key]
     return out
+
+
+class _Decoded:
+    """Decoding from the server's JSON: the fields of the dataclass that the answer holds (others
+    are ignored), lists of nested dataclasses decoded too."""
+
+    _nested: ClassVar[Dict[str, Any]] = {}
+    """Field -> the dataclass of its list's elements."""
+    _renamed: ClassVar[Dict[str, str]] = {}
+    """Field -> its JSON name."""
+    _lists: ClassVar[Tuple[str, ...]] = ()
+    """Fields where a missing or null list is an empty one."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        d = _pick(cls, data, **cls._renamed)
+        for name, kind in cls._nested.items():
+            d[name] = [kind.from_dict(x) for x in d.get(name) or []]
+        for name in cls._lists:
+            d[name] = d.get(name) or []
+        return cls(**d)
 
 
 def uuid7() -> str:
@@ -97,7 +118,7 @@ def event_dict(event: EventLike) -> Dict[str, Any]:
 
 
 @dataclass
-class Accepted:
+class Accepted(_Decoded):
     """The answer to ``POST /v1/events`` (``Accepted``)."""
 
     accepted: int
@@ -107,27 +128,20 @@ class Accepted:
     erased: List[int] = field(default_factory=list)
     """Indexes of events refused because their user was erased after them."""
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Accepted":
-        d = _pick(cls, data)
-        d["erased"] = d.get("erased") or []
-        return cls(**d)
+    _lists = ("erased",)
 
 
 @dataclass
-class RecItem:
+class RecItem(_Decoded):
     """One recommended item (``RecItem``)."""
 
     item_id: str
     score: float
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RecItem":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class RecList:
+class RecList(_Decoded):
     """One recommendation list (``RecList``): answered by ``GET …/recommendations`` and pushed on
     streams. Send ``rec_id`` back on the events it leads to."""
 
@@ -144,11 +158,7 @@ class RecList:
     variant: Optional[str] = None
     """``control``, ``canary``, ``a`` or ``b``."""
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RecList":
-        d = _pick(cls, data)
-        d["items"] = [RecItem.from_dict(i) for i in d.get("items", [])]
-        return cls(**d)
+    _nested = {"items": RecItem}
 
     @property
     def item_ids(self) -> List[str]:
@@ -156,7 +166,7 @@ class RecList:
 
 
 @dataclass
-class Item:
+class Item(_Decoded):
     """A catalogue item as the server shows it (``ItemView``)."""
 
     item_id: str
@@ -170,38 +180,30 @@ class Item:
     created_at: Optional[int] = None
     expires_at: Optional[int] = None
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Item":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class ItemPage:
+class ItemPage(_Decoded):
     """One page of the catalogue (``ItemPage``)."""
 
     items: List[Item]
     next_cursor: Optional[str] = None
     """Pass as ``cursor`` for the next page; ``None`` at the end."""
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ItemPage":
-        return cls(items=[Item.from_dict(i) for i in data.get("items", [])], next_cursor=data.get("next_cursor"))
+    _nested = {"items": Item}
 
 
 @dataclass
-class ItemsPut:
+class ItemsPut(_Decoded):
     """The answer to ``PUT /v1/items`` (``ItemsPut``)."""
 
     created: int
     replaced: int
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ItemsPut":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class Merged:
+class Merged(_Decoded):
     """The answer to ``POST /v1/users/{id}/merge`` (``Merged``)."""
 
     user_id: str
@@ -211,13 +213,11 @@ class Merged:
     merged: Optional[int] = None
     duplicates: Optional[int] = None
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Merged":
-        return cls(**_pick(cls, data, from_user="from"))
+    _renamed = {"from_user": "from"}
 
 
 @dataclass
-class Erased:
+class Erased(_Decoded):
     """The answer to ``DELETE /v1/users/{id}`` (``Erased``)."""
 
     user_id: str
@@ -225,25 +225,19 @@ class Erased:
     subscriptions_closed: int
     events_removed_from_log: int
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Erased":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class Export:
+class Export(_Decoded):
     """Everything stored about a user (``Export``)."""
 
     user_id: str
     profile: Dict[str, Any]
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Export":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class MintedToken:
+class MintedToken(_Decoded):
     """A per-user stream token (``MintedToken``)."""
 
     token: str
@@ -251,24 +245,18 @@ class MintedToken:
     expires_in: int
     """Seconds until it expires."""
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MintedToken":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class Health:
+class Health(_Decoded):
     """``GET /healthz`` (``Health``)."""
 
     status: str
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Health":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class Readiness:
+class Readiness(_Decoded):
     """``GET /readyz`` (``Readiness``); a ``503`` (shutting down, loading) is returned, not raised."""
 
     status: str
@@ -282,9 +270,6 @@ class Readiness:
     users: int
     kafka_partitions: List[int]
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Readiness":
-        return cls(**_pick(cls, data))
 
     @property
     def ready(self) -> bool:
@@ -292,7 +277,7 @@ class Readiness:
 
 
 @dataclass
-class ModelVersion:
+class ModelVersion(_Decoded):
     """One registry version in :class:`ModelsStatus`."""
 
     name: str
@@ -302,13 +287,10 @@ class ModelVersion:
     created_at: Optional[str] = None
     metrics: Optional[Dict[str, Any]] = None
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelVersion":
-        return cls(**_pick(cls, data))
 
 
 @dataclass
-class ModelsStatus:
+class ModelsStatus(_Decoded):
     """``GET /v1/admin/models``: the registry and the closed loop (docs/monitoring.md). The nested
     documents (traffic, runs, history, ...) are plain dicts; ``raw`` is the whole answer."""
 
@@ -332,24 +314,80 @@ class ModelsStatus:
     settings: Optional[Dict[str, Any]] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
+    _nested = {"versions": ModelVersion}
+    _lists = ("runs", "history")
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelsStatus":
-        d = _pick(cls, data)
-        d.pop("raw", None)
-        d["versions"] = [ModelVersion.from_dict(v) for v in d.get("versions") or []]
-        d["runs"] = d.get("runs") or []
-        d["history"] = d.get("history") or []
-        return cls(raw=dict(data), **d)
+        status = super().from_dict({k: v for k, v in data.items() if k != "raw"})
+        status.raw = dict(data)
+        return status
 
 
 @dataclass
-class RetrainStarted:
+class RetrainStarted(_Decoded):
     """The answer to ``POST /v1/admin/retrain``."""
 
     run: int
     coalesced: bool
     """True when the request joined a run already waiting, training or in canary."""
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RetrainStarted":
-        return cls(**_pick(cls, data))
+
+
+@dataclass
+class ItemList(_Decoded):
+    """A non-personal list (``ItemList``): popular, trending or similar items, the same for
+    every caller and cacheable (``Cache-Control: public``, ``ETag``)."""
+
+    kind: str
+    """``popular``, ``trending`` or ``similar``."""
+    availability: str
+    """``available``, ``unavailable`` or ``any``: which items it shows."""
+    offset: int
+    """The position of the first item in the whole list."""
+    items: List[RecItem]
+    window: Optional[str] = None
+    """``1h``, ``24h`` or ``7d`` (popular and trending)."""
+    segment: Optional[str] = None
+    """``all`` or ``<device>/<part of the day>`` (popular and trending)."""
+    item_id: Optional[str] = None
+    """The item the list is like (similar)."""
+    model_version: Optional[str] = None
+    category: Optional[str] = None
+    next_offset: Optional[int] = None
+    """Pass as ``offset`` for the next page; ``None`` at the end."""
+
+    _nested = {"items": RecItem}
+
+    @property
+    def item_ids(self) -> List[str]:
+        return [i.item_id for i in self.items]
+
+
+@dataclass
+class LatestItems(_Decoded):
+    """The newest items of the catalogue (``LatestItems``)."""
+
+    availability: str
+    offset: int
+    items: List[Item]
+    category: Optional[str] = None
+    next_offset: Optional[int] = None
+
+    _nested = {"items": Item}
+
+
+@dataclass
+class BasketList(_Decoded):
+    """The list for a basket or an anonymous session (``BasketList``): computed now, nothing kept."""
+
+    model_version: str
+    variant: str
+    generated_at: int
+    items: List[RecItem]
+
+    _nested = {"items": RecItem}
+
+    @property
+    def item_ids(self) -> List[str]:
+        return [i.item_id for i in self.items]
