@@ -12,7 +12,7 @@ import httpx
 
 from . import _core as c
 from . import models as m
-from .errors import ApiError, LiverecError, StreamEnded
+from .errors import LiverecError, StreamEnded
 
 log = logging.getLogger("liverec_client")
 
@@ -511,7 +511,8 @@ class Subscription:
     def close(self, timeout: Optional[float] = 10.0) -> None:
         """Stops the stream and waits for the thread."""
         self.stream.close()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:  # on_list may close its own subscription
+            self._thread.join(timeout)
 
     def __enter__(self) -> "Subscription":
         return self
