@@ -8,6 +8,12 @@ per bucket, and the model-stage latency (time a session waits for its scoring) w
 runs and while one does. Stops everything by itself.
 
     cargo build --release --bin liverec && python3 load-tests/loop-demo.py
+
+(LIVEREC_BIN=PATH runs another build, e.g. a debug one: slower, the same steps.)
+
+It talks to the server through the Python client (clients/python); when `liverec_client` is not
+importable, the first run installs it (and httpx, from PyPI) into clients/python/.venv and
+re-runs itself there.
 """
 
 import json
@@ -17,22 +23,35 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_DIR = ROOT / "clients" / "python"
 PORT = 18089
 BASE = f"http://127.0.0.1:{PORT}"
-BIN = os.path.join(os.path.dirname(__file__), "..", "target", "release", "liverec")
+BIN = os.environ.get("LIVEREC_BIN") or os.path.join(os.path.dirname(__file__), "..", "target", "release", "liverec")
 DURATION, SHIFT_AT, FIRST_RETRAIN_AT = 150, 70, 20
 
 
-def http(method, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(BASE + path, data=data, method=method)
-    if data is not None:
-        request.add_header("content-type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        text = response.read().decode()
-        return json.loads(text) if text.startswith(("{", "[")) else text
+def ensure_client():
+    """Imports the Python client, installing it into clients/python/.venv on the first run."""
+    try:
+        import liverec_client  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    if os.environ.get("LIVEREC_LOOP_DEMO_VENV"):
+        sys.exit(f"cannot import liverec_client in {sys.executable}")
+    venv = CLIENT_DIR / ".venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    if subprocess.run([str(python), "-c", "import liverec_client"], capture_output=True).returncode != 0:
+        print(f"installing the Python client into {venv}", file=sys.stderr)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "-c", str(CLIENT_DIR / "constraints.txt"), str(CLIENT_DIR)], check=True)
+    os.execve(str(python), [str(python), __file__, *sys.argv[1:]], dict(os.environ, LIVEREC_LOOP_DEMO_VENV="1"))
 
 
 def model_stage(metrics_text):
@@ -55,19 +74,24 @@ def quantiles(before, after, qs=(0.5, 0.99)):
 
 
 def main():
+    ensure_client()
+    import httpx
+    from liverec_client import Client, LiverecError
+
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release --bin liverec")
     registry = tempfile.mkdtemp(prefix="liverec-loop-demo-")
     env = dict(os.environ, LIVEREC_MODEL__REGISTRY_DIR=registry, LIVEREC_LISTEN=f"127.0.0.1:{PORT}",
                LIVEREC_LOG__LEVEL="warn")
     server = subprocess.Popen([BIN, "serve", "--config", "config/loop-demo.toml"], env=env)
+    client = Client(BASE)
     try:
         deadline = time.time() + 30
         while True:
             try:
-                http("GET", "/healthz")
+                client.health()
                 break
-            except OSError:
+            except (OSError, httpx.HTTPError, LiverecError):
                 if time.time() > deadline:
                     sys.exit("the server did not start")
                 time.sleep(0.2)
@@ -77,22 +101,23 @@ def main():
                                stdout=subprocess.PIPE)
         while time.time() - start < FIRST_RETRAIN_AT:
             time.sleep(0.5)
-        idle_before = model_stage(http("GET", "/metrics"))
+        idle_before = model_stage(client.metrics())
         time.sleep(5)
-        idle_after = model_stage(http("GET", "/metrics"))
-        print("retrain:", http("POST", "/v1/admin/retrain", {"reason": "first version"}))
-        training_before = model_stage(http("GET", "/metrics"))
-        while http("GET", "/v1/admin/models")["state"] in ("training", "waiting_for_data"):
+        idle_after = model_stage(client.metrics())
+        run = client.retrain(reason="first version")
+        print("retrain:", {"run": run.run, "coalesced": run.coalesced})
+        training_before = model_stage(client.metrics())
+        while client.models().state in ("training", "waiting_for_data"):
             time.sleep(0.2)
-        training_after = model_stage(http("GET", "/metrics"))
+        training_after = model_stage(client.metrics())
         report = json.loads(sim.communicate()[0])
-        models = http("GET", "/v1/admin/models")
+        models = client.models()
         start_ms = start * 1000
         print("\nhistory (seconds after the simulator started):")
-        for step in reversed(models["history"]):
+        for step in reversed(models.history):
             print(f"  {(step['at_ms'] - start_ms) / 1000:7.1f}  {step['step']:<17} {step.get('detail', '')}")
         print("\nruns:")
-        for run in reversed(models["runs"]):
+        for run in reversed(models.runs):
             print(f"  run {run['run']}: {run['outcome']}, {run.get('seconds') or 0:.1f} s training, "
                   f"NDCG@10 {run.get('candidate_ndcg10')} vs {run.get('incumbent_ndcg10')}, {run.get('events')} events")
         print("\nsimulated CTR per 5 s bucket (taste shift at %d s):" % SHIFT_AT)
@@ -100,6 +125,7 @@ def main():
         print("\nmodel stage (a session waiting for its list), no training:", quantiles(idle_before, idle_after))
         print("model stage while the first version trained:", quantiles(training_before, training_after))
     finally:
+        client.close()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
 
