@@ -21,6 +21,49 @@ export interface Accepted {
 }
 
 /**
+ * Which items a non-personal list shows: those lists may show now (default), those they may
+ * not (deleted, withdrawn with `available: false`, or past `expires_at`), or both.
+ */
+export type AvailabilityParam = "available" | "unavailable" | "any";
+
+/** The context of a basket request. */
+export interface BasketContext {
+  device?: Device | null;
+}
+
+/** The list for a basket or an anonymous session. */
+export interface BasketList {
+  /** Milliseconds since the Unix epoch. */
+  generated_at: number;
+  items: RecItem[];
+  model_version: string;
+  /** The experiment variant that served it: `control` outside canaries and experiments. */
+  variant: string;
+}
+
+/** A basket or an anonymous session to recommend for (`POST /v1/recommendations`). */
+export interface BasketRequest {
+  /** Only items in one of these categories. */
+  categories?: string[];
+  context?: BasketContext | null;
+  event_type?: EventType | null;
+  /** Item ids to leave out besides the basket's. */
+  exclude?: string[];
+  /**
+   * The items of the basket or session, oldest first (0 to 200; none: the list for the
+   * context alone). They are never recommended back.
+   */
+  items: string[];
+  /** How many items (default `recs.default_k`, at most `recs.max_k`). */
+  k?: number | null;
+  /**
+   * A stable id of the anonymous session (not stored): during a canary or an experiment it
+   * decides which variant serves the session, so its lists come from one model.
+   */
+  session_id?: string | null;
+}
+
+/**
  * One item of a bulk put: its id and the attributes `PUT /v1/items/{item_id}` takes (the
  * schema only: items are decoded as `item_id` plus [`ItemAttributes`]).
  */
@@ -168,6 +211,33 @@ export interface ItemAttributes {
   title?: string | null;
 }
 
+/** A non-personal list: popular, trending or similar items (the same for every caller). */
+export interface ItemList {
+  availability: AvailabilityParam;
+  category?: string | null;
+  /** The item the list is like (similar). */
+  item_id?: string | null;
+  /**
+   * Best first. `score`: popular, the weighted events in the window (a view 1, a click 2,
+   * an add to cart 3, a purchase 4); trending, how far above its own baseline; similar, the
+   * model's similarity.
+   */
+  items: RecItem[];
+  kind: ListKind;
+  /** The model version that found them (similar). */
+  model_version?: string | null;
+  /** Pass as `offset` for the next page; absent at the end of the list. */
+  next_offset?: number | null;
+  /** The position of the first item in the whole list. */
+  offset: number;
+  /**
+   * The context segment ranked for (popular and trending): `all`, or `<device>/<part of the
+   * day>` (`night` 0-5 h, `morning`, `afternoon`, `evening` 18-23 h, UTC) for `device`.
+   */
+  segment?: string | null;
+  window?: WindowParam | null;
+}
+
 /** One page of the catalogue (`GET /v1/items`). */
 export interface ItemPage {
   /**
@@ -208,6 +278,21 @@ export interface ItemsPut {
   /** Items whose attributes were replaced. */
   replaced: number;
 }
+
+/** The newest items of the catalogue (`GET /v1/items/latest`). */
+export interface LatestItems {
+  availability: AvailabilityParam;
+  category?: string | null;
+  /** Newest `created_at` first; items put without one follow, the most recently known first. */
+  items: ItemView[];
+  /** Pass as `offset` for the next page; absent at the end of the list. */
+  next_offset?: number | null;
+  /** The position of the first item in the whole list. */
+  offset: number;
+}
+
+/** What a non-personal list ranks. */
+export type ListKind = "popular" | "trending" | "similar";
 
 export interface MergeRequest {
   /** The user (typically an anonymous visitor id) whose history moves into the path's user. */
@@ -316,6 +401,9 @@ export interface TokenRequest {
   user_id: string;
 }
 
+/** The time windows of `GET /v1/popular` and `GET /v1/trending`. */
+export type WindowParam = "1h" | "24h" | "7d";
+
 /** What `GET /healthz` (healthz) answers on success (200). */
 export type HealthzResponse = Health;
 
@@ -402,6 +490,21 @@ export type PutItemsBody = BulkItem[];
 /** What `PUT /v1/items` (put_items) answers on success (200). */
 export type PutItemsResponse = ItemsPut;
 
+/** Path and query parameters of `GET /v1/items/latest` (latest). */
+export interface LatestParams {
+  /** How many items (default `recs.default_k`, at most `recs.max_k`). */
+  k?: number;
+  /** Items to skip: the `next_offset` of the previous page (at most 500). */
+  offset?: number;
+  /** Only items in this category. */
+  category?: string;
+  /** Which items by availability (default `available`). */
+  availability?: AvailabilityParam;
+}
+
+/** What `GET /v1/items/latest` (latest) answers on success (200). */
+export type LatestResponse = LatestItems;
+
 /** Path and query parameters of `GET /v1/items/{item_id}` (get_item). */
 export interface GetItemParams {
   /** The item (1 to `events.max_id_len` characters) */
@@ -432,8 +535,81 @@ export interface DeleteItemParams {
 /** What `DELETE /v1/items/{item_id}` (delete_item) answers on success (204). */
 export type DeleteItemResponse = void;
 
+/** Path and query parameters of `GET /v1/items/{item_id}/similar` (similar). */
+export interface SimilarParams {
+  /** The item (1 to `events.max_id_len` characters) */
+  item_id: string;
+  /** How many items (default `recs.default_k`, at most `recs.max_k`). */
+  k?: number;
+  /** Items to skip: the `next_offset` of the previous page (at most 500). */
+  offset?: number;
+  /** Only items in this category. */
+  category?: string;
+  /** Which items by availability (default `available`). */
+  availability?: AvailabilityParam;
+}
+
+/** What `GET /v1/items/{item_id}/similar` (similar) answers on success (200). */
+export type SimilarResponse = ItemList;
+
 /** What `GET /v1/monitor` (report) answers on success (200). */
 export type ReportResponse = { [key: string]: unknown };
+
+/** Path and query parameters of `GET /v1/popular` (popular). */
+export interface PopularParams {
+  /** How many items (default `recs.default_k`, at most `recs.max_k`). */
+  k?: number;
+  /** Items to skip: the `next_offset` of the previous page (at most 500). */
+  offset?: number;
+  /** Only items in this category. */
+  category?: string;
+  /**
+   * Rank for this device class at the current part of the day (its context segment);
+   * absent: every segment together.
+   */
+  device?: Device;
+  /**
+   * The window counted: `1h`, `24h` (popular's default) or `7d`; trending: `1h` (its
+   * default) or `24h`, against the rest of the week.
+   */
+  window?: WindowParam;
+  /** Which items by availability (default `available`). */
+  availability?: AvailabilityParam;
+}
+
+/** What `GET /v1/popular` (popular) answers on success (200). */
+export type PopularResponse = ItemList;
+
+/** The body of `POST /v1/recommendations` (post_recommendations). */
+export type PostRecommendationsBody = BasketRequest;
+
+/** What `POST /v1/recommendations` (post_recommendations) answers on success (200). */
+export type PostRecommendationsResponse = BasketList;
+
+/** Path and query parameters of `GET /v1/trending` (trending). */
+export interface TrendingParams {
+  /** How many items (default `recs.default_k`, at most `recs.max_k`). */
+  k?: number;
+  /** Items to skip: the `next_offset` of the previous page (at most 500). */
+  offset?: number;
+  /** Only items in this category. */
+  category?: string;
+  /**
+   * Rank for this device class at the current part of the day (its context segment);
+   * absent: every segment together.
+   */
+  device?: Device;
+  /**
+   * The window counted: `1h`, `24h` (popular's default) or `7d`; trending: `1h` (its
+   * default) or `24h`, against the rest of the week.
+   */
+  window?: WindowParam;
+  /** Which items by availability (default `available`). */
+  availability?: AvailabilityParam;
+}
+
+/** What `GET /v1/trending` (trending) answers on success (200). */
+export type TrendingResponse = ItemList;
 
 /** Path and query parameters of `DELETE /v1/users/{user_id}` (erase). */
 export interface EraseParams {
@@ -500,10 +676,15 @@ export const operations = {
   post_events: { method: "POST", path: "/v1/events", pathParams: [], query: [], headers: [], body: true, text: false },
   list_items: { method: "GET", path: "/v1/items", pathParams: [], query: ["cursor","limit"], headers: [], body: false, text: false },
   put_items: { method: "PUT", path: "/v1/items", pathParams: [], query: [], headers: [], body: true, text: false },
+  latest: { method: "GET", path: "/v1/items/latest", pathParams: [], query: ["k","offset","category","availability"], headers: [], body: false, text: false },
   get_item: { method: "GET", path: "/v1/items/{item_id}", pathParams: ["item_id"], query: [], headers: [], body: false, text: false },
   put_item: { method: "PUT", path: "/v1/items/{item_id}", pathParams: ["item_id"], query: [], headers: [], body: true, text: false },
   delete_item: { method: "DELETE", path: "/v1/items/{item_id}", pathParams: ["item_id"], query: [], headers: [], body: false, text: false },
+  similar: { method: "GET", path: "/v1/items/{item_id}/similar", pathParams: ["item_id"], query: ["k","offset","category","availability"], headers: [], body: false, text: false },
   report: { method: "GET", path: "/v1/monitor", pathParams: [], query: [], headers: [], body: false, text: false },
+  popular: { method: "GET", path: "/v1/popular", pathParams: [], query: ["k","offset","category","device","window","availability"], headers: [], body: false, text: false },
+  post_recommendations: { method: "POST", path: "/v1/recommendations", pathParams: [], query: [], headers: [], body: true, text: false },
+  trending: { method: "GET", path: "/v1/trending", pathParams: [], query: ["k","offset","category","device","window","availability"], headers: [], body: false, text: false },
   erase: { method: "DELETE", path: "/v1/users/{user_id}", pathParams: ["user_id"], query: [], headers: [], body: false, text: false },
   export: { method: "GET", path: "/v1/users/{user_id}/export", pathParams: ["user_id"], query: [], headers: [], body: false, text: false },
   merge: { method: "POST", path: "/v1/users/{user_id}/merge", pathParams: ["user_id"], query: [], headers: [], body: true, text: false },
@@ -695,6 +876,17 @@ export abstract class Operations {
   }
 
   /**
+   * `GET /v1/items/latest`: The latest items.
+   *
+   * Catalogue items by `created_at`, newest first (items put without one follow, the most
+   * recently known first), filtered by category and availability, paged with `offset`. Cached
+   * and cacheable as `GET /v1/popular`. Any valid credential may read it.
+   */
+  latest(params?: LatestParams, options?: CallOptions): Promise<LatestResponse> {
+    return this.call("latest", params, undefined, options) as Promise<LatestResponse>;
+  }
+
+  /**
    * `GET /v1/items/{item_id}`: An item.
    *
    * Its catalogue attributes; any valid credential may read the catalogue.
@@ -724,6 +916,19 @@ export abstract class Operations {
   }
 
   /**
+   * `GET /v1/items/{item_id}/similar`: Similar items.
+   *
+   * Items like this one, from the serving model: the online model's co-occurrence neighbours
+   * (what users took up near it lately), or the nearest item vectors of a trained sequential
+   * model. Filtered by category and availability, paged with `offset`; the item itself is never
+   * in it. Asked of the model once per `recs.lists_refresh_secs` and cacheable for as long. Any
+   * valid credential may read it.
+   */
+  similar(params: SimilarParams, options?: CallOptions): Promise<SimilarResponse> {
+    return this.call("similar", params, undefined, options) as Promise<SimilarResponse>;
+  }
+
+  /**
    * `GET /v1/monitor`: The monitor's report.
    *
    * What the monitor sees over its window: CTR and conversion by model version and variant,
@@ -735,6 +940,43 @@ export abstract class Operations {
    */
   report(options?: CallOptions): Promise<ReportResponse> {
     return this.call("report", undefined, undefined, options) as Promise<ReportResponse>;
+  }
+
+  /**
+   * `GET /v1/popular`: Popular items.
+   *
+   * The items with the most weighted events (view 1, click 2, add to cart 3, purchase 4) in the
+   * window, in every context segment or in the `device`'s segment at the current part of the day;
+   * filtered by category and availability; paged with `offset`. Recomputed every
+   * `recs.lists_refresh_secs` and cacheable by anyone for as long (`ETag`, `304` on
+   * `If-None-Match`). Any valid credential may read it.
+   */
+  popular(params?: PopularParams, options?: CallOptions): Promise<PopularResponse> {
+    return this.call("popular", params, undefined, options) as Promise<PopularResponse>;
+  }
+
+  /**
+   * `POST /v1/recommendations`: Recommendations for a basket or an anonymous session.
+   *
+   * A list computed now from the items given (a cart, the articles a visitor read) and the
+   * context, by the serving model, without a stored user: nothing is kept, and no stream is
+   * pushed. The items themselves and `exclude` are left out; `categories` narrows it. Any valid
+   * credential may ask. Answered with `Cache-Control: private, no-store`.
+   */
+  postRecommendations(body: PostRecommendationsBody, options?: CallOptions): Promise<PostRecommendationsResponse> {
+    return this.call("post_recommendations", undefined, body, options) as Promise<PostRecommendationsResponse>;
+  }
+
+  /**
+   * `GET /v1/trending`: Trending items.
+   *
+   * The items most above their own baseline: their weighted events in the window (default
+   * `1h`) against what their rate over the rest of the kept week predicts, as
+   * `(recent - baseline) / sqrt(baseline + 1)`; only items above their baseline. Segments,
+   * filters, paging and caching as `GET /v1/popular`. Any valid credential may read it.
+   */
+  trending(params?: TrendingParams, options?: CallOptions): Promise<TrendingResponse> {
+    return this.call("trending", params, undefined, options) as Promise<TrendingResponse>;
   }
 
   /**
