@@ -87,16 +87,20 @@ for u = 0, #KEYS / 6 - 1 do
     old_context, old_list = old[2] or '', old[3] or ''
     legacy, moved = redis.call('EXISTS', ids) == 1, true
   end
-  local entries = {}
+  -- The new digests are joined to the window once per user: appending each to the window would
+  -- copy the whole window (8 KB when full) per event.
+  local entries, fresh, added = {}, {}, {}
   for i = 1, n do
     local digest = ARGV[a]
-    if not known(seen, digest) and not (legacy and redis.call('ZSCORE', ids, ARGV[a + 1])) then
-      seen = seen .. digest
+    if not fresh[digest] and not known(seen, digest) and not (legacy and redis.call('ZSCORE', ids, ARGV[a + 1])) then
+      fresh[digest] = true
+      added[#added + 1] = digest
       entries[#entries + 1] = ARGV[a + 2]
     end
     a = a + 3
   end
   if #entries > 0 then
+    seen = seen .. table.concat(added)
     applied = applied + #entries
     local len = 0
     -- Lua passes at most a few thousand values to one call.
