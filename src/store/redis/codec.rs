@@ -11,6 +11,9 @@
 //! The user's last pushed list (the `recs` field of `…:p`) has a compact form as well, about 120
 //! bytes for 10 items against some 700 as published JSON: see [`encode_list`]. Lists stored
 //! before it are JSON and still load.
+//!
+//! The profile string (`…:q`) holds the context, that list and the de-duplication window in one
+//! value, which the append script writes: see [`decode_profile`].
 
 use std::sync::Arc;
 
@@ -170,6 +173,46 @@ pub(super) fn decode_list(stored: &[u8], user: &UserId) -> Option<RecList> {
     })
 }
 
+/// The first byte of the profile string (a stored list starts with [`VERSION`], JSON with `{`).
+const PROFILE: u8 = 2;
+
+/// The parts of a user's profile string, as the append script writes it: the form byte
+/// ([`PROFILE`]), a flags byte (bit 0: an older set of event ids may still exist), the lengths of
+/// the context and of the list (2 bytes each, big endian), the context (JSON), the list (stored
+/// form, or JSON as stored before), then the 8-byte digests of the newest event ids, oldest first.
+/// One string rather than a hash: a hash whose values pass 64 bytes (the window does) is a hash
+/// table, some 220 bytes more per user, and its write is one `SET … EX` instead of an `HSET` and
+/// an `EXPIRE`.
+#[derive(Debug, PartialEq)]
+pub(super) struct StoredProfile<'a> {
+    /// The context as JSON (empty: none).
+    pub(super) context: &'a [u8],
+    /// The last list (empty: none).
+    pub(super) list: &'a [u8],
+    /// The de-duplication window.
+    pub(super) window: &'a [u8],
+}
+
+pub(super) fn decode_profile(stored: &[u8]) -> Option<StoredProfile<'_>> {
+    let mut r = Reader(stored);
+    if r.byte()? != PROFILE {
+        return None;
+    }
+    let _flags = r.byte()?;
+    let lengths = r.take(4)?;
+    let context = r.take(usize::from(u16::from_be_bytes([lengths[0], lengths[1]])))?;
+    let list = r.take(usize::from(u16::from_be_bytes([lengths[2], lengths[3]])))?;
+    (r.0.len() % 8 == 0).then_some(StoredProfile { context, list, window: r.0 })
+}
+
+/// Reads the list out of either a stored list or a profile string.
+pub(super) fn decode_any_list(stored: &[u8], user: &UserId) -> Option<RecList> {
+    match stored.first() {
+        Some(&PROFILE) => decode_list(decode_profile(stored)?.list, user),
+        _ => decode_list(stored, user),
+    }
+}
+
 /// The 16 bytes of `text` if it is a UUID written the way `Uuid` writes it back.
 fn canonical_uuid(text: &str) -> Option<[u8; 16]> {
     let uuid = uuid::Uuid::try_parse(text).ok()?;
@@ -298,6 +341,36 @@ mod tests {
                 .map(|(i, id)| RecItem { item_id: ItemId::from(*id), score: 0.1 + i as f32 / 3.0 })
                 .collect(),
         }
+    }
+
+    /// The profile string as the append script writes it (writer.rs).
+    fn profile(flags: u8, context: &[u8], list: &[u8], window: &[u8]) -> Vec<u8> {
+        let mut out = vec![PROFILE, flags];
+        out.extend((context.len() as u16).to_be_bytes());
+        out.extend((list.len() as u16).to_be_bytes());
+        out.extend([context, list, window].concat());
+        out
+    }
+
+    #[test]
+    fn a_profile_string_splits_into_context_list_and_window_and_a_bad_one_does_not() {
+        let ann = UserId::from("ann");
+        let stored = encode_list(&list("r-1", CONTROL, Some("e-7"), &["a", "b"]));
+        let window = [7u8; 16];
+        let whole = profile(1, br#"{"hour":3}"#, &stored, &window);
+        assert_eq!(
+            decode_profile(&whole),
+            Some(StoredProfile { context: br#"{"hour":3}"#, list: &stored, window: &window })
+        );
+        assert_eq!(decode_any_list(&whole, &ann), decode_list(&stored, &ann));
+        assert!(decode_any_list(&whole, &ann).is_some());
+        assert_eq!(decode_any_list(&stored, &ann), decode_list(&stored, &ann), "a list stored alone");
+        let empty = profile(0, b"", b"", b"");
+        assert_eq!(decode_profile(&empty), Some(StoredProfile { context: b"", list: b"", window: b"" }));
+        assert_eq!(decode_any_list(&empty, &ann), None);
+        assert_eq!(decode_profile(&whole[..whole.len() - 1]), None, "a window of whole digests");
+        assert_eq!(decode_profile(&whole[..8]), None, "cut inside the context");
+        assert_eq!(decode_profile(&stored), None, "a list is not a profile");
     }
 
     #[test]

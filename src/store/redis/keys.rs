@@ -19,8 +19,18 @@ pub(super) struct Keys {
     /// string of their own: read, and moved into the profile hash by the next append.
     pub(super) digests: String,
     pub(super) suppressed: String,
-    /// A hash: the de-duplication window, the context, the last list.
+    /// A string: the context, the last list and the de-duplication window (see the script).
     pub(super) profile: String,
+    /// The same as a hash, as the release before kept them: read, and moved into the profile
+    /// string by the next write.
+    pub(super) legacy_profile: String,
+}
+
+impl Keys {
+    /// Every key of the user (an erasure deletes them all).
+    pub(super) fn all(&self) -> [&str; 6] {
+        [&self.history, &self.profile, &self.suppressed, &self.legacy_profile, &self.legacy_ids, &self.digests]
+    }
 }
 
 /// `{<user>}`, the part of every name of the user that Redis Cluster hashes (see the module docs).
@@ -40,7 +50,8 @@ pub(super) fn keys(prefix: &str, user: &UserId) -> Keys {
         legacy_ids: format!("{base}:ids"),
         digests: format!("{base}:e"),
         suppressed: format!("{base}:s"),
-        profile: format!("{base}:p"),
+        profile: format!("{base}:q"),
+        legacy_profile: format!("{base}:p"),
     }
 }
 
@@ -71,6 +82,7 @@ mod tests {
                 k.digests,
                 k.suppressed,
                 k.profile,
+                k.legacy_profile,
                 tombstone_key("liverec", &user),
                 updates_channel("liverec", &user),
             ];

@@ -2,14 +2,15 @@
 //!
 //! Per user, three keys share one hash tag so a cluster keeps them on one slot:
 //! `<prefix>:{<user>}:h` (list: interactions in a compact binary form, oldest first; see
-//! `codec`), `…:s` (list: suppressed items) and `…:p` (hash: `e`, the 8-byte digests of the newest
-//! `session.dedupe_window` event ids, oldest first; `context`, the latest context as JSON; `recs`,
-//! the last stored list in a compact binary form). One Lua script appends the new interactions of
-//! one or more users atomically: it skips events whose id digest is present, appends, trims every
-//! list to its limit and refreshes the TTL. Profiles written before hold forms that are still read
-//! until they expire: JSON interactions and lists, a sorted set of the event ids themselves
-//! (`…:ids`, checked by the script too) and the digests in a string of their own (`…:e`, moved
-//! into the hash by the next append).
+//! `codec`), `…:s` (list: suppressed items) and `…:q` (string: the latest context as JSON, the
+//! last stored list in a compact binary form and the 8-byte digests of the newest
+//! `session.dedupe_window` event ids, oldest first; see `codec::decode_profile`). One Lua script
+//! appends the new interactions of one or more users atomically: it skips events whose id digest
+//! is present, appends, trims every list to its limit and refreshes the TTL. Profiles written
+//! before hold forms that are still read until they expire: JSON interactions and lists, a sorted
+//! set of the event ids themselves (`…:ids`, checked by the script too), and the window, context
+//! and list in a hash (`…:p`) with older digests in a string of their own (`…:e`); the next write
+//! of the user moves those two into the profile string.
 //!
 //! Writes go through `redis.write_pipelines` writer lanes (users spread over them by a hash of their
 //! id, so each user's writes stay in order): each lane takes every write queued for it, sends them
@@ -59,10 +60,11 @@ pub fn decode_history_entry(entry: &[u8]) -> Option<Interaction> {
     codec::decode(entry)
 }
 
-/// Reads the last list stored for `user` (the `recs` field of `<prefix>:{<user>}:p`), in either
-/// stored form, for tools and tests that read the keys directly.
+/// Reads the last list stored for `user` out of its profile string (`<prefix>:{<user>}:q`), or
+/// out of the `recs` field of the hash written before (`…:p`), in any stored form, for tools and
+/// tests that read the keys directly.
 pub fn decode_stored_list(stored: &[u8], user: &UserId) -> Option<RecList> {
-    codec::decode_list(stored, user)
+    codec::decode_any_list(stored, user)
 }
 use self::conn::{Conn, Redis};
 use self::keys::{keys, tombstone_key};
@@ -74,9 +76,15 @@ use crate::recs::{RecList, RecUpdate};
 use crate::telemetry::Metrics;
 
 /// The raw parts of one stored profile: history, legacy ids, legacy digests, suppressed, (context,
-/// last list, digests).
-type RawProfile =
-    (Vec<Vec<u8>>, Vec<String>, Option<Vec<u8>>, Vec<String>, (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>));
+/// last list, digests) of the legacy hash, the profile string.
+type RawProfile = (
+    Vec<Vec<u8>>,
+    Vec<String>,
+    Option<Vec<u8>>,
+    Vec<String>,
+    (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>),
+    Option<Vec<u8>>,
+);
 
 struct Load {
     user: UserId,
@@ -198,26 +206,43 @@ impl ProfileStore for RedisStore {
         self.loads
             .send(Load { user: user.clone(), reply })
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?;
-        let (history, legacy_ids, legacy_digests, suppressed, (context, recs, digests)) = rx
+        let (history, legacy_ids, legacy_digests, suppressed, (context, recs, digests), profile) = rx
             .await
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?
             .map_err(StoreError::Unavailable)?;
-        // The digests in a string of their own are older than those in the profile hash (the
-        // script moves them there on the next append).
-        let mut window = legacy_digests.unwrap_or_default();
-        let digests = digests.unwrap_or_default();
-        // A marker byte in front while a legacy set of ids exists (see the script).
-        window.extend(if digests.len() % 8 == 1 { &digests[1..] } else { &digests[..] });
+        let mut corrupt = 0;
+        let (window, context, recs) = match profile {
+            // The profile string holds everything the older forms did (the script moved them).
+            Some(stored) => match codec::decode_profile(&stored) {
+                Some(parts) => (
+                    parts.window.to_vec(),
+                    std::str::from_utf8(parts.context).ok().filter(|c| !c.is_empty()).map(str::to_owned),
+                    Some(parts.list.to_vec()).filter(|list| !list.is_empty()),
+                ),
+                None => {
+                    corrupt += 1;
+                    (Vec::new(), None, None)
+                }
+            },
+            None => {
+                // The digests in a string of their own are older than those in the hash.
+                let mut window = legacy_digests.unwrap_or_default();
+                let digests = digests.unwrap_or_default();
+                // A marker byte in front while a legacy set of ids exists (see the script).
+                window.extend(if digests.len() % 8 == 1 { &digests[1..] } else { &digests[..] });
+                (window, context, recs)
+            }
+        };
         if history.is_empty()
             && legacy_ids.is_empty()
             && window.is_empty()
             && suppressed.is_empty()
             && context.is_none()
             && recs.is_none()
+            && corrupt == 0
         {
             return Ok(None);
         }
-        let mut corrupt = 0;
         let interactions = history
             .iter()
             .filter_map(|entry| {
@@ -302,8 +327,7 @@ impl ProfileStore for RedisStore {
         let profile = self.load(user).await?;
         let k = keys(&self.prefix, user);
         let mut conn = self.connection().await?;
-        let _: () =
-            conn.del(&[k.history, k.legacy_ids, k.digests, k.suppressed, k.profile]).await.map_err(unavailable)?;
+        let _: () = conn.del(&k.all()).await.map_err(unavailable)?;
         Ok(profile)
     }
 }
@@ -352,10 +376,11 @@ async fn read_profiles(pool: &Redis, prefix: &str, users: &[&UserId]) -> Vec<Res
             .get(&k.digests)
             .lrange(&k.suppressed, 0, -1)
             .cmd("HMGET")
-            .arg(&k.profile)
+            .arg(&k.legacy_profile)
             .arg("context")
             .arg("recs")
-            .arg("e");
+            .arg("e")
+            .get(&k.profile);
     }
     let result: Result<Vec<redis::Value>, String> = async {
         let mut conn = pool.get().await?;
@@ -379,7 +404,8 @@ async fn read_profiles(pool: &Redis, prefix: &str, users: &[&UserId]) -> Vec<Res
             let legacy_digests = conv(part()?)?;
             let suppressed = conv(part()?)?;
             let fields = conv(part()?)?;
-            Ok((history, legacy_ids, legacy_digests, suppressed, fields))
+            let profile = conv(part()?)?;
+            Ok((history, legacy_ids, legacy_digests, suppressed, fields, profile))
         })
         .collect()
 }

@@ -5,7 +5,9 @@
 //! Users are spread over the lanes by a hash of their id, so one user's writes always go through
 //! the same lane, in the order of the calls, while the lanes keep several pipelines in flight on
 //! the pool's multiplexed connections. Within a pipeline the appends of one user become one script
-//! call (all their events, in order), which also stores the user's newest pushed list.
+//! call (all their events, in order), which also stores the user's newest pushed list; a list
+//! with no append of its user in the pipeline is a call of its own (no events), and up to 32
+//! users share one script call.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,19 +32,22 @@ use crate::telemetry::Metrics;
 const USERS_PER_CALL: usize = 32;
 
 /// Keys a user takes in a script call (see the script).
-const KEYS_PER_USER: usize = 5;
+const KEYS_PER_USER: usize = 6;
 
 pub(super) const APPEND_SCRIPT: &str = r#"
 -- Appends the new interactions of one or more users (one Redis server; one user in a cluster).
--- KEYS, 5 per user: history list, profile hash, suppressed list, and two forms written before
---       that are read until they expire: the ids in a sorted set, the digests in a string.
+-- KEYS, 6 per user: history list, profile string, suppressed list, and three forms written
+--       before that are read until they expire: the profile hash, the ids in a sorted set, the
+--       digests in a string.
 -- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, then per user: context ('' =
 --       unchanged), list ('' = unchanged), n, m, then n triples (8-byte digest of the event id,
 --       event id, encoded interaction), then m suppressed item ids.
--- The de-duplication window is the profile hash's field 'e': the digests of the newest event
--- ids, 8 bytes each, oldest first (with a marker byte in front while an older set of ids exists:
--- see below). Every write is one call per key (RPUSH of all new entries, one HSET of every
--- changed field), so a one-event append costs five calls (six once the history is full).
+-- The profile string (codec::decode_profile reads it): byte 2 (the form), a flags byte (bit 0:
+-- the older set of ids may still exist), the lengths of the context and of the list (2 bytes
+-- each, big endian), the context (JSON), the list (stored form), then the de-duplication window:
+-- the digests of the newest event ids, 8 bytes each, oldest first. A user costs one GET and one
+-- SET of it, an RPUSH and an EXPIRE of the history when events are new (and an LTRIM once the
+-- history is full).
 local hlen, wlen, slen, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local function known(seen, digest)
   local from = 1
@@ -53,39 +58,49 @@ local function known(seen, digest)
     from = at + 1
   end
 end
+local function u16(s, at) return string.byte(s, at) * 256 + string.byte(s, at + 1) end
+local function be16(n) return string.char(math.floor(n / 256), n % 256) end
 local a, applied = 5, 0
-for u = 0, #KEYS / 5 - 1 do
-  local h, p, s, ids, e = KEYS[5 * u + 1], KEYS[5 * u + 2], KEYS[5 * u + 3], KEYS[5 * u + 4], KEYS[5 * u + 5]
+for u = 0, #KEYS / 6 - 1 do
+  local h, q, s, p, ids, e = KEYS[6 * u + 1], KEYS[6 * u + 2], KEYS[6 * u + 3], KEYS[6 * u + 4], KEYS[6 * u + 5], KEYS[6 * u + 6]
   local context, list, n, m = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   a = a + 4
-  local seen = redis.call('HGET', p, 'e')
-  -- The older forms: checked (and the string moved into the hash) until they expire. Whether to
-  -- look is the window's length: a multiple of 8, or one more with a marker byte in front while
-  -- the set of ids exists. A window written without the marker has no older forms beside it (the
-  -- string moved, the set gone), and none can come back: no release writes them any more.
-  local legacy, moved = false, false
-  if not seen or #seen % 8 == 1 then
-    seen = seen and string.sub(seen, 2) or ''
-    local older = redis.call('EXISTS', ids, e)
-    if older > 0 then
-      local digests = redis.call('GET', e)
-      if digests then
-        seen, moved, older = digests .. seen, true, older - 1
-      end
-      legacy = older > 0
-    end
+  -- Longer than the string's lengths can say: left unchanged (a context is a few dozen bytes,
+  -- a list of 10 items about 130).
+  if #context > 65535 then context = '' end
+  if #list > 65535 then list = '' end
+  local stored = redis.call('GET', q)
+  local seen, old_context, old_list, legacy, moved = '', '', '', false, false
+  if stored then
+    local clen, llen = u16(stored, 3), u16(stored, 5)
+    old_context = string.sub(stored, 7, 6 + clen)
+    old_list = string.sub(stored, 7 + clen, 6 + clen + llen)
+    seen = string.sub(stored, 7 + clen + llen)
+    if string.byte(stored, 2) % 2 == 1 then legacy = redis.call('EXISTS', ids) == 1 end
+  elseif redis.call('EXISTS', p, e, ids) > 0 then
+    -- The user's first write in this form: the older forms move into it. The hash's window has a
+    -- marker byte in front while the set of ids exists; the digest string is older than it.
+    local old = redis.call('HMGET', p, 'e', 'context', 'recs')
+    local window = old[1] or ''
+    if #window % 8 == 1 then window = string.sub(window, 2) end
+    seen = (redis.call('GET', e) or '') .. window
+    old_context, old_list = old[2] or '', old[3] or ''
+    legacy, moved = redis.call('EXISTS', ids) == 1, true
   end
-  local entries = {}
+  -- The new digests are joined to the window once per user: appending each to the window would
+  -- copy the whole window (8 KB when full) per event.
+  local entries, fresh, added = {}, {}, {}
   for i = 1, n do
     local digest = ARGV[a]
-    if not known(seen, digest) and not (legacy and redis.call('ZSCORE', ids, ARGV[a + 1])) then
-      seen = seen .. digest
+    if not fresh[digest] and not known(seen, digest) and not (legacy and redis.call('ZSCORE', ids, ARGV[a + 1])) then
+      fresh[digest] = true
+      added[#added + 1] = digest
       entries[#entries + 1] = ARGV[a + 2]
     end
     a = a + 3
   end
-  local fields = {}
   if #entries > 0 then
+    seen = seen .. table.concat(added)
     applied = applied + #entries
     local len = 0
     -- Lua passes at most a few thousand values to one call.
@@ -95,9 +110,6 @@ for u = 0, #KEYS / 5 - 1 do
     if len > hlen then redis.call('LTRIM', h, -hlen, -1) end
     if ttl > 0 then redis.call('EXPIRE', h, ttl) end
     if wlen < 1 then seen = '' elseif #seen > 8 * wlen then seen = string.sub(seen, -8 * wlen) end
-    fields[#fields + 1] = 'e'
-    fields[#fields + 1] = legacy and ('z' .. seen) or seen
-    if moved then redis.call('DEL', e) end
   end
   if m > 0 then
     for j = a, a + m - 1 do
@@ -108,17 +120,12 @@ for u = 0, #KEYS / 5 - 1 do
     if ttl > 0 then redis.call('EXPIRE', s, ttl) end
     a = a + m
   end
-  if context ~= '' then
-    fields[#fields + 1] = 'context'
-    fields[#fields + 1] = context
-  end
-  if list ~= '' then
-    fields[#fields + 1] = 'recs'
-    fields[#fields + 1] = list
-  end
-  if #fields > 0 then
-    redis.call('HSET', p, unpack(fields))
-    if ttl > 0 then redis.call('EXPIRE', p, ttl) end
+  if #entries > 0 or context ~= '' or list ~= '' or moved then
+    if context ~= '' then old_context = context end
+    if list ~= '' then old_list = list end
+    local value = string.char(2, legacy and 1 or 0) .. be16(#old_context) .. be16(#old_list) .. old_context .. old_list .. seen
+    if ttl > 0 then redis.call('SET', q, value, 'EX', ttl) else redis.call('SET', q, value) end
+    if moved then redis.call('DEL', p, e) end
   end
 end
 return applied
@@ -160,25 +167,23 @@ pub(super) struct Writer {
     pub(super) metrics: Arc<Metrics>,
 }
 
-/// The appends of one user in one pipeline, merged into one script call (in call order).
+/// The appends of one user in one pipeline, merged into one script call (in call order), with
+/// the user's newest list.
 struct UserCall<'a> {
     user: &'a UserId,
     events: Vec<&'a Interaction>,
     suppressed: Vec<&'a ItemId>,
     /// The newest context of the merged appends.
     context: Option<&'a Context>,
-    /// The user's newest list in the pipeline (stored form), when it comes after the first append.
+    /// The user's newest list in the pipeline (stored form).
     recs: Option<&'a [u8]>,
 }
 
 /// What a pipeline does for one user, in order: a merged call sits where the user's first append
-/// was.
+/// (or list) was.
 enum Step<'a> {
     Call(&'a UserId, usize),
     Erase(&'a UserId),
-    /// A list stored on its own (no append of the user before it in the pipeline): stored form,
-    /// then as published.
-    Recs(&'a UserId, &'a [u8], &'a [u8]),
     /// The broadcast of a list the user's merged call stores.
     Publish(&'a UserId, &'a [u8]),
 }
@@ -186,7 +191,7 @@ enum Step<'a> {
 impl Step<'_> {
     fn user(&self) -> &UserId {
         match self {
-            Step::Call(user, _) | Step::Erase(user) | Step::Recs(user, ..) | Step::Publish(user, _) => user,
+            Step::Call(user, _) | Step::Erase(user) | Step::Publish(user, _) => user,
         }
     }
 }
@@ -232,9 +237,9 @@ impl Writer {
         }
     }
 
-    /// Plans the batch: one call per user for consecutive appends (an erasure closes the user's
-    /// call, so appends after it start a new one), and only the newest list of each user (the
-    /// older ones are already stale, as they would be for a slow subscriber).
+    /// Plans the batch: one call per user for consecutive appends and lists (an erasure closes the
+    /// user's call, so writes after it start a new one), and only the newest list of each user
+    /// (the older ones are already stale, as they would be for a slow subscriber).
     fn plan<'a>(batch: &'a [Write]) -> (Vec<Step<'a>>, Vec<UserCall<'a>>) {
         let mut newest: HashMap<&UserId, u64> = HashMap::new();
         for write in batch {
@@ -245,20 +250,23 @@ impl Writer {
         }
         let (mut steps, mut calls) = (Vec::with_capacity(batch.len()), Vec::<UserCall>::new());
         let mut open: HashMap<&UserId, usize> = HashMap::new();
+        // The user's open call, or a new one where this write is.
+        fn call_of<'a>(
+            user: &'a UserId,
+            open: &mut HashMap<&'a UserId, usize>,
+            steps: &mut Vec<Step<'a>>,
+            calls: &mut Vec<UserCall<'a>>,
+        ) -> usize {
+            *open.entry(user).or_insert_with(|| {
+                calls.push(UserCall { user, events: Vec::new(), suppressed: Vec::new(), context: None, recs: None });
+                steps.push(Step::Call(user, calls.len() - 1));
+                calls.len() - 1
+            })
+        }
         for write in batch {
             match write {
                 Write::Append { update, .. } => {
-                    let index = *open.entry(&update.user_id).or_insert_with(|| {
-                        calls.push(UserCall {
-                            user: &update.user_id,
-                            events: Vec::new(),
-                            suppressed: Vec::new(),
-                            context: None,
-                            recs: None,
-                        });
-                        steps.push(Step::Call(&update.user_id, calls.len() - 1));
-                        calls.len() - 1
-                    });
+                    let index = call_of(&update.user_id, &mut open, &mut steps, &mut calls);
                     let call = &mut calls[index];
                     call.events.extend(update.interactions.iter());
                     call.suppressed.extend(update.suppressed.iter());
@@ -271,13 +279,11 @@ impl Writer {
                     steps.push(Step::Erase(user));
                 }
                 Write::Recs { user, seq, .. } if newest.get(user) != Some(seq) => {}
-                Write::Recs { user, json, stored, .. } => match open.get(user) {
-                    Some(&index) => {
-                        calls[index].recs = Some(stored.as_slice());
-                        steps.push(Step::Publish(user, json.as_ref()));
-                    }
-                    None => steps.push(Step::Recs(user, stored.as_slice(), json.as_ref())),
-                },
+                Write::Recs { user, json, stored, .. } => {
+                    let index = call_of(user, &mut open, &mut steps, &mut calls);
+                    calls[index].recs = Some(stored.as_slice());
+                    steps.push(Step::Publish(user, json.as_ref()));
+                }
             }
         }
         (steps, calls)
@@ -331,18 +337,9 @@ impl Writer {
                 Command::Calls(indices) => self.append_call(&mut pipe, &calls, &indices),
                 Command::Step(Step::Call(_, index)) => self.append_call(&mut pipe, &calls, &[index]),
                 Command::Step(Step::Erase(user)) => {
-                    let k = keys(&self.prefix, user);
-                    pipe.del(&[&k.history, &k.legacy_ids, &k.digests, &k.suppressed, &k.profile]).ignore();
+                    pipe.del(&keys(&self.prefix, user).all()).ignore();
                     // Every instance with a stream of the user closes it (see RedisFanout).
                     self.publish(&mut pipe, user, erased_notice(user).as_bytes());
-                }
-                Command::Step(Step::Recs(user, stored, json)) => {
-                    let k = keys(&self.prefix, user);
-                    pipe.cmd("HSET").arg(&k.profile).arg("recs").arg(stored).ignore();
-                    if self.ttl > 0 {
-                        pipe.expire(&k.profile, self.ttl as i64).ignore();
-                    }
-                    self.publish(&mut pipe, user, json);
                 }
                 Command::Step(Step::Publish(user, json)) => self.publish(&mut pipe, user, json),
             }
@@ -360,7 +357,12 @@ impl Writer {
         let cmd = pipe.cmd("EVALSHA").arg(self.script.get_hash()).arg(KEYS_PER_USER * indices.len());
         for &index in indices {
             let k = keys(&self.prefix, calls[index].user);
-            cmd.arg(&k.history).arg(&k.profile).arg(&k.suppressed).arg(&k.legacy_ids).arg(&k.digests);
+            cmd.arg(&k.history)
+                .arg(&k.profile)
+                .arg(&k.suppressed)
+                .arg(&k.legacy_profile)
+                .arg(&k.legacy_ids)
+                .arg(&k.digests);
         }
         cmd.arg(self.limits.history_len).arg(self.limits.dedupe_window).arg(self.limits.suppressed_len).arg(self.ttl);
         for &index in indices {
@@ -446,7 +448,6 @@ mod tests {
         match step {
             Step::Call(user, index) => format!("call {user} {index}"),
             Step::Erase(user) => format!("erase {user}"),
-            Step::Recs(user, stored, _) => format!("recs {user} {}", String::from_utf8_lossy(stored)),
             Step::Publish(user, json) => format!("publish {user} {}", String::from_utf8_lossy(json)),
         }
     }
@@ -504,29 +505,32 @@ mod tests {
                 })
                 .collect()
         };
-        // cy's list goes out at once; ann's and bob's publishes wait for their call; ann's append
-        // after the erasure starts the next call, after the erasure.
+        // cy's list alone is a call like an append; each publish waits for its user's call; ann's
+        // append after the erasure starts the next call, after the erasure.
         assert_eq!(
             shape(Writer::group(steps, 32)),
             [
-                "recs cy stored 2",
-                "calls ann bob",
+                "calls ann bob cy",
                 "publish ann list 1",
                 "publish bob list 1",
+                "publish cy list 2",
                 "erase ann",
                 "calls ann dan eve"
             ]
         );
+        assert_eq!(calls[2].recs, Some(&b"stored 2"[..]), "cy's list, stored by its call");
+        assert!(calls[2].events.is_empty());
         let (steps, _) = Writer::plan(&batch);
         assert_eq!(
             shape(Writer::group(steps, 1)),
             [
                 "calls ann",
                 "publish ann list 1",
-                "recs cy stored 2",
-                "erase ann",
                 "calls bob",
                 "publish bob list 1",
+                "erase ann",
+                "calls cy",
+                "publish cy list 2",
                 "calls ann",
                 "calls dan",
                 "calls eve"

@@ -144,9 +144,9 @@ async fn two_instances_on_a_cluster_store_each_user_on_one_slot_and_fan_out_list
         let prefix = &config.redis.key_prefix;
         let (master, slot) = master_of(&format!("{prefix}:{{{user}}}:h")).await;
         masters.insert(master);
-        // The profile hash holds the de-duplication window (`e`) with the context and the list.
-        let key = format!("{prefix}:{{{user}}}:p");
-        assert!(conn.hexists::<_, _, bool>(&key, "e").await.expect("HEXISTS"), "{key} holds the window");
+        // The profile string holds the de-duplication window with the context and the list.
+        let key = format!("{prefix}:{{{user}}}:q");
+        assert!(conn.exists::<_, bool>(&key).await.expect("EXISTS"), "{key} holds the window");
         assert_eq!(master_of(&key).await, (master, slot), "{key} is on the user's slot");
         assert_eq!(master_of(&format!("{prefix}:updates:{{{user}}}")).await, (master, slot), "the channel too");
     }

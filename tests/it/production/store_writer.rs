@@ -143,3 +143,69 @@ async fn users_spread_over_several_writer_lanes_keep_their_order() {
     }
     arbiter.stop();
 }
+
+/// Kafka redelivers the uncommitted tail to a new process after a crash: the same events appended
+/// again by another store (other lanes), queued together with new ones, are applied once and in
+/// order, by the store itself.
+#[actix_rt::test]
+async fn events_redelivered_to_a_new_process_are_applied_once_in_order() {
+    let redis = PrivateRedis::start().await;
+    let users: Vec<String> = (0..20).map(|u| format!("user-{u}")).collect();
+    let ids = |user: &str, range: std::ops::Range<usize>| range.map(|n| format!("{user}-{n}")).collect::<Vec<_>>();
+    let (first, arbiter) = store(&redis, 4);
+    join_all(users.iter().flat_map(|user| ids(user, 0..10)).map(|id| {
+        let user = id.rsplit_once('-').expect("user-n").0.to_owned();
+        first.append(update(&user, &[id]))
+    }))
+    .await;
+    arbiter.stop();
+
+    let (second, arbiter) = store(&redis, 3);
+    let mut persisted = Vec::new();
+    for user in &users {
+        // The tail from event 5 comes again, one event an append as the session sends them.
+        for id in ids(user, 5..15) {
+            persisted.push(second.append(update(user, &[id])));
+        }
+    }
+    join_all(persisted).await;
+    for user in &users {
+        let profile = second.load(&UserId::from(user.as_str())).await.expect("load").expect("stored");
+        assert_eq!(stored_ids(&profile), ids(user, 0..15), "{user}'s events once each, in order");
+        assert_eq!(profile.event_ids.len(), 15, "{user}: every id remembered once");
+    }
+    arbiter.stop();
+}
+
+/// A list saved with no append of its user in the same pipeline is a script call of its own: it
+/// replaces the stored list and leaves the context and the de-duplication window as they were.
+#[actix_rt::test]
+async fn a_list_stored_on_its_own_keeps_the_users_context_and_window() {
+    use liverec::event::{Context, Device};
+    use liverec::recs::{RecItem, RecList, RecUpdate};
+    let redis = PrivateRedis::start().await;
+    let (store, arbiter) = store(&redis, 2);
+    let ann = UserId::from("ann");
+    let mut first = update("ann", &["a1".into(), "a2".into()]);
+    first.context = Some(Context { device: Device::Tablet, hour: 3, ..Default::default() });
+    store.append(first).await;
+    let list = RecUpdate::new(RecList {
+        rec_id: "r-1".into(),
+        user_id: ann.clone(),
+        model_version: "m".into(),
+        variant: "control".into(),
+        generated_at: 1,
+        seq: 4,
+        last_event_id: Some(EventId::from("a2")),
+        items: vec![RecItem { item_id: ItemId::from("i-9"), score: 0.5 }],
+    });
+    store.save_recs(&list);
+    // An append with nothing new, queued after the list, resolves once the list is written.
+    store.append(update("ann", &["a1".into()])).await;
+    let profile = store.load(&ann).await.expect("load").expect("stored");
+    assert_eq!(profile.last_recs.as_ref(), Some(&list.list));
+    assert_eq!(profile.context.as_ref().map(|c| c.device), Some(Device::Tablet));
+    assert_eq!(stored_ids(&profile), ["a1", "a2"], "a1 again was skipped: the window is whole");
+    assert_eq!(profile.event_ids.len(), 2);
+    arbiter.stop();
+}

@@ -23,15 +23,13 @@ fn view(user: &str, id: &str, n: usize) -> Value {
     json!({ "user_id": user, "item_id": format!("item-{n:04}"), "event_type": "view", "event_id": id })
 }
 
-/// The list stored in the user's `:p` hash, if any.
+/// The list stored in the user's `:q` profile string, if any.
 async fn stored_list(config: &Config, user: &str) -> Option<Value> {
     let mut conn = redis_conn(config).await;
-    let key = format!("{}:{{{user}}}:p", config.redis.key_prefix);
-    let stored: Option<Vec<u8>> = conn.hget(&key, "recs").await.expect("HGET");
-    stored.map(|stored| {
-        let list = liverec::store::redis::decode_stored_list(&stored, &UserId::from(user)).expect("a stored list");
-        serde_json::to_value(list).expect("a list serialises")
-    })
+    let key = format!("{}:{{{user}}}:q", config.redis.key_prefix);
+    let stored: Option<Vec<u8>> = conn.get(&key).await.expect("GET");
+    let list = liverec::store::redis::decode_stored_list(&stored?, &UserId::from(user));
+    list.map(|list| serde_json::to_value(list).expect("a list serialises"))
 }
 
 /// Posts one more event of `user` (ids `{user}-w{n}`) whenever `done` is not yet true, until it
