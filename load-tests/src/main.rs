@@ -49,7 +49,8 @@ struct ScenarioArgs {
     /// Overrides a scenario key, value in TOML: --set ws_sockets=18000 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// The server's process id, to report its resident memory and CPU seconds per event.
+    /// The server's process id, to report its resident memory (its CPU seconds per event come
+    /// from /proc/PID/stat then, else from its /metrics).
     #[arg(long)]
     server_pid: Option<u32>,
 }
@@ -105,7 +106,8 @@ struct RestArgs {
     /// Write report.json, report.md and latency.svg here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The server's process id: its memory and CPU seconds per event in the report.
+    /// The server's process id: its memory in the report (and its CPU time from /proc/PID/stat
+    /// rather than from its /metrics).
     #[arg(long)]
     server_pid: Option<u32>,
 }

@@ -266,7 +266,7 @@ pub fn definitions(late_ms: f64, settle_secs: f64) -> BTreeMap<String, String> {
         ("pushes_late", format!("deliveries reflected more than {late_ms} ms (late_ms) after the event was sent")),
         ("errors", "failed requests, refused produces, failed connections and subscriptions, streams closed early, and the simulated users' failed requests (errors_by_kind)".to_owned()),
         ("server.work.applied_events_per_s", "liverec_session_applied_events_total over the load (all events, the simulated users' too) per second of load; caught_up_secs is how long after the load (its last answers, or the Kafka flush) the server took to receive every accepted event".to_owned()),
-        ("server.work.cpu_secs_per_event", "the server's CPU seconds (utime + stime in /proc/PID/stat, with --server-pid) from the start of the load to the end of the settle, divided by the events it applied then; it includes the pushes, GETs and /metrics scrapes of the run".to_owned()),
+        ("server.work.cpu_secs_per_event", "the server's CPU seconds (utime + stime in /proc/PID/stat with --server-pid, else the server's own liverec_process_cpu_seconds_total from /metrics) from the start of the load to the end of the settle, divided by the events it applied then; it includes the pushes, GETs and /metrics scrapes of the run".to_owned()),
         ("server.work.kafka_lag_max_records", "liverec_kafka_consumer_lag_records, sampled once a second during the load (Kafka mode only)".to_owned()),
         ("server.stale_lists_skipped", "lists the server did not send to a slow subscriber because a newer list replaced them; coalescing by design, not a lost update".to_owned()),
     ]

@@ -244,12 +244,11 @@ impl MonitorActor {
     }
 
     /// Adds `add` to `arm` in this instance's view and in its next report.
-    fn count(&mut self, version: &Arc<str>, variant: &Arc<str>, add: &VariantBucket) {
-        let arm = ArmKey { version: version.clone(), variant: variant.clone() };
+    fn count(&mut self, arm: &ArmKey, add: &VariantBucket) {
         let tick = self.tick();
-        self.local.count(tick, &arm, add);
+        self.local.count(tick, arm, add);
         if let Some(cluster) = &mut self.cluster {
-            cluster.pending.count(&arm, add);
+            cluster.pending.count(arm, add);
         }
     }
 
@@ -484,7 +483,7 @@ impl Handler<Impression> for MonitorActor {
             novelty_items: msg.items.len() as u64,
             ..VariantBucket::default()
         };
-        self.count(&msg.version, &msg.variant, &add);
+        self.count(&ArmKey { version: msg.version, variant: msg.variant }, &add);
         let tick = self.tick();
         self.local.impressed(tick, &msg.items);
         if let Some(cluster) = &mut self.cluster {
@@ -509,7 +508,7 @@ impl Handler<Outcome> for MonitorActor {
                 VariantBucket { conversions: 1, revenue: msg.value.unwrap_or(0.0), ..VariantBucket::default() }
             }
         };
-        self.count(&msg.version, &msg.variant, &add);
+        self.count(&ArmKey { version: msg.version, variant: msg.variant }, &add);
     }
 }
 

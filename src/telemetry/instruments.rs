@@ -58,6 +58,20 @@ impl FloatGauge {
     }
 }
 
+/// A monotonic floating-point total that the process reads from elsewhere (the kernel's account
+/// of its CPU time) and sets at each scrape, observed by an OpenTelemetry observable counter.
+#[derive(Default, Debug, Clone)]
+pub struct FloatCounter(Arc<AtomicU64>);
+
+impl FloatCounter {
+    pub fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::Relaxed);
+    }
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// An OpenTelemetry histogram with explicit buckets (in the metric's unit), and the labels of
 /// this series.
 #[derive(Clone)]
@@ -160,6 +174,21 @@ impl Observed for FloatGauge {
     }
 }
 
+impl Observed for FloatCounter {
+    const KIND: &'static str = "counter";
+    fn register(meter: &Meter, family: Family, series: Vec<(Vec<KeyValue>, Self)>) {
+        meter
+            .f64_observable_counter(family.name)
+            .with_description(family.help)
+            .with_callback(move |observer| {
+                for (labels, counter) in &series {
+                    observer.observe(counter.get(), labels);
+                }
+            })
+            .build();
+    }
+}
+
 /// The series of one observed family, gathered until [`Registrar::finish`] registers them.
 struct Pending<T> {
     family: Family,
@@ -176,6 +205,7 @@ pub(super) struct Registrar {
     counters: RefCell<Vec<Pending<Counter>>>,
     gauges: RefCell<Vec<Pending<Gauge>>>,
     float_gauges: RefCell<Vec<Pending<FloatGauge>>>,
+    float_counters: RefCell<Vec<Pending<FloatCounter>>>,
 }
 
 fn key_values(labels: Labels) -> Vec<KeyValue> {
@@ -190,6 +220,7 @@ impl Registrar {
             counters: RefCell::default(),
             gauges: RefCell::default(),
             float_gauges: RefCell::default(),
+            float_counters: RefCell::default(),
         }
     }
 
@@ -256,6 +287,11 @@ impl Registrar {
         self.observe(&self.float_gauges, family, labels, FloatGauge::default())
     }
 
+    /// A floating-point counter without labels, in a family of its own (see [`FloatCounter`]).
+    pub fn float_counter(&self, name: &'static str, help: &'static str) -> FloatCounter {
+        self.observe(&self.float_counters, Family::new(name, help), &[], FloatCounter::default())
+    }
+
     /// A histogram without labels, with explicit `bounds`.
     pub fn histogram(&self, name: &'static str, help: &'static str, bounds: &[f64]) -> Histogram {
         self.histogram_in(Family::new(name, help), bounds, &[])
@@ -283,6 +319,7 @@ impl Registrar {
         register(&self.meter, self.counters);
         register(&self.meter, self.gauges);
         register(&self.meter, self.float_gauges);
+        register(&self.meter, self.float_counters);
         self.families.into_inner()
     }
 }

@@ -18,7 +18,9 @@ mod logging;
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 
-pub use instruments::{Counter, FloatGauge, Gauge, Histogram, LATENCY_BOUNDS, SIZE_BOUNDS, TRAINING_BOUNDS};
+pub use instruments::{
+    Counter, FloatCounter, FloatGauge, Gauge, Histogram, LATENCY_BOUNDS, SIZE_BOUNDS, TRAINING_BOUNDS,
+};
 use instruments::{Family, Registrar};
 pub use logging::{
     continue_trace, init, init_logging, record_trace_id, span, trace_headers, TelemetryError, TelemetryGuard,
@@ -41,6 +43,9 @@ pub struct Metrics {
     pub http_body_timeouts: Counter,
     /// Resident memory of the process, read from /proc at each scrape (0 where unavailable).
     pub process_resident_bytes: Gauge,
+    /// CPU time of the process, user and system, read from /proc at each scrape (0 where
+    /// unavailable): load tests divide its growth by the events applied (CPU per event).
+    pub process_cpu_seconds: FloatCounter,
     /// jemalloc's account of the heap, read at each scrape (see [`allocator`]): bytes allocated,
     /// in active pages, of its own metadata, resident, mapped, and retained (mapped, purged).
     allocator_allocated_bytes: Gauge,
@@ -233,6 +238,10 @@ impl Default for Metrics {
             ),
             process_resident_bytes: r
                 .gauge("liverec_process_resident_memory_bytes", "Resident memory of the liverec process."),
+            process_cpu_seconds: r.float_counter(
+                "liverec_process_cpu_seconds_total",
+                "CPU time of the liverec process, user and system, in seconds.",
+            ),
             allocator_allocated_bytes: r.gauge(
                 "liverec_allocator_allocated_bytes",
                 "Bytes allocated through jemalloc and not yet freed (stats.allocated).",
@@ -493,6 +502,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric (an OpenTelemetry collection).
     pub fn render(&self) -> String {
         self.process_resident_bytes.set(resident_bytes());
+        self.process_cpu_seconds.set(cpu_seconds().unwrap_or(0.0));
         let heap = allocator::read().unwrap_or_default();
         let bytes = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.allocator_allocated_bytes.set(bytes(heap.allocated));
@@ -520,6 +530,28 @@ fn resident_bytes() -> i64 {
     pages * page.max(0) as i64
 }
 
+/// CPU time of this process, user and system, in seconds (Linux `/proc/self/stat`).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    cpu_seconds_of_stat(&stat, ticks as f64)
+}
+
+/// `utime + stime` of a `/proc/PID/stat` line, in seconds. The process name (field 2) is in
+/// parentheses and may hold spaces and parentheses itself, so fields are counted after the last
+/// `)`: the state is the first there, utime (field 14) the 12th, stime (15) the 13th.
+fn cpu_seconds_of_stat(stat: &str, ticks_per_sec: f64) -> Option<f64> {
+    if ticks_per_sec <= 0.0 {
+        return None;
+    }
+    let (_, fields) = stat.rsplit_once(')')?;
+    let mut fields = fields.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_sec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,8 +576,22 @@ mod tests {
         assert!(m.families().contains(&("liverec_ingest_events_total", "counter")));
     }
 
+    #[test]
+    fn cpu_time_is_read_after_the_process_name_and_exported() {
+        let stat = "4242 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 130 0 0 20 0 1";
+        assert_eq!(cpu_seconds_of_stat(stat, 100.0), Some(3.8));
+        assert_eq!(cpu_seconds_of_stat(stat, 0.0), None);
+        assert_eq!(cpu_seconds_of_stat("4242 (truncated) S 1", 100.0), None);
+        // This process has used some CPU by now, and a scrape reports it.
+        let m = Metrics::default();
+        let text = m.render();
+        let line = text.lines().find(|l| l.starts_with("liverec_process_cpu_seconds_total ")).expect("exported");
+        let secs: f64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number");
+        assert!(secs > 0.0, "{line}");
+    }
+
     /// The exposition of every family, each series with a value of its own, byte for byte as
-    /// `exposition.golden` records it (resident memory and the allocator's figures, read at each
+    /// `exposition.golden` records it (resident memory, CPU time and the allocator's figures, read at each
     /// scrape, left out): declaring a
     /// metric differently must not change what Prometheus scrapes. After a deliberate change,
     /// `LIVEREC_WRITE_GOLDEN=<path of exposition.golden>` rewrites the record.
@@ -644,7 +690,9 @@ mod tests {
             .render()
             .lines()
             .filter(|line| {
-                !line.starts_with("liverec_process_resident_memory_bytes ") && !line.starts_with("liverec_allocator_")
+                !line.starts_with("liverec_process_resident_memory_bytes ")
+                    && !line.starts_with("liverec_process_cpu_seconds_total ")
+                    && !line.starts_with("liverec_allocator_")
             })
             .map(|line| format!("{line}\n"))
             .collect();

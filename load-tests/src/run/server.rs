@@ -101,7 +101,8 @@ pub(super) struct Snapshot {
     pub(super) duplicates: Option<f64>,
     /// `liverec_kafka_consumer_lag_records` (a server in Kafka mode only).
     pub(super) kafka_lag: Option<f64>,
-    /// The server's CPU seconds so far, user and system (with its pid).
+    /// The server's CPU seconds so far, user and system: from `/proc/PID/stat` with its pid,
+    /// else from its `/metrics` (`liverec_process_cpu_seconds_total`).
     pub(super) cpu_secs: Option<f64>,
     pub(super) at: Option<std::time::Instant>,
 }
@@ -113,7 +114,9 @@ impl Snapshot {
             applied: sample_of(&text, "liverec_session_applied_events_total"),
             duplicates: sample_of(&text, "liverec_session_duplicate_events_total"),
             kafka_lag: sample_of(&text, "liverec_kafka_consumer_lag_records"),
-            cpu_secs: server_pid.and_then(cpu_secs),
+            // The process's own account when its pid is given, else the one the server exports
+            // (`liverec_process_cpu_seconds_total`, read from its /proc at the scrape).
+            cpu_secs: server_pid.and_then(cpu_secs).or_else(|| sample_of(&text, "liverec_process_cpu_seconds_total")),
             at: Some(std::time::Instant::now()),
         }
     }

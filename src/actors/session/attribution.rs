@@ -20,8 +20,6 @@ const SERVED_KEPT: usize = 8;
 struct Served {
     /// The list as published; its `is_shown` says whether it counted as an impression.
     update: Arc<RecUpdate>,
-    version: Arc<str>,
-    variant: Arc<str>,
     at: Instant,
     clicked: bool,
     converted: bool,
@@ -58,15 +56,7 @@ pub(super) struct Interacted<'a> {
 impl ServedLists {
     /// Remembers `list`, served at `at`, forgetting the oldest beyond `SERVED_KEPT`.
     pub(super) fn remember(&mut self, update: &Arc<RecUpdate>, at: Instant) {
-        let list = &update.list;
-        let served = Served {
-            update: update.clone(),
-            version: Arc::from(list.model_version.as_str()),
-            variant: Arc::from(list.variant.as_str()),
-            at,
-            clicked: false,
-            converted: false,
-        };
+        let served = Served { update: update.clone(), at, clicked: false, converted: false };
         push_bounded(&mut self.lists, served, SERVED_KEPT);
     }
 
@@ -101,12 +91,16 @@ impl ServedLists {
             served.converted = true;
             outcomes.push(OutcomeKind::Conversion);
         }
+        // The monitor's shared strings, made per outcome (clicks are rarer than served lists).
+        let list = &served.update.list;
+        let (version, variant): (Arc<str>, Arc<str>) =
+            (list.model_version.as_str().into(), list.variant.as_str().into());
         Some(
             outcomes
                 .into_iter()
                 .map(|kind| Outcome {
-                    version: served.version.clone(),
-                    variant: served.variant.clone(),
+                    version: version.clone(),
+                    variant: variant.clone(),
                     kind,
                     position,
                     value: if kind == OutcomeKind::Conversion { event.value } else { None },

@@ -23,7 +23,7 @@ use actix::prelude::*;
 use self::attribution::{push_bounded, Interacted, ServedLists};
 use self::coalesce::{Answer, Coalescer};
 use super::lists::{
-    build_request, current_stored_list, make_list, report_impression, segment_of, seq_after_stored, tell_monitor,
+    build_request, current_stored_list, make_list, report_scored_impression, segment_of, seq_after_stored, tell_monitor,
 };
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
@@ -47,6 +47,11 @@ pub struct SessionActor {
     deps: Arc<SessionDeps>,
     /// Recent interactions, oldest first, with their catalogue index.
     history: VecDeque<(Interaction, ItemIdx)>,
+    /// The model's view of `history`, built once per change (each event both reports the
+    /// history before it to the model and asks for a list from the history after it).
+    history_view: Option<Arc<[HistoryItem]>>,
+    /// `bus::user_hash` of the user (the monitor's key and the experiment arm's), computed once.
+    user_hash: u64,
     context: Option<EventContext>,
     /// The context last sent to the store.
     persisted_context: Option<EventContext>,
@@ -69,11 +74,14 @@ pub struct SessionActor {
 impl SessionActor {
     pub fn new(hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> Self {
         let deps = registry.deps.clone();
+        let user_hash = user_hash(hub.user.as_str());
         Self {
             hub,
             registry,
             deps,
             history: VecDeque::new(),
+            history_view: None,
+            user_hash,
             context: None,
             persisted_context: None,
             event_ids: HashSet::new(),
@@ -136,6 +144,7 @@ impl SessionActor {
     /// Forgets the in-memory state (before reloading it from the store).
     fn reset(&mut self) {
         self.history.clear();
+        self.history_view = None;
         self.event_ids.clear();
         self.event_order.clear();
         self.suppressed.clear();
@@ -185,10 +194,15 @@ impl SessionActor {
 
     fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
         push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
+        self.history_view = None;
     }
 
-    fn history_items(&self) -> Arc<[HistoryItem]> {
-        self.history.iter().map(|(i, idx)| HistoryItem::of(i, *idx)).collect()
+    /// The model's view of the history (shared until the history changes).
+    fn history_items(&mut self) -> Arc<[HistoryItem]> {
+        let history = &self.history;
+        self.history_view
+            .get_or_insert_with(|| history.iter().map(|(i, idx)| HistoryItem::of(i, *idx)).collect())
+            .clone()
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.
@@ -253,8 +267,9 @@ impl SessionActor {
         segment_of(self.context.as_ref(), device)
     }
 
-    fn score_request(&self, k: usize, filters: &RecFilters) -> ScoreRequest {
-        build_request(&self.deps, self.history_items(), self.suppressed.iter(), self.context.as_ref(), k, filters)
+    fn score_request(&mut self, k: usize, filters: &RecFilters) -> ScoreRequest {
+        let history = self.history_items();
+        build_request(&self.deps, history, self.suppressed.iter(), self.context.as_ref(), k, filters)
     }
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
@@ -268,7 +283,7 @@ impl SessionActor {
         let scoring = crate::telemetry::span(|| tracing::info_span!("model_score"));
         self.deps
             .model
-            .send(Recommend { request, user: user_hash(self.hub.user.as_str()) })
+            .send(Recommend { request, user: self.user_hash })
             .into_actor(self)
             .map(move |result, act, ctx| {
                 let _entered = scoring.enter();
@@ -314,7 +329,7 @@ impl SessionActor {
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
         let delivered = answering || self.hub.subscriber_count() > 0 || self.registry.shown_elsewhere(&self.hub);
-        self.record_served(&update, delivered);
+        self.record_served(&update, &scored, delivered);
         self.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {
             self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
@@ -331,9 +346,9 @@ impl SessionActor {
     /// Remembers a list for click attribution, and reports it to the monitor as an impression
     /// when it reached someone (a list published to no subscriber is not an impression; a `GET`
     /// that later serves it from the hub reports it then).
-    fn record_served(&mut self, update: &Arc<RecUpdate>, delivered: bool) {
+    fn record_served(&mut self, update: &Arc<RecUpdate>, scored: &ScoredList, delivered: bool) {
         if delivered {
-            report_impression(&self.deps, update, update.list.items.len());
+            report_scored_impression(&self.deps, update, scored);
         }
         self.served.remember(update, Instant::now());
     }
@@ -351,7 +366,7 @@ impl SessionActor {
             organic: !attributed,
             logged_at: now_ms(),
         });
-        tell_monitor(&self.deps, Activity { user: user_hash(self.hub.user.as_str()), event: logged.clone() });
+        tell_monitor(&self.deps, Activity { user: self.user_hash, event: logged.clone() });
         logged
     }
 
@@ -484,7 +499,7 @@ impl Handler<GetRecommendations> for SessionActor {
         self.last_active = Instant::now();
         let request = self.score_request(msg.k, &msg.filters);
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
-        let user = user_hash(self.hub.user.as_str());
+        let user = self.user_hash;
         Box::pin(self.deps.model.send(Recommend { request, user }).into_actor(self).map(move |result, act, _| {
             let scored = match result {
                 Ok(Ok(scored)) => scored,
@@ -495,7 +510,7 @@ impl Handler<GetRecommendations> for SessionActor {
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
             let update = RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq)));
-            act.record_served(&update, true);
+            act.record_served(&update, &scored, true);
             Ok(update)
         }))
     }
@@ -527,6 +542,7 @@ impl Handler<TakeHistory> for SessionActor {
     fn handle(&mut self, _msg: TakeHistory, _ctx: &mut Self::Context) -> Self::Result {
         let profile = self.profile();
         self.history.clear();
+        self.history_view = None;
         self.event_ids.clear();
         self.event_order.clear();
         self.suppressed.clear();
@@ -554,6 +570,7 @@ impl Handler<MergeHistory> for SessionActor {
         // The anonymous history happened before or around this user's own: interleave by time,
         // so the ring buffer keeps the most recent interactions of both.
         let mut merged: Vec<Interaction> = self.history.drain(..).map(|(i, _)| i).collect();
+        self.history_view = None;
         let own: HashSet<EventId> = merged.iter().map(|i| i.event_id.clone()).collect();
         let mut outcome = ApplyOutcome::default();
         let mut update = ProfileUpdate {
