@@ -23,7 +23,8 @@ use actix::prelude::*;
 use self::attribution::{push_bounded, Interacted, ServedLists};
 use self::coalesce::{Answer, Coalescer};
 use super::lists::{
-    build_request, current_stored_list, make_list, report_scored_impression, segment_of, seq_after_stored, tell_monitor,
+    build_request, current_stored_list, make_list, report_impression, report_scored_impression, segment_of,
+    seq_after_stored, tell_monitor,
 };
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
