@@ -13,6 +13,7 @@
 
 mod attribution;
 mod coalesce;
+mod consumed;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use actix::prelude::*;
 
 use self::attribution::{push_bounded, Interacted, ServedLists};
 use self::coalesce::{Answer, Coalescer};
+use self::consumed::Consumed;
 use super::lists::{
     build_request, current_stored_list, make_list, report_impression, segment_of, seq_after_stored, tell_monitor,
 };
@@ -47,6 +49,9 @@ pub struct SessionActor {
     deps: Arc<SessionDeps>,
     /// Recent interactions, oldest first, with their catalogue index.
     history: VecDeque<(Interaction, ItemIdx)>,
+    /// Every item consumed (by `session.exclude_event_types`), beyond the history window: what
+    /// stays out of the lists (see `consumed.rs`).
+    consumed: Consumed,
     context: Option<EventContext>,
     /// The context last sent to the store.
     persisted_context: Option<EventContext>,
@@ -74,6 +79,7 @@ impl SessionActor {
             registry,
             deps,
             history: VecDeque::new(),
+            consumed: Consumed::default(),
             context: None,
             persisted_context: None,
             event_ids: HashSet::new(),
@@ -136,6 +142,7 @@ impl SessionActor {
     /// Forgets the in-memory state (before reloading it from the store).
     fn reset(&mut self) {
         self.history.clear();
+        self.consumed.clear();
         self.event_ids.clear();
         self.event_order.clear();
         self.suppressed.clear();
@@ -184,6 +191,10 @@ impl SessionActor {
     }
 
     fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
+        let session = &self.deps.config.session;
+        if session.consumed_max > 0 && session.exclude_event_types.contains(&interaction.event_type) {
+            self.consumed.record(idx, interaction.timestamp, session.consumed_max);
+        }
         push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
     }
 
@@ -254,7 +265,27 @@ impl SessionActor {
     }
 
     fn score_request(&self, k: usize, filters: &RecFilters) -> ScoreRequest {
-        build_request(&self.deps, self.history_items(), self.suppressed.iter(), self.context.as_ref(), k, filters)
+        build_request(
+            &self.deps,
+            self.history_items(),
+            self.consumed_items(),
+            self.suppressed.iter(),
+            self.context.as_ref(),
+            k,
+            filters,
+        )
+    }
+
+    /// The consumed items to exclude now (`None`: the record is off, the history window excludes).
+    /// "Now" for the re-show policy is the user's newest event, so a replay of old events behaves
+    /// as it did live.
+    fn consumed_items(&self) -> Option<Vec<ItemIdx>> {
+        let session = &self.deps.config.session;
+        if session.consumed_max == 0 {
+            return None;
+        }
+        let now = self.history.back().map_or_else(now_ms, |(i, _)| i.timestamp);
+        Some(self.consumed.excluded(now, session.reshow_after_secs).collect())
     }
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
@@ -509,6 +540,7 @@ impl Handler<TakeHistory> for SessionActor {
     fn handle(&mut self, _msg: TakeHistory, _ctx: &mut Self::Context) -> Self::Result {
         let profile = self.profile();
         self.history.clear();
+        self.consumed.clear();
         self.event_ids.clear();
         self.event_order.clear();
         self.suppressed.clear();
