@@ -148,6 +148,11 @@ enum Command {
         /// with this many candidates per source (docs/model.md, "Two-stage retrieval").
         #[arg(long, value_name = "N")]
         two_stage_candidates: Option<usize>,
+        /// Also rank with the network alone given what a server has, one difference at a time:
+        /// no demographics (`sasrec-no-user`), the newest event's hour instead of the held-out
+        /// one's (`sasrec-last-hour`), both (`sasrec-no-user-last-hour`).
+        #[arg(long, requires = "model")]
+        explain: bool,
         /// Also evaluate through the serving path: start an in-process server for --model, replay
         /// the split's events into it over HTTP and rank on the lists it serves
         /// (`sasrec-served`; docs/model.md, "Served and offline").
@@ -200,13 +205,25 @@ fn main() -> ExitCode {
             simulate(config)
         }
         Command::Train { data, out, config, quiet } => exit_code(offline::train(&data, &out, config.as_deref(), quiet)),
-        Command::Eval { data, model, json, report, two_stage_candidates, serve, serve_config, target, api_key } => {
+        Command::Eval {
+            data,
+            model,
+            json,
+            report,
+            two_stage_candidates,
+            explain,
+            serve,
+            serve_config,
+            target,
+            api_key,
+        } => {
             let served = match (serve, target) {
                 (true, _) => Some(offline::Served::InProcess { config: serve_config }),
                 (false, Some(url)) => Some(offline::Served::Target { url, api_key }),
                 (false, None) => None,
             };
-            exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref(), two_stage_candidates, served))
+            let options = offline::EvalOptions { two_stage_candidates, explain, served };
+            exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref(), options))
         }
         Command::Import { options, json } => import_command(options, json),
         Command::Key { id, role } => key(&id, &role),
@@ -571,14 +588,24 @@ mod offline {
         Ok((name, run))
     }
 
+    /// What `liverec eval` ranks besides popularity and the network.
+    pub struct EvalOptions {
+        /// Two-stage retrieval forced on with this many candidates per source.
+        pub two_stage_candidates: Option<usize>,
+        /// The network given what a server has, one difference at a time.
+        pub explain: bool,
+        /// The serving-path evaluation.
+        pub served: Option<Served>,
+    }
+
     pub fn eval(
         data: &Path,
         model_dir: Option<&Path>,
         json: bool,
         report: Option<&Path>,
-        two_stage_candidates: Option<usize>,
-        served_by: Option<Served>,
+        options: EvalOptions,
     ) -> anyhow::Result<()> {
+        let EvalOptions { two_stage_candidates, explain, served: served_by } = options;
         liverec::models::keep_freed_memory();
         let (dataset, _, split) = load(data)?;
         let mut notes = digest_notes(&dataset, &split);
@@ -601,6 +628,22 @@ mod offline {
             }
             None => evaluate_all(&dataset, &split, &mut [&mut pop], 512)?,
         };
+        if let (true, Some(model)) = (explain, loaded.as_mut()) {
+            for (name, no_user, last_hour) in [
+                ("sasrec-no-user", true, false),
+                ("sasrec-last-hour", false, true),
+                ("sasrec-no-user-last-hour", true, true),
+            ] {
+                let mut ranker = SequentialRanker::new(model, &dataset, name);
+                if no_user {
+                    ranker = ranker.without_demographics();
+                }
+                if last_hour {
+                    ranker = ranker.hour_of_last_event();
+                }
+                results.extend(evaluate_all(&dataset, &split, &mut [&mut ranker], 512)?);
+            }
+        }
         // The serving computation offline: what the server returns for the same events.
         let mut offline_lists = None;
         if let Some(model) = loaded.as_mut() {

@@ -70,6 +70,9 @@ pub struct SequentialRanker<'a> {
     /// Model item (1-based) of each dataset item; 0 if the model does not know it.
     model_item: Vec<u32>,
     users: Vec<[u32; 3]>,
+    /// The request's hour from the newest history event (what a server knows) rather than from
+    /// the held-out event.
+    hour_of_last_event: bool,
     name: String,
 }
 
@@ -77,16 +80,29 @@ impl<'a> SequentialRanker<'a> {
     pub fn new(model: &'a mut SequentialModel, dataset: &'a Dataset, name: &str) -> Self {
         let model_item = dataset.items.iter().map(|i| model.model_item(&i.id).unwrap_or(0)).collect();
         let users = dataset.users.iter().map(|u| model.vocab.user_features(u)).collect();
-        Self { model, model_item, users, name: name.to_owned() }
+        Self { model, model_item, users, hour_of_last_event: false, name: name.to_owned() }
+    }
+
+    /// Ranks without the users' demographics, as a server does (`ScoreRequest` carries none).
+    pub fn without_demographics(mut self) -> Self {
+        self.users.iter_mut().for_each(|u| *u = [0, 0, 0]);
+        self
+    }
+
+    /// Takes the request's hour from the newest history event, as a session does.
+    pub fn hour_of_last_event(mut self) -> Self {
+        self.hour_of_last_event = true;
+        self
     }
 
     /// The network's input for one case.
     pub fn query(&self, case: &Case<'_>) -> Query {
-        Query {
-            history: tokens(case.history, &self.model_item),
-            segment: segment_at(case.target.timestamp * 1000, DeviceClass::Other),
-            user: self.users[case.user],
-        }
+        let segment = if self.hour_of_last_event {
+            request_segment(case.history, case.target.timestamp * 1000)
+        } else {
+            segment_at(case.target.timestamp * 1000, DeviceClass::Other)
+        };
+        Query { history: tokens(case.history, &self.model_item), segment, user: self.users[case.user] }
     }
 }
 
