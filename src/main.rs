@@ -659,7 +659,7 @@ mod offline {
             let mut ranker = ServingRanker::new(model, &dataset, &exact, 20, "sasrec-serving")?.with_window(window);
             results.extend(evaluate_all(&dataset, &split, &mut [&mut ranker], 512)?);
             if served_by.is_some() {
-                offline_lists = Some(serving_lists(&mut ranker, &dataset, &split));
+                offline_lists = Some(serving_lists(&mut ranker, &dataset, &split, 512));
             }
             notes.push(
                 "sasrec-serving: the serving computation offline (top 20 of Recommender::score: popularity \

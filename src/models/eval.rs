@@ -268,11 +268,18 @@ impl Ranker for ServingRanker<'_> {
 }
 
 /// The serving lists of every user with a test case, before the validation item and before the
-/// test item (empty for other users), as `eval::evaluate_served` collects them from a server.
+/// test item (empty for other users), as `eval::evaluate_served` collects them from a server;
+/// `batch` users scored at a time.
+///
+/// The float rounding of a score can depend on the shape of the batch it was computed in (the
+/// histories are padded to the longest one), so two near-tied items can swap between batchings:
+/// a comparison that must hold item by item scores one user at a time on both sides
+/// (`batch` 1 here, `model.max_batch = 1` in the server).
 pub fn serving_lists(
     ranker: &mut ServingRanker<'_>,
     dataset: &Dataset,
     split: &Split,
+    batch: usize,
 ) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
     let users = split.train.len();
     let mut out = (vec![Vec::new(); users], vec![Vec::new(); users]);
@@ -281,7 +288,7 @@ pub fn serving_lists(
             .filter(|&u| split.test[u].is_some())
             .filter_map(|u| split.case(u, part).map(|(h, t)| (u, h, t)))
             .collect();
-        for chunk in cases.chunks(512) {
+        for chunk in cases.chunks(batch.max(1)) {
             let batch: Vec<Case<'_>> =
                 chunk.iter().map(|(u, h, t)| Case { user: *u, history: h, target: *t }).collect();
             for (case, list) in batch.iter().zip(ranker.lists(dataset, &batch)) {
