@@ -567,7 +567,7 @@ mod offline {
                     let dir = model_dir.context("--serve needs --model")?;
                     let base = liverec::config::Config::load(config.as_deref(), &Default::default())?;
                     let config = liverec::eval::serve_model(base, dir)?;
-                    liverec::telemetry::init_logging(&config.log);
+                    // No logging set up: the server's log lines go to stdout, where --json prints.
                     let server = liverec::Server::start(config).await?;
                     let run = liverec::eval::evaluate_served(&server.url(), None, dataset, split).await;
                     server.stop().await;
