@@ -2,12 +2,9 @@
 //! path gives every user the list the offline serving computation gives, user by user.
 
 use liverec::config::{Config, RetrievalConfig};
-use liverec::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
 use liverec::models::data::{Dataset, DatasetBuilder, Part, Split};
 use liverec::models::eval::{evaluate, serving_lists, ServingRanker};
-use liverec::models::sasrec::Config as NetConfig;
 use liverec::models::sequential::SequentialModel;
-use liverec::models::train::{train, TrainConfig, TrainFile};
 
 use crate::support::*;
 
@@ -50,33 +47,8 @@ async fn served_lists_equal_offline_lists() {
     let (dataset, split) = split_of_generated_users();
     let dir = std::env::temp_dir().join(format!("liverec-served-it-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let file = TrainFile {
-        model: NetConfig {
-            hidden: 16,
-            layers: 1,
-            heads: 2,
-            inner: 32,
-            max_len: 8,
-            dropout: 0.0,
-            ..NetConfig::default()
-        },
-        train: TrainConfig { seed: 3, epochs: 3, patience: 0, batch_size: 16, eval_every: 3, ..TrainConfig::default() },
-        serve: ServeConfig::default(),
-    };
-    let mut trained = train(&dataset, &split, &file, false).expect("trains");
-    let mut manifest = Manifest {
-        format: String::new(),
-        version: String::new(),
-        created_at: rfc3339(1_700_000_000),
-        config: trained.model.config.clone(),
-        serve: trained.model.serve.clone(),
-        data: DataWindow::default(),
-        metrics: SavedMetrics { valid: Some(trained.valid), test: None },
-        training: trained.summary.clone(),
-        weights_sha256: String::new(),
-    };
     let model_dir = dir.join("served");
-    trained.model.save(&model_dir, &mut manifest).expect("saves");
+    crate::models::train_and_save(&dataset, &split, 3, &model_dir, 1_700_000_000);
 
     // Offline: the serving computation on the saved model.
     let (mut model, _) = SequentialModel::load(&model_dir).expect("loads");
