@@ -271,10 +271,9 @@ impl Ranker for ServingRanker<'_> {
 /// test item (empty for other users), as `eval::evaluate_served` collects them from a server;
 /// `batch` users scored at a time.
 ///
-/// The float rounding of a score can depend on the shape of the batch it was computed in (the
-/// histories are padded to the longest one), so two near-tied items can swap between batchings:
-/// a comparison that must hold item by item scores one user at a time on both sides
-/// (`batch` 1 here, `model.max_batch = 1` in the server).
+/// Histories are padded to the longest one of a batch; a comparison that must hold item by item
+/// can score one user at a time on both sides (`batch` 1 here, `model.max_batch = 1` in the
+/// server) so that no score depends on the shape of a batch.
 pub fn serving_lists(
     ranker: &mut ServingRanker<'_>,
     dataset: &Dataset,

@@ -56,7 +56,7 @@ async fn served_lists_equal_offline_lists() {
     let mut ranker = ServingRanker::new(&mut model, &dataset, &exact, liverec::eval::DEPTH, "offline")
         .expect("ranker")
         .with_window(8);
-    // One user at a time here and in the server, so no score's rounding depends on a batch.
+    // One user at a time here and in the server, so no score depends on the shape of a batch.
     let (valid_lists, test_lists) = serving_lists(&mut ranker, &dataset, &split, 1);
     let offline_test = evaluate(&dataset, &split, Part::Test, &mut ranker, 1).expect("evaluates");
 
@@ -86,4 +86,17 @@ async fn served_lists_equal_offline_lists() {
     assert_eq!(run.metrics.test, offline_test, "served and offline figures");
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn serve_without_a_model_and_serve_with_a_target_are_refused_naming_the_flags() {
+    let bin = env!("CARGO_BIN_EXE_liverec");
+    let run = |args: &[&str]| std::process::Command::new(bin).args(args).output().expect("runs");
+    let no_model = run(&["eval", "--data", "/nonexistent-liverec-data", "--serve"]);
+    assert_eq!(no_model.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_model.stderr).contains("--model"), "{no_model:?}");
+    let both = run(&["eval", "--data", "d", "--model", "m", "--serve", "--target", "http://127.0.0.1:1"]);
+    assert_eq!(both.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(stderr.contains("--target") && stderr.contains("--serve"), "{stderr}");
 }

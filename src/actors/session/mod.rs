@@ -496,6 +496,9 @@ impl Handler<GetRecommendations> for SessionActor {
     fn handle(&mut self, msg: GetRecommendations, _ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
         let request = self.score_request(msg.k, &msg.filters);
+        // The newest event the request reflects: events applied while the model scores are not
+        // in this list, so it must not name them.
+        let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
         let user = user_hash(self.hub.user.as_str());
         Box::pin(self.deps.model.send(Recommend { request, user }).into_actor(self).map(move |result, act, _| {
@@ -507,7 +510,8 @@ impl Handler<GetRecommendations> for SessionActor {
                 act.publish(scored, true);
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
-            let update = RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq)));
+            let seq = act.hub.latest().map_or(0, |u| u.list.seq);
+            let update = RecUpdate::new(make_list(&act.deps, &act.hub.user, &scored, seq, reflected));
             act.record_served(&update, true);
             Ok(update)
         }))
