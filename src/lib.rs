@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod eval;
 /// Events on the wire and their validation (the `liverec-wire` crate).
 pub use liverec_wire::event;
 pub mod eventlog;

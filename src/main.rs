@@ -163,6 +163,27 @@ enum Command {
         /// with this many candidates per source (docs/model.md, "Two-stage retrieval").
         #[arg(long, value_name = "N")]
         two_stage_candidates: Option<usize>,
+        /// Also rank with the network alone given what a server has, one difference at a time:
+        /// no demographics (`sasrec-no-user`), the newest event's hour instead of the held-out
+        /// one's (`sasrec-last-hour`), both (`sasrec-no-user-last-hour`).
+        #[arg(long, requires = "model")]
+        explain: bool,
+        /// Also evaluate through the serving path: start an in-process server for --model, replay
+        /// the split's events into it over HTTP and rank on the lists it serves
+        /// (`sasrec-served`; docs/model.md, "Served and offline").
+        #[arg(long, requires = "model")]
+        serve: bool,
+        /// With --serve: a server config file (as for `liverec serve --config`; `[session]`
+        /// settings apply, the model, demo, auth and retraining are set for the evaluation).
+        #[arg(long, value_name = "FILE", requires = "serve")]
+        serve_config: Option<PathBuf>,
+        /// Evaluate through a running server at this URL instead (`served`): it must not know
+        /// the dataset's users yet.
+        #[arg(long, value_name = "URL", conflicts_with = "serve")]
+        target: Option<String>,
+        /// API key (producer and reader) for --target when its auth is on.
+        #[arg(long, value_name = "KEY", requires = "target", env = "LIVEREC_EVAL_API_KEY")]
+        api_key: Option<String>,
     },
 }
 
@@ -199,8 +220,25 @@ fn main() -> ExitCode {
             simulate(config)
         }
         Command::Train { data, out, config, quiet } => exit_code(offline::train(&data, &out, config.as_deref(), quiet)),
-        Command::Eval { data, model, json, report, two_stage_candidates } => {
-            exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref(), two_stage_candidates))
+        Command::Eval {
+            data,
+            model,
+            json,
+            report,
+            two_stage_candidates,
+            explain,
+            serve,
+            serve_config,
+            target,
+            api_key,
+        } => {
+            let served = match (serve, target) {
+                (true, _) => Some(offline::Served::InProcess { config: serve_config }),
+                (false, Some(url)) => Some(offline::Served::Target { url, api_key }),
+                (false, None) => None,
+            };
+            let options = offline::EvalOptions { two_stage_candidates, explain, served };
+            exit_code(offline::eval(&data, model.as_deref(), json, report.as_deref(), options))
         }
         Command::Import { options, json } => import_command(options, json),
         Command::Key { id, role } => key(&id, &role),
@@ -417,7 +455,8 @@ mod offline {
     use liverec::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics};
     use liverec::models::data::{Dataset, Layout, Split, ML100K_DIGESTS};
     use liverec::models::eval::{
-        evaluate, evaluate_all, markdown_report, PartMetrics, PopularityRanker, Ranker, SequentialRanker, ServingRanker,
+        evaluate, evaluate_all, markdown_report, serving_lists, PartMetrics, PopularityRanker, Ranker,
+        SequentialRanker, ServingRanker,
     };
     use liverec::models::sequential::SequentialModel;
     use liverec::models::train::{train as train_model, TrainFile};
@@ -556,13 +595,68 @@ mod offline {
         write_report(&out.join("training.md"), &report)
     }
 
+    /// Where the serving-path evaluation runs.
+    pub enum Served {
+        /// An in-process server for the evaluated model, with this config file's settings.
+        InProcess { config: Option<PathBuf> },
+        /// A running server.
+        Target { url: String, api_key: Option<String> },
+    }
+
+    /// The serving-path evaluation (see `liverec::eval`); returns the row's name, its metrics
+    /// and the served lists.
+    fn served(
+        served: Served,
+        model_dir: Option<&Path>,
+        dataset: &Dataset,
+        split: &Split,
+    ) -> anyhow::Result<(String, liverec::eval::ServedRun)> {
+        let started = std::time::Instant::now();
+        let (name, run) = actix_web::rt::System::new().block_on(async {
+            match served {
+                Served::InProcess { config } => {
+                    let dir = model_dir.context("--serve needs --model")?;
+                    let base = liverec::config::Config::load(config.as_deref(), &Default::default())?;
+                    let config = liverec::eval::serve_model(base, dir)?;
+                    // No logging set up: the server's log lines go to stdout, where --json prints.
+                    let server = liverec::Server::start(config).await?;
+                    let run = liverec::eval::evaluate_served(&server.url(), None, dataset, split).await;
+                    server.stop().await;
+                    anyhow::Ok(("sasrec-served".to_owned(), run?))
+                }
+                Served::Target { url, api_key } => {
+                    let run = liverec::eval::evaluate_served(&url, api_key, dataset, split).await?;
+                    anyhow::Ok(("served".to_owned(), run))
+                }
+            }
+        })?;
+        eprintln!(
+            "{name}: {} events replayed and {} users asked, in {:.1} s",
+            run.events,
+            2 * run.test_lists.iter().filter(|l| !l.is_empty()).count(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok((name, run))
+    }
+
+    /// What `liverec eval` ranks besides popularity and the network.
+    pub struct EvalOptions {
+        /// Two-stage retrieval forced on with this many candidates per source.
+        pub two_stage_candidates: Option<usize>,
+        /// The network given what a server has, one difference at a time.
+        pub explain: bool,
+        /// The serving-path evaluation.
+        pub served: Option<Served>,
+    }
+
     pub fn eval(
         data: &Path,
         model_dir: Option<&Path>,
         json: bool,
         report: Option<&Path>,
-        two_stage_candidates: Option<usize>,
+        options: EvalOptions,
     ) -> anyhow::Result<()> {
+        let EvalOptions { two_stage_candidates, explain, served: served_by } = options;
         liverec::models::keep_freed_memory();
         let (dataset, _, split) = load(data)?;
         let mut notes = digest_notes(&dataset, &split);
@@ -585,9 +679,63 @@ mod offline {
             }
             None => evaluate_all(&dataset, &split, &mut [&mut pop], 512)?,
         };
+        if let (true, Some(model)) = (explain, loaded.as_mut()) {
+            for (name, no_user, last_hour) in [
+                ("sasrec-no-user", true, false),
+                ("sasrec-last-hour", false, true),
+                ("sasrec-no-user-last-hour", true, true),
+            ] {
+                let mut ranker = SequentialRanker::new(model, &dataset, name);
+                if no_user {
+                    ranker = ranker.without_demographics();
+                }
+                if last_hour {
+                    ranker = ranker.hour_of_last_event();
+                }
+                results.extend(evaluate_all(&dataset, &split, &mut [&mut ranker], 512)?);
+            }
+        }
+        // The serving computation offline: what the server returns for the same events.
+        let mut offline_lists = None;
+        if let Some(model) = loaded.as_mut() {
+            let exact = liverec::config::RetrievalConfig { min_items: usize::MAX, ..Default::default() };
+            // The session's window of the server evaluated in process (its config file's), else
+            // the default.
+            let window = match &served_by {
+                Some(Served::InProcess { config }) => {
+                    liverec::config::Config::load(config.as_deref(), &Default::default())?.session.history_len
+                }
+                _ => liverec::config::Config::default().session.history_len,
+            };
+            let mut ranker = ServingRanker::new(model, &dataset, &exact, 20, "sasrec-serving")?.with_window(window);
+            results.extend(evaluate_all(&dataset, &split, &mut [&mut ranker], 512)?);
+            if served_by.is_some() {
+                offline_lists = Some(serving_lists(&mut ranker, &dataset, &split, 512));
+            }
+            notes.push(
+                "sasrec-serving: the serving computation offline (top 20 of Recommender::score: popularity \
+                 blend, every history item excluded, the newest event's hour, unknown demographics)"
+                    .to_owned(),
+            );
+        }
+        if let Some(served_by) = served_by {
+            let (name, run) = served(served_by, model_dir, &dataset, &split)?;
+            if let Some((valid, test)) = &offline_lists {
+                let differ = |a: &[Vec<String>], b: &[Vec<String>]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+                let note = format!(
+                    "{name}: lists different from sasrec-serving's: {} of {} users before the validation item, \
+                     {} before the test item",
+                    differ(valid, &run.valid_lists),
+                    run.valid_lists.iter().filter(|l| !l.is_empty()).count(),
+                    differ(test, &run.test_lists)
+                );
+                eprintln!("{note}");
+                notes.push(note);
+            }
+            results.insert(name, run.metrics);
+        }
         if let (Some(candidates), Some(model)) = (two_stage_candidates, loaded.as_mut()) {
             use liverec::config::RetrievalConfig;
-            let exact = RetrievalConfig { min_items: usize::MAX, ..RetrievalConfig::default() };
             let forced = RetrievalConfig {
                 min_items: 0,
                 ann_candidates: candidates,
@@ -601,13 +749,11 @@ mod offline {
                 ..RetrievalConfig::default()
             };
             let two_stage_name = format!("sasrec-serving-two-stage-{candidates}");
-            for (name, retrieval) in [("sasrec-serving-exact", &exact), (two_stage_name.as_str(), &forced)] {
-                let mut ranker = ServingRanker::new(model, &dataset, retrieval, 20, name)?;
-                results.extend(evaluate_all(&dataset, &split, &mut [&mut ranker], 512)?);
-            }
+            let mut ranker = ServingRanker::new(model, &dataset, &forced, 20, &two_stage_name)?;
+            results.extend(evaluate_all(&dataset, &split, &mut [&mut ranker], 512)?);
             notes.push(format!(
-                "sasrec-serving-*: the serving path's top 20 (popularity blend, unknown demographics); \
-                 two-stage: {candidates} candidates per source, ann_probe {}, ann_list_size {}",
+                "sasrec-serving-two-stage-*: as sasrec-serving, with two-stage retrieval: {candidates} \
+                 candidates per source, ann_probe {}, ann_list_size {}",
                 forced.ann_probe, forced.ann_list_size
             ));
         }

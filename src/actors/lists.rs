@@ -83,19 +83,22 @@ where
     }
 }
 
-/// A scoring request from a user's state: consumed items (by the configured event types),
-/// suppressed items and the caller's filters become exclusions.
+/// A scoring request from a user's state: consumed items, suppressed items and the caller's
+/// filters become exclusions. `consumed` is the session's record of consumed items (see
+/// `session::consumed`); without one (a profile read from the store), the history's items of
+/// the configured event types.
 pub fn build_request<'a>(
     deps: &SessionDeps,
     history: Arc<[HistoryItem]>,
+    consumed: Option<Vec<ItemIdx>>,
     suppressed: impl Iterator<Item = &'a ItemId>,
     context: Option<&EventContext>,
     k: usize,
     filters: &RecFilters,
 ) -> ScoreRequest {
     let excluded_types = &deps.config.session.exclude_event_types;
-    let mut exclude: Vec<ItemIdx> =
-        history.iter().filter(|h| excluded_types.contains(&h.event_type)).map(|h| h.item).collect();
+    let mut exclude: Vec<ItemIdx> = consumed
+        .unwrap_or_else(|| history.iter().filter(|h| excluded_types.contains(&h.event_type)).map(|h| h.item).collect());
     exclude.extend(filters.exclude.iter().filter_map(|id| deps.catalog.lookup(id)));
     // Deleted, withdrawn (`available: false`) and expired items are never in any list: the
     // models test each item against the catalogue's availability bits while they rank.
@@ -194,7 +197,7 @@ pub async fn list_from_store(
         ),
         None => (Arc::from(Vec::new()), Vec::new(), None),
     };
-    let request = build_request(deps, history, suppressed.iter(), context.as_ref(), k, filters);
+    let request = build_request(deps, history, None, suppressed.iter(), context.as_ref(), k, filters);
     let scored = match deps.model.send(Recommend { request, user: user_hash(user.as_str()) }).await {
         Ok(Ok(scored)) => scored,
         _ => return Err(SessionError::ModelUnavailable),

@@ -24,4 +24,10 @@ pub struct SessionConfig {
     pub arbiters: usize,
     /// Event types whose items are not recommended again.
     pub exclude_event_types: Vec<EventType>,
+    /// Consumed items (by `exclude_event_types`) remembered per user beyond the history window,
+    /// so that they stay out of the lists; 0 = only the history window excludes.
+    pub consumed_max: usize,
+    /// A consumed item may be recommended again this long after the user last consumed it
+    /// (repeat-purchase catalogues); 0 = never.
+    pub reshow_after_secs: u64,
 }

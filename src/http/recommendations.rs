@@ -318,7 +318,7 @@ pub async fn post_recommendations(
         device: basket.context.as_ref().and_then(|c| c.device),
     };
     let deps = &state.registry.deps;
-    let request = build_request(deps, history.into(), std::iter::empty(), None, k, &filters);
+    let request = build_request(deps, history.into(), None, std::iter::empty(), None, k, &filters);
     // The variant follows the session, or else the basket: the same basket, the same model.
     let user = crate::bus::user_hash(basket.session_id.as_deref().unwrap_or(&basket.items.join("\u{1f}")));
     let scored = match deps.model.send(Recommend { request, user }).await {

@@ -70,6 +70,9 @@ pub struct SequentialRanker<'a> {
     /// Model item (1-based) of each dataset item; 0 if the model does not know it.
     model_item: Vec<u32>,
     users: Vec<[u32; 3]>,
+    /// The request's hour from the newest history event (what a server knows) rather than from
+    /// the held-out event.
+    hour_of_last_event: bool,
     name: String,
 }
 
@@ -77,16 +80,29 @@ impl<'a> SequentialRanker<'a> {
     pub fn new(model: &'a mut SequentialModel, dataset: &'a Dataset, name: &str) -> Self {
         let model_item = dataset.items.iter().map(|i| model.model_item(&i.id).unwrap_or(0)).collect();
         let users = dataset.users.iter().map(|u| model.vocab.user_features(u)).collect();
-        Self { model, model_item, users, name: name.to_owned() }
+        Self { model, model_item, users, hour_of_last_event: false, name: name.to_owned() }
+    }
+
+    /// Ranks without the users' demographics, as a server does (`ScoreRequest` carries none).
+    pub fn without_demographics(mut self) -> Self {
+        self.users.iter_mut().for_each(|u| *u = [0, 0, 0]);
+        self
+    }
+
+    /// Takes the request's hour from the newest history event, as a session does.
+    pub fn hour_of_last_event(mut self) -> Self {
+        self.hour_of_last_event = true;
+        self
     }
 
     /// The network's input for one case.
     pub fn query(&self, case: &Case<'_>) -> Query {
-        Query {
-            history: tokens(case.history, &self.model_item),
-            segment: segment_at(case.target.timestamp * 1000, DeviceClass::Other),
-            user: self.users[case.user],
-        }
+        let segment = if self.hour_of_last_event {
+            request_segment(case.history, case.target.timestamp * 1000)
+        } else {
+            segment_at(case.target.timestamp * 1000, DeviceClass::Other)
+        };
+        Query { history: tokens(case.history, &self.model_item), segment, user: self.users[case.user] }
     }
 }
 
@@ -127,6 +143,13 @@ impl Ranker for SequentialRanker<'_> {
 /// two-stage retrieval when `retrieval` says so): the top `depth` of each list keep their
 /// score, every other item scores minus infinity (ranked after the list, so a target outside
 /// it counts as a miss at every cut-off up to `depth`).
+///
+/// It is given what a server knows when the user asks: the history as events (ratings with
+/// their value, other interactions as views), every history item excluded (the session's
+/// consumed record), the context of the user's newest event (device `other`, its hour; a
+/// server never sees the time of the interaction being predicted) and no demographics. So its
+/// lists are the ones a server replaying the same events returns (`liverec eval --serve`, and
+/// the integration test `served_lists_equal_offline_lists`).
 pub struct ServingRanker<'a> {
     model: &'a mut SequentialModel,
     catalog: crate::catalog::Catalog,
@@ -134,6 +157,10 @@ pub struct ServingRanker<'a> {
     catalog_idx: Vec<crate::catalog::ItemIdx>,
     dataset_item: std::collections::HashMap<crate::catalog::ItemIdx, usize>,
     depth: usize,
+    /// Newest history events the model is given (`session.history_len`); all of them are
+    /// excluded. The blend's weight counts the events given, so this matters even above the
+    /// network's `max_len`.
+    window: usize,
     name: String,
 }
 
@@ -153,16 +180,39 @@ impl<'a> ServingRanker<'a> {
         let dataset_item = catalog_idx.iter().enumerate().map(|(d, &c)| (c, d)).collect();
         model.configure_retrieval(retrieval);
         model.prepare(&catalog)?;
-        Ok(Self { model, catalog, catalog_idx, dataset_item, depth, name: name.to_owned() })
+        let window = crate::config::Config::default().session.history_len;
+        Ok(Self { model, catalog, catalog_idx, dataset_item, depth, window, name: name.to_owned() })
+    }
+
+    /// Gives the model the newest `history_len` events, as a session with that
+    /// `session.history_len` does (default: the built-in default, 50).
+    pub fn with_window(mut self, history_len: usize) -> Self {
+        self.window = history_len.max(1);
+        self
     }
 }
 
-impl Ranker for ServingRanker<'_> {
-    fn name(&self) -> String {
-        self.name.clone()
+/// The context segment of a request made after `history` (the newest event's hour, device
+/// `other`): what a session holds as the user's context. `fallback_ms` when there is no history.
+pub fn request_segment(history: &[Interaction], fallback_ms: i64) -> u32 {
+    let at = history.last().map_or(fallback_ms, |i| i.timestamp * 1000);
+    segment_at(at, DeviceClass::Other)
+}
+
+impl ServingRanker<'_> {
+    /// The served lists of `cases`, item ids best first.
+    pub fn lists(&mut self, dataset: &Dataset, cases: &[Case<'_>]) -> Vec<Vec<String>> {
+        self.scored(cases)
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|s| self.dataset_item.get(&s.item).map(|&d| dataset.items[d].id.clone()))
+                    .collect()
+            })
+            .collect()
     }
 
-    fn scores(&mut self, cases: &[Case<'_>]) -> Result<Vec<Vec<f32>>, EvalError> {
+    fn scored(&mut self, cases: &[Case<'_>]) -> Vec<Vec<crate::models::Scored>> {
         use crate::models::{HistoryItem, Recommender, ScoreRequest};
         let requests: Vec<ScoreRequest> = cases
             .iter()
@@ -183,15 +233,25 @@ impl Ranker for ServingRanker<'_> {
                     .collect();
                 ScoreRequest {
                     exclude: history.iter().map(|h| h.item).collect(),
-                    history: history.into(),
-                    segment: segment_at(case.target.timestamp * 1000, DeviceClass::Other) as usize,
+                    history: history[history.len().saturating_sub(self.window)..].into(),
+                    segment: request_segment(case.history, case.target.timestamp * 1000) as usize,
                     negatives: Vec::new(),
                     categories: None,
                     k: self.depth,
                 }
             })
             .collect();
-        let lists = self.model.score(&requests, &self.catalog);
+        self.model.score(&requests, &self.catalog)
+    }
+}
+
+impl Ranker for ServingRanker<'_> {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn scores(&mut self, cases: &[Case<'_>]) -> Result<Vec<Vec<f32>>, EvalError> {
+        let lists = self.scored(cases);
         Ok(lists
             .iter()
             .map(|list| {
@@ -205,6 +265,37 @@ impl Ranker for ServingRanker<'_> {
             })
             .collect())
     }
+}
+
+/// The serving lists of every user with a test case, before the validation item and before the
+/// test item (empty for other users), as `eval::evaluate_served` collects them from a server;
+/// `batch` users scored at a time.
+///
+/// Histories are padded to the longest one of a batch; a comparison that must hold item by item
+/// can score one user at a time on both sides (`batch` 1 here, `model.max_batch = 1` in the
+/// server) so that no score depends on the shape of a batch.
+pub fn serving_lists(
+    ranker: &mut ServingRanker<'_>,
+    dataset: &Dataset,
+    split: &Split,
+    batch: usize,
+) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    let users = split.train.len();
+    let mut out = (vec![Vec::new(); users], vec![Vec::new(); users]);
+    for (part, lists) in [(Part::Valid, &mut out.0), (Part::Test, &mut out.1)] {
+        let cases: Vec<(usize, Vec<Interaction>, Interaction)> = (0..users)
+            .filter(|&u| split.test[u].is_some())
+            .filter_map(|u| split.case(u, part).map(|(h, t)| (u, h, t)))
+            .collect();
+        for chunk in cases.chunks(batch.max(1)) {
+            let batch: Vec<Case<'_>> =
+                chunk.iter().map(|(u, h, t)| Case { user: *u, history: h, target: *t }).collect();
+            for (case, list) in batch.iter().zip(ranker.lists(dataset, &batch)) {
+                lists[case.user] = list;
+            }
+        }
+    }
+    out
 }
 
 /// Runs the protocol for one ranker on one part, `batch` users at a time.

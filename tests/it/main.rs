@@ -10,6 +10,7 @@
 //! - `users`: sessions stopping and rebuilding, anonymous merge, erasure
 //! - `privacy`: pseudonymised ids
 //! - `models`: serving and switching trained versions
+//! - `served`: the serving-path evaluation; served lists equal the offline serving lists
 //! - `closed_loop` and `monitor`: drift, retraining, canary, promotion; attribution
 //! - `auth` and `limits`: keys, tokens, origins, CORS; rate and stream limits
 //! - `connections`: idle connections closed by timeouts, per-IP and total connection caps
@@ -44,6 +45,7 @@ mod privacy;
 mod production;
 mod recommendations;
 mod retrieval;
+mod served;
 mod streams;
 mod support_waits;
 mod users;

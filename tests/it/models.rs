@@ -4,7 +4,7 @@ use std::path::Path;
 
 use liverec::config::ModelKind;
 use liverec::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
-use liverec::models::data::{DatasetBuilder, Split};
+use liverec::models::data::{Dataset, DatasetBuilder, Split};
 use liverec::models::sasrec::Config as NetConfig;
 use liverec::models::train::{train, TrainConfig, TrainFile};
 use serde_json::json;
@@ -24,6 +24,12 @@ pub(crate) fn train_version(dir: &Path, name: &str, seed: u64, created_secs: i64
     }
     let dataset = builder.build();
     let split = Split::leave_one_out(&dataset.sequences);
+    train_and_save(&dataset, &split, seed, &dir.join(name), created_secs)
+}
+
+/// Trains a tiny model (hidden 16, `max_len` 8, 3 epochs) on `split` and saves it in `dir`;
+/// returns its version.
+pub(crate) fn train_and_save(dataset: &Dataset, split: &Split, seed: u64, dir: &Path, created_secs: i64) -> String {
     let file = TrainFile {
         model: NetConfig {
             hidden: 16,
@@ -37,7 +43,7 @@ pub(crate) fn train_version(dir: &Path, name: &str, seed: u64, created_secs: i64
         train: TrainConfig { seed, epochs: 3, patience: 0, batch_size: 16, eval_every: 3, ..TrainConfig::default() },
         serve: ServeConfig::default(),
     };
-    let mut trained = train(&dataset, &split, &file, false).expect("trains");
+    let mut trained = train(dataset, split, &file, false).expect("trains");
     let mut manifest = Manifest {
         format: String::new(),
         version: String::new(),
@@ -49,7 +55,7 @@ pub(crate) fn train_version(dir: &Path, name: &str, seed: u64, created_secs: i64
         training: trained.summary.clone(),
         weights_sha256: String::new(),
     };
-    trained.model.save(&dir.join(name), &mut manifest).expect("saves");
+    trained.model.save(dir, &mut manifest).expect("saves");
     manifest.version
 }
 

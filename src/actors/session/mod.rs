@@ -13,6 +13,7 @@
 
 mod attribution;
 mod coalesce;
+mod consumed;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use actix::prelude::*;
 
 use self::attribution::{push_bounded, Interacted, ServedLists};
 use self::coalesce::{Answer, Coalescer};
+use self::consumed::Consumed;
 use super::lists::{
     build_request, current_stored_list, make_list, report_impression, report_scored_impression, segment_of,
     seq_after_stored, tell_monitor,
@@ -53,6 +55,9 @@ pub struct SessionActor {
     history_view: Option<Arc<[HistoryItem]>>,
     /// `bus::user_hash` of the user (the monitor's key and the experiment arm's), computed once.
     user_hash: u64,
+    /// Every item consumed (by `session.exclude_event_types`), beyond the history window: what
+    /// stays out of the lists (see `consumed.rs`).
+    consumed: Consumed,
     context: Option<EventContext>,
     /// The context last sent to the store.
     persisted_context: Option<EventContext>,
@@ -83,6 +88,7 @@ impl SessionActor {
             history: VecDeque::new(),
             history_view: None,
             user_hash,
+            consumed: Consumed::default(),
             context: None,
             persisted_context: None,
             event_ids: HashSet::new(),
@@ -146,6 +152,7 @@ impl SessionActor {
     fn reset(&mut self) {
         self.history.clear();
         self.history_view = None;
+        self.consumed.clear();
         self.event_ids.clear();
         self.event_order.clear();
         self.suppressed.clear();
@@ -194,6 +201,10 @@ impl SessionActor {
     }
 
     fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
+        let session = &self.deps.config.session;
+        if session.consumed_max > 0 && session.exclude_event_types.contains(&interaction.event_type) {
+            self.consumed.record(idx, interaction.timestamp, session.consumed_max);
+        }
         push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
         self.history_view = None;
     }
@@ -270,7 +281,20 @@ impl SessionActor {
 
     fn score_request(&mut self, k: usize, filters: &RecFilters) -> ScoreRequest {
         let history = self.history_items();
-        build_request(&self.deps, history, self.suppressed.iter(), self.context.as_ref(), k, filters)
+        let consumed = self.consumed_items();
+        build_request(&self.deps, history, consumed, self.suppressed.iter(), self.context.as_ref(), k, filters)
+    }
+
+    /// The consumed items to exclude now (`None`: the record is off, the history window excludes).
+    /// "Now" for the re-show policy is the user's newest event, so a replay of old events behaves
+    /// as it did live.
+    fn consumed_items(&self) -> Option<Vec<ItemIdx>> {
+        let session = &self.deps.config.session;
+        if session.consumed_max == 0 {
+            return None;
+        }
+        let now = self.history.back().map_or_else(now_ms, |(i, _)| i.timestamp);
+        Some(self.consumed.excluded(now, session.reshow_after_secs).collect())
     }
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
@@ -499,6 +523,9 @@ impl Handler<GetRecommendations> for SessionActor {
     fn handle(&mut self, msg: GetRecommendations, _ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
         let request = self.score_request(msg.k, &msg.filters);
+        // The newest event the request reflects: events applied while the model scores are not
+        // in this list, so it must not name them.
+        let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
         let user = self.user_hash;
         Box::pin(self.deps.model.send(Recommend { request, user }).into_actor(self).map(move |result, act, _| {
@@ -510,7 +537,8 @@ impl Handler<GetRecommendations> for SessionActor {
                 act.publish(scored, true);
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
-            let update = RecUpdate::new(act.to_list(&scored, act.hub.latest().map_or(0, |u| u.list.seq)));
+            let seq = act.hub.latest().map_or(0, |u| u.list.seq);
+            let update = RecUpdate::new(make_list(&act.deps, &act.hub.user, &scored, seq, reflected));
             act.record_served(&update, &scored, true);
             Ok(update)
         }))
@@ -544,6 +572,7 @@ impl Handler<TakeHistory> for SessionActor {
         let profile = self.profile();
         self.history.clear();
         self.history_view = None;
+        self.consumed.clear();
         self.event_ids.clear();
         self.event_order.clear();
         self.suppressed.clear();
