@@ -47,6 +47,10 @@ fn loop_config(registry: &std::path::Path) -> Config {
     config.auth.mode = liverec::auth::AuthMode::Off;
     config.model.kind = ModelKind::Sequential;
     config.model.registry_dir = registry.to_owned();
+    // The simulated users come back to their favourite items (as config/loop-demo.toml says):
+    // excluding everything they ever clicked would wear their favourites out and lower the CTR
+    // for no reason the loop should act on.
+    config.session.consumed_max = 0;
     config.monitor.bucket_secs = 1;
     config.monitor.window_secs = 10;
     config.monitor.min_samples = 200;

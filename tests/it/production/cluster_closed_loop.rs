@@ -70,6 +70,8 @@ impl Instance {
         let child = super::serve_command(config, port)
             .env("LIVEREC_KAFKA__COMMIT_INTERVAL_MS", "200")
             .env("LIVEREC_MODEL__KIND", "sequential")
+            // Simulated users come back to their favourites (see closed_loop.rs's loop_config).
+            .env("LIVEREC_SESSION__CONSUMED_MAX", "0")
             .env("LIVEREC_MODEL__REGISTRY_URL", registry_url)
             .env("LIVEREC_MODEL__REGISTRY_DIR", &cache)
             .env("LIVEREC_CLUSTER__INSTANCE_ID", id)
