@@ -315,12 +315,9 @@ fn key(id: &str, role: &str) -> ExitCode {
 
 /// `token`: prints a stream token for `user`, signed with the configured secret.
 fn token(user: &str, ttl: Option<u64>, config: Option<&std::path::Path>) -> ExitCode {
-    let config = match Config::load(config, &Overrides::default()) {
+    let config = match load_config(config, &Overrides::default()) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("liverec: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let on = liverec::auth::AuthConfig { mode: liverec::auth::AuthMode::On, ..config.auth.clone() };
     match liverec::auth::Auth::new(&on, false) {
@@ -332,14 +329,20 @@ fn token(user: &str, ttl: Option<u64>, config: Option<&std::path::Path>) -> Exit
     }
 }
 
+/// The configuration `path` and the environment give, or the exit code of a command that cannot
+/// start (2, the error printed).
+fn load_config(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, ExitCode> {
+    Config::load(path, overrides).map_err(|error| {
+        eprintln!("liverec: {error}");
+        ExitCode::from(2)
+    })
+}
+
 /// `publish`: adds the version in `dir` to the configured registry as `name`.
 fn publish(dir: &std::path::Path, name: Option<&str>, config: Option<&std::path::Path>) -> ExitCode {
-    let config = match Config::load(config, &Overrides::default()) {
+    let config = match load_config(config, &Overrides::default()) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("liverec: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let Some(name) = name.map(str::to_owned).or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
     else {
@@ -374,12 +377,9 @@ fn serve_command(
     listen: Option<std::net::SocketAddr>,
     print_config: bool,
 ) -> ExitCode {
-    let config = match Config::load(config, &Overrides { listen }) {
+    let config = match load_config(config, &Overrides { listen }) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("liverec: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if print_config {
         match toml_text(&config) {
