@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::stream::{StreamWindow, UserActivity};
+use super::stream::StreamWindow;
 use super::{wilson, ArmTally, FastMap, FastSet, Rate, Window};
 use crate::catalog::{Categories, ItemIdx};
 
@@ -104,17 +104,10 @@ pub struct StreamFigures {
 impl StreamFigures {
     pub fn of(stream: &StreamWindow, catalog_len: usize) -> Self {
         let mut impressed: FastSet<ItemIdx> = FastSet::default();
-        // Per user over the window: the activity, and in how many buckets they were seen.
-        let mut users: FastMap<u64, (UserActivity, u32)> = FastMap::default();
         for bucket in stream.buckets() {
             impressed.extend(bucket.impressed.iter().copied());
-            for (&user, activity) in &bucket.users {
-                let (total, buckets) = users.entry(user).or_default();
-                total.events += activity.events;
-                total.revenue += activity.revenue;
-                *buckets += 1;
-            }
         }
+        let users = stream.users();
         let active = users.len();
         let events: u64 = users.values().map(|(u, _)| u.events).sum();
         let revenue: f64 = users.values().map(|(u, _)| u.revenue).sum();

@@ -166,14 +166,22 @@ impl StreamWindow {
             }
         }
         let popularity = self.popularity.iter().map(|(&item, &n)| (item, n as f64)).collect();
-        let mut per_user: FastMap<u64, u64> = FastMap::default();
+        let effective_users = super::drift::effective_users(self.users().into_values().map(|(a, _)| a.events));
+        StreamTotals { popularity, context, events: self.events, effective_users }
+    }
+
+    /// Per user over the window: the activity summed, and in how many buckets they were seen.
+    pub fn users(&self) -> FastMap<u64, (UserActivity, u32)> {
+        let mut users: FastMap<u64, (UserActivity, u32)> = FastMap::default();
         for bucket in self.buckets() {
             for (&user, activity) in &bucket.users {
-                *per_user.entry(user).or_default() += activity.events;
+                let (total, buckets) = users.entry(user).or_default();
+                total.events += activity.events;
+                total.revenue += activity.revenue;
+                *buckets += 1;
             }
         }
-        let effective_users = super::drift::effective_users(per_user.into_values());
-        StreamTotals { popularity, context, events: self.events, effective_users }
+        users
     }
 }
 

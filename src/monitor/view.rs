@@ -104,20 +104,14 @@ impl MonitorView {
 
     /// Adds `add` (an impression, a click, a conversion, or a report's counts) to `arm` at `tick`.
     /// Counts older than the window still count towards the totals since start.
-    /// An arm seen before costs lookups only (no key is cloned: this runs per impression).
     pub fn count(&mut self, tick: u64, arm: &ArmKey, add: &VariantBucket) {
-        if !self.totals.contains_key(arm) {
-            self.totals.insert(arm.clone(), ArmTally::default());
-            self.variants.insert(arm.clone(), Window::new(self.buckets));
-        }
-        if let Some(totals) = self.totals.get_mut(arm) {
-            totals.impressions += add.impressions;
-            totals.clicks += add.clicks;
-        }
-        if !self.first_seen.contains_key(&arm.version) {
-            self.first_seen.insert(arm.version.clone(), tick);
-        }
-        if let Some(bucket) = self.variants.get_mut(arm).and_then(|window| window.slot(tick)) {
+        let totals = self.totals.entry(arm.clone()).or_default();
+        totals.impressions += add.impressions;
+        totals.clicks += add.clicks;
+        self.first_seen.entry(arm.version.clone()).or_insert(tick);
+        let buckets = self.buckets;
+        let window = self.variants.entry(arm.clone()).or_insert_with(|| Window::new(buckets));
+        if let Some(bucket) = window.slot(tick) {
             bucket.add(add);
         }
     }

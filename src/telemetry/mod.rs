@@ -532,7 +532,13 @@ fn resident_bytes() -> i64 {
 
 /// CPU time of this process, user and system, in seconds (Linux `/proc/self/stat`).
 fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    process_cpu_seconds("self")
+}
+
+/// CPU time of process `pid` (a number, or `self`), user and system, in seconds (Linux
+/// `/proc/PID/stat`; the load tool reads the server's with it).
+pub fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // SAFETY: sysconf only reads a system constant.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     cpu_seconds_of_stat(&stat, ticks as f64)
@@ -582,7 +588,12 @@ mod tests {
         assert_eq!(cpu_seconds_of_stat(stat, 100.0), Some(3.8));
         assert_eq!(cpu_seconds_of_stat(stat, 0.0), None);
         assert_eq!(cpu_seconds_of_stat("4242 (truncated) S 1", 100.0), None);
-        // This process has used some CPU by now, and a scrape reports it.
+        // This process has used some CPU by now (at least one clock tick, spent here), and a
+        // scrape reports it.
+        let started = cpu_seconds().expect("/proc/self/stat is readable");
+        while cpu_seconds().expect("readable") <= started {
+            std::hint::black_box(());
+        }
         let m = Metrics::default();
         let text = m.render();
         let line = text.lines().find(|l| l.starts_with("liverec_process_cpu_seconds_total ")).expect("exported");

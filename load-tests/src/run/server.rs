@@ -173,24 +173,7 @@ impl Sampler {
 
 /// CPU seconds (user + system) a process has used, from Linux `/proc/PID/stat`.
 pub(super) fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    cpu_secs_of_stat(&stat, ticks as f64)
-}
-
-/// `utime + stime` of a `/proc/PID/stat` line, in seconds. The process name (field 2) is in
-/// parentheses and may hold spaces and parentheses itself, so fields are counted after the last
-/// `)`: state is the first there, utime (field 14) the 12th, stime (15) the 13th.
-pub(super) fn cpu_secs_of_stat(stat: &str, ticks_per_sec: f64) -> Option<f64> {
-    if ticks_per_sec <= 0.0 {
-        return None;
-    }
-    let (_, fields) = stat.rsplit_once(')')?;
-    let mut fields = fields.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / ticks_per_sec)
+    liverec::telemetry::process_cpu_seconds(&pid.to_string())
 }
 
 /// The server's CPU seconds per event: CPU used over a window divided by the events it applied
@@ -225,15 +208,6 @@ pub(super) fn loadavg() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_time_is_read_after_the_process_name() {
-        // A name with a space and a parenthesis, as `(my (odd) srv)` in the real file.
-        let stat = "4242 (my (odd) srv) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 130 0 0 20 0 9 0 100 0 0";
-        assert_eq!(cpu_secs_of_stat(stat, 100.0), Some(3.8));
-        assert_eq!(cpu_secs_of_stat(stat, 0.0), None);
-        assert_eq!(cpu_secs_of_stat("4242 (truncated) S 1", 100.0), None);
-    }
 
     #[test]
     fn this_process_has_a_cpu_time() {

@@ -200,7 +200,14 @@ async fn a_list_stored_on_its_own_keeps_the_users_context_and_window() {
         items: vec![RecItem { item_id: ItemId::from("i-9"), score: 0.5 }],
     });
     store.save_recs(&list);
-    // An append with nothing new, queued after the list, resolves once the list is written.
+    // Stored before anything else is queued, so it is a call of its own (not one shared with the
+    // append below).
+    eventually("the list stored on its own", || async {
+        let stored = store.load(&ann).await.ok()??;
+        (stored.last_recs.as_ref() == Some(&list.list)).then_some(())
+    })
+    .await;
+    // An append with nothing new: the window is whole.
     store.append(update("ann", &["a1".into()])).await;
     let profile = store.load(&ann).await.expect("load").expect("stored");
     assert_eq!(profile.last_recs.as_ref(), Some(&list.list));
