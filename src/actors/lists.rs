@@ -112,6 +112,16 @@ pub fn build_request<'a>(
     ScoreRequest { history, segment: segment_of(context, filters.device), exclude, negatives, categories, k }
 }
 
+/// The client-facing items of `scored`: catalogue ids with their scores, in order.
+pub fn rec_items<'a>(
+    catalog: &crate::catalog::Catalog,
+    scored: impl IntoIterator<Item = &'a crate::models::Scored>,
+) -> Vec<RecItem> {
+    let scored: Vec<&crate::models::Scored> = scored.into_iter().collect();
+    let indices: Vec<ItemIdx> = scored.iter().map(|s| s.item).collect();
+    catalog.ids_of(&indices).into_iter().zip(scored).map(|(item_id, s)| RecItem { item_id, score: s.score }).collect()
+}
+
 /// A client-facing list from scored items.
 pub fn make_list(
     deps: &SessionDeps,
@@ -120,14 +130,7 @@ pub fn make_list(
     seq: u64,
     last_event_id: Option<EventId>,
 ) -> RecList {
-    let indices: Vec<ItemIdx> = scored.items.iter().map(|s| s.item).collect();
-    let items = deps
-        .catalog
-        .ids_of(&indices)
-        .into_iter()
-        .zip(&scored.items)
-        .map(|(item_id, s)| RecItem { item_id, score: s.score })
-        .collect();
+    let items = rec_items(&deps.catalog, &scored.items);
     RecList {
         rec_id: new_rec_id(),
         user_id: user.clone(),

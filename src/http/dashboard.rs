@@ -56,11 +56,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn serve(req: &HttpRequest, asset: &Asset) -> HttpResponse {
-    let fresh = req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|tags| tags.split(',').any(|tag| tag.trim() == asset.etag || tag.trim() == "*"));
+    let fresh = not_modified(req, asset.etag);
     let mut response = if fresh { HttpResponse::NotModified() } else { HttpResponse::Ok() };
     response
         .insert_header((header::ETAG, HeaderValue::from_static(asset.etag)))
@@ -74,8 +70,17 @@ fn serve(req: &HttpRequest, asset: &Asset) -> HttpResponse {
     }
 }
 
+/// Whether the request's `If-None-Match` names `tag` (or is `*`), by the weak comparison it asks
+/// for (RFC 9110 13.1.2: a cache on the way may have weakened the tag to `W/"…"`).
+pub(super) fn not_modified(req: &HttpRequest, tag: &str) -> bool {
+    req.headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| tags.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == tag))
+}
+
 /// `"<16 hex digits>"`: the FNV-1a hash of `bytes`, quoted as an ETag.
-const fn etag(bytes: &[u8]) -> [u8; 18] {
+pub(super) const fn etag(bytes: &[u8]) -> [u8; 18] {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
     while i < bytes.len() {

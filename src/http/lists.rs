@@ -24,7 +24,8 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::segment_lists::{ListKey, LIST_MAX};
 use super::state::AppState;
-use crate::catalog::{Catalog, ItemIdx, ItemView};
+use crate::actors::lists::rec_items;
+use crate::catalog::{Catalog, ItemView};
 use crate::event::{now_ms, Context as EventContext, Device};
 use crate::models::popularity::{Ranking, Window};
 use crate::models::{Availability, ItemFilter, Scored};
@@ -321,22 +322,11 @@ fn segment_name(segment: Option<usize>) -> String {
     }
 }
 
-/// A quoted hex ETag of `bytes` (64-bit FNV-1a, as the dashboard's).
-fn etag(bytes: &[u8]) -> String {
-    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("\"{hash:016x}\"")
-}
-
 /// `200` with `body`, or `304` when the request's `If-None-Match` names its ETag (or is `*`),
 /// both cacheable by anyone for `max_age` seconds.
 fn cacheable(req: &HttpRequest, body: Vec<u8>, max_age: u64) -> HttpResponse {
-    let tag = etag(&body);
-    // Weak comparison, as If-None-Match asks (RFC 9110 13.1.2): a CDN may have weakened it.
-    let matches = req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|tags| tags.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == tag));
+    let tag = String::from_utf8_lossy(&super::dashboard::etag(&body)).into_owned();
+    let matches = super::dashboard::not_modified(req, &tag);
     let mut response = if matches { HttpResponse::NotModified() } else { HttpResponse::Ok() };
     response
         .insert_header((header::CACHE_CONTROL, format!("public, max-age={max_age}")))
@@ -349,8 +339,7 @@ fn cacheable(req: &HttpRequest, body: Vec<u8>, max_age: u64) -> HttpResponse {
 }
 
 fn items_of(page: &[&Scored], catalog: &Catalog) -> Vec<RecItem> {
-    let indices: Vec<ItemIdx> = page.iter().map(|s| s.item).collect();
-    catalog.ids_of(&indices).into_iter().zip(page).map(|(item_id, s)| RecItem { item_id, score: s.score }).collect()
+    rec_items(catalog, page.iter().copied())
 }
 
 fn json(value: &impl Serialize) -> Result<Vec<u8>, ApiError> {

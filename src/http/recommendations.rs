@@ -330,13 +330,7 @@ pub async fn post_recommendations(
             return Err(ApiError::unavailable("unavailable", "recommendations are temporarily unavailable", 1))
         }
     };
-    let indices: Vec<_> = scored.items.iter().map(|s| s.item).collect();
-    let items = catalog
-        .ids_of(&indices)
-        .into_iter()
-        .zip(&scored.items)
-        .map(|(item_id, s)| RecItem { item_id, score: s.score })
-        .collect();
+    let items = crate::actors::lists::rec_items(catalog, &scored.items);
     let list = BasketList {
         model_version: scored.version.to_string(),
         variant: scored.variant.to_string(),

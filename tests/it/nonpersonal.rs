@@ -164,7 +164,7 @@ async fn similar_items_and_basket_lists_come_from_the_online_models_neighbours()
     let server = plain().await;
     put_items(
         &server,
-        &[("tent", "outdoor", 1), ("stove", "outdoor", 2), ("mat", "outdoor", 3), ("novel", "books", 4)],
+        &[("tent", "outdoor", 1), ("stove", "outdoor", 2), ("mat", "camping", 3), ("novel", "books", 4)],
     )
     .await;
     // Campers take a tent then a stove; readers a novel alone; one camper a mat too.
@@ -191,6 +191,9 @@ async fn similar_items_and_basket_lists_come_from_the_online_models_neighbours()
     let ids = items(&similar.body);
     assert!(!ids.contains(&"tent".to_owned()) && !ids.contains(&"novel".to_owned()), "{ids:?}");
     assert_eq!(items(&get(&server, "/v1/items/tent/similar?category=books").await.body), Vec::<String>::new());
+    // The category filter takes out a neighbour of another category.
+    assert!(ids.contains(&"mat".to_owned()), "{ids:?}");
+    assert_eq!(items(&get(&server, "/v1/items/tent/similar?category=outdoor").await.body), ["stove"]);
     assert_eq!(get(&server, "/v1/items/novel/similar").await.body["items"], json!([]), "nothing co-occurred");
 
     // A basket with the tent: the stove first, the tent never; nothing is stored for it.
@@ -204,7 +207,7 @@ async fn similar_items_and_basket_lists_come_from_the_online_models_neighbours()
     let excluded = post_json(
         &server,
         "/v1/recommendations",
-        &json!({ "items": ["tent"], "exclude": ["stove"], "categories": ["outdoor"], "context": { "device": "mobile" },
+        &json!({ "items": ["tent"], "exclude": ["stove"], "categories": ["camping"], "context": { "device": "mobile" },
                  "event_type": "add_to_cart", "session_id": "visitor-1" }),
     )
     .await;
