@@ -38,22 +38,12 @@ impl Consumed {
             Ok(i) => self.entries[i].at_secs = self.entries[i].at_secs.max(at_secs),
             Err(i) => self.entries.insert(i, Entry { item, at_secs }),
         }
-        if self.entries.len() > max {
-            self.evict_oldest(self.entries.len() - max);
+        // Past `max` by one at most: the entry consumed longest ago goes (ties: the lower item).
+        while self.entries.len() > max {
+            let oldest = self.entries.iter().enumerate().min_by_key(|(_, e)| (e.at_secs, e.item)).map(|(i, _)| i);
+            let Some(i) = oldest else { break };
+            self.entries.remove(i);
         }
-    }
-
-    /// Drops the `n` entries consumed longest ago (ties: the lower item first).
-    fn evict_oldest(&mut self, n: usize) {
-        let n = n.min(self.entries.len());
-        if n == 0 {
-            return;
-        }
-        let mut times: Vec<(u32, ItemIdx)> = self.entries.iter().map(|e| (e.at_secs, e.item)).collect();
-        times.select_nth_unstable(n - 1);
-        let mut cut: Vec<(u32, ItemIdx)> = times[..n].to_vec();
-        cut.sort_unstable_by_key(|&(_, item)| item);
-        self.entries.retain(|e| cut.binary_search_by_key(&e.item, |&(_, item)| item).is_err());
     }
 
     /// The items to exclude from a list requested when the user's newest event is at `now_ms`:
