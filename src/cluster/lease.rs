@@ -4,9 +4,14 @@
 //! holds `<epoch>\n<instance_id>\n<advertise_url>` with a TTL of `cluster.lease_ttl_ms`, and
 //! `<prefix>:{cluster}:epoch` counts leaderships. Taking the lease is one script: when the leader
 //! key is absent, `INCR` the epoch and `SET` the key with its TTL, so no leader ever holds the lease
-//! without a new epoch (a `SET NX` then an `INCR` in two round trips could lose the second). The
+//! without a new epoch (a `SET NX` then an `INCR` in two round trips could lose the second). When
+//! the key already names this instance (its own earlier try was taken in Redis but its answer came
+//! too late, or this instance restarted within the TTL), the script extends it and hands it back:
+//! nobody else can have held it in between, so the epoch still fences, and the instance does not
+//! leave the loop leaderless for a TTL (followers would see a leader that does not know it leads). The
 //! leader renews with a compare-and-extend script (the `PEXPIRE` only if the value is still its
-//! own); a renewal that fails, or that Redis does not answer, makes it step down at once. It also
+//! own); a renewal refused makes it step down at once, one that fails or goes unanswered is tried
+//! again while a third of the TTL is left (`renewal_decision` in the cluster module). It also
 //! counts itself leader only until its last renewal was *sent* plus the TTL, so a renewal stuck in
 //! the network never stretches its reign past the key's.
 //!
@@ -23,7 +28,14 @@ use crate::store::redis::conn::Redis;
 
 const ACQUIRE: &str = r"
 local holder = redis.call('GET', KEYS[1])
-if holder then return {0, holder} end
+if holder then
+  local epoch, rest = string.match(holder, '^(%d+)\n(.*)$')
+  if rest == ARGV[1] .. '\n' .. ARGV[2] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return {1, holder}
+  end
+  return {0, holder}
+end
 local epoch = redis.call('INCR', KEYS[2])
 local value = epoch .. '\n' .. ARGV[1] .. '\n' .. ARGV[2]
 redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
@@ -115,8 +127,8 @@ impl Lease {
         &self.leader_key
     }
 
-    /// How long one call may take: a third of the TTL, so a leader whose Redis is slow steps
-    /// down well before its key expires.
+    /// How long a renewal or a release may take: a third of the TTL, so a leader whose Redis is
+    /// slow steps down well before its key expires.
     fn answer_within(&self) -> Duration {
         (self.ttl / 3).max(Duration::from_millis(100))
     }
@@ -124,8 +136,8 @@ impl Lease {
     async fn run<T: redis::FromRedisValue>(
         &mut self,
         invocation: redis::ScriptInvocation<'_>,
+        within: Duration,
     ) -> Result<T, LeaseError> {
-        let within = self.answer_within();
         let redis = self.redis.as_ref().map_err(|e| LeaseError::Redis(e.clone()))?;
         let call = async {
             let mut conn = redis.get().await.map_err(LeaseError::Redis)?;
@@ -134,7 +146,10 @@ impl Lease {
         tokio::time::timeout(within, call).await.unwrap_or(Err(LeaseError::Timeout(within)))
     }
 
-    /// Takes the lease if nobody holds it; says who does otherwise.
+    /// Takes the lease if nobody holds it (or takes back its own); says who does otherwise. The
+    /// answer may take up to the TTL: a taken lease counts from when the call was sent, so a late
+    /// answer only shortens the claim, and cutting the call short on a loaded machine (connecting
+    /// included) left the instance asking again and again without ever hearing back.
     pub async fn acquire(&mut self) -> Result<Acquired, LeaseError> {
         let script = Script::new(ACQUIRE);
         let mut invocation = script.prepare_invoke();
@@ -144,7 +159,7 @@ impl Lease {
             .arg(&self.instance_id)
             .arg(&self.advertise_url)
             .arg(self.ttl.as_millis() as u64);
-        let (taken, value): (i64, String) = self.run(invocation).await?;
+        let (taken, value): (i64, String) = self.run(invocation, self.ttl).await?;
         let holder = Holder::parse(&value).ok_or(LeaseError::Unreadable)?;
         Ok(if taken == 1 { Acquired::Taken(holder) } else { Acquired::Held(holder) })
     }
@@ -154,7 +169,7 @@ impl Lease {
         let script = Script::new(RENEW);
         let mut invocation = script.prepare_invoke();
         invocation.key(&self.leader_key).arg(holder.value()).arg(self.ttl.as_millis() as u64);
-        let renewed: i64 = self.run(invocation).await?;
+        let renewed: i64 = self.run(invocation, self.answer_within()).await?;
         Ok(renewed == 1)
     }
 
@@ -163,7 +178,7 @@ impl Lease {
         let script = Script::new(RELEASE);
         let mut invocation = script.prepare_invoke();
         invocation.key(&self.leader_key).arg(holder.value());
-        let released: i64 = self.run(invocation).await?;
+        let released: i64 = self.run(invocation, self.answer_within()).await?;
         Ok(released == 1)
     }
 }

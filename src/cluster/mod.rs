@@ -215,8 +215,15 @@ impl Cluster {
             if *current == leadership {
                 return false;
             }
-            if current.leading != leadership.leading {
-                tracing::info!(leading = leadership.leading, leader = ?leadership.leader, "loop leadership changed");
+            // Followers log the leader they see too: without it, a follower that cannot read the
+            // lease (or sees a stale holder) is invisible in its log.
+            if current.leading != leadership.leading || current.leader != leadership.leader {
+                tracing::info!(
+                    leading = leadership.leading,
+                    epoch = leadership.leader.as_ref().map(|h| h.epoch),
+                    leader = leadership.leader.as_ref().map(|h| h.instance_id.as_str()),
+                    "loop leadership changed"
+                );
             }
             *current = leadership;
             true
@@ -229,6 +236,9 @@ impl Cluster {
     pub async fn run_lease(self: Arc<Self>, mut lease: Lease, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Reads of the lease that failed in a row: the first is logged, then every 20th, so a
+        // follower that cannot reach Redis says so without flooding the log.
+        let mut unread = 0u32;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -259,15 +269,23 @@ impl Cluster {
                 }
                 None => match lease.acquire().await {
                     Ok(Acquired::Taken(holder)) => {
+                        unread = 0;
                         *self.claim.lock() = Some((holder.clone(), sent + self.ttl));
                         tracing::info!(epoch = holder.epoch, instance = %holder.instance_id, "loop lease taken");
                         self.set_leadership(Leadership { leading: true, leader: Some(holder) });
                     }
                     Ok(Acquired::Held(holder)) => {
+                        if unread > 0 {
+                            tracing::info!(failed = unread, "loop lease read again");
+                        }
+                        unread = 0;
                         self.set_leadership(Leadership { leading: false, leader: Some(holder) })
                     }
                     Err(error) => {
-                        tracing::debug!(error = %error, "loop lease not read");
+                        if unread % 20 == 0 {
+                            tracing::warn!(error = %error, failed_in_a_row = unread + 1, "loop lease not read");
+                        }
+                        unread = unread.saturating_add(1);
                         self.set_leadership(Leadership { leading: false, leader: None });
                     }
                 },

@@ -109,22 +109,39 @@ async fn wait_ready(instances: &[&Instance]) {
 }
 
 /// The one leader all `instances` agree on (each sees exactly one leader: itself or the same
-/// other), with its epoch.
+/// other), with its epoch. On a timeout it prints what each instance last said, so a failure
+/// tells a vacant lease from a disagreement.
 async fn agreed_leader(instances: &[&Instance]) -> (String, u64) {
-    eventually("exactly one leader, named alike by every instance", || async {
-        let mut leaders = Vec::new();
-        let mut named = Vec::new();
+    let start = Instant::now();
+    loop {
+        let mut views = Vec::new();
         for instance in instances {
-            let (cluster, _) = instance.loop_state().await?;
-            if cluster["leader"] == true {
-                leaders.push(instance.id.clone());
-            }
-            named.push((cluster["leader_instance_id"].as_str()?.to_owned(), cluster["epoch"].as_u64()?));
+            views.push((instance.id.clone(), instance.loop_state().await.map(|(cluster, _)| cluster)));
         }
-        let first = named.first()?.clone();
-        (leaders.len() == 1 && named.iter().all(|n| *n == first) && first.0 == leaders[0]).then_some(first)
-    })
-    .await
+        if let Some(agreed) = agreement(&views) {
+            return agreed;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for exactly one leader, named alike by every instance; last views: {views:?}"
+        );
+        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The leader and epoch every view names, when exactly one instance says it leads.
+fn agreement(views: &[(String, Option<Value>)]) -> Option<(String, u64)> {
+    let mut leaders = Vec::new();
+    let mut named = Vec::new();
+    for (id, cluster) in views {
+        let cluster = cluster.as_ref()?;
+        if cluster["leader"] == true {
+            leaders.push(id.clone());
+        }
+        named.push((cluster["leader_instance_id"].as_str()?.to_owned(), cluster["epoch"].as_u64()?));
+    }
+    let first = named.first()?.clone();
+    (leaders.len() == 1 && named.iter().all(|n| *n == first) && first.0 == leaders[0]).then_some(first)
 }
 
 /// Waits until every instance serves `version`.
@@ -409,4 +426,30 @@ async fn a_new_leader_rolls_back_the_canary_it_finds_and_restarts_the_run_it_fin
         .count();
     assert_eq!(restarted, 1, "restarted once: {runs:?}");
     let _ = std::fs::remove_dir_all(&registry);
+}
+
+/// An instance whose taking of the lease reached Redis but whose answer it never heard (the call
+/// cut short on a loaded machine), or which restarted within the TTL, takes its own lease back at
+/// its next try, with the same epoch; before, the cluster had a holder that did not know it led
+/// until the key expired, and on a loaded machine that could repeat at every try.
+#[actix_rt::test]
+async fn an_instance_takes_back_a_lease_that_names_it_and_others_still_wait() {
+    use liverec::cluster::lease::{Acquired, Lease};
+    use std::time::Duration;
+
+    let _services = SERVICES.read().await;
+    let config = production_config("lease-back");
+    let ttl = Duration::from_secs(30);
+    let mut first = Lease::new(&config.redis, "i1".into(), "http://127.0.0.1:1".into(), ttl);
+    let Acquired::Taken(taken) = first.acquire().await.expect("redis answers") else { panic!("a vacant lease is taken") };
+    // The same instance, without the answer (a new Lease holds no memory of the first call).
+    let mut again = Lease::new(&config.redis, "i1".into(), "http://127.0.0.1:1".into(), ttl);
+    assert_eq!(again.acquire().await.expect("redis answers"), Acquired::Taken(taken.clone()), "taken back, same epoch");
+    assert!(again.renew(&taken).await.expect("redis answers"), "and renewable as its own");
+    // Another instance, or the same id at another address, still finds it held.
+    let mut other = Lease::new(&config.redis, "i2".into(), "http://127.0.0.1:2".into(), ttl);
+    assert_eq!(other.acquire().await.expect("redis answers"), Acquired::Held(taken.clone()));
+    let mut moved = Lease::new(&config.redis, "i1".into(), "http://127.0.0.1:3".into(), ttl);
+    assert_eq!(moved.acquire().await.expect("redis answers"), Acquired::Held(taken.clone()));
+    assert!(again.release(&taken).await.expect("redis answers"));
 }
