@@ -165,11 +165,11 @@ impl SessionActor {
         // watched) is not shown; the next list is numbered past it (see `seq_after_stored`).
         let current = current_stored_list(&profile).cloned();
         self.hub.bump_seq(seq_after_stored(Some(&profile)));
+        // The stored record of consumed items (a profile stored before it: its history's).
+        self.consumed = Consumed::of_profile(&profile, &self.deps.catalog, &self.deps.config.session);
         for digest in profile.event_ids {
             self.remember_digest(digest);
         }
-        // The stored record of consumed items (a profile stored before it: its history's).
-        self.consumed = Consumed::of_profile(&profile, &self.deps.catalog, &self.deps.config.session);
         for interaction in profile.interactions {
             let idx = self.deps.catalog.intern(&interaction.item_id);
             self.push_history(interaction, idx);

@@ -180,6 +180,10 @@ async fn the_record_takes_bytes_per_consumed_item_in_redis() {
     for (items, bytes) in &measured {
         println!("  {items:>5} items {bytes:>7} bytes ({:.1} an item)", *bytes as f64 / *items as f64);
     }
+    // 1,080 and about 102,300 measured (docs/production.md, "Redis layout"): a listpack up to 128
+    // items, a skiplist past it.
+    assert!(measured[0].1 <= 1_500, "{measured:?}");
+    assert!(measured[1].1 <= 120_000, "{measured:?}");
     arbiter.stop();
 }
 
