@@ -74,7 +74,7 @@ impl Consumed {
         self.entries.dedup_by_key(|e| e.item);
         if self.entries.len() > max {
             // The newest `max`, by the order `record` forgets in (time, then item).
-            self.entries.sort_unstable_by(|a, b| (b.at_secs, b.item).cmp(&(a.at_secs, a.item)));
+            self.entries.sort_unstable_by_key(|e| std::cmp::Reverse((e.at_secs, e.item)));
             self.entries.truncate(max);
             self.entries.sort_unstable_by_key(|e| e.item);
         }
