@@ -129,9 +129,10 @@ async fn a_profile_stored_without_the_record_loads_and_starts_one() {
     arbiter.stop();
 }
 
-/// Bytes of `…:c` per user with 50 and with 1,000 consumed items (catalogue ids of 10 characters,
-/// one consumption each, as the memory test's users), summed with `MEMORY USAGE … SAMPLES 0`.
-/// `--nocapture` prints them (docs/production.md, "Redis layout").
+/// Bytes of `…:c` per user with 50, 1,000 and 10,000 consumed items (catalogue ids of 10
+/// characters, one consumption each, as the memory test's users), summed with `MEMORY USAGE …
+/// SAMPLES 0`; then 1,000 again with `zset-max-listpack-entries 1024`. `--nocapture` prints them
+/// (docs/production.md, "Redis layout").
 #[actix_rt::test]
 async fn the_record_takes_bytes_per_consumed_item_in_redis() {
     const USERS: usize = 20;
@@ -140,8 +141,17 @@ async fn the_record_takes_bytes_per_consumed_item_in_redis() {
     let client = redis::Client::open(redis.url.as_str()).expect("client");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
     let mut measured = Vec::new();
-    for items in [50usize, 1000] {
-        let users: Vec<UserId> = (0..USERS).map(|u| UserId::from(format!("u{items}-{u}").as_str())).collect();
+    for (round, items) in [50usize, 1000, 10_000, 1000].into_iter().enumerate() {
+        if round == 3 {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("zset-max-listpack-entries")
+                .arg(1024)
+                .query_async(&mut conn)
+                .await
+                .expect("CONFIG SET");
+        }
+        let users: Vec<UserId> = (0..USERS).map(|u| UserId::from(format!("u{round}-{u}").as_str())).collect();
         let appends = users.iter().enumerate().flat_map(|(u, user)| {
             (0..items)
                 .collect::<Vec<_>>()
@@ -177,13 +187,15 @@ async fn the_record_takes_bytes_per_consumed_item_in_redis() {
         measured.push((items, bytes / USERS as u64));
     }
     println!("redis bytes of the consumed record (…:c) per user ({USERS} users, MEMORY USAGE SAMPLES 0):");
-    for (items, bytes) in &measured {
-        println!("  {items:>5} items {bytes:>7} bytes ({:.1} an item)", *bytes as f64 / *items as f64);
+    for (round, (items, bytes)) in measured.iter().enumerate() {
+        let listpack = if round == 3 { ", zset-max-listpack-entries 1024" } else { "" };
+        println!("  {items:>5} items {bytes:>8} bytes ({:.1} an item{listpack})", *bytes as f64 / *items as f64);
     }
     // 1,080 and about 102,300 measured (docs/production.md, "Redis layout"): a listpack up to 128
     // items, a skiplist past it.
     assert!(measured[0].1 <= 1_500, "{measured:?}");
     assert!(measured[1].1 <= 120_000, "{measured:?}");
+    assert!(measured[3].1 * 3 < measured[1].1, "a listpack of 1,000 is the smaller form: {measured:?}");
     arbiter.stop();
 }
 
