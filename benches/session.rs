@@ -37,7 +37,7 @@ use liverec::eventlog::EventLog;
 use liverec::models::cooccurrence::CoocModel;
 use liverec::models::Recommender;
 use liverec::store::memory::{MemoryBounds, MemoryStore};
-use liverec::store::ProfileLimits;
+use liverec::store::{EventTypes, ProfileLimits};
 use liverec::telemetry::Metrics;
 
 const ITEMS: usize = 2000;
@@ -80,6 +80,8 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         dedupe_window: config.session.dedupe_window,
         suppressed_len: config.session.suppressed_len,
         tombstone_ttl_secs: 0,
+        consumed_max: config.session.consumed_max,
+        consumed_types: EventTypes::of(&config.session.exclude_event_types),
     };
     let deps = Arc::new(SessionDeps {
         event_log: EventLog::new(config.trainer.window_secs, config.trainer.max_events),

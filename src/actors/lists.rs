@@ -13,6 +13,7 @@ use actix::prelude::*;
 use super::messages::{RecFilters, SessionError};
 use super::model::{Recommend, ScoredList};
 use super::monitor::Impression;
+use super::session::consumed::Consumed;
 use super::SessionDeps;
 use crate::bus::user_hash;
 use crate::catalog::ItemIdx;
@@ -84,9 +85,9 @@ where
 }
 
 /// A scoring request from a user's state: consumed items, suppressed items and the caller's
-/// filters become exclusions. `consumed` is the session's record of consumed items (see
-/// `session::consumed`); without one (a profile read from the store), the history's items of
-/// the configured event types.
+/// filters become exclusions. `consumed` is the record of consumed items (see
+/// `session::consumed`); without one (`session.consumed_max` = 0), the history's items of the
+/// configured event types.
 pub fn build_request<'a>(
     deps: &SessionDeps,
     history: Arc<[HistoryItem]>,
@@ -200,7 +201,13 @@ pub async fn list_from_store(
         ),
         None => (Arc::from(Vec::new()), Vec::new(), None),
     };
-    let request = build_request(deps, history, None, suppressed.iter(), context.as_ref(), k, filters);
+    // The stored record of consumed items excludes as the session's would.
+    let session = &deps.config.session;
+    let consumed = profile.as_ref().filter(|_| session.consumed_max > 0).map(|p| {
+        let now = p.interactions.last().map_or_else(now_ms, |i| i.timestamp);
+        Consumed::of_profile(p, &deps.catalog, session).excluded(now, session.reshow_after_secs).collect()
+    });
+    let request = build_request(deps, history, consumed, suppressed.iter(), context.as_ref(), k, filters);
     let scored = match deps.model.send(Recommend { request, user: user_hash(user.as_str()) }).await {
         Ok(Ok(scored)) => scored,
         _ => return Err(SessionError::ModelUnavailable),

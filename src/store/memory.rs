@@ -246,8 +246,8 @@ impl ProfileStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::ItemId;
-    use crate::store::Interaction;
+    use crate::event::{EventType, ItemId};
+    use crate::store::{EventTypes, Interaction};
 
     fn interaction(id: &str, item: &str) -> Interaction {
         Interaction::view(id, item, 0)
@@ -256,7 +256,14 @@ mod tests {
     #[actix_rt::test]
     async fn appends_dedupes_and_trims() {
         let store = MemoryStore::new(
-            ProfileLimits { history_len: 2, dedupe_window: 3, suppressed_len: 1, tombstone_ttl_secs: 0 },
+            ProfileLimits {
+                history_len: 2,
+                dedupe_window: 3,
+                suppressed_len: 1,
+                tombstone_ttl_secs: 0,
+                consumed_max: 0,
+                consumed_types: EventTypes::NONE,
+            },
             MemoryBounds::UNBOUNDED,
             Arc::new(Metrics::default()),
         );
@@ -278,8 +285,62 @@ mod tests {
         assert!(store.load(&user).await.expect("load").is_none());
     }
 
+    #[actix_rt::test]
+    async fn consumed_items_outlive_the_history_keep_their_latest_time_and_the_oldest_go_past_the_cap() {
+        let limits = ProfileLimits {
+            history_len: 2,
+            dedupe_window: 8,
+            suppressed_len: 1,
+            tombstone_ttl_secs: 0,
+            consumed_max: 3,
+            consumed_types: EventTypes::of(&[EventType::View, EventType::Purchase]),
+        };
+        let store = MemoryStore::new(limits, MemoryBounds::UNBOUNDED, Arc::new(Metrics::default()));
+        let user = UserId::from("u");
+        let event = |id: &str, item: &str, event_type: EventType, secs: i64| Interaction {
+            event_type,
+            ..Interaction::view(id, item, secs * 1000)
+        };
+        let append = |interactions: Vec<Interaction>| ProfileUpdate {
+            user_id: user.clone(),
+            interactions,
+            context: None,
+            suppressed: Vec::new(),
+        };
+        store
+            .append(append(vec![
+                event("e1", "x", EventType::View, 10),
+                event("e2", "y", EventType::Purchase, 20),
+                // Not a consuming type: the history has it, the record does not.
+                event("e3", "z", EventType::Dislike, 30),
+                // A repeat of e1: applied once, so x keeps its time.
+                event("e1", "x", EventType::View, 99),
+            ]))
+            .await;
+        store.append(append(vec![event("e4", "w", EventType::View, 40), event("e5", "y", EventType::View, 50)])).await;
+        let profile = store.load(&user).await.expect("load").expect("present");
+        assert_eq!(profile.interactions.len(), 2, "the history keeps two");
+        let record = |p: &Profile| p.consumed.iter().map(|c| (c.item_id.to_string(), c.at_secs)).collect::<Vec<_>>();
+        let expected = [("w", 40), ("x", 10), ("y", 50)].map(|(i, t)| (i.to_owned(), t));
+        assert_eq!(record(&profile), expected, "by item, y at its later time, x beyond the history");
+        // Past the cap the item consumed longest ago (x) goes.
+        store.append(append(vec![event("e6", "v", EventType::View, 60)])).await;
+        let profile = store.load(&user).await.expect("load").expect("present");
+        let expected = [("v", 60), ("w", 40), ("y", 50)].map(|(i, t)| (i.to_owned(), t));
+        assert_eq!(record(&profile), expected);
+        store.erase(&user, now_ms()).await.expect("erase");
+        assert!(store.load(&user).await.expect("load").is_none(), "the erasure takes the record too");
+    }
+
     fn bounded(max_profiles: usize, max_tombstones: usize, tombstone_ttl_secs: u64) -> MemoryStore {
-        let limits = ProfileLimits { history_len: 4, dedupe_window: 4, suppressed_len: 4, tombstone_ttl_secs };
+        let limits = ProfileLimits {
+            history_len: 4,
+            dedupe_window: 4,
+            suppressed_len: 4,
+            tombstone_ttl_secs,
+            consumed_max: 0,
+            consumed_types: EventTypes::NONE,
+        };
         let bounds = MemoryBounds { max_profiles, idle_ttl_secs: 0, max_tombstones };
         MemoryStore::new(limits, bounds, Arc::new(Metrics::default()))
     }

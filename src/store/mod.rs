@@ -7,7 +7,7 @@ pub mod redis;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Context, EventId, ItemId, UserId};
+use crate::event::{Context, EventId, EventType, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 
 /// One applied interaction, as the profile stores it (the type lives with the event log, which
@@ -27,6 +27,48 @@ pub struct Profile {
     pub suppressed: Vec<ItemId>,
     /// The last list pushed to the user.
     pub last_recs: Option<RecList>,
+    /// Every item the user consumed (by `ProfileLimits::consumed_types`) and when last, sorted by
+    /// item, at most `ProfileLimits::consumed_max`: what stays out of the user's lists after the
+    /// interactions that named them left the history (see `actors/session/consumed.rs`). Profiles
+    /// stored before it have none; the session then starts it from the stored history.
+    #[serde(default)]
+    pub consumed: Vec<ConsumedItem>,
+}
+
+/// One consumed item and when the user last consumed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumedItem {
+    pub item_id: ItemId,
+    /// Seconds since the epoch (see [`consumed_secs`]).
+    pub at_secs: u32,
+}
+
+/// The time of a consumption as the record keeps it: whole seconds since the epoch, saturated to
+/// `u32` (until 2106), 4 bytes where the millisecond timestamp takes 8.
+pub fn consumed_secs(timestamp_ms: i64) -> u32 {
+    u32::try_from(timestamp_ms.max(0) / 1000).unwrap_or(u32::MAX)
+}
+
+/// A set of event types (`session.exclude_event_types`), a bit per type: `ProfileLimits` stays
+/// `Copy` and a membership test is a mask.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventTypes(u16);
+
+impl EventTypes {
+    /// No type.
+    pub const NONE: EventTypes = EventTypes(0);
+
+    pub fn of(types: &[EventType]) -> Self {
+        Self(types.iter().fold(0, |mask, t| mask | Self::bit(*t)))
+    }
+
+    pub fn contains(self, event_type: EventType) -> bool {
+        self.0 & Self::bit(event_type) != 0
+    }
+
+    fn bit(event_type: EventType) -> u16 {
+        1 << EventType::ALL.iter().position(|t| *t == event_type).expect("a listed type")
+    }
 }
 
 /// The 64-bit digest of an event id that de-duplication remembers instead of the id: 8 bytes
@@ -82,6 +124,17 @@ pub struct ProfileLimits {
     /// How long an erasure's tombstone is kept (0: forever); replays older than that are no
     /// longer recognised as belonging to an erased user.
     pub tombstone_ttl_secs: u64,
+    /// Consumed items kept per user (`session.consumed_max`; 0: no record is kept).
+    pub consumed_max: usize,
+    /// The event types whose items count as consumed (`session.exclude_event_types`).
+    pub consumed_types: EventTypes,
+}
+
+impl ProfileLimits {
+    /// Whether `interaction` adds to the consumed record.
+    pub fn consumes(&self, interaction: &Interaction) -> bool {
+        self.consumed_max > 0 && self.consumed_types.contains(interaction.event_type)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +188,7 @@ pub trait ProfileStore: Send + Sync + 'static {
 
 impl Profile {
     /// Applies an update in place with the same rules every store follows: skip known event ids,
-    /// keep the newest `limits` entries of each list.
+    /// keep the newest `limits` entries of each list, record the consumed items.
     pub fn apply(&mut self, update: ProfileUpdate, limits: ProfileLimits) {
         for interaction in update.interactions {
             let digest = EventDigest::of(&interaction.event_id);
@@ -143,6 +196,9 @@ impl Profile {
                 continue;
             }
             self.event_ids.push(digest);
+            if limits.consumes(&interaction) {
+                self.record_consumed(&interaction.item_id, consumed_secs(interaction.timestamp), limits.consumed_max);
+            }
             self.interactions.push(interaction);
         }
         for item in update.suppressed {
@@ -155,6 +211,26 @@ impl Profile {
         trim_front(&mut self.interactions, limits.history_len);
         trim_front(&mut self.event_ids, limits.dedupe_window);
         trim_front(&mut self.suppressed, limits.suppressed_len);
+    }
+
+    /// Records that `item` was consumed at `at_secs` (the later time if it already was), keeping
+    /// at most `max` items: past it the one consumed longest ago goes (ties: the lower item id),
+    /// as in the session and the Redis script.
+    fn record_consumed(&mut self, item: &ItemId, at_secs: u32, max: usize) {
+        match self.consumed.binary_search_by(|c| c.item_id.as_str().cmp(item.as_str())) {
+            Ok(i) => self.consumed[i].at_secs = self.consumed[i].at_secs.max(at_secs),
+            Err(i) => self.consumed.insert(i, ConsumedItem { item_id: item.clone(), at_secs }),
+        }
+        while self.consumed.len() > max {
+            let oldest = self
+                .consumed
+                .iter()
+                .enumerate()
+                .min_by(|(_, a), (_, b)| (a.at_secs, a.item_id.as_str()).cmp(&(b.at_secs, b.item_id.as_str())))
+                .map(|(i, _)| i);
+            let Some(i) = oldest else { break };
+            self.consumed.remove(i);
+        }
     }
 }
 

@@ -51,6 +51,74 @@ async fn idle_sessions_stop_and_rebuild_with_their_history() {
     server.stop().await;
 }
 
+/// Demo items of the consumed-record tests: a catalogue that `?k=` lists whole, so an item is in
+/// a list exactly when nothing excludes it.
+pub(crate) const SMALL_CATALOGUE: usize = 20;
+
+/// The consumed-record scenario (issue 16): `user` buys the item a new user is shown first (X),
+/// then `later` other items, one event each, so that with a shorter `session.history_len` X
+/// leaves the stored history. Returns X and the later items, once the last event is applied.
+pub(crate) async fn buy_the_top_item_then_others(
+    server: &liverec::Server,
+    user: &str,
+    later: usize,
+) -> (String, Vec<String>) {
+    let fresh = get(server, &format!("/v1/users/{user}-new/recommendations?k={SMALL_CATALOGUE}")).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    let all = items(&fresh.body);
+    assert_eq!(all.len(), SMALL_CATALOGUE, "the whole catalogue in one list: {all:?}");
+    let (x, others) = (all[0].clone(), all[1..=later].to_vec());
+    let start = liverec::event::now_ms() - 600_000;
+    let bought = |n: usize, item: &str| json!({ "user_id": user, "item_id": item, "event_type": "purchase", "event_id": format!("{user}-{n}"), "timestamp": start + n as i64 * 1000 });
+    let events: Vec<Value> =
+        std::iter::once(bought(0, &x)).chain(others.iter().enumerate().map(|(n, item)| bought(n + 1, item))).collect();
+    post_events(server, Value::from(events)).await;
+    let last = format!("{user}-{later}");
+    eventually("the last purchase applied", || async {
+        history(&get(server, &format!("/v1/users/{user}/export")).await).contains(&last).then_some(())
+    })
+    .await;
+    (x, others)
+}
+
+/// The list `user` gets once rebuilt from the store: the items of the whole catalogue that
+/// nothing excludes.
+pub(crate) async fn whole_list(server: &liverec::Server, user: &str) -> Vec<String> {
+    let list = get(server, &format!("/v1/users/{user}/recommendations?k={SMALL_CATALOGUE}")).await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    items(&list.body)
+}
+
+#[actix_rt::test]
+async fn an_item_consumed_before_the_stored_history_stays_out_of_the_lists_of_a_rebuilt_session() {
+    let mut config = test_config();
+    config.session.idle_ttl_ms = 100;
+    config.session.history_len = 4;
+    config.demo.items = SMALL_CATALOGUE;
+    let server = start(config).await;
+    let (x, others) = buy_the_top_item_then_others(&server, "carla", 5).await;
+    let export = get(&server, "/v1/users/carla/export").await;
+    assert!(!history(&export).contains(&"carla-0".to_owned()), "X left the history: {}", export.body);
+    eventually("the idle session is evicted", || async {
+        (metric(&server, "liverec_sessions_active").await == 0.0).then_some(())
+    })
+    .await;
+
+    let list = whole_list(&server, "carla").await;
+    assert!(!list.contains(&x), "{x}, bought before the stored history, came back: {list:?}");
+    assert!(others.iter().all(|item| !list.contains(item)), "{list:?}");
+    assert_eq!(list.len(), SMALL_CATALOGUE - 6, "every item bought is out, and only those: {list:?}");
+    let export = get(&server, "/v1/users/carla/export").await;
+    let record: Vec<&str> = export.body["profile"]["consumed"]
+        .as_array()
+        .expect("consumed")
+        .iter()
+        .filter_map(|c| c["item_id"].as_str())
+        .collect();
+    assert!(record.contains(&x.as_str()) && record.len() == 6, "the export shows the record: {record:?}");
+    server.stop().await;
+}
+
 #[actix_rt::test]
 async fn an_anonymous_history_merges_into_the_user_at_login() {
     let server = start(test_config()).await;

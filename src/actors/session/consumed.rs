@@ -9,8 +9,14 @@
 //! `consumed_max` (the oldest consumptions are forgotten first). An exact set rather than a Bloom
 //! filter: a false positive would hide an item the user never saw, and at 8 bytes an item the
 //! exact set costs about what a Bloom filter with a useful error rate would.
+//!
+//! The profile store keeps the same record by item id (`Profile::consumed`, updated by every
+//! append), so a session rebuilt from the store (after eviction, a restart, or on the instance
+//! that takes over the user's partition) starts from it rather than from the stored history.
 
-use crate::catalog::ItemIdx;
+use crate::catalog::{Catalog, ItemIdx};
+use crate::config::SessionConfig;
+use crate::store::{consumed_secs as secs, Profile};
 
 /// One consumed item and when it was last consumed (seconds since the epoch, saturated).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,10 +29,6 @@ struct Entry {
 #[derive(Clone, Debug, Default)]
 pub struct Consumed {
     entries: Vec<Entry>,
-}
-
-fn secs(timestamp_ms: i64) -> u32 {
-    u32::try_from(timestamp_ms.max(0) / 1000).unwrap_or(u32::MAX)
 }
 
 impl Consumed {
@@ -44,6 +46,43 @@ impl Consumed {
             let Some(i) = oldest else { break };
             self.entries.remove(i);
         }
+    }
+
+    /// The record a stored profile gives: its stored record and the consuming interactions of
+    /// its history (a profile stored before the record has only those). Empty when
+    /// `session.consumed_max` is 0.
+    pub fn of_profile(profile: &Profile, catalog: &Catalog, session: &SessionConfig) -> Self {
+        let mut consumed = Self::default();
+        if session.consumed_max == 0 {
+            return consumed;
+        }
+        let stored = profile.consumed.iter().map(|c| (catalog.intern(&c.item_id), c.at_secs));
+        consumed.restore(stored, session.consumed_max);
+        for interaction in profile.interactions.iter().filter(|i| session.exclude_event_types.contains(&i.event_type)) {
+            consumed.record(catalog.intern(&interaction.item_id), interaction.timestamp, session.consumed_max);
+        }
+        consumed
+    }
+
+    /// Adds a stored record (items and their times in seconds) in one pass, keeping at most
+    /// `max` items, the ones consumed most recently: a sort, not one insertion each (10,000
+    /// insertions into a sorted vector move some 400 MB).
+    pub fn restore(&mut self, stored: impl IntoIterator<Item = (ItemIdx, u32)>, max: usize) {
+        self.entries.extend(stored.into_iter().map(|(item, at_secs)| Entry { item, at_secs }));
+        // By item, the latest time first, so that `dedup` keeps it.
+        self.entries.sort_unstable_by(|a, b| a.item.cmp(&b.item).then(b.at_secs.cmp(&a.at_secs)));
+        self.entries.dedup_by_key(|e| e.item);
+        if self.entries.len() > max {
+            // The newest `max`, by the order `record` forgets in (time, then item).
+            self.entries.sort_unstable_by_key(|e| std::cmp::Reverse((e.at_secs, e.item)));
+            self.entries.truncate(max);
+            self.entries.sort_unstable_by_key(|e| e.item);
+        }
+    }
+
+    /// Every item and when it was last consumed (seconds), by item.
+    pub fn entries(&self) -> impl Iterator<Item = (ItemIdx, u32)> + '_ {
+        self.entries.iter().map(|e| (e.item, e.at_secs))
     }
 
     /// The items to exclude from a list requested when the user's newest event is at `now_ms`:
@@ -103,5 +142,19 @@ mod tests {
         assert_eq!(all, [1, 2], "0 = never shown again");
         let recent: Vec<_> = c.excluded(6_000_000, 2_000).collect();
         assert_eq!(recent, [2], "item 1 was consumed 5,000 s before, item 2 1,000 s before");
+    }
+
+    #[test]
+    fn a_stored_record_restores_with_the_latest_times_and_only_the_newest_past_the_cap() {
+        let mut c = Consumed::default();
+        c.record(5, 9_000, 10);
+        // Item 5 again with an older time, item 3 twice: one entry each, the latest time.
+        c.restore([(3, 4), (5, 2), (1, 6), (3, 7), (8, 1)], 10);
+        assert_eq!(c.entries().collect::<Vec<_>>(), [(1, 6), (3, 7), (5, 9), (8, 1)]);
+        // Past the cap the oldest go, as `record` would have forgotten them.
+        c.restore([(2, 8), (4, 5)], 4);
+        assert_eq!(c.entries().collect::<Vec<_>>(), [(1, 6), (2, 8), (3, 7), (5, 9)]);
+        c.record(6, 10_000, 4);
+        assert!(!c.contains(1), "the oldest went on the next record");
     }
 }

@@ -13,7 +13,7 @@
 
 mod attribution;
 mod coalesce;
-mod consumed;
+pub(super) mod consumed;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -42,7 +42,7 @@ use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
 use crate::eventlog::LoggedEvent;
 use crate::models::{HistoryItem, Observation, ScoreRequest};
 use crate::recs::{RecList, RecUpdate};
-use crate::store::{persisted_now, EventDigest, Interaction, Persisted, Profile, ProfileUpdate};
+use crate::store::{persisted_now, ConsumedItem, EventDigest, Interaction, Persisted, Profile, ProfileUpdate};
 
 pub struct SessionActor {
     hub: Arc<UserHub>,
@@ -165,6 +165,8 @@ impl SessionActor {
         // watched) is not shown; the next list is numbered past it (see `seq_after_stored`).
         let current = current_stored_list(&profile).cloned();
         self.hub.bump_seq(seq_after_stored(Some(&profile)));
+        // The stored record of consumed items (a profile stored before it: its history's).
+        self.consumed = Consumed::of_profile(&profile, &self.deps.catalog, &self.deps.config.session);
         for digest in profile.event_ids {
             self.remember_digest(digest);
         }
@@ -419,7 +421,18 @@ impl SessionActor {
             event_ids: self.event_order.iter().copied().collect(),
             suppressed: self.suppressed.iter().cloned().collect(),
             last_recs: self.hub.latest().map(|u| u.list.clone()),
+            consumed: self.consumed_record(),
         }
+    }
+
+    /// The consumed record as the store keeps it (by item id).
+    fn consumed_record(&self) -> Vec<ConsumedItem> {
+        let (indices, times): (Vec<ItemIdx>, Vec<u32>) = self.consumed.entries().unzip();
+        let mut record: Vec<ConsumedItem> = (self.deps.catalog.ids_of(&indices).into_iter().zip(times))
+            .map(|(item_id, at_secs)| ConsumedItem { item_id, at_secs })
+            .collect();
+        record.sort_unstable_by(|a, b| a.item_id.as_str().cmp(b.item_id.as_str()));
+        record
     }
 
     /// Queues the update in the store; the returned future resolves when it is durable.

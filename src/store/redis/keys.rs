@@ -24,12 +24,22 @@ pub(super) struct Keys {
     /// The same as a hash, as the release before kept them: read, and moved into the profile
     /// string by the next write.
     pub(super) legacy_profile: String,
+    /// A sorted set: every consumed item (member) and when last, in seconds (score).
+    pub(super) consumed: String,
 }
 
 impl Keys {
     /// Every key of the user (an erasure deletes them all).
-    pub(super) fn all(&self) -> [&str; 6] {
-        [&self.history, &self.profile, &self.suppressed, &self.legacy_profile, &self.legacy_ids, &self.digests]
+    pub(super) fn all(&self) -> [&str; 7] {
+        [
+            &self.history,
+            &self.profile,
+            &self.suppressed,
+            &self.legacy_profile,
+            &self.legacy_ids,
+            &self.digests,
+            &self.consumed,
+        ]
     }
 }
 
@@ -52,6 +62,7 @@ pub(super) fn keys(prefix: &str, user: &UserId) -> Keys {
         suppressed: format!("{base}:s"),
         profile: format!("{base}:q"),
         legacy_profile: format!("{base}:p"),
+        consumed: format!("{base}:c"),
     }
 }
 
@@ -83,6 +94,7 @@ mod tests {
                 k.suppressed,
                 k.profile,
                 k.legacy_profile,
+                k.consumed,
                 tombstone_key("liverec", &user),
                 updates_channel("liverec", &user),
             ];

@@ -1,12 +1,14 @@
 //! The Redis profile store (deadpool-redis), for production mode.
 //!
-//! Per user, three keys share one hash tag so a cluster keeps them on one slot:
+//! Per user, four keys share one hash tag so a cluster keeps them on one slot:
 //! `<prefix>:{<user>}:h` (list: interactions in a compact binary form, oldest first; see
-//! `codec`), `…:s` (list: suppressed items) and `…:q` (string: the latest context as JSON, the
+//! `codec`), `…:s` (list: suppressed items), `…:q` (string: the latest context as JSON, the
 //! last stored list in a compact binary form and the 8-byte digests of the newest
-//! `session.dedupe_window` event ids, oldest first; see `codec::decode_profile`). One Lua script
-//! appends the new interactions of one or more users atomically: it skips events whose id digest
-//! is present, appends, trims every list to its limit and refreshes the TTL. Profiles written
+//! `session.dedupe_window` event ids, oldest first; see `codec::decode_profile`) and `…:c`
+//! (sorted set: every consumed item, scored by when it was last consumed in seconds, at most
+//! `session.consumed_max`). One Lua script appends the new interactions of one or more users
+//! atomically: it skips events whose id digest is present, appends, records the consumed items,
+//! trims every list and the set to its limit and refreshes the TTL. Profiles written
 //! before hold forms that are still read until they expire: JSON interactions and lists, a sorted
 //! set of the event ids themselves (`…:ids`, checked by the script too), and the window, context
 //! and list in a hash (`…:p`) with older digests in a string of their own (`…:e`); the next write
@@ -69,14 +71,16 @@ pub fn decode_stored_list(stored: &[u8], user: &UserId) -> Option<RecList> {
 use self::conn::{Conn, Redis};
 use self::keys::{keys, tombstone_key};
 use self::writer::{Write, Writer, APPEND_SCRIPT};
-use super::{EventDigest, Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError};
+use super::{
+    ConsumedItem, EventDigest, Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError,
+};
 use crate::config::RedisConfig;
 use crate::event::{Context, EventId, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 use crate::telemetry::Metrics;
 
 /// The raw parts of one stored profile: history, legacy ids, legacy digests, suppressed, (context,
-/// last list, digests) of the legacy hash, the profile string.
+/// last list, digests) of the legacy hash, the profile string, the consumed items with their times.
 type RawProfile = (
     Vec<Vec<u8>>,
     Vec<String>,
@@ -84,6 +88,7 @@ type RawProfile = (
     Vec<String>,
     (Option<String>, Option<Vec<u8>>, Option<Vec<u8>>),
     Option<Vec<u8>>,
+    Vec<(String, f64)>,
 );
 
 struct Load {
@@ -206,7 +211,7 @@ impl ProfileStore for RedisStore {
         self.loads
             .send(Load { user: user.clone(), reply })
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?;
-        let (history, legacy_ids, legacy_digests, suppressed, (context, recs, digests), profile) = rx
+        let (history, legacy_ids, legacy_digests, suppressed, (context, recs, digests), profile, consumed) = rx
             .await
             .map_err(|_| StoreError::Unavailable("the profile loader stopped".into()))?
             .map_err(StoreError::Unavailable)?;
@@ -239,6 +244,7 @@ impl ProfileStore for RedisStore {
             && suppressed.is_empty()
             && context.is_none()
             && recs.is_none()
+            && consumed.is_empty()
             && corrupt == 0
         {
             return Ok(None);
@@ -273,6 +279,7 @@ impl ProfileStore for RedisStore {
                 .collect(),
             suppressed: suppressed.into_iter().map(|id| ItemId::from(id.as_str())).collect(),
             last_recs,
+            consumed: consumed_items(consumed),
         }))
     }
 
@@ -332,6 +339,16 @@ impl ProfileStore for RedisStore {
     }
 }
 
+/// The consumed set as the profile holds it: sorted by item, times as whole seconds.
+fn consumed_items(stored: Vec<(String, f64)>) -> Vec<ConsumedItem> {
+    let mut items: Vec<ConsumedItem> = stored
+        .into_iter()
+        .map(|(item, secs)| ConsumedItem { item_id: ItemId::from(item.as_str()), at_secs: secs as u32 })
+        .collect();
+    items.sort_unstable_by(|a, b| a.item_id.as_str().cmp(b.item_id.as_str()));
+    items
+}
+
 /// Loads profiles in batches: every load queued while one pipeline runs goes in the next, so a
 /// burst of new sessions (a rebalance, a wave of new users) costs a few round trips, not one each.
 /// In a cluster a failed batch is read again user by user, so the users of a master that is down
@@ -380,7 +397,8 @@ async fn read_profiles(pool: &Redis, prefix: &str, users: &[&UserId]) -> Vec<Res
             .arg("context")
             .arg("recs")
             .arg("e")
-            .get(&k.profile);
+            .get(&k.profile)
+            .zrange_withscores(&k.consumed, 0, -1);
     }
     let result: Result<Vec<redis::Value>, String> = async {
         let mut conn = pool.get().await?;
@@ -405,7 +423,8 @@ async fn read_profiles(pool: &Redis, prefix: &str, users: &[&UserId]) -> Vec<Res
             let suppressed = conv(part()?)?;
             let fields = conv(part()?)?;
             let profile = conv(part()?)?;
-            Ok((history, legacy_ids, legacy_digests, suppressed, fields, profile))
+            let consumed = conv(part()?)?;
+            Ok((history, legacy_ids, legacy_digests, suppressed, fields, profile, consumed))
         })
         .collect()
 }

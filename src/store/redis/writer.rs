@@ -22,7 +22,7 @@ use super::conn::Redis;
 use super::fanout::erased_notice;
 use super::keys::{keys, updates_channel};
 use crate::event::{Context, ItemId, UserId};
-use crate::store::{EventDigest, Interaction, ProfileLimits, ProfileUpdate};
+use crate::store::{consumed_secs, EventDigest, Interaction, ProfileLimits, ProfileUpdate};
 use crate::telemetry::Metrics;
 
 /// Users in one script call at most (one Redis server; in a cluster a call holds one user, since
@@ -32,23 +32,26 @@ use crate::telemetry::Metrics;
 const USERS_PER_CALL: usize = 32;
 
 /// Keys a user takes in a script call (see the script).
-const KEYS_PER_USER: usize = 6;
+const KEYS_PER_USER: usize = 7;
 
 pub(super) const APPEND_SCRIPT: &str = r#"
 -- Appends the new interactions of one or more users (one Redis server; one user in a cluster).
--- KEYS, 6 per user: history list, profile string, suppressed list, and three forms written
---       before that are read until they expire: the profile hash, the ids in a sorted set, the
---       digests in a string.
--- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, then per user: context ('' =
---       unchanged), list ('' = unchanged), n, m, then n triples (8-byte digest of the event id,
---       event id, encoded interaction), then m suppressed item ids.
+-- KEYS, 7 per user: history list, profile string, suppressed list, three forms written before
+--       that are read until they expire (the profile hash, the ids in a sorted set, the digests
+--       in a string), and the consumed items (a sorted set: item, last time in seconds).
+-- ARGV: history_len, dedupe_window, suppressed_len, ttl_secs, consumed_max, then per user:
+--       context ('' = unchanged), list ('' = unchanged), n, m, then n quintuples (8-byte digest
+--       of the event id, event id, encoded interaction, the time in seconds if its item counts as
+--       consumed ('' = it does not), its item id), then m suppressed item ids.
 -- The profile string (codec::decode_profile reads it): byte 2 (the form), a flags byte (bit 0:
 -- the older set of ids may still exist), the lengths of the context and of the list (2 bytes
 -- each, big endian), the context (JSON), the list (stored form), then the de-duplication window:
 -- the digests of the newest event ids, 8 bytes each, oldest first. A user costs one GET and one
 -- SET of it, an RPUSH and an EXPIRE of the history when events are new (and an LTRIM once the
--- history is full).
+-- history is full), and a ZADD, a ZCARD and an EXPIRE of the consumed set when new events count
+-- (and a ZREMRANGEBYRANK once it is full: the items consumed longest ago go, ties by item).
 local hlen, wlen, slen, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local cmax = tonumber(ARGV[5])
 local function known(seen, digest)
   local from = 1
   while true do
@@ -60,9 +63,10 @@ local function known(seen, digest)
 end
 local function u16(s, at) return string.byte(s, at) * 256 + string.byte(s, at + 1) end
 local function be16(n) return string.char(math.floor(n / 256), n % 256) end
-local a, applied = 5, 0
-for u = 0, #KEYS / 6 - 1 do
-  local h, q, s, p, ids, e = KEYS[6 * u + 1], KEYS[6 * u + 2], KEYS[6 * u + 3], KEYS[6 * u + 4], KEYS[6 * u + 5], KEYS[6 * u + 6]
+local a, applied = 6, 0
+for u = 0, #KEYS / 7 - 1 do
+  local h, q, s, p, ids, e = KEYS[7 * u + 1], KEYS[7 * u + 2], KEYS[7 * u + 3], KEYS[7 * u + 4], KEYS[7 * u + 5], KEYS[7 * u + 6]
+  local c = KEYS[7 * u + 7]
   local context, list, n, m = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   a = a + 4
   -- Longer than the string's lengths can say: left unchanged (a context is a few dozen bytes,
@@ -89,15 +93,35 @@ for u = 0, #KEYS / 6 - 1 do
   end
   -- The new digests are joined to the window once per user: appending each to the window would
   -- copy the whole window (8 KB when full) per event.
-  local entries, fresh, added = {}, {}, {}
+  -- consumed: the latest time of each item the new events consumed.
+  local entries, fresh, added, consumed, items = {}, {}, {}, {}, {}
   for i = 1, n do
     local digest = ARGV[a]
     if not fresh[digest] and not known(seen, digest) and not (legacy and redis.call('ZSCORE', ids, ARGV[a + 1])) then
       fresh[digest] = true
       added[#added + 1] = digest
       entries[#entries + 1] = ARGV[a + 2]
+      if ARGV[a + 3] ~= '' and cmax > 0 then
+        local item, at = ARGV[a + 4], tonumber(ARGV[a + 3])
+        if not consumed[item] then items[#items + 1] = item end
+        if not consumed[item] or consumed[item] < at then consumed[item] = at end
+      end
     end
-    a = a + 3
+    a = a + 5
+  end
+  if #items > 0 then
+    local zadd = {}
+    for _, item in ipairs(items) do
+      zadd[#zadd + 1] = consumed[item]
+      zadd[#zadd + 1] = item
+    end
+    -- GT: an item consumed again keeps its latest time (a replay never moves it back).
+    for from = 1, #zadd, 1000 do
+      redis.call('ZADD', c, 'GT', unpack(zadd, from, math.min(from + 999, #zadd)))
+    end
+    local card = redis.call('ZCARD', c)
+    if card > cmax then redis.call('ZREMRANGEBYRANK', c, 0, card - cmax - 1) end
+    if ttl > 0 then redis.call('EXPIRE', c, ttl) end
   end
   if #entries > 0 then
     seen = seen .. table.concat(added)
@@ -362,9 +386,14 @@ impl Writer {
                 .arg(&k.suppressed)
                 .arg(&k.legacy_profile)
                 .arg(&k.legacy_ids)
-                .arg(&k.digests);
+                .arg(&k.digests)
+                .arg(&k.consumed);
         }
-        cmd.arg(self.limits.history_len).arg(self.limits.dedupe_window).arg(self.limits.suppressed_len).arg(self.ttl);
+        cmd.arg(self.limits.history_len)
+            .arg(self.limits.dedupe_window)
+            .arg(self.limits.suppressed_len)
+            .arg(self.ttl)
+            .arg(self.limits.consumed_max);
         for &index in indices {
             let call = &calls[index];
             let context = call.context.and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default();
@@ -374,6 +403,12 @@ impl Writer {
                 cmd.arg(&EventDigest::of(&interaction.event_id).0.to_be_bytes()[..])
                     .arg(interaction.event_id.as_str())
                     .arg(codec::encode(interaction));
+                // The item again, as the consumed set's member: the script does not decode entries.
+                if self.limits.consumes(interaction) {
+                    cmd.arg(consumed_secs(interaction.timestamp)).arg(interaction.item_id.as_str());
+                } else {
+                    cmd.arg("").arg("");
+                }
             }
             for item in &call.suppressed {
                 cmd.arg(item.as_str());

@@ -7,6 +7,7 @@ mod cluster;
 mod cluster_closed_loop;
 mod cluster_loop;
 mod cluster_monitor;
+mod consumed;
 mod erasure;
 mod failover;
 mod kafka;

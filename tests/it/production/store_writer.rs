@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use liverec::config::RedisConfig;
 use liverec::event::{EventId, EventType, ItemId, UserId};
 use liverec::store::redis::RedisStore;
-use liverec::store::{Interaction, ProfileLimits, ProfileStore, ProfileUpdate};
+use liverec::store::{EventTypes, Interaction, ProfileLimits, ProfileStore, ProfileUpdate};
 use liverec::telemetry::Metrics;
 
 use crate::support::*;
@@ -44,7 +44,7 @@ impl PrivateRedis {
     }
 
     /// How many times Redis ran `command` (from `INFO commandstats`).
-    async fn calls(&self, command: &str) -> u64 {
+    pub(super) async fn calls(&self, command: &str) -> u64 {
         let stats = self.info("commandstats").await.expect("commandstats");
         stats
             .lines()
@@ -61,8 +61,14 @@ impl Drop for PrivateRedis {
     }
 }
 
-const LIMITS: ProfileLimits =
-    ProfileLimits { history_len: 50, dedupe_window: 1000, suppressed_len: 10, tombstone_ttl_secs: 0 };
+const LIMITS: ProfileLimits = ProfileLimits {
+    history_len: 50,
+    dedupe_window: 1000,
+    suppressed_len: 10,
+    tombstone_ttl_secs: 0,
+    consumed_max: 0,
+    consumed_types: EventTypes::NONE,
+};
 
 fn store(redis: &PrivateRedis, lanes: usize) -> (RedisStore, actix_rt::Arbiter) {
     let config = RedisConfig {
