@@ -19,6 +19,8 @@
 //! models, and `LIVEREC_BENCH_BATCHES=64` the batch sizes (comma-separated):
 //! `LIVEREC_BENCH_ITEMS=100000 LIVEREC_BENCH_BATCHES=64 cargo bench --bench inference`.
 //!
+//! `LIVEREC_BENCH_LAYERS=2` gives the sequential model two attention blocks instead of one.
+//!
 //! `LIVEREC_BENCH_TWO_STAGE=1` adds the two-stage path of both models (`score-two-stage`,
 //! `[model.retrieval]` defaults with `min_items = 0`; `LIVEREC_BENCH_PROBE` sets `ann_probe`) and
 //! prints the retrieval index's build time, the resident memory, and recall@10 of the two-stage
@@ -142,7 +144,10 @@ fn model(items: usize) -> SequentialModel {
             by_segment: vec![vec![1.0; items]; liverec::event::Context::SEGMENTS],
         },
     };
-    SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid")
+    // `LIVEREC_BENCH_LAYERS`: attention blocks (default 1, the default config's).
+    let layers = std::env::var("LIVEREC_BENCH_LAYERS").ok().and_then(|n| n.parse().ok()).unwrap_or(1);
+    let config = Config { layers, ..Config::default() };
+    SequentialModel::new(config, ServeConfig::default(), vocab, 7).expect("default config is valid")
 }
 
 /// A random-weight model with the vocabulary of the dataset in `dir`, and the last 50 items

@@ -528,9 +528,13 @@ mod offline {
         let mut notes = digest_notes(&dataset, &split);
         let mut trained = train_model(&dataset, &split, &file, !quiet)?;
         let seconds = trained.summary.seconds;
+        let selected = trained.summary.selected_epochs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", ");
         eprintln!(
-            "trained in {seconds:.1} s: {} epochs, best epoch {} (valid ndcg@10 {:.4})",
-            trained.summary.epochs_run, trained.summary.best_epoch, trained.valid.ndcg10
+            "trained in {seconds:.1} s ({:.1} s an epoch, {:.1} s validating): {} epochs, kept epochs {selected} (valid ndcg@10 {:.4})",
+            trained.summary.seconds_per_epoch,
+            trained.summary.eval_seconds,
+            trained.summary.epochs_run,
+            trained.valid.ndcg10
         );
 
         // Test metrics are computed after model selection, for the record only.
@@ -570,26 +574,31 @@ mod offline {
         results.insert("sasrec".to_owned(), PartMetrics { test, valid: trained.valid });
         print_table(&results);
         notes.push(format!(
-            "model {}: trained in {seconds:.1} s, {} epochs, best epoch {}",
-            manifest.version, trained.summary.epochs_run, trained.summary.best_epoch
+            "model {}: trained in {seconds:.1} s ({:.1} s an epoch of training steps, {:.1} s in validation passes), {} epochs, kept epochs {selected} ({})",
+            manifest.version,
+            trained.summary.seconds_per_epoch,
+            trained.summary.eval_seconds,
+            trained.summary.epochs_run,
+            if file.train.average_checkpoints { "their weights averaged" } else { "the middle one's weights" }
         ));
         let mut report = markdown_report("liverec train: evaluation", &results, &notes);
         report.push_str(
             "
 ## Training log
 
-| epoch | loss | valid NDCG@10 | seconds |
-|---|---|---|---|
+| epoch | loss | valid NDCG@10 | seconds (training) | seconds (validation) |
+|---|---|---|---|---|
 ",
         );
         for e in &trained.log {
             report.push_str(&format!(
-                "| {} | {:.4} | {} | {:.1} |
+                "| {} | {:.4} | {} | {:.1} | {:.1} |
 ",
                 e.epoch,
                 e.loss,
                 e.valid_ndcg10.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}")),
-                e.seconds
+                e.seconds,
+                e.eval_seconds
             ));
         }
         write_report(&out.join("training.md"), &report)

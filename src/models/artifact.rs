@@ -188,7 +188,18 @@ pub struct SavedMetrics {
 pub struct TrainingSummary {
     pub seed: u64,
     pub epochs_run: usize,
+    /// The middle of `selected_epochs`.
     pub best_epoch: usize,
+    /// The epochs whose weights were kept (averaged, or the middle one's; see `train.select_window`).
+    #[serde(default)]
+    pub selected_epochs: Vec<usize>,
+    /// Mean seconds of an epoch's training steps (without its validation pass).
+    #[serde(default)]
+    pub seconds_per_epoch: f64,
+    /// Seconds spent in validation passes, all epochs together.
+    #[serde(default)]
+    pub eval_seconds: f64,
+    /// The whole run: set-up, epochs, validation passes.
     pub seconds: f64,
     /// Candle's AdamW state is not saved; a warm start from these weights restarts the moments.
     pub optimizer_state_saved: bool,

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod retrain;
 pub mod retrieval;
 pub mod sasrec;
+pub mod selection;
 pub mod sequential;
 pub mod train;
 

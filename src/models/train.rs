@@ -4,7 +4,9 @@
 //! end, and every position predicts the next item: full softmax cross-entropy over the whole
 //! catalogue (with label smoothing), mini-batches, candle-nn's AdamW (weight decay on weight
 //! matrices only), linear warm-up then cosine decay of the learning rate, and early stopping on
-//! validation NDCG@10 with the best weights restored at the end.
+//! validation NDCG@10. Model selection: the `select_window` consecutive evaluations with the
+//! best mean validation NDCG@10, their weights averaged (`super::selection`); or, with
+//! `include_valid`, a fixed number of epochs on training and validation data together.
 //!
 //! Augmentation: each epoch, all windows but the newest start at a random shift, so the model
 //! sees each item with different context lengths across epochs; the user's demographic segment
@@ -32,6 +34,7 @@ use super::data::{Dataset, Part, Split};
 use super::eval::{evaluate, SequentialRanker};
 use super::metrics::Metrics;
 use super::sasrec::{feedback_index, hour_bucket, segment_at, Config, Mode, SasRecError, SeqBatch, SeqInput};
+use super::selection::{middle, reduce_checkpoints, Checkpoint, Selector};
 use super::sequential::SequentialModel;
 use crate::event::Device as DeviceClass;
 
@@ -83,6 +86,18 @@ pub struct TrainConfig {
     pub shift_windows: bool,
     /// Evaluate on validation every this many epochs.
     pub eval_every: usize,
+    /// Model selection: the `select_window` consecutive evaluations with the highest mean
+    /// validation NDCG@10 are selected (1: the single best evaluation, the noisy argmax). The
+    /// kept weights are their average (`average_checkpoints`) or the middle one's. Patience
+    /// counts evaluations without a better window.
+    pub select_window: usize,
+    /// Keep the average of the selected evaluations' weights instead of the middle one's.
+    pub average_checkpoints: bool,
+    /// Train on the training and validation parts together, for exactly `epochs` epochs, and
+    /// keep the last `select_window` epochs' weights (averaged, or the middle one): no
+    /// selection on validation, whose metrics are then in-sample. For a final model once the
+    /// epoch count was chosen on a run without it.
+    pub include_valid: bool,
     /// Stop after this many seconds of training (0: no limit). Makes the result depend on the
     /// machine's speed, so it is off by default.
     pub time_budget_secs: f64,
@@ -107,6 +122,9 @@ impl TrainConfig {
                 "must be at least 1 when sampled_softmax_min_items is set (0 there turns sampling off)",
             );
         }
+        if self.select_window == 0 {
+            return invalid("select_window", "must be at least 1 (1 keeps the single best evaluation)");
+        }
         if !(0.0..=1.0).contains(&self.sampled_alpha) {
             return invalid("sampled_alpha", &format!("must be within 0..=1, got {}", self.sampled_alpha));
         }
@@ -130,6 +148,9 @@ impl Default for TrainConfig {
             user_dropout: 0.2,
             shift_windows: true,
             eval_every: 1,
+            select_window: 3,
+            average_checkpoints: true,
+            include_valid: false,
             time_budget_secs: 0.0,
             sampled_softmax_min_items: 50_000,
             sampled_negatives: 1024,
@@ -153,7 +174,10 @@ pub struct EpochLog {
     pub epoch: usize,
     pub loss: f64,
     pub valid_ndcg10: Option<f64>,
+    /// Seconds of training (the optimisation steps), without the validation pass.
     pub seconds: f64,
+    /// Seconds of the validation pass (0 when the epoch had none).
+    pub eval_seconds: f64,
 }
 
 /// A trained model with its best validation metrics and the training log.
@@ -519,7 +543,7 @@ pub fn warm_start(model: &mut SequentialModel, from: &SequentialModel) -> Result
     Ok(copied)
 }
 
-/// Snapshot of every variable, to restore the best epoch's weights.
+/// Snapshot of every variable, to restore the selected weights.
 fn snapshot(vars: &HashMap<String, Var>) -> Result<HashMap<String, Tensor>, SasRecError> {
     vars.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
 }
@@ -540,7 +564,16 @@ pub fn train_from(
     let cfg = &file.train;
     cfg.validate()?;
     let started = Instant::now();
-    let vocab = Vocab::from_dataset(dataset, &split.train);
+    // What the model learns from: the training part, plus each user's validation interaction
+    // with `include_valid`.
+    let fit: std::borrow::Cow<'_, [Vec<super::data::Interaction>]> = if cfg.include_valid {
+        std::borrow::Cow::Owned(
+            split.train.iter().zip(&split.valid).map(|(t, v)| t.iter().chain(v).cloned().collect()).collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(split.train.as_slice())
+    };
+    let vocab = Vocab::from_dataset(dataset, &fit);
     let mut model = SequentialModel::new(file.model.clone(), file.serve.clone(), vocab, cfg.seed)?;
     if let Some(warm) = warm {
         let copied = warm_start(&mut model, warm)?;
@@ -549,8 +582,7 @@ pub fn train_from(
     let len = model.config.max_len;
     let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5EED_DA7A);
 
-    let seqs: Vec<UserSeq> = split
-        .train
+    let seqs: Vec<UserSeq> = fit
         .iter()
         .enumerate()
         .map(|(u, seq)| UserSeq {
@@ -607,7 +639,8 @@ pub fn train_from(
     });
     tracing::debug!(items = n_items, sampled = sampler.is_some(), "softmax");
     let mut step = 0usize;
-    let mut best: Option<(f64, usize, HashMap<String, Tensor>, Metrics)> = None;
+    let mut selector = Selector::new(cfg.select_window);
+    let reduce = |c: &[&Checkpoint]| reduce_checkpoints(c, cfg.average_checkpoints);
     let mut since_best = 0usize;
     let mut log = Vec::new();
     let mut epochs_run = 0;
@@ -672,24 +705,39 @@ pub fn train_from(
         model.weights_changed();
         epochs_run = epoch;
         let loss = loss_sum / loss_n.max(1) as f64;
-        let mut entry = EpochLog { epoch, loss, valid_ndcg10: None, seconds: epoch_start.elapsed().as_secs_f64() };
+        let mut entry = EpochLog {
+            epoch,
+            loss,
+            valid_ndcg10: None,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+            eval_seconds: 0.0,
+        };
         let last_epoch = epoch == cfg.epochs;
-        if epoch % cfg.eval_every.max(1) == 0 || last_epoch {
+        if cfg.include_valid {
+            // No selection: the last `select_window` epochs are kept (the score is unused).
+            selector.hold(epoch, 0.0, snapshot(&vars)?);
+        } else if epoch % cfg.eval_every.max(1) == 0 || last_epoch {
+            let eval_start = Instant::now();
             let valid = {
                 let mut ranker = SequentialRanker::new(&mut model, dataset, "sasrec");
                 evaluate(dataset, split, Part::Valid, &mut ranker, 512)?
             };
+            entry.eval_seconds = eval_start.elapsed().as_secs_f64();
             entry.valid_ndcg10 = Some(valid.ndcg10);
-            if best.as_ref().is_none_or(|b| valid.ndcg10 > b.0) {
-                best = Some((valid.ndcg10, epoch, snapshot(&vars)?, valid));
-                since_best = 0;
-            } else {
-                since_best += 1;
+            match selector.push(epoch, valid.ndcg10, snapshot(&vars)?, reduce)? {
+                Some(true) => since_best = 0,
+                Some(false) => since_best += 1,
+                None => {}
             }
         }
-        let (best_ndcg, best_epoch) = best.as_ref().map_or((0.0, 0), |b| (b.0, b.1));
+        let best = selector.best().map_or_else(
+            || "-".to_owned(),
+            |(mean, epochs)| {
+                format!("{mean:.4} @{}", epochs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(","))
+            },
+        );
         bar.set_message(format!(
-            "epoch {epoch}/{}  loss {loss:.4}  valid ndcg@10 {}  best {best_ndcg:.4} @{best_epoch}",
+            "epoch {epoch}/{}  loss {loss:.4}  valid ndcg@10 {}  best {best}",
             cfg.epochs,
             entry.valid_ndcg10.map_or_else(|| "-".to_owned(), |v| format!("{v:.4}"))
         ));
@@ -704,15 +752,25 @@ pub fn train_from(
     }
     bar.finish();
 
-    let (_, best_epoch, weights, valid) = best.ok_or(TrainError::NoData)?;
+    let (selected_epochs, weights) = selector.finish(cfg.include_valid, reduce)?.ok_or(TrainError::NoData)?;
     for (name, var) in &vars {
-        var.set(&weights[name])?;
+        let value = weights.get(name).ok_or_else(|| SasRecError::Config(format!("no kept value for {name}")))?;
+        var.set(value)?;
     }
     model.weights_changed();
+    // The kept weights' own validation figures (an average of checkpoints was never evaluated).
+    let valid = {
+        let mut ranker = SequentialRanker::new(&mut model, dataset, "sasrec");
+        evaluate(dataset, split, Part::Valid, &mut ranker, 512)?
+    };
+    let trained_secs: f64 = log.iter().map(|e| e.seconds).sum();
     let summary = TrainingSummary {
         seed: cfg.seed,
         epochs_run,
-        best_epoch,
+        best_epoch: middle(&selected_epochs).copied().unwrap_or(0),
+        selected_epochs,
+        seconds_per_epoch: trained_secs / log.len().max(1) as f64,
+        eval_seconds: log.iter().map(|e| e.eval_seconds).sum(),
         seconds: started.elapsed().as_secs_f64(),
         optimizer_state_saved: false,
         settings: serde_json::to_value(cfg).unwrap_or_default(),
@@ -856,6 +914,8 @@ mod tests {
         assert!(off.validate().is_ok(), "no negatives needed when sampling is off");
         let bad = TrainConfig { sampled_alpha: 1.5, ..TrainConfig::default() };
         assert!(bad.validate().expect_err("refused").to_string().starts_with("train.sampled_alpha:"));
+        let bad = TrainConfig { select_window: 0, ..TrainConfig::default() };
+        assert!(bad.validate().expect_err("refused").to_string().starts_with("train.select_window:"));
         assert!(TrainConfig::default().validate().is_ok());
     }
 
@@ -881,8 +941,31 @@ mod tests {
         assert_ne!(sampled, below, "the sampled run took the sampled path");
     }
 
-    /// Trains on the cycle and returns the per-epoch losses.
-    fn learns_the_cycle(base: TrainConfig) -> Vec<f64> {
+    /// With `include_valid`: every epoch runs (no early stop, no validation passes), the last
+    /// `select_window` epochs are kept, and the validation interactions are learned from.
+    #[test]
+    fn training_on_validation_too_runs_every_epoch_and_keeps_the_last_ones() {
+        let ds = cycle();
+        let split = Split::leave_one_out(&ds.sequences);
+        let file = |include_valid| TrainFile {
+            model: Config { hidden: 8, layers: 1, heads: 2, inner: 16, max_len: 8, ..Config::default() },
+            train: TrainConfig { epochs: 5, patience: 1, include_valid, ..TrainConfig::default() },
+            serve: ServeConfig::default(),
+        };
+        let trained = train(&ds, &split, &file(true), false).expect("trains");
+        assert_eq!(trained.summary.epochs_run, 5);
+        assert_eq!(trained.summary.selected_epochs, vec![3, 4, 5]);
+        assert_eq!(trained.summary.best_epoch, 4);
+        assert!(trained.log.iter().all(|e| e.valid_ndcg10.is_none() && e.eval_seconds == 0.0));
+        // One more window per user (the validation item extends each sequence), so a
+        // different loss from the same seed.
+        let plain = train(&ds, &split, &file(false), false).expect("trains");
+        assert_ne!(trained.log[0].loss, plain.log[0].loss);
+        assert!(plain.log.iter().all(|e| e.valid_ndcg10.is_some()));
+    }
+
+    /// 40 users walking the cycle 0 -> 1 -> ... -> 19 -> 0, 10 steps each.
+    fn cycle() -> Dataset {
         let mut b = DatasetBuilder::new();
         for item in 0..20 {
             b.item(&format!("i{item}"));
@@ -893,7 +976,12 @@ mod tests {
                 b.interaction(&format!("u{user}"), &format!("i{item}"), t as i64 * 60, Some(4.0));
             }
         }
-        let ds = b.build();
+        b.build()
+    }
+
+    /// Trains on the cycle and returns the per-epoch losses.
+    fn learns_the_cycle(base: TrainConfig) -> Vec<f64> {
+        let ds = cycle();
         let split = Split::leave_one_out(&ds.sequences);
         let file = TrainFile {
             model: Config { hidden: 16, layers: 1, heads: 2, inner: 32, max_len: 8, dropout: 0.0, ..Config::default() },

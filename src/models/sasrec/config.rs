@@ -44,11 +44,23 @@ pub struct Features {
     pub user: bool,
     /// A learned per-item output bias.
     pub item_bias: bool,
+    /// A learned position embedding (counted from the newest item); off, the network sees
+    /// order only through the causal mask.
+    pub position: bool,
 }
 
 impl Default for Features {
     fn default() -> Self {
-        Self { genres: true, year: true, hour: true, feedback: true, context: true, user: true, item_bias: true }
+        Self {
+            genres: true,
+            year: true,
+            hour: true,
+            feedback: true,
+            context: true,
+            user: true,
+            item_bias: true,
+            position: true,
+        }
     }
 }
 

@@ -136,7 +136,7 @@ impl SeqBatch {
 pub struct SasRec {
     cfg: Config,
     items: ItemTable,
-    positions: Embedding,
+    positions: Option<Embedding>,
     hours: Option<Embedding>,
     feedback: Option<Embedding>,
     context: Option<Embedding>,
@@ -156,7 +156,7 @@ impl SasRec {
         Ok(Self {
             cfg: cfg.clone(),
             items: ItemTable::load(vb.pp("items"), cfg)?,
-            positions: candle_nn::embedding(cfg.max_len, cfg.hidden, vb.pp("positions"))?,
+            positions: opt(f.position, cfg.max_len, "positions")?,
             hours: opt(f.hour, Context::HOUR_BUCKETS, "hours")?,
             feedback: opt(f.feedback, FEEDBACK, "feedback")?,
             context: opt(f.context, Context::SEGMENTS, "context")?,
@@ -177,7 +177,7 @@ impl SasRec {
 
     /// The summed input embeddings `[B, L, H]` in one pass over plain slices: at inference the
     /// four gathers and adds of the training path cost more than the attention itself.
-    fn embed_inference(&self, batch: &SeqBatch, table: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    fn embed_inference(&self, batch: &SeqBatch, table: &Tensor, positions: Option<&Tensor>) -> Result<Tensor> {
         let (b, l) = batch.items.dims2()?;
         let h = self.cfg.hidden;
         let items = batch.items.flatten_all()?.to_vec1::<u32>()?;
@@ -190,7 +190,10 @@ impl SasRec {
             })
         };
         let (hour_rows, feedback_rows) = (rows(&self.hours)?, rows(&self.feedback)?);
-        let positions = positions.flatten_all()?.to_vec1::<f32>()?;
+        let positions = match positions {
+            Some(p) => Some(p.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
         let table = table.contiguous()?;
         let (storage, layout) = table.storage_and_layout();
         let table_rows = match (&*storage, layout.contiguous_offsets()) {
@@ -202,7 +205,9 @@ impl SasRec {
             let t = r % l;
             let add = |out: &mut [f32], src: &[f32]| out.iter_mut().zip(src).for_each(|(o, s)| *o += s);
             out.copy_from_slice(&table_rows[items[r] as usize * h..][..h]);
-            add(out, &positions[t * h..][..h]);
+            if let Some(p) = &positions {
+                add(out, &p[t * h..][..h]);
+            }
             if let Some(hr) = &hour_rows {
                 add(out, &hr[hours[r] as usize * h..][..h]);
             }
@@ -221,10 +226,15 @@ impl SasRec {
         if l > self.cfg.max_len {
             return Err(SasRecError::Config(format!("sequence length {l} exceeds max_len {}", self.cfg.max_len)));
         }
-        let positions = self.positions.embeddings().narrow(0, self.cfg.max_len - l, l)?;
+        let positions = match &self.positions {
+            Some(p) => Some(p.embeddings().narrow(0, self.cfg.max_len - l, l)?),
+            None => None,
+        };
         let mut x = if mode.training() {
             let mut x = table.index_select(&batch.items.flatten_all()?, 0)?.reshape((b, l, h))?;
-            x = x.broadcast_add(&positions)?;
+            if let Some(p) = &positions {
+                x = x.broadcast_add(p)?;
+            }
             if let Some(hours) = &self.hours {
                 x = (x + hours.forward(&batch.hours)?)?;
             }
@@ -233,7 +243,7 @@ impl SasRec {
             }
             x
         } else {
-            self.embed_inference(batch, table, &positions)?
+            self.embed_inference(batch, table, positions.as_ref())?
         };
         x = self.ln_in.forward_t(&x, mode)?;
         x = mode.dropout(&x, self.cfg.dropout)?;
