@@ -160,19 +160,8 @@ impl ClusterLoop {
             (owners.len() == PARTITIONS as usize).then_some(owners)
         })
         .await;
-        let leader = eventually("one leader, named alike by all three", || async {
-            let mut leaders = Vec::new();
-            let mut named = BTreeSet::new();
-            for (i, instance) in instances.iter().enumerate() {
-                let (_, models) = instance.get("/v1/admin/models").await?;
-                if models["cluster"]["leader"] == true {
-                    leaders.push(i);
-                }
-                named.insert(models["cluster"]["leader_instance_id"].as_str()?.to_owned());
-            }
-            (leaders.len() == 1 && named.len() == 1 && named.contains(&instances[leaders[0]].id)).then(|| leaders[0])
-        })
-        .await;
+        let urls: Vec<(&str, &str)> = instances.iter().map(|i| (i.id.as_str(), i.url.as_str())).collect();
+        let (leader, _) = super::agreed_leader_of(&urls).await;
         let users: Vec<String> = (0..USERS).map(|u| format!("sim-user-{SEED}-{u}")).collect();
         let covered: BTreeSet<i32> = users.iter().map(|u| partition_for(u, PARTITIONS)).collect();
         assert_eq!(covered.len(), PARTITIONS as usize, "the simulated users cover every partition");

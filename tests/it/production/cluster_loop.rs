@@ -109,39 +109,11 @@ async fn wait_ready(instances: &[&Instance]) {
 }
 
 /// The one leader all `instances` agree on (each sees exactly one leader: itself or the same
-/// other), with its epoch. On a timeout it prints what each instance last said, so a failure
-/// tells a vacant lease from a disagreement.
+/// other), with its epoch.
 async fn agreed_leader(instances: &[&Instance]) -> (String, u64) {
-    let start = Instant::now();
-    loop {
-        let mut views = Vec::new();
-        for instance in instances {
-            views.push((instance.id.clone(), instance.loop_state().await.map(|(cluster, _)| cluster)));
-        }
-        if let Some(agreed) = agreement(&views) {
-            return agreed;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting for exactly one leader, named alike by every instance; last views: {views:?}"
-        );
-        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
-/// The leader and epoch every view names, when exactly one instance says it leads.
-fn agreement(views: &[(String, Option<Value>)]) -> Option<(String, u64)> {
-    let mut leaders = Vec::new();
-    let mut named = Vec::new();
-    for (id, cluster) in views {
-        let cluster = cluster.as_ref()?;
-        if cluster["leader"] == true {
-            leaders.push(id.clone());
-        }
-        named.push((cluster["leader_instance_id"].as_str()?.to_owned(), cluster["epoch"].as_u64()?));
-    }
-    let first = named.first()?.clone();
-    (leaders.len() == 1 && named.iter().all(|n| *n == first) && first.0 == leaders[0]).then_some(first)
+    let urls: Vec<(&str, &str)> = instances.iter().map(|i| (i.id.as_str(), i.url.as_str())).collect();
+    let (leader, epoch) = super::agreed_leader_of(&urls).await;
+    (instances[leader].id.clone(), epoch)
 }
 
 /// Waits until every instance serves `version`.
@@ -441,7 +413,9 @@ async fn an_instance_takes_back_a_lease_that_names_it_and_others_still_wait() {
     let config = production_config("lease-back");
     let ttl = Duration::from_secs(30);
     let mut first = Lease::new(&config.redis, "i1".into(), "http://127.0.0.1:1".into(), ttl);
-    let Acquired::Taken(taken) = first.acquire().await.expect("redis answers") else { panic!("a vacant lease is taken") };
+    let Acquired::Taken(taken) = first.acquire().await.expect("redis answers") else {
+        panic!("a vacant lease is taken")
+    };
     // The same instance, without the answer (a new Lease holds no memory of the first call).
     let mut again = Lease::new(&config.redis, "i1".into(), "http://127.0.0.1:1".into(), ttl);
     assert_eq!(again.acquire().await.expect("redis answers"), Acquired::Taken(taken.clone()), "taken back, same epoch");

@@ -44,6 +44,55 @@ fn serve_command(config: &Config, port: u16) -> std::process::Command {
     command
 }
 
+/// Waits until exactly one of `instances` (id, base URL) says it leads and every one names it,
+/// with the same epoch; returns the leader's index and the epoch. On a timeout it prints what
+/// each instance last answered (or why it did not), so a failure tells a vacant lease, a
+/// disagreement and an instance that does not answer apart.
+async fn agreed_leader_of(instances: &[(&str, &str)]) -> (usize, u64) {
+    let start = std::time::Instant::now();
+    loop {
+        let mut views = Vec::new();
+        for (id, url) in instances {
+            let view = match client().get(format!("{url}/v1/admin/models")).send().await {
+                Err(error) => Err(format!("no answer: {error}")),
+                Ok(mut response) => {
+                    let status = response.status().as_u16();
+                    match response.json::<Value>().limit(16 * 1024 * 1024).await {
+                        Ok(body) if status == 200 => Ok(body["cluster"].clone()),
+                        Ok(body) => Err(format!("{status}: {body}")),
+                        Err(error) => Err(format!("{status}, body unreadable: {error}")),
+                    }
+                }
+            };
+            views.push((id.to_string(), view));
+        }
+        if let Some(agreed) = leader_agreement(&views) {
+            return agreed;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for exactly one leader, named alike by every instance; last views: {views:?}"
+        );
+        actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The leader's index and epoch when exactly one view says it leads and all name it.
+fn leader_agreement(views: &[(String, Result<Value, String>)]) -> Option<(usize, u64)> {
+    let mut leaders = Vec::new();
+    let mut named = Vec::new();
+    for (i, (_, cluster)) in views.iter().enumerate() {
+        let cluster = cluster.as_ref().ok()?;
+        if cluster["leader"] == true {
+            leaders.push(i);
+        }
+        named.push((cluster["leader_instance_id"].as_str()?.to_owned(), cluster["epoch"].as_u64()?));
+    }
+    let first = named.first()?.clone();
+    let [leader] = leaders[..] else { return None };
+    (named.iter().all(|n| *n == first) && first.0 == views[leader].0).then_some((leader, first.1))
+}
+
 /// `GET {url}{path}` of a liverec process: status and JSON body; none while it does not answer.
 async fn get_at(url: &str, path: &str) -> Option<(u16, Value)> {
     let mut response = client().get(format!("{url}{path}")).send().await.ok()?;
