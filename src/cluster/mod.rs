@@ -282,7 +282,7 @@ impl Cluster {
                         self.set_leadership(Leadership { leading: false, leader: Some(holder) })
                     }
                     Err(error) => {
-                        if unread % 20 == 0 {
+                        if unread.is_multiple_of(20) {
                             tracing::warn!(error = %error, failed_in_a_row = unread + 1, "loop lease not read");
                         }
                         unread = unread.saturating_add(1);
