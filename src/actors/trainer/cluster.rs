@@ -34,6 +34,9 @@ use crate::event::now_ms;
 use crate::models::registry::RegistryError;
 use crate::models::retrain::Drill;
 use crate::monitor::drift::DriftReference;
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamExt as _;
 
 /// The lease changed hands (sent by the leadership watch).
 #[derive(Message, Debug)]
@@ -43,20 +46,29 @@ pub(super) struct LeadershipChanged(pub(super) Leadership);
 type Reply<T> = ResponseActFuture<TrainerActor, Result<T, TrainerError>>;
 
 impl TrainerActor {
-    /// In production mode: tells the actor of every change of the lease's holder.
+    /// In production mode: tells the actor who leads now, then of every change of the lease's
+    /// holder (see [`leadership_feed`]).
     pub(super) fn follow_leadership(&mut self, ctx: &mut Context<Self>) {
         let Some(cluster) = &self.cluster else { return };
-        let (mut leadership, addr) = (cluster.watch_leadership(), ctx.address());
+        let (mut feed, addr) = (leadership_feed(cluster.watch_leadership()), ctx.address());
         ctx.spawn(
             async move {
-                while leadership.changed().await.is_ok() {
-                    let now = leadership.borrow_and_update().clone();
+                while let Some(now) = feed.next().await {
                     addr.do_send(LeadershipChanged(now));
                 }
             }
             .into_actor(self),
         );
     }
+}
+
+/// The leadership as it is now, then each change. The current value comes first: the lease task
+/// starts before the trainer, and a watch's `changed` does not fire for the value already there
+/// when it subscribed, so an instance that took the lease before its trainer subscribed never
+/// learned that it led (its loop stood still, and `/v1/admin/models` said `leader: false` while
+/// every other instance named it: the cluster tests' start-up wait that failed under load).
+fn leadership_feed(leadership: watch::Receiver<Leadership>) -> WatchStream<Leadership> {
+    WatchStream::new(leadership)
 }
 
 fn ready<T: 'static>(result: Result<T, TrainerError>) -> Reply<T> {
@@ -620,5 +632,25 @@ impl Handler<ControlApplied> for TrainerActor {
             self.metrics.set_challenger_share(msg.state.challenger.as_ref().map_or(0.0, |c| c.share));
         }
         self.desired = Some(msg.state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::lease::Holder;
+
+    #[actix_rt::test]
+    async fn the_leadership_feed_starts_with_a_lease_taken_before_it_subscribed() {
+        let holder = Holder { epoch: 1, instance_id: "i1".into(), advertise_url: String::new() };
+        let (tx, _) = watch::channel(Leadership::default());
+        // The lease task took the lease before the trainer subscribed.
+        tx.send_replace(Leadership { leading: true, leader: Some(holder.clone()) });
+        let mut feed = leadership_feed(tx.subscribe());
+        let first = tokio::time::timeout(std::time::Duration::from_secs(60), feed.next()).await;
+        assert_eq!(first.ok().flatten(), Some(Leadership { leading: true, leader: Some(holder.clone()) }));
+        // Then every change.
+        tx.send_replace(Leadership { leading: false, leader: Some(holder.clone()) });
+        assert_eq!(feed.next().await, Some(Leadership { leading: false, leader: Some(holder) }));
     }
 }
