@@ -38,6 +38,26 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
+/// Asks the CPU to bring `values` into its cache, without waiting for them: a loop over rows
+/// scattered in a large table (candidates' vectors at 10^6 items) prefetches them all first,
+/// so that their cache misses overlap instead of following one another.
+#[inline]
+pub fn prefetch<T>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(values);
+        let start = values.as_ptr().cast::<i8>();
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults and reads nothing the program sees; the address
+            // is inside `values`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
+
 /// Items per block of a list's 8-bit copy.
 const BLOCK: usize = 16;
 
@@ -154,19 +174,36 @@ fn finish(heap: &mut [(Item, f32)]) {
     heap.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
 }
 
+/// The score an item must beat to enter `heap` (a [`offer`] heap of at most `k`): the worst
+/// kept once it is full, else none.
+#[inline]
+fn floor(heap: &[(Item, f32)], k: usize) -> f32 {
+    if heap.len() >= k {
+        heap.first().map_or(f32::INFINITY, |w| w.1)
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
 /// Scores every item of `list` against `Q` queries (each at least `hidden` long) and hands
-/// each `(query, item, score)` to `visit`. `FMA` fuses the multiply-adds (only where the CPU
+/// each `(query, item, score)` whose score beats the query's floor to `visit`, which answers
+/// the query's new floor. A block none of whose scores beats the floor costs no call (most
+/// blocks, once a query's heap is full). `FMA` fuses the multiply-adds (only where the CPU
 /// has them: see [`scan`]).
 #[inline(always)]
 fn scan_list<const Q: usize, const FMA: bool>(
     list: &List,
     hidden: usize,
     queries: [&[f32]; Q],
-    visit: &mut impl FnMut(usize, Item, f32),
+    floors: &mut [f32; Q],
+    visit: &mut impl FnMut(usize, Item, f32) -> f32,
 ) {
     let queries = queries.map(|q| &q[..hidden]);
     let (blocks, _) = list.codes.as_chunks::<BLOCK>();
-    for (b, block) in blocks.chunks_exact(hidden).enumerate() {
+    let (scales, _) = list.scales.as_chunks::<BLOCK>();
+    let (bias, _) = list.bias.as_chunks::<BLOCK>();
+    let (items, _) = list.items.as_chunks::<BLOCK>();
+    for (((block, scales), bias), items) in blocks.chunks_exact(hidden).zip(scales).zip(bias).zip(items) {
         let mut acc = [[0f32; BLOCK]; Q];
         for (d, codes) in block.iter().enumerate() {
             let c: [f32; BLOCK] = codes.map(f32::from);
@@ -177,10 +214,19 @@ fn scan_list<const Q: usize, const FMA: bool>(
                 }
             }
         }
-        let slots = b * BLOCK..((b + 1) * BLOCK).min(list.len);
-        for (qi, a) in acc.iter().enumerate() {
-            for (j, s) in slots.clone().enumerate() {
-                visit(qi, list.items[s], a[j] * list.scales[s] + list.bias[s]);
+        for (qi, a) in acc.iter_mut().enumerate() {
+            // Empty slots have scale 0 and bias -inf: they never beat a floor.
+            let mut any = false;
+            for j in 0..BLOCK {
+                a[j] = a[j] * scales[j] + bias[j];
+                any |= a[j] > floors[qi];
+            }
+            if any {
+                for j in 0..BLOCK {
+                    if a[j] > floors[qi] {
+                        floors[qi] = visit(qi, items[j], a[j]);
+                    }
+                }
             }
         }
     }
@@ -192,19 +238,26 @@ fn scan_list_avx2<const Q: usize>(
     list: &List,
     hidden: usize,
     queries: [&[f32]; Q],
-    visit: &mut impl FnMut(usize, Item, f32),
+    floors: &mut [f32; Q],
+    visit: &mut impl FnMut(usize, Item, f32) -> f32,
 ) {
-    scan_list::<Q, true>(list, hidden, queries, visit)
+    scan_list::<Q, true>(list, hidden, queries, floors, visit)
 }
 
 /// [`scan_list`] with the best kernel the CPU runs.
-fn scan<const Q: usize>(list: &List, hidden: usize, queries: [&[f32]; Q], visit: &mut impl FnMut(usize, Item, f32)) {
+fn scan<const Q: usize>(
+    list: &List,
+    hidden: usize,
+    queries: [&[f32]; Q],
+    floors: &mut [f32; Q],
+    visit: &mut impl FnMut(usize, Item, f32) -> f32,
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for (checked just above).
-        return unsafe { scan_list_avx2::<Q>(list, hidden, queries, visit) };
+        return unsafe { scan_list_avx2::<Q>(list, hidden, queries, floors, visit) };
     }
-    scan_list::<Q, false>(list, hidden, queries, visit)
+    scan_list::<Q, false>(list, hidden, queries, floors, visit)
 }
 
 impl IvfIndex {
@@ -367,9 +420,34 @@ impl IvfIndex {
                 order[probe..].sort_unstable_by(better);
             }
             let list = &self.lists[order[scanned].1 as usize];
-            scan::<1>(list, self.hidden, [query], &mut |_, item, score| offer(out, k, item, score, &mut accept));
+            let mut floors = [floor(out, k)];
+            scan::<1>(list, self.hidden, [query], &mut floors, &mut |_, item, score| {
+                offer(out, k, item, score, &mut accept);
+                floor(out, k)
+            });
         }
         finish(out);
+    }
+
+    /// Scans `list` for the `Q` queries whose rows are `now`, offering their items to each
+    /// query's heap in `outs`.
+    fn scan_for<const Q: usize>(
+        &self,
+        list: &List,
+        queries: &[f32],
+        now: &[u32],
+        k: usize,
+        outs: &mut [Vec<(Item, f32)>],
+        accept: &mut impl FnMut(usize, Item) -> bool,
+    ) {
+        let h = self.hidden;
+        let mut floors: [f32; Q] = std::array::from_fn(|j| floor(&outs[now[j] as usize], k));
+        let rows: [&[f32]; Q] = std::array::from_fn(|j| &queries[now[j] as usize * h..][..h]);
+        scan::<Q>(list, h, rows, &mut floors, &mut |qi, item, score| {
+            let i = now[qi] as usize;
+            offer(&mut outs[i], k, item, score, |item| accept(i, item));
+            floor(&outs[i], k)
+        });
     }
 
     /// [`IvfIndex::search`] for a batch of queries (`queries` is `[b, hidden]` row-major),
@@ -402,10 +480,6 @@ impl IvfIndex {
             pairs.extend(order[..probe].iter().map(|&(_, c)| (c, i as u32)));
         }
         pairs.sort_unstable();
-        let mut visit = |qs: &[u32], qi: usize, item: Item, score: f32| {
-            let i = qs[qi] as usize;
-            offer(&mut outs[i], k, item, score, |item| accept(i, item));
-        };
         for group in pairs.chunk_by(|a, b| a.0 == b.0) {
             let list = &self.lists[group[0].0 as usize];
             let qs: Vec<u32> = group.iter().map(|&(_, i)| i).collect();
@@ -419,11 +493,10 @@ impl IvfIndex {
                     1
                 };
                 let (now, later) = rest.split_at(take);
-                let v = &mut |qi: usize, item: Item, score: f32| visit(now, qi, item, score);
                 match take {
-                    4 => scan::<4>(list, self.hidden, [0, 1, 2, 3].map(|j| query(now[j] as usize)), v),
-                    2 => scan::<2>(list, self.hidden, [0, 1].map(|j| query(now[j] as usize)), v),
-                    _ => scan::<1>(list, self.hidden, [query(now[0] as usize)], v),
+                    4 => self.scan_for::<4>(list, queries, now, k, outs, &mut accept),
+                    2 => self.scan_for::<2>(list, queries, now, k, outs, &mut accept),
+                    _ => self.scan_for::<1>(list, queries, now, k, outs, &mut accept),
                 }
                 rest = later;
             }

@@ -17,7 +17,7 @@
 //! matrix product assigns the items), costs about `ann_probe x ann_list_size` multiply-adds per
 //! query, takes new items without a rebuild and filters while it scans, with no new dependency.
 
-pub use super::ivf::{dot, IvfIndex};
+pub use super::ivf::{dot, prefetch, IvfIndex};
 use crate::catalog::{Categories, CategoryIdx, ItemIdx};
 
 /// Where a candidate came from (the `source` label of `liverec_model_candidates_total`).
