@@ -149,6 +149,18 @@ async fn bad_parameters_get_clear_errors_naming_them() {
         let message = response.body["error"]["message"].as_str().unwrap_or("");
         assert!(message.contains(value), "{path}: the message names {value}: {message}");
     }
+    // The lists' queries are read by `web::Query` like every other endpoint's, through the one
+    // query error handler: another endpoint's unknown or repeated parameter is named the same way.
+    for (path, field) in [("/v1/users/someone/recommendations?colour=red", "colour"), ("/v1/items/latest?k=1&k=2", "k")]
+    {
+        let response = get(&server, path).await;
+        assert_eq!(
+            error_of(&response),
+            (400, "invalid_query".to_owned(), field.to_owned()),
+            "{path}: {}",
+            response.body
+        );
+    }
     let unknown = post_json(&server, "/v1/recommendations", &json!({ "items": ["sax", "ghost"] })).await;
     assert_eq!(error_of(&unknown), (422, "unknown_item".into(), "items[1]".into()), "{}", unknown.body);
     let k = post_json(&server, "/v1/recommendations", &json!({ "items": [], "k": 0 })).await;
