@@ -258,11 +258,7 @@ fn page(
     category: &Option<String>,
     availability: Option<AvailabilityParam>,
 ) -> Result<Page, ApiError> {
-    let recs = &state.config.recs;
-    let k = k.unwrap_or(recs.default_k);
-    if k == 0 || k > recs.max_k {
-        return Err(out_of_range("k", format!("k must be between 1 and {} (recs.max_k)", recs.max_k)));
-    }
+    let k = super::recommendations::checked_k(k, &state.config.recs)?;
     let offset = offset.unwrap_or(0);
     if offset > LIST_MAX {
         return Err(out_of_range("offset", format!("offset must be between 0 and {LIST_MAX}")));
