@@ -479,8 +479,9 @@ impl Catalog {
         ItemPage { items, next_cursor }
     }
 
-    /// Up to `limit` items of the catalogue (put, not deleted) that `accept` lets through
-    /// (given the item's categories and whether lists may show it at `now_ms`), newest
+    /// Up to `limit` items of the catalogue (put, deleted or not) that `accept` lets through
+    /// (given the item's categories and whether lists may show it at `now_ms`: never a deleted
+    /// one, as for every other list, so `availability=unavailable` finds them), newest
     /// `created_at` first; items put without one follow, the most recently known first. One
     /// pass over the catalogue under the read lock.
     pub fn newest(
@@ -497,7 +498,8 @@ impl Catalog {
         for (idx, entry) in inner.items.iter().enumerate() {
             let Some(attributes) = entry.attributes.as_deref() else { continue };
             let idx = idx as ItemIdx;
-            if entry.deleted || !accept(&entry.categories, inner.available_at(idx, now_ms)) {
+            // A deleted item is hidden (unavailable) with no categories: `accept` decides.
+            if !accept(&entry.categories, inner.available_at(idx, now_ms)) {
                 continue;
             }
             best.push(Reverse((attributes.created_at, idx)));
@@ -521,6 +523,13 @@ impl Catalog {
     /// The item id at `idx`.
     pub fn id_of(&self, idx: ItemIdx) -> Option<ItemId> {
         self.inner.read().items.get(idx as usize).map(|e| e.id.clone())
+    }
+
+    /// The items at `indices` as `GET /v1/items/{item_id}` shows them (deleted ones too, as
+    /// unavailable), under one lock.
+    pub fn views_of(&self, indices: &[ItemIdx]) -> Vec<ItemView> {
+        let inner = self.inner.read();
+        indices.iter().map(|&i| inner.view(i)).collect()
     }
 
     /// Item ids for many indices under one lock.
@@ -628,6 +637,31 @@ mod tests {
         catalog.put(&ids[0], ItemAttributes::default());
         assert_eq!(catalog.admit([&ids[3]]), Ok(()));
         assert_eq!((catalog.len(), catalog.event_only()), (5, 3));
+    }
+
+    #[test]
+    fn newest_finds_deleted_items_among_the_unavailable_as_other_lists_do() {
+        let catalog = Catalog::new();
+        for (id, created_at) in [("kept", 1), ("withdrawn", 2), ("deleted", 3)] {
+            catalog.put(&ItemId::from(id), ItemAttributes { created_at: Some(created_at), ..Default::default() });
+        }
+        catalog.put(
+            &ItemId::from("withdrawn"),
+            ItemAttributes { created_at: Some(2), available: Some(false), ..Default::default() },
+        );
+        assert!(catalog.delete(&ItemId::from("deleted")));
+        let newest = |want_available: Option<bool>| {
+            let found = catalog.newest(10, 0, |_, available| want_available.is_none_or(|want| want == available));
+            catalog.ids_of(&found).iter().map(ItemId::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(newest(Some(true)), ["kept"]);
+        assert_eq!(newest(Some(false)), ["deleted", "withdrawn"]);
+        assert_eq!(newest(None), ["deleted", "withdrawn", "kept"]);
+        let views = catalog.views_of(&catalog.newest(10, 0, |_, available| !available));
+        assert_eq!(
+            views.iter().map(|v| (v.item_id.to_string(), v.available)).collect::<Vec<_>>(),
+            [("deleted".to_owned(), false), ("withdrawn".to_owned(), false)]
+        );
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! [`super::segment_lists::SegmentLists`] refreshes every `recs.lists_refresh_secs`: it reads the events applied since
 //! the last refresh from the event log into the windowed counts of `models::popularity`, sums
 //! them into a snapshot, and ranks the lists without a category for every segment of the hour
-//! (every device at the current hour bucket, and all segments together). Lists for a category,
-//! another availability, the latest items and similar items are computed on first request and
-//! kept until the next refresh. Each answer carries `Cache-Control: public, max-age=<refresh>`
+//! (every device at the current hour bucket, and all segments together), and the latest items
+//! without a filter. Lists for a category or another availability, and similar items, are
+//! computed on first request and kept until the next refresh. Each answer carries `Cache-Control: public, max-age=<refresh>`
 //! and a strong `ETag` (FNV-1a of the body); a request whose `If-None-Match` names it gets `304`.
 //!
 //! In production mode an instance's event log holds the events of the users it owns (its Kafka
@@ -444,8 +444,9 @@ pub async fn trending(
 /// The latest items
 ///
 /// Catalogue items by `created_at`, newest first (items put without one follow, the most
-/// recently known first), filtered by category and availability, paged with `offset`. Cached
-/// and cacheable as `GET /v1/popular`. Any valid credential may read it.
+/// recently known first), filtered by category and availability (a deleted item is unavailable),
+/// paged with `offset`. The list without filters is ranked every `recs.lists_refresh_secs`;
+/// cached and cacheable as `GET /v1/popular`. Any valid credential may read it.
 #[utoipa::path(
     get,
     path = "/v1/items/latest",
@@ -470,8 +471,7 @@ pub async fn latest(
     let page = query.page(&state)?;
     let list = state.lists.list(ListKey::Latest { filter: page.filter(&state.catalog) });
     let (items, next_offset) = page.cut(&list.items, &state.catalog);
-    let ids = state.catalog.ids_of(&items.iter().map(|s| s.item).collect::<Vec<_>>());
-    let views: Vec<ItemView> = ids.iter().filter_map(|id| state.catalog.get(id)).collect();
+    let views: Vec<ItemView> = state.catalog.views_of(&items.iter().map(|s| s.item).collect::<Vec<_>>());
     let body = LatestItems {
         category: page.category.clone(),
         availability: page.availability,
