@@ -205,7 +205,8 @@ mod param {
     use serde::de::{DeserializeOwned, Deserializer, Error, IntoDeserializer};
     use serde::Deserialize;
 
-    use super::{AvailabilityParam, Device, WindowParam};
+    use crate::event::Device;
+    use crate::http::lists::{AvailabilityParam, WindowParam};
 
     fn number<'de, D: Deserializer<'de>>(name: &str, d: D) -> Result<Option<usize>, D::Error> {
         let text = String::deserialize(d)?;
