@@ -348,6 +348,13 @@ impl Catalog {
         self.inner.read().index.get(id).copied()
     }
 
+    /// The index of `id` unless it is unknown or was deleted (as [`Catalog::get`] finds it),
+    /// without building its view.
+    pub fn lookup_live(&self, id: &ItemId) -> Option<ItemIdx> {
+        let inner = self.inner.read();
+        inner.index.get(id).copied().filter(|&idx| !inner.items[idx as usize].deleted)
+    }
+
     /// Sets the attributes of an item. Returns its index and whether it was new to the catalogue.
     pub fn put(&self, id: &ItemId, attributes: ItemAttributes) -> (ItemIdx, bool) {
         let idx = self.intern(id);
@@ -637,6 +644,21 @@ mod tests {
         catalog.put(&ids[0], ItemAttributes::default());
         assert_eq!(catalog.admit([&ids[3]]), Ok(()));
         assert_eq!((catalog.len(), catalog.event_only()), (5, 3));
+    }
+
+    #[test]
+    fn lookup_live_finds_what_get_finds() {
+        let catalog = Catalog::new();
+        let (put, event_only, deleted) = (ItemId::from("put"), ItemId::from("event-only"), ItemId::from("deleted"));
+        catalog.put(&put, ItemAttributes::default());
+        catalog.put(&deleted, ItemAttributes::default());
+        catalog.intern(&event_only);
+        assert!(catalog.delete(&deleted));
+        for id in [&put, &event_only, &deleted, &ItemId::from("unknown")] {
+            assert_eq!(catalog.lookup_live(id).is_some(), catalog.get(id).is_some(), "{id}");
+        }
+        assert_eq!(catalog.lookup_live(&put), catalog.lookup(&put));
+        assert_eq!(catalog.lookup_live(&deleted), None);
     }
 
     #[test]

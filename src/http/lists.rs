@@ -515,7 +515,9 @@ pub async fn similar(
 ) -> Result<HttpResponse, ApiError> {
     let id = super::items::item_id(&path, &state)?;
     let page = query.page(&state)?;
-    let item = match state.catalog.get(&id).and_then(|_| state.catalog.lookup(&id)) {
+    // Indices from here until the response is built (one id lookup for the item, one lock for
+    // the page's ids in `items_of`).
+    let item = match state.catalog.lookup_live(&id) {
         Some(item) => item,
         None => return Err(ApiError::not_found("item_not_found", format!("no item {id}")).with_field("item_id")),
     };

@@ -121,8 +121,11 @@ async fn popular_lists_count_weighted_events_by_segment_and_category_and_page() 
 #[actix_rt::test]
 async fn bad_parameters_get_clear_errors_naming_them() {
     let server = plain().await;
-    put_items(&server, &[("sax", "jazz", 1)]).await;
+    put_items(&server, &[("sax", "jazz", 1), ("gone", "jazz", 2)]).await;
+    let deleted = client().delete(format!("{}/v1/items/gone", server.url())).send().await.expect("DELETE");
+    assert_eq!(deleted.status().as_u16(), 204);
     for (path, status, code, field) in [
+        ("/v1/items/gone/similar", 404, "item_not_found", "item_id"),
         ("/v1/popular?k=0", 422, "out_of_range", "k"),
         ("/v1/popular?k=101", 422, "out_of_range", "k"),
         ("/v1/popular?offset=501", 422, "out_of_range", "offset"),
