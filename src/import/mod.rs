@@ -14,7 +14,8 @@
 
 mod error;
 mod kafka;
-mod rest;
+/// Also the serving-path evaluation's way to post events (`crate::eval`).
+pub(crate) mod rest;
 mod source;
 mod state;
 
@@ -24,10 +25,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Instant;
 
+use crate::config::{Config, Overrides};
+use crate::event::{EventIn, EventType};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use liverec::config::{Config, Overrides};
-use liverec::event::{EventIn, EventType};
 use serde::Serialize;
 
 pub use error::ImportError;

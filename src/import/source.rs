@@ -11,9 +11,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use liverec::catalog::ItemAttributes;
-use liverec::event::{EventIn, EventType};
-use liverec::models::data::{parse_timestamp, GROUPLENS_GENRES};
+use crate::catalog::ItemAttributes;
+use crate::event::{EventIn, EventType};
+use crate::models::data::{parse_timestamp, GROUPLENS_GENRES};
 use serde::Serialize;
 
 use super::error::ImportError;
