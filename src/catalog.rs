@@ -348,6 +348,13 @@ impl Catalog {
         self.inner.read().index.get(id).copied()
     }
 
+    /// The index of `id` unless it is unknown or was deleted (as [`Catalog::get`] finds it),
+    /// without building its view.
+    pub fn lookup_live(&self, id: &ItemId) -> Option<ItemIdx> {
+        let inner = self.inner.read();
+        inner.index.get(id).copied().filter(|&idx| !inner.items[idx as usize].deleted)
+    }
+
     /// Sets the attributes of an item. Returns its index and whether it was new to the catalogue.
     pub fn put(&self, id: &ItemId, attributes: ItemAttributes) -> (ItemIdx, bool) {
         let idx = self.intern(id);
@@ -479,8 +486,9 @@ impl Catalog {
         ItemPage { items, next_cursor }
     }
 
-    /// Up to `limit` items of the catalogue (put, not deleted) that `accept` lets through
-    /// (given the item's categories and whether lists may show it at `now_ms`), newest
+    /// Up to `limit` items of the catalogue (put, deleted or not) that `accept` lets through
+    /// (given the item's categories and whether lists may show it at `now_ms`: never a deleted
+    /// one, as for every other list, so `availability=unavailable` finds them), newest
     /// `created_at` first; items put without one follow, the most recently known first. One
     /// pass over the catalogue under the read lock.
     pub fn newest(
@@ -497,7 +505,8 @@ impl Catalog {
         for (idx, entry) in inner.items.iter().enumerate() {
             let Some(attributes) = entry.attributes.as_deref() else { continue };
             let idx = idx as ItemIdx;
-            if entry.deleted || !accept(&entry.categories, inner.available_at(idx, now_ms)) {
+            // A deleted item is hidden (unavailable) with no categories: `accept` decides.
+            if !accept(&entry.categories, inner.available_at(idx, now_ms)) {
                 continue;
             }
             best.push(Reverse((attributes.created_at, idx)));
@@ -521,6 +530,13 @@ impl Catalog {
     /// The item id at `idx`.
     pub fn id_of(&self, idx: ItemIdx) -> Option<ItemId> {
         self.inner.read().items.get(idx as usize).map(|e| e.id.clone())
+    }
+
+    /// The items at `indices` as `GET /v1/items/{item_id}` shows them (deleted ones too, as
+    /// unavailable), under one lock.
+    pub fn views_of(&self, indices: &[ItemIdx]) -> Vec<ItemView> {
+        let inner = self.inner.read();
+        indices.iter().map(|&i| inner.view(i)).collect()
     }
 
     /// Item ids for many indices under one lock.
@@ -628,6 +644,46 @@ mod tests {
         catalog.put(&ids[0], ItemAttributes::default());
         assert_eq!(catalog.admit([&ids[3]]), Ok(()));
         assert_eq!((catalog.len(), catalog.event_only()), (5, 3));
+    }
+
+    #[test]
+    fn lookup_live_finds_what_get_finds() {
+        let catalog = Catalog::new();
+        let (put, event_only, deleted) = (ItemId::from("put"), ItemId::from("event-only"), ItemId::from("deleted"));
+        catalog.put(&put, ItemAttributes::default());
+        catalog.put(&deleted, ItemAttributes::default());
+        catalog.intern(&event_only);
+        assert!(catalog.delete(&deleted));
+        for id in [&put, &event_only, &deleted, &ItemId::from("unknown")] {
+            assert_eq!(catalog.lookup_live(id).is_some(), catalog.get(id).is_some(), "{id}");
+        }
+        assert_eq!(catalog.lookup_live(&put), catalog.lookup(&put));
+        assert_eq!(catalog.lookup_live(&deleted), None);
+    }
+
+    #[test]
+    fn newest_finds_deleted_items_among_the_unavailable_as_other_lists_do() {
+        let catalog = Catalog::new();
+        for (id, created_at) in [("kept", 1), ("withdrawn", 2), ("deleted", 3)] {
+            catalog.put(&ItemId::from(id), ItemAttributes { created_at: Some(created_at), ..Default::default() });
+        }
+        catalog.put(
+            &ItemId::from("withdrawn"),
+            ItemAttributes { created_at: Some(2), available: Some(false), ..Default::default() },
+        );
+        assert!(catalog.delete(&ItemId::from("deleted")));
+        let newest = |want_available: Option<bool>| {
+            let found = catalog.newest(10, 0, |_, available| want_available.is_none_or(|want| want == available));
+            catalog.ids_of(&found).iter().map(ItemId::to_string).collect::<Vec<_>>()
+        };
+        assert_eq!(newest(Some(true)), ["kept"]);
+        assert_eq!(newest(Some(false)), ["deleted", "withdrawn"]);
+        assert_eq!(newest(None), ["deleted", "withdrawn", "kept"]);
+        let views = catalog.views_of(&catalog.newest(10, 0, |_, available| !available));
+        assert_eq!(
+            views.iter().map(|v| (v.item_id.to_string(), v.available)).collect::<Vec<_>>(),
+            [("deleted".to_owned(), false), ("withdrawn".to_owned(), false)]
+        );
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub mod eval;
 pub use liverec_wire::event;
 pub mod eventlog;
 pub mod http;
+/// `liverec import`: data files into a running server (REST) or Kafka; its REST client also
+/// posts the serving-path evaluation's events.
+pub mod import;
 pub mod models;
 pub mod monitor;
 pub mod privacy;

@@ -5,9 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use liverec::config::{Config, Overrides};
+use liverec::import;
 use liverec::Server;
-
-mod import;
 
 /// jemalloc rather than glibc malloc: after many sessions stop, glibc kept the freed memory in
 /// fragmented arenas (resident size 2-3x its baseline); jemalloc's background threads give unused

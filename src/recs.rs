@@ -104,13 +104,13 @@ impl RecUpdate {
         })
     }
 
-    /// The whole SSE frame: `id`, `event` and `data` lines. Encoded by the first stream that
-    /// sends it and shared by every other.
+    /// The whole SSE frame: `id` (`<incarnation>-<seq>`, see [`sse_incarnation`]), `event` and
+    /// `data` lines. Encoded by the first stream that sends it and shared by every other.
     pub fn sse(&self) -> Bytes {
         self.sse
             .get_or_init(|| {
                 let json = &self.json[..];
-                let seq = self.list.seq.to_string();
+                let seq = format!("{}-{}", sse_incarnation(), self.list.seq);
                 let mut sse = Vec::with_capacity(json.len() + seq.len() + 40);
                 for part in [&b"id: "[..], seq.as_bytes(), &b"\nevent: recommendations\ndata: "[..], json, &b"\n\n"[..]]
                 {
@@ -152,6 +152,15 @@ impl RecUpdate {
     }
 }
 
+/// The first part of this process's SSE event ids: the time of its first stream frame in
+/// milliseconds, so that a `Last-Event-ID` names a list of this process only. An embedded server
+/// numbers a user's lists (`seq`) from 1 again after a restart, and a plain `seq` from before
+/// it could name the new process's current list, which the stream would then hold back.
+pub fn sse_incarnation() -> &'static str {
+    static INCARNATION: OnceLock<String> = OnceLock::new();
+    INCARNATION.get_or_init(|| crate::event::now_ms().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +176,8 @@ mod tests {
         let update = RecUpdate::new(list.clone());
         let json = serde_json::to_string(&list).expect("json");
         assert_eq!(update.json, json.as_bytes());
-        assert_eq!(update.sse(), format!("id: 42\nevent: recommendations\ndata: {json}\n\n").as_bytes());
+        let id = format!("{}-42", sse_incarnation());
+        assert_eq!(update.sse(), format!("id: {id}\nevent: recommendations\ndata: {json}\n\n").as_bytes());
         assert_eq!(&*update.ws(), format!("{{\"type\":\"recommendations\",\"data\":{json}}}"));
     }
 }

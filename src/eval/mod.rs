@@ -26,7 +26,8 @@ use crate::models::metrics::MetricSums;
 
 /// The list length asked for: the protocol's deepest cut-off.
 pub const DEPTH: usize = 20;
-/// Events per `POST /v1/events` (below the default `events.max_batch`, 1,000).
+/// Events per `POST /v1/events` (below the default `events.max_batch`, 1,000; the import
+/// client halves it for a server that allows fewer).
 const POST_BATCH: usize = 500;
 /// A wait that sees no user's list catch up for this long has stalled (it bounds a hang; it
 /// says nothing about speed).
@@ -44,6 +45,10 @@ pub enum ServedEvalError {
     ModelDir(String),
     #[error("starting the server: {0}")]
     Start(#[from] crate::StartError),
+    #[error("POST /v1/events: {0}")]
+    Post(#[from] crate::import::ImportError),
+    #[error("POST /v1/events: {refused} events refused, the first ({index}): {code} {message}")]
+    Refused { refused: usize, index: usize, code: String, message: String },
 }
 
 /// The result of one serving-path evaluation.
@@ -81,6 +86,10 @@ struct Client {
     http: awc::Client,
     base: String,
     api_key: Option<String>,
+    /// Posts the events: the import's REST client (batches of [`POST_BATCH`], halved on `413`;
+    /// `429`/`503` retried after their `Retry-After` and other failures with a capped backoff,
+    /// both up to a limit; a batch sent again is applied once, its events keeping their ids).
+    events: crate::import::rest::Client,
 }
 
 impl Client {
@@ -92,33 +101,18 @@ impl Client {
         }
     }
 
-    /// Posts one batch, waiting as long as the server asks while it is full (503 + Retry-After).
-    async fn post_events(&self, events: &[Value]) -> Result<(), ServedEvalError> {
-        let what = "POST /v1/events";
-        let body = Value::Array(events.to_vec());
-        loop {
-            let mut response = self
-                .request(awc::http::Method::POST, "/v1/events")
-                .send_json(&body)
-                .await
-                .map_err(|e| ServedEvalError::Http { what: what.to_owned(), error: e.to_string() })?;
-            let status = response.status();
-            if status.is_success() {
-                return Ok(());
-            }
-            if status.as_u16() == 503 || status.as_u16() == 429 {
-                let wait = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(1);
-                // Back-pressure from the server, not synchronisation: wait as it asks.
-                actix_rt::time::sleep(Duration::from_secs(wait.clamp(1, 10))).await;
-                continue;
-            }
-            let body = response.body().await.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-            return Err(ServedEvalError::Status { what: what.to_owned(), status: status.as_u16(), body });
+    /// Posts `events` in order, in batches; any event the server refuses is an error (the
+    /// protocol needs every one applied).
+    async fn post_events(&mut self, events: &[Value]) -> Result<(), ServedEvalError> {
+        let rejected = self.events.send(crate::import::rest::Endpoint::Events, events).await?;
+        match rejected.first() {
+            None => Ok(()),
+            Some((index, first)) => Err(ServedEvalError::Refused {
+                refused: rejected.len(),
+                index: *index,
+                code: first.reason.code.clone(),
+                message: first.message.clone(),
+            }),
         }
     }
 
@@ -188,9 +182,10 @@ pub async fn evaluate_served(
     dataset: &Dataset,
     split: &Split,
 ) -> Result<ServedRun, ServedEvalError> {
-    let client = Client {
+    let mut client = Client {
         http: awc::Client::builder().timeout(Duration::from_secs(60)).finish(),
         base: base.trim_end_matches('/').to_owned(),
+        events: crate::import::rest::Client::new(base, api_key.clone(), POST_BATCH)?,
         api_key,
     };
     let users = split.train.len();
@@ -203,9 +198,7 @@ pub async fn evaluate_served(
         .collect();
     train.sort_unstable();
     let train_events: Vec<Value> = train.iter().map(|&(_, u, i)| event(dataset, u, i, &split.train[u][i])).collect();
-    for batch in train_events.chunks(POST_BATCH) {
-        client.post_events(batch).await?;
-    }
+    client.post_events(&train_events).await?;
     let with_case: Vec<usize> = (0..users).filter(|&u| split.valid[u].is_some() && split.test[u].is_some()).collect();
     let expect_train: Vec<Option<String>> =
         (0..users).map(|u| split.train[u].len().checked_sub(1).map(event_id)).collect();
@@ -219,9 +212,7 @@ pub async fn evaluate_served(
         .iter()
         .filter_map(|&(_, u)| split.valid[u].map(|v| event(dataset, u, split.train[u].len(), &v)))
         .collect();
-    for batch in valid_events.chunks(POST_BATCH) {
-        client.post_events(batch).await?;
-    }
+    client.post_events(&valid_events).await?;
     let expect_valid: Vec<Option<String>> = (0..users).map(|u| Some(event_id(split.train[u].len()))).collect();
     let test_lists = lists_when_caught_up(&client, dataset, &with_case, &expect_valid).await?;
 

@@ -243,6 +243,27 @@ impl From<actix::MailboxError> for ApiError {
     }
 }
 
+/// A query string `web::Query` could not read: `400 invalid_query`, with `field` the parameter
+/// to blame when the message names it (serde's `unknown field `x``, `duplicate field `x``,
+/// `missing field `x``, or a reader's message that starts with `` `x` ``, as the list
+/// parameters' do).
+pub fn query_error(error: &actix_web::error::QueryPayloadError) -> ApiError {
+    let message = error.to_string();
+    let error = ApiError::bad_request("invalid_query", message.clone());
+    match query_field(&message) {
+        Some(field) => error.with_field(field),
+        None => error,
+    }
+}
+
+fn query_field(message: &str) -> Option<&str> {
+    let detail = message.strip_prefix("Query deserialize error: ").unwrap_or(message);
+    let named = ["unknown field `", "duplicate field `", "missing field `", "`"]
+        .iter()
+        .find_map(|prefix| detail.strip_prefix(prefix))?;
+    named.split_once('`').map(|(name, _)| name).filter(|name| !name.is_empty())
+}
+
 /// Turns a serde_json error on a request body into 400 (not JSON) or 422 (JSON of the wrong
 /// shape), naming the field when serde knows it.
 pub fn json_error(error: serde_path_to_error::Error<serde_json::Error>, what: &'static str) -> ApiError {
@@ -260,5 +281,23 @@ pub fn json_error(error: serde_path_to_error::Error<serde_json::Error>, what: &'
                 err.with_field(path)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_errors_name_the_parameter_when_the_message_does() {
+        let field = |m: &str| query_field(m).map(str::to_owned);
+        assert_eq!(
+            field("Query deserialize error: unknown field `colour`, expected one of `k`"),
+            Some("colour".into())
+        );
+        assert_eq!(field("Query deserialize error: duplicate field `k`"), Some("k".into()));
+        assert_eq!(field("Query deserialize error: `k` must be a whole number, not `abc`"), Some("k".into()));
+        assert_eq!(field("Query deserialize error: invalid digit found in string"), None);
+        assert_eq!(field("Query deserialize error: unknown variant `fridge`, expected one of `mobile`"), None);
     }
 }

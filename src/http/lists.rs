@@ -5,16 +5,14 @@
 //! [`super::segment_lists::SegmentLists`] refreshes every `recs.lists_refresh_secs`: it reads the events applied since
 //! the last refresh from the event log into the windowed counts of `models::popularity`, sums
 //! them into a snapshot, and ranks the lists without a category for every segment of the hour
-//! (every device at the current hour bucket, and all segments together). Lists for a category,
-//! another availability, the latest items and similar items are computed on first request and
-//! kept until the next refresh. Each answer carries `Cache-Control: public, max-age=<refresh>`
+//! (every device at the current hour bucket, and all segments together), and the latest items
+//! without a filter. Lists for a category or another availability, and similar items, are
+//! computed on first request and kept until the next refresh. Each answer carries `Cache-Control: public, max-age=<refresh>`
 //! and a strong `ETag` (FNV-1a of the body); a request whose `If-None-Match` names it gets `304`.
 //!
 //! In production mode an instance's event log holds the events of the users it owns (its Kafka
 //! partitions, a share of users by hash), so its popular and trending lists are ranked from that
 //! share: the same ranking in expectation, not the same bytes on every instance.
-
-use std::collections::HashMap;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -140,50 +138,106 @@ pub struct LatestItems {
     pub items: Vec<ItemView>,
 }
 
-/// The query of `GET /v1/popular` and `GET /v1/trending` (the document's; [`Params`] reads it,
-/// so that every error names the parameter).
-#[derive(utoipa::IntoParams)]
+/// The query of `GET /v1/popular` and `GET /v1/trending`: what the document describes is what
+/// `web::Query` parses, and its errors go through the shared `QueryConfig` handler (`400
+/// invalid_query`, `field` the parameter). Ranges are checked after parsing (`422 out_of_range`).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-#[allow(dead_code)]
 pub struct RankedQuery {
     /// Credentials for clients that cannot set headers (read by the `Caller` extractor).
+    #[allow(dead_code)]
     access_token: Option<String>,
     /// How many items (default `recs.default_k`, at most `recs.max_k`).
     #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "param::k")]
     k: Option<usize>,
     /// Items to skip: the `next_offset` of the previous page (at most 500).
     #[param(minimum = 0, maximum = 500)]
+    #[serde(default, deserialize_with = "param::offset")]
     offset: Option<usize>,
     /// Only items in this category.
     category: Option<String>,
     /// Rank for this device class at the current part of the day (its context segment);
     /// absent: every segment together.
+    #[serde(default, deserialize_with = "param::device")]
     device: Option<Device>,
     /// The window counted: `1h`, `24h` (popular's default) or `7d`; trending: `1h` (its
     /// default) or `24h`, against the rest of the week.
+    #[serde(default, deserialize_with = "param::window")]
     window: Option<WindowParam>,
     /// Which items by availability (default `available`).
+    #[serde(default, deserialize_with = "param::availability")]
     availability: Option<AvailabilityParam>,
 }
 
-/// The query of `GET /v1/items/latest` and `GET /v1/items/{item_id}/similar` (the document's,
-/// as [`RankedQuery`]).
-#[derive(utoipa::IntoParams)]
+/// The query of `GET /v1/items/latest` and `GET /v1/items/{item_id}/similar` (as
+/// [`RankedQuery`]; a struct of its own rather than a flattened part, which `deny_unknown_fields`
+/// does not support).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-#[allow(dead_code)]
 pub struct ItemsQuery {
     /// Credentials for clients that cannot set headers (read by the `Caller` extractor).
+    #[allow(dead_code)]
     access_token: Option<String>,
     /// How many items (default `recs.default_k`, at most `recs.max_k`).
     #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "param::k")]
     k: Option<usize>,
     /// Items to skip: the `next_offset` of the previous page (at most 500).
     #[param(minimum = 0, maximum = 500)]
+    #[serde(default, deserialize_with = "param::offset")]
     offset: Option<usize>,
     /// Only items in this category.
     category: Option<String>,
     /// Which items by availability (default `available`).
+    #[serde(default, deserialize_with = "param::availability")]
     availability: Option<AvailabilityParam>,
+}
+
+/// Readers of the list parameters whose errors name the parameter and the value: serde's own
+/// name neither for a number (`invalid digit found in string`) and only the value for a choice.
+/// The shared query error handler takes `field` from the message's leading `` `name` ``
+/// ([`super::error::query_error`]).
+mod param {
+    use serde::de::value::StrDeserializer;
+    use serde::de::{DeserializeOwned, Deserializer, Error, IntoDeserializer};
+    use serde::Deserialize;
+
+    use crate::event::Device;
+    use crate::http::lists::{AvailabilityParam, WindowParam};
+
+    fn number<'de, D: Deserializer<'de>>(name: &str, d: D) -> Result<Option<usize>, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Some).map_err(|_| D::Error::custom(format!("`{name}` must be a whole number, not `{text}`")))
+    }
+
+    fn choice<'de, D: Deserializer<'de>, T: DeserializeOwned>(name: &str, d: D) -> Result<Option<T>, D::Error> {
+        let text = String::deserialize(d)?;
+        let value: StrDeserializer<'_, serde::de::value::Error> = text.as_str().into_deserializer();
+        T::deserialize(value).map(Some).map_err(|e| D::Error::custom(format!("`{name}`: {e}")))
+    }
+
+    pub fn k<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        number("k", d)
+    }
+
+    pub fn offset<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        number("offset", d)
+    }
+
+    pub fn device<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Device>, D::Error> {
+        choice("device", d)
+    }
+
+    pub fn window<'de, D: Deserializer<'de>>(d: D) -> Result<Option<WindowParam>, D::Error> {
+        choice("window", d)
+    }
+
+    pub fn availability<'de, D: Deserializer<'de>>(d: D) -> Result<Option<AvailabilityParam>, D::Error> {
+        choice("availability", d)
+    }
 }
 
 /// `k`, `offset`, `category` and `availability`, checked.
@@ -198,67 +252,6 @@ fn out_of_range(field: &'static str, message: String) -> ApiError {
     ApiError::unprocessable("out_of_range", message).with_field(field)
 }
 
-/// Parameters the list endpoints take besides `access_token`.
-const PAGE_PARAMS: [&str; 4] = ["k", "offset", "category", "availability"];
-const RANKED_PARAMS: [&str; 6] = ["k", "offset", "category", "availability", "device", "window"];
-
-/// A list endpoint's query, read so that every error names the parameter to blame (serde's
-/// query errors name the value at best): each parameter at most once, and none unknown.
-struct Params(HashMap<String, String>);
-
-fn invalid_query(field: &str, message: String) -> ApiError {
-    ApiError::bad_request("invalid_query", message).with_field(field)
-}
-
-impl Params {
-    fn read(req: &HttpRequest, allowed: &[&str]) -> Result<Params, ApiError> {
-        let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-            .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?
-            .into_inner();
-        let mut params = HashMap::new();
-        for (name, value) in pairs {
-            if name == "access_token" {
-                continue;
-            }
-            if !allowed.contains(&name.as_str()) {
-                let message = format!("unknown parameter `{name}`; this endpoint takes {}", allowed.join(", "));
-                return Err(invalid_query(&name, message));
-            }
-            if params.insert(name.clone(), value).is_some() {
-                return Err(invalid_query(&name, format!("`{name}` is given more than once")));
-            }
-        }
-        Ok(Params(params))
-    }
-
-    fn number(&self, name: &str) -> Result<Option<usize>, ApiError> {
-        self.0
-            .get(name)
-            .map(|v| v.parse().map_err(|_| invalid_query(name, format!("`{name}` must be a whole number, not `{v}`"))))
-            .transpose()
-    }
-
-    fn choice<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, ApiError> {
-        self.0
-            .get(name)
-            .map(|v| {
-                serde_json::from_value(serde_json::Value::String(v.clone()))
-                    .map_err(|e| invalid_query(name, format!("`{name}`: {e}")))
-            })
-            .transpose()
-    }
-
-    fn page(&self, state: &AppState) -> Result<Page, ApiError> {
-        page(
-            state,
-            self.number("k")?,
-            self.number("offset")?,
-            &self.0.get("category").cloned(),
-            self.choice("availability")?,
-        )
-    }
-}
-
 fn page(
     state: &AppState,
     k: Option<usize>,
@@ -266,11 +259,7 @@ fn page(
     category: &Option<String>,
     availability: Option<AvailabilityParam>,
 ) -> Result<Page, ApiError> {
-    let recs = &state.config.recs;
-    let k = k.unwrap_or(recs.default_k);
-    if k == 0 || k > recs.max_k {
-        return Err(out_of_range("k", format!("k must be between 1 and {} (recs.max_k)", recs.max_k)));
-    }
+    let k = super::recommendations::checked_k(k, &state.config.recs)?;
     let offset = offset.unwrap_or(0);
     if offset > LIST_MAX {
         return Err(out_of_range("offset", format!("offset must be between 0 and {LIST_MAX}")));
@@ -281,6 +270,12 @@ fn page(
         }
     }
     Ok(Page { k, offset, category: category.clone(), availability: availability.unwrap_or_default() })
+}
+
+impl ItemsQuery {
+    fn page(&self, state: &AppState) -> Result<Page, ApiError> {
+        page(state, self.k, self.offset, &self.category, self.availability)
+    }
 }
 
 impl Page {
@@ -349,11 +344,14 @@ fn json(value: &impl Serialize) -> Result<Vec<u8>, ApiError> {
     })
 }
 
-async fn ranked(req: HttpRequest, state: &AppState, ranking: Ranking) -> Result<HttpResponse, ApiError> {
-    let params = Params::read(&req, &RANKED_PARAMS)?;
-    let page = params.page(state)?;
-    let device: Option<Device> = params.choice("device")?;
-    let window: Option<WindowParam> = params.choice("window")?;
+async fn ranked(
+    req: HttpRequest,
+    query: RankedQuery,
+    state: &AppState,
+    ranking: Ranking,
+) -> Result<HttpResponse, ApiError> {
+    let page = page(state, query.k, query.offset, &query.category, query.availability)?;
+    let (device, window) = (query.device, query.window);
     let (kind, window) = match ranking {
         Ranking::Popular => (ListKind::Popular, window.unwrap_or(WindowParam::Day)),
         Ranking::Trending => (ListKind::Trending, window.unwrap_or(WindowParam::Hour)),
@@ -405,8 +403,13 @@ async fn ranked(req: HttpRequest, state: &AppState, ranking: Ranking) -> Result<
         (status = 422, description = "`k`, `offset` or `category` out of range (`out_of_range`, `field` names it)", body = ErrorBody),
     )
 )]
-pub async fn popular(req: HttpRequest, state: web::Data<AppState>, _caller: Caller) -> Result<HttpResponse, ApiError> {
-    ranked(req, &state, Ranking::Popular).await
+pub async fn popular(
+    req: HttpRequest,
+    _caller: Caller,
+    query: web::Query<RankedQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    ranked(req, query.into_inner(), &state, Ranking::Popular).await
 }
 
 /// Trending items
@@ -430,15 +433,21 @@ pub async fn popular(req: HttpRequest, state: web::Data<AppState>, _caller: Call
         (status = 422, description = "`k`, `offset`, `category` or `window` (`7d`) out of range (`out_of_range`, `field` names it)", body = ErrorBody),
     )
 )]
-pub async fn trending(req: HttpRequest, state: web::Data<AppState>, _caller: Caller) -> Result<HttpResponse, ApiError> {
-    ranked(req, &state, Ranking::Trending).await
+pub async fn trending(
+    req: HttpRequest,
+    _caller: Caller,
+    query: web::Query<RankedQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    ranked(req, query.into_inner(), &state, Ranking::Trending).await
 }
 
 /// The latest items
 ///
 /// Catalogue items by `created_at`, newest first (items put without one follow, the most
-/// recently known first), filtered by category and availability, paged with `offset`. Cached
-/// and cacheable as `GET /v1/popular`. Any valid credential may read it.
+/// recently known first), filtered by category and availability (a deleted item is unavailable),
+/// paged with `offset`. The list without filters is ranked every `recs.lists_refresh_secs`;
+/// cached and cacheable as `GET /v1/popular`. Any valid credential may read it.
 #[utoipa::path(
     get,
     path = "/v1/items/latest",
@@ -454,12 +463,16 @@ pub async fn trending(req: HttpRequest, state: web::Data<AppState>, _caller: Cal
         (status = 422, description = "`k`, `offset` or `category` out of range (`out_of_range`, `field` names it)", body = ErrorBody),
     )
 )]
-pub async fn latest(req: HttpRequest, state: web::Data<AppState>, _caller: Caller) -> Result<HttpResponse, ApiError> {
-    let page = Params::read(&req, &PAGE_PARAMS)?.page(&state)?;
+pub async fn latest(
+    req: HttpRequest,
+    _caller: Caller,
+    query: web::Query<ItemsQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let page = query.page(&state)?;
     let list = state.lists.list(ListKey::Latest { filter: page.filter(&state.catalog) });
     let (items, next_offset) = page.cut(&list.items, &state.catalog);
-    let ids = state.catalog.ids_of(&items.iter().map(|s| s.item).collect::<Vec<_>>());
-    let views: Vec<ItemView> = ids.iter().filter_map(|id| state.catalog.get(id)).collect();
+    let views: Vec<ItemView> = state.catalog.views_of(&items.iter().map(|s| s.item).collect::<Vec<_>>());
     let body = LatestItems {
         category: page.category.clone(),
         availability: page.availability,
@@ -496,12 +509,15 @@ pub async fn latest(req: HttpRequest, state: web::Data<AppState>, _caller: Calle
 pub async fn similar(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
     _caller: Caller,
+    query: web::Query<ItemsQuery>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = super::items::item_id(&path, &state)?;
-    let page = Params::read(&req, &PAGE_PARAMS)?.page(&state)?;
-    let item = match state.catalog.get(&id).and_then(|_| state.catalog.lookup(&id)) {
+    let page = query.page(&state)?;
+    // Indices from here until the response is built (one id lookup for the item, one lock for
+    // the page's ids in `items_of`).
+    let item = match state.catalog.lookup_live(&id) {
         Some(item) => item,
         None => return Err(ApiError::not_found("item_not_found", format!("no item {id}")).with_field("item_id")),
     };

@@ -60,10 +60,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::PathConfig::default()
             .error_handler(|err, _| ApiError::bad_request("invalid_path", err.to_string()).into()),
     )
-    .app_data(
-        web::QueryConfig::default()
-            .error_handler(|err, _| ApiError::bad_request("invalid_query", err.to_string()).into()),
-    )
+    .app_data(web::QueryConfig::default().error_handler(|err, _| error::query_error(&err).into()))
     .configure(events::configure)
     .configure(recommendations::configure)
     .configure(stream::configure)

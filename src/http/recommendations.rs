@@ -23,6 +23,7 @@ use crate::actors::messages::{GetRecommendations, RecFilters};
 use crate::actors::model::{ModelError, Recommend};
 use crate::actors::SessionDeps;
 use crate::bus::EventBus;
+use crate::config::RecsConfig;
 use crate::event::{check_id, now_ms, Device, EventType, ItemId, UserId};
 use crate::models::HistoryItem;
 use crate::recs::{RecItem, RecList, RecUpdate};
@@ -54,6 +55,21 @@ pub struct RecQuery {
     device: Option<Device>,
 }
 
+/// The `k` of every list request (personal, basket and non-personal): `recs.default_k` when
+/// absent, else 1 to `recs.max_k`. Out of range is `422 out_of_range` (`field` `k`), as every
+/// well-formed value outside its range is; a value that is not a number is the parser's `400`.
+pub(super) fn checked_k(requested: Option<usize>, recs: &RecsConfig) -> Result<usize, ApiError> {
+    let k = requested.unwrap_or(recs.default_k);
+    if k == 0 || k > recs.max_k {
+        return Err(ApiError::unprocessable(
+            "out_of_range",
+            format!("k must be between 1 and {} (recs.max_k)", recs.max_k),
+        )
+        .with_field("k"));
+    }
+    Ok(k)
+}
+
 fn split(list: &Option<String>) -> Vec<String> {
     list.as_deref()
         .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
@@ -73,8 +89,9 @@ fn split(list: &Option<String>) -> Vec<String> {
     responses(
         (status = 200, description = "The list", body = RecList,
          headers(("Cache-Control" = String, description = "`private, no-store`"))),
-        (status = 400, description = "An invalid user id or query parameter", body = ErrorBody),
+        (status = 400, description = "An invalid user id, or a query parameter of the wrong type or value, or an unknown one", body = ErrorBody),
         (status = 403, description = "The credential may not read this user", body = ErrorBody),
+        (status = 422, description = "`k` out of range (`out_of_range`, `field` `k`)", body = ErrorBody),
     )
 )]
 pub async fn get_recommendations(
@@ -86,12 +103,7 @@ pub async fn get_recommendations(
     let user = state.user_id(&path, "user_id")?;
     caller.read(&user)?;
     let recs = &state.config.recs;
-    let k = query.k.unwrap_or(recs.default_k);
-    if k == 0 || k > recs.max_k {
-        return Err(
-            ApiError::bad_request("invalid_query", format!("k must be between 1 and {}", recs.max_k)).with_field("k")
-        );
-    }
+    let k = checked_k(query.k, recs)?;
     let exclude = split(&query.exclude);
     if exclude.len() > recs.max_k {
         return Err(ApiError::bad_request("invalid_query", "too many items to exclude").with_field("exclude"));
@@ -270,14 +282,7 @@ pub async fn post_recommendations(
     let basket: BasketRequest =
         super::body::decode_json_body(&req, payload, state.config.server.max_body_bytes, "invalid_body").await?;
     let recs = &state.config.recs;
-    let k = basket.k.unwrap_or(recs.default_k);
-    if k == 0 || k > recs.max_k {
-        return Err(ApiError::unprocessable(
-            "out_of_range",
-            format!("k must be between 1 and {} (recs.max_k)", recs.max_k),
-        )
-        .with_field("k"));
-    }
+    let k = checked_k(basket.k, recs)?;
     if basket.items.len() > BASKET_MAX {
         return Err(ApiError::unprocessable("out_of_range", format!("at most {BASKET_MAX} items")).with_field("items"));
     }

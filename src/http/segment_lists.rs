@@ -145,6 +145,11 @@ impl SegmentLists {
                 generation.keep(key, list);
             }
         }
+        // The default latest list too, so that no request ranks it under the catalogue's read
+        // lock (filtered ones are still ranked on their first request).
+        let key = ListKey::Latest { filter };
+        let list = self.rank(&generation.snapshot, &key);
+        generation.keep(key, list);
         *self.current.write() = Arc::new(generation);
     }
 
@@ -202,5 +207,44 @@ impl SegmentLists {
             return Err(ApiError::unavailable("unavailable", "the model is restarting", 1));
         }
         Ok(generation.keep(key, Kept { items: found.items, version: Some(found.version) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ItemAttributes;
+    use crate::event::ItemId;
+
+    fn lists(catalog: Arc<Catalog>) -> SegmentLists {
+        SegmentLists {
+            catalog,
+            event_log: EventLog::new(60, 100),
+            counting: Mutex::new(Counting { counts: EventCounts::default(), seen: 0 }),
+            current: RwLock::new(Arc::new(Generation {
+                snapshot: EventCounts::default().snapshot(0),
+                lists: Mutex::default(),
+            })),
+            max_age: 30,
+        }
+    }
+
+    #[test]
+    fn the_refresh_ranks_the_default_latest_list_so_that_no_request_does() {
+        let catalog = Arc::new(Catalog::new());
+        for (id, created_at) in [("old", 1), ("new", 2)] {
+            catalog.put(&ItemId::from(id), ItemAttributes { created_at: Some(created_at), ..Default::default() });
+        }
+        let lists = lists(catalog.clone());
+        let default = ListKey::Latest { filter: ItemFilter::default() };
+        assert!(lists.generation().get(&default).is_none(), "nothing ranked before the first refresh");
+        lists.refresh(now_ms());
+        let kept = lists.generation().get(&default).expect("ranked by the refresh");
+        let ids = catalog.ids_of(&kept.items.iter().map(|s| s.item).collect::<Vec<_>>());
+        assert_eq!(ids, [ItemId::from("new"), ItemId::from("old")]);
+        let filtered = ListKey::Latest {
+            filter: ItemFilter { availability: crate::models::Availability::Any, ..ItemFilter::default() },
+        };
+        assert!(lists.generation().get(&filtered).is_none(), "filtered lists wait for their first request");
     }
 }

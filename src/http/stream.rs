@@ -142,6 +142,15 @@ fn subscribe(state: &AppState, user: &UserId) -> Subscription {
     subscription
 }
 
+/// The `seq` a client's `Last-Event-ID` names, if it names a list of this process
+/// (`<incarnation>-<seq>`). An id of another incarnation (a server since restarted, another
+/// instance) or in the old plain-number form names a list the stream cannot know: it sends the
+/// current list.
+fn resumed_seq(last_event_id: &str, incarnation: &str) -> Option<u64> {
+    let (of, seq) = last_event_id.trim().split_once('-')?;
+    (of == incarnation).then(|| seq.parse().ok()).flatten()
+}
+
 struct SseState {
     subscription: Subscription,
     seq: SeqTracker,
@@ -160,7 +169,8 @@ struct SseState {
 /// Live recommendations (SSE)
 ///
 /// A Server-Sent Events stream of the user's lists: `event: recommendations` with the list as
-/// `data` and its `seq` as `id` (send `Last-Event-ID` to resume without a repeat), a comment
+/// `data` and `<incarnation>-<seq>` as `id` (send it back as `Last-Event-ID` to resume without a
+/// repeat; an id from another server process gets the current list), a comment
 /// line as heartbeat, `event: erased` when the user is erased, and `event: token_expired` (the
 /// stream ends) when the stream token it was opened with expires. A client that falls behind
 /// skips stale lists. Needs the `reader` role, or a stream token for this user (as
@@ -188,8 +198,11 @@ pub async fn sse(
     let user = state.user_id(&path, "user_id")?;
     caller.read(&user)?;
     let slot = state.limiters.open_stream(req.peer_addr().map(|a| a.ip()))?;
-    let resume_from =
-        req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    let resume_from = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|id| resumed_seq(id, crate::recs::sse_incarnation()));
     let mut subscription = subscribe(&state, &user);
     // Deliver the current list (if any) at once.
     subscription.receiver().mark_changed();
@@ -538,5 +551,20 @@ impl Socket {
             }
             Err(error) => self.send_failure(error).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resumed_seq;
+
+    #[test]
+    fn a_last_event_id_resumes_only_a_list_of_this_incarnation() {
+        assert_eq!(resumed_seq("1795698842339-7", "1795698842339"), Some(7));
+        assert_eq!(resumed_seq(" 1795698842339-7 ", "1795698842339"), Some(7));
+        assert_eq!(resumed_seq("1795698800000-7", "1795698842339"), None, "a server since restarted");
+        assert_eq!(resumed_seq("7", "1795698842339"), None, "the old plain form: unknown incarnation");
+        assert_eq!(resumed_seq("1795698842339-x", "1795698842339"), None);
+        assert_eq!(resumed_seq("", "1795698842339"), None);
     }
 }

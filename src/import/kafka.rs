@@ -10,10 +10,10 @@
 
 use std::time::Duration;
 
+use crate::bus::items::{encode, ItemChange};
+use crate::config::Config;
+use crate::event::{check_id, now_ms, EventIn, EventLimits};
 use futures_util::future::join_all;
-use liverec::bus::items::{encode, ItemChange};
-use liverec::config::Config;
-use liverec::event::{check_id, now_ms, EventIn, EventLimits};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 

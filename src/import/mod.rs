@@ -14,7 +14,8 @@
 
 mod error;
 mod kafka;
-mod rest;
+/// Also the serving-path evaluation's way to post events (`crate::eval`).
+pub(crate) mod rest;
 mod source;
 mod state;
 
@@ -24,10 +25,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Instant;
 
+use crate::config::{Config, Overrides};
+use crate::event::{EventIn, EventType};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use liverec::config::{Config, Overrides};
-use liverec::event::{EventIn, EventType};
 use serde::Serialize;
 
 pub use error::ImportError;
@@ -279,7 +280,7 @@ impl Record for EventIn {
 /// Lines of one file, turned into records, in file order or in time order.
 trait Lines {
     type Record: Record;
-    fn next(&mut self) -> Result<Option<(u64, Result<Self::Record, Rejected>)>, ImportError>;
+    fn next(&mut self) -> source::NextLine<Self::Record>;
     fn path(&self) -> &std::path::Path;
     fn order(&self) -> Order {
         Order::File
@@ -304,7 +305,7 @@ macro_rules! file_order {
     ($reader:ty, $record:ty) => {
         impl Lines for $reader {
             type Record = $record;
-            fn next(&mut self) -> Result<Option<(u64, Result<$record, Rejected>)>, ImportError> {
+            fn next(&mut self) -> source::NextLine<$record> {
                 <$reader>::next(self)
             }
             fn path(&self) -> &std::path::Path {
@@ -330,7 +331,7 @@ file_order!(EventReader, EventIn);
 
 impl Lines for TimeOrdered {
     type Record = EventIn;
-    fn next(&mut self) -> Result<Option<(u64, Result<EventIn, Rejected>)>, ImportError> {
+    fn next(&mut self) -> source::NextLine<EventIn> {
         TimeOrdered::next(self)
     }
     fn path(&self) -> &std::path::Path {

@@ -11,9 +11,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use liverec::catalog::ItemAttributes;
-use liverec::event::{EventIn, EventType};
-use liverec::models::data::{parse_timestamp, GROUPLENS_GENRES};
+use crate::catalog::ItemAttributes;
+use crate::event::{EventIn, EventType};
+use crate::models::data::{parse_timestamp, GROUPLENS_GENRES};
 use serde::Serialize;
 
 use super::error::ImportError;
@@ -339,6 +339,10 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// The next line of a file read as records: its line number and the record, or why the line
+/// was refused; `None` at the end of the file.
+pub type NextLine<T> = Result<Option<(u64, Result<T, Rejected>)>, ImportError>;
+
 /// A line that could not be read, with an example message.
 #[derive(Debug)]
 pub struct Rejected {
@@ -637,7 +641,7 @@ impl EventReader {
     }
 
     /// The next line as an event, or why it is not one; `None` at the end of the file.
-    pub fn next(&mut self) -> Result<Option<(u64, Result<EventIn, Rejected>)>, ImportError> {
+    pub fn next(&mut self) -> NextLine<EventIn> {
         let Some(row) = self.reader.next_row()? else {
             return Ok(None);
         };
@@ -742,7 +746,7 @@ impl TimeOrdered {
     }
 
     /// The next event in time order.
-    pub fn next(&mut self) -> Result<Option<(u64, Result<EventIn, Rejected>)>, ImportError> {
+    pub fn next(&mut self) -> NextLine<EventIn> {
         use std::io::{Read as _, Seek as _, SeekFrom};
         let Some(entry) = self.index.get(self.cursor).copied() else {
             return Ok(None);
@@ -801,7 +805,7 @@ impl ItemReader {
         Ok(Self { reader, cols })
     }
 
-    pub fn next(&mut self) -> Result<Option<(u64, Result<ItemOut, Rejected>)>, ImportError> {
+    pub fn next(&mut self) -> NextLine<ItemOut> {
         let Some(row) = self.reader.next_row()? else {
             return Ok(None);
         };

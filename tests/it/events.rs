@@ -131,7 +131,8 @@ async fn bad_rest_input_is_refused_and_applies_nothing() {
         "invalid_user_id",
         None,
     );
-    assert_error(&get(&server, "/v1/users/victim/recommendations?k=0").await, 400, "invalid_query", Some("k"));
+    // Out of range is 422, as for every list (one check of `k`).
+    assert_error(&get(&server, "/v1/users/victim/recommendations?k=0").await, 422, "out_of_range", Some("k"));
     assert_error(&get(&server, "/v1/users/victim/recommendations?k=abc").await, 400, "invalid_query", None);
     assert_error(&get(&server, "/v1/users/victim/recommendations?device=fridge").await, 400, "invalid_query", None);
     assert_error(&get(&server, "/v1/items/nothing-here").await, 404, "item_not_found", None);

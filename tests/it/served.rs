@@ -88,6 +88,25 @@ async fn served_lists_equal_offline_lists() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The events go through the import's REST client: a server that takes fewer events per request
+/// than the evaluation sends (`413 batch_too_large`) gets smaller batches, and every event once.
+#[actix_rt::test]
+async fn the_evaluation_posts_in_batches_the_server_takes() {
+    let (dataset, split) = split_of_generated_users();
+    let mut config: Config = test_config();
+    config.demo.enabled = false;
+    config.auth.mode = liverec::auth::AuthMode::Off;
+    config.events.max_batch = 64;
+    let server = start(config).await;
+    let run = liverec::eval::evaluate_served(&server.url(), None, &dataset, &split).await.expect("served run");
+    let train: usize = split.train.iter().map(Vec::len).sum();
+    assert!(train > 64 * 4, "more events than a few of the server's batches: {train}");
+    assert_eq!(run.events, train + split.valid.iter().flatten().count());
+    let accepted = metric(&server, "liverec_ingest_events_total{source=\"http\"}").await;
+    assert_eq!(accepted as usize, run.events, "each event accepted once");
+    server.stop().await;
+}
+
 #[test]
 fn serve_without_a_model_and_serve_with_a_target_are_refused_naming_the_flags() {
     let bin = env!("CARGO_BIN_EXE_liverec");

@@ -119,11 +119,21 @@ async fn websocket_clients_may_send_events_and_filter_requests_work() {
 async fn sse_resumes_from_last_event_id_and_shutdown_closes_streams() {
     let server = start(test_config()).await;
     let mut first = SseStream::connect(&server, "resumer", None).await;
-    let list = first.next_list().await;
+    let (id, list) = first.next_list_with_id().await;
     let seq = list["seq"].as_u64().expect("seq");
+    let (incarnation, id_seq) = id.split_once('-').expect("an id `<incarnation>-<seq>`");
+    assert_eq!(id_seq, seq.to_string(), "{id}");
+
+    // An id that names the same seq of another server process (one since restarted: it numbers
+    // from 1 again), or of none (the old plain form), does not name the list this one has: the
+    // stream sends it.
+    for other in [format!("{}-{seq}", incarnation.parse::<u64>().expect("a number") - 1), seq.to_string()] {
+        let mut stream = SseStream::connect(&server, "resumer", Some(&other)).await;
+        assert_eq!(stream.next_list().await["seq"].as_u64(), Some(seq), "Last-Event-ID {other}");
+    }
 
     // A client that already has the current list does not get it again; it gets the next one.
-    let mut resumed = SseStream::connect(&server, "resumer", Some(seq)).await;
+    let mut resumed = SseStream::connect(&server, "resumer", Some(&id)).await;
     post_events(&server, event("resumer", "item-0020", "click")).await;
     let next = resumed.next_list().await;
     assert_eq!(next["seq"].as_u64(), Some(seq + 1));

@@ -879,8 +879,9 @@ export abstract class Operations {
    * `GET /v1/items/latest`: The latest items.
    *
    * Catalogue items by `created_at`, newest first (items put without one follow, the most
-   * recently known first), filtered by category and availability, paged with `offset`. Cached
-   * and cacheable as `GET /v1/popular`. Any valid credential may read it.
+   * recently known first), filtered by category and availability (a deleted item is unavailable),
+   * paged with `offset`. The list without filters is ranked every `recs.lists_refresh_secs`;
+   * cached and cacheable as `GET /v1/popular`. Any valid credential may read it.
    */
   latest(params?: LatestParams, options?: CallOptions): Promise<LatestResponse> {
     return this.call("latest", params, undefined, options) as Promise<LatestResponse>;

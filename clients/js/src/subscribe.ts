@@ -89,14 +89,11 @@ export class Subscription {
   private readonly onList: (list: RecList) => void;
   private readonly options: SubscribeOptions;
   private readonly stop = new AbortController();
+  /** The id of the last list received, sent as `Last-Event-ID` on every SSE connection. The
+   * server's ids are `<incarnation>-<seq>`: a server process that did not send it (an embedded
+   * server since restarted, which counts `seq` from 1 again, or another instance) sends its
+   * current list, which `offer` drops if it is a repeat. */
   private lastEventId: string | undefined;
-  /** Whether the next SSE connection sends `Last-Event-ID`: only when the server that ended the
-   * last one is presumably still the same process (token expiry, a proxy's idle cut). The server
-   * resumes by `seq` alone, and an embedded server that restarted counts `seq` from 1 again: a
-   * `Last-Event-ID` from before the restart would make it hold back its current list when the
-   * numbers collide. After a shutdown or a failed connection the client asks for the current
-   * list and drops it if it is a repeat. */
-  private resume = false;
   private serverRetry: number | undefined;
 
   constructor(
@@ -233,7 +230,7 @@ export class Subscription {
   private async sse(credential: string | undefined): Promise<Outcome> {
     const url = `${this.deps.baseUrl}/v1/users/${encodeURIComponent(this.userId)}/recommendations/stream`;
     const headers: Record<string, string> = { accept: "text/event-stream", ...Credentials.header(credential) };
-    if (this.resume && this.lastEventId !== undefined) headers["last-event-id"] = this.lastEventId;
+    if (this.lastEventId !== undefined) headers["last-event-id"] = this.lastEventId;
     const connection = new AbortController();
     const abort = () => connection.abort();
     this.stop.signal.addEventListener("abort", abort, { once: true });
@@ -255,15 +252,11 @@ export class Subscription {
         response = await this.deps.fetch(url, { headers, signal: connection.signal, cache: "no-store" });
       } catch (error) {
         if (this.stop.signal.aborted) return { kind: "closed" };
-        this.resume = false;
         return { kind: "ended", delivered: false, error: LiverecError.network(stalled ? "connection stalled" : error) };
       }
-      // A refusal (an expired token's 401, a 429) comes from a server that is up: the next
-      // connection may still resume.
       if (!response.ok || !response.body) {
         return outcomeOf(await LiverecError.from(response));
       }
-      this.resume = false;
       this.stats.connects += 1;
       this.setStatus("open");
       const parser = new SseParser(this.lastEventId);
@@ -284,7 +277,6 @@ export class Subscription {
                 break;
               }
               case "token_expired":
-                this.resume = true;
                 return { kind: "expired" };
               case "erased":
                 return { kind: "erased" };
@@ -303,8 +295,7 @@ export class Subscription {
       } finally {
         reader.cancel().catch(() => {});
       }
-      // The server ended the stream without saying why (a proxy's idle timeout): same server.
-      this.resume = true;
+      // The server ended the stream without saying why (a proxy's idle timeout).
       return { kind: "ended", delivered };
     } finally {
       clearTimeout(stallTimer);

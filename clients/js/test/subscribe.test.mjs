@@ -107,12 +107,19 @@ test("both transports resume after the server restarts on the same port, and eve
   const clients = [];
   const subs = {};
   const lists = {};
+  // The Last-Event-ID of each SSE connection, in order.
+  const sentIds = [];
+  const recording = (input, init) => {
+    if (String(input).endsWith("/recommendations/stream")) sentIds.push(init?.headers?.["last-event-id"]);
+    return fetch(input, init);
+  };
   for (const transport of ["sse", "ws"]) {
     const user = `js-${transport}-restart`;
     const client = make({
       baseUrl: server.url,
       token: () => mintToken(server, user),
       track: { initialDelayMs: 100, maxDelayMs: 1000, maxRetries: 1000 },
+      ...(transport === "sse" ? { fetch: recording } : {}),
     });
     clients.push(client);
     lists[transport] = new Lists();
@@ -138,6 +145,10 @@ test("both transports resume after the server restarts on the same port, and eve
     assert.ok(subs[transport].stats.connects >= 2);
     assertMonotonic(lists[transport].all);
   }
+  // The SSE client sent the old server's event id to the new one (ids name the server process,
+  // so it sent its current list all the same): the first connection had none, every later one had.
+  assert.equal(sentIds[0], undefined);
+  assert.ok(sentIds.length >= 2 && sentIds.slice(1).every((id) => /^\d+-\d+$/.test(id)), `Last-Event-IDs sent: ${sentIds}`);
   // The restarted (embedded) server counts seq from 1 again: the client took its lists as newer
   // by their time, not as stale by their seq.
   for (const transport of ["sse", "ws"]) {

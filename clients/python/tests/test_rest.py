@@ -59,7 +59,7 @@ def test_an_invalid_event_names_its_field(server):
         assert (error.status, error.code, error.field) == (422, "invalid_event", "[1].event_type")
         with pytest.raises(ApiError) as caught:
             client.recommendations(u, k=0)
-        assert caught.value.status == 400 and caught.value.field == "k"
+        assert (caught.value.status, caught.value.code, caught.value.field) == (422, "out_of_range", "k")
 
 
 def test_catalogue_calls(server):

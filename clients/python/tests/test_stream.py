@@ -79,8 +79,21 @@ def test_last_event_id_skips_the_list_the_client_has(server):
     u = user()
     with Client(server.url) as client:
         event = client.track(u, "item-0003", "click").event_ids[0]
-        current = wait_until("a first list", lambda: (r := client.recommendations(u)).last_event_id == event and r)
-        reader = Collector(client.stream(u, last_event_id=str(current.seq)))
+        wait_until("a first list", lambda: client.recommendations(u).last_event_id == event)
+        first = Collector(client.stream(u))
+        try:
+            current = first.next()
+            event_id = first.stream.last_event_id
+        finally:
+            first.close()
+        assert event_id.endswith(f"-{current.seq}"), event_id
+        # A bare seq (the old form) names no server process: the current list comes again.
+        plain = Collector(client.stream(u, last_event_id=str(current.seq)))
+        try:
+            assert plain.next().rec_id == current.rec_id
+        finally:
+            plain.close()
+        reader = Collector(client.stream(u, last_event_id=event_id))
         try:
             newer = client.track(u, "item-0009", "view").event_ids[0]
             got = reader.next()
@@ -97,11 +110,13 @@ def test_a_stream_survives_a_server_restart(make_server):
         before = client.track(u, "item-0003", "click").event_ids[0]
         wait_until("a first list", lambda: client.recommendations(u).last_event_id == before)
         # Reconnect attempts 2 s apart: the new server mostly has the event's list by the time the
-        # stream is back, numbered as low as the one the stream holds, and the stream must ask for
-        # it (no Last-Event-ID after a shutdown) and deliver it all the same.
+        # stream is back, numbered as low as the one the stream holds. The stream sends the
+        # Last-Event-ID of the old server's list: the new process does not take it for its own
+        # (the id names the incarnation), sends its list, and the stream delivers it all the same.
         reader = Collector(client.stream(u, reconnect_delay=2.0, max_reconnect_delay=2.0))
         try:
             reader.next()
+            assert reader.stream.last_event_id is not None
             srv.restart()  # same port; the embedded server's memory is gone
             after = client.track(u, "item-0005", "click").event_ids[0]
             recs = reader.next_where("a list from the restarted server", lambda r: r.last_event_id == after)

@@ -35,11 +35,11 @@ def test_a_stream_never_delivers_an_older_list_after_a_newer_one():
     assert state.last.seq == 1 and state.accept(recs(2, 2000), False)
 
 
-def test_last_event_id_is_sent_only_to_the_same_server():
-    state = StreamState(None, 30.0, last_event_id="7")
-    assert "last-event-id" not in state.headers()
-    state.resume = True
-    assert state.headers()["last-event-id"] == "7"
+def test_last_event_id_is_sent_on_every_connection():
+    # The server's ids name its process: one since restarted sends its current list anyway.
+    assert "last-event-id" not in StreamState(None, 30.0).headers()
+    state = StreamState(None, 30.0, last_event_id="1795698842339-7")
+    assert state.headers()["last-event-id"] == "1795698842339-7"
 
 
 def test_reconnect_delays_grow_and_reset():

@@ -24,10 +24,10 @@ pub struct SseStream {
 }
 
 impl SseStream {
-    pub async fn connect(server: &Server, user: &str, last_event_id: Option<u64>) -> SseStream {
+    pub async fn connect(server: &Server, user: &str, last_event_id: Option<&str>) -> SseStream {
         let mut request = client().get(format!("{}/v1/users/{user}/recommendations/stream", server.url()));
         if let Some(id) = last_event_id {
-            request = request.insert_header(("last-event-id", id.to_string()));
+            request = request.insert_header(("last-event-id", id));
         }
         let response = request.send().await.expect("SSE connect");
         assert_eq!(response.status().as_u16(), 200);
@@ -66,6 +66,12 @@ impl SseStream {
 
     /// The next recommendation list, failing the test after the deadline.
     pub async fn next_list(&mut self) -> Value {
+        let (_, list) = self.next_list_with_id().await;
+        list
+    }
+
+    /// The next recommendation list and its event id, failing the test after the deadline.
+    pub async fn next_list_with_id(&mut self) -> (String, Value) {
         let event = actix_rt::time::timeout(DEADLINE, async {
             loop {
                 let event = self.next_event().await.expect("SSE stream ended");
@@ -76,6 +82,6 @@ impl SseStream {
         })
         .await
         .expect("timed out waiting for an SSE list");
-        serde_json::from_str(&event.data).expect("list JSON")
+        (event.id.unwrap_or_default(), serde_json::from_str(&event.data).expect("list JSON"))
     }
 }

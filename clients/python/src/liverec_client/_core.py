@@ -396,20 +396,16 @@ class SseDecoder:
 @dataclass
 class StreamState:
     """What a reconnecting stream remembers: the newest list delivered (never deliver an older
-    one after it), the last event id and whether to send it, and the backoff."""
+    one after it), the last event id, and the backoff."""
 
     reconnect_delay: Optional[float]
     max_reconnect_delay: float
     last: Optional[m.RecList] = None
     last_event_id: Optional[str] = None
-    resume: bool = False
-    """Whether the next connection sends ``Last-Event-ID``: only when the server that ended the
-    last one is presumably the same process (its stream token expired, or a proxy cut an idle
-    connection). The server resumes by ``seq`` alone, and an embedded server that restarted
-    numbers from 1 again: a ``Last-Event-ID`` from before the restart would make it hold back
-    its current list when the numbers collide. After ``event: shutdown`` or a failed
-    connection the stream asks for the current list instead, and drops it if it is a repeat.
-    (The same rule as the JavaScript client's.)"""
+    """The id of the last list received, sent as ``Last-Event-ID`` on every reconnection. The
+    server's ids are ``<incarnation>-<seq>``: a server process that did not send the id (an
+    embedded server since restarted, which numbers from 1 again, or another instance) sends its
+    current list, which :meth:`accept` drops if it is a repeat."""
     server_retry: Optional[float] = None
     failures: int = 0
     reconnects: int = 0
@@ -417,7 +413,7 @@ class StreamState:
 
     def headers(self) -> Dict[str, str]:
         headers = {"accept": "text/event-stream", "cache-control": "no-cache"}
-        if self.resume and self.last_event_id is not None:
+        if self.last_event_id is not None:
             headers["last-event-id"] = self.last_event_id
         return headers
 

@@ -327,8 +327,8 @@ async def _token(source: AsyncTokenSource) -> Optional[str]:
 
 class AsyncRecStream:
     """A user's lists over Server-Sent Events as an async iterator; behaves as
-    :class:`liverec_client.RecStream` (reconnects, resuming with ``Last-Event-ID`` where that is
-    safe, refreshes tokens, never an older list after a newer one). ``token`` may be a coroutine function. Stop with
+    :class:`liverec_client.RecStream` (reconnects, resuming with ``Last-Event-ID``,
+    refreshes tokens, never an older list after a newer one). ``token`` may be a coroutine function. Stop with
     :meth:`aclose` or by leaving the ``async for``."""
 
     def __init__(self, client: AsyncClient, user_id: str, token: AsyncTokenSource, last_event_id: Optional[str],
@@ -337,7 +337,7 @@ class AsyncRecStream:
         self.user_id = user_id
         self._token_source = token
         self._state = c.StreamState(
-            reconnect_delay, max_reconnect_delay, last_event_id=last_event_id, resume=last_event_id is not None
+            reconnect_delay, max_reconnect_delay, last_event_id=last_event_id
         )
         self._read_timeout = read_timeout
         self._closed = asyncio.Event()
@@ -346,6 +346,12 @@ class AsyncRecStream:
     @property
     def last(self) -> Optional[m.RecList]:
         return self._state.last
+
+    @property
+    def last_event_id(self) -> Optional[str]:
+        """The id of the last list received (sent as ``Last-Event-ID`` when reconnecting; pass it
+        as ``last_event_id=`` to a new stream to skip the list it names)."""
+        return self._state.last_event_id
 
     @property
     def reconnects(self) -> int:
@@ -400,10 +406,7 @@ class AsyncRecStream:
                         raise error
                     state.connected()
                     refreshed = False
-                    # Until told otherwise (below), a connection that ends is a server that went
-                    # away: the next one asks for the current list.
-                    state.resume = False
-                    first, shutdown = True, False
+                    first = True
                     decoder = c.SseDecoder()
                     async for line in response.aiter_lines():
                         msg = decoder.line(line)
@@ -422,16 +425,10 @@ class AsyncRecStream:
                         elif msg.event == "token_expired":
                             if not callable(self._token_source):
                                 raise LiverecError("the stream token expired; pass a function as token to refresh it")
-                            state.resume = True  # the same server: it need not repeat the list
                             token, refreshed = await _token(self._token_source), True
                             break
                         elif msg.event == "erased":
                             raise StreamEnded("erased")
-                        elif msg.event == "shutdown":
-                            shutdown = True
-                    else:
-                        # Ended without a shutdown: a proxy's idle cut, the same server.
-                        state.resume = not shutdown
             except (httpx.TransportError, httpx.StreamError) as error:
                 log.debug("stream of %s dropped: %r", self.user_id, error)
             if self._closed.is_set():

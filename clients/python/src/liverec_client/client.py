@@ -346,17 +346,15 @@ class RecStream:
     Yields the current list at once, then each new one. When the connection drops, the server
     restarts or shuts down, it reconnects (after the server's ``retry`` or ``reconnect_delay``,
     doubling up to ``max_reconnect_delay`` while attempts fail, at least ``Retry-After`` on a
-    429), resuming with ``Last-Event-ID`` where that is safe (below); a connection
+    429), resuming with ``Last-Event-ID`` (below); a connection
     silent for ``read_timeout`` seconds (the server sends a heartbeat every
     ``stream.heartbeat_secs``, 15 by default) counts as dropped. It never yields a list older
     than one it yielded (see :meth:`StreamState.accept`).
 
-    ``Last-Event-ID`` is sent only when the server that ended the connection is presumably the
-    same process (its stream token expired, or a connection ended without ``event: shutdown``):
-    a restarted embedded server numbers its lists from 1 again, and the id of the list the
-    client holds could name the new server's current list, which it would then hold back. After
-    a shutdown or a failed connection the stream takes the current list and drops it if it is a
-    repeat (same ``rec_id``).
+    ``Last-Event-ID`` (the id of the last list received) is sent on every reconnection: the
+    server that sent it does not repeat that list; another server process (an embedded server
+    since restarted, which numbers its lists from 1 again, or another instance) does not know the
+    id and sends its current list, which the stream drops if it is a repeat (same ``rec_id``).
 
     ``token`` is a stream token or a function returning a fresh one: it is called again when the
     token expires (``event: token_expired``) or is refused (401). Errors that retrying cannot fix
@@ -370,7 +368,7 @@ class RecStream:
         self.user_id = user_id
         self._token_source = token
         self._state = c.StreamState(
-            reconnect_delay, max_reconnect_delay, last_event_id=last_event_id, resume=last_event_id is not None
+            reconnect_delay, max_reconnect_delay, last_event_id=last_event_id
         )
         self._read_timeout = read_timeout
         self._closed = threading.Event()
@@ -381,6 +379,12 @@ class RecStream:
     def last(self) -> Optional[m.RecList]:
         """The newest list yielded."""
         return self._state.last
+
+    @property
+    def last_event_id(self) -> Optional[str]:
+        """The id of the last list received (sent as ``Last-Event-ID`` when reconnecting; pass it
+        as ``last_event_id=`` to a new stream to skip the list it names)."""
+        return self._state.last_event_id
 
     @property
     def reconnects(self) -> int:
@@ -437,10 +441,7 @@ class RecStream:
                         raise error
                     state.connected()
                     refreshed = False
-                    # Until told otherwise (below), a connection that ends is a server that went
-                    # away: the next one asks for the current list.
-                    state.resume = False
-                    first, shutdown = True, False
+                    first = True
                     decoder = c.SseDecoder()
                     for line in response.iter_lines():
                         msg = decoder.line(line)
@@ -459,18 +460,12 @@ class RecStream:
                         elif msg.event == "token_expired":
                             if not callable(self._token_source):
                                 raise LiverecError("the stream token expired; pass a function as token to refresh it")
-                            state.resume = True  # the same server: it need not repeat the list
                             token, refreshed = _token(self._token_source), True
                             break
                         elif msg.event == "erased":
                             raise StreamEnded("erased")
-                        elif msg.event == "shutdown":
-                            shutdown = True  # the server is stopping; the connection ends next
                         if self._closed.is_set():
                             return
-                    else:
-                        # Ended without a shutdown: a proxy's idle cut, the same server.
-                        state.resume = not shutdown
             except Exception as error:
                 if self._closed.is_set():
                     return  # close() from another thread may break the read in any way
