@@ -58,6 +58,12 @@ pub struct RecQuery {
 /// The `k` of every list request (personal, basket and non-personal): `recs.default_k` when
 /// absent, else 1 to `recs.max_k`. Out of range is `422 out_of_range` (`field` `k`), as every
 /// well-formed value outside its range is; a value that is not a number is the parser's `400`.
+/// More items to exclude than a list can hold: `422 out_of_range`, `field` `exclude`.
+fn too_many_excluded(recs: &RecsConfig) -> ApiError {
+    ApiError::unprocessable("out_of_range", format!("at most {} items to exclude (recs.max_k)", recs.max_k))
+        .with_field("exclude")
+}
+
 pub(super) fn checked_k(requested: Option<usize>, recs: &RecsConfig) -> Result<usize, ApiError> {
     let k = requested.unwrap_or(recs.default_k);
     if k == 0 || k > recs.max_k {
@@ -91,7 +97,7 @@ fn split(list: &Option<String>) -> Vec<String> {
          headers(("Cache-Control" = String, description = "`private, no-store`"))),
         (status = 400, description = "An invalid user id, or a query parameter of the wrong type or value, or an unknown one", body = ErrorBody),
         (status = 403, description = "The credential may not read this user", body = ErrorBody),
-        (status = 422, description = "`k` out of range (`out_of_range`, `field` `k`)", body = ErrorBody),
+        (status = 422, description = "`k` out of range, or more items in `exclude` than `recs.max_k` (`out_of_range`, `field` names it)", body = ErrorBody),
     )
 )]
 pub async fn get_recommendations(
@@ -106,7 +112,7 @@ pub async fn get_recommendations(
     let k = checked_k(query.k, recs)?;
     let exclude = split(&query.exclude);
     if exclude.len() > recs.max_k {
-        return Err(ApiError::bad_request("invalid_query", "too many items to exclude").with_field("exclude"));
+        return Err(too_many_excluded(recs));
     }
     let filters = RecFilters {
         exclude: exclude.iter().map(|s| ItemId::from(s.as_str())).collect(),
@@ -287,11 +293,7 @@ pub async fn post_recommendations(
         return Err(ApiError::unprocessable("out_of_range", format!("at most {BASKET_MAX} items")).with_field("items"));
     }
     if basket.exclude.len() > recs.max_k {
-        return Err(ApiError::unprocessable(
-            "out_of_range",
-            format!("at most {} items to exclude (recs.max_k)", recs.max_k),
-        )
-        .with_field("exclude"));
+        return Err(too_many_excluded(recs));
     }
     let max_id_len = state.config.events.max_id_len;
     let catalog = &state.catalog;

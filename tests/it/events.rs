@@ -133,6 +133,14 @@ async fn bad_rest_input_is_refused_and_applies_nothing() {
     );
     // Out of range is 422, as for every list (one check of `k`).
     assert_error(&get(&server, "/v1/users/victim/recommendations?k=0").await, 422, "out_of_range", Some("k"));
+    // More items to exclude than a list holds (recs.max_k, 100 by default): 422, as in the basket.
+    let exclude: Vec<String> = (0..101).map(|i| format!("x{i}")).collect();
+    assert_error(
+        &get(&server, &format!("/v1/users/victim/recommendations?exclude={}", exclude.join(","))).await,
+        422,
+        "out_of_range",
+        Some("exclude"),
+    );
     assert_error(&get(&server, "/v1/users/victim/recommendations?k=abc").await, 400, "invalid_query", None);
     assert_error(&get(&server, "/v1/users/victim/recommendations?device=fridge").await, 400, "invalid_query", None);
     assert_error(&get(&server, "/v1/items/nothing-here").await, 404, "item_not_found", None);
