@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use awc::http::StatusCode;
 use clap::{Parser, Subcommand};
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use liverec_load::limits::check_loopback;
@@ -102,6 +103,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Tries of one request refused with 429 or 503 before `put` gives up (a few minutes).
+const PUT_ATTEMPTS: u32 = 120;
+
 /// One request: an item's PUT or a batch of events.
 enum Request {
     Item { id: String, body: String },
@@ -113,25 +117,45 @@ async fn put(dir: &Path, target: &str, concurrency: usize, events: u64, api_key:
         .connector(awc::Connector::new().limit(concurrency))
         .timeout(Duration::from_secs(60))
         .finish();
+    // A 429 or 503 (the server's rate limit, or a full session or profile cap while sessions are
+    // evicted) is waited out and sent again: after `Retry-After` (at most 5 s), up to
+    // `PUT_ATTEMPTS` times, so that a long `put` survives the server catching up.
     let send = |request: Request| {
-        let mut builder = match &request {
-            Request::Item { id, .. } => http.put(format!("{target}/v1/items/{id}")),
-            Request::Events { .. } => http.post(format!("{target}/v1/events")),
-        };
-        builder = builder.insert_header(("content-type", "application/json"));
-        if let Some(key) = &api_key {
-            builder = builder.insert_header(("authorization", format!("Bearer {key}")));
-        }
-        let body = match request {
-            Request::Item { body, .. } | Request::Events { body } => body,
-        };
+        let http = http.clone();
+        let api_key = api_key.clone();
         async move {
-            let mut response = builder.send_body(body).await.map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
-            let text = response.body().await.unwrap_or_default();
-            if !response.status().is_success() {
-                bail!("{}: {}", response.status(), String::from_utf8_lossy(&text));
+            let (url, body, is_put) = match request {
+                Request::Item { id, body } => (format!("{target}/v1/items/{id}"), body, true),
+                Request::Events { body } => (format!("{target}/v1/events"), body, false),
+            };
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut builder = if is_put { http.put(&url) } else { http.post(&url) };
+                builder = builder.insert_header(("content-type", "application/json"));
+                if let Some(key) = &api_key {
+                    builder = builder.insert_header(("authorization", format!("Bearer {key}")));
+                }
+                let mut response =
+                    builder.send_body(body.clone()).await.map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
+                let text = response.body().await.unwrap_or_default();
+                let status = response.status();
+                if status.is_success() {
+                    return anyhow::Ok(());
+                }
+                let busy = status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+                if !busy || attempt == PUT_ATTEMPTS {
+                    bail!("{status} (after {attempt} tries): {}", String::from_utf8_lossy(&text));
+                }
+                let wait = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .clamp(1, 5);
+                actix_rt::time::sleep(Duration::from_secs(wait)).await;
             }
-            anyhow::Ok(())
         }
     };
 
