@@ -612,10 +612,11 @@ mod tests {
         let gone = put("gone", Some(10), None);
         catalog.delete(&ItemId::from("gone"));
         catalog.intern(&ItemId::from("event-only"));
+        // A deleted item is an unavailable one, as in every list: the filter decides.
         let all = catalog.newest(10, 0, |_, _| true);
-        assert_eq!(all, vec![withdrawn, new, old, later_undated, undated]);
-        assert!(!all.contains(&gone));
+        assert_eq!(all, vec![gone, withdrawn, new, old, later_undated, undated]);
         assert_eq!(catalog.newest(2, 0, |_, available| available), vec![new, old]);
+        assert_eq!(catalog.newest(10, 0, |_, available| !available), vec![gone, withdrawn]);
     }
 
     #[test]
