@@ -30,4 +30,9 @@ pub struct SessionConfig {
     /// A consumed item may be recommended again this long after the user last consumed it
     /// (repeat-purchase catalogues); 0 = never.
     pub reshow_after_secs: u64,
+    /// An answer for the pushed list that took at least this long is pushed even when newer
+    /// events arrived meanwhile (one more request then covers them), so that under an
+    /// overloaded model users still get lists at most one answer behind; 0 = such an answer is
+    /// always dropped in favour of the next.
+    pub late_list_ms: u64,
 }

@@ -93,6 +93,11 @@ pub struct Metrics {
     pub push_sent_ws: Counter,
     /// Lists a slow subscriber skipped because a newer one replaced them.
     pub push_dropped_stale: Counter,
+    /// Scored lists a session dropped because newer events arrived while they were scored (one
+    /// new request covers those), and stale ones pushed anyway because they came late
+    /// (`session.late_list_ms`).
+    pub lists_stale: Counter,
+    pub lists_late: Counter,
     pub subscribers_sse: Gauge,
     pub subscribers_ws: Gauge,
     /// WebSocket messages refused (garbage, unknown, over limits).
@@ -330,6 +335,14 @@ impl Default for Metrics {
             push_dropped_stale: r.counter(
                 "liverec_push_dropped_stale_total",
                 "Lists a slow subscriber skipped because a newer list replaced them.",
+            ),
+            lists_stale: r.counter(
+                "liverec_session_lists_stale_total",
+                "Scored lists dropped because newer events arrived while they were scored (one new request covers them).",
+            ),
+            lists_late: r.counter(
+                "liverec_session_lists_late_total",
+                "Stale scored lists pushed anyway because their answer took session.late_list_ms or more.",
             ),
             subscribers_sse: r.gauge_in(subscribers, &[("kind", "sse")]),
             subscribers_ws: r.gauge_in(subscribers, &[("kind", "websocket")]),
@@ -637,6 +650,8 @@ mod tests {
         m.push_sent_sse.add(21);
         m.push_sent_ws.add(22);
         m.push_dropped_stale.add(23);
+        m.lists_stale.add(231);
+        m.lists_late.add(232);
         m.subscribers_sse.set(24);
         m.subscribers_ws.set(25);
         m.ws_invalid_messages.add(26);

@@ -1,13 +1,18 @@
 //! Coalescing of a session's scoring requests for its pushed list: at most one is in flight;
 //! wanting a fresh list meanwhile joins it by marking its answer stale, and a stale answer is
 //! dropped in favour of one new request that covers every change since. So a burst of events
-//! yields one push of the latest state, and a list that no longer reflects it is never pushed.
+//! yields one push of the latest state. A stale answer that took at least `late_list_ms` is
+//! pushed all the same (it is newer than the pushed list) before that new request: when the
+//! model is overloaded every answer is slow and most would be stale, and dropping them all left
+//! busy users with no list for tens of seconds (docs/performance.md, `large-catalogue.toml`).
+
+use std::time::{Duration, Instant};
 
 /// The in-flight state of a session's pushed-list request.
 #[derive(Debug, Default)]
 pub(super) struct Coalescer {
-    /// A scoring request for the pushed list is in flight.
-    inflight: bool,
+    /// When the scoring request in flight for the pushed list was sent.
+    inflight: Option<Instant>,
     /// State changed since the in-flight request was built.
     dirty: bool,
 }
@@ -19,33 +24,44 @@ pub(super) enum Answer {
     Current,
     /// State changed while it was computed: drop it and ask again.
     Stale,
+    /// State changed while it was computed, which took at least the late bound: publish it (it
+    /// reflects the state it was asked for, newer than the pushed list) and ask again.
+    Late,
 }
 
 impl Coalescer {
     /// A fresh list is wanted. True when a request must be sent now; false when one is already in
     /// flight, which this call joins (its answer will be stale).
-    pub(super) fn want(&mut self) -> bool {
-        if self.inflight {
+    pub(super) fn want(&mut self, now: Instant) -> bool {
+        if self.inflight.is_some() {
             self.dirty = true;
             return false;
         }
-        self.inflight = true;
+        self.inflight = Some(now);
         self.dirty = false;
         true
     }
 
-    /// The in-flight request was answered (or failed).
-    pub(super) fn answered(&mut self) -> Answer {
-        self.inflight = false;
-        if self.dirty {
-            Answer::Stale
-        } else {
+    /// The in-flight request was answered (or failed) at `now`; `late` is the bound past which
+    /// a stale answer is still published (zero: never).
+    pub(super) fn answered(&mut self, now: Instant, late: Duration) -> Answer {
+        let asked = self.inflight.take();
+        if !self.dirty {
             Answer::Current
+        } else if !late.is_zero() && asked.is_some_and(|asked| now.saturating_duration_since(asked) >= late) {
+            Answer::Late
+        } else {
+            Answer::Stale
         }
     }
 
     pub(super) fn in_flight(&self) -> bool {
-        self.inflight
+        self.inflight.is_some()
+    }
+
+    /// State changed since the request in flight was asked (its answer will not reflect it).
+    pub(super) fn dirty(&self) -> bool {
+        self.inflight.is_some() && self.dirty
     }
 }
 
@@ -53,34 +69,58 @@ impl Coalescer {
 mod tests {
     use super::*;
 
+    const LATE: Duration = Duration::from_millis(1000);
+
     #[test]
     fn a_request_while_one_is_in_flight_joins_it() {
         let mut coalescer = Coalescer::default();
-        assert!(coalescer.want());
-        assert!(!coalescer.want());
-        assert!(!coalescer.want());
-        assert!(coalescer.in_flight());
+        let t0 = Instant::now();
+        assert!(coalescer.want(t0));
+        assert!(!coalescer.dirty());
+        assert!(!coalescer.want(t0));
+        assert!(!coalescer.want(t0));
+        assert!(coalescer.in_flight() && coalescer.dirty());
     }
 
     #[test]
-    fn a_stale_answer_is_never_published_and_one_request_covers_the_burst() {
+    fn a_stale_answer_is_not_published_and_one_request_covers_the_burst() {
         let mut coalescer = Coalescer::default();
-        assert!(coalescer.want());
-        // Two events arrive while the first list is computed.
-        assert!(!coalescer.want());
-        assert!(!coalescer.want());
-        assert_eq!(coalescer.answered(), Answer::Stale);
+        let t0 = Instant::now();
+        assert!(coalescer.want(t0));
+        // Two events arrive while the first list is computed, answered within the late bound.
+        assert!(!coalescer.want(t0));
+        assert!(!coalescer.want(t0));
+        assert_eq!(coalescer.answered(t0 + LATE / 2, LATE), Answer::Stale);
         assert!(!coalescer.in_flight());
         // One new request for the latest state, whose answer is published.
-        assert!(coalescer.want());
-        assert_eq!(coalescer.answered(), Answer::Current);
+        assert!(coalescer.want(t0 + LATE / 2));
+        assert_eq!(coalescer.answered(t0 + LATE * 3, LATE), Answer::Current);
+    }
+
+    #[test]
+    fn a_stale_answer_past_the_late_bound_is_published_and_followed_by_a_new_request() {
+        let mut coalescer = Coalescer::default();
+        let t0 = Instant::now();
+        assert!(coalescer.want(t0));
+        assert!(!coalescer.want(t0 + LATE / 4));
+        assert_eq!(coalescer.answered(t0 + LATE, LATE), Answer::Late);
+        assert!(!coalescer.in_flight() && !coalescer.dirty());
+        // The bound counts from when the request was asked, not from the event that made it stale.
+        assert!(coalescer.want(t0 + LATE));
+        assert!(!coalescer.want(t0 + LATE * 2));
+        assert_eq!(coalescer.answered(t0 + LATE * 2 - Duration::from_millis(1), LATE), Answer::Stale);
+        // Zero turns it off.
+        assert!(coalescer.want(t0));
+        assert!(!coalescer.want(t0));
+        assert_eq!(coalescer.answered(t0 + LATE * 100, Duration::ZERO), Answer::Stale);
     }
 
     #[test]
     fn an_answer_without_changes_meanwhile_is_current() {
         let mut coalescer = Coalescer::default();
-        assert!(coalescer.want());
-        assert_eq!(coalescer.answered(), Answer::Current);
-        assert!(coalescer.want());
+        let t0 = Instant::now();
+        assert!(coalescer.want(t0));
+        assert_eq!(coalescer.answered(t0 + LATE * 5, LATE), Answer::Current);
+        assert!(coalescer.want(t0));
     }
 }

@@ -5,7 +5,9 @@
 //! Coalescing: at most one scoring request per user is in flight. Events that arrive meanwhile
 //! mark the session dirty; when the answer comes back it is discarded (it no longer reflects the
 //! latest state) and one new request covers all of them. So a burst yields one push of the latest
-//! state, never a stale one.
+//! state. An answer that took `session.late_list_ms` or more is pushed all the same, naming the
+//! newest event it reflects, before that new request: an overloaded model still gets lists to the
+//! users it is late for (`coalesce.rs`).
 //!
 //! Mailbox: `session.mailbox_capacity`; producers `send` and wait when it is full. Lifetime: the
 //! session stops after `session.idle_ttl_ms` without events or requests and is rebuilt from the
@@ -41,7 +43,7 @@ use crate::catalog::ItemIdx;
 use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
 use crate::eventlog::LoggedEvent;
 use crate::models::{HistoryItem, Observation, ScoreRequest};
-use crate::recs::{RecList, RecUpdate};
+use crate::recs::RecUpdate;
 use crate::store::{persisted_now, ConsumedItem, EventDigest, Interaction, Persisted, Profile, ProfileUpdate};
 
 pub struct SessionActor {
@@ -70,6 +72,9 @@ pub struct SessionActor {
     coalescer: Coalescer,
     /// Receive time of the oldest event not yet reflected in a pushed list.
     pending_since: Option<Instant>,
+    /// Receive time of the oldest event applied after the pushed-list request in flight was
+    /// asked (not reflected by its answer).
+    unreflected_since: Option<Instant>,
     last_active: Instant,
     /// The last lists served to the user, newest last, for click attribution.
     served: ServedLists,
@@ -96,6 +101,7 @@ impl SessionActor {
             suppressed: VecDeque::new(),
             coalescer: Coalescer::default(),
             pending_since: None,
+            unreflected_since: None,
             last_active: Instant::now(),
             served: ServedLists::default(),
             erased_at: None,
@@ -301,11 +307,15 @@ impl SessionActor {
 
     /// Asks for a new pushed list, or marks the in-flight one stale.
     fn refresh(&mut self, ctx: &mut Context<Self>) {
-        if !self.coalescer.want() {
+        let asked = Instant::now();
+        if !self.coalescer.want(asked) {
             return;
         }
+        self.unreflected_since = None;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
-        let asked = Instant::now();
+        // The newest event the request reflects: the list names it, even if more arrive meanwhile.
+        let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
+        let late = Duration::from_millis(self.deps.config.session.late_list_ms);
         // A child of the applying span when an event caused the refresh.
         let scoring = crate::telemetry::span(|| tracing::info_span!("model_score"));
         self.deps
@@ -315,12 +325,21 @@ impl SessionActor {
             .map(move |result, act, ctx| {
                 let _entered = scoring.enter();
                 act.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
-                if act.coalescer.answered() == Answer::Stale {
+                let answer = act.coalescer.answered(Instant::now(), late);
+                if answer == Answer::Stale {
+                    act.deps.metrics.lists_stale.inc();
                     act.refresh(ctx);
                     return;
                 }
                 match result {
-                    Ok(Ok(scored)) => act.publish(scored, false),
+                    Ok(Ok(scored)) => {
+                        act.publish(scored, false, reflected);
+                        if answer == Answer::Late {
+                            // The events applied since it was asked are still to be pushed.
+                            act.deps.metrics.lists_late.inc();
+                            act.pending_since = act.unreflected_since.take();
+                        }
+                    }
                     Ok(Err(crate::actors::model::ModelError::Overloaded)) => {
                         // A burst of users filled the model's queue (each refusal counts in
                         // liverec_model_refused_total): no warning per user, and no retry, which
@@ -335,24 +354,23 @@ impl SessionActor {
                         tracing::warn!(error = %error, user = %act.hub.user, "model mailbox closed")
                     }
                 }
+                if answer == Answer::Late {
+                    act.refresh(ctx);
+                }
             })
             .spawn(ctx);
-    }
-
-    fn to_list(&self, scored: &ScoredList, seq: u64) -> RecList {
-        let last_event = self.history.back().map(|(i, _)| i.event_id.clone());
-        make_list(&self.deps, &self.hub.user, scored, seq, last_event)
     }
 
     /// Publishes a new list to the user's streams. It counts as an impression when someone
     /// receives it: a live subscriber here or (production mode) on another instance, or the
     /// `GET` it answers (`answering`).
-    fn publish(&mut self, scored: ScoredList, answering: bool) {
+    /// `reflected` is the newest event the list reflects (the newest when it was asked).
+    fn publish(&mut self, scored: ScoredList, answering: bool, reflected: Option<EventId>) {
         if self.hub.is_erased() {
             return;
         }
         let _span = crate::telemetry::span(|| tracing::info_span!("push")).entered();
-        let list = self.to_list(&scored, self.hub.next_seq());
+        let list = make_list(&self.deps, &self.hub.user, &scored, self.hub.next_seq(), reflected);
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
         let delivered = answering || self.hub.subscriber_count() > 0 || self.registry.shown_elsewhere(&self.hub);
@@ -487,6 +505,9 @@ impl Handler<ApplyEvents> for SessionActor {
         if outcome.applied > 0 && self.pending_since.is_none() {
             self.pending_since = Some(msg.received);
         }
+        if outcome.applied > 0 && self.coalescer.dirty() && self.unreflected_since.is_none() {
+            self.unreflected_since = Some(msg.received);
+        }
         // The store queues appends in call order, so the next message need not wait for this one.
         MessageResult(Applied { outcome, persisted: self.persist(update) })
     }
@@ -547,7 +568,7 @@ impl Handler<GetRecommendations> for SessionActor {
                 _ => return Err(SessionError::ModelUnavailable),
             };
             if becomes_pushed && act.hub.latest().is_none() {
-                act.publish(scored, true);
+                act.publish(scored, true, reflected);
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
             let seq = act.hub.latest().map_or(0, |u| u.list.seq);
