@@ -37,7 +37,7 @@ use liverec::eventlog::EventLog;
 use liverec::models::cooccurrence::CoocModel;
 use liverec::models::Recommender;
 use liverec::store::memory::{MemoryBounds, MemoryStore};
-use liverec::store::{EventTypes, ProfileLimits};
+use liverec::store::ProfileLimits;
 use liverec::telemetry::Metrics;
 
 const ITEMS: usize = 2000;
@@ -75,14 +75,7 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         &session_arbiter.handle(),
     );
     let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone()).start();
-    let limits = ProfileLimits {
-        history_len: config.session.history_len,
-        dedupe_window: config.session.dedupe_window,
-        suppressed_len: config.session.suppressed_len,
-        tombstone_ttl_secs: 0,
-        consumed_max: config.session.consumed_max,
-        consumed_types: EventTypes::of(&config.session.exclude_event_types),
-    };
+    let limits = ProfileLimits::of(&config);
     let deps = Arc::new(SessionDeps {
         event_log: EventLog::new(config.trainer.window_secs, config.trainer.max_events),
         store: Arc::new(MemoryStore::new(limits, MemoryBounds::UNBOUNDED, metrics.clone())),

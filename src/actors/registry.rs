@@ -679,7 +679,7 @@ mod tests {
     use crate::models::cooccurrence::CoocModel;
     use crate::models::Recommender;
     use crate::store::memory::{MemoryBounds, MemoryStore};
-    use crate::store::{persisted_now, EventTypes, Profile, ProfileLimits};
+    use crate::store::{persisted_now, Profile, ProfileLimits};
     use crate::telemetry::Metrics;
 
     /// A session that answers every message with nothing: the registry only starts and tracks it.
@@ -777,14 +777,7 @@ mod tests {
             &Arbiter::current(),
         );
         let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone()).start();
-        let limits = ProfileLimits {
-            history_len: 8,
-            dedupe_window: 8,
-            suppressed_len: 8,
-            tombstone_ttl_secs: 0,
-            consumed_max: 0,
-            consumed_types: EventTypes::NONE,
-        };
+        let limits = ProfileLimits::sized(8, 8, 8);
         Arc::new(SessionDeps {
             event_log: EventLog::new(60, 100),
             store: Arc::new(MemoryStore::new(limits, MemoryBounds::UNBOUNDED, metrics.clone())),

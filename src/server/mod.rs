@@ -37,7 +37,7 @@ use crate::models::Recommender;
 use crate::models::{self, cooccurrence::CoocModel};
 use crate::store::memory::{MemoryBounds, MemoryStore};
 use crate::store::redis::{watch_ttl, FanoutHandle, FanoutMessage, RedisFanout, RedisStore, WatchTable};
-use crate::store::{EventTypes, ProfileLimits, ProfileStore};
+use crate::store::{ProfileLimits, ProfileStore};
 use crate::telemetry::Metrics;
 
 mod catalog;
@@ -332,14 +332,7 @@ impl Threads {
 
 /// Step 3, the profile store: in memory, or Redis with its writer on the I/O thread.
 fn open_store(config: &Config, metrics: &Arc<Metrics>, io: &Arbiter) -> Result<Arc<dyn ProfileStore>, StartError> {
-    let limits = ProfileLimits {
-        history_len: config.session.history_len,
-        dedupe_window: config.session.dedupe_window,
-        suppressed_len: config.session.suppressed_len,
-        tombstone_ttl_secs: config.privacy.tombstone_ttl_secs,
-        consumed_max: config.session.consumed_max,
-        consumed_types: EventTypes::of(&config.session.exclude_event_types),
-    };
+    let limits = ProfileLimits::of(config);
     Ok(match config.store.kind {
         StoreKind::Memory => {
             let bounds = MemoryBounds {

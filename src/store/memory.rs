@@ -255,18 +255,8 @@ mod tests {
 
     #[actix_rt::test]
     async fn appends_dedupes_and_trims() {
-        let store = MemoryStore::new(
-            ProfileLimits {
-                history_len: 2,
-                dedupe_window: 3,
-                suppressed_len: 1,
-                tombstone_ttl_secs: 0,
-                consumed_max: 0,
-                consumed_types: EventTypes::NONE,
-            },
-            MemoryBounds::UNBOUNDED,
-            Arc::new(Metrics::default()),
-        );
+        let store =
+            MemoryStore::new(ProfileLimits::sized(2, 3, 1), MemoryBounds::UNBOUNDED, Arc::new(Metrics::default()));
         let user = UserId::from("u");
         let update = |ids: &[&str]| ProfileUpdate {
             user_id: user.clone(),
@@ -333,14 +323,7 @@ mod tests {
     }
 
     fn bounded(max_profiles: usize, max_tombstones: usize, tombstone_ttl_secs: u64) -> MemoryStore {
-        let limits = ProfileLimits {
-            history_len: 4,
-            dedupe_window: 4,
-            suppressed_len: 4,
-            tombstone_ttl_secs,
-            consumed_max: 0,
-            consumed_types: EventTypes::NONE,
-        };
+        let limits = ProfileLimits { tombstone_ttl_secs, ..ProfileLimits::sized(4, 4, 4) };
         let bounds = MemoryBounds { max_profiles, idle_ttl_secs: 0, max_tombstones };
         MemoryStore::new(limits, bounds, Arc::new(Metrics::default()))
     }

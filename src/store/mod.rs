@@ -131,6 +131,32 @@ pub struct ProfileLimits {
 }
 
 impl ProfileLimits {
+    /// The bounds `config` sets: its `[session]` sizes, `privacy.tombstone_ttl_secs`, and the
+    /// consumed record of `session.consumed_max` items of `session.exclude_event_types`.
+    pub fn of(config: &crate::config::Config) -> Self {
+        ProfileLimits {
+            history_len: config.session.history_len,
+            dedupe_window: config.session.dedupe_window,
+            suppressed_len: config.session.suppressed_len,
+            tombstone_ttl_secs: config.privacy.tombstone_ttl_secs,
+            consumed_max: config.session.consumed_max,
+            consumed_types: EventTypes::of(&config.session.exclude_event_types),
+        }
+    }
+
+    /// These sizes, tombstones kept forever and no consumed record (tests and benchmarks of the
+    /// stores).
+    pub const fn sized(history_len: usize, dedupe_window: usize, suppressed_len: usize) -> Self {
+        ProfileLimits {
+            history_len,
+            dedupe_window,
+            suppressed_len,
+            tombstone_ttl_secs: 0,
+            consumed_max: 0,
+            consumed_types: EventTypes::NONE,
+        }
+    }
+
     /// Whether `interaction` adds to the consumed record.
     pub fn consumes(&self, interaction: &Interaction) -> bool {
         self.consumed_max > 0 && self.consumed_types.contains(interaction.event_type)

@@ -23,7 +23,7 @@ use liverec::config::RedisConfig;
 use liverec::event::{EventId, EventType, ItemId, UserId};
 use liverec::recs::{RecItem, RecList, RecUpdate};
 use liverec::store::redis::RedisStore;
-use liverec::store::{EventTypes, Interaction, ProfileLimits, ProfileStore as _, ProfileUpdate};
+use liverec::store::{Interaction, ProfileLimits, ProfileStore as _, ProfileUpdate};
 use liverec::telemetry::Metrics;
 
 #[derive(Parser)]
@@ -98,14 +98,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: &Cli, config: &RedisConfig) -> anyhow::Result<String> {
-    let limits = ProfileLimits {
-        history_len: 50,
-        dedupe_window: 1000,
-        suppressed_len: 500,
-        tombstone_ttl_secs: 0,
-        consumed_max: 0,
-        consumed_types: EventTypes::NONE,
-    };
+    let limits = ProfileLimits::sized(50, 1000, 500);
     let arbiter = actix_rt::Arbiter::new();
     let store = Arc::new(RedisStore::start(config, limits, Arc::new(Metrics::default()), &arbiter.handle())?);
     if !store.ping().await {

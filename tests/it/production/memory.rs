@@ -10,7 +10,7 @@ use liverec::config::RedisConfig;
 use liverec::event::{Context, Device, EventId, EventType, ItemId, UserId};
 use liverec::recs::{RecItem, RecList, RecUpdate};
 use liverec::store::redis::RedisStore;
-use liverec::store::{EventDigest, EventTypes, Interaction, ProfileLimits, ProfileStore, ProfileUpdate};
+use liverec::store::{EventDigest, Interaction, ProfileLimits, ProfileStore, ProfileUpdate};
 use liverec::telemetry::Metrics;
 use redis::AsyncCommands as _;
 
@@ -60,14 +60,7 @@ async fn memory_usage(conn: &mut redis::aio::MultiplexedConnection, key: &str) -
 async fn a_user_with_50_interactions_takes_at_most_3000_bytes_in_redis() {
     let redis = PrivateRedis::start().await;
     let config = RedisConfig { url: redis.url.clone(), key_prefix: "mem".into(), ..Default::default() };
-    let limits = ProfileLimits {
-        history_len: 50,
-        dedupe_window: 1000,
-        suppressed_len: 500,
-        tombstone_ttl_secs: 0,
-        consumed_max: 0,
-        consumed_types: EventTypes::NONE,
-    };
+    let limits = ProfileLimits::sized(50, 1000, 500);
     let arbiter = actix_rt::Arbiter::new();
     let store = RedisStore::start(&config, limits, Arc::new(Metrics::default()), &arbiter.handle()).expect("store");
     let context =
@@ -264,14 +257,7 @@ async fn older_form_store(
 ) -> (PrivateRedis, RedisStore, actix_rt::Arbiter, redis::aio::MultiplexedConnection) {
     let redis = PrivateRedis::start().await;
     let config = RedisConfig { url: redis.url.clone(), key_prefix: prefix.into(), ..Default::default() };
-    let limits = ProfileLimits {
-        history_len: 50,
-        dedupe_window: 1000,
-        suppressed_len: 10,
-        tombstone_ttl_secs: 0,
-        consumed_max: 0,
-        consumed_types: EventTypes::NONE,
-    };
+    let limits = ProfileLimits::sized(50, 1000, 10);
     let arbiter = actix_rt::Arbiter::new();
     let store = RedisStore::start(&config, limits, Arc::new(Metrics::default()), &arbiter.handle()).expect("store");
     let client = redis::Client::open(redis.url.as_str()).expect("client");

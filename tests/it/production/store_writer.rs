@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use liverec::config::RedisConfig;
 use liverec::event::{EventId, EventType, ItemId, UserId};
 use liverec::store::redis::RedisStore;
-use liverec::store::{EventTypes, Interaction, ProfileLimits, ProfileStore, ProfileUpdate};
+use liverec::store::{Interaction, ProfileLimits, ProfileStore, ProfileUpdate};
 use liverec::telemetry::Metrics;
 
 use crate::support::*;
@@ -61,14 +61,7 @@ impl Drop for PrivateRedis {
     }
 }
 
-const LIMITS: ProfileLimits = ProfileLimits {
-    history_len: 50,
-    dedupe_window: 1000,
-    suppressed_len: 10,
-    tombstone_ttl_secs: 0,
-    consumed_max: 0,
-    consumed_types: EventTypes::NONE,
-};
+const LIMITS: ProfileLimits = ProfileLimits::sized(50, 1000, 10);
 
 fn store(redis: &PrivateRedis, lanes: usize) -> (RedisStore, actix_rt::Arbiter) {
     let config = RedisConfig {
