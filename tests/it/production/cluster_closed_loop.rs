@@ -37,17 +37,20 @@ const LOOP_SETTINGS: &[(&str, &str)] = &[
     ("LIVEREC_MONITOR__WINDOW_SECS", "10"),
     ("LIVEREC_MONITOR__MIN_SAMPLES", "200"),
     ("LIVEREC_MONITOR__COOLDOWN_SECS", "3600"),
+    // A wide margin between the shift (PSI about 3.5) and noise (see closed_loop.rs's shift test).
+    ("LIVEREC_MONITOR__PSI_THRESHOLD", "1.0"),
     ("LIVEREC_TRAINER__WINDOW_SECS", "15"),
     ("LIVEREC_TRAINER__FRESH_EVENTS", "3000"),
     ("LIVEREC_TRAINER__MIN_EVENTS", "300"),
     ("LIVEREC_TRAINER__MIN_CASES", "50"),
     ("LIVEREC_TRAINER__EPOCHS", "20"),
-    ("LIVEREC_TRAINER__TIME_BUDGET_SECS", "40"),
+    // No clock limits on runs (see closed_loop.rs's loop_config): epochs and impressions bound them.
+    ("LIVEREC_TRAINER__TIME_BUDGET_SECS", "0"),
     ("LIVEREC_ROLLOUT__CANARY_SHARE", "0.5"),
     // Above closed_loop.rs's 300: the canary lasts long enough to compare 120 lists' variants.
     ("LIVEREC_ROLLOUT__MIN_IMPRESSIONS", "600"),
     ("LIVEREC_ROLLOUT__Z_THRESHOLD", "3.0"),
-    ("LIVEREC_ROLLOUT__MAX_SECS", "120"),
+    ("LIVEREC_ROLLOUT__MAX_SECS", "86400"),
     ("LIVEREC_ROLLOUT__CHECK_INTERVAL_MS", "250"),
     ("LIVEREC_CLUSTER__REPORT_INTERVAL_MS", "500"),
 ];
