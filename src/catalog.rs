@@ -343,6 +343,18 @@ impl Catalog {
         self.inner.write().add(id)
     }
 
+    /// [`Catalog::intern`], and the catalogue's own copy of the id: a state that keeps the id
+    /// (a session's history, a stored profile, the event log) shares the catalogue's allocation
+    /// instead of holding one more per event.
+    pub fn intern_shared(&self, id: &ItemId) -> (ItemIdx, ItemId) {
+        if let Some((shared, &idx)) = self.inner.read().index.get_key_value(id) {
+            return (idx, shared.clone());
+        }
+        let mut inner = self.inner.write();
+        let idx = inner.add(id);
+        (idx, inner.items[idx as usize].id.clone())
+    }
+
     /// The index of `id` if the catalogue knows it.
     pub fn lookup(&self, id: &ItemId) -> Option<ItemIdx> {
         self.inner.read().index.get(id).copied()

@@ -86,3 +86,39 @@ async fn heap_per_user_with_one_view() {
     assert!(per_user <= MAX_BYTES_PER_USER, "{per_user} bytes per user, more than {MAX_BYTES_PER_USER}");
     server.stop().await;
 }
+
+/// The most live heap one user with 50 views of distinct items may add (session, stored
+/// profile, the event log's copies, the online model's new pairs). Set from the measurement
+/// in docs/performance.md ("Memory per user at 50 interactions").
+const MAX_BYTES_PER_USER_50: isize = 40_000;
+
+#[actix_rt::test]
+async fn heap_per_user_with_fifty_views() {
+    let mut config = test_config();
+    config.session.idle_ttl_ms = 600_000;
+    let server = start(config).await;
+    one_view_each(&server, "warm", 2_000).await;
+    let before = LIVE.load(Ordering::Relaxed);
+    let users = 2_000;
+    let views = 50;
+    let applied = metric(&server, "liverec_session_applied_events_total").await;
+    for round in 0..views {
+        let batch: Vec<Value> = (0..users)
+            .map(|u| event(&format!("user-{u}"), &format!("item-{:04}", (u + round * 7) % 200), "view"))
+            .collect();
+        for chunk in batch.chunks(BATCH) {
+            post_events(&server, Value::Array(chunk.to_vec())).await;
+        }
+    }
+    let target = applied + (users * views) as f64;
+    wait_for_metric(&server, "liverec_session_applied_events_total", target, std::time::Duration::from_secs(60)).await;
+    eventually("the model's queue empty", || async {
+        (metric(&server, "liverec_model_queued_requests").await == 0.0).then_some(())
+    })
+    .await;
+    let after = LIVE.load(Ordering::Relaxed);
+    let per_user = (after - before) / users as isize;
+    println!("heap per user with {views} views: {per_user} bytes ({users} users, {} MB live)", after >> 20);
+    assert!(per_user <= MAX_BYTES_PER_USER_50, "{per_user} bytes per user, more than {MAX_BYTES_PER_USER_50}");
+    server.stop().await;
+}

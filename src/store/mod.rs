@@ -221,11 +221,11 @@ impl Profile {
             if self.event_ids.contains(&digest) {
                 continue;
             }
-            self.event_ids.push(digest);
+            push_within(&mut self.event_ids, digest, limits.dedupe_window);
             if limits.consumes(&interaction) {
                 self.record_consumed(&interaction.item_id, consumed_secs(interaction.timestamp), limits.consumed_max);
             }
-            self.interactions.push(interaction);
+            push_within(&mut self.interactions, interaction, limits.history_len);
         }
         for item in update.suppressed {
             self.suppressed.retain(|s| *s != item);
@@ -258,6 +258,20 @@ impl Profile {
             self.consumed.remove(i);
         }
     }
+}
+
+/// Appends `item`, dropping the oldest beyond `max`; the room grows by doubling but never past
+/// `max` (a history of 50 kept room for 64: 1.1 KB a stored profile).
+fn push_within<T>(list: &mut Vec<T>, item: T, max: usize) {
+    if max == 0 {
+        return;
+    }
+    trim_front(list, max - 1);
+    if list.len() == list.capacity() {
+        let room = (list.capacity() * 2).clamp(1, max);
+        list.reserve_exact(room - list.len());
+    }
+    list.push(item);
 }
 
 fn trim_front<T>(list: &mut Vec<T>, keep: usize) {

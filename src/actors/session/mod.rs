@@ -176,8 +176,9 @@ impl SessionActor {
         for digest in profile.event_ids {
             self.remember_digest(digest);
         }
-        for interaction in profile.interactions {
-            let idx = self.deps.catalog.intern(&interaction.item_id);
+        for mut interaction in profile.interactions {
+            let (idx, item_id) = self.deps.catalog.intern_shared(&interaction.item_id);
+            interaction.item_id = item_id;
             self.push_history(interaction, idx);
         }
         self.suppressed = profile.suppressed.into();
@@ -236,7 +237,7 @@ impl SessionActor {
             suppressed: Vec::new(),
         };
         let mut new_items = Vec::new();
-        for event in events {
+        for mut event in events {
             if self.erased_at.is_some_and(|at| event.timestamp <= at) {
                 self.deps.metrics.privacy_skipped.inc();
                 continue;
@@ -246,7 +247,8 @@ impl SessionActor {
                 continue;
             }
             outcome.applied += 1;
-            let idx = self.deps.catalog.intern(&event.item_id);
+            let (idx, item_id) = self.deps.catalog.intern_shared(&event.item_id);
+            event.item_id = item_id;
             let segment = event.context.segment();
             // The one copy off the wire type: from here on, every step reads this interaction.
             let (interaction, _, context) = Interaction::from_event(event);
