@@ -34,7 +34,7 @@ fn check_id(what: &str, id: &str, max_len: usize) {
 pub fn check_event(event: &Event, limits: &EventLimits) {
     check_id("user_id", event.user_id.as_str(), limits.max_id_len);
     check_id("item_id", event.item_id.as_str(), limits.max_id_len);
-    check_id("event_id", event.event_id.as_str(), limits.max_id_len);
+    check_id("event_id", &event.event_id.as_str(), limits.max_id_len);
     if let Some(rec_id) = &event.rec_id {
         check_id("rec_id", rec_id, limits.max_id_len);
     }

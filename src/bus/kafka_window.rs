@@ -422,8 +422,8 @@ mod tests {
         })
     }
 
-    fn ids(events: &[Arc<LoggedEvent>]) -> Vec<&str> {
-        events.iter().map(|e| e.event_id.as_str()).collect()
+    fn ids(events: &[Arc<LoggedEvent>]) -> Vec<String> {
+        events.iter().map(|e| e.event_id.to_string()).collect()
     }
 
     #[test]

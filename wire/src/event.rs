@@ -23,10 +23,119 @@ pub struct UserId(pub Arc<str>);
 #[serde(transparent)]
 pub struct ItemId(pub Arc<str>);
 
-/// An event id: given by the producer, or a UUID v7 assigned by the server.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct EventId(pub Arc<str>);
+/// An event id: given by the producer, or a UUID v7 assigned by the server. A UUID written the
+/// canonical way (lowercase, hyphenated: what the server assigns and most clients send) is kept
+/// as its 16 bytes in place; any other id as text. Both read back exactly as they were written.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EventId(EventIdRepr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum EventIdRepr {
+    /// A canonical UUID: 16 bytes where the text took a 52-byte allocation (about 3 KB a user
+    /// of 50 events, held by the session, the stored profile and the event log).
+    Uuid([u8; 16]),
+    Text(Arc<str>),
+}
+
+impl EventId {
+    /// A new UUID v7.
+    pub fn new_v7() -> Self {
+        Self(EventIdRepr::Uuid(uuid::Uuid::now_v7().into_bytes()))
+    }
+
+    /// The id as the producer wrote it.
+    pub fn as_str(&self) -> EventIdText<'_> {
+        match &self.0 {
+            EventIdRepr::Uuid(bytes) => {
+                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                uuid::Uuid::from_bytes(*bytes).hyphenated().encode_lower(&mut text);
+                EventIdText(TextRepr::Uuid(text))
+            }
+            EventIdRepr::Text(text) => EventIdText(TextRepr::Borrowed(text)),
+        }
+    }
+
+    /// The id's 16 bytes when it is a canonical UUID.
+    pub fn uuid_bytes(&self) -> Option<[u8; 16]> {
+        match &self.0 {
+            EventIdRepr::Uuid(bytes) => Some(*bytes),
+            EventIdRepr::Text(_) => None,
+        }
+    }
+}
+
+/// The text of an [`EventId`] (`Deref<Target = str>`), written out on the stack for a UUID.
+pub struct EventIdText<'a>(TextRepr<'a>);
+
+enum TextRepr<'a> {
+    Uuid([u8; uuid::fmt::Hyphenated::LENGTH]),
+    Borrowed(&'a str),
+}
+
+impl std::ops::Deref for EventIdText<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match &self.0 {
+            TextRepr::Uuid(text) => std::str::from_utf8(text).expect("a UUID is ASCII"),
+            TextRepr::Borrowed(text) => text,
+        }
+    }
+}
+
+impl fmt::Debug for EventIdText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl PartialEq<&str> for EventIdText<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Display for EventIdText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("EventId").field(&&*self.as_str()).finish()
+    }
+}
+
+impl From<&str> for EventId {
+    fn from(value: &str) -> Self {
+        match uuid::Uuid::try_parse(value) {
+            Ok(parsed) if *parsed.hyphenated().encode_lower(&mut [0u8; uuid::fmt::Hyphenated::LENGTH]) == *value => {
+                Self(EventIdRepr::Uuid(parsed.into_bytes()))
+            }
+            _ => Self(EventIdRepr::Text(Arc::from(value))),
+        }
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Ok(EventId::from(&*text))
+    }
+}
 
 macro_rules! id_impls {
     ($($ty:ident),*) => {$(
@@ -47,7 +156,7 @@ macro_rules! id_impls {
         }
     )*};
 }
-id_impls!(UserId, ItemId, EventId);
+id_impls!(UserId, ItemId);
 
 /// What the user did. `dislike` and `hide` are negative feedback: they suppress the item and lower
 /// items similar to it.
@@ -402,9 +511,9 @@ impl EventIn {
         let event_id = match self.event_id {
             Some(id) => {
                 check_id("event_id", &id, limits.max_id_len)?;
-                EventId(Arc::from(id))
+                EventId::from(id.as_str())
             }
-            None => EventId(Arc::from(uuid::Uuid::now_v7().to_string())),
+            None => EventId::new_v7(),
         };
         let rec_id = match self.rec_id {
             Some(id) => {
@@ -464,6 +573,27 @@ pub fn event_json_schema() -> serde_json::Value {
 mod tests {
     use super::*;
 
+    #[test]
+    fn event_ids_read_back_as_written_and_canonical_uuids_are_kept_in_place() {
+        let canonical = "0190c6f2-8a4b-7cde-8f01-23456789abcd";
+        let written =
+            [canonical, "0190C6F2-8A4B-7CDE-8F01-23456789ABCD", "{0190c6f2-8a4b-7cde-8f01-23456789abcd}", "e-1", ""];
+        for text in written {
+            let id = EventId::from(text);
+            assert_eq!(&*id.as_str(), text);
+            assert_eq!(id.to_string(), text);
+            assert_eq!(serde_json::to_string(&id).unwrap(), serde_json::to_string(text).unwrap());
+            assert_eq!(serde_json::from_str::<EventId>(&serde_json::to_string(text).unwrap()).unwrap(), id);
+            assert_eq!(id.uuid_bytes().is_some(), text == canonical, "{text}");
+        }
+        // Another spelling of the same UUID is another id, as the text always was.
+        assert_ne!(EventId::from(written[0]), EventId::from(written[1]));
+        let assigned = EventId::new_v7();
+        assert!(assigned.uuid_bytes().is_some());
+        assert_eq!(EventId::from(&*assigned.as_str()), assigned);
+        assert!(std::mem::size_of::<EventId>() <= 24);
+    }
+
     fn limits() -> EventLimits {
         EventLimits {
             max_id_len: 16,
@@ -488,7 +618,7 @@ mod tests {
         assert_eq!(e.context.weekday, 0);
         assert_eq!(e.context.hour_bucket(), 2);
         assert_eq!(e.context.device, Device::Other);
-        assert_eq!(uuid::Uuid::parse_str(e.event_id.as_str()).map(|u| u.get_version_num()), Ok(7));
+        assert_eq!(uuid::Uuid::parse_str(&e.event_id.as_str()).map(|u| u.get_version_num()), Ok(7));
     }
 
     #[test]

@@ -231,9 +231,7 @@ impl SessionActor {
     /// The model's view of the history (shared until the history changes).
     fn history_items(&mut self) -> Arc<[HistoryItem]> {
         let history = &self.history;
-        self.history_view
-            .get_or_insert_with(|| history.iter().map(|e| HistoryItem::of(e, e.item)).collect())
-            .clone()
+        self.history_view.get_or_insert_with(|| history.iter().map(|e| HistoryItem::of(e, e.item)).collect()).clone()
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.

@@ -28,7 +28,7 @@ const REC_ID_UUID: u8 = 1 << 5;
 const EVENT_ID_UUID: u8 = 1 << 6;
 
 pub(super) fn encode(interaction: &Interaction) -> Vec<u8> {
-    let event_id = canonical_uuid(interaction.event_id.as_str());
+    let event_id = interaction.event_id.uuid_bytes();
     let rec_id = interaction.rec_id.as_deref().map(|r| (r, canonical_uuid(r)));
     let type_index = EventType::ALL.iter().position(|t| *t == interaction.event_type).expect("a listed type") as u8;
     let mut flags = type_index;
@@ -45,7 +45,7 @@ pub(super) fn encode(interaction: &Interaction) -> Vec<u8> {
     out.extend([VERSION, flags]);
     varint(&mut out, ((interaction.timestamp << 1) ^ (interaction.timestamp >> 63)) as u64);
     bytes(&mut out, interaction.item_id.as_str().as_bytes());
-    id(&mut out, interaction.event_id.as_str(), event_id);
+    id(&mut out, &interaction.event_id.as_str(), event_id);
     if let Some(value) = interaction.value {
         out.extend(value.to_le_bytes());
     }
@@ -89,7 +89,7 @@ const LIST_CONTROL: u8 = 1 << 3;
 /// (`f32`, little endian, so it reads back exactly). The user id is not stored: the key names it.
 pub(super) fn encode_list(list: &RecList) -> Vec<u8> {
     let rec_id = canonical_uuid(&list.rec_id);
-    let last_event = list.last_event_id.as_ref().map(|id| (id.as_str(), canonical_uuid(id.as_str())));
+    let last_event = list.last_event_id.as_ref().map(|id| (id.as_str(), id.uuid_bytes()));
     let mut flags = 0;
     if rec_id.is_some() {
         flags |= LIST_REC_ID_UUID;
@@ -110,7 +110,7 @@ pub(super) fn encode_list(list: &RecList) -> Vec<u8> {
     varint(&mut out, ((list.generated_at << 1) ^ (list.generated_at >> 63)) as u64);
     varint(&mut out, list.seq);
     if let Some((text, uuid)) = last_event {
-        id(&mut out, text, uuid);
+        id(&mut out, &text, uuid);
     }
     varint(&mut out, list.items.len() as u64);
     let mut previous: &[u8] = b"";
@@ -318,7 +318,7 @@ mod tests {
     fn json_entries_written_before_still_load_and_garbage_does_not() {
         let json = br#"{"event_id":"e1","item_id":"i1","event_type":"click","timestamp":7,"rec_id":"r1"}"#;
         let read = decode(json).expect("the JSON form");
-        assert_eq!((read.event_id.as_str(), read.item_id.as_str(), read.timestamp), ("e1", "i1", 7));
+        assert_eq!((&*read.event_id.as_str(), read.item_id.as_str(), read.timestamp), ("e1", "i1", 7));
         assert_eq!(read.rec_id.as_deref(), Some("r1"));
         let mut truncated = encode(&interaction("e1", None, None, 1));
         truncated.pop();

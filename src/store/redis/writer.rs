@@ -401,7 +401,7 @@ impl Writer {
             for interaction in &call.events {
                 // The id itself goes along only for the check against a legacy set of ids.
                 cmd.arg(&EventDigest::of(&interaction.event_id).0.to_be_bytes()[..])
-                    .arg(interaction.event_id.as_str())
+                    .arg(&*interaction.event_id.as_str())
                     .arg(codec::encode(interaction));
                 // The item again, as the consumed set's member: the script does not decode entries.
                 if self.limits.consumes(interaction) {

@@ -131,7 +131,7 @@ async fn a_profile_written_in_the_json_and_id_set_form_still_loads_and_its_ids_s
 
     let ann = UserId::from("ann");
     let profile = store.load(&ann).await.expect("load").expect("stored");
-    let ids: Vec<&str> = profile.interactions.iter().map(|i| i.event_id.as_str()).collect();
+    let ids: Vec<String> = profile.interactions.iter().map(|i| i.event_id.to_string()).collect();
     assert_eq!(ids, ["e1", "e2", "e3"]);
     assert_eq!(profile.interactions[2].rec_id.as_deref(), Some("r-e3"));
     assert_eq!(profile.context.map(|c| c.device), Some(Device::Tablet));
@@ -150,7 +150,7 @@ async fn a_profile_written_in_the_json_and_id_set_form_still_loads_and_its_ids_s
     };
     store.append(update(&["e0", "e2", "e4", "e4"])).await;
     let profile = store.load(&ann).await.expect("load").expect("stored");
-    let ids: Vec<&str> = profile.interactions.iter().map(|i| i.event_id.as_str()).collect();
+    let ids: Vec<String> = profile.interactions.iter().map(|i| i.event_id.to_string()).collect();
     assert_eq!(ids, ["e1", "e2", "e3", "e4"], "only the new id applied, once");
     assert_eq!(profile.event_ids, digests(&["e0", "e1", "e2", "e3", "e4"]));
     // e0 is in the old set only: still checked after the first append of this release.
@@ -188,7 +188,7 @@ async fn a_profile_written_with_the_digest_string_and_a_json_list_still_loads_de
     let update = |names: &[&str]| named_update(&ann, names);
     store.append(update(&["e0", "e2", "e3", "e3"])).await;
     let profile = store.load(&ann).await.expect("load").expect("stored");
-    let ids: Vec<&str> = profile.interactions.iter().map(|i| i.event_id.as_str()).collect();
+    let ids: Vec<String> = profile.interactions.iter().map(|i| i.event_id.to_string()).collect();
     assert_eq!(ids, ["e1", "e2", "e3"], "only the new id applied, once");
     assert_eq!(profile.event_ids, digests(&["e0", "e1", "e2", "e3"]));
     let older: u32 = conn.exists(&["prev:{ann}:e", "prev:{ann}:p"]).await.expect("EXISTS");
@@ -235,7 +235,7 @@ async fn a_profile_written_in_the_hash_form_still_loads_deduplicates_and_moves_i
     let update = |names: &[&str]| named_update(&ann, names);
     store.append(update(&["e0", "e2", "e3", "e3"])).await;
     let profile = store.load(&ann).await.expect("load").expect("stored");
-    let ids: Vec<&str> = profile.interactions.iter().map(|i| i.event_id.as_str()).collect();
+    let ids: Vec<String> = profile.interactions.iter().map(|i| i.event_id.to_string()).collect();
     assert_eq!(ids, ["e1", "e2", "e3"], "only the new id applied, once");
     assert_eq!(profile.event_ids, digests(&["e0", "e1", "e2", "e3"]));
     assert_eq!(profile.last_recs.as_ref(), Some(&published.list), "the list moved along");
