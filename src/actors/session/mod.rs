@@ -50,10 +50,8 @@ pub struct SessionActor {
     hub: Arc<UserHub>,
     registry: Arc<SessionRegistry>,
     deps: Arc<SessionDeps>,
-    /// Recent interactions, oldest first, with their catalogue index: the event log's records of
-    /// them, shared with it (a pointer an entry, not a copy), or records made for interactions
-    /// restored from the store or merged from another user.
-    history: VecDeque<Arc<LoggedEvent>>,
+    /// Recent interactions, oldest first, with their catalogue index.
+    history: VecDeque<(Interaction, ItemIdx)>,
     /// The model's view of `history`, built once per change (each event both reports the
     /// history before it to the model and asks for a list from the history after it).
     history_view: Option<Arc<[HistoryItem]>>,
@@ -178,9 +176,10 @@ impl SessionActor {
         for digest in profile.event_ids {
             self.remember_digest(digest);
         }
-        for interaction in profile.interactions {
-            let entry = self.kept(interaction);
-            self.push_history(entry);
+        for mut interaction in profile.interactions {
+            let (idx, item_id) = self.deps.catalog.intern_shared(&interaction.item_id);
+            interaction.item_id = item_id;
+            self.push_history(interaction, idx);
         }
         self.suppressed = profile.suppressed.into();
         self.persisted_context = profile.context.clone();
@@ -210,28 +209,21 @@ impl SessionActor {
         true
     }
 
-    fn push_history(&mut self, entry: Arc<LoggedEvent>) {
+    fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
         let session = &self.deps.config.session;
-        if session.consumed_max > 0 && session.exclude_event_types.contains(&entry.event_type) {
-            self.consumed.record(entry.item, entry.timestamp, session.consumed_max);
+        if session.consumed_max > 0 && session.exclude_event_types.contains(&interaction.event_type) {
+            self.consumed.record(idx, interaction.timestamp, session.consumed_max);
         }
-        push_bounded(&mut self.history, entry, self.deps.config.session.history_len);
+        push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
         self.history_view = None;
-    }
-
-    /// A history entry for an interaction that is not in the event log (restored from the store,
-    /// merged from another user), its item id shared with the catalogue.
-    fn kept(&self, mut interaction: Interaction) -> Arc<LoggedEvent> {
-        let (item, item_id) = self.deps.catalog.intern_shared(&interaction.item_id);
-        interaction.item_id = item_id;
-        let logged_at = interaction.timestamp;
-        Arc::new(LoggedEvent { user: self.hub.user.clone(), interaction, item, segment: 0, organic: true, logged_at })
     }
 
     /// The model's view of the history (shared until the history changes).
     fn history_items(&mut self) -> Arc<[HistoryItem]> {
         let history = &self.history;
-        self.history_view.get_or_insert_with(|| history.iter().map(|e| HistoryItem::of(e, e.item)).collect()).clone()
+        self.history_view
+            .get_or_insert_with(|| history.iter().map(|(i, idx)| HistoryItem::of(i, *idx)).collect())
+            .clone()
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.
@@ -261,8 +253,8 @@ impl SessionActor {
             // The one copy off the wire type: from here on, every step reads this interaction.
             let (interaction, _, context) = Interaction::from_event(event);
             let logged = self.attribute(interaction, idx, segment);
-            self.deps.event_log.append(logged.clone());
-            let interaction = &logged.interaction;
+            let interaction = logged.interaction.clone();
+            self.deps.event_log.append(logged);
             if interaction.event_type.is_negative() {
                 self.suppressed.retain(|s| *s != interaction.item_id);
                 self.suppressed.push_back(interaction.item_id.clone());
@@ -271,9 +263,9 @@ impl SessionActor {
                 }
                 update.suppressed.push(interaction.item_id.clone());
             }
-            new_items.push(HistoryItem::of(interaction, idx));
+            new_items.push(HistoryItem::of(&interaction, idx));
             update.interactions.push(interaction.clone());
-            self.push_history(logged);
+            self.push_history(interaction, idx);
             self.context = Some(carry_over(self.context.take(), context));
         }
         // The store keeps the latest context; send it only when it changed.
@@ -311,7 +303,7 @@ impl SessionActor {
         if session.consumed_max == 0 {
             return None;
         }
-        let now = self.history.back().map_or_else(now_ms, |e| e.timestamp);
+        let now = self.history.back().map_or_else(now_ms, |(i, _)| i.timestamp);
         Some(self.consumed.excluded(now, session.reshow_after_secs).collect())
     }
 
@@ -324,7 +316,7 @@ impl SessionActor {
         self.unreflected_since = None;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
         // The newest event the request reflects: the list names it, even if more arrive meanwhile.
-        let reflected = self.history.back().map(|e| e.event_id.clone());
+        let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
         let late = Duration::from_millis(self.deps.config.session.late_list_ms);
         // A child of the applying span when an event caused the refresh.
         let scoring = crate::telemetry::span(|| tracing::info_span!("model_score"));
@@ -444,7 +436,7 @@ impl SessionActor {
 
     fn profile(&self) -> Profile {
         Profile {
-            interactions: self.history.iter().map(|e| e.interaction.clone()).collect(),
+            interactions: self.history.iter().map(|(i, _)| i.clone()).collect(),
             context: self.context.clone(),
             event_ids: self.event_order.iter().copied().collect(),
             suppressed: self.suppressed.iter().cloned().collect(),
@@ -569,7 +561,7 @@ impl Handler<GetRecommendations> for SessionActor {
         let request = self.score_request(msg.k, &msg.filters);
         // The newest event the request reflects: events applied while the model scores are not
         // in this list, so it must not name them.
-        let reflected = self.history.back().map(|e| e.event_id.clone());
+        let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
         let user = self.user_hash;
         Box::pin(self.deps.model.send(Recommend { request, user }).into_actor(self).map(move |result, act, _| {
@@ -643,7 +635,7 @@ impl Handler<MergeHistory> for SessionActor {
         self.last_active = Instant::now();
         // The anonymous history happened before or around this user's own: interleave by time,
         // so the ring buffer keeps the most recent interactions of both.
-        let mut merged: Vec<Interaction> = self.history.drain(..).map(|e| e.interaction.clone()).collect();
+        let mut merged: Vec<Interaction> = self.history.drain(..).map(|(i, _)| i).collect();
         self.history_view = None;
         let own: HashSet<EventId> = merged.iter().map(|i| i.event_id.clone()).collect();
         let mut outcome = ApplyOutcome::default();
@@ -664,8 +656,8 @@ impl Handler<MergeHistory> for SessionActor {
         }
         merged.sort_by_key(|i| i.timestamp);
         for interaction in merged {
-            let entry = self.kept(interaction);
-            self.push_history(entry);
+            let idx = self.deps.catalog.intern(&interaction.item_id);
+            self.push_history(interaction, idx);
         }
         for item in msg.from.suppressed {
             if !self.suppressed.contains(&item) {
