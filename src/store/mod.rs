@@ -245,7 +245,10 @@ impl Profile {
     fn record_consumed(&mut self, item: &ItemId, at_secs: u32, max: usize) {
         match self.consumed.binary_search_by(|c| c.item_id.as_str().cmp(item.as_str())) {
             Ok(i) => self.consumed[i].at_secs = self.consumed[i].at_secs.max(at_secs),
-            Err(i) => self.consumed.insert(i, ConsumedItem { item_id: item.clone(), at_secs }),
+            Err(i) => {
+                reserve_within(&mut self.consumed, max.saturating_add(1));
+                self.consumed.insert(i, ConsumedItem { item_id: item.clone(), at_secs });
+            }
         }
         while self.consumed.len() > max {
             let oldest = self
@@ -267,11 +270,17 @@ fn push_within<T>(list: &mut Vec<T>, item: T, max: usize) {
         return;
     }
     trim_front(list, max - 1);
+    reserve_within(list, max);
+    list.push(item);
+}
+
+/// Room for one more entry in `list`, doubling from one but never past `max` (the growth of
+/// `Vec::push` reserves up to twice what a capped list will ever hold).
+fn reserve_within<T>(list: &mut Vec<T>, max: usize) {
     if list.len() == list.capacity() {
-        let room = (list.capacity() * 2).clamp(1, max);
+        let room = (list.capacity() * 2).clamp(list.len() + 1, max.max(list.len() + 1));
         list.reserve_exact(room - list.len());
     }
-    list.push(item);
 }
 
 fn trim_front<T>(list: &mut Vec<T>, keep: usize) {

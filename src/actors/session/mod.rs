@@ -52,9 +52,6 @@ pub struct SessionActor {
     deps: Arc<SessionDeps>,
     /// Recent interactions, oldest first, with their catalogue index.
     history: VecDeque<(Interaction, ItemIdx)>,
-    /// The model's view of `history`, built once per change (each event both reports the
-    /// history before it to the model and asks for a list from the history after it).
-    history_view: Option<Arc<[HistoryItem]>>,
     /// `bus::user_hash` of the user (the monitor's key and the experiment arm's), computed once.
     user_hash: u64,
     /// Every item consumed (by `session.exclude_event_types`), beyond the history window: what
@@ -63,10 +60,11 @@ pub struct SessionActor {
     context: Option<EventContext>,
     /// The context last sent to the store.
     persisted_context: Option<EventContext>,
-    /// Digests of the applied event ids (8 bytes each, not the id's allocation): the set for
-    /// lookups, the queue for eviction order.
-    event_ids: HashSet<EventDigest>,
-    event_order: VecDeque<EventDigest>,
+    /// Digests of the applied event ids (8 bytes each, not the id's allocation), oldest first.
+    /// Searched from the newest back: a replay repeats recent ids, and a scan of even the full
+    /// window (`session.dedupe_window`, 1,000) is a fraction of a microsecond, where a hash set
+    /// beside the queue doubled the window's memory.
+    event_ids: VecDeque<EventDigest>,
     suppressed: VecDeque<ItemId>,
     /// The pushed-list request in flight, if any (see the module docs on coalescing).
     coalescer: Coalescer,
@@ -91,13 +89,11 @@ impl SessionActor {
             registry,
             deps,
             history: VecDeque::new(),
-            history_view: None,
             user_hash,
             consumed: Consumed::default(),
             context: None,
             persisted_context: None,
-            event_ids: HashSet::new(),
-            event_order: VecDeque::new(),
+            event_ids: VecDeque::new(),
             suppressed: VecDeque::new(),
             coalescer: Coalescer::default(),
             pending_since: None,
@@ -157,10 +153,8 @@ impl SessionActor {
     /// Forgets the in-memory state (before reloading it from the store).
     fn reset(&mut self) {
         self.history.clear();
-        self.history_view = None;
         self.consumed.clear();
         self.event_ids.clear();
-        self.event_order.clear();
         self.suppressed.clear();
         self.context = None;
         self.persisted_context = None;
@@ -197,15 +191,10 @@ impl SessionActor {
     }
 
     fn remember_digest(&mut self, digest: EventDigest) -> bool {
-        if !self.event_ids.insert(digest) {
+        if self.event_ids.iter().rev().any(|&seen| seen == digest) {
             return false;
         }
-        self.event_order.push_back(digest);
-        while self.event_order.len() > self.deps.config.session.dedupe_window {
-            if let Some(old) = self.event_order.pop_front() {
-                self.event_ids.remove(&old);
-            }
-        }
+        push_bounded(&mut self.event_ids, digest, self.deps.config.session.dedupe_window);
         true
     }
 
@@ -215,15 +204,13 @@ impl SessionActor {
             self.consumed.record(idx, interaction.timestamp, session.consumed_max);
         }
         push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
-        self.history_view = None;
     }
 
-    /// The model's view of the history (shared until the history changes).
-    fn history_items(&mut self) -> Arc<[HistoryItem]> {
-        let history = &self.history;
-        self.history_view
-            .get_or_insert_with(|| history.iter().map(|(i, idx)| HistoryItem::of(i, *idx)).collect())
-            .clone()
+    /// The model's view of the history. Built for each use (an event builds it twice: the history
+    /// before it, reported to the model, and after it, to score): a copy of 50 small entries,
+    /// where keeping it between events held about 1 KB for every user.
+    fn history_items(&self) -> Arc<[HistoryItem]> {
+        self.history.iter().map(|(i, idx)| HistoryItem::of(i, *idx)).collect()
     }
 
     /// Applies events in order, skipping repeated ids. Returns what the store must append.
@@ -438,7 +425,7 @@ impl SessionActor {
         Profile {
             interactions: self.history.iter().map(|(i, _)| i.clone()).collect(),
             context: self.context.clone(),
-            event_ids: self.event_order.iter().copied().collect(),
+            event_ids: self.event_ids.iter().copied().collect(),
             suppressed: self.suppressed.iter().cloned().collect(),
             last_recs: self.hub.latest().map(|u| u.list.clone()),
             consumed: self.consumed_record(),
@@ -607,10 +594,8 @@ impl Handler<TakeHistory> for SessionActor {
     fn handle(&mut self, _msg: TakeHistory, _ctx: &mut Self::Context) -> Self::Result {
         let profile = self.profile();
         self.history.clear();
-        self.history_view = None;
         self.consumed.clear();
         self.event_ids.clear();
-        self.event_order.clear();
         self.suppressed.clear();
         let store = self.deps.store.clone();
         let user = self.hub.user.clone();
@@ -636,7 +621,6 @@ impl Handler<MergeHistory> for SessionActor {
         // The anonymous history happened before or around this user's own: interleave by time,
         // so the ring buffer keeps the most recent interactions of both.
         let mut merged: Vec<Interaction> = self.history.drain(..).map(|(i, _)| i).collect();
-        self.history_view = None;
         let own: HashSet<EventId> = merged.iter().map(|i| i.event_id.clone()).collect();
         let mut outcome = ApplyOutcome::default();
         let mut update = ProfileUpdate {
