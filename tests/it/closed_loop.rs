@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 /// Most simulated lists one stage of the loop may take before the test fails: a budget of work,
-/// not of time. The server's own clocks (a 10 s drift window, a 40 s training budget, a 120 s
-/// canary) see at most 300 lists a second, so the slowest stage needs some 40,000.
+/// not of time. The server's own clocks (a 10 s drift window, a 15 s training window) and a
+/// run's training (20 epochs: about ten seconds on a quiet machine) see at most 300 lists a
+/// second, so a stage needs a few thousand, and training ten times slower still some 40,000.
 const STAGE_LISTS: u64 = 150_000;
 
 /// Run `run`'s record in `models` (`GET /v1/admin/models`) once its outcome is one of `wanted`;
