@@ -167,8 +167,10 @@ impl SessionActor {
         self.hub.bump_seq(seq_after_stored(Some(&profile)));
         // The stored record of consumed items (a profile stored before it: its history's).
         self.consumed = Consumed::of_profile(&profile, &self.deps.catalog, &self.deps.config.session);
+        // The stored window holds each id once: no search per digest (a full window of 1,000
+        // would be half a million comparisons).
         for digest in profile.event_ids {
-            self.remember_digest(digest);
+            push_bounded(&mut self.event_ids, digest, self.deps.config.session.dedupe_window);
         }
         for mut interaction in profile.interactions {
             let (idx, item_id) = self.deps.catalog.intern_shared(&interaction.item_id);
