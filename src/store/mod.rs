@@ -278,9 +278,14 @@ fn push_within<T>(list: &mut Vec<T>, item: T, max: usize) {
 /// `Vec::push` reserves up to twice what a capped list will ever hold).
 fn reserve_within<T>(list: &mut Vec<T>, max: usize) {
     if list.len() == list.capacity() {
-        let room = (list.capacity() * 2).clamp(list.len() + 1, max.max(list.len() + 1));
-        list.reserve_exact(room - list.len());
+        list.reserve_exact(growth_within(list.len(), max));
     }
+}
+
+/// How many more entries a full list of `len` entries capped at `max` makes room for: as many
+/// again (at least one), never past `max`. Shared by the store's lists and the session's queues.
+pub fn growth_within(len: usize, max: usize) -> usize {
+    (len * 2).clamp(len + 1, max.max(len + 1)) - len
 }
 
 fn trim_front<T>(list: &mut Vec<T>, keep: usize) {

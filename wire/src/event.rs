@@ -38,6 +38,11 @@ enum EventIdRepr {
 }
 
 impl EventId {
+    /// The id of these 16 bytes, as a stored UUID reads back.
+    pub fn from_uuid_bytes(bytes: [u8; 16]) -> Self {
+        Self(EventIdRepr::Uuid(bytes))
+    }
+
     /// A new UUID v7.
     pub fn new_v7() -> Self {
         Self(EventIdRepr::Uuid(uuid::Uuid::now_v7().into_bytes()))
@@ -113,13 +118,18 @@ impl fmt::Debug for EventId {
     }
 }
 
+/// The 16 bytes of `text` if it is a UUID written the canonical way (lowercase, hyphenated), so
+/// that writing the bytes back gives `text` again.
+pub fn canonical_uuid(text: &str) -> Option<[u8; 16]> {
+    let parsed = uuid::Uuid::try_parse(text).ok()?;
+    (*parsed.hyphenated().encode_lower(&mut [0u8; uuid::fmt::Hyphenated::LENGTH]) == *text).then(|| parsed.into_bytes())
+}
+
 impl From<&str> for EventId {
     fn from(value: &str) -> Self {
-        match uuid::Uuid::try_parse(value) {
-            Ok(parsed) if *parsed.hyphenated().encode_lower(&mut [0u8; uuid::fmt::Hyphenated::LENGTH]) == *value => {
-                Self(EventIdRepr::Uuid(parsed.into_bytes()))
-            }
-            _ => Self(EventIdRepr::Text(Arc::from(value))),
+        match canonical_uuid(value) {
+            Some(bytes) => Self(EventIdRepr::Uuid(bytes)),
+            None => Self(EventIdRepr::Text(Arc::from(value))),
         }
     }
 }

@@ -37,8 +37,7 @@ pub(super) fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, max: usize) {
         queue.pop_front();
     }
     if queue.len() == queue.capacity() {
-        let room = (queue.capacity() * 2).clamp(1, max);
-        queue.reserve_exact(room - queue.len());
+        queue.reserve_exact(crate::store::growth_within(queue.len(), max));
     }
     queue.push_back(item);
 }

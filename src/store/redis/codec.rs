@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::event::{EventId, EventType, ItemId, UserId};
+use crate::event::{canonical_uuid, EventId, EventType, ItemId, UserId};
 use crate::recs::{RecItem, RecList, CONTROL};
 use crate::store::Interaction;
 
@@ -28,7 +28,6 @@ const REC_ID_UUID: u8 = 1 << 5;
 const EVENT_ID_UUID: u8 = 1 << 6;
 
 pub(super) fn encode(interaction: &Interaction) -> Vec<u8> {
-    let event_id = interaction.event_id.uuid_bytes();
     let rec_id = interaction.rec_id.as_deref().map(|r| (r, canonical_uuid(r)));
     let type_index = EventType::ALL.iter().position(|t| *t == interaction.event_type).expect("a listed type") as u8;
     let mut flags = type_index;
@@ -38,14 +37,14 @@ pub(super) fn encode(interaction: &Interaction) -> Vec<u8> {
     if let Some((_, uuid)) = rec_id {
         flags |= REC_ID | if uuid.is_some() { REC_ID_UUID } else { 0 };
     }
-    if event_id.is_some() {
+    if interaction.event_id.uuid_bytes().is_some() {
         flags |= EVENT_ID_UUID;
     }
     let mut out = Vec::with_capacity(48 + interaction.item_id.as_str().len());
     out.extend([VERSION, flags]);
     varint(&mut out, ((interaction.timestamp << 1) ^ (interaction.timestamp >> 63)) as u64);
     bytes(&mut out, interaction.item_id.as_str().as_bytes());
-    id(&mut out, &interaction.event_id.as_str(), event_id);
+    event_id(&mut out, &interaction.event_id);
     if let Some(value) = interaction.value {
         out.extend(value.to_le_bytes());
     }
@@ -69,7 +68,7 @@ pub(super) fn decode(entry: &[u8]) -> Option<Interaction> {
     let zigzag = r.varint()?;
     let timestamp = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
     let item_id = ItemId::from(r.text()?.as_str());
-    let event_id = EventId::from(r.id(flags & EVENT_ID_UUID != 0)?.as_str());
+    let event_id = r.event_id(flags & EVENT_ID_UUID != 0)?;
     let value = if flags & VALUE != 0 { Some(f64::from_le_bytes(r.take(8)?.try_into().ok()?)) } else { None };
     let rec_id = if flags & REC_ID != 0 { Some(Arc::from(r.id(flags & REC_ID_UUID != 0)?.as_str())) } else { None };
     r.0.is_empty().then_some(Interaction { event_id, item_id, event_type, value, timestamp, rec_id })
@@ -89,13 +88,13 @@ const LIST_CONTROL: u8 = 1 << 3;
 /// (`f32`, little endian, so it reads back exactly). The user id is not stored: the key names it.
 pub(super) fn encode_list(list: &RecList) -> Vec<u8> {
     let rec_id = canonical_uuid(&list.rec_id);
-    let last_event = list.last_event_id.as_ref().map(|id| (id.as_str(), id.uuid_bytes()));
+    let last_event = list.last_event_id.as_ref();
     let mut flags = 0;
     if rec_id.is_some() {
         flags |= LIST_REC_ID_UUID;
     }
-    if let Some((_, uuid)) = last_event {
-        flags |= LIST_LAST_EVENT | if uuid.is_some() { LIST_LAST_EVENT_UUID } else { 0 };
+    if let Some(id) = last_event {
+        flags |= LIST_LAST_EVENT | if id.uuid_bytes().is_some() { LIST_LAST_EVENT_UUID } else { 0 };
     }
     if list.variant == CONTROL {
         flags |= LIST_CONTROL;
@@ -109,8 +108,8 @@ pub(super) fn encode_list(list: &RecList) -> Vec<u8> {
     }
     varint(&mut out, ((list.generated_at << 1) ^ (list.generated_at >> 63)) as u64);
     varint(&mut out, list.seq);
-    if let Some((text, uuid)) = last_event {
-        id(&mut out, &text, uuid);
+    if let Some(id) = last_event {
+        event_id(&mut out, id);
     }
     varint(&mut out, list.items.len() as u64);
     let mut previous: &[u8] = b"";
@@ -142,11 +141,8 @@ pub(super) fn decode_list(stored: &[u8], user: &UserId) -> Option<RecList> {
     let zigzag = r.varint()?;
     let generated_at = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
     let seq = r.varint()?;
-    let last_event_id = if flags & LIST_LAST_EVENT != 0 {
-        Some(EventId::from(r.id(flags & LIST_LAST_EVENT_UUID != 0)?.as_str()))
-    } else {
-        None
-    };
+    let last_event_id =
+        if flags & LIST_LAST_EVENT != 0 { Some(r.event_id(flags & LIST_LAST_EVENT_UUID != 0)?) } else { None };
     let count = usize::try_from(r.varint()?).ok()?;
     // Every item takes at least 6 bytes: a corrupt count cannot make a large allocation.
     let mut items = Vec::with_capacity(count.min(r.0.len() / 6));
@@ -213,12 +209,6 @@ pub(super) fn decode_any_list(stored: &[u8], user: &UserId) -> Option<RecList> {
     }
 }
 
-/// The 16 bytes of `text` if it is a UUID written the way `Uuid` writes it back.
-fn canonical_uuid(text: &str) -> Option<[u8; 16]> {
-    let uuid = uuid::Uuid::try_parse(text).ok()?;
-    (uuid.hyphenated().to_string() == text).then(|| *uuid.as_bytes())
-}
-
 fn varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
@@ -230,6 +220,14 @@ fn varint(out: &mut Vec<u8>, mut n: u64) {
 fn bytes(out: &mut Vec<u8>, b: &[u8]) {
     varint(out, b.len() as u64);
     out.extend_from_slice(b);
+}
+
+/// An event id as [`id`] writes one, from the bytes `EventId` keeps (no text written out first).
+fn event_id(out: &mut Vec<u8>, id: &EventId) {
+    match id.uuid_bytes() {
+        Some(raw) => out.extend(raw),
+        None => bytes(out, id.as_str().as_bytes()),
+    }
 }
 
 fn id(out: &mut Vec<u8>, text: &str, uuid: Option<[u8; 16]>) {
@@ -270,6 +268,15 @@ impl<'a> Reader<'a> {
     fn text(&mut self) -> Option<String> {
         let len = usize::try_from(self.varint()?).ok()?;
         String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+
+    /// An event id as [`event_id`] wrote it.
+    fn event_id(&mut self, uuid: bool) -> Option<EventId> {
+        if uuid {
+            Some(EventId::from_uuid_bytes(self.take(16)?.try_into().ok()?))
+        } else {
+            Some(EventId::from(self.text()?.as_str()))
+        }
     }
 
     fn id(&mut self, uuid: bool) -> Option<String> {
