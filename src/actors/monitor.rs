@@ -9,8 +9,9 @@
 //! Drift, checked at every bucket boundary:
 //! - input drift: population stability index of item popularity (organic events only: clicks on
 //!   served lists follow the model, not the users) and of the context mix (device x hour
-//!   bucket) against a reference (the model's training window when the trainer sets one,
-//!   else the first full window the monitor saw), fired only when an index is above
+//!   bucket) against a reference (the first full window the serving version served alone, or
+//!   with `monitor.drift_reference = "training"` the recent part of its training window; before
+//!   any promotion the first full window the monitor saw), fired only when an index is above
 //!   `psi_threshold` and above the level sampling noise reaches at the two samples' sizes
 //!   (`monitor::PsiTest`), so a small window of a stationary stream does not fire it;
 //! - concept drift: the serving version's CTR against its own baseline (its first full window),
@@ -37,7 +38,7 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use crate::catalog::{Catalog, ItemIdx};
-use crate::config::MonitorConfig;
+use crate::config::{DriftReferenceKind, MonitorConfig};
 use crate::event::{Context as EventContext, EventType, ItemId};
 use crate::eventlog::LoggedEvent;
 pub use crate::monitor::drift::DriftReference;
@@ -113,13 +114,15 @@ pub struct GetCounts;
 
 pub use crate::monitor::{Arm, ArmCounts, ArmTally};
 
-/// The input-drift reference of a newly promoted version: item popularity and context mix of
-/// the recent part of its training window.
+/// A version now serves everyone: the input-drift reference becomes its first full window
+/// (`monitor.drift_reference = "serving"`) or `reference`, item popularity and context mix of
+/// the recent part of its training window (`"training"`).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct SetReference {
     pub reference: DriftReference,
-    pub source: String,
+    /// The promoted version.
+    pub version: String,
     /// When the promoted version's run started (ms since the epoch): a breach after that did
     /// not cause the run but was absorbed by it (coalesced), and its cooldown ends here.
     pub run_started_ms: Option<i64>,
@@ -155,7 +158,8 @@ pub struct MergeReport {
 struct Reference {
     distributions: DriftReference,
     source: String,
-    /// A version's training window (set by the trainer), not the monitor's own first window.
+    /// A trained version's (its training window or its first window), not the monitor's own
+    /// first window before any promotion.
     trained: bool,
 }
 
@@ -185,6 +189,8 @@ pub struct MonitorActor {
     cluster: Option<Cluster>,
     /// Reference distributions for input drift, and where they came from.
     reference: Option<Reference>,
+    /// The promoted version whose first full window (from `started_tick`) becomes the reference.
+    awaited: Option<String>,
     /// Per version: baseline (clicks, impressions) from its first full window.
     baselines: FastMap<Arc<str>, ArmTally>,
     started_tick: u64,
@@ -213,6 +219,7 @@ impl MonitorActor {
             local: MonitorView::new(buckets),
             cluster: None,
             reference: None,
+            awaited: None,
             baselines: FastMap::default(),
             started_tick: tick,
             breaches: VecDeque::new(),
@@ -293,10 +300,11 @@ impl MonitorActor {
         if self.reference.is_none() && full_window {
             let StreamTotals { popularity, context, events, effective_users } = self.judged().stream().totals();
             if events >= self.config.min_samples {
+                let awaited = self.awaited.take();
                 self.reference = Some(Reference {
                     distributions: DriftReference { popularity, context, effective_users },
-                    source: "first full window".into(),
-                    trained: false,
+                    trained: awaited.is_some(),
+                    source: awaited.map_or_else(|| "first full window".into(), |v| format!("first full window of {v}")),
                 });
             }
         }
@@ -599,6 +607,24 @@ impl MonitorActor {
     }
 }
 
+impl MonitorActor {
+    /// The drift report under a new reference named `source`: no index until the next check.
+    fn new_reference(&mut self, source: String) {
+        let (psi_threshold, z_threshold) = (self.config.psi_threshold, self.config.z_threshold);
+        let fresh = |ctr_z| DriftReport {
+            reference: Some(source.clone()),
+            ctr_z,
+            psi_threshold,
+            z_threshold,
+            ..Default::default()
+        };
+        if let Some(cluster) = &mut self.cluster {
+            cluster.local_drift = fresh(cluster.local_drift.ctr_z);
+        }
+        self.drift = fresh(self.drift.ctr_z);
+    }
+}
+
 impl Handler<SetReference> for MonitorActor {
     type Result = ();
 
@@ -607,15 +633,27 @@ impl Handler<SetReference> for MonitorActor {
             self.last_retrain = None;
         }
         let events: f64 = msg.reference.popularity.values().sum();
-        if events < self.config.min_samples as f64 || msg.reference.context.len() != EventContext::SEGMENTS {
-            // Too little to compare with: the next full window becomes the reference instead.
-            tracing::info!(events, "training reference too small; the next full window becomes the reference");
-            self.reference = None;
-            self.started_tick = self.tick();
+        let usable = events >= self.config.min_samples as f64 && msg.reference.context.len() == EventContext::SEGMENTS;
+        if self.config.drift_reference == DriftReferenceKind::Training && usable {
+            let source = format!("training window of {}", msg.version);
+            tracing::info!(source = %source, events, "input-drift reference replaced");
+            self.new_reference(source.clone());
+            self.reference = Some(Reference { distributions: msg.reference, source, trained: true });
+            self.awaited = None;
             return;
         }
-        tracing::info!(source = %msg.source, events, "input-drift reference replaced");
-        self.reference = Some(Reference { distributions: msg.reference, source: msg.source, trained: true });
+        // The version's own first full window: its buckets start after this one, which still
+        // holds traffic of the previous version (or of the canary). No input-drift verdict until
+        // then; concept drift waits for the version's baseline window the same way.
+        tracing::info!(
+            version = %msg.version,
+            training_events = events,
+            "input-drift reference: the promoted version's first full window, from the next bucket"
+        );
+        self.new_reference(format!("first full window of {} (pending)", msg.version));
+        self.reference = None;
+        self.started_tick = self.tick() + 1;
+        self.awaited = Some(msg.version);
     }
 }
 
@@ -731,6 +769,81 @@ mod tests {
         assert!(!monitor.reference_ends_cooldown(None));
         // ...one absorbed by a run already under way does not.
         assert!(monitor.reference_ends_cooldown(Some(500)));
+    }
+
+    /// Sends `users` organic views (one each, items spread over ten) and reads the drift report.
+    async fn browse_and_report(monitor: &Addr<MonitorActor>, catalog: &Catalog, users: u64) -> DriftReport {
+        for user in 0..users {
+            let item_id = ItemId::from(format!("i{}", user % 10).as_str());
+            let event = LoggedEvent {
+                user: crate::event::UserId::from(format!("u{user}").as_str()),
+                interaction: crate::eventlog::Interaction {
+                    event_id: crate::event::EventId::new_v7(),
+                    item_id: item_id.clone(),
+                    event_type: EventType::View,
+                    value: None,
+                    timestamp: crate::event::now_ms(),
+                    rec_id: None,
+                },
+                item: catalog.intern(&item_id),
+                segment: 0,
+                organic: true,
+                logged_at: crate::event::now_ms(),
+            };
+            monitor.send(Activity { user, event: Arc::new(event) }).await.expect("sent");
+        }
+        monitor.send(GetReport).await.expect("report").report.drift
+    }
+
+    /// Sends traffic until the drift report names `reference` (each round a second apart at
+    /// most: the monitor's buckets are seconds); fails after a minute without it.
+    async fn until_reference(monitor: &Addr<MonitorActor>, catalog: &Catalog, reference: &str) -> DriftReport {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let drift = browse_and_report(monitor, catalog, 20).await;
+            if drift.reference.as_deref() == Some(reference) {
+                return drift;
+            }
+            assert!(std::time::Instant::now() < deadline, "no reference {reference:?}: {drift:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_promoted_version_is_judged_against_its_own_first_full_window_or_its_training_window() {
+        for kind in [DriftReferenceKind::Serving, DriftReferenceKind::Training] {
+            let mut config = crate::config::Config::default().monitor;
+            (config.bucket_secs, config.window_secs, config.min_samples, config.drift_reference) = (1, 1, 5, kind);
+            let catalog = Arc::new(Catalog::new());
+            let monitor = MonitorActor::new(config, catalog.clone(), Arc::new(Metrics::default())).start();
+            until_reference(&monitor, &catalog, "first full window").await;
+
+            // A training reference too small to judge by falls back to the version's own window.
+            let mut training = DriftReference { context: vec![1.0; EventContext::SEGMENTS], ..Default::default() };
+            monitor
+                .send(SetReference { reference: training.clone(), version: "v2".into(), run_started_ms: None })
+                .await
+                .expect("sent");
+            let pending = monitor.send(GetReport).await.expect("report").report.drift;
+            assert_eq!(pending.reference.as_deref(), Some("first full window of v2 (pending)"), "{kind:?}");
+            assert_eq!((pending.popularity_psi, pending.category_psi, pending.context_psi), (None, None, None));
+            let judged = until_reference(&monitor, &catalog, "first full window of v2").await;
+            assert!(judged.popularity_psi.is_some(), "{judged:?}");
+
+            training.popularity =
+                (0..10).map(|i| (catalog.intern(&ItemId::from(format!("i{i}").as_str())), 10.0)).collect();
+            training.effective_users = Some(100.0);
+            monitor
+                .send(SetReference { reference: training, version: "v3".into(), run_started_ms: None })
+                .await
+                .expect("sent");
+            let drift = monitor.send(GetReport).await.expect("report").report.drift;
+            let expected = match kind {
+                DriftReferenceKind::Serving => "first full window of v3 (pending)",
+                DriftReferenceKind::Training => "training window of v3",
+            };
+            assert_eq!(drift.reference.as_deref(), Some(expected));
+        }
     }
 
     #[actix_rt::test]

@@ -2,6 +2,20 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What input drift is judged against once a trained version serves everyone
+/// (`monitor.drift_reference`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftReferenceKind {
+    /// The first full window the promoted version served alone: like with like, since which
+    /// events count as organic (not on a served list) depends on the lists the model serves.
+    Serving,
+    /// The recent part of the version's training window, judged from the promotion on; it also
+    /// sees a change that came while the version trained, but traffic the previous model served
+    /// differs from the new one's, which can read as drift.
+    Training,
+}
+
 /// Settings of the `[monitor]` config section.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -14,6 +28,8 @@ pub struct MonitorConfig {
     pub psi_threshold: f64,
     /// Most popular reference items used as PSI bins (the rest form one bin).
     pub psi_bins: usize,
+    /// The input-drift reference after a promotion.
+    pub drift_reference: DriftReferenceKind,
     /// Concept drift fires when CTR falls by at least this share of the baseline...
     pub ctr_drop: f64,
     /// ...and the drop is significant at this z.
@@ -33,6 +49,7 @@ impl Default for MonitorConfig {
             attribution_window_secs: 1800,
             psi_threshold: 0.25,
             psi_bins: 50,
+            drift_reference: DriftReferenceKind::Serving,
             ctr_drop: 0.2,
             z_threshold: 3.0,
             min_samples: 500,

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bus::{BusConfig, BusKind, KafkaConfig};
 pub use catalog::CatalogConfig;
-pub use closed_loop::{MonitorConfig, RolloutConfig, TrainerConfig};
+pub use closed_loop::{DriftReferenceKind, MonitorConfig, RolloutConfig, TrainerConfig};
 pub use cluster::ClusterConfig;
 pub use demo::DemoConfig;
 pub use model::{CoocConfig, ModelConfig, ModelKind, RetrievalConfig};

@@ -187,7 +187,8 @@ impl Loop {
         version
     }
 
-    /// Pre-shift CTR as the simulated users see it, once the monitor has a baseline for `version`.
+    /// Pre-shift CTR as the simulated users see it, once the monitor has a baseline for `version`
+    /// and judges input drift against `version`'s own first full window.
     async fn steady_ctr(&self, version: &str) -> f64 {
         self.until("a CTR baseline for the serving version", STAGE_LISTS, || async move {
             let report = get(&self.server, "/v1/monitor").await.body;
@@ -196,6 +197,12 @@ impl Loop {
                 .iter()
                 .any(|v| v["version"] == version && v["variant"] == "control" && v["baseline_ctr"].is_number())
                 .then_some(())
+        })
+        .await;
+        let reference = format!("first full window of {version}");
+        self.until("the serving version's drift reference", STAGE_LISTS, || async {
+            let drift = get(&self.server, "/v1/monitor").await.body["drift"].clone();
+            (drift["reference"] == json!(reference) && drift["popularity_psi"].is_number()).then_some(())
         })
         .await;
         self.traffic(900).await;
@@ -214,10 +221,11 @@ impl Loop {
 #[actix_rt::test]
 async fn after_a_taste_shift_the_loop_retrains_canaries_promotes_and_ctr_recovers() {
     // The shift moves the category mix's PSI to about 3.5. Without a shift, windows of a busy
-    // machine (few users in each) have reached 0.26 against the reference, above the default
-    // threshold of 0.25 (`a_stationary_stream_raises_no_alarm`, which keeps the default, failed
-    // so once). Such an alarm before the shift would start a run on the old tastes and leave
-    // the shift's own alarm in the cooldown: this threshold leaves the shift a wide margin.
+    // machine judged against a reference the previous model served have reached 0.26, above the
+    // default threshold of 0.25 (`a_stationary_stream_raises_no_alarm` failed so twice before
+    // the reference became the serving version's own window). Such an alarm before the shift
+    // would start a run on the old tastes and leave the shift's own alarm in the cooldown: this
+    // threshold leaves the shift a wide margin.
     let lp = Loop::start("shift", |config| config.monitor.psi_threshold = 1.0).await;
     let v1 = lp.bootstrap().await;
     let before = lp.steady_ctr(&v1).await;
@@ -324,14 +332,11 @@ async fn a_stationary_stream_raises_no_alarm() {
     let lp = Loop::start("steady", |config| config.monitor.window_secs = 30).await;
     let v1 = lp.bootstrap().await;
     lp.steady_ctr(&v1).await;
-    lp.until("the drift reference in place", STAGE_LISTS, || async {
-        get(&lp.server, "/v1/monitor").await.body["drift"]["popularity_psi"].as_f64()
-    })
-    .await;
     // As much traffic as the shift test needs from its shift to a recovered CTR, and more.
     lp.traffic(9000).await;
     let report = get(&lp.server, "/v1/monitor").await.body;
     assert!(report["drift"]["popularity_psi"].is_number(), "the drift checks ran: {report}");
+    assert_eq!(report["drift"]["reference"], json!(format!("first full window of {v1}")), "{report}");
     assert!(report["drift"]["ctr_z"].is_number(), "the CTR check ran: {report}");
     assert_eq!(report["breaches"], json!([]), "no alarm: {report:#}");
     assert_eq!(metric(&lp.server, "liverec_monitor_breaches_total").await, 0.0);

@@ -19,7 +19,8 @@
 //!    two-proportion test on CTR decides: rolled back when the canary is worse by more than
 //!    `rollout.z_threshold`, promoted otherwise. No verdict within `rollout.max_secs`: rolled back.
 //! 5. Promotion: the canary serves everyone, `serving.json` in the registry names it (a restart
-//!    comes back with it), and the monitor takes its training window as the drift reference.
+//!    comes back with it), and the monitor takes its first full window (or its training window:
+//!    `monitor.drift_reference`) as the drift reference.
 //!    The displaced model is kept for an instant manual rollback.
 //!
 //! A/B experiments between two registry versions use the same split and report per-variant CTR

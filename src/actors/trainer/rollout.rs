@@ -123,7 +123,7 @@ impl TrainerActor {
                 act.adopt(canary.name.clone(), displaced);
                 act.monitor.do_send(SetReference {
                     reference: canary.reference,
-                    source: format!("training window of {}", canary.version),
+                    version: canary.version.to_string(),
                     run_started_ms: act.runs.iter().find(|r| r.run == canary.run).map(|r| r.started_at_ms),
                 });
                 if let Some(record) = act.run_mut(canary.run) {

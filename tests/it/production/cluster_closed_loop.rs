@@ -308,7 +308,8 @@ impl ClusterLoop {
         version
     }
 
-    /// Pre-shift CTR as the simulated users see it, once the cluster view has a baseline.
+    /// Pre-shift CTR as the simulated users see it, once the cluster view has a baseline and the
+    /// leader judges input drift against `version`'s own first full window.
     async fn steady_ctr(&self, version: &str) -> f64 {
         self.until("a CTR baseline for the serving version", STAGE_LISTS, || async move {
             let (_, report) = self.leader().get("/v1/monitor").await?;
@@ -316,6 +317,13 @@ impl ClusterLoop {
                 .as_array()?
                 .iter()
                 .any(|v| v["version"] == version && v["variant"] == "control" && v["baseline_ctr"].is_number())
+                .then_some(())
+        })
+        .await;
+        let reference = format!("first full window of {version}");
+        self.until("the serving version's drift reference on the leader", STAGE_LISTS, || async {
+            let (_, report) = self.leader().get("/v1/monitor").await?;
+            (report["drift"]["reference"] == json!(reference) && report["drift"]["popularity_psi"].is_number())
                 .then_some(())
         })
         .await;
