@@ -13,8 +13,10 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// Most profiles the embedded (memory) store keeps; past it the least recently used are
-    /// evicted. The embedded store is a cache of recent users; Redis is the durable store.
+    /// Most profiles the embedded (memory) store keeps (of users whose session stopped: a
+    /// running session holds its profile and parks it there when it stops); past it the least
+    /// recently used are evicted. The embedded store is a cache of recent users; Redis is the
+    /// durable store.
     pub memory_max_profiles: usize,
     /// A profile of the embedded store not read or written for this long is dropped (0: never).
     pub memory_idle_ttl_secs: u64,

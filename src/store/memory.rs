@@ -1,5 +1,6 @@
 //! The in-memory profile store: the embedded default. Profiles live in this process only and are
-//! lost when it stops.
+//! lost when it stops. It parks profiles ([`ProfileStore::parks_profiles`]): it holds those of
+//! users whose session does not run, and a running session holds its own.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -198,6 +199,22 @@ impl ProfileStore for MemoryStore {
         }))
     }
 
+    fn parks_profiles(&self) -> bool {
+        true
+    }
+
+    async fn claim(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
+        let claimed = self.profiles.remove(user).map(|(_, s)| s.profile);
+        if claimed.is_some() {
+            self.metrics.store_memory_profiles.set(self.profiles.len() as i64);
+        }
+        Ok(claimed)
+    }
+
+    fn park(&self, user: &UserId, profile: Profile) {
+        self.upsert(user, |parked| *parked = profile);
+    }
+
     fn append(&self, update: ProfileUpdate) -> Persisted {
         let limits = self.limits;
         let user = update.user_id.clone();
@@ -352,6 +369,24 @@ mod tests {
         assert!(store.load(&UserId::from("new")).await.expect("load").is_some());
         assert_eq!(store.metrics.store_memory_evicted.get() as usize, 65 - store.len());
         assert_eq!(store.metrics.store_memory_profiles.get() as usize, store.len());
+    }
+
+    #[actix_rt::test]
+    async fn a_parked_profile_is_handed_over_once_and_counts_towards_the_cap() {
+        let store = bounded(64, 8, 0);
+        assert!(store.parks_profiles());
+        let user = UserId::from("u");
+        let profile = Profile { interactions: vec![interaction("e", "item")], ..Profile::default() };
+        store.park(&user, profile.clone());
+        assert_eq!(store.metrics.store_memory_profiles.get(), 1);
+        assert_eq!(store.load(&user).await.expect("load"), Some(profile.clone()), "a read leaves it parked");
+        assert_eq!(store.claim(&user).await.expect("claim"), Some(profile), "handed over");
+        assert_eq!(store.claim(&user).await.expect("claim"), None, "once");
+        assert_eq!(store.metrics.store_memory_profiles.get(), 0);
+        for n in 0..65 {
+            store.park(&UserId::from(format!("p{n}").as_str()), Profile::default());
+        }
+        assert!(store.len() <= 64, "parking keeps the cap");
     }
 
     #[actix_rt::test]

@@ -190,6 +190,22 @@ pub trait ProfileStore: Send + Sync + 'static {
         false
     }
     async fn load(&self, user: &UserId) -> Result<Option<Profile>, StoreError>;
+    /// Whether the store holds a user's profile only while no session of this process runs the
+    /// user (the memory store). Its sessions then neither append each event nor store each
+    /// list: the session's state is the profile while it runs, a stopping session parks its
+    /// whole state here ([`ProfileStore::park`]), and a starting one takes it back
+    /// ([`ProfileStore::claim`]). Nothing is less durable for it: the store lives in the same
+    /// process as the sessions. A user's history is then in memory once, not twice.
+    fn parks_profiles(&self) -> bool {
+        false
+    }
+    /// The profile a starting session rebuilds from: a parking store hands it over (it no
+    /// longer holds it), others read it.
+    async fn claim(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
+        self.load(user).await
+    }
+    /// A stopping session's whole state, in place of what the store held (parking stores only).
+    fn park(&self, _user: &UserId, _profile: Profile) {}
     /// Queues an append (skipping event ids the profile already holds, trimming to the limits).
     /// Appends for one user are applied in the order of the calls.
     fn append(&self, update: ProfileUpdate) -> Persisted;
@@ -213,6 +229,15 @@ pub trait ProfileStore: Send + Sync + 'static {
 }
 
 impl Profile {
+    /// Whether it holds nothing a session would restore.
+    pub fn is_empty(&self) -> bool {
+        self.interactions.is_empty()
+            && self.event_ids.is_empty()
+            && self.suppressed.is_empty()
+            && self.consumed.is_empty()
+            && self.last_recs.is_none()
+    }
+
     /// Applies an update in place with the same rules every store follows: skip known event ids,
     /// keep the newest `limits` entries of each list, record the consumed items.
     pub fn apply(&mut self, update: ProfileUpdate, limits: ProfileLimits) {

@@ -46,22 +46,63 @@ async fn the_memory_store_keeps_its_cap_and_evicts_the_least_recently_used() {
     // Sessions stop soon, so exports read what the store kept.
     config.session.idle_ttl_ms = 100;
     let server = start(config).await;
+    // A session parks its profile in the store when it stops: each group stops before the next
+    // starts, so the store receives them in this order.
+    let all_stopped = || async {
+        eventually("every session stopped", || async {
+            (metric(&server, "liverec_sessions_active").await == 0.0).then_some(())
+        })
+        .await
+    };
     let old = names("old", 20);
     post_and_settle(&server, &old).await;
+    all_stopped().await;
     let newer = names("new", 64);
     post_and_settle(&server, &newer).await;
+    all_stopped().await;
     post_and_settle(&server, &["last".to_owned()]).await;
+    all_stopped().await;
 
     assert!(metric(&server, "liverec_store_memory_profiles").await <= 64.0);
     assert!(metric(&server, "liverec_store_memory_profiles_evicted_total").await >= 21.0);
-    eventually("every session stopped", || async {
-        (metric(&server, "liverec_sessions_active").await == 0.0).then_some(())
-    })
-    .await;
     assert_eq!(exported_history(&server, "last").await.len(), 1, "the newest profile is kept");
     for user in &old {
         assert!(exported_history(&server, user).await.is_empty(), "{user}'s profile was evicted");
     }
+    server.stop().await;
+}
+
+/// The memory store holds a profile only while its user's session does not run: the running
+/// session is the profile, parks it when it stops and takes it back when it starts again, so a
+/// user's history is in memory once. Exports of a parked user read the store.
+#[actix_rt::test]
+async fn a_session_parks_its_profile_in_the_memory_store_when_it_stops_and_takes_it_back() {
+    let mut config = test_config();
+    config.session.max_active = 1;
+    let server = start(config).await;
+    let parked = || metric(&server, "liverec_store_memory_profiles");
+    let views = |user: &str, items: &[&str]| Value::Array(items.iter().map(|item| event(user, item, "view")).collect());
+    post_events(&server, views("ada", &["item-0001", "item-0002", "item-0003"])).await;
+    wait_for_metric(&server, "liverec_session_applied_events_total", 3.0, STALL).await;
+    assert_eq!(parked().await, 0.0, "a running session's profile is not in the store");
+
+    // Bob's session needs ada's place: hers stops and parks her whole state.
+    post_events(&server, views("bob", &["item-0004"])).await;
+    wait_for_metric(&server, "liverec_session_applied_events_total", 4.0, STALL).await;
+    eventually("ada's profile parked", || async { (parked().await == 1.0).then_some(()) }).await;
+    assert_eq!(exported_history(&server, "ada").await.len(), 3, "the export reads the parked profile");
+
+    // Ada comes back: her session takes the profile (the store no longer holds it), bob's parks.
+    post_events(&server, views("ada", &["item-0005"])).await;
+    wait_for_metric(&server, "liverec_session_applied_events_total", 5.0, STALL).await;
+    eventually("ada's session holds four events", || async {
+        (exported_history(&server, "ada").await.len() == 4).then_some(())
+    })
+    .await;
+    eventually("bob's profile parked, ada's taken back", || async {
+        (parked().await == 1.0 && exported_history(&server, "bob").await.len() == 1).then_some(())
+    })
+    .await;
     server.stop().await;
 }
 

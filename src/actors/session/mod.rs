@@ -78,6 +78,8 @@ pub struct SessionActor {
     served: ServedLists,
     /// When the user was erased, if ever: events from before then are never applied (replays).
     erased_at: Option<i64>,
+    /// The history went to another user (`TakeHistory`): nothing to park when this stops.
+    handed_over: bool,
 }
 
 impl SessionActor {
@@ -101,6 +103,7 @@ impl SessionActor {
             last_active: Instant::now(),
             served: ServedLists::default(),
             erased_at: None,
+            handed_over: false,
         }
     }
 
@@ -114,8 +117,10 @@ impl SessionActor {
         let load = async move {
             let mut delay = Duration::from_millis(50);
             loop {
-                let loaded = match store.load(&user).await {
-                    Ok(profile) => store.tombstone(&user).await.map(|erased| (profile, erased)),
+                // The profile last: a parking store hands it over, and a failure after that
+                // would retry without it.
+                let loaded = match store.tombstone(&user).await {
+                    Ok(erased) => store.claim(&user).await.map(|profile| (profile, erased)),
                     Err(error) => Err(error),
                 };
                 match loaded {
@@ -375,7 +380,9 @@ impl SessionActor {
         }
         // Production mode: a list nobody watches is neither stored nor published (a later
         // subscriber starts from the stored profile; see `SessionRegistry::watch_appeared`).
-        if self.registry.list_wanted(&self.hub) {
+        if self.deps.store.parks_profiles() {
+            // Parked with the rest of the state when the session stops.
+        } else if self.registry.list_wanted(&self.hub) {
             self.deps.store.save_recs(&update);
         } else {
             self.deps.metrics.lists_unwatched.inc();
@@ -447,9 +454,10 @@ impl SessionActor {
         record
     }
 
-    /// Queues the update in the store; the returned future resolves when it is durable.
+    /// Queues the update in the store; the returned future resolves when it is durable. A
+    /// parking store gets the whole state when the session stops instead.
     fn persist(&self, update: ProfileUpdate) -> Persisted {
-        if update.interactions.is_empty() && update.suppressed.is_empty() {
+        if (update.interactions.is_empty() && update.suppressed.is_empty()) || self.deps.store.parks_profiles() {
             return persisted_now();
         }
         self.deps.store.append(update)
@@ -480,6 +488,14 @@ impl Actor for SessionActor {
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
+        // Parked before the registry hears of the stop: a session started for the user after
+        // that claims this state. An erased user's state goes nowhere.
+        if self.deps.store.parks_profiles() && !self.handed_over && !self.hub.is_erased() {
+            let profile = self.profile();
+            if !profile.is_empty() {
+                self.deps.store.park(&self.hub.user, profile);
+            }
+        }
         self.deps.metrics.sessions_active.dec();
         self.registry.session_stopped(&self.hub, &ctx.address().recipient());
     }
@@ -598,6 +614,7 @@ impl Handler<TakeHistory> for SessionActor {
 
     fn handle(&mut self, _msg: TakeHistory, _ctx: &mut Self::Context) -> Self::Result {
         let profile = self.profile();
+        self.handed_over = true;
         self.history.clear();
         self.consumed.clear();
         self.event_ids.clear();
