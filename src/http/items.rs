@@ -299,6 +299,7 @@ pub struct PageQuery {
     cursor: Option<String>,
     /// Most items on the page (default 100, at most 1,000).
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::lists::param::limit")]
     limit: Option<usize>,
 }
 

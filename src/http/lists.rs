@@ -200,7 +200,7 @@ pub struct ItemsQuery {
 /// name neither for a number (`invalid digit found in string`) and only the value for a choice.
 /// The shared query error handler takes `field` from the message's leading `` `name` ``
 /// ([`super::error::query_error`]).
-mod param {
+pub(super) mod param {
     use serde::de::value::StrDeserializer;
     use serde::de::{DeserializeOwned, Deserializer, Error, IntoDeserializer};
     use serde::Deserialize;
@@ -225,6 +225,10 @@ mod param {
 
     pub fn offset<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
         number("offset", d)
+    }
+
+    pub fn limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        number("limit", d)
     }
 
     pub fn device<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Device>, D::Error> {

@@ -46,12 +46,14 @@ pub struct RecQuery {
     access_token: Option<String>,
     /// How many items (default `recs.default_k`, at most `recs.max_k`).
     #[param(minimum = 1)]
+    #[serde(default, deserialize_with = "super::lists::param::k")]
     k: Option<usize>,
     /// Comma-separated item ids to leave out.
     exclude: Option<String>,
     /// Comma-separated categories; only items in one of them are returned.
     categories: Option<String>,
     /// Device class to rank for, instead of the user's latest context.
+    #[serde(default, deserialize_with = "super::lists::param::device")]
     device: Option<Device>,
 }
 

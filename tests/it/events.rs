@@ -141,8 +141,14 @@ async fn bad_rest_input_is_refused_and_applies_nothing() {
         "out_of_range",
         Some("exclude"),
     );
-    assert_error(&get(&server, "/v1/users/victim/recommendations?k=abc").await, 400, "invalid_query", None);
-    assert_error(&get(&server, "/v1/users/victim/recommendations?device=fridge").await, 400, "invalid_query", None);
+    // A value of the wrong type names its parameter and the value.
+    let not_a_number = get(&server, "/v1/users/victim/recommendations?k=abc").await;
+    assert_error(&not_a_number, 400, "invalid_query", Some("k"));
+    assert!(not_a_number.body["error"]["message"].as_str().is_some_and(|m| m.contains("abc")), "{}", not_a_number.body);
+    let fridge = get(&server, "/v1/users/victim/recommendations?device=fridge").await;
+    assert_error(&fridge, 400, "invalid_query", Some("device"));
+    assert!(fridge.body["error"]["message"].as_str().is_some_and(|m| m.contains("fridge")), "{}", fridge.body);
+    assert_error(&get(&server, "/v1/items?limit=many").await, 400, "invalid_query", Some("limit"));
     assert_error(&get(&server, "/v1/items/nothing-here").await, 404, "item_not_found", None);
     assert_error(
         &put_json(&server, "/v1/items/i1", &json!({ "categories": "not a list" })).await,
