@@ -179,7 +179,7 @@ async fn a_redis_restart_keeps_serving_and_loses_no_accepted_event() {
     for round in 5..10 {
         post_events(&server, event(round)).await;
     }
-    eventually("the server reports the store degraded", || async {
+    eventually_within(SERVICE_DEADLINE, "the server reports the store degraded", || async {
         let ready = get(&server, "/readyz").await;
         (ready.status == 200 && ready.body["degraded"] == true).then_some(())
     })
@@ -253,7 +253,7 @@ async fn an_erasure_reaches_the_streams_and_the_event_log_of_every_instance() {
     .expect("A's stream ends after the erasure")
     .expect("A's stream says why it ends");
     assert_eq!(last.event, "erased", "{last:?}");
-    eventually("A's event log forgets the user", || async {
+    eventually_within(SERVICE_DEADLINE, "A's event log forgets the user", || async {
         (metric(&a, "liverec_eventlog_events").await == 0.0).then_some(())
     })
     .await;
