@@ -61,7 +61,7 @@ pub struct RecUpdate {
     pub published: std::time::Instant,
     /// Whether the list has been reported to the monitor as an impression: a list is one
     /// impression however often it is shown, and only a shown list can be clicked. Shared with
-    /// its [`RecUpdate::slim`] copy, which attribution keeps once a newer list is out.
+    /// what attribution keeps of it once a newer list is out ([`RecUpdate::shown_flag`]).
     shown: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -84,24 +84,24 @@ impl RecUpdate {
         })
     }
 
-    /// The list without its serialised forms, sharing whether it was shown: what attribution
-    /// keeps of a list once a newer one replaced it (its JSON and stream frames are no longer
-    /// sent to anyone; kept for the last eight lists of every user, they were about a fifth of
-    /// the heap of a user with 50 events, `tests/heap_per_user.rs`).
-    pub fn slim(&self) -> Arc<Self> {
+    /// Whether this list has been reported as an impression, shared: what click attribution
+    /// keeps of it once a newer list is out (see `session::attribution`), so a stream that shows
+    /// the list later still makes it clickable.
+    pub fn shown_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.shown.clone()
+    }
+
+    /// A list rebuilt from what attribution kept of it, without serialised forms, sharing
+    /// `shown` with the list as it was published.
+    pub fn sharing_shown(list: RecList, shown: Arc<std::sync::atomic::AtomicBool>) -> Arc<Self> {
         Arc::new(Self {
-            list: self.list.clone(),
+            list,
             json: Bytes::new(),
             sse: OnceLock::new(),
             ws: OnceLock::new(),
-            published: self.published,
-            shown: self.shown.clone(),
+            published: std::time::Instant::now(),
+            shown,
         })
-    }
-
-    /// Whether this is a [`RecUpdate::slim`] or [`RecUpdate::bare`] list (no serialised form).
-    pub fn is_slim(&self) -> bool {
-        self.json.is_empty()
     }
 
     /// The first `k` items of a shown list without its serialised forms: what click attribution

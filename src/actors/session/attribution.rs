@@ -6,23 +6,93 @@
 //! nobody, or whose impression the monitor refused, is no impression and gets no click.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::actors::monitor::{Outcome, OutcomeKind};
-use crate::event::{EventType, ItemId};
-use crate::recs::RecUpdate;
+use crate::event::{EventId, EventType, ItemId, UserId};
+use crate::recs::{RecItem, RecList, RecUpdate};
 
 /// Lists remembered per user for attribution.
 const SERVED_KEPT: usize = 8;
 
 /// A list served to the user, remembered to attribute clicks and conversions to it.
 struct Served {
-    /// The list as published; its `is_shown` says whether it counted as an impression.
-    update: Arc<RecUpdate>,
+    list: Kept,
     at: Instant,
     clicked: bool,
     converted: bool,
+}
+
+/// A remembered list: the newest as published (shared with the user's hub), older ones as
+/// what attribution reads of them.
+enum Kept {
+    Published(Arc<RecUpdate>),
+    /// Boxed: a session that served one list (most) keeps no room for it.
+    Compact(Box<Compact>),
+}
+
+/// What attribution keeps of a list once a newer one is out: its id (a UUID in its 16 bytes),
+/// its arm (strings shared with the user's other kept lists of the same arm), its item ids
+/// (shared with the catalogue), and whether it was shown (shared with the published list, which
+/// a stream may still show). About 330 bytes with ten items, where the published list without
+/// its serialised forms took about 700 (`tests/heap_per_user.rs`).
+struct Compact {
+    rec_id: EventId,
+    version: Arc<str>,
+    variant: Arc<str>,
+    items: Box<[ItemId]>,
+    shown: Arc<AtomicBool>,
+}
+
+impl Kept {
+    fn is(&self, rec_id: &str) -> bool {
+        match self {
+            Kept::Published(update) => update.list.rec_id == rec_id,
+            Kept::Compact(compact) => *compact.rec_id.as_str() == *rec_id,
+        }
+    }
+
+    fn is_shown(&self) -> bool {
+        match self {
+            Kept::Published(update) => update.is_shown(),
+            Kept::Compact(compact) => compact.shown.load(Ordering::Acquire),
+        }
+    }
+
+    /// Where `item` is in the list.
+    fn position(&self, item: &ItemId) -> Option<usize> {
+        match self {
+            Kept::Published(update) => update.list.items.iter().position(|i| i.item_id == *item),
+            Kept::Compact(compact) => compact.items.iter().position(|i| i == item),
+        }
+    }
+
+    /// The list's version and variant, as the monitor's shared strings.
+    fn arm(&self) -> (Arc<str>, Arc<str>) {
+        match self {
+            Kept::Published(update) => (update.list.model_version.as_str().into(), update.list.variant.as_str().into()),
+            Kept::Compact(compact) => (compact.version.clone(), compact.variant.clone()),
+        }
+    }
+
+    /// The compact form of a published list; `like` is a kept list whose arm strings it shares
+    /// when the arm is the same.
+    fn compact(update: &RecUpdate, like: Option<&Compact>) -> Compact {
+        let list = &update.list;
+        let share = |kept: Option<&Arc<str>>, text: &str| match kept {
+            Some(s) if **s == *text => s.clone(),
+            _ => Arc::from(text),
+        };
+        Compact {
+            rec_id: EventId::from(list.rec_id.as_str()),
+            version: share(like.map(|c| &c.version), &list.model_version),
+            variant: share(like.map(|c| &c.variant), &list.variant),
+            items: list.items.iter().map(|i| i.item_id.clone()).collect(),
+            shown: update.shown_flag(),
+        }
+    }
 }
 
 /// Appends `item` to `queue`, dropping the oldest beyond `max`. The room grows by doubling from
@@ -59,18 +129,47 @@ pub(super) struct Interacted<'a> {
 
 impl ServedLists {
     /// Remembers `list`, served at `at`, forgetting the oldest beyond `SERVED_KEPT`.
-    /// The list served before keeps only what attribution reads (see [`RecUpdate::slim`]).
+    /// The list served before keeps only what attribution reads (see [`Compact`]).
     pub(super) fn remember(&mut self, update: &Arc<RecUpdate>, at: Instant) {
-        if let Some(previous) = self.lists.back_mut().filter(|s| !s.update.is_slim()) {
-            previous.update = previous.update.slim();
+        let newest = self.lists.len().checked_sub(1);
+        if let Some(i) = newest {
+            if let Kept::Published(previous) = &self.lists[i].list {
+                let like = i.checked_sub(1).and_then(|j| match &self.lists[j].list {
+                    Kept::Compact(compact) => Some(&**compact),
+                    Kept::Published(_) => None,
+                });
+                let compact = Kept::compact(previous, like);
+                self.lists[i].list = Kept::Compact(Box::new(compact));
+            }
         }
-        let served = Served { update: update.clone(), at, clicked: false, converted: false };
+        let served = Served { list: Kept::Published(update.clone()), at, clicked: false, converted: false };
         push_bounded(&mut self.lists, served, SERVED_KEPT);
     }
 
-    /// The remembered list named `rec_id`, if any.
-    pub(super) fn named(&self, rec_id: &str) -> Option<Arc<RecUpdate>> {
-        self.lists.iter().find(|s| s.update.list.rec_id == rec_id).map(|s| s.update.clone())
+    /// The remembered list named `rec_id`, if any, as `user`'s list (an older one rebuilt from
+    /// what was kept of it: its arm, items and shown flag).
+    pub(super) fn named(&self, rec_id: &str, user: &UserId) -> Option<Arc<RecUpdate>> {
+        let served = self.lists.iter().find(|s| s.list.is(rec_id))?;
+        Some(match &served.list {
+            Kept::Published(update) => update.clone(),
+            Kept::Compact(compact) => RecUpdate::sharing_shown(
+                RecList {
+                    rec_id: rec_id.to_owned(),
+                    user_id: user.clone(),
+                    model_version: compact.version.to_string(),
+                    variant: compact.variant.to_string(),
+                    generated_at: 0,
+                    seq: 0,
+                    last_event_id: None,
+                    items: compact
+                        .items
+                        .iter()
+                        .map(|item_id| RecItem { item_id: item_id.clone(), score: 0.0 })
+                        .collect(),
+                },
+                compact.shown.clone(),
+            ),
+        })
     }
 
     /// The outcomes `event` makes at `now` on a shown list: the one it names by `rec_id`, else
@@ -78,16 +177,16 @@ impl ServedLists {
     /// click and one conversion, so a repeated click yields no outcome but is still attributed.
     /// `None` when the event is on no recent shown list (an organic event).
     pub(super) fn attribute(&mut self, event: &Interacted<'_>, now: Instant, window: Duration) -> Option<Vec<Outcome>> {
-        let named = event.rec_id.and_then(|id| self.lists.iter().position(|s| s.update.list.rec_id == id));
+        let named = event.rec_id.and_then(|id| self.lists.iter().position(|s| s.list.is(id)));
         let served = match named {
-            Some(i) => self.lists.get_mut(i).filter(|s| s.update.is_shown()),
+            Some(i) => self.lists.get_mut(i).filter(|s| s.list.is_shown()),
             None => self.lists.iter_mut().rev().find(|s| {
-                s.update.is_shown()
+                s.list.is_shown()
                     && now.saturating_duration_since(s.at) <= window
-                    && s.update.list.items.iter().any(|i| i.item_id == *event.item)
+                    && s.list.position(event.item).is_some()
             }),
         }?;
-        let position = served.update.list.items.iter().position(|i| i.item_id == *event.item);
+        let position = served.list.position(event.item);
         position?;
         let mut outcomes = Vec::new();
         if !served.clicked {
@@ -99,10 +198,9 @@ impl ServedLists {
             served.converted = true;
             outcomes.push(OutcomeKind::Conversion);
         }
-        // The monitor's shared strings, made per outcome (clicks are rarer than served lists).
-        let list = &served.update.list;
-        let (version, variant): (Arc<str>, Arc<str>) =
-            (list.model_version.as_str().into(), list.variant.as_str().into());
+        // The monitor's shared strings (made here for the newest list: clicks are rarer than
+        // served lists).
+        let (version, variant) = served.list.arm();
         Some(
             outcomes
                 .into_iter()
@@ -174,6 +272,28 @@ mod tests {
         let again = served.attribute(&event(None, &b, EventType::Click), start, WINDOW);
         assert_eq!(kinds(&again), Some(vec![OutcomeKind::Click]));
         assert_eq!(again.expect("attributed")[0].position, Some(0));
+    }
+
+    #[test]
+    fn an_older_list_kept_compact_is_named_shown_and_clicked_like_the_published_one() {
+        let start = Instant::now();
+        let mut served = ServedLists::default();
+        let rec_id = "0192f0c4-1a2b-7c3d-8e4f-5a6b7c8d9e0f";
+        let old = unshown(rec_id, &["a", "b"]);
+        served.remember(&old, start);
+        served.remember(&list("new", &["c"]), start);
+        assert!(matches!(served.lists[0].list, Kept::Compact(_)), "the older list is kept compact");
+        let user = UserId::from("u1");
+        let named = served.named(rec_id, &user).expect("named");
+        assert_eq!((named.list.rec_id.as_str(), named.list.model_version.as_str()), (rec_id, "v1"));
+        let ids: Vec<&str> = named.list.items.iter().map(|i| i.item_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        // Showing the rebuilt list shows the published one: one impression, then clickable.
+        assert!(named.show());
+        assert!(!old.show(), "one flag for both");
+        let b = ItemId::from("b");
+        let outcomes = served.attribute(&event(Some(rec_id), &b, EventType::Click), start, WINDOW);
+        assert_eq!(outcomes.expect("attributed")[0].position, Some(1));
     }
 
     #[test]

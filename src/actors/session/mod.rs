@@ -543,7 +543,7 @@ impl Handler<ShownElsewhere> for SessionActor {
     fn handle(&mut self, msg: ShownElsewhere, _ctx: &mut Self::Context) {
         let ShownElsewhere(shown) = msg;
         let k = shown.list.items.len();
-        match self.served.named(&shown.list.rec_id) {
+        match self.served.named(&shown.list.rec_id, &self.hub.user) {
             Some(own) => report_impression(&self.deps, &own, k),
             None => {
                 report_impression(&self.deps, &shown, k);
