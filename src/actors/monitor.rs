@@ -603,7 +603,9 @@ impl MonitorActor {
     fn reference_ends_cooldown(&self, run_started_ms: Option<i64>) -> bool {
         let Some(breach) = self.last_retrain else { return false };
         let absorbed = run_started_ms.is_some_and(|started| breach as i64 > started);
-        absorbed || !self.reference.as_ref().is_some_and(|r| r.trained)
+        // A promoted version's window still filling is a trained version's reference too.
+        let trained = self.awaited.is_some() || self.reference.as_ref().is_some_and(|r| r.trained);
+        absorbed || !trained
     }
 }
 
@@ -622,6 +624,9 @@ impl MonitorActor {
             cluster.local_drift = fresh(cluster.local_drift.ctr_z);
         }
         self.drift = fresh(self.drift.ctr_z);
+        // The gauges do not keep the old reference's indices either (an alert on them would
+        // stay firing through a pending window).
+        self.metrics.set_drift(0.0, 0.0, 0.0);
     }
 }
 
@@ -769,6 +774,9 @@ mod tests {
         assert!(!monitor.reference_ends_cooldown(None));
         // ...one absorbed by a run already under way does not.
         assert!(monitor.reference_ends_cooldown(Some(500)));
+        // A promoted version's own window still filling counts as its reference.
+        (monitor.reference, monitor.awaited) = (None, Some("v2".into()));
+        assert!(!monitor.reference_ends_cooldown(Some(1_000)));
     }
 
     /// Sends `users` organic views (one each, items spread over ten) and reads the drift report.

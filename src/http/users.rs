@@ -169,6 +169,10 @@ pub async fn erase(
     state.store.erase(&user, at).await?;
     // A session that started in between (an event raced the erasure) holds the old history.
     closed += state.registry.erase(&user).await;
+    if state.store.parks_profiles() {
+        // That session may have parked the old history when it stopped, between the two.
+        state.store.erase(&user, at).await?;
+    }
     let events = state.event_log.remove_user(&user, at);
     if let Err(error) = state.bus.notify_reload(&user).await {
         tracing::warn!(error = %error, "the owning instance was not told to drop the erased user");

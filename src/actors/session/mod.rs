@@ -529,6 +529,11 @@ impl Handler<Reload> for SessionActor {
     /// The stored profile changed behind this session's back (a merge on another instance):
     /// rebuild from it and push a fresh list.
     fn handle(&mut self, _msg: Reload, ctx: &mut Self::Context) {
+        if self.deps.store.parks_profiles() {
+            // The session's state is the profile: nothing changed behind its back to reload.
+            self.refresh(ctx);
+            return;
+        }
         self.reset();
         self.load_profile(ctx);
         ctx.wait(fut::ready(()).map(|(), act: &mut Self, ctx| act.refresh(ctx)));
