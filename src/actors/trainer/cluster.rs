@@ -280,6 +280,7 @@ impl TrainerActor {
             }
             if promote {
                 act.adopt_name(Some(canary.name.clone()));
+                act.reference_version = Some(canary.version.to_string());
                 act.monitor.do_send(SetReference {
                     reference: canary.reference,
                     version: canary.version.to_string(),
@@ -630,6 +631,20 @@ impl Handler<ControlApplied> for TrainerActor {
         if !self.leading {
             self.serving_name = msg.serving.name.clone();
             self.metrics.set_challenger_share(msg.state.challenger.as_ref().map_or(0.0, |c| c.share));
+        }
+        // A version this monitor was not told of serves now (a follower's view of a promotion,
+        // a manual promotion, an experiment's end, a rollback): drift is judged against its own
+        // traffic from here (an empty training reference falls back to the version's first full
+        // window). The leader's own promotion told the monitor already, with its training window;
+        // the online model serving from the start keeps the monitor's own first window.
+        let told = self.reference_version.replace(msg.serving.version.clone());
+        let first_and_online = told.is_none() && msg.serving.name.is_none();
+        if told.as_deref() != Some(msg.serving.version.as_str()) && !first_and_online {
+            self.monitor.do_send(SetReference {
+                reference: DriftReference::default(),
+                version: msg.serving.version.clone(),
+                run_started_ms: None,
+            });
         }
         self.desired = Some(msg.state);
     }

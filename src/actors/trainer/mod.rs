@@ -112,6 +112,10 @@ pub struct TrainerActor {
     takeover_pending: bool,
     /// The newest desired state read from the control topic.
     desired: Option<DesiredState>,
+    /// Production mode: the version this instance's monitor was last given as serving
+    /// (`SetReference`), so every instance, not only the leader that promoted it, judges drift
+    /// against the serving version's traffic.
+    reference_version: Option<String>,
     /// The state this leader published last (ahead of `desired` until it is read back).
     intended: Option<StateChange>,
     /// What served at start, before any control record.
@@ -157,6 +161,7 @@ impl TrainerActor {
             leading: true,
             takeover_pending: false,
             desired: None,
+            reference_version: None,
             intended: None,
             started_serving: ServingVersion { name: None, version: String::new() },
             published_run: None,

@@ -308,8 +308,8 @@ impl ClusterLoop {
         version
     }
 
-    /// Pre-shift CTR as the simulated users see it, once the cluster view has a baseline and the
-    /// leader judges input drift against `version`'s own first full window.
+    /// Pre-shift CTR as the simulated users see it, once the cluster view has a baseline and every
+    /// instance judges input drift against `version`'s own first full window.
     async fn steady_ctr(&self, version: &str) -> f64 {
         self.until("a CTR baseline for the serving version", STAGE_LISTS, || async move {
             let (_, report) = self.leader().get("/v1/monitor").await?;
@@ -320,13 +320,16 @@ impl ClusterLoop {
                 .then_some(())
         })
         .await;
+        // On every instance: the followers learn of the promotion from the control topic.
         let reference = format!("first full window of {version}");
-        self.until("the serving version's drift reference on the leader", STAGE_LISTS, || async {
-            let (_, report) = self.leader().get("/v1/monitor").await?;
-            (report["drift"]["reference"] == json!(reference) && report["drift"]["popularity_psi"].is_number())
-                .then_some(())
-        })
-        .await;
+        for instance in &self.instances {
+            self.until("the serving version's drift reference on every instance", STAGE_LISTS, || async {
+                let (_, report) = instance.get("/v1/monitor").await?;
+                (report["drift"]["reference"] == json!(reference) && report["drift"]["popularity_psi"].is_number())
+                    .then_some(())
+            })
+            .await;
+        }
         self.traffic(900).await;
         self.sim.recent_ctr(3.0)
     }
