@@ -96,10 +96,23 @@ async fn a_trained_version_serves_and_another_replaces_it_while_serving() {
     let next = sse.next_list().await;
     assert_eq!(next["model_version"], json!(v2), "lists after the swap come from the new version");
     assert!(!items(&next).contains(&"seq-3".to_owned()));
+    // Input drift is judged against the new version's own traffic from here.
+    let pending = |version: String| {
+        let server = &server;
+        async move {
+            let reference = json!(format!("first full window of {version} (pending)"));
+            eventually("the switched version's drift reference", || async {
+                (get(server, "/v1/monitor").await.body["drift"]["reference"] == reference).then_some(())
+            })
+            .await
+        }
+    };
+    pending(v2.clone()).await;
 
     // Back to the version that served before, kept in memory for an instant rollback.
     let rolled = post_json(&server, "/v1/admin/rollback", &json!({ "reason": "checking" })).await;
     assert_eq!((rolled.status, rolled.body["serving"].clone()), (200, json!(v1)), "{}", rolled.body);
+    pending(v1.clone()).await;
     let state = get(&server, "/v1/admin/models").await.body;
     assert_eq!(state["serving"], json!(v1));
     let steps: Vec<&str> =

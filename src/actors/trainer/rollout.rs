@@ -9,7 +9,7 @@ use super::replies::{NowServing, Promoted, RolledBack};
 use super::state::{CanaryState, Kept, LoopStep, NamedVersion, Phase, RunOutcome, TrainerError, Variant};
 use super::TrainerActor;
 use crate::actors::model::{EndChallenger, SwapModel};
-use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
+use crate::actors::monitor::{ArmCounts, DriftReference, GetCounts, SetReference};
 use crate::config::RolloutConfig;
 use crate::models::Recommender;
 use crate::monitor::two_proportion_z;
@@ -142,6 +142,17 @@ impl TrainerActor {
         }));
     }
 
+    /// A version serves everyone without a canary's promotion (a manual switch, an experiment's
+    /// end, a rollback): the monitor judges drift against its own traffic from here (an empty
+    /// training reference falls back to the version's first full window).
+    fn serving_switched(&self, version: &str) {
+        self.monitor.do_send(SetReference {
+            reference: DriftReference::default(),
+            version: version.to_owned(),
+            run_started_ms: None,
+        });
+    }
+
     /// Bookkeeping of a new version serving everyone.
     pub(super) fn adopt(&mut self, name: String, displaced: Option<Box<dyn Recommender>>) {
         self.metrics.rollout_promotions.inc();
@@ -181,6 +192,7 @@ impl Handler<Promote> for TrainerActor {
                 return Box::pin(done.into_actor(self).map(move |displaced, act, _| {
                     act.metrics.set_challenger_share(0.0);
                     act.adopt(name.clone(), displaced.ok().flatten());
+                    act.serving_switched(&version);
                     act.record(LoopStep::Promoted, None, Some(&version), "experiment ended: b promoted".into());
                     Ok(Promoted { promoted: name, serving: version })
                 }));
@@ -209,6 +221,7 @@ impl Handler<Promote> for TrainerActor {
                     let swap = act.model.send(SwapModel { model: Box::new(model) });
                     Box::pin(swap.into_actor(act).map(move |displaced, act, _| {
                         act.adopt(name.clone(), displaced.ok().flatten());
+                        act.serving_switched(&version);
                         act.record(LoopStep::Promoted, None, Some(&version), format!("manual: {}", msg.reason));
                         Ok(Promoted { promoted: name, serving: version })
                     }))
@@ -253,6 +266,7 @@ impl Handler<Rollback> for TrainerActor {
             if let Some(displaced) = displaced.ok().flatten() {
                 act.previous = Some(Kept { model: displaced, name: from });
             }
+            act.serving_switched(&version);
             act.record(
                 LoopStep::RolledBack,
                 None,
