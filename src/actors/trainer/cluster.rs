@@ -139,6 +139,14 @@ impl TrainerActor {
             Phase::Training { run } => self.publish_run(run, RunPhase::Training, ctx),
             _ => {}
         }
+        self.settle_takeover(ctx);
+    }
+
+    /// A leader that took the lease carries on from the newest record once the control topic is
+    /// read: before an operator's change too, which then builds on the takeover's record. (A
+    /// takeover left to the next loop check could publish the previous leader's state after an
+    /// operator's rollback, undoing it: seen once on a loaded machine.)
+    pub(super) fn settle_takeover(&mut self, ctx: &mut Context<Self>) {
         if self.takeover_pending && self.cluster.as_ref().is_some_and(|c| c.applied_at_start()) {
             self.takeover_pending = false;
             self.take_over(ctx);

@@ -93,8 +93,9 @@ impl TrainerActor {
 impl Handler<StartExperiment> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<ExperimentStarted, TrainerError>>;
 
-    fn handle(&mut self, msg: StartExperiment, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: StartExperiment, ctx: &mut Self::Context) -> Self::Result {
         if self.clustered() {
+            self.settle_takeover(ctx);
             return self.cluster_start_experiment(msg);
         }
         if !matches!(self.phase, Phase::Idle) {
@@ -155,8 +156,9 @@ impl Handler<StartExperiment> for TrainerActor {
 impl Handler<StopExperiment> for TrainerActor {
     type Result = ResponseActFuture<Self, Result<NowServing, TrainerError>>;
 
-    fn handle(&mut self, msg: StopExperiment, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: StopExperiment, ctx: &mut Self::Context) -> Self::Result {
         if self.clustered() {
+            self.settle_takeover(ctx);
             return self.cluster_stop(msg);
         }
         if !matches!(self.phase, Phase::Experiment(_)) {

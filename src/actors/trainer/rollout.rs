@@ -169,6 +169,7 @@ impl Handler<Promote> for TrainerActor {
 
     fn handle(&mut self, msg: Promote, ctx: &mut Self::Context) -> Self::Result {
         if self.clustered() {
+            self.settle_takeover(ctx);
             return self.cluster_promote(msg);
         }
         let canary_name = match &self.phase {
@@ -237,6 +238,7 @@ impl Handler<Rollback> for TrainerActor {
 
     fn handle(&mut self, msg: Rollback, ctx: &mut Self::Context) -> Self::Result {
         if self.clustered() {
+            self.settle_takeover(ctx);
             return self.cluster_rollback(msg);
         }
         match &self.phase {
