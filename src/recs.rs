@@ -115,14 +115,7 @@ impl RecUpdate {
     /// A list not yet shown, without its serialised forms: one served by another instance, kept
     /// for its impression and clicks only.
     pub fn bare(list: RecList) -> Arc<Self> {
-        Arc::new(Self {
-            list,
-            json: Bytes::new(),
-            sse: OnceLock::new(),
-            ws: OnceLock::new(),
-            published: std::time::Instant::now(),
-            shown: Arc::default(),
-        })
+        Self::sharing_shown(list, Arc::default())
     }
 
     /// The whole SSE frame: `id` (`<incarnation>-<seq>`, see [`sse_incarnation`]), `event` and

@@ -128,6 +128,14 @@ pub struct SetReference {
     pub run_started_ms: Option<i64>,
 }
 
+impl SetReference {
+    /// `version` now serves everyone with no training window to judge by (a manual switch, a
+    /// rollback, another instance's promotion): its own first full window becomes the reference.
+    pub fn serving(version: String) -> Self {
+        Self { reference: DriftReference::default(), version, run_started_ms: None }
+    }
+}
+
 /// Where retraining requests go.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -204,11 +204,7 @@ impl ProfileStore for MemoryStore {
     }
 
     async fn claim(&self, user: &UserId) -> Result<Option<Profile>, StoreError> {
-        let claimed = self.profiles.remove(user).map(|(_, s)| s.profile);
-        if claimed.is_some() {
-            self.metrics.store_memory_profiles.set(self.profiles.len() as i64);
-        }
-        Ok(claimed)
+        self.remove(user).await
     }
 
     fn park(&self, user: &UserId, profile: Profile) {

@@ -648,11 +648,7 @@ impl Handler<ControlApplied> for TrainerActor {
         let told = self.reference_version.replace(msg.serving.version.clone());
         let first_and_online = told.is_none() && msg.serving.name.is_none();
         if told.as_deref() != Some(msg.serving.version.as_str()) && !first_and_online {
-            self.monitor.do_send(SetReference {
-                reference: DriftReference::default(),
-                version: msg.serving.version.clone(),
-                run_started_ms: None,
-            });
+            self.monitor.do_send(SetReference::serving(msg.serving.version.clone()));
         }
         self.desired = Some(msg.state);
     }

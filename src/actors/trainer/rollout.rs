@@ -9,7 +9,7 @@ use super::replies::{NowServing, Promoted, RolledBack};
 use super::state::{CanaryState, Kept, LoopStep, NamedVersion, Phase, RunOutcome, TrainerError, Variant};
 use super::TrainerActor;
 use crate::actors::model::{EndChallenger, SwapModel};
-use crate::actors::monitor::{ArmCounts, DriftReference, GetCounts, SetReference};
+use crate::actors::monitor::{ArmCounts, GetCounts, SetReference};
 use crate::config::RolloutConfig;
 use crate::models::Recommender;
 use crate::monitor::two_proportion_z;
@@ -146,11 +146,7 @@ impl TrainerActor {
     /// end, a rollback): the monitor judges drift against its own traffic from here (an empty
     /// training reference falls back to the version's first full window).
     fn serving_switched(&self, version: &str) {
-        self.monitor.do_send(SetReference {
-            reference: DriftReference::default(),
-            version: version.to_owned(),
-            run_started_ms: None,
-        });
+        self.monitor.do_send(SetReference::serving(version.to_owned()));
     }
 
     /// Bookkeeping of a new version serving everyone.
