@@ -171,6 +171,11 @@ impl ModelActor {
         }
         let n = self.pending.len().min(self.max_batch);
         let (requests, replies): (Vec<_>, Vec<_>) = self.pending.drain(..n).map(|(r, u, tx)| ((r, u), tx)).unzip();
+        if self.pending.is_empty() && self.pending.capacity() > 2 * self.max_batch {
+            // A burst can queue thousands of requests; a drained queue gives that room back
+            // rather than keeping it for good (about 1 MB after a wave of 50,000 new users).
+            self.pending.shrink_to(self.max_batch);
+        }
         self.metrics.model_queued.set(self.pending.len() as i64);
         let observations = std::mem::take(&mut self.observations);
         self.inflight = true;
