@@ -363,7 +363,7 @@ impl Job {
         }
         // The serving version, when it is a registry version: warm start and yardstick.
         let incumbent = match &self.serving_name {
-            Some(name) => match self.registry.load(name, &self.catalog) {
+            Some(name) => match self.registry.load_whole(name, &self.catalog) {
                 Ok(model) => Some(model),
                 Err(error) => {
                     tracing::warn!(error = %error, "serving version not readable; training from scratch");

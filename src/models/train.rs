@@ -490,6 +490,9 @@ fn sampled_softmax_cross_entropy(
 /// keep what they learned and new items start from the fresh initialisation; genre columns
 /// matched by genre name. Returns how many tensors were (at least partly) copied.
 pub fn warm_start(model: &mut SequentialModel, from: &SequentialModel) -> Result<usize, TrainError> {
+    if from.is_serving_copy() {
+        return Err(SasRecError::Config("a serving copy has no item id embedding to warm-start from".to_owned()).into());
+    }
     let target = model.varmap.data().lock().expect("varmap lock not poisoned").clone();
     let source = from.varmap.data().lock().expect("varmap lock not poisoned").clone();
     // Row (1-based, 0 is padding) of each new item in the old model.

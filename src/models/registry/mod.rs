@@ -156,11 +156,20 @@ impl Registry {
         Ok(path)
     }
 
-    /// Loads version `name` and puts the items it knows into the catalogue (with their genres),
-    /// so that its lists name real catalogue items; then prepares it (tables, and for a large
-    /// catalogue the retrieval index), so it serves two-stage lists from its first request.
-    /// Takes a moment (seconds at 10^6 items): run it off the inference thread.
+    /// Loads version `name` to serve it: [`Registry::load_whole`], then only what scoring needs
+    /// is kept ([`SequentialModel::for_serving`]).
     pub fn load(&self, name: &str, catalog: &Catalog) -> Result<SequentialModel, RegistryError> {
+        let mut model = self.load_whole(name, catalog)?;
+        model.for_serving(catalog).map_err(ModelFileError::from)?;
+        Ok(model)
+    }
+
+    /// Loads version `name` with all its weights (to train from it) and puts the items it knows
+    /// into the catalogue (with their genres), so that its lists name real catalogue items; then
+    /// prepares it (tables, and for a large catalogue the retrieval index), so it serves
+    /// two-stage lists from its first request. Takes a moment (seconds at 10^6 items): run it
+    /// off the inference thread.
+    pub fn load_whole(&self, name: &str, catalog: &Catalog) -> Result<SequentialModel, RegistryError> {
         let path = self.fetch(name)?;
         let model = match SequentialModel::load(&path) {
             Ok((model, _manifest)) => model,

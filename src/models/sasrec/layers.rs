@@ -214,7 +214,8 @@ impl ItemFeatures {
 
 /// The item table: id embedding plus attribute embeddings, and the output bias.
 pub struct ItemTable {
-    id: Embedding,
+    /// None once a serving copy dropped it (see [`ItemTable::release_ids`]).
+    id: Option<Embedding>,
     genre: Option<Linear>,
     year: Option<Embedding>,
     bias: Option<Tensor>,
@@ -225,7 +226,7 @@ impl ItemTable {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let f = &cfg.features;
         Ok(Self {
-            id: candle_nn::embedding(cfg.items + 1, cfg.hidden, vb.pp("id"))?,
+            id: Some(candle_nn::embedding(cfg.items + 1, cfg.hidden, vb.pp("id"))?),
             genre: if f.genres {
                 Some(candle_nn::linear_no_bias(cfg.genres.max(1), cfg.hidden, vb.pp("genre"))?)
             } else {
@@ -239,6 +240,19 @@ impl ItemTable {
             },
             hidden: cfg.hidden,
         })
+    }
+
+    /// The id embedding, or an error once a serving copy has dropped it.
+    fn id(&self) -> Result<&Embedding> {
+        self.id.as_ref().ok_or_else(|| {
+            SasRecError::Config("this serving copy of the model has dropped its item id embedding".to_owned())
+        })
+    }
+
+    /// Drops the id embedding (`[items + 1, H]`, 244 MiB at 10^6 items): a serving copy reads
+    /// item vectors from its precomputed table and never needs it again.
+    pub fn release_ids(&mut self) {
+        self.id = None;
     }
 
     /// Attribute part of item vectors: `[rows, H]` for the given features (zeros when off).
@@ -260,7 +274,7 @@ impl ItemTable {
 
     /// Every item's vector, `[items + 1, H]`.
     pub fn forward(&self, features: &ItemFeatures) -> Result<Tensor> {
-        Ok((self.id.embeddings() + self.content(features)?)?)
+        Ok((self.id()?.embeddings() + self.content(features)?)?)
     }
 
     /// [`ItemTable::forward`] as one row-major `[items + 1, H]` vector, computed in place (the
@@ -268,7 +282,7 @@ impl ItemTable {
     /// The same additions in the same order, so the values are identical.
     pub fn rows(&self, features: &ItemFeatures) -> Result<Vec<f32>> {
         let h = self.hidden;
-        let mut out = self.id.embeddings().flatten_all()?.to_vec1::<f32>()?;
+        let mut out = self.id()?.embeddings().flatten_all()?.to_vec1::<f32>()?;
         let columns = match &self.genre {
             Some(genre) if features.pairs() > 0 => {
                 Some(genre.weight().t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
@@ -304,7 +318,7 @@ impl ItemTable {
 
     /// The mean id embedding over real items (what an unseen item gets in its place).
     pub fn mean_id(&self) -> Result<Tensor> {
-        let e = self.id.embeddings();
+        let e = self.id()?.embeddings();
         Ok(e.narrow(0, 1, e.dim(0)? - 1)?.mean(0)?)
     }
 

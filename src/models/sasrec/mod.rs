@@ -175,6 +175,15 @@ impl SasRec {
         &self.items
     }
 
+    /// Drops the item id embedding (see [`ItemTable::release_ids`]); the caller removes
+    /// [`SasRec::ITEM_IDS`] from the variable map that holds it too.
+    pub fn release_item_ids(&mut self) {
+        self.items.release_ids();
+    }
+
+    /// The variable name of the item id embedding.
+    pub const ITEM_IDS: &'static str = "items.id.weight";
+
     /// The summed input embeddings `[B, L, H]` in one pass over plain slices: at inference the
     /// four gathers and adds of the training path cost more than the attention itself.
     fn embed_inference(&self, batch: &SeqBatch, table: &Tensor, positions: Option<&Tensor>) -> Result<Tensor> {
