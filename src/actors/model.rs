@@ -636,6 +636,19 @@ mod tests {
         )
     }
 
+    /// The room the request queue holds (a burst's room is given back once it drains).
+    #[derive(Message)]
+    #[rtype(result = "usize")]
+    struct QueueRoom;
+
+    impl Handler<QueueRoom> for ModelActor {
+        type Result = usize;
+
+        fn handle(&mut self, _msg: QueueRoom, _ctx: &mut Self::Context) -> usize {
+            self.pending.capacity()
+        }
+    }
+
     fn request() -> ScoreRequest {
         ScoreRequest {
             history: Arc::from(Vec::new()),
@@ -667,6 +680,8 @@ mod tests {
         assert!(versions[first_b..].iter().all(|v| v == "b"), "no answer from the old model after the swap");
         assert!(versions[200..].iter().all(|v| v == "b"), "requests sent after the swap use the new model");
         assert_eq!(model.send(CurrentVersion).await.expect("version").serving(), "b");
+        let room = model.send(QueueRoom).await.expect("room");
+        assert!(room <= 8, "400 requests queued at once, then drained: the queue kept room for {room}");
     }
 
     #[actix_rt::test]
