@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::actors::monitor::{Outcome, OutcomeKind};
+use crate::catalog::{Catalog, ItemIdx};
 use crate::event::{EventId, EventType, ItemId, UserId};
 use crate::recs::{RecItem, RecList, RecUpdate};
 
@@ -34,15 +35,15 @@ enum Kept {
 }
 
 /// What attribution keeps of a list once a newer one is out: its id (a UUID in its 16 bytes),
-/// its arm (strings shared with the user's other kept lists of the same arm), its item ids
-/// (shared with the catalogue), and whether it was shown (shared with the published list, which
-/// a stream may still show). About 330 bytes with ten items, where the published list without
-/// its serialised forms took about 700 (`tests/heap_per_user.rs`).
+/// its arm (strings shared with the user's other kept lists of the same arm), its items as
+/// catalogue indices (4 bytes an item; 16 as a shared id), and whether it was shown (shared with
+/// the published list, which a stream may still show). About 210 bytes with ten items, where the
+/// published list without its serialised forms took about 700 (`tests/heap_per_user.rs`).
 struct Compact {
     rec_id: EventId,
     version: Arc<str>,
     variant: Arc<str>,
-    items: Box<[ItemId]>,
+    items: Box<[ItemIdx]>,
     shown: Arc<AtomicBool>,
 }
 
@@ -61,11 +62,11 @@ impl Kept {
         }
     }
 
-    /// Where `item` is in the list.
-    fn position(&self, item: &ItemId) -> Option<usize> {
+    /// Where the item `id` (catalogue index `idx`) is in the list.
+    fn position(&self, id: &ItemId, idx: ItemIdx) -> Option<usize> {
         match self {
-            Kept::Published(update) => update.list.items.iter().position(|i| i.item_id == *item),
-            Kept::Compact(compact) => compact.items.iter().position(|i| i == item),
+            Kept::Published(update) => update.list.items.iter().position(|i| i.item_id == *id),
+            Kept::Compact(compact) => compact.items.iter().position(|&i| i == idx),
         }
     }
 
@@ -78,20 +79,21 @@ impl Kept {
     }
 
     /// The compact form of a published list; `like` is a kept list whose arm strings it shares
-    /// when the arm is the same.
-    fn compact(update: &RecUpdate, like: Option<&Compact>) -> Compact {
+    /// when the arm is the same. None when an item is not in `catalog` (a list scored by another
+    /// instance that names an item this one has not seen): that list stays as published.
+    fn compact(update: &RecUpdate, like: Option<&Compact>, catalog: &Catalog) -> Option<Compact> {
         let list = &update.list;
         let share = |kept: Option<&Arc<str>>, text: &str| match kept {
             Some(s) if **s == *text => s.clone(),
             _ => Arc::from(text),
         };
-        Compact {
+        Some(Compact {
             rec_id: EventId::from(list.rec_id.as_str()),
             version: share(like.map(|c| &c.version), &list.model_version),
             variant: share(like.map(|c| &c.variant), &list.variant),
-            items: list.items.iter().map(|i| i.item_id.clone()).collect(),
+            items: list.items.iter().map(|i| catalog.lookup(&i.item_id)).collect::<Option<_>>()?,
             shown: update.shown_flag(),
-        }
+        })
     }
 }
 
@@ -123,6 +125,8 @@ pub(super) struct Interacted<'a> {
     /// The list the client says the event came from (`rec_id` on the event).
     pub rec_id: Option<&'a str>,
     pub item: &'a ItemId,
+    /// `item`'s catalogue index.
+    pub item_idx: ItemIdx,
     pub event_type: EventType,
     pub value: Option<f64>,
 }
@@ -130,7 +134,7 @@ pub(super) struct Interacted<'a> {
 impl ServedLists {
     /// Remembers `list`, served at `at`, forgetting the oldest beyond `SERVED_KEPT`.
     /// The list served before keeps only what attribution reads (see [`Compact`]).
-    pub(super) fn remember(&mut self, update: &Arc<RecUpdate>, at: Instant) {
+    pub(super) fn remember(&mut self, update: &Arc<RecUpdate>, at: Instant, catalog: &Catalog) {
         let newest = self.lists.len().checked_sub(1);
         if let Some(i) = newest {
             if let Kept::Published(previous) = &self.lists[i].list {
@@ -138,8 +142,9 @@ impl ServedLists {
                     Kept::Compact(compact) => Some(&**compact),
                     Kept::Published(_) => None,
                 });
-                let compact = Kept::compact(previous, like);
-                self.lists[i].list = Kept::Compact(Box::new(compact));
+                if let Some(compact) = Kept::compact(previous, like, catalog) {
+                    self.lists[i].list = Kept::Compact(Box::new(compact));
+                }
             }
         }
         let served = Served { list: Kept::Published(update.clone()), at, clicked: false, converted: false };
@@ -148,7 +153,7 @@ impl ServedLists {
 
     /// The remembered list named `rec_id`, if any, as `user`'s list (an older one rebuilt from
     /// what was kept of it: its arm, items and shown flag).
-    pub(super) fn named(&self, rec_id: &str, user: &UserId) -> Option<Arc<RecUpdate>> {
+    pub(super) fn named(&self, rec_id: &str, user: &UserId, catalog: &Catalog) -> Option<Arc<RecUpdate>> {
         let served = self.lists.iter().find(|s| s.list.is(rec_id))?;
         Some(match &served.list {
             Kept::Published(update) => update.clone(),
@@ -161,10 +166,10 @@ impl ServedLists {
                     generated_at: 0,
                     seq: 0,
                     last_event_id: None,
-                    items: compact
-                        .items
-                        .iter()
-                        .map(|item_id| RecItem { item_id: item_id.clone(), score: 0.0 })
+                    items: catalog
+                        .ids_of(&compact.items)
+                        .into_iter()
+                        .map(|item_id| RecItem { item_id, score: 0.0 })
                         .collect(),
                 },
                 compact.shown.clone(),
@@ -183,10 +188,10 @@ impl ServedLists {
             None => self.lists.iter_mut().rev().find(|s| {
                 s.list.is_shown()
                     && now.saturating_duration_since(s.at) <= window
-                    && s.list.position(event.item).is_some()
+                    && s.list.position(event.item, event.item_idx).is_some()
             }),
         }?;
-        let position = served.list.position(event.item);
+        let position = served.list.position(event.item, event.item_idx);
         position?;
         let mut outcomes = Vec::new();
         if !served.clicked {
@@ -227,7 +232,16 @@ mod tests {
     use crate::event::UserId;
     use crate::recs::{RecItem, RecList};
 
+    /// The catalogue of every test here: lists name its items, events carry their indices.
+    fn catalog() -> &'static Catalog {
+        static CATALOG: std::sync::LazyLock<Catalog> = std::sync::LazyLock::new(Catalog::new);
+        &CATALOG
+    }
+
     fn unshown(rec_id: &str, items: &[&str]) -> Arc<RecUpdate> {
+        for item in items {
+            catalog().intern(&ItemId::from(*item));
+        }
         RecUpdate::new(RecList {
             rec_id: rec_id.into(),
             user_id: UserId::from("u1"),
@@ -248,7 +262,7 @@ mod tests {
     }
 
     fn event<'a>(rec_id: Option<&'a str>, item: &'a ItemId, event_type: EventType) -> Interacted<'a> {
-        Interacted { rec_id, item, event_type, value: Some(9.5) }
+        Interacted { rec_id, item, item_idx: catalog().intern(item), event_type, value: Some(9.5) }
     }
 
     fn kinds(outcomes: &Option<Vec<Outcome>>) -> Option<Vec<OutcomeKind>> {
@@ -261,8 +275,8 @@ mod tests {
     fn a_click_named_by_rec_id_goes_to_that_list_even_if_a_newer_one_shows_the_item() {
         let start = Instant::now();
         let mut served = ServedLists::default();
-        served.remember(&list("old", &["a", "b"]), start);
-        served.remember(&list("new", &["b", "a"]), start);
+        served.remember(&list("old", &["a", "b"]), start, catalog());
+        served.remember(&list("new", &["b", "a"]), start, catalog());
         let b = ItemId::from("b");
         let outcomes = served.attribute(&event(Some("old"), &b, EventType::Click), start, WINDOW);
         let outcomes = outcomes.expect("attributed");
@@ -275,16 +289,44 @@ mod tests {
     }
 
     #[test]
+    fn a_list_naming_an_item_this_catalogue_lacks_stays_published_and_is_still_clicked() {
+        let start = Instant::now();
+        let mut served = ServedLists::default();
+        // Scored by another instance: "elsewhere-only" never reached this catalogue.
+        let foreign = list("foreign", &["a"]);
+        let mut items = foreign.list.items.clone();
+        items.push(RecItem { item_id: ItemId::from("elsewhere-only"), score: 0.5 });
+        let foreign = RecUpdate::new(RecList { items, ..foreign.list.clone() });
+        assert!(foreign.show());
+        served.remember(&foreign, start, catalog());
+        served.remember(&list("next", &["b"]), start, catalog());
+        assert!(matches!(served.lists[0].list, Kept::Published(_)), "not compacted without every index");
+        let user = UserId::from("u1");
+        let named = served.named("foreign", &user, catalog()).expect("named");
+        assert_eq!(named.list.items.len(), 2);
+        let unknown = ItemId::from("elsewhere-only");
+        let event = Interacted {
+            rec_id: Some("foreign"),
+            item: &unknown,
+            item_idx: ItemIdx::MAX,
+            event_type: EventType::Click,
+            value: None,
+        };
+        let outcomes = served.attribute(&event, start, WINDOW).expect("attributed");
+        assert_eq!(outcomes[0].position, Some(1));
+    }
+
+    #[test]
     fn an_older_list_kept_compact_is_named_shown_and_clicked_like_the_published_one() {
         let start = Instant::now();
         let mut served = ServedLists::default();
         let rec_id = "0192f0c4-1a2b-7c3d-8e4f-5a6b7c8d9e0f";
         let old = unshown(rec_id, &["a", "b"]);
-        served.remember(&old, start);
-        served.remember(&list("new", &["c"]), start);
+        served.remember(&old, start, catalog());
+        served.remember(&list("new", &["c"]), start, catalog());
         assert!(matches!(served.lists[0].list, Kept::Compact(_)), "the older list is kept compact");
         let user = UserId::from("u1");
-        let named = served.named(rec_id, &user).expect("named");
+        let named = served.named(rec_id, &user, catalog()).expect("named");
         assert_eq!((named.list.rec_id.as_str(), named.list.model_version.as_str()), (rec_id, "v1"));
         let ids: Vec<&str> = named.list.items.iter().map(|i| i.item_id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
@@ -300,7 +342,7 @@ mod tests {
     fn a_click_by_item_goes_to_the_newest_list_within_the_window() {
         let start = Instant::now();
         let mut served = ServedLists::default();
-        served.remember(&list("r1", &["a"]), start);
+        served.remember(&list("r1", &["a"]), start, catalog());
         let a = ItemId::from("a");
         let late = start + WINDOW + Duration::from_secs(1);
         assert!(served.attribute(&event(None, &a, EventType::Click), late, WINDOW).is_none());
@@ -317,7 +359,7 @@ mod tests {
     fn each_list_counts_one_click_and_one_conversion() {
         let start = Instant::now();
         let mut served = ServedLists::default();
-        served.remember(&list("r1", &["a", "b"]), start);
+        served.remember(&list("r1", &["a", "b"]), start, catalog());
         let (a, b) = (ItemId::from("a"), ItemId::from("b"));
         assert_eq!(
             kinds(&served.attribute(&event(Some("r1"), &a, EventType::Click), start, WINDOW)),
@@ -335,7 +377,7 @@ mod tests {
     fn a_named_list_without_the_item_is_no_attribution() {
         let start = Instant::now();
         let mut served = ServedLists::default();
-        served.remember(&list("r1", &["a"]), start);
+        served.remember(&list("r1", &["a"]), start, catalog());
         let b = ItemId::from("b");
         assert!(served.attribute(&event(Some("r1"), &b, EventType::Click), start, WINDOW).is_none());
     }
@@ -345,7 +387,7 @@ mod tests {
         let start = Instant::now();
         let mut served = ServedLists::default();
         for n in 0..=SERVED_KEPT {
-            served.remember(&list(&format!("r{n}"), &[&format!("i{n}")]), start);
+            served.remember(&list(&format!("r{n}"), &[&format!("i{n}")]), start, catalog());
         }
         let first = ItemId::from("i0");
         assert!(served.attribute(&event(Some("r0"), &first, EventType::Click), start, WINDOW).is_none());
@@ -361,7 +403,7 @@ mod tests {
         let start = Instant::now();
         let mut served = ServedLists::default();
         let first = unshown("r1", &["a", "b", "c", "d"]);
-        served.remember(&first, start);
+        served.remember(&first, start, catalog());
         let (a, b, c, d) = (ItemId::from("a"), ItemId::from("b"), ItemId::from("c"), ItemId::from("d"));
         // Published to no subscriber: not clickable yet.
         assert!(served.attribute(&event(Some("r1"), &a, EventType::Click), start, WINDOW).is_none());
@@ -373,11 +415,11 @@ mod tests {
         };
         count(served.attribute(&event(Some("r1"), &a, EventType::Click), start, WINDOW));
         // Each event publishes a new list to nobody.
-        served.remember(&unshown("r2", &["b", "c", "d"]), start);
+        served.remember(&unshown("r2", &["b", "c", "d"]), start, catalog());
         count(served.attribute(&event(Some("r1"), &b, EventType::Click), start, WINDOW));
-        served.remember(&unshown("r3", &["c", "d"]), start);
+        served.remember(&unshown("r3", &["c", "d"]), start, catalog());
         count(served.attribute(&event(None, &c, EventType::View), start, WINDOW));
-        served.remember(&unshown("r4", &["d"]), start);
+        served.remember(&unshown("r4", &["d"]), start, catalog());
         count(served.attribute(&event(None, &d, EventType::Click), start, WINDOW));
         assert_eq!(clicks, 1);
     }
@@ -388,6 +430,9 @@ mod tests {
     fn clicks_never_outnumber_impressions_over_random_sequences() {
         let arms = [("v1", "control"), ("v2", "canary")];
         let items: Vec<ItemId> = (0..6).map(|i| ItemId::from(format!("i{i}").as_str())).collect();
+        for item in &items {
+            catalog().intern(item);
+        }
         let types = [EventType::View, EventType::Click, EventType::Purchase, EventType::AddToCart, EventType::Rating];
         for seed in 0..300u64 {
             let mut rng = SmallRng::seed_from_u64(seed);
@@ -418,7 +463,7 @@ mod tests {
                         if rng.random_bool(0.5) && update.show() {
                             *impressions.entry(variant.to_owned()).or_default() += 1;
                         }
-                        served.remember(&update, now);
+                        served.remember(&update, now, catalog());
                         published.push(update);
                     }
                     1 if !published.is_empty() => {
@@ -435,7 +480,9 @@ mod tests {
                             .map(|u| u.list.rec_id.clone());
                         let item = &items[rng.random_range(0..items.len())];
                         let event_type = types[rng.random_range(0..types.len())];
-                        let interacted = Interacted { rec_id: rec_id.as_deref(), item, event_type, value: None };
+                        let item_idx = catalog().intern(item);
+                        let interacted =
+                            Interacted { rec_id: rec_id.as_deref(), item, item_idx, event_type, value: None };
                         for outcome in served.attribute(&interacted, now, WINDOW).unwrap_or_default() {
                             if outcome.kind == OutcomeKind::Click {
                                 *clicks.entry(outcome.variant.to_string()).or_default() += 1;

@@ -147,7 +147,7 @@ impl SessionActor {
             }
             // A cold-start list shown before this session started takes the user's click.
             if let Some((at, update)) = act.deps.cold_lists.take(&act.hub.user) {
-                act.served.remember(&update, at);
+                act.served.remember(&update, at, &act.deps.catalog);
             }
             if act.hub.latest().is_none() {
                 act.refresh(ctx);
@@ -396,14 +396,14 @@ impl SessionActor {
         if delivered {
             report_scored_impression(&self.deps, update, scored);
         }
-        self.served.remember(update, Instant::now());
+        self.served.remember(update, Instant::now(), &self.deps.catalog);
     }
 
     /// Reports an applied interaction to the monitor, attributed to a served list (the one it
     /// names by `rec_id`, else the newest recent list that showed the item) or organic. Each list
     /// counts at most one click and one conversion. Returns the event log's record of it.
     fn attribute(&mut self, interaction: Interaction, item: ItemIdx, segment: usize) -> Arc<LoggedEvent> {
-        let attributed = !interaction.event_type.is_negative() && self.attribute_outcome(&interaction);
+        let attributed = !interaction.event_type.is_negative() && self.attribute_outcome(&interaction, item);
         let logged = Arc::new(LoggedEvent {
             user: self.hub.user.clone(),
             interaction,
@@ -418,11 +418,12 @@ impl SessionActor {
 
     /// Reports the click or conversion `event` makes on a served list; false when it is on no
     /// recent list (an organic event).
-    fn attribute_outcome(&mut self, event: &Interaction) -> bool {
+    fn attribute_outcome(&mut self, event: &Interaction, item_idx: ItemIdx) -> bool {
         let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
         let interacted = Interacted {
             rec_id: event.rec_id.as_deref(),
             item: &event.item_id,
+            item_idx,
             event_type: event.event_type,
             value: event.value,
         };
@@ -548,11 +549,11 @@ impl Handler<ShownElsewhere> for SessionActor {
     fn handle(&mut self, msg: ShownElsewhere, _ctx: &mut Self::Context) {
         let ShownElsewhere(shown) = msg;
         let k = shown.list.items.len();
-        match self.served.named(&shown.list.rec_id, &self.hub.user) {
+        match self.served.named(&shown.list.rec_id, &self.hub.user, &self.deps.catalog) {
             Some(own) => report_impression(&self.deps, &own, k),
             None => {
                 report_impression(&self.deps, &shown, k);
-                self.served.remember(&shown, Instant::now());
+                self.served.remember(&shown, Instant::now(), &self.deps.catalog);
             }
         }
     }
