@@ -370,6 +370,12 @@ impl Catalog {
         (idx, inner.items[idx as usize].id.clone())
     }
 
+    /// The index of every one of `ids`, under one read lock; None if one is unknown.
+    pub fn lookup_all<'a>(&self, ids: impl IntoIterator<Item = &'a ItemId>) -> Option<Box<[ItemIdx]>> {
+        let inner = self.inner.read();
+        ids.into_iter().map(|id| inner.find(id)).collect()
+    }
+
     /// The index of `id` if the catalogue knows it.
     pub fn lookup(&self, id: &ItemId) -> Option<ItemIdx> {
         self.inner.read().find(id)

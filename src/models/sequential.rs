@@ -323,8 +323,13 @@ impl SequentialModel {
         self.item_index.get(id).copied()
     }
 
-    /// Drops tensors derived from the weights; call after changing them.
+    /// Drops tensors derived from the weights; call after changing them. A serving copy's
+    /// weights cannot change, and its tables are all it has left: it keeps them.
     pub fn weights_changed(&mut self) {
+        if self.serving_copy {
+            tracing::error!("weights_changed on a serving copy of a model; its tables are kept");
+            return;
+        }
         self.cache = None;
         self.catalog_map = CatalogMap::default();
         self.index = IndexState::Absent;
@@ -1452,7 +1457,7 @@ mod tests {
         let warm = crate::models::train::warm_start(&mut fresh, &serving).expect_err("no warm start");
         assert!(warm.to_string().contains("serving copy"), "{warm}");
         serving.weights_changed();
-        assert!(serving.score(&requests, &catalog).iter().all(Vec::is_empty), "no table, no lists");
+        assert_eq!(serving.score(&requests, &catalog), b, "a serving copy keeps the only tables it has");
     }
 
     #[test]

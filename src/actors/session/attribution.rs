@@ -91,7 +91,7 @@ impl Kept {
             rec_id: EventId::from(list.rec_id.as_str()),
             version: share(like.map(|c| &c.version), &list.model_version),
             variant: share(like.map(|c| &c.variant), &list.variant),
-            items: list.items.iter().map(|i| catalog.lookup(&i.item_id)).collect::<Option<_>>()?,
+            items: catalog.lookup_all(list.items.iter().map(|i| &i.item_id))?,
             shown: update.shown_flag(),
         })
     }
