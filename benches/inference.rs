@@ -28,7 +28,9 @@
 //! `LIVEREC_BENCH_DATA=DIR` takes the sequential model's vocabulary (items, categories,
 //! popularity) and the users' histories (their last 50 items) from a dataset instead, e.g. the
 //! output of `synth-catalogue write` (weights stay random: training at 10^6 items is issue 14
-//! item 4). `LIVEREC_BENCH_MODELS=sequential` skips the online model. The setup prints the
+//! item 4). `LIVEREC_BENCH_MODEL=DIR` with it takes a trained model instead (a version folder
+//! `liverec train` wrote on that dataset): its weights and vocabulary, the dataset's histories.
+//! `LIVEREC_BENCH_MODELS=sequential` skips the online model. The setup prints the
 //! memory after each stage (jemalloc's `allocated`, the resident set and its peak).
 
 use std::hint::black_box;
@@ -150,16 +152,23 @@ fn model(items: usize) -> SequentialModel {
     SequentialModel::new(config, ServeConfig::default(), vocab, 7).expect("default config is valid")
 }
 
-/// A random-weight model with the vocabulary of the dataset in `dir`, and the last 50 items
+/// A random-weight model with the vocabulary of the dataset in `dir` (or the trained model in
+/// `LIVEREC_BENCH_MODEL`), and the last 50 items
 /// (model items, 0-based) of its first `users` users with at least 5 interactions.
 fn from_dataset(dir: &std::path::Path, users: usize) -> (SequentialModel, Vec<Vec<u32>>) {
     use liverec::models::data::{Dataset, Split};
     let (dataset, _) = Dataset::load(dir).expect("LIVEREC_BENCH_DATA holds a dataset");
     let split = Split::leave_one_out(&dataset.sequences);
-    let vocab = Vocab::from_dataset(&dataset, &split.train);
-    memory("loading the dataset (its split and vocabulary)");
-    let model =
-        SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid");
+    let model = match std::env::var("LIVEREC_BENCH_MODEL") {
+        Ok(trained) => {
+            SequentialModel::load(std::path::Path::new(&trained)).expect("LIVEREC_BENCH_MODEL holds a model").0
+        }
+        Err(_) => {
+            let vocab = Vocab::from_dataset(&dataset, &split.train);
+            SequentialModel::new(Config::default(), ServeConfig::default(), vocab, 7).expect("default config is valid")
+        }
+    };
+    memory("loading the dataset (its split and vocabulary) and the model");
     let histories = dataset
         .sequences
         .iter()
