@@ -15,6 +15,7 @@ pub mod retrieval;
 pub mod sasrec;
 pub mod selection;
 pub mod sequential;
+pub mod sparse_ids;
 pub mod train;
 
 use std::sync::Arc;

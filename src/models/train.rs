@@ -33,9 +33,12 @@ use super::artifact::{ServeConfig, TrainingSummary, Vocab};
 use super::data::{Dataset, Part, Split};
 use super::eval::{evaluate, SequentialRanker};
 use super::metrics::Metrics;
-use super::sasrec::{feedback_index, hour_bucket, segment_at, Config, Mode, SasRecError, SeqBatch, SeqInput};
+use super::sasrec::{
+    feedback_index, hour_bucket, segment_at, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
+};
 use super::selection::{middle, reduce_checkpoints, Checkpoint, Selector};
 use super::sequential::SequentialModel;
+use super::sparse_ids::{RowAdam, SparseIds};
 use crate::event::Device as DeviceClass;
 
 #[derive(Debug, thiserror::Error)]
@@ -388,7 +391,8 @@ impl NegativeSampler {
 
 /// Logits of the sampled softmax, `[T, 1 + S]` row-major: column 0 is the row's positive, then
 /// one column per negative; a negative equal to the row's positive (an accidental hit) is
-/// `-inf`. With `correction`, every logit has `ln Q(item)` subtracted. Also returns the
+/// `-inf`. With `correction` (`ln Q` of each item, indexed like `items`), every logit has
+/// `ln Q(item)` subtracted. Also returns the
 /// negatives' item rows `[S, H]` and the positives' item rows `[T, H]`.
 fn sampled_logits(
     q: &Tensor,
@@ -396,7 +400,7 @@ fn sampled_logits(
     bias: &Tensor,
     labels: &[u32],
     negatives: &[u32],
-    correction: Option<&NegativeSampler>,
+    correction: Option<&[f32]>,
 ) -> Result<(Vec<f32>, Tensor, Tensor), SasRecError> {
     let (t, s) = (labels.len(), negatives.len());
     let neg_rows = items.index_select(&Tensor::from_slice(negatives, s, &Device::Cpu)?, 0)?;
@@ -404,7 +408,7 @@ fn sampled_logits(
     let neg = q.matmul(&neg_rows.t()?)?.flatten_all()?.to_vec1::<f32>()?;
     let pos = (q * &pos_rows)?.sum(1)?.to_vec1::<f32>()?;
     let bias = bias.to_vec1::<f32>()?;
-    let shift = |j: u32| bias[j as usize] - correction.map_or(0.0, |c| c.log_q[j as usize]);
+    let shift = |j: u32| bias[j as usize] - correction.map_or(0.0, |c| c[j as usize]);
     let neg_shift: Vec<f32> = negatives.iter().map(|&j| shift(j)).collect();
     let mut out = Vec::with_capacity(t * (s + 1));
     for (r, &label) in labels.iter().enumerate() {
@@ -429,7 +433,7 @@ fn sampled_softmax_cross_entropy(
     bias: &Tensor,
     labels: &[u32],
     negatives: &[u32],
-    correction: Option<&NegativeSampler>,
+    correction: Option<&[f32]>,
     smoothing: f32,
 ) -> Result<(f64, CeGrads), SasRecError> {
     let (q, items, bias) = (q.detach(), items.detach(), bias.detach());
@@ -483,6 +487,65 @@ fn sampled_softmax_cross_entropy(
         .index_add(&neg_ids, &g_neg.sum(0)?, 0)?
         .index_add(&pos_ids, &g_pos.squeeze(1)?, 0)?;
     Ok((loss / t.max(1) as f64, CeGrads { q: grad_q, items: grad_items, bias: grad_bias }))
+}
+
+/// The surrogate whose gradient with respect to q, the item rows and their bias is exactly
+/// the analytic `grads`: how they enter candle's graph.
+fn surrogate(q: &Tensor, items: &Tensor, bias: &Tensor, grads: &CeGrads) -> Result<Tensor, SasRecError> {
+    Ok(((q * &grads.q)?.sum_all()? + (items * &grads.items)?.sum_all()?)?.add(&(bias * &grads.bias)?.sum_all()?)?)
+}
+
+/// One sampled-softmax step over the item rows it touches: the batch's history items, its
+/// labels and the negatives, renumbered to their positions among those rows (row 0, the
+/// padding, stays 0), with their attributes.
+struct SparseStep {
+    /// The step's table rows, ascending, row 0 first.
+    rows: Vec<u32>,
+    /// Their id embedding rows, a variable of this step (its gradient feeds [`SparseIds`]).
+    ids: Var,
+    /// Their genres and years, for the attribute part of their vectors.
+    features: ItemFeatures,
+    /// `rows[1..]` as a tensor, for the bias.
+    bias_rows: Tensor,
+    /// The batch with its items renumbered.
+    batch: SeqBatch,
+    /// Labels and negatives as 0-based positions among `rows[1..]`.
+    labels: Vec<u32>,
+    negatives: Vec<u32>,
+}
+
+impl SparseStep {
+    fn new(
+        ids: &mut SparseIds,
+        vocab: &Vocab,
+        genres: usize,
+        mut batch: SeqBatch,
+        labels: &[u32],
+        negatives: &[u32],
+    ) -> Result<Self, SasRecError> {
+        let (b, l) = batch.items.dims2()?;
+        let items = batch.items.flatten_all()?.to_vec1::<u32>()?;
+        let touched = items.iter().copied().chain(labels.iter().chain(negatives).map(|&i| i + 1));
+        let rows = ids.begin(touched).to_vec();
+        let local: Vec<u32> = items.iter().map(|&r| ids.local(r)).collect();
+        batch.items = Tensor::from_vec(local, (b, l), &Device::Cpu)?;
+        let position = |i: &u32| ids.local(i + 1) - 1;
+        let item = |r: &u32| *r as usize - 1;
+        let features = ItemFeatures::new(
+            &rows[1..].iter().map(|r| vocab.item_genres[item(r)].clone()).collect::<Vec<_>>(),
+            &rows[1..].iter().map(|r| vocab.item_years[item(r)]).collect::<Vec<_>>(),
+            genres,
+        )?;
+        Ok(Self {
+            ids: ids.gather()?,
+            features,
+            bias_rows: Tensor::from_slice(&rows[1..], rows.len() - 1, &Device::Cpu)?,
+            batch,
+            labels: labels.iter().map(position).collect(),
+            negatives: negatives.iter().map(position).collect(),
+            rows,
+        })
+    }
 }
 
 /// Copies the weights of `from` into `model` where they fit: every tensor of the same name and
@@ -615,8 +678,20 @@ pub fn train_from(
     });
     let params = |weight_decay| ParamsAdamW { lr: cfg.lr, beta1: 0.9, beta2: cfg.beta2, eps: 1e-8, weight_decay };
     let pick = |ns: &[&String]| ns.iter().map(|n| vars[*n].clone()).collect::<Vec<_>>();
+    let n_items = model.config.items;
+    // Above `sampled_softmax_min_items`, the sampled softmax replaces the full one, and the id
+    // embedding is updated row by row (see `sparse_ids`): out of `opt_plain`, which would keep
+    // two moments of its whole size.
+    let sampled = cfg.sampled_softmax_min_items > 0 && n_items >= cfg.sampled_softmax_min_items;
+    let plain: Vec<&String> = plain.into_iter().filter(|n| !(sampled && n.as_str() == SasRec::ITEM_IDS)).collect();
     let mut opt_decay = AdamW::new(pick(&decayed), params(cfg.weight_decay))?;
     let mut opt_plain = AdamW::new(pick(&plain), params(0.0))?;
+    let mut sparse = if sampled {
+        let adam = RowAdam { beta1: 0.9, beta2: cfg.beta2, eps: 1e-8 };
+        Some(SparseIds::new(model.net().item_table().id_embedding()?, adam)?)
+    } else {
+        None
+    };
 
     let bar = if show_progress {
         ProgressBar::with_draw_target(Some(total_steps as u64), ProgressDrawTarget::stderr())
@@ -629,9 +704,7 @@ pub fn train_from(
             .progress_chars("=> "),
     );
 
-    let n_items = model.config.items;
-    // Above `sampled_softmax_min_items`, the sampled softmax replaces the full one.
-    let mut sampler = (cfg.sampled_softmax_min_items > 0 && n_items >= cfg.sampled_softmax_min_items).then(|| {
+    let mut sampler = sampled.then(|| {
         let mut counts = vec![0u64; n_items];
         for token in seqs.iter().flat_map(|s| &s.items) {
             if let Some(c) = (*token as usize).checked_sub(1).and_then(|i| counts.get_mut(i)) {
@@ -671,39 +744,51 @@ pub fn train_from(
             let positions = Tensor::from_vec(positions, t, &Device::Cpu)?;
 
             let table_layer = model.net().item_table();
-            let table = table_layer.forward(model.item_features())?;
             let mut mode = Mode::Train(&mut rng);
-            let q = model.net().encode(&batch, &table, false, &mut mode)?;
-            let h = q.dim(D::Minus1)?;
-            let q = q.reshape(((), h))?.index_select(&positions, 0)?;
-            let out = table.narrow(0, 1, n_items)?;
-            let bias = table_layer.bias(n_items)?;
-            let (loss, grads) = match sampler.as_mut() {
-                None => softmax_cross_entropy(&q, &out, &bias, &labels, cfg.label_smoothing)?,
-                Some(sampler) => {
+            let (loss, grads) = match (sampler.as_mut(), sparse.as_mut()) {
+                (Some(sampler), Some(ids)) => {
                     let negatives = sampler.sample();
-                    sampled_softmax_cross_entropy(
+                    let step = SparseStep::new(ids, &model.vocab, model.config.genres, batch, &labels, &negatives)?;
+                    let table = (step.ids.as_tensor() + table_layer.content(&step.features)?)?;
+                    let q = model.net().encode(&step.batch, &table, false, &mut mode)?;
+                    let h = q.dim(D::Minus1)?;
+                    let q = q.reshape(((), h))?.index_select(&positions, 0)?;
+                    let out = table.narrow(0, 1, step.rows.len() - 1)?;
+                    let bias = table_layer.bias_rows(&step.bias_rows)?;
+                    let log_q: Vec<f32> = step.rows[1..].iter().map(|&r| sampler.log_q[r as usize - 1]).collect();
+                    let (loss, grads) = sampled_softmax_cross_entropy(
                         &q,
                         &out,
                         &bias,
-                        &labels,
-                        &negatives,
-                        Some(sampler),
+                        &step.labels,
+                        &step.negatives,
+                        Some(&log_q),
                         cfg.label_smoothing,
-                    )?
+                    )?;
+                    let grads = surrogate(&q, &out, &bias, &grads)?.backward()?;
+                    ids.apply(grads.get(&step.ids), lr)?;
+                    (loss, grads)
+                }
+                _ => {
+                    let table = table_layer.forward(model.item_features())?;
+                    let q = model.net().encode(&batch, &table, false, &mut mode)?;
+                    let h = q.dim(D::Minus1)?;
+                    let q = q.reshape(((), h))?.index_select(&positions, 0)?;
+                    let out = table.narrow(0, 1, n_items)?;
+                    let bias = table_layer.bias(n_items)?;
+                    let (loss, grads) = softmax_cross_entropy(&q, &out, &bias, &labels, cfg.label_smoothing)?;
+                    (loss, surrogate(&q, &out, &bias, &grads)?.backward()?)
                 }
             };
-            // The analytic gradients enter the graph through a surrogate whose gradient with
-            // respect to q, the item table and the bias is exactly theirs.
-            let surrogate = ((&q * &grads.q)?.sum_all()? + (&out * &grads.items)?.sum_all()?)?
-                .add(&(&bias * &grads.bias)?.sum_all()?)?;
-            let grads = surrogate.backward()?;
             opt_decay.step(&grads)?;
             opt_plain.step(&grads)?;
             loss_sum += loss * t as f64;
             loss_n += t;
             step += 1;
             bar.inc(1);
+        }
+        if let Some(ids) = &sparse {
+            ids.write_to(&vars[SasRec::ITEM_IDS])?;
         }
         model.weights_changed();
         epochs_run = epoch;
@@ -895,7 +980,8 @@ mod tests {
         let negatives = [0u32, 2, 5];
         let labels = [2u32, 1, 0];
         let (plain, _, _) = sampled_logits(&q, &items, &bias, &labels, &negatives, None).expect("plain");
-        let (corrected, _, _) = sampled_logits(&q, &items, &bias, &labels, &negatives, Some(&sampler)).expect("log-q");
+        let (corrected, _, _) =
+            sampled_logits(&q, &items, &bias, &labels, &negatives, Some(&sampler.log_q[..])).expect("log-q");
         for (r, &label) in labels.iter().enumerate() {
             let columns = std::iter::once(label).chain(negatives);
             for (c, item) in columns.enumerate() {

@@ -322,6 +322,19 @@ impl ItemTable {
         Ok(e.narrow(0, 1, e.dim(0)? - 1)?.mean(0)?)
     }
 
+    /// The id embedding, `[items + 1, H]`.
+    pub fn id_embedding(&self) -> Result<&Tensor> {
+        Ok(self.id()?.embeddings())
+    }
+
+    /// Output bias of the table rows `rows` (`[rows]`, zeros when off).
+    pub fn bias_rows(&self, rows: &Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => b.index_select(rows, 0)?,
+            None => Tensor::zeros(rows.dim(0)?, DType::F32, &Device::Cpu)?,
+        })
+    }
+
     /// Output bias of real items, `[items]` (zeros when off).
     pub fn bias(&self, items: usize) -> Result<Tensor> {
         Ok(match &self.bias {
