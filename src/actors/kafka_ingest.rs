@@ -424,6 +424,14 @@ impl Consume {
             persisted.push(applied.persisted);
         }
         for (user, partition) in reloads {
+            // An erasure through another instance: the owner purges its retained event log
+            // here, whatever its session of the user is doing. (Left to the session's reload,
+            // a session stopping because the erasure reached it through Redis first dropped
+            // the reload, and the erased user's events stayed in the log for training.)
+            let deps = &self.registry.deps;
+            if let Ok(Some(at)) = deps.store.tombstone(&user).await {
+                deps.event_log.remove_user(&user, at);
+            }
             let (_, session) = self.registry.session_on_partition(&user, partition);
             // A session that stopped meanwhile needs no reload: the next one loads the store.
             let _ = session.reload.send(Reload).await;
