@@ -27,8 +27,8 @@
 //! lists against the exact ones over `LIVEREC_BENCH_RECALL_USERS` users (default 512).
 //! `LIVEREC_BENCH_DATA=DIR` takes the sequential model's vocabulary (items, categories,
 //! popularity) and the users' histories (their last 50 items) from a dataset instead, e.g. the
-//! output of `synth-catalogue write` (weights stay random: training at 10^6 items is issue 14
-//! item 4). `LIVEREC_BENCH_MODEL=DIR` with it takes a trained model instead (a version folder
+//! output of `synth-catalogue write` (with random weights). `LIVEREC_BENCH_MODEL=DIR` with it
+//! takes a trained model instead (a version folder
 //! `liverec train` wrote on that dataset): its weights and vocabulary, the dataset's histories.
 //! `LIVEREC_BENCH_MODELS=sequential` skips the online model. The setup prints the
 //! memory after each stage (jemalloc's `allocated`, the resident set and its peak).
