@@ -11,16 +11,9 @@
 //! it (validation, checkpoints, saving).
 
 use candle_core::{Device, Tensor, Var};
+use candle_nn::ParamsAdamW;
 
 use super::sasrec::SasRecError;
-
-/// Adam's settings for the id rows (the run's `opt_plain` ones: no weight decay).
-#[derive(Clone, Copy, Debug)]
-pub struct RowAdam {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-}
 
 pub struct SparseIds {
     /// `[items + 1, h]`, row-major: the master copy of the id embedding.
@@ -32,13 +25,14 @@ pub struct SparseIds {
     local: Vec<u32>,
     /// Table rows of the current step, ascending (row 0, the padding, first).
     rows: Vec<u32>,
-    adam: RowAdam,
+    /// The run's Adam settings for embeddings (its `lr` is given per step; no weight decay).
+    adam: ParamsAdamW,
     steps: i32,
 }
 
 impl SparseIds {
     /// Takes the id embedding `[items + 1, h]` as it is now.
-    pub fn new(embedding: &Tensor, adam: RowAdam) -> Result<Self, SasRecError> {
+    pub fn new(embedding: &Tensor, adam: ParamsAdamW) -> Result<Self, SasRecError> {
         let (n, h) = embedding.dims2()?;
         let table = embedding.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self {
@@ -93,7 +87,7 @@ impl SparseIds {
         self.steps += 1;
         let Some(grad) = grad else { return Ok(()) };
         let grad = grad.flatten_all()?.to_vec1::<f32>()?;
-        let RowAdam { beta1, beta2, eps } = self.adam;
+        let ParamsAdamW { beta1, beta2, eps, .. } = self.adam;
         let scale_m = 1.0 / (1.0 - beta1.powi(self.steps));
         let scale_v = 1.0 / (1.0 - beta2.powi(self.steps));
         let h = self.h;
@@ -124,7 +118,7 @@ impl SparseIds {
 mod tests {
     use super::*;
 
-    const ADAM: RowAdam = RowAdam { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    const ADAM: ParamsAdamW = ParamsAdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
 
     #[test]
     fn a_step_moves_only_its_rows_and_matches_dense_adam_on_them() {

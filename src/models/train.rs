@@ -38,7 +38,7 @@ use super::sasrec::{
 };
 use super::selection::{middle, reduce_checkpoints, Checkpoint, Selector};
 use super::sequential::SequentialModel;
-use super::sparse_ids::{RowAdam, SparseIds};
+use super::sparse_ids::SparseIds;
 use crate::event::Device as DeviceClass;
 
 #[derive(Debug, thiserror::Error)]
@@ -686,12 +686,8 @@ pub fn train_from(
     let plain: Vec<&String> = plain.into_iter().filter(|n| !(sampled && n.as_str() == SasRec::ITEM_IDS)).collect();
     let mut opt_decay = AdamW::new(pick(&decayed), params(cfg.weight_decay))?;
     let mut opt_plain = AdamW::new(pick(&plain), params(0.0))?;
-    let mut sparse = if sampled {
-        let adam = RowAdam { beta1: 0.9, beta2: cfg.beta2, eps: 1e-8 };
-        Some(SparseIds::new(model.net().item_table().id_embedding()?, adam)?)
-    } else {
-        None
-    };
+    let mut sparse =
+        if sampled { Some(SparseIds::new(model.net().item_table().id_embedding()?, params(0.0))?) } else { None };
 
     let bar = if show_progress {
         ProgressBar::with_draw_target(Some(total_steps as u64), ProgressDrawTarget::stderr())
