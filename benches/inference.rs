@@ -76,11 +76,15 @@ fn two_stage() -> bool {
     std::env::var("LIVEREC_BENCH_TWO_STAGE").is_ok_and(|v| v == "1")
 }
 
-/// Two-stage retrieval at any size, `ann_probe` from `LIVEREC_BENCH_PROBE`.
+/// Two-stage retrieval at any size, `ann_probe` from `LIVEREC_BENCH_PROBE` and the scoring
+/// threads from `LIVEREC_BENCH_THREADS` (default 0: one per core).
 fn forced() -> RetrievalConfig {
     let mut config = RetrievalConfig { min_items: 0, ..RetrievalConfig::default() };
     if let Some(probe) = std::env::var("LIVEREC_BENCH_PROBE").ok().and_then(|p| p.parse().ok()) {
         config.ann_probe = probe;
+    }
+    if let Some(threads) = std::env::var("LIVEREC_BENCH_THREADS").ok().and_then(|p| p.parse().ok()) {
+        config.threads = threads;
     }
     config
 }

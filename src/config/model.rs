@@ -66,6 +66,9 @@ pub struct RetrievalConfig {
     pub ann_probe: usize,
     /// Items per list of the ANN index on average (the index has items / this lists).
     pub ann_list_size: usize,
+    /// Threads that score one batch of the sequential model's two-stage path, each taking a
+    /// run of at least 8 requests with history; 0 = one per CPU core.
+    pub threads: usize,
 }
 
 impl Default for RetrievalConfig {
@@ -78,6 +81,7 @@ impl Default for RetrievalConfig {
             cold_candidates: 50,
             ann_probe: 24,
             ann_list_size: 1_000,
+            threads: 0,
         }
     }
 }

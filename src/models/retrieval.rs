@@ -64,6 +64,11 @@ impl CandidateCounts {
     pub fn is_empty(&self) -> bool {
         self.counts.iter().all(|&c| c == 0)
     }
+
+    /// Adds another part's counts (a batch scored on several threads).
+    pub fn merge(&mut self, other: &CandidateCounts) {
+        self.counts.iter_mut().zip(&other.counts).for_each(|(a, b)| *a += b);
+    }
 }
 
 /// A bit per catalogue item, reused across requests: set bits are cleared one by one.

@@ -151,7 +151,7 @@ async fn a_version_published_to_the_shared_registry_is_listed_and_served_by_anot
     assert_eq!(response.status(), 200, "{:?}", response.body().await);
     let models = eventually("v2 serves", || async {
         let models = instance.models().await?;
-        (models["serving"] == Value::from(v2.clone())).then_some(models)
+        (models["serving"] == v2.clone()).then_some(models)
     })
     .await;
     assert_eq!(models["serving"], Value::from(v2.clone()));

@@ -120,7 +120,7 @@ async fn a_list_nobody_watches_is_not_stored_until_a_subscriber_on_another_insta
             let next = list["seq"].as_u64().expect("seq");
             assert!(next > seq, "seq goes forward: {next} after {seq}");
             seq = next;
-            if list["last_event_id"] == Value::from(id.clone()) {
+            if list["last_event_id"] == id.clone() {
                 break;
             }
         }
