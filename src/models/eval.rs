@@ -287,7 +287,7 @@ pub fn serving_lists(
             .filter(|&u| split.test[u].is_some())
             .filter_map(|u| split.case(u, part).map(|(h, t)| (u, h, t)))
             .collect();
-        for chunk in cases.chunks(batch.max(1)) {
+        for chunk in cases.chunks(users_per_batch(batch, dataset.items.len())) {
             let batch: Vec<Case<'_>> =
                 chunk.iter().map(|(u, h, t)| Case { user: *u, history: h, target: *t }).collect();
             for (case, list) in batch.iter().zip(ranker.lists(dataset, &batch)) {
@@ -298,7 +298,19 @@ pub fn serving_lists(
     out
 }
 
-/// Runs the protocol for one ranker on one part, `batch` users at a time.
+/// Scores a batch may hold: 16 Mi, 64 MiB a copy.
+const SCORES_PER_BATCH: usize = 1 << 24;
+
+/// Users scored at a time: `batch`, or fewer for a catalogue so large that a batch's scores (a
+/// catalogue-sized row per user, held several times over by the product and the rows handed
+/// out) would pass [`SCORES_PER_BATCH`]: 512 users at MovieLens's 1,682 items, 16 at 10^6
+/// (whose validation in `liverec train` peaked at 9.9 GB with 512).
+fn users_per_batch(batch: usize, items: usize) -> usize {
+    batch.clamp(1, (SCORES_PER_BATCH / items.max(1)).max(1))
+}
+
+/// Runs the protocol for one ranker on one part, `batch` users at a time (fewer for a large
+/// catalogue: [`users_per_batch`]).
 pub fn evaluate(
     dataset: &Dataset,
     split: &Split,
@@ -310,7 +322,7 @@ pub fn evaluate(
         (0..split.train.len()).filter_map(|u| split.case(u, part).map(|(h, t)| (h, t, u))).collect();
     let mut sums = MetricSums::default();
     let mut excluded = vec![false; dataset.items.len()];
-    for chunk in cases.chunks(batch.max(1)) {
+    for chunk in cases.chunks(users_per_batch(batch, dataset.items.len())) {
         let batch_cases: Vec<Case<'_>> =
             chunk.iter().map(|(history, target, user)| Case { user: *user, history, target: *target }).collect();
         let scores = ranker.scores(&batch_cases)?;
@@ -385,6 +397,14 @@ pub fn markdown_report(title: &str, results: &BTreeMap<String, PartMetrics>, not
 mod tests {
     use super::*;
     use crate::models::data::DatasetBuilder;
+
+    #[test]
+    fn a_large_catalogue_is_scored_in_smaller_batches() {
+        assert_eq!(users_per_batch(512, 1_682), 512, "MovieLens keeps its batches");
+        assert_eq!(users_per_batch(512, 1_000_000), 16);
+        assert_eq!(users_per_batch(512, 100_000_000), 1, "one user at least");
+        assert_eq!(users_per_batch(0, 10), 1);
+    }
 
     /// A ranker that always scores items by a fixed vector.
     struct Fixed(Vec<f32>);
