@@ -471,6 +471,12 @@ impl Job {
                 return Err(RetrainError::Publish(error));
             }
             let version = candidate.version().to_owned();
+            // From here the candidate is only served (an embedded canary; a later run's warm
+            // start loads the version again): keep what scoring needs, as `Registry::load` does
+            // (at 10^6 items, some 490 MiB less).
+            if let Err(error) = candidate.for_serving(&self.catalog) {
+                tracing::warn!(error = %error, version = %version, "the candidate is served with all its weights");
+            }
             result.saved = Some(SavedCandidate { model: candidate, name, version });
         }
         result.seconds = started.elapsed().as_secs_f64();
@@ -493,7 +499,7 @@ mod tests {
         assert!(!gate_decision(f64::NAN, 0.1, 0.0).passed());
     }
 
-    fn log(catalog: &Catalog) -> Vec<Arc<LoggedEvent>> {
+    pub(super) fn log(catalog: &Catalog) -> Vec<Arc<LoggedEvent>> {
         let mut events = Vec::new();
         for u in 0..20 {
             for step in 0..6 {
@@ -559,9 +565,64 @@ mod gate_tests {
     use super::*;
     use crate::event::{EventId, UserId};
     use crate::eventlog::Interaction;
-    use crate::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig};
+    use crate::models::artifact::{rfc3339, DataWindow, Manifest, SavedMetrics, ServeConfig, TrainingSummary};
     use crate::models::sasrec::Config as NetConfig;
     use crate::models::train::{train_from, TrainConfig, TrainFile};
+
+    struct Fixed(Vec<Arc<LoggedEvent>>);
+
+    impl EventSource for Fixed {
+        fn read(&self, _now_ms: i64) -> Result<TrainingData, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(TrainingData { events: self.0.clone(), source: "fixed".into(), partitions: Vec::new(), skipped: None })
+        }
+    }
+
+    #[test]
+    fn a_saved_candidate_is_a_serving_copy_and_its_registry_version_is_whole() {
+        let catalog = Arc::new(Catalog::new());
+        let events = super::tests::log(&catalog);
+        let root = std::env::temp_dir().join(format!("liverec-retrain-serving-{}", std::process::id()));
+        let registry = Registry::local(root.clone());
+        let job = Job {
+            run: 1,
+            source: Arc::new(Fixed(events)),
+            catalog: catalog.clone(),
+            config: TrainerConfig {
+                min_events: 10,
+                min_cases: 5,
+                epochs: 2,
+                hidden: 16,
+                max_len: 8,
+                ..TrainerConfig::default()
+            },
+            registry: registry.clone(),
+            serving_name: None,
+            drill: Drill::default(),
+            skip_gate: true,
+            reference_secs: 60,
+        };
+        let candidate = job.run().expect("a run");
+        let saved = candidate.saved.expect("sent on to canary (gate skipped)");
+        assert!(saved.model.is_serving_copy(), "the served candidate keeps only what scoring needs");
+        let mut whole = registry.load_whole(&saved.name, &catalog).expect("the published version loads");
+        assert!(!whole.is_serving_copy());
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(whole.to_saved(&mut sample_manifest(&whole)).is_ok(), "and can warm-start the next run");
+    }
+
+    fn sample_manifest(model: &SequentialModel) -> Manifest {
+        Manifest {
+            format: String::new(),
+            version: String::new(),
+            created_at: rfc3339(0),
+            config: model.config.clone(),
+            serve: model.serve.clone(),
+            data: DataWindow::default(),
+            metrics: SavedMetrics { valid: None, test: None },
+            training: TrainingSummary::default(),
+            weights_sha256: String::new(),
+        }
+    }
 
     /// The gate scores the serving version as loaded from the registry: it must rank the held-out
     /// slice as the model did when it was trained.
