@@ -662,17 +662,7 @@ mod gate_tests {
         let mut model = trained.model;
         let before = ndcg(&score_all(&mut model, &requests, &catalog), &targets, 10);
         let dir = std::env::temp_dir().join(format!("liverec-gate-reload-{}", std::process::id()));
-        let mut manifest = Manifest {
-            format: String::new(),
-            version: String::new(),
-            created_at: rfc3339(0),
-            config: model.config.clone(),
-            serve: model.serve.clone(),
-            data: DataWindow::default(),
-            metrics: SavedMetrics { valid: None, test: None },
-            training: trained.summary,
-            weights_sha256: String::new(),
-        };
+        let mut manifest = Manifest { training: trained.summary, ..sample_manifest(&model) };
         model.save(&dir, &mut manifest).expect("saves");
         let mut loaded = crate::models::registry::Registry::local(std::env::temp_dir())
             .load(dir.file_name().and_then(|n| n.to_str()).expect("a plain name"), &catalog)
