@@ -292,8 +292,8 @@ fn block_dots_avx2<const Q: usize>(block: &[i8], queries: &[&Quantised; Q]) -> [
 
 /// Scores every item of `list` against `Q` queries and hands each `(query, item, score)`
 /// whose score beats the query's floor to `visit`, which answers the query's new floor. A
-/// block none of whose scores beats the floor costs no call (most blocks, once a query's heap
-/// is full). `AVX2` picks that kernel (only where the CPU has it: see [`scan`]).
+/// block none of whose scores beats the floor costs no call (most blocks, once a query has its
+/// `k` candidates). `AVX2` picks that kernel (only where the CPU has it: see [`scan`]).
 #[inline(always)]
 fn scan_list<const Q: usize, const AVX2: bool>(
     list: &List,

@@ -32,7 +32,8 @@ use candle_nn::{VarBuilder, VarMap};
 use super::artifact::{Manifest, ModelFileError, SavedModel, ServeConfig, Vocab};
 use super::retrieval::{dot, prefetch, Bits, CandidateCounts, CandidateSet, Filter, IvfIndex, Source};
 use super::sasrec::{
-    feedback_index, hour_bucket, seeded_init, Config, ItemFeatures, Mode, SasRec, SasRecError, SeqBatch, SeqInput,
+    feedback_index, hour_bucket, seeded_init, Config, FastEncoder, FastInput, ItemFeatures, Mode, SasRec, SasRecError,
+    SeqBatch, SeqInput,
 };
 use super::{fill_mask, top_k, HistoryItem, ItemFilter, Observation, Recommender, ScoreRequest, Scored};
 use crate::catalog::{Catalog, ItemAttributes, ItemIdx};
@@ -70,7 +71,16 @@ struct InferenceCache {
     /// `p_popular(item | segment)` (model items), one row per context segment, then the global
     /// row; shared with the retrieval index's build.
     popularity: Arc<Vec<Vec<f32>>>,
+    /// The encoder's weights on plain slices, for small batches ([`FAST_ENCODER_MAX_BATCH`]).
+    fast: FastEncoder,
 }
+
+/// Largest batch whose query vectors come from [`FastEncoder`] rather than candle. Candle
+/// costs 160-210 us a batch before any arithmetic (its operations' allocations and its threads'
+/// wake-ups), the plain-slice encoder only its arithmetic, done one vector at a time; from some
+/// batch size on, candle's matrix products win. Measured in docs/performance.md ("The encoder
+/// for small batches").
+const FAST_ENCODER_MAX_BATCH: usize = 8;
 
 /// Marks a [`CatalogMap::row`] entry as a slot of the unseen items' vectors.
 const COLD: u32 = 1 << 31;
@@ -501,7 +511,9 @@ impl SequentialModel {
                 })
                 .collect();
             popularity.push(global_popularity);
-            self.cache = Some(InferenceCache { table, bias, mean_id, mean_bias, popularity: Arc::new(popularity) });
+            let fast = FastEncoder::of(&self.net)?;
+            self.cache =
+                Some(InferenceCache { table, bias, mean_id, mean_bias, popularity: Arc::new(popularity), fast });
         }
         Ok(self.cache.as_ref().expect("cache was just filled"))
     }
@@ -522,11 +534,25 @@ impl SequentialModel {
                 }
             })
             .collect();
+        self.cache()?;
+        let cache = self.cache.as_ref().expect("cache filled above");
+        if inputs.len() <= FAST_ENCODER_MAX_BATCH {
+            let fast: Vec<FastInput<'_>> = inputs
+                .iter()
+                .map(|i| FastInput {
+                    items: &i.items,
+                    hours: &i.hours,
+                    feedback: &i.feedback,
+                    context: i.context[0],
+                    user: i.user,
+                })
+                .collect();
+            let q = with_values(&cache.table, |table| cache.fast.encode(&fast, table))?;
+            return Ok(Tensor::from_vec(q, (inputs.len(), self.config.hidden), &Device::Cpu)?);
+        }
         // Pad only to the longest history in the batch: attention cost follows the real length.
         let longest = inputs.iter().map(|i| i.items.len()).max().unwrap_or(1).max(1);
         let batch = SeqBatch::for_inference(&inputs, longest, self.config.layers)?;
-        self.cache()?;
-        let cache = self.cache.as_ref().expect("cache filled above");
         Ok(self.net.encode(&batch, &cache.table, true, &mut Mode::Eval)?.squeeze(1)?)
     }
 
@@ -885,8 +911,11 @@ impl SequentialModel {
         if self.scratch.len() < shards {
             self.scratch.resize_with(shards, Scratch::default);
         }
-        let n = batch.requests.len();
-        let ranges: Vec<std::ops::Range<usize>> = (0..shards).map(|s| s * n / shards..(s + 1) * n / shards).collect();
+        // Parts with equal numbers of warm requests (cold ones cost little), in request order.
+        let warm_at: Vec<usize> = (0..batch.requests.len()).filter(|&i| batch.row_of[i].is_some()).collect();
+        let mut starts: Vec<usize> = (0..shards).map(|s| if s == 0 { 0 } else { warm_at[s * warm / shards] }).collect();
+        starts.push(batch.requests.len());
+        let ranges: Vec<std::ops::Range<usize>> = starts.windows(2).map(|w| w[0]..w[1]).collect();
         let counts = &mut self.candidate_counts;
         let (first, others) = self.scratch.split_first_mut().expect("one scratch at least");
         std::thread::scope(|scope| {
@@ -896,27 +925,46 @@ impl SequentialModel {
                 .zip(others.iter_mut())
                 .map(|(range, scratch)| {
                     let part = batch.part(range.clone());
-                    scope.spawn(move || {
-                        let mut counts = CandidateCounts::default();
-                        (stage.score(part, scratch, &mut counts), counts)
-                    })
+                    // A thread the system refuses (a thread limit) is not an error: that part is
+                    // scored on this thread, after the first.
+                    let spawned =
+                        std::thread::Builder::new().name("liverec-score".into()).spawn_scoped(scope, move || {
+                            let mut counts = CandidateCounts::default();
+                            (stage.score(part, scratch, &mut counts), counts)
+                        });
+                    match spawned {
+                        Ok(handle) => Part::Spawned(handle),
+                        Err(_) => Part::Inline(range.clone()),
+                    }
                 })
                 .collect();
             let mut out = stage.score(batch.part(ranges[0].clone()), first, counts);
             for handle in handles {
-                match handle.join() {
-                    Ok((lists, part_counts)) => {
-                        out.extend(lists);
-                        counts.merge(&part_counts);
+                let (lists, part_counts) = match handle {
+                    Part::Spawned(handle) => match handle.join() {
+                        Ok(done) => done,
+                        // Scoring does not panic; if it ever did, the batch fails as it would
+                        // on one thread.
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    },
+                    Part::Inline(range) => {
+                        let mut part_counts = CandidateCounts::default();
+                        (stage.score(batch.part(range), first, &mut part_counts), part_counts)
                     }
-                    // Scoring does not panic; if it ever did, the batch fails as it would on
-                    // one thread.
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
+                };
+                out.extend(lists);
+                counts.merge(&part_counts);
             }
             out
         })
     }
+}
+
+/// A part of a two-stage batch: on a thread of its own, or (no thread to be had) scored on the
+/// caller's after the first part.
+enum Part<'scope> {
+    Spawned(std::thread::ScopedJoinHandle<'scope, (Vec<Vec<Scored>>, CandidateCounts)>),
+    Inline(std::ops::Range<usize>),
 }
 
 /// Warm requests per scoring thread, at least: below it a thread's start costs more than it

@@ -43,7 +43,12 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    const EPS: f32 = 1e-6;
+    pub(super) const EPS: f32 = 1e-6;
+
+    /// Weight and bias (for the plain-slice encoder, `fast.rs`).
+    pub(super) fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
 
     pub fn load(vb: VarBuilder, size: usize) -> Result<Self> {
         Ok(Self {
@@ -138,6 +143,13 @@ pub struct Block {
 }
 
 impl Block {
+    /// Its layers in order: norm, attention's projections (queries, keys and values; output),
+    /// norm, feed-forward (for the plain-slice encoder, `fast.rs`).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn parts(&self) -> (&LayerNorm, &Linear, &Linear, &LayerNorm, &Linear, &Linear) {
+        (&self.ln1, &self.attention.qkv, &self.attention.out, &self.ln2, &self.ff1, &self.ff2)
+    }
+
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         Ok(Self {
             ln1: LayerNorm::load(vb.pp("ln1"), cfg.hidden)?,
@@ -352,6 +364,11 @@ pub struct UserEmbedding {
 }
 
 impl UserEmbedding {
+    /// Gender, age bucket and occupation tables (for the plain-slice encoder, `fast.rs`).
+    pub(super) fn parts(&self) -> [&Embedding; 3] {
+        [&self.gender, &self.age, &self.occupation]
+    }
+
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         Ok(Self {
             gender: candle_nn::embedding(GENDERS, cfg.hidden, vb.pp("gender"))?,

@@ -25,6 +25,7 @@
 //! caller's seeded RNG (candle's CPU RNG cannot be seeded), which keeps training reproducible.
 
 mod config;
+mod fast;
 mod layers;
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ pub use config::{
     age_bucket, feedback_index, gender_index, hour_bucket, segment_at, weekday, year_bucket, Config, Features, Result,
     SasRecError, AGE_BUCKETS, FEEDBACK, GENDERS, YEAR_BUCKETS,
 };
+pub use fast::{FastEncoder, FastInput};
 pub use layers::{Block, ItemFeatures, ItemTable, LayerNorm, Mode, SelfAttention, UserEmbedding};
 
 /// One batch of left-padded sequences as tensors.
@@ -400,6 +402,58 @@ mod tests {
         }
         let rows = net.item_table().rows(&features).expect("rows");
         assert_eq!(rows, table.concat(), "the in-place table is the tensor one, bit for bit");
+    }
+
+    #[test]
+    fn the_plain_slice_encoder_matches_candles_for_every_length_and_feature() {
+        // Two blocks (the first over every position, the last over the last one), every
+        // feature on, large weights; histories shorter than, equal to and longer than
+        // `max_len`, encoded in one padded batch by candle and one by one here.
+        let cfg = Config { hidden: 16, inner: 24, max_len: 6, ..tiny() };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = SasRec::load(vb, &cfg).expect("model");
+        seeded_init_with(&varmap, 11, 0.5).expect("init");
+        let features =
+            ItemFeatures::new(&[vec![0], vec![1], vec![0, 1], vec![], vec![1], vec![0]], &[Some(1995); 6], 2)
+                .expect("features");
+        let table = net.item_table().forward(&features).expect("table");
+        let histories: [&[u32]; 4] = [&[3], &[1, 2, 3], &[6, 5, 4, 3, 2, 1], &[1, 2, 3, 4, 5, 6, 1, 2]];
+        let inputs: Vec<SeqInput> = histories
+            .iter()
+            .enumerate()
+            .map(|(u, items)| SeqInput {
+                items: items.to_vec(),
+                hours: items.iter().map(|&i| (i + u as u32) % Context::HOUR_BUCKETS as u32).collect(),
+                feedback: items.iter().map(|&i| i % 7).collect(),
+                context: vec![u as u32 + 2],
+                user: [u as u32 % 3, 1 + u as u32, 1],
+            })
+            .collect();
+        let batch = SeqBatch::for_inference(&inputs, cfg.max_len, cfg.layers).expect("batch");
+        let want = net
+            .encode(&batch, &table, true, &mut Mode::Eval)
+            .and_then(|q| Ok(q.flatten_all()?.to_vec1::<f32>()?))
+            .expect("candle");
+        let fast = FastEncoder::of(&net).expect("copied");
+        let rows = table.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("table");
+        let got = fast.encode(
+            &inputs
+                .iter()
+                .map(|i| FastInput {
+                    items: &i.items,
+                    hours: &i.hours,
+                    feedback: &i.feedback,
+                    context: i.context[0],
+                    user: i.user,
+                })
+                .collect::<Vec<_>>(),
+            &rows,
+        );
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "user {}, dim {}: {a} vs {b}", i / 16, i % 16);
+        }
     }
 
     #[test]
