@@ -511,7 +511,7 @@ impl SequentialModel {
                 })
                 .collect();
             popularity.push(global_popularity);
-            let fast = FastEncoder::of(&self.net)?;
+            let fast = self.net.fast_encoder()?;
             self.cache =
                 Some(InferenceCache { table, bias, mean_id, mean_bias, popularity: Arc::new(popularity), fast });
         }
@@ -537,16 +537,7 @@ impl SequentialModel {
         self.cache()?;
         let cache = self.cache.as_ref().expect("cache filled above");
         if inputs.len() <= FAST_ENCODER_MAX_BATCH {
-            let fast: Vec<FastInput<'_>> = inputs
-                .iter()
-                .map(|i| FastInput {
-                    items: &i.items,
-                    hours: &i.hours,
-                    feedback: &i.feedback,
-                    context: i.context[0],
-                    user: i.user,
-                })
-                .collect();
+            let fast: Vec<FastInput<'_>> = inputs.iter().map(FastInput::from).collect();
             let q = with_values(&cache.table, |table| cache.fast.encode(&fast, table))?;
             return Ok(Tensor::from_vec(q, (inputs.len(), self.config.hidden), &Device::Cpu)?);
         }

@@ -10,12 +10,14 @@
 
 use candle_core::Tensor;
 
-use super::config::{Result, SasRecError};
-use super::{Block, LayerNorm, SasRec};
+use candle_nn::Embedding;
+
+use super::config::{Config, Result, SasRecError};
+use super::layers::{Block, LayerNorm, UserEmbedding};
 use crate::models::ivf::dot;
 
 /// One user's input: history tokens oldest first (model items, 1-based), the context segment
-/// of the prediction and the demographic triple, as [`super::SeqInput`] holds them.
+/// of the prediction and the demographic triple, as a `SeqInput` holds them.
 pub struct FastInput<'a> {
     pub items: &'a [u32],
     pub hours: &'a [u32],
@@ -189,13 +191,25 @@ struct Scratch {
     weights: Vec<f32>,
 }
 
+/// What a [`FastEncoder`] copies out of a network (the network's own fields, lent by
+/// `SasRec::fast_encoder`).
+pub(super) struct Parts<'a> {
+    pub cfg: &'a Config,
+    pub ln_in: &'a LayerNorm,
+    pub blocks: &'a [Block],
+    pub ln_out: &'a LayerNorm,
+    pub positions: Option<&'a Embedding>,
+    pub hours: Option<&'a Embedding>,
+    pub feedback: Option<&'a Embedding>,
+    pub context: Option<&'a Embedding>,
+    pub users: Option<&'a UserEmbedding>,
+}
+
 impl FastEncoder {
-    pub fn of(net: &SasRec) -> Result<Self> {
-        let cfg = &net.cfg;
-        let rows = |e: &Option<candle_nn::Embedding>| -> Result<Option<Vec<f32>>> {
-            e.as_ref().map(|e| values(e.embeddings())).transpose()
-        };
-        let users = match &net.users {
+    pub(super) fn of(parts: Parts<'_>) -> Result<Self> {
+        let rows =
+            |e: Option<&Embedding>| -> Result<Option<Vec<f32>>> { e.map(|e| values(e.embeddings())).transpose() };
+        let users = match parts.users {
             Some(u) => {
                 let [g, a, o] = u.parts();
                 Some([values(g.embeddings())?, values(a.embeddings())?, values(o.embeddings())?])
@@ -203,16 +217,16 @@ impl FastEncoder {
             None => None,
         };
         Ok(FastEncoder {
-            hidden: cfg.hidden,
-            heads: cfg.heads,
-            max_len: cfg.max_len,
-            ln_in: Norm::of(&net.ln_in)?,
-            blocks: net.blocks.iter().map(FastBlock::of).collect::<Result<_>>()?,
-            ln_out: Norm::of(&net.ln_out)?,
-            positions: rows(&net.positions)?,
-            hours: rows(&net.hours)?,
-            feedback: rows(&net.feedback)?,
-            context: rows(&net.context)?,
+            hidden: parts.cfg.hidden,
+            heads: parts.cfg.heads,
+            max_len: parts.cfg.max_len,
+            ln_in: Norm::of(parts.ln_in)?,
+            blocks: parts.blocks.iter().map(FastBlock::of).collect::<Result<_>>()?,
+            ln_out: Norm::of(parts.ln_out)?,
+            positions: rows(parts.positions)?,
+            hours: rows(parts.hours)?,
+            feedback: rows(parts.feedback)?,
+            context: rows(parts.context)?,
             users,
         })
     }

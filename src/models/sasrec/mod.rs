@@ -75,6 +75,19 @@ pub struct SeqInput {
     pub user: [u32; 3],
 }
 
+impl<'a> From<&'a SeqInput> for FastInput<'a> {
+    /// The input as the plain-slice encoder reads it (`context`: the last position's).
+    fn from(input: &'a SeqInput) -> Self {
+        FastInput {
+            items: &input.items,
+            hours: &input.hours,
+            feedback: &input.feedback,
+            context: input.context.last().copied().unwrap_or(0),
+            user: input.user,
+        }
+    }
+}
+
 impl SeqBatch {
     /// Left-pads every input to `len` (inputs longer than `len` keep their last `len` tokens).
     /// With `last_only`, each input has one context value and the mask covers the last row.
@@ -166,6 +179,21 @@ impl SasRec {
             ln_in: LayerNorm::load(vb.pp("ln_in"), cfg.hidden)?,
             blocks: (0..cfg.layers).map(|i| Block::load(vb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?,
             ln_out: LayerNorm::load(vb.pp("ln_out"), cfg.hidden)?,
+        })
+    }
+
+    /// The network's weights copied to plain slices, for the encoder of small batches.
+    pub fn fast_encoder(&self) -> Result<FastEncoder> {
+        FastEncoder::of(fast::Parts {
+            cfg: &self.cfg,
+            ln_in: &self.ln_in,
+            blocks: &self.blocks,
+            ln_out: &self.ln_out,
+            positions: self.positions.as_ref(),
+            hours: self.hours.as_ref(),
+            feedback: self.feedback.as_ref(),
+            context: self.context.as_ref(),
+            users: self.users.as_ref(),
         })
     }
 
@@ -435,21 +463,9 @@ mod tests {
             .encode(&batch, &table, true, &mut Mode::Eval)
             .and_then(|q| Ok(q.flatten_all()?.to_vec1::<f32>()?))
             .expect("candle");
-        let fast = FastEncoder::of(&net).expect("copied");
+        let fast = net.fast_encoder().expect("copied");
         let rows = table.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("table");
-        let got = fast.encode(
-            &inputs
-                .iter()
-                .map(|i| FastInput {
-                    items: &i.items,
-                    hours: &i.hours,
-                    feedback: &i.feedback,
-                    context: i.context[0],
-                    user: i.user,
-                })
-                .collect::<Vec<_>>(),
-            &rows,
-        );
+        let got = fast.encode(&inputs.iter().map(FastInput::from).collect::<Vec<_>>(), &rows);
         assert_eq!(got.len(), want.len());
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "user {}, dim {}: {a} vs {b}", i / 16, i % 16);
