@@ -538,7 +538,7 @@ impl SequentialModel {
         let cache = self.cache.as_ref().expect("cache filled above");
         if inputs.len() <= FAST_ENCODER_MAX_BATCH {
             let fast: Vec<FastInput<'_>> = inputs.iter().map(FastInput::from).collect();
-            let q = with_values(&cache.table, |table| cache.fast.encode(&fast, table))?;
+            let q = with_values(&cache.table, |table| cache.fast.encode(&fast, table))??;
             return Ok(Tensor::from_vec(q, (inputs.len(), self.config.hidden), &Device::Cpu)?);
         }
         // Pad only to the longest history in the batch: attention cost follows the real length.

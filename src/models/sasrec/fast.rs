@@ -233,8 +233,12 @@ impl FastEncoder {
 
     /// `[inputs, H]` query vectors, row-major; `table` is the `[items + 1, H]` item table the
     /// network reads (row 0: padding). An input longer than `max_len` keeps its last `max_len`
-    /// tokens; an empty one is encoded as one padding token, as a padded batch row would be.
-    pub fn encode(&self, inputs: &[FastInput<'_>], table: &[f32]) -> Vec<f32> {
+    /// tokens. An empty one is encoded as one padding token (the server never encodes one; a
+    /// padded candle batch gives it a mix of the batch's padding positions instead: both are
+    /// an arbitrary vector for a user with no known item). An index past its table (item,
+    /// hour, feedback, context, user) is an error, as candle's lookups make it.
+    pub fn encode(&self, inputs: &[FastInput<'_>], table: &[f32]) -> Result<Vec<f32>> {
+        self.check(inputs, table)?;
         let h = self.hidden;
         let mut out = Vec::with_capacity(inputs.len() * h);
         let mut x = Vec::new();
@@ -279,6 +283,30 @@ impl FastEncoder {
             }
             out.extend_from_slice(q);
         }
-        out
+        Ok(out)
+    }
+
+    /// Every index of `inputs` within its table.
+    fn check(&self, inputs: &[FastInput<'_>], table: &[f32]) -> Result<()> {
+        let h = self.hidden;
+        let within = |values: &[u32], rows: Option<usize>, what: &str| match rows {
+            Some(rows) if values.iter().any(|&v| v as usize >= rows) => {
+                Err(SasRecError::Config(format!("a {what} index is past its table of {rows} rows")))
+            }
+            _ => Ok(()),
+        };
+        let rows = |t: &Option<Vec<f32>>| t.as_ref().map(|t| t.len() / h);
+        for input in inputs {
+            within(input.items, Some(table.len() / h), "item")?;
+            within(input.hours, rows(&self.hours), "hour")?;
+            within(input.feedback, rows(&self.feedback), "feedback")?;
+            within(&[input.context], rows(&self.context), "context")?;
+            if let Some(users) = &self.users {
+                for (rows, &r) in users.iter().zip(&input.user) {
+                    within(&[r], Some(rows.len() / h), "user")?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -465,7 +465,10 @@ mod tests {
             .expect("candle");
         let fast = net.fast_encoder().expect("copied");
         let rows = table.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("table");
-        let got = fast.encode(&inputs.iter().map(FastInput::from).collect::<Vec<_>>(), &rows);
+        let fast_inputs: Vec<FastInput<'_>> = inputs.iter().map(FastInput::from).collect();
+        let got = fast.encode(&fast_inputs, &rows).expect("in range");
+        let bad = FastInput { context: Context::SEGMENTS as u32, ..FastInput::from(&inputs[0]) };
+        assert!(fast.encode(&[bad], &rows).is_err(), "a context past its table is an error, not a panic");
         assert_eq!(got.len(), want.len());
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "user {}, dim {}: {a} vs {b}", i / 16, i % 16);
