@@ -71,6 +71,14 @@ pub struct RetrievalConfig {
     pub threads: usize,
 }
 
+impl RetrievalConfig {
+    /// Whether `other` asks for the same candidates: equal but for `threads`, which only says
+    /// how a batch is scored (a change of it alone rebuilds no index).
+    pub fn same_candidates(&self, other: &RetrievalConfig) -> bool {
+        *self == RetrievalConfig { threads: self.threads, ..other.clone() }
+    }
+}
+
 impl Default for RetrievalConfig {
     fn default() -> Self {
         Self {

@@ -536,10 +536,11 @@ impl Recommender for CoocModel {
     }
 
     fn configure_retrieval(&mut self, config: &RetrievalConfig) {
-        if self.retrieval == *config {
+        let same = self.retrieval.same_candidates(config);
+        self.retrieval = config.clone();
+        if same {
             return;
         }
-        self.retrieval = config.clone();
         let cap = top_cap(config);
         self.top_global = TopList::new(cap, &self.popularity);
         self.top_segment = self.segment_popularity.iter().map(|seg| TopList::new(cap, seg)).collect();

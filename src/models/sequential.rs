@@ -962,10 +962,12 @@ enum Part<'scope> {
 /// saves (a warm request costs some 100 µs at 10^6 items).
 const MIN_SHARD: usize = 8;
 
-/// Threads for two-stage scoring: `configured`, or one per core for 0.
+/// Threads for two-stage scoring: `configured`, or one per core for 0 (asked of the system
+/// once: on Linux the answer reads cgroup files, too much for every batch).
 fn scoring_threads(configured: usize) -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     match configured {
-        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)),
         n => n,
     }
 }
@@ -1223,10 +1225,10 @@ impl Recommender for SequentialModel {
     fn observe(&mut self, _observations: &[Observation]) {}
 
     fn configure_retrieval(&mut self, config: &RetrievalConfig) {
-        if self.retrieval != *config {
-            self.retrieval = config.clone();
+        if !self.retrieval.same_candidates(config) {
             self.index = IndexState::Absent;
         }
+        self.retrieval = config.clone();
     }
 
     fn take_candidate_counts(&mut self) -> CandidateCounts {
@@ -1518,6 +1520,17 @@ mod tests {
         // The warm users' candidates all come from the index; the cold user's from popularity.
         assert!(counts.get(Source::Ann) >= 12 * 150 && counts.get(Source::Popular) >= 150, "{counts:?}");
         assert!(exact.take_candidate_counts().is_empty());
+    }
+
+    #[test]
+    fn a_change_of_scoring_threads_alone_keeps_the_index() {
+        let (mut model, catalog, _) = larger(200, forced(30, 2));
+        model.prepare(&catalog).expect("index built");
+        model.configure_retrieval(&RetrievalConfig { threads: 3, ..forced(30, 2) });
+        assert!(model.retrieval_ready(), "same candidates: the index stays");
+        assert_eq!(model.retrieval.threads, 3);
+        model.configure_retrieval(&RetrievalConfig { ann_list_size: 40, ..forced(30, 2) });
+        assert!(!model.retrieval_ready(), "another list size: the index is rebuilt");
     }
 
     #[test]

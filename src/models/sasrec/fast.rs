@@ -9,7 +9,6 @@
 //! shape. Training, and anything that needs gradients, stays on candle.
 
 use candle_core::Tensor;
-
 use candle_nn::Embedding;
 
 use super::config::{Config, Result, SasRecError};
@@ -127,29 +126,26 @@ impl FastBlock {
         let hd = h / heads;
         let scale = 1.0 / (hd as f32).sqrt();
         // Keys and values of every position, from the normalised inputs.
-        let Scratch { normed, qkv, query, attended, projected, inner, weights } = scratch;
+        let Scratch { normed, row, qkv, attended, projected, inner, weights } = scratch;
         qkv.clear();
-        let mut row = Vec::with_capacity(3 * h);
         for t in 0..l {
             normed.clear();
             normed.extend_from_slice(&x[t * h..(t + 1) * h]);
             self.ln1.apply(normed);
             let rows = if last_only && t + 1 < l { h..3 * h } else { 0..3 * h };
-            self.qkv.apply_rows(normed, rows.clone(), &mut row);
+            self.qkv.apply_rows(normed, rows.clone(), row);
             // Stored as `[l, 3H]`; a position whose query is not needed leaves it zero.
             if rows.start > 0 {
                 qkv.extend(std::iter::repeat_n(0.0, rows.start));
             }
-            qkv.extend_from_slice(&row);
+            qkv.extend_from_slice(row);
         }
         let first = if last_only { l - 1 } else { 0 };
         for t in first..l {
-            query.clear();
-            query.extend_from_slice(&qkv[t * 3 * h..t * 3 * h + h]);
             attended.clear();
             attended.resize(h, 0.0);
             for head in 0..heads {
-                let q = &query[head * hd..(head + 1) * hd];
+                let q = &qkv[t * 3 * h + head * hd..][..hd];
                 weights.clear();
                 weights.extend((0..=t).map(|j| dot(q, &qkv[j * 3 * h + h + head * hd..][..hd]) * scale));
                 let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -183,8 +179,9 @@ impl FastBlock {
 #[derive(Default)]
 struct Scratch {
     normed: Vec<f32>,
+    /// One position's projections.
+    row: Vec<f32>,
     qkv: Vec<f32>,
-    query: Vec<f32>,
     attended: Vec<f32>,
     projected: Vec<f32>,
     inner: Vec<f32>,
