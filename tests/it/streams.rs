@@ -223,6 +223,26 @@ async fn bad_websocket_messages_get_errors_and_the_socket_keeps_working() {
 
 const USERS: usize = 100;
 
+/// A new user's first subscriber costs one scored list: the session's start asks for it, and the
+/// subscription finds it on its way instead of marking it stale (which had every new subscriber
+/// scored twice, a burst of double work when many users connect at once).
+#[actix_rt::test]
+async fn a_new_users_first_subscriber_costs_one_scored_list() {
+    let server = start(test_config()).await;
+    let requests = metric(&server, "liverec_model_requests_total").await;
+    let stale = metric(&server, "liverec_session_lists_stale_total").await;
+    let mut ws = WsClient::connect(&server).await;
+    for user in ["newcomer-1", "newcomer-2", "newcomer-3"] {
+        ws.send_json(&json!({ "subscribe": user })).await;
+        assert_eq!(ws.next_json().await, json!({ "type": "subscribed", "user_id": user }));
+        let list = ws.next_of_type("recommendations").await;
+        assert_eq!(list["data"]["user_id"], user);
+    }
+    assert_eq!(metric(&server, "liverec_session_lists_stale_total").await - stale, 0.0, "no list was scored in vain");
+    assert_eq!(metric(&server, "liverec_model_requests_total").await - requests, 3.0, "one list scored per user");
+    server.stop().await;
+}
+
 const PER_USER: usize = 10;
 
 #[actix_rt::test]

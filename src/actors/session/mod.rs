@@ -600,7 +600,9 @@ impl Handler<EnsureList> for SessionActor {
 
     fn handle(&mut self, msg: EnsureList, ctx: &mut Self::Context) {
         self.last_active = Instant::now();
-        if msg.fresh || self.hub.latest().is_none() {
+        // A list already on its way is the one asked for: marking it stale would have it
+        // scored twice (every new subscriber's session starts by asking for one).
+        if msg.fresh || (self.hub.latest().is_none() && !self.coalescer.in_flight()) {
             self.refresh(ctx);
         }
     }
