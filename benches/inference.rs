@@ -22,7 +22,8 @@
 //! `LIVEREC_BENCH_LAYERS=2` gives the sequential model two attention blocks instead of one.
 //!
 //! `LIVEREC_BENCH_TWO_STAGE=1` adds the two-stage path of both models (`score-two-stage`,
-//! `[model.retrieval]` defaults with `min_items = 0`; `LIVEREC_BENCH_PROBE` sets `ann_probe`) and
+//! `[model.retrieval]` defaults with `min_items = 0`; `LIVEREC_BENCH_PROBE` sets `ann_probe`,
+//! `LIVEREC_BENCH_LIST_SIZE` `ann_list_size`) and
 //! prints the retrieval index's build time, the resident memory, and recall@10 of the two-stage
 //! lists against the exact ones over `LIVEREC_BENCH_RECALL_USERS` users (default 512).
 //! `LIVEREC_BENCH_DATA=DIR` takes the sequential model's vocabulary (items, categories,
@@ -76,12 +77,16 @@ fn two_stage() -> bool {
     std::env::var("LIVEREC_BENCH_TWO_STAGE").is_ok_and(|v| v == "1")
 }
 
-/// Two-stage retrieval at any size, `ann_probe` from `LIVEREC_BENCH_PROBE` and the scoring
-/// threads from `LIVEREC_BENCH_THREADS` (default 0: one per core).
+/// Two-stage retrieval at any size, `ann_probe` from `LIVEREC_BENCH_PROBE`, `ann_list_size`
+/// from `LIVEREC_BENCH_LIST_SIZE` and the scoring threads from `LIVEREC_BENCH_THREADS`
+/// (default 0: one per core).
 fn forced() -> RetrievalConfig {
     let mut config = RetrievalConfig { min_items: 0, ..RetrievalConfig::default() };
     if let Some(probe) = std::env::var("LIVEREC_BENCH_PROBE").ok().and_then(|p| p.parse().ok()) {
         config.ann_probe = probe;
+    }
+    if let Some(size) = std::env::var("LIVEREC_BENCH_LIST_SIZE").ok().and_then(|p| p.parse().ok()) {
+        config.ann_list_size = size;
     }
     if let Some(threads) = std::env::var("LIVEREC_BENCH_THREADS").ok().and_then(|p| p.parse().ok()) {
         config.threads = threads;

@@ -91,6 +91,11 @@ pub struct SubscriberSummary {
     pub setup_secs: f64,
     /// Loopback source addresses the sockets were spread over.
     pub source_addresses: usize,
+    /// Seconds after the subscribers were confirmed until the server had no earlier work left
+    /// (no scoring queued, no requests scored or events applied for 1 s): the load starts then.
+    /// `None`: still busy after 120 s, and the load started anyway.
+    #[serde(default)]
+    pub quiet_after_secs: Option<f64>,
 }
 
 /// What the server's `/metrics` (and `/proc`, given its pid) said about the run.
@@ -363,8 +368,9 @@ pub fn markdown(r: &Report) -> String {
     let sub = &r.subscribers;
     let _ = writeln!(
         out,
-        "| subscribers | {} WebSocket sockets ({} subscriptions), {} SSE streams, {} idle WebSocket sockets; {} of {} subscriptions confirmed in {:.1} s over {} source address(es); {} closed early |",
-        sub.ws_sockets, sub.ws_subscriptions, sub.sse_streams, sub.idle_ws_sockets, sub.confirmed, sub.expected, sub.setup_secs, sub.source_addresses, sub.closed_early
+        "| subscribers | {} WebSocket sockets ({} subscriptions), {} SSE streams, {} idle WebSocket sockets; {} of {} subscriptions confirmed in {:.1} s over {} source address(es); {} closed early; {} |",
+        sub.ws_sockets, sub.ws_subscriptions, sub.sse_streams, sub.idle_ws_sockets, sub.confirmed, sub.expected, sub.setup_secs, sub.source_addresses, sub.closed_early,
+        sub.quiet_after_secs.map_or("the server was still busy after 120 s when the load started".to_owned(), |s| format!("the server was quiet {s:.1} s later, and the load started then"))
     );
     let sv = &r.server;
     let opt = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0}"));

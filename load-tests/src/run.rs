@@ -76,7 +76,12 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> Result<Report, Ru
     let rss_before = options.server_pid.and_then(server::rss_kib);
     let state = State::shared(scenario, format!("lt{started_at_ms}-"));
 
-    let subscribers = subscribers::open(scenario, &target, &state, progress).await;
+    let mut subscribers = subscribers::open(scenario, &target, &state, progress).await;
+    subscribers.setup.quiet_after_secs = server::wait_quiet(&target).await;
+    progress.say(match subscribers.setup.quiet_after_secs {
+        Some(secs) => format!("server quiet {secs:.1} s later (no scoring queued or under way)"),
+        None => "server still busy after 120 s; starting the load anyway".to_owned(),
+    });
     let producer = kafka_producer(scenario)?;
     let sim = start_sim(scenario, &target);
     let load_start = Snapshot::take(&target, options.server_pid).await;

@@ -74,6 +74,7 @@ async fn a_short_scenario_writes_a_complete_report() {
     assert_eq!(report.errors, 0, "no errors: {:?}", report.errors_by_kind);
     assert!(report.pushes_received > 0);
     assert_eq!(report.subscribers.confirmed, report.subscribers.expected, "every subscription confirmed");
+    assert!(report.subscribers.quiet_after_secs.is_some(), "the server's earlier work was waited out: {:?}", report.subscribers);
     assert!(report.events_accepted > 0 && report.event_to_push_ms.count > 0);
     assert!(report.pushes_received_ws > 0 && report.pushes_received_sse > 0 && report.pushes_received_idle > 0);
     assert_eq!(report.pushes_dropped, 0, "every accepted event reached every subscriber of its user");
@@ -90,6 +91,7 @@ async fn a_short_scenario_writes_a_complete_report() {
     assert!(json["server"]["work"]["cpu_secs_per_event"].is_number());
     let markdown = std::fs::read_to_string(out.path().join("report.md")).expect("md");
     assert!(markdown.contains("late") && markdown.contains("1000 ms"), "the late threshold is stated");
+    assert!(markdown.contains("the load started then"), "the wait for a quiet server is stated");
     let svg = std::fs::read_to_string(out.path().join("latency.svg")).expect("svg");
     assert!(svg.starts_with("<svg") && svg.contains("<path"), "a plot with lines");
 }

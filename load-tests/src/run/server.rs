@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The server's `/healthz` did not answer success.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,36 @@ impl UnderLoad {
 /// Reads one sample (`name` or `name{labels}`) from the server's `/metrics`.
 pub async fn scrape(target: &str, sample: &str) -> Option<f64> {
     sample_of(&metrics_text(target).await?, sample)
+}
+
+/// How long the server must show no new work before the load starts.
+const QUIET_FOR: Duration = Duration::from_secs(1);
+/// The longest wait for it: a server with traffic of its own never goes quiet.
+const QUIET_BOUND: Duration = Duration::from_secs(120);
+
+/// Waits until the server has finished the work it had before the load: no scoring request
+/// queued, and neither scored requests (`liverec_model_requests_total`) nor applied events
+/// moving for [`QUIET_FOR`]. Left over, that work is measured as the load's latency: the lists of
+/// a bulk `synth-catalogue put`'s users (the put returns once its events are accepted, before
+/// their sessions have scored) and the subscriptions' first lists. Returns the seconds waited,
+/// or `None` if the server was still busy after [`QUIET_BOUND`] (the run goes on then).
+pub(super) async fn wait_quiet(target: &str) -> Option<f64> {
+    let started = Instant::now();
+    let (mut last, mut still_since) = (None, Instant::now());
+    loop {
+        let text = metrics_text(target).await.unwrap_or_default();
+        let queued = sample_of(&text, "liverec_model_queued_requests").unwrap_or(0.0);
+        let work = (sample_of(&text, "liverec_model_requests_total"), sample_of(&text, "liverec_session_applied_events_total"));
+        if last != Some(work) || queued > 0.0 {
+            (last, still_since) = (Some(work), Instant::now());
+        } else if still_since.elapsed() >= QUIET_FOR {
+            return Some(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() >= QUIET_BOUND {
+            return None;
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The server's whole `/metrics` exposition.

@@ -52,6 +52,9 @@ pub(super) struct Setup {
     pub(super) connect_secs: f64,
     /// Loopback source addresses the sockets were spread over.
     pub(super) source_addresses: usize,
+    /// Seconds from the confirmations until the server had no earlier work left (see
+    /// `server::wait_quiet`); `None`: it never went quiet.
+    pub(super) quiet_after_secs: Option<f64>,
 }
 
 /// The open subscribers: the tasks reading their pushes, and how opening them went.
@@ -124,7 +127,7 @@ pub(super) async fn open(scenario: &Scenario, target: &str, state: &Shared, prog
         state.borrow().confirmed,
         expected_confirmations
     ));
-    let setup = Setup { opened: tasks.len(), expected_confirmations, connect_secs, source_addresses: clients.len() };
+    let setup = Setup { opened: tasks.len(), expected_confirmations, connect_secs, source_addresses: clients.len(), quiet_after_secs: None };
     Opened { tasks, setup }
 }
 

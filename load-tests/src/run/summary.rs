@@ -115,6 +115,7 @@ pub(super) fn report(scenario: &Scenario, s: &mut State, m: Measured) -> Report 
             closed_early: s.subscribers.iter().filter(|sub| sub.closed).count(),
             setup_secs: m.setup.connect_secs,
             source_addresses: m.setup.source_addresses,
+            quiet_after_secs: m.setup.quiet_after_secs,
         },
         server: ServerSide {
             stale_lists_skipped: m.after.stale_lists_skipped - m.before.stale_lists_skipped,
