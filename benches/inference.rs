@@ -37,7 +37,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use liverec::catalog::Catalog;
 use liverec::config::RetrievalConfig;
 use liverec::event::EventType;
@@ -398,4 +398,10 @@ fn bench_online(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_inference, bench_online);
-criterion_main!(benches);
+/// `criterion_main!` with the server's first step: candle's thread count fixed as the
+/// `liverec` binary fixes it (`liverec::models::pin_compute_threads`).
+fn main() {
+    liverec::models::pin_compute_threads();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -187,6 +187,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    liverec::models::pin_compute_threads();
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate {

@@ -74,7 +74,11 @@ async fn a_short_scenario_writes_a_complete_report() {
     assert_eq!(report.errors, 0, "no errors: {:?}", report.errors_by_kind);
     assert!(report.pushes_received > 0);
     assert_eq!(report.subscribers.confirmed, report.subscribers.expected, "every subscription confirmed");
-    assert!(report.subscribers.quiet_after_secs.is_some(), "the server's earlier work was waited out: {:?}", report.subscribers);
+    assert!(
+        report.subscribers.quiet_after_secs.is_some(),
+        "the server's earlier work was waited out: {:?}",
+        report.subscribers
+    );
     assert!(report.events_accepted > 0 && report.event_to_push_ms.count > 0);
     assert!(report.pushes_received_ws > 0 && report.pushes_received_sse > 0 && report.pushes_received_idle > 0);
     assert_eq!(report.pushes_dropped, 0, "every accepted event reached every subscriber of its user");

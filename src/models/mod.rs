@@ -27,6 +27,20 @@ use crate::config::RetrievalConfig;
 use crate::event::EventType;
 use crate::eventlog::Interaction;
 
+/// Fixes the number of threads candle's matrix products use, once. Unless `RAYON_NUM_THREADS`
+/// is set, candle asks the system at every product, and on Linux that reads `/proc/cpuinfo`:
+/// some 10 us a call, more than a small product itself (a profile of one two-stage request at
+/// 10^6 items found 5 % of its time there). Sets the variable to candle's own answer, so the
+/// thread counts stay what they were; a value the user set is kept.
+///
+/// Call it first thing in `main`, before any other thread exists: changing the environment
+/// while another thread reads it is not safe on Linux.
+pub fn pin_compute_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    }
+}
+
 /// One past interaction, as models see it: a compact view of an applied `Interaction` (the
 /// item by catalogue index, the value as the networks' `f32`).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -92,7 +92,10 @@ pub(super) async fn wait_quiet(target: &str) -> Option<f64> {
     loop {
         let text = metrics_text(target).await.unwrap_or_default();
         let queued = sample_of(&text, "liverec_model_queued_requests").unwrap_or(0.0);
-        let work = (sample_of(&text, "liverec_model_requests_total"), sample_of(&text, "liverec_session_applied_events_total"));
+        let work = (
+            sample_of(&text, "liverec_model_requests_total"),
+            sample_of(&text, "liverec_session_applied_events_total"),
+        );
         if last != Some(work) || queued > 0.0 {
             (last, still_since) = (Some(work), Instant::now());
         } else if still_since.elapsed() >= QUIET_FOR {

@@ -127,7 +127,13 @@ pub(super) async fn open(scenario: &Scenario, target: &str, state: &Shared, prog
         state.borrow().confirmed,
         expected_confirmations
     ));
-    let setup = Setup { opened: tasks.len(), expected_confirmations, connect_secs, source_addresses: clients.len(), quiet_after_secs: None };
+    let setup = Setup {
+        opened: tasks.len(),
+        expected_confirmations,
+        connect_secs,
+        source_addresses: clients.len(),
+        quiet_after_secs: None,
+    };
     Opened { tasks, setup }
 }
 
