@@ -413,7 +413,7 @@ impl SequentialModel {
             floats(map.row.capacity() + map.bias.capacity() + map.cold.capacity() + map.cold_vectors.capacity()),
         ));
         if let IndexState::Ready(index) = &self.index {
-            parts.push(("ANN index (8-bit lists, centroids)", index.ann.bytes()));
+            parts.push(("ANN index (4-bit lists, centroids)", index.ann.bytes()));
             parts.push((
                 "popularity orders, tail sample",
                 floats(
