@@ -638,16 +638,21 @@ impl IvfIndex {
         let mut kept = Kept { outs: &mut outs[..], floors: vec![f32::NEG_INFINITY; b], k };
         let scores = centroid_scores(&augmented, &self.centroids, self.dim);
         let probe = probe.clamp(1, self.lists.len());
-        // (list, query) pairs, grouped by list.
-        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(b * probe);
+        // (list, query, the list's rank among the query's) triples, grouped by list.
+        let mut pairs: Vec<(u32, u32, u32)> = Vec::with_capacity(b * probe);
         for (i, row) in scores.chunks_exact(self.lists.len()).enumerate() {
             let order = self.list_order(row.iter().copied(), probe);
-            pairs.extend(order[..probe].iter().map(|&(_, c)| (c, i as u32)));
+            pairs.extend(order[..probe].iter().enumerate().map(|(rank, &(_, c))| (c, i as u32, rank as u32)));
         }
         pairs.sort_unstable();
-        for group in pairs.chunk_by(|a, b| a.0 == b.0) {
+        // Lists best for some query first: each query then meets its best lists early, its
+        // floor rises soon, and the blocks below it cost no call (in list order, a query's
+        // best list came anywhere, and its buffer took far more items).
+        let mut groups: Vec<&[(u32, u32, u32)]> = pairs.chunk_by(|a, b| a.0 == b.0).collect();
+        groups.sort_by_key(|group| (group.iter().map(|p| p.2).min(), group[0].0));
+        for group in groups {
             let list = &self.lists[group[0].0 as usize];
-            let qs: Vec<u32> = group.iter().map(|&(_, i)| i).collect();
+            let qs: Vec<u32> = group.iter().map(|&(_, i, _)| i).collect();
             let mut rest = &qs[..];
             while !rest.is_empty() {
                 let take = if rest.len() >= 4 {
