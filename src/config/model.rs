@@ -66,8 +66,8 @@ pub struct RetrievalConfig {
     pub ann_probe: usize,
     /// Items per list of the ANN index on average (the index has items / this lists).
     pub ann_list_size: usize,
-    /// Threads that score one batch of the sequential model's two-stage path, each taking a
-    /// run of at least 8 requests with history; 0 = one per CPU core.
+    /// Parts one batch of the sequential model's two-stage path is split into, each a run of at
+    /// least 8 requests with history scored on the compute pool; 0 = one per pool thread.
     pub threads: usize,
 }
 

@@ -875,8 +875,8 @@ impl SequentialModel {
 
     /// Two-stage scoring (docs/model.md, "Two-stage retrieval"): the batch's requests split in
     /// up to `retrieval.threads` runs of at least [`MIN_SHARD`] warm requests, each scored by
-    /// [`TwoStage::score`] on a thread of its own with a scratch of its own (the index, the
-    /// table and the catalogue are only read).
+    /// [`TwoStage::score`] with a scratch of its own on a worker of the compute pool (the
+    /// index, the table and the catalogue are only read).
     fn score_candidates(
         &mut self,
         batch: Batch<'_>,
@@ -907,67 +907,52 @@ impl SequentialModel {
         let mut starts: Vec<usize> = (0..shards).map(|s| if s == 0 { 0 } else { warm_at[s * warm / shards] }).collect();
         starts.push(batch.requests.len());
         let ranges: Vec<std::ops::Range<usize>> = starts.windows(2).map(|w| w[0]..w[1]).collect();
-        let counts = &mut self.candidate_counts;
-        let (first, others) = self.scratch.split_first_mut().expect("one scratch at least");
-        std::thread::scope(|scope| {
-            let stage = &stage;
-            let handles: Vec<_> = ranges[1..]
-                .iter()
-                .zip(others.iter_mut())
-                .map(|(range, scratch)| {
-                    let part = batch.part(range.clone());
-                    // A thread the system refuses (a thread limit) is not an error: that part is
-                    // scored on this thread, after the first.
-                    let spawned =
-                        std::thread::Builder::new().name("liverec-score".into()).spawn_scoped(scope, move || {
-                            let mut counts = CandidateCounts::default();
-                            (stage.score(part, scratch, &mut counts), counts)
-                        });
-                    match spawned {
-                        Ok(handle) => Part::Spawned(handle),
-                        Err(_) => Part::Inline(range.clone()),
-                    }
-                })
-                .collect();
-            let mut out = stage.score(batch.part(ranges[0].clone()), first, counts);
-            for handle in handles {
-                let (lists, part_counts) = match handle {
-                    Part::Spawned(handle) => match handle.join() {
-                        Ok(done) => done,
-                        // Scoring does not panic; if it ever did, the batch fails as it would
-                        // on one thread.
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    },
-                    Part::Inline(range) => {
-                        let mut part_counts = CandidateCounts::default();
-                        (stage.score(batch.part(range), first, &mut part_counts), part_counts)
-                    }
-                };
-                out.extend(lists);
-                counts.merge(&part_counts);
-            }
-            out
-        })
+        // Every part on the compute pool (the workers candle's matrix products just ran on), the
+        // caller waiting: no thread started per batch, and no idle pool thread spinning beside
+        // threads of our own on the same cores.
+        let mut parts: Vec<Part<'_>> = ranges
+            .into_iter()
+            .zip(self.scratch.iter_mut())
+            .map(|(range, scratch)| Part { range, scratch, lists: Vec::new(), counts: CandidateCounts::default() })
+            .collect();
+        if let [part] = parts.as_mut_slice() {
+            part.lists = stage.score(batch.part(part.range.clone()), part.scratch, &mut part.counts);
+        } else {
+            let (stage, batch) = (&stage, &batch);
+            rayon::scope(|scope| {
+                for part in &mut parts {
+                    scope.spawn(move |_| {
+                        part.lists = stage.score(batch.part(part.range.clone()), part.scratch, &mut part.counts);
+                    });
+                }
+            });
+        }
+        let mut out = Vec::with_capacity(batch.requests.len());
+        for part in parts {
+            out.extend(part.lists);
+            self.candidate_counts.merge(&part.counts);
+        }
+        out
     }
 }
 
-/// A part of a two-stage batch: on a thread of its own, or (no thread to be had) scored on the
-/// caller's after the first part.
-enum Part<'scope> {
-    Spawned(std::thread::ScopedJoinHandle<'scope, (Vec<Vec<Scored>>, CandidateCounts)>),
-    Inline(std::ops::Range<usize>),
+/// One part of a two-stage batch: its requests, its scratch, and what scoring them gave.
+struct Part<'a> {
+    range: std::ops::Range<usize>,
+    scratch: &'a mut Scratch,
+    lists: Vec<Vec<Scored>>,
+    counts: CandidateCounts,
 }
 
-/// Warm requests per scoring thread, at least: below it a thread's start costs more than it
+/// Warm requests per part, at least: below it handing a part to the pool costs more than it
 /// saves (a warm request costs some 100 µs at 10^6 items).
 const MIN_SHARD: usize = 8;
 
-/// Threads for two-stage scoring: `configured`, or one per core for 0 (asked of the system
-/// once: on Linux the answer reads cgroup files, too much for every batch).
+/// Parts a two-stage batch is split into: `configured`, or for 0 one per thread of the compute
+/// pool (`RAYON_NUM_THREADS`, which `liverec` fixes at start to candle's count of cores).
 fn scoring_threads(configured: usize) -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     match configured {
-        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)),
+        0 => rayon::current_num_threads(),
         n => n,
     }
 }
