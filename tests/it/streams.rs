@@ -243,6 +243,49 @@ async fn a_new_users_first_subscriber_costs_one_scored_list() {
     server.stop().await;
 }
 
+/// Users that post an event and at once ask for their list: the GET races the session's own
+/// first list, and whichever is answered first is the pushed one.
+const RACERS: usize = 60;
+
+#[actix_rt::test]
+async fn a_users_first_state_is_pushed_once_even_when_a_get_answers_first() {
+    let server = start(test_config()).await;
+    let outcomes = join_all((0..RACERS).map(|u| {
+        let server = &server;
+        async move {
+            let user = format!("racer-{u}");
+            let first = format!("{user}-e1");
+            let mut click = event(&user, "it-a", "click");
+            click["event_id"] = json!(first);
+            post_events(server, json!([click])).await;
+            // Accepted is not yet applied: until the session has the event, a GET gets the
+            // cold-start list.
+            let got = eventually("a GET reflecting the event", || async {
+                let got = get(server, &format!("/v1/users/{user}/recommendations")).await;
+                assert_eq!(got.status, 200, "{}", got.body);
+                (got.body["last_event_id"] == json!(first)).then_some(got)
+            })
+            .await;
+            let mut ws = WsClient::connect(server).await;
+            ws.send_json(&json!({ "subscribe": user })).await;
+            ws.next_of_type("subscribed").await;
+            let pushed = loop {
+                let list = ws.next_of_type("recommendations").await;
+                if list["data"]["last_event_id"] == json!(first) {
+                    break list["data"].clone();
+                }
+            };
+            (user, got.body["seq"].as_u64().expect("seq"), pushed["seq"].as_u64().expect("seq"))
+        }
+    }))
+    .await;
+    // Whichever list was pushed first for the event, the GET's or the session's, it stays the
+    // subscribers' list: none of a later number reflects the same state.
+    let pushed_again: Vec<_> = outcomes.iter().filter(|(_, got, pushed)| pushed > got).collect();
+    assert!(pushed_again.is_empty(), "the event's state pushed again (user, GET's seq, pushed seq): {pushed_again:?}");
+    server.stop().await;
+}
+
 const PER_USER: usize = 10;
 
 #[actix_rt::test]

@@ -307,9 +307,22 @@ impl SessionActor {
     /// Asks for a new pushed list, or marks the in-flight one stale.
     fn refresh(&mut self, ctx: &mut Context<Self>) {
         let asked = Instant::now();
-        if !self.coalescer.want(asked) {
-            return;
+        if self.coalescer.want(asked) {
+            self.score_pushed(asked, ctx);
         }
+    }
+
+    /// After a stale or late answer: asks again for what is wanted (no new want).
+    fn ask_again(&mut self, ctx: &mut Context<Self>) {
+        let asked = Instant::now();
+        if self.coalescer.ask_again(asked) {
+            self.score_pushed(asked, ctx);
+        }
+    }
+
+    /// Sends the pushed list's scoring request, and publishes its answer unless it is stale or
+    /// a `GET` pushed a list of the same state first.
+    fn score_pushed(&mut self, asked: Instant, ctx: &mut Context<Self>) {
         self.unreflected_since = None;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
         // The newest event the request reflects: the list names it, even if more arrive meanwhile.
@@ -327,10 +340,14 @@ impl SessionActor {
                 let answer = act.coalescer.answered(Instant::now(), late);
                 if answer == Answer::Stale {
                     act.deps.metrics.lists_stale.inc();
-                    act.refresh(ctx);
+                    act.ask_again(ctx);
                     return;
                 }
                 match result {
+                    // A GET for a user with no list yet pushed its own answer meanwhile, scored
+                    // from this state or a newer one: pushing this one too would change the
+                    // subscribers' list (its rec_id) with nothing done.
+                    Ok(Ok(_)) if !act.coalescer.push() => {}
                     Ok(Ok(scored)) => {
                         act.publish(scored, false, reflected);
                         if answer == Answer::Late {
@@ -354,7 +371,7 @@ impl SessionActor {
                     }
                 }
                 if answer == Answer::Late {
-                    act.refresh(ctx);
+                    act.ask_again(ctx);
                 }
             })
             .spawn(ctx);
@@ -577,6 +594,7 @@ impl Handler<GetRecommendations> for SessionActor {
         // in this list, so it must not name them.
         let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
+        let wanted = self.coalescer.wanted();
         let user = self.user_hash;
         Box::pin(self.deps.model.send(Recommend { request, user }).into_actor(self).map(move |result, act, _| {
             let scored = match result {
@@ -584,6 +602,7 @@ impl Handler<GetRecommendations> for SessionActor {
                 _ => return Err(SessionError::ModelUnavailable),
             };
             if becomes_pushed && act.hub.latest().is_none() {
+                act.coalescer.pushed_by_get(wanted);
                 act.publish(scored, true, reflected);
                 return act.hub.latest().ok_or(SessionError::Stopped);
             }
