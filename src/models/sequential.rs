@@ -264,7 +264,7 @@ pub struct SequentialModel {
     catalog_map: CatalogMap,
     retrieval: RetrievalConfig,
     index: IndexState,
-    /// One per scoring thread.
+    /// One per part of a two-stage batch.
     scratch: Vec<Scratch>,
     candidate_counts: CandidateCounts,
     /// Set by [`SequentialModel::for_serving`]: the weights are no longer whole.
@@ -949,15 +949,21 @@ struct Part<'a> {
 const MIN_SHARD: usize = 8;
 
 /// Parts a two-stage batch is split into: `configured`, or for 0 one per thread of the compute
-/// pool (`RAYON_NUM_THREADS`, which `liverec` fixes at start to candle's count of cores).
+/// pool (`RAYON_NUM_THREADS`, which `liverec` fixes at start to candle's count of cores), but
+/// no more than the CPUs this process may use (candle counts the machine's cores, blind to a
+/// container's CPU limit). Asked of the system once: on Linux the answer reads cgroup files.
 fn scoring_threads(configured: usize) -> usize {
+    static PARTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     match configured {
-        0 => rayon::current_num_threads(),
+        0 => *PARTS.get_or_init(|| {
+            let usable = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            rayon::current_num_threads().min(usable)
+        }),
         n => n,
     }
 }
 
-/// What every part of a two-stage batch reads: shared by its threads.
+/// What every part of a two-stage batch reads: shared by the pool's workers.
 struct TwoStage<'a> {
     index: &'a RetrievalIndex,
     map: &'a CatalogMap,

@@ -346,8 +346,16 @@ impl SessionActor {
                 match result {
                     // A GET for a user with no list yet pushed its own answer meanwhile, scored
                     // from this state or a newer one: pushing this one too would change the
-                    // subscribers' list (its rec_id) with nothing done.
-                    Ok(Ok(_)) if !act.coalescer.push() => {}
+                    // subscribers' list (its rec_id) with nothing done; unless that list holds
+                    // an item withdrawn since.
+                    Ok(Ok(_)) if !act.coalescer.push() && act.pushed_list_available() => {
+                        if answer == Answer::Late {
+                            // The events applied since it was asked are still to be pushed.
+                            if let Some(since) = act.unreflected_since.take() {
+                                act.pending_since.get_or_insert(since);
+                            }
+                        }
+                    }
                     Ok(Ok(scored)) => {
                         act.publish(scored, false, reflected);
                         if answer == Answer::Late {
@@ -375,6 +383,14 @@ impl SessionActor {
                 }
             })
             .spawn(ctx);
+    }
+
+    /// Whether every item of the pushed list is still available. A `GET`'s first list may hold
+    /// an item withdrawn while it was scored, and a withdrawal asks only the sessions whose
+    /// list holds the item, not one with no list yet.
+    fn pushed_list_available(&self) -> bool {
+        let now = now_ms();
+        self.hub.latest().is_none_or(|u| u.list.items.iter().all(|i| self.deps.catalog.is_available(&i.item_id, now)))
     }
 
     /// Publishes a new list to the user's streams. It counts as an impression when someone

@@ -344,7 +344,11 @@ async fn a_new_leader_rolls_back_the_canary_it_finds_and_restarts_the_run_it_fin
     for instance in &instances {
         let body = eventually(&format!("{} serves the canary", instance.id), || async {
             let body = loop_answer(instance).await?;
-            (body["traffic"]["challenger"]["version"] == json!(canary)).then_some(body)
+            // The split serves it first; the trainer's view of the control record (the
+            // `cluster` part) follows by a message of its own.
+            let seen = body["traffic"]["challenger"]["version"] == json!(canary)
+                && body["cluster"]["desired"]["challenger"]["version"] == json!(canary);
+            seen.then_some(body)
         })
         .await;
         assert_eq!(body["traffic"]["challenger"]["share"], json!(0.1), "{}", instance.id);
