@@ -13,7 +13,7 @@
 //! - `ANN_ONLY` (all): `hnsw_rs`, `instant-distance` or `ivf` to build one index only;
 //! - `ANN_LIST_SIZE` (1000): items per list of the inverted file.
 //!
-//! `ivf` is the server's own index (`src/models/ivf.rs`, compiled here from the same file):
+//! `ivf` is the server's own index (`src/models/ivf/`, compiled here from the same files):
 //! k-means lists scanned by centroid score, measured at several numbers of lists probed.
 //!
 //! Run: `ANN_ITEMS=1000000 cargo run --release --manifest-path load-tests/ann-bench/Cargo.toml`
@@ -28,7 +28,7 @@ use hnsw_rs::hnsw::Hnsw;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-#[path = "../../../src/models/ivf.rs"]
+#[path = "../../../src/models/ivf/mod.rs"]
 #[allow(dead_code)]
 mod ivf;
 
