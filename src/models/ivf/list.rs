@@ -112,17 +112,18 @@ impl List {
 /// `values` in 8 bits: codes in `-127..=127` (never -128, so that a code's negation is a
 /// code) and the scale that gives them back (`value ~ scale * code`; 0 for a zero vector).
 fn quantise(values: &[f32]) -> (Vec<i8>, f32) {
-    let largest = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = if largest > 0.0 && largest.is_finite() { largest / 127.0 } else { 0.0 };
-    let codes =
-        values.iter().map(|&v| if scale > 0.0 { (v / scale).round().clamp(-127.0, 127.0) as i8 } else { 0 }).collect();
-    (codes, scale)
+    quantise_within(values, 127)
 }
 
 /// A residual in 4 bits: codes in `-RESIDUAL_MAX..=RESIDUAL_MAX` and their scale.
 fn quantise_residual(values: &[f32]) -> (Vec<i8>, f32) {
+    quantise_within(values, RESIDUAL_MAX)
+}
+
+/// `values` as codes in `-top..=top` with one scale, the largest magnitude mapped to `top`.
+fn quantise_within(values: &[f32], top: i8) -> (Vec<i8>, f32) {
     let largest = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let top = f32::from(RESIDUAL_MAX);
+    let top = f32::from(top);
     let scale = if largest > 0.0 && largest.is_finite() { largest / top } else { 0.0 };
     let codes =
         values.iter().map(|&v| if scale > 0.0 { (v / scale).round().clamp(-top, top) as i8 } else { 0 }).collect();
