@@ -49,8 +49,9 @@ fn control() -> String {
 #[derive(Debug)]
 pub struct RecUpdate {
     pub list: RecList,
-    /// The list as JSON (the body of `GET .../recommendations` with the default k).
-    pub json: Bytes,
+    /// The list as JSON (the body of `GET .../recommendations` with the default k), encoded on
+    /// first use like the frames below (see [`RecUpdate::json`]).
+    json: OnceLock<Bytes>,
     /// The whole SSE frame (`id`, `event` and `data` lines), built on first use: most users
     /// never open a stream, and two more copies of the list per user were a third of the heap
     /// of an idle embedded server (see [`RecUpdate::sse`]).
@@ -67,21 +68,7 @@ pub struct RecUpdate {
 
 impl RecUpdate {
     pub fn new(list: RecList) -> Arc<Self> {
-        // Sized up front: growing the buffers by doubling (serde_json's writer, `format!`) showed
-        // as realloc and page faults in profiles of the per-event path.
-        let mut buf = Vec::with_capacity(256 + 64 * list.items.len());
-        serde_json::to_writer(&mut buf, &list).expect("a list always serialises");
-        // `Bytes::from(Vec)` keeps the whole allocation for as long as the list is the user's
-        // latest: the unused reserve goes back (a shrink in place for the allocator).
-        buf.shrink_to_fit();
-        Arc::new(Self {
-            list,
-            json: Bytes::from(buf),
-            sse: OnceLock::new(),
-            ws: OnceLock::new(),
-            published: std::time::Instant::now(),
-            shown: Arc::default(),
-        })
+        Self::sharing_shown(list, Arc::default())
     }
 
     /// Whether this list has been reported as an impression, shared: what click attribution
@@ -91,12 +78,12 @@ impl RecUpdate {
         self.shown.clone()
     }
 
-    /// A list rebuilt from what attribution kept of it, without serialised forms, sharing
-    /// `shown` with the list as it was published.
+    /// A list rebuilt from what attribution kept of it, sharing `shown` with the list as it was
+    /// published.
     pub fn sharing_shown(list: RecList, shown: Arc<std::sync::atomic::AtomicBool>) -> Arc<Self> {
         Arc::new(Self {
             list,
-            json: Bytes::new(),
+            json: OnceLock::new(),
             sse: OnceLock::new(),
             ws: OnceLock::new(),
             published: std::time::Instant::now(),
@@ -104,18 +91,38 @@ impl RecUpdate {
         })
     }
 
-    /// The first `k` items of a shown list without its serialised forms: what click attribution
-    /// keeps of a list that is never pushed again (a few hundred bytes instead of three copies).
+    /// The first `k` items of a shown list: what click attribution keeps of a list that is never
+    /// pushed again (a few hundred bytes; it is never encoded).
     pub fn shown_bare(list: &RecList, k: usize) -> Arc<Self> {
         let update = Self::bare(RecList { items: list.items.iter().take(k).cloned().collect(), ..list.clone() });
         update.show();
         update
     }
 
-    /// A list not yet shown, without its serialised forms: one served by another instance, kept
-    /// for its impression and clicks only.
+    /// A list not yet shown: one served by another instance, kept for its impression and clicks
+    /// only.
     pub fn bare(list: RecList) -> Arc<Self> {
         Self::sharing_shown(list, Arc::default())
+    }
+
+    /// The list as JSON. Encoded by the first reader (a `GET`, a stream, the Redis store's
+    /// broadcast) and shared by every other: most lists of an embedded server are replaced
+    /// before anyone reads them, and an encoded copy was about 600 bytes a user (see
+    /// docs/performance.md, "Heap per user").
+    pub fn json(&self) -> Bytes {
+        self.json
+            .get_or_init(|| {
+                // Sized up front: growing the buffer by doubling (serde_json's writer) showed as
+                // realloc and page faults in profiles of the per-event path.
+                let mut buf = Vec::with_capacity(256 + 64 * self.list.items.len());
+                serde_json::to_writer(&mut buf, &self.list).expect("a list always serialises");
+                // `Bytes::from(Vec)` keeps the whole allocation for as long as the list is the
+                // user's latest: the unused reserve goes back (a shrink in place for the
+                // allocator).
+                buf.shrink_to_fit();
+                Bytes::from(buf)
+            })
+            .clone()
     }
 
     /// The whole SSE frame: `id` (`<incarnation>-<seq>`, see [`sse_incarnation`]), `event` and
@@ -123,10 +130,10 @@ impl RecUpdate {
     pub fn sse(&self) -> Bytes {
         self.sse
             .get_or_init(|| {
-                let json = &self.json[..];
+                let json = self.json();
                 let seq = format!("{}-{}", sse_incarnation(), self.list.seq);
                 let mut sse = Vec::with_capacity(json.len() + seq.len() + 40);
-                for part in [&b"id: "[..], seq.as_bytes(), &b"\nevent: recommendations\ndata: "[..], json, &b"\n\n"[..]]
+                for part in [&b"id: "[..], seq.as_bytes(), &b"\nevent: recommendations\ndata: "[..], &json, &b"\n\n"[..]]
                 {
                     sse.extend_from_slice(part);
                 }
@@ -140,7 +147,8 @@ impl RecUpdate {
     pub fn ws(&self) -> ByteString {
         self.ws
             .get_or_init(|| {
-                let json = std::str::from_utf8(&self.json).expect("serde_json writes UTF-8");
+                let json = self.json();
+                let json = std::str::from_utf8(&json).expect("serde_json writes UTF-8");
                 let mut ws = String::with_capacity(json.len() + 40);
                 for part in ["{\"type\":\"recommendations\",\"data\":", json, "}"] {
                     ws.push_str(part);
@@ -189,7 +197,7 @@ mod tests {
         .expect("a list");
         let update = RecUpdate::new(list.clone());
         let json = serde_json::to_string(&list).expect("json");
-        assert_eq!(update.json, json.as_bytes());
+        assert_eq!(update.json(), json.as_bytes());
         let id = format!("{}-42", sse_incarnation());
         assert_eq!(update.sse(), format!("id: {id}\nevent: recommendations\ndata: {json}\n\n").as_bytes());
         assert_eq!(&*update.ws(), format!("{{\"type\":\"recommendations\",\"data\":{json}}}"));

@@ -124,7 +124,7 @@ pub async fn get_recommendations(
     if filters.is_empty() && k <= recs.default_k {
         if let Some(latest) = state.registry.hub(&user).and_then(|h| h.latest()) {
             crate::actors::lists::report_impression(&state.registry.deps, &latest, k);
-            return Ok(respond(&latest.list, &latest.json, k));
+            return Ok(respond(&latest, k));
         }
     }
     let hub = state.registry.hub(&user);
@@ -157,7 +157,7 @@ pub async fn get_recommendations(
             update
         }
     };
-    Ok(respond(&update.list, &update.json, k))
+    Ok(respond(&update, k))
 }
 
 /// How long a `GET` waits for the events topic to take a shown-list record before it answers
@@ -200,13 +200,13 @@ async fn stored(state: &AppState, user: &crate::event::UserId) -> bool {
     matches!(state.registry.deps.store.load(user).await, Ok(Some(_)))
 }
 
-fn respond(list: &RecList, json: &web::Bytes, k: usize) -> HttpResponse {
+fn respond(update: &RecUpdate, k: usize) -> HttpResponse {
     let mut response = HttpResponse::Ok();
     response.insert_header((header::CACHE_CONTROL, PRIVATE));
-    if k >= list.items.len() {
-        return response.content_type("application/json").body(json.clone());
+    if k >= update.list.items.len() {
+        return response.content_type("application/json").body(update.json());
     }
-    let mut shorter = list.clone();
+    let mut shorter = update.list.clone();
     shorter.items.truncate(k);
     response.json(shorter)
 }

@@ -303,9 +303,10 @@ impl ProfileStore for RedisStore {
             return;
         }
         self.pending_lists.fetch_add(1, Ordering::Relaxed);
-        // The list was serialised once when published: those bytes are broadcast, and Redis keeps
-        // the compact form (`codec::encode_list`, about a fifth of the JSON's bytes).
-        let (user, seq, json) = (update.list.user_id.clone(), update.list.seq, update.json.clone());
+        // The list is serialised once (shared with the streams and `GET`s that read it): those
+        // bytes are broadcast, and Redis keeps the compact form (`codec::encode_list`, about a
+        // fifth of the JSON's bytes).
+        let (user, seq, json) = (update.list.user_id.clone(), update.list.seq, update.json());
         let stored = codec::encode_list(&update.list);
         let _ = self.lane(&user).send(Write::Recs { user, seq, json, stored });
     }

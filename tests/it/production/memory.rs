@@ -175,7 +175,7 @@ async fn a_profile_written_with_the_digest_string_and_a_json_list_still_loads_de
     let _: () = redis::pipe()
         .rpush("prev:{ann}:h", &history)
         .set("prev:{ann}:e", packed)
-        .hset_multiple("prev:{ann}:p", &[("recs", published.json.as_ref()), ("recs_seq", b"7")])
+        .hset_multiple("prev:{ann}:p", &[("recs", published.json().as_ref()), ("recs_seq", b"7")])
         .query_async(&mut conn)
         .await
         .expect("the previous form written");
@@ -205,7 +205,7 @@ async fn a_profile_written_with_the_digest_string_and_a_json_list_still_loads_de
     let stored: Vec<u8> = conn.get("prev:{ann}:q").await.expect("GET");
     assert_eq!(liverec::store::redis::decode_stored_list(&stored, &ann).as_ref(), Some(&newer.list));
     // The list in its compact form, five digests and the string's own six bytes.
-    assert!(stored.len() * 3 < newer.json.len(), "{} bytes stored for {} of JSON", stored.len(), newer.json.len());
+    assert!(stored.len() * 3 < newer.json().len(), "{} bytes stored for {} of JSON", stored.len(), newer.json().len());
     arbiter.stop();
 }
 
@@ -223,7 +223,7 @@ async fn a_profile_written_in_the_hash_form_still_loads_deduplicates_and_moves_i
         .rpush("hash:{ann}:h", &history)
         .hset_multiple(
             "hash:{ann}:p",
-            &[("e", packed.as_slice()), ("recs", published.json.as_ref()), ("context", context.as_bytes())],
+            &[("e", packed.as_slice()), ("recs", published.json().as_ref()), ("context", context.as_bytes())],
         )
         .query_async(&mut conn)
         .await
