@@ -74,7 +74,9 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         config.model.mailbox_capacity,
         &session_arbiter.handle(),
     );
-    let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone()).start();
+    let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone());
+    let monitor_inbox = monitor.inbox();
+    let monitor = monitor.start();
     let limits = ProfileLimits::of(&config);
     let deps = Arc::new(SessionDeps {
         event_log: EventLog::new(config.trainer.window_secs, config.trainer.max_events),
@@ -83,6 +85,7 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         catalog,
         model,
         monitor,
+        monitor_inbox,
         metrics,
         pseudonyms: Default::default(),
         cold_lists: Arc::new(liverec::actors::cold_lists::ColdLists::new(0)),

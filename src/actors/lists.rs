@@ -8,8 +8,6 @@
 
 use std::sync::Arc;
 
-use actix::prelude::*;
-
 use super::messages::{RecFilters, SessionError};
 use super::model::{Recommend, ScoredList};
 use super::monitor::Impression;
@@ -65,22 +63,15 @@ pub fn report_scored_impression(deps: &SessionDeps, update: &RecUpdate, scored: 
     }
 }
 
-/// Sends a report to the monitor without waiting: counted as queued, or as refused when its
-/// mailbox is full (serving never waits for the monitor).
-pub fn tell_monitor<M>(deps: &SessionDeps, report: M) -> bool
-where
-    M: Message<Result = ()> + Send + 'static,
-    super::monitor::MonitorActor: Handler<M>,
-{
-    match deps.monitor.try_send(report) {
-        Ok(()) => {
-            deps.metrics.monitor_queued.inc();
-            true
-        }
-        Err(_) => {
-            deps.metrics.monitor_refused.inc();
-            false
-        }
+/// Leaves a report for the monitor without waiting: counted as queued, or as refused when its
+/// inbox is full (serving never waits for the monitor).
+pub fn tell_monitor(deps: &SessionDeps, report: impl Into<super::monitor::Reported>) -> bool {
+    if deps.monitor_inbox.offer(report.into(), &deps.monitor) {
+        deps.metrics.monitor_queued.inc();
+        true
+    } else {
+        deps.metrics.monitor_refused.inc();
+        false
     }
 }
 

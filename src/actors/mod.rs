@@ -30,6 +30,8 @@ pub struct SessionDeps {
     pub store: Arc<dyn ProfileStore>,
     pub model: Addr<model::ModelActor>,
     pub monitor: Addr<monitor::MonitorActor>,
+    /// Where sessions leave their reports for the monitor ([`monitor::MonitorActor::inbox`]).
+    pub monitor_inbox: Arc<monitor::MonitorInbox>,
     pub metrics: Arc<Metrics>,
     /// Recent applied events, for the trainer.
     pub event_log: Arc<crate::eventlog::EventLog>,

@@ -27,8 +27,10 @@
 //! baselines and the counts verdicts read (`GetCounts`) are then the cluster view's, and
 //! `GetReport` carries this instance's own view beside it.
 //!
-//! Mailbox: `monitor.mailbox_capacity`; sessions `try_send` and count refusals, so a slow monitor
-//! never slows serving. Restart policy: none; the state is statistics that rebuild from traffic.
+//! Reports reach it through its [`MonitorInbox`], taken in batches every few milliseconds rather
+//! than a message each. Inbox and mailbox: `monitor.mailbox_capacity`; sessions never wait and
+//! count refusals, so a slow monitor never slows serving. Restart policy: none; the state is
+//! statistics that rebuild from traffic.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -93,6 +95,99 @@ pub struct Activity {
     pub user: u64,
     pub event: Arc<LoggedEvent>,
 }
+
+/// A report from a session: what [`tell_monitor`](super::lists::tell_monitor) hands over.
+#[derive(Debug)]
+pub enum Reported {
+    Impression(Impression),
+    Outcome(Outcome),
+    Activity(Activity),
+}
+
+impl From<Impression> for Reported {
+    fn from(report: Impression) -> Self {
+        Reported::Impression(report)
+    }
+}
+
+impl From<Outcome> for Reported {
+    fn from(report: Outcome) -> Self {
+        Reported::Outcome(report)
+    }
+}
+
+impl From<Activity> for Reported {
+    fn from(report: Activity) -> Self {
+        Reported::Activity(report)
+    }
+}
+
+/// How long reports gather in the [`MonitorInbox`] before the monitor takes them: one wake-up
+/// of the monitor's thread for every report it gathers, instead of one per report.
+pub const GATHER: Duration = Duration::from_millis(5);
+
+/// Where sessions leave their reports (impressions, outcomes, activity) for the monitor. A
+/// message per report woke the monitor's thread two or three times an event, each an `eventfd`
+/// write and a context switch (docs/performance.md, "CPU per event"); here a report is a push
+/// under a lock, and the first one into an empty inbox sends the monitor one [`Drain`], which
+/// takes everything gathered [`GATHER`] later. Every handler that reads or resets the monitor's
+/// figures takes what is gathered first, so a report left before a request is in its answer.
+/// Bounded by `monitor.mailbox_capacity` reports: past it reports are refused (counted), as a
+/// full mailbox refused them, and serving never waits for the monitor.
+pub struct MonitorInbox {
+    reports: parking_lot::Mutex<Vec<Reported>>,
+    capacity: usize,
+    /// A [`Drain`] is on its way or scheduled.
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl MonitorInbox {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            reports: parking_lot::Mutex::new(Vec::new()),
+            capacity: capacity.max(1),
+            armed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Leaves `report` for `monitor`; false when the inbox is full (the report is dropped).
+    pub fn offer(&self, report: Reported, monitor: &Addr<MonitorActor>) -> bool {
+        {
+            let mut reports = self.reports.lock();
+            if reports.len() >= self.capacity {
+                return false;
+            }
+            reports.push(report);
+        }
+        if !self.armed.swap(true, std::sync::atomic::Ordering::AcqRel) && monitor.try_send(Drain).is_err() {
+            // The mailbox is full of other messages (or the monitor stopped): the next report
+            // tries again, and the monitor's own reads and checks take what is here meanwhile.
+            self.armed.store(false, std::sync::atomic::Ordering::Release);
+        }
+        true
+    }
+
+    /// Everything gathered, oldest first. Disarms first, so a report left while this takes
+    /// the rest sends a new [`Drain`].
+    fn take(&self) -> Vec<Reported> {
+        self.armed.store(false, std::sync::atomic::Ordering::Release);
+        std::mem::take(&mut *self.reports.lock())
+    }
+
+    /// Reports waiting.
+    pub fn len(&self) -> usize {
+        self.reports.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Tells the monitor that its inbox has reports: it takes them [`GATHER`] later.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Drain;
 
 /// A retraining request, sent to the trainer.
 #[derive(Message, Debug, Clone)]
@@ -191,6 +286,10 @@ pub struct MonitorActor {
     config: MonitorConfig,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    /// Sessions' reports, taken in batches (see [`MonitorInbox`]).
+    inbox: Arc<MonitorInbox>,
+    /// A [`Drain`] has scheduled a take.
+    draining: bool,
     /// What this instance counted.
     local: MonitorView,
     /// Production mode: the cluster's view, which drift and verdicts then judge.
@@ -234,9 +333,27 @@ impl MonitorActor {
             last_retrain: None,
             trainer: None,
             drift,
+            inbox: MonitorInbox::new(config.mailbox_capacity),
+            draining: false,
             config,
             catalog,
             metrics,
+        }
+    }
+
+    /// Where sessions leave their reports for this monitor.
+    pub fn inbox(&self) -> Arc<MonitorInbox> {
+        self.inbox.clone()
+    }
+
+    /// Counts every report gathered in the inbox, in the order they were left.
+    fn take_reports(&mut self) {
+        for report in self.inbox.take() {
+            match report {
+                Reported::Impression(report) => self.impression(report),
+                Reported::Outcome(report) => self.outcome(report),
+                Reported::Activity(report) => self.activity(report),
+            }
         }
     }
 
@@ -297,6 +414,7 @@ impl MonitorActor {
     /// Runs at every bucket boundary: references, baselines, drift verdicts, all on the judged
     /// view (see [`MonitorActor::judged`]).
     fn check(&mut self, ctx: &mut Context<Self>) {
+        self.take_reports();
         self.advance();
         let tick = self.tick();
         let gone = self.gone_before();
@@ -459,6 +577,7 @@ impl MonitorActor {
     /// Publishes what this instance counted since its last report (an empty report too: it
     /// says the instance is there) and starts the next one.
     fn publish(&mut self) {
+        self.take_reports();
         let Some(cluster) = &mut self.cluster else { return };
         let report = std::mem::take(&mut cluster.pending);
         let catalog = &self.catalog;
@@ -490,6 +609,46 @@ impl Handler<Impression> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: Impression, _ctx: &mut Self::Context) {
+        self.take_reports();
+        self.impression(msg);
+    }
+}
+
+impl Handler<Outcome> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
+        self.take_reports();
+        self.outcome(msg);
+    }
+}
+
+impl Handler<Activity> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
+        self.take_reports();
+        self.activity(msg);
+    }
+}
+
+impl Handler<Drain> for MonitorActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Drain, ctx: &mut Self::Context) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        ctx.run_later(GATHER, |act, _ctx| {
+            act.draining = false;
+            act.take_reports();
+        });
+    }
+}
+
+impl MonitorActor {
+    fn impression(&mut self, msg: Impression) {
         self.metrics.monitor_queued.dec();
         let add = VariantBucket {
             impressions: 1,
@@ -507,12 +666,8 @@ impl Handler<Impression> for MonitorActor {
         }
         self.metrics.monitor_impressions.inc();
     }
-}
 
-impl Handler<Outcome> for MonitorActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
+    fn outcome(&mut self, msg: Outcome) {
         self.metrics.monitor_queued.dec();
         let add = match msg.kind {
             OutcomeKind::Click => {
@@ -526,12 +681,8 @@ impl Handler<Outcome> for MonitorActor {
         };
         self.count(&ArmKey { version: msg.version, variant: msg.variant }, &add);
     }
-}
 
-impl Handler<Activity> for MonitorActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
+    fn activity(&mut self, msg: Activity) {
         self.metrics.monitor_queued.dec();
         let event = &msg.event;
         let counted = UserEvent {
@@ -552,6 +703,7 @@ impl Handler<GetReport> for MonitorActor {
     type Result = MessageResult<GetReport>;
 
     fn handle(&mut self, _msg: GetReport, _ctx: &mut Self::Context) -> Self::Result {
+        self.take_reports();
         self.advance();
         MessageResult(self.report())
     }
@@ -563,6 +715,7 @@ impl Handler<GetCounts> for MonitorActor {
     /// The judged view's counts: the whole cluster's in production, so the leader's canary and
     /// experiment verdicts weigh every instance's traffic.
     fn handle(&mut self, _msg: GetCounts, _ctx: &mut Self::Context) -> Self::Result {
+        self.take_reports();
         MessageResult(self.judged().counts())
     }
 }
@@ -642,6 +795,7 @@ impl Handler<SetReference> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetReference, _ctx: &mut Self::Context) {
+        self.take_reports();
         if self.reference_ends_cooldown(msg.run_started_ms) {
             self.last_retrain = None;
         }
@@ -713,6 +867,42 @@ mod tests {
                 return report;
             }
         }
+    }
+
+    #[actix_rt::test]
+    async fn reports_left_in_the_inbox_are_counted_by_themselves_and_before_any_read() {
+        let mut config = crate::config::Config::default().monitor;
+        config.mailbox_capacity = 4;
+        let catalog = Arc::new(Catalog::new());
+        let x = catalog.intern(&ItemId::from("x"));
+        let metrics = Arc::new(Metrics::default());
+        let monitor = MonitorActor::new(config, catalog, metrics.clone());
+        let inbox = monitor.inbox();
+        let monitor = monitor.start();
+        let impression = || Reported::from(Impression { version: "v1".into(), variant: "control".into(), items: vec![x] });
+        let impressions = || metrics.monitor_impressions.get();
+
+        // Left and read at once: the read takes them first.
+        assert!(inbox.offer(impression(), &monitor));
+        assert!(inbox.offer(impression(), &monitor));
+        assert_eq!(monitor.send(GetCounts).await.expect("counts").get(&arm()).map(|t| t.impressions), Some(2));
+        assert!(inbox.is_empty());
+
+        // Left and not read: the drain the first one asked for takes them.
+        assert!(inbox.offer(impression(), &monitor));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while impressions() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the inbox was never drained");
+            actix_rt::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(inbox.is_empty());
+
+        // Full: refused, as a full mailbox refused them, and nothing already in it is lost.
+        for _ in 0..4 {
+            assert!(inbox.offer(impression(), &monitor));
+        }
+        assert!(!inbox.offer(impression(), &monitor), "a fifth report past a capacity of four");
+        assert_eq!(monitor.send(GetCounts).await.expect("counts").get(&arm()).map(|t| t.impressions), Some(7));
     }
 
     #[actix_rt::test]

@@ -354,6 +354,7 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>, io: &Arbiter) -> Result<A
 struct Actors {
     model: Addr<ModelActor>,
     monitor: Addr<MonitorActor>,
+    monitor_inbox: Arc<actors::monitor::MonitorInbox>,
     trainer: Addr<TrainerActor>,
     event_log: Arc<EventLog>,
 }
@@ -391,12 +392,9 @@ fn start_actors(
     // Models swapped in later (retraining, rollouts, a restarted inference thread) get the
     // same settings; sent before any request, so the first batch already has them.
     model.do_send(ConfigureRetrieval { config: config.model.retrieval.clone() });
-    let monitor = {
-        let (monitor_config, catalog, metrics) = (config.monitor.clone(), catalog.clone(), metrics.clone());
-        MonitorActor::start_in_arbiter(&threads.monitor.handle(), move |_| {
-            MonitorActor::new(monitor_config, catalog, metrics)
-        })
-    };
+    let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone());
+    let monitor_inbox = monitor.inbox();
+    let monitor = MonitorActor::start_in_arbiter(&threads.monitor.handle(), move |_| monitor);
     let event_log = EventLog::new(config.trainer.window_secs, config.trainer.max_events);
     let source = match config.bus.kind {
         BusKind::Memory => TrainingSource::memory(event_log.clone(), config.trainer.window_secs),
@@ -425,7 +423,7 @@ fn start_actors(
     if initial.train_demo {
         train_demo_model(config.clone(), catalog.clone(), trainer.clone(), registry.clone());
     }
-    Actors { model, monitor, trainer, event_log }
+    Actors { model, monitor, monitor_inbox, trainer, event_log }
 }
 
 /// The loop across instances (production mode with `cluster.enabled`): creates the control topic,
@@ -534,6 +532,7 @@ fn session_deps(
         store: store.clone(),
         model: actors.model,
         monitor: actors.monitor,
+        monitor_inbox: actors.monitor_inbox,
         metrics: metrics.clone(),
         event_log: actors.event_log,
         cold_lists: Arc::new(crate::actors::cold_lists::ColdLists::new(crate::actors::cold_lists::COLD_LISTS_KEPT)),
