@@ -218,6 +218,9 @@ def main():
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--idle-deadline", type=int, default=180, help="longest wait for idle, seconds")
     parser.add_argument("--bounded", action="store_true", help="default idle times; one wave of --users")
+    parser.add_argument(
+        "--smaps", metavar="DIR", help="copy /proc/PID/smaps into DIR at each step (to diff mappings)"
+    )
     args = parser.parse_args()
     args.bin = os.path.abspath(args.bin)
     globals()["PORT"] = args.port
@@ -266,6 +269,11 @@ def main():
                 int(m.get("liverec_store_memory_profiles", -1)),
             )
             rows.append(row)
+            if args.smaps:
+                os.makedirs(args.smaps, exist_ok=True)
+                name = f"{len(rows):02d}-" + re.sub(r"[^a-z0-9]+", "-", step.lower()).strip("-")[:40]
+                with open(f"/proc/{server.pid}/smaps") as src, open(os.path.join(args.smaps, name), "w") as dst:
+                    dst.write(src.read())
             anon, file = rss_mb(server.pid, "RssAnon"), rss_mb(server.pid, "RssFile")
             print(
                 f"{row[0]:<44} rss {row[1]:8.1f} MB (anon {anon:.1f}, file {file:.1f})"
