@@ -199,7 +199,7 @@ pub async fn list_from_store(
         Consumed::of_profile(p, &deps.catalog, session).excluded(now, session.reshow_after_secs).collect()
     });
     let request = build_request(deps, history, consumed, suppressed.iter(), context.as_ref(), k, filters);
-    let scored = match deps.model.send(Recommend { request, user: user_hash(user.as_str()) }).await {
+    let scored = match deps.model.send(Recommend { request, user: user_hash(user.as_str()), observation: None }).await {
         Ok(Ok(scored)) => scored,
         _ => return Err(SessionError::ModelUnavailable),
     };

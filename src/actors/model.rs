@@ -54,6 +54,10 @@ pub struct Recommend {
     /// [`crate::bus::user_hash`] of the user: decides which variant serves them while a canary or an
     /// experiment runs.
     pub user: u64,
+    /// New interactions for models that learn online, as an [`Observe`] would bring them: a
+    /// session that has just applied events sends them with its scoring request, one message
+    /// instead of two. Observed before the request is scored.
+    pub observation: Option<Observation>,
 }
 
 /// Where a user falls in `[0, 1)` for the split salted with `salt` (a new salt reshuffles who
@@ -215,6 +219,9 @@ impl Handler<Recommend> for ModelActor {
     type Result = ResponseFuture<Result<ScoredList, ModelError>>;
 
     fn handle(&mut self, msg: Recommend, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(observation) = msg.observation {
+            self.observe(observation);
+        }
         if self.pending.len() >= self.mailbox_capacity {
             self.metrics.model_refused.inc();
             return Box::pin(async { Err(ModelError::Overloaded) });
@@ -231,13 +238,22 @@ impl Handler<Observe> for ModelActor {
     type Result = ();
 
     fn handle(&mut self, msg: Observe, ctx: &mut Self::Context) {
-        if self.observations.len() >= self.mailbox_capacity {
-            // The online model misses it, as it would a refused `try_send`.
-            self.metrics.model_refused.inc();
-            return;
+        if self.observe(msg.observation) {
+            self.schedule(ctx);
         }
-        self.observations.push(msg.observation);
-        self.schedule(ctx);
+    }
+}
+
+impl ModelActor {
+    /// Queues `observation` for the next batch; false when that many already wait (the online
+    /// model misses it, as it would a refused `try_send`).
+    fn observe(&mut self, observation: Observation) -> bool {
+        if self.observations.len() >= self.mailbox_capacity {
+            self.metrics.model_refused.inc();
+            return false;
+        }
+        self.observations.push(observation);
+        true
     }
 }
 
@@ -604,7 +620,7 @@ impl Handler<CurrentVersion> for InferenceWorker {
 mod tests {
     use super::*;
     use crate::bus::user_hash;
-    use crate::event::ItemId;
+    use crate::event::{EventType, ItemId};
 
     /// A model that ranks item 0 first and reports a fixed version.
     struct Fixed(&'static str);
@@ -660,12 +676,59 @@ mod tests {
         }
     }
 
+    /// A model that scores each request by how many new interactions it has observed so far.
+    struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Recommender for Counting {
+        fn version(&self) -> &str {
+            "counting"
+        }
+        fn observe(&mut self, observations: &[Observation]) {
+            let new: usize = observations.iter().map(|o| o.new.len()).sum();
+            self.0.fetch_add(new, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn score(&mut self, requests: &[ScoreRequest], _catalog: &Catalog) -> Vec<Vec<Scored>> {
+            let seen = self.0.load(std::sync::atomic::Ordering::SeqCst) as f32;
+            requests.iter().map(|_| vec![Scored { item: 0, score: seen }]).collect()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn an_observation_sent_with_a_request_is_observed_before_it_is_scored() {
+        let catalog = Arc::new(Catalog::new());
+        catalog.intern(&ItemId::from("i0"));
+        let observed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let model = Counting(observed.clone());
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let metrics = Arc::new(Metrics::default());
+        let actor = ModelActor::start_with(
+            Box::new(model),
+            factory,
+            catalog,
+            metrics.clone(),
+            8,
+            std::time::Duration::ZERO,
+            16,
+            &Arbiter::current(),
+        );
+        let item = crate::models::HistoryItem { item: 0, event_type: EventType::View, value: None, timestamp: 0 };
+        let observation = Observation { previous: Arc::from(Vec::new()), new: vec![item, item], segment: 0 };
+        let scored = actor
+            .send(Recommend { request: request(), user: 7, observation: Some(observation) })
+            .await
+            .expect("delivered")
+            .expect("scored");
+        assert_eq!(scored.items[0].score, 2.0, "the request's own observation counts in its list");
+        assert_eq!(observed.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(metrics.model_refused.get(), 0);
+    }
+
     #[actix_rt::test]
     async fn a_swap_drops_no_request_and_never_goes_back() {
         let model = start_fixed("a", 4);
-        let before: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u })).collect();
+        let before: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
         let swap = model.send(SwapModel { model: Box::new(Fixed("b")) });
-        let after: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u })).collect();
+        let after: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
         let mut versions = Vec::new();
         for reply in futures_util::future::join_all(before).await {
             versions.push(reply.expect("delivered").expect("scored").version.to_string());
@@ -699,11 +762,11 @@ mod tests {
             .expect("started");
         let users: Vec<u64> = (0..2000).map(|u| user_hash(&format!("user-{u}"))).collect();
         let first = futures_util::future::join_all(
-            users.iter().map(|&user| model.send(Recommend { request: request(), user })),
+            users.iter().map(|&user| model.send(Recommend { request: request(), user, observation: None })),
         )
         .await;
         let again = futures_util::future::join_all(
-            users.iter().map(|&user| model.send(Recommend { request: request(), user })),
+            users.iter().map(|&user| model.send(Recommend { request: request(), user, observation: None })),
         )
         .await;
         let arm = |r: &Result<Result<ScoredList, ModelError>, MailboxError>| {
@@ -718,7 +781,7 @@ mod tests {
         let old = model.send(EndChallenger { promote: true }).await.expect("ended").expect("displaced");
         assert_eq!(old.version(), "a");
         let after =
-            model.send(Recommend { request: request(), user: users[0] }).await.expect("delivered").expect("scored");
+            model.send(Recommend { request: request(), user: users[0], observation: None }).await.expect("delivered").expect("scored");
         assert_eq!((&*after.version, &*after.variant), ("b", CONTROL));
     }
 
@@ -764,18 +827,18 @@ mod tests {
             &Arbiter::current(),
         );
         // One batch in flight on the inference thread, held there.
-        let first = actor.send(Recommend { request: request(), user: 0 });
+        let first = actor.send(Recommend { request: request(), user: 0, observation: None });
         let first = actix_rt::spawn(first);
         assert_eq!(started.recv().await, Some(1));
         // CAPACITY requests wait for the next batch; every one past them is answered now.
         let waiting: Vec<_> = (0..CAPACITY as u64)
-            .map(|u| actix_rt::spawn(actor.send(Recommend { request: request(), user: u })))
+            .map(|u| actix_rt::spawn(actor.send(Recommend { request: request(), user: u, observation: None })))
             .collect();
         for user in 0..3 * CAPACITY as u64 {
             // A stall detector: without the bound the request would wait for the gate forever.
             let answer = tokio::time::timeout(
                 std::time::Duration::from_secs(30),
-                actor.send(Recommend { request: request(), user }),
+                actor.send(Recommend { request: request(), user, observation: None }),
             )
             .await
             .expect("answered without waiting for the batch in flight")
@@ -804,6 +867,6 @@ mod tests {
             assert!(waiting.await.expect("joined").expect("delivered").is_ok(), "queued requests are answered");
         }
         // With the queue drained, requests are served again.
-        assert!(actor.send(Recommend { request: request(), user: 1 }).await.expect("delivered").is_ok());
+        assert!(actor.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered").is_ok());
     }
 }

@@ -274,10 +274,7 @@ impl SessionActor {
         self.deps.metrics.session_duplicates.add(outcome.duplicates as u64);
         if outcome.applied > 0 {
             let observation = Observation { previous, new: new_items, segment: self.segment(None) };
-            if self.deps.model.try_send(Observe { observation }).is_err() {
-                self.deps.metrics.model_refused.inc();
-            }
-            self.refresh(ctx);
+            self.refresh_observing(observation, ctx);
         }
         (outcome, update)
     }
@@ -308,7 +305,19 @@ impl SessionActor {
     fn refresh(&mut self, ctx: &mut Context<Self>) {
         let asked = Instant::now();
         if self.coalescer.want(asked) {
-            self.score_pushed(asked, ctx);
+            self.score_pushed(asked, None, ctx);
+        }
+    }
+
+    /// [`Self::refresh`] after applying new interactions: the online model's `observation`
+    /// travels with the scoring request when one goes out now (one message to the model
+    /// actor, not two), and alone otherwise.
+    fn refresh_observing(&mut self, observation: Observation, ctx: &mut Context<Self>) {
+        let asked = Instant::now();
+        if self.coalescer.want(asked) {
+            self.score_pushed(asked, Some(observation), ctx);
+        } else if self.deps.model.try_send(Observe { observation }).is_err() {
+            self.deps.metrics.model_refused.inc();
         }
     }
 
@@ -316,13 +325,14 @@ impl SessionActor {
     fn ask_again(&mut self, ctx: &mut Context<Self>) {
         let asked = Instant::now();
         if self.coalescer.ask_again(asked) {
-            self.score_pushed(asked, ctx);
+            self.score_pushed(asked, None, ctx);
         }
     }
 
-    /// Sends the pushed list's scoring request, and publishes its answer unless it is stale or
-    /// a `GET` pushed a list of the same state first.
-    fn score_pushed(&mut self, asked: Instant, ctx: &mut Context<Self>) {
+    /// Sends the pushed list's scoring request (with the online model's `observation` of what
+    /// was just applied, if any), and publishes its answer unless it is stale or a `GET` pushed
+    /// a list of the same state first.
+    fn score_pushed(&mut self, asked: Instant, observation: Option<Observation>, ctx: &mut Context<Self>) {
         self.unreflected_since = None;
         let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
         // The newest event the request reflects: the list names it, even if more arrive meanwhile.
@@ -332,7 +342,7 @@ impl SessionActor {
         let scoring = crate::telemetry::span(|| tracing::info_span!("model_score"));
         self.deps
             .model
-            .send(Recommend { request, user: self.user_hash })
+            .send(Recommend { request, user: self.user_hash, observation })
             .into_actor(self)
             .map(move |result, act, ctx| {
                 let _entered = scoring.enter();
@@ -612,7 +622,7 @@ impl Handler<GetRecommendations> for SessionActor {
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
         let wanted = self.coalescer.wanted();
         let user = self.user_hash;
-        Box::pin(self.deps.model.send(Recommend { request, user }).into_actor(self).map(move |result, act, _| {
+        Box::pin(self.deps.model.send(Recommend { request, user, observation: None }).into_actor(self).map(move |result, act, _| {
             let scored = match result {
                 Ok(Ok(scored)) => scored,
                 _ => return Err(SessionError::ModelUnavailable),
