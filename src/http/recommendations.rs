@@ -330,7 +330,7 @@ pub async fn post_recommendations(
     let request = build_request(deps, history.into(), None, std::iter::empty(), None, k, &filters);
     // The variant follows the session, or else the basket: the same basket, the same model.
     let user = crate::bus::user_hash(basket.session_id.as_deref().unwrap_or(&basket.items.join("\u{1f}")));
-    let scored = match deps.model.send(Recommend { request, user }).await {
+    let scored = match deps.model.send(Recommend { request, user, observation: None }).await {
         Ok(Ok(scored)) => scored,
         Ok(Err(ModelError::Overloaded)) => {
             return Err(ApiError::unavailable("unavailable", "the model is overloaded; retry shortly", 1))

@@ -423,10 +423,10 @@ impl Default for Metrics {
                 .counter("liverec_monitor_breaches_total", "Drift or CTR breaches that asked for retraining."),
             monitor_refused: r.counter(
                 "liverec_monitor_refused_total",
-                "Reports to the monitor refused because its mailbox was full.",
+                "Reports to the monitor refused because its inbox was full (monitor.mailbox_capacity).",
             ),
             monitor_queued: r
-                .gauge("liverec_monitor_queued_reports", "Reports sent to the monitor and not yet handled."),
+                .gauge("liverec_monitor_queued_reports", "Reports left for the monitor and not yet counted."),
             trainer_triggers_monitor: r.counter_in(triggers, &[("source", "monitor")]),
             trainer_triggers_schedule: r.counter_in(triggers, &[("source", "schedule")]),
             trainer_triggers_admin: r.counter_in(triggers, &[("source", "admin")]),
