@@ -152,7 +152,7 @@ pub struct Metrics {
     pub monitor_conversions: Counter,
     pub monitor_breaches: Counter,
     pub monitor_refused: Counter,
-    /// Reports sent to the monitor and not yet handled (its mailbox depth).
+    /// Reports left for the monitor and not yet counted (its inbox depth).
     pub monitor_queued: Gauge,
     /// Retraining requests, by source; requests folded into a run already going.
     pub trainer_triggers_monitor: Counter,
