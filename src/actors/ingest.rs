@@ -4,9 +4,9 @@
 //! wait is the backpressure: when sessions fall behind, the partition queue fills and producers
 //! are told to retry (503) instead of memory growing without bound.
 //!
-//! Mailbox: the partition queue itself (`bus.queue_capacity` batches). Restart policy: the actor
-//! has no state of its own; if it stops, the queue's sender side sees it closed and publishing
-//! fails with `BusError::Closed`.
+//! Mailbox: the partition queue itself (`bus.queue_capacity` batches, `bus.queue_events` events
+//! until applied). Restart policy: the actor has no state of its own; if it stops, the queue's
+//! sender side sees it closed and publishing fails with `BusError::Closed`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -60,7 +60,7 @@ fn by_user(events: Vec<Event>) -> Vec<(UserId, Vec<Event>)> {
 
 impl StreamHandler<EventBatch> for IngestActor {
     fn handle(&mut self, batch: EventBatch, ctx: &mut Self::Context) {
-        let (received, span) = (batch.received, batch.span);
+        let (received, span, room) = (batch.received, batch.span, batch.room);
         let registry = self.registry.clone();
         // Wait (blocking this actor's stream, not the thread) until every session has the events.
         // `apply` completes every user's part, on a fresh session if the first one stopped (an
@@ -75,6 +75,8 @@ impl StreamHandler<EventBatch> for IngestActor {
             });
             let persisted = join_all(applies).await;
             join_all(persisted).await;
+            // The batch's room in the bus (`bus.queue_events`) is free once it is applied.
+            drop(room);
         };
         ctx.wait(applied.into_actor(self));
     }

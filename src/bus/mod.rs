@@ -23,6 +23,9 @@ pub struct EventBatch {
     pub received: Instant,
     /// The span that received the batch: the trace continues through the bus.
     pub span: tracing::Span,
+    /// The in-process bus's room the batch holds in its partition's queue (`bus.queue_events`),
+    /// given back when the batch is dropped: once its consumer has applied it.
+    pub room: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,9 @@ pub struct BusConfig {
     pub partitions: usize,
     /// Batches queued per partition before producers are told to retry.
     pub queue_capacity: usize,
+    /// Events queued per partition, across its batches, before producers are told to retry:
+    /// what bounds the queues' memory (a batch may hold `events.max_batch` events).
+    pub queue_events: usize,
 }
 
 /// Settings of the `[kafka]` config section.

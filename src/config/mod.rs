@@ -206,6 +206,12 @@ impl Config {
         if self.events.max_batch == 0 {
             return fail("events.max_batch must be at least 1");
         }
+        if self.bus.queue_events < self.events.max_batch {
+            return fail(&format!(
+                "bus.queue_events ({}) must be at least events.max_batch ({}): a full batch for one partition would never fit",
+                self.bus.queue_events, self.events.max_batch
+            ));
+        }
         // The server gives events without an id a 36-character UUID, which must pass the limit
         // again when read back from Kafka; Avro v2's session_id context key is 10 characters.
         if self.events.max_id_len < 36 || self.events.max_context_key_len < 10 {
@@ -352,5 +358,9 @@ mod tests {
         let err = Config::load_from(None, env(&[("LIVEREC_RECS__DEFAULT_K", "0")]), &Overrides::default())
             .expect_err("k = 0");
         assert!(err.to_string().contains("default_k"), "{err}");
+        let err = Config::load_from(None, env(&[("LIVEREC_BUS__QUEUE_EVENTS", "999")]), &Overrides::default())
+            .expect_err("a queue smaller than a batch");
+        assert!(err.to_string().contains("bus.queue_events (999)"), "{err}");
+        assert!(err.to_string().contains("events.max_batch (1000)"), "{err}");
     }
 }

@@ -217,7 +217,7 @@ pub async fn publish(
     crate::telemetry::record_trace_id(&span);
     // Kept to see whether an erasure landed while the batch was being published.
     let published = stamps(&events);
-    let batch = EventBatch { events, received, span: span.clone() };
+    let batch = EventBatch { events, received, span: span.clone(), room: None };
     if let Err(error) = state.bus.publish(batch).instrument(span.clone()).await {
         state.metrics.ingest_shed.inc();
         return Err(error.into());
