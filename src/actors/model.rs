@@ -195,10 +195,22 @@ impl ModelActor {
                         }
                     }
                     Err(error) => {
-                        tracing::error!(error = %error, "model worker unavailable");
                         for reply in replies {
                             let _ = reply.send(Err(ModelError::Stopped));
                         }
+                        if !act.worker.connected() {
+                            // The inference thread is gone (the server is stopping): answer
+                            // everything still waiting now, with one line, rather than one
+                            // batch and one error line at a time.
+                            let waiting = act.pending.len();
+                            for (_, _, reply) in act.pending.drain(..) {
+                                let _ = reply.send(Err(ModelError::Stopped));
+                            }
+                            act.metrics.model_queued.set(0);
+                            tracing::warn!(error = %error, waiting, "model worker stopped; waiting requests answered with an error");
+                            return;
+                        }
+                        tracing::error!(error = %error, "model worker unavailable");
                     }
                 }
                 act.flush(ctx);
