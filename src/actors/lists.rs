@@ -66,10 +66,12 @@ pub fn report_scored_impression(deps: &SessionDeps, update: &RecUpdate, scored: 
 /// Leaves a report for the monitor without waiting: counted as queued, or as refused when its
 /// inbox is full (serving never waits for the monitor).
 pub fn tell_monitor(deps: &SessionDeps, report: impl Into<super::monitor::Reported>) -> bool {
+    // Counted before it is left: the monitor may take it (and count it down) at once.
+    deps.metrics.monitor_queued.inc();
     if deps.monitor_inbox.offer(report.into(), &deps.monitor) {
-        deps.metrics.monitor_queued.inc();
         true
     } else {
+        deps.metrics.monitor_queued.dec();
         deps.metrics.monitor_refused.inc();
         false
     }

@@ -231,6 +231,8 @@ impl Handler<Recommend> for ModelActor {
     type Result = ResponseFuture<Result<ScoredList, ModelError>>;
 
     fn handle(&mut self, msg: Recommend, ctx: &mut Self::Context) -> Self::Result {
+        // Observed even when the request is refused below: the batch in flight (there is one,
+        // the queue being full) takes it when it is done.
         if let Some(observation) = msg.observation {
             self.observe(observation);
         }

@@ -150,8 +150,12 @@ impl MonitorInbox {
         })
     }
 
-    /// Leaves `report` for `monitor`; false when the inbox is full (the report is dropped).
+    /// Leaves `report` for `monitor`; false when the inbox is full or the monitor has stopped
+    /// (the report is dropped).
     pub fn offer(&self, report: Reported, monitor: &Addr<MonitorActor>) -> bool {
+        if !monitor.connected() {
+            return false;
+        }
         {
             let mut reports = self.reports.lock();
             if reports.len() >= self.capacity {
@@ -159,10 +163,10 @@ impl MonitorInbox {
             }
             reports.push(report);
         }
-        if !self.armed.swap(true, std::sync::atomic::Ordering::AcqRel) && monitor.try_send(Drain).is_err() {
-            // The mailbox is full of other messages (or the monitor stopped): the next report
-            // tries again, and the monitor's own reads and checks take what is here meanwhile.
-            self.armed.store(false, std::sync::atomic::Ordering::Release);
+        if !self.armed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            // Past the mailbox's bound: one `Drain` at a time is in flight, and a report that
+            // found the inbox armed must not wait for a later one.
+            monitor.do_send(Drain);
         }
         true
     }
@@ -349,6 +353,7 @@ impl MonitorActor {
     /// Counts every report gathered in the inbox, in the order they were left.
     fn take_reports(&mut self) {
         for report in self.inbox.take() {
+            self.metrics.monitor_queued.dec();
             match report {
                 Reported::Impression(report) => self.impression(report),
                 Reported::Outcome(report) => self.outcome(report),
@@ -649,7 +654,6 @@ impl Handler<Drain> for MonitorActor {
 
 impl MonitorActor {
     fn impression(&mut self, msg: Impression) {
-        self.metrics.monitor_queued.dec();
         let add = VariantBucket {
             impressions: 1,
             diversity_sum: intra_list_diversity(&msg.items, &self.catalog.categories()),
@@ -668,7 +672,6 @@ impl MonitorActor {
     }
 
     fn outcome(&mut self, msg: Outcome) {
-        self.metrics.monitor_queued.dec();
         let add = match msg.kind {
             OutcomeKind::Click => {
                 self.metrics.monitor_clicks.inc();
@@ -683,7 +686,6 @@ impl MonitorActor {
     }
 
     fn activity(&mut self, msg: Activity) {
-        self.metrics.monitor_queued.dec();
         let event = &msg.event;
         let counted = UserEvent {
             user: msg.user,
@@ -724,6 +726,7 @@ impl Handler<AttachCluster> for MonitorActor {
     type Result = ();
 
     fn handle(&mut self, msg: AttachCluster, ctx: &mut Self::Context) {
+        self.take_reports();
         tracing::info!(instance = %msg.instance, interval_ms = msg.interval.as_millis() as u64, "cluster-wide monitor on");
         let local_drift = DriftReport { reference: None, ..self.drift.clone() };
         self.cluster = Some(Cluster {
@@ -903,6 +906,17 @@ mod tests {
         }
         assert!(!inbox.offer(impression(), &monitor), "a fifth report past a capacity of four");
         assert_eq!(monitor.send(GetCounts).await.expect("counts").get(&arm()).map(|t| t.impressions), Some(7));
+
+        // A stopped monitor takes nothing: refused, not left to pile up.
+        let thread = Arbiter::new();
+        let stopped = MonitorActor::new(crate::config::Config::default().monitor, Arc::new(Catalog::new()), metrics);
+        let stopped_inbox = stopped.inbox();
+        let stopped = MonitorActor::start_in_arbiter(&thread.handle(), move |_| stopped);
+        thread.stop();
+        thread.join().expect("the monitor's thread ends");
+        assert!(!stopped.connected());
+        assert!(!stopped_inbox.offer(impression(), &stopped));
+        assert!(stopped_inbox.is_empty());
     }
 
     #[actix_rt::test]

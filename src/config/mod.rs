@@ -206,7 +206,7 @@ impl Config {
         if self.events.max_batch == 0 {
             return fail("events.max_batch must be at least 1");
         }
-        if self.bus.queue_events < self.events.max_batch {
+        if self.bus.kind == BusKind::Memory && self.bus.queue_events < self.events.max_batch {
             return fail(&format!(
                 "bus.queue_events ({}) must be at least events.max_batch ({}): a full batch for one partition would never fit",
                 self.bus.queue_events, self.events.max_batch
