@@ -9,9 +9,14 @@
 //! observations, counting refusals. The handlers move messages out of the mailbox at once, so the
 //! same capacity bounds what waits for a batch: a scoring request that finds that many queued is
 //! answered at once with [`ModelError::Overloaded`] (HTTP: `503` with `Retry-After`), and an
-//! observation that finds that many is dropped; both count in `liverec_model_refused_total`. Restart policy: none needed; the actor holds no state that
-//! outlives a batch, and the inference worker is a `SyncArbiter` thread that actix restarts with
-//! a fresh model from the factory if it panics.
+//! observation that finds that many is dropped; both count in `liverec_model_refused_total`.
+//! Observations usually arrive inside the scoring request that follows them.
+//!
+//! Restart policy: none needed; the actor holds no state that outlives a batch. The inference
+//! worker is a `SyncArbiter` thread; a model that panics is caught there (actix's sync threads do
+//! not catch panics themselves), its batch answered with [`ModelError::Stopped`], and the worker
+//! stopped, which makes actix start a fresh one with a model from the factory (a challenger that
+//! was running is not restored).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -507,7 +512,28 @@ impl Handler<ConfigureRetrieval> for InferenceWorker {
 impl Handler<RunBatch> for InferenceWorker {
     type Result = BatchOutput;
 
-    fn handle(&mut self, msg: RunBatch, _ctx: &mut Self::Context) -> BatchOutput {
+    /// A model that panics scoring or observing must not take the inference thread with it:
+    /// actix's sync threads do not catch panics (the thread would end, and the next batch sent
+    /// to it would panic the arbiter that forwards it). The batch's requests are answered with
+    /// [`ModelError::Stopped`] (no results), and the worker stops, which makes its `SyncContext`
+    /// start a fresh one from the factory.
+    fn handle(&mut self, msg: RunBatch, ctx: &mut Self::Context) -> BatchOutput {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(msg))) {
+            Ok(output) => output,
+            Err(_) => {
+                tracing::error!(
+                    version = %self.control.version(),
+                    "the model panicked on a batch; its requests are answered with an error and the inference thread starts over with a model from the factory"
+                );
+                ctx.stop();
+                BatchOutput { results: Vec::new() }
+            }
+        }
+    }
+}
+
+impl InferenceWorker {
+    fn run_batch(&mut self, msg: RunBatch) -> BatchOutput {
         if !msg.observations.is_empty() {
             self.control.observe(&msg.observations);
             if let Some(challenger) = &mut self.challenger {
@@ -559,9 +585,19 @@ impl Handler<RunBatch> for InferenceWorker {
 impl Handler<Similar> for InferenceWorker {
     type Result = SimilarList;
 
-    fn handle(&mut self, msg: Similar, _ctx: &mut Self::Context) -> SimilarList {
-        let items = self.control.similar(msg.item, msg.k, &msg.filter, &self.catalog);
-        SimilarList { items, version: self.control.version().to_owned() }
+    /// A panic is caught as in [`RunBatch`]: an empty answer, and a fresh worker.
+    fn handle(&mut self, msg: Similar, ctx: &mut Self::Context) -> SimilarList {
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.control.similar(msg.item, msg.k, &msg.filter, &self.catalog)
+        }));
+        match found {
+            Ok(items) => SimilarList { items, version: self.control.version().to_owned() },
+            Err(_) => {
+                tracing::error!(version = %self.control.version(), "the model panicked finding similar items; the inference thread starts over with a model from the factory");
+                ctx.stop();
+                SimilarList::default()
+            }
+        }
     }
 }
 
@@ -605,8 +641,15 @@ impl Handler<EndChallenger> for InferenceWorker {
 impl Handler<ScoreControl> for InferenceWorker {
     type Result = Vec<Vec<Scored>>;
 
-    fn handle(&mut self, msg: ScoreControl, _ctx: &mut Self::Context) -> Self::Result {
-        self.control.score(&msg.requests, &self.catalog)
+    /// A panic is caught as in [`RunBatch`]: no lists, and a fresh worker.
+    fn handle(&mut self, msg: ScoreControl, ctx: &mut Self::Context) -> Self::Result {
+        let scored =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.control.score(&msg.requests, &self.catalog)));
+        scored.unwrap_or_else(|_| {
+            tracing::error!(version = %self.control.version(), "the model panicked scoring for the control arm; the inference thread starts over with a model from the factory");
+            ctx.stop();
+            Vec::new()
+        })
     }
 }
 
@@ -735,6 +778,46 @@ mod tests {
         assert_eq!(scored.items[0].score, 2.0, "the request's own observation counts in its list");
         assert_eq!(observed.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(metrics.model_refused.get(), 0);
+    }
+
+    /// A model that panics on a request for 99 items.
+    struct PanicsOn99;
+
+    impl Recommender for PanicsOn99 {
+        fn version(&self) -> &str {
+            "fragile"
+        }
+        fn observe(&mut self, _observations: &[Observation]) {}
+        fn score(&mut self, requests: &[ScoreRequest], _catalog: &Catalog) -> Vec<Vec<Scored>> {
+            assert!(requests.iter().all(|r| r.k != 99), "a request this model cannot score");
+            requests.iter().map(|_| vec![Scored { item: 0, score: 1.0 }]).collect()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_model_that_panics_fails_its_batch_and_the_factorys_model_serves_the_next() {
+        let catalog = Arc::new(Catalog::new());
+        catalog.intern(&ItemId::from("i0"));
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fresh")));
+        let actor = ModelActor::start_with(
+            Box::new(PanicsOn99),
+            factory,
+            catalog,
+            Arc::new(Metrics::default()),
+            8,
+            std::time::Duration::ZERO,
+            16,
+            &Arbiter::current(),
+        );
+        let scored = actor.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered");
+        assert_eq!(scored.expect("scored").version.as_ref(), "fragile");
+        let poison = ScoreRequest { k: 99, ..request() };
+        let failed = actor.send(Recommend { request: poison, user: 1, observation: None }).await.expect("delivered");
+        assert!(matches!(failed, Err(ModelError::Stopped)), "the panicking batch is answered: {failed:?}");
+        for _ in 0..3 {
+            let next = actor.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered");
+            assert_eq!(next.expect("scored after the panic").version.as_ref(), "fresh");
+        }
     }
 
     #[actix_rt::test]
