@@ -133,7 +133,8 @@ impl RecUpdate {
                 let json = self.json();
                 let seq = format!("{}-{}", sse_incarnation(), self.list.seq);
                 let mut sse = Vec::with_capacity(json.len() + seq.len() + 40);
-                for part in [&b"id: "[..], seq.as_bytes(), &b"\nevent: recommendations\ndata: "[..], &json, &b"\n\n"[..]]
+                for part in
+                    [&b"id: "[..], seq.as_bytes(), &b"\nevent: recommendations\ndata: "[..], &json, &b"\n\n"[..]]
                 {
                     sse.extend_from_slice(part);
                 }

@@ -815,7 +815,8 @@ mod tests {
         let failed = actor.send(Recommend { request: poison, user: 1, observation: None }).await.expect("delivered");
         assert!(matches!(failed, Err(ModelError::Stopped)), "the panicking batch is answered: {failed:?}");
         for _ in 0..3 {
-            let next = actor.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered");
+            let next =
+                actor.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered");
             assert_eq!(next.expect("scored after the panic").version.as_ref(), "fresh");
         }
     }
@@ -823,9 +824,11 @@ mod tests {
     #[actix_rt::test]
     async fn a_swap_drops_no_request_and_never_goes_back() {
         let model = start_fixed("a", 4);
-        let before: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
+        let before: Vec<_> =
+            (0..200).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
         let swap = model.send(SwapModel { model: Box::new(Fixed("b")) });
-        let after: Vec<_> = (0..200).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
+        let after: Vec<_> =
+            (0..200).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
         let mut versions = Vec::new();
         for reply in futures_util::future::join_all(before).await {
             versions.push(reply.expect("delivered").expect("scored").version.to_string());
@@ -877,8 +880,11 @@ mod tests {
         assert_eq!(traffic.challenger.as_ref().map(|c| c.share), Some(0.25));
         let old = model.send(EndChallenger { promote: true }).await.expect("ended").expect("displaced");
         assert_eq!(old.version(), "a");
-        let after =
-            model.send(Recommend { request: request(), user: users[0], observation: None }).await.expect("delivered").expect("scored");
+        let after = model
+            .send(Recommend { request: request(), user: users[0], observation: None })
+            .await
+            .expect("delivered")
+            .expect("scored");
         assert_eq!((&*after.version, &*after.variant), ("b", CONTROL));
     }
 
@@ -964,6 +970,10 @@ mod tests {
             assert!(waiting.await.expect("joined").expect("delivered").is_ok(), "queued requests are answered");
         }
         // With the queue drained, requests are served again.
-        assert!(actor.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered").is_ok());
+        assert!(actor
+            .send(Recommend { request: request(), user: 1, observation: None })
+            .await
+            .expect("delivered")
+            .is_ok());
     }
 }

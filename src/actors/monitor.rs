@@ -882,7 +882,8 @@ mod tests {
         let monitor = MonitorActor::new(config, catalog, metrics.clone());
         let inbox = monitor.inbox();
         let monitor = monitor.start();
-        let impression = || Reported::from(Impression { version: "v1".into(), variant: "control".into(), items: vec![x] });
+        let impression =
+            || Reported::from(Impression { version: "v1".into(), variant: "control".into(), items: vec![x] });
         let impressions = || metrics.monitor_impressions.get();
 
         // Left and read at once: the read takes them first.

@@ -570,7 +570,8 @@ async fn start_bus(
     match config.bus.kind {
         BusKind::Memory => {
             let registry = SessionRegistry::new(deps, handles.clone(), Arc::new(session::start));
-            let (memory, queues) = MemoryBus::new(config.bus.partitions, config.bus.queue_capacity, config.bus.queue_events);
+            let (memory, queues) =
+                MemoryBus::new(config.bus.partitions, config.bus.queue_capacity, config.bus.queue_events);
             for (partition, queue) in queues.into_iter().enumerate() {
                 let registry = registry.clone();
                 let arbiter = &handles[partition % handles.len()];

@@ -622,21 +622,23 @@ impl Handler<GetRecommendations> for SessionActor {
         let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
         let wanted = self.coalescer.wanted();
         let user = self.user_hash;
-        Box::pin(self.deps.model.send(Recommend { request, user, observation: None }).into_actor(self).map(move |result, act, _| {
-            let scored = match result {
-                Ok(Ok(scored)) => scored,
-                _ => return Err(SessionError::ModelUnavailable),
-            };
-            if becomes_pushed && act.hub.latest().is_none() {
-                act.coalescer.pushed_by_get(wanted);
-                act.publish(scored, true, reflected);
-                return act.hub.latest().ok_or(SessionError::Stopped);
-            }
-            let seq = act.hub.latest().map_or(0, |u| u.list.seq);
-            let update = RecUpdate::new(make_list(&act.deps, &act.hub.user, &scored, seq, reflected));
-            act.record_served(&update, &scored, true);
-            Ok(update)
-        }))
+        Box::pin(self.deps.model.send(Recommend { request, user, observation: None }).into_actor(self).map(
+            move |result, act, _| {
+                let scored = match result {
+                    Ok(Ok(scored)) => scored,
+                    _ => return Err(SessionError::ModelUnavailable),
+                };
+                if becomes_pushed && act.hub.latest().is_none() {
+                    act.coalescer.pushed_by_get(wanted);
+                    act.publish(scored, true, reflected);
+                    return act.hub.latest().ok_or(SessionError::Stopped);
+                }
+                let seq = act.hub.latest().map_or(0, |u| u.list.seq);
+                let update = RecUpdate::new(make_list(&act.deps, &act.hub.user, &scored, seq, reflected));
+                act.record_served(&update, &scored, true);
+                Ok(update)
+            },
+        ))
     }
 }
 
