@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use liverec::actors::monitor::{Activity, Impression, MonitorActor};
+use liverec::actors::monitor::{Activity, Impression, MonitorActor, Reported};
 use liverec::catalog::{Catalog, ItemIdx};
 use liverec::config::Config;
 use liverec::event::{EventId, EventType, ItemId, UserId};
@@ -50,7 +50,7 @@ async fn monitor(distinct: u32) -> Addr<MonitorActor> {
     liverec::demo::load_catalog(&catalog, 2_000, 7);
     let monitor = MonitorActor::new(Config::default().monitor, catalog, Arc::new(Metrics::default())).start();
     for n in 0..2 * u64::from(distinct) {
-        monitor.send(activity(n, (n % u64::from(distinct)) as ItemIdx)).await.expect("monitor runs");
+        monitor.send(Reported::from(activity(n, (n % u64::from(distinct)) as ItemIdx))).await.expect("monitor runs");
     }
     monitor
 }
@@ -73,7 +73,7 @@ fn bench_monitor(c: &mut Criterion) {
                         next = next.wrapping_add(1);
                         let items = (0..LIST_LEN as u32).map(|k| (next * 7 + k * 13) % distinct).collect();
                         let impression = Impression { version: "bench".into(), variant: "control".into(), items };
-                        addr.send(impression).await.expect("monitor runs");
+                        addr.send(Reported::from(impression)).await.expect("monitor runs");
                     }
                     started.elapsed()
                 })
@@ -86,7 +86,7 @@ fn bench_monitor(c: &mut Criterion) {
                     let started = Instant::now();
                     for _ in 0..iters {
                         next += 1;
-                        addr.send(activity(next, (next * 7 % u64::from(distinct)) as ItemIdx))
+                        addr.send(Reported::from(activity(next, (next * 7 % u64::from(distinct)) as ItemIdx)))
                             .await
                             .expect("monitor runs");
                     }

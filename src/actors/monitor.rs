@@ -56,8 +56,7 @@ use crate::monitor::{psi_test_sized, two_proportion_z, FastMap, PsiTest, Sizes};
 use crate::telemetry::Metrics;
 
 /// A list served to a user.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
+#[derive(Debug)]
 pub struct Impression {
     pub version: Arc<str>,
     pub variant: Arc<str>,
@@ -72,8 +71,7 @@ pub enum OutcomeKind {
 }
 
 /// A click or conversion attributed to a served list.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
+#[derive(Debug)]
 pub struct Outcome {
     pub version: Arc<str>,
     pub variant: Arc<str>,
@@ -88,16 +86,17 @@ pub struct Outcome {
 /// own record of it, shared, not copied. Only organic events (`LoggedEvent::organic`: not a
 /// click on a list liverec served) count towards the item-popularity drift, which must measure
 /// what users want, not what the model happened to show them.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
+#[derive(Debug)]
 pub struct Activity {
     /// A hash of the user id: the monitor keys users by it and never keeps the id itself.
     pub user: u64,
     pub event: Arc<LoggedEvent>,
 }
 
-/// A report from a session: what [`tell_monitor`](super::lists::tell_monitor) hands over.
-#[derive(Debug)]
+/// A report from a session: what [`tell_monitor`](super::lists::tell_monitor) leaves in the
+/// inbox. Also a message, which counts it at once (after what the inbox holds).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
 pub enum Reported {
     Impression(Impression),
     Outcome(Outcome),
@@ -178,13 +177,9 @@ impl MonitorInbox {
         std::mem::take(&mut *self.reports.lock())
     }
 
-    /// Reports waiting.
-    pub fn len(&self) -> usize {
-        self.reports.lock().len()
-    }
-
+    /// No report waiting.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.reports.lock().is_empty()
     }
 }
 
@@ -354,11 +349,15 @@ impl MonitorActor {
     fn take_reports(&mut self) {
         for report in self.inbox.take() {
             self.metrics.monitor_queued.dec();
-            match report {
-                Reported::Impression(report) => self.impression(report),
-                Reported::Outcome(report) => self.outcome(report),
-                Reported::Activity(report) => self.activity(report),
-            }
+            self.count_report(report);
+        }
+    }
+
+    fn count_report(&mut self, report: Reported) {
+        match report {
+            Reported::Impression(report) => self.impression(report),
+            Reported::Outcome(report) => self.outcome(report),
+            Reported::Activity(report) => self.activity(report),
         }
     }
 
@@ -610,30 +609,12 @@ impl Actor for MonitorActor {
     }
 }
 
-impl Handler<Impression> for MonitorActor {
+impl Handler<Reported> for MonitorActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Impression, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Reported, _ctx: &mut Self::Context) {
         self.take_reports();
-        self.impression(msg);
-    }
-}
-
-impl Handler<Outcome> for MonitorActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
-        self.take_reports();
-        self.outcome(msg);
-    }
-}
-
-impl Handler<Activity> for MonitorActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Activity, _ctx: &mut Self::Context) {
-        self.take_reports();
-        self.activity(msg);
+        self.count_report(msg);
     }
 }
 
@@ -931,11 +912,11 @@ mod tests {
         monitor.send(AttachCluster { reports, instance: "a".into(), interval }).await.expect("attached");
         let (version, variant): (Arc<str>, Arc<str>) = ("v1".into(), "control".into());
         monitor
-            .send(Impression { version: version.clone(), variant: variant.clone(), items: vec![x, y] })
+            .send(Reported::from(Impression { version: version.clone(), variant: variant.clone(), items: vec![x, y] }))
             .await
             .expect("sent");
         let click = Outcome { version, variant, kind: OutcomeKind::Click, position: Some(0), value: None };
-        monitor.send(click).await.expect("sent");
+        monitor.send(Reported::from(click)).await.expect("sent");
 
         // Its counts go out with items named by id.
         let mine = next_counted(&mut published).await;
@@ -1011,7 +992,7 @@ mod tests {
                 organic: true,
                 logged_at: crate::event::now_ms(),
             };
-            monitor.send(Activity { user, event: Arc::new(event) }).await.expect("sent");
+            monitor.send(Reported::from(Activity { user, event: Arc::new(event) })).await.expect("sent");
         }
         monitor.send(GetReport).await.expect("report").report.drift
     }
@@ -1074,7 +1055,7 @@ mod tests {
         let x = catalog.intern(&ItemId::from("x"));
         let monitor = MonitorActor::new(config.monitor, catalog, Arc::new(Metrics::default())).start();
         monitor
-            .send(Impression { version: "v1".into(), variant: "control".into(), items: vec![x] })
+            .send(Reported::from(Impression { version: "v1".into(), variant: "control".into(), items: vec![x] }))
             .await
             .expect("sent");
         let counts = monitor.send(GetCounts).await.expect("counts");
