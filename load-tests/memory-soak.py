@@ -18,6 +18,13 @@ Stops the server and itself at the end.
     cargo build --release --bin liverec && python3 load-tests/memory-soak.py
     python3 load-tests/memory-soak.py --bin target/debug/liverec --users 50000 --gets 20000
 
+`--flood N` instead posts N batches of 1,000 view events (50 users each) from four connections as
+fast as the server answers, without retrying a 503 (the bus refusing a batch whole: at
+`bus.queue_capacity` batches or `bus.queue_events` events a partition), and prints the statuses
+and the peak resident size:
+
+    python3 load-tests/memory-soak.py --bin target/release/liverec --flood 3000
+
 `--bounded` instead keeps the default idle times (sessions 5 min, profiles a day) and posts
 `--users` users (e.g. 1,000,000) in one wave: the caps (`session.max_active`,
 `store.memory_max_profiles`) are then what bounds memory.
@@ -190,6 +197,30 @@ def wait_idle(conn, deadline_secs):
     return False
 
 
+def flood(batches):
+    """Posts `batches` batches of 1,000 events from four connections, never retrying; returns
+    the count of each status."""
+    statuses, lock = {}, threading.Lock()
+
+    def worker(first):
+        conn = http.client.HTTPConnection(HOST, PORT, timeout=120)
+        for batch in range(first, batches, 4):
+            events = [
+                {"user_id": f"f{batch}-{n % 50}", "item_id": f"item-{n % 400:04d}", "event_type": "view"}
+                for n in range(1000)
+            ]
+            status, _ = request(conn, "POST", "/v1/events", json.dumps(events))
+            with lock:
+                statuses[status] = statuses.get(status, 0) + 1
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return statuses
+
+
 def cold_gets(gets, threads):
     def worker(index):
         conn = http.client.HTTPConnection(HOST, PORT, timeout=30)
@@ -218,6 +249,7 @@ def main():
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--idle-deadline", type=int, default=180, help="longest wait for idle, seconds")
     parser.add_argument("--bounded", action="store_true", help="default idle times; one wave of --users")
+    parser.add_argument("--flood", type=int, metavar="N", help="N batches of 1,000 events, no retries, then stop")
     parser.add_argument(
         "--smaps", metavar="DIR", help="copy /proc/PID/smaps into DIR at each step (to diff mappings)"
     )
@@ -284,6 +316,18 @@ def main():
 
         time.sleep(2)
         record("baseline", settle=True)
+        if args.flood:
+            started = time.time()
+            peaks = Peaks(server.pid)
+            peaks.start()
+            statuses = flood(args.flood)
+            peaks.finish()
+            print(
+                f"{args.flood} POSTs of 1,000 events in {time.time() - started:.0f} s, statuses {statuses},"
+                f" peak rss {peaks.rss:.1f} MB (anon {peaks.anon:.1f})",
+                flush=True,
+            )
+            return
         applied = metrics(conn).get("liverec_session_applied_events_total", 0.0)
         waves = 1 if args.bounded else 2
         for wave in range(1, waves + 1):
