@@ -518,21 +518,29 @@ impl Handler<RunBatch> for InferenceWorker {
     /// [`ModelError::Stopped`] (no results), and the worker stops, which makes its `SyncContext`
     /// start a fresh one from the factory.
     fn handle(&mut self, msg: RunBatch, ctx: &mut Self::Context) -> BatchOutput {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(msg))) {
-            Ok(output) => output,
-            Err(_) => {
-                tracing::error!(
-                    version = %self.control.version(),
-                    "the model panicked on a batch; its requests are answered with an error and the inference thread starts over with a model from the factory"
-                );
-                ctx.stop();
-                BatchOutput { results: Vec::new() }
-            }
-        }
+        self.guarded(ctx, "scoring a batch", |worker| worker.run_batch(msg))
+            .unwrap_or(BatchOutput { results: Vec::new() })
     }
 }
 
 impl InferenceWorker {
+    /// Runs `work` with the models, catching a panic in it: logged, `None` returned, and the
+    /// worker stopped, which makes its `SyncContext` start a fresh one from the factory.
+    fn guarded<T>(&mut self, ctx: &mut SyncContext<Self>, what: &str, work: impl FnOnce(&mut Self) -> T) -> Option<T> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut *self))) {
+            Ok(done) => Some(done),
+            Err(_) => {
+                tracing::error!(
+                    version = %self.control.version(),
+                    what,
+                    "the model panicked; the inference thread starts over with a model from the factory"
+                );
+                ctx.stop();
+                None
+            }
+        }
+    }
+
     fn run_batch(&mut self, msg: RunBatch) -> BatchOutput {
         if !msg.observations.is_empty() {
             self.control.observe(&msg.observations);
@@ -587,17 +595,11 @@ impl Handler<Similar> for InferenceWorker {
 
     /// A panic is caught as in [`RunBatch`]: an empty answer, and a fresh worker.
     fn handle(&mut self, msg: Similar, ctx: &mut Self::Context) -> SimilarList {
-        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.control.similar(msg.item, msg.k, &msg.filter, &self.catalog)
-        }));
-        match found {
-            Ok(items) => SimilarList { items, version: self.control.version().to_owned() },
-            Err(_) => {
-                tracing::error!(version = %self.control.version(), "the model panicked finding similar items; the inference thread starts over with a model from the factory");
-                ctx.stop();
-                SimilarList::default()
-            }
-        }
+        self.guarded(ctx, "finding similar items", |worker| SimilarList {
+            items: worker.control.similar(msg.item, msg.k, &msg.filter, &worker.catalog),
+            version: worker.control.version().to_owned(),
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -643,13 +645,8 @@ impl Handler<ScoreControl> for InferenceWorker {
 
     /// A panic is caught as in [`RunBatch`]: no lists, and a fresh worker.
     fn handle(&mut self, msg: ScoreControl, ctx: &mut Self::Context) -> Self::Result {
-        let scored =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.control.score(&msg.requests, &self.catalog)));
-        scored.unwrap_or_else(|_| {
-            tracing::error!(version = %self.control.version(), "the model panicked scoring for the control arm; the inference thread starts over with a model from the factory");
-            ctx.stop();
-            Vec::new()
-        })
+        self.guarded(ctx, "scoring for the control arm", |worker| worker.control.score(&msg.requests, &worker.catalog))
+            .unwrap_or_default()
     }
 }
 
