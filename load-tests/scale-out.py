@@ -313,9 +313,26 @@ class Instance:
                     kind = "started"
                 else:
                     continue
-                parts = {int(p) for p in re.findall(r"-?\d+", str(fields.get("partitions", "")))}
+                parts = partition_set(fields.get("partitions", ""))
                 events.append((log_time(record["timestamp"]), kind, parts, fields))
         return events
+
+
+def partition_set(text):
+    return {int(p) for p in re.findall(r"-?\d+", str(text))}
+
+
+def owned_after(owned, kind, parts, fields):
+    """The partitions an instance owns after one of its log lines. Each line names them (`owned`)
+    since the cooperative assignment came; an older release's lines named only the partitions
+    assigned (its whole share, with the eager assignment) or revoked (all of them)."""
+    if "owned" in fields:
+        return partition_set(fields["owned"])
+    if kind == "assigned":
+        return parts
+    if kind == "revoked":
+        return set()
+    return owned
 
 
 class Sampler(threading.Thread):
@@ -348,11 +365,8 @@ def settled_assignment(instances, partitions, since=0.0):
     current = {}
     for instance in instances:
         owned = set()
-        for t, kind, parts, _ in instance.rebalance_log():
-            if kind == "assigned":
-                owned = parts
-            elif kind == "revoked":
-                owned = set()
+        for t, kind, parts, fields in instance.rebalance_log():
+            owned = owned_after(owned, kind, parts, fields)
         current[instance.name] = owned
     union = set().union(*current.values())
     disjoint = sum(len(p) for p in current.values()) == len(union)
@@ -565,24 +579,22 @@ def measure_rebalance(what, t0, members, leaving, sampler, partitions):
     assigned_at = {}
     settled = None
     revokes = []
+    named = False
     for t, name, kind, parts, fields in timeline:
-        if kind == "assigned":
-            owned[name] = parts
-            if t > t0:
-                fresh.add(name)
-                assigned_at[name] = t
-        elif kind == "revoked":
-            owned[name] = set()
-            if t > t0:
-                revokes.append(int(fields.get("waited_ms", 0)))
+        owned[name] = owned_after(owned[name], kind, parts, fields)
+        named = named or "owned" in fields
+        if kind == "assigned" and t > t0:
+            fresh.add(name)
+            assigned_at[name] = t
+        elif kind == "revoked" and t > t0:
+            revokes.append(int(fields.get("waited_ms", 0)))
         if t <= t0:
             continue
         union = set().union(*owned.values())
-        if (
-            fresh == set(owned)
-            and union == set(range(partitions))
-            and sum(len(p) for p in owned.values()) == len(union)
-        ):
+        # With `owned` named, each member must own some partitions (with a cooperative assignment
+        # one that keeps its share hears nothing); without, each must have been assigned afresh.
+        everyone = (all(owned.values()) or len(owned) > partitions) if named else fresh == set(owned)
+        if everyone and union == set(range(partitions)) and sum(len(p) for p in owned.values()) == len(union):
             settled = t
             break
     started = None

@@ -15,7 +15,11 @@
 //!
 //! Rebalances: before partitions are revoked, the actor waits for every in-flight batch to become
 //! durable, stores and commits its offsets, and stops the sessions of users on those partitions,
-//! so the next owner rebuilds them from Redis. Newly assigned partitions are rebuilt lazily.
+//! so the next owner rebuilds them from Redis. Newly assigned partitions are rebuilt lazily. With
+//! the default cooperative assignment (`kafka.assignment`) a rebalance revokes and assigns only
+//! the partitions that move, and the others are consumed throughout; with an eager one every
+//! partition is revoked and the whole share assigned again. Either way the set of partitions
+//! owned is what the assignments added and the revocations did not take away.
 //!
 //! Supervision: the actor runs under an actix `Supervisor`. If the consumer fails (it cannot be
 //! created, or the loop ends with an error) the actor stops and is restarted after a capped
@@ -23,6 +27,7 @@
 //! Mailbox: the actor takes no messages; its input is the Kafka consumer itself.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -87,6 +92,9 @@ struct IngestContext {
     queue: Queue,
     registry: Arc<SessionRegistry>,
     metrics: Arc<Metrics>,
+    /// The consume loop paused its partitions (too many records in flight): partitions assigned
+    /// meanwhile start paused too, or a cooperative assignment would slip past the bound.
+    paused: Arc<AtomicBool>,
 }
 
 impl ClientContext for IngestContext {
@@ -119,21 +127,30 @@ impl ConsumerContext for IngestContext {
         }
         let partitions: HashSet<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
         let released = self.registry.release_partitions(&partitions);
+        let owned = self.registry.remove_assigned(&partitions);
         self.metrics.kafka_rebalances.inc();
+        self.metrics.kafka_partitions_revoked.add(partitions.len() as u64);
+        let mut partitions: Vec<i32> = partitions.into_iter().collect();
+        partitions.sort_unstable();
         tracing::info!(
             partitions = ?partitions,
+            owned = ?owned,
             sessions = released,
             waited_ms = started.elapsed().as_millis() as u64,
             "partitions revoked: in-flight events committed, sessions released"
         );
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(assigned) = rebalance {
-            let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
-            self.registry.set_assigned(partitions.clone());
-            tracing::info!(partitions = ?partitions, "partitions assigned");
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(assigned) = rebalance else { return };
+        if self.paused.load(Ordering::Relaxed) && assigned.count() > 0 {
+            if let Err(error) = consumer.pause(assigned) {
+                tracing::warn!(error = %error, "cannot pause newly assigned partitions");
+            }
         }
+        let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
+        let owned = self.registry.add_assigned(&partitions);
+        tracing::info!(partitions = ?partitions, owned = ?owned, "partitions assigned");
     }
 }
 
@@ -234,11 +251,13 @@ struct Consume {
 impl Consume {
     async fn run(self) -> Result<(), KafkaError> {
         let queue: Queue = Arc::new(Mutex::new(VecDeque::new()));
+        let paused_flag = Arc::new(AtomicBool::new(false));
         let context = IngestContext {
             topic: self.config.events_topic.clone(),
             queue: queue.clone(),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
+            paused: paused_flag.clone(),
         };
         let consumer: StreamConsumer<IngestContext> = self.config.consumer_config().create_with_context(context)?;
         consumer.subscribe(&[&self.config.events_topic])?;
@@ -253,11 +272,13 @@ impl Consume {
             self.watch_stall(&queue, &mut stalled);
             let inflight: usize = queue.lock().iter().map(|b| b.records).sum();
             if !paused && inflight >= max_inflight {
+                paused_flag.store(true, Ordering::Relaxed);
                 consumer.pause(&consumer.assignment()?)?;
                 paused = true;
                 self.metrics.kafka_paused.inc();
                 tracing::debug!(inflight, "sessions behind: partitions paused");
             } else if paused && inflight <= max_inflight / 2 {
+                paused_flag.store(false, Ordering::Relaxed);
                 consumer.resume(&consumer.assignment()?)?;
                 paused = false;
                 tracing::debug!(inflight, "partitions resumed");

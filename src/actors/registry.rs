@@ -345,8 +345,22 @@ impl SessionRegistry {
         }
     }
 
-    pub fn set_assigned(&self, partitions: Vec<i32>) {
-        *self.assigned.lock() = partitions;
+    /// Adds `partitions` to those this instance owns and returns them all, in order. An eager
+    /// group assigns a member's whole share after revoking everything; a cooperative one adds
+    /// and revokes a few partitions at a time: both come down to adding and removing.
+    pub fn add_assigned(&self, partitions: &[i32]) -> Vec<i32> {
+        let mut assigned = self.assigned.lock();
+        assigned.extend_from_slice(partitions);
+        assigned.sort_unstable();
+        assigned.dedup();
+        assigned.clone()
+    }
+
+    /// Removes `partitions` from those this instance owns and returns those left, in order.
+    pub fn remove_assigned(&self, partitions: &std::collections::HashSet<i32>) -> Vec<i32> {
+        let mut assigned = self.assigned.lock();
+        assigned.retain(|p| !partitions.contains(p));
+        assigned.clone()
     }
 
     pub fn assigned(&self) -> Vec<i32> {

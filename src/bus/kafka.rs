@@ -76,7 +76,8 @@ impl KafkaConfig {
             .set("auto.commit.interval.ms", self.commit_interval_ms.to_string())
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
-            .set("partition.assignment.strategy", "roundrobin")
+            .set("heartbeat.interval.ms", self.heartbeat_interval_ms.to_string())
+            .set("partition.assignment.strategy", self.assignment.strategy())
             // Statistics carry the consumer lag exported as liverec_kafka_consumer_lag_records.
             .set("statistics.interval.ms", "5000");
         config

@@ -46,12 +46,45 @@ pub struct KafkaConfig {
     pub compression: String,
     pub linger_ms: u64,
     pub session_timeout_ms: u64,
+    /// How often the consumer tells the group it is alive; also how soon a member hears of a
+    /// rebalance. Below `session_timeout_ms`.
+    pub heartbeat_interval_ms: u64,
+    /// How the group shares partitions (librdkafka's `partition.assignment.strategy`).
+    pub assignment: Assignment,
     pub commit_interval_ms: u64,
     pub restart_backoff_initial_ms: u64,
     pub restart_backoff_max_ms: u64,
     /// Extra librdkafka properties for producer and consumer.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// How a consumer group shares the events topic's partitions. Every member of one group must use
+/// the same kind: cooperative and eager members cannot share a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Assignment {
+    /// Incremental: a rebalance moves only the partitions that change owner, and every other
+    /// partition is consumed throughout.
+    #[serde(rename = "cooperative-sticky")]
+    CooperativeSticky,
+    /// Eager: every member gives up all its partitions at each rebalance, and the group consumes
+    /// nothing until it has a new share (liverec's strategy before 2026-12).
+    #[serde(rename = "roundrobin")]
+    RoundRobin,
+    /// Eager, by ranges of partition numbers.
+    #[serde(rename = "range")]
+    Range,
+}
+
+impl Assignment {
+    /// The value of librdkafka's `partition.assignment.strategy`.
+    pub fn strategy(self) -> &'static str {
+        match self {
+            Assignment::CooperativeSticky => "cooperative-sticky",
+            Assignment::RoundRobin => "roundrobin",
+            Assignment::Range => "range",
+        }
+    }
 }
 
 impl KafkaConfig {

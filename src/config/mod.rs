@@ -25,7 +25,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-pub use bus::{BusConfig, BusKind, KafkaConfig};
+pub use bus::{Assignment, BusConfig, BusKind, KafkaConfig};
 pub use catalog::CatalogConfig;
 pub use closed_loop::{DriftReferenceKind, MonitorConfig, RolloutConfig, TrainerConfig};
 pub use cluster::ClusterConfig;
@@ -220,6 +220,14 @@ impl Config {
         if self.bus.kind == BusKind::Kafka && self.store.kind == StoreKind::Memory {
             return fail("bus.kind = \"kafka\" needs store.kind = \"redis\": instances share profiles through Redis");
         }
+        let kafka = &self.kafka;
+        if kafka.heartbeat_interval_ms == 0 || kafka.heartbeat_interval_ms >= kafka.session_timeout_ms {
+            return fail(&format!(
+                "kafka.heartbeat_interval_ms ({}) must be at least 1 and below kafka.session_timeout_ms ({}): \
+                 a member that heartbeats less often than the group expects is dropped from it",
+                kafka.heartbeat_interval_ms, kafka.session_timeout_ms
+            ));
+        }
         if self.monitor.bucket_secs == 0 || self.monitor.window_secs < self.monitor.bucket_secs {
             return fail("monitor.bucket_secs must be at least 1 and at most monitor.window_secs");
         }
@@ -362,5 +370,24 @@ mod tests {
             .expect_err("a queue smaller than a batch");
         assert!(err.to_string().contains("bus.queue_events (999)"), "{err}");
         assert!(err.to_string().contains("events.max_batch (1000)"), "{err}");
+        let err =
+            Config::load_from(None, env(&[("LIVEREC_KAFKA__HEARTBEAT_INTERVAL_MS", "6000")]), &Overrides::default())
+                .expect_err("a heartbeat as slow as the session timeout");
+        assert!(err.to_string().contains("kafka.heartbeat_interval_ms (6000)"), "{err}");
+        assert!(err.to_string().contains("kafka.session_timeout_ms (6000)"), "{err}");
+    }
+
+    #[test]
+    fn the_assignment_kind_is_named_as_librdkafka_names_it() {
+        let config = Config::load_from(None, env(&[]), &Overrides::default()).expect("defaults");
+        assert_eq!(config.kafka.assignment.strategy(), "cooperative-sticky");
+        let config =
+            Config::load_from(None, env(&[("LIVEREC_KAFKA__ASSIGNMENT", "roundrobin")]), &Overrides::default())
+                .expect("eager");
+        assert_eq!(config.kafka.assignment.strategy(), "roundrobin");
+        let err = Config::load_from(None, env(&[("LIVEREC_KAFKA__ASSIGNMENT", "sticky")]), &Overrides::default())
+            .expect_err("not a kind");
+        assert!(err.to_string().contains("LIVEREC_KAFKA__ASSIGNMENT"), "{err}");
+        assert!(err.to_string().contains("cooperative-sticky"), "{err}");
     }
 }

@@ -127,6 +127,9 @@ pub struct Metrics {
     pub kafka_records: Counter,
     pub kafka_dead_letters: Counter,
     pub kafka_rebalances: Counter,
+    /// Partitions given up in those revocations: all of an instance's at each rebalance with an
+    /// eager assignment, only the ones that move with a cooperative one.
+    pub kafka_partitions_revoked: Counter,
     pub kafka_paused: Counter,
     pub kafka_restarts: Counter,
     /// Transient consumption errors the consumer carried on after.
@@ -375,6 +378,10 @@ impl Default for Metrics {
             kafka_records: r.counter("liverec_kafka_records_total", "Kafka records consumed."),
             kafka_dead_letters: r.counter("liverec_kafka_dead_letters_total", "Records sent to the dead-letter topic."),
             kafka_rebalances: r.counter("liverec_kafka_rebalances_total", "Partition revocations handled."),
+            kafka_partitions_revoked: r.counter(
+                "liverec_kafka_partitions_revoked_total",
+                "Partitions given up in revocations (with a cooperative assignment, only those that moved).",
+            ),
             kafka_paused: r.counter(
                 "liverec_kafka_pauses_total",
                 "Times the consumer paused its partitions because sessions fell behind.",
@@ -673,6 +680,7 @@ mod tests {
         m.kafka_records.add(38);
         m.kafka_dead_letters.add(39);
         m.kafka_rebalances.add(40);
+        m.kafka_partitions_revoked.add(40);
         m.kafka_paused.add(41);
         m.kafka_restarts.add(42);
         m.kafka_errors.add(43);

@@ -12,6 +12,7 @@ mod erasure;
 mod failover;
 mod kafka;
 mod memory;
+mod rebalance;
 mod registry;
 mod shutdown;
 mod store_writer;
@@ -120,19 +121,19 @@ async fn metric_at(url: &str, sample: &str) -> Option<f64> {
     parse_metric(&text, sample)
 }
 
+/// The Kafka partitions an in-process instance says it owns (`/readyz`); none while it does not
+/// answer.
+async fn partitions(server: &Server) -> Option<Vec<i32>> {
+    let ready: Value = client().get(format!("{}/readyz", server.url())).send().await.ok()?.json().await.ok()?;
+    serde_json::from_value(ready["kafka_partitions"].clone()).ok()
+}
+
 /// Two instances of `config`, once each owns some of the topic's partitions; A's partitions.
 async fn two_instances(config: &Config) -> (Server, Server, Vec<i32>) {
     let a = start(config.clone()).await;
     let b = start(config.clone()).await;
     let owned_by_a = eventually("both instances own partitions", || async {
-        let parts = |server: &Server| {
-            let url = format!("{}/readyz", server.url());
-            async move {
-                let ready: Value = client().get(url).send().await.ok()?.json().await.ok()?;
-                serde_json::from_value::<Vec<i32>>(ready["kafka_partitions"].clone()).ok()
-            }
-        };
-        let (pa, pb) = (parts(&a).await?, parts(&b).await?);
+        let (pa, pb) = (partitions(&a).await?, partitions(&b).await?);
         (!pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == PARTITIONS as usize).then_some(pa)
     })
     .await;

@@ -1,14 +1,8 @@
 //! Production mode, graceful stop: an instance leaves the consumer group before it stops, so the
 //! others take over its partitions at once instead of after the group's session timeout.
 
-use serde_json::Value;
-
+use super::partitions;
 use crate::support::*;
-
-async fn partitions(server: &liverec::Server) -> Option<Vec<i32>> {
-    let ready: Value = client().get(format!("{}/readyz", server.url())).send().await.ok()?.json().await.ok()?;
-    serde_json::from_value(ready["kafka_partitions"].clone()).ok()
-}
 
 /// `Server::stop` (what SIGTERM runs) closes the Kafka consumer before it returns: the closing
 /// consumer revokes its partitions (committing what it applied and releasing the sessions) and
