@@ -37,7 +37,7 @@ use futures_util::future::{join_all, JoinAll};
 use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -143,6 +143,7 @@ impl ConsumerContext for IngestContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Assign(assigned) = rebalance else { return };
+        self.metrics.kafka_group_refused.set(0);
         if self.paused.load(Ordering::Relaxed) && assigned.count() > 0 {
             if let Err(error) = consumer.pause(assigned) {
                 tracing::warn!(error = %error, "cannot pause newly assigned partitions");
@@ -296,6 +297,18 @@ impl Consume {
                         // error ends this consumer, for the supervisor to restart it.
                         Err(error) if consumer.client().fatal_error().is_none() => {
                             self.metrics.kafka_errors.inc();
+                            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
+                                // Not transient: it lasts until the other members change. An
+                                // assignment, once they have, clears it.
+                                self.metrics.kafka_group_refused.set(1);
+                                tracing::error!(
+                                    group = %self.config.group_id,
+                                    assignment = self.config.assignment.strategy(),
+                                    "the consumer group refuses this instance: its members share partitions another \
+                                     way; every instance of a group needs the same kafka.assignment \
+                                     (LIVEREC_KAFKA__ASSIGNMENT). Nothing is consumed here until they agree"
+                                );
+                            }
                             tracing::warn!(error = %error, "kafka consumption error; continuing");
                             actix_rt::time::sleep(Duration::from_millis(100)).await;
                             continue;

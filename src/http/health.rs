@@ -43,11 +43,12 @@ pub struct Readiness {
     bus: String,
     /// False when state lives in this process's memory only (the embedded default).
     durable: bool,
-    /// True while the store is unreachable and writes are being retried, or Kafka ingest is
-    /// stalled; `degraded_reasons` says which.
+    /// True while the store is unreachable and writes are being retried, Kafka ingest is
+    /// stalled, or the consumer group refuses this instance; `degraded_reasons` says which.
     degraded: bool,
     /// `store_unreachable`, `kafka_ingest_stalled` (a consumed batch has not become durable for
-    /// 30 s: no later offset is committed); empty when not degraded.
+    /// 30 s: no later offset is committed), `kafka_group_refused` (the group's other members use
+    /// another `kafka.assignment`: nothing is consumed here); empty when not degraded.
     degraded_reasons: Vec<&'static str>,
     catalog_items: usize,
     /// Users with a session on this instance.
@@ -83,6 +84,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     if state.metrics.kafka_stalled.get() > 0 {
         reasons.push("kafka_ingest_stalled");
+    }
+    if state.metrics.kafka_group_refused.get() > 0 {
+        reasons.push("kafka_group_refused");
     }
     let body = Readiness {
         status: if shutting_down {

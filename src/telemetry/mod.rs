@@ -140,6 +140,9 @@ pub struct Metrics {
     /// is past the stall threshold (`/readyz` reports it).
     pub kafka_oldest_batch_seconds: Gauge,
     pub kafka_stalled: Gauge,
+    /// 1 while the consumer group refuses this instance (its members share partitions another
+    /// way: `kafka.assignment` differs), else 0.
+    pub kafka_group_refused: Gauge,
     /// Records of the Kafka items topic read into the catalogue, and restarts of its consumer.
     pub kafka_items_records: Counter,
     pub kafka_items_restarts: Counter,
@@ -401,6 +404,10 @@ impl Default for Metrics {
             kafka_oldest_batch_seconds: r.gauge(
                 "liverec_kafka_oldest_unfinished_batch_seconds",
                 "Age of the oldest consumed batch whose events are not yet applied and durable (0: none).",
+            ),
+            kafka_group_refused: r.gauge(
+                "liverec_kafka_group_refused",
+                "1 while the consumer group refuses this instance because its members use another kafka.assignment, else 0.",
             ),
             kafka_stalled: r.gauge(
                 "liverec_kafka_ingest_stalled",
@@ -687,6 +694,7 @@ mod tests {
         m.kafka_lag.set(44);
         m.kafka_oldest_batch_seconds.set(44);
         m.kafka_stalled.set(1);
+        m.kafka_group_refused.set(1);
         m.kafka_items_records.add(44);
         m.kafka_items_restarts.add(44);
         m.catalog_loading.set(1);

@@ -328,13 +328,14 @@ export interface Readiness {
   bus: string;
   catalog_items: number;
   /**
-   * True while the store is unreachable and writes are being retried, or Kafka ingest is
-   * stalled; `degraded_reasons` says which.
+   * True while the store is unreachable and writes are being retried, Kafka ingest is
+   * stalled, or the consumer group refuses this instance; `degraded_reasons` says which.
    */
   degraded: boolean;
   /**
    * `store_unreachable`, `kafka_ingest_stalled` (a consumed batch has not become durable for
-   * 30 s: no later offset is committed); empty when not degraded.
+   * 30 s: no later offset is committed), `kafka_group_refused` (the group's other members use
+   * another `kafka.assignment`: nothing is consumed here); empty when not degraded.
    */
   degraded_reasons: string[];
   /** False when state lives in this process's memory only (the embedded default). */

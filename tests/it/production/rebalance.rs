@@ -62,3 +62,37 @@ async fn a_joining_instance_takes_only_the_partitions_that_move_and_the_rest_kee
     a.stop().await;
     b.stop().await;
 }
+
+/// An instance whose `kafka.assignment` differs from the group's running members is refused by
+/// the group: it says so in `/readyz` (degraded, `kafka_group_refused`) instead of looking
+/// ready while it consumes nothing, and takes the partitions once the other members are gone.
+#[actix_rt::test]
+async fn an_instance_the_group_refuses_for_its_assignment_says_so_until_it_is_let_in() {
+    let _services = SERVICES.read().await;
+    let cooperative = production_config("mixed");
+    let mut eager = cooperative.clone();
+    eager.kafka.assignment = liverec::config::Assignment::RoundRobin;
+    let a = start(eager).await;
+    eventually("the eager instance owns every partition", || async {
+        (partitions(&a).await?.len() == PARTITIONS as usize).then_some(())
+    })
+    .await;
+    let b = start(cooperative).await;
+    eventually("the refused instance reports it", || async {
+        let ready: serde_json::Value =
+            client().get(format!("{}/readyz", b.url())).send().await.ok()?.json().await.ok()?;
+        let reasons = ready["degraded_reasons"].as_array()?;
+        (ready["degraded"] == true && reasons.iter().any(|r| r == "kafka_group_refused")).then_some(())
+    })
+    .await;
+    assert_eq!(partitions(&b).await, Some(vec![]), "a refused instance owns no partition");
+    a.stop().await;
+    eventually("once alone, the instance owns every partition and is no longer degraded", || async {
+        let ready: serde_json::Value =
+            client().get(format!("{}/readyz", b.url())).send().await.ok()?.json().await.ok()?;
+        let owned = ready["kafka_partitions"].as_array()?.len();
+        (owned == PARTITIONS as usize && ready["degraded"] == false).then_some(())
+    })
+    .await;
+    b.stop().await;
+}
