@@ -17,7 +17,7 @@
 //! durable, stores and commits its offsets, and stops the sessions of users on those partitions,
 //! so the next owner rebuilds them from Redis. Newly assigned partitions are rebuilt lazily. With
 //! the default cooperative assignment (`kafka.assignment`) a rebalance revokes and assigns only
-//! the partitions that move, and the others are consumed throughout; with an eager one every
+//! the partitions that move, and the others keep their owner and sessions; with an eager one every
 //! partition is revoked and the whole share assigned again. Either way the set of partitions
 //! owned is what the assignments added and the revocations did not take away.
 //!
@@ -121,7 +121,12 @@ impl ConsumerContext for IngestContext {
             block_until_durable(&mut batch);
             store_offsets(consumer, &self.topic, &batch.offsets);
         }
-        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+        if consumer.assignment_lost() {
+            // The group moved these partitions on without waiting for this member (it missed its
+            // session timeout): the commit is refused, and the new owner replays the uncommitted
+            // tail, which the store de-duplicates by event id.
+            tracing::warn!("partitions lost (this instance missed the group's session timeout); their new owner replays what was not committed");
+        } else if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit is also a "failure" (no offset); harmless.
             tracing::debug!(error = %error, "commit on revoke");
         }
@@ -144,9 +149,13 @@ impl ConsumerContext for IngestContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Assign(assigned) = rebalance else { return };
         self.metrics.kafka_group_refused.set(0);
-        if self.paused.load(Ordering::Relaxed) && assigned.count() > 0 {
-            if let Err(error) = consumer.pause(assigned) {
-                tracing::warn!(error = %error, "cannot pause newly assigned partitions");
+        // A partition keeps a pause of ours across a revocation, so one that comes back must be
+        // set to the loop's state either way: paused while it is, consumed otherwise.
+        if assigned.count() > 0 {
+            let paused = self.paused.load(Ordering::Relaxed);
+            let result = if paused { consumer.pause(assigned) } else { consumer.resume(assigned) };
+            if let Err(error) = result {
+                tracing::warn!(error = %error, paused, "cannot set newly assigned partitions to the loop's state");
             }
         }
         let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
@@ -251,6 +260,15 @@ struct Consume {
 
 impl Consume {
     async fn run(self) -> Result<(), KafkaError> {
+        // A consumer that failed ended without revoking anything: this one starts owning nothing,
+        // and the sessions of what the last one owned rebuild from the store when their
+        // partitions come back, since the group may have moved them meanwhile.
+        let stale: HashSet<i32> = self.registry.assigned().into_iter().collect();
+        if !stale.is_empty() {
+            self.registry.release_partitions(&stale);
+            self.registry.remove_assigned(&stale);
+        }
+        self.metrics.kafka_group_refused.set(0);
         let queue: Queue = Arc::new(Mutex::new(VecDeque::new()));
         let paused_flag = Arc::new(AtomicBool::new(false));
         let context = IngestContext {
@@ -297,9 +315,11 @@ impl Consume {
                         // error ends this consumer, for the supervisor to restart it.
                         Err(error) if consumer.client().fatal_error().is_none() => {
                             self.metrics.kafka_errors.inc();
-                            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
-                                // Not transient: it lasts until the other members change. An
-                                // assignment, once they have, clears it.
+                            let refused =
+                                error.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol);
+                            // Not transient: it lasts until the other members change. An
+                            // assignment, once they have, clears it. Said once, not at each retry.
+                            if refused && self.metrics.kafka_group_refused.get() == 0 {
                                 self.metrics.kafka_group_refused.set(1);
                                 tracing::error!(
                                     group = %self.config.group_id,
@@ -372,7 +392,17 @@ impl Consume {
 
     /// Decodes records, sends bad ones to the dead-letter topic and good ones to their sessions.
     /// Returns once sessions have applied the events in memory; durability is in the result.
-    async fn dispatch(&self, records: Vec<BorrowedMessage<'_>>) -> InFlight {
+    async fn dispatch(&self, mut records: Vec<BorrowedMessage<'_>>) -> InFlight {
+        // The batch is gathered over several receives, and a receive may run a revocation: the
+        // records taken before it from a partition given up since belong to its new owner, which
+        // consumes them from the committed offset. Applied here, they would start sessions for
+        // users this instance no longer owns. No rebalance runs during dispatch, so this holds.
+        let owned: HashSet<i32> = self.registry.assigned().into_iter().collect();
+        let before = records.len();
+        records.retain(|record| owned.contains(&record.partition()));
+        if records.len() < before {
+            tracing::debug!(dropped = before - records.len(), "records of revoked partitions left to their new owner");
+        }
         let now = now_ms();
         let wall_now = wall_micros();
         let mut offsets: HashMap<i32, i64> = HashMap::new();
