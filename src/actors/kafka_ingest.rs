@@ -92,8 +92,9 @@ struct IngestContext {
     queue: Queue,
     registry: Arc<SessionRegistry>,
     metrics: Arc<Metrics>,
-    /// The consume loop paused its partitions (too many records in flight): partitions assigned
-    /// meanwhile start paused too, or a cooperative assignment would slip past the bound.
+    /// The consume loop has paused its partitions (too many records in flight), the one record
+    /// of that state: partitions assigned meanwhile start paused too, or a cooperative assignment
+    /// would slip past the bound, and others start resumed.
     paused: Arc<AtomicBool>,
 }
 
@@ -282,7 +283,6 @@ impl Consume {
         consumer.subscribe(&[&self.config.events_topic])?;
         tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "kafka consumer started");
         let max_inflight = self.config.max_inflight_events.max(1);
-        let mut paused = false;
         let mut stalled = false;
         // Wakes the loop while nothing arrives, so a stall is seen even when nothing else moves.
         let mut tick = actix_rt::time::interval(Duration::from_secs(1));
@@ -290,16 +290,15 @@ impl Consume {
             self.store_finished(&consumer, &queue);
             self.watch_stall(&queue, &mut stalled);
             let inflight: usize = queue.lock().iter().map(|b| b.records).sum();
+            let paused = paused_flag.load(Ordering::Relaxed);
             if !paused && inflight >= max_inflight {
                 paused_flag.store(true, Ordering::Relaxed);
                 consumer.pause(&consumer.assignment()?)?;
-                paused = true;
                 self.metrics.kafka_paused.inc();
                 tracing::debug!(inflight, "sessions behind: partitions paused");
             } else if paused && inflight <= max_inflight / 2 {
                 paused_flag.store(false, Ordering::Relaxed);
                 consumer.resume(&consumer.assignment()?)?;
-                paused = false;
                 tracing::debug!(inflight, "partitions resumed");
             }
             let head_done = std::future::poll_fn(|cx| match queue.lock().front_mut() {
@@ -397,9 +396,9 @@ impl Consume {
         // records taken before it from a partition given up since belong to its new owner, which
         // consumes them from the committed offset. Applied here, they would start sessions for
         // users this instance no longer owns. No rebalance runs during dispatch, so this holds.
-        let owned: HashSet<i32> = self.registry.assigned().into_iter().collect();
+        let owned = self.registry.assigned();
         let before = records.len();
-        records.retain(|record| owned.contains(&record.partition()));
+        records.retain(|record| owned.binary_search(&record.partition()).is_ok());
         if records.len() < before {
             tracing::debug!(dropped = before - records.len(), "records of revoked partitions left to their new owner");
         }

@@ -363,6 +363,7 @@ impl SessionRegistry {
         assigned.clone()
     }
 
+    /// The partitions this instance owns, in order.
     pub fn assigned(&self) -> Vec<i32> {
         self.assigned.lock().clone()
     }

@@ -63,8 +63,8 @@ pub struct KafkaConfig {
 /// the same kind: cooperative and eager members cannot share a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Assignment {
-    /// Incremental: a rebalance moves only the partitions that change owner, and every other
-    /// partition is consumed throughout.
+    /// Incremental: a rebalance moves only the partitions that change owner; every other
+    /// partition keeps its owner and its users' sessions.
     #[serde(rename = "cooperative-sticky")]
     CooperativeSticky,
     /// Eager: every member gives up all its partitions at each rebalance, and the group consumes

@@ -12,15 +12,11 @@ use liverec::config::Config;
 use liverec::Server;
 use serde_json::{json, Value};
 
+use super::partitions;
 use crate::support::*;
 
 /// No change in any figure watched for this long fails the wait; it bounds a hang only.
 const STALL: Duration = Duration::from_secs(60);
-
-async fn partitions(server: &Server) -> Option<Vec<i32>> {
-    let ready: Value = client().get(format!("{}/readyz", server.url())).send().await.ok()?.json().await.ok()?;
-    serde_json::from_value(ready["kafka_partitions"].clone()).ok()
-}
 
 async fn monitor(server: &Server) -> Value {
     let response = get(server, "/v1/monitor").await;

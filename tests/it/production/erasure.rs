@@ -7,16 +7,12 @@ use liverec::config::Config;
 use liverec::Server;
 use serde_json::{json, Value};
 
+use super::partitions;
 use crate::support::*;
 
 /// How long consumption may make no progress at all before the test calls it stalled. It bounds
 /// a hang on a loaded machine; it asserts no rate.
 const STALL: Duration = Duration::from_secs(90);
-
-async fn partitions(server: &Server) -> Option<Vec<i32>> {
-    let ready: Value = client().get(format!("{}/readyz", server.url())).send().await.ok()?.json().await.ok()?;
-    serde_json::from_value(ready["kafka_partitions"].clone()).ok()
-}
 
 /// Events stored in Redis for `users`, in all.
 async fn stored(config: &Config, users: &[String]) -> usize {

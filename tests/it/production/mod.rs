@@ -121,11 +121,15 @@ async fn metric_at(url: &str, sample: &str) -> Option<f64> {
     parse_metric(&text, sample)
 }
 
+/// An in-process instance's `/readyz` body; none while it does not answer.
+async fn readiness(server: &Server) -> Option<Value> {
+    client().get(format!("{}/readyz", server.url())).send().await.ok()?.json().await.ok()
+}
+
 /// The Kafka partitions an in-process instance says it owns (`/readyz`); none while it does not
 /// answer.
 async fn partitions(server: &Server) -> Option<Vec<i32>> {
-    let ready: Value = client().get(format!("{}/readyz", server.url())).send().await.ok()?.json().await.ok()?;
-    serde_json::from_value(ready["kafka_partitions"].clone()).ok()
+    serde_json::from_value(readiness(server).await?["kafka_partitions"].clone()).ok()
 }
 
 /// Two instances of `config`, once each owns some of the topic's partitions; A's partitions.

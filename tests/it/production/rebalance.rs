@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use liverec::bus::kafka::partition_for;
 
-use super::partitions;
+use super::{partitions, readiness};
 use crate::support::*;
 
 /// One instance owns every partition and has a running session for a user on each; a second
@@ -79,8 +79,7 @@ async fn an_instance_the_group_refuses_for_its_assignment_says_so_until_it_is_le
     .await;
     let b = start(cooperative).await;
     eventually("the refused instance reports it", || async {
-        let ready: serde_json::Value =
-            client().get(format!("{}/readyz", b.url())).send().await.ok()?.json().await.ok()?;
+        let ready = readiness(&b).await?;
         let reasons = ready["degraded_reasons"].as_array()?;
         (ready["degraded"] == true && reasons.iter().any(|r| r == "kafka_group_refused")).then_some(())
     })
@@ -92,8 +91,7 @@ async fn an_instance_the_group_refuses_for_its_assignment_says_so_until_it_is_le
         SERVICE_DEADLINE,
         "once alone, the instance owns every partition and is no longer degraded",
         || async {
-            let ready: serde_json::Value =
-                client().get(format!("{}/readyz", b.url())).send().await.ok()?.json().await.ok()?;
+            let ready = readiness(&b).await?;
             let owned = ready["kafka_partitions"].as_array()?.len();
             (owned == PARTITIONS as usize && ready["degraded"] == false).then_some(())
         },

@@ -10,14 +10,10 @@ use liverec::Server;
 use redis::AsyncCommands as _;
 use serde_json::{json, Value};
 
+use super::partitions;
 use crate::support::*;
 
 const UNWATCHED: &str = "liverec_store_lists_unwatched_total";
-
-async fn partitions(server: &Server) -> Option<Vec<i32>> {
-    let ready: Value = client().get(format!("{}/readyz", server.url())).send().await.ok()?.json().await.ok()?;
-    serde_json::from_value(ready["kafka_partitions"].clone()).ok()
-}
 
 fn view(user: &str, id: &str, n: usize) -> Value {
     json!({ "user_id": user, "item_id": format!("item-{n:04}"), "event_type": "view", "event_id": id })
