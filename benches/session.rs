@@ -72,7 +72,6 @@ fn registry(config: Config, session_arbiter: &Arbiter) -> Arc<SessionRegistry> {
         config.model.max_batch,
         Duration::from_micros(config.model.max_wait_us),
         config.model.mailbox_capacity,
-        &session_arbiter.handle(),
     );
     let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone());
     let monitor_inbox = monitor.inbox();

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::model::{EndChallenger, ModelActor, ModelFactory, StartChallenger, SwapModel};
+use super::model::{EndChallenger, ModelFactory, ModelHandle, StartChallenger, SwapModel};
 use crate::catalog::Catalog;
 use crate::cluster::record::{ChallengerState, DesiredState, ServingVersion};
 use crate::models::registry::Registry;
@@ -40,7 +40,7 @@ pub struct ControlApplied {
 
 /// Applies desired states to this instance's model actor (see the module docs).
 pub struct ControlApplier {
-    model: Addr<ModelActor>,
+    model: ModelHandle,
     registry: Registry,
     catalog: Arc<Catalog>,
     /// Builds a fresh online model when one must serve and none is kept.
@@ -56,7 +56,7 @@ pub struct ControlApplier {
 impl ControlApplier {
     /// `serving` is the version the instance started with.
     pub fn new(
-        model: Addr<ModelActor>,
+        model: ModelHandle,
         registry: Registry,
         catalog: Arc<Catalog>,
         online: ModelFactory,

@@ -28,7 +28,7 @@ pub struct SessionDeps {
     pub config: Arc<Config>,
     pub catalog: Arc<Catalog>,
     pub store: Arc<dyn ProfileStore>,
-    pub model: Addr<model::ModelActor>,
+    pub model: model::ModelHandle,
     pub monitor: Addr<monitor::MonitorActor>,
     /// Where sessions leave their reports for the monitor ([`monitor::MonitorActor::inbox`]).
     pub monitor_inbox: Arc<monitor::MonitorInbox>,

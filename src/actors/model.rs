@@ -1,29 +1,40 @@
-//! `ModelActor`: collects scoring requests and observations from sessions into batches and runs
-//! them on a dedicated inference thread, so arbiter threads never do model work.
+//! `ModelActor`: the model's own thread. Sessions and HTTP handlers leave scoring requests,
+//! observations and commands in its inbox through a [`ModelHandle`]; the thread takes them in
+//! arrival order, runs the requests in batches and answers each caller directly, so arbiter
+//! threads never do model work.
 //!
-//! Batching is opportunistic: a request that arrives while the model is idle is flushed as soon as
-//! the mailbox has been drained (no timer, no added latency); requests that arrive while a batch
-//! runs wait for it and go together in the next one, up to `model.max_batch`.
+//! Why not an actix actor in front of a `SyncArbiter`: a request then crossed four threads
+//! before its answer came back (the session's arbiter, the batching actor's, the system thread
+//! that forwards to sync actors, the inference thread, and back through the batching actor),
+//! each crossing a wake-up and usually a context switch. Now a request wakes the model thread
+//! (only if it sleeps) and the answer wakes the caller: two.
 //!
-//! Mailbox: `model.mailbox_capacity`; sessions `send` (and wait) for scoring and `try_send`
-//! observations, counting refusals. The handlers move messages out of the mailbox at once, so the
-//! same capacity bounds what waits for a batch: a scoring request that finds that many queued is
-//! answered at once with [`ModelError::Overloaded`] (HTTP: `503` with `Retry-After`), and an
-//! observation that finds that many is dropped; both count in `liverec_model_refused_total`.
-//! Observations usually arrive inside the scoring request that follows them.
+//! Batching is opportunistic: a request that finds the thread asleep is scored at once (no timer,
+//! no added latency, unless `model.max_wait_us` asks to wait for company); requests that arrive
+//! while a batch runs wait for it and go together in the next one, up to `model.max_batch`.
+//! Commands (a model swap, a challenger, a similar-items query) run between two batches, in the
+//! order they were sent relative to the requests.
 //!
-//! Restart policy: none needed; the actor holds no state that outlives a batch. The inference
-//! worker is a `SyncArbiter` thread; a model that panics is caught there (actix's sync threads do
-//! not catch panics themselves), its batch answered with [`ModelError::Stopped`], and the worker
-//! stopped, which makes actix start a fresh one with a model from the factory (a challenger that
-//! was running is not restored).
+//! Mailbox: `model.mailbox_capacity` scoring requests and as many observations waiting; a
+//! request that finds that many waiting is answered at once with [`ModelError::Overloaded`]
+//! (HTTP: `503` with `Retry-After`), an observation is dropped; both count in
+//! `liverec_model_refused_total`. Commands are not bounded (a handful a day). Observations
+//! usually arrive inside the scoring request that follows them.
+//!
+//! Restart policy: a model that panics is caught on the thread, the batch it was scoring is
+//! answered with [`ModelError::Stopped`], and the thread goes on with a model from the factory
+//! (a challenger that was running is not restored). The thread ends once every handle is
+//! dropped, after answering what is left in the inbox.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use actix::prelude::*;
-use parking_lot::Mutex;
+use actix::{MailboxError, Message};
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use crate::catalog::{Catalog, ItemIdx};
@@ -83,200 +94,7 @@ pub struct Observe {
     pub observation: Observation,
 }
 
-type Reply = oneshot::Sender<Result<ScoredList, ModelError>>;
-
-/// Pending scoring requests: the request, the user's hash, and where the answer goes.
-type Pending = (ScoreRequest, u64, Reply);
-
-pub struct ModelActor {
-    worker: Addr<InferenceWorker>,
-    /// The `[model.retrieval]` settings, shared with the inference thread (and applied to every
-    /// model it serves, a restarted thread's included).
-    retrieval: Arc<Mutex<RetrievalConfig>>,
-    metrics: Arc<Metrics>,
-    max_batch: usize,
-    /// How long a lone request may wait for company (0: flush as soon as the mailbox is drained).
-    max_wait: std::time::Duration,
-    /// Bounds the mailbox, and the requests and the observations waiting for a batch.
-    mailbox_capacity: usize,
-    pending: VecDeque<Pending>,
-    observations: Vec<Observation>,
-    flush_scheduled: bool,
-    inflight: bool,
-}
-
-/// Builds a model; used again if the inference thread has to start over.
-pub type ModelFactory = Arc<dyn Fn() -> Box<dyn Recommender> + Send + Sync>;
-
-impl ModelActor {
-    /// Starts the inference thread with `model` (or the factory's, on restart) and the batching
-    /// actor on `arbiter`.
-    #[allow(clippy::too_many_arguments)] // each is a distinct setting; a struct would only rename them
-    pub fn start_with(
-        model: Box<dyn Recommender>,
-        factory: ModelFactory,
-        catalog: Arc<Catalog>,
-        metrics: Arc<Metrics>,
-        max_batch: usize,
-        max_wait: std::time::Duration,
-        mailbox_capacity: usize,
-        arbiter: &ArbiterHandle,
-    ) -> Addr<ModelActor> {
-        let first = Arc::new(Mutex::new(Some(model)));
-        let actor_metrics = metrics.clone();
-        let retrieval = Arc::new(Mutex::new(RetrievalConfig::default()));
-        let worker_retrieval = retrieval.clone();
-        let worker = SyncArbiter::start(1, move || {
-            let mut control = first.lock().take().unwrap_or_else(|| factory());
-            let config = worker_retrieval.lock().clone();
-            control.configure_retrieval(&config);
-            InferenceWorker {
-                control,
-                control_variant: Arc::from(CONTROL),
-                challenger: None,
-                catalog: catalog.clone(),
-                metrics: metrics.clone(),
-                retrieval: worker_retrieval.clone(),
-            }
-        });
-        ModelActor::start_in_arbiter(arbiter, move |_| ModelActor {
-            worker,
-            retrieval,
-            metrics: actor_metrics,
-            max_batch,
-            max_wait,
-            mailbox_capacity,
-            pending: VecDeque::new(),
-            observations: Vec::new(),
-            flush_scheduled: false,
-            inflight: false,
-        })
-    }
-
-    fn schedule(&mut self, ctx: &mut Context<Self>) {
-        if self.flush_scheduled || self.inflight {
-            return;
-        }
-        self.flush_scheduled = true;
-        if self.max_wait.is_zero() || self.pending.len() >= self.max_batch {
-            // A ready future runs after the context has drained its mailbox, so everything that
-            // arrived together goes in one batch, with no added wait.
-            ctx.spawn(fut::ready(()).map(|(), act: &mut Self, ctx| {
-                act.flush_scheduled = false;
-                act.flush(ctx);
-            }));
-        } else {
-            // Trade up to max_wait of latency for fuller batches (worth it for heavy models).
-            ctx.run_later(self.max_wait, |act, ctx| {
-                act.flush_scheduled = false;
-                act.flush(ctx);
-            });
-        }
-    }
-
-    fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.inflight || (self.pending.is_empty() && self.observations.is_empty()) {
-            return;
-        }
-        let n = self.pending.len().min(self.max_batch);
-        let (requests, replies): (Vec<_>, Vec<_>) = self.pending.drain(..n).map(|(r, u, tx)| ((r, u), tx)).unzip();
-        if self.pending.is_empty() && self.pending.capacity() > 2 * self.max_batch {
-            // A burst can queue thousands of requests; a drained queue gives that room back
-            // rather than keeping it for good (about 1 MB after a wave of 50,000 new users).
-            self.pending.shrink_to(self.max_batch);
-        }
-        self.metrics.model_queued.set(self.pending.len() as i64);
-        let observations = std::mem::take(&mut self.observations);
-        self.inflight = true;
-        self.worker
-            .send(RunBatch { observations, requests })
-            .into_actor(self)
-            .map(move |result, act, ctx| {
-                act.inflight = false;
-                match result {
-                    Ok(output) => {
-                        for (reply, list) in replies.into_iter().zip(output.results) {
-                            let _ = reply.send(Ok(list));
-                        }
-                    }
-                    Err(error) => {
-                        for reply in replies {
-                            let _ = reply.send(Err(ModelError::Stopped));
-                        }
-                        if !act.worker.connected() {
-                            // The inference thread is gone (the server is stopping): answer
-                            // everything still waiting now, with one line, rather than one
-                            // batch and one error line at a time.
-                            let waiting = act.pending.len();
-                            for (_, _, reply) in act.pending.drain(..) {
-                                let _ = reply.send(Err(ModelError::Stopped));
-                            }
-                            act.metrics.model_queued.set(0);
-                            tracing::warn!(error = %error, waiting, "model worker stopped; waiting requests answered with an error");
-                            return;
-                        }
-                        tracing::error!(error = %error, "model worker unavailable");
-                    }
-                }
-                act.flush(ctx);
-            })
-            .spawn(ctx);
-    }
-}
-
-impl Actor for ModelActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
-    }
-}
-
-impl Handler<Recommend> for ModelActor {
-    type Result = ResponseFuture<Result<ScoredList, ModelError>>;
-
-    fn handle(&mut self, msg: Recommend, ctx: &mut Self::Context) -> Self::Result {
-        // Observed even when the request is refused below: the batch in flight (there is one,
-        // the queue being full) takes it when it is done.
-        if let Some(observation) = msg.observation {
-            self.observe(observation);
-        }
-        if self.pending.len() >= self.mailbox_capacity {
-            self.metrics.model_refused.inc();
-            return Box::pin(async { Err(ModelError::Overloaded) });
-        }
-        let (tx, rx) = oneshot::channel();
-        self.pending.push_back((msg.request, msg.user, tx));
-        self.metrics.model_queued.set(self.pending.len() as i64);
-        self.schedule(ctx);
-        Box::pin(async move { rx.await.unwrap_or(Err(ModelError::Stopped)) })
-    }
-}
-
-impl Handler<Observe> for ModelActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Observe, ctx: &mut Self::Context) {
-        if self.observe(msg.observation) {
-            self.schedule(ctx);
-        }
-    }
-}
-
-impl ModelActor {
-    /// Queues `observation` for the next batch; false when that many already wait (the online
-    /// model misses it, as it would a refused `try_send`).
-    fn observe(&mut self, observation: Observation) -> bool {
-        if self.observations.len() >= self.mailbox_capacity {
-            self.metrics.model_refused.inc();
-            return false;
-        }
-        self.observations.push(observation);
-        true
-    }
-}
-
-/// Replace the serving (control) model. Batches already sent finish on the old model; every
+/// Replace the serving (control) model. Batches already taken finish on the old model; every
 /// later batch uses the new one, so no request is dropped or answered by a half-swapped model.
 /// Answers with the model it replaced. A running challenger keeps running.
 #[derive(Message)]
@@ -311,16 +129,9 @@ pub struct EndChallenger {
     pub promote: bool,
 }
 
-/// Scores with the control model alone (the validation gate compares candidates with it).
-#[derive(Message, Debug)]
-#[rtype(result = "Vec<Vec<Scored>>")]
-pub struct ScoreControl {
-    pub requests: Vec<ScoreRequest>,
-}
-
 /// Items like one item, from the model serving everyone outside a canary or experiment (its
 /// neighbours for the online model, its nearest item vectors for the sequential one). Waits in
-/// the inference thread's queue like a batch, between two batches.
+/// the inbox like a batch, between two batches.
 #[derive(Message, Debug)]
 #[rtype(result = "SimilarList")]
 pub struct Similar {
@@ -330,8 +141,8 @@ pub struct Similar {
 }
 
 /// The answer to [`Similar`]: most similar first, and the version that found them (empty when
-/// the worker is gone).
-#[derive(Debug, Clone, Default, MessageResponse)]
+/// the model panicked on it).
+#[derive(Debug, Clone, Default)]
 pub struct SimilarList {
     pub items: Vec<Scored>,
     pub version: String,
@@ -364,55 +175,316 @@ impl Traffic {
 #[rtype(result = "Traffic")]
 pub struct CurrentVersion;
 
-macro_rules! forward_to_worker {
-    ($msg:ty, $result:ty) => {
-        impl Handler<$msg> for ModelActor {
-            type Result = ResponseFuture<$result>;
-
-            fn handle(&mut self, msg: $msg, _ctx: &mut Self::Context) -> Self::Result {
-                // The worker's mailbox is ordered: the change lands between two batches.
-                let worker = self.worker.clone();
-                Box::pin(async move { worker.send(msg).await.unwrap_or_default() })
-            }
-        }
-    };
-}
-
 /// Adopt `[model.retrieval]` settings: every model served from now on (control, challenger,
-/// swapped in, or rebuilt after a restart) scores large catalogues in two stages with them.
+/// swapped in, or rebuilt after a panic) scores large catalogues in two stages with them.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct ConfigureRetrieval {
     pub config: RetrievalConfig,
 }
 
-impl Handler<ConfigureRetrieval> for ModelActor {
-    type Result = ResponseFuture<()>;
+/// Builds a model; used again if the model thread has to start over.
+pub type ModelFactory = Arc<dyn Fn() -> Box<dyn Recommender> + Send + Sync>;
 
-    fn handle(&mut self, msg: ConfigureRetrieval, _ctx: &mut Self::Context) -> Self::Result {
-        *self.retrieval.lock() = msg.config.clone();
-        let worker = self.worker.clone();
-        Box::pin(async move { worker.send(msg).await.unwrap_or_default() })
+/// A message the model thread understands: how it travels through the inbox and is answered.
+pub trait ModelMessage: Message + Send + 'static
+where
+    Self::Result: Send + 'static,
+{
+    /// The message as the inbox keeps it, answering on `reply`.
+    #[doc(hidden)]
+    fn into_job(self, reply: oneshot::Sender<Self::Result>) -> Job;
+}
+
+/// A message waiting in the model's inbox.
+#[doc(hidden)]
+pub struct Job(Work);
+
+type Reply = oneshot::Sender<Result<ScoredList, ModelError>>;
+
+enum Work {
+    Score {
+        request: ScoreRequest,
+        user: u64,
+        observation: Option<Observation>,
+        reply: Reply,
+    },
+    Observe(Observation),
+    /// Runs on the thread between two batches and answers through the reply it holds.
+    Command(Box<dyn FnOnce(&mut ModelActor) + Send>),
+}
+
+/// A command: `run` with the actor, its result sent back.
+fn command<T: Send + 'static>(
+    reply: oneshot::Sender<T>,
+    run: impl FnOnce(&mut ModelActor) -> T + Send + 'static,
+) -> Job {
+    Job(Work::Command(Box::new(move |actor| {
+        let _ = reply.send(run(actor));
+    })))
+}
+
+impl ModelMessage for Recommend {
+    fn into_job(self, reply: oneshot::Sender<Self::Result>) -> Job {
+        Job(Work::Score { request: self.request, user: self.user, observation: self.observation, reply })
     }
 }
 
-forward_to_worker!(SwapModel, Option<Box<dyn Recommender>>);
-forward_to_worker!(StartChallenger, ());
-forward_to_worker!(EndChallenger, Option<Box<dyn Recommender>>);
-forward_to_worker!(ScoreControl, Vec<Vec<Scored>>);
-forward_to_worker!(Similar, SimilarList);
+impl ModelMessage for Observe {
+    fn into_job(self, reply: oneshot::Sender<()>) -> Job {
+        // Nothing to wait for: "delivered" as soon as it is in the inbox (or refused there).
+        let _ = reply.send(());
+        Job(Work::Observe(self.observation))
+    }
+}
 
-impl Handler<CurrentVersion> for ModelActor {
-    type Result = ResponseFuture<Traffic>;
+impl ModelMessage for SwapModel {
+    fn into_job(self, reply: oneshot::Sender<Self::Result>) -> Job {
+        command(reply, move |actor| Some(actor.swap(self.model)))
+    }
+}
 
-    fn handle(&mut self, msg: CurrentVersion, _ctx: &mut Self::Context) -> Self::Result {
-        let worker = self.worker.clone();
-        Box::pin(async move {
-            worker.send(msg).await.unwrap_or_else(|_| Traffic {
-                control: ArmInfo { version: String::new(), variant: CONTROL.to_owned(), share: 1.0 },
-                challenger: None,
-            })
+impl ModelMessage for StartChallenger {
+    fn into_job(self, reply: oneshot::Sender<()>) -> Job {
+        command(reply, move |actor| actor.start_challenger(self))
+    }
+}
+
+impl ModelMessage for EndChallenger {
+    fn into_job(self, reply: oneshot::Sender<Self::Result>) -> Job {
+        command(reply, move |actor| actor.end_challenger(self.promote))
+    }
+}
+
+impl ModelMessage for Similar {
+    fn into_job(self, reply: oneshot::Sender<SimilarList>) -> Job {
+        command(reply, move |actor| {
+            actor
+                .guarded("finding similar items", |actor| SimilarList {
+                    items: actor.control.similar(self.item, self.k, &self.filter, &actor.catalog),
+                    version: actor.control.version().to_owned(),
+                })
+                .unwrap_or_default()
         })
+    }
+}
+
+impl ModelMessage for CurrentVersion {
+    fn into_job(self, reply: oneshot::Sender<Traffic>) -> Job {
+        command(reply, |actor| actor.traffic())
+    }
+}
+
+impl ModelMessage for ConfigureRetrieval {
+    fn into_job(self, reply: oneshot::Sender<()>) -> Job {
+        command(reply, move |actor| actor.configure_retrieval(self.config))
+    }
+}
+
+/// The answer to a message sent with [`ModelHandle::send`]; `MailboxError::Closed` if the model
+/// thread is gone (or a command panicked before answering).
+pub struct ModelReply<T>(oneshot::Receiver<T>);
+
+impl<T> Future for ModelReply<T> {
+    type Output = Result<T, MailboxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|answer| answer.map_err(|_| MailboxError::Closed))
+    }
+}
+
+/// Where callers reach the model thread. Cheap to clone; the thread ends when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct ModelHandle {
+    client: Arc<Client>,
+}
+
+/// Shared by every clone of one [`ModelHandle`]: closes the inbox when the last goes.
+struct Client {
+    inbox: Arc<Inbox>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
+}
+
+impl ModelHandle {
+    /// Leaves `msg` in the inbox; the returned future resolves with the answer. A scoring
+    /// request or an observation past the inbox's bound is answered (or dropped) at once.
+    pub fn send<M>(&self, msg: M) -> ModelReply<M::Result>
+    where
+        M: ModelMessage,
+        M::Result: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.client.inbox.push(msg.into_job(tx));
+        ModelReply(rx)
+    }
+
+    /// [`Self::send`] without waiting for the answer; bounded the same way (a refused
+    /// observation is counted in `liverec_model_refused_total`).
+    pub fn post<M>(&self, msg: M)
+    where
+        M: ModelMessage,
+        M::Result: Send + 'static,
+    {
+        let (tx, _) = oneshot::channel();
+        self.client.inbox.push(msg.into_job(tx));
+    }
+
+    /// Room the inbox holds for jobs (a burst's room is given back once it drains).
+    #[cfg(test)]
+    fn queue_room(&self) -> usize {
+        self.client.inbox.state.lock().jobs.capacity()
+    }
+
+    /// What the thread waits for, if it sleeps.
+    #[cfg(test)]
+    fn sleeping_until(&self) -> Option<usize> {
+        self.client.inbox.state.lock().sleeping_until
+    }
+}
+
+/// What the model thread waits on: jobs in arrival order, and the counts its bounds apply to.
+struct Inbox {
+    state: Mutex<InboxState>,
+    /// Signalled when the sleeping thread has something to do.
+    wake: Condvar,
+    /// Scoring requests (and, separately, observations) that may wait.
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+struct InboxState {
+    jobs: VecDeque<Work>,
+    /// Scoring requests among `jobs`.
+    requests: usize,
+    /// Observations among `jobs`, inside requests or alone.
+    observations: usize,
+    /// What the thread, if asleep, waits for: `Some(n)` wakes it once `n` requests wait or any
+    /// other job arrives; `None` while it works (no signal needed, it looks before sleeping).
+    sleeping_until: Option<usize>,
+    /// No handle is left: the thread answers what remains and ends.
+    closed: bool,
+}
+
+/// What the thread takes from the inbox at once.
+enum Taken {
+    Batch { observations: Vec<Observation>, requests: Vec<(ScoreRequest, u64)>, replies: Vec<Reply> },
+    Command(Box<dyn FnOnce(&mut ModelActor) + Send>),
+}
+
+impl Inbox {
+    fn push(&self, Job(work): Job) {
+        let mut state = self.state.lock();
+        let work = match work {
+            Work::Score { request, user, observation, reply } => {
+                if let Some(observation) = observation {
+                    // Observed even when the request is refused below: a batch takes it.
+                    if state.observations < self.capacity {
+                        state.observations += 1;
+                        state.jobs.push_back(Work::Observe(observation));
+                    } else {
+                        self.metrics.model_refused.inc();
+                    }
+                }
+                if state.closed {
+                    let _ = reply.send(Err(ModelError::Stopped));
+                    return;
+                }
+                if state.requests >= self.capacity {
+                    self.metrics.model_refused.inc();
+                    let _ = reply.send(Err(ModelError::Overloaded));
+                    return;
+                }
+                state.requests += 1;
+                self.metrics.model_queued.set(state.requests as i64);
+                Work::Score { request, user, observation: None, reply }
+            }
+            Work::Observe(observation) => {
+                if state.observations >= self.capacity {
+                    self.metrics.model_refused.inc();
+                    return;
+                }
+                state.observations += 1;
+                Work::Observe(observation)
+            }
+            command @ Work::Command(_) => command,
+        };
+        let is_request = matches!(work, Work::Score { .. });
+        state.jobs.push_back(work);
+        // A sleeping thread is woken by what it waits for; a working one looks before it sleeps.
+        let wake = state.sleeping_until.is_some_and(|until| !is_request || state.requests >= until);
+        if wake {
+            state.sleeping_until = None;
+            drop(state);
+            self.wake.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits for work and takes it: a command alone, or the requests and observations at the
+    /// front, up to `max_batch` requests (after waiting up to `max_wait` for that many). `None`
+    /// once the inbox is closed and empty.
+    fn take(&self, max_batch: usize, max_wait: Duration) -> Option<Taken> {
+        let mut state = self.state.lock();
+        while state.jobs.is_empty() {
+            if state.closed {
+                return None;
+            }
+            state.sleeping_until = Some(1);
+            self.wake.wait(&mut state);
+        }
+        state.sleeping_until = None;
+        if !max_wait.is_zero() && matches!(state.jobs.front(), Some(Work::Score { .. })) {
+            // Trade up to max_wait of latency for fuller batches (worth it for heavy models).
+            let deadline = Instant::now() + max_wait;
+            while state.requests < max_batch && !state.closed {
+                state.sleeping_until = Some(max_batch);
+                if self.wake.wait_until(&mut state, deadline).timed_out() {
+                    break;
+                }
+            }
+            state.sleeping_until = None;
+        }
+        let taken = if let Some(Work::Command(_)) = state.jobs.front() {
+            let Some(Work::Command(command)) = state.jobs.pop_front() else { unreachable!("just matched") };
+            Taken::Command(command)
+        } else {
+            let (mut observations, mut requests, mut replies) = (Vec::new(), Vec::new(), Vec::new());
+            while requests.len() < max_batch {
+                match state.jobs.pop_front() {
+                    Some(Work::Score { request, user, reply, .. }) => {
+                        requests.push((request, user));
+                        replies.push(reply);
+                    }
+                    Some(Work::Observe(observation)) => observations.push(observation),
+                    Some(command @ Work::Command(_)) => {
+                        // Runs after this batch, as it was sent after these requests.
+                        state.jobs.push_front(command);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            state.requests -= requests.len();
+            state.observations -= observations.len();
+            self.metrics.model_queued.set(state.requests as i64);
+            Taken::Batch { observations, requests, replies }
+        };
+        if state.jobs.is_empty() && state.jobs.capacity() > 2 * max_batch {
+            // A burst can queue thousands of requests; a drained inbox gives that room back
+            // rather than keeping it for good (about 1 MB after a wave of 50,000 new users).
+            state.jobs.shrink_to(max_batch);
+        }
+        Some(taken)
     }
 }
 
@@ -423,44 +495,115 @@ struct Challenger {
     salt: u64,
 }
 
-/// The inference thread: owns the models and runs whole batches.
-pub struct InferenceWorker {
+/// The model thread's state: the models it serves, and the settings it serves them with.
+pub struct ModelActor {
     control: Box<dyn Recommender>,
     control_variant: Arc<str>,
     challenger: Option<Challenger>,
+    /// Builds the control model again after a panic.
+    factory: ModelFactory,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
-    retrieval: Arc<Mutex<RetrievalConfig>>,
+    /// The `[model.retrieval]` settings, applied to every model this thread serves.
+    retrieval: RetrievalConfig,
+    inbox: Arc<Inbox>,
+    max_batch: usize,
+    /// How long a lone request may wait for company (0: score it at once).
+    max_wait: Duration,
 }
 
-impl Actor for InferenceWorker {
-    type Context = SyncContext<Self>;
-}
+impl ModelActor {
+    /// Starts the model thread serving `model` (the factory's, after a panic); `max_batch`
+    /// requests at most per batch, a lone one waiting up to `max_wait` for company, and
+    /// `mailbox_capacity` requests (and observations) waiting at most.
+    pub fn start_with(
+        model: Box<dyn Recommender>,
+        factory: ModelFactory,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+        max_batch: usize,
+        max_wait: Duration,
+        mailbox_capacity: usize,
+    ) -> ModelHandle {
+        let inbox = Arc::new(Inbox {
+            state: Mutex::new(InboxState {
+                jobs: VecDeque::new(),
+                requests: 0,
+                observations: 0,
+                sleeping_until: None,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            capacity: mailbox_capacity,
+            metrics: metrics.clone(),
+        });
+        let actor = ModelActor {
+            control: model,
+            control_variant: Arc::from(CONTROL),
+            challenger: None,
+            factory,
+            catalog,
+            metrics,
+            retrieval: RetrievalConfig::default(),
+            inbox: inbox.clone(),
+            max_batch: max_batch.max(1),
+            max_wait,
+        };
+        std::thread::Builder::new()
+            .name("liverec-model".to_owned())
+            .spawn(move || actor.run())
+            .expect("the OS starts a thread at start-up");
+        ModelHandle { client: Arc::new(Client { inbox }) }
+    }
 
-#[derive(Message)]
-#[rtype(result = "BatchOutput")]
-struct RunBatch {
-    observations: Vec<Observation>,
-    requests: Vec<(ScoreRequest, u64)>,
-}
+    fn run(mut self) {
+        while let Some(taken) = self.inbox.take(self.max_batch, self.max_wait) {
+            match taken {
+                Taken::Batch { observations, requests, replies } => {
+                    let results = self.guarded("scoring a batch", |actor| actor.run_batch(observations, requests));
+                    match results {
+                        Some(results) => {
+                            for (reply, list) in replies.into_iter().zip(results) {
+                                let _ = reply.send(Ok(list));
+                            }
+                        }
+                        None => {
+                            for reply in replies {
+                                let _ = reply.send(Err(ModelError::Stopped));
+                            }
+                        }
+                    }
+                }
+                Taken::Command(command) => {
+                    // A panic here drops the command's reply: its sender hears `Closed`.
+                    let _ = self.guarded("running a command", |actor| command(actor));
+                }
+            }
+        }
+        tracing::debug!("model thread stopped: no handle left");
+    }
 
-struct BatchOutput {
-    results: Vec<ScoredList>,
-}
-
-impl<A, M> actix::dev::MessageResponse<A, M> for BatchOutput
-where
-    A: Actor,
-    M: Message<Result = BatchOutput>,
-{
-    fn handle(self, _ctx: &mut A::Context, tx: Option<actix::dev::OneshotSender<M::Result>>) {
-        if let Some(tx) = tx {
-            let _ = tx.send(self);
+    /// Runs `work` with the models, catching a panic in it: logged, `None` returned, and the
+    /// control model rebuilt from the factory (a running challenger is dropped).
+    fn guarded<T>(&mut self, what: &str, work: impl FnOnce(&mut Self) -> T) -> Option<T> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut *self))) {
+            Ok(done) => Some(done),
+            Err(_) => {
+                tracing::error!(
+                    version = %self.control.version(),
+                    what,
+                    "the model panicked; it starts over with a model from the factory"
+                );
+                let mut fresh = (self.factory)();
+                fresh.configure_retrieval(&self.retrieval);
+                self.control = fresh;
+                self.control_variant = Arc::from(CONTROL);
+                self.challenger = None;
+                None
+            }
         }
     }
-}
 
-impl InferenceWorker {
     fn score_timed(
         model: &mut dyn Recommender,
         requests: &[ScoreRequest],
@@ -491,70 +634,20 @@ impl InferenceWorker {
         results
     }
 
-    /// Applies the current retrieval settings to a model about to serve.
-    fn configure(&self, model: &mut dyn Recommender) {
-        let config = self.retrieval.lock().clone();
-        model.configure_retrieval(&config);
-    }
-}
-
-impl Handler<ConfigureRetrieval> for InferenceWorker {
-    type Result = ();
-
-    fn handle(&mut self, msg: ConfigureRetrieval, _ctx: &mut Self::Context) {
-        self.control.configure_retrieval(&msg.config);
-        if let Some(challenger) = &mut self.challenger {
-            challenger.model.configure_retrieval(&msg.config);
-        }
-    }
-}
-
-impl Handler<RunBatch> for InferenceWorker {
-    type Result = BatchOutput;
-
-    /// A model that panics scoring or observing must not take the inference thread with it:
-    /// actix's sync threads do not catch panics (the thread would end, and the next batch sent
-    /// to it would panic the arbiter that forwards it). The batch's requests are answered with
-    /// [`ModelError::Stopped`] (no results), and the worker stops, which makes its `SyncContext`
-    /// start a fresh one from the factory.
-    fn handle(&mut self, msg: RunBatch, ctx: &mut Self::Context) -> BatchOutput {
-        self.guarded(ctx, "scoring a batch", |worker| worker.run_batch(msg))
-            .unwrap_or(BatchOutput { results: Vec::new() })
-    }
-}
-
-impl InferenceWorker {
-    /// Runs `work` with the models, catching a panic in it: logged, `None` returned, and the
-    /// worker stopped, which makes its `SyncContext` start a fresh one from the factory.
-    fn guarded<T>(&mut self, ctx: &mut SyncContext<Self>, what: &str, work: impl FnOnce(&mut Self) -> T) -> Option<T> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&mut *self))) {
-            Ok(done) => Some(done),
-            Err(_) => {
-                tracing::error!(
-                    version = %self.control.version(),
-                    what,
-                    "the model panicked; the inference thread starts over with a model from the factory"
-                );
-                ctx.stop();
-                None
-            }
-        }
-    }
-
-    fn run_batch(&mut self, msg: RunBatch) -> BatchOutput {
-        if !msg.observations.is_empty() {
-            self.control.observe(&msg.observations);
+    fn run_batch(&mut self, observations: Vec<Observation>, requests: Vec<(ScoreRequest, u64)>) -> Vec<ScoredList> {
+        if !observations.is_empty() {
+            self.control.observe(&observations);
             if let Some(challenger) = &mut self.challenger {
-                challenger.model.observe(&msg.observations);
+                challenger.model.observe(&observations);
             }
         }
         // Which requests the challenger answers.
         let to_challenger: Vec<bool> = match &self.challenger {
-            Some(c) => msg.requests.iter().map(|(_, user)| traffic_bucket(*user, c.salt) < c.share).collect(),
-            None => vec![false; msg.requests.len()],
+            Some(c) => requests.iter().map(|(_, user)| traffic_bucket(*user, c.salt) < c.share).collect(),
+            None => vec![false; requests.len()],
         };
         let (mut control, mut challenger) = (Vec::new(), Vec::new());
-        for ((request, _), &to) in msg.requests.into_iter().zip(&to_challenger) {
+        for ((request, _), &to) in requests.into_iter().zip(&to_challenger) {
             if to {
                 challenger.push(request)
             } else {
@@ -571,7 +664,7 @@ impl InferenceWorker {
             ),
             None => (Vec::new().into_iter(), None),
         };
-        let results = to_challenger
+        to_challenger
             .iter()
             .map(|&to| match (to, &challenger_arm) {
                 (true, Some((version, variant))) => ScoredList {
@@ -585,52 +678,26 @@ impl InferenceWorker {
                     variant: self.control_variant.clone(),
                 },
             })
-            .collect();
-        BatchOutput { results }
+            .collect()
     }
-}
 
-impl Handler<Similar> for InferenceWorker {
-    type Result = SimilarList;
-
-    /// A panic is caught as in [`RunBatch`]: an empty answer, and a fresh worker.
-    fn handle(&mut self, msg: Similar, ctx: &mut Self::Context) -> SimilarList {
-        self.guarded(ctx, "finding similar items", |worker| SimilarList {
-            items: worker.control.similar(msg.item, msg.k, &msg.filter, &worker.catalog),
-            version: worker.control.version().to_owned(),
-        })
-        .unwrap_or_default()
+    fn swap(&mut self, mut model: Box<dyn Recommender>) -> Box<dyn Recommender> {
+        tracing::info!(from = self.control.version(), to = model.version(), "serving model swapped");
+        model.configure_retrieval(&self.retrieval);
+        std::mem::replace(&mut self.control, model)
     }
-}
 
-impl Handler<SwapModel> for InferenceWorker {
-    type Result = Option<Box<dyn Recommender>>;
-
-    fn handle(&mut self, mut msg: SwapModel, _ctx: &mut Self::Context) -> Self::Result {
-        tracing::info!(from = self.control.version(), to = msg.model.version(), "serving model swapped");
-        self.configure(msg.model.as_mut());
-        Some(std::mem::replace(&mut self.control, msg.model))
-    }
-}
-
-impl Handler<StartChallenger> for InferenceWorker {
-    type Result = ();
-
-    fn handle(&mut self, mut msg: StartChallenger, _ctx: &mut Self::Context) {
+    fn start_challenger(&mut self, mut msg: StartChallenger) {
         tracing::info!(version = msg.model.version(), variant = %msg.variant, share = msg.share, "challenger serving");
-        self.configure(msg.model.as_mut());
+        msg.model.configure_retrieval(&self.retrieval);
         self.control_variant = msg.control_variant;
         self.challenger = Some(Challenger { model: msg.model, variant: msg.variant, share: msg.share, salt: msg.salt });
     }
-}
 
-impl Handler<EndChallenger> for InferenceWorker {
-    type Result = Option<Box<dyn Recommender>>;
-
-    fn handle(&mut self, msg: EndChallenger, _ctx: &mut Self::Context) -> Self::Result {
+    fn end_challenger(&mut self, promote: bool) -> Option<Box<dyn Recommender>> {
         let challenger = self.challenger.take()?;
         self.control_variant = Arc::from(CONTROL);
-        if msg.promote {
+        if promote {
             tracing::info!(from = self.control.version(), to = challenger.model.version(), "challenger promoted");
             Some(std::mem::replace(&mut self.control, challenger.model))
         } else {
@@ -638,24 +705,18 @@ impl Handler<EndChallenger> for InferenceWorker {
             Some(challenger.model)
         }
     }
-}
 
-impl Handler<ScoreControl> for InferenceWorker {
-    type Result = Vec<Vec<Scored>>;
-
-    /// A panic is caught as in [`RunBatch`]: no lists, and a fresh worker.
-    fn handle(&mut self, msg: ScoreControl, ctx: &mut Self::Context) -> Self::Result {
-        self.guarded(ctx, "scoring for the control arm", |worker| worker.control.score(&msg.requests, &worker.catalog))
-            .unwrap_or_default()
+    fn configure_retrieval(&mut self, config: RetrievalConfig) {
+        self.control.configure_retrieval(&config);
+        if let Some(challenger) = &mut self.challenger {
+            challenger.model.configure_retrieval(&config);
+        }
+        self.retrieval = config;
     }
-}
 
-impl Handler<CurrentVersion> for InferenceWorker {
-    type Result = MessageResult<CurrentVersion>;
-
-    fn handle(&mut self, _msg: CurrentVersion, _ctx: &mut Self::Context) -> Self::Result {
+    fn traffic(&self) -> Traffic {
         let share = self.challenger.as_ref().map_or(0.0, |c| c.share);
-        MessageResult(Traffic {
+        Traffic {
             control: ArmInfo {
                 version: self.control.version().to_owned(),
                 variant: self.control_variant.to_string(),
@@ -666,7 +727,7 @@ impl Handler<CurrentVersion> for InferenceWorker {
                 variant: c.variant.to_string(),
                 share: c.share,
             }),
-        })
+        }
     }
 }
 
@@ -689,8 +750,8 @@ mod tests {
         }
     }
 
-    /// A model actor serving `Fixed(version)` on this arbiter, in batches of up to `max_batch`.
-    fn start_fixed(version: &'static str, max_batch: usize) -> Addr<ModelActor> {
+    /// A model thread serving `Fixed(version)`, in batches of up to `max_batch`.
+    fn start_fixed(version: &'static str, max_batch: usize) -> ModelHandle {
         let catalog = Arc::new(Catalog::new());
         catalog.intern(&ItemId::from("i0"));
         let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
@@ -702,21 +763,7 @@ mod tests {
             max_batch,
             std::time::Duration::ZERO,
             4096,
-            &Arbiter::current(),
         )
-    }
-
-    /// The room the request queue holds (a burst's room is given back once it drains).
-    #[derive(Message)]
-    #[rtype(result = "usize")]
-    struct QueueRoom;
-
-    impl Handler<QueueRoom> for ModelActor {
-        type Result = usize;
-
-        fn handle(&mut self, _msg: QueueRoom, _ctx: &mut Self::Context) -> usize {
-            self.pending.capacity()
-        }
     }
 
     fn request() -> ScoreRequest {
@@ -763,7 +810,6 @@ mod tests {
             8,
             std::time::Duration::ZERO,
             16,
-            &Arbiter::current(),
         );
         let item = crate::models::HistoryItem { item: 0, event_type: EventType::View, value: None, timestamp: 0 };
         let observation = Observation { previous: Arc::from(Vec::new()), new: vec![item, item], segment: 0 };
@@ -804,7 +850,6 @@ mod tests {
             8,
             std::time::Duration::ZERO,
             16,
-            &Arbiter::current(),
         );
         let scored = actor.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered");
         assert_eq!(scored.expect("scored").version.as_ref(), "fragile");
@@ -840,7 +885,7 @@ mod tests {
         assert!(versions[first_b..].iter().all(|v| v == "b"), "no answer from the old model after the swap");
         assert!(versions[200..].iter().all(|v| v == "b"), "requests sent after the swap use the new model");
         assert_eq!(model.send(CurrentVersion).await.expect("version").serving(), "b");
-        let room = model.send(QueueRoom).await.expect("room");
+        let room = model.queue_room();
         assert!(room <= 8, "400 requests queued at once, then drained: the queue kept room for {room}");
     }
 
@@ -924,7 +969,6 @@ mod tests {
             4,
             std::time::Duration::ZERO,
             CAPACITY,
-            &Arbiter::current(),
         );
         // One batch in flight on the inference thread, held there.
         let first = actor.send(Recommend { request: request(), user: 0, observation: None });
@@ -972,5 +1016,92 @@ mod tests {
             .await
             .expect("delivered")
             .is_ok());
+    }
+
+    /// A model that reports the size of every batch it scores and its own drop.
+    struct Recording {
+        batches: std::sync::mpsc::Sender<usize>,
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Recommender for Recording {
+        fn version(&self) -> &str {
+            "recording"
+        }
+        fn observe(&mut self, _observations: &[Observation]) {}
+        fn score(&mut self, requests: &[ScoreRequest], _catalog: &Catalog) -> Vec<Vec<Scored>> {
+            let _ = self.batches.send(requests.len());
+            requests.iter().map(|_| vec![Scored { item: 0, score: 1.0 }]).collect()
+        }
+    }
+
+    impl Drop for Recording {
+        fn drop(&mut self) {
+            self.dropped.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn start_recording(
+        max_batch: usize,
+        max_wait: Duration,
+    ) -> (ModelHandle, std::sync::mpsc::Receiver<usize>, Arc<std::sync::atomic::AtomicBool>) {
+        let (batches, sizes) = std::sync::mpsc::channel();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let model = Recording { batches, dropped: dropped.clone() };
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let handle = ModelActor::start_with(
+            Box::new(model),
+            factory,
+            Arc::new(Catalog::new()),
+            Arc::new(Metrics::default()),
+            max_batch,
+            max_wait,
+            64,
+        );
+        (handle, sizes, dropped)
+    }
+
+    #[actix_rt::test]
+    async fn a_lone_request_waits_for_company_but_a_full_batch_goes_at_once() {
+        // Stall detector: far shorter than the wait the model is allowed, far longer than any
+        // scheduling delay.
+        const STALL: Duration = Duration::from_secs(30);
+        let (model, sizes, _) = start_recording(4, Duration::from_secs(3600));
+        let first = model.send(Recommend { request: request(), user: 0, observation: None });
+        // The thread has taken the lone request's wake-up and waits for a full batch (without
+        // the wait it would score the request alone and sleep until any job comes).
+        let deadline = Instant::now() + STALL;
+        while model.sleeping_until() != Some(4) {
+            assert!(Instant::now() < deadline, "the thread never waited for company: {:?}", model.sleeping_until());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut replies = vec![first];
+        replies.extend((1..4).map(|u| model.send(Recommend { request: request(), user: u, observation: None })));
+        let answers = tokio::time::timeout(STALL, futures_util::future::join_all(replies))
+            .await
+            .expect("a full batch does not wait for max_wait");
+        assert!(answers.iter().all(|a| matches!(a, Ok(Ok(_)))), "all answered: {answers:?}");
+        let scored: Vec<usize> = sizes.try_iter().collect();
+        assert_eq!(scored, vec![4], "the lone request went with the three that came after it");
+    }
+
+    #[actix_rt::test]
+    async fn the_thread_answers_what_waits_and_ends_once_no_handle_is_left() {
+        let (model, _sizes, dropped) = start_recording(2, Duration::ZERO);
+        let other = model.clone();
+        let replies: Vec<_> =
+            (0..10).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
+        drop(model);
+        assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst), "a clone still holds the thread");
+        drop(other);
+        for reply in replies {
+            assert!(matches!(reply.await, Ok(Ok(_))), "a request left before the last handle went is answered");
+        }
+        // Stall detector: the thread drops its model when it ends.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dropped.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the model thread did not end after its last handle went");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -811,7 +811,6 @@ mod tests {
             1,
             std::time::Duration::ZERO,
             16,
-            &Arbiter::current(),
         );
         let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone());
         let monitor_inbox = monitor.inbox();

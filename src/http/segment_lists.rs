@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use super::error::ApiError;
-use crate::actors::model::{ModelActor, Similar};
+use crate::actors::model::{ModelHandle, Similar};
 use crate::catalog::{Catalog, ItemIdx};
 use crate::event::{now_ms, Context as EventContext, Device};
 use crate::eventlog::EventLog;
@@ -193,7 +193,7 @@ impl SegmentLists {
     /// Items like `item` from the serving model, asked once per refresh.
     pub(super) async fn similar(
         &self,
-        model: &actix::Addr<ModelActor>,
+        model: &ModelHandle,
         item: ItemIdx,
         filter: ItemFilter,
     ) -> Result<Arc<Kept>, ApiError> {

@@ -14,7 +14,7 @@ use crate::actors;
 use crate::actors::catalog_feed::{CatalogConsumer, CatalogFeed};
 use crate::actors::ingest::IngestActor;
 use crate::actors::kafka_ingest::KafkaIngestActor;
-use crate::actors::model::{ConfigureRetrieval, ModelActor, ModelFactory};
+use crate::actors::model::{ConfigureRetrieval, ModelActor, ModelFactory, ModelHandle};
 use crate::actors::monitor::MonitorActor;
 use crate::actors::registry::SessionRegistry;
 use crate::actors::session;
@@ -352,7 +352,7 @@ fn open_store(config: &Config, metrics: &Arc<Metrics>, io: &Arbiter) -> Result<A
 /// The actors below the sessions, and the event log they share.
 #[derive(Clone)]
 struct Actors {
-    model: Addr<ModelActor>,
+    model: ModelHandle,
     monitor: Addr<MonitorActor>,
     monitor_inbox: Arc<actors::monitor::MonitorInbox>,
     trainer: Addr<TrainerActor>,
@@ -387,11 +387,10 @@ fn start_actors(
         config.model.max_batch,
         Duration::from_micros(config.model.max_wait_us),
         config.model.mailbox_capacity,
-        &threads.handles[0],
     );
     // Models swapped in later (retraining, rollouts, a restarted inference thread) get the
     // same settings; sent before any request, so the first batch already has them.
-    model.do_send(ConfigureRetrieval { config: config.model.retrieval.clone() });
+    model.post(ConfigureRetrieval { config: config.model.retrieval.clone() });
     let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone());
     let monitor_inbox = monitor.inbox();
     let monitor = MonitorActor::start_in_arbiter(&threads.monitor.handle(), move |_| monitor);

@@ -316,8 +316,9 @@ impl SessionActor {
         let asked = Instant::now();
         if self.coalescer.want(asked) {
             self.score_pushed(asked, Some(observation), ctx);
-        } else if self.deps.model.try_send(Observe { observation }).is_err() {
-            self.deps.metrics.model_refused.inc();
+        } else {
+            // A refusal (the inbox full) is counted there.
+            self.deps.model.post(Observe { observation });
         }
     }
 

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::model::{ModelActor, StartChallenger};
+use super::model::{ModelHandle, StartChallenger};
 use super::monitor::{GetCounts, MonitorActor, Retrain};
 use crate::catalog::Catalog;
 use crate::cluster::record::{DesiredState, RunPhase, ServingVersion, StateChange};
@@ -87,7 +87,7 @@ pub struct TrainerActor {
     catalog: Arc<Catalog>,
     /// Where a run reads its window.
     source: source::TrainingSource,
-    model: Addr<ModelActor>,
+    model: ModelHandle,
     monitor: Addr<MonitorActor>,
     metrics: Arc<Metrics>,
     phase: Phase,
@@ -132,7 +132,7 @@ impl TrainerActor {
         config: &crate::config::Config,
         catalog: Arc<Catalog>,
         source: source::TrainingSource,
-        model: Addr<ModelActor>,
+        model: ModelHandle,
         monitor: Addr<MonitorActor>,
         metrics: Arc<Metrics>,
         serving_name: Option<String>,
