@@ -3,15 +3,15 @@
 //!
 //! Why this level: the pure per-event functions of `SessionActor` are private, and what costs is
 //! the actor path itself (mailbox hop to the session's arbiter thread, dedupe, ring buffer, store
-//! append, model and monitor messages, re-ranking on the inference thread, list serialisation).
+//! append, model and monitor messages, re-ranking on the model thread, list serialisation).
 //! So the bench builds the same parts `Server::start` builds for the embedded default (demo
 //! catalogue of 2,000 items, co-occurrence model warmed on 3,000 demo sessions, in-memory store,
-//! model actor with its inference thread, monitor, one session arbiter thread) inside an actix
+//! model thread, monitor, one session arbiter thread) inside an actix
 //! `System`, and talks to sessions through the `SessionRegistry`, as the ingest actors do:
 //!
 //! - `apply/{n}`: `ApplyEvents` with `n` events for one user, until the session answers and the
 //!   store write is done (the memory store completes at once). Users rotate over 1,000 live
-//!   sessions. Re-ranking that the events trigger runs meanwhile on the inference thread and is
+//!   sessions. Re-ranking that the events trigger runs meanwhile on the model thread and is
 //!   not waited for (it competes for the CPU, as in the server).
 //! - `event_to_list`: one event, until the hub publishes a list whose `last_event_id` is that
 //!   event: apply + scoring by the model + serialising the list once for every stream kind. This

@@ -3,17 +3,18 @@
 //! arrival order, runs the requests in batches and answers each caller directly, so arbiter
 //! threads never do model work.
 //!
-//! Why not an actix actor in front of a `SyncArbiter`: a request then crossed four threads
-//! before its answer came back (the session's arbiter, the batching actor's, the system thread
-//! that forwards to sync actors, the inference thread, and back through the batching actor),
-//! each crossing a wake-up and usually a context switch. Now a request wakes the model thread
-//! (only if it sleeps) and the answer wakes the caller: two.
+//! Why not an actix actor in front of a `SyncArbiter`: a request and its answer then took five
+//! hand-offs between four threads (the session's arbiter to the batching actor's, to the system
+//! thread that forwards to sync actors, to the inference thread, back to the batching actor,
+//! back to the session), each a wake-up and usually a context switch. Now a request wakes the
+//! model thread (only if it sleeps) and the answer wakes the caller: two.
 //!
 //! Batching is opportunistic: a request that finds the thread asleep is scored at once (no timer,
 //! no added latency, unless `model.max_wait_us` asks to wait for company); requests that arrive
 //! while a batch runs wait for it and go together in the next one, up to `model.max_batch`.
-//! Commands (a model swap, a challenger, a similar-items query) run between two batches, in the
-//! order they were sent relative to the requests.
+//! Commands (a model swap, a challenger, a similar-items query, the traffic split) run between
+//! two batches, in the order they were sent relative to the requests: under a backlog they wait
+//! behind the requests queued before them.
 //!
 //! Mailbox: `model.mailbox_capacity` scoring requests and as many observations waiting; a
 //! request that finds that many waiting is answered at once with [`ModelError::Overloaded`]
@@ -369,6 +370,10 @@ struct InboxState {
     sleeping_until: Option<usize>,
     /// No handle is left: the thread answers what remains and ends.
     closed: bool,
+    /// The thread has ended: the inbox takes nothing more.
+    stopped: bool,
+    /// The thread has taken work at least once.
+    taken_before: bool,
 }
 
 /// What the thread takes from the inbox at once.
@@ -380,6 +385,14 @@ enum Taken {
 impl Inbox {
     fn push(&self, Job(work): Job) {
         let mut state = self.state.lock();
+        if state.stopped {
+            // The thread is gone (a panic it could not recover from): nothing waits, so a
+            // request hears `Stopped` now and a command's sender hears `Closed`.
+            if let Work::Score { reply, .. } = work {
+                let _ = reply.send(Err(ModelError::Stopped));
+            }
+            return;
+        }
         let work = match work {
             Work::Score { request, user, observation, reply } => {
                 if let Some(observation) = observation {
@@ -390,10 +403,6 @@ impl Inbox {
                     } else {
                         self.metrics.model_refused.inc();
                     }
-                }
-                if state.closed {
-                    let _ = reply.send(Err(ModelError::Stopped));
-                    return;
                 }
                 if state.requests >= self.capacity {
                     self.metrics.model_refused.inc();
@@ -430,20 +439,40 @@ impl Inbox {
         self.wake.notify_one();
     }
 
+    /// The thread is ending (or unwinding): what waits is answered (requests with `Stopped`,
+    /// commands by dropping their reply, so their senders hear `Closed`) and later pushes too.
+    fn stop(&self) {
+        let mut state = self.state.lock();
+        state.stopped = true;
+        for work in state.jobs.drain(..) {
+            if let Work::Score { reply, .. } = work {
+                let _ = reply.send(Err(ModelError::Stopped));
+            }
+        }
+        state.requests = 0;
+        state.observations = 0;
+        self.metrics.model_queued.set(0);
+    }
+
     /// Waits for work and takes it: a command alone, or the requests and observations at the
-    /// front, up to `max_batch` requests (after waiting up to `max_wait` for that many). `None`
-    /// once the inbox is closed and empty.
+    /// front, up to `max_batch` requests. A request that wakes the idle thread waits up to
+    /// `max_wait` for that many; requests that came in during a batch go at once, as the next.
+    /// `None` once the inbox is closed and empty.
     fn take(&self, max_batch: usize, max_wait: Duration) -> Option<Taken> {
         let mut state = self.state.lock();
+        // Whether what waits came in while the thread was idle (before its first take too).
+        let mut slept = !std::mem::replace(&mut state.taken_before, true);
         while state.jobs.is_empty() {
             if state.closed {
                 return None;
             }
             state.sleeping_until = Some(1);
             self.wake.wait(&mut state);
+            slept = true;
         }
         state.sleeping_until = None;
-        if !max_wait.is_zero() && matches!(state.jobs.front(), Some(Work::Score { .. })) {
+        let lone = slept && state.requests > 0 && !matches!(state.jobs.front(), Some(Work::Command(_)));
+        if lone && !max_wait.is_zero() {
             // Trade up to max_wait of latency for fuller batches (worth it for heavy models).
             let deadline = Instant::now() + max_wait;
             while state.requests < max_batch && !state.closed {
@@ -532,6 +561,8 @@ impl ModelActor {
                 observations: 0,
                 sleeping_until: None,
                 closed: false,
+                stopped: false,
+                taken_before: false,
             }),
             wake: Condvar::new(),
             capacity: mailbox_capacity,
@@ -557,6 +588,15 @@ impl ModelActor {
     }
 
     fn run(mut self) {
+        // However the loop ends (the last handle gone, or a panic nothing caught), callers
+        // waiting in the inbox are answered rather than left waiting for good.
+        struct StopOnExit(Arc<Inbox>);
+        impl Drop for StopOnExit {
+            fn drop(&mut self) {
+                self.0.stop();
+            }
+        }
+        let _stop = StopOnExit(self.inbox.clone());
         while let Some(taken) = self.inbox.take(self.max_batch, self.max_wait) {
             match taken {
                 Taken::Batch { observations, requests, replies } => {
@@ -594,11 +634,20 @@ impl ModelActor {
                     what,
                     "the model panicked; it starts over with a model from the factory"
                 );
-                let mut fresh = (self.factory)();
-                fresh.configure_retrieval(&self.retrieval);
-                self.control = fresh;
-                self.control_variant = Arc::from(CONTROL);
-                self.challenger = None;
+                let (factory, retrieval) = (self.factory.clone(), self.retrieval.clone());
+                let fresh = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                    let mut fresh = factory();
+                    fresh.configure_retrieval(&retrieval);
+                    fresh
+                }));
+                match fresh {
+                    Ok(fresh) => {
+                        self.control = fresh;
+                        self.control_variant = Arc::from(CONTROL);
+                        self.challenger = None;
+                    }
+                    Err(_) => tracing::error!("the model factory panicked too; the model that panicked keeps serving"),
+                }
                 None
             }
         }
@@ -970,7 +1019,7 @@ mod tests {
             std::time::Duration::ZERO,
             CAPACITY,
         );
-        // One batch in flight on the inference thread, held there.
+        // One batch in flight on the model thread, held there.
         let first = actor.send(Recommend { request: request(), user: 0, observation: None });
         let first = actix_rt::spawn(first);
         assert_eq!(started.recv().await, Some(1));
@@ -1067,7 +1116,10 @@ mod tests {
         // scheduling delay.
         const STALL: Duration = Duration::from_secs(30);
         let (model, sizes, _) = start_recording(4, Duration::from_secs(3600));
-        let first = model.send(Recommend { request: request(), user: 0, observation: None });
+        // A session's request after an event carries its observation (queued ahead of it).
+        let item = crate::models::HistoryItem { item: 0, event_type: EventType::View, value: None, timestamp: 0 };
+        let observation = Observation { previous: Arc::from(Vec::new()), new: vec![item], segment: 0 };
+        let first = model.send(Recommend { request: request(), user: 0, observation: Some(observation) });
         // The thread has taken the lone request's wake-up and waits for a full batch (without
         // the wait it would score the request alone and sleep until any job comes).
         let deadline = Instant::now() + STALL;
@@ -1103,5 +1155,93 @@ mod tests {
             assert!(Instant::now() < deadline, "the model thread did not end after its last handle went");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[actix_rt::test]
+    async fn requests_that_came_in_during_a_batch_go_next_without_waiting_for_company() {
+        const STALL: Duration = Duration::from_secs(30);
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let model = ModelActor::start_with(
+            Box::new(Gated { started: started_tx, gate: gate.clone() }),
+            factory,
+            Arc::new(Catalog::new()),
+            Arc::new(Metrics::default()),
+            4,
+            Duration::from_secs(3600),
+            64,
+        );
+        let mut replies: Vec<_> =
+            (0..4).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
+        assert_eq!(tokio::time::timeout(STALL, started.recv()).await.expect("a full batch starts"), Some(4));
+        // Two more while that batch is held: they go as soon as it is done, not an hour later.
+        replies.extend((4..6).map(|u| model.send(Recommend { request: request(), user: u, observation: None })));
+        {
+            let (open, wake) = &*gate;
+            *open.lock().expect("gate lock") = true;
+            wake.notify_all();
+        }
+        assert_eq!(tokio::time::timeout(STALL, started.recv()).await.expect("the next batch starts at once"), Some(2));
+        let answers = tokio::time::timeout(STALL, futures_util::future::join_all(replies)).await.expect("answered");
+        assert!(answers.iter().all(|a| matches!(a, Ok(Ok(_)))), "all answered: {answers:?}");
+    }
+
+    #[actix_rt::test]
+    async fn a_factory_that_panics_too_leaves_the_old_model_serving() {
+        let factory: ModelFactory = Arc::new(|| panic!("the registry is gone"));
+        let model = ModelActor::start_with(
+            Box::new(PanicsOn99),
+            factory,
+            Arc::new(Catalog::new()),
+            Arc::new(Metrics::default()),
+            8,
+            Duration::ZERO,
+            16,
+        );
+        let poison = ScoreRequest { k: 99, ..request() };
+        let failed = model.send(Recommend { request: poison, user: 1, observation: None }).await.expect("delivered");
+        assert!(matches!(failed, Err(ModelError::Stopped)), "the panicking batch is answered: {failed:?}");
+        let next = model.send(Recommend { request: request(), user: 1, observation: None }).await.expect("delivered");
+        assert_eq!(next.expect("the thread still serves").version.as_ref(), "fragile");
+    }
+
+    #[actix_rt::test]
+    async fn once_the_thread_has_ended_every_caller_is_answered() {
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let model = ModelActor::start_with(
+            Box::new(Gated { started: started_tx, gate: gate.clone() }),
+            factory,
+            Arc::new(Catalog::new()),
+            Arc::new(Metrics::default()),
+            1,
+            Duration::ZERO,
+            16,
+        );
+        let held = model.send(Recommend { request: request(), user: 0, observation: None });
+        assert_eq!(started.recv().await, Some(1));
+        let queued = model.send(Recommend { request: request(), user: 1, observation: None });
+        let command = model.send(CurrentVersion);
+        // What the thread's exit guard does when the thread ends, however it ends.
+        model.client.inbox.stop();
+        // Stall detector: without the guard these would wait for good.
+        let answered = |reply| tokio::time::timeout(Duration::from_secs(30), reply);
+        let queued = answered(queued).await.expect("a queued request is answered");
+        assert!(matches!(queued, Ok(Err(ModelError::Stopped))), "a queued request hears Stopped: {queued:?}");
+        let command =
+            tokio::time::timeout(Duration::from_secs(30), command).await.expect("a queued command is answered");
+        assert!(command.is_err(), "a queued command hears Closed");
+        let late = answered(model.send(Recommend { request: request(), user: 2, observation: None }))
+            .await
+            .expect("a request after the end is answered");
+        assert!(matches!(late, Ok(Err(ModelError::Stopped))), "a request after the end is answered at once: {late:?}");
+        {
+            let (open, wake) = &*gate;
+            *open.lock().expect("gate lock") = true;
+            wake.notify_all();
+        }
+        assert!(matches!(held.await, Ok(Ok(_))), "the batch in flight finishes");
     }
 }

@@ -205,7 +205,7 @@ impl Server {
     }
 }
 
-/// Builds the serving model again if the inference thread has to start over: a fresh online
+/// Builds the serving model again after a model panicked on the model thread: a fresh online
 /// model, or the same registry version reloaded (from the local cache when the registry is shared).
 fn model_factory(config: &Config, catalog: &Arc<Catalog>, registry: &Registry, name: Option<String>) -> ModelFactory {
     let cooc = config.model.cooccurrence.clone();
@@ -388,7 +388,7 @@ fn start_actors(
         Duration::from_micros(config.model.max_wait_us),
         config.model.mailbox_capacity,
     );
-    // Models swapped in later (retraining, rollouts, a restarted inference thread) get the
+    // Models swapped in later (retraining, rollouts, a model rebuilt after a panic) get the
     // same settings; sent before any request, so the first batch already has them.
     model.post(ConfigureRetrieval { config: config.model.retrieval.clone() });
     let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone());
