@@ -1002,23 +1002,42 @@ mod tests {
         }
     }
 
+    type Gate = Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>;
+
+    /// A model thread serving [`Gated`]: the batches it starts (their sizes), and its gate.
+    fn start_gated(
+        max_batch: usize,
+        max_wait: Duration,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> (ModelHandle, tokio::sync::mpsc::UnboundedReceiver<usize>, Gate) {
+        let (started_tx, started) = tokio::sync::mpsc::unbounded_channel();
+        let gate: Gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
+        let model = ModelActor::start_with(
+            Box::new(Gated { started: started_tx, gate: gate.clone() }),
+            factory,
+            Arc::new(Catalog::new()),
+            metrics,
+            max_batch,
+            max_wait,
+            capacity,
+        );
+        (model, started, gate)
+    }
+
+    /// Lets every batch held at the gate, and every later one, through.
+    fn open(gate: &Gate) {
+        let (open, wake) = &**gate;
+        *open.lock().expect("gate lock") = true;
+        wake.notify_all();
+    }
+
     #[actix_rt::test]
     async fn requests_past_the_queue_bound_are_refused_at_once_and_counted() {
         const CAPACITY: usize = 8;
-        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
-        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let metrics = Arc::new(Metrics::default());
-        let model = Gated { started: started_tx, gate: gate.clone() };
-        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
-        let actor = ModelActor::start_with(
-            Box::new(model),
-            factory,
-            Arc::new(Catalog::new()),
-            metrics.clone(),
-            4,
-            std::time::Duration::ZERO,
-            CAPACITY,
-        );
+        let (actor, mut started, gate) = start_gated(4, Duration::ZERO, CAPACITY, metrics.clone());
         // One batch in flight on the model thread, held there.
         let first = actor.send(Recommend { request: request(), user: 0, observation: None });
         let first = actix_rt::spawn(first);
@@ -1050,11 +1069,7 @@ mod tests {
                 .expect("delivered");
         }
         assert_eq!(metrics.model_refused.get(), 3 * CAPACITY as u64 + 2);
-        {
-            let (open, wake) = &*gate;
-            *open.lock().expect("gate lock") = true;
-            wake.notify_all();
-        }
+        open(&gate);
         assert!(first.await.expect("joined").expect("delivered").is_ok(), "the batch in flight is answered");
         for waiting in waiting {
             assert!(waiting.await.expect("joined").expect("delivered").is_ok(), "queued requests are answered");
@@ -1160,28 +1175,13 @@ mod tests {
     #[actix_rt::test]
     async fn requests_that_came_in_during_a_batch_go_next_without_waiting_for_company() {
         const STALL: Duration = Duration::from_secs(30);
-        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
-        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
-        let model = ModelActor::start_with(
-            Box::new(Gated { started: started_tx, gate: gate.clone() }),
-            factory,
-            Arc::new(Catalog::new()),
-            Arc::new(Metrics::default()),
-            4,
-            Duration::from_secs(3600),
-            64,
-        );
+        let (model, mut started, gate) = start_gated(4, Duration::from_secs(3600), 64, Arc::new(Metrics::default()));
         let mut replies: Vec<_> =
             (0..4).map(|u| model.send(Recommend { request: request(), user: u, observation: None })).collect();
         assert_eq!(tokio::time::timeout(STALL, started.recv()).await.expect("a full batch starts"), Some(4));
         // Two more while that batch is held: they go as soon as it is done, not an hour later.
         replies.extend((4..6).map(|u| model.send(Recommend { request: request(), user: u, observation: None })));
-        {
-            let (open, wake) = &*gate;
-            *open.lock().expect("gate lock") = true;
-            wake.notify_all();
-        }
+        open(&gate);
         assert_eq!(tokio::time::timeout(STALL, started.recv()).await.expect("the next batch starts at once"), Some(2));
         let answers = tokio::time::timeout(STALL, futures_util::future::join_all(replies)).await.expect("answered");
         assert!(answers.iter().all(|a| matches!(a, Ok(Ok(_)))), "all answered: {answers:?}");
@@ -1208,18 +1208,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn once_the_thread_has_ended_every_caller_is_answered() {
-        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
-        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let factory: ModelFactory = Arc::new(|| Box::new(Fixed("fallback")));
-        let model = ModelActor::start_with(
-            Box::new(Gated { started: started_tx, gate: gate.clone() }),
-            factory,
-            Arc::new(Catalog::new()),
-            Arc::new(Metrics::default()),
-            1,
-            Duration::ZERO,
-            16,
-        );
+        let (model, mut started, gate) = start_gated(1, Duration::ZERO, 16, Arc::new(Metrics::default()));
         let held = model.send(Recommend { request: request(), user: 0, observation: None });
         assert_eq!(started.recv().await, Some(1));
         let queued = model.send(Recommend { request: request(), user: 1, observation: None });
@@ -1237,11 +1226,7 @@ mod tests {
             .await
             .expect("a request after the end is answered");
         assert!(matches!(late, Ok(Err(ModelError::Stopped))), "a request after the end is answered at once: {late:?}");
-        {
-            let (open, wake) = &*gate;
-            *open.lock().expect("gate lock") = true;
-            wake.notify_all();
-        }
+        open(&gate);
         assert!(matches!(held.await, Ok(Ok(_))), "the batch in flight finishes");
     }
 }
