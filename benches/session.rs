@@ -106,8 +106,7 @@ fn bench_session(c: &mut Criterion) {
             let (_, session) = registry.session(user);
             let events = (0..5).map(|_| event(user, &limits)).collect();
             let applied = session
-                .apply
-                .send(ApplyEvents { events, received: Instant::now(), span: tracing::Span::none() })
+                .apply(ApplyEvents { events, received: Instant::now(), span: tracing::Span::none() })
                 .await
                 .expect("applied");
             applied.persisted.await;
@@ -132,8 +131,7 @@ fn bench_session(c: &mut Criterion) {
                         let started = Instant::now();
                         let (_, session) = registry.session(user);
                         let applied = session
-                            .apply
-                            .send(ApplyEvents { events, received: started, span: tracing::Span::none() })
+                            .apply(ApplyEvents { events, received: started, span: tracing::Span::none() })
                             .await
                             .expect("applied");
                         applied.persisted.await;
@@ -159,8 +157,7 @@ fn bench_session(c: &mut Criterion) {
                     let id = event.event_id.clone();
                     let started = Instant::now();
                     let _ = session
-                        .apply
-                        .send(ApplyEvents { events: vec![event], received: started, span: tracing::Span::none() })
+                        .apply(ApplyEvents { events: vec![event], received: started, span: tracing::Span::none() })
                         .await
                         .expect("applied");
                     let receiver = subscription.receiver();

@@ -497,7 +497,7 @@ impl Consume {
             }
             let (_, session) = self.registry.session_on_partition(&user, partition);
             // A session that stopped meanwhile needs no reload: the next one loads the store.
-            let _ = session.reload.send(Reload).await;
+            let _ = session.reload(Reload).await;
         }
         InFlight {
             offsets: offsets.into_iter().collect(),

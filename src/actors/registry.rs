@@ -25,18 +25,95 @@ use crate::event::{Event, ItemId, UserId};
 use crate::recs::{RecList, RecUpdate};
 use crate::store::UpdateFanout;
 
-/// A running session as the registry and its callers reach it: one `Recipient` per message a
-/// session takes ([`SessionRecipients`]). The registry holds these, never the session actor's own
-/// type, the way the monitor reaches the trainer through a `Recipient`; so the session may call
-/// back into the registry without an import cycle.
+/// A running session as the registry and its callers reach it, behind a trait object
+/// ([`SessionMailbox`]): the registry holds these, never the session actor's own type, the way
+/// the monitor reaches the trainer through a `Recipient`; so the session may call back into the
+/// registry without an import cycle.
 ///
-/// The recipients are built once per session and shared: a clone (every event and request looks
-/// its session up) is one reference count, where cloning the nine recipients took 27 allocations
-/// and their clones held by the hub and the registry were about 900 bytes a session.
+/// A running session's handle is its actor's address alone, shared: a clone (every event and
+/// request looks its session up) is one reference count. It used to hold a `Recipient` per
+/// message (nine): each is a boxed sender with two more allocations of its own, about 1 KB a
+/// session, built at every session start.
 #[derive(Clone)]
-pub struct SessionHandle(Arc<SessionRecipients>);
+pub struct SessionHandle(Arc<dyn SessionMailbox>);
 
-/// The recipients of one session, behind its [`SessionHandle`].
+/// A boxed answer of a session.
+pub type SessionReply<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, MailboxError>> + Send>>;
+
+/// The messages a session takes, as its callers send them. `Addr<A>` of an actor that handles
+/// them all is the one the server uses; [`SessionRecipients`] lets tests mix actors.
+pub trait SessionMailbox: Send + Sync + 'static {
+    fn apply(&self, msg: ApplyEvents) -> SessionReply<Applied>;
+    fn recommend(&self, msg: GetRecommendations) -> SessionReply<<GetRecommendations as Message>::Result>;
+    /// Refused at once when the mailbox is full.
+    fn try_ensure_list(&self, msg: EnsureList) -> Result<(), SendError<EnsureList>>;
+    fn snapshot(&self, msg: Snapshot) -> SessionReply<<Snapshot as Message>::Result>;
+    fn take_history(&self, msg: TakeHistory) -> SessionReply<<TakeHistory as Message>::Result>;
+    fn merge(&self, msg: MergeHistory) -> SessionReply<<MergeHistory as Message>::Result>;
+    fn reload(&self, msg: Reload) -> SessionReply<()>;
+    /// Refused at once when the mailbox is full.
+    fn try_shown(&self, msg: ShownElsewhere) -> Result<(), SendError<ShownElsewhere>>;
+    fn release(&self) -> SessionReply<()>;
+    /// [`Self::release`] that arrives even when the mailbox is full (not for hot paths).
+    fn release_now(&self);
+    /// The session's `Release` recipient: what it names itself by when it stops
+    /// ([`SessionRegistry::session_stopped`]). Made on each call.
+    fn release_recipient(&self) -> Recipient<Release>;
+    fn connected(&self) -> bool;
+}
+
+impl<A> SessionMailbox for Addr<A>
+where
+    A: Actor<Context = Context<A>>
+        + Handler<ApplyEvents>
+        + Handler<GetRecommendations>
+        + Handler<EnsureList>
+        + Handler<Snapshot>
+        + Handler<TakeHistory>
+        + Handler<MergeHistory>
+        + Handler<Reload>
+        + Handler<ShownElsewhere>
+        + Handler<Release>,
+{
+    fn apply(&self, msg: ApplyEvents) -> SessionReply<Applied> {
+        Box::pin(self.send(msg))
+    }
+    fn recommend(&self, msg: GetRecommendations) -> SessionReply<<GetRecommendations as Message>::Result> {
+        Box::pin(self.send(msg))
+    }
+    fn try_ensure_list(&self, msg: EnsureList) -> Result<(), SendError<EnsureList>> {
+        self.try_send(msg)
+    }
+    fn snapshot(&self, msg: Snapshot) -> SessionReply<<Snapshot as Message>::Result> {
+        Box::pin(self.send(msg))
+    }
+    fn take_history(&self, msg: TakeHistory) -> SessionReply<<TakeHistory as Message>::Result> {
+        Box::pin(self.send(msg))
+    }
+    fn merge(&self, msg: MergeHistory) -> SessionReply<<MergeHistory as Message>::Result> {
+        Box::pin(self.send(msg))
+    }
+    fn reload(&self, msg: Reload) -> SessionReply<()> {
+        Box::pin(self.send(msg))
+    }
+    fn try_shown(&self, msg: ShownElsewhere) -> Result<(), SendError<ShownElsewhere>> {
+        self.try_send(msg)
+    }
+    fn release(&self) -> SessionReply<()> {
+        Box::pin(self.send(Release))
+    }
+    fn release_now(&self) {
+        self.do_send(Release);
+    }
+    fn release_recipient(&self) -> Recipient<Release> {
+        self.clone().recipient()
+    }
+    fn connected(&self) -> bool {
+        Addr::connected(self)
+    }
+}
+
+/// One recipient per message: tests start a session from several stand-in actors.
 #[derive(Clone)]
 pub struct SessionRecipients {
     pub apply: Recipient<ApplyEvents>,
@@ -47,14 +124,13 @@ pub struct SessionRecipients {
     pub merge: Recipient<MergeHistory>,
     pub reload: Recipient<Reload>,
     pub shown: Recipient<ShownElsewhere>,
-    /// Also identifies the session: two handles of one session have equal `release` recipients.
+    /// Also identifies the session.
     pub release: Recipient<Release>,
 }
 
-impl SessionHandle {
-    /// The recipients of an actor that handles every session message (the session actor, or a
-    /// stand-in in tests).
-    pub fn of<A>(addr: Addr<A>) -> SessionHandle
+impl SessionRecipients {
+    /// The recipients of an actor that handles every session message.
+    pub fn of<A>(addr: Addr<A>) -> SessionRecipients
     where
         A: Actor<Context = Context<A>>
             + Handler<ApplyEvents>
@@ -67,7 +143,7 @@ impl SessionHandle {
             + Handler<ShownElsewhere>
             + Handler<Release>,
     {
-        SessionHandle::from(SessionRecipients {
+        SessionRecipients {
             apply: addr.clone().recipient(),
             recommend: addr.clone().recipient(),
             ensure_list: addr.clone().recipient(),
@@ -77,12 +153,67 @@ impl SessionHandle {
             reload: addr.clone().recipient(),
             shown: addr.clone().recipient(),
             release: addr.recipient(),
-        })
+        }
+    }
+}
+
+impl SessionMailbox for SessionRecipients {
+    fn apply(&self, msg: ApplyEvents) -> SessionReply<Applied> {
+        Box::pin(self.apply.send(msg))
+    }
+    fn recommend(&self, msg: GetRecommendations) -> SessionReply<<GetRecommendations as Message>::Result> {
+        Box::pin(self.recommend.send(msg))
+    }
+    fn try_ensure_list(&self, msg: EnsureList) -> Result<(), SendError<EnsureList>> {
+        self.ensure_list.try_send(msg)
+    }
+    fn snapshot(&self, msg: Snapshot) -> SessionReply<<Snapshot as Message>::Result> {
+        Box::pin(self.snapshot.send(msg))
+    }
+    fn take_history(&self, msg: TakeHistory) -> SessionReply<<TakeHistory as Message>::Result> {
+        Box::pin(self.take_history.send(msg))
+    }
+    fn merge(&self, msg: MergeHistory) -> SessionReply<<MergeHistory as Message>::Result> {
+        Box::pin(self.merge.send(msg))
+    }
+    fn reload(&self, msg: Reload) -> SessionReply<()> {
+        Box::pin(self.reload.send(msg))
+    }
+    fn try_shown(&self, msg: ShownElsewhere) -> Result<(), SendError<ShownElsewhere>> {
+        self.shown.try_send(msg)
+    }
+    fn release(&self) -> SessionReply<()> {
+        Box::pin(self.release.send(Release))
+    }
+    fn release_now(&self) {
+        self.release.do_send(Release);
+    }
+    fn release_recipient(&self) -> Recipient<Release> {
+        self.release.clone()
+    }
+    fn connected(&self) -> bool {
+        self.release.connected()
+    }
+}
+
+impl SessionHandle {
+    /// The handle of an actor that handles every session message (the session actor, or a
+    /// stand-in in tests).
+    pub fn of<A: Actor>(addr: Addr<A>) -> SessionHandle
+    where
+        Addr<A>: SessionMailbox,
+    {
+        SessionHandle(Arc::new(addr))
     }
 
-    /// The session is still running.
-    pub fn connected(&self) -> bool {
-        self.release.connected()
+    /// Whether `release` is this session's own (see [`SessionMailbox::release_recipient`]).
+    pub fn is(&self, release: &Recipient<Release>) -> bool {
+        self.0.release_recipient() == *release
+    }
+
+    /// Both handles reach the same session.
+    pub fn same_session(&self, other: &SessionHandle) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.is(&other.0.release_recipient())
     }
 }
 
@@ -93,10 +224,10 @@ impl From<SessionRecipients> for SessionHandle {
 }
 
 impl std::ops::Deref for SessionHandle {
-    type Target = SessionRecipients;
+    type Target = dyn SessionMailbox;
 
-    fn deref(&self) -> &SessionRecipients {
-        &self.0
+    fn deref(&self) -> &dyn SessionMailbox {
+        &*self.0
     }
 }
 
@@ -298,7 +429,7 @@ impl SessionRegistry {
             if partitions.contains(&hub.partition.load(Ordering::Relaxed)) {
                 if let Some(session) = hub.session() {
                     // Not on a hot path; the message must arrive even if the mailbox is full.
-                    session.release.do_send(Release);
+                    session.release_now();
                     released += 1;
                 }
             }
@@ -331,7 +462,7 @@ impl SessionRegistry {
                 None => self.session(user),
             };
             let message = ApplyEvents { events: events.clone(), received, span: span.clone() };
-            match session.apply.send(message).await {
+            match session.apply(message).await {
                 Ok(applied) => return applied,
                 Err(error) => {
                     self.deps.metrics.session_apply_retries.inc();
@@ -374,7 +505,7 @@ impl SessionRegistry {
     /// the session the user's next event starts.
     pub fn shown_by_peer(&self, user: &UserId, update: Arc<RecUpdate>) {
         let running = self.hub(user).and_then(|hub| hub.session());
-        let update = match running.map(|session| session.shown.try_send(ShownElsewhere(update.clone()))) {
+        let update = match running.map(|session| session.try_shown(ShownElsewhere(update.clone()))) {
             Some(Ok(())) => return,
             // No session, or one stopping or too busy to take it: the next session takes it.
             Some(Err(_)) | None => update,
@@ -499,7 +630,7 @@ impl SessionRegistry {
             if !hub.capped.swap(true, Ordering::SeqCst) {
                 self.releasing.fetch_add(1, Ordering::SeqCst);
                 // Must arrive even when the mailbox is full; once per stopped session.
-                session.release.do_send(Release);
+                session.release_now();
             }
         }
     }
@@ -587,7 +718,7 @@ impl SessionRegistry {
             };
             // A full mailbox means the session is busy applying events: it pushes a list
             // (scored without the item) after them anyway.
-            if session.ensure_list.try_send(EnsureList { fresh: true }).is_ok() {
+            if session.try_ensure_list(EnsureList { fresh: true }).is_ok() {
                 asked += 1;
             }
         }
@@ -600,7 +731,7 @@ impl SessionRegistry {
     pub fn watch_appeared(&self, user: &UserId) {
         if let Some(session) = self.hub(user).and_then(|hub| hub.session()) {
             // A full mailbox means the session is busy applying events: it pushes a list anyway.
-            let _ = session.ensure_list.try_send(EnsureList { fresh: true });
+            let _ = session.try_ensure_list(EnsureList { fresh: true });
         }
     }
 
@@ -613,7 +744,7 @@ impl SessionRegistry {
     pub fn session_stopped(&self, hub: &Arc<UserHub>, release: &Recipient<Release>) {
         {
             let mut slot = hub.session.lock();
-            if slot.as_ref().is_some_and(|s| s.release == *release) {
+            if slot.as_ref().is_some_and(|s| s.is(release)) {
                 *slot = None;
                 if self.forget_session(hub) {
                     self.deps.metrics.sessions_capped.inc();
@@ -653,7 +784,7 @@ impl SessionRegistry {
         let Some(hub) = self.hub(user) else { return 0 };
         hub.erased.store(true, Ordering::Relaxed);
         if let Some(session) = hub.session() {
-            let _ = session.release.send(Release).await;
+            let _ = session.release().await;
         }
         let closed = hub.subscriber_count();
         hub.updates.send_replace(None);
@@ -872,7 +1003,7 @@ mod tests {
             callers.into_iter().map(|c| c.join().expect("a caller thread")).collect()
         });
         assert_eq!(started.load(Ordering::SeqCst), 1);
-        assert!(handles.iter().all(|h| h.release == handles[0].release));
+        assert!(handles.iter().all(|h| h.same_session(&handles[0])));
         assert_eq!(registry.len(), 1);
     }
 
@@ -908,11 +1039,10 @@ mod tests {
             // The first session stops on its first batch; the next ones apply.
             if counting.fetch_add(1, Ordering::SeqCst) == 0 {
                 let addr = StopsOnApply::start_in_arbiter(arbiter, |_| StopsOnApply);
-                let idle = idle_handle(Idle.start());
                 return SessionHandle::from(SessionRecipients {
                     apply: addr.clone().recipient(),
                     release: addr.recipient(),
-                    ..(*idle).clone()
+                    ..SessionRecipients::of(Idle.start())
                 });
             }
             applied.fetch_add(1, Ordering::SeqCst);
@@ -939,17 +1069,17 @@ mod tests {
         let (hub, first) = registry.session(&user);
         // A stale stop (of a session that is not the hub's) leaves the running one in place.
         let other = idle_handle(Idle.start());
-        registry.session_stopped(&hub, &other.release);
-        assert!(hub.session().is_some_and(|s| s.release == first.release));
-        first.release.send(Release).await.expect("delivered");
+        registry.session_stopped(&hub, &other.release_recipient());
+        assert!(hub.session().is_some_and(|s| s.same_session(&first)));
+        first.release().await.expect("delivered");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while first.connected() {
             assert!(std::time::Instant::now() < deadline, "the session did not stop");
             actix_rt::task::yield_now().await;
         }
-        registry.session_stopped(&hub, &first.release);
+        registry.session_stopped(&hub, &first.release_recipient());
         let (_, second) = registry.session(&user);
-        assert!(second.release != first.release);
+        assert!(!second.same_session(&first));
     }
 
     /// A session that keeps running when told to stop, as a busy one does until its mailbox drains.
@@ -980,7 +1110,7 @@ mod tests {
             SessionHandle::from(SessionRecipients {
                 apply: addr.clone().recipient(),
                 release: addr.recipient(),
-                ..(*idle_handle(Idle.start())).clone()
+                ..SessionRecipients::of(Idle.start())
             })
         });
         let registry = SessionRegistry::new(deps_with(config), vec![Arbiter::current()], start);
@@ -1008,7 +1138,7 @@ mod tests {
         // One told to stop does: the waiting start goes ahead.
         let capped = registry.hubs.iter().find(|h| h.capped.load(Ordering::Relaxed)).map(|h| h.clone());
         let capped = capped.expect("make_room told the least recently used sessions to stop");
-        let release = capped.session().expect("still running").release.clone();
+        let release = capped.session().expect("still running").release_recipient();
         registry.session_stopped(&capped, &release);
         actix_rt::time::timeout(std::time::Duration::from_secs(60), waiting)
             .await
@@ -1079,13 +1209,13 @@ mod tests {
         const BATCH: usize = 48;
         let mut config = Config::default();
         config.session.max_active = 8;
-        let shared = idle_handle(Idle.start());
+        let shared = SessionRecipients::of(Idle.start());
         let start: StartSession = Arc::new(move |arbiter, hub, registry| {
             let addr = Reporting::start_in_arbiter(arbiter, move |_| Reporting { hub, registry });
             SessionHandle::from(SessionRecipients {
                 apply: addr.clone().recipient(),
                 release: addr.recipient(),
-                ..(*shared).clone()
+                ..shared.clone()
             })
         });
         let sessions: Vec<Arbiter> = (0..4).map(|_| Arbiter::new()).collect();
@@ -1132,7 +1262,7 @@ mod tests {
         // Every session left is told to stop; the counts must come back to nothing.
         for hub in registry.hubs.iter() {
             if let Some(session) = hub.session() {
-                session.release.do_send(Release);
+                session.release_now();
             }
         }
         until_stalled(

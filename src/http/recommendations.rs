@@ -140,7 +140,7 @@ pub async fn get_recommendations(
     };
     let from_session = match session {
         // A session stopped meanwhile (idle, or to make room) is answered from the store.
-        Some(session) => session.recommend.send(GetRecommendations { k, filters: filters.clone() }).await.ok(),
+        Some(session) => session.recommend(GetRecommendations { k, filters: filters.clone() }).await.ok(),
         None => None,
     };
     let update = match from_session {

@@ -117,7 +117,7 @@ fn subscribe(state: &AppState, user: &UserId) -> Subscription {
         // The session produces a first list if the user has none yet; a full mailbox means it is
         // busy producing one anyway.
         Some(session) => {
-            let _ = session.ensure_list.try_send(EnsureList { fresh: false });
+            let _ = session.try_ensure_list(EnsureList { fresh: false });
         }
         // Production mode, user owned elsewhere (or idle): show the stored list, or one scored
         // from the stored profile, until the owner publishes a newer one.

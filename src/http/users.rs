@@ -107,10 +107,10 @@ pub async fn merge(
         return merge_through_store(&state, user, from).await;
     }
     let (_, anonymous) = registry.session(&from);
-    let history = anonymous.take_history.send(TakeHistory).await?;
+    let history = anonymous.take_history(TakeHistory).await?;
     let moved = history.interactions.len();
     let (_, session) = registry.session(&user);
-    let applied = session.merge.send(MergeHistory { from: history }).await?;
+    let applied = session.merge(MergeHistory { from: history }).await?;
     applied.persisted.await;
     let outcome = applied.outcome;
     Ok(HttpResponse::Ok().json(Merged {
@@ -213,7 +213,7 @@ pub async fn export(
         Some(state.registry.session(&user).1)
     };
     let profile = match session {
-        Some(session) => session.snapshot.send(Snapshot).await?,
+        Some(session) => session.snapshot(Snapshot).await?,
         None => state.store.load(&user).await?.unwrap_or_default(),
     };
     Ok(HttpResponse::Ok()
