@@ -24,6 +24,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def one_run(binary, load, scenario, port, show_threads):
             [binary, "serve", "--listen", f"{HOST}:{port}"], cwd=workdir, env=env, stdout=log, stderr=log
         )
     try:
+        # The folder (server log, load report) is kept only if the run fails.
         wait_healthy(port, server)
         target = f"http://{HOST}:{port}"
         if scenario == "rest":
@@ -99,6 +101,7 @@ def one_run(binary, load, scenario, port, show_threads):
         server.wait()
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
+    shutil.rmtree(workdir, ignore_errors=True)
     accepted = max(1, report["events_accepted"])
     switches = sum(s for _, s, _ in after.values()) - sum(s for _, s, _ in before.values())
     push = report["event_to_push_ms"]
