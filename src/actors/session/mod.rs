@@ -9,7 +9,11 @@
 //! newest event it reflects, before that new request: an overloaded model still gets lists to the
 //! users it is late for (`coalesce.rs`).
 //!
-//! Mailbox: `session.mailbox_capacity`; producers `send` and wait when it is full. Lifetime: the
+//! Mailbox: `session.mailbox_capacity`, a soft bound: actix's `send` queues a message even into a
+//! full mailbox (through a fresh sender clone; only `try_send` is refused), so what bounds a
+//! session's queue is its producers: the ingest waits for each batch to be applied before it
+//! takes more (`bus.queue_events`, Kafka's in-flight limit), and a request waits for its answer.
+//! Lifetime: the
 //! session stops after `session.idle_ttl_ms` without events or requests and is rebuilt from the
 //! profile store on next use. Restart policy: none; a stopped session is simply started again.
 
