@@ -62,8 +62,22 @@ pub trait SessionMailbox: Send + Sync + 'static {
     fn connected(&self) -> bool;
 }
 
-impl<A> SessionMailbox for Addr<A>
-where
+/// An actor that takes every session message: the session actor, or a stand-in in tests.
+pub trait SessionActorLike:
+    Actor<Context = Context<Self>>
+    + Handler<ApplyEvents>
+    + Handler<GetRecommendations>
+    + Handler<EnsureList>
+    + Handler<Snapshot>
+    + Handler<TakeHistory>
+    + Handler<MergeHistory>
+    + Handler<Reload>
+    + Handler<ShownElsewhere>
+    + Handler<Release>
+{
+}
+
+impl<A> SessionActorLike for A where
     A: Actor<Context = Context<A>>
         + Handler<ApplyEvents>
         + Handler<GetRecommendations>
@@ -73,8 +87,11 @@ where
         + Handler<MergeHistory>
         + Handler<Reload>
         + Handler<ShownElsewhere>
-        + Handler<Release>,
+        + Handler<Release>
 {
+}
+
+impl<A: SessionActorLike> SessionMailbox for Addr<A> {
     fn apply(&self, msg: ApplyEvents) -> SessionReply<Applied> {
         Box::pin(self.send(msg))
     }
@@ -130,19 +147,7 @@ pub struct SessionRecipients {
 
 impl SessionRecipients {
     /// The recipients of an actor that handles every session message.
-    pub fn of<A>(addr: Addr<A>) -> SessionRecipients
-    where
-        A: Actor<Context = Context<A>>
-            + Handler<ApplyEvents>
-            + Handler<GetRecommendations>
-            + Handler<EnsureList>
-            + Handler<Snapshot>
-            + Handler<TakeHistory>
-            + Handler<MergeHistory>
-            + Handler<Reload>
-            + Handler<ShownElsewhere>
-            + Handler<Release>,
-    {
+    pub fn of<A: SessionActorLike>(addr: Addr<A>) -> SessionRecipients {
         SessionRecipients {
             apply: addr.clone().recipient(),
             recommend: addr.clone().recipient(),
@@ -199,10 +204,7 @@ impl SessionMailbox for SessionRecipients {
 impl SessionHandle {
     /// The handle of an actor that handles every session message (the session actor, or a
     /// stand-in in tests).
-    pub fn of<A: Actor>(addr: Addr<A>) -> SessionHandle
-    where
-        Addr<A>: SessionMailbox,
-    {
+    pub fn of<A: SessionActorLike>(addr: Addr<A>) -> SessionHandle {
         SessionHandle(Arc::new(addr))
     }
 
