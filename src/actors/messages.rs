@@ -102,6 +102,14 @@ pub struct MergeHistory {
 #[rtype(result = "()")]
 pub struct Release;
 
+/// Stop if nothing asked for the session for `ttl` and no list is being scored for it: the
+/// registry's idle sweep sends it to sessions whose user has been quiet that long.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct StopIfIdle {
+    pub ttl: std::time::Duration,
+}
+
 /// Rebuild from the store and push: the stored profile changed elsewhere (a merge).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]

@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use dashmap::DashMap;
@@ -17,7 +18,7 @@ use tokio::sync::watch;
 
 use super::messages::{
     Applied, ApplyEvents, EnsureList, GetRecommendations, MergeHistory, Release, Reload, ShownElsewhere, Snapshot,
-    TakeHistory,
+    StopIfIdle, TakeHistory,
 };
 use super::SessionDeps;
 use crate::bus::partition_of;
@@ -60,6 +61,9 @@ pub trait SessionMailbox: Send + Sync + 'static {
     /// ([`SessionRegistry::session_stopped`]). Made on each call.
     fn release_recipient(&self) -> Recipient<Release>;
     fn connected(&self) -> bool;
+    /// Asks the session to stop if it is idle; dropped when the mailbox is full (the next sweep
+    /// asks again).
+    fn stop_if_idle(&self, msg: StopIfIdle);
 }
 
 /// An actor that takes every session message: the session actor, or a stand-in in tests.
@@ -74,6 +78,7 @@ pub trait SessionActorLike:
     + Handler<Reload>
     + Handler<ShownElsewhere>
     + Handler<Release>
+    + Handler<StopIfIdle>
 {
 }
 
@@ -88,6 +93,7 @@ impl<A> SessionActorLike for A where
         + Handler<Reload>
         + Handler<ShownElsewhere>
         + Handler<Release>
+        + Handler<StopIfIdle>
 {
 }
 
@@ -127,6 +133,9 @@ impl<A: SessionActorLike> SessionMailbox for Addr<A> {
     }
     fn connected(&self) -> bool {
         Addr::connected(self)
+    }
+    fn stop_if_idle(&self, msg: StopIfIdle) {
+        let _ = self.try_send(msg);
     }
 }
 
@@ -199,6 +208,8 @@ impl SessionMailbox for SessionRecipients {
     fn connected(&self) -> bool {
         self.release.connected()
     }
+    /// Stand-ins assembled from several actors are never stopped for idleness.
+    fn stop_if_idle(&self, _msg: StopIfIdle) {}
 }
 
 impl SessionHandle {
@@ -247,7 +258,7 @@ pub type StartSession = Arc<dyn Fn(&ArbiterHandle, Arc<UserHub>, Arc<SessionRegi
 /// the newest value: a slow subscriber skips stale lists instead of queueing them.
 pub struct UserHub {
     pub user: UserId,
-    updates: watch::Sender<Option<Arc<RecUpdate>>>,
+    lists: Mutex<Lists>,
     session: Mutex<Option<SessionHandle>>,
     seq: AtomicU64,
     /// Kafka partition the user's events arrive on (-1: not from Kafka).
@@ -258,21 +269,33 @@ pub struct UserHub {
     used: AtomicU64,
     /// The session was told to stop to make room under `session.max_active`.
     capped: AtomicBool,
+    /// When the session last had an event or a request ([`clock_ms`]), for `session.idle_ttl_ms`.
+    active_ms: AtomicU64,
 }
 
 impl UserHub {
     fn new(user: UserId) -> Self {
-        let (updates, _) = watch::channel(None);
         Self {
             user,
-            updates,
+            lists: Mutex::new(Lists::default()),
             session: Mutex::new(None),
             seq: AtomicU64::new(0),
             partition: AtomicI32::new(-1),
             erased: AtomicBool::new(false),
             used: AtomicU64::new(0),
             capped: AtomicBool::new(false),
+            active_ms: AtomicU64::new(clock_ms()),
         }
+    }
+
+    /// The user's session had an event or a request just now.
+    pub fn touch(&self) {
+        self.active_ms.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// How long since the session last had an event or a request.
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_millis(clock_ms().saturating_sub(self.active_ms.load(Ordering::Relaxed)))
     }
 
     /// The running session, if any.
@@ -282,7 +305,7 @@ impl UserHub {
 
     /// The list most recently published, if any.
     pub fn latest(&self) -> Option<Arc<RecUpdate>> {
-        self.updates.borrow().clone()
+        self.lists.lock().latest.clone()
     }
 
     /// The next sequence number for a published list.
@@ -296,15 +319,41 @@ impl UserHub {
     }
 
     pub fn publish(&self, update: Arc<RecUpdate>) {
-        self.updates.send_replace(Some(update));
+        self.lists.lock().replace(Some(update));
     }
 
     pub fn subscriber_count(&self) -> usize {
-        self.updates.receiver_count()
+        self.lists.lock().updates.as_ref().map_or(0, watch::Sender::receiver_count)
+    }
+
+    /// A receiver of the user's updates that has seen the latest list.
+    fn watch(&self) -> watch::Receiver<Option<Arc<RecUpdate>>> {
+        let mut lists = self.lists.lock();
+        let Lists { latest, updates } = &mut *lists;
+        updates.get_or_insert_with(|| watch::channel(latest.clone()).0).subscribe()
     }
 
     pub fn is_erased(&self) -> bool {
         self.erased.load(Ordering::Relaxed)
+    }
+}
+
+/// A hub's latest list, and the channel its subscribers watch once there is one. The channel
+/// (a watch's shared state, about 320 bytes) is made by the first subscriber: most users of a
+/// busy server never have one. Both change under one lock, so a subscriber never misses a list
+/// published while it joins.
+#[derive(Default)]
+struct Lists {
+    latest: Option<Arc<RecUpdate>>,
+    updates: Option<watch::Sender<Option<Arc<RecUpdate>>>>,
+}
+
+impl Lists {
+    fn replace(&mut self, update: Option<Arc<RecUpdate>>) {
+        if let Some(updates) = &self.updates {
+            updates.send_replace(update.clone());
+        }
+        self.latest = update;
     }
 }
 
@@ -390,7 +439,7 @@ impl SessionRegistry {
         fanout: Option<Arc<dyn UpdateFanout>>,
     ) -> Arc<Self> {
         assert!(!arbiters.is_empty(), "at least one session arbiter");
-        Arc::new(Self {
+        let registry = Arc::new(Self {
             hubs: DashMap::default(),
             arbiters,
             start,
@@ -403,7 +452,40 @@ impl SessionRegistry {
             releasing: AtomicUsize::new(0),
             scanning: Mutex::new(()),
             room: tokio::sync::Notify::new(),
-        })
+        });
+        registry.start_idle_sweep();
+        registry
+    }
+
+    /// Every `session.idle_ttl_ms` / 4 (5 ms to 10 s), asks the sessions whose user has been
+    /// quiet for `session.idle_ttl_ms` to stop ([`StopIfIdle`]: each checks again, and one with a
+    /// list being scored stays until the next sweep). One timer for the registry instead of one
+    /// per session (about 160 bytes and a timer-wheel entry each). Ends with the registry.
+    fn start_idle_sweep(self: &Arc<Self>) {
+        let ttl = Duration::from_millis(self.deps.config.session.idle_ttl_ms.max(1));
+        let period = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_secs(10));
+        let registry = Arc::downgrade(self);
+        self.arbiters[0].spawn(async move {
+            let mut ticks = actix_rt::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(registry) = registry.upgrade() else { return };
+                registry.stop_idle_sessions(ttl);
+            }
+        });
+    }
+
+    /// Asks every session idle for `ttl` to stop. The idle hubs are gathered first, so no hub's
+    /// lock is taken while the map's shard is read.
+    fn stop_idle_sessions(&self, ttl: Duration) {
+        let idle: Vec<Arc<UserHub>> =
+            self.hubs.iter().filter(|hub| hub.idle_for() >= ttl).map(|hub| hub.value().clone()).collect();
+        for hub in idle {
+            if let Some(session) = hub.session() {
+                session.stop_if_idle(StopIfIdle { ttl });
+            }
+        }
     }
 
     pub fn owned_by_ingest(&self) -> bool {
@@ -678,7 +760,7 @@ impl SessionRegistry {
             let (hub, addr) = self.session(user);
             (hub, Some(addr))
         };
-        let rx = hub.updates.subscribe();
+        let rx = hub.watch();
         // After the hub's channel is followed (queued first): the owner's answer finds it.
         if let Some(fanout) = &self.fanout {
             fanout.subscribed(user);
@@ -789,7 +871,7 @@ impl SessionRegistry {
             let _ = session.release().await;
         }
         let closed = hub.subscriber_count();
-        hub.updates.send_replace(None);
+        hub.lists.lock().replace(None);
         self.hubs.remove_if(user, |_, h| Arc::ptr_eq(h, &hub));
         if let Some(fanout) = &self.fanout {
             fanout.unwatch(user);
@@ -823,6 +905,13 @@ impl SessionRegistry {
 /// hour, so that what they assert about a waiting start never races the give-up.
 #[cfg(not(test))]
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Milliseconds on a monotonic clock that starts with the process: what a hub's activity is
+/// dated by (8 bytes, where an `Instant` takes 16).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
 #[cfg(test)]
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -916,6 +1005,13 @@ mod tests {
     impl Handler<Release> for Idle {
         type Result = ();
         fn handle(&mut self, _msg: Release, ctx: &mut Context<Self>) {
+            ctx.stop();
+        }
+    }
+
+    impl Handler<StopIfIdle> for Idle {
+        type Result = ();
+        fn handle(&mut self, _msg: StopIfIdle, ctx: &mut Context<Self>) {
             ctx.stop();
         }
     }
@@ -1082,6 +1178,26 @@ mod tests {
         registry.session_stopped(&hub, &first.release_recipient());
         let (_, second) = registry.session(&user);
         assert!(!second.same_session(&first));
+    }
+
+    #[actix_rt::test]
+    async fn the_idle_sweep_stops_only_sessions_quiet_past_the_ttl() {
+        let mut config = Config::default();
+        config.session.idle_ttl_ms = 1_000;
+        let start: StartSession =
+            Arc::new(|arbiter, _hub, _registry| idle_handle(Idle::start_in_arbiter(arbiter, |_| Idle)));
+        let registry = SessionRegistry::new(deps_with(config), vec![Arbiter::current()], start);
+        let (_, quiet) = registry.session(&UserId::from("quiet"));
+        let (busy_hub, busy) = registry.session(&UserId::from("busy"));
+        // The busy user's session has something to do all along; the quiet one's never does. A
+        // stall detector, not a rate: the sweep comes every quarter of the ttl.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while quiet.connected() {
+            assert!(std::time::Instant::now() < deadline, "the quiet session was never stopped");
+            busy_hub.touch();
+            actix_rt::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(busy.connected(), "a session with recent activity keeps running");
     }
 
     /// A session that keeps running when told to stop, as a busy one does until its mailbox drains.

@@ -36,12 +36,11 @@ use super::lists::{
 };
 use super::messages::{
     Applied, ApplyEvents, ApplyOutcome, EnsureList, GetRecommendations, MergeHistory, RecFilters, Release, Reload,
-    SessionError, ShownElsewhere, Snapshot, TakeHistory,
+    SessionError, ShownElsewhere, Snapshot, StopIfIdle, TakeHistory,
 };
 use super::model::{Observe, Recommend, ScoredList};
 use super::monitor::Activity;
 use super::registry::{SessionHandle, SessionRegistry, UserHub};
-use super::SessionDeps;
 use crate::bus::user_hash;
 use crate::catalog::ItemIdx;
 use crate::event::{now_ms, Context as EventContext, Event, EventId, ItemId};
@@ -53,7 +52,6 @@ use crate::store::{persisted_now, ConsumedItem, EventDigest, Interaction, Persis
 pub struct SessionActor {
     hub: Arc<UserHub>,
     registry: Arc<SessionRegistry>,
-    deps: Arc<SessionDeps>,
     /// Recent interactions, oldest first, with their catalogue index.
     history: VecDeque<(Interaction, ItemIdx)>,
     /// `bus::user_hash` of the user (the monitor's key and the experiment arm's), computed once.
@@ -62,8 +60,8 @@ pub struct SessionActor {
     /// stays out of the lists (see `consumed.rs`).
     consumed: Consumed,
     context: Option<EventContext>,
-    /// The context last sent to the store.
-    persisted_context: Option<EventContext>,
+    /// The store holds `context` as it is (nothing to send with the next append).
+    context_stored: bool,
     /// Digests of the applied event ids (8 bytes each, not the id's allocation), oldest first.
     /// Searched by a scan: of the full window (`session.dedupe_window`, 1,000) about 0.4 us an
     /// event (a one-off measurement, release build, SSE2; 0.17 us with AVX2), about 20 ns at 50,
@@ -77,7 +75,6 @@ pub struct SessionActor {
     /// Receive time of the oldest event applied after the pushed-list request in flight was
     /// asked (not reflected by its answer).
     unreflected_since: Option<Instant>,
-    last_active: Instant,
     /// The last lists served to the user, newest last, for click attribution.
     served: ServedLists,
     /// When the user was erased, if ever: events from before then are never applied (replays).
@@ -88,23 +85,20 @@ pub struct SessionActor {
 
 impl SessionActor {
     pub fn new(hub: Arc<UserHub>, registry: Arc<SessionRegistry>) -> Self {
-        let deps = registry.deps.clone();
         let user_hash = user_hash(hub.user.as_str());
         Self {
             hub,
             registry,
-            deps,
             history: VecDeque::new(),
             user_hash,
             consumed: Consumed::default(),
             context: None,
-            persisted_context: None,
+            context_stored: true,
             event_ids: VecDeque::new(),
             suppressed: VecDeque::new(),
             coalescer: Coalescer::default(),
             pending_since: None,
             unreflected_since: None,
-            last_active: Instant::now(),
             served: ServedLists::default(),
             erased_at: None,
             handed_over: false,
@@ -115,8 +109,8 @@ impl SessionActor {
     /// half-built state. A store that is down is retried with backoff: starting empty would lose
     /// the history and the ids that make replays idempotent.
     fn load_profile(&mut self, ctx: &mut Context<Self>) {
-        let store = self.deps.store.clone();
-        let metrics = self.deps.metrics.clone();
+        let store = self.registry.deps.store.clone();
+        let metrics = self.registry.deps.metrics.clone();
         let user = self.hub.user.clone();
         let load = async move {
             let mut delay = Duration::from_millis(50);
@@ -144,14 +138,14 @@ impl SessionActor {
             // only its own retained event log; this one (the owner of the user's partition)
             // purges what it logged before the erasure.
             if let Some(at) = erased_at {
-                act.deps.event_log.remove_user(&act.hub.user, at);
+                act.registry.deps.event_log.remove_user(&act.hub.user, at);
             }
             if let Some(profile) = profile {
                 act.restore(profile);
             }
             // A cold-start list shown before this session started takes the user's click.
-            if let Some((at, update)) = act.deps.cold_lists.take(&act.hub.user) {
-                act.served.remember(&update, at, &act.deps.catalog);
+            if let Some((at, update)) = act.registry.deps.cold_lists.take(&act.hub.user) {
+                act.served.remember(&update, at, &act.registry.deps.catalog);
             }
             if act.hub.latest().is_none() {
                 act.refresh(ctx);
@@ -166,7 +160,7 @@ impl SessionActor {
         self.event_ids.clear();
         self.suppressed.clear();
         self.context = None;
-        self.persisted_context = None;
+        self.context_stored = true;
     }
 
     fn restore(&mut self, profile: Profile) {
@@ -175,20 +169,20 @@ impl SessionActor {
         let current = current_stored_list(&profile).cloned();
         self.hub.bump_seq(seq_after_stored(Some(&profile)));
         // The stored record of consumed items (a profile stored before it: its history's).
-        self.consumed = Consumed::of_profile(&profile, &self.deps.catalog, &self.deps.config.session);
+        self.consumed = Consumed::of_profile(&profile, &self.registry.deps.catalog, &self.registry.deps.config.session);
         // The stored window holds each id once: no search per digest (a full window of 1,000
         // would be half a million comparisons).
         for digest in profile.event_ids {
-            push_bounded(&mut self.event_ids, digest, self.deps.config.session.dedupe_window);
+            push_bounded(&mut self.event_ids, digest, self.registry.deps.config.session.dedupe_window);
         }
         for mut interaction in profile.interactions {
-            let (idx, item_id) = self.deps.catalog.intern_shared(&interaction.item_id);
+            let (idx, item_id) = self.registry.deps.catalog.intern_shared(&interaction.item_id);
             interaction.item_id = item_id;
             self.push_history(interaction, idx);
         }
         self.suppressed = profile.suppressed.into();
-        self.persisted_context = profile.context.clone();
         self.context = profile.context;
+        self.context_stored = true;
         if let Some(recs) = current {
             if self.hub.latest().is_none() {
                 self.hub.publish(RecUpdate::new(recs));
@@ -208,16 +202,16 @@ impl SessionActor {
         if newer.contains(&digest) || older.contains(&digest) {
             return false;
         }
-        push_bounded(&mut self.event_ids, digest, self.deps.config.session.dedupe_window);
+        push_bounded(&mut self.event_ids, digest, self.registry.deps.config.session.dedupe_window);
         true
     }
 
     fn push_history(&mut self, interaction: Interaction, idx: ItemIdx) {
-        let session = &self.deps.config.session;
+        let session = &self.registry.deps.config.session;
         if session.consumed_max > 0 && session.exclude_event_types.contains(&interaction.event_type) {
             self.consumed.record(idx, interaction.timestamp, session.consumed_max);
         }
-        push_bounded(&mut self.history, (interaction, idx), self.deps.config.session.history_len);
+        push_bounded(&mut self.history, (interaction, idx), self.registry.deps.config.session.history_len);
     }
 
     /// The model's view of the history. Built for each use (an event builds it twice: the history
@@ -240,7 +234,7 @@ impl SessionActor {
         let mut new_items = Vec::new();
         for mut event in events {
             if self.erased_at.is_some_and(|at| event.timestamp <= at) {
-                self.deps.metrics.privacy_skipped.inc();
+                self.registry.deps.metrics.privacy_skipped.inc();
                 continue;
             }
             if !self.remember_id(&event.event_id) {
@@ -248,18 +242,18 @@ impl SessionActor {
                 continue;
             }
             outcome.applied += 1;
-            let (idx, item_id) = self.deps.catalog.intern_shared(&event.item_id);
+            let (idx, item_id) = self.registry.deps.catalog.intern_shared(&event.item_id);
             event.item_id = item_id;
             let segment = event.context.segment();
             // The one copy off the wire type: from here on, every step reads this interaction.
             let (interaction, _, context) = Interaction::from_event(event);
             let logged = self.attribute(interaction, idx, segment);
             let interaction = logged.interaction.clone();
-            self.deps.event_log.append(logged);
+            self.registry.deps.event_log.append(logged);
             if interaction.event_type.is_negative() {
                 self.suppressed.retain(|s| *s != interaction.item_id);
                 self.suppressed.push_back(interaction.item_id.clone());
-                while self.suppressed.len() > self.deps.config.session.suppressed_len {
+                while self.suppressed.len() > self.registry.deps.config.session.suppressed_len {
                     self.suppressed.pop_front();
                 }
                 update.suppressed.push(interaction.item_id.clone());
@@ -267,15 +261,16 @@ impl SessionActor {
             new_items.push(HistoryItem::of(&interaction, idx));
             update.interactions.push(interaction.clone());
             self.push_history(interaction, idx);
+            self.context_stored &= self.context.as_ref().is_some_and(|previous| !carry_changes(previous, &context));
             self.context = Some(carry_over(self.context.take(), context));
         }
         // The store keeps the latest context; send it only when it changed.
-        if self.context != self.persisted_context {
+        if !self.context_stored {
             update.context = self.context.clone();
-            self.persisted_context = self.context.clone();
+            self.context_stored = true;
         }
-        self.deps.metrics.session_applied.add(outcome.applied as u64);
-        self.deps.metrics.session_duplicates.add(outcome.duplicates as u64);
+        self.registry.deps.metrics.session_applied.add(outcome.applied as u64);
+        self.registry.deps.metrics.session_duplicates.add(outcome.duplicates as u64);
         if outcome.applied > 0 {
             let observation = Observation { previous, new: new_items, segment: self.segment(None) };
             self.refresh_observing(observation, ctx);
@@ -290,14 +285,14 @@ impl SessionActor {
     fn score_request(&mut self, k: usize, filters: &RecFilters) -> ScoreRequest {
         let history = self.history_items();
         let consumed = self.consumed_items();
-        build_request(&self.deps, history, consumed, self.suppressed.iter(), self.context.as_ref(), k, filters)
+        build_request(&self.registry.deps, history, consumed, self.suppressed.iter(), self.context.as_ref(), k, filters)
     }
 
     /// The consumed items to exclude now (`None`: the record is off, the history window excludes).
     /// "Now" for the re-show policy is the user's newest event, so a replay of old events behaves
     /// as it did live.
     fn consumed_items(&self) -> Option<Vec<ItemIdx>> {
-        let session = &self.deps.config.session;
+        let session = &self.registry.deps.config.session;
         if session.consumed_max == 0 {
             return None;
         }
@@ -322,7 +317,7 @@ impl SessionActor {
             self.score_pushed(asked, Some(observation), ctx);
         } else {
             // A refusal (the inbox full) is counted there.
-            self.deps.model.post(Observe { observation });
+            self.registry.deps.model.post(Observe { observation });
         }
     }
 
@@ -339,22 +334,23 @@ impl SessionActor {
     /// a list of the same state first.
     fn score_pushed(&mut self, asked: Instant, observation: Option<Observation>, ctx: &mut Context<Self>) {
         self.unreflected_since = None;
-        let request = self.score_request(self.deps.config.recs.default_k, &RecFilters::default());
+        let request = self.score_request(self.registry.deps.config.recs.default_k, &RecFilters::default());
         // The newest event the request reflects: the list names it, even if more arrive meanwhile.
         let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
-        let late = Duration::from_millis(self.deps.config.session.late_list_ms);
+        let late = Duration::from_millis(self.registry.deps.config.session.late_list_ms);
         // A child of the applying span when an event caused the refresh.
         let scoring = crate::telemetry::span(|| tracing::info_span!("model_score"));
-        self.deps
+        self.registry
+            .deps
             .model
             .send(Recommend { request, user: self.user_hash, observation })
             .into_actor(self)
             .map(move |result, act, ctx| {
                 let _entered = scoring.enter();
-                act.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
+                act.registry.deps.metrics.stage_model_seconds.observe_duration(asked.elapsed());
                 let answer = act.coalescer.answered(Instant::now(), late);
                 if answer == Answer::Stale {
-                    act.deps.metrics.lists_stale.inc();
+                    act.registry.deps.metrics.lists_stale.inc();
                     act.ask_again(ctx);
                     return;
                 }
@@ -375,7 +371,7 @@ impl SessionActor {
                         act.publish(scored, false, reflected);
                         if answer == Answer::Late {
                             // The events applied since it was asked are still to be pushed.
-                            act.deps.metrics.lists_late.inc();
+                            act.registry.deps.metrics.lists_late.inc();
                             act.pending_since = act.unreflected_since.take();
                         }
                     }
@@ -405,7 +401,9 @@ impl SessionActor {
     /// list holds the item, not one with no list yet.
     fn pushed_list_available(&self) -> bool {
         let now = now_ms();
-        self.hub.latest().is_none_or(|u| u.list.items.iter().all(|i| self.deps.catalog.is_available(&i.item_id, now)))
+        self.hub
+            .latest()
+            .is_none_or(|u| u.list.items.iter().all(|i| self.registry.deps.catalog.is_available(&i.item_id, now)))
     }
 
     /// Publishes a new list to the user's streams. It counts as an impression when someone
@@ -417,23 +415,23 @@ impl SessionActor {
             return;
         }
         let _span = crate::telemetry::span(|| tracing::info_span!("push")).entered();
-        let list = make_list(&self.deps, &self.hub.user, &scored, self.hub.next_seq(), reflected);
+        let list = make_list(&self.registry.deps, &self.hub.user, &scored, self.hub.next_seq(), reflected);
         let update = RecUpdate::new(list);
         self.hub.publish(update.clone());
         let delivered = answering || self.hub.subscriber_count() > 0 || self.registry.shown_elsewhere(&self.hub);
         self.record_served(&update, &scored, delivered);
-        self.deps.metrics.push_updates.inc();
+        self.registry.deps.metrics.push_updates.inc();
         if let Some(since) = self.pending_since.take() {
-            self.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
+            self.registry.deps.metrics.event_to_push_seconds.observe_duration(since.elapsed());
         }
         // Production mode: a list nobody watches is neither stored nor published (a later
         // subscriber starts from the stored profile; see `SessionRegistry::watch_appeared`).
-        if self.deps.store.parks_profiles() {
+        if self.registry.deps.store.parks_profiles() {
             // Parked with the rest of the state when the session stops.
         } else if self.registry.list_wanted(&self.hub) {
-            self.deps.store.save_recs(&update);
+            self.registry.deps.store.save_recs(&update);
         } else {
-            self.deps.metrics.lists_unwatched.inc();
+            self.registry.deps.metrics.lists_unwatched.inc();
         }
     }
 
@@ -442,9 +440,9 @@ impl SessionActor {
     /// that later serves it from the hub reports it then).
     fn record_served(&mut self, update: &Arc<RecUpdate>, scored: &ScoredList, delivered: bool) {
         if delivered {
-            report_scored_impression(&self.deps, update, scored);
+            report_scored_impression(&self.registry.deps, update, scored);
         }
-        self.served.remember(update, Instant::now(), &self.deps.catalog);
+        self.served.remember(update, Instant::now(), &self.registry.deps.catalog);
     }
 
     /// Reports an applied interaction to the monitor, attributed to a served list (the one it
@@ -460,14 +458,14 @@ impl SessionActor {
             organic: !attributed,
             logged_at: now_ms(),
         });
-        tell_monitor(&self.deps, Activity { user: self.user_hash, event: logged.clone() });
+        tell_monitor(&self.registry.deps, Activity { user: self.user_hash, event: logged.clone() });
         logged
     }
 
     /// Reports the click or conversion `event` makes on a served list; false when it is on no
     /// recent list (an organic event).
     fn attribute_outcome(&mut self, event: &Interaction, item_idx: ItemIdx) -> bool {
-        let window = Duration::from_secs(self.deps.config.monitor.attribution_window_secs);
+        let window = Duration::from_secs(self.registry.deps.config.monitor.attribution_window_secs);
         let interacted = Interacted {
             rec_id: event.rec_id.as_deref(),
             item: &event.item_id,
@@ -477,7 +475,7 @@ impl SessionActor {
         };
         let Some(outcomes) = self.served.attribute(&interacted, Instant::now(), window) else { return false };
         for outcome in outcomes {
-            tell_monitor(&self.deps, outcome);
+            tell_monitor(&self.registry.deps, outcome);
         }
         true
     }
@@ -496,7 +494,7 @@ impl SessionActor {
     /// The consumed record as the store keeps it (by item id).
     fn consumed_record(&self) -> Vec<ConsumedItem> {
         let (indices, times): (Vec<ItemIdx>, Vec<u32>) = self.consumed.entries().unzip();
-        let mut record: Vec<ConsumedItem> = (self.deps.catalog.ids_of(&indices).into_iter().zip(times))
+        let mut record: Vec<ConsumedItem> = (self.registry.deps.catalog.ids_of(&indices).into_iter().zip(times))
             .map(|(item_id, at_secs)| ConsumedItem { item_id, at_secs })
             .collect();
         record.sort_unstable_by(|a, b| a.item_id.as_str().cmp(b.item_id.as_str()));
@@ -506,10 +504,11 @@ impl SessionActor {
     /// Queues the update in the store; the returned future resolves when it is durable. A
     /// parking store gets the whole state when the session stops instead.
     fn persist(&self, update: ProfileUpdate) -> Persisted {
-        if (update.interactions.is_empty() && update.suppressed.is_empty()) || self.deps.store.parks_profiles() {
+        if (update.interactions.is_empty() && update.suppressed.is_empty()) || self.registry.deps.store.parks_profiles()
+        {
             return persisted_now();
         }
-        self.deps.store.append(update)
+        self.registry.deps.store.append(update)
     }
 }
 
@@ -522,30 +521,24 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.deps.config.session.mailbox_capacity);
-        self.deps.metrics.sessions_active.inc();
-        self.deps.metrics.sessions_started.inc();
+        ctx.set_mailbox_capacity(self.registry.deps.config.session.mailbox_capacity);
+        self.registry.deps.metrics.sessions_active.inc();
+        self.registry.deps.metrics.sessions_started.inc();
         self.load_profile(ctx);
-        let ttl = Duration::from_millis(self.deps.config.session.idle_ttl_ms.max(1));
-        let check = (ttl / 4).clamp(Duration::from_millis(5), Duration::from_secs(10));
-        ctx.run_interval(check, move |act, ctx| {
-            if act.last_active.elapsed() >= ttl && !act.coalescer.in_flight() {
-                act.deps.metrics.sessions_evicted.inc();
-                ctx.stop();
-            }
-        });
+        // Idle sessions are stopped by the registry's sweep (StopIfIdle below).
+        self.hub.touch();
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
         // Parked before the registry hears of the stop: a session started for the user after
         // that claims this state. An erased user's state goes nowhere.
-        if self.deps.store.parks_profiles() && !self.handed_over && !self.hub.is_erased() {
+        if self.registry.deps.store.parks_profiles() && !self.handed_over && !self.hub.is_erased() {
             let profile = self.profile();
             if !profile.is_empty() {
-                self.deps.store.park(&self.hub.user, profile);
+                self.registry.deps.store.park(&self.hub.user, profile);
             }
         }
-        self.deps.metrics.sessions_active.dec();
+        self.registry.deps.metrics.sessions_active.dec();
         self.registry.session_stopped(&self.hub, &ctx.address().recipient());
     }
 }
@@ -558,8 +551,8 @@ impl Handler<ApplyEvents> for SessionActor {
             || tracing::info_span!(parent: &msg.span, "session_apply", events = msg.events.len()),
         );
         let _entered = span.enter();
-        self.last_active = Instant::now();
-        self.deps.metrics.stage_apply_seconds.observe_duration(msg.received.elapsed());
+        self.hub.touch();
+        self.registry.deps.metrics.stage_apply_seconds.observe_duration(msg.received.elapsed());
         let (outcome, update) = self.apply(msg.events, ctx);
         if outcome.applied > 0 && self.pending_since.is_none() {
             self.pending_since = Some(msg.received);
@@ -578,7 +571,7 @@ impl Handler<Reload> for SessionActor {
     /// The stored profile changed behind this session's back (a merge on another instance):
     /// rebuild from it and push a fresh list.
     fn handle(&mut self, _msg: Reload, ctx: &mut Self::Context) {
-        if self.deps.store.parks_profiles() {
+        if self.registry.deps.store.parks_profiles() {
             // The session's state is the profile: nothing changed behind its back to reload.
             self.refresh(ctx);
             return;
@@ -597,12 +590,23 @@ impl Handler<ShownElsewhere> for SessionActor {
     fn handle(&mut self, msg: ShownElsewhere, _ctx: &mut Self::Context) {
         let ShownElsewhere(shown) = msg;
         let k = shown.list.items.len();
-        match self.served.named(&shown.list.rec_id, &self.hub.user, &self.deps.catalog) {
-            Some(own) => report_impression(&self.deps, &own, k),
+        match self.served.named(&shown.list.rec_id, &self.hub.user, &self.registry.deps.catalog) {
+            Some(own) => report_impression(&self.registry.deps, &own, k),
             None => {
-                report_impression(&self.deps, &shown, k);
-                self.served.remember(&shown, Instant::now(), &self.deps.catalog);
+                report_impression(&self.registry.deps, &shown, k);
+                self.served.remember(&shown, Instant::now(), &self.registry.deps.catalog);
             }
+        }
+    }
+}
+
+impl Handler<StopIfIdle> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StopIfIdle, ctx: &mut Self::Context) {
+        if self.hub.idle_for() >= msg.ttl && !self.coalescer.in_flight() {
+            self.registry.deps.metrics.sessions_evicted.inc();
+            ctx.stop();
         }
     }
 }
@@ -619,15 +623,15 @@ impl Handler<GetRecommendations> for SessionActor {
     type Result = ResponseActFuture<Self, Result<Arc<RecUpdate>, SessionError>>;
 
     fn handle(&mut self, msg: GetRecommendations, _ctx: &mut Self::Context) -> Self::Result {
-        self.last_active = Instant::now();
+        self.hub.touch();
         let request = self.score_request(msg.k, &msg.filters);
         // The newest event the request reflects: events applied while the model scores are not
         // in this list, so it must not name them.
         let reflected = self.history.back().map(|(i, _)| i.event_id.clone());
-        let becomes_pushed = msg.filters.is_empty() && msg.k == self.deps.config.recs.default_k;
+        let becomes_pushed = msg.filters.is_empty() && msg.k == self.registry.deps.config.recs.default_k;
         let wanted = self.coalescer.wanted();
         let user = self.user_hash;
-        Box::pin(self.deps.model.send(Recommend { request, user, observation: None }).into_actor(self).map(
+        Box::pin(self.registry.deps.model.send(Recommend { request, user, observation: None }).into_actor(self).map(
             move |result, act, _| {
                 let scored = match result {
                     Ok(Ok(scored)) => scored,
@@ -639,7 +643,7 @@ impl Handler<GetRecommendations> for SessionActor {
                     return act.hub.latest().ok_or(SessionError::Stopped);
                 }
                 let seq = act.hub.latest().map_or(0, |u| u.list.seq);
-                let update = RecUpdate::new(make_list(&act.deps, &act.hub.user, &scored, seq, reflected));
+                let update = RecUpdate::new(make_list(&act.registry.deps, &act.hub.user, &scored, seq, reflected));
                 act.record_served(&update, &scored, true);
                 Ok(update)
             },
@@ -651,7 +655,7 @@ impl Handler<EnsureList> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: EnsureList, ctx: &mut Self::Context) {
-        self.last_active = Instant::now();
+        self.hub.touch();
         // A list already on its way is the one asked for: marking it stale would have it
         // scored twice (every new subscriber's session starts by asking for one).
         if msg.fresh || (self.hub.latest().is_none() && !self.coalescer.in_flight()) {
@@ -664,7 +668,7 @@ impl Handler<Snapshot> for SessionActor {
     type Result = MessageResult<Snapshot>;
 
     fn handle(&mut self, _msg: Snapshot, _ctx: &mut Self::Context) -> Self::Result {
-        self.last_active = Instant::now();
+        self.hub.touch();
         MessageResult(self.profile())
     }
 }
@@ -679,7 +683,7 @@ impl Handler<TakeHistory> for SessionActor {
         self.consumed.clear();
         self.event_ids.clear();
         self.suppressed.clear();
-        let store = self.deps.store.clone();
+        let store = self.registry.deps.store.clone();
         let user = self.hub.user.clone();
         AtomicResponse::new(Box::pin(
             async move {
@@ -699,7 +703,7 @@ impl Handler<MergeHistory> for SessionActor {
     type Result = MessageResult<MergeHistory>;
 
     fn handle(&mut self, msg: MergeHistory, ctx: &mut Self::Context) -> Self::Result {
-        self.last_active = Instant::now();
+        self.hub.touch();
         // The anonymous history happened before or around this user's own: interleave by time,
         // so the ring buffer keeps the most recent interactions of both.
         let mut merged: Vec<Interaction> = self.history.drain(..).map(|(i, _)| i).collect();
@@ -722,7 +726,7 @@ impl Handler<MergeHistory> for SessionActor {
         }
         merged.sort_by_key(|i| i.timestamp);
         for interaction in merged {
-            let idx = self.deps.catalog.intern(&interaction.item_id);
+            let idx = self.registry.deps.catalog.intern(&interaction.item_id);
             self.push_history(interaction, idx);
         }
         for item in msg.from.suppressed {
@@ -754,4 +758,13 @@ fn carry_over(previous: Option<EventContext>, mut new: EventContext) -> EventCon
         }
     }
     new
+}
+
+/// Whether [`carry_over`] of `previous` and `new` differs from `previous`: compared field by
+/// field, so the session keeps no copy of the context last stored.
+fn carry_changes(previous: &EventContext, new: &EventContext) -> bool {
+    let device = new.device != crate::event::Device::Other && new.device != previous.device;
+    let country = new.country.is_some() && new.country != previous.country;
+    let attributes = !new.attributes.is_empty() && new.attributes != previous.attributes;
+    device || country || attributes || new.hour != previous.hour || new.weekday != previous.weekday
 }
