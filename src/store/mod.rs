@@ -1,6 +1,7 @@
 //! User profile storage behind one small trait. The in-memory store is the embedded default;
 //! durable stores (Redis) implement the same trait.
 
+mod codec;
 pub mod memory;
 pub mod redis;
 

@@ -35,7 +35,6 @@
 //!
 //! Lists nobody watches are neither stored nor published: instances announce the users they hold
 //! subscribers of, and the owner's session skips the others (see `watch`).
-mod codec;
 pub(crate) mod conn;
 mod fanout;
 mod keys;
@@ -43,6 +42,7 @@ mod parking;
 mod watch;
 mod writer;
 
+use super::codec;
 use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
