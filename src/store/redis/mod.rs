@@ -42,7 +42,6 @@ mod parking;
 mod watch;
 mod writer;
 
-use super::codec;
 use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -72,7 +71,8 @@ use self::conn::{Conn, Redis};
 use self::keys::{keys, tombstone_key};
 use self::writer::{Write, Writer, APPEND_SCRIPT};
 use super::{
-    ConsumedItem, EventDigest, Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate, StoreError,
+    codec, ConsumedItem, EventDigest, Interaction, Persisted, Profile, ProfileLimits, ProfileStore, ProfileUpdate,
+    StoreError,
 };
 use crate::config::RedisConfig;
 use crate::event::{Context, EventId, ItemId, UserId};

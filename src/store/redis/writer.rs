@@ -17,12 +17,11 @@ use std::time::Duration;
 use deadpool_redis::redis;
 use tokio::sync::{mpsc, oneshot};
 
-use super::codec;
 use super::conn::Redis;
 use super::fanout::erased_notice;
 use super::keys::{keys, updates_channel};
 use crate::event::{Context, ItemId, UserId};
-use crate::store::{consumed_secs, EventDigest, Interaction, ProfileLimits, ProfileUpdate};
+use crate::store::{codec, consumed_secs, EventDigest, Interaction, ProfileLimits, ProfileUpdate};
 use crate::telemetry::Metrics;
 
 /// Users in one script call at most (one Redis server; in a cluster a call holds one user, since
