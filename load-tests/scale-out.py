@@ -119,7 +119,7 @@ class Redis:
 
 
 def history_event_id(entry):
-    """The event id of one stored interaction: the binary form of src/store/redis/codec.rs
+    """The event id of one stored interaction: the binary form of src/store/codec.rs
     (version 1, flags, zigzag varint timestamp, item id, event id) or the older JSON form."""
     if entry[:1] == b"{":
         return json.loads(entry)["event_id"]
