@@ -178,6 +178,12 @@ pub async fn erase(
         tracing::warn!(error = %error, "the owning instance was not told to drop the erased user");
     }
     state.metrics.privacy_erased.inc();
+    // Events this server dates itself (no `timestamp`) take the clock when they arrive: answer
+    // only once it has passed the erasure's millisecond, so that an event sent after the answer
+    // is never dated at the erasure and refused as covered by it (at most a millisecond).
+    while crate::event::now_ms() <= at {
+        actix_rt::time::sleep(std::time::Duration::from_micros(250)).await;
+    }
     Ok(HttpResponse::Ok().json(Erased {
         user_id: user,
         erased_at: at,

@@ -255,3 +255,22 @@ async fn late_events_for_an_erased_user_are_refused_and_named_in_the_answer() {
     assert_eq!(history["profile"]["interactions"][0]["event_id"], "l4", "{history}");
     server.stop().await;
 }
+
+/// An event sent without a `timestamp` right after an erasure answered is dated by the server on
+/// arrival, after the erasure however soon it follows: never refused as covered by it (it was,
+/// when both fell in the same millisecond).
+#[actix_rt::test]
+async fn an_event_sent_right_after_an_erasure_answered_is_applied() {
+    let server = start(test_config()).await;
+    for n in 0..50 {
+        let user = format!("quick-{n}");
+        let response = client().delete(format!("{}/v1/users/{user}", server.url())).send().await.expect("delete");
+        assert_eq!(response.status(), 200);
+        let event =
+            json!({ "event_id": format!("q{n}"), "user_id": user, "item_id": "item-0001", "event_type": "view" });
+        let answer = post_json(&server, "/v1/events", &event).await;
+        assert_eq!(answer.status, 202, "event {n}: {}", answer.body);
+        assert!(answer.body.get("erased").is_none(), "event {n}: {}", answer.body);
+    }
+    server.stop().await;
+}
