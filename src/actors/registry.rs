@@ -476,15 +476,13 @@ impl SessionRegistry {
         });
     }
 
-    /// Asks every session idle for `ttl` to stop. The idle hubs are gathered first, so no hub's
-    /// lock is taken while the map's shard is read.
+    /// Asks every session idle for `ttl` to stop. A hub's session lock is taken under the map's
+    /// shard lock, in the order `make_room` takes them; the messages go once both are released.
     fn stop_idle_sessions(&self, ttl: Duration) {
-        let idle: Vec<Arc<UserHub>> =
-            self.hubs.iter().filter(|hub| hub.idle_for() >= ttl).map(|hub| hub.value().clone()).collect();
-        for hub in idle {
-            if let Some(session) = hub.session() {
-                session.stop_if_idle(StopIfIdle { ttl });
-            }
+        let idle: Vec<SessionHandle> =
+            self.hubs.iter().filter(|hub| hub.idle_for() >= ttl).filter_map(|hub| hub.session()).collect();
+        for session in idle {
+            session.stop_if_idle(StopIfIdle { ttl });
         }
     }
 
@@ -647,6 +645,8 @@ impl SessionRegistry {
         let entry = self.hubs.entry(user.clone()).or_insert_with(|| self.new_hub(user));
         let hub = entry.value().clone();
         hub.used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        // Work is on its way to the session: active from now, for the idle sweep.
+        hub.touch();
         let mut slot = hub.session.lock();
         if let Some(addr) = slot.as_ref().filter(|a| a.connected()) {
             return (hub.clone(), addr.clone());
@@ -905,15 +905,15 @@ impl SessionRegistry {
 /// hour, so that what they assert about a waiting start never races the give-up.
 #[cfg(not(test))]
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+#[cfg(test)]
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Milliseconds on a monotonic clock that starts with the process: what a hub's activity is
 /// dated by (8 bytes, where an `Instant` takes 16).
 fn clock_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
-
-#[cfg(test)]
-const START_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Below this capacity the hub map is left as it is (a few hundred kilobytes at most).
 const SHRINK_ABOVE: usize = 4096;
@@ -930,16 +930,8 @@ mod tests {
 
     use super::*;
     use crate::actors::messages::{Applied, SessionError};
-    use crate::actors::model::{ModelActor, ModelFactory};
-    use crate::actors::monitor::MonitorActor;
-    use crate::catalog::Catalog;
     use crate::config::Config;
-    use crate::eventlog::EventLog;
-    use crate::models::cooccurrence::CoocModel;
-    use crate::models::Recommender;
-    use crate::store::memory::{MemoryBounds, MemoryStore};
-    use crate::store::{persisted_now, Profile, ProfileLimits};
-    use crate::telemetry::Metrics;
+    use crate::store::{persisted_now, Profile};
 
     /// A session that answers every message with nothing: the registry only starts and tracks it.
     struct Idle;
@@ -1022,41 +1014,7 @@ mod tests {
 
     /// The embedded default's session dependencies, on the current arbiter.
     fn deps() -> Arc<SessionDeps> {
-        deps_with(Config::default())
-    }
-
-    fn deps_with(config: Config) -> Arc<SessionDeps> {
-        let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::default());
-        let catalog = Arc::new(Catalog::new());
-        let cooc = config.model.cooccurrence.clone();
-        let factory: ModelFactory =
-            Arc::new(move || -> Box<dyn Recommender> { Box::new(CoocModel::new(cooc.clone())) });
-        let model = ModelActor::start_with(
-            Box::new(CoocModel::new(config.model.cooccurrence.clone())),
-            factory,
-            catalog.clone(),
-            metrics.clone(),
-            1,
-            std::time::Duration::ZERO,
-            16,
-        );
-        let monitor = MonitorActor::new(config.monitor.clone(), catalog.clone(), metrics.clone());
-        let monitor_inbox = monitor.inbox();
-        let monitor = monitor.start();
-        let limits = ProfileLimits::sized(8, 8, 8);
-        Arc::new(SessionDeps {
-            event_log: EventLog::new(60, 100),
-            store: Arc::new(MemoryStore::new(limits, MemoryBounds::UNBOUNDED, metrics.clone())),
-            config,
-            catalog,
-            model,
-            monitor,
-            monitor_inbox,
-            metrics,
-            pseudonyms: Default::default(),
-            cold_lists: Arc::new(crate::actors::cold_lists::ColdLists::new(0)),
-        })
+        crate::actors::test_deps(Config::default())
     }
 
     #[actix_rt::test]
@@ -1186,7 +1144,7 @@ mod tests {
         config.session.idle_ttl_ms = 1_000;
         let start: StartSession =
             Arc::new(|arbiter, _hub, _registry| idle_handle(Idle::start_in_arbiter(arbiter, |_| Idle)));
-        let registry = SessionRegistry::new(deps_with(config), vec![Arbiter::current()], start);
+        let registry = SessionRegistry::new(crate::actors::test_deps(config), vec![Arbiter::current()], start);
         let (_, quiet) = registry.session(&UserId::from("quiet"));
         let (busy_hub, busy) = registry.session(&UserId::from("busy"));
         // The busy user's session has something to do all along; the quiet one's never does. A
@@ -1231,7 +1189,7 @@ mod tests {
                 ..SessionRecipients::of(Idle.start())
             })
         });
-        let registry = SessionRegistry::new(deps_with(config), vec![Arbiter::current()], start);
+        let registry = SessionRegistry::new(crate::actors::test_deps(config), vec![Arbiter::current()], start);
         let apply = |n: usize| {
             let user = UserId::from(format!("u{n}").as_str());
             let registry = registry.clone();
@@ -1337,7 +1295,11 @@ mod tests {
             })
         });
         let sessions: Vec<Arbiter> = (0..4).map(|_| Arbiter::new()).collect();
-        let registry = SessionRegistry::new(deps_with(config), sessions.iter().map(|a| a.handle()).collect(), start);
+        let registry = SessionRegistry::new(
+            crate::actors::test_deps(config),
+            sessions.iter().map(|a| a.handle()).collect(),
+            start,
+        );
         let applied = Arc::new(AtomicUsize::new(0));
         let callers: Vec<Arbiter> = (0..CALLERS).map(|_| Arbiter::new()).collect();
         for (caller, arbiter) in callers.iter().enumerate() {

@@ -293,10 +293,11 @@ pub(super) fn decode_parked(stored: &[u8], user: &UserId) -> Option<Profile> {
         return None;
     }
     let count = |r: &mut Reader<'_>| r.varint().and_then(|n| usize::try_from(n).ok());
-    // Every counted entry takes at least one byte: a corrupt count cannot make a large allocation.
-    let room = |n: usize, r: &Reader<'_>| n.min(r.0.len());
+    // Room for at most as many entries as the bytes left could hold (`bytes` the least one
+    // takes), so a corrupt count cannot make a large allocation.
+    let room = |n: usize, r: &Reader<'_>, bytes: usize| n.min(r.0.len() / bytes);
     let n = count(&mut r)?;
-    let mut interactions = Vec::with_capacity(room(n, &r));
+    let mut interactions = Vec::with_capacity(room(n, &r, 6));
     for _ in 0..n {
         let len = usize::try_from(r.varint()?).ok()?;
         interactions.push(decode(r.take(len)?)?);
@@ -320,17 +321,17 @@ pub(super) fn decode_parked(stored: &[u8], user: &UserId) -> Option<Profile> {
         len => Some(decode_list(r.take(len)?, user)?),
     };
     let n = count(&mut r)?;
-    let mut event_ids = Vec::with_capacity(room(n, &r));
+    let mut event_ids = Vec::with_capacity(room(n, &r, 8));
     for _ in 0..n {
         event_ids.push(EventDigest(u64::from_le_bytes(r.take(8)?.try_into().ok()?)));
     }
     let n = count(&mut r)?;
-    let mut suppressed = Vec::with_capacity(room(n, &r));
+    let mut suppressed = Vec::with_capacity(room(n, &r, 1));
     for _ in 0..n {
         suppressed.push(ItemId::from(r.text()?.as_str()));
     }
     let n = count(&mut r)?;
-    let mut consumed = Vec::with_capacity(room(n, &r));
+    let mut consumed = Vec::with_capacity(room(n, &r, 5));
     for _ in 0..n {
         let item_id = ItemId::from(r.text()?.as_str());
         consumed.push(ConsumedItem { item_id, at_secs: u32::from_le_bytes(r.take(4)?.try_into().ok()?) });

@@ -603,8 +603,24 @@ impl Handler<ShownElsewhere> for SessionActor {
 impl Handler<StopIfIdle> for SessionActor {
     type Result = ();
 
+    /// Decides once the mailbox is drained: a message queued behind this one (work routed to the
+    /// session meanwhile) is handled first and makes the session active again, where stopping
+    /// now would drop it.
     fn handle(&mut self, msg: StopIfIdle, ctx: &mut Self::Context) {
-        if self.hub.idle_for() >= msg.ttl && !self.coalescer.in_flight() {
+        ctx.notify(IdleCheck(msg.ttl));
+    }
+}
+
+/// [`StopIfIdle`] again, from the session to itself: run after the messages already queued.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct IdleCheck(Duration);
+
+impl Handler<IdleCheck> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, IdleCheck(ttl): IdleCheck, ctx: &mut Self::Context) {
+        if self.hub.idle_for() >= ttl && !self.coalescer.in_flight() {
             self.registry.deps.metrics.sessions_evicted.inc();
             ctx.stop();
         }
@@ -741,6 +757,8 @@ impl Handler<MergeHistory> for SessionActor {
         if outcome.applied > 0 || !update.suppressed.is_empty() {
             self.refresh(ctx);
         }
+        // The context goes to the store with the append; with nothing to append, with the next.
+        self.context_stored = !update.interactions.is_empty() || !update.suppressed.is_empty();
         MessageResult(Applied { outcome, persisted: self.persist(update) })
     }
 }
@@ -767,4 +785,61 @@ fn carry_changes(previous: &EventContext, new: &EventContext) -> bool {
     let country = new.country.is_some() && new.country != previous.country;
     let attributes = !new.attributes.is_empty() && new.attributes != previous.attributes;
     device || country || attributes || new.hour != previous.hour || new.weekday != previous.weekday
+}
+
+#[cfg(test)]
+mod tests {
+    use actix::Arbiter;
+
+    use super::*;
+    use crate::actors::registry::SessionRegistry;
+    use crate::config::Config;
+    use crate::event::{EventType, UserId};
+
+    fn view(user: &str, id: &str) -> ApplyEvents {
+        let event = Event {
+            event_id: EventId::from(id),
+            user_id: UserId::from(user),
+            item_id: ItemId::from("item-1"),
+            event_type: EventType::View,
+            value: None,
+            timestamp: now_ms(),
+            rec_id: None,
+            context: EventContext::default(),
+        };
+        ApplyEvents { events: vec![event], received: Instant::now(), span: tracing::Span::none() }
+    }
+
+    /// Polls until `done`, failing after a minute without it.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            actix_rt::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn work_queued_behind_an_idle_stop_is_applied_and_keeps_the_session() {
+        let ttl = Duration::from_secs(2);
+        let mut config = Config::default();
+        // The registry's own sweep never comes during the test: the test sends the stops.
+        config.session.idle_ttl_ms = 3_600_000;
+        let registry =
+            SessionRegistry::new(crate::actors::test_deps(config), vec![Arbiter::current()], Arc::new(start));
+        let (hub, session) = registry.session(&UserId::from("u"));
+        until("the user idle for the ttl", || hub.idle_for() >= ttl).await;
+        // Both queued before the session runs again: the event comes after the stop.
+        session.stop_if_idle(StopIfIdle { ttl });
+        let applied = session.apply(view("u", "e1")).await.expect("the event is applied, not dropped by the stop");
+        assert_eq!(applied.outcome.applied, 1);
+        assert!(session.connected(), "the event made the session active again");
+        assert_eq!(registry.deps.metrics.sessions_evicted.get(), 0);
+
+        // Idle again with nothing queued: it stops.
+        until("the user idle for the ttl again", || hub.idle_for() >= ttl).await;
+        session.stop_if_idle(StopIfIdle { ttl });
+        until("the idle session stopped", || !session.connected()).await;
+        assert_eq!(registry.deps.metrics.sessions_evicted.get(), 1);
+    }
 }
