@@ -112,6 +112,15 @@ def wait_settled(instances, stall_s, target=None):
                      f"(target {target}); liverec_kafka_ingest_stalled per instance: {stalled}")
 
 
+def digest(event_id):
+    """An event id as the export lists it: its 64-bit FNV-1a digest in 16 hex digits (the
+    de-duplication window keeps digests, src/store/mod.rs `EventDigest`)."""
+    h = 0xCBF29CE484222325
+    for byte in event_id.encode():
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bin", default="target/release/liverec", help="the liverec binary")
@@ -189,14 +198,17 @@ def main():
             if status != 202 or json.loads(body)["accepted"] != batch:
                 sys.exit(f"FAIL: a batch answered {status}: {body[:200]!r}")
         print(f"posted {args.events} events for {args.users} users in {time.time() - t0:.1f} s", flush=True)
-        # Every user's stored event ids (the de-duplication window holds them all) must hold each
-        # of its events exactly once, whichever instance applied them and whatever stopped.
+        # Every user's stored event ids (the de-duplication window holds them all, as digests)
+        # must hold each of its events exactly once, whichever instance applied them and whatever
+        # stopped.
+        posted = {digest(f"{run}-{i}") for i in range(args.events)}
+
         def stored():
             ids = []
             for u in range(args.users):
                 status, body = request(live[0], "GET", f"/v1/users/load-{u}/export", key)
                 if status == 200:
-                    ids += [e for e in json.loads(body)["profile"]["event_ids"] if e.startswith(run)]
+                    ids += [e for e in json.loads(body)["profile"]["event_ids"] if e in posted]
             return ids
 
         last, last_change = -1, time.time()
