@@ -227,9 +227,9 @@ const WITH_COUNTRY: u8 = 0x80;
 const DEVICES: [Device; Device::COUNT] = [Device::Mobile, Device::Desktop, Device::Tablet, Device::Tv, Device::Other];
 
 /// A whole profile in one string, as the memory store keeps it while the user's session does not
-/// run: about 250 bytes in one allocation for a user with one view and a list of 10, where the
-/// profile as a structure took some 900 in a dozen (measured in docs/performance.md, "Parked
-/// profiles").
+/// run: 214 bytes in one allocation for a user with one view and a list of 10, where the profile
+/// as a structure took a 328-byte map slot and about 460 bytes more in seven allocations (see
+/// docs/performance.md, "Memory under many distinct users").
 ///
 /// Layout: [`PARKED`]; the interactions (a count, then each as its length and [`encode`]'s form);
 /// the context (a byte, 0: none, else 1 + the device index with bit 7 set when a country

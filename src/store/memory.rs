@@ -1,8 +1,9 @@
 //! The in-memory profile store: the embedded default. Profiles live in this process only and are
 //! lost when it stops. It parks profiles ([`ProfileStore::parks_profiles`]): it holds those of
 //! users whose session does not run, and a running session holds its own. A parked profile is
-//! kept packed, in one allocation (`codec::encode_parked`): a few hundred bytes where the
-//! profile's structure took about three times that, and a map slot of 48 bytes instead of 328.
+//! kept packed, in one allocation (`codec::encode_parked`): 214 bytes for a user with one view
+//! and a list of 10 where the profile's structure took about 460 in seven, and a map slot of 48
+//! bytes instead of 328.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
