@@ -51,7 +51,7 @@ fn encode_into(out: &mut Vec<u8>, interaction: &Interaction) {
         flags |= EVENT_ID_UUID;
     }
     out.extend([VERSION, flags]);
-    varint(out, ((interaction.timestamp << 1) ^ (interaction.timestamp >> 63)) as u64);
+    signed(out, interaction.timestamp);
     bytes(out, interaction.item_id.as_str().as_bytes());
     event_id(out, &interaction.event_id);
     if let Some(value) = interaction.value {
@@ -73,8 +73,7 @@ pub(super) fn decode(entry: &[u8]) -> Option<Interaction> {
     }
     let flags = r.byte()?;
     let event_type = *EventType::ALL.get(usize::from(flags & 0b111))?;
-    let zigzag = r.varint()?;
-    let timestamp = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
+    let timestamp = r.signed()?;
     let item_id = ItemId::from(r.text()?.as_str());
     let event_id = r.event_id(flags & EVENT_ID_UUID != 0)?;
     let value = if flags & VALUE != 0 { Some(f64::from_le_bytes(r.take(8)?.try_into().ok()?)) } else { None };
@@ -114,7 +113,7 @@ pub(super) fn encode_list(list: &RecList) -> Vec<u8> {
     if list.variant != CONTROL {
         bytes(&mut out, list.variant.as_bytes());
     }
-    varint(&mut out, ((list.generated_at << 1) ^ (list.generated_at >> 63)) as u64);
+    signed(&mut out, list.generated_at);
     varint(&mut out, list.seq);
     if let Some(id) = last_event {
         event_id(&mut out, id);
@@ -146,8 +145,7 @@ pub(super) fn decode_list(stored: &[u8], user: &UserId) -> Option<RecList> {
     let rec_id = r.id(flags & LIST_REC_ID_UUID != 0)?;
     let model_version = r.text()?;
     let variant = if flags & LIST_CONTROL != 0 { CONTROL.to_owned() } else { r.text()? };
-    let zigzag = r.varint()?;
-    let generated_at = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
+    let generated_at = r.signed()?;
     let seq = r.varint()?;
     let last_event_id =
         if flags & LIST_LAST_EVENT != 0 { Some(r.event_id(flags & LIST_LAST_EVENT_UUID != 0)?) } else { None };
@@ -347,6 +345,11 @@ fn varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
+/// A signed number as a zigzag varint (small magnitudes, either sign, in few bytes).
+fn signed(out: &mut Vec<u8>, n: i64) {
+    varint(out, ((n << 1) ^ (n >> 63)) as u64);
+}
+
 fn bytes(out: &mut Vec<u8>, b: &[u8]) {
     varint(out, b.len() as u64);
     out.extend_from_slice(b);
@@ -393,6 +396,12 @@ impl<'a> Reader<'a> {
             }
         }
         None
+    }
+
+    /// A number as [`signed`] wrote it.
+    fn signed(&mut self) -> Option<i64> {
+        let zigzag = self.varint()?;
+        Some(((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64))
     }
 
     fn text(&mut self) -> Option<String> {

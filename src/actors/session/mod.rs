@@ -525,8 +525,8 @@ impl Actor for SessionActor {
         self.registry.deps.metrics.sessions_active.inc();
         self.registry.deps.metrics.sessions_started.inc();
         self.load_profile(ctx);
-        // Idle sessions are stopped by the registry's sweep (StopIfIdle below).
-        self.hub.touch();
+        // Idle sessions are stopped by the registry's sweep (StopIfIdle below); the registry
+        // marked the user active when it started this session.
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
