@@ -44,7 +44,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::messages::Reload;
 use super::registry::SessionRegistry;
-use crate::bus::kafka::{send_dead_letter, wall_micros, DeadLetter};
+use crate::bus::kafka::{self, send_dead_letter, wall_micros, DeadLetter};
 use crate::bus::record::{received_micros, EventRecord, RecordDecoder};
 use crate::config::KafkaConfig;
 use crate::event::{now_ms, Event, UserId};
@@ -260,7 +260,38 @@ struct Consume {
 }
 
 impl Consume {
-    async fn run(self) -> Result<(), KafkaError> {
+    /// Fits `kafka.session_timeout_ms` into what the brokers accept, as the consumer is about to
+    /// ask for it: a stock broker refuses less than 6 s, and a member refused for its timeout
+    /// would retry the join for good, consuming nothing. Where the bounds cannot be read (no
+    /// `DescribeConfigs` permission), the configured value is asked for as it is.
+    async fn fit_session_timeout(&mut self) {
+        let (session, heartbeat) = (self.config.session_timeout_ms, self.config.heartbeat_interval_ms);
+        match kafka::session_timeout_bounds(&self.config).await {
+            Ok(bounds) => {
+                let fitted = kafka::fit_session_timeout(session, heartbeat, bounds);
+                if fitted != (session, heartbeat) {
+                    tracing::info!(
+                        configured_ms = session,
+                        used_ms = fitted.0,
+                        heartbeat_interval_ms = fitted.1,
+                        broker_min_ms = bounds.0,
+                        broker_max_ms = bounds.1,
+                        "kafka.session_timeout_ms lies outside the brokers' group.min/max.session.timeout.ms: \
+                         asking for the nearest they accept. A killed instance's partitions move after about \
+                         this long"
+                    );
+                }
+                (self.config.session_timeout_ms, self.config.heartbeat_interval_ms) = fitted;
+            }
+            Err(error) => tracing::warn!(
+                error = %error,
+                session_timeout_ms = session,
+                "cannot read the brokers' session timeout bounds; asking for kafka.session_timeout_ms as configured"
+            ),
+        }
+    }
+
+    async fn run(mut self) -> Result<(), KafkaError> {
         // A consumer that failed ended without revoking anything: this one starts owning nothing,
         // and the sessions of what the last one owned rebuild from the store when their
         // partitions come back, since the group may have moved them meanwhile.
@@ -279,9 +310,16 @@ impl Consume {
             metrics: self.metrics.clone(),
             paused: paused_flag.clone(),
         };
+        self.fit_session_timeout().await;
         let consumer: StreamConsumer<IngestContext> = self.config.consumer_config().create_with_context(context)?;
         consumer.subscribe(&[&self.config.events_topic])?;
-        tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "kafka consumer started");
+        tracing::info!(
+            topic = %self.config.events_topic,
+            group = %self.config.group_id,
+            session_timeout_ms = self.config.session_timeout_ms,
+            heartbeat_interval_ms = self.config.heartbeat_interval_ms,
+            "kafka consumer started"
+        );
         let max_inflight = self.config.max_inflight_events.max(1);
         let mut stalled = false;
         // Wakes the loop while nothing arrives, so a stall is seen even when nothing else moves.
@@ -314,19 +352,34 @@ impl Consume {
                         // error ends this consumer, for the supervisor to restart it.
                         Err(error) if consumer.client().fatal_error().is_none() => {
                             self.metrics.kafka_errors.inc();
-                            let refused =
-                                error.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol);
-                            // Not transient: it lasts until the other members change. An
-                            // assignment, once they have, clears it. Said once, not at each retry.
+                            let code = error.rdkafka_error_code();
+                            let refused = matches!(
+                                code,
+                                Some(RDKafkaErrorCode::InconsistentGroupProtocol | RDKafkaErrorCode::InvalidSessionTimeout)
+                            );
+                            // Not transient: it lasts until the other members or the brokers'
+                            // settings change. An assignment, once they have, clears it. Said
+                            // once, not at each retry.
                             if refused && self.metrics.kafka_group_refused.get() == 0 {
                                 self.metrics.kafka_group_refused.set(1);
-                                tracing::error!(
-                                    group = %self.config.group_id,
-                                    assignment = self.config.assignment.strategy(),
-                                    "the consumer group refuses this instance: its members share partitions another \
-                                     way; every instance of a group needs the same kafka.assignment \
-                                     (LIVEREC_KAFKA__ASSIGNMENT). Nothing is consumed here until they agree"
-                                );
+                                if code == Some(RDKafkaErrorCode::InvalidSessionTimeout) {
+                                    tracing::error!(
+                                        group = %self.config.group_id,
+                                        session_timeout_ms = self.config.session_timeout_ms,
+                                        "the brokers refuse this instance's session timeout: kafka.session_timeout_ms \
+                                         (LIVEREC_KAFKA__SESSION_TIMEOUT_MS) must lie between their \
+                                         group.min.session.timeout.ms and group.max.session.timeout.ms, which could \
+                                         not be read to fit it. Nothing is consumed here until it does"
+                                    );
+                                } else {
+                                    tracing::error!(
+                                        group = %self.config.group_id,
+                                        assignment = self.config.assignment.strategy(),
+                                        "the consumer group refuses this instance: its members share partitions another \
+                                         way; every instance of a group needs the same kafka.assignment \
+                                         (LIVEREC_KAFKA__ASSIGNMENT). Nothing is consumed here until they agree"
+                                    );
+                                }
                             }
                             tracing::warn!(error = %error, "kafka consumption error; continuing");
                             actix_rt::time::sleep(Duration::from_millis(100)).await;

@@ -150,6 +150,54 @@ async fn warn_unless_compacted(admin: &AdminClient<DefaultClientContext>, topic:
     }
 }
 
+/// The session timeouts the cluster's brokers accept, in ms: the largest of their
+/// `group.min.session.timeout.ms` and the smallest of their `group.max.session.timeout.ms`.
+/// A broker refuses a member that asks for a timeout outside them, and librdkafka then retries
+/// the join for good; the ingest asks first and fits `kafka.session_timeout_ms` in
+/// ([`fit_session_timeout`]). Reading them needs the `DescribeConfigs` permission on the cluster.
+pub async fn session_timeout_bounds(config: &KafkaConfig) -> Result<(u64, u64), String> {
+    let admin: AdminClient<DefaultClientContext> = config.base().create().map_err(|e| e.to_string())?;
+    let admin = std::sync::Arc::new(admin);
+    let topic = config.events_topic.clone();
+    // librdkafka's metadata call blocks its caller: not on this runtime's thread.
+    let ids = tokio::task::spawn_blocking({
+        let admin = admin.clone();
+        move || {
+            let metadata = admin.inner().fetch_metadata(Some(&topic), Duration::from_secs(10));
+            metadata.map(|m| m.brokers().iter().map(|b| b.id()).collect::<Vec<i32>>())
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    if ids.is_empty() {
+        return Err("the cluster's metadata names no broker".to_owned());
+    }
+    let resources: Vec<ResourceSpecifier> = ids.iter().map(|&id| ResourceSpecifier::Broker(id)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = admin.describe_configs(&resources, &options).await.map_err(|e| e.to_string())?;
+    let (mut least, mut most) = (0u64, u64::MAX);
+    for resource in described {
+        let resource = resource.map_err(|code| code.to_string())?;
+        let read = |name: &str| -> Result<u64, String> {
+            let entry = resource.get(name).and_then(|entry| entry.value.as_deref());
+            entry.and_then(|v| v.parse().ok()).ok_or_else(|| format!("the broker does not describe {name}"))
+        };
+        least = least.max(read("group.min.session.timeout.ms")?);
+        most = most.min(read("group.max.session.timeout.ms")?);
+    }
+    Ok((least, most))
+}
+
+/// `session_ms` moved into the brokers' `bounds`, and a heartbeat interval below it: the
+/// configured one, or a third of the session timeout where the configured one no longer fits.
+pub fn fit_session_timeout(session_ms: u64, heartbeat_ms: u64, bounds: (u64, u64)) -> (u64, u64) {
+    let (least, most) = bounds;
+    let session = if least <= most { session_ms.clamp(least, most) } else { session_ms };
+    let heartbeat = if heartbeat_ms < session { heartbeat_ms } else { (session / 3).max(1) };
+    (session, heartbeat)
+}
+
 /// Microseconds since the Unix epoch, now.
 pub fn wall_micros() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
@@ -323,5 +371,17 @@ mod tests {
         assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
         assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32, -58897971);
         assert_eq!(murmur2(b"abc") as i32, 479470107);
+    }
+
+    #[test]
+    fn a_session_timeout_is_fitted_into_what_the_brokers_accept() {
+        // Inside: unchanged. Below the floor (a stock broker's 6 s): raised, heartbeat kept.
+        assert_eq!(fit_session_timeout(4000, 1000, (2000, 1_800_000)), (4000, 1000));
+        assert_eq!(fit_session_timeout(4000, 1000, (6000, 1_800_000)), (6000, 1000));
+        // Above the ceiling: lowered, and a heartbeat that no longer fits becomes a third of it.
+        assert_eq!(fit_session_timeout(60_000, 20_000, (6000, 30_000)), (30_000, 20_000));
+        assert_eq!(fit_session_timeout(60_000, 45_000, (6000, 30_000)), (30_000, 10_000));
+        // Bounds that contradict each other (brokers configured apart): left as configured.
+        assert_eq!(fit_session_timeout(4000, 1000, (10_000, 8000)), (4000, 1000));
     }
 }

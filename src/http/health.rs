@@ -48,7 +48,8 @@ pub struct Readiness {
     degraded: bool,
     /// `store_unreachable`, `kafka_ingest_stalled` (a consumed batch has not become durable for
     /// 30 s: no later offset is committed), `kafka_group_refused` (the group's other members use
-    /// another `kafka.assignment`: nothing is consumed here); empty when not degraded.
+    /// another `kafka.assignment`, or the brokers refuse `kafka.session_timeout_ms`: nothing is
+    /// consumed here); empty when not degraded.
     degraded_reasons: Vec<&'static str>,
     catalog_items: usize,
     /// Users with a session on this instance.

@@ -407,7 +407,7 @@ impl Default for Metrics {
             ),
             kafka_group_refused: r.gauge(
                 "liverec_kafka_group_refused",
-                "1 while the consumer group refuses this instance because its members use another kafka.assignment, else 0.",
+                "1 while the consumer group refuses this instance (its members use another kafka.assignment, or the brokers refuse kafka.session_timeout_ms), else 0.",
             ),
             kafka_stalled: r.gauge(
                 "liverec_kafka_ingest_stalled",

@@ -99,3 +99,29 @@ async fn an_instance_the_group_refuses_for_its_assignment_says_so_until_it_is_le
     .await;
     b.stop().await;
 }
+
+/// An instance asking for a session timeout below the brokers' `group.min.session.timeout.ms`
+/// (2 s on the services' broker; 6 s on a stock one) is fitted to it and consumes. Asked for as
+/// configured, the broker refused every join and librdkafka retried for good: the instance
+/// owned no partition and applied nothing.
+#[actix_rt::test]
+async fn an_instance_whose_session_timeout_the_brokers_refuse_asks_for_the_least_they_accept() {
+    let _services = SERVICES.read().await;
+    let mut config = production_config("short-session");
+    config.kafka.session_timeout_ms = 1000;
+    config.kafka.heartbeat_interval_ms = 500;
+    let a = start(config).await;
+    eventually("the instance owns every partition", || async {
+        (partitions(&a).await?.len() == PARTITIONS as usize).then_some(())
+    })
+    .await;
+    let applied = a.metrics.session_applied.get();
+    post_events(&a, event("short-session-user", "item-0001", "view")).await;
+    eventually("the instance applied the event", || async {
+        (a.metrics.session_applied.get() > applied).then_some(())
+    })
+    .await;
+    let ready = readiness(&a).await.expect("readiness");
+    assert_eq!(ready["degraded"], false, "{ready}");
+    a.stop().await;
+}
