@@ -335,7 +335,8 @@ export interface Readiness {
   /**
    * `store_unreachable`, `kafka_ingest_stalled` (a consumed batch has not become durable for
    * 30 s: no later offset is committed), `kafka_group_refused` (the group's other members use
-   * another `kafka.assignment`: nothing is consumed here); empty when not degraded.
+   * another `kafka.assignment`, or the brokers refuse `kafka.session_timeout_ms`: nothing is
+   * consumed here); empty when not degraded.
    */
   degraded_reasons: string[];
   /** False when state lives in this process's memory only (the embedded default). */
